@@ -1,0 +1,68 @@
+"""Choosing a kernel backend and a thread count.
+
+A backend is a module implementing the contract of ``afmfast.kernel_api``: the Cython
+extension ``afmfast._fm_cython`` (compiled by ``pip install``) or the Numba module
+``afmfast._fm_numba`` (compiled at first use, cached on disk). ``"auto"`` takes Cython
+when its extension imports and warns loudly when it falls back to Numba.
+"""
+import importlib
+import os
+import warnings
+
+BACKEND_MODULES = {"cython": "afmfast._fm_cython", "numba": "afmfast._fm_numba"}
+BACKEND_NAMES = ("auto",) + tuple(BACKEND_MODULES)
+
+_loaded = {}
+
+
+def _import(name):
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(BACKEND_MODULES[name])
+        except ImportError as exc:  # kept so that the error can be reported when asked for
+            _loaded[name] = exc
+    return _loaded[name]
+
+
+def available_backends():
+    """Names of the backends that import on this machine, Cython first."""
+    return [name for name in BACKEND_MODULES if not isinstance(_import(name), Exception)]
+
+
+def get_backend(name="auto"):
+    """The backend module called ``name`` ("auto", "cython" or "numba")."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name == "auto":
+        module = _import("cython")
+        if not isinstance(module, Exception):
+            return module
+        warnings.warn(
+            "afmfast: the compiled Cython kernels are missing "
+            f"({module}); falling back to the Numba backend. Reinstall with "
+            "'pip install .' and a C compiler to get them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        name = "numba"
+    module = _import(name)
+    if isinstance(module, Exception):
+        raise ImportError(f"afmfast backend {name!r} is not available: {module}") from module
+    return module
+
+
+def default_threads():
+    """Threads used when n_threads is None: the CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(n_threads):
+    """Validate ``n_threads`` (None or a positive int) and return a positive int."""
+    if n_threads is None:
+        return default_threads()
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+        raise ValueError(f"n_threads must be None or a positive integer, got {n_threads!r}")
+    return n_threads

@@ -1,0 +1,131 @@
+"""The contract every kernel backend implements (Cython ``afmfast._fm_cython``, Numba
+``afmfast._fm_numba``), and the float64 NumPy reference in ``afmfast.reference`` follows.
+
+Data (C-contiguous, validated by the Python layer before any kernel runs)
+    X = (indptr int64 (n_rows + 1,), indices int32 (nnz,), values DTYPE (nnz,))
+    y  DTYPE (n_rows,)
+    rows int64 (batch,): the dataset rows of this batch (a slice of a shuffled permutation).
+DTYPE is float32 in production; float64 is accepted too (gradient checks).
+
+Parameters: ``FMParams`` of DTYPE arrays, mutated in place by ``fm_step``:
+    V (M, k), w (M,), dense (1 + 2k,) = [w0, bn_gamma (k), bn_beta (k)],
+    bn_stats (2, k) = [running mean, running variance] (updated by fm_step when
+    batch_norm is on, read by fm_predict).
+Optimiser state: ``FMOptState`` of DTYPE arrays, mutated in place:
+    V (2, M, k), w (2, M), dense (2, 1 + 2k); slot 0 is Adagrad's accumulator, the
+    momentum buffer or Adam's first moment, slot 1 is Adam's second moment.
+
+Backend functions
+    fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype) -> opaque scratch
+        allocated once per fit, reused by every fm_step of that fit.
+    fm_step(X, y, rows, params, state, cfg, ws) -> float: one batch of forward, backward
+        and optimiser update; returns the batch loss evaluated at the parameters before
+        the update: 1/2 sum (y - y_hat)^2 + l2/2 sum over touched rows ||V_row||^2.
+    fm_predict(X, params, batch_norm, n_threads, out): out (n_rows,) DTYPE receives the raw
+        scores (no dropout, batch norm with running statistics). Ids >= M are skipped.
+
+Semantics of one step (B = len(rows)):
+    f_b = 1/2((sum_i v_i x_i)^2 - sum_i (v_i x_i)^2)                      (k,)
+    batch norm (train): mu, var = mean and biased variance of f over the batch;
+        z = gamma (f - mu) / sqrt(var + BN_EPS) + beta;
+        running = BN_DECAY running + (1 - BN_DECAY) batch value.
+    dropout: z_bf *= mask_bf / keep, mask from ``dropout_mask`` (stream 0, unit f);
+        keep == 1 means no mask at all.
+    y_hat_b = w0 + sum_i w_i x_i + sum_f z_bf.
+    Gradients of each feature row are summed over the batch (duplicates included), plus
+    l2 * v once per touched row; then the optimiser updates touched rows of V and w and
+    all of ``dense``.
+Optimisers (cfg.optimizer): ADAGRAD acc += g^2, p -= lr g / sqrt(acc) (acc starts at
+ADAGRAD_INIT); SGD p -= lr g; MOMENTUM m = MOMENTUM m + g, p -= lr m; ADAM with t =
+step + 1: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, p -= lr sqrt(1-b2^t)/(1-b1^t) m /
+(sqrt(v) + ADAM_EPS); lazy (only touched rows) for V and w.
+
+Determinism: every sum over the rows of a batch runs in a fixed order that does not
+depend on the thread count, so a seed gives bit-identical parameters for any n_threads
+within one backend.
+
+Dropout RNG (counter based; identical in every backend), all arithmetic mod 2^64:
+    mix64(z) = splitmix64 finaliser
+    key = mix64(mix64(mix64(seed + stream * GOLDEN) + step) + row)
+    bits = mix64(key + (unit + 1) * GOLDEN)
+    kept iff (bits >> 11) < floor(keep * 2^53)
+"""
+from collections import namedtuple
+
+import numpy as np
+
+ADAGRAD, SGD, MOMENTUM, ADAM = 0, 1, 2, 3
+OPTIMIZER_CODES = {"adagrad": ADAGRAD, "sgd": SGD, "momentum": MOMENTUM, "adam": ADAM}
+
+ADAGRAD_INIT = 1e-8
+MOMENTUM_COEF = 0.95
+ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
+BN_EPS, BN_DECAY = 1e-3, 0.9
+
+GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+FMParams = namedtuple("FMParams", "V w dense bn_stats")
+FMOptState = namedtuple("FMOptState", "V w dense")
+StepConfig = namedtuple(
+    "StepConfig", "lr l2 keep optimizer batch_norm seed step n_threads"
+)
+StepConfig.__doc__ = """Scalars of one fm_step: lr, l2, keep (float); optimizer (code),
+batch_norm (0/1), seed, step (global batch counter, from 0), n_threads (int)."""
+
+
+def dropout_threshold(keep):
+    """Integer threshold that the top 53 bits of a hash are compared with."""
+    return int(np.floor(float(keep) * 9007199254740992.0))
+
+
+def _mix64(z):
+    z = z.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def dropout_mask(seed, stream, step, rows, n_units, keep):
+    """Reference dropout mask, bool (len(rows), n_units): True where a unit is kept."""
+    rows = np.asarray(rows, dtype=np.uint64)
+    if keep >= 1.0:
+        return np.ones((rows.shape[0], n_units), dtype=bool)
+    base = (int(seed) + int(stream) * GOLDEN) & _MASK64
+    key = _mix64(np.array([base], dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        key = _mix64(key + np.uint64(int(step) & _MASK64))
+        key = _mix64(key + rows)
+        units = (np.arange(n_units, dtype=np.uint64) + np.uint64(1)) * np.uint64(GOLDEN)
+        bits = _mix64(key[:, None] + units[None, :])
+    return (bits >> np.uint64(11)) < np.uint64(dropout_threshold(keep))
+
+
+def new_fm_params(n_features, n_factors, rng, dtype=np.float32):
+    """Initial parameters as the reference: V ~ N(0, 0.01), w = 0, w0 = 0, gamma = 1,
+    beta = 0, running mean 0 and variance 1."""
+    k = n_factors
+    V = rng.normal(0.0, 0.01, size=(n_features, k)).astype(dtype)
+    dense = np.zeros(1 + 2 * k, dtype=dtype)
+    dense[1 : 1 + k] = 1.0
+    bn_stats = np.zeros((2, k), dtype=dtype)
+    bn_stats[1] = 1.0
+    return FMParams(V, np.zeros(n_features, dtype=dtype), dense, bn_stats)
+
+
+def new_opt_state(params, optimizer):
+    """Optimiser state for ``params`` (any namedtuple of trainable arrays): zeros, or
+    ADAGRAD_INIT for Adagrad's accumulator. Entries of ``params`` not trained (bn_stats)
+    get none."""
+    init = ADAGRAD_INIT if optimizer == ADAGRAD else 0.0
+    state = []
+    for name in FMOptState._fields:
+        p = getattr(params, name)
+        s = np.zeros((2,) + p.shape, dtype=p.dtype)
+        s[0] = init
+        state.append(s)
+    return FMOptState(*state)
