@@ -1,0 +1,410 @@
+"""Estimators: argument validation, the epoch loop, early stopping, evaluation.
+
+``FactorizationModel`` holds what every model shares (scikit-learn style parameters, input
+coercion, the training loop with one kernel call per batch, early stopping, best-epoch
+restore, divergence stop, save); ``FM`` adds the FM parameters and kernels.
+"""
+import inspect
+import math
+import sys
+import time
+
+import numpy as np
+
+from . import backends
+from .dataset import Dataset
+from .kernel_api import (
+    OPTIMIZER_CODES,
+    FMParams,
+    StepConfig,
+    new_fm_params,
+    new_opt_state,
+)
+from .metrics import rmse
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; the model keeps its last finite
+    parameters (those at the end of the last finished epoch)."""
+
+
+def as_dataset(X, y=None, *, name="X"):
+    """A ``Dataset`` from a Dataset (y then must be None or override its labels), a
+    CSR-like object (``indptr/indices/data/shape``) with y, or a dense 2-D array with y."""
+    if isinstance(X, Dataset):
+        if y is None:
+            return X
+        y = np.asarray(y, dtype=np.float32)
+        return Dataset(X.indptr, X.indices, X.values, y, X.n_features)
+    if y is None:
+        raise ValueError(f"{name}: labels y are required unless {name} is an afmfast.Dataset")
+    if all(hasattr(X, a) for a in ("indptr", "indices", "data", "shape")):
+        return Dataset.from_csr(X, y)
+    dense = np.asarray(X)
+    if dense.ndim != 2:
+        raise ValueError(
+            f"{name} must be an afmfast.Dataset, a CSR matrix or a 2-D array, "
+            f"got {type(X).__name__} with shape {getattr(dense, 'shape', None)}"
+        )
+    rows, cols = np.nonzero(dense)
+    indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
+    return Dataset(indptr, cols.astype(np.int32), dense[rows, cols], y, dense.shape[1])
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_real(name, value, low, high, low_open=False):
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+class FactorizationModel:
+    """Shared machinery of ``FM`` and ``AFM``; not used directly."""
+
+    #: model-specific subclasses fill these in
+    _kind = None
+
+    # ----- scikit-learn parameter protocol -------------------------------------------
+    @classmethod
+    def _get_param_names(cls):
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def get_params(self, deep=True):
+        """Constructor arguments as a dict (scikit-learn protocol)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params):
+        """Set constructor arguments (scikit-learn protocol); returns self."""
+        valid = self._get_param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"invalid parameter {name!r} for {type(self).__name__}; "
+                                 f"valid parameters: {', '.join(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # ----- validation -----------------------------------------------------------------
+    def _validate_common(self):
+        _check_real("learning_rate", self.learning_rate, 0.0, math.inf, low_open=True)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("n_epochs", self.n_epochs, 0)
+        _check_real("l2", self.l2, 0.0, math.inf)
+        if self.optimizer not in OPTIMIZER_CODES:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_CODES)}, "
+                             f"got {self.optimizer!r}")
+        _check_bool("early_stopping", self.early_stopping)
+        _check_bool("batch_norm", self.batch_norm)
+        if self.random_state is not None:
+            _check_int("random_state", self.random_state, 0)
+        _check_int("verbose", self.verbose, 0)
+        backends.resolve_threads(self.n_threads)
+        if self.backend not in backends.BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {backends.BACKEND_NAMES}, "
+                             f"got {self.backend!r}")
+
+    # ----- training -------------------------------------------------------------------
+    def fit(self, X, y=None, *, validation=None, init_from=None):
+        """Train; from scratch unless ``init_from`` is given.
+
+        Parameters
+        ----------
+        X : Dataset, CSR-like matrix or 2-D array
+            Training rows; ``y`` is taken from a Dataset unless given.
+        y : array of float, optional
+        validation : Dataset or (X, y) tuple, optional
+            Evaluated after every epoch; drives early stopping and the best-epoch restore.
+        init_from : fitted model or path of a saved one, optional
+            Warm start: copy its parameters (same n_factors and feature count required);
+            the optimiser state starts afresh.
+
+        Returns
+        -------
+        self
+
+        Each epoch is one pass over a seeded shuffle of the rows in batches of
+        ``batch_size``, one kernel call per batch. With a validation set and
+        ``early_stopping``, training stops once the validation RMSE rose in each of the
+        last 4 epochs (after more than 5) and the parameters of the best validation epoch
+        are restored (``best_epoch_``).
+        """
+        self._validate()
+        train = as_dataset(X, y)
+        if train.n_rows == 0:
+            raise ValueError("X: cannot fit on an empty data set")
+        valid = None
+        if validation is not None:
+            valid = (as_dataset(*validation, name="validation")
+                     if isinstance(validation, tuple) else as_dataset(validation, name="validation"))
+        self._backend = backends.get_backend(self.backend)
+        self.backend_ = self._backend.__name__.rsplit("_", 1)[-1]
+        self._threads = backends.resolve_threads(self.n_threads)
+        self.n_features_in_ = train.n_features
+        seed = 2016 if self.random_state is None else int(self.random_state)
+        rng = np.random.default_rng(seed)
+        self._seed = seed
+        self._init_model(train, rng)
+        if init_from is not None:
+            self._warm_start(_as_model(init_from), train.n_features)
+        self._run_epochs(train, valid, rng)
+        return self
+
+    def _max_batch_nnz(self, train):
+        lengths = np.diff(train.indptr)
+        b = min(self.batch_size, len(lengths))
+        if b == len(lengths):
+            return int(lengths.sum())
+        return int(np.partition(lengths, len(lengths) - b)[len(lengths) - b:].sum())
+
+    def _log(self, text):
+        if self.verbose:
+            print(text, file=sys.stdout, flush=True)
+
+    def _run_epochs(self, train, valid, rng):
+        n, bs = train.n_rows, self.batch_size
+        X, y = train.X, train.y
+        self.history_ = []
+        self.best_epoch_ = 0
+        last_good = self._snapshot()
+        best, best_valid = last_good, math.inf
+        if self.verbose:
+            t = time.perf_counter()
+            init_line = f"Init: \t train={self._rmse(train):.4f}"
+            if valid is not None:
+                init_line += f", validation={self._rmse(valid):.4f}"
+            self._log(f"{init_line} [{time.perf_counter() - t:.1f} s]")
+        step = 0
+        for epoch in range(1, self.n_epochs + 1):
+            t0 = time.perf_counter()
+            order = rng.permutation(n).astype(np.int64)
+            for start in range(0, n, bs):
+                loss = self._train_batch(X, y, order[start:start + bs], step)
+                step += 1
+                if not math.isfinite(loss):
+                    self._restore(last_good)
+                    self._publish()
+                    raise TrainingDivergedError(
+                        f"training diverged in epoch {epoch}: the batch loss became {loss}; "
+                        f"the model keeps the parameters of epoch {epoch - 1}. Try a lower "
+                        f"learning_rate (now {self.learning_rate}).")
+            t1 = time.perf_counter()
+            record = {"epoch": epoch, "train_rmse": self._rmse(train),
+                      "valid_rmse": self._rmse(valid) if valid is not None else None,
+                      "seconds": t1 - t0}
+            self.history_.append(record)
+            last_good = self._snapshot()
+            line = f"Epoch {epoch} [{t1 - t0:.1f} s]\ttrain={record['train_rmse']:.4f}"
+            if valid is not None:
+                line += f", validation={record['valid_rmse']:.4f}"
+            self._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
+            if valid is not None and record["valid_rmse"] < best_valid:
+                best, best_valid, self.best_epoch_ = last_good, record["valid_rmse"], epoch
+            elif valid is None:
+                best, self.best_epoch_ = last_good, epoch
+            if valid is not None and self.early_stopping and _rose_four_times(self.history_):
+                self._log(f"Early stop after epoch {epoch}: validation RMSE rose 4 epochs "
+                          f"in a row; restoring epoch {self.best_epoch_}.")
+                break
+        if self.early_stopping or valid is None:
+            self._restore(best)
+        else:
+            self.best_epoch_ = len(self.history_)
+        self._publish()
+
+    def _rmse(self, data):
+        return rmse(data.y, self._predict_dataset(data))
+
+    # ----- prediction -----------------------------------------------------------------
+    def _check_fitted(self):
+        if not hasattr(self, "n_features_in_"):
+            raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit() "
+                             "or afmfast.load() first")
+
+    def predict(self, X):
+        """Raw scores (float32, one per row). Feature ids at or above ``n_features_in_``
+        (never seen in training) contribute nothing."""
+        self._check_fitted()
+        return self._predict_dataset(as_dataset(X, np.zeros(_n_rows(X), np.float32))
+                                     if not isinstance(X, Dataset) else X)
+
+    def evaluate(self, X, y=None):
+        """``{"rmse": ...}`` on X with predictions clipped to the labels' [min, max], as
+        the reference computes it."""
+        self._check_fitted()
+        data = as_dataset(X, y)
+        return {"rmse": rmse(data.y, self._predict_dataset(data))}
+
+    def save(self, path):
+        """Write the model to one ``.npz`` file atomically (see ``afmfast.load``)."""
+        from .persistence import save_model
+
+        self._check_fitted()
+        save_model(self, path)
+
+
+def _as_model(source):
+    if isinstance(source, FactorizationModel):
+        source._check_fitted()
+        return source
+    from .persistence import load
+
+    return load(source)
+
+
+def _n_rows(X):
+    shape = getattr(X, "shape", None)
+    if shape is not None and len(shape) == 2:
+        return shape[0]
+    return np.asarray(X).shape[0]
+
+
+def _rose_four_times(history):
+    v = [h["valid_rmse"] for h in history]
+    return len(v) > 5 and all(v[-i] > v[-i - 1] for i in range(1, 5))
+
+
+class FM(FactorizationModel):
+    """Factorization Machine (Rendle 2010) trained as the AFM authors train it: the
+    bi-interaction vector, optional batch normalisation, dropout, squared loss and
+    Adagrad, with native kernels.
+
+    Parameters
+    ----------
+    n_factors : int >= 1
+        Embedding size k.
+    learning_rate : float > 0
+    batch_size : int >= 1
+    n_epochs : int >= 0
+    keep : float in (0, 1]
+        Keep probability of the dropout on the interaction vector (1: no dropout).
+    batch_norm : bool
+        Batch normalisation of the interaction vector (running statistics, decay 0.9,
+        epsilon 1e-3, for prediction).
+    l2 : float >= 0
+        L2 penalty on the embedding rows a batch touches (lazy), l2/2 ||V_row||^2.
+    optimizer : {"adagrad", "sgd", "momentum", "adam"}
+        Hand-written optimisers; sparse rows are updated only when touched (lazy Adam).
+    early_stopping : bool
+        Stop when validation RMSE rose 4 epochs in a row and restore the best epoch.
+    random_state : int >= 0 or None
+        Seed of initialisation, shuffling and dropout (None means 2016).
+    n_threads : int >= 1 or None
+        Kernel threads (None: all CPUs of this process). Results are bit-identical
+        for a seed whatever the thread count.
+    backend : {"auto", "cython", "numba"}
+    verbose : int
+        0 silent; 1 one line per epoch.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> train, valid = make_demo_data(n_rows=2000, seed=0)
+    >>> model = afmfast.FM(n_factors=8, n_epochs=2, verbose=0).fit(train, validation=valid)
+    >>> model.predict(valid).shape == (len(valid),)
+    True
+    """
+
+    _kind = "FM"
+
+    def __init__(self, n_factors=16, learning_rate=0.01, batch_size=4096, n_epochs=20,
+                 keep=0.7, batch_norm=True, l2=0.0, optimizer="adagrad",
+                 early_stopping=True, random_state=2016, n_threads=None, backend="auto",
+                 verbose=1):
+        self.n_factors = n_factors
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
+        self.keep = keep
+        self.batch_norm = batch_norm
+        self.l2 = l2
+        self.optimizer = optimizer
+        self.early_stopping = early_stopping
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.backend = backend
+        self.verbose = verbose
+
+    def _validate(self):
+        _check_int("n_factors", self.n_factors, 1)
+        _check_real("keep", self.keep, 0.0, 1.0, low_open=True)
+        self._validate_common()
+
+    def _init_model(self, train, rng):
+        self._params = new_fm_params(train.n_features, self.n_factors, rng)
+        self._state = new_opt_state(self._params, OPTIMIZER_CODES[self.optimizer])
+        self._ws = self._backend.fm_workspace(
+            min(self.batch_size, train.n_rows), self._max_batch_nnz(train),
+            train.n_features, self.n_factors, np.float32)
+
+    def _train_batch(self, X, y, rows, step):
+        cfg = StepConfig(float(self.learning_rate), float(self.l2), float(self.keep),
+                         OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
+                         self._seed, step, self._threads)
+        return self._backend.fm_step(X, y, rows, self._params, self._state, cfg, self._ws)
+
+    def _warm_start(self, source, n_features):
+        if not isinstance(source, FM):
+            raise ValueError(f"init_from: an FM can start only from an FM, got "
+                             f"{type(source).__name__}")
+        if source.n_factors != self.n_factors:
+            raise ValueError(f"init_from: n_factors differ (source {source.n_factors}, "
+                             f"this model {self.n_factors})")
+        if source.n_features_in_ != n_features:
+            raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
+                             f"training data {n_features})")
+        for live, saved in zip(self._params, source._params):
+            live[...] = saved
+
+    def _predict_dataset(self, data):
+        out = np.empty(data.n_rows, dtype=np.float32)
+        backend = getattr(self, "_backend", None) or backends.get_backend(self.backend)
+        threads = getattr(self, "_threads", None) or backends.resolve_threads(self.n_threads)
+        backend.fm_predict(data.X, self._params, int(bool(self.batch_norm)), threads, out)
+        return out
+
+    def _snapshot(self):
+        return FMParams(*(a.copy() for a in self._params))
+
+    def _restore(self, snapshot):
+        for live, saved in zip(self._params, snapshot):
+            live[...] = saved
+
+    def _publish(self):
+        """Expose the live parameters as fitted attributes (views, no copies)."""
+        p = self._params
+        k = p.V.shape[1]
+        self.V_, self.w_ = p.V, p.w
+        self.w0_ = float(p.dense[0])
+        self.bn_gamma_, self.bn_beta_ = p.dense[1:1 + k], p.dense[1 + k:]
+        self.bn_mean_, self.bn_var_ = p.bn_stats[0], p.bn_stats[1]
+
+    # ----- persistence hooks ------------------------------------------------------------
+    def _arrays(self):
+        return dict(zip(FMParams._fields, self._params))
+
+    def _array_shapes(self, n_features):
+        k = self.n_factors
+        return {"V": (n_features, k), "w": (n_features,), "dense": (1 + 2 * k,),
+                "bn_stats": (2, k)}
+
+    def _set_arrays(self, arrays):
+        self._params = FMParams(*(arrays[name] for name in FMParams._fields))
+        self._publish()

@@ -1,0 +1,201 @@
+"""FM estimator: parameters protocol, validation, training loop, early stopping,
+divergence, prediction semantics, warm start."""
+import numpy as np
+import pytest
+
+import afmfast
+from afmfast.backends import available_backends
+from afmfast.demo import linear_baseline_rmse, make_demo_data
+from afmfast.estimator import _rose_four_times
+
+FAST = dict(n_factors=8, n_epochs=3, batch_size=256, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_demo_data(n_rows=4000, seed=3)
+
+
+def test_constructor_stores_arguments_unchanged():
+    kwargs = dict(n_factors=7, learning_rate=0.5, batch_size=3, n_epochs=2, keep=0.9,
+                  batch_norm=False, l2=0.1, optimizer="adam", early_stopping=False,
+                  random_state=5, n_threads=1, backend="numba", verbose=0)
+    model = afmfast.FM(**kwargs)
+    assert model.get_params() == kwargs
+
+
+def test_defaults_match_the_reference_settings():
+    p = afmfast.FM().get_params()
+    assert (p["n_factors"], p["learning_rate"], p["batch_size"], p["n_epochs"], p["keep"],
+            p["batch_norm"], p["optimizer"], p["random_state"]) == \
+        (16, 0.01, 4096, 20, 0.7, True, "adagrad", 2016)
+
+
+def test_set_params_and_unknown_parameter():
+    model = afmfast.FM().set_params(n_factors=4, keep=1.0)
+    assert model.n_factors == 4 and model.keep == 1.0
+    with pytest.raises(ValueError, match="invalid parameter 'n_factor'"):
+        model.set_params(n_factor=3)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("n_factors", 0), ("n_factors", 2.5), ("learning_rate", 0.0), ("learning_rate", -1),
+    ("learning_rate", float("nan")), ("batch_size", 0), ("n_epochs", -1), ("keep", 0.0),
+    ("keep", 1.5), ("l2", -0.1), ("optimizer", "rmsprop"), ("n_threads", 0),
+    ("backend", "cuda"), ("random_state", -3), ("batch_norm", "yes"), ("verbose", -1),
+])
+def test_bad_arguments_name_the_argument(demo, name, value):
+    model = afmfast.FM(**{**FAST, name: value})
+    with pytest.raises(ValueError, match=name):
+        model.fit(demo.train)
+    assert getattr(model, name) is value
+
+
+def test_fit_sets_fitted_attributes_and_keeps_arguments(demo):
+    model = afmfast.FM(**FAST)
+    before = model.get_params()
+    assert model.fit(demo.train, validation=demo.valid) is model
+    assert model.get_params() == before
+    M = demo.train.n_features
+    assert model.V_.shape == (M, 8) and model.w_.shape == (M,)
+    assert isinstance(model.w0_, float)
+    assert model.n_features_in_ == M
+    assert [h["epoch"] for h in model.history_] == [1, 2, 3]
+    assert set(model.history_[0]) == {"epoch", "train_rmse", "valid_rmse", "seconds"}
+    assert 1 <= model.best_epoch_ <= 3
+
+
+def test_predict_before_fit_is_an_error(demo):
+    with pytest.raises(ValueError, match="not fitted"):
+        afmfast.FM().predict(demo.valid)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_same_seed_gives_identical_models_for_any_thread_count(demo, backend):
+    a = afmfast.FM(**FAST, backend=backend, n_threads=1).fit(demo.train)
+    b = afmfast.FM(**FAST, backend=backend, n_threads=1).fit(demo.train)
+    c = afmfast.FM(**FAST, backend=backend, n_threads=2).fit(demo.train)
+    np.testing.assert_array_equal(a.V_, b.V_)
+    np.testing.assert_array_equal(a.V_, c.V_)
+    np.testing.assert_array_equal(a.predict(demo.valid), c.predict(demo.valid))
+    d = afmfast.FM(**FAST, backend=backend, random_state=99).fit(demo.train)
+    assert not np.array_equal(a.V_, d.V_)
+
+
+def test_backends_train_the_same_model(demo):
+    if len(available_backends()) < 2:
+        pytest.skip("needs both backends")
+    a = afmfast.FM(**FAST, backend="cython").fit(demo.train)
+    b = afmfast.FM(**FAST, backend="numba").fit(demo.train)
+    np.testing.assert_allclose(a.predict(demo.valid), b.predict(demo.valid), atol=2e-3)
+
+
+def test_fm_beats_the_best_linear_model_on_planted_interactions():
+    data = make_demo_data(n_rows=12000, seed=4)
+    model = afmfast.FM(n_factors=16, learning_rate=0.05, batch_size=512, n_epochs=25,
+                       keep=1.0, batch_norm=False, verbose=0)
+    model.fit(data.train, validation=data.valid)
+    fm_rmse = model.evaluate(data.valid)["rmse"]
+    assert fm_rmse < 0.8 * linear_baseline_rmse(data.train, data.valid)
+
+
+def test_early_stopping_restores_the_best_epoch(demo, monkeypatch):
+    scripted = iter([0.9, 0.8, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1])
+
+    model = afmfast.FM(**{**FAST, "n_epochs": 10})
+    real_rmse = model._rmse
+
+    def fake_rmse(data):
+        return next(scripted) if data is demo.valid else real_rmse(data)
+
+    monkeypatch.setattr(model, "_rmse", fake_rmse)
+    model.fit(demo.train, validation=demo.valid)
+    # rose in each of epochs 4..7: stop after epoch 7, best was epoch 3
+    assert len(model.history_) == 7
+    assert model.best_epoch_ == 3
+    ref = afmfast.FM(**{**FAST, "n_epochs": 3}).fit(demo.train)
+    np.testing.assert_array_equal(model.V_, ref.V_)
+    np.testing.assert_array_equal(model.predict(demo.valid), ref.predict(demo.valid))
+
+
+def test_rose_four_times_rule():
+    h = lambda v: [{"valid_rmse": x} for x in v]  # noqa: E731
+    assert not _rose_four_times(h([1, 2, 3, 4, 5]))  # needs more than 5 epochs
+    assert _rose_four_times(h([1, 1, 2, 3, 4, 5]))
+    assert not _rose_four_times(h([1, 2, 3, 3, 4, 5]))
+
+
+def test_divergence_stops_with_a_message_and_keeps_finite_parameters(demo):
+    model = afmfast.FM(**{**FAST, "n_epochs": 5}, learning_rate=1e30, optimizer="sgd",
+                       batch_norm=False, keep=1.0)
+    with pytest.raises(afmfast.TrainingDivergedError, match="learning_rate"):
+        model.fit(demo.train)
+    assert np.all(np.isfinite(model.V_)) and np.all(np.isfinite(model.w_))
+    assert np.all(np.isfinite(model.predict(demo.valid)))
+
+
+def test_unseen_feature_ids_contribute_nothing(demo):
+    model = afmfast.FM(**FAST).fit(demo.train)
+    M = model.n_features_in_
+    valid = demo.valid
+    # append one never-seen id (M + 5) to every row
+    n = valid.n_rows
+    lengths = np.diff(valid.indptr)
+    indptr = np.concatenate([[0], np.cumsum(lengths + 1)]).astype(np.int64)
+    indices = np.empty(indptr[-1], dtype=np.int32)
+    values = np.ones(indptr[-1], dtype=np.float32)
+    last = indptr[1:] - 1
+    mask = np.ones(indptr[-1], bool)
+    mask[last] = False
+    indices[mask] = valid.indices
+    values[mask] = valid.values
+    indices[last] = M + 5
+    wider = afmfast.Dataset(indptr, indices, values, valid.y, M + 6)
+    assert wider.n_rows == n
+    np.testing.assert_array_equal(model.predict(wider), model.predict(valid))
+
+
+def test_evaluate_clips_predictions_like_the_reference(demo):
+    model = afmfast.FM(**FAST).fit(demo.train)
+    pred = model.predict(demo.valid).astype(np.float64)
+    y = demo.valid.y.astype(np.float64)
+    expected = np.sqrt(np.mean((y - np.clip(pred, y.min(), y.max())) ** 2))
+    assert model.evaluate(demo.valid)["rmse"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_accepts_csr_and_dense_inputs(demo):
+    sp = pytest.importorskip("scipy.sparse")
+    tr = demo.train
+    X = sp.csr_matrix((tr.values, tr.indices, tr.indptr), shape=(tr.n_rows, tr.n_features))
+    a = afmfast.FM(**FAST).fit(X, tr.y)
+    b = afmfast.FM(**FAST).fit(tr)
+    c = afmfast.FM(**FAST).fit(X.toarray(), tr.y)
+    np.testing.assert_array_equal(a.V_, b.V_)
+    np.testing.assert_array_equal(a.V_, c.V_)
+    np.testing.assert_array_equal(a.predict(X[:50]), b.predict(tr[np.arange(50)]))
+
+
+def test_warm_start_copies_parameters_and_checks_shapes(demo):
+    base = afmfast.FM(**FAST).fit(demo.train)
+    warm = afmfast.FM(**{**FAST, "n_epochs": 0}).fit(demo.train, init_from=base)
+    np.testing.assert_array_equal(warm.V_, base.V_)
+    np.testing.assert_array_equal(warm.predict(demo.valid), base.predict(demo.valid))
+    with pytest.raises(ValueError, match="n_factors"):
+        afmfast.FM(**{**FAST, "n_factors": 4}).fit(demo.train, init_from=base)
+    with pytest.raises(ValueError, match="n_features"):
+        afmfast.FM(**FAST).fit(demo.train.with_n_features(demo.train.n_features + 1),
+                               init_from=base)
+
+
+def test_fit_twice_starts_from_scratch(demo):
+    model = afmfast.FM(**FAST)
+    first = model.fit(demo.train).V_.copy()
+    second = model.fit(demo.train).V_
+    np.testing.assert_array_equal(first, second)
+
+
+def test_epoch_lines_like_the_reference(demo, capsys):
+    afmfast.FM(**{**FAST, "verbose": 1}).fit(demo.train, validation=demo.valid)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Init: \t train=")
+    assert out[1].startswith("Epoch 1 [") and "\ttrain=" in out[1] and ", validation=" in out[1]
