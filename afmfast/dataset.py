@@ -1,0 +1,303 @@
+"""In-memory sparse data set (``Dataset``) and the libFM text reader (``load_libfm``).
+
+Contract (other modules code against it):
+
+- ``Dataset`` holds a CSR matrix and targets as C-contiguous arrays with fixed dtypes:
+  ``indptr`` int64 (n_rows + 1), ``indices`` int32 (nnz), ``values`` float32 (nnz),
+  ``y`` float32 (n_rows), plus ``n_features`` (int). The constructor converts dtypes
+  once and validates the structure, raising ``ValueError`` that names the argument and
+  the problem; afterwards the arrays are trusted by the kernels (see
+  ``afmfast.kernel_api``). Row selection (``ds[idx]``) and ``from_csr`` are vectorised
+  NumPy, never a Python loop over rows.
+- ``load_libfm(path, n_features=None)`` reads libFM text with the native parser
+  ``afmfast._reader`` (its docstring has the exact grammar). Rows are
+  ``label id:value ...`` with any number of nonzeros (zero included), ids used as they
+  are, LF or CRLF, spaces or tabs. A blank line is an error ("empty line") rather than
+  a skipped row; the newline ending the last row, or its absence, is fine; an empty
+  file is an empty Dataset; a UTF-8 BOM at the start is skipped. Every problem raises
+  ``ValueError`` with the path, ``line N`` (1-based) and what is wrong; a missing file
+  raises ``FileNotFoundError`` naming the path.
+"""
+import os
+
+import numpy as np
+
+__all__ = ["Dataset", "load_libfm"]
+
+_INT32_MAX = 2**31 - 1
+
+
+def _as_1d(arr, dtype, name):
+    """``arr`` as a C-contiguous 1-D array of ``dtype``; copies only when needed."""
+    a = np.asarray(arr)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if np.issubdtype(dtype, np.integer):
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+        if a.size and a.dtype.itemsize > np.dtype(dtype).itemsize:
+            # a silent wrap-around on the cast would turn a bad id into a valid one
+            lo, hi = int(a.min()), int(a.max())
+            info = np.iinfo(dtype)
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"{name} has entries outside the {np.dtype(dtype)} range "
+                                 f"([{lo}, {hi}])")
+    elif a.size and not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+class Dataset:
+    """Sparse rows (CSR) and targets, ready for the kernels.
+
+    Parameters
+    ----------
+    indptr : int array (n_rows + 1,), starts at 0, non-decreasing, ends at nnz.
+    indices : int array (nnz,), feature ids in [0, n_features).
+    values : float array (nnz,).
+    y : float array (n_rows,).
+    n_features : int, optional; defaults to max id + 1 (0 without nonzeros).
+
+    Attributes ``indptr`` (int64), ``indices`` (int32), ``values`` (float32), ``y``
+    (float32) are C-contiguous; treat them as read-only, since selections and
+    ``with_n_features`` may share them.
+    """
+
+    __slots__ = ("indptr", "indices", "values", "y", "n_features", "_max_id", "_max_row_nnz")
+
+    def __init__(self, indptr, indices, values, y, n_features=None):
+        indptr = _as_1d(indptr, np.int64, "indptr")
+        indices = _as_1d(indices, np.int32, "indices")
+        values = _as_1d(values, np.float32, "values")
+        y = _as_1d(y, np.float32, "y")
+        if indptr.size == 0:
+            raise ValueError("indptr must have n_rows + 1 entries, got an empty array")
+        if indptr[0] != 0:
+            raise ValueError(f"indptr must start at 0, got {indptr[0]}")
+        if indptr.size > 1:
+            bad = np.flatnonzero(np.diff(indptr) < 0)
+            if bad.size:
+                r = int(bad[0])
+                raise ValueError(f"indptr must be non-decreasing, but indptr[{r + 1}] = "
+                                 f"{indptr[r + 1]} < indptr[{r}] = {indptr[r]}")
+        if indptr[-1] != indices.size:
+            raise ValueError(f"indptr must end at nnz = len(indices) = {indices.size}, "
+                             f"got {indptr[-1]}")
+        if values.size != indices.size:
+            raise ValueError(f"values must have len(indices) = {indices.size} entries, "
+                             f"got {values.size}")
+        if y.size != indptr.size - 1:
+            raise ValueError(f"y must have n_rows = len(indptr) - 1 = {indptr.size - 1} "
+                             f"entries, got {y.size}")
+        if indices.size:
+            lo, max_id = int(indices.min()), int(indices.max())
+            if lo < 0:
+                raise ValueError(f"indices must be >= 0, got {lo}")
+        else:
+            max_id = -1
+        n_features = _check_n_features(n_features, max_id, "indices")
+        self._set(indptr, indices, values, y, n_features, max_id)
+
+    def _set(self, indptr, indices, values, y, n_features, max_id):
+        self.indptr = indptr
+        self.indices = indices
+        self.values = values
+        self.y = y
+        self.n_features = n_features
+        self._max_id = max_id
+        self._max_row_nnz = None
+
+    @classmethod
+    def _trusted(cls, indptr, indices, values, y, n_features, max_id):
+        # For arrays that are valid by construction (reader output, selections): skips
+        # the O(nnz) checks of __init__.
+        ds = cls.__new__(cls)
+        ds._set(indptr, indices, values, y, n_features, max_id)
+        return ds
+
+    @classmethod
+    def from_csr(cls, X, y=None, n_features=None):
+        """Dataset from any CSR-like ``X`` with ``indptr``, ``indices``, ``data`` and
+        ``shape`` (e.g. ``scipy.sparse.csr_matrix``) and targets ``y`` (required).
+        ``n_features`` defaults to ``X.shape[1]``. Arrays are copied only when their
+        dtype or layout differs from the Dataset's."""
+        if y is None:
+            raise ValueError("y is required: a Dataset holds targets for every row")
+        for attr in ("indptr", "indices", "data", "shape"):
+            if not hasattr(X, attr):
+                raise ValueError(f"X must be CSR-like with indptr/indices/data/shape; it "
+                                 f"has no {attr!r} ({type(X).__name__})")
+        n_rows = int(X.shape[0])
+        if len(X.indptr) != n_rows + 1:
+            raise ValueError(f"X.indptr must have X.shape[0] + 1 = {n_rows + 1} entries, "
+                             f"got {len(X.indptr)}")
+        if n_features is None:
+            n_features = int(X.shape[1])
+        return cls(X.indptr, X.indices, X.data, y, n_features=n_features)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_rows(self):
+        """Number of rows."""
+        return self.y.shape[0]
+
+    def __len__(self):
+        return self.y.shape[0]
+
+    @property
+    def nnz(self):
+        """Number of stored nonzeros."""
+        return self.indices.shape[0]
+
+    @property
+    def X(self):
+        """``(indptr, indices, values)``, the kernels' X."""
+        return (self.indptr, self.indices, self.values)
+
+    @property
+    def max_row_nnz(self):
+        """Largest number of nonzeros in one row (0 for an empty Dataset)."""
+        if self._max_row_nnz is None:
+            self._max_row_nnz = int(np.diff(self.indptr).max()) if self.n_rows else 0
+        return self._max_row_nnz
+
+    def __repr__(self):
+        return (f"Dataset(n_rows={self.n_rows}, n_features={self.n_features}, "
+                f"nnz={self.nnz}, max_row_nnz={self.max_row_nnz})")
+
+    # ------------------------------------------------------------------ selection
+    def __getitem__(self, idx):
+        """Rows ``idx`` (integer array, boolean mask of length n_rows, or slice) as a new
+        Dataset with the same ``n_features``. A slice of step 1 shares ``indices``,
+        ``values`` and ``y`` with this Dataset; other selections copy."""
+        n = self.n_rows
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            if step == 1:
+                stop = max(stop, start)
+                lo, hi = self.indptr[start], self.indptr[stop]
+                return Dataset._trusted(self.indptr[start:stop + 1] - lo,
+                                        self.indices[lo:hi], self.values[lo:hi],
+                                        self.y[start:stop], self.n_features, self._max_id)
+            rows = np.arange(start, stop, step, dtype=np.int64)
+        else:
+            if np.isscalar(idx) or (isinstance(idx, np.ndarray) and idx.ndim == 0):
+                raise TypeError("Dataset rows are selected with an array, mask or slice; "
+                                f"use ds[[{idx}]] for a single row")
+            rows = np.asarray(idx)
+            if rows.dtype == np.bool_:
+                if rows.shape != (n,):
+                    raise IndexError(f"boolean mask must have shape ({n},), got {rows.shape}")
+                rows = np.flatnonzero(rows)
+            elif rows.size == 0:
+                rows = np.zeros(0, dtype=np.int64)
+            elif not np.issubdtype(rows.dtype, np.integer):
+                raise IndexError(f"row indices must be integers or booleans, got dtype "
+                                 f"{rows.dtype}")
+            elif rows.ndim != 1:
+                raise IndexError(f"row indices must be 1-D, got shape {rows.shape}")
+            else:
+                rows = rows.astype(np.int64, copy=False)
+                if rows.min() < -n or rows.max() >= n:
+                    raise IndexError(f"row index out of range for a Dataset of {n} rows "
+                                     f"(got min {rows.min()}, max {rows.max()})")
+                rows = np.where(rows < 0, rows + n, rows)
+        return self._take(rows)
+
+    def _take(self, rows):
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
+        indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        total = int(indptr[-1])
+        # source position of output nonzero j = starts[row(j)] + (j - indptr[row(j)])
+        pos = np.repeat(starts - indptr[:-1], lengths) + np.arange(total, dtype=np.int64)
+        return Dataset._trusted(indptr, self.indices[pos], self.values[pos], self.y[rows],
+                                self.n_features, self._max_id)
+
+    def with_n_features(self, n_features):
+        """The same rows (arrays shared, not copied) with feature count ``n_features``,
+        e.g. to align a test set with a training set's larger id space."""
+        n_features = _check_n_features(n_features, self._max_id, "indices")
+        return Dataset._trusted(self.indptr, self.indices, self.values, self.y,
+                                n_features, self._max_id)
+
+
+def _check_n_features(n_features, max_id, what):
+    if n_features is None:
+        return max_id + 1
+    if isinstance(n_features, (bool, np.bool_)) or not isinstance(
+            n_features, (int, np.integer)):
+        raise ValueError(f"n_features must be an int, got {n_features!r}")
+    n_features = int(n_features)
+    if n_features < 0:
+        raise ValueError(f"n_features must be >= 0, got {n_features}")
+    if max_id >= n_features:
+        raise ValueError(f"n_features = {n_features} is too small: {what} holds id {max_id}")
+    return n_features
+
+
+# ---------------------------------------------------------------------- libFM reader
+
+_BOM = b"\xef\xbb\xbf"
+
+# Reader error code name -> what is wrong; the token is appended to the message.
+_MESSAGES = {
+    "EMPTY_LINE": "empty line (blank lines are not allowed; a row needs at least a label)",
+    "LABEL_NAN": "label is not a number",
+    "LABEL_NONFINITE": "label is NaN, infinite or beyond the float32 range",
+    "NO_COLON": "token without ':' (expected id:value)",
+    "NEG_ID": "negative feature id",
+    "BAD_ID": "feature id is not a non-negative integer",
+    "BIG_ID": f"feature id above 2^31-1 = {_INT32_MAX}",
+    "VALUE_NAN": "value is not a number",
+    "VALUE_NONFINITE": "value is NaN, infinite or beyond the float32 range",
+    "ID_RANGE": "feature id >= n_features",
+    "NUL": "NUL byte (is this a binary file?)",
+    "LONE_CR": "carriage return not followed by a line feed",
+}
+
+
+def _describe_error(name, data, offset, n_features):
+    what = _MESSAGES[name]
+    end = offset
+    while end < len(data) and data[end:end + 1] not in b" \t\r\n":
+        end += 1
+    token = data[offset:min(end, offset + 80)].decode("utf-8", "replace")
+    if name in ("LABEL_NAN", "VALUE_NAN"):
+        text = token if name == "LABEL_NAN" else token.partition(":")[2]
+        if text.strip("+-").lower() in ("nan", "inf", "infinity"):
+            what = ("label" if name == "LABEL_NAN" else "value") + " is NaN or infinite"
+    if name == "ID_RANGE":
+        what += f" = {n_features}"
+    if name in ("EMPTY_LINE", "NUL", "LONE_CR"):
+        return what
+    return f"{what}: {token!r}"
+
+
+def load_libfm(path, n_features=None):
+    """Read a libFM text file into a :class:`Dataset`.
+
+    Each line is one row, ``label id:value id:value ...`` (see the module docstring for
+    the accepted layout). Ids are used as they are; ``n_features`` defaults to the
+    largest id + 1, and when given every id must be below it. Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the
+    line and the problem for any malformed content (nothing is skipped silently).
+    """
+    from afmfast import _reader  # compiled extension; imported here so Dataset works without it
+
+    if n_features is not None:
+        n_features = _check_n_features(n_features, -1, "indices")
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    start = len(_BOM) if data.startswith(_BOM) else 0
+    limit = n_features if n_features is not None else _INT32_MAX + 1
+    code, offset, indptr, indices, values, y, max_id = _reader.parse(data, start, limit)
+    if code:
+        name = {v: k for k, v in _reader.ERROR_CODES.items()}[code]
+        line = data.count(b"\n", 0, offset) + 1
+        raise ValueError(f"{path}: line {line}: "
+                         f"{_describe_error(name, data, offset, n_features)}")
+    return Dataset._trusted(indptr, indices, values, y,
+                            max_id + 1 if n_features is None else n_features, max_id)
