@@ -122,10 +122,51 @@ def new_opt_state(params, optimizer):
     ADAGRAD_INIT for Adagrad's accumulator. Entries of ``params`` not trained (bn_stats)
     get none."""
     init = ADAGRAD_INIT if optimizer == ADAGRAD else 0.0
+    fields = AFMOptState if isinstance(params, AFMParams) else FMOptState
     state = []
-    for name in FMOptState._fields:
+    for name in fields._fields:
         p = getattr(params, name)
         s = np.zeros((2,) + p.shape, dtype=p.dtype)
         s[0] = init
         state.append(s)
-    return FMOptState(*state)
+    return fields(*state)
+
+
+# ----- AFM ----------------------------------------------------------------------------
+# Contract of the AFM backends (``afm_workspace``, ``afm_step``, ``afm_predict``,
+# ``afm_explain``), mirrored by ``reference.afm_*``. For each row, the pairs p < q of its
+# nonzeros in row order (pair index = position in that order) give
+#     e_pq = (v_p x_p) * (v_q x_q)                                           (k,)
+#     s_pq = h . act(W e_pq + b),  a = softmax over the row's pairs (max subtracted)
+#     a'_pq = a_pq * mask / keep_attention   (stream 1, unit = pair index), or 1 when
+#             attention is off (then W, b, h are neither used nor updated)
+#     g = sum a'_pq e_pq;  g' = g * mask / keep_pooled  (stream 2, unit = factor)
+#     y_hat = w0 + sum w_i x_i + p . g'
+# Loss: 1/2 sum (y - y_hat)^2 + l2_attention/2 ||W||^2 + l2/2 sum_touched ||V_row||^2.
+# Parameters ``AFMParams``: V (M, k), w (M,), W (t, k), dense (1 + k + 2t,) =
+# [w0, p (k), b (t), h (t)]. ``AFMOptState``: the same names with a leading axis of 2.
+# freeze_fm keeps V, w and w0 fixed (the reference's --freeze_fm).
+RELU, SIGMOID, TANH, IDENTITY = 0, 1, 2, 3
+ACTIVATION_CODES = {"relu": RELU, "sigmoid": SIGMOID, "tanh": TANH, "identity": IDENTITY}
+
+AFMParams = namedtuple("AFMParams", "V w W dense")
+AFMOptState = namedtuple("AFMOptState", "V w W dense")
+AFMStepConfig = namedtuple(
+    "AFMStepConfig",
+    "lr l2 l2_attention keep_attention keep_pooled optimizer attention activation "
+    "freeze_fm seed step n_threads",
+)
+
+
+def new_afm_params(n_features, n_factors, attention_size, rng, dtype=np.float32):
+    """Initial AFM parameters as the reference: V ~ N(0, 0.01), w = w0 = 0,
+    W and b ~ N(0, sqrt(2 / (t + k))), h ~ N(0, 1), p = 1."""
+    k, t = n_factors, attention_size
+    glorot = np.sqrt(2.0 / (t + k))
+    V = rng.normal(0.0, 0.01, size=(n_features, k)).astype(dtype)
+    W = rng.normal(0.0, glorot, size=(t, k)).astype(dtype)
+    dense = np.zeros(1 + k + 2 * t, dtype=dtype)
+    dense[1 : 1 + k] = 1.0
+    dense[1 + k : 1 + k + t] = rng.normal(0.0, glorot, size=t)
+    dense[1 + k + t :] = rng.normal(0.0, 1.0, size=t)
+    return AFMParams(V, np.zeros(n_features, dtype=dtype), W, dense)

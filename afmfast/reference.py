@@ -181,3 +181,194 @@ class _PredictCfg:
     def __init__(self, batch_norm):
         self.batch_norm = batch_norm
         self.keep = 1.0
+
+
+# ----- AFM ----------------------------------------------------------------------------
+def _activation(code, u):
+    """(act(u), act'(u)) for an activation code of kernel_api."""
+    from .kernel_api import IDENTITY, RELU, SIGMOID, TANH
+
+    if code == RELU:
+        return np.maximum(u, 0.0), (u > 0).astype(np.float64)
+    if code == SIGMOID:
+        s = 1.0 / (1.0 + np.exp(-u))
+        return s, s * (1.0 - s)
+    if code == TANH:
+        t = np.tanh(u)
+        return t, 1.0 - t * t
+    if code == IDENTITY:
+        return u, np.ones_like(u)
+    raise ValueError(f"unknown activation code {code}")
+
+
+def _row_pairs(n):
+    """Positions (p, q), p < q, of a row's nonzeros in the kernels' pair order."""
+    p, q = np.triu_indices(n, k=1)
+    return p, q
+
+
+def afm_forward(X, rows, params, cfg, train=True, masks=None):
+    """AFM forward pass of a batch; returns (y_hat (B,), per-row caches).
+
+    ``masks`` = (list of per-row attention keep masks, pooled keep mask (B, k)) overrides
+    the hash masks (tests with a fixed mask)."""
+    indptr, indices, values = X
+    V, w, W, dense = (np.asarray(a, dtype=np.float64) for a in params)
+    M, k = V.shape
+    t = W.shape[0]
+    w0, p_vec, b, h = dense[0], dense[1:1 + k], dense[1 + k:1 + k + t], dense[1 + k + t:]
+    B = len(rows)
+    y_hat = np.empty(B)
+    caches = []
+    if masks is None and train:
+        pooled = dropout_mask(cfg.seed, 2, cfg.step, rows, k, cfg.keep_pooled)
+    elif masks is not None:
+        pooled = masks[1]
+    for bi, r in enumerate(rows):
+        lo, hi = indptr[r], indptr[r + 1]
+        feat = indices[lo:hi].astype(np.int64)
+        val = values[lo:hi].astype(np.float64)
+        if not train:  # ids never seen in training contribute nothing
+            keep_ids = feat < M
+            feat, val = feat[keep_ids], val[keep_ids]
+        vx = V[feat] * val[:, None]
+        pp, qq = _row_pairs(len(feat))
+        e = vx[pp] * vx[qq]  # (P, k)
+        c = dict(feat=feat, val=val, vx=vx, pp=pp, qq=qq, e=e)
+        if cfg.attention and len(pp):
+            u = e @ W.T + b
+            hid, dact = _activation(cfg.activation, u)
+            s = hid @ h
+            a = np.exp(s - s.max())
+            a /= a.sum()
+            if train:
+                if masks is not None:
+                    m0 = masks[0][bi]
+                else:
+                    m0 = dropout_mask(cfg.seed, 1, cfg.step, [r], len(pp),
+                                      cfg.keep_attention)[0]
+                scale0 = m0 / cfg.keep_attention if cfg.keep_attention < 1.0 \
+                    else np.ones(len(pp))
+            else:
+                scale0 = np.ones(len(pp))
+            c.update(u=u, hid=hid, dact=dact, a=a, scale0=scale0)
+            a_used = a * scale0
+        else:
+            a_used = np.ones(len(pp))
+        c["a_used"] = a_used
+        g = a_used @ e if len(pp) else np.zeros(k)
+        scale1 = (pooled[bi] / cfg.keep_pooled if cfg.keep_pooled < 1.0 else np.ones(k)) \
+            if train else np.ones(k)
+        c.update(g=g, scale1=scale1)
+        y_hat[bi] = w0 + w[feat] @ val + p_vec @ (g * scale1)
+        caches.append(c)
+    return y_hat, caches
+
+
+def afm_loss(X, y, rows, params, cfg, masks=None):
+    """AFM batch loss: 1/2 sum (y - y_hat)^2 + l2_attention/2 ||W||^2 (when attention is
+    on) + l2/2 sum over touched rows ||V_row||^2."""
+    y_hat, caches = afm_forward(X, rows, params, cfg, train=True, masks=masks)
+    r = y_hat - np.asarray(y, dtype=np.float64)[rows]
+    V = np.asarray(params.V, dtype=np.float64)
+    W = np.asarray(params.W, dtype=np.float64)
+    touched = np.unique(np.concatenate([c["feat"] for c in caches] + [np.zeros(0, np.int64)]))
+    loss = 0.5 * float(r @ r) + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
+    if cfg.attention:
+        loss += 0.5 * cfg.l2_attention * float((W ** 2).sum())
+    return loss
+
+
+def afm_gradients(X, y, rows, params, cfg, masks=None):
+    """Analytic AFM gradients: (loss, touched ids, gV (U, k), gw (U,), gW, g_dense)."""
+    y_hat, caches = afm_forward(X, rows, params, cfg, train=True, masks=masks)
+    V, w, W, dense = (np.asarray(a, dtype=np.float64) for a in params)
+    M, k = V.shape
+    t = W.shape[0]
+    p_vec, h = dense[1:1 + k], dense[1 + k + t:]
+    r = y_hat - np.asarray(y, dtype=np.float64)[rows]
+    gV_full = np.zeros_like(V)
+    gw_full = np.zeros_like(w)
+    gW = np.zeros_like(W)
+    g_dense = np.zeros_like(dense)
+    g_dense[0] = r.sum()
+    for bi, c in enumerate(caches):
+        rb = r[bi]
+        g_dense[1:1 + k] += rb * c["g"] * c["scale1"]
+        dg = rb * p_vec * c["scale1"]
+        e, pp, qq, vx = c["e"], c["pp"], c["qq"], c["vx"]
+        de = c["a_used"][:, None] * dg[None, :]
+        if cfg.attention and len(pp):
+            da = (e @ dg) * c["scale0"]
+            a = c["a"]
+            ds = a * (da - a @ da)
+            g_dense[1 + k + t:] += ds @ c["hid"]
+            du = ds[:, None] * h[None, :] * c["dact"]
+            g_dense[1 + k:1 + k + t] += du.sum(axis=0)
+            gW += du.T @ e
+            de += du @ W
+        dvx = np.zeros_like(vx)
+        np.add.at(dvx, pp, de * vx[qq])
+        np.add.at(dvx, qq, de * vx[pp])
+        np.add.at(gV_full, c["feat"], dvx * c["val"][:, None])
+        np.add.at(gw_full, c["feat"], rb * c["val"])
+    touched = np.unique(np.concatenate([c["feat"] for c in caches] + [np.zeros(0, np.int64)]))
+    loss = 0.5 * float(r @ r) + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
+    gV = gV_full[touched] + cfg.l2 * V[touched]
+    if cfg.attention:
+        loss += 0.5 * cfg.l2_attention * float((W ** 2).sum())
+        gW += cfg.l2_attention * W
+    return loss, touched, gV, gw_full[touched], gW, g_dense
+
+
+def afm_step(X, y, rows, params, state, cfg, masks=None):
+    """One AFM training step in float64, mutating ``params`` and ``state`` in place;
+    returns the batch loss before the update."""
+    loss, touched, gV, gw, gW, g_dense = afm_gradients(X, y, rows, params, cfg, masks)
+    k = params.V.shape[1]
+    t = params.W.shape[0]
+    dense = params.dense.astype(np.float64)
+    sd = state.dense.astype(np.float64)
+    lo = 1 if cfg.freeze_fm else 0
+    hi = 1 + k + 2 * t if cfg.attention else 1 + k
+    part, spart = dense[lo:hi], sd[:, lo:hi]
+    _apply(part, g_dense[lo:hi], spart, cfg)
+    dense[lo:hi], sd[:, lo:hi] = part, spart
+    params.dense[:], state.dense[:] = dense, sd
+    if cfg.attention:
+        W = params.W.astype(np.float64)
+        sW = state.W.astype(np.float64)
+        _apply(W, gW, sW, cfg)
+        params.W[:], state.W[:] = W, sW
+    if not cfg.freeze_fm:
+        Vt, wt = params.V[touched].astype(np.float64), params.w[touched].astype(np.float64)
+        sVt = state.V[:, touched].astype(np.float64)
+        swt = state.w[:, touched].astype(np.float64)
+        _apply(Vt, gV, sVt, cfg)
+        _apply(wt, gw, swt, cfg)
+        params.V[touched], params.w[touched] = Vt, wt
+        state.V[:, touched], state.w[:, touched] = sVt, swt
+    return loss
+
+
+def afm_predict(X, params, cfg):
+    """Raw AFM scores (no dropout); ids >= M skipped. ``cfg`` needs attention and
+    activation."""
+    y_hat, _ = afm_forward(X, np.arange(len(X[0]) - 1), params, cfg, train=False)
+    return y_hat
+
+
+def afm_explain(X, params, cfg):
+    """Per-pair attention of every row: (indptr (n_rows + 1,), i, j, weight, contribution)
+    with weight a_pq (1 when attention is off) and contribution a_pq p . e_pq."""
+    _, caches = afm_forward(X, np.arange(len(X[0]) - 1), params, cfg, train=False)
+    k = params.V.shape[1]
+    p_vec = np.asarray(params.dense, dtype=np.float64)[1:1 + k]
+    counts = [len(c["pp"]) for c in caches]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    i = cat([c["feat"][c["pp"]] for c in caches]).astype(np.int64)
+    j = cat([c["feat"][c["qq"]] for c in caches]).astype(np.int64)
+    weight = cat([c["a_used"] for c in caches])
+    contribution = cat([c["a_used"] * (c["e"] @ p_vec) for c in caches])
+    return indptr, i, j, weight, contribution
