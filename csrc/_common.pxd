@@ -1,0 +1,112 @@
+# cython: language_level=3
+"""Inline ``nogil`` helpers shared by afmfast's Cython kernels (FM now, AFM later).
+
+Nothing here allocates, touches Python objects or holds state, so every helper may be
+called from inside ``prange`` bodies.
+
+- Dropout RNG: ``mix64`` (splitmix64 finaliser), ``dropout_row_key`` and ``dropout_kept``
+  reproduce ``afmfast.kernel_api.dropout_mask`` bit for bit (all arithmetic is uint64, so
+  wrap-around is the C semantics the contract asks for).
+- Optimisers: ``opt_elem`` updates one parameter, ``opt_vec`` a contiguous run of them,
+  for the codes OPT_ADAGRAD/OPT_SGD/OPT_MOMENTUM/OPT_ADAM (mirrors of kernel_api's
+  ADAGRAD/SGD/MOMENTUM/ADAM; ``afmfast._fm_cython._constants()`` exposes them so a test
+  can check they still match). The float constants travel in an ``OptCfg`` filled from
+  kernel_api at call time, so there is nothing else to keep in sync.
+"""
+from libc.math cimport sqrt, sqrtf
+from libc.stdint cimport uint64_t
+from cython cimport floating
+
+cdef enum:
+    OPT_ADAGRAD = 0
+    OPT_SGD = 1
+    OPT_MOMENTUM = 2
+    OPT_ADAM = 3
+
+
+ctypedef struct OptCfg:
+    int code
+    # Adam: the bias-corrected step lr * sqrt(1 - b2^t) / (1 - b1^t), computed in double
+    # by the caller exactly as the reference does.
+    double lr
+    double momentum     # kernel_api.MOMENTUM_COEF
+    double beta1        # kernel_api.ADAM_BETA1
+    double beta2        # kernel_api.ADAM_BETA2
+    double eps          # kernel_api.ADAM_EPS
+
+
+cdef inline uint64_t golden64() noexcept nogil:
+    return 0x9E3779B97F4A7C15ULL
+
+
+cdef inline uint64_t mix64(uint64_t z) noexcept nogil:
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef inline uint64_t dropout_row_key(uint64_t seed, uint64_t stream, uint64_t step,
+                                     uint64_t row) noexcept nogil:
+    """Per (seed, stream, step, row) key; hoisted out of the loop over units."""
+    return mix64(mix64(mix64(seed + stream * golden64()) + step) + row)
+
+
+cdef inline bint dropout_kept(uint64_t key, uint64_t unit, uint64_t threshold) noexcept nogil:
+    """True when ``unit`` survives; ``threshold`` is kernel_api.dropout_threshold(keep)."""
+    return (mix64(key + (unit + 1) * golden64()) >> 11) < threshold
+
+
+cdef inline floating fsqrt(floating x) noexcept nogil:
+    # sqrt() on a float would promote to double: keep float32 kernels in float32.
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline void opt_elem(const OptCfg* c, floating* p, floating* s0, floating* s1,
+                          floating g) noexcept nogil:
+    """One parameter ``p`` with gradient ``g``; ``s0``/``s1`` its two state slots."""
+    cdef floating lr = <floating>c.lr
+    if c.code == OPT_ADAGRAD:
+        s0[0] = s0[0] + g * g
+        p[0] = p[0] - lr * g / fsqrt(s0[0])
+    elif c.code == OPT_SGD:
+        p[0] = p[0] - lr * g
+    elif c.code == OPT_MOMENTUM:
+        s0[0] = <floating>c.momentum * s0[0] + g
+        p[0] = p[0] - lr * s0[0]
+    elif c.code == OPT_ADAM:
+        s0[0] = <floating>c.beta1 * s0[0] + <floating>(1.0 - c.beta1) * g
+        s1[0] = <floating>c.beta2 * s1[0] + <floating>(1.0 - c.beta2) * g * g
+        p[0] = p[0] - lr * s0[0] / (fsqrt(s1[0]) + <floating>c.eps)
+
+
+cdef inline void opt_vec(const OptCfg* c, floating* p, floating* s0, floating* s1,
+                         const floating* g, Py_ssize_t n) noexcept nogil:
+    """``opt_elem`` over n contiguous parameters; the optimiser switch sits outside the
+    loops and the constants are cast once so that each loop vectorises."""
+    cdef Py_ssize_t i
+    cdef floating lr = <floating>c.lr
+    cdef floating mom = <floating>c.momentum
+    cdef floating b1 = <floating>c.beta1
+    cdef floating b2 = <floating>c.beta2
+    cdef floating c1 = <floating>(1.0 - c.beta1)
+    cdef floating c2 = <floating>(1.0 - c.beta2)
+    cdef floating eps = <floating>c.eps
+    if c.code == OPT_ADAGRAD:
+        for i in range(n):
+            s0[i] = s0[i] + g[i] * g[i]
+            p[i] = p[i] - lr * g[i] / fsqrt(s0[i])
+    elif c.code == OPT_SGD:
+        for i in range(n):
+            p[i] = p[i] - lr * g[i]
+    elif c.code == OPT_MOMENTUM:
+        for i in range(n):
+            s0[i] = mom * s0[i] + g[i]
+            p[i] = p[i] - lr * s0[i]
+    elif c.code == OPT_ADAM:
+        for i in range(n):
+            s0[i] = b1 * s0[i] + c1 * g[i]
+            s1[i] = b2 * s1[i] + c2 * g[i] * g[i]
+            p[i] = p[i] - lr * s0[i] / (fsqrt(s1[i]) + eps)

@@ -1,0 +1,692 @@
+# cython: language_level=3
+"""Cython FM kernels: the ``afmfast.kernel_api`` contract for float32 and float64.
+
+Functions (shapes with M features, k factors, B = len(rows)):
+    fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype) -> FMWorkspace
+        Scratch for one fit: every buffer a step needs, allocated once.
+    fm_step(X, y, rows, params, state, cfg, ws) -> float
+        X = (indptr int64 (n_rows+1,), indices int32 (nnz,), values DTYPE (nnz,)),
+        y DTYPE (n_rows,), rows int64 (B,), params FMParams, state FMOptState, cfg
+        StepConfig, ws from fm_workspace with the same dtype, k and M.
+        Mutates params.V / params.w (touched rows only), params.dense, params.bn_stats
+        (when cfg.batch_norm), the matching entries of state, and ws. Returns the batch
+        loss before the update. Raises ValueError for an out-of-range row or feature id,
+        or a batch larger than the workspace.
+    fm_predict(X, params, batch_norm, n_threads, out)
+        Writes out (n_rows,) DTYPE; feature ids outside [0, M) are skipped. Mutates only out.
+DTYPE is the dtype of params.V (float32 or float64); every other float array must match.
+
+How a step runs (every sum over the rows of the batch has one fixed order, so the result
+is bit-identical for any n_threads):
+    1. serial: batch-local nonzero offsets; a stable counting sort groups the batch's
+       nonzeros by feature id (``slot`` maps a feature to its group, -1 when untouched,
+       and is reset after use), giving the touched features and, for each, its
+       occurrences in row order.
+    2. prange over rows: s = sum v x, f = 1/2 (s^2 - sum (v x)^2), linear term.
+    3. serial in row order: batch-norm mean and biased variance (double).
+    4. prange over rows: normalisation, dropout mask, prediction, residual r, row loss.
+    5. serial in row order: loss, dense gradients (w0, gamma, beta), batch-norm sums.
+    6. prange over rows: df (dloss/df) per row.
+    7. prange over touched features: gradient of V row and w entry summed over the
+       feature's occurrences in row order, + l2 v, then the optimiser. Features are
+       independent, so this loop may be load-balanced dynamically without changing bits.
+    8. serial: optimiser on dense, running batch-norm statistics.
+"""
+import math
+
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from openmp cimport omp_get_thread_num
+from libc.math cimport sqrt
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport free
+from libc.string cimport memset
+
+from _common cimport (
+    OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, dropout_kept, dropout_row_key,
+    opt_elem, opt_vec,
+)
+
+from afmfast import kernel_api as _api
+
+cdef double BN_EPS = _api.BN_EPS
+cdef double BN_DECAY = _api.BN_DECAY
+
+# Error codes of the nogil step, turned into ValueError by the Python layer.
+cdef enum:
+    ERR_ROW = 1
+    ERR_FEATURE = 2
+    ERR_NNZ = 3
+
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+
+cdef void* _alloc(size_t nbytes) except NULL:
+    """64-byte aligned (one AVX-512 vector / cache line), zeroed."""
+    cdef void* p = NULL
+    if nbytes == 0:
+        nbytes = 64
+    if posix_memalign(&p, 64, nbytes) != 0:
+        raise MemoryError(f"afmfast: could not allocate {nbytes} bytes of FM workspace")
+    memset(p, 0, nbytes)
+    return p
+
+
+cdef class FMWorkspace:
+    """Scratch of fm_step for one fit (see the module docstring); opaque to callers."""
+    cdef readonly Py_ssize_t batch_size, max_batch_nnz, n_features, n_factors, u_cap
+    cdef readonly object dtype
+    # integer buffers
+    cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
+    cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (kept so between steps)
+    cdef int32_t* occ_u      # (nnz,) group of each nonzero, batch order
+    cdef int32_t* uniq       # (u_cap,) feature id of each group
+    cdef int64_t* ustart     # (u_cap + 1,) group g's occurrences are ustart[g]:ustart[g+1]
+    cdef int64_t* cursor     # (u_cap,) counting-sort counters
+    cdef int32_t* grp_row    # (nnz,) batch row of each occurrence, grouped by feature
+    # double buffers
+    cdef double* r           # (B,) residual y_hat - y
+    cdef double* row_loss    # (B,)
+    cdef double* grp_sq      # (u_cap,) ||V_row||^2 of each touched row, before the update
+    cdef double* mu          # (k,) batch mean of f
+    cdef double* var         # (k,) batch biased variance of f
+    cdef double* inv         # (k,) 1 / sqrt(var + BN_EPS)
+    cdef double* sum_dz      # (k,) sum_b dz (= gradient of beta)
+    cdef double* sum_dzfh    # (k,) sum_b dz fh (= gradient of gamma)
+    # DTYPE buffers (element size self.itemsize)
+    cdef void* grp_x         # (nnz,) value of each occurrence, grouped by feature
+    cdef void* S             # (B, k) s = sum v x
+    cdef void* F             # (B, k) f, then f-hat, then df
+    cdef void* SC            # (B, k) dropout scale: 0 or 1/keep
+    cdef void* G             # (u_cap, k) gradient of each touched V row
+    cdef void* lin           # (B,) linear term
+    cdef void* kbuf          # (6, k) mu, inv, inv/B, gamma*sum_dz, gamma*sum_dzfh in DTYPE
+    cdef void* gdense        # (1 + 2k,) gradient of dense
+    cdef Py_ssize_t itemsize
+
+    def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
+                  Py_ssize_t n_features, Py_ssize_t n_factors, dtype):
+        cdef Py_ssize_t i, B, N, M, k, U, isz
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"dtype must be float32 or float64, got {dt}")
+        for name, v in (("batch_size", batch_size), ("max_batch_nnz", max_batch_nnz),
+                        ("n_features", n_features), ("n_factors", n_factors)):
+            if v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        if n_features > 2147483647 or max_batch_nnz > 2147483647:
+            raise ValueError("n_features and max_batch_nnz must fit in int32")
+        B, N, M, k = batch_size, max_batch_nnz, n_features, n_factors
+        U = min(M, N)
+        self.batch_size, self.max_batch_nnz, self.n_features, self.n_factors = B, N, M, k
+        self.u_cap = U
+        self.dtype = dt
+        isz = dt.itemsize
+        self.itemsize = isz
+        self.off = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.slot = <int32_t*>_alloc(M * sizeof(int32_t))
+        for i in range(M):
+            self.slot[i] = -1
+        self.occ_u = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.uniq = <int32_t*>_alloc(U * sizeof(int32_t))
+        self.ustart = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
+        self.cursor = <int64_t*>_alloc(U * sizeof(int64_t))
+        self.grp_row = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.r = <double*>_alloc(B * sizeof(double))
+        self.row_loss = <double*>_alloc(B * sizeof(double))
+        self.grp_sq = <double*>_alloc(U * sizeof(double))
+        self.mu = <double*>_alloc(k * sizeof(double))
+        self.var = <double*>_alloc(k * sizeof(double))
+        self.inv = <double*>_alloc(k * sizeof(double))
+        self.sum_dz = <double*>_alloc(k * sizeof(double))
+        self.sum_dzfh = <double*>_alloc(k * sizeof(double))
+        self.grp_x = _alloc(N * isz)
+        self.S = _alloc(B * k * isz)
+        self.F = _alloc(B * k * isz)
+        self.SC = _alloc(B * k * isz)
+        self.G = _alloc(U * k * isz)
+        self.lin = _alloc(B * isz)
+        self.kbuf = _alloc(6 * k * isz)
+        self.gdense = _alloc((1 + 2 * k) * isz)
+
+    def __dealloc__(self):
+        # free(NULL) is a no-op, so a half-built workspace is fine too.
+        free(self.off); free(self.slot); free(self.occ_u); free(self.uniq)
+        free(self.ustart); free(self.cursor); free(self.grp_row)
+        free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
+        free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh)
+        free(self.grp_x); free(self.S); free(self.F); free(self.SC); free(self.G)
+        free(self.lin); free(self.kbuf); free(self.gdense)
+
+    def __repr__(self):
+        return (f"FMWorkspace(batch_size={self.batch_size}, max_batch_nnz="
+                f"{self.max_batch_nnz}, n_features={self.n_features}, "
+                f"n_factors={self.n_factors}, dtype={self.dtype})")
+
+
+def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
+    """Scratch for the fm_step calls of one fit.
+
+    batch_size and max_batch_nnz bound len(rows) and the batch's nonzero count;
+    n_features (M), n_factors (k) and dtype must match the parameters.
+
+    Example: ws = fm_workspace(4096, 4096 * 10, 5382, 16, np.float32)
+    """
+    return FMWorkspace(batch_size, max_batch_nnz, n_features, n_factors, dtype)
+
+
+# Scalars and raw pointers of one step; the DTYPE arrays travel as memoryviews.
+ctypedef struct StepArgs:
+    Py_ssize_t B, k, M, n_rows, nnz_cap
+    int n_threads, batch_norm, use_dropout
+    double l2, inv_keep
+    uint64_t seed, step, threshold
+    const int64_t* indptr
+    const int32_t* indices
+    const int64_t* rows
+    OptCfg opt
+    # error details
+    Py_ssize_t err_pos
+    int64_t err_value
+
+
+cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const floating* values,
+                              const floating* V, const floating* w, floating* S,
+                              floating* F, floating* lin) noexcept nogil:
+    cdef Py_ssize_t k = a.k, f, p
+    cdef int64_t row = a.rows[b]
+    cdef floating* s = S + b * k
+    cdef floating* sq = F + b * k  # holds sum (v x)^2 until f replaces it
+    cdef const floating* v
+    cdef floating x, t, acc = 0
+    for f in range(k):
+        s[f] = 0
+        sq[f] = 0
+    for p in range(a.indptr[row], a.indptr[row + 1]):
+        x = values[p]
+        v = V + <Py_ssize_t>a.indices[p] * k
+        acc = acc + w[a.indices[p]] * x
+        for f in range(k):
+            t = v[f] * x
+            s[f] = s[f] + t
+            sq[f] = sq[f] + t * t
+    for f in range(k):
+        sq[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
+    lin[b] = acc
+
+
+cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* y,
+                             const floating* dense, floating* F, floating* SC,
+                             const floating* lin, const floating* mu_t,
+                             const floating* inv_t, double* r, double* row_loss) noexcept nogil:
+    cdef Py_ssize_t k = a.k, f
+    cdef floating* fr = F + b * k
+    cdef floating* sc = SC + b * k
+    cdef const floating* gamma = dense + 1
+    cdef const floating* beta = dense + 1 + k
+    cdef floating z, zsum = 0
+    cdef floating inv_keep = <floating>a.inv_keep
+    cdef uint64_t key
+    cdef double yhat, res
+    if a.use_dropout:
+        key = dropout_row_key(a.seed, 0, a.step, <uint64_t>a.rows[b])
+        for f in range(k):
+            sc[f] = inv_keep if dropout_kept(key, <uint64_t>f, a.threshold) else 0
+    if a.batch_norm:
+        for f in range(k):
+            fr[f] = (fr[f] - mu_t[f]) * inv_t[f]
+    for f in range(k):
+        if a.batch_norm:
+            z = gamma[f] * fr[f] + beta[f]
+        else:
+            z = fr[f]
+        if a.use_dropout:
+            z = z * sc[f]
+        zsum = zsum + z
+    yhat = <double>dense[0] + <double>lin[b] + <double>zsum
+    res = yhat - <double>y[a.rows[b]]
+    r[b] = res
+    row_loss[b] = 0.5 * res * res
+
+
+cdef inline void _df_row(const StepArgs* a, Py_ssize_t b, const double* r,
+                         const floating* dense, floating* F, const floating* SC,
+                         const floating* kb) noexcept nogil:
+    """F[b] (f-hat under batch norm) becomes df = dloss/df of row b."""
+    cdef Py_ssize_t k = a.k, f
+    cdef floating* fr = F + b * k
+    cdef const floating* sc = SC + b * k
+    cdef const floating* gamma = dense + 1
+    cdef const floating* inv_b = kb + 2 * k   # inv / B
+    cdef const floating* s1 = kb + 3 * k      # sum_b dfh = gamma * sum_b dz
+    cdef const floating* s2 = kb + 4 * k      # sum_b dfh fh = gamma * sum_b dz fh
+    cdef floating rb = <floating>r[b]
+    cdef floating nb = <floating>a.B
+    cdef floating dz
+    for f in range(k):
+        dz = rb * sc[f] if a.use_dropout else rb
+        if a.batch_norm:
+            fr[f] = inv_b[f] * (nb * (dz * gamma[f]) - s1[f] - fr[f] * s2[f])
+        else:
+            fr[f] = dz
+    
+
+cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t* uniq,
+                                 const int64_t* ustart, const int32_t* grp_row,
+                                 const floating* grp_x, const floating* S,
+                                 const floating* DF, const double* r, floating* G,
+                                 double* grp_sq, floating* V, floating* w,
+                                 floating* sV0, floating* sV1, floating* sw0,
+                                 floating* sw1) noexcept nogil:
+    cdef Py_ssize_t k = a.k, f, p, j = uniq[u]
+    cdef floating* v = V + j * k
+    cdef floating* g = G + u * k
+    cdef const floating* s
+    cdef const floating* d
+    cdef floating x, gw = 0
+    cdef floating l2 = <floating>a.l2
+    cdef double sq = 0
+    cdef Py_ssize_t b
+    for f in range(k):
+        g[f] = 0
+    for p in range(ustart[u], ustart[u + 1]):
+        b = grp_row[p]
+        x = grp_x[p]
+        s = S + b * k
+        d = DF + b * k
+        for f in range(k):
+            g[f] = g[f] + d[f] * x * (s[f] - v[f] * x)
+        gw = gw + <floating>r[b] * x
+    for f in range(k):
+        sq = sq + <double>v[f] * <double>v[f]
+        g[f] = g[f] + l2 * v[f]
+    grp_sq[u] = sq
+    opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, g, k)
+    opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
+
+
+cdef int _group(StepArgs* a, FMWorkspace ws, const floating* values,
+                floating* grp_x, Py_ssize_t* n_groups) noexcept nogil:
+    """Offsets and the stable counting sort of the batch's nonzeros by feature."""
+    cdef Py_ssize_t B = a.B, b, t, n, q, U = 0, u
+    cdef int64_t row, start, pos
+    cdef int32_t j
+    cdef int64_t* off = ws.off
+    cdef int32_t* slot = ws.slot
+    off[0] = 0
+    for b in range(B):
+        row = a.rows[b]
+        if row < 0 or row >= a.n_rows:
+            a.err_pos = b
+            a.err_value = row
+            return ERR_ROW
+        off[b + 1] = off[b] + (a.indptr[row + 1] - a.indptr[row])
+    if off[B] > a.nnz_cap:
+        a.err_value = off[B]
+        return ERR_NNZ
+    for b in range(B):
+        start = a.indptr[a.rows[b]]
+        n = off[b + 1] - off[b]
+        for t in range(n):
+            j = a.indices[start + t]
+            if j < 0 or j >= a.M:
+                for u in range(U):
+                    slot[ws.uniq[u]] = -1
+                a.err_pos = start + t
+                a.err_value = j
+                return ERR_FEATURE
+            u = slot[j]
+            if u < 0:
+                u = U
+                slot[j] = <int32_t>U
+                ws.uniq[U] = j
+                ws.cursor[U] = 0
+                U += 1
+            ws.cursor[u] += 1
+            ws.occ_u[off[b] + t] = <int32_t>u
+    ws.ustart[0] = 0
+    for u in range(U):
+        ws.ustart[u + 1] = ws.ustart[u] + ws.cursor[u]
+        ws.cursor[u] = ws.ustart[u]
+        slot[ws.uniq[u]] = -1
+    for b in range(B):
+        start = a.indptr[a.rows[b]]
+        n = off[b + 1] - off[b]
+        for t in range(n):
+            q = off[b] + t
+            u = ws.occ_u[q]
+            pos = ws.cursor[u]
+            ws.cursor[u] = pos + 1
+            ws.grp_row[pos] = <int32_t>b
+            grp_x[pos] = values[start + t]
+    n_groups[0] = U
+    return 0
+
+
+cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
+                     const floating* y, floating* V, floating* w, floating* dense,
+                     floating* bn, floating* sV, floating* sw, floating* sd,
+                     double* loss_out) noexcept nogil:
+    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0
+    cdef int nt = a.n_threads, err
+    cdef floating* S = <floating*>ws.S
+    cdef floating* F = <floating*>ws.F
+    cdef floating* SC = <floating*>ws.SC
+    cdef floating* G = <floating*>ws.G
+    cdef floating* lin = <floating*>ws.lin
+    cdef floating* grp_x = <floating*>ws.grp_x
+    cdef floating* kb = <floating*>ws.kbuf
+    cdef floating* gd = <floating*>ws.gdense
+    cdef double* r = ws.r
+    cdef double* mu = ws.mu
+    cdef double* var = ws.var
+    cdef double* inv = ws.inv
+    cdef double* sdz = ws.sum_dz
+    cdef double* sdzfh = ws.sum_dzfh
+    cdef double loss = 0, gw0 = 0, d, rb
+    cdef floating* fr
+
+    err = _group(a, ws, values, grp_x, &U)
+    if err:
+        return err
+
+    for b in prange(B, schedule="static", num_threads=nt):
+        _forward_row(a, b, values, V, w, S, F, lin)
+
+    if a.batch_norm:
+        for f in range(k):
+            mu[f] = 0
+            var[f] = 0
+        for b in range(B):
+            fr = F + b * k
+            for f in range(k):
+                mu[f] += fr[f]
+        for f in range(k):
+            mu[f] = mu[f] / B
+        for b in range(B):
+            fr = F + b * k
+            for f in range(k):
+                d = fr[f] - mu[f]
+                var[f] += d * d
+        for f in range(k):
+            var[f] = var[f] / B
+            inv[f] = 1.0 / sqrt(var[f] + BN_EPS)
+            kb[f] = <floating>mu[f]
+            kb[k + f] = <floating>inv[f]
+            kb[2 * k + f] = <floating>(inv[f] / B)
+
+    for b in prange(B, schedule="static", num_threads=nt):
+        _output_row(a, b, y, dense, F, SC, lin, kb, kb + k, r, ws.row_loss)
+
+    for b in range(B):
+        loss += ws.row_loss[b]
+        gw0 += r[b]
+    if a.batch_norm:
+        for f in range(k):
+            sdz[f] = 0
+            sdzfh[f] = 0
+        for b in range(B):
+            fr = F + b * k
+            rb = r[b]
+            if a.use_dropout:
+                for f in range(k):
+                    d = rb * <double>SC[b * k + f]
+                    sdz[f] += d
+                    sdzfh[f] += d * <double>fr[f]
+            else:
+                for f in range(k):
+                    sdz[f] += rb
+                    sdzfh[f] += rb * <double>fr[f]
+        for f in range(k):
+            kb[3 * k + f] = <floating>(<double>dense[1 + f] * sdz[f])
+            kb[4 * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
+
+    for b in prange(B, schedule="static", num_threads=nt):
+        _df_row(a, b, r, dense, F, SC, kb)
+
+    # Popular features have many occurrences: dynamic scheduling balances the threads,
+    # and each feature's arithmetic is the same whichever thread runs it.
+    for u in prange(U, schedule="dynamic", chunksize=8, num_threads=nt):
+        _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r, G,
+                        ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
+
+    d = 0
+    for u in range(U):
+        d += ws.grp_sq[u]
+    loss += 0.5 * a.l2 * d
+
+    gd[0] = <floating>gw0
+    for f in range(k):
+        if a.batch_norm:
+            gd[1 + f] = <floating>sdzfh[f]
+            gd[1 + k + f] = <floating>sdz[f]
+        else:
+            gd[1 + f] = 0
+            gd[1 + k + f] = 0
+    opt_vec(&a.opt, dense, sd, sd + 1 + 2 * k, gd, 1 + 2 * k)
+
+    if a.batch_norm:
+        for f in range(k):
+            bn[f] = <floating>(BN_DECAY * <double>bn[f] + (1.0 - BN_DECAY) * mu[f])
+            bn[k + f] = <floating>(BN_DECAY * <double>bn[k + f] + (1.0 - BN_DECAY) * var[f])
+    loss_out[0] = loss
+    return 0
+
+
+cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state, cfg,
+                           FMWorkspace ws) except? -1.0:
+    cdef const int64_t[::1] indptr = X[0]
+    cdef const int32_t[::1] indices = X[1]
+    cdef const floating[::1] values = X[2]
+    cdef const floating[::1] y = y_arr
+    cdef const int64_t[::1] rows = rows_arr
+    cdef floating[::1] w = params.w
+    cdef floating[::1] dense = params.dense
+    cdef floating[:, ::1] bn = params.bn_stats
+    cdef floating[:, :, ::1] sV = state.V
+    cdef floating[:, ::1] sw = state.w
+    cdef floating[:, ::1] sd = state.dense
+    cdef StepArgs a
+    cdef Py_ssize_t M = V.shape[0], k = V.shape[1]
+    cdef double loss = 0
+    cdef int err
+    cdef double keep = cfg.keep
+    cdef int n_threads = cfg.n_threads
+
+    if ws.itemsize != sizeof(floating) or ws.n_factors != k or ws.n_features != M:
+        raise ValueError(
+            f"workspace {ws!r} does not fit parameters V {V.shape[0], V.shape[1]} "
+            f"{params.V.dtype}: build it with fm_workspace(..., n_features={M}, "
+            f"n_factors={k}, dtype={params.V.dtype})")
+    if rows.shape[0] < 1 or rows.shape[0] > ws.batch_size:
+        raise ValueError(f"len(rows) must be in [1, {ws.batch_size}] (the workspace's "
+                         f"batch_size), got {rows.shape[0]}")
+    if (w.shape[0] != M or dense.shape[0] != 1 + 2 * k or bn.shape[0] != 2
+            or bn.shape[1] != k or sV.shape[0] != 2 or sV.shape[1] != M
+            or sV.shape[2] != k or sw.shape[0] != 2 or sw.shape[1] != M
+            or sd.shape[0] != 2 or sd.shape[1] != 1 + 2 * k):
+        raise ValueError("params/state shapes are inconsistent with V of shape "
+                         f"{(M, k)}: see afmfast.kernel_api")
+    if indptr.shape[0] < 1 or y.shape[0] != indptr.shape[0] - 1:
+        raise ValueError(f"y has {y.shape[0]} rows but X has {indptr.shape[0] - 1}")
+    if indices.shape[0] != values.shape[0] or indptr[indptr.shape[0] - 1] > indices.shape[0]:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
+    if n_threads < 1:
+        raise ValueError(f"cfg.n_threads must be a positive integer, got {n_threads}")
+    if not (0.0 < keep <= 1.0):
+        raise ValueError(f"cfg.keep must be in (0, 1], got {keep}")
+
+    a.B = rows.shape[0]
+    a.k = k
+    a.M = M
+    a.n_rows = indptr.shape[0] - 1
+    a.nnz_cap = ws.max_batch_nnz
+    a.n_threads = n_threads
+    a.batch_norm = 1 if cfg.batch_norm else 0
+    a.use_dropout = 1 if keep < 1.0 else 0
+    a.l2 = cfg.l2
+    a.inv_keep = 1.0 / keep
+    a.seed = <uint64_t>(int(cfg.seed) & 0xFFFFFFFFFFFFFFFF)
+    a.step = <uint64_t>(int(cfg.step) & 0xFFFFFFFFFFFFFFFF)
+    a.threshold = <uint64_t>_api.dropout_threshold(keep)
+    a.indptr = &indptr[0]
+    a.indices = &indices[0] if indices.shape[0] > 0 else NULL
+    a.rows = &rows[0]
+    a.opt.code = cfg.optimizer
+    a.opt.lr = cfg.lr
+    if a.opt.code == OPT_ADAM:
+        t = cfg.step + 1
+        a.opt.lr = cfg.lr * math.sqrt(1.0 - _api.ADAM_BETA2**t) / (1.0 - _api.ADAM_BETA1**t)
+    elif a.opt.code not in (OPT_ADAGRAD, OPT_SGD, OPT_MOMENTUM):
+        raise ValueError(f"cfg.optimizer must be one of {sorted(_api.OPTIMIZER_CODES.values())}"
+                         f" (kernel_api codes), got {cfg.optimizer}")
+    a.opt.momentum = _api.MOMENTUM_COEF
+    a.opt.beta1 = _api.ADAM_BETA1
+    a.opt.beta2 = _api.ADAM_BETA2
+    a.opt.eps = _api.ADAM_EPS
+
+    with nogil:
+        err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
+                          &V[0, 0], &w[0], &dense[0], &bn[0, 0], &sV[0, 0, 0], &sw[0, 0],
+                          &sd[0, 0], &loss)
+    if err == ERR_ROW:
+        raise ValueError(f"rows[{a.err_pos}] = {a.err_value} is not a row of X "
+                         f"(it has {a.n_rows} rows)")
+    if err == ERR_FEATURE:
+        raise ValueError(f"X.indices[{a.err_pos}] = {a.err_value} is not a feature id in "
+                         f"[0, {M}) (n_features); raise n_features or fix the data")
+    if err == ERR_NNZ:
+        raise ValueError(f"the batch has {a.err_value} nonzeros, more than the workspace's "
+                         f"max_batch_nnz = {ws.max_batch_nnz}")
+    return loss
+
+
+def fm_step(X, y, rows, params, state, cfg, FMWorkspace ws):
+    """One training step on the batch ``rows`` of (X, y); see the module docstring.
+
+    Returns the batch loss 1/2 sum (y - y_hat)^2 + l2/2 sum_touched ||V_row||^2 at the
+    parameters before the update; mutates params, state and ws.
+
+    Example: loss = fm_step(X, y, perm[:4096], params, state, cfg, ws)
+    """
+    dt = params.V.dtype
+    if dt == np.float32:
+        return _fm_step_typed[float](params.V, X, y, rows, params, state, cfg, ws)
+    if dt == np.float64:
+        return _fm_step_typed[double](params.V, X, y, rows, params, state, cfg, ws)
+    raise ValueError(f"params.V must be float32 or float64, got {dt}")
+
+
+cdef inline floating _predict_row(Py_ssize_t i, Py_ssize_t k, Py_ssize_t M,
+                                  const int64_t* indptr, const int32_t* indices,
+                                  const floating* values, const floating* V,
+                                  const floating* w, const floating* dense,
+                                  const floating* mu, const floating* inv, bint batch_norm,
+                                  floating* s, floating* sq) noexcept nogil:
+    cdef Py_ssize_t f, p
+    cdef int32_t j
+    cdef const floating* v
+    cdef const floating* gamma = dense + 1
+    cdef const floating* beta = dense + 1 + k
+    cdef floating x, t, acc = 0, zsum = 0, z
+    for f in range(k):
+        s[f] = 0
+        sq[f] = 0
+    for p in range(indptr[i], indptr[i + 1]):
+        j = indices[p]
+        if j < 0 or j >= M:
+            continue
+        x = values[p]
+        v = V + <Py_ssize_t>j * k
+        acc = acc + w[j] * x
+        for f in range(k):
+            t = v[f] * x
+            s[f] = s[f] + t
+            sq[f] = sq[f] + t * t
+    for f in range(k):
+        z = <floating>0.5 * (s[f] * s[f] - sq[f])
+        if batch_norm:
+            z = gamma[f] * ((z - mu[f]) * inv[f]) + beta[f]
+        zsum = zsum + z
+    return <floating>(<double>dense[0] + <double>acc + <double>zsum)
+
+
+cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int n_threads,
+                            out_arr) except *:
+    cdef const int64_t[::1] indptr = X[0]
+    cdef const int32_t[::1] indices = X[1]
+    cdef const floating[::1] values = X[2]
+    cdef const floating[::1] w = params.w
+    cdef const floating[::1] dense = params.dense
+    cdef floating[::1] out = out_arr
+    cdef Py_ssize_t M = V.shape[0], k = V.shape[1], n = indptr.shape[0] - 1, i
+    cdef floating[::1] mu, inv
+    stats = np.asarray(params.bn_stats, dtype=np.float64)
+    mu = np.ascontiguousarray(stats[0], dtype=params.V.dtype)
+    inv = (1.0 / np.sqrt(stats[1] + _api.BN_EPS)).astype(params.V.dtype)
+    if out.shape[0] != n:
+        raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
+    if w.shape[0] != M or dense.shape[0] != 1 + 2 * k or mu.shape[0] != k:
+        raise ValueError("params shapes are inconsistent: see afmfast.kernel_api")
+    if indices.shape[0] != values.shape[0] or indptr[n] > indices.shape[0]:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
+    if n == 0:
+        return
+    # per-thread scratch for a row's two k-vectors, indexed by OpenMP thread number
+    scratch_arr = np.empty((n_threads, 2 * k), dtype=params.V.dtype)
+    cdef floating[:, ::1] scratch = scratch_arr
+    cdef int tid
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=n_threads):
+            tid = omp_get_thread_num()
+            out[i] = _predict_row(i, k, M, &indptr[0], &indices[0], &values[0], &V[0, 0],
+                                  &w[0], &dense[0], &mu[0], &inv[0], batch_norm,
+                                  &scratch[tid, 0], &scratch[tid, k])
+
+
+def fm_predict(X, params, batch_norm, n_threads, out):
+    """Raw scores of every row of X into ``out`` (n_rows,) of params' dtype: no dropout,
+    batch norm (when ``batch_norm``) with the running statistics, ids >= M skipped.
+
+    Example: out = np.empty(n_rows, np.float32); fm_predict(X, params, 1, 2, out)
+    """
+    dt = params.V.dtype
+    if dt == np.float32:
+        _fm_predict_typed[float](params.V, X, params, bool(batch_norm), int(n_threads), out)
+    elif dt == np.float64:
+        _fm_predict_typed[double](params.V, X, params, bool(batch_norm), int(n_threads), out)
+    else:
+        raise ValueError(f"params.V must be float32 or float64, got {dt}")
+
+
+def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
+    """The kernels' dropout mask, bool (len(rows), n_units), to compare with
+    kernel_api.dropout_mask bit for bit."""
+    cdef const int64_t[::1] r = np.ascontiguousarray(rows, dtype=np.int64)
+    cdef Py_ssize_t n = r.shape[0], u, i, nu = n_units
+    cdef uint64_t thr = <uint64_t>_api.dropout_threshold(keep)
+    cdef uint64_t sd = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t st = <uint64_t>(int(stream) & 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t sp = <uint64_t>(int(step) & 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t key
+    out = np.ones((n, nu), dtype=np.uint8)
+    cdef unsigned char[:, ::1] o = out
+    if keep >= 1.0:
+        return out.astype(bool)
+    for i in range(n):
+        key = dropout_row_key(sd, st, sp, <uint64_t>r[i])
+        for u in range(nu):
+            o[i, u] = dropout_kept(key, <uint64_t>u, thr)
+    return out.astype(bool)
+
+
+def _constants():
+    """The constants this module hard-codes (to test them against kernel_api)."""
+    return dict(ADAGRAD=OPT_ADAGRAD, SGD=OPT_SGD, MOMENTUM=OPT_MOMENTUM, ADAM=OPT_ADAM,
+                BN_EPS=BN_EPS, BN_DECAY=BN_DECAY)

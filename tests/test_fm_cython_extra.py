@@ -1,0 +1,209 @@
+"""Tests of the Cython FM kernels that the shared backend-contract tests
+(tests/test_kernels_fm.py) do not cover: its hard-coded constants, its dropout hash bit
+for bit, thread-count determinism, workspace reuse and error paths, plus a quick
+agreement check with ``afmfast.reference``."""
+import copy
+
+import numpy as np
+import pytest
+
+from afmfast import kernel_api as api
+from afmfast import reference as ref
+
+cy = pytest.importorskip("afmfast._fm_cython")
+
+OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
+# step sizes that keep a few steps on the test data from diverging (losses are sums)
+STABLE_LR = {api.ADAGRAD: 0.05, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.05}
+
+
+def make_data(n_rows=300, n_features=60, dtype=np.float64, seed=0, max_len=7):
+    """Random CSR with ragged rows (some empty), repeated ids inside a row, real values."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len + 1, size=n_rows)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # skewed ids so that some features occur many times per batch
+    indices = (rng.pareto(1.2, size=indptr[-1]) * 5).astype(np.int64) % n_features
+    indices = indices.astype(np.int32)
+    values = rng.uniform(0.5, 1.5, size=indptr[-1]).astype(dtype)
+    y = rng.normal(size=n_rows).astype(dtype)
+    return (indptr, indices, values), y
+
+
+def make_params(n_features, k, dtype, optimizer, seed=1):
+    rng = np.random.default_rng(seed)
+    p = api.new_fm_params(n_features, k, rng, dtype=dtype)
+    # non-trivial parameters everywhere, so every gradient term matters
+    p.V[:] = rng.normal(0, 0.3, size=p.V.shape)
+    p.w[:] = rng.normal(0, 0.1, size=p.w.shape)
+    p.dense[:] = rng.normal(0.0, 0.1, size=p.dense.shape)
+    p.dense[1 : 1 + k] += 1.0  # gamma near 1, w0 and beta near 0
+    p.bn_stats[0] = rng.normal(0, 0.1, size=k)
+    p.bn_stats[1] = rng.uniform(0.5, 2.0, size=k)
+    return p, api.new_opt_state(p, optimizer)
+
+
+def clone(obj):
+    return copy.deepcopy(obj)
+
+
+def cfg_for(optimizer, step=0, keep=0.7, batch_norm=1, n_threads=1, lr=0.05, l2=0.01):
+    return api.StepConfig(lr=lr, l2=l2, keep=keep, optimizer=optimizer,
+                          batch_norm=batch_norm, seed=12345, step=step, n_threads=n_threads)
+
+
+def run_steps(params, state, X, y, n_steps, batch, cfg_kw, backend=True, ws=None):
+    """n_steps of fm_step (or the reference) over a fixed shuffled permutation."""
+    perm = np.random.default_rng(7).permutation(len(y)).astype(np.int64)
+    losses = []
+    if backend and ws is None:
+        ws = cy.fm_workspace(batch, batch * 8, params.V.shape[0], params.V.shape[1],
+                             params.V.dtype)
+    for t in range(n_steps):
+        rows = perm[(t * batch) % len(y):][:batch]
+        cfg = cfg_for(step=t, **cfg_kw)
+        if backend:
+            losses.append(cy.fm_step(X, y, rows, params, state, cfg, ws))
+        else:
+            losses.append(ref.fm_step(X, y, rows, params, state, cfg))
+    return losses
+
+
+def test_constants_match_kernel_api():
+    c = cy._constants()
+    for name in ("ADAGRAD", "SGD", "MOMENTUM", "ADAM", "BN_EPS", "BN_DECAY"):
+        assert c[name] == getattr(api, name), name
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.7, 0.999, 1.0])
+@pytest.mark.parametrize("seed,step", [(0, 0), (12345, 17), (-3, 2**40), (2**64 - 1, 5)])
+def test_dropout_mask_bit_for_bit(keep, seed, step):
+    rows = np.array([0, 1, 2, 99, 12345, 2**40, 2**62], dtype=np.int64)
+    for stream in (0, 1, 2):
+        want = api.dropout_mask(seed, stream, step, rows, 67, keep)
+        got = cy._dropout_mask_for_test(seed, stream, step, rows, 67, keep)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("batch_norm", [0, 1])
+@pytest.mark.parametrize("keep", [1.0, 0.6])
+def test_sgd_lr1_update_is_reference_gradient(batch_norm, keep):
+    X, y = make_data()
+    params, state = make_params(60, 8, np.float64, api.SGD)
+    rows = np.random.default_rng(3).permutation(len(y))[:97].astype(np.int64)
+    cfg = cfg_for(api.SGD, step=4, keep=keep, batch_norm=batch_norm, lr=1.0)
+    loss, touched, gV, gw, g_dense, _, _ = ref.fm_gradients(X, y, rows, params, cfg)
+    old = clone(params)
+    ws = cy.fm_workspace(128, 1024, 60, 8, np.float64)
+    got_loss = cy.fm_step(X, y, rows, params, state, cfg, ws)
+    assert got_loss == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(old.V[touched] - params.V[touched], gV, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(old.w[touched] - params.w[touched], gw, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(old.dense - params.dense, g_dense, rtol=1e-9, atol=1e-12)
+    untouched = np.setdiff1d(np.arange(60), touched)
+    np.testing.assert_array_equal(params.V[untouched], old.V[untouched])
+    np.testing.assert_array_equal(params.w[untouched], old.w[untouched])
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0), (1, 1.0), (0, 0.5)])
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 2e-4)])
+def test_steps_match_reference(optimizer, batch_norm, keep, dtype, rtol):
+    X, y = make_data(dtype=dtype)
+    p_ref, s_ref = make_params(60, 8, dtype, optimizer)
+    p_cy, s_cy = clone(p_ref), clone(s_ref)
+    kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm, lr=STABLE_LR[optimizer])
+    l_ref = run_steps(p_ref, s_ref, X, y, 4, 64, kw, backend=False)
+    l_cy = run_steps(p_cy, s_cy, X, y, 4, 64, kw)
+    assert np.abs(p_ref.V).max() < 10  # a diverging run would compare nothing useful
+    np.testing.assert_allclose(l_cy, l_ref, rtol=rtol)
+    atol = 1e-12 if dtype == np.float64 else 2e-5  # float32: ill-conditioned Adagrad steps
+    for a, b in zip(p_cy + s_cy, p_ref + s_ref):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch_norm", [0, 1])
+def test_predict_matches_reference_and_skips_unknown_ids(dtype, batch_norm):
+    (indptr, indices, values), _ = make_data(n_features=80, dtype=dtype, seed=5)
+    params, _ = make_params(60, 8, dtype, api.ADAGRAD)  # ids 60..79 are unknown
+    assert (indices >= 60).any()
+    X = (indptr, indices, values)
+    want = ref.fm_predict(X, params, batch_norm)
+    for n_threads in (1, 2, 3):
+        out = np.full(len(indptr) - 1, np.nan, dtype=dtype)
+        cy.fm_predict(X, params, batch_norm, n_threads, out)
+        rtol = 1e-12 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0)])
+def test_float32_bit_identical_for_1_2_3_threads(optimizer, batch_norm, keep):
+    X, y = make_data(n_rows=2000, n_features=300, dtype=np.float32, max_len=12)
+    base = make_params(300, 16, np.float32, optimizer)
+    results = []
+    for n_threads in (1, 2, 3):
+        params, state = clone(base)
+        kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm, n_threads=n_threads,
+                  lr=STABLE_LR[optimizer] / 10)  # batches 8x larger than STABLE_LR's
+        losses = run_steps(params, state, X, y, 5, 500, kw)
+        out = np.empty(len(y), np.float32)
+        cy.fm_predict(X, params, batch_norm, n_threads, out)
+        results.append((losses, params + state, out))
+    assert np.isfinite(results[0][0]).all() and np.isfinite(results[0][2]).all()
+    for losses, arrays, out in results[1:]:
+        assert losses == results[0][0]
+        for a, b in zip(arrays, results[0][1]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(out, results[0][2])
+
+
+def test_workspace_reused_across_batches_and_after_errors():
+    X, y = make_data()
+    params, state = make_params(60, 8, np.float64, api.ADAGRAD)
+    p2, s2 = clone(params), clone(state)
+    ws = cy.fm_workspace(64, 512, 60, 8, np.float64)
+    # A failing step (bad feature id mid-batch) must leave the workspace usable.
+    bad_indices = X[1].copy()
+    bad_row = next(r for r in range(170, 200) if X[0][r + 1] > X[0][r])
+    bad_indices[X[0][bad_row + 1] - 1] = 60
+    with pytest.raises(ValueError, match="feature id"):
+        cy.fm_step((X[0], bad_indices, X[2]), y, np.arange(140, 200, dtype=np.int64),
+                   params, state, cfg_for(api.ADAGRAD), ws)
+    for a, b in zip(params + state, p2 + s2):
+        np.testing.assert_array_equal(a, b)  # nothing was mutated
+    l_ws = run_steps(params, state, X, y, 6, 64, dict(optimizer=api.ADAGRAD), ws=ws)
+    l_new = [0.0] * 6
+    perm = np.random.default_rng(7).permutation(len(y)).astype(np.int64)
+    for t in range(6):  # a fresh workspace every step gives the same bits
+        ws_t = cy.fm_workspace(64, 512, 60, 8, np.float64)
+        rows = perm[(t * 64) % len(y):][:64]
+        l_new[t] = cy.fm_step(X, y, rows, p2, s2, cfg_for(api.ADAGRAD, step=t), ws_t)
+    assert l_ws == l_new
+    for a, b in zip(params + state, p2 + s2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_errors_name_the_problem():
+    X, y = make_data()
+    params, state = make_params(60, 8, np.float32, api.SGD)
+    X32 = (X[0], X[1], X[2].astype(np.float32))
+    y32 = y.astype(np.float32)
+    rows = np.arange(10, dtype=np.int64)
+    ws = cy.fm_workspace(8, 100, 60, 8, np.float32)
+    with pytest.raises(ValueError, match="batch_size"):
+        cy.fm_step(X32, y32, rows, params, state, cfg_for(api.SGD), ws)
+    ws = cy.fm_workspace(16, 2, 60, 8, np.float32)
+    with pytest.raises(ValueError, match="max_batch_nnz"):
+        cy.fm_step(X32, y32, rows, params, state, cfg_for(api.SGD), ws)
+    ws = cy.fm_workspace(16, 200, 60, 8, np.float64)
+    with pytest.raises(ValueError, match="workspace"):
+        cy.fm_step(X32, y32, rows, params, state, cfg_for(api.SGD), ws)
+    ws = cy.fm_workspace(16, 200, 60, 8, np.float32)
+    with pytest.raises(ValueError, match="rows"):
+        cy.fm_step(X32, y32, np.array([0, 300], dtype=np.int64), params, state,
+                   cfg_for(api.SGD), ws)
+    with pytest.raises(ValueError, match="optimizer"):
+        cy.fm_step(X32, y32, rows, params, state, cfg_for(7), ws)
