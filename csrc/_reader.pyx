@@ -378,3 +378,14 @@ def parse(bytes data, Py_ssize_t start=0, int64_t n_features_limit=2147483648):
     if code != E_OK:
         return (code, err_off, None, None, None, None, -1)
     return (0, 0, indptr[: n_rows + 1], indices[:nnz], values[:nnz], y[:n_rows], max_id)
+
+
+def parse_double(bytes token):
+    """The double the parser reads for one number token (None if the grammar rejects
+    it), before the float32 rounding; lets tests compare with Python's float()."""
+    cdef const char* p = token
+    cdef const char* s = p
+    cdef double v
+    if len(token) == 0 or parse_number(&p, &v) or p != s + len(token):
+        return None
+    return v
