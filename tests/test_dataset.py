@@ -1,0 +1,163 @@
+"""Tests of ``afmfast.dataset.Dataset``: dtype conversion, validation errors that name
+the argument, row selection (integer arrays, masks, slices) against a per-row
+reference, ``from_csr`` with scipy (skipped without scipy) and ``with_n_features``."""
+import re
+
+import numpy as np
+import pytest
+
+from afmfast.dataset import Dataset
+
+
+def small():
+    # rows: [0:1, 2:2], [], [1:3], [3:4, 0:5, 2:6]
+    return Dataset([0, 2, 2, 3, 6], [0, 2, 1, 3, 0, 2], [1, 2, 3, 4, 5, 6],
+                   [1.0, -1.0, 0.5, 2.0])
+
+
+def rows_of(ds):
+    return [(ds.indices[a:b].tolist(), ds.values[a:b].tolist(), float(ds.y[i]))
+            for i, (a, b) in enumerate(zip(ds.indptr[:-1], ds.indptr[1:]))]
+
+
+def test_construction_converts_dtypes():
+    ds = small()
+    assert ds.indptr.dtype == np.int64 and ds.indices.dtype == np.int32
+    assert ds.values.dtype == np.float32 and ds.y.dtype == np.float32
+    for a in (ds.indptr, ds.indices, ds.values, ds.y):
+        assert a.flags.c_contiguous
+    assert len(ds) == ds.n_rows == 4 and ds.nnz == 6
+    assert ds.n_features == 4 and ds.max_row_nnz == 3
+    assert ds.X == (ds.indptr, ds.indices, ds.values)
+    assert "n_rows=4" in repr(ds) and "n_features=4" in repr(ds)
+
+
+def test_no_copy_when_dtypes_already_right():
+    indptr = np.array([0, 1], np.int64)
+    indices = np.array([3], np.int32)
+    values = np.array([1], np.float32)
+    y = np.array([1], np.float32)
+    ds = Dataset(indptr, indices, values, y)
+    assert ds.indptr is indptr and ds.indices is indices
+    assert ds.values is values and ds.y is y
+
+
+def test_empty_dataset():
+    ds = Dataset([0], [], [], [])
+    assert len(ds) == 0 and ds.nnz == 0 and ds.n_features == 0 and ds.max_row_nnz == 0
+    assert Dataset([0], [], [], [], n_features=5).n_features == 5
+    ds = Dataset([0, 0, 0], [], [], [1, 2])
+    assert ds.n_features == 0 and ds.max_row_nnz == 0
+
+
+@pytest.mark.parametrize("args,kw,words", [
+    (([1, 2], [0], [1.0], [1.0]), {}, "indptr must start at 0"),
+    (([0, 2, 1], [0, 1], [1, 1], [1, 1]), {}, "indptr must be non-decreasing"),
+    (([0, 1], [0, 1], [1, 1], [1]), {}, "indptr must end at nnz"),
+    (([0, 2], [0, 1], [1], [1]), {}, "values must have"),
+    (([0, 2], [0, 1], [1, 1], [1, 2]), {}, "y must have"),
+    (([0, 1], [-1], [1], [1]), {}, "indices must be >= 0"),
+    (([0, 1], [5], [1], [1]), {"n_features": 5}, "n_features = 5 is too small"),
+    (([0, 1], [5], [1], [1]), {"n_features": -1}, "n_features must be >= 0"),
+    (([0, 1], [5], [1], [1]), {"n_features": 2.5}, "n_features must be an int"),
+    (([], [], [], []), {}, "indptr must have n_rows + 1"),
+    (([[0, 1]], [5], [1], [1]), {}, "indptr must be 1-D"),
+    (([0, 1], [0.5], [1], [1]), {}, "indices must hold integers"),
+    (([0.0, 1.0], [0], [1], [1]), {}, "indptr must hold integers"),
+    (([0, 1], [2**40], [1], [1]), {}, "indices has entries outside the int32 range"),
+    (([0, 1], [1], ["a"], [1]), {}, "values must be numeric"),
+])
+def test_validation_errors_name_argument(args, kw, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Dataset(*args, **kw)
+
+
+@pytest.mark.parametrize("idx", [
+    [2, 0, 0, 3], np.array([3, 1], np.int32), [-1, -4], [], np.array([], np.int64),
+    np.array([True, False, True, True]), slice(1, 3), slice(None), slice(None, None, -1),
+    slice(0, 4, 2), slice(3, 1), slice(-2, None),
+])
+def test_selection_matches_per_row_reference(idx):
+    ds = small()
+    sub = ds[idx]
+    want_rows = np.arange(4)[idx]
+    full = rows_of(ds)
+    assert rows_of(sub) == [full[r] for r in want_rows]
+    assert sub.n_features == ds.n_features
+    for a, dt in ((sub.indptr, np.int64), (sub.indices, np.int32),
+                  (sub.values, np.float32), (sub.y, np.float32)):
+        assert a.dtype == dt and a.flags.c_contiguous
+    assert sub.indptr[0] == 0 and sub.indptr[-1] == sub.nnz
+    assert sub.max_row_nnz == (max((len(full[r][0]) for r in want_rows), default=0))
+
+
+def test_selection_errors():
+    ds = small()
+    with pytest.raises(IndexError):
+        ds[[4]]
+    with pytest.raises(IndexError):
+        ds[[-5]]
+    with pytest.raises(IndexError):
+        ds[np.array([True, False])]
+    with pytest.raises(IndexError):
+        ds[np.array([0.5])]
+    with pytest.raises(TypeError):
+        ds[1]
+
+
+def test_selection_on_larger_random_data():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 7, size=500)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    ds = Dataset(indptr, rng.integers(0, 100, indptr[-1]), rng.normal(size=indptr[-1]),
+                 rng.normal(size=500), n_features=120)
+    perm = rng.permutation(500)
+    sub = ds[perm[:200]]
+    full = rows_of(ds)
+    assert rows_of(sub) == [full[r] for r in perm[:200]]
+    assert sub.n_features == 120
+
+
+def test_from_csr_with_scipy():
+    sp = pytest.importorskip("scipy.sparse")
+    X = sp.random(30, 17, density=0.2, format="csr", random_state=0)
+    y = np.arange(30, dtype=np.float64)
+    ds = Dataset.from_csr(X, y)
+    assert ds.n_features == 17 and len(ds) == 30 and ds.nnz == X.nnz
+    np.testing.assert_array_equal(ds.indptr, X.indptr)
+    np.testing.assert_array_equal(ds.indices, X.indices)
+    np.testing.assert_array_equal(ds.values, X.data.astype(np.float32))
+    np.testing.assert_array_equal(ds.y, y.astype(np.float32))
+    assert Dataset.from_csr(X, y, n_features=40).n_features == 40
+    with pytest.raises(ValueError, match="y is required"):
+        Dataset.from_csr(X)
+    with pytest.raises(ValueError, match="y must have"):
+        Dataset.from_csr(X, y[:-1])
+
+
+def test_from_csr_copies_only_when_needed():
+    sp = pytest.importorskip("scipy.sparse")
+    X = sp.csr_matrix(np.array([[0, 1.0, 0], [2.0, 0, 3.0]], dtype=np.float32))
+    X.indptr = X.indptr.astype(np.int64)
+    y = np.array([1, 0], np.float32)
+    ds = Dataset.from_csr(X, y)
+    assert np.shares_memory(ds.indptr, X.indptr)
+    assert np.shares_memory(ds.indices, X.indices)
+    assert np.shares_memory(ds.values, X.data)
+    assert np.shares_memory(ds.y, y)
+
+
+def test_from_csr_rejects_non_csr():
+    with pytest.raises(ValueError, match="no 'indptr'"):
+        Dataset.from_csr(np.zeros((2, 2)), [1, 2])
+
+
+def test_with_n_features_shares_arrays():
+    ds = small()
+    big = ds.with_n_features(100)
+    assert big.n_features == 100 and ds.n_features == 4
+    assert big.indices is ds.indices and big.values is ds.values
+    assert big.indptr is ds.indptr and big.y is ds.y
+    assert ds.with_n_features(4).n_features == 4
+    with pytest.raises(ValueError, match="n_features = 3 is too small"):
+        ds.with_n_features(3)
