@@ -1,0 +1,283 @@
+"""Contract tests of the FM kernels (``afmfast.kernel_api``), run against every backend
+that imports here (``backend`` fixture): finite-difference gradient checks, agreement
+with the float64 reference for every optimiser over several steps, bit-identical
+determinism across runs and thread counts, predict, and agreement between backends.
+The Numba helpers shared with the AFM kernel (dropout hash, optimiser update) are
+checked directly at the end."""
+import numpy as np
+import pytest
+from conftest import BACKENDS, batch_nnz, cast_tuple, copy_tuple, make_cfg, make_problem
+
+from afmfast import kernel_api as api
+from afmfast import reference as ref
+from afmfast.backends import get_backend
+
+OPTIMIZERS = {"adagrad": api.ADAGRAD, "sgd": api.SGD, "momentum": api.MOMENTUM,
+              "adam": api.ADAM}
+# Step sizes that keep several steps on the test problems far from divergence (the loss
+# is a sum over the batch, so plain SGD needs a small one).
+STABLE_LR = {api.ADAGRAD: 0.05, api.SGD: 2e-3, api.MOMENTUM: 1e-3, api.ADAM: 0.05}
+
+
+def _run_step(backend, X, y, rows, params, state, cfg):
+    ws = backend.fm_workspace(len(rows), max(1, batch_nnz(X, rows)), params.V.shape[0],
+                              params.V.shape[1], params.V.dtype)
+    return backend.fm_step(X, y, rows, params, state, cfg, ws)
+
+
+def _assert_tuple_close(actual, desired, rtol, atol_scale, what):
+    """Elementwise |a - d| <= rtol |d| + atol_scale * max|d| for every array."""
+    for name, a, d in zip(actual._fields, actual, desired):
+        d64 = np.asarray(d, dtype=np.float64)
+        atol = atol_scale * max(1e-30, float(np.abs(d64).max(initial=0.0)))
+        np.testing.assert_allclose(np.asarray(a, dtype=np.float64), d64, rtol=rtol,
+                                   atol=atol, err_msg=f"{what}.{name}")
+
+
+# --------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("batch_norm", [0, 1])
+@pytest.mark.parametrize("keep", [1.0, 0.7])
+def test_gradient_matches_finite_differences(backend, batch_norm, keep):
+    rng = np.random.default_rng(11)
+    M, k = 25, 4
+    X, y, params = make_problem(rng, 6, M, k, [0, 1, 2, 10, 40, 3])
+    # Duplicate rows in the batch, and the empty row among them.
+    rows = np.array([3, 1, 4, 0, 4, 2, 5, 1], dtype=np.int64)
+    cfg = make_cfg(lr=1.0, l2=0.3, keep=keep, optimizer=api.SGD, batch_norm=batch_norm,
+                   seed=123, step=5)
+    ref_loss = ref.fm_loss(X, y, rows, params, cfg)
+
+    new = copy_tuple(params)
+    state = api.new_opt_state(new, api.SGD)
+    loss = _run_step(backend, X, y, rows, new, state, cfg)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+
+    eps = 1e-6
+    for name in ("V", "w", "dense"):
+        p = getattr(params, name)
+        fd = np.zeros(p.shape)
+        for idx in np.ndindex(p.shape):
+            plus, minus = copy_tuple(params), copy_tuple(params)
+            getattr(plus, name)[idx] += eps
+            getattr(minus, name)[idx] -= eps
+            fd[idx] = (ref.fm_loss(X, y, rows, plus, cfg)
+                       - ref.fm_loss(X, y, rows, minus, cfg)) / (2 * eps)
+        grad = p - getattr(new, name)  # SGD with lr = 1: old - new is the gradient
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-7 * max(1.0, np.abs(fd).max()),
+                                   err_msg=name)
+        if name != "dense":
+            # Lazy update: rows the batch does not touch stay bit-identical.
+            touched = np.zeros(M, bool)
+            touched[ref._batch_rows(X, rows)[1]] = True
+            assert np.array_equal(getattr(new, name)[~touched], p[~touched])
+            assert touched.sum() < M
+    if batch_norm:
+        assert not np.array_equal(new.bn_stats, params.bn_stats)
+    else:
+        assert np.array_equal(new.bn_stats, params.bn_stats)
+
+
+# --------------------------------------------------------------- reference, all optimisers
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0)])
+def test_steps_match_reference(backend, dtype, opt, batch_norm, keep):
+    rng = np.random.default_rng(3)
+    M, k, B = 40, 5, 24
+    X, y, params = make_problem(rng, 120, M, k, [0, 1, 2, 5, 10, 3, 7], dtype=dtype)
+    code = OPTIMIZERS[opt]
+    state = api.new_opt_state(params, code)
+    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
+    ws = backend.fm_workspace(B, B * 10, M, k, dtype)
+    perm = rng.permutation(120)
+    for step in range(5):
+        rows = perm[step * B:(step + 1) * B].astype(np.int64)
+        if step == 4:
+            rows = rows[:7]  # a short last batch in a workspace sized for B
+        if dtype == np.float32:
+            # float32 storage makes the runs drift apart slowly, so the float32 check is
+            # per step: the float64 reference restarts from the backend's values.
+            p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
+        cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, batch_norm=batch_norm,
+                       keep=keep, step=step, seed=99)
+        loss = backend.fm_step(X, y, rows, params, state, cfg, ws)
+        loss_ref = ref.fm_step(X, y, rows, p_ref, s_ref, cfg)
+        rtol, atol = (1e-9, 1e-12) if dtype == np.float64 else (1e-5, 1e-6)
+        assert loss == pytest.approx(loss_ref, rel=rtol)
+        _assert_tuple_close(params, p_ref, rtol, atol, f"params step {step}")
+        _assert_tuple_close(state, s_ref, rtol, atol, f"state step {step}")
+    for t in (params, state):
+        assert all(a.dtype == dtype for a in t)
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_float32_step_matches_reference(backend, opt):
+    """One float32 step against the float64 reference started from the same values."""
+    rng = np.random.default_rng(5)
+    M, k = 40, 6
+    X, y, params = make_problem(rng, 60, M, k, [1, 2, 5, 10, 3], dtype=np.float32)
+    code = OPTIMIZERS[opt]
+    state = api.new_opt_state(params, code)
+    # Non-trivial optimiser state, as after a few steps.
+    state.V[:] = rng.uniform(0.1, 1.0, size=state.V.shape)
+    state.w[:] = rng.uniform(0.1, 1.0, size=state.w.shape)
+    state.dense[:] = rng.uniform(0.1, 1.0, size=state.dense.shape)
+    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
+    rows = rng.permutation(60)[:32].astype(np.int64)
+    cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=3)
+    loss = _run_step(backend, X, y, rows, params, state, cfg)
+    loss_ref = ref.fm_step(X, y, rows, p_ref, s_ref, cfg)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    _assert_tuple_close(params, p_ref, 1e-5, 1e-6, "params")
+    _assert_tuple_close(state, s_ref, 1e-5, 1e-6, "state")
+
+
+# ------------------------------------------------------------------------- determinism
+
+def _train(backend, n_threads, dtype=np.float32, steps=4):
+    rng = np.random.default_rng(21)
+    M, k, B = 300, 8, 256
+    # Feature 0 in every row: one feature with many occurrences per batch.
+    X, y, params = make_problem(rng, 1024, M, k, [1, 3, 10, 25, 6, 0, 12], dtype=dtype)
+    X[1][X[0][:-1][np.diff(X[0]) > 0]] = 0
+    state = api.new_opt_state(params, api.ADAM)
+    ws = backend.fm_workspace(B, B * 25, M, k, dtype)
+    perm = np.random.default_rng(1).permutation(1024)
+    losses = []
+    for step in range(steps):
+        rows = perm[step * B:(step + 1) * B].astype(np.int64)
+        cfg = make_cfg(optimizer=api.ADAM, lr=0.01, step=step, n_threads=n_threads)
+        losses.append(backend.fm_step(X, y, rows, params, state, cfg, ws))
+    return losses, params, state
+
+
+def _assert_bit_identical(run_a, run_b):
+    assert run_a[0] == run_b[0]
+    for ta, tb in zip(run_a[1:], run_b[1:]):
+        for name, a, b in zip(ta._fields, ta, tb):
+            assert np.array_equal(a, b), name
+
+
+def test_repeated_runs_bit_identical(backend):
+    _assert_bit_identical(_train(backend, 2), _train(backend, 2))
+
+
+def test_thread_count_does_not_change_results(backend):
+    _assert_bit_identical(_train(backend, 1), _train(backend, 2))
+
+
+# ----------------------------------------------------------------------------- predict
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch_norm", [0, 1])
+def test_predict_matches_reference(backend, dtype, batch_norm):
+    rng = np.random.default_rng(8)
+    M, k = 30, 4
+    X, _, params = make_problem(rng, 50, M, k, [0, 1, 2, 10, 4], dtype=dtype)
+    indptr, indices, values = X
+    # Ids >= M (features unseen in training) must contribute nothing.
+    unseen = rng.random(indices.shape) < 0.2
+    X_unseen = (indptr, np.where(unseen, M + 3, indices).astype(np.int32), values)
+    keep = ~unseen
+    counts = np.add.reduceat(np.r_[keep, False].astype(np.int64), indptr[:-1])
+    counts[np.diff(indptr) == 0] = 0
+    X_kept = (np.r_[0, np.cumsum(counts)].astype(np.int64), indices[keep], values[keep])
+    expected = ref.fm_predict(X_kept, params, batch_norm)
+    np.testing.assert_allclose(ref.fm_predict(X_unseen, params, batch_norm), expected,
+                               rtol=1e-12)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for n_threads in (1, 2):
+        out = np.full(50, np.nan, dtype=dtype)
+        backend.fm_predict(X_unseen, params, batch_norm, n_threads, out)
+        np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol)
+
+
+# ------------------------------------------------------------------- backends agree
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs both the Cython and Numba backends")
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_backends_agree(opt):
+    code = OPTIMIZERS[opt]
+    runs = []
+    for name in ("cython", "numba"):
+        backend = get_backend(name)
+        rng = np.random.default_rng(4)
+        M, k, B = 200, 8, 128
+        X, y, params = make_problem(rng, 512, M, k, [1, 2, 10, 5, 0, 20], dtype=np.float32)
+        state = api.new_opt_state(params, code)
+        ws = backend.fm_workspace(B, B * 20, M, k, np.float32)
+        losses = []
+        for step in range(3):
+            rows = np.arange(step * B, (step + 1) * B, dtype=np.int64)
+            cfg = make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)
+            losses.append(backend.fm_step(X, y, rows, params, state, cfg, ws))
+        out = np.empty(512, dtype=np.float32)
+        backend.fm_predict(X, params, 1, 2, out)
+        runs.append((losses, params, state, out))
+    (l_c, p_c, s_c, o_c), (l_n, p_n, s_n, o_n) = runs
+    np.testing.assert_allclose(l_n, l_c, rtol=1e-4)
+    _assert_tuple_close(p_n, p_c, 1e-4, 1e-5, "params")
+    _assert_tuple_close(s_n, s_c, 1e-4, 1e-5, "state")
+    np.testing.assert_allclose(o_n, o_c, rtol=1e-4, atol=1e-4 * np.abs(o_c).max())
+
+
+# ------------------------------------------------------- Numba helpers (AFM reuses them)
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend unavailable")
+def test_numba_dropout_hash_matches_kernel_api():
+    from afmfast._numba_common import fill_dropout_mask
+
+    rng = np.random.default_rng(0)
+    rows = np.r_[0, 1, rng.integers(0, 2**40, size=60)].astype(np.int64)
+    for seed in (0, 1, 12345, 2**63 + 5, 2**64 - 1):
+        for step in (0, 7, 2**33 + 1):
+            for keep in (0.05, 0.5, 0.7, 0.999):
+                for stream in (0, 1):
+                    out = np.zeros((rows.size, 13), dtype=np.bool_)
+                    fill_dropout_mask(np.uint64(seed), np.uint64(stream), np.uint64(step),
+                                      rows, np.uint64(api.dropout_threshold(keep)), out)
+                    expected = api.dropout_mask(seed, stream, step, rows, 13, keep)
+                    assert np.array_equal(out, expected), (seed, step, keep, stream)
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend unavailable")
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_numba_optimizer_helpers_match_reference(opt):
+    from afmfast._numba_common import effective_lr, opt_row, opt_scalar
+
+    code = OPTIMIZERS[opt]
+    rng = np.random.default_rng(2)
+    p, g = rng.normal(size=9), rng.normal(size=9)
+    st = np.abs(rng.normal(size=(2, 9))) + 0.1
+    cfg = make_cfg(lr=0.03, optimizer=code, step=4)
+    p_ref, st_ref = p.copy(), st.copy()
+    ref._apply(p_ref, g, st_ref, cfg)
+    p_row, st_row = p.copy(), st.copy()
+    opt_row(p_row, g, st_row[0], st_row[1], code, effective_lr(code, 0.03, 4))
+    np.testing.assert_allclose(p_row, p_ref, rtol=1e-14)
+    np.testing.assert_allclose(st_row, st_ref, rtol=1e-14)
+    for i in range(9):
+        pi, s0, s1 = opt_scalar(p[i], g[i], st[0, i], st[1, i], code, 0.03, 4)
+        assert pi == pytest.approx(p_ref[i], rel=1e-14)
+        assert (s0, s1) == pytest.approx((st_ref[0, i], st_ref[1, i]), rel=1e-14)
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend unavailable")
+def test_numba_workspace_errors_and_slot_reset():
+    nb = get_backend("numba")
+    rng = np.random.default_rng(6)
+    X, y, params = make_problem(rng, 20, 15, 3, [4, 6])
+    state = api.new_opt_state(params, api.ADAGRAD)
+    rows = np.arange(8, dtype=np.int64)
+    ws = nb.fm_workspace(8, batch_nnz(X, rows) - 1, 15, 3, np.float64)
+    before = copy_tuple(params)
+    with pytest.raises(ValueError, match="max_batch_nnz"):
+        nb.fm_step(X, y, rows, params, state, make_cfg(), ws)
+    _assert_tuple_close(params, before, 0.0, 0.0, "params")
+    ws = nb.fm_workspace(8, batch_nnz(X, rows), 15, 3, np.float64)
+    nb.fm_step(X, y, rows, params, state, make_cfg(), ws)
+    assert (ws.slot == -1).all()
+    with pytest.raises(ValueError, match="workspace"):
+        nb.fm_step(X, y, np.arange(9, dtype=np.int64), params, state, make_cfg(), ws)
