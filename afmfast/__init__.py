@@ -2,12 +2,14 @@
 multicore CPUs, with Cython and Numba kernels and no deep-learning framework.
 
 >>> import afmfast
->>> sorted(n for n in afmfast.__all__)[:3]
-['Dataset', 'FM', 'TrainingDivergedError']
+>>> sorted(afmfast.__all__)[:4]
+['AFM', 'Attention', 'Dataset', 'FM']
 """
+from .afm import AFM, Attention
 from .dataset import Dataset, load_libfm
-from .estimator import FM, TrainingDivergedError
+from .estimator import TrainingDivergedError
+from .fm import FM
 from .persistence import load
 
 __version__ = "0.1.0"
-__all__ = ["Dataset", "FM", "TrainingDivergedError", "load", "load_libfm", "__version__"]
+__all__ = ["AFM", "Attention", "Dataset", "FM", "TrainingDivergedError", "load", "load_libfm", "__version__"]

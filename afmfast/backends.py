@@ -1,40 +1,46 @@
 """Choosing a kernel backend and a thread count.
 
-A backend is a module implementing the contract of ``afmfast.kernel_api``: the Cython
-extension ``afmfast._fm_cython`` (compiled by ``pip install``) or the Numba module
-``afmfast._fm_numba`` (compiled at first use, cached on disk). ``"auto"`` takes Cython
-when its extension imports and warns loudly when it falls back to Numba.
+A backend is a module implementing the contract of ``afmfast.kernel_api`` for one model
+("fm" or "afm"): the Cython extensions ``afmfast._<model>_cython`` (compiled by ``pip
+install``) or the Numba modules ``afmfast._<model>_numba`` (compiled at first use, cached
+on disk). ``"auto"`` takes Cython when its extension imports and warns loudly when it
+falls back to Numba.
 """
 import importlib
 import os
 import warnings
 
-BACKEND_MODULES = {"cython": "afmfast._fm_cython", "numba": "afmfast._fm_numba"}
+BACKEND_MODULES = {"cython": "afmfast._{model}_cython", "numba": "afmfast._{model}_numba"}
 BACKEND_NAMES = ("auto",) + tuple(BACKEND_MODULES)
+MODELS = ("fm", "afm")
 
 _loaded = {}
 
 
-def _import(name):
-    if name not in _loaded:
+def _import(name, model):
+    key = (name, model)
+    if key not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(BACKEND_MODULES[name])
+            _loaded[key] = importlib.import_module(BACKEND_MODULES[name].format(model=model))
         except ImportError as exc:  # kept so that the error can be reported when asked for
-            _loaded[name] = exc
-    return _loaded[name]
+            _loaded[key] = exc
+    return _loaded[key]
 
 
-def available_backends():
-    """Names of the backends that import on this machine, Cython first."""
-    return [name for name in BACKEND_MODULES if not isinstance(_import(name), Exception)]
+def available_backends(model="fm"):
+    """Names of the backends of ``model`` that import on this machine, Cython first."""
+    return [name for name in BACKEND_MODULES
+            if not isinstance(_import(name, model), Exception)]
 
 
-def get_backend(name="auto"):
-    """The backend module called ``name`` ("auto", "cython" or "numba")."""
+def get_backend(name="auto", model="fm"):
+    """The backend module called ``name`` ("auto", "cython" or "numba") for ``model``."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if name == "auto":
-        module = _import("cython")
+        module = _import("cython", model)
         if not isinstance(module, Exception):
             return module
         warnings.warn(
@@ -45,7 +51,7 @@ def get_backend(name="auto"):
             stacklevel=2,
         )
         name = "numba"
-    module = _import(name)
+    module = _import(name, model)
     if isinstance(module, Exception):
         raise ImportError(f"afmfast backend {name!r} is not available: {module}") from module
     return module

@@ -1,13 +1,16 @@
 """The ``afmfast`` command line (also ``python -m afmfast``).
 
-``afmfast fm`` mirrors the flags and defaults of the AFM authors' ``FM.py``; ``afmfast
-demo`` trains on built-in synthetic data. Usage errors exit with status 2 and one line,
+``afmfast fm`` and ``afmfast afm`` mirror the flags and defaults of the AFM authors'
+``FM.py`` and ``AFM.py``; ``afmfast demo`` trains on built-in synthetic data. Usage errors exit with status 2 and one line,
 data errors (and a diverging run) with status 1, naming the file and line.
 """
 import argparse
+import json
 import os
 import sys
 import time
+
+import numpy as np
 
 from . import backends
 
@@ -23,7 +26,37 @@ class UsageError(Exception):
     """A command-line argument is wrong (exit status 2)."""
 
 
-def _add_common(p):
+def _number_list(text, length, kind, flag):
+    """Parse the reference's list syntax, e.g. '[16,16]' or '[1.0,0.5]'."""
+    try:
+        values = json.loads(text)
+        if not isinstance(values, list) or len(values) != length:
+            raise ValueError
+        return [kind(v) for v in values]
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"{flag} takes a list of {length} numbers like "
+            f"[{', '.join(['16'] * length)}], got {text!r}") from None
+
+
+def _add_reference_flags(p):
+    """Flags shared by the reference's FM.py and AFM.py, with their defaults."""
+    p.add_argument("--process", default="train", choices=("train", "evaluate"),
+                   help="train, or evaluate a saved model on the test file")
+    p.add_argument("--path", default="../data/", help="input data path (default ../data/)")
+    p.add_argument("--dataset", default="ml-tag",
+                   help="reads <path>/<dataset>/<dataset>.{train,validation,test}.libfm")
+    p.add_argument("--epoch", type=int, default=20, help="number of epochs (default 20)")
+    p.add_argument("--batch_size", type=int, default=4096, help="batch size (default 4096)")
+    p.add_argument("--optimizer", default="AdagradOptimizer",
+                   help="AdagradOptimizer, AdamOptimizer, GradientDescentOptimizer, "
+                   "MomentumOptimizer (or adagrad, adam, sgd, momentum)")
+    p.add_argument("--verbose", type=int, default=1, help="print every epoch (1) or not (0)")
+    p.add_argument("--train", help="training file (instead of --path/--dataset)")
+    p.add_argument("--validation", help="validation file")
+    p.add_argument("--test", help="test file")
+    p.add_argument("--save", help="also save the trained model to this path; with "
+                   "--process evaluate, the model to load")
     p.add_argument("--threads", type=int, default=None,
                    help="kernel threads (default: all CPUs of this process)")
     p.add_argument("--backend", default="auto", choices=backends.BACKEND_NAMES,
@@ -33,21 +66,15 @@ def _add_common(p):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="afmfast", description="Fast Factorization Machines on multicore CPUs.")
+        prog="afmfast", description="Fast (Attentional) Factorization Machines on CPUs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     fm = sub.add_parser("fm", help="train or evaluate a Factorization Machine "
                         "(flags and defaults of the reference FM.py)")
-    fm.add_argument("--process", default="train", choices=("train", "evaluate"),
-                    help="train, or evaluate a saved model on the test file")
-    fm.add_argument("--path", default="../data/", help="input data path (default ../data/)")
-    fm.add_argument("--dataset", default="ml-tag",
-                    help="reads <path>/<dataset>/<dataset>.{train,validation,test}.libfm")
-    fm.add_argument("--epoch", type=int, default=20, help="number of epochs (default 20)")
+    _add_reference_flags(fm)
     fm.add_argument("--pretrain", type=int, default=-1, choices=(-1, 0, 1),
                     help="-1: save the model to pretrain/fm_<dataset>_<k>.npz; "
                     "0: random init, no save; 1: start from that file (default -1)")
-    fm.add_argument("--batch_size", type=int, default=4096, help="batch size (default 4096)")
     fm.add_argument("--hidden_factor", type=int, default=256,
                     help="number of factors k (default 256)")
     fm.add_argument("--lamda", type=float, default=0.0,
@@ -55,21 +82,51 @@ def build_parser():
     fm.add_argument("--keep", type=float, default=0.7,
                     help="keep probability of the interaction dropout; 1: none (default 0.7)")
     fm.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
-    fm.add_argument("--optimizer", default="AdagradOptimizer",
-                    help="AdagradOptimizer, AdamOptimizer, GradientDescentOptimizer, "
-                    "MomentumOptimizer (or adagrad, adam, sgd, momentum)")
-    fm.add_argument("--verbose", type=int, default=1, help="print every epoch (1) or not (0)")
     fm.add_argument("--batch_norm", type=int, default=1, choices=(0, 1),
                     help="batch normalisation of the interactions (default 1)")
-    fm.add_argument("--train", help="training file (instead of --path/--dataset)")
-    fm.add_argument("--validation", help="validation file")
-    fm.add_argument("--test", help="test file")
-    fm.add_argument("--save", help="also save the trained model to this path; with "
-                    "--process evaluate, the model to load")
-    _add_common(fm)
 
-    demo = sub.add_parser("demo", help="train an FM on built-in synthetic data")
-    _add_common(demo)
+    afm = sub.add_parser("afm", help="train or evaluate an Attentional Factorization "
+                         "Machine (flags and defaults of the reference AFM.py)")
+    _add_reference_flags(afm)
+    afm.add_argument("--pretrain", type=int, default=-1, choices=(-1, 0, 1, 2),
+                     help="1: start from pretrain/fm_<dataset>_<k>.npz (written by "
+                     "'afmfast fm --pretrain -1'); 0: random init; -1: save the AFM to "
+                     "pretrain/afm_<dataset>_<k>.npz; 2: both (default -1)")
+    afm.add_argument("--hidden_factor", default=[16, 16],
+                     type=lambda s: _number_list(s, 2, int, "--hidden_factor"),
+                     help="[attention size t, factors k] (default [16,16])")
+    afm.add_argument("--keep", default=[1.0, 0.5],
+                     type=lambda s: _number_list(s, 2, float, "--keep"),
+                     help="[keep of the attention weights, keep of the pooled vector] "
+                     "(default [1.0,0.5])")
+    afm.add_argument("--lamda_attention", type=float, default=100.0,
+                     help="L2 regulariser of the attention weights W (default 100)")
+    afm.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    afm.add_argument("--attention", type=int, default=1, choices=(0, 1),
+                     help="1: attention; 0: every pair weighs 1 (default 1)")
+    afm.add_argument("--freeze_fm", type=int, default=0, choices=(0, 1),
+                     help="1: keep the pretrained V, w, w0 fixed (default 0)")
+    afm.add_argument("--activation", default="relu",
+                     choices=("relu", "sigmoid", "tanh", "identity"),
+                     help="activation of the attention network (default relu)")
+    afm.add_argument("--batch_norm", type=int, default=0, choices=(0,),
+                     help="accepted for compatibility; the reference AFM applies no batch "
+                     "normalisation, so only 0")
+    afm.add_argument("--decay", type=float, default=0.999,
+                     help="accepted for compatibility (the reference's batch-norm decay, "
+                     "unused because its AFM applies no batch normalisation)")
+    afm.add_argument("--valid_dimen", type=int, default=3,
+                     help="accepted for compatibility; afmfast handles any row length")
+    afm.add_argument("--mla", type=int, default=0, choices=(0, 1),
+                     help="1: print each pair's attention weight and interaction value "
+                     "for the first test rows")
+
+    demo = sub.add_parser("demo", help="train FM and AFM on built-in synthetic data")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="kernel threads (default: all CPUs of this process)")
+    demo.add_argument("--backend", default="auto", choices=backends.BACKEND_NAMES,
+                      help="kernel backend (default: auto = cython, else numba)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
 
 
@@ -99,37 +156,73 @@ def _load_all(files):
     return {part: d.with_n_features(n_features) for part, d in data.items()}
 
 
-def _pretrain_file(args):
-    return os.path.join("pretrain", f"fm_{args.dataset}_{args.hidden_factor}.npz")
+def _k(args):
+    """Embedding size: --hidden_factor is k for fm and [t,k] for afm."""
+    return args.hidden_factor[1] if args.command == "afm" else args.hidden_factor
 
 
-def _fm_train(args):
-    from .estimator import FM
-    from .persistence import load
+def _pretrain_file(args, model="fm"):
+    return os.path.join("pretrain", f"{model}_{args.dataset}_{_k(args)}.npz")
 
+
+def _optimizer(args):
     optimizer = OPTIMIZER_ALIASES.get(args.optimizer.lower())
     if optimizer is None:
         raise UsageError(f"--optimizer: unknown optimizer {args.optimizer!r}; choose "
                          "AdagradOptimizer, AdamOptimizer, GradientDescentOptimizer or "
                          "MomentumOptimizer")
-    model = FM(n_factors=args.hidden_factor, learning_rate=args.lr,
-               batch_size=args.batch_size, n_epochs=args.epoch, keep=args.keep,
-               batch_norm=bool(args.batch_norm), l2=args.lamda, optimizer=optimizer,
-               random_state=args.seed, n_threads=args.threads, backend=args.backend,
-               verbose=args.verbose)
+    return optimizer
+
+
+def _build_model(args):
+    """The estimator the flags describe, validated (a bad flag is a UsageError)."""
+    common = dict(learning_rate=args.lr, batch_size=args.batch_size, n_epochs=args.epoch,
+                  optimizer=_optimizer(args), random_state=args.seed,
+                  n_threads=args.threads, backend=args.backend, verbose=args.verbose)
+    if args.command == "fm":
+        from .fm import FM
+
+        model = FM(n_factors=args.hidden_factor, keep=args.keep,
+                   batch_norm=bool(args.batch_norm), l2=args.lamda, **common)
+    else:
+        from .afm import AFM
+
+        model = AFM(n_factors=args.hidden_factor[1], attention_size=args.hidden_factor[0],
+                    keep=tuple(args.keep), l2_attention=args.lamda_attention,
+                    attention=bool(args.attention), activation=args.activation,
+                    batch_norm=bool(args.batch_norm), freeze_fm=bool(args.freeze_fm),
+                    **common)
     try:
         model._validate()
     except ValueError as exc:
         raise UsageError(_flag_message(str(exc))) from exc
+    return model
+
+
+def _describe(args):
+    if args.command == "fm":
+        return (f"FM: dataset={args.dataset}, factors={args.hidden_factor}, "
+                f"#epoch={args.epoch}, batch={args.batch_size}, lr={args.lr:.4f}, "
+                f"lambda={args.lamda:.1e}, keep={args.keep:.2f}, "
+                f"optimizer={args.optimizer}, batch_norm={args.batch_norm}")
+    t, k = args.hidden_factor
+    return (f"AFM: dataset={args.dataset}, factors={k}, attention={args.attention}, "
+            f"attention_size={t}, #epoch={args.epoch}, batch={args.batch_size}, "
+            f"lr={args.lr:.4f}, lambda_attention={args.lamda_attention:.1e}, "
+            f"keep=[{args.keep[0]:.1f},{args.keep[1]:.1f}], optimizer={args.optimizer}, "
+            f"activation={args.activation}, freeze_fm={args.freeze_fm}")
+
+
+def _train(args):
+    from .persistence import load
+
+    model = _build_model(args)
     init_from = None
-    if args.pretrain == 1:
-        init_from = load(_pretrain_file(args))
+    if args.pretrain in (1, 2):
+        init_from = load(_pretrain_file(args, "fm"))
     data = _load_all(_data_files(args))
     if args.verbose:
-        print(f"FM: dataset={args.dataset}, factors={args.hidden_factor}, "
-              f"#epoch={args.epoch}, batch={args.batch_size}, lr={args.lr:.4f}, "
-              f"lambda={args.lamda:.1e}, keep={args.keep:.2f}, optimizer={args.optimizer}, "
-              f"batch_norm={args.batch_norm}")
+        print(_describe(args))
     t0 = time.perf_counter()
     model.fit(data["train"], validation=data.get("validation"), init_from=init_from)
     h = model.history_
@@ -140,32 +233,50 @@ def _fm_train(args):
               f"valid = {valid} [{time.perf_counter() - t0:.1f} s]")
     if "test" in data:
         print(f"Test RMSE: {model.evaluate(data['test'])['rmse']:.4f}")
-    if args.pretrain == -1:
+    if args.pretrain in (-1, 2):
         os.makedirs("pretrain", exist_ok=True)
-        model.save(_pretrain_file(args))
-        print(f"Save model to file as pretrain: {_pretrain_file(args)}")
+        target = _pretrain_file(args, args.command)
+        model.save(target)
+        print(f"Save model to file as pretrain: {target}")
     if args.save:
         model.save(args.save)
         print(f"Saved model to {args.save}")
+    if getattr(args, "mla", 0):
+        _micro_level_analysis(model, data.get("test", data.get("validation", data["train"])))
     return 0
 
 
-def _fm_evaluate(args):
+def _micro_level_analysis(model, data, n_rows=5):
+    """The reference's --mla: each pair's attention weight and interaction value
+    (p . e_ij) for the first rows."""
+    record = model.explain(data[np.arange(min(n_rows, len(data)))])
+    for r in range(len(record.indptr) - 1):
+        print(f"Row {r + 1}: label={data.y[r]:.4f}")
+        for q in range(record.indptr[r], record.indptr[r + 1]):
+            w = record.weight[q]
+            value = record.contribution[q] / w if w != 0 else 0.0
+            print(f"  pair ({record.i[q]}, {record.j[q]}): attention={w:.4f}, "
+                  f"interaction={value:.4f}")
+
+
+def _evaluate(args):
+    from .dataset import load_libfm
     from .persistence import load
 
-    path = args.save or _pretrain_file(args)
-    model = load(path)
-    files = _data_files(args)
-    from .dataset import load_libfm
-
-    test = load_libfm(files["test"])
+    model = load(args.save or _pretrain_file(args, args.command))
+    test = load_libfm(_data_files(args)["test"])
     print(f"Test RMSE: {model.evaluate(test)['rmse']:.4f}")
+    if getattr(args, "mla", 0):
+        _micro_level_analysis(model, test)
     return 0
 
 
-_FLAGS = {"n_factors": "--hidden_factor", "learning_rate": "--lr", "batch_size":
-          "--batch_size", "n_epochs": "--epoch", "keep": "--keep", "l2": "--lamda",
-          "n_threads": "--threads", "random_state": "--seed"}
+_FLAGS = {"n_factors": "--hidden_factor", "attention_size": "--hidden_factor",
+          "learning_rate": "--lr", "batch_size": "--batch_size", "n_epochs": "--epoch",
+          "keep": "--keep", "keep[0]": "--keep", "keep[1]": "--keep", "l2": "--lamda",
+          "l2_attention": "--lamda_attention", "n_threads": "--threads",
+          "random_state": "--seed", "activation": "--activation",
+          "batch_norm": "--batch_norm"}
 
 
 def _flag_message(message):
@@ -186,9 +297,7 @@ def main(argv=None):
 
             run_demo(backend=args.backend, n_threads=args.threads, seed=args.seed)
             return 0
-        if args.process == "train":
-            return _fm_train(args)
-        return _fm_evaluate(args)
+        return _train(args) if args.process == "train" else _evaluate(args)
     except UsageError as exc:
         print(f"afmfast: error: {exc}", file=sys.stderr)
         return 2

@@ -79,7 +79,7 @@ def linear_baseline_rmse(train, valid, ridge=1e-3):
 def run_demo(backend="auto", n_threads=None, seed=0, verbose=1):
     """Train an FM on the demo data, print its epochs and the final comparison; returns
     ``(fm_rmse, linear_rmse)``."""
-    from .estimator import FM
+    from .fm import FM
 
     data = make_demo_data(seed=seed)
     print(f"afmfast demo: {len(data.train)} training and {len(data.valid)} validation rows, "

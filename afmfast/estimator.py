@@ -13,13 +13,7 @@ import numpy as np
 
 from . import backends
 from .dataset import Dataset
-from .kernel_api import (
-    OPTIMIZER_CODES,
-    FMParams,
-    StepConfig,
-    new_fm_params,
-    new_opt_state,
-)
+from .kernel_api import OPTIMIZER_CODES
 from .metrics import rmse
 
 
@@ -74,8 +68,11 @@ def _check_bool(name, value):
 class FactorizationModel:
     """Shared machinery of ``FM`` and ``AFM``; not used directly."""
 
-    #: model-specific subclasses fill these in
+    #: set by subclasses: the class name saved in model files, the kernel family
+    #: ("fm" or "afm") and the namedtuple class of the parameters
     _kind = None
+    _model = None
+    _params_class = None
 
     # ----- scikit-learn parameter protocol -------------------------------------------
     @classmethod
@@ -153,7 +150,7 @@ class FactorizationModel:
         if validation is not None:
             valid = (as_dataset(*validation, name="validation")
                      if isinstance(validation, tuple) else as_dataset(validation, name="validation"))
-        self._backend = backends.get_backend(self.backend)
+        self._backend = backends.get_backend(self.backend, self._model)
         self.backend_ = self._backend.__name__.rsplit("_", 1)[-1]
         self._threads = backends.resolve_threads(self.n_threads)
         self.n_features_in_ = train.n_features
@@ -169,8 +166,6 @@ class FactorizationModel:
     def _max_batch_nnz(self, train):
         lengths = np.diff(train.indptr)
         b = min(self.batch_size, len(lengths))
-        if b == len(lengths):
-            return int(lengths.sum())
         return int(np.partition(lengths, len(lengths) - b)[len(lengths) - b:].sum())
 
     def _log(self, text):
@@ -251,6 +246,37 @@ class FactorizationModel:
         data = as_dataset(X, y)
         return {"rmse": rmse(data.y, self._predict_dataset(data))}
 
+    def _kernel_backend(self):
+        """The backend module (resolved once; models loaded from files resolve lazily)."""
+        if getattr(self, "_backend", None) is None:
+            self._backend = backends.get_backend(self.backend, self._model)
+        return self._backend
+
+    def _kernel_threads(self):
+        if getattr(self, "_threads", None) is None:
+            self._threads = backends.resolve_threads(self.n_threads)
+        return self._threads
+
+    def _snapshot(self):
+        return self._params_class(*(a.copy() for a in self._params))
+
+    def _restore(self, snapshot):
+        for live, saved in zip(self._params, snapshot):
+            live[...] = saved
+
+    def _arrays(self):
+        return dict(zip(self._params_class._fields, self._params))
+
+    def _set_arrays(self, arrays):
+        self._params = self._params_class(*(arrays[n] for n in self._params_class._fields))
+        self._publish()
+
+    def _max_batch_pairs(self, train):
+        lengths = np.diff(train.indptr)
+        pairs = lengths * (lengths - 1) // 2
+        b = min(self.batch_size, len(pairs))
+        return int(np.partition(pairs, len(pairs) - b)[len(pairs) - b:].sum())
+
     def save(self, path):
         """Write the model to one ``.npz`` file atomically (see ``afmfast.load``)."""
         from .persistence import save_model
@@ -278,133 +304,3 @@ def _n_rows(X):
 def _rose_four_times(history):
     v = [h["valid_rmse"] for h in history]
     return len(v) > 5 and all(v[-i] > v[-i - 1] for i in range(1, 5))
-
-
-class FM(FactorizationModel):
-    """Factorization Machine (Rendle 2010) trained as the AFM authors train it: the
-    bi-interaction vector, optional batch normalisation, dropout, squared loss and
-    Adagrad, with native kernels.
-
-    Parameters
-    ----------
-    n_factors : int >= 1
-        Embedding size k.
-    learning_rate : float > 0
-    batch_size : int >= 1
-    n_epochs : int >= 0
-    keep : float in (0, 1]
-        Keep probability of the dropout on the interaction vector (1: no dropout).
-    batch_norm : bool
-        Batch normalisation of the interaction vector (running statistics, decay 0.9,
-        epsilon 1e-3, for prediction).
-    l2 : float >= 0
-        L2 penalty on the embedding rows a batch touches (lazy), l2/2 ||V_row||^2.
-    optimizer : {"adagrad", "sgd", "momentum", "adam"}
-        Hand-written optimisers; sparse rows are updated only when touched (lazy Adam).
-    early_stopping : bool
-        Stop when validation RMSE rose 4 epochs in a row and restore the best epoch.
-    random_state : int >= 0 or None
-        Seed of initialisation, shuffling and dropout (None means 2016).
-    n_threads : int >= 1 or None
-        Kernel threads (None: all CPUs of this process). Results are bit-identical
-        for a seed whatever the thread count.
-    backend : {"auto", "cython", "numba"}
-    verbose : int
-        0 silent; 1 one line per epoch.
-
-    Examples
-    --------
-    >>> import afmfast
-    >>> from afmfast.demo import make_demo_data
-    >>> train, valid = make_demo_data(n_rows=2000, seed=0)
-    >>> model = afmfast.FM(n_factors=8, n_epochs=2, verbose=0).fit(train, validation=valid)
-    >>> model.predict(valid).shape == (len(valid),)
-    True
-    """
-
-    _kind = "FM"
-
-    def __init__(self, n_factors=16, learning_rate=0.01, batch_size=4096, n_epochs=20,
-                 keep=0.7, batch_norm=True, l2=0.0, optimizer="adagrad",
-                 early_stopping=True, random_state=2016, n_threads=None, backend="auto",
-                 verbose=1):
-        self.n_factors = n_factors
-        self.learning_rate = learning_rate
-        self.batch_size = batch_size
-        self.n_epochs = n_epochs
-        self.keep = keep
-        self.batch_norm = batch_norm
-        self.l2 = l2
-        self.optimizer = optimizer
-        self.early_stopping = early_stopping
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.backend = backend
-        self.verbose = verbose
-
-    def _validate(self):
-        _check_int("n_factors", self.n_factors, 1)
-        _check_real("keep", self.keep, 0.0, 1.0, low_open=True)
-        self._validate_common()
-
-    def _init_model(self, train, rng):
-        self._params = new_fm_params(train.n_features, self.n_factors, rng)
-        self._state = new_opt_state(self._params, OPTIMIZER_CODES[self.optimizer])
-        self._ws = self._backend.fm_workspace(
-            min(self.batch_size, train.n_rows), self._max_batch_nnz(train),
-            train.n_features, self.n_factors, np.float32)
-
-    def _train_batch(self, X, y, rows, step):
-        cfg = StepConfig(float(self.learning_rate), float(self.l2), float(self.keep),
-                         OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
-                         self._seed, step, self._threads)
-        return self._backend.fm_step(X, y, rows, self._params, self._state, cfg, self._ws)
-
-    def _warm_start(self, source, n_features):
-        if not isinstance(source, FM):
-            raise ValueError(f"init_from: an FM can start only from an FM, got "
-                             f"{type(source).__name__}")
-        if source.n_factors != self.n_factors:
-            raise ValueError(f"init_from: n_factors differ (source {source.n_factors}, "
-                             f"this model {self.n_factors})")
-        if source.n_features_in_ != n_features:
-            raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
-                             f"training data {n_features})")
-        for live, saved in zip(self._params, source._params):
-            live[...] = saved
-
-    def _predict_dataset(self, data):
-        out = np.empty(data.n_rows, dtype=np.float32)
-        backend = getattr(self, "_backend", None) or backends.get_backend(self.backend)
-        threads = getattr(self, "_threads", None) or backends.resolve_threads(self.n_threads)
-        backend.fm_predict(data.X, self._params, int(bool(self.batch_norm)), threads, out)
-        return out
-
-    def _snapshot(self):
-        return FMParams(*(a.copy() for a in self._params))
-
-    def _restore(self, snapshot):
-        for live, saved in zip(self._params, snapshot):
-            live[...] = saved
-
-    def _publish(self):
-        """Expose the live parameters as fitted attributes (views, no copies)."""
-        p = self._params
-        k = p.V.shape[1]
-        self.V_, self.w_ = p.V, p.w
-        self.w0_ = float(p.dense[0])
-        self.bn_gamma_, self.bn_beta_ = p.dense[1:1 + k], p.dense[1 + k:]
-        self.bn_mean_, self.bn_var_ = p.bn_stats[0], p.bn_stats[1]
-
-    # ----- persistence hooks ------------------------------------------------------------
-    def _arrays(self):
-        return dict(zip(FMParams._fields, self._params))
-
-    def _array_shapes(self, n_features):
-        k = self.n_factors
-        return {"V": (n_features, k), "w": (n_features,), "dense": (1 + 2 * k,),
-                "bn_stats": (2, k)}
-
-    def _set_arrays(self, arrays):
-        self._params = FMParams(*(arrays[name] for name in FMParams._fields))
-        self._publish()

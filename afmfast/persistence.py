@@ -21,9 +21,10 @@ _HEADER = "__header__"
 
 
 def _model_classes():
-    from .estimator import FM
+    from .afm import AFM
+    from .fm import FM
 
-    return {"FM": FM}
+    return {"FM": FM, "AFM": AFM}
 
 
 def save_model(model, path):
@@ -90,7 +91,10 @@ def load(path):
     if cls is None:
         raise ValueError(f"{path}: unknown model class {header.get('class')!r}")
     try:
-        model = cls(**header["params"])
+        params = header["params"]
+        if isinstance(params, dict) and isinstance(params.get("keep"), list):
+            params["keep"] = tuple(params["keep"])  # JSON has no tuples
+        model = cls(**params)
         model._validate()
         n_features = header["n_features"]
         if not isinstance(n_features, int) or n_features < 0:

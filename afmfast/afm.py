@@ -1,0 +1,234 @@
+"""The Attentional Factorization Machine estimator (``afmfast.AFM``) and its
+explanations (``Attention`` records, field-pair attention)."""
+from collections import namedtuple
+
+import numpy as np
+
+from .dataset import Dataset
+from .estimator import FactorizationModel, _check_bool, _check_int, _check_real, as_dataset
+from .fm import FM
+from .kernel_api import (
+    ACTIVATION_CODES,
+    OPTIMIZER_CODES,
+    AFMParams,
+    AFMStepConfig,
+    new_afm_params,
+    new_opt_state,
+)
+
+Attention = namedtuple("Attention", "indptr i j weight contribution")
+Attention.__doc__ = """Per-pair explanation of AFM predictions, as flat arrays.
+
+Row r's pairs are ``indptr[r]:indptr[r + 1]`` (int64, n_rows + 1); ``i``, ``j`` (int64)
+are the pair's feature ids (i before j in the row); ``weight`` is the attention a_ij
+(summing to 1 over a row's pairs; 1 for every pair when attention is off);
+``contribution`` is the pair's share of the prediction, a_ij p . e_ij, so that
+w0 + sum w x + the row's contributions equals ``predict``."""
+
+
+class AFM(FactorizationModel):
+    """Attentional Factorization Machine (Xiao et al., IJCAI 2017), the paper's model:
+    the softmax runs over each row's pairs.
+
+    Parameters
+    ----------
+    n_factors : int >= 1
+        Embedding size k.
+    attention_size : int >= 1
+        Attention network size t.
+    keep : (float, float) in (0, 1]
+        Keep probabilities of the dropout on the attention weights and on the pooled
+        interaction vector (the reference's ``--keep [k0,k1]``).
+    l2_attention : float >= 0
+        L2 penalty l2_attention/2 ||W||^2 on the attention network's weights.
+    l2 : float >= 0
+        L2 penalty on the embedding rows a batch touches (lazy).
+    learning_rate : float > 0
+    batch_size : int >= 1
+    n_epochs : int >= 0
+    attention : bool
+        False gives the reference's "no attention" model (every pair weighs 1).
+    activation : {"relu", "sigmoid", "tanh", "identity"}
+        Activation of the attention network.
+    batch_norm : bool
+        Must stay False: the reference AFM defines the flag but never applies batch
+        normalisation, and afmfast does not invent one.
+    freeze_fm : bool
+        Keep V, w and w0 fixed (with ``init_from``: the pretrained FM's), training only
+        the attention network and p (the reference's ``--freeze_fm``).
+    optimizer, early_stopping, random_state, n_threads, backend, verbose
+        As for ``afmfast.FM``.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> data = make_demo_data(n_rows=2000, seed=0)
+    >>> fm = afmfast.FM(n_factors=8, n_epochs=2, verbose=0).fit(data.train)
+    >>> afm = afmfast.AFM(n_factors=8, attention_size=8, n_epochs=2, verbose=0)
+    >>> afm = afm.fit(data.train, init_from=fm)
+    >>> record = afm.explain(data.valid)
+    >>> bool(np.allclose(np.add.reduceat(record.weight, record.indptr[:-1]), 1.0))
+    True
+    """
+
+    _kind = "AFM"
+    _model = "afm"
+    _params_class = AFMParams
+
+    def __init__(self, n_factors=16, attention_size=16, keep=(1.0, 0.5), l2_attention=100.0,
+                 l2=0.0, learning_rate=0.1, batch_size=4096, n_epochs=20, attention=True,
+                 activation="relu", batch_norm=False, freeze_fm=False, optimizer="adagrad",
+                 early_stopping=True, random_state=2016, n_threads=None, backend="auto",
+                 verbose=1):
+        self.n_factors = n_factors
+        self.attention_size = attention_size
+        self.keep = keep
+        self.l2_attention = l2_attention
+        self.l2 = l2
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
+        self.attention = attention
+        self.activation = activation
+        self.batch_norm = batch_norm
+        self.freeze_fm = freeze_fm
+        self.optimizer = optimizer
+        self.early_stopping = early_stopping
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.backend = backend
+        self.verbose = verbose
+
+    def _validate(self):
+        _check_int("n_factors", self.n_factors, 1)
+        _check_int("attention_size", self.attention_size, 1)
+        keep = self.keep
+        if not isinstance(keep, (tuple, list)) or len(keep) != 2:
+            raise ValueError(f"keep must be a pair (attention keep, pooled keep) of numbers "
+                             f"in (0, 1], got {keep!r}")
+        _check_real("keep[0]", keep[0], 0.0, 1.0, low_open=True)
+        _check_real("keep[1]", keep[1], 0.0, 1.0, low_open=True)
+        _check_real("l2_attention", self.l2_attention, 0.0, float("inf"))
+        _check_bool("attention", self.attention)
+        _check_bool("freeze_fm", self.freeze_fm)
+        if self.activation not in ACTIVATION_CODES:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
+                             f"got {self.activation!r}")
+        self._validate_common()
+        if self.batch_norm:
+            raise ValueError("batch_norm=True is not available for AFM: the reference AFM "
+                             "never applies batch normalisation; use batch_norm=False")
+
+    def _init_model(self, train, rng):
+        self._params = new_afm_params(train.n_features, self.n_factors, self.attention_size,
+                                      rng)
+        self._state = new_opt_state(self._params, OPTIMIZER_CODES[self.optimizer])
+        self._ws = self._backend.afm_workspace(
+            min(self.batch_size, train.n_rows), self._max_batch_nnz(train),
+            self._max_batch_pairs(train), train.n_features, self.n_factors,
+            self.attention_size, np.float32)
+
+    def _warm_start(self, source, n_features):
+        if not isinstance(source, (FM, AFM)):
+            raise ValueError(f"init_from: an AFM starts from an FM or an AFM, got "
+                             f"{type(source).__name__}")
+        if source.n_factors != self.n_factors:
+            raise ValueError(f"init_from: n_factors differ (source {source.n_factors}, "
+                             f"this model {self.n_factors})")
+        if source.n_features_in_ != n_features:
+            raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
+                             f"training data {n_features})")
+        if isinstance(source, FM):  # the reference's --pretrain 1: V, w and w0
+            self._params.V[...] = source._params.V
+            self._params.w[...] = source._params.w
+            self._params.dense[0] = source._params.dense[0]
+        else:
+            if source.attention_size != self.attention_size:
+                raise ValueError(f"init_from: attention_size differs (source "
+                                 f"{source.attention_size}, this model {self.attention_size})")
+            self._restore(source._params)
+
+    def _config(self, step):
+        return AFMStepConfig(
+            float(self.learning_rate), float(self.l2), float(self.l2_attention),
+            float(self.keep[0]), float(self.keep[1]), OPTIMIZER_CODES[self.optimizer],
+            int(bool(self.attention)), ACTIVATION_CODES[self.activation],
+            int(bool(self.freeze_fm)), self._seed, step, self._threads)
+
+    def _train_batch(self, X, y, rows, step):
+        return self._backend.afm_step(X, y, rows, self._params, self._state,
+                                      self._config(step), self._ws)
+
+    def _predict_dataset(self, data):
+        out = np.empty(data.n_rows, dtype=np.float32)
+        self._kernel_backend().afm_predict(
+            data.X, self._params, int(bool(self.attention)),
+            ACTIVATION_CODES[self.activation], self._kernel_threads(), out)
+        return out
+
+    def _publish(self):
+        """Expose the live parameters as fitted attributes (views, no copies)."""
+        p = self._params
+        k, t = self.n_factors, self.attention_size
+        self.V_, self.w_, self.attention_W_ = p.V, p.w, p.W
+        self.w0_ = float(p.dense[0])
+        self.p_ = p.dense[1:1 + k]
+        self.attention_b_ = p.dense[1 + k:1 + k + t]
+        self.attention_h_ = p.dense[1 + k + t:]
+
+    def _array_shapes(self, n_features):
+        k, t = self.n_factors, self.attention_size
+        return {"V": (n_features, k), "w": (n_features,), "W": (t, k),
+                "dense": (1 + k + 2 * t,)}
+
+    # ----- explanations -----------------------------------------------------------------
+    def explain(self, X):
+        """Per-pair attention weights and contributions of every row of X.
+
+        Returns an ``Attention`` record of flat arrays (see its docstring); feature ids
+        never seen in training form no pairs.
+        """
+        self._check_fitted()
+        data = X if isinstance(X, Dataset) else as_dataset(
+            X, np.zeros(X.shape[0], np.float32))
+        n = data.n_rows
+        known = data.indices < self.n_features_in_
+        row_of = np.repeat(np.arange(n), np.diff(data.indptr))
+        counts = np.bincount(row_of[known], minlength=n).astype(np.int64)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts * (counts - 1) // 2, out=indptr[1:])
+        total = int(indptr[-1])
+        record = Attention(indptr, np.empty(total, np.int64), np.empty(total, np.int64),
+                           np.empty(total, np.float32), np.empty(total, np.float32))
+        self._kernel_backend().afm_explain(
+            data.X, self._params, int(bool(self.attention)),
+            ACTIVATION_CODES[self.activation], self._kernel_threads(), *record)
+        return record
+
+    def field_attention(self, X, fields):
+        """Mean attention weight per pair of fields over the rows of X.
+
+        ``fields`` is an int array of length ``n_features_in_`` giving each feature's field
+        (0..F-1). Returns the F x F symmetric float64 matrix of the mean weight of the pairs
+        whose features lie in fields (f, g); NaN where no such pair occurs in X.
+        """
+        self._check_fitted()
+        fields = np.asarray(fields)
+        if fields.ndim != 1 or fields.shape[0] != self.n_features_in_ or \
+                not np.issubdtype(fields.dtype, np.integer) or \
+                (fields.size and fields.min() < 0):
+            raise ValueError(f"fields must be a 1-D array of non-negative ints of length "
+                             f"n_features_in_ = {self.n_features_in_}, got shape "
+                             f"{fields.shape} and dtype {fields.dtype}")
+        n_fields = int(fields.max()) + 1 if fields.size else 0
+        record = self.explain(X)
+        fi, fj = fields[record.i], fields[record.j]
+        cell = np.minimum(fi, fj) * n_fields + np.maximum(fi, fj)
+        total = np.bincount(cell, weights=record.weight, minlength=n_fields * n_fields)
+        count = np.bincount(cell, minlength=n_fields * n_fields)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (total / count).reshape(n_fields, n_fields)
+        lower = np.tril_indices(n_fields, -1)
+        mean[lower] = mean.T[lower]
+        return mean
