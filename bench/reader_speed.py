@@ -1,0 +1,126 @@
+"""Throughput of afmfast's libFM reader against a pure-Python loader in the style of the
+reference TensorFlow code, on the same file; prints MB/s (medians of several runs) and
+their ratio.
+
+The reference loader (written here from its description, not copied) reads each file
+twice: once to build a dict from feature tokens ("id:value" strings) to dense ids, and
+once to turn every row into a list of those ids plus a float label, splitting lines with
+``line.strip().split(' ')``. The issue reports 22-27 MB/s for it; the target for
+afmfast is >= 200 MB/s on one core and >= 10x the reference.
+
+Usage:
+    python bench/reader_speed.py                  # 200 MB synthetic file in /tmp + Frappe
+    python bench/reader_speed.py --size-mb 50 --runs 7 --python-runs 3
+    python bench/reader_speed.py --file some.libfm
+
+Files are read from the page cache after a warm-up run, so the figures are parse speed
+plus one in-memory copy of the file, not disk speed. MB = 10^6 bytes.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FRAPPE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe"
+          / "frappe.validation.libfm")
+
+
+def make_synthetic(path, size_mb=200, n_fields=10, n_ids=100_000, crlf=False, seed=0):
+    """Write a libFM file of about ``size_mb`` MB: labels +-1 and ``n_fields`` one-hot
+    ``id:1`` tokens per row (the shape of the Frappe data). Reuses an existing file of
+    the same name, so the name should encode the parameters."""
+    path = Path(path)
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    tokens = np.array([b"%d:1" % i for i in range(n_ids)], dtype=object)
+    eol = b"\r\n" if crlf else b"\n"
+    target = int(size_mb * 1e6)
+    written = 0
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        while written < target:
+            ids = np.sort(rng.integers(0, n_ids, size=(50_000, n_fields)), axis=1)
+            labels = np.where(rng.random(50_000) < 0.33, b"1", b"-1")
+            chunk = eol.join(lab + b" " + b" ".join(tokens[row])
+                             for lab, row in zip(labels, ids)) + eol
+            fh.write(chunk)
+            written += len(chunk)
+    os.replace(tmp, path)
+    return path
+
+
+def reference_style_load(path):
+    """Pure-Python loader in the reference's style (two passes, token -> id dict)."""
+    features = {}
+    with open(path) as fh:
+        for line in fh:
+            items = line.strip().split(" ")
+            for item in items[1:]:
+                if item not in features:
+                    features[item] = len(features)
+    X, Y = [], []
+    with open(path) as fh:
+        for line in fh:
+            items = line.strip().split(" ")
+            Y.append(1.0 * float(items[0]))
+            X.append([features[item] for item in items[1:]])
+    return X, Y
+
+
+def afmfast_load(path):
+    from afmfast.dataset import load_libfm
+    return load_libfm(path)
+
+
+def median_mb_s(fn, path, runs):
+    size = os.path.getsize(path)
+    fn(path)  # warm-up: page cache, imports
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn(path)
+        times.append(time.perf_counter() - t)
+    return size / 1e6 / statistics.median(times)
+
+
+def compare(path, runs, python_runs):
+    size_mb = os.path.getsize(path) / 1e6
+    fast = median_mb_s(afmfast_load, path, runs)
+    slow = median_mb_s(reference_style_load, path, python_runs)
+    print(f"{path} ({size_mb:.1f} MB)")
+    print(f"  afmfast load_libfm     {fast:8.1f} MB/s  (median of {runs})")
+    print(f"  reference-style Python {slow:8.1f} MB/s  (median of {python_runs})")
+    print(f"  ratio                  {fast / slow:8.1f}x")
+    sys.stdout.flush()
+    return fast, slow
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--file", help="a libFM file to measure instead of the defaults")
+    ap.add_argument("--size-mb", type=float, default=200, help="synthetic file size")
+    ap.add_argument("--runs", type=int, default=7, help="runs of afmfast's reader")
+    ap.add_argument("--python-runs", type=int, default=3, help="runs of the Python loader")
+    ap.add_argument("--tmp", default="/tmp", help="where the synthetic file is written")
+    args = ap.parse_args(argv)
+    if args.file:
+        compare(args.file, args.runs, args.python_runs)
+        return
+    synth = make_synthetic(Path(args.tmp) / f"afmfast_synth_{args.size_mb:g}MB.libfm",
+                           size_mb=args.size_mb)
+    compare(synth, args.runs, args.python_runs)
+    if FRAPPE.exists():
+        compare(FRAPPE, max(args.runs, 21), max(args.python_runs, 5))
+    else:
+        print(f"(Frappe file {FRAPPE} absent: skipped)")
+
+
+if __name__ == "__main__":
+    # run from a source checkout without installing: the repository root holds afmfast
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
