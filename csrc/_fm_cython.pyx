@@ -18,12 +18,13 @@ DTYPE is the dtype of params.V (float32 or float64); every other float array mus
 
 How a step runs (every sum over the rows of the batch has one fixed order, so the result
 is bit-identical for any n_threads):
-    1. serial: batch-local nonzero offsets; a stable counting sort groups the batch's
-       nonzeros by feature id (``slot`` maps a feature to its group, -1 when untouched,
-       and is reset after use), giving the touched features and, for each, its
-       occurrences in row order.
-    2. prange over rows: s = sum v x, f = 1/2 (s^2 - sum (v x)^2), linear term.
-    3. serial in row order: batch-norm mean and biased variance (double).
+    1. serial: batch-local nonzero offsets (rows validated).
+    2. prange over rows: s = sum v x, f = 1/2 (s^2 - sum (v x)^2), linear term; the
+       row's nonzeros are copied to contiguous batch-order buffers (ids validated).
+    3. serial: a stable counting sort groups the batch's nonzeros by feature id
+       (``slot`` maps a feature to its group, -1 when untouched, reset after use),
+       giving the touched features and, for each, its occurrences in row order.
+       Then batch-norm mean and biased variance in row order (double).
     4. prange over rows: normalisation, dropout mask, prediction, residual r, row loss.
     5. serial in row order: loss, dense gradients (w0, gamma, beta), batch-norm sums.
     6. prange over rows: df (dloss/df) per row.
@@ -83,7 +84,9 @@ cdef class FMWorkspace:
     # integer buffers
     cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
     cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (kept so between steps)
-    cdef int32_t* occ_u      # (nnz,) group of each nonzero, batch order
+    cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order, then
+                             # (in place) its group
+    cdef int32_t* row_bad    # (B,) 1 when the row holds a feature id outside [0, M)
     cdef int32_t* uniq       # (u_cap,) feature id of each group
     cdef int64_t* ustart     # (u_cap + 1,) group g's occurrences are ustart[g]:ustart[g+1]
     cdef int64_t* cursor     # (u_cap,) counting-sort counters
@@ -99,6 +102,7 @@ cdef class FMWorkspace:
     cdef double* sum_dzfh    # (k,) sum_b dz fh (= gradient of gamma)
     # DTYPE buffers (element size self.itemsize)
     cdef void* grp_x         # (nnz,) value of each occurrence, grouped by feature
+    cdef void* occ_x         # (nnz,) value of each nonzero in batch order
     cdef void* S             # (B, k) s = sum v x
     cdef void* F             # (B, k) f, then f-hat, then df
     cdef void* SC            # (B, k) dropout scale: 0 or 1/keep
@@ -131,7 +135,8 @@ cdef class FMWorkspace:
         self.slot = <int32_t*>_alloc(M * sizeof(int32_t))
         for i in range(M):
             self.slot[i] = -1
-        self.occ_u = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.occ = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
         self.uniq = <int32_t*>_alloc(U * sizeof(int32_t))
         self.ustart = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
         self.cursor = <int64_t*>_alloc(U * sizeof(int64_t))
@@ -145,6 +150,7 @@ cdef class FMWorkspace:
         self.sum_dz = <double*>_alloc(k * sizeof(double))
         self.sum_dzfh = <double*>_alloc(k * sizeof(double))
         self.grp_x = _alloc(N * isz)
+        self.occ_x = _alloc(N * isz)
         self.S = _alloc(B * k * isz)
         self.F = _alloc(B * k * isz)
         self.SC = _alloc(B * k * isz)
@@ -155,11 +161,11 @@ cdef class FMWorkspace:
 
     def __dealloc__(self):
         # free(NULL) is a no-op, so a half-built workspace is fine too.
-        free(self.off); free(self.slot); free(self.occ_u); free(self.uniq)
+        free(self.off); free(self.slot); free(self.occ); free(self.row_bad); free(self.uniq)
         free(self.ustart); free(self.cursor); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
         free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh)
-        free(self.grp_x); free(self.S); free(self.F); free(self.SC); free(self.G)
+        free(self.grp_x); free(self.occ_x); free(self.S); free(self.F); free(self.SC); free(self.G)
         free(self.lin); free(self.kbuf); free(self.gdense)
 
     def __repr__(self):
@@ -194,29 +200,43 @@ ctypedef struct StepArgs:
     int64_t err_value
 
 
-cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const floating* values,
-                              const floating* V, const floating* w, floating* S,
-                              floating* F, floating* lin) noexcept nogil:
-    cdef Py_ssize_t k = a.k, f, p
-    cdef int64_t row = a.rows[b]
+cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
+                              const floating* values, const floating* V, const floating* w,
+                              floating* S, floating* F, floating* lin, int32_t* occ,
+                              floating* occ_x, int32_t* row_bad) noexcept nogil:
+    """s, f and the linear term of row b. Also copies the row's nonzeros to the batch-order
+    buffers occ/occ_x: the serial grouping then reads contiguous memory instead of paying
+    the shuffled rows' cache misses a second time."""
+    cdef Py_ssize_t k = a.k, f, t, n
+    cdef int64_t row = a.rows[b], start = a.indptr[row], q = off[b]
     cdef floating* s = S + b * k
     cdef floating* sq = F + b * k  # holds sum (v x)^2 until f replaces it
     cdef const floating* v
-    cdef floating x, t, acc = 0
+    cdef floating x, tv, acc = 0
+    cdef int32_t j
+    cdef int bad = 0
+    n = off[b + 1] - q
     for f in range(k):
         s[f] = 0
         sq[f] = 0
-    for p in range(a.indptr[row], a.indptr[row + 1]):
-        x = values[p]
-        v = V + <Py_ssize_t>a.indices[p] * k
-        acc = acc + w[a.indices[p]] * x
+    for t in range(n):
+        j = a.indices[start + t]
+        x = values[start + t]
+        occ[q + t] = j
+        occ_x[q + t] = x
+        if j < 0 or j >= a.M:
+            bad = 1
+            continue
+        v = V + <Py_ssize_t>j * k
+        acc = acc + w[j] * x
         for f in range(k):
-            t = v[f] * x
-            s[f] = s[f] + t
-            sq[f] = sq[f] + t * t
+            tv = v[f] * x
+            s[f] = s[f] + tv
+            sq[f] = sq[f] + tv * tv
     for f in range(k):
         sq[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
     lin[b] = acc
+    row_bad[b] = bad
 
 
 cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* y,
@@ -309,69 +329,70 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
 
 
-cdef int _group(StepArgs* a, FMWorkspace ws, const floating* values,
-                floating* grp_x, Py_ssize_t* n_groups) noexcept nogil:
-    """Offsets and the stable counting sort of the batch's nonzeros by feature."""
-    cdef Py_ssize_t B = a.B, b, t, n, q, U = 0, u
-    cdef int64_t row, start, pos
-    cdef int32_t j
-    cdef int64_t* off = ws.off
-    cdef int32_t* slot = ws.slot
+cdef int _offsets(StepArgs* a, int64_t* off) noexcept nogil:
+    """Batch-local nonzero offsets; validates rows and the workspace's nnz bound."""
+    cdef Py_ssize_t b
+    cdef int64_t row
     off[0] = 0
-    for b in range(B):
+    for b in range(a.B):
         row = a.rows[b]
         if row < 0 or row >= a.n_rows:
             a.err_pos = b
             a.err_value = row
             return ERR_ROW
         off[b + 1] = off[b] + (a.indptr[row + 1] - a.indptr[row])
-    if off[B] > a.nnz_cap:
-        a.err_value = off[B]
+    if off[a.B] > a.nnz_cap:
+        a.err_value = off[a.B]
         return ERR_NNZ
-    for b in range(B):
-        start = a.indptr[a.rows[b]]
-        n = off[b + 1] - off[b]
-        for t in range(n):
-            j = a.indices[start + t]
-            if j < 0 or j >= a.M:
-                for u in range(U):
-                    slot[ws.uniq[u]] = -1
-                a.err_pos = start + t
-                a.err_value = j
-                return ERR_FEATURE
-            u = slot[j]
-            if u < 0:
-                u = U
-                slot[j] = <int32_t>U
-                ws.uniq[U] = j
-                ws.cursor[U] = 0
-                U += 1
-            ws.cursor[u] += 1
-            ws.occ_u[off[b] + t] = <int32_t>u
-    ws.ustart[0] = 0
-    for u in range(U):
-        ws.ustart[u + 1] = ws.ustart[u] + ws.cursor[u]
-        ws.cursor[u] = ws.ustart[u]
-        slot[ws.uniq[u]] = -1
-    for b in range(B):
-        start = a.indptr[a.rows[b]]
-        n = off[b + 1] - off[b]
-        for t in range(n):
-            q = off[b] + t
-            u = ws.occ_u[q]
-            pos = ws.cursor[u]
-            ws.cursor[u] = pos + 1
-            ws.grp_row[pos] = <int32_t>b
-            grp_x[pos] = values[start + t]
-    n_groups[0] = U
     return 0
+
+
+cdef Py_ssize_t _group(StepArgs* a, FMWorkspace ws, floating* grp_x) noexcept nogil:
+    """Stable counting sort of the batch's nonzeros (occ, occ_x, batch order) by feature;
+    returns the number of touched features. slot is back to all -1 on return."""
+    cdef Py_ssize_t B = a.B, b, q, U = 0, u
+    cdef int64_t pos
+    cdef int64_t* off = ws.off
+    cdef int32_t* slot = ws.slot
+    cdef int32_t* occ = ws.occ
+    cdef int32_t* uniq = ws.uniq
+    cdef int64_t* cursor = ws.cursor
+    cdef int64_t* ustart = ws.ustart
+    cdef int32_t* grp_row = ws.grp_row
+    cdef const floating* occ_x = <floating*>ws.occ_x
+    cdef int32_t j
+    cdef Py_ssize_t nnz = off[B]
+    for q in range(nnz):
+        j = occ[q]
+        u = slot[j]
+        if u < 0:
+            u = U
+            slot[j] = <int32_t>U
+            uniq[U] = j
+            cursor[U] = 0
+            U += 1
+        cursor[u] += 1
+        occ[q] = <int32_t>u  # in place: the feature id is in uniq[u] from now on
+    ustart[0] = 0
+    for u in range(U):
+        ustart[u + 1] = ustart[u] + cursor[u]
+        cursor[u] = ustart[u]
+        slot[uniq[u]] = -1
+    for b in range(B):
+        for q in range(off[b], off[b + 1]):
+            u = occ[q]
+            pos = cursor[u]
+            cursor[u] = pos + 1
+            grp_row[pos] = <int32_t>b
+            grp_x[pos] = occ_x[q]
+    return U
 
 
 cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* dense,
                      floating* bn, floating* sV, floating* sw, floating* sd,
                      double* loss_out) noexcept nogil:
-    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0
+    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0, q
     cdef int nt = a.n_threads, err
     cdef floating* S = <floating*>ws.S
     cdef floating* F = <floating*>ws.F
@@ -390,12 +411,22 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef double loss = 0, gw0 = 0, d, rb
     cdef floating* fr
 
-    err = _group(a, ws, values, grp_x, &U)
+    err = _offsets(a, ws.off)
     if err:
         return err
 
     for b in prange(B, schedule="static", num_threads=nt):
-        _forward_row(a, b, values, V, w, S, F, lin)
+        _forward_row(a, b, ws.off, values, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x,
+                     ws.row_bad)
+    for b in range(B):
+        if ws.row_bad[b]:
+            for q in range(ws.off[b], ws.off[b + 1]):
+                if ws.occ[q] < 0 or ws.occ[q] >= M:
+                    a.err_pos = a.indptr[a.rows[b]] + q - ws.off[b]
+                    a.err_value = ws.occ[q]
+                    return ERR_FEATURE
+
+    U = _group(a, ws, grp_x)
 
     if a.batch_norm:
         for f in range(k):
