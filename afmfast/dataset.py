@@ -275,12 +275,14 @@ def _describe_error(name, data, offset, n_features):
     return f"{what}: {token!r}"
 
 
-def load_libfm(path, n_features=None):
+def load_libfm(path, n_features=None, *, n_threads=1):
     """Read a libFM text file into a :class:`Dataset`.
 
     Each line is one row, ``label id:value id:value ...`` (see the module docstring for
     the accepted layout). Ids are used as they are; ``n_features`` defaults to the
-    largest id + 1, and when given every id must be below it. Raises
+    largest id + 1, and when given every id must be below it. ``n_threads`` > 1 parses
+    line-aligned chunks of a large file (>= 1 MB each) in parallel; the result and the
+    error reported do not depend on it. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the
     line and the problem for any malformed content (nothing is skipped silently).
     """
@@ -293,7 +295,8 @@ def load_libfm(path, n_features=None):
         data = fh.read()
     start = len(_BOM) if data.startswith(_BOM) else 0
     limit = n_features if n_features is not None else _INT32_MAX + 1
-    code, offset, indptr, indices, values, y, max_id = _reader.parse(data, start, limit)
+    code, offset, indptr, indices, values, y, max_id = _reader.parse(
+        data, start, limit, n_threads)
     if code:
         name = {v: k for k, v in _reader.ERROR_CODES.items()}[code]
         line = data.count(b"\n", 0, offset) + 1

@@ -2,7 +2,7 @@
 """Native parser of libFM text (compiled to ``afmfast._reader``); ``afmfast.dataset.load_libfm``
 is its only caller and turns its error codes into messages.
 
-Contract of ``parse(data, start, n_features_limit)``:
+Contract of ``parse(data, start=0, n_features_limit=2^31, n_threads=1, min_chunk=1 MB)``:
 
 - ``data`` is a ``bytes`` object holding a whole file; parsing starts at byte ``start``
   (past a BOM). ``bytes`` is required because CPython keeps a NUL after its last byte, a
@@ -23,15 +23,19 @@ Contract of ``parse(data, start, n_features_limit)``:
   starts. Line numbers are counted by the caller from the offset, only on error, so the
   hot loop keeps no line counter.
 
-Structure: a counting pass (newlines, colons, NULs; vectorised by the compiler) sizes the
-arrays exactly, then ``parse_range`` does a single pass over a byte range that starts at
-a line start. Both work on arbitrary line-aligned ranges, which is what a later parallel
-version needs (count per chunk, prefix-sum the counts, parse chunks into their slots).
+Structure: the buffer is cut at line starts into up to ``n_threads`` chunks; a counting
+pass per chunk (newlines, colons, NULs; vectorised by the compiler) sizes the arrays
+exactly and, prefix-summed, gives each chunk its first row and nonzero slot; then
+``parse_range`` makes a single pass over each chunk, in parallel (``prange``). The
+result, and the first error reported (that of the lowest failing chunk), do not depend
+on ``n_threads``.
 """
 import numpy as np
 
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.math cimport isfinite
+from libc.string cimport memchr
+from cython.parallel cimport prange
 
 cdef extern from *:
     """
@@ -341,42 +345,107 @@ def count(bytes data, Py_ssize_t start=0):
     return a, b, z
 
 
-def parse(bytes data, Py_ssize_t start=0, int64_t n_features_limit=2147483648):
-    """Parse libFM text in data[start:]; see the module docstring for the result."""
+cdef void parse_chunk(const char* base, Py_ssize_t start, Py_ssize_t end, Py_ssize_t row0,
+                      Py_ssize_t nnz0, int64_t limit, int64_t* indptr, int32_t* indices,
+                      float* values, float* y, int64_t* res) noexcept nogil:
+    """parse_range of one chunk into its slots (rows from row0, nonzeros from nnz0);
+    res receives code, error offset, rows, nonzeros, max id. Only locals, so it can run
+    as a prange body."""
+    cdef Out o
+    cdef Py_ssize_t rows = 0, nnz = 0, off = 0
+    cdef int64_t mx = -1
+    o.indptr = indptr + row0
+    o.indices = indices + nnz0
+    o.values = values + nnz0
+    o.y = y + row0
+    res[0] = parse_range(base, start, end, nnz0, limit, &o, &rows, &nnz, &mx, &off)
+    res[1] = off
+    res[2] = rows
+    res[3] = nnz
+    res[4] = mx
+
+
+# Below this many bytes per thread, starting threads costs more than it saves.
+MIN_CHUNK_BYTES = 1 << 20
+
+
+def parse(bytes data, Py_ssize_t start=0, int64_t n_features_limit=2147483648,
+          int n_threads=1, Py_ssize_t min_chunk=MIN_CHUNK_BYTES):
+    """Parse libFM text in data[start:]; see the module docstring for the result.
+
+    With ``n_threads`` > 1 the buffer is cut at line starts into up to that many chunks
+    of at least ``min_chunk`` bytes (tests make it tiny); each is counted and parsed by its own thread into its
+    slots. The result (and the first error reported) does not depend on n_threads."""
     cdef const char* base = data
     cdef Py_ssize_t n = len(data)
-    cdef Py_ssize_t newlines, colons, nuls, rows_cap
-    cdef Py_ssize_t n_rows = 0, nnz = 0, err_off = 0
-    cdef int64_t max_id = -1
-    cdef int code
-    cdef Out o
+    cdef Py_ssize_t i, c, n_chunks
+    cdef const char* q
+    cdef int code = E_OK
+    cdef Py_ssize_t err_off = 0
     if start < 0 or start > n:
         raise ValueError(f"start must be in [0, {n}], got {start}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    n_chunks = min(<Py_ssize_t>n_threads, max(1, (n - start) // max(min_chunk, 1)))
+    # chunk c covers [bounds[c], bounds[c + 1]); every inner bound follows a LF
+    bounds_a = np.empty(n_chunks + 1, dtype=np.intp)
+    cdef Py_ssize_t[::1] bounds = bounds_a
+    bounds[0] = start
+    for c in range(1, n_chunks):
+        i = start + (n - start) * c // n_chunks
+        if i < bounds[c - 1]:
+            i = bounds[c - 1]
+        q = <const char*>memchr(base + i, b'\n', n - i)
+        bounds[c] = n if q == NULL else (q - base) + 1
+    bounds[n_chunks] = n
+    stats_a = np.zeros((n_chunks, 3), dtype=np.intp)   # newlines, colons, NULs
+    cdef Py_ssize_t[:, ::1] stats = stats_a
     with nogil:
-        count_range(<const unsigned char*>base + start, n - start, &newlines, &colons, &nuls)
-    if nuls:
+        for c in prange(n_chunks, num_threads=n_chunks, schedule="static"):
+            count_range(<const unsigned char*>base + bounds[c], bounds[c + 1] - bounds[c],
+                        &stats[c, 0], &stats[c, 1], &stats[c, 2])
+    if stats_a[:, 2].any():
         return (E_NUL, data.index(b"\0", start), None, None, None, None, -1)
-    # One row per LF, plus an unterminated last line; blank lines are errors, so the
-    # only slack is that last slot, and a valid file has exactly one colon per nonzero.
-    rows_cap = newlines + 1
+    # Rows of a chunk: one per LF, plus an unterminated last line in the last chunk;
+    # blank lines are errors, so on success these are exact for all but that last slot,
+    # and a valid file has exactly one colon per nonzero.
+    row0_a = np.zeros(n_chunks + 1, dtype=np.intp)
+    np.cumsum(stats_a[:, 0], out=row0_a[1:])
+    row0_a[n_chunks] += 1
+    nnz0_a = np.zeros(n_chunks + 1, dtype=np.intp)
+    np.cumsum(stats_a[:, 1], out=nnz0_a[1:])
+    cdef Py_ssize_t[::1] row0 = row0_a
+    cdef Py_ssize_t[::1] nnz0 = nnz0_a
+    cdef Py_ssize_t rows_cap = row0[n_chunks]
+    cdef Py_ssize_t colons = nnz0[n_chunks]
     indptr = np.empty(rows_cap + 1, dtype=np.int64)
-    indices = np.empty(colons, dtype=np.int32)
-    values = np.empty(colons, dtype=np.float32)
+    indices = np.empty(max(colons, 1), dtype=np.int32)
+    values = np.empty(max(colons, 1), dtype=np.float32)
     y = np.empty(rows_cap, dtype=np.float32)
     cdef int64_t[::1] indptr_v = indptr
     cdef int32_t[::1] indices_v = indices
     cdef float[::1] values_v = values
     cdef float[::1] y_v = y
     indptr_v[0] = 0
-    o.indptr = &indptr_v[0]
-    o.indices = &indices_v[0] if colons > 0 else NULL
-    o.values = &values_v[0] if colons > 0 else NULL
-    o.y = &y_v[0]
+    res_a = np.zeros((n_chunks, 5), dtype=np.int64)  # code, err_off, rows, nnz, max_id
+    cdef int64_t[:, ::1] res = res_a
     with nogil:
-        code = parse_range(base, start, n, 0, n_features_limit, &o, &n_rows, &nnz,
-                           &max_id, &err_off)
-    if code != E_OK:
-        return (code, err_off, None, None, None, None, -1)
+        for c in prange(n_chunks, num_threads=n_chunks, schedule="static"):
+            parse_chunk(base, bounds[c], bounds[c + 1], row0[c], nnz0[c], n_features_limit,
+                        &indptr_v[0], &indices_v[0], &values_v[0], &y_v[0], &res[c, 0])
+    for c in range(n_chunks):
+        if res[c, 0] != E_OK:
+            # chunks before c parsed cleanly, so this is the first error of the file
+            return (int(res[c, 0]), int(res[c, 1]), None, None, None, None, -1)
+        # a chunk that parsed cleanly filled exactly its slots (see above)
+        last = c == n_chunks - 1
+        if res[c, 3] != nnz0[c + 1] - nnz0[c] or (
+                not last and res[c, 2] != row0[c + 1] - row0[c]):
+            raise AssertionError(f"libFM reader: chunk {c} filled {res[c, 2]} rows and "
+                                 f"{res[c, 3]} nonzeros, counted otherwise")
+    n_rows = row0[n_chunks - 1] + res[n_chunks - 1, 2]
+    nnz = colons
+    max_id = int(res_a[:, 4].max())
     return (0, 0, indptr[: n_rows + 1], indices[:nnz], values[:nnz], y[:n_rows], max_id)
 
 

@@ -380,11 +380,52 @@ def test_parse_double_rejects_what_python_float_also_rejects_here():
         assert _reader.parse_double(tok) is None, tok
 
 
+# ---------------------------------------------------------------- parallel chunks
+
+def same_result(a, b):
+    return all(np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+               for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunked_parse_does_not_depend_on_thread_count(seed):
+    rng = np.random.default_rng(200 + seed)
+    data = random_file(rng, int(rng.integers(0, 300)))
+    one = _reader.parse(data, 0, 2**31, 1)
+    assert one[0] == 0
+    for n_threads in (2, 3, 7, 64):
+        assert same_result(one, _reader.parse(data, 0, 2**31, n_threads, 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_parse_reports_the_first_error(seed):
+    rng = np.random.default_rng(300 + seed)
+    data = bytearray(random_file(rng, 100))
+    alphabet = b" \t\r\n:-+.ex\0"
+    for _ in range(60):
+        d = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            d[int(rng.integers(len(d)))] = alphabet[rng.integers(len(alphabet))]
+        d = bytes(d)
+        one = _reader.parse(d, 0, 50, 1)
+        for n_threads in (2, 5):
+            assert same_result(one, _reader.parse(d, 0, 50, n_threads, 1))
+
+
+def test_load_libfm_n_threads(tmp_path):
+    path = write(tmp_path, b"1 3:1\n-1 4:2\n" * 1000)
+    a, b = load_libfm(path), load_libfm(path, n_threads=2)
+    assert same_result(a.X + (a.y,), b.X + (b.y,))
+    with pytest.raises(ValueError, match="n_threads"):
+        load_libfm(path, n_threads=0)
+
+
 # ---------------------------------------------------------------- the real Frappe file
 
 @pytest.mark.skipif(not FRAPPE.exists(), reason="research data ../shared absent")
 def test_frappe_validation_file():
     ds = load_libfm(FRAPPE)
+    assert same_result(ds.X, load_libfm(FRAPPE, n_threads=2).X)
     assert len(ds) == 57722
     assert ds.nnz == 577220
     np.testing.assert_array_equal(np.diff(ds.indptr), 10)
