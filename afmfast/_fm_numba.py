@@ -17,11 +17,12 @@ Functions
 DTYPE is float32 or float64 (one compiled specialisation each); all arithmetic is float64
 and rounded once when stored, as in ``afmfast.reference``.
 
-Step layout: a serial counting sort groups the batch's nonzeros by feature; a prange over
-rows computes f and s; batch-norm statistics and all other sums across rows run in row
-order (over blocks of factors in parallel), so the result does not depend on the thread
-count; a prange over the unique touched features sums each feature's gradient over its
-occurrences in increasing order and applies the optimiser to that row.
+Step layout: a prange over rows gathers the batch's nonzeros into contiguous arrays; a
+prange over rows computes s and f; a serial counting sort groups the nonzeros by feature;
+batch-norm statistics and all other sums across rows run in row order (over blocks of
+factors in parallel), so the result does not depend on the thread count; a prange over
+the unique touched features sums each feature's gradient over its occurrences in
+increasing order and applies the optimiser to that row.
 """
 from collections import namedtuple
 
@@ -43,9 +44,11 @@ __all__ = ["FMWorkspace", "fm_workspace", "fm_step", "fm_predict"]
 
 FMWorkspace = namedtuple(
     "FMWorkspace",
-    "slot uniq ustart ucur occ_row occ_x s f df lin r kvec gdense ul2 tacc",
+    "offs bidx bval slot uniq ustart ucur occ_row occ_x s f df lin r kvec gdense ul2 tacc",
 )
-FMWorkspace.__doc__ = """Scratch of ``fm_step``. slot int32 (M,) stays -1 between steps;
+FMWorkspace.__doc__ = """Scratch of ``fm_step``. offs int64 (B + 1,): batch-local offsets of
+the rows' nonzeros; bidx int32 / bval float64 (max_batch_nnz,): the batch's nonzeros
+gathered contiguously (id -1 for an id outside [0, M)); slot int32 (M,) stays -1 between steps;
 uniq/ustart/ucur: unique touched features and their occurrence ranges; occ_row/occ_x: row
 and value of every occurrence grouped by feature; s, f, df float64 (B, k); lin, r (B,);
 kvec (5, k) = [mu, var, inv_std, sum dz, sum dz*fh]; gdense (1 + 2k,); ul2 per touched row
@@ -77,6 +80,9 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
     kpad = (k + 7) // 8 * 8 + 8
     f8 = np.float64
     return FMWorkspace(
+        offs=np.zeros(B + 1, dtype=np.int64),
+        bidx=np.zeros(max(cap, 1), dtype=np.int32),
+        bval=np.zeros(max(cap, 1), dtype=f8),
         slot=np.full(M, -1, dtype=np.int32),
         uniq=np.zeros(cap_u, dtype=np.int32),
         ustart=np.zeros(cap_u + 1, dtype=np.int64),
@@ -96,34 +102,38 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 
 
 @njit(**_SER)
-def _group_by_feature(indptr, indices, values, rows, M, slot, uniq, ustart, ucur,
-                      occ_row, occ_x):
-    """Stable counting sort of the batch's nonzeros by feature id. Returns the number of
-    unique touched features U (uniq[:U] in order of first appearance, occurrences of
-    uniq[u] at occ_*[ustart[u]:ustart[u+1]] in batch order), or -1 if the batch holds
-    more nonzeros than the workspace. Leaves ``slot`` all -1 again."""
-    B = rows.shape[0]
+def _batch_offsets(indptr, rows, offs):
+    """offs[b] = start of row b's nonzeros in the batch-local arrays; returns nnz."""
     nnz = 0
-    for b in range(B):
+    for b in range(rows.shape[0]):
+        offs[b] = nnz
         r = rows[b]
         nnz += indptr[r + 1] - indptr[r]
-    if nnz > occ_row.shape[0]:
-        return -1
+    offs[rows.shape[0]] = nnz
+    return nnz
+
+
+@njit(**_SER)
+def _group_by_feature(offs, bidx, bval, B, slot, uniq, ustart, ucur, occ_row, occ_x):
+    """Stable counting sort of the gathered batch nonzeros by feature id. Returns the
+    number U of unique touched features: uniq[:U] in order of first appearance, the
+    occurrences of uniq[u] at occ_*[ustart[u]:ustart[u+1]] in batch order. Reads only
+    the contiguous gathered arrays (the random reads of X happen in the parallel
+    forward pass). Leaves ``slot`` all -1 again."""
+    nnz = offs[B]
     U = 0
-    for b in range(B):
-        r = rows[b]
-        for p in range(indptr[r], indptr[r + 1]):
-            j = indices[p]
-            if j < 0 or j >= M:
-                continue
-            u = slot[j]
-            if u < 0:
-                u = U
-                slot[j] = U
-                uniq[U] = j
-                ucur[U] = 0
-                U += 1
-            ucur[u] += 1
+    for q in range(nnz):
+        j = bidx[q]
+        if j < 0:
+            continue
+        u = slot[j]
+        if u < 0:
+            u = U
+            slot[j] = U
+            uniq[U] = j
+            ucur[U] = 0
+            U += 1
+        ucur[u] += 1
     pos = 0
     for u in range(U):
         ustart[u] = pos
@@ -131,16 +141,15 @@ def _group_by_feature(indptr, indices, values, rows, M, slot, uniq, ustart, ucur
         ucur[u] = ustart[u]
     ustart[U] = pos
     for b in range(B):
-        r = rows[b]
-        for p in range(indptr[r], indptr[r + 1]):
-            j = indices[p]
-            if j < 0 or j >= M:
+        for q in range(offs[b], offs[b + 1]):
+            j = bidx[q]
+            if j < 0:
                 continue
             u = slot[j]
-            q = ucur[u]
-            occ_row[q] = b
-            occ_x[q] = values[p]
-            ucur[u] = q + 1
+            t = ucur[u]
+            occ_row[t] = b
+            occ_x[t] = bval[q]
+            ucur[u] = t + 1
     # Only the touched entries are reset, so the step never pays O(M).
     for u in range(U):
         slot[uniq[u]] = -1
@@ -196,31 +205,40 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                     seed, ustep, step, ws):
     """The whole step; returns (loss, status) with status -1 when the batch does not fit
     the workspace (nothing is modified then)."""
-    (slot, uniq, ustart, ucur, occ_row, occ_x, S, F, DF, LIN, R, kvec, gdense, ul2,
-     tacc) = ws
+    (offs, bidx, bval, slot, uniq, ustart, ucur, occ_row, occ_x, S, F, DF, LIN, R, kvec,
+     gdense, ul2, tacc) = ws
     B = rows.shape[0]
     M = V.shape[0]
     k = V.shape[1]
 
-    U = _group_by_feature(indptr, indices, values, rows, M, slot, uniq, ustart, ucur,
-                          occ_row, occ_x)
-    if U < 0:
+    if _batch_offsets(indptr, rows, offs) > bidx.shape[0]:
         return np.nan, -1
+
+    # Gather the batch's nonzeros into contiguous batch-local arrays first: a loop that
+    # only copies keeps many independent cache misses on the random rows of X in flight,
+    # and every later pass reads the contiguous copy.
+    for b in prange(B):
+        r = rows[b]
+        q = offs[b]
+        p0 = indptr[r]
+        for i in range(indptr[r + 1] - p0):
+            j = indices[p0 + i]
+            bidx[q + i] = j if (j >= 0 and j < M) else -1
+            bval[q + i] = values[p0 + i]
 
     # Forward per row: s = sum v x, f = (s^2 - sum (v x)^2) / 2, linear term.
     for b in prange(B):
-        r = rows[b]
         sb = S[b]
         fb = F[b]
         for c in range(k):
             sb[c] = 0.0
             fb[c] = 0.0
         lin = 0.0
-        for p in range(indptr[r], indptr[r + 1]):
-            j = indices[p]
-            if j < 0 or j >= M:
+        for q in range(offs[b], offs[b + 1]):
+            j = bidx[q]
+            if j < 0:
                 continue
-            x = np.float64(values[p])
+            x = bval[q]
             lin += np.float64(w[j]) * x
             vj = V[j]
             for c in range(k):
@@ -230,6 +248,8 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
         for c in range(k):
             fb[c] = 0.5 * (sb[c] * sb[c] - fb[c])
         LIN[b] = lin
+
+    U = _group_by_feature(offs, bidx, bval, B, slot, uniq, ustart, ucur, occ_row, occ_x)
 
     mu = kvec[0]
     var = kvec[1]
