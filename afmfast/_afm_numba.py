@@ -1,0 +1,841 @@
+"""Numba backend of the AFM kernels (the contract is the AFM section of
+``afmfast.kernel_api``; the float64 truth is ``afmfast.reference.afm_*``).
+
+Functions
+    afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
+                  attention_size, dtype) -> AFMWorkspace
+        Scratch for one fit, allocated once (not thread safe: one workspace per
+        concurrently running fit). ``max_batch_pairs`` bounds the sum over a batch's rows
+        of n (n - 1) / 2. The pair scratch (E, U) is in ``dtype``; everything else float64.
+    afm_step(X, y, rows, params, state, cfg, ws) -> float
+        X = (indptr int64 (N+1,), indices int32 (nnz,), values DTYPE (nnz,)), y DTYPE (N,),
+        rows int64 (B,). Mutates params.V/w (touched rows only, unless cfg.freeze_fm),
+        params.W (only with cfg.attention), params.dense ([w0, p, b, h]: w0 not with
+        freeze_fm, b and h only with attention), the matching entries of ``state``, and
+        the workspace. Returns the batch loss before the update. Ids outside [0, M) are
+        skipped (memory safety only: the Python layer rejects them earlier).
+    afm_predict(X, params, attention, activation, n_threads, out)
+        out DTYPE (N,) receives raw scores (no dropout); ids >= M form no pairs.
+    afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
+                weight_out, contribution_out)
+        pair_indptr int64 (N+1,) from the count n of each row's ids < M (n (n-1)/2 pairs);
+        fills i_out/j_out (int64 feature ids, p < q in row order), weight_out (a_pq, 1 with
+        attention off) and contribution_out (a_pq p . e_pq).
+DTYPE is float32 or float64 (one compiled specialisation each).
+
+Precision: the attention products (E W^T, dU^T E, dU W) run in DTYPE, so float32 models
+use float32 SIMD for the hot spot; logits, softmax, residuals, pooled vector, every sum
+across pairs or rows that is not part of a product, the optimiser and the V gradients
+run in float64 and are rounded once on store. dW is summed per chunk in DTYPE and across
+chunks in float64.
+
+Step layout (deterministic for any thread count):
+  1. serial: per-row counts of nonzeros and pairs (prefix sums), the batch's nonzeros
+     gathered in batch order ("occurrences"), grouped by feature (stable counting sort);
+  2. the batch's rows are cut into at most ``n_chunks`` chunks of consecutive rows with
+     about equal work; the cut depends only on the batch, never on the thread count;
+  3. prange over chunks, rows of a chunk in order: the whole forward and backward of a
+     row (vx, E, U = E W^T + b, softmax, dropout masks, y_hat, residual, ds, dU,
+     dE = a' dg + dU W, dvx per occurrence); each chunk accumulates its own dW (t, k),
+     dw0, dp, db, dh and squared residuals in row and pair order;
+  4. chunk partials are summed in chunk order (prange over the t rows of W);
+  5. prange over the unique touched features: V/w gradients summed over occurrences in
+     batch order, + l2 v, optimiser; then the dense parameters and W.
+"""
+import math
+from collections import namedtuple
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._numba_common import (
+    effective_lr,
+    keep_unit,
+    opt_row,
+    opt_update,
+    row_key,
+    step_key,
+)
+from .kernel_api import IDENTITY, RELU, SIGMOID, TANH, dropout_threshold
+
+__all__ = ["AFMWorkspace", "afm_workspace", "afm_step", "afm_predict", "afm_explain"]
+
+AFMWorkspace = namedtuple(
+    "AFMWorkspace",
+    "slot uniq ustart ucur occ_list nzoff pairoff occ_feat occ_x occ_b VX DVX E U A SC0 D "
+    "R WT ch_lo cW cvec gW gdense ul2 tbuf tacc",
+)
+AFMWorkspace.__doc__ = """Scratch of ``afm_step`` (see the module docstring).
+slot int32 (M,) stays -1 between steps; uniq/ustart/ucur/occ_list: unique touched
+features and their occurrences (indices into the occ_* arrays) in batch order;
+nzoff/pairoff int64 (B+1,): prefix sums of the rows' nonzeros and pairs; occ_feat, occ_x,
+occ_b: feature, value and batch row of each occurrence; VX (nnz, k) DTYPE: v x;
+DVX (nnz, k) float64: gradient of V from each occurrence; E (pairs, k) DTYPE: pair
+products, then dE; U (pairs, t) DTYPE: pre-activations, then dU; A, SC0, D (pairs,)
+float64: attention weights, attention dropout scales, da then ds; R (B,): residuals;
+WT (k, t) DTYPE: W transposed; ch_lo (n_chunks+1,) chunk bounds; cW (n_chunks, t, k)
+DTYPE and cvec (n_chunks, 2+k+2t) float64 = [sum r^2, dw0, dp, db, dh]: chunk partials;
+gW (t, k), gdense (1+k+2t,): gradients; ul2: ||v||^2 per touched row;
+tbuf (n_chunks, 3, kmax) and tacc (threads, kmax): float64 vectors."""
+
+_MASK64 = (1 << 64) - 1
+# Fixed number of chunks a batch is cut into (independent of the thread count, so the
+# summation order is too). 64 keeps every thread busy up to ~16 threads.
+_N_CHUNKS = 64
+# Pairs per block in predict/explain (per-thread scratch of _PBLK x max(k, t)).
+_PBLK = 64
+
+# 'contract' lets LLVM fuse a*b+c into FMA: rounding then depends on the compiled code
+# only, never on the thread count.
+_FM = {"contract"}
+_PAR = dict(parallel=True, fastmath=_FM, cache=True, nogil=True)
+_SER = dict(fastmath=_FM, cache=True, nogil=True)
+
+
+def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
+                  attention_size, dtype):
+    """Allocate the scratch of ``afm_step`` for batches of at most ``batch_size`` rows,
+    ``max_batch_nnz`` nonzeros and ``max_batch_pairs`` pairs, M = ``n_features``,
+    k = ``n_factors``, t = ``attention_size``, parameters of ``dtype``.
+
+    Example: ``ws = afm_workspace(4096, 40960, 184320, 5382, 16, 16, np.float32)``.
+    """
+    B, cap, pcap = int(batch_size), int(max_batch_nnz), int(max_batch_pairs)
+    M, k, t = int(n_features), int(n_factors), int(attention_size)
+    if B < 1 or cap < 0 or pcap < 0 or M < 1 or k < 1 or t < 1:
+        raise ValueError(
+            "afm_workspace needs batch_size >= 1, max_batch_nnz >= 0, max_batch_pairs >= 0, "
+            "n_features >= 1, n_factors >= 1 and attention_size >= 1; got "
+            f"{B}, {cap}, {pcap}, {M}, {k}, {t}"
+        )
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    cap1, pcap1 = max(cap, 1), max(pcap, 1)
+    cap_u = max(1, min(cap, M))
+    nch = max(1, min(B, _N_CHUNKS))
+    kmax = (max(k, t) + 7) // 8 * 8 + 8  # padded: no two threads share a cache line
+    f8 = np.float64
+    return AFMWorkspace(
+        slot=np.full(M, -1, dtype=np.int32),
+        uniq=np.zeros(cap_u, dtype=np.int32),
+        ustart=np.zeros(cap_u + 1, dtype=np.int64),
+        ucur=np.zeros(cap_u, dtype=np.int64),
+        occ_list=np.zeros(cap1, dtype=np.int64),
+        nzoff=np.zeros(B + 1, dtype=np.int64),
+        pairoff=np.zeros(B + 1, dtype=np.int64),
+        occ_feat=np.zeros(cap1, dtype=np.int32),
+        occ_x=np.zeros(cap1, dtype=f8),
+        occ_b=np.zeros(cap1, dtype=np.int32),
+        VX=np.zeros((cap1, k), dtype=dtype),
+        DVX=np.zeros((cap1, k), dtype=f8),
+        E=np.zeros((pcap1, k), dtype=dtype),
+        U=np.zeros((pcap1, t), dtype=dtype),
+        A=np.zeros(pcap1, dtype=f8),
+        SC0=np.zeros(pcap1, dtype=f8),
+        D=np.zeros(pcap1, dtype=f8),
+        R=np.zeros(B, dtype=f8),
+        WT=np.zeros((k, t), dtype=dtype),
+        ch_lo=np.zeros(nch + 1, dtype=np.int64),
+        cW=np.zeros((nch, t, k), dtype=dtype),
+        cvec=np.zeros((nch, 2 + k + 2 * t), dtype=f8),
+        gW=np.zeros((t, k), dtype=f8),
+        gdense=np.zeros(1 + k + 2 * t, dtype=f8),
+        ul2=np.zeros(cap_u, dtype=f8),
+        tbuf=np.zeros((nch, 3, kmax), dtype=f8),
+        tacc=np.zeros((numba.config.NUMBA_NUM_THREADS, kmax), dtype=f8),
+    )
+
+
+# ----------------------------------------------------------------------- small helpers
+
+@njit(**_SER)
+def _act(code, u):
+    """(act(u), act'(u)) in float64 for an activation code of kernel_api."""
+    if code == RELU:
+        if u > 0.0:
+            return u, 1.0
+        return 0.0, 0.0
+    if code == SIGMOID:
+        s = 1.0 / (1.0 + math.exp(-u))
+        return s, s * (1.0 - s)
+    if code == TANH:
+        th = math.tanh(u)
+        return th, 1.0 - th * th
+    return u, 1.0  # IDENTITY (codes are validated upstream)
+
+
+@njit(**_SER)
+def _act_value(code, u):
+    if code == RELU:
+        return u if u > 0.0 else 0.0
+    if code == SIGMOID:
+        return 1.0 / (1.0 + math.exp(-u))
+    if code == TANH:
+        return math.tanh(u)
+    return u
+
+
+@njit(**_SER)
+def _mm_acc(A, B, C, R, K, N):
+    """C[:R, :N] += A[:R, :K] @ B[:K, :N]. B and C rows must be contiguous (A may be any
+    strided view, e.g. a transpose). Register blocked 4 rows x 4 inner; the innermost
+    loop runs over contiguous N and is vectorised by LLVM. The summation order of every
+    entry is fixed by (R, K, N): K in groups of 4, each group added to C."""
+    r = 0
+    while r + 4 <= R:
+        c0 = C[r]
+        c1 = C[r + 1]
+        c2 = C[r + 2]
+        c3 = C[r + 3]
+        m = 0
+        while m + 4 <= K:
+            b0 = B[m]
+            b1 = B[m + 1]
+            b2 = B[m + 2]
+            b3 = B[m + 3]
+            a00, a01, a02, a03 = A[r, m], A[r, m + 1], A[r, m + 2], A[r, m + 3]
+            a10, a11, a12, a13 = A[r + 1, m], A[r + 1, m + 1], A[r + 1, m + 2], A[r + 1, m + 3]
+            a20, a21, a22, a23 = A[r + 2, m], A[r + 2, m + 1], A[r + 2, m + 2], A[r + 2, m + 3]
+            a30, a31, a32, a33 = A[r + 3, m], A[r + 3, m + 1], A[r + 3, m + 2], A[r + 3, m + 3]
+            for n in range(N):
+                x0 = b0[n]
+                x1 = b1[n]
+                x2 = b2[n]
+                x3 = b3[n]
+                c0[n] += a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3
+                c1[n] += a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
+                c2[n] += a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
+                c3[n] += a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
+            m += 4
+        while m < K:
+            b0 = B[m]
+            a0, a1, a2, a3 = A[r, m], A[r + 1, m], A[r + 2, m], A[r + 3, m]
+            for n in range(N):
+                x0 = b0[n]
+                c0[n] += a0 * x0
+                c1[n] += a1 * x0
+                c2[n] += a2 * x0
+                c3[n] += a3 * x0
+            m += 1
+        r += 4
+    while r < R:
+        c0 = C[r]
+        m = 0
+        while m + 4 <= K:
+            b0 = B[m]
+            b1 = B[m + 1]
+            b2 = B[m + 2]
+            b3 = B[m + 3]
+            a00, a01, a02, a03 = A[r, m], A[r, m + 1], A[r, m + 2], A[r, m + 3]
+            for n in range(N):
+                c0[n] += a00 * b0[n] + a01 * b1[n] + a02 * b2[n] + a03 * b3[n]
+            m += 4
+        while m < K:
+            b0 = B[m]
+            a0 = A[r, m]
+            for n in range(N):
+                c0[n] += a0 * b0[n]
+            m += 1
+        r += 1
+
+
+# ----------------------------------------------------------------------------- step
+
+@njit(**_SER)
+def _prepare(indptr, indices, values, rows, M, attention, nzoff, pairoff, occ_feat, occ_x,
+             occ_b, slot, uniq, ustart, ucur, occ_list, pcap):
+    """Serial part: counts, prefix sums, occurrences, grouping by feature. Returns U (the
+    number of unique touched features), -1 when the nonzeros or -2 when the pairs (with
+    attention) exceed the workspace (nothing else is modified then)."""
+    B = rows.shape[0]
+    nnz = 0
+    npairs = 0
+    for b in range(B):
+        r = rows[b]
+        n = 0
+        for p in range(indptr[r], indptr[r + 1]):
+            j = indices[p]
+            if j >= 0 and j < M:
+                n += 1
+        nzoff[b] = nnz
+        pairoff[b] = npairs
+        nnz += n
+        npairs += n * (n - 1) // 2
+    nzoff[B] = nnz
+    pairoff[B] = npairs
+    if nnz > occ_feat.shape[0]:
+        return -1
+    if attention and npairs > pcap:
+        return -2
+    o = 0
+    U = 0
+    for b in range(B):
+        r = rows[b]
+        for p in range(indptr[r], indptr[r + 1]):
+            j = indices[p]
+            if j < 0 or j >= M:
+                continue
+            occ_feat[o] = j
+            occ_x[o] = values[p]
+            occ_b[o] = b
+            o += 1
+            u = slot[j]
+            if u < 0:
+                u = U
+                slot[j] = U
+                uniq[U] = j
+                ucur[U] = 0
+                U += 1
+            ucur[u] += 1
+    pos = 0
+    for u in range(U):
+        ustart[u] = pos
+        pos += ucur[u]
+        ucur[u] = ustart[u]
+    ustart[U] = pos
+    for o in range(nnz):
+        u = slot[occ_feat[o]]
+        q = ucur[u]
+        occ_list[q] = o
+        ucur[u] = q + 1
+    for u in range(U):
+        slot[uniq[u]] = -1
+    return U
+
+
+@njit(**_SER)
+def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, dense,
+               VX, DVX, E, U, A, SC0, D, R, cW, cvec, tb, attention, activation,
+               freeze_fm, keep0, thr0, skey1, keep1, thr1, skey2):
+    """Forward and backward of batch row b (chunk ch): writes R[b], VX/DVX of its
+    occurrences, and accumulates the chunk's partial gradients."""
+    k = V.shape[1]
+    t = W.shape[0]
+    row = rows[b]
+    o0 = nzoff[b]
+    n = nzoff[b + 1] - o0
+    P0 = pairoff[b]
+    npairs = pairoff[b + 1] - P0
+    g = tb[0]
+    dg = tb[1]
+    s = tb[2]
+    cv = cvec[ch]
+
+    lin = 0.0
+    for i in range(n):
+        o = o0 + i
+        x = occ_x[o]
+        f = occ_feat[o]
+        lin += np.float64(w[f]) * x
+        vf = V[f]
+        vxo = VX[o]
+        for c in range(k):
+            vxo[c] = np.float64(vf[c]) * x
+    for c in range(k):
+        g[c] = 0.0
+
+    use_pairs = attention and npairs > 0
+    Er = E[P0:P0 + npairs]
+    Ur = U[P0:P0 + npairs]
+    if use_pairs:
+        P = 0
+        for p in range(n):
+            vp = VX[o0 + p]
+            for q in range(p + 1, n):
+                vq = VX[o0 + q]
+                eP = Er[P]
+                for c in range(k):
+                    eP[c] = vp[c] * vq[c]
+                P += 1
+        for i in range(npairs):
+            ui = Ur[i]
+            for j in range(t):
+                ui[j] = dense[1 + k + j]
+        _mm_acc(Er, WT, Ur, npairs, k, t)
+        smax = -np.inf
+        for i in range(npairs):
+            ui = Ur[i]
+            acc = 0.0
+            for j in range(t):
+                acc += np.float64(dense[1 + k + t + j]) * _act_value(activation,
+                                                                    np.float64(ui[j]))
+            A[P0 + i] = acc
+            if acc > smax:
+                smax = acc
+        tot = 0.0
+        for i in range(npairs):
+            e = math.exp(A[P0 + i] - smax)
+            A[P0 + i] = e
+            tot += e
+        rkey1 = row_key(skey1, np.uint64(row))
+        for i in range(npairs):
+            A[P0 + i] /= tot
+            sc = 1.0
+            if keep0 < 1.0:
+                sc = 1.0 / keep0 if keep_unit(rkey1, i, thr0) else 0.0
+            SC0[P0 + i] = sc
+        for i in range(npairs):
+            ap = A[P0 + i] * SC0[P0 + i]
+            ei = Er[i]
+            for c in range(k):
+                g[c] += ap * np.float64(ei[c])
+    elif not attention and n > 0:
+        # Attention off: g = sum over pairs e_pq = ((sum vx)^2 - sum vx^2) / 2, O(n k).
+        for c in range(k):
+            s[c] = 0.0
+        for i in range(n):
+            vxo = VX[o0 + i]
+            for c in range(k):
+                v = np.float64(vxo[c])
+                s[c] += v
+                g[c] += v * v
+        for c in range(k):
+            g[c] = 0.5 * (s[c] * s[c] - g[c])
+
+    # Pooled dropout, output, residual; dg holds the pooled scale until overwritten.
+    rkey2 = row_key(skey2, np.uint64(row))
+    dot = 0.0
+    for c in range(k):
+        sc = 1.0
+        if keep1 < 1.0:
+            sc = 1.0 / keep1 if keep_unit(rkey2, c, thr1) else 0.0
+        dg[c] = sc
+        dot += np.float64(dense[1 + c]) * (g[c] * sc)
+    res = np.float64(dense[0]) + lin + dot - np.float64(y[row])
+    R[b] = res
+    cv[0] += res * res
+    cv[1] += res
+    for c in range(k):
+        cv[2 + c] += res * (g[c] * dg[c])
+        dg[c] = res * np.float64(dense[1 + c]) * dg[c]
+
+    if use_pairs:
+        sad = 0.0
+        for i in range(npairs):
+            ei = Er[i]
+            acc = 0.0
+            for c in range(k):
+                acc += np.float64(ei[c]) * dg[c]
+            da = acc * SC0[P0 + i]
+            D[P0 + i] = da
+            sad += A[P0 + i] * da
+        for i in range(npairs):
+            ds = A[P0 + i] * (D[P0 + i] - sad)
+            ui = Ur[i]
+            for j in range(t):
+                av, ad = _act(activation, np.float64(ui[j]))
+                cv[2 + k + t + j] += ds * av
+                du = ds * np.float64(dense[1 + k + t + j]) * ad
+                cv[2 + k + j] += du
+                ui[j] = du
+        # dW_chunk += dU^T E (the E rows are still the pair products here).
+        _mm_acc(Ur.T, Er, cW[ch], t, npairs, k)
+        if not freeze_fm:
+            # dE = a' dg + dU W, written over E.
+            for i in range(npairs):
+                ap = A[P0 + i] * SC0[P0 + i]
+                ei = Er[i]
+                for c in range(k):
+                    ei[c] = ap * dg[c]
+            _mm_acc(Ur, W, Er, npairs, t, k)
+            for i in range(n):
+                di = DVX[o0 + i]
+                for c in range(k):
+                    di[c] = 0.0
+            P = 0
+            for p in range(n):
+                vp = VX[o0 + p]
+                dp_ = DVX[o0 + p]
+                for q in range(p + 1, n):
+                    vq = VX[o0 + q]
+                    dq = DVX[o0 + q]
+                    de = Er[P]
+                    for c in range(k):
+                        d = np.float64(de[c])
+                        dp_[c] += d * np.float64(vq[c])
+                        dq[c] += d * np.float64(vp[c])
+                    P += 1
+            for i in range(n):
+                x = occ_x[o0 + i]
+                di = DVX[o0 + i]
+                for c in range(k):
+                    di[c] *= x
+    elif not freeze_fm:
+        if not attention:
+            # dvx_p = dg * (sum_q vx_q - vx_p)
+            for i in range(n):
+                x = occ_x[o0 + i]
+                vxo = VX[o0 + i]
+                di = DVX[o0 + i]
+                for c in range(k):
+                    di[c] = dg[c] * (s[c] - np.float64(vxo[c])) * x
+        else:  # fewer than 2 nonzeros: no pairs, no gradient through V
+            for i in range(n):
+                di = DVX[o0 + i]
+                for c in range(k):
+                    di[c] = 0.0
+
+
+@njit(**_PAR)
+def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, sW, sd,
+                     lr, l2, l2a, keep0, thr0, keep1, thr1, optimizer, attention,
+                     activation, freeze_fm, useed, ustep, step, ws):
+    """The whole step; returns (loss, status), status < 0 when the batch does not fit
+    the workspace (-1 nonzeros, -2 pairs; nothing is modified then)."""
+    (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
+     E, U, A, SC0, D, R, WT, ch_lo, cW, cvec, gW, gdense, ul2, tbuf, tacc) = ws
+    B = rows.shape[0]
+    M = V.shape[0]
+    k = V.shape[1]
+    t = W.shape[0]
+
+    nU = _prepare(indptr, indices, values, rows, M, attention, nzoff, pairoff, occ_feat,
+                  occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, E.shape[0])
+    if nU < 0:
+        return np.nan, nU
+
+    if attention:
+        for c in prange(k):
+            for j in range(t):
+                WT[c, j] = W[j, c]
+
+    # Chunks of consecutive rows with about equal work (pairs + nonzeros + 1 per row).
+    nch = min(cW.shape[0], B)
+    total = pairoff[B] + nzoff[B] + B
+    ch_lo[0] = 0
+    bb = 0
+    for c in range(1, nch):
+        while bb < B and (pairoff[bb] + nzoff[bb] + bb) * nch < c * total:
+            bb += 1
+        ch_lo[c] = bb
+    ch_lo[nch] = B
+
+    skey1 = step_key(useed, np.uint64(1), ustep)
+    skey2 = step_key(useed, np.uint64(2), ustep)
+    for ch in prange(nch):
+        cv = cvec[ch]
+        for i in range(cv.shape[0]):
+            cv[i] = 0.0
+        if attention:
+            cw = cW[ch]
+            for j in range(t):
+                for c in range(k):
+                    cw[j, c] = 0.0
+        tb = tbuf[ch]
+        for b in range(ch_lo[ch], ch_lo[ch + 1]):
+            _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT,
+                       dense, VX, DVX, E, U, A, SC0, D, R, cW, cvec, tb, attention,
+                       activation, freeze_fm, keep0, thr0, skey1, keep1, thr1, skey2)
+
+    # Chunk partials, summed in chunk order.
+    sq = 0.0
+    for ch in range(nch):
+        sq += cvec[ch, 0]
+    for i in range(gdense.shape[0]):
+        acc = 0.0
+        for ch in range(nch):
+            acc += cvec[ch, 1 + i]
+        gdense[i] = acc
+    wnorm = 0.0
+    if attention:
+        for j in prange(t):
+            for c in range(k):
+                acc = 0.0
+                for ch in range(nch):
+                    acc += np.float64(cW[ch, j, c])
+                gW[j, c] = acc + l2a * np.float64(W[j, c])
+        for j in range(t):
+            for c in range(k):
+                wv = np.float64(W[j, c])
+                wnorm += wv * wv
+
+    # Touched features: gradient over occurrences in batch order, + l2 v, optimiser.
+    lr_eff = effective_lr(optimizer, lr, step)
+    for u in prange(nU):
+        f = uniq[u]
+        vf = V[f]
+        nv = 0.0
+        for c in range(k):
+            v = np.float64(vf[c])
+            nv += v * v
+        ul2[u] = nv
+        if not freeze_fm:
+            gacc = tacc[numba.get_thread_id()][:k]
+            for c in range(k):
+                gacc[c] = 0.0
+            gw = 0.0
+            for q in range(ustart[u], ustart[u + 1]):
+                o = occ_list[q]
+                gw += R[occ_b[o]] * occ_x[o]
+                do = DVX[o]
+                for c in range(k):
+                    gacc[c] += do[c]
+            for c in range(k):
+                gacc[c] += l2 * np.float64(vf[c])
+            opt_row(vf, gacc, sV[0, f], sV[1, f], optimizer, lr_eff)
+            pw, a0, a1 = opt_update(w[f], gw, sw[0, f], sw[1, f], optimizer, lr_eff)
+            w[f] = pw
+            sw[0, f] = a0
+            sw[1, f] = a1
+
+    lo = 1 if freeze_fm else 0
+    hi = 1 + k + 2 * t if attention else 1 + k
+    opt_row(dense[lo:hi], gdense[lo:hi], sd[0, lo:hi], sd[1, lo:hi], optimizer, lr_eff)
+    if attention:
+        for j in prange(t):
+            opt_row(W[j], gW[j], sW[0, j], sW[1, j], optimizer, lr_eff)
+
+    reg = 0.0
+    for u in range(nU):
+        reg += ul2[u]
+    loss = 0.5 * sq + 0.5 * l2 * reg
+    if attention:
+        loss += 0.5 * l2a * wnorm
+    return loss, 0
+
+
+def _set_threads(n_threads):
+    prev = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+    return prev
+
+
+def afm_step(X, y, rows, params, state, cfg, ws):
+    """One AFM training step (forward, backward, optimiser update) on the batch ``rows``;
+    returns the batch loss before the update. See the module docstring.
+
+    Example: ``loss = afm_step(X, y, rows, params, state, cfg, ws)`` with ``params`` from
+    ``kernel_api.new_afm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
+    ``afm_workspace``.
+    """
+    indptr, indices, values = X
+    B = rows.shape[0]
+    if B == 0:
+        return 0.0
+    M, k = params.V.shape
+    t = params.W.shape[0]
+    if (B > ws.R.shape[0] or M != ws.slot.shape[0] or k != ws.VX.shape[1]
+            or t != ws.U.shape[1] or params.V.dtype != ws.VX.dtype):
+        raise ValueError(
+            f"afm_step: the workspace is for batches of <= {ws.R.shape[0]} rows, "
+            f"{ws.slot.shape[0]} features, k = {ws.VX.shape[1]}, t = {ws.U.shape[1]} and "
+            f"{ws.VX.dtype}; got {B} rows, V {params.V.shape} {params.V.dtype} and t = {t}. "
+            "Build it with afm_workspace for this model."
+        )
+    keep0 = float(cfg.keep_attention)
+    keep1 = float(cfg.keep_pooled)
+    thr0 = np.uint64(dropout_threshold(keep0) if keep0 < 1.0 else 0)
+    thr1 = np.uint64(dropout_threshold(keep1) if keep1 < 1.0 else 0)
+    prev = _set_threads(cfg.n_threads)
+    try:
+        loss, status = _afm_step_kernel(
+            indptr, indices, values, y, rows,
+            params.V, params.w, params.W, params.dense,
+            state.V, state.w, state.W, state.dense,
+            float(cfg.lr), float(cfg.l2), float(cfg.l2_attention),
+            keep0, thr0, keep1, thr1, int(cfg.optimizer), bool(cfg.attention),
+            int(cfg.activation), bool(cfg.freeze_fm),
+            np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
+            int(cfg.step), ws,
+        )
+    finally:
+        numba.set_num_threads(prev)
+    if status == -1:
+        raise ValueError(
+            f"afm_step: the batch has more nonzeros than the workspace holds "
+            f"(max_batch_nnz={ws.occ_feat.shape[0]}); size the workspace with the largest "
+            "sum of row lengths of any batch."
+        )
+    if status == -2:
+        raise ValueError(
+            f"afm_step: the batch has more pairs than the workspace holds "
+            f"(max_batch_pairs={ws.E.shape[0]}); size the workspace with the largest sum "
+            "of n (n - 1) / 2 over the rows of any batch."
+        )
+    return float(loss)
+
+
+# ------------------------------------------------------------------ predict / explain
+
+@njit(**_PAR)
+def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation, out,
+                  explain, pair_indptr, out_cap, i_out, j_out, weight_out, contrib_out):
+    """Scores (explain False) or per-pair explanations (explain True) of every row of X.
+    Returns the number of rows whose pair count disagrees with pair_indptr (explain;
+    those rows are left unwritten)."""
+    n_rows = indptr.shape[0] - 1
+    M = V.shape[0]
+    k = V.shape[1]
+    t = W.shape[0]
+    nmax = 0
+    for r in range(n_rows):
+        n = indptr[r + 1] - indptr[r]
+        if n > nmax:
+            nmax = n
+    pmax = nmax * (nmax - 1) // 2
+    WT = np.empty((k, t), dtype=W.dtype)
+    for c in range(k):
+        for j in range(t):
+            WT[c, j] = W[j, c]
+    nth = numba.config.NUMBA_NUM_THREADS
+    # Per-thread scratch, allocated once per call.
+    VXb = np.empty((nth, max(nmax, 1), k), dtype=V.dtype)
+    feat_b = np.empty((nth, max(nmax, 1)), dtype=np.int64)
+    Eb = np.empty((nth, _PBLK, k), dtype=V.dtype)
+    Ub = np.empty((nth, _PBLK, t), dtype=V.dtype)
+    Sb = np.empty((nth, max(pmax, 1)), dtype=np.float64)
+    Gb = np.empty((nth, 2, k), dtype=np.float64)
+    bad = np.zeros(n_rows, dtype=np.int64)
+    w0 = np.float64(dense[0])
+    for r in prange(n_rows):
+        tid = numba.get_thread_id()
+        vx = VXb[tid]
+        feat = feat_b[tid]
+        Eblk = Eb[tid]
+        Ublk = Ub[tid]
+        sbuf = Sb[tid]
+        g = Gb[tid, 0]
+        s = Gb[tid, 1]
+        n = 0
+        lin = 0.0
+        for p in range(indptr[r], indptr[r + 1]):
+            j = indices[p]
+            if j < 0 or j >= M:
+                continue
+            x = np.float64(values[p])
+            lin += np.float64(w[j]) * x
+            vj = V[j]
+            vxn = vx[n]
+            for c in range(k):
+                vxn[c] = np.float64(vj[c]) * x
+            feat[n] = j
+            n += 1
+        npairs = n * (n - 1) // 2
+        if explain and (pair_indptr[r + 1] - pair_indptr[r] != npairs
+                        or pair_indptr[r] < 0 or pair_indptr[r + 1] > out_cap):
+            bad[r] = 1
+            continue
+        for c in range(k):
+            g[c] = 0.0
+        if attention and npairs > 0:
+            # Logits, in blocks of _PBLK pairs.
+            cnt = 0
+            base = 0
+            for p in range(n):
+                for q in range(p + 1, n):
+                    eb = Eblk[cnt]
+                    for c in range(k):
+                        eb[c] = vx[p, c] * vx[q, c]
+                    cnt += 1
+                    if cnt == _PBLK or (p == n - 2 and q == n - 1):
+                        for i in range(cnt):
+                            for j in range(t):
+                                Ublk[i, j] = dense[1 + k + j]
+                        _mm_acc(Eblk, WT, Ublk, cnt, k, t)
+                        for i in range(cnt):
+                            acc = 0.0
+                            for j in range(t):
+                                acc += np.float64(dense[1 + k + t + j]) * _act_value(
+                                    activation, np.float64(Ublk[i, j]))
+                            sbuf[base + i] = acc
+                        base += cnt
+                        cnt = 0
+            smax = -np.inf
+            for i in range(npairs):
+                if sbuf[i] > smax:
+                    smax = sbuf[i]
+            tot = 0.0
+            for i in range(npairs):
+                e = math.exp(sbuf[i] - smax)
+                sbuf[i] = e
+                tot += e
+            for i in range(npairs):
+                sbuf[i] /= tot
+        if attention or explain:
+            P = 0
+            for p in range(n):
+                for q in range(p + 1, n):
+                    a = sbuf[P] if attention else 1.0
+                    pe = 0.0
+                    for c in range(k):
+                        e = np.float64(vx[p, c] * vx[q, c])
+                        g[c] += a * e
+                        pe += np.float64(dense[1 + c]) * e
+                    if explain:
+                        o = pair_indptr[r] + P
+                        i_out[o] = feat[p]
+                        j_out[o] = feat[q]
+                        weight_out[o] = a
+                        contrib_out[o] = a * pe
+                    P += 1
+        else:
+            for c in range(k):
+                s[c] = 0.0
+            for i in range(n):
+                for c in range(k):
+                    v = np.float64(vx[i, c])
+                    s[c] += v
+                    g[c] += v * v
+            for c in range(k):
+                g[c] = 0.5 * (s[c] * s[c] - g[c])
+        if not explain:
+            dot = 0.0
+            for c in range(k):
+                dot += np.float64(dense[1 + c]) * g[c]
+            out[r] = w0 + lin + dot
+    nbad = 0
+    for r in range(n_rows):
+        nbad += bad[r]
+    return nbad
+
+
+def afm_predict(X, params, attention, activation, n_threads, out):
+    """Raw AFM scores of every row of X into ``out`` (no dropout; ids >= M form no pairs).
+
+    Example: ``out = np.empty(n_rows, np.float32); afm_predict(X, params, 1, RELU, 2, out)``.
+    """
+    indptr, indices, values = X
+    dummy_i = np.zeros(1, dtype=np.int64)
+    dummy_f = np.zeros(1, dtype=out.dtype)
+    prev = _set_threads(n_threads)
+    try:
+        _infer_kernel(indptr, indices, values, params.V, params.w, params.W, params.dense,
+                      bool(attention), int(activation), out, False, dummy_i, 0, dummy_i,
+                      dummy_i, dummy_f, dummy_f)
+    finally:
+        numba.set_num_threads(prev)
+
+
+def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
+                weight_out, contribution_out):
+    """Per-pair attention weights and contributions of every row of X (see the module
+    docstring); ``pair_indptr`` must count n (n - 1) / 2 pairs per row, n = the row's
+    ids < M.
+
+    Example: ``afm_explain(X, params, 1, RELU, 2, indptr, i, j, weight, contribution)``.
+    """
+    indptr, indices, values = X
+    n_rows = indptr.shape[0] - 1
+    total = int(pair_indptr[-1]) if pair_indptr.shape[0] else 0
+    cap = min(a.shape[0] for a in (i_out, j_out, weight_out, contribution_out))
+    if pair_indptr.shape[0] != n_rows + 1 or pair_indptr[0] != 0 or cap < total:
+        raise ValueError(
+            f"afm_explain: pair_indptr must have n_rows + 1 = {n_rows + 1} entries starting "
+            f"at 0 and the outputs at least pair_indptr[-1] = {total} entries (got "
+            f"{pair_indptr.shape[0]} and {cap})"
+        )
+    dummy = np.zeros(1, dtype=weight_out.dtype)
+    prev = _set_threads(n_threads)
+    try:
+        nbad = _infer_kernel(indptr, indices, values, params.V, params.w, params.W,
+                             params.dense, bool(attention), int(activation), dummy, True,
+                             pair_indptr, cap, i_out, j_out, weight_out, contribution_out)
+    finally:
+        numba.set_num_threads(prev)
+    if nbad:
+        raise ValueError(
+            f"afm_explain: pair_indptr disagrees with the data in {nbad} rows; each row "
+            "needs n (n - 1) / 2 pairs, n = its number of ids < n_features"
+        )
