@@ -355,13 +355,11 @@ def fm_step(X, y, rows, params, state, cfg, ws):
     returns the batch loss before the update. See the module docstring."""
     indptr, indices, values = X
     B = rows.shape[0]
-    if B == 0:
-        return 0.0
-    if B > ws.s.shape[0] or params.V.shape[0] != ws.slot.shape[0] or (
+    if B == 0 or B > ws.s.shape[0] or params.V.shape[0] != ws.slot.shape[0] or (
         params.V.shape[1] != ws.s.shape[1]
     ):
         raise ValueError(
-            f"fm_step: workspace is for batches of <= {ws.s.shape[0]} rows, "
+            f"fm_step: workspace is for batches of 1 to {ws.s.shape[0]} rows, "
             f"{ws.slot.shape[0]} features and {ws.s.shape[1]} factors; got {B} rows and "
             f"V of shape {params.V.shape}. Build it with fm_workspace for this model."
         )

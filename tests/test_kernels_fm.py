@@ -281,3 +281,5 @@ def test_numba_workspace_errors_and_slot_reset():
     assert (ws.slot == -1).all()
     with pytest.raises(ValueError, match="workspace"):
         nb.fm_step(X, y, np.arange(9, dtype=np.int64), params, state, make_cfg(), ws)
+    with pytest.raises(ValueError, match="workspace"):
+        nb.fm_step(X, y, np.arange(0, dtype=np.int64), params, state, make_cfg(), ws)
