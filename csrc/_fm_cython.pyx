@@ -1,4 +1,5 @@
 # cython: language_level=3
+# distutils: extra_compile_args = -fno-math-errno
 """Cython FM kernels: the ``afmfast.kernel_api`` contract for float32 and float64.
 
 Functions (shapes with M features, k factors, B = len(rows)):
@@ -54,6 +55,13 @@ from afmfast import kernel_api as _api
 
 cdef double BN_EPS = _api.BN_EPS
 cdef double BN_DECAY = _api.BN_DECAY
+
+cdef extern from *:
+    void __builtin_prefetch(const void* addr) noexcept nogil
+
+cdef enum:
+    # rows ahead whose nonzeros the forward pass prefetches
+    PREFETCH_ROWS = 4
 
 # Error codes of the nogil step, turned into ValueError by the Python layer.
 cdef enum:
@@ -204,11 +212,11 @@ cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* of
                               const floating* values, const floating* V, const floating* w,
                               floating* S, floating* F, floating* lin, int32_t* occ,
                               floating* occ_x, int32_t* row_bad) noexcept nogil:
-    """s, f and the linear term of row b. Also copies the row's nonzeros to the batch-order
-    buffers occ/occ_x: the serial grouping then reads contiguous memory instead of paying
-    the shuffled rows' cache misses a second time."""
+    """s, f and the linear term of row b. The row's nonzeros are first copied to the
+    batch-order buffers occ/occ_x: the serial grouping then reads contiguous memory
+    instead of paying the shuffled rows' cache misses a second time."""
     cdef Py_ssize_t k = a.k, f, t, n
-    cdef int64_t row = a.rows[b], start = a.indptr[row], q = off[b]
+    cdef int64_t q = off[b], start
     cdef floating* s = S + b * k
     cdef floating* sq = F + b * k  # holds sum (v x)^2 until f replaces it
     cdef const floating* v
@@ -216,27 +224,36 @@ cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* of
     cdef int32_t j
     cdef int bad = 0
     n = off[b + 1] - q
+    if b + PREFETCH_ROWS < a.B:
+        # the rows of a shuffled batch are scattered over X: start the next misses early
+        start = a.indptr[a.rows[b + PREFETCH_ROWS]]
+        __builtin_prefetch(a.indices + start)
+        __builtin_prefetch(values + start)
+    start = a.indptr[a.rows[b]]
+    for t in range(n):
+        j = a.indices[start + t]
+        occ[q + t] = j
+        occ_x[q + t] = values[start + t]
+        if j < 0 or j >= a.M:
+            bad = 1
+        else:
+            acc = acc + w[j] * values[start + t]
+    row_bad[b] = bad
+    lin[b] = acc
+    if bad:
+        return  # the step fails anyway; never read V out of bounds
     for f in range(k):
         s[f] = 0
         sq[f] = 0
     for t in range(n):
-        j = a.indices[start + t]
-        x = values[start + t]
-        occ[q + t] = j
-        occ_x[q + t] = x
-        if j < 0 or j >= a.M:
-            bad = 1
-            continue
-        v = V + <Py_ssize_t>j * k
-        acc = acc + w[j] * x
+        x = occ_x[q + t]
+        v = V + <Py_ssize_t>occ[q + t] * k
         for f in range(k):
             tv = v[f] * x
             s[f] = s[f] + tv
             sq[f] = sq[f] + tv * tv
     for f in range(k):
         sq[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
-    lin[b] = acc
-    row_bad[b] = bad
 
 
 cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* y,
@@ -303,6 +320,7 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
                                  floating* sV0, floating* sV1, floating* sw0,
                                  floating* sw1) noexcept nogil:
     cdef Py_ssize_t k = a.k, f, p, j = uniq[u]
+    cdef Py_ssize_t p0 = ustart[u], p1 = ustart[u + 1]
     cdef floating* v = V + j * k
     cdef floating* g = G + u * k
     cdef const floating* s
@@ -313,14 +331,15 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     cdef Py_ssize_t b
     for f in range(k):
         g[f] = 0
-    for p in range(ustart[u], ustart[u + 1]):
+    for p in range(p0, p1):
         b = grp_row[p]
         x = grp_x[p]
         s = S + b * k
         d = DF + b * k
         for f in range(k):
             g[f] = g[f] + d[f] * x * (s[f] - v[f] * x)
-        gw = gw + <floating>r[b] * x
+    for p in range(p0, p1):
+        gw = gw + <floating>r[grp_row[p]] * grp_x[p]
     for f in range(k):
         sq = sq + <double>v[f] * <double>v[f]
         g[f] = g[f] + l2 * v[f]
