@@ -1,0 +1,414 @@
+"""Contract tests of the AFM kernels (AFM section of ``afmfast.kernel_api``), run against
+every backend whose module ``afmfast._afm_<backend>`` imports: finite-difference
+gradient checks of ``afm_step`` (every activation, attention on/off, dropout on/off,
+l2 terms, freeze_fm), agreement with ``reference.afm_step`` for every optimiser over
+several steps (float64 and float32, optimiser state included), bit-identical determinism
+across runs and thread counts, ``afm_predict``/``afm_explain`` against the reference, and
+agreement between backends."""
+import numpy as np
+import pytest
+from afm_problems import batch_pairs, frappe_like, make_afm_problem
+from conftest import batch_nnz, cast_tuple, copy_tuple
+
+from afmfast import kernel_api as api
+from afmfast import reference as ref
+from afmfast.backends import available_backends, get_backend
+
+AFM_BACKENDS = available_backends("afm")
+pytestmark = pytest.mark.skipif(not AFM_BACKENDS, reason="no AFM kernel backend imports")
+
+OPTIMIZERS = {"adagrad": api.ADAGRAD, "sgd": api.SGD, "momentum": api.MOMENTUM,
+              "adam": api.ADAM}
+ACTIVATIONS = {"relu": api.RELU, "sigmoid": api.SIGMOID, "tanh": api.TANH,
+               "identity": api.IDENTITY}
+# Step sizes that keep several steps on the test problems far from divergence (the loss
+# is a sum over the batch, so plain SGD needs a small one).
+STABLE_LR = {api.ADAGRAD: 0.05, api.SGD: 2e-3, api.MOMENTUM: 1e-3, api.ADAM: 0.05}
+
+
+@pytest.fixture(params=AFM_BACKENDS or ["none"])
+def backend(request):
+    """Each available AFM kernel backend module (Cython first)."""
+    return get_backend(request.param, model="afm")
+
+
+def make_cfg(**kw):
+    """AFMStepConfig with test defaults, overridden by keyword."""
+    base = dict(lr=0.05, l2=0.05, l2_attention=0.1, keep_attention=0.8, keep_pooled=0.7,
+                optimizer=api.ADAGRAD, attention=1, activation=api.RELU, freeze_fm=0,
+                seed=7, step=0, n_threads=2)
+    base.update(kw)
+    return api.AFMStepConfig(**base)
+
+
+def make_ws(backend, X, rows, params, batch=None):
+    M, k = params.V.shape
+    return backend.afm_workspace(batch or len(rows), max(1, batch_nnz(X, rows)),
+                                 max(1, batch_pairs(X, rows)), M, k, params.W.shape[0],
+                                 params.V.dtype)
+
+
+def _assert_tuple_close(actual, desired, rtol, atol_scale, what):
+    """Elementwise |a - d| <= rtol |d| + atol_scale * max|d| for every array."""
+    for name, a, d in zip(actual._fields, actual, desired):
+        d64 = np.asarray(d, dtype=np.float64)
+        atol = atol_scale * max(1e-30, float(np.abs(d64).max(initial=0.0)))
+        np.testing.assert_allclose(np.asarray(a, dtype=np.float64), d64, rtol=rtol,
+                                   atol=atol, err_msg=f"{what}.{name}")
+
+
+def _touched(X, rows, M):
+    mask = np.zeros(M, bool)
+    mask[ref._batch_rows(X, rows)[1]] = True
+    return mask
+
+
+# --------------------------------------------------------------------------- gradients
+
+GRAD_CASES = (
+    [(1, act, keep, 0) for act in ACTIVATIONS for keep in (1.0, 0.6)]
+    + [(0, "relu", 1.0, 0), (0, "relu", 0.6, 0)]
+    + [(1, "tanh", 0.6, 1), (0, "sigmoid", 0.6, 1)]
+)
+
+
+@pytest.mark.parametrize("attention,activation,keep,freeze_fm", GRAD_CASES)
+def test_gradient_matches_finite_differences(backend, attention, activation, keep,
+                                             freeze_fm):
+    rng = np.random.default_rng(11)
+    M, k, t = 24, 4, 3
+    X, y, params = make_afm_problem(rng, 6, M, k, t, [0, 1, 2, 10, 40, 3])
+    # Duplicate rows in the batch, the empty row and the one-nonzero row among them.
+    rows = np.array([3, 1, 4, 0, 4, 2, 5, 1], dtype=np.int64)
+    cfg = make_cfg(lr=1.0, l2=0.3, l2_attention=0.2, keep_attention=keep,
+                   keep_pooled=min(1.0, keep + 0.1), optimizer=api.SGD,
+                   attention=attention, activation=ACTIVATIONS[activation],
+                   freeze_fm=freeze_fm, seed=123, step=5)
+    new = copy_tuple(params)
+    state = api.new_opt_state(new, api.SGD)
+    state_before = copy_tuple(state)
+    loss = backend.afm_step(X, y, rows, new, state, cfg, make_ws(backend, X, rows, params))
+    assert loss == pytest.approx(ref.afm_loss(X, y, rows, params, cfg), rel=1e-12)
+    assert all(np.array_equal(a, b) for a, b in zip(state, state_before))  # SGD: no state
+
+    k_, t_ = k, t
+    trained = np.ones(1 + k_ + 2 * t_, bool)  # dense = [w0, p, b, h]
+    if freeze_fm:
+        trained[0] = False
+    if not attention:
+        trained[1 + k_:] = False
+    eps = 1e-6
+    for name in ("V", "w", "W", "dense"):
+        p = getattr(params, name)
+        grad = p - getattr(new, name)  # SGD with lr = 1: old - new is the gradient
+        if (name in ("V", "w") and freeze_fm) or (name == "W" and not attention):
+            assert np.array_equal(getattr(new, name), p), name
+            continue
+        fd = np.zeros(p.shape)
+        for idx in np.ndindex(p.shape):
+            plus, minus = copy_tuple(params), copy_tuple(params)
+            getattr(plus, name)[idx] += eps
+            getattr(minus, name)[idx] -= eps
+            fd[idx] = (ref.afm_loss(X, y, rows, plus, cfg)
+                       - ref.afm_loss(X, y, rows, minus, cfg)) / (2 * eps)
+        if name == "dense":
+            assert np.array_equal(new.dense[~trained], p[~trained])
+            grad, fd = grad[trained], fd[trained]
+        np.testing.assert_allclose(grad, fd, rtol=1e-6,
+                                   atol=1e-7 * max(1.0, np.abs(fd).max()), err_msg=name)
+        if name in ("V", "w"):
+            # Lazy update: rows the batch does not touch stay bit-identical.
+            touched = _touched(X, rows, M)
+            assert np.array_equal(getattr(new, name)[~touched], p[~touched])
+            assert 0 < touched.sum() < M
+
+
+def test_step_loss_and_untouched_state(backend):
+    """attention off / freeze_fm leave the unused parameters and their Adagrad state
+    bit-identical; the returned loss is the reference's for every configuration."""
+    rng = np.random.default_rng(12)
+    M, k, t = 30, 5, 4
+    X, y, params = make_afm_problem(rng, 20, M, k, t, [3, 0, 7, 2, 12, 1])
+    rows = np.arange(20, dtype=np.int64)[::-1].copy()
+    for attention, freeze_fm in ((0, 0), (1, 1), (0, 1)):
+        cfg = make_cfg(attention=attention, freeze_fm=freeze_fm, step=3)
+        new = copy_tuple(params)
+        state = api.new_opt_state(new, api.ADAGRAD)
+        before = copy_tuple(state)
+        loss = backend.afm_step(X, y, rows, new, state, cfg,
+                                make_ws(backend, X, rows, params))
+        assert loss == pytest.approx(ref.afm_loss(X, y, rows, params, cfg), rel=1e-12)
+        frozen = [] if attention else ["W"]
+        if freeze_fm:
+            frozen += ["V", "w"]
+        for name in frozen:
+            assert np.array_equal(getattr(new, name), getattr(params, name)), name
+            assert np.array_equal(getattr(state, name), getattr(before, name)), name
+        idx = np.zeros(1 + k + 2 * t, bool)
+        idx[0] = bool(freeze_fm)
+        idx[1 + k:] = not attention
+        assert np.array_equal(new.dense[idx], params.dense[idx])
+        assert np.array_equal(state.dense[:, idx], before.dense[:, idx])
+        assert not np.array_equal(new.dense[~idx], params.dense[~idx])
+
+
+# --------------------------------------------------------------- reference, all optimisers
+
+VARIANTS = {
+    "attention-dropout": dict(attention=1, activation=api.RELU, keep_attention=0.8,
+                              keep_pooled=0.7),
+    "no-attention": dict(attention=0, keep_attention=1.0, keep_pooled=1.0),
+    "freeze-tanh": dict(attention=1, activation=api.TANH, freeze_fm=1,
+                        keep_attention=1.0, keep_pooled=0.8),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_steps_match_reference(backend, dtype, opt, variant):
+    rng = np.random.default_rng(3)
+    M, k, t, B = 40, 5, 6, 24
+    X, y, params = make_afm_problem(rng, 120, M, k, t, [0, 1, 2, 5, 10, 3, 7],
+                                    dtype=dtype, v_scale=0.3)
+    code = OPTIMIZERS[opt]
+    state = api.new_opt_state(params, code)
+    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
+    ws = backend.afm_workspace(B, B * 10, B * 45, M, k, t, dtype)
+    perm = rng.permutation(120)
+    for step in range(5):
+        rows = perm[step * B:(step + 1) * B].astype(np.int64)
+        if step == 4:
+            rows = rows[:7]  # a short last batch in a workspace sized for B
+        if dtype == np.float32:
+            # float32 storage makes the runs drift apart slowly, so the float32 check is
+            # per step: the float64 reference restarts from the backend's values.
+            p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
+        cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=step, seed=99,
+                       **VARIANTS[variant])
+        loss = backend.afm_step(X, y, rows, params, state, cfg, ws)
+        loss_ref = ref.afm_step(X, y, rows, p_ref, s_ref, cfg)
+        rtol, atol = (1e-9, 1e-12) if dtype == np.float64 else (1e-4, 1e-5)
+        assert loss == pytest.approx(loss_ref, rel=rtol)
+        _assert_tuple_close(params, p_ref, rtol, atol, f"params step {step}")
+        _assert_tuple_close(state, s_ref, rtol, atol, f"state step {step}")
+    for tup in (params, state):
+        assert all(a.dtype == dtype for a in tup)
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_float32_step_matches_reference(backend, opt):
+    """One float32 step with non-trivial optimiser state, k = t = 16 (the vectorised
+    paths), against the float64 reference started from the same values."""
+    rng = np.random.default_rng(5)
+    M, k, t = 60, 16, 16
+    X, y, params = make_afm_problem(rng, 60, M, k, t, [1, 2, 5, 10, 3, 9],
+                                    dtype=np.float32, v_scale=0.3)
+    code = OPTIMIZERS[opt]
+    state = api.new_opt_state(params, code)
+    for s in state:
+        s[:] = rng.uniform(0.1, 1.0, size=s.shape)
+    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
+    rows = rng.permutation(60)[:32].astype(np.int64)
+    cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=3)
+    loss = backend.afm_step(X, y, rows, params, state, cfg, make_ws(backend, X, rows, params))
+    loss_ref = ref.afm_step(X, y, rows, p_ref, s_ref, cfg)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    _assert_tuple_close(params, p_ref, 1e-5, 1e-6, "params")
+    _assert_tuple_close(state, s_ref, 1e-5, 1e-6, "state")
+
+
+# ------------------------------------------------------------------------- determinism
+
+def _train(backend, n_threads, attention, steps=3, dtype=np.float32):
+    rng = np.random.default_rng(21)
+    M, k, t, B = 300, 8, 12, 256
+    X, y, params = make_afm_problem(rng, 1024, M, k, t, [1, 3, 10, 25, 6, 0, 12],
+                                    dtype=dtype, v_scale=0.2)
+    # Feature 0 in every row: one feature with many occurrences per batch.
+    X[1][X[0][:-1][np.diff(X[0]) > 0]] = 0
+    state = api.new_opt_state(params, api.ADAM)
+    ws = backend.afm_workspace(B, B * 25, B * 300, M, k, t, dtype)
+    perm = np.random.default_rng(1).permutation(1024)
+    losses = []
+    for step in range(steps):
+        rows = perm[step * B:(step + 1) * B].astype(np.int64)
+        cfg = make_cfg(optimizer=api.ADAM, lr=0.01, step=step, n_threads=n_threads,
+                       attention=attention, activation=api.TANH)
+        losses.append(backend.afm_step(X, y, rows, params, state, cfg, ws))
+    return losses, params, state
+
+
+def _assert_bit_identical(run_a, run_b):
+    assert run_a[0] == run_b[0]
+    for ta, tb in zip(run_a[1:], run_b[1:]):
+        for name, a, b in zip(ta._fields, ta, tb):
+            assert np.array_equal(a, b), name
+
+
+@pytest.mark.parametrize("attention", [1, 0])
+def test_repeated_runs_bit_identical(backend, attention):
+    _assert_bit_identical(_train(backend, 2, attention), _train(backend, 2, attention))
+
+
+@pytest.mark.parametrize("attention", [1, 0])
+def test_thread_count_does_not_change_results(backend, attention):
+    _assert_bit_identical(_train(backend, 1, attention), _train(backend, 2, attention))
+
+
+# ----------------------------------------------------------------- predict and explain
+
+def _with_unseen_ids(rng, X, M):
+    """X with ~20% of its ids replaced by ids >= M, and the same X without them."""
+    indptr, indices, values = X
+    unseen = rng.random(indices.shape) < 0.2
+    X_unseen = (indptr, np.where(unseen, M + 3, indices).astype(np.int32), values)
+    keep = ~unseen
+    row_of = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    counts = np.bincount(row_of[keep], minlength=len(indptr) - 1)
+    X_kept = (np.r_[0, np.cumsum(counts)].astype(np.int64), indices[keep], values[keep])
+    return X_unseen, X_kept, counts
+
+
+class _Cfg:
+    def __init__(self, attention, activation):
+        self.attention = attention
+        self.activation = activation
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("attention,activation", [(1, "relu"), (1, "sigmoid"),
+                                                  (1, "identity"), (0, "relu")])
+def test_predict_and_explain_match_reference(backend, dtype, attention, activation):
+    rng = np.random.default_rng(8)
+    M, k, t, n = 30, 6, 5, 50
+    X, _, params = make_afm_problem(rng, n, M, k, t, [0, 1, 2, 10, 4, 70, 3], dtype=dtype)
+    X_unseen, X_kept, counts = _with_unseen_ids(rng, X, M)
+    act = ACTIVATIONS[activation]
+    cfg = _Cfg(attention, act)
+    expected = ref.afm_predict(X_kept, params, cfg)
+    np.testing.assert_allclose(ref.afm_predict(X_unseen, params, cfg), expected, rtol=1e-12)
+    e_indptr, e_i, e_j, e_w, e_c = ref.afm_explain(X_kept, params, cfg)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts * (counts - 1) // 2, out=indptr[1:])
+    assert np.array_equal(indptr, e_indptr)
+    total = int(indptr[-1])
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    for n_threads in (1, 2):
+        out = np.full(n, np.nan, dtype=dtype)
+        backend.afm_predict(X_unseen, params, attention, act, n_threads, out)
+        np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol)
+
+        i_out, j_out = np.full(total, -1, np.int64), np.full(total, -1, np.int64)
+        w_out, c_out = np.full(total, np.nan, dtype), np.full(total, np.nan, dtype)
+        backend.afm_explain(X_unseen, params, attention, act, n_threads, indptr,
+                            i_out, j_out, w_out, c_out)
+        assert np.array_equal(i_out, e_i) and np.array_equal(j_out, e_j)
+        assert (i_out < M).all() and (j_out < M).all()
+        np.testing.assert_allclose(w_out, e_w, rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(c_out, e_c, rtol=rtol, atol=rtol * np.abs(e_c).max())
+        # Weights sum to 1 over each row with >= 2 known nonzeros (1 per pair when off).
+        row_w = np.add.reduceat(np.r_[w_out, 0.0].astype(np.float64), indptr[:-1])
+        many = counts >= 2
+        if attention:
+            np.testing.assert_allclose(row_w[many], 1.0, rtol=1e-5)
+        else:
+            assert (w_out == 1.0).all()
+        # w0 + sum w x + sum of the row's contributions is the prediction.
+        V, w, W, dense = (np.asarray(a, np.float64) for a in params)
+        lin = np.zeros(n)
+        row_of = np.repeat(np.arange(n), np.diff(X_kept[0]))
+        np.add.at(lin, row_of, w[X_kept[1]] * X_kept[2])
+        row_c = np.add.reduceat(np.r_[c_out, 0.0].astype(np.float64), indptr[:-1])
+        row_c[~many] = 0.0
+        np.testing.assert_allclose(dense[0] + lin + row_c, out, rtol=10 * rtol,
+                                   atol=10 * rtol * np.abs(out).max())
+
+
+def test_explain_rejects_inconsistent_pair_indptr(backend):
+    rng = np.random.default_rng(9)
+    X, _, params = make_afm_problem(rng, 5, 10, 3, 2, [3, 4])
+    indptr = np.array([0, 3, 9, 12, 18, 22], dtype=np.int64)  # row 4 has 6 pairs, not 4
+    outs = [np.zeros(30, np.int64), np.zeros(30, np.int64), np.zeros(30), np.zeros(30)]
+    with pytest.raises(ValueError, match="pair_indptr"):
+        backend.afm_explain(X, params, 1, api.RELU, 2, indptr, *outs)
+
+
+# ------------------------------------------------------------------- backends agree
+
+@pytest.mark.skipif(len(AFM_BACKENDS) < 2, reason="needs both the Cython and Numba AFM "
+                    "backends")
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_backends_agree(opt):
+    code = OPTIMIZERS[opt]
+    runs = []
+    for name in ("cython", "numba"):
+        backend = get_backend(name, model="afm")
+        rng = np.random.default_rng(4)
+        M, k, t, B = 200, 8, 8, 128
+        X, y, params = make_afm_problem(rng, 512, M, k, t, [1, 2, 10, 5, 0, 20],
+                                        dtype=np.float32, v_scale=0.3)
+        state = api.new_opt_state(params, code)
+        ws = backend.afm_workspace(B, B * 20, B * 190, M, k, t, np.float32)
+        losses = []
+        for step in range(3):
+            rows = np.arange(step * B, (step + 1) * B, dtype=np.int64)
+            cfg = make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)
+            losses.append(backend.afm_step(X, y, rows, params, state, cfg, ws))
+        out = np.empty(512, dtype=np.float32)
+        backend.afm_predict(X, params, 1, api.RELU, 2, out)
+        runs.append((losses, params, state, out))
+    (l_c, p_c, s_c, o_c), (l_n, p_n, s_n, o_n) = runs
+    np.testing.assert_allclose(l_n, l_c, rtol=1e-4)
+    _assert_tuple_close(p_n, p_c, 1e-4, 1e-5, "params")
+    _assert_tuple_close(s_n, s_c, 1e-4, 1e-5, "state")
+    np.testing.assert_allclose(o_n, o_c, rtol=1e-4, atol=1e-4 * np.abs(o_c).max())
+
+
+# ------------------------------------------------------------- Numba workspace checks
+
+@pytest.mark.skipif("numba" not in AFM_BACKENDS, reason="numba AFM backend unavailable")
+def test_numba_workspace_errors_and_slot_reset():
+    nb = get_backend("numba", model="afm")
+    rng = np.random.default_rng(6)
+    X, y, params = make_afm_problem(rng, 20, 15, 3, 2, [4, 6])
+    state = api.new_opt_state(params, api.ADAGRAD)
+    rows = np.arange(8, dtype=np.int64)
+    nnz, pairs = batch_nnz(X, rows), batch_pairs(X, rows)
+    before = copy_tuple(params)
+    ws = nb.afm_workspace(8, nnz - 1, pairs, 15, 3, 2, np.float64)
+    with pytest.raises(ValueError, match="max_batch_nnz"):
+        nb.afm_step(X, y, rows, params, state, make_cfg(), ws)
+    ws = nb.afm_workspace(8, nnz, pairs - 1, 15, 3, 2, np.float64)
+    with pytest.raises(ValueError, match="max_batch_pairs"):
+        nb.afm_step(X, y, rows, params, state, make_cfg(), ws)
+    _assert_tuple_close(params, before, 0.0, 0.0, "params")
+    ws = nb.afm_workspace(8, nnz, pairs, 15, 3, 2, np.float64)
+    nb.afm_step(X, y, rows, params, state, make_cfg(), ws)
+    assert (ws.slot == -1).all()
+    with pytest.raises(ValueError, match="workspace"):
+        nb.afm_step(X, y, np.arange(9, dtype=np.int64), params, state, make_cfg(), ws)
+
+
+@pytest.mark.skipif("numba" not in AFM_BACKENDS, reason="numba AFM backend unavailable")
+@pytest.mark.parametrize("k,t", [(16, 16), (13, 7), (3, 33)])
+def test_numba_step_on_one_hot_rows(k, t):
+    """Frappe-shaped one-hot batch (the benchmark's data) at sizes that hit the
+    vectorised bodies and the remainders of the blocked products: one float64 step
+    against the reference."""
+    nb = get_backend("numba", model="afm")
+    X, y = frappe_like(300, seed=3)
+    X = (X[0], X[1], X[2].astype(np.float64))
+    rng = np.random.default_rng(7)
+    params = api.new_afm_params(5382, k, t, rng, dtype=np.float64)
+    params.V[:] = rng.normal(0.0, 0.3, size=params.V.shape)
+    state = api.new_opt_state(params, api.ADAGRAD)
+    p_ref, s_ref = copy_tuple(params), copy_tuple(state)
+    rows = rng.permutation(300)[:200].astype(np.int64)
+    cfg = make_cfg(step=1)
+    loss = nb.afm_step(X, y.astype(np.float64), rows, params, state, cfg,
+                       make_ws(nb, X, rows, params))
+    loss_ref = ref.afm_step(X, y.astype(np.float64), rows, p_ref, s_ref, cfg)
+    assert loss == pytest.approx(loss_ref, rel=1e-9)
+    _assert_tuple_close(params, p_ref, 1e-9, 1e-12, "params")
+    _assert_tuple_close(state, s_ref, 1e-9, 1e-12, "state")
