@@ -1,0 +1,1268 @@
+# cython: language_level=3
+"""Cython AFM kernels: the AFM part of the ``afmfast.kernel_api`` contract, float32 and
+float64 (chosen by params.V's dtype; every other float array must match it).
+
+Functions (M features, k factors, t attention size, B = len(rows), P = pairs of a batch,
+a row of n nonzeros having n(n-1)/2 pairs p < q in row order):
+    afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
+                  attention_size, dtype) -> AFMWorkspace
+        Scratch for one fit, allocated once: O(max_batch_pairs * (k + t)) elements for the
+        pair products and attention activations, O(max_batch_nnz * k) per occurrence,
+        O(batch_size * (k + t)) per row.
+    afm_step(X, y, rows, params, state, cfg, ws) -> float
+        X = (indptr int64 (n_rows+1,), indices int32 (nnz,), values DTYPE (nnz,)),
+        y DTYPE (n_rows,), rows int64 (B,), params AFMParams, state AFMOptState,
+        cfg AFMStepConfig. Mutates params.V / params.w (touched rows, unless freeze_fm),
+        params.W (when attention), params.dense ([w0 unless freeze_fm, p, b and h when
+        attention]), the matching entries of state, and ws. Returns the batch loss at the
+        parameters before the update. ValueError for an out-of-range row or feature id,
+        or a batch larger than the workspace.
+    afm_predict(X, params, attention, activation, n_threads, out)
+        out (n_rows,) DTYPE receives the raw scores (no dropout); ids outside [0, M) are
+        skipped. Mutates only out.
+    afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
+                weight_out, contribution_out)
+        Per pair of every row (ids outside [0, M) skipped): feature ids i < j positions in
+        row order (int64), weight a_pq (1 without attention) and contribution
+        a_pq p . e_pq (DTYPE), at pair_indptr[row] + pair index. Mutates only the outputs.
+
+How a step runs (no floating sum over rows or pairs depends on the thread count, so the
+result is bit-identical for any n_threads):
+    0. serial: row/pair offsets (rows validated), a copy of the batch's nonzeros in batch
+       order (ids validated), a stable counting sort of them by feature id, W^T, and a
+       split of the batch into chunks of consecutive rows (~a fixed number of pairs; the
+       split depends on the data only).
+    1. prange over chunks: v x per occurrence, e per pair, U = E W^T + b for the chunk's
+       pairs (register-tiled GEMM), then per row: act, logits, softmax, dropout masks,
+       g, y_hat, residual r, dg, da, ds, du = ds h act'(U) (over U in place), the row's
+       contributions to the gradients of p, b and h.
+    2. serial in row order: loss, gradients of w0, p, b, h.
+    3. prange over thread blocks of W's rows (attention): dW = DU^T E over all pairs in
+       pair order, P-blocked so that the blocks of E and DU stay in cache.
+    4. prange over chunks (unless freeze_fm): de = a' dg + DU W (GEMM, written over E),
+       then per row the gradient of each occurrence's v x.
+    5. prange over touched features: the feature's occurrences summed in batch order,
+       + l2 v, optimiser on the V row and w entry (||V_row||^2 for the loss before).
+    6. serial: optimiser on dense and W.
+The attention products (steps 1, 3, 4: 6 P k t flops) run in one GEMM routine written in C
+below with GCC vector extensions: a register tile of 6 x 64 (float32, AVX-512) or 12 x 16/32
+outputs accumulated with FMAs over the inner dimension, B's rows read contiguously.
+"""
+import math
+
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from openmp cimport omp_get_thread_num
+from libc.math cimport exp, expf, tanh, tanhf, INFINITY
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport free
+from libc.string cimport memset
+
+from _common cimport (
+    OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, dropout_kept, dropout_row_key,
+    opt_elem, opt_vec,
+)
+
+from afmfast import kernel_api as _api
+
+cdef extern from *:
+    """
+    /* ---- register-tiled GEMM: C (M x N, row stride ldc) += A @ B ----------------------
+       A[i, kk] = A[i * lda + kk * sa] (so A may be read transposed), B (K x N) row stride
+       ldb. Each output accumulates its K products in kk order with one FMA chain starting
+       from C's value, whatever tile it falls in: the result does not depend on how M is
+       split. Vectors are GCC vector extensions of the widest width -march allows. */
+    #include <stddef.h>
+    #if defined(__AVX512F__)
+    #define AFM_VBYTES 64
+    #define AFM_NVMAX 4
+    #define AFM_R_WIDE 6
+    #define AFM_R_NARROW 12
+    #elif defined(__AVX__)
+    #define AFM_VBYTES 32
+    #define AFM_NVMAX 2
+    #define AFM_R_WIDE 6
+    #define AFM_R_NARROW 12
+    #else
+    #define AFM_VBYTES 16
+    #define AFM_NVMAX 2
+    #define AFM_R_WIDE 6
+    #define AFM_R_NARROW 6
+    #endif
+    #define AFM_RMAX 12
+    /* row blocks of a split of M that keeps every tile where the serial loop has it */
+    #define AFM_ROW_ALIGN 12
+    typedef float afm_vf __attribute__((vector_size(AFM_VBYTES)));
+    typedef float afm_vfu __attribute__((vector_size(AFM_VBYTES), aligned(4), may_alias));
+    typedef double afm_vd __attribute__((vector_size(AFM_VBYTES)));
+    typedef double afm_vdu __attribute__((vector_size(AFM_VBYTES), aligned(8), may_alias));
+
+    #define AFM_DEFINE_GEMM(T, SUF, VT, VTU)                                              \\
+    static inline __attribute__((always_inline)) void afm_mk_##SUF(                      \\
+        const int R, const int NV, ptrdiff_t K, const T* restrict A, ptrdiff_t lda,       \\
+        ptrdiff_t sa, const T* restrict B, ptrdiff_t ldb, T* restrict C, ptrdiff_t ldc)   \\
+    {                                                                                     \\
+        enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
+        VT acc[AFM_RMAX][AFM_NVMAX];                                                      \\
+        _Pragma("GCC unroll 12") for (int r = 0; r < R; r++)                              \\
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                              \\
+            acc[r][v] = *(const VTU*)(C + r * ldc + v * VL);                              \\
+        for (ptrdiff_t kk = 0; kk < K; kk++) {                                            \\
+            const T* b = B + kk * ldb;                                                    \\
+            const T* a = A + kk * sa;                                                     \\
+            VT bv[AFM_NVMAX];                                                             \\
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                          \\
+                bv[v] = *(const VTU*)(b + v * VL);                                        \\
+            _Pragma("GCC unroll 12") for (int r = 0; r < R; r++) {                        \\
+                T av = a[r * lda];                                                        \\
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                      \\
+                    acc[r][v] += av * bv[v];                                              \\
+            }                                                                             \\
+        }                                                                                 \\
+        _Pragma("GCC unroll 12") for (int r = 0; r < R; r++)                              \\
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                              \\
+            *(VTU*)(C + r * ldc + v * VL) = acc[r][v];                                    \\
+    }                                                                                     \\
+    static void afm_mk_gen_##SUF(int R, int NV, ptrdiff_t K, const T* restrict A,         \\
+        ptrdiff_t lda, ptrdiff_t sa, const T* restrict B, ptrdiff_t ldb, T* restrict C,   \\
+        ptrdiff_t ldc) { afm_mk_##SUF(R, NV, K, A, lda, sa, B, ldb, C, ldc); }            \\
+    static void afm_gemm_##SUF(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T* A,         \\
+        ptrdiff_t lda, ptrdiff_t sa, const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc)      \\
+    {                                                                                     \\
+        enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
+        ptrdiff_t n0 = 0, i0;                                                             \\
+        while (n0 + VL <= N) {                                                            \\
+            int nv = (int)((N - n0) / VL);                                                \\
+            if (nv > AFM_NVMAX) nv = AFM_NVMAX;                                           \\
+            int R = (nv >= 3 || (nv == 2 && AFM_NVMAX == 2)) ? AFM_R_WIDE : AFM_R_NARROW; \\
+            for (i0 = 0; i0 + R <= M; i0 += R) {                                          \\
+                const T* a = A + i0 * lda; T* c = C + i0 * ldc + n0; const T* b = B + n0; \\
+                if (nv == 4)                                                              \\
+                    afm_mk_##SUF(AFM_R_WIDE, 4, K, a, lda, sa, b, ldb, c, ldc);           \\
+                else if (nv == 3)                                                         \\
+                    afm_mk_##SUF(AFM_R_WIDE, 3, K, a, lda, sa, b, ldb, c, ldc);           \\
+                else if (nv == 2 && AFM_NVMAX == 2)                                       \\
+                    afm_mk_##SUF(AFM_R_WIDE, 2, K, a, lda, sa, b, ldb, c, ldc);           \\
+                else if (nv == 2)                                                         \\
+                    afm_mk_##SUF(AFM_R_NARROW, 2, K, a, lda, sa, b, ldb, c, ldc);         \\
+                else                                                                      \\
+                    afm_mk_##SUF(AFM_R_NARROW, 1, K, a, lda, sa, b, ldb, c, ldc);         \\
+            }                                                                             \\
+            if (i0 < M)                                                                   \\
+                afm_mk_gen_##SUF((int)(M - i0), nv, K, A + i0 * lda, lda, sa, B + n0,     \\
+                                 ldb, C + i0 * ldc + n0, ldc);                            \\
+            n0 += nv * VL;                                                                \\
+        }                                                                                 \\
+        for (i0 = 0; i0 < M; i0++)                                                        \\
+            for (ptrdiff_t n = n0; n < N; n++) {                                          \\
+                T acc = C[i0 * ldc + n];                                                  \\
+                for (ptrdiff_t kk = 0; kk < K; kk++)                                      \\
+                    acc += A[i0 * lda + kk * sa] * B[kk * ldb + n];                       \\
+                C[i0 * ldc + n] = acc;                                                    \\
+            }                                                                             \\
+    }
+
+    AFM_DEFINE_GEMM(float, f, afm_vf, afm_vfu)
+    AFM_DEFINE_GEMM(double, d, afm_vd, afm_vdu)
+    """
+    void afm_gemm_f(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A,
+                    Py_ssize_t lda, Py_ssize_t sa, const float* B, Py_ssize_t ldb,
+                    float* C, Py_ssize_t ldc) noexcept nogil
+    void afm_gemm_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double* A,
+                    Py_ssize_t lda, Py_ssize_t sa, const double* B, Py_ssize_t ldb,
+                    double* C, Py_ssize_t ldc) noexcept nogil
+    int AFM_ROW_ALIGN
+    int AFM_VBYTES
+
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+
+# Activation codes (kernel_api.RELU ...), error codes of the nogil step.
+cdef enum:
+    ACT_RELU = 0
+    ACT_SIGMOID = 1
+    ACT_TANH = 2
+    ACT_IDENTITY = 3
+
+cdef enum:
+    ERR_ROW = 1
+    ERR_FEATURE = 2
+    ERR_NNZ = 3
+    ERR_PAIRS = 4
+
+
+cdef void* _alloc(size_t nbytes) except NULL:
+    """64-byte aligned, zeroed."""
+    cdef void* p = NULL
+    if nbytes == 0:
+        nbytes = 64
+    if posix_memalign(&p, 64, nbytes) != 0:
+        raise MemoryError(f"afmfast: could not allocate {nbytes} bytes of AFM workspace")
+    memset(p, 0, nbytes)
+    return p
+
+
+cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
+                       Py_ssize_t lda, Py_ssize_t sa, const floating* B, Py_ssize_t ldb,
+                       floating* C, Py_ssize_t ldc) noexcept nogil:
+    if M <= 0 or N <= 0 or K <= 0:
+        return
+    if floating is float:
+        afm_gemm_f(M, N, K, A, lda, sa, B, ldb, C, ldc)
+    else:
+        afm_gemm_d(M, N, K, A, lda, sa, B, ldb, C, ldc)
+
+
+cdef inline floating _dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
+    """Dot product with 16 lane sums in a fixed order (vectorisable, deterministic)."""
+    cdef floating acc[16]
+    cdef floating s = 0
+    cdef Py_ssize_t i, l, n16 = n - n % 16
+    for l in range(16):
+        acc[l] = 0
+    i = 0
+    while i < n16:
+        for l in range(16):
+            acc[l] = acc[l] + a[i + l] * b[i + l]
+        i = i + 16
+    for l in range(n - n16):
+        acc[l] = acc[l] + a[n16 + l] * b[n16 + l]
+    for l in range(16):
+        s = s + acc[l]
+    return s
+
+
+cdef inline void _activate(floating* u, Py_ssize_t n, int code) noexcept nogil:
+    """u <- act(u) in place (the switch outside the loops, so relu/identity vectorise)."""
+    cdef Py_ssize_t j
+    if code == ACT_RELU:
+        for j in range(n):
+            u[j] = u[j] if u[j] > 0 else 0
+    elif code == ACT_SIGMOID:
+        for j in range(n):
+            if floating is float:
+                u[j] = 1 / (1 + expf(-u[j]))
+            else:
+                u[j] = 1 / (1 + exp(-u[j]))
+    elif code == ACT_TANH:
+        for j in range(n):
+            if floating is float:
+                u[j] = tanhf(u[j])
+            else:
+                u[j] = tanh(u[j])
+
+
+cdef inline void _softmax(const floating* U, const floating* h, Py_ssize_t n_pairs,
+                          Py_ssize_t t, int code, floating* H, double* a) noexcept nogil:
+    """H rows (n_pairs, t): act(U) in place (U == H) -> logits s = h . act -> a = softmax."""
+    cdef Py_ssize_t P
+    cdef double smax = -INFINITY, ssum = 0, s
+    for P in range(n_pairs):
+        _activate(H + P * t, t, code)
+        s = <double>_dot(h, H + P * t, t)
+        a[P] = s
+        if s > smax:
+            smax = s
+    for P in range(n_pairs):
+        a[P] = exp(a[P] - smax)
+        ssum += a[P]
+    for P in range(n_pairs):
+        a[P] = a[P] / ssum
+
+
+cdef class AFMWorkspace:
+    """Scratch of afm_step for one fit (see the module docstring); opaque to callers."""
+    cdef readonly Py_ssize_t batch_size, max_batch_nnz, max_batch_pairs, n_features
+    cdef readonly Py_ssize_t n_factors, attention_size, u_cap
+    cdef readonly object dtype
+    cdef Py_ssize_t itemsize
+    # integers
+    cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
+    cdef int64_t* poff       # (B + 1,) batch-local pair offsets
+    cdef int64_t* chunk      # (B + 1,) first row of each chunk
+    cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (so between steps)
+    cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order
+    cdef int32_t* grp        # (nnz,) group of each nonzero in batch order
+    cdef int32_t* uniq       # (u_cap,) feature id of each group
+    cdef int64_t* ustart     # (u_cap + 1,) group g's occurrences: ustart[g]:ustart[g+1]
+    cdef int64_t* cursor     # (u_cap,)
+    cdef int32_t* grp_occ    # (nnz,) batch-order index of each occurrence, grouped
+    cdef int32_t* grp_row    # (nnz,) batch row of each occurrence, grouped
+    # doubles
+    cdef double* r           # (B,) residual y_hat - y
+    cdef double* row_loss    # (B,)
+    cdef double* lin         # (B,) linear term
+    cdef double* grp_sq      # (u_cap,) ||V_row||^2 before the update
+    cdef double* pa          # (pairs,) softmax weight a
+    cdef double* pau         # (pairs,) a' = a * attention mask / keep (1 without attention)
+    cdef double* pds         # (pairs,) attention scale, then da, then ds
+    cdef double* dsum        # (1 + k + 2t,) dense gradient sums
+    # DTYPE
+    cdef void* occ_x         # (nnz,) value of each nonzero in batch order
+    cdef void* VX            # (nnz, k) v x per occurrence
+    cdef void* DVX           # (nnz, k) gradient of the V row from each occurrence
+    cdef void* E             # (pairs, k) e, then de
+    cdef void* U             # (pairs, t) W e + b, then act, then du
+    cdef void* WT            # (k, t)
+    cdef void* GW            # (t, k) gradient of W
+    cdef void* DG            # (B, k) pooled scale, then dg = r p scale
+    cdef void* RDP           # (B, k) r g' (gradient of p per row)
+    cdef void* RDB           # (B, t) sum du (gradient of b per row)
+    cdef void* RDH           # (B, t) sum ds act (gradient of h per row)
+    cdef void* G             # (u_cap, k) gradient of each touched V row
+    cdef void* gdense        # (1 + k + 2t,)
+
+    def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
+                  Py_ssize_t max_batch_pairs, Py_ssize_t n_features, Py_ssize_t n_factors,
+                  Py_ssize_t attention_size, dtype):
+        cdef Py_ssize_t i, B, N, PP, M, k, t, U, isz, D
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"dtype must be float32 or float64, got {dt}")
+        for name, v in (("batch_size", batch_size), ("max_batch_nnz", max_batch_nnz),
+                        ("n_features", n_features), ("n_factors", n_factors),
+                        ("attention_size", attention_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        if max_batch_pairs < 0:
+            raise ValueError(f"max_batch_pairs must be >= 0, got {max_batch_pairs}")
+        if n_features > 2147483647 or max_batch_nnz > 2147483647:
+            raise ValueError("n_features and max_batch_nnz must fit in int32")
+        B, N, M, k, t = batch_size, max_batch_nnz, n_features, n_factors, attention_size
+        PP = max(max_batch_pairs, 1)
+        U = min(M, N)
+        D = 1 + k + 2 * t
+        self.batch_size, self.max_batch_nnz, self.max_batch_pairs = B, N, max_batch_pairs
+        self.n_features, self.n_factors, self.attention_size, self.u_cap = M, k, t, U
+        self.dtype = dt
+        isz = dt.itemsize
+        self.itemsize = isz
+        self.off = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.poff = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.chunk = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.slot = <int32_t*>_alloc(M * sizeof(int32_t))
+        for i in range(M):
+            self.slot[i] = -1
+        self.occ = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.grp = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.uniq = <int32_t*>_alloc(U * sizeof(int32_t))
+        self.ustart = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
+        self.cursor = <int64_t*>_alloc(U * sizeof(int64_t))
+        self.grp_occ = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.grp_row = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.r = <double*>_alloc(B * sizeof(double))
+        self.row_loss = <double*>_alloc(B * sizeof(double))
+        self.lin = <double*>_alloc(B * sizeof(double))
+        self.grp_sq = <double*>_alloc(U * sizeof(double))
+        self.pa = <double*>_alloc(PP * sizeof(double))
+        self.pau = <double*>_alloc(PP * sizeof(double))
+        self.pds = <double*>_alloc(PP * sizeof(double))
+        self.dsum = <double*>_alloc(D * sizeof(double))
+        self.occ_x = _alloc(N * isz)
+        self.VX = _alloc(N * k * isz)
+        self.DVX = _alloc(N * k * isz)
+        self.E = _alloc(PP * k * isz)
+        self.U = _alloc(PP * t * isz)
+        self.WT = _alloc(k * t * isz)
+        self.GW = _alloc(t * k * isz)
+        self.DG = _alloc(B * k * isz)
+        self.RDP = _alloc(B * k * isz)
+        self.RDB = _alloc(B * t * isz)
+        self.RDH = _alloc(B * t * isz)
+        self.G = _alloc(U * k * isz)
+        self.gdense = _alloc(D * isz)
+
+    def __dealloc__(self):
+        free(self.off); free(self.poff); free(self.chunk); free(self.slot); free(self.occ)
+        free(self.grp); free(self.uniq); free(self.ustart); free(self.cursor)
+        free(self.grp_occ); free(self.grp_row)
+        free(self.r); free(self.row_loss); free(self.lin); free(self.grp_sq); free(self.pa)
+        free(self.pau); free(self.pds); free(self.dsum)
+        free(self.occ_x); free(self.VX); free(self.DVX); free(self.E); free(self.U)
+        free(self.WT); free(self.GW); free(self.DG); free(self.RDP); free(self.RDB)
+        free(self.RDH); free(self.G); free(self.gdense)
+
+    def __repr__(self):
+        return (f"AFMWorkspace(batch_size={self.batch_size}, max_batch_nnz="
+                f"{self.max_batch_nnz}, max_batch_pairs={self.max_batch_pairs}, "
+                f"n_features={self.n_features}, n_factors={self.n_factors}, "
+                f"attention_size={self.attention_size}, dtype={self.dtype})")
+
+
+def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
+                  attention_size, dtype):
+    """Scratch for the afm_step calls of one fit.
+
+    batch_size, max_batch_nnz and max_batch_pairs bound len(rows), a batch's nonzero
+    count and its pair count (sum over its rows of n(n-1)/2); n_features (M), n_factors
+    (k), attention_size (t) and dtype must match the parameters.
+
+    Example: ws = afm_workspace(4096, 40960, 184320, 5382, 64, 64, np.float32)
+    """
+    return AFMWorkspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
+                        attention_size, dtype)
+
+
+# Scalars and raw pointers of one step.
+ctypedef struct AFMArgs:
+    Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U
+    int n_threads, attention, activation, freeze_fm, drop_att, drop_pool
+    double l2, l2a, inv_keep_att, inv_keep_pool
+    uint64_t seed, step, thr_att, thr_pool
+    const int64_t* indptr
+    const int32_t* indices
+    const int64_t* rows
+    OptCfg opt
+    Py_ssize_t err_pos
+    int64_t err_value
+
+
+cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept nogil:
+    """Step 0: offsets, batch-order copy of the nonzeros, grouping by feature, chunks."""
+    cdef Py_ssize_t B = a.B, b, q, u, U = 0, i, n, c
+    cdef int64_t row, start, pos, pairs, cp
+    cdef int64_t* off = ws.off
+    cdef int64_t* poff = ws.poff
+    cdef int32_t* occ = ws.occ
+    cdef int32_t* grp = ws.grp
+    cdef int32_t* slot = ws.slot
+    cdef int32_t* uniq = ws.uniq
+    cdef int64_t* cursor = ws.cursor
+    cdef int64_t* ustart = ws.ustart
+    cdef floating* occ_x = <floating*>ws.occ_x
+    cdef int32_t j
+    cdef Py_ssize_t target, rows_in
+    off[0] = 0
+    poff[0] = 0
+    for b in range(B):
+        row = a.rows[b]
+        if row < 0 or row >= a.n_rows:
+            a.err_pos = b
+            a.err_value = row
+            return ERR_ROW
+        n = a.indptr[row + 1] - a.indptr[row]
+        off[b + 1] = off[b] + n
+        poff[b + 1] = poff[b] + n * (n - 1) // 2
+    if off[B] > a.nnz_cap:
+        a.err_value = off[B]
+        return ERR_NNZ
+    if poff[B] > a.pair_cap:
+        a.err_value = poff[B]
+        return ERR_PAIRS
+    for b in range(B):
+        start = a.indptr[a.rows[b]]
+        for i in range(off[b + 1] - off[b]):
+            j = a.indices[start + i]
+            if j < 0 or j >= a.M:
+                a.err_pos = start + i
+                a.err_value = j
+                return ERR_FEATURE
+            occ[off[b] + i] = j
+            occ_x[off[b] + i] = values[start + i]
+    # stable counting sort by feature id (slot is all -1 between steps)
+    for q in range(off[B]):
+        j = occ[q]
+        u = slot[j]
+        if u < 0:
+            u = U
+            slot[j] = <int32_t>U
+            uniq[U] = j
+            cursor[U] = 0
+            U += 1
+        cursor[u] += 1
+        grp[q] = <int32_t>u
+    ustart[0] = 0
+    for u in range(U):
+        ustart[u + 1] = ustart[u] + cursor[u]
+        cursor[u] = ustart[u]
+        slot[uniq[u]] = -1
+    for b in range(B):
+        for q in range(off[b], off[b + 1]):
+            u = grp[q]
+            pos = cursor[u]
+            cursor[u] = pos + 1
+            ws.grp_row[pos] = <int32_t>b
+            ws.grp_occ[pos] = <int32_t>q
+    a.U = U
+    # chunks of consecutive rows with about `target` pairs (<= 64 rows): E and U of a
+    # chunk stay in cache between the GEMM and the row loop.
+    target = 65536 // (a.k + a.t)
+    if target < 48:
+        target = 48
+    c = 0
+    ws.chunk[0] = 0
+    cp = 0
+    rows_in = 0
+    for b in range(B):
+        cp += poff[b + 1] - poff[b]
+        rows_in += 1
+        if cp >= target or rows_in >= 64:
+            c += 1
+            ws.chunk[c] = b + 1
+            cp = 0
+            rows_in = 0
+    if rows_in > 0:
+        c += 1
+        ws.chunk[c] = B
+    a.n_chunks = c
+    return 0
+
+
+cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
+                         const floating* y, const floating* V, const floating* w,
+                         const floating* dense) noexcept nogil:
+    """Step 1 for the rows of chunk c: forward pass and the row-local backward pass."""
+    cdef Py_ssize_t k = a.k, t = a.t, b, b0 = ws.chunk[c], b1 = ws.chunk[c + 1]
+    cdef Py_ssize_t i, i2, n, f, jj, P, P0, P1, q0
+    cdef const int32_t* occ = ws.occ
+    cdef const floating* occ_x = <floating*>ws.occ_x
+    cdef floating* VX = <floating*>ws.VX
+    cdef floating* E = <floating*>ws.E
+    cdef floating* Uu = <floating*>ws.U
+    cdef floating* DG = <floating*>ws.DG
+    cdef floating* RDP = <floating*>ws.RDP
+    cdef floating* RDB = <floating*>ws.RDB
+    cdef floating* RDH = <floating*>ws.RDH
+    cdef double* pa = ws.pa
+    cdef double* pau = ws.pau
+    cdef double* pds = ws.pds
+    cdef const floating* p_vec = dense + 1
+    cdef const floating* bias = dense + 1 + k
+    cdef const floating* h = dense + 1 + k + t
+    cdef floating* vx
+    cdef floating* vx2
+    cdef floating* e
+    cdef floating* u
+    cdef floating* dg
+    cdef floating* gp
+    cdef floating* rdb
+    cdef floating* rdh
+    cdef const floating* v
+    cdef floating x, au, ds_f, du
+    cdef double lin, yhat, res, ada, da
+    cdef uint64_t key
+    cdef int code = a.activation
+    cdef floating inv_pool = <floating>a.inv_keep_pool
+    # v x per occurrence, e per pair
+    for b in range(b0, b1):
+        q0 = ws.off[b]
+        n = ws.off[b + 1] - q0
+        lin = 0
+        for i in range(n):
+            x = occ_x[q0 + i]
+            v = V + <Py_ssize_t>occ[q0 + i] * k
+            vx = VX + (q0 + i) * k
+            for f in range(k):
+                vx[f] = v[f] * x
+            lin += <double>w[occ[q0 + i]] * <double>x
+        ws.lin[b] = lin
+        P = ws.poff[b]
+        for i in range(n):
+            vx = VX + (q0 + i) * k
+            for i2 in range(i + 1, n):
+                vx2 = VX + (q0 + i2) * k
+                e = E + P * k
+                for f in range(k):
+                    e[f] = vx[f] * vx2[f]
+                P += 1
+    P0 = ws.poff[b0]
+    P1 = ws.poff[b1]
+    if a.attention and P1 > P0:
+        for P in range(P0, P1):
+            u = Uu + P * t
+            for jj in range(t):
+                u[jj] = bias[jj]
+        _gemm(P1 - P0, t, k, E + P0 * k, k, 1, <floating*>ws.WT, t, Uu + P0 * t, t)
+    for b in range(b0, b1):
+        P0 = ws.poff[b]
+        P1 = ws.poff[b + 1]
+        dg = DG + b * k
+        gp = RDP + b * k
+        rdb = RDB + b * t
+        rdh = RDH + b * t
+        if a.attention and P1 > P0:
+            _softmax(Uu + P0 * t, h, P1 - P0, t, code, Uu + P0 * t, pa + P0)
+            if a.drop_att:
+                key = dropout_row_key(a.seed, 1, a.step, <uint64_t>a.rows[b])
+                for P in range(P0, P1):
+                    pds[P] = a.inv_keep_att if dropout_kept(key, <uint64_t>(P - P0),
+                                                            a.thr_att) else 0.0
+                    pau[P] = pa[P] * pds[P]
+            else:
+                for P in range(P0, P1):
+                    pds[P] = 1.0
+                    pau[P] = pa[P]
+        else:
+            for P in range(P0, P1):
+                pau[P] = 1.0
+        # pooled g (into RDP's row), pooled dropout scale (into DG's row)
+        for f in range(k):
+            gp[f] = 0
+        for P in range(P0, P1):
+            au = <floating>pau[P]
+            e = E + P * k
+            for f in range(k):
+                gp[f] = gp[f] + au * e[f]
+        if a.drop_pool:
+            key = dropout_row_key(a.seed, 2, a.step, <uint64_t>a.rows[b])
+            for f in range(k):
+                dg[f] = inv_pool if dropout_kept(key, <uint64_t>f, a.thr_pool) else 0
+                gp[f] = gp[f] * dg[f]
+        else:
+            for f in range(k):
+                dg[f] = 1
+        yhat = <double>_dot(p_vec, gp, k)
+        yhat = <double>dense[0] + ws.lin[b] + yhat
+        res = yhat - <double>y[a.rows[b]]
+        ws.r[b] = res
+        ws.row_loss[b] = 0.5 * res * res
+        for f in range(k):
+            dg[f] = <floating>res * p_vec[f] * dg[f]
+            gp[f] = <floating>res * gp[f]
+        for jj in range(t):
+            rdb[jj] = 0
+            rdh[jj] = 0
+        if a.attention and P1 > P0:
+            ada = 0
+            for P in range(P0, P1):
+                da = <double>_dot(E + P * k, dg, k) * pds[P]
+                pds[P] = da
+                ada += pa[P] * da
+            for P in range(P0, P1):
+                pds[P] = pa[P] * (pds[P] - ada)
+            for P in range(P0, P1):
+                u = Uu + P * t
+                ds_f = <floating>pds[P]
+                for jj in range(t):
+                    rdh[jj] = rdh[jj] + ds_f * u[jj]
+                if code == ACT_RELU:
+                    for jj in range(t):
+                        u[jj] = ds_f * h[jj] if u[jj] > 0 else 0
+                elif code == ACT_SIGMOID:
+                    for jj in range(t):
+                        u[jj] = ds_f * h[jj] * (u[jj] * (1 - u[jj]))
+                elif code == ACT_TANH:
+                    for jj in range(t):
+                        u[jj] = ds_f * h[jj] * (1 - u[jj] * u[jj])
+                else:
+                    for jj in range(t):
+                        u[jj] = ds_f * h[jj]
+                for jj in range(t):
+                    rdb[jj] = rdb[jj] + u[jj]
+
+
+cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
+                    floating* GW) noexcept nogil:
+    """Step 3 for W rows [j0, j1) of thread block th: GW[j] = sum_P du[P, j] e[P] in
+    pair order. Blocks of pairs keep E's and DU's rows in cache across the W rows."""
+    cdef Py_ssize_t k = a.k, t = a.t, nblk, j0, j1, P0, PB, P, n_pairs, f, j
+    cdef const floating* E = <floating*>ws.E
+    cdef const floating* DU = <floating*>ws.U
+    nblk = (t + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN
+    j0 = (nblk * th // nth) * AFM_ROW_ALIGN
+    j1 = (nblk * (th + 1) // nth) * AFM_ROW_ALIGN
+    if j1 > t:
+        j1 = t
+    if j0 >= j1:
+        return
+    for j in range(j0 * k, j1 * k):
+        GW[j] = 0
+    n_pairs = ws.poff[a.B]
+    PB = 131072 // ((k + t) * sizeof(floating))
+    if PB < 16:
+        PB = 16
+    P0 = 0
+    while P0 < n_pairs:
+        P = n_pairs - P0 if n_pairs - P0 < PB else PB
+        _gemm(j1 - j0, k, P, DU + P0 * t + j0, 1, t, E + P0 * k, k, GW + j0 * k, k)
+        P0 += P
+
+
+cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
+                          const floating* W) noexcept nogil:
+    """Step 4 for the rows of chunk c: de = a' dg + du W over E, then d(v x) per
+    occurrence, scaled by x (the occurrence's contribution to its V row's gradient)."""
+    cdef Py_ssize_t k = a.k, t = a.t, b, b0 = ws.chunk[c], b1 = ws.chunk[c + 1]
+    cdef Py_ssize_t P, P0, P1, f, i, i2, n, q0
+    cdef floating* E = <floating*>ws.E
+    cdef const floating* VX = <floating*>ws.VX
+    cdef floating* DVX = <floating*>ws.DVX
+    cdef const floating* DG = <floating*>ws.DG
+    cdef const floating* occ_x = <floating*>ws.occ_x
+    cdef const floating* dg
+    cdef floating* e
+    cdef floating* d1
+    cdef floating* d2
+    cdef const floating* v1
+    cdef const floating* v2
+    cdef floating au, x
+    for b in range(b0, b1):
+        dg = DG + b * k
+        for P in range(ws.poff[b], ws.poff[b + 1]):
+            e = E + P * k
+            au = <floating>ws.pau[P]
+            for f in range(k):
+                e[f] = au * dg[f]
+    P0 = ws.poff[b0]
+    P1 = ws.poff[b1]
+    if a.attention:
+        _gemm(P1 - P0, k, t, <floating*>ws.U + P0 * t, t, 1, W, k, E + P0 * k, k)
+    for b in range(b0, b1):
+        q0 = ws.off[b]
+        n = ws.off[b + 1] - q0
+        for i in range(n * k):
+            DVX[q0 * k + i] = 0
+        P = ws.poff[b]
+        for i in range(n):
+            v1 = VX + (q0 + i) * k
+            d1 = DVX + (q0 + i) * k
+            for i2 in range(i + 1, n):
+                v2 = VX + (q0 + i2) * k
+                d2 = DVX + (q0 + i2) * k
+                e = E + P * k
+                for f in range(k):
+                    d1[f] = d1[f] + e[f] * v2[f]
+                    d2[f] = d2[f] + e[f] * v1[f]
+                P += 1
+        for i in range(n):
+            x = occ_x[q0 + i]
+            d1 = DVX + (q0 + i) * k
+            for f in range(k):
+                d1[f] = d1[f] * x
+
+
+cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, floating* V,
+                          floating* w, floating* sV0, floating* sV1, floating* sw0,
+                          floating* sw1) noexcept nogil:
+    """Step 5 for touched feature u: gradient summed over its occurrences in batch order,
+    + l2 v, then the optimiser (unless freeze_fm); ||v||^2 before the update."""
+    cdef Py_ssize_t k = a.k, f, pos, q
+    cdef Py_ssize_t j = ws.uniq[u]
+    cdef floating* v = V + j * k
+    cdef floating* g = <floating*>ws.G + u * k
+    cdef const floating* DVX = <floating*>ws.DVX
+    cdef const floating* occ_x = <floating*>ws.occ_x
+    cdef const floating* d
+    cdef floating gw = 0
+    cdef floating l2 = <floating>a.l2
+    cdef double sq = 0
+    for f in range(k):
+        sq = sq + <double>v[f] * <double>v[f]
+    ws.grp_sq[u] = sq
+    if a.freeze_fm:
+        return
+    for f in range(k):
+        g[f] = 0
+    for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+        q = ws.grp_occ[pos]
+        d = DVX + q * k
+        for f in range(k):
+            g[f] = g[f] + d[f]
+        gw = gw + <floating>ws.r[ws.grp_row[pos]] * occ_x[q]
+    for f in range(k):
+        g[f] = g[f] + l2 * v[f]
+    opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, g, k)
+    opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
+
+
+cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
+                     const floating* y, floating* V, floating* w, floating* W,
+                     floating* dense, floating* sV, floating* sw, floating* sW,
+                     floating* sd, double* loss_out) noexcept nogil:
+    cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
+    cdef Py_ssize_t b, f, j, c, u, lo, hi, th
+    cdef int nt = a.n_threads, err
+    cdef floating* WT = <floating*>ws.WT
+    cdef floating* GW = <floating*>ws.GW
+    cdef floating* gd = <floating*>ws.gdense
+    cdef const floating* row
+    cdef double* dsum = ws.dsum
+    cdef double loss = 0, d
+    cdef floating l2a = <floating>a.l2a
+
+    err = _prepare(a, ws, values)
+    if err:
+        return err
+    if a.attention:
+        for j in range(t):
+            for f in range(k):
+                WT[f * t + j] = W[j * k + f]
+
+    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+        _forward_chunk(a, ws, c, y, V, w, dense)
+
+    # step 2: row-order sums
+    for j in range(D):
+        dsum[j] = 0
+    for b in range(B):
+        loss += ws.row_loss[b]
+        dsum[0] += ws.r[b]
+        row = <floating*>ws.RDP + b * k
+        for f in range(k):
+            dsum[1 + f] += <double>row[f]
+    if a.attention:
+        for b in range(B):
+            row = <floating*>ws.RDB + b * t
+            for j in range(t):
+                dsum[1 + k + j] += <double>row[j]
+            row = <floating*>ws.RDH + b * t
+            for j in range(t):
+                dsum[1 + k + t + j] += <double>row[j]
+    for j in range(D):
+        gd[j] = <floating>dsum[j]
+
+    if a.attention:
+        for th in prange(nt, schedule="static", num_threads=nt):
+            _dw_block(a, ws, th, nt, GW)
+        d = 0
+        for j in range(t * k):
+            d += <double>W[j] * <double>W[j]
+            GW[j] = GW[j] + l2a * W[j]
+        loss += 0.5 * a.l2a * d
+
+    if not a.freeze_fm:
+        for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+            _backward_chunk(a, ws, c, W)
+
+    # Popular features have many occurrences: dynamic scheduling balances the threads,
+    # and each feature's arithmetic is the same whichever thread runs it.
+    for u in prange(a.U, schedule="dynamic", chunksize=8, num_threads=nt):
+        _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
+    d = 0
+    for u in range(a.U):
+        d += ws.grp_sq[u]
+    loss += 0.5 * a.l2 * d
+
+    lo = 1 if a.freeze_fm else 0
+    hi = D if a.attention else 1 + k
+    opt_vec(&a.opt, dense + lo, sd + lo, sd + D + lo, gd + lo, hi - lo)
+    if a.attention:
+        opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k)
+    loss_out[0] = loss
+    return 0
+
+
+cdef OptCfg _opt_cfg(cfg) except *:
+    cdef OptCfg o
+    o.code = cfg.optimizer
+    o.lr = cfg.lr
+    if o.code == OPT_ADAM:
+        s = cfg.step + 1
+        o.lr = cfg.lr * math.sqrt(1.0 - _api.ADAM_BETA2**s) / (1.0 - _api.ADAM_BETA1**s)
+    elif o.code not in (OPT_ADAGRAD, OPT_SGD, OPT_MOMENTUM):
+        raise ValueError(f"cfg.optimizer must be one of "
+                         f"{sorted(_api.OPTIMIZER_CODES.values())} (kernel_api codes), "
+                         f"got {cfg.optimizer}")
+    o.momentum = _api.MOMENTUM_COEF
+    o.beta1 = _api.ADAM_BETA1
+    o.beta2 = _api.ADAM_BETA2
+    o.eps = _api.ADAM_EPS
+    return o
+
+
+def _check_activation(activation):
+    if activation not in (ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_IDENTITY):
+        raise ValueError(f"activation must be one of {sorted(_api.ACTIVATION_CODES.values())}"
+                         f" (kernel_api codes), got {activation}")
+
+
+def _check_keep(name, keep):
+    if not (0.0 < keep <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {keep}")
+
+
+cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state, cfg,
+                            AFMWorkspace ws) except? -1.0:
+    cdef const int64_t[::1] indptr = X[0]
+    cdef const int32_t[::1] indices = X[1]
+    cdef const floating[::1] values = X[2]
+    cdef const floating[::1] y = y_arr
+    cdef const int64_t[::1] rows = rows_arr
+    cdef floating[::1] w = params.w
+    cdef floating[:, ::1] W = params.W
+    cdef floating[::1] dense = params.dense
+    cdef floating[:, :, ::1] sV = state.V
+    cdef floating[:, ::1] sw = state.w
+    cdef floating[:, :, ::1] sW = state.W
+    cdef floating[:, ::1] sd = state.dense
+    cdef AFMArgs a
+    cdef Py_ssize_t M = V.shape[0], k = V.shape[1], t = W.shape[0], D
+    cdef double loss = 0
+    cdef int err
+    cdef double keep0 = cfg.keep_attention, keep1 = cfg.keep_pooled
+    cdef int n_threads = cfg.n_threads
+    D = 1 + k + 2 * t
+
+    if (ws.itemsize != sizeof(floating) or ws.n_factors != k or ws.n_features != M
+            or ws.attention_size != t):
+        raise ValueError(
+            f"workspace {ws!r} does not fit parameters V {(M, k)}, W {(t, W.shape[1])} "
+            f"{params.V.dtype}: build it with afm_workspace(..., n_features={M}, "
+            f"n_factors={k}, attention_size={t}, dtype={params.V.dtype})")
+    if rows.shape[0] < 1 or rows.shape[0] > ws.batch_size:
+        raise ValueError(f"len(rows) must be in [1, {ws.batch_size}] (the workspace's "
+                         f"batch_size), got {rows.shape[0]}")
+    if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != D
+            or sV.shape[0] != 2 or sV.shape[1] != M or sV.shape[2] != k
+            or sw.shape[0] != 2 or sw.shape[1] != M or sW.shape[0] != 2
+            or sW.shape[1] != t or sW.shape[2] != k or sd.shape[0] != 2
+            or sd.shape[1] != D):
+        raise ValueError(f"params/state shapes are inconsistent with V {(M, k)} and W "
+                         f"{(t, k)}: see afmfast.kernel_api")
+    if indptr.shape[0] < 1 or y.shape[0] != indptr.shape[0] - 1:
+        raise ValueError(f"y has {y.shape[0]} rows but X has {indptr.shape[0] - 1}")
+    if indices.shape[0] != values.shape[0] or indptr[indptr.shape[0] - 1] > indices.shape[0]:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
+    if n_threads < 1:
+        raise ValueError(f"cfg.n_threads must be a positive integer, got {n_threads}")
+    _check_keep("cfg.keep_attention", keep0)
+    _check_keep("cfg.keep_pooled", keep1)
+    _check_activation(cfg.activation)
+
+    a.B = rows.shape[0]
+    a.k = k
+    a.t = t
+    a.M = M
+    a.n_rows = indptr.shape[0] - 1
+    a.nnz_cap = ws.max_batch_nnz
+    a.pair_cap = ws.max_batch_pairs
+    a.n_threads = n_threads
+    a.attention = 1 if cfg.attention else 0
+    a.activation = cfg.activation
+    a.freeze_fm = 1 if cfg.freeze_fm else 0
+    a.drop_att = 1 if (a.attention and keep0 < 1.0) else 0
+    a.drop_pool = 1 if keep1 < 1.0 else 0
+    a.l2 = cfg.l2
+    a.l2a = cfg.l2_attention
+    a.inv_keep_att = 1.0 / keep0
+    a.inv_keep_pool = 1.0 / keep1
+    a.seed = <uint64_t>(int(cfg.seed) & 0xFFFFFFFFFFFFFFFF)
+    a.step = <uint64_t>(int(cfg.step) & 0xFFFFFFFFFFFFFFFF)
+    a.thr_att = <uint64_t>_api.dropout_threshold(keep0)
+    a.thr_pool = <uint64_t>_api.dropout_threshold(keep1)
+    a.indptr = &indptr[0]
+    a.indices = &indices[0] if indices.shape[0] > 0 else NULL
+    a.rows = &rows[0]
+    a.opt = _opt_cfg(cfg)
+    a.err_pos = 0
+    a.err_value = 0
+
+    with nogil:
+        err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
+                          &V[0, 0], &w[0], &W[0, 0], &dense[0], &sV[0, 0, 0], &sw[0, 0],
+                          &sW[0, 0, 0], &sd[0, 0], &loss)
+    if err == ERR_ROW:
+        raise ValueError(f"rows[{a.err_pos}] = {a.err_value} is not a row of X "
+                         f"(it has {a.n_rows} rows)")
+    if err == ERR_FEATURE:
+        raise ValueError(f"X.indices[{a.err_pos}] = {a.err_value} is not a feature id in "
+                         f"[0, {M}) (n_features); raise n_features or fix the data")
+    if err == ERR_NNZ:
+        raise ValueError(f"the batch has {a.err_value} nonzeros, more than the workspace's "
+                         f"max_batch_nnz = {ws.max_batch_nnz}")
+    if err == ERR_PAIRS:
+        raise ValueError(f"the batch has {a.err_value} pairs of nonzeros, more than the "
+                         f"workspace's max_batch_pairs = {ws.max_batch_pairs}")
+    return loss
+
+
+def afm_step(X, y, rows, params, state, cfg, AFMWorkspace ws):
+    """One AFM training step on the batch ``rows`` of (X, y); see the module docstring.
+
+    Returns the batch loss 1/2 sum (y - y_hat)^2 + l2_attention/2 ||W||^2 (attention on)
+    + l2/2 sum_touched ||V_row||^2 at the parameters before the update; mutates params,
+    state and ws.
+
+    Example: loss = afm_step(X, y, perm[:4096], params, state, cfg, ws)
+    """
+    dt = params.V.dtype
+    if dt == np.float32:
+        return _afm_step_typed[float](params.V, X, y, rows, params, state, cfg, ws)
+    if dt == np.float64:
+        return _afm_step_typed[double](params.V, X, y, rows, params, state, cfg, ws)
+    raise ValueError(f"params.V must be float32 or float64, got {dt}")
+
+
+# ----- inference ------------------------------------------------------------------------
+ctypedef struct InferArgs:
+    Py_ssize_t k, t, M, max_n, max_pairs
+    int attention, activation
+    const int64_t* indptr
+    const int32_t* indices
+    const int64_t* pair_indptr     # NULL for predict
+
+
+cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* values,
+                         const floating* V, const floating* w, const floating* WT,
+                         const floating* dense, floating* vx_buf, int64_t* ids,
+                         floating* E, floating* Uu, double* pa, floating* g,
+                         int64_t* i_out, int64_t* j_out, floating* weight_out,
+                         floating* contrib_out) noexcept nogil:
+    """Score of row i (no dropout), and its pairs when a.pair_indptr is set."""
+    cdef Py_ssize_t k = a.k, t = a.t, n = 0, q, f, P, n_pairs, i1, i2, jj, base
+    cdef int32_t j
+    cdef double lin = 0
+    cdef floating x
+    cdef const floating* v
+    cdef floating* vx
+    cdef floating* e
+    cdef floating* u
+    cdef const floating* p_vec = dense + 1
+    cdef const floating* bias = dense + 1 + k
+    cdef const floating* h = dense + 1 + k + t
+    cdef floating au
+    for q in range(a.indptr[i], a.indptr[i + 1]):
+        j = a.indices[q]
+        if j < 0 or j >= a.M:
+            continue
+        x = values[q]
+        v = V + <Py_ssize_t>j * k
+        vx = vx_buf + n * k
+        for f in range(k):
+            vx[f] = v[f] * x
+        lin += <double>w[j] * <double>x
+        ids[n] = j
+        n += 1
+    n_pairs = n * (n - 1) // 2
+    P = 0
+    for i1 in range(n):
+        for i2 in range(i1 + 1, n):
+            e = E + P * k
+            for f in range(k):
+                e[f] = vx_buf[i1 * k + f] * vx_buf[i2 * k + f]
+            P += 1
+    if a.attention and n_pairs > 0:
+        for P in range(n_pairs):
+            u = Uu + P * t
+            for jj in range(t):
+                u[jj] = bias[jj]
+        _gemm(n_pairs, t, k, E, k, 1, WT, t, Uu, t)
+        _softmax(Uu, h, n_pairs, t, a.activation, Uu, pa)
+    else:
+        for P in range(n_pairs):
+            pa[P] = 1.0
+    for f in range(k):
+        g[f] = 0
+    for P in range(n_pairs):
+        au = <floating>pa[P]
+        e = E + P * k
+        for f in range(k):
+            g[f] = g[f] + au * e[f]
+    if a.pair_indptr != NULL:
+        base = a.pair_indptr[i]
+        P = 0
+        for i1 in range(n):
+            for i2 in range(i1 + 1, n):
+                i_out[base + P] = ids[i1]
+                j_out[base + P] = ids[i2]
+                weight_out[base + P] = <floating>pa[P]
+                contrib_out[base + P] = <floating>pa[P] * _dot(p_vec, E + P * k, k)
+                P += 1
+    return <floating>(<double>dense[0] + lin + <double>_dot(p_vec, g, k))
+
+
+cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_threads,
+                       out_arr, pair_indptr_arr, i_arr, j_arr, weight_arr,
+                       contrib_arr) except *:
+    cdef const int64_t[::1] indptr = X[0]
+    cdef const int32_t[::1] indices = X[1]
+    cdef const floating[::1] values = X[2]
+    cdef const floating[::1] w = params.w
+    cdef const floating[:, ::1] W = params.W
+    cdef const floating[::1] dense = params.dense
+    cdef Py_ssize_t M = V.shape[0], k = V.shape[1], t = W.shape[0]
+    cdef Py_ssize_t n = indptr.shape[0] - 1, i, max_n, max_pairs
+    cdef int nt = n_threads, tid
+    cdef InferArgs a
+    cdef floating[::1] out
+    cdef const int64_t[::1] pind
+    cdef int64_t[::1] i_out, j_out
+    cdef floating[::1] weight_out, contrib_out
+    cdef int64_t* i_ptr = NULL
+    cdef int64_t* j_ptr = NULL
+    cdef floating* w_ptr = NULL
+    cdef floating* c_ptr = NULL
+    cdef floating* out_ptr = NULL
+    cdef bint explain = pair_indptr_arr is not None
+
+    if nt < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
+    _check_activation(activation)
+    if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != 1 + k + 2 * t):
+        raise ValueError("params shapes are inconsistent: see afmfast.kernel_api")
+    if indptr.shape[0] < 1 or indices.shape[0] != values.shape[0] \
+            or indptr[n] > indices.shape[0]:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
+    lengths = np.diff(np.asarray(indptr))
+    max_n = int(lengths.max()) if n > 0 else 0
+    max_pairs = max_n * (max_n - 1) // 2
+    if explain:
+        pind = pair_indptr_arr
+        i_out = i_arr
+        j_out = j_arr
+        weight_out = weight_arr
+        contrib_out = contrib_arr
+        if pind.shape[0] != n + 1:
+            raise ValueError(f"pair_indptr has {pind.shape[0]} entries, X has {n} rows "
+                             f"(it needs n_rows + 1)")
+        # pair counts of the rows from their nonzeros with ids in [0, M)
+        idx = np.asarray(indices)[:indptr[n]]
+        known = (idx >= 0) & (idx < M)
+        row_of = np.repeat(np.arange(n), lengths)
+        cnt = np.bincount(row_of[known], minlength=n).astype(np.int64)
+        expect = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(cnt * (cnt - 1) // 2, out=expect[1:])
+        if not np.array_equal(expect, np.asarray(pind)):
+            raise ValueError("pair_indptr does not match X: entry r + 1 must be entry r "
+                             "plus n(n-1)/2 for row r's count n of ids in [0, n_features)")
+        for name, arr in (("i_out", i_out), ("j_out", j_out), ("weight_out", weight_out),
+                          ("contribution_out", contrib_out)):
+            if arr.shape[0] != expect[n]:
+                raise ValueError(f"{name} has {arr.shape[0]} entries, the rows have "
+                                 f"{expect[n]} pairs (pair_indptr[-1])")
+        if expect[n] > 0:
+            i_ptr = &i_out[0]
+            j_ptr = &j_out[0]
+            w_ptr = &weight_out[0]
+            c_ptr = &contrib_out[0]
+        a.pair_indptr = &pind[0]
+    else:
+        out = out_arr
+        if out.shape[0] != n:
+            raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
+        a.pair_indptr = NULL
+        if n > 0:
+            out_ptr = &out[0]
+    if n == 0:
+        return
+    dt = params.V.dtype
+    WT_arr = np.ascontiguousarray(np.asarray(params.W).T)
+    cdef const floating[:, ::1] WT = WT_arr
+    # per-thread scratch, indexed by the OpenMP thread number
+    cdef floating[:, ::1] vx_s = np.empty((nt, max(max_n * k, 1)), dtype=dt)
+    cdef int64_t[:, ::1] id_s = np.empty((nt, max(max_n, 1)), dtype=np.int64)
+    cdef floating[:, ::1] e_s = np.empty((nt, max(max_pairs * k, 1)), dtype=dt)
+    cdef floating[:, ::1] u_s = np.empty((nt, max(max_pairs * t if attention else 1, 1)),
+                                         dtype=dt)
+    cdef double[:, ::1] a_s = np.empty((nt, max(max_pairs, 1)), dtype=np.float64)
+    cdef floating[:, ::1] g_s = np.empty((nt, k), dtype=dt)
+    cdef floating score
+    a.k = k
+    a.t = t
+    a.M = M
+    a.max_n = max_n
+    a.max_pairs = max_pairs
+    a.attention = 1 if attention else 0
+    a.activation = activation
+    a.indptr = &indptr[0]
+    a.indices = &indices[0] if indices.shape[0] > 0 else NULL
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=nt):
+            tid = omp_get_thread_num()
+            score = _infer_row(&a, i, &values[0] if values.shape[0] > 0 else NULL,
+                               &V[0, 0], &w[0], &WT[0, 0], &dense[0], &vx_s[tid, 0],
+                               &id_s[tid, 0], &e_s[tid, 0], &u_s[tid, 0], &a_s[tid, 0],
+                               &g_s[tid, 0], i_ptr, j_ptr, w_ptr, c_ptr)
+            if out_ptr != NULL:
+                out_ptr[i] = score
+
+
+def afm_predict(X, params, attention, activation, n_threads, out):
+    """Raw AFM scores of every row of X into ``out`` (n_rows,) of params' dtype: no
+    dropout, ids outside [0, M) skipped (they form no pairs).
+
+    Example: out = np.empty(n_rows, np.float32); afm_predict(X, params, 1, RELU, 2, out)
+    """
+    dt = params.V.dtype
+    if dt == np.float32:
+        _infer_typed[float](params.V, X, params, bool(attention), int(activation),
+                            int(n_threads), out, None, None, None, None, None)
+    elif dt == np.float64:
+        _infer_typed[double](params.V, X, params, bool(attention), int(activation),
+                             int(n_threads), out, None, None, None, None, None)
+    else:
+        raise ValueError(f"params.V must be float32 or float64, got {dt}")
+
+
+def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
+                weight_out, contribution_out):
+    """Per-pair attention of every row of X, as ``reference.afm_explain``: for the pairs
+    p < q (row order) of each row's nonzeros with ids in [0, M), written from
+    pair_indptr[row]: i_out/j_out (int64) the two feature ids, weight_out the attention
+    weight a_pq (1.0 with attention off), contribution_out a_pq * p . e_pq (params'
+    dtype). pair_indptr (n_rows + 1,) int64 is computed by the caller.
+
+    Example: afm_explain(X, params, 1, RELU, 2, indptr, i, j, weight, contribution)
+    """
+    dt = params.V.dtype
+    if dt == np.float32:
+        _infer_typed[float](params.V, X, params, bool(attention), int(activation),
+                            int(n_threads), None, pair_indptr, i_out, j_out, weight_out,
+                            contribution_out)
+    elif dt == np.float64:
+        _infer_typed[double](params.V, X, params, bool(attention), int(activation),
+                             int(n_threads), None, pair_indptr, i_out, j_out, weight_out,
+                             contribution_out)
+    else:
+        raise ValueError(f"params.V must be float32 or float64, got {dt}")
+
+
+def _gemm_for_test(A, B, C, transpose_a=False):
+    """C += A @ B (or A.T @ B) through the kernels' GEMM routine, for tests and timing."""
+    cdef Py_ssize_t M, N, K
+    if transpose_a:
+        K, M = A.shape
+    else:
+        M, K = A.shape
+    N = B.shape[1]
+    if B.shape[0] != K or C.shape[0] != M or C.shape[1] != N:
+        raise ValueError("shapes do not match")
+    cdef float[:, ::1] Af, Bf, Cf
+    cdef double[:, ::1] Ad, Bd, Cd
+    cdef bint tr = bool(transpose_a)
+    if C.dtype == np.float32:
+        Af, Bf, Cf = A, B, C
+        with nogil:
+            if tr:
+                _gemm(M, N, K, &Af[0, 0], 1, M, &Bf[0, 0], N, &Cf[0, 0], N)
+            else:
+                _gemm(M, N, K, &Af[0, 0], K, 1, &Bf[0, 0], N, &Cf[0, 0], N)
+    else:
+        Ad, Bd, Cd = A, B, C
+        with nogil:
+            if tr:
+                _gemm(M, N, K, &Ad[0, 0], 1, M, &Bd[0, 0], N, &Cd[0, 0], N)
+            else:
+                _gemm(M, N, K, &Ad[0, 0], K, 1, &Bd[0, 0], N, &Cd[0, 0], N)
+
+
+def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
+    """The kernels' dropout mask, bool (len(rows), n_units), to compare with
+    kernel_api.dropout_mask bit for bit."""
+    cdef const int64_t[::1] r = np.ascontiguousarray(rows, dtype=np.int64)
+    cdef Py_ssize_t n = r.shape[0], u, i, nu = n_units
+    cdef uint64_t thr = <uint64_t>_api.dropout_threshold(keep)
+    cdef uint64_t sd = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t st = <uint64_t>(int(stream) & 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t sp = <uint64_t>(int(step) & 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t key
+    out = np.ones((n, nu), dtype=np.uint8)
+    cdef unsigned char[:, ::1] o = out
+    if keep >= 1.0:
+        return out.astype(bool)
+    for i in range(n):
+        key = dropout_row_key(sd, st, sp, <uint64_t>r[i])
+        for u in range(nu):
+            o[i, u] = dropout_kept(key, <uint64_t>u, thr)
+    return out.astype(bool)
+
+
+def _constants():
+    """The constants this module hard-codes (to test them against kernel_api)."""
+    return dict(ADAGRAD=OPT_ADAGRAD, SGD=OPT_SGD, MOMENTUM=OPT_MOMENTUM, ADAM=OPT_ADAM,
+                RELU=ACT_RELU, SIGMOID=ACT_SIGMOID, TANH=ACT_TANH, IDENTITY=ACT_IDENTITY,
+                VECTOR_BYTES=AFM_VBYTES)

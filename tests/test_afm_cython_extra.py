@@ -1,0 +1,236 @@
+"""Tests of the Cython AFM kernels (``afmfast._afm_cython``) beyond the shared contract
+tests: gradients against ``afmfast.reference`` through an SGD step with lr = 1 (float64),
+full steps for every optimiser, predict and explain, the GEMM routine, the dropout hash,
+thread-count determinism (bit for bit) and error paths."""
+import numpy as np
+import pytest
+
+from afmfast import kernel_api as api
+from afmfast import reference as ref
+
+cy = pytest.importorskip("afmfast._afm_cython")
+
+OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
+ACTIVATIONS = [api.RELU, api.SIGMOID, api.TANH, api.IDENTITY]
+STABLE_LR = {api.ADAGRAD: 0.02, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.02}
+
+
+def make_problem(n_rows=60, n_features=50, k=12, t=10, dtype=np.float64, seed=0,
+                 lengths=(0, 1, 2, 10, 40, 3, 7), v_scale=0.3):
+    """Ragged rows (0, 1, 2, 10, 40 ... nonzeros), real signed values, duplicate ids
+    (the last id of a row repeats its first), non-trivial AFM parameters."""
+    rng = np.random.default_rng(seed)
+    ln = np.array([lengths[b % len(lengths)] for b in range(n_rows)])
+    indptr = np.concatenate([[0], np.cumsum(ln)]).astype(np.int64)
+    indices = rng.integers(0, n_features, size=int(indptr[-1])).astype(np.int32)
+    for b in range(n_rows):
+        lo, hi = indptr[b], indptr[b + 1]
+        if hi - lo >= 2:
+            indices[hi - 1] = indices[lo]
+    values = rng.uniform(0.5, 1.5, size=indices.shape) * rng.choice([-1, 1], indices.shape)
+    X = (indptr, indices, values.astype(dtype))
+    y = rng.normal(0.0, 1.0, size=n_rows).astype(dtype)
+    p = api.new_afm_params(n_features, k, t, rng, dtype=dtype)
+    p.V[:] = rng.normal(0.0, v_scale, size=p.V.shape)
+    p.w[:] = rng.normal(0.0, 0.1, size=p.w.shape)
+    p.W[:] = rng.normal(0.0, 0.5, size=p.W.shape)
+    p.dense[:] = rng.normal(0.0, 0.5, size=p.dense.shape)
+    p.dense[1:1 + k] += 1.0
+    return X, y, p
+
+
+def copy_tuple(tup):
+    return type(tup)(*(np.array(a, copy=True) for a in tup))
+
+
+def cfg_for(optimizer=api.SGD, lr=1.0, keep=(0.7, 0.6), attention=1, activation=api.RELU,
+            freeze_fm=0, step=3, n_threads=1, l2=0.03, l2_attention=0.05, seed=11):
+    return api.AFMStepConfig(lr=lr, l2=l2, l2_attention=l2_attention,
+                             keep_attention=keep[0], keep_pooled=keep[1],
+                             optimizer=optimizer, attention=attention,
+                             activation=activation, freeze_fm=freeze_fm, seed=seed,
+                             step=step, n_threads=n_threads)
+
+
+def workspace_for(X, rows, params, batch=None):
+    n = np.diff(X[0])[rows]
+    return cy.afm_workspace(batch or len(rows), max(int(n.sum()), 1),
+                            int((n * (n - 1) // 2).sum()), params.V.shape[0],
+                            params.V.shape[1], params.W.shape[0], params.V.dtype)
+
+
+@pytest.mark.parametrize("freeze_fm", [0, 1])
+@pytest.mark.parametrize("keep", [(1.0, 1.0), (0.7, 0.6)])
+@pytest.mark.parametrize("attention", [1, 0])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_sgd_step_is_reference_gradient(activation, attention, keep, freeze_fm):
+    X, y, params = make_problem()
+    rows = np.random.default_rng(3).permutation(len(y))[:45].astype(np.int64)
+    cfg = cfg_for(keep=keep, attention=attention, activation=activation,
+                  freeze_fm=freeze_fm, n_threads=2)
+    loss_ref, touched, gV, gw, gW, g_dense = ref.afm_gradients(X, y, rows, params, cfg)
+    old = copy_tuple(params)
+    state = api.new_opt_state(params, api.SGD)
+    loss = cy.afm_step(X, y, rows, params, state, cfg, workspace_for(X, rows, params))
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-10)
+    k, t = params.V.shape[1], params.W.shape[0]
+    dV, dw = old.V - params.V, old.w - params.w
+    untouched = np.setdiff1d(np.arange(len(params.w)), touched)
+    assert not dV[untouched].any() and not dw[untouched].any()
+    if freeze_fm:
+        assert not dV.any() and not dw.any()
+    else:
+        np.testing.assert_allclose(dV[touched], gV, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(dw[touched], gw, rtol=1e-9, atol=1e-12)
+    d_dense = old.dense - params.dense
+    lo = 1 if freeze_fm else 0
+    hi = 1 + k + 2 * t if attention else 1 + k
+    np.testing.assert_allclose(d_dense[lo:hi], g_dense[lo:hi], rtol=1e-9, atol=1e-12)
+    assert not d_dense[:lo].any() and not d_dense[hi:].any()
+    if attention:
+        np.testing.assert_allclose(old.W - params.W, gW, rtol=1e-9, atol=1e-12)
+    else:
+        assert np.array_equal(old.W, params.W)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 2e-3)])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_steps_match_reference(optimizer, dtype, rtol):
+    X, y, params = make_problem(n_rows=80, k=20, t=18, dtype=dtype, v_scale=0.2)
+    state = api.new_opt_state(params, optimizer)
+    p_ref, s_ref = copy_tuple(params), copy_tuple(state)
+    perm = np.random.default_rng(5).permutation(len(y)).astype(np.int64)
+    ws = workspace_for(X, perm, params)
+    for step in range(4):
+        rows = perm[step * 20:(step + 1) * 20]
+        cfg = cfg_for(optimizer, lr=STABLE_LR[optimizer], step=step, n_threads=2)
+        loss = cy.afm_step(X, y, rows, params, state, cfg, ws)
+        loss_ref = ref.afm_step(X, y, rows, p_ref, s_ref, cfg)
+        np.testing.assert_allclose(loss, loss_ref, rtol=rtol)
+    # Adam's and Adagrad's normalised steps turn float32 rounding of a near-zero gradient
+    # into a visible fraction of lr: the float32 comparison allows for that.
+    atol = rtol * 1e-2
+    if dtype == np.float32 and optimizer in (api.ADAM, api.ADAGRAD):
+        atol = 0.25 * STABLE_LR[optimizer]
+    for name in api.AFMParams._fields:
+        np.testing.assert_allclose(getattr(params, name), getattr(p_ref, name), rtol=rtol,
+                                   atol=atol, err_msg=name)
+        np.testing.assert_allclose(getattr(state, name), getattr(s_ref, name), rtol=rtol,
+                                   atol=rtol * 1e-2, err_msg=name)
+
+
+@pytest.mark.parametrize("k,t", [(16, 16), (64, 64), (40, 24), (5, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("attention", [1, 0])
+def test_thread_count_is_bit_identical(dtype, attention, k, t):
+    X, y, params = make_problem(n_rows=120, k=k, t=t, dtype=dtype, v_scale=0.2)
+    results = []
+    for n_threads in (1, 2, 3):
+        p, s = copy_tuple(params), api.new_opt_state(params, api.ADAGRAD)
+        perm = np.random.default_rng(5).permutation(len(y)).astype(np.int64)
+        ws = workspace_for(X, perm, p)
+        losses = [cy.afm_step(X, y, perm[i * 40:(i + 1) * 40], p, s,
+                              cfg_for(api.ADAGRAD, lr=0.02, step=i, n_threads=n_threads,
+                                      attention=attention), ws) for i in range(3)]
+        results.append((losses, p, s))
+    for losses, p, s in results[1:]:
+        assert losses == results[0][0]
+        for a, b in zip(p + s, results[0][1] + results[0][2]):
+            assert np.array_equal(a, b)
+
+
+def test_workspace_reuse_and_large_batch():
+    """A workspace bigger than the batch, reused across batches, gives the same result as
+    a fresh exact-size one (slot array reset, no stale scratch)."""
+    X, y, params = make_problem(n_rows=90, k=16, t=16)
+    perm = np.random.default_rng(1).permutation(90).astype(np.int64)
+    big = workspace_for(X, perm, params)
+    p1, s1 = copy_tuple(params), api.new_opt_state(params, api.ADAM)
+    p2, s2 = copy_tuple(params), api.new_opt_state(params, api.ADAM)
+    for i in range(3):
+        rows = perm[i * 30:(i + 1) * 30]
+        cfg = cfg_for(api.ADAM, lr=0.01, step=i, n_threads=2)
+        l1 = cy.afm_step(X, y, rows, p1, s1, cfg, big)
+        l2 = cy.afm_step(X, y, rows, p2, s2, cfg, workspace_for(X, rows, params))
+        assert l1 == l2
+    for a, b in zip(p1 + s1, p2 + s2):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+@pytest.mark.parametrize("attention", [1, 0])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_predict_and_explain_match_reference(activation, attention, dtype, rtol):
+    X, y, params = make_problem(n_rows=40, k=17, t=9, dtype=dtype, v_scale=0.2)
+    # unseen ids (>= M) form no pairs
+    indices = X[1].copy()
+    indices[::7] = params.V.shape[0] + 3
+    X = (X[0], indices, X[2])
+    cfg = cfg_for(attention=attention, activation=activation)
+    out = np.empty(len(y), dtype=dtype)
+    cy.afm_predict(X, params, attention, activation, 2, out)
+    np.testing.assert_allclose(out, ref.afm_predict(X, params, cfg), rtol=rtol, atol=rtol)
+    indptr, i, j, weight, contribution = ref.afm_explain(X, params, cfg)
+    n = len(i)
+    outs = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, dtype),
+            np.empty(n, dtype))
+    cy.afm_explain(X, params, attention, activation, 3, indptr, *outs)
+    assert np.array_equal(outs[0], i) and np.array_equal(outs[1], j)
+    np.testing.assert_allclose(outs[2], weight, rtol=rtol, atol=rtol * 1e-3)
+    np.testing.assert_allclose(outs[3], contribution, rtol=rtol, atol=rtol * 1e-3)
+    for n_threads in (1, 3):
+        other = np.empty_like(out)
+        cy.afm_predict(X, params, attention, activation, n_threads, other)
+        assert np.array_equal(other, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 16, 5), (13, 64, 33), (50, 100, 70),
+                                   (25, 256, 256), (6, 7, 3)])
+def test_gemm(dtype, M, N, K):
+    rng = np.random.default_rng(0)
+    A, B, C = (rng.normal(size=s).astype(dtype) for s in ((M, K), (K, N), (M, N)))
+    expect = C.astype(np.float64) + A.astype(np.float64) @ B.astype(np.float64)
+    out = C.copy()
+    cy._gemm_for_test(A, B, out)
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(out, expect, rtol=tol, atol=tol * K)
+    out = C.copy()
+    cy._gemm_for_test(np.ascontiguousarray(A.T), B, out, transpose_a=True)
+    np.testing.assert_allclose(out, expect, rtol=tol, atol=tol * K)
+
+
+def test_dropout_hash_and_constants():
+    rows = np.array([0, 5, 2**40, 17], dtype=np.int64)
+    for keep in (0.3, 0.7, 1.0):
+        for stream in (1, 2):
+            assert np.array_equal(cy._dropout_mask_for_test(9, stream, 4, rows, 45, keep),
+                                  api.dropout_mask(9, stream, 4, rows, 45, keep))
+    c = cy._constants()
+    assert (c["ADAGRAD"], c["SGD"], c["MOMENTUM"], c["ADAM"]) == \
+        (api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM)
+    assert (c["RELU"], c["SIGMOID"], c["TANH"], c["IDENTITY"]) == \
+        (api.RELU, api.SIGMOID, api.TANH, api.IDENTITY)
+
+
+def test_errors():
+    X, y, params = make_problem(n_rows=20, k=4, t=3)
+    state = api.new_opt_state(params, api.SGD)
+    rows = np.arange(10, dtype=np.int64)
+    ws = workspace_for(X, rows, params)
+    with pytest.raises(ValueError, match="not a row of X"):
+        cy.afm_step(X, y, np.array([0, 99], np.int64), params, state, cfg_for(), ws)
+    bad = X[1].copy()
+    bad[X[0][3]] = 10**6
+    with pytest.raises(ValueError, match="not a feature id"):
+        cy.afm_step((X[0], bad, X[2]), y, rows, params, state, cfg_for(), ws)
+    small = cy.afm_workspace(10, 1000, 1, 50, 4, 3, np.float64)
+    with pytest.raises(ValueError, match="max_batch_pairs"):
+        cy.afm_step(X, y, rows, params, state, cfg_for(), small)
+    with pytest.raises(ValueError, match="keep_pooled"):
+        cy.afm_step(X, y, rows, params, state, cfg_for(keep=(1.0, 0.0)), ws)
+    with pytest.raises(ValueError, match="workspace"):
+        cy.afm_step(X, y, rows, params, state, cfg_for(),
+                    cy.afm_workspace(10, 1000, 1000, 50, 4, 3, np.float32))
+    with pytest.raises(ValueError, match="activation"):
+        cy.afm_predict(X, params, 1, 7, 1, np.empty(20))
