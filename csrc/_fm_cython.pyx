@@ -33,6 +33,9 @@ is bit-identical for any n_threads):
        feature's occurrences in row order, + l2 v, then the optimiser. Features are
        independent, so this loop may be load-balanced dynamically without changing bits.
     8. serial: optimiser on dense, running batch-norm statistics.
+
+Built with -fno-math-errno (the ``distutils`` line above): sqrt then never sets errno,
+which is what lets the Adagrad/Adam loops vectorise; IEEE results are unchanged.
 """
 import math
 
@@ -116,7 +119,8 @@ cdef class FMWorkspace:
     cdef void* SC            # (B, k) dropout scale: 0 or 1/keep
     cdef void* G             # (u_cap, k) gradient of each touched V row
     cdef void* lin           # (B,) linear term
-    cdef void* kbuf          # (6, k) mu, inv, inv/B, gamma*sum_dz, gamma*sum_dzfh in DTYPE
+    cdef void* kbuf          # (7, k) mu, inv, inv/B, gamma*sum_dz, gamma*sum_dzfh, ones,
+                             # zeros in DTYPE
     cdef void* gdense        # (1 + 2k,) gradient of dense
     cdef Py_ssize_t itemsize
 
@@ -164,7 +168,7 @@ cdef class FMWorkspace:
         self.SC = _alloc(B * k * isz)
         self.G = _alloc(U * k * isz)
         self.lin = _alloc(B * isz)
-        self.kbuf = _alloc(6 * k * isz)
+        self.kbuf = _alloc(7 * k * isz)
         self.gdense = _alloc((1 + 2 * k) * isz)
 
     def __dealloc__(self):
@@ -210,8 +214,9 @@ ctypedef struct StepArgs:
 
 cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
                               const floating* values, const floating* V, const floating* w,
-                              floating* S, floating* F, floating* lin, int32_t* occ,
-                              floating* occ_x, int32_t* row_bad) noexcept nogil:
+                              const floating* y, floating* S, floating* F, floating* lin,
+                              double* r, int32_t* occ, floating* occ_x,
+                              int32_t* row_bad) noexcept nogil:
     """s, f and the linear term of row b. The row's nonzeros are first copied to the
     batch-order buffers occ/occ_x: the serial grouping then reads contiguous memory
     instead of paying the shuffled rows' cache misses a second time."""
@@ -229,7 +234,9 @@ cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* of
         start = a.indptr[a.rows[b + PREFETCH_ROWS]]
         __builtin_prefetch(a.indices + start)
         __builtin_prefetch(values + start)
+        __builtin_prefetch(y + a.rows[b + PREFETCH_ROWS])
     start = a.indptr[a.rows[b]]
+    r[b] = <double>y[a.rows[b]]  # the label, until _output_row turns it into the residual
     for t in range(n):
         j = a.indices[start + t]
         occ[q + t] = j
@@ -256,17 +263,39 @@ cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* of
         sq[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
 
 
-cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* y,
-                             const floating* dense, floating* F, floating* SC,
-                             const floating* lin, const floating* mu_t,
-                             const floating* inv_t, double* r, double* row_loss) noexcept nogil:
+cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
+                           const floating* gamma, const floating* beta) noexcept nogil:
+    """sum_f (gamma_f fr_f + beta_f) sc_f in 16 interleaved partial sums, added up in lane
+    order at the end: a fixed order (so still thread-count independent) that vectorises,
+    where one running sum would be a chain of k dependent scalar adds."""
+    cdef floating part[16]
+    cdef floating total = 0
+    cdef Py_ssize_t f0 = 0, l
+    for l in range(16):
+        part[l] = 0
+    while f0 + 16 <= k:
+        for l in range(16):
+            part[l] = part[l] + (gamma[f0 + l] * fr[f0 + l] + beta[f0 + l]) * sc[f0 + l]
+        f0 += 16
+    for l in range(k - f0):
+        part[l] = part[l] + (gamma[f0 + l] * fr[f0 + l] + beta[f0 + l]) * sc[f0 + l]
+    for l in range(16):
+        total = total + part[l]
+    return total
+
+
+cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* dense, floating* F, floating* SC,
+                             const floating* lin, const floating* kb, double* r,
+                             double* row_loss) noexcept nogil:
     cdef Py_ssize_t k = a.k, f
     cdef floating* fr = F + b * k
     cdef floating* sc = SC + b * k
-    cdef const floating* gamma = dense + 1
-    cdef const floating* beta = dense + 1 + k
-    cdef floating z, zsum = 0
+    cdef const floating* mu_t = kb
+    cdef const floating* inv_t = kb + k
+    cdef const floating* ones = kb + 5 * k
+    cdef const floating* zeros = kb + 6 * k
     cdef floating inv_keep = <floating>a.inv_keep
+    cdef floating zsum
     cdef uint64_t key
     cdef double yhat, res
     if a.use_dropout:
@@ -276,16 +305,19 @@ cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* y,
     if a.batch_norm:
         for f in range(k):
             fr[f] = (fr[f] - mu_t[f]) * inv_t[f]
-    for f in range(k):
-        if a.batch_norm:
-            z = gamma[f] * fr[f] + beta[f]
-        else:
-            z = fr[f]
-        if a.use_dropout:
-            z = z * sc[f]
-        zsum = zsum + z
+    # Absent batch norm or dropout, their factors are 1 and 0: exact, so z is bit for bit
+    # f, gamma fh + beta, f sc or (gamma fh + beta) sc as the contract defines it.
+    cdef const floating* zsc = ones
+    cdef const floating* zgamma = ones
+    cdef const floating* zbeta = zeros
+    if a.use_dropout:
+        zsc = sc
+    if a.batch_norm:
+        zgamma = dense + 1
+        zbeta = dense + 1 + k
+    zsum = _zsum(k, fr, zsc, zgamma, zbeta)
     yhat = <double>dense[0] + <double>lin[b] + <double>zsum
-    res = yhat - <double>y[a.rows[b]]
+    res = yhat - r[b]
     r[b] = res
     row_loss[b] = 0.5 * res * res
 
@@ -435,8 +467,8 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         return err
 
     for b in prange(B, schedule="static", num_threads=nt):
-        _forward_row(a, b, ws.off, values, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x,
-                     ws.row_bad)
+        _forward_row(a, b, ws.off, values, V, w, y, S, F, lin, r, ws.occ,
+                     <floating*>ws.occ_x, ws.row_bad)
     for b in range(B):
         if ws.row_bad[b]:
             for q in range(ws.off[b], ws.off[b + 1]):
@@ -469,8 +501,11 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             kb[k + f] = <floating>inv[f]
             kb[2 * k + f] = <floating>(inv[f] / B)
 
+    for f in range(k):
+        kb[5 * k + f] = 1
+        kb[6 * k + f] = 0
     for b in prange(B, schedule="static", num_threads=nt):
-        _output_row(a, b, y, dense, F, SC, lin, kb, kb + k, r, ws.row_loss)
+        _output_row(a, b, dense, F, SC, lin, kb, r, ws.row_loss)
 
     for b in range(B):
         loss += ws.row_loss[b]
@@ -635,14 +670,15 @@ cdef inline floating _predict_row(Py_ssize_t i, Py_ssize_t k, Py_ssize_t M,
                                   const int64_t* indptr, const int32_t* indices,
                                   const floating* values, const floating* V,
                                   const floating* w, const floating* dense,
-                                  const floating* mu, const floating* inv, bint batch_norm,
-                                  floating* s, floating* sq) noexcept nogil:
+                                  const floating* mu, const floating* inv,
+                                  const floating* zeros, bint batch_norm, floating* s,
+                                  floating* sq) noexcept nogil:
     cdef Py_ssize_t f, p
     cdef int32_t j
     cdef const floating* v
     cdef const floating* gamma = dense + 1
     cdef const floating* beta = dense + 1 + k
-    cdef floating x, t, acc = 0, zsum = 0, z
+    cdef floating x, t, acc = 0, zsum
     for f in range(k):
         s[f] = 0
         sq[f] = 0
@@ -658,10 +694,16 @@ cdef inline floating _predict_row(Py_ssize_t i, Py_ssize_t k, Py_ssize_t M,
             s[f] = s[f] + t
             sq[f] = sq[f] + t * t
     for f in range(k):
-        z = <floating>0.5 * (s[f] * s[f] - sq[f])
+        s[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
         if batch_norm:
-            z = gamma[f] * ((z - mu[f]) * inv[f]) + beta[f]
-        zsum = zsum + z
+            s[f] = (s[f] - mu[f]) * inv[f]
+    # sq becomes ones: z = (gamma fh + beta) * 1, or f * 1 + 0 without batch norm (exact)
+    for f in range(k):
+        sq[f] = 1
+    if batch_norm:
+        zsum = _zsum(k, s, sq, gamma, beta)
+    else:
+        zsum = _zsum(k, s, sq, sq, zeros)
     return <floating>(<double>dense[0] + <double>acc + <double>zsum)
 
 
@@ -674,10 +716,11 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
     cdef const floating[::1] dense = params.dense
     cdef floating[::1] out = out_arr
     cdef Py_ssize_t M = V.shape[0], k = V.shape[1], n = indptr.shape[0] - 1, i
-    cdef floating[::1] mu, inv
+    cdef floating[::1] mu, inv, zeros
     stats = np.asarray(params.bn_stats, dtype=np.float64)
     mu = np.ascontiguousarray(stats[0], dtype=params.V.dtype)
     inv = (1.0 / np.sqrt(stats[1] + _api.BN_EPS)).astype(params.V.dtype)
+    zeros = np.zeros(k, dtype=params.V.dtype)
     if out.shape[0] != n:
         raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
     if w.shape[0] != M or dense.shape[0] != 1 + 2 * k or mu.shape[0] != k:
@@ -696,7 +739,7 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
         for i in prange(n, schedule="static", num_threads=n_threads):
             tid = omp_get_thread_num()
             out[i] = _predict_row(i, k, M, &indptr[0], &indices[0], &values[0], &V[0, 0],
-                                  &w[0], &dense[0], &mu[0], &inv[0], batch_norm,
+                                  &w[0], &dense[0], &mu[0], &inv[0], &zeros[0], batch_norm,
                                   &scratch[tid, 0], &scratch[tid, k])
 
 
