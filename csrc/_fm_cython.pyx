@@ -44,7 +44,7 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 from openmp cimport omp_get_thread_num
-from libc.math cimport sqrt
+from libc.math cimport floor, sqrt
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memset
@@ -56,8 +56,13 @@ from _common cimport (
 
 from afmfast import kernel_api as _api
 
+# read once at import: a step should not pay module attribute lookups
 cdef double BN_EPS = _api.BN_EPS
 cdef double BN_DECAY = _api.BN_DECAY
+cdef double MOMENTUM_COEF = _api.MOMENTUM_COEF
+cdef double ADAM_BETA1 = _api.ADAM_BETA1
+cdef double ADAM_BETA2 = _api.ADAM_BETA2
+cdef double ADAM_EPS = _api.ADAM_EPS
 
 cdef extern from *:
     void __builtin_prefetch(const void* addr) noexcept nogil
@@ -195,6 +200,11 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
     Example: ws = fm_workspace(4096, 4096 * 10, 5382, 16, np.float32)
     """
     return FMWorkspace(batch_size, max_batch_nnz, n_features, n_factors, dtype)
+
+
+cdef inline uint64_t _threshold(double keep) noexcept:
+    """kernel_api.dropout_threshold: floor(keep 2^53), exact (2^53 is a power of two)."""
+    return <uint64_t>floor(keep * 9007199254740992.0)
 
 
 # Scalars and raw pointers of one step; the DTYPE arrays travel as memoryviews.
@@ -617,7 +627,7 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.inv_keep = 1.0 / keep
     a.seed = <uint64_t>(int(cfg.seed) & 0xFFFFFFFFFFFFFFFF)
     a.step = <uint64_t>(int(cfg.step) & 0xFFFFFFFFFFFFFFFF)
-    a.threshold = <uint64_t>_api.dropout_threshold(keep)
+    a.threshold = _threshold(keep)
     a.indptr = &indptr[0]
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
     a.rows = &rows[0]
@@ -625,14 +635,14 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.opt.lr = cfg.lr
     if a.opt.code == OPT_ADAM:
         t = cfg.step + 1
-        a.opt.lr = cfg.lr * math.sqrt(1.0 - _api.ADAM_BETA2**t) / (1.0 - _api.ADAM_BETA1**t)
+        a.opt.lr = cfg.lr * math.sqrt(1.0 - ADAM_BETA2**t) / (1.0 - ADAM_BETA1**t)
     elif a.opt.code not in (OPT_ADAGRAD, OPT_SGD, OPT_MOMENTUM):
         raise ValueError(f"cfg.optimizer must be one of {sorted(_api.OPTIMIZER_CODES.values())}"
                          f" (kernel_api codes), got {cfg.optimizer}")
-    a.opt.momentum = _api.MOMENTUM_COEF
-    a.opt.beta1 = _api.ADAM_BETA1
-    a.opt.beta2 = _api.ADAM_BETA2
-    a.opt.eps = _api.ADAM_EPS
+    a.opt.momentum = MOMENTUM_COEF
+    a.opt.beta1 = ADAM_BETA1
+    a.opt.beta2 = ADAM_BETA2
+    a.opt.eps = ADAM_EPS
 
     with nogil:
         err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
@@ -763,7 +773,7 @@ def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
     kernel_api.dropout_mask bit for bit."""
     cdef const int64_t[::1] r = np.ascontiguousarray(rows, dtype=np.int64)
     cdef Py_ssize_t n = r.shape[0], u, i, nu = n_units
-    cdef uint64_t thr = <uint64_t>_api.dropout_threshold(keep)
+    cdef uint64_t thr = _threshold(keep)
     cdef uint64_t sd = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
     cdef uint64_t st = <uint64_t>(int(stream) & 0xFFFFFFFFFFFFFFFF)
     cdef uint64_t sp = <uint64_t>(int(step) & 0xFFFFFFFFFFFFFFFF)
@@ -782,4 +792,5 @@ def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
 def _constants():
     """The constants this module hard-codes (to test them against kernel_api)."""
     return dict(ADAGRAD=OPT_ADAGRAD, SGD=OPT_SGD, MOMENTUM=OPT_MOMENTUM, ADAM=OPT_ADAM,
-                BN_EPS=BN_EPS, BN_DECAY=BN_DECAY)
+                BN_EPS=BN_EPS, BN_DECAY=BN_DECAY, MOMENTUM_COEF=MOMENTUM_COEF,
+                ADAM_BETA1=ADAM_BETA1, ADAM_BETA2=ADAM_BETA2, ADAM_EPS=ADAM_EPS)

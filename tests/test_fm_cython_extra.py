@@ -71,7 +71,8 @@ def run_steps(params, state, X, y, n_steps, batch, cfg_kw, backend=True, ws=None
 
 def test_constants_match_kernel_api():
     c = cy._constants()
-    for name in ("ADAGRAD", "SGD", "MOMENTUM", "ADAM", "BN_EPS", "BN_DECAY"):
+    for name in ("ADAGRAD", "SGD", "MOMENTUM", "ADAM", "BN_EPS", "BN_DECAY", "MOMENTUM_COEF",
+                 "ADAM_BETA1", "ADAM_BETA2", "ADAM_EPS"):
         assert c[name] == getattr(api, name), name
 
 
