@@ -236,6 +236,30 @@ cdef inline floating _dot(const floating* a, const floating* b, Py_ssize_t n) no
     return s
 
 
+ctypedef fused floating2:
+    float
+    double
+
+
+cdef inline double _dot_d(const floating* a, const floating2* b, Py_ssize_t n) noexcept nogil:
+    """Dot product accumulated in double, 8 lane sums in a fixed order."""
+    cdef double acc[8]
+    cdef double s = 0
+    cdef Py_ssize_t i, l, n8 = n - n % 8
+    for l in range(8):
+        acc[l] = 0
+    i = 0
+    while i < n8:
+        for l in range(8):
+            acc[l] = acc[l] + <double>a[i + l] * <double>b[i + l]
+        i = i + 8
+    for l in range(n - n8):
+        acc[l] = acc[l] + <double>a[n8 + l] * <double>b[n8 + l]
+    for l in range(8):
+        s = s + acc[l]
+    return s
+
+
 cdef inline void _activate(floating* u, Py_ssize_t n, int code) noexcept nogil:
     """u <- act(u) in place (the switch outside the loops, so relu/identity vectorise)."""
     cdef Py_ssize_t j
@@ -263,7 +287,7 @@ cdef inline void _softmax(const floating* U, const floating* h, Py_ssize_t n_pai
     cdef double smax = -INFINITY, ssum = 0, s
     for P in range(n_pairs):
         _activate(H + P * t, t, code)
-        s = <double>_dot(h, H + P * t, t)
+        s = _dot_d(h, H + P * t, t)
         a[P] = s
         if s > smax:
             smax = s
@@ -304,16 +328,17 @@ cdef class AFMWorkspace:
     # DTYPE
     cdef void* occ_x         # (nnz,) value of each nonzero in batch order
     cdef void* VX            # (nnz, k) v x per occurrence
-    cdef void* DVX           # (nnz, k) gradient of the V row from each occurrence
+    cdef double* DVX         # (nnz, k) gradient of the V row from each occurrence
     cdef void* E             # (pairs, k) e, then de
     cdef void* U             # (pairs, t) W e + b, then act, then du
     cdef void* WT            # (k, t)
     cdef void* GW            # (t, k) gradient of W
-    cdef void* DG            # (B, k) pooled scale, then dg = r p scale
-    cdef void* RDP           # (B, k) r g' (gradient of p per row)
-    cdef void* RDB           # (B, t) sum du (gradient of b per row)
-    cdef void* RDH           # (B, t) sum ds act (gradient of h per row)
+    cdef double* DG          # (B, k) pooled scale, then dg = r p scale
+    cdef double* RDP         # (B, k) r g' (gradient of p per row)
+    cdef double* RDB         # (B, t) sum du (gradient of b per row)
+    cdef double* RDH         # (B, t) sum ds act (gradient of h per row)
     cdef void* G             # (u_cap, k) gradient of each touched V row
+    cdef double* GD          # (u_cap, k) the same, summed in double
     cdef void* gdense        # (1 + k + 2t,)
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
@@ -364,16 +389,17 @@ cdef class AFMWorkspace:
         self.dsum = <double*>_alloc(D * sizeof(double))
         self.occ_x = _alloc(N * isz)
         self.VX = _alloc(N * k * isz)
-        self.DVX = _alloc(N * k * isz)
+        self.DVX = <double*>_alloc(N * k * sizeof(double))
         self.E = _alloc(PP * k * isz)
         self.U = _alloc(PP * t * isz)
         self.WT = _alloc(k * t * isz)
         self.GW = _alloc(t * k * isz)
-        self.DG = _alloc(B * k * isz)
-        self.RDP = _alloc(B * k * isz)
-        self.RDB = _alloc(B * t * isz)
-        self.RDH = _alloc(B * t * isz)
+        self.DG = <double*>_alloc(B * k * sizeof(double))
+        self.RDP = <double*>_alloc(B * k * sizeof(double))
+        self.RDB = <double*>_alloc(B * t * sizeof(double))
+        self.RDH = <double*>_alloc(B * t * sizeof(double))
         self.G = _alloc(U * k * isz)
+        self.GD = <double*>_alloc(U * k * sizeof(double))
         self.gdense = _alloc(D * isz)
 
     def __dealloc__(self):
@@ -384,7 +410,7 @@ cdef class AFMWorkspace:
         free(self.pau); free(self.pds); free(self.dsum)
         free(self.occ_x); free(self.VX); free(self.DVX); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP); free(self.RDB)
-        free(self.RDH); free(self.G); free(self.gdense)
+        free(self.RDH); free(self.G); free(self.GD); free(self.gdense)
 
     def __repr__(self):
         return (f"AFMWorkspace(batch_size={self.batch_size}, max_batch_nnz="
@@ -523,10 +549,10 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef floating* VX = <floating*>ws.VX
     cdef floating* E = <floating*>ws.E
     cdef floating* Uu = <floating*>ws.U
-    cdef floating* DG = <floating*>ws.DG
-    cdef floating* RDP = <floating*>ws.RDP
-    cdef floating* RDB = <floating*>ws.RDB
-    cdef floating* RDH = <floating*>ws.RDH
+    cdef double* DG = ws.DG
+    cdef double* RDP = ws.RDP
+    cdef double* RDB = ws.RDB
+    cdef double* RDH = ws.RDH
     cdef double* pa = ws.pa
     cdef double* pau = ws.pau
     cdef double* pds = ws.pds
@@ -537,16 +563,16 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef floating* vx2
     cdef floating* e
     cdef floating* u
-    cdef floating* dg
-    cdef floating* gp
-    cdef floating* rdb
-    cdef floating* rdh
+    cdef double* gp
+    cdef double* rdb
+    cdef double* rdh
+    cdef double* dgd
     cdef const floating* v
-    cdef floating x, au, ds_f, du
-    cdef double lin, yhat, res, ada, da
+    cdef floating x
+    cdef double lin, yhat, res, ada, da, au, ds, du, hv
     cdef uint64_t key
     cdef int code = a.activation
-    cdef floating inv_pool = <floating>a.inv_keep_pool
+    cdef double inv_pool = a.inv_keep_pool
     # v x per occurrence, e per pair
     for b in range(b0, b1):
         q0 = ws.off[b]
@@ -580,7 +606,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     for b in range(b0, b1):
         P0 = ws.poff[b]
         P1 = ws.poff[b + 1]
-        dg = DG + b * k
+        dgd = DG + b * k
         gp = RDP + b * k
         rdb = RDB + b * t
         rdh = RDH + b * t
@@ -603,56 +629,69 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         for f in range(k):
             gp[f] = 0
         for P in range(P0, P1):
-            au = <floating>pau[P]
+            au = pau[P]
             e = E + P * k
             for f in range(k):
-                gp[f] = gp[f] + au * e[f]
+                gp[f] = gp[f] + au * <double>e[f]
         if a.drop_pool:
             key = dropout_row_key(a.seed, 2, a.step, <uint64_t>a.rows[b])
             for f in range(k):
-                dg[f] = inv_pool if dropout_kept(key, <uint64_t>f, a.thr_pool) else 0
-                gp[f] = gp[f] * dg[f]
+                dgd[f] = inv_pool if dropout_kept(key, <uint64_t>f, a.thr_pool) else 0
+                gp[f] = gp[f] * dgd[f]
         else:
             for f in range(k):
-                dg[f] = 1
-        yhat = <double>_dot(p_vec, gp, k)
+                dgd[f] = 1
+        yhat = _dot_d(p_vec, gp, k)
         yhat = <double>dense[0] + ws.lin[b] + yhat
         res = yhat - <double>y[a.rows[b]]
         ws.r[b] = res
         ws.row_loss[b] = 0.5 * res * res
         for f in range(k):
-            dg[f] = <floating>res * p_vec[f] * dg[f]
-            gp[f] = <floating>res * gp[f]
+            dgd[f] = res * <double>p_vec[f] * dgd[f]
+            gp[f] = res * gp[f]
         for jj in range(t):
             rdb[jj] = 0
             rdh[jj] = 0
         if a.attention and P1 > P0:
             ada = 0
             for P in range(P0, P1):
-                da = <double>_dot(E + P * k, dg, k) * pds[P]
+                da = _dot_d(E + P * k, dgd, k) * pds[P]
                 pds[P] = da
                 ada += pa[P] * da
             for P in range(P0, P1):
                 pds[P] = pa[P] * (pds[P] - ada)
+            # du in double (its row sums nearly cancel: sum_P ds_P = 0), stored rounded
             for P in range(P0, P1):
                 u = Uu + P * t
-                ds_f = <floating>pds[P]
-                for jj in range(t):
-                    rdh[jj] = rdh[jj] + ds_f * u[jj]
+                ds = pds[P]
                 if code == ACT_RELU:
                     for jj in range(t):
-                        u[jj] = ds_f * h[jj] if u[jj] > 0 else 0
+                        hv = <double>u[jj]
+                        rdh[jj] = rdh[jj] + ds * hv
+                        du = ds * <double>h[jj] if hv > 0 else 0.0
+                        rdb[jj] = rdb[jj] + du
+                        u[jj] = <floating>du
                 elif code == ACT_SIGMOID:
                     for jj in range(t):
-                        u[jj] = ds_f * h[jj] * (u[jj] * (1 - u[jj]))
+                        hv = <double>u[jj]
+                        rdh[jj] = rdh[jj] + ds * hv
+                        du = ds * <double>h[jj] * (hv * (1 - hv))
+                        rdb[jj] = rdb[jj] + du
+                        u[jj] = <floating>du
                 elif code == ACT_TANH:
                     for jj in range(t):
-                        u[jj] = ds_f * h[jj] * (1 - u[jj] * u[jj])
+                        hv = <double>u[jj]
+                        rdh[jj] = rdh[jj] + ds * hv
+                        du = ds * <double>h[jj] * (1 - hv * hv)
+                        rdb[jj] = rdb[jj] + du
+                        u[jj] = <floating>du
                 else:
                     for jj in range(t):
-                        u[jj] = ds_f * h[jj]
-                for jj in range(t):
-                    rdb[jj] = rdb[jj] + u[jj]
+                        hv = <double>u[jj]
+                        rdh[jj] = rdh[jj] + ds * hv
+                        du = ds * <double>h[jj]
+                        rdb[jj] = rdb[jj] + du
+                        u[jj] = <floating>du
 
 
 cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
@@ -690,23 +729,24 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef Py_ssize_t P, P0, P1, f, i, i2, n, q0
     cdef floating* E = <floating*>ws.E
     cdef const floating* VX = <floating*>ws.VX
-    cdef floating* DVX = <floating*>ws.DVX
-    cdef const floating* DG = <floating*>ws.DG
+    cdef double* DVX = ws.DVX
+    cdef const double* DG = ws.DG
     cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef const floating* dg
+    cdef const double* dg
     cdef floating* e
-    cdef floating* d1
-    cdef floating* d2
+    cdef double* d1
+    cdef double* d2
     cdef const floating* v1
     cdef const floating* v2
-    cdef floating au, x
+    cdef double x, de
+    cdef double au
     for b in range(b0, b1):
         dg = DG + b * k
         for P in range(ws.poff[b], ws.poff[b + 1]):
             e = E + P * k
-            au = <floating>ws.pau[P]
+            au = ws.pau[P]
             for f in range(k):
-                e[f] = au * dg[f]
+                e[f] = <floating>(au * dg[f])
     P0 = ws.poff[b0]
     P1 = ws.poff[b1]
     if a.attention:
@@ -725,11 +765,12 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                 d2 = DVX + (q0 + i2) * k
                 e = E + P * k
                 for f in range(k):
-                    d1[f] = d1[f] + e[f] * v2[f]
-                    d2[f] = d2[f] + e[f] * v1[f]
+                    de = <double>e[f]
+                    d1[f] = d1[f] + de * <double>v2[f]
+                    d2[f] = d2[f] + de * <double>v1[f]
                 P += 1
         for i in range(n):
-            x = occ_x[q0 + i]
+            x = <double>occ_x[q0 + i]
             d1 = DVX + (q0 + i) * k
             for f in range(k):
                 d1[f] = d1[f] * x
@@ -744,11 +785,12 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     cdef Py_ssize_t j = ws.uniq[u]
     cdef floating* v = V + j * k
     cdef floating* g = <floating*>ws.G + u * k
-    cdef const floating* DVX = <floating*>ws.DVX
+    cdef double* gd = ws.GD + u * k
+    cdef const double* DVX = ws.DVX
     cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef const floating* d
-    cdef floating gw = 0
-    cdef floating l2 = <floating>a.l2
+    cdef const double* d
+    cdef double gw = 0
+    cdef double l2 = a.l2
     cdef double sq = 0
     for f in range(k):
         sq = sq + <double>v[f] * <double>v[f]
@@ -756,17 +798,17 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     if a.freeze_fm:
         return
     for f in range(k):
-        g[f] = 0
+        gd[f] = 0
     for pos in range(ws.ustart[u], ws.ustart[u + 1]):
         q = ws.grp_occ[pos]
         d = DVX + q * k
         for f in range(k):
-            g[f] = g[f] + d[f]
-        gw = gw + <floating>ws.r[ws.grp_row[pos]] * occ_x[q]
+            gd[f] = gd[f] + d[f]
+        gw = gw + ws.r[ws.grp_row[pos]] * <double>occ_x[q]
     for f in range(k):
-        g[f] = g[f] + l2 * v[f]
+        g[f] = <floating>(gd[f] + l2 * <double>v[f])
     opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, g, k)
-    opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
+    opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
 cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
@@ -779,7 +821,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef floating* WT = <floating*>ws.WT
     cdef floating* GW = <floating*>ws.GW
     cdef floating* gd = <floating*>ws.gdense
-    cdef const floating* row
+    cdef const double* row
     cdef double* dsum = ws.dsum
     cdef double loss = 0, d
     cdef floating l2a = <floating>a.l2a
@@ -801,17 +843,17 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     for b in range(B):
         loss += ws.row_loss[b]
         dsum[0] += ws.r[b]
-        row = <floating*>ws.RDP + b * k
+        row = ws.RDP + b * k
         for f in range(k):
-            dsum[1 + f] += <double>row[f]
+            dsum[1 + f] += row[f]
     if a.attention:
         for b in range(B):
-            row = <floating*>ws.RDB + b * t
+            row = ws.RDB + b * t
             for j in range(t):
-                dsum[1 + k + j] += <double>row[j]
-            row = <floating*>ws.RDH + b * t
+                dsum[1 + k + j] += row[j]
+            row = ws.RDH + b * t
             for j in range(t):
-                dsum[1 + k + t + j] += <double>row[j]
+                dsum[1 + k + t + j] += row[j]
     for j in range(D):
         gd[j] = <floating>dsum[j]
 
@@ -999,7 +1041,7 @@ ctypedef struct InferArgs:
 cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* values,
                          const floating* V, const floating* w, const floating* WT,
                          const floating* dense, floating* vx_buf, int64_t* ids,
-                         floating* E, floating* Uu, double* pa, floating* g,
+                         floating* E, floating* Uu, double* pa, double* g,
                          int64_t* i_out, int64_t* j_out, floating* weight_out,
                          floating* contrib_out) noexcept nogil:
     """Score of row i (no dropout), and its pairs when a.pair_indptr is set."""
@@ -1014,7 +1056,7 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
     cdef const floating* p_vec = dense + 1
     cdef const floating* bias = dense + 1 + k
     cdef const floating* h = dense + 1 + k + t
-    cdef floating au
+    cdef double au
     for q in range(a.indptr[i], a.indptr[i + 1]):
         j = a.indices[q]
         if j < 0 or j >= a.M:
@@ -1048,10 +1090,10 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
     for f in range(k):
         g[f] = 0
     for P in range(n_pairs):
-        au = <floating>pa[P]
+        au = pa[P]
         e = E + P * k
         for f in range(k):
-            g[f] = g[f] + au * e[f]
+            g[f] = g[f] + au * <double>e[f]
     if a.pair_indptr != NULL:
         base = a.pair_indptr[i]
         P = 0
@@ -1060,9 +1102,9 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
                 i_out[base + P] = ids[i1]
                 j_out[base + P] = ids[i2]
                 weight_out[base + P] = <floating>pa[P]
-                contrib_out[base + P] = <floating>pa[P] * _dot(p_vec, E + P * k, k)
+                contrib_out[base + P] = <floating>(pa[P] * _dot_d(p_vec, E + P * k, k))
                 P += 1
-    return <floating>(<double>dense[0] + lin + <double>_dot(p_vec, g, k))
+    return <floating>(<double>dense[0] + lin + _dot_d(p_vec, g, k))
 
 
 cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_threads,
@@ -1149,7 +1191,7 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     cdef floating[:, ::1] u_s = np.empty((nt, max(max_pairs * t if attention else 1, 1)),
                                          dtype=dt)
     cdef double[:, ::1] a_s = np.empty((nt, max(max_pairs, 1)), dtype=np.float64)
-    cdef floating[:, ::1] g_s = np.empty((nt, k), dtype=dt)
+    cdef double[:, ::1] g_s = np.empty((nt, k), dtype=np.float64)
     cdef floating score
     a.k = k
     a.t = t
