@@ -12,8 +12,9 @@ Functions
         rows int64 (B,). Mutates params.V/w (touched rows only, unless cfg.freeze_fm),
         params.W (only with cfg.attention), params.dense ([w0, p, b, h]: w0 not with
         freeze_fm, b and h only with attention), the matching entries of ``state``, and
-        the workspace. Returns the batch loss before the update. Ids outside [0, M) are
-        skipped (memory safety only: the Python layer rejects them earlier).
+        the workspace. Returns the batch loss before the update. ValueError (nothing
+        modified) for an empty batch, a row or feature id out of range, a batch larger
+        than the workspace, or an invalid keep/optimizer/activation in cfg.
     afm_predict(X, params, attention, activation, n_threads, out)
         out DTYPE (N,) receives raw scores (no dropout); ids >= M form no pairs.
     afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
@@ -35,7 +36,7 @@ Step layout (deterministic for any thread count):
   2. the batch's rows are cut into at most ``n_chunks`` chunks of consecutive rows with
      about equal work; the cut depends only on the batch, never on the thread count;
   3. prange over chunks, rows of a chunk in order: the whole forward and backward of a
-     row (vx, E, U = E W^T + b, softmax, dropout masks, y_hat, residual, ds, dU,
+     row (vx, E, H = act(E W^T + b) over U, softmax, dropout masks, y_hat, residual, ds, dU,
      dE = a' dg + dU W, dvx per occurrence); each chunk accumulates its own dW (t, k),
      dw0, dp, db, dh and squared residuals in row and pair order;
   4. chunk partials are summed in chunk order (prange over the t rows of W);
@@ -57,7 +58,19 @@ from ._numba_common import (
     row_key,
     step_key,
 )
-from .kernel_api import IDENTITY, RELU, SIGMOID, TANH, dropout_threshold
+from .kernel_api import (
+    ACTIVATION_CODES,
+    ADAGRAD,
+    ADAM,
+    IDENTITY,
+    MOMENTUM,
+    OPTIMIZER_CODES,
+    RELU,
+    SGD,
+    SIGMOID,
+    TANH,
+    dropout_threshold,
+)
 
 __all__ = ["AFMWorkspace", "afm_workspace", "afm_step", "afm_predict", "afm_explain"]
 
@@ -72,7 +85,7 @@ features and their occurrences (indices into the occ_* arrays) in batch order;
 nzoff/pairoff int64 (B+1,): prefix sums of the rows' nonzeros and pairs; occ_feat, occ_x,
 occ_b: feature, value and batch row of each occurrence; VX (nnz, k) DTYPE: v x;
 DVX (nnz, k) float64: gradient of V from each occurrence; E (pairs, k) DTYPE: pair
-products, then dE; U (pairs, t) DTYPE: pre-activations, then dU; A, SC0, D (pairs,)
+products, then dE; U (pairs, t) DTYPE: activations act(E W^T + b), then dU; A, SC0, D (pairs,)
 float64: attention weights, attention dropout scales, da then ds; R (B,): residuals;
 WT (k, t) DTYPE: W transposed; ch_lo (n_chunks+1,) chunk bounds; cW (n_chunks, t, k)
 DTYPE and cvec (n_chunks, 2+k+2t) float64 = [sum r^2, dw0, dp, db, dh]: chunk partials;
@@ -151,30 +164,69 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
 # ----------------------------------------------------------------------- small helpers
 
 @njit(**_SER)
-def _act(code, u):
-    """(act(u), act'(u)) in float64 for an activation code of kernel_api."""
+def _activate_rows(code, H, R, t):
+    """H[:R, :t] = act(H[:R, :t]) in place (computed in float64, stored in H's dtype).
+    The activation branch sits outside the loops so that ReLU and identity vectorise."""
     if code == RELU:
-        if u > 0.0:
-            return u, 1.0
-        return 0.0, 0.0
-    if code == SIGMOID:
-        s = 1.0 / (1.0 + math.exp(-u))
-        return s, s * (1.0 - s)
-    if code == TANH:
-        th = math.tanh(u)
-        return th, 1.0 - th * th
-    return u, 1.0  # IDENTITY (codes are validated upstream)
+        for i in range(R):
+            hi = H[i]
+            for j in range(t):
+                hi[j] = max(hi[j], 0.0)
+    elif code == SIGMOID:
+        for i in range(R):
+            hi = H[i]
+            for j in range(t):
+                hi[j] = 1.0 / (1.0 + math.exp(-np.float64(hi[j])))
+    elif code == TANH:
+        for i in range(R):
+            hi = H[i]
+            for j in range(t):
+                hi[j] = math.tanh(np.float64(hi[j]))
+    # IDENTITY: nothing to do (codes are validated upstream)
 
 
 @njit(**_SER)
-def _act_value(code, u):
+def _logits(H, R, t, dense, hoff, out, ooff):
+    """out[ooff + i] = h . H[i] (float64, j in order) for i < R; h = dense[hoff:hoff+t]."""
+    for i in range(R):
+        hi = H[i]
+        acc = 0.0
+        for j in range(t):
+            acc += np.float64(dense[hoff + j]) * np.float64(hi[j])
+        out[ooff + i] = acc
+
+
+@njit(**_SER)
+def _attention_backward(code, ds, hrow, dense, hoff, dh, db):
+    """For one pair with logit gradient ds and activations hrow = act(u) (t,): dh += ds
+    act(u), du = ds h act'(u) with act' from act(u) (ReLU: act > 0, sigmoid: a (1 - a),
+    tanh: 1 - a^2, identity: 1), db += du; du is written over hrow."""
+    t = hrow.shape[0]
+    for j in range(t):
+        dh[j] += ds * np.float64(hrow[j])
     if code == RELU:
-        return u if u > 0.0 else 0.0
-    if code == SIGMOID:
-        return 1.0 / (1.0 + math.exp(-u))
-    if code == TANH:
-        return math.tanh(u)
-    return u
+        for j in range(t):
+            a = np.float64(hrow[j])
+            du = ds * np.float64(dense[hoff + j]) if a > 0.0 else 0.0
+            db[j] += du
+            hrow[j] = du
+    elif code == SIGMOID:
+        for j in range(t):
+            a = np.float64(hrow[j])
+            du = ds * np.float64(dense[hoff + j]) * (a * (1.0 - a))
+            db[j] += du
+            hrow[j] = du
+    elif code == TANH:
+        for j in range(t):
+            a = np.float64(hrow[j])
+            du = ds * np.float64(dense[hoff + j]) * (1.0 - a * a)
+            db[j] += du
+            hrow[j] = du
+    else:
+        for j in range(t):
+            du = ds * np.float64(dense[hoff + j])
+            db[j] += du
+            hrow[j] = du
 
 
 @njit(**_SER)
@@ -247,18 +299,23 @@ def _mm_acc(A, B, C, R, K, N):
 def _prepare(indptr, indices, values, rows, M, attention, nzoff, pairoff, occ_feat, occ_x,
              occ_b, slot, uniq, ustart, ucur, occ_list, pcap):
     """Serial part: counts, prefix sums, occurrences, grouping by feature. Returns U (the
-    number of unique touched features), -1 when the nonzeros or -2 when the pairs (with
-    attention) exceed the workspace (nothing else is modified then)."""
+    number of unique touched features), or (before anything else is modified) -1 when the
+    nonzeros or -2 when the pairs (with attention) exceed the workspace, -3 for a row id
+    outside X, -4 for a feature id outside [0, M)."""
     B = rows.shape[0]
+    n_rows = indptr.shape[0] - 1
     nnz = 0
     npairs = 0
     for b in range(B):
         r = rows[b]
+        if r < 0 or r >= n_rows:
+            return -3
         n = 0
         for p in range(indptr[r], indptr[r + 1]):
             j = indices[p]
-            if j >= 0 and j < M:
-                n += 1
+            if j < 0 or j >= M:
+                return -4
+            n += 1
         nzoff[b] = nnz
         pairoff[b] = npairs
         nnz += n
@@ -354,16 +411,13 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
             for j in range(t):
                 ui[j] = dense[1 + k + j]
         _mm_acc(Er, WT, Ur, npairs, k, t)
+        # U becomes act(U) (H); act' is recovered from it in the backward.
+        _activate_rows(activation, Ur, npairs, t)
+        _logits(Ur, npairs, t, dense, 1 + k + t, A, P0)
         smax = -np.inf
         for i in range(npairs):
-            ui = Ur[i]
-            acc = 0.0
-            for j in range(t):
-                acc += np.float64(dense[1 + k + t + j]) * _act_value(activation,
-                                                                    np.float64(ui[j]))
-            A[P0 + i] = acc
-            if acc > smax:
-                smax = acc
+            if A[P0 + i] > smax:
+                smax = A[P0 + i]
         tot = 0.0
         for i in range(npairs):
             e = math.exp(A[P0 + i] - smax)
@@ -421,15 +475,11 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
             da = acc * SC0[P0 + i]
             D[P0 + i] = da
             sad += A[P0 + i] * da
+        db = cv[2 + k:2 + k + t]
+        dh = cv[2 + k + t:2 + k + 2 * t]
         for i in range(npairs):
             ds = A[P0 + i] * (D[P0 + i] - sad)
-            ui = Ur[i]
-            for j in range(t):
-                av, ad = _act(activation, np.float64(ui[j]))
-                cv[2 + k + t + j] += ds * av
-                du = ds * np.float64(dense[1 + k + t + j]) * ad
-                cv[2 + k + j] += du
-                ui[j] = du
+            _attention_backward(activation, ds, Ur[i], dense, 1 + k + t, dh, db)
         # dW_chunk += dU^T E (the E rows are still the pair products here).
         _mm_acc(Ur.T, Er, cW[ch], t, npairs, k)
         if not freeze_fm:
@@ -482,8 +532,8 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
 def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, sW, sd,
                      lr, l2, l2a, keep0, thr0, keep1, thr1, optimizer, attention,
                      activation, freeze_fm, useed, ustep, step, ws):
-    """The whole step; returns (loss, status), status < 0 when the batch does not fit
-    the workspace (-1 nonzeros, -2 pairs; nothing is modified then)."""
+    """The whole step; returns (loss, status), status < 0 (see ``_prepare``) when the
+    batch is invalid or does not fit the workspace (nothing is modified then)."""
     (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
      E, U, A, SC0, D, R, WT, ch_lo, cW, cvec, gW, gdense, ul2, tbuf, tacc) = ws
     B = rows.shape[0]
@@ -612,20 +662,27 @@ def afm_step(X, y, rows, params, state, cfg, ws):
     """
     indptr, indices, values = X
     B = rows.shape[0]
-    if B == 0:
-        return 0.0
     M, k = params.V.shape
     t = params.W.shape[0]
-    if (B > ws.R.shape[0] or M != ws.slot.shape[0] or k != ws.VX.shape[1]
+    if (B == 0 or B > ws.R.shape[0] or M != ws.slot.shape[0] or k != ws.VX.shape[1]
             or t != ws.U.shape[1] or params.V.dtype != ws.VX.dtype):
         raise ValueError(
-            f"afm_step: the workspace is for batches of <= {ws.R.shape[0]} rows, "
+            f"afm_step: the workspace is for batches of 1 to {ws.R.shape[0]} rows, "
             f"{ws.slot.shape[0]} features, k = {ws.VX.shape[1]}, t = {ws.U.shape[1]} and "
             f"{ws.VX.dtype}; got {B} rows, V {params.V.shape} {params.V.dtype} and t = {t}. "
             "Build it with afm_workspace for this model."
         )
     keep0 = float(cfg.keep_attention)
     keep1 = float(cfg.keep_pooled)
+    for name, keep in (("keep_attention", keep0), ("keep_pooled", keep1)):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"afm_step: cfg.{name} must be in (0, 1], got {keep}")
+    if int(cfg.optimizer) not in (ADAGRAD, SGD, MOMENTUM, ADAM):
+        raise ValueError(f"afm_step: cfg.optimizer must be one of {OPTIMIZER_CODES}, "
+                         f"got {cfg.optimizer!r}")
+    if int(cfg.activation) not in (RELU, SIGMOID, TANH, IDENTITY):
+        raise ValueError(f"afm_step: cfg.activation must be one of {ACTIVATION_CODES}, "
+                         f"got {cfg.activation!r}")
     thr0 = np.uint64(dropout_threshold(keep0) if keep0 < 1.0 else 0)
     thr1 = np.uint64(dropout_threshold(keep1) if keep1 < 1.0 else 0)
     prev = _set_threads(cfg.n_threads)
@@ -648,6 +705,12 @@ def afm_step(X, y, rows, params, state, cfg, ws):
             f"(max_batch_nnz={ws.occ_feat.shape[0]}); size the workspace with the largest "
             "sum of row lengths of any batch."
         )
+    if status == -3:
+        raise ValueError(f"afm_step: rows holds an id outside [0, {indptr.shape[0] - 1}) "
+                         "(the rows of X)")
+    if status == -4:
+        raise ValueError(f"afm_step: the batch holds a feature id outside [0, {M}) "
+                         "(n_features); raise n_features or fix the data")
     if status == -2:
         raise ValueError(
             f"afm_step: the batch has more pairs than the workspace holds "
@@ -734,12 +797,8 @@ def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation
                             for j in range(t):
                                 Ublk[i, j] = dense[1 + k + j]
                         _mm_acc(Eblk, WT, Ublk, cnt, k, t)
-                        for i in range(cnt):
-                            acc = 0.0
-                            for j in range(t):
-                                acc += np.float64(dense[1 + k + t + j]) * _act_value(
-                                    activation, np.float64(Ublk[i, j]))
-                            sbuf[base + i] = acc
+                        _activate_rows(activation, Ublk, cnt, t)
+                        _logits(Ublk, cnt, t, dense, 1 + k + t, sbuf, base)
                         base += cnt
                         cnt = 0
             smax = -np.inf

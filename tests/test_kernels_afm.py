@@ -365,6 +365,27 @@ def test_backends_agree(opt):
     np.testing.assert_allclose(o_n, o_c, rtol=1e-4, atol=1e-4 * np.abs(o_c).max())
 
 
+# ------------------------------------------------------------------- invalid batches
+
+def test_step_rejects_invalid_batches(backend):
+    """An empty batch, a row id outside X and a feature id >= M raise ValueError and
+    leave the parameters and optimiser state untouched."""
+    rng = np.random.default_rng(13)
+    M = 15
+    X, y, params = make_afm_problem(rng, 20, M, 3, 2, [4, 6])
+    state = api.new_opt_state(params, api.ADAGRAD)
+    rows = np.arange(8, dtype=np.int64)
+    ws = make_ws(backend, X, rows, params)
+    p0, s0 = copy_tuple(params), copy_tuple(state)
+    bad_ids = (X[0], X[1].copy(), X[2])
+    bad_ids[1][X[0][2] + 1] = M
+    for X_, rows_ in ((X, rows[:0]), (X, np.r_[rows[:7], 20]), (bad_ids, rows)):
+        with pytest.raises(ValueError):
+            backend.afm_step(X_, y, rows_, params, state, make_cfg(), ws)
+        _assert_tuple_close(params, p0, 0.0, 0.0, "params")
+        _assert_tuple_close(state, s0, 0.0, 0.0, "state")
+
+
 # ------------------------------------------------------------- Numba workspace checks
 
 @pytest.mark.skipif("numba" not in AFM_BACKENDS, reason="numba AFM backend unavailable")
