@@ -54,7 +54,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from openmp cimport omp_get_thread_num
+from openmp cimport omp_get_thread_num, omp_get_wtime
 from libc.math cimport exp, expf, tanh, tanhf, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
@@ -811,6 +811,11 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
+# Wall-clock seconds of the phases of the last afm_step (0 prepare, 1 forward, 2 row sums,
+# 3 dW, 4 de and d(vx), 5 feature updates, 6 dense updates): see _phase_times().
+cdef double _phase_t[8]
+
+
 cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* W,
                      floating* dense, floating* sV, floating* sw, floating* sW,
@@ -826,6 +831,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef double loss = 0, d
     cdef floating l2a = <floating>a.l2a
 
+    cdef double t0 = omp_get_wtime()
     err = _prepare(a, ws, values)
     if err:
         return err
@@ -833,9 +839,11 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         for j in range(t):
             for f in range(k):
                 WT[f * t + j] = W[j * k + f]
+    _phase_t[0] = omp_get_wtime() - t0
 
     for c in prange(a.n_chunks, schedule="static", num_threads=nt):
         _forward_chunk(a, ws, c, y, V, w, dense)
+    _phase_t[1] = omp_get_wtime() - t0
 
     # step 2: row-order sums
     for j in range(D):
@@ -856,6 +864,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 dsum[1 + k + t + j] += row[j]
     for j in range(D):
         gd[j] = <floating>dsum[j]
+    _phase_t[2] = omp_get_wtime() - t0
 
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
@@ -865,10 +874,12 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             d += <double>W[j] * <double>W[j]
             GW[j] = GW[j] + l2a * W[j]
         loss += 0.5 * a.l2a * d
+    _phase_t[3] = omp_get_wtime() - t0
 
     if not a.freeze_fm:
         for c in prange(a.n_chunks, schedule="static", num_threads=nt):
             _backward_chunk(a, ws, c, W)
+    _phase_t[4] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: dynamic scheduling balances the threads,
     # and each feature's arithmetic is the same whichever thread runs it.
@@ -878,6 +889,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     for u in range(a.U):
         d += ws.grp_sq[u]
     loss += 0.5 * a.l2 * d
+    _phase_t[5] = omp_get_wtime() - t0
 
     lo = 1 if a.freeze_fm else 0
     hi = D if a.attention else 1 + k
@@ -885,6 +897,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k)
     loss_out[0] = loss
+    _phase_t[6] = omp_get_wtime() - t0
     return 0
 
 
@@ -1301,6 +1314,12 @@ def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
         for u in range(nu):
             o[i, u] = dropout_kept(key, <uint64_t>u, thr)
     return out.astype(bool)
+
+
+def _phase_times():
+    """Cumulative seconds at the end of each phase of the last afm_step (prepare,
+    forward, row sums, dW, de and d(vx), feature updates, dense updates); for profiling."""
+    return [_phase_t[i] for i in range(7)]
 
 
 def _constants():
