@@ -104,6 +104,9 @@ _PBLK = 64
 _FM = {"contract"}
 _PAR = dict(parallel=True, fastmath=_FM, cache=True, nogil=True)
 _SER = dict(fastmath=_FM, cache=True, nogil=True)
+# Short float64 dot products (logits, da) may be reassociated so that they vectorise: the
+# order is then fixed by the compiled code, still independent of the thread count.
+_DOT = dict(fastmath={"contract", "reassoc"}, cache=True, nogil=True)
 
 
 def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
@@ -185,7 +188,16 @@ def _activate_rows(code, H, R, t):
     # IDENTITY: nothing to do (codes are validated upstream)
 
 
-@njit(**_SER)
+@njit(**_DOT)
+def _dot(a, b, n):
+    """sum_c a[c] b[c] in float64 (c < n)."""
+    acc = 0.0
+    for c in range(n):
+        acc += np.float64(a[c]) * np.float64(b[c])
+    return acc
+
+
+@njit(**_DOT)
 def _logits(H, R, t, dense, hoff, out, ooff):
     """out[ooff + i] = h . H[i] (float64, j in order) for i < R; h = dense[hoff:hoff+t]."""
     for i in range(R):
@@ -468,11 +480,7 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
     if use_pairs:
         sad = 0.0
         for i in range(npairs):
-            ei = Er[i]
-            acc = 0.0
-            for c in range(k):
-                acc += np.float64(ei[c]) * dg[c]
-            da = acc * SC0[P0 + i]
+            da = _dot(Er[i], dg, k) * SC0[P0 + i]
             D[P0 + i] = da
             sad += A[P0 + i] * da
         db = cv[2 + k:2 + k + t]
