@@ -113,3 +113,51 @@ def test_python_m_afmfast_help():
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert res.returncode == 0
     assert "--hidden_factor" in res.stdout and "--lamda" in res.stdout
+
+
+def test_afm_warm_start_from_fm_pretrain_and_mla(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "fm", "--path", str(data_dir), "--dataset", "toy",
+                          *COMMON, "--verbose", "0")
+    assert code == 0, err
+    code, out, err = _run(capsys, "afm", "--path", str(data_dir), "--dataset", "toy",
+                          "--epoch", "2", "--hidden_factor", "[4,8]", "--batch_size", "256",
+                          "--pretrain", "2", "--keep", "[0.9,0.8]", "--mla", "1",
+                          "--activation", "tanh", "--valid_dimen", "8")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("AFM: dataset=toy, factors=8, attention=1, attention_size=4")
+    assert sum(line.startswith("Epoch ") for line in lines) == 2
+    assert any(line.startswith("Best Iter(validation)= ") for line in lines)
+    pair_lines = [line for line in lines if line.startswith("  pair (")]
+    assert len(pair_lines) == 5 * (8 * 7 // 2)
+    assert "attention=" in pair_lines[0] and "interaction=" in pair_lines[0]
+    assert (tmp_path / "pretrain" / "afm_toy_8.npz").exists()
+    code, out, err = _run(capsys, "afm", "--process", "evaluate", "--path", str(data_dir),
+                          "--dataset", "toy", "--hidden_factor", "[4,8]")
+    assert code == 0, err
+    assert out.startswith("Test RMSE: ")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (("--hidden_factor", "16"), "--hidden_factor"),
+    (("--keep", "[1.0]"), "--keep"),
+    (("--keep", "[1.0,0]"), "--keep"),
+    (("--batch_norm", "1"), "--batch_norm"),
+    (("--activation", "elu"), "--activation"),
+])
+def test_afm_usage_errors_exit_2(data_dir, flags, needle, capsys):
+    try:
+        code, out, err = _run(capsys, "afm", "--path", str(data_dir), "--dataset", "toy",
+                              *flags)
+    except SystemExit as exc:  # argparse rejects it before main's handler
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+
+
+def test_afm_pretrain_1_without_fm_file_exits_1(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "afm", "--path", str(data_dir), "--dataset", "toy",
+                          "--pretrain", "1")
+    assert code == 1 and "fm_toy_16.npz" in err

@@ -1,7 +1,7 @@
 """The built-in demo: data generator and the ``afmfast demo`` run."""
 import numpy as np
 
-from afmfast.demo import FIELD_SIZES, make_demo_data, run_demo
+from afmfast.demo import FIELD_SIZES, make_demo_data, run_demo, top_field_pairs
 
 
 def test_demo_data_is_seeded_and_shaped():
@@ -17,8 +17,16 @@ def test_demo_data_is_seeded_and_shaped():
     assert np.all(fields == np.arange(len(FIELD_SIZES)))
 
 
-def test_demo_fm_beats_linear(capsys):
-    fm_rmse, linear = run_demo(verbose=0)
+def test_top_field_pairs_ignores_nan():
+    m = np.array([[np.nan, 0.2, 0.5], [0.2, np.nan, np.nan], [0.5, np.nan, np.nan]])
+    assert top_field_pairs(m, 3)[:2] == [(0, 2, 0.5), (0, 1, 0.2)]
+
+
+def test_demo_afm_beats_fm_beats_linear_and_finds_the_planted_pairs(capsys):
+    fm_rmse, afm_rmse, linear, top = run_demo(verbose=0)
     out = capsys.readouterr().out
-    assert "validation RMSE" in out
-    assert fm_rmse < 0.7 * linear
+    assert "validation RMSE" in out and "field pairs by mean AFM attention" in out
+    assert fm_rmse < 0.5 * linear
+    assert afm_rmse < 0.85 * fm_rmse
+    planted = {tuple(sorted(p)) for p in make_demo_data(n_rows=10).planted_pairs}
+    assert {(a, b) for a, b, _ in top[:len(planted)]} == planted
