@@ -1,9 +1,16 @@
-"""Accuracy on real data: the frappe-mini protocol with the reference's FM settings.
+"""Accuracy on real data: the frappe-mini protocol (../shared/data/README.md).
 
 The Frappe file lives in ../shared/data beside the repository (its terms forbid copying it
-here); the test skips when it is absent. Bound: the reference TensorFlow FM reached
-validation RMSE 0.541, 0.552 and 0.543 in three runs with these settings, so 0.555 is
-"matches or beats the reference".
+here); these tests skip when it is absent. Bounds, from the reference figures measured on
+this machine kind:
+- FM, reference settings, 20 epochs: the TensorFlow code reached 0.541, 0.552 and 0.543,
+  so <= 0.555 is "matches or beats the reference".
+- AFM warm-started from that FM, reference settings (--hidden_factor [16,16] --keep
+  [1.0,0.5] --lamda_attention 100 --lr 0.1 --pretrain 1), 20 epochs: the reference with
+  the softmax fixed reached 0.590-0.600; bound 0.605.
+- Convergence recipe: FM to early stopping, then AFM warm-started to early stopping; a
+  faithful implementation reaches about 0.533 (FM) and 0.471 (AFM), so AFM must be at
+  least 8% below FM and below 0.50.
 """
 from pathlib import Path
 
@@ -25,10 +32,36 @@ def frappe_mini():
     return data[~is_valid], data[is_valid]
 
 
-def test_frappe_mini_fm_matches_the_reference(frappe_mini):
+@pytest.fixture(scope="module")
+def fm_20_epochs(frappe_mini):
     train, valid = frappe_mini
-    assert (len(train), len(valid)) == (46178, 11544)
     model = afmfast.FM(n_factors=16, learning_rate=0.01, batch_size=4096, n_epochs=20,
                        keep=0.7, batch_norm=True, verbose=0)
-    model.fit(train, validation=valid)
-    assert model.evaluate(valid)["rmse"] <= 0.555
+    return model.fit(train, validation=valid)
+
+
+def test_frappe_mini_split(frappe_mini):
+    train, valid = frappe_mini
+    assert (len(train), len(valid)) == (46178, 11544)
+
+
+def test_fm_reference_settings_match_the_reference(frappe_mini, fm_20_epochs):
+    assert fm_20_epochs.evaluate(frappe_mini[1])["rmse"] <= 0.555
+
+
+def test_afm_reference_settings_match_the_fixed_reference(frappe_mini, fm_20_epochs):
+    train, valid = frappe_mini
+    afm = afmfast.AFM(n_factors=16, attention_size=16, keep=(1.0, 0.5), l2_attention=100.0,
+                      learning_rate=0.1, n_epochs=20, verbose=0)
+    afm.fit(train, validation=valid, init_from=fm_20_epochs)
+    assert afm.evaluate(valid)["rmse"] <= 0.605
+
+
+def test_convergence_recipe_afm_beats_fm_by_eight_percent(frappe_mini):
+    train, valid = frappe_mini
+    fm = afmfast.FM(n_factors=16, n_epochs=300, verbose=0).fit(train, validation=valid)
+    afm = afmfast.AFM(n_factors=16, attention_size=16, n_epochs=300, verbose=0)
+    afm.fit(train, validation=valid, init_from=fm)
+    fm_rmse, afm_rmse = fm.evaluate(valid)["rmse"], afm.evaluate(valid)["rmse"]
+    assert afm_rmse <= 0.92 * fm_rmse
+    assert afm_rmse < 0.50
