@@ -133,12 +133,7 @@ class AFM(FactorizationModel):
         if not isinstance(source, (FM, AFM)):
             raise ValueError(f"init_from: an AFM starts from an FM or an AFM, got "
                              f"{type(source).__name__}")
-        if source.n_factors != self.n_factors:
-            raise ValueError(f"init_from: n_factors differ (source {source.n_factors}, "
-                             f"this model {self.n_factors})")
-        if source.n_features_in_ != n_features:
-            raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
-                             f"training data {n_features})")
+        self._check_same_shape(source, n_features)
         if isinstance(source, FM):  # the reference's --pretrain 1: V, w and w0
             self._params.V[...] = source._params.V
             self._params.w[...] = source._params.w

@@ -257,6 +257,15 @@ class FactorizationModel:
             self._threads = backends.resolve_threads(self.n_threads)
         return self._threads
 
+    def _check_same_shape(self, source, n_features):
+        """A warm-start source must have this model's n_factors and feature count."""
+        if source.n_factors != self.n_factors:
+            raise ValueError(f"init_from: n_factors differ (source {source.n_factors}, "
+                             f"this model {self.n_factors})")
+        if source.n_features_in_ != n_features:
+            raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
+                             f"training data {n_features})")
+
     def _snapshot(self):
         return self._params_class(*(a.copy() for a in self._params))
 

@@ -91,12 +91,7 @@ class FM(FactorizationModel):
         if not isinstance(source, FM):
             raise ValueError(f"init_from: an FM can start only from an FM, got "
                              f"{type(source).__name__}")
-        if source.n_factors != self.n_factors:
-            raise ValueError(f"init_from: n_factors differ (source {source.n_factors}, "
-                             f"this model {self.n_factors})")
-        if source.n_features_in_ != n_features:
-            raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
-                             f"training data {n_features})")
+        self._check_same_shape(source, n_features)
         for live, saved in zip(self._params, source._params):
             live[...] = saved
 

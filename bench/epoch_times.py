@@ -1,0 +1,65 @@
+"""Seconds per training epoch on frappe-mini, per model, backend and thread count.
+
+    python bench/epoch_times.py                      # FM k=16, AFM k=t=16 and 256
+    python bench/epoch_times.py --models afm --sizes 64 --epochs 4
+
+Reads ../shared/data/frappe/frappe.validation.libfm (beside the repository; research use
+only, never copied into it), splits it by the frappe-mini protocol and trains on the
+46,178 training rows with the reference settings. Prints the median seconds per epoch
+(the kernel steps only, not the per-epoch evaluation) of each configuration, measured
+side by side in one run; quote ratios, not absolute times, on a shared machine.
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+import afmfast
+from afmfast.backends import available_backends
+
+FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe" / \
+    "frappe.validation.libfm"
+
+
+def frappe_mini_train():
+    data = afmfast.load_libfm(FRAPPE)
+    return data[(np.arange(1, len(data) + 1) % 5) != 0]
+
+
+def median_epoch_seconds(model, train):
+    model.fit(train)
+    return float(np.median([h["seconds"] for h in model.history_]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["fm", "afm"], choices=("fm", "afm"))
+    parser.add_argument("--sizes", nargs="+", type=int, default=None,
+                        help="k (= t for AFM); default: FM 16, AFM 16 and 256")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per configuration (default 8, or 3 at k >= 128)")
+    args = parser.parse_args()
+    train = frappe_mini_train()
+    print(f"frappe-mini train: {len(train)} rows, batch 4096; median seconds per epoch")
+    print(f"{'model':<12}{'backend':<9}" + "".join(f"{t:>2} thread(s) " for t in args.threads))
+    for model_name in args.models:
+        sizes = args.sizes or ([16] if model_name == "fm" else [16, 256])
+        for k in sizes:
+            epochs = args.epochs or (3 if k >= 128 else 8)
+            for backend in available_backends(model_name):
+                cells = []
+                for threads in args.threads:
+                    common = dict(n_factors=k, n_epochs=epochs, backend=backend,
+                                  n_threads=threads, verbose=0)
+                    model = (afmfast.FM(**common) if model_name == "fm"
+                             else afmfast.AFM(attention_size=k, **common))
+                    cells.append(median_epoch_seconds(model, train))
+                label = f"{model_name.upper()} k={k}"
+                print(f"{label:<12}{backend:<9}" + "".join(f"{c:>12.4f} " for c in cells)
+                      + (f"  speed-up {cells[0] / cells[-1]:.2f}x" if len(cells) > 1 else ""),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
