@@ -173,12 +173,35 @@ class FactorizationModel:
             print(text, file=sys.stdout, flush=True)
 
     def _run_epochs(self, train, valid, rng):
-        n, bs = train.n_rows, self.batch_size
-        X, y = train.X, train.y
+        """The epoch loop; leaves the model fitted however it ends (done, early stop,
+        divergence, or Ctrl-C, which restores the best epoch so far and re-raises)."""
         self.history_ = []
         self.best_epoch_ = 0
-        last_good = self._snapshot()
-        best, best_valid = last_good, math.inf
+        self._best = self._last_good = self._snapshot()
+        try:
+            self._epochs(train, valid, rng)
+            if self.early_stopping or valid is None:
+                self._restore(self._best)
+            else:
+                self.best_epoch_ = len(self.history_)
+        except KeyboardInterrupt:
+            self._restore(self._best)
+            self._log(f"Interrupted: the model keeps epoch {self.best_epoch_}.")
+            raise
+        finally:
+            del self._best, self._last_good
+            self._publish()
+
+    def _diverged(self, epoch, what):
+        self._restore(self._last_good)
+        return TrainingDivergedError(
+            f"training diverged in epoch {epoch}: {what}; the model keeps the parameters "
+            f"of epoch {epoch - 1}. Try a lower learning_rate (now {self.learning_rate}).")
+
+    def _epochs(self, train, valid, rng):
+        n, bs = train.n_rows, self.batch_size
+        X, y = train.X, train.y
+        best_valid = math.inf
         if self.verbose:
             t = time.perf_counter()
             init_line = f"Init: \t train={self._rmse(train):.4f}"
@@ -193,35 +216,26 @@ class FactorizationModel:
                 loss = self._train_batch(X, y, order[start:start + bs], step)
                 step += 1
                 if not math.isfinite(loss):
-                    self._restore(last_good)
-                    self._publish()
-                    raise TrainingDivergedError(
-                        f"training diverged in epoch {epoch}: the batch loss became {loss}; "
-                        f"the model keeps the parameters of epoch {epoch - 1}. Try a lower "
-                        f"learning_rate (now {self.learning_rate}).")
+                    raise self._diverged(epoch, f"the batch loss became {loss}")
             t1 = time.perf_counter()
             record = {"epoch": epoch, "train_rmse": self._rmse(train),
                       "valid_rmse": self._rmse(valid) if valid is not None else None,
                       "seconds": t1 - t0}
+            if not math.isfinite(record["train_rmse"]):
+                raise self._diverged(epoch, "the predictions are no longer finite")
             self.history_.append(record)
-            last_good = self._snapshot()
+            self._last_good = self._snapshot()
             line = f"Epoch {epoch} [{t1 - t0:.1f} s]\ttrain={record['train_rmse']:.4f}"
             if valid is not None:
                 line += f", validation={record['valid_rmse']:.4f}"
             self._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
-            if valid is not None and record["valid_rmse"] < best_valid:
-                best, best_valid, self.best_epoch_ = last_good, record["valid_rmse"], epoch
-            elif valid is None:
-                best, self.best_epoch_ = last_good, epoch
+            if valid is None or record["valid_rmse"] < best_valid:
+                self._best, self.best_epoch_ = self._last_good, epoch
+                best_valid = record["valid_rmse"] if valid is not None else best_valid
             if valid is not None and self.early_stopping and _rose_four_times(self.history_):
                 self._log(f"Early stop after epoch {epoch}: validation RMSE rose 4 epochs "
                           f"in a row; restoring epoch {self.best_epoch_}.")
                 break
-        if self.early_stopping or valid is None:
-            self._restore(best)
-        else:
-            self.best_epoch_ = len(self.history_)
-        self._publish()
 
     def _rmse(self, data):
         return rmse(data.y, self._predict_dataset(data))

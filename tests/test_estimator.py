@@ -199,3 +199,24 @@ def test_epoch_lines_like_the_reference(demo, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Init: \t train=")
     assert out[1].startswith("Epoch 1 [") and "\ttrain=" in out[1] and ", validation=" in out[1]
+
+
+def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
+    model = afmfast.FM(**{**FAST, "n_epochs": 10})
+    real_step = model._train_batch
+    calls = {"n": 0}
+    steps_per_epoch = -(-demo.train.n_rows // FAST["batch_size"])
+
+    def interrupting_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 2 * steps_per_epoch + 3:  # early in epoch 3
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(model, "_train_batch", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(demo.train, validation=demo.valid)
+    assert len(model.history_) == 2 and model.best_epoch_ in (1, 2)
+    ref = afmfast.FM(**{**FAST, "n_epochs": model.best_epoch_}).fit(demo.train)
+    np.testing.assert_array_equal(model.V_, ref.V_)
+    np.testing.assert_array_equal(model.predict(demo.valid), ref.predict(demo.valid))
