@@ -58,12 +58,16 @@ class Dataset:
     y : float array (n_rows,).
     n_features : int, optional; defaults to max id + 1 (0 without nonzeros).
 
-    Attributes ``indptr`` (int64), ``indices`` (int32), ``values`` (float32), ``y``
+    ``n_features_explicit`` tells whether the feature count was given (here, to
+    ``from_csr`` through the matrix's shape, or to ``load_libfm``) rather than derived
+    from the largest id: estimators refuse to allocate huge parameter tables for a derived
+    count (see ``afmfast.estimator.MAX_PARAMETER_BYTES``). Attributes ``indptr`` (int64), ``indices`` (int32), ``values`` (float32), ``y``
     (float32) are C-contiguous; treat them as read-only, since selections and
     ``with_n_features`` may share them.
     """
 
-    __slots__ = ("indptr", "indices", "values", "y", "n_features", "_max_id", "_max_row_nnz")
+    __slots__ = ("indptr", "indices", "values", "y", "n_features", "n_features_explicit",
+                 "_max_id", "_max_row_nnz")
 
     def __init__(self, indptr, indices, values, y, n_features=None):
         indptr = _as_1d(indptr, np.int64, "indptr")
@@ -95,24 +99,26 @@ class Dataset:
                 raise ValueError(f"indices must be >= 0, got {lo}")
         else:
             max_id = -1
+        explicit = n_features is not None
         n_features = _check_n_features(n_features, max_id, "indices")
-        self._set(indptr, indices, values, y, n_features, max_id)
+        self._set(indptr, indices, values, y, n_features, max_id, explicit)
 
-    def _set(self, indptr, indices, values, y, n_features, max_id):
+    def _set(self, indptr, indices, values, y, n_features, max_id, explicit):
         self.indptr = indptr
         self.indices = indices
         self.values = values
         self.y = y
         self.n_features = n_features
+        self.n_features_explicit = explicit
         self._max_id = max_id
         self._max_row_nnz = None
 
     @classmethod
-    def _trusted(cls, indptr, indices, values, y, n_features, max_id):
+    def _trusted(cls, indptr, indices, values, y, n_features, max_id, explicit):
         # For arrays that are valid by construction (reader output, selections): skips
         # the O(nnz) checks of __init__.
         ds = cls.__new__(cls)
-        ds._set(indptr, indices, values, y, n_features, max_id)
+        ds._set(indptr, indices, values, y, n_features, max_id, explicit)
         return ds
 
     @classmethod
@@ -178,7 +184,8 @@ class Dataset:
                 lo, hi = self.indptr[start], self.indptr[stop]
                 return Dataset._trusted(self.indptr[start:stop + 1] - lo,
                                         self.indices[lo:hi], self.values[lo:hi],
-                                        self.y[start:stop], self.n_features, self._max_id)
+                                        self.y[start:stop], self.n_features, self._max_id,
+                                        self.n_features_explicit)
             rows = np.arange(start, stop, step, dtype=np.int64)
         else:
             if np.isscalar(idx) or (isinstance(idx, np.ndarray) and idx.ndim == 0):
@@ -213,14 +220,15 @@ class Dataset:
         # source position of output nonzero j = starts[row(j)] + (j - indptr[row(j)])
         pos = np.repeat(starts - indptr[:-1], lengths) + np.arange(total, dtype=np.int64)
         return Dataset._trusted(indptr, self.indices[pos], self.values[pos], self.y[rows],
-                                self.n_features, self._max_id)
+                                self.n_features, self._max_id, self.n_features_explicit)
 
     def with_n_features(self, n_features):
         """The same rows (arrays shared, not copied) with feature count ``n_features``,
-        e.g. to align a test set with a training set's larger id space."""
+        e.g. to align a test set with a training set's larger id space. It keeps
+        ``n_features_explicit``: aligning counts does not vouch for them."""
         n_features = _check_n_features(n_features, self._max_id, "indices")
         return Dataset._trusted(self.indptr, self.indices, self.values, self.y,
-                                n_features, self._max_id)
+                                n_features, self._max_id, self.n_features_explicit)
 
 
 def _check_n_features(n_features, max_id, what):
@@ -303,4 +311,5 @@ def load_libfm(path, n_features=None, *, n_threads=1):
         raise ValueError(f"{path}: line {line}: "
                          f"{_describe_error(name, data, offset, n_features)}")
     return Dataset._trusted(indptr, indices, values, y,
-                            max_id + 1 if n_features is None else n_features, max_id)
+                            max_id + 1 if n_features is None else n_features, max_id,
+                            n_features is not None)

@@ -17,6 +17,12 @@ from .kernel_api import OPTIMIZER_CODES
 from .metrics import rmse
 
 
+#: Parameter tables (parameters and optimiser state) larger than this are refused when the
+#: feature count was derived from the data's largest id rather than given explicitly:
+#: one stray id like 2_000_000_000 must not allocate hundreds of gigabytes.
+MAX_PARAMETER_BYTES = 4 << 30
+
+
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite; the model keeps its last finite
     parameters (those at the end of the last finished epoch)."""
@@ -153,14 +159,19 @@ class FactorizationModel:
         self._backend = backends.get_backend(self.backend, self._model)
         self.backend_ = self._backend.__name__.rsplit("_", 1)[-1]
         self._threads = backends.resolve_threads(self.n_threads)
+        _check_parameter_budget(train, self.n_factors)
         self.n_features_in_ = train.n_features
         seed = 2016 if self.random_state is None else int(self.random_state)
         rng = np.random.default_rng(seed)
         self._seed = seed
-        self._init_model(train, rng)
-        if init_from is not None:
-            self._warm_start(_as_model(init_from), train.n_features)
-        self._run_epochs(train, valid, rng)
+        self._training = True
+        try:
+            self._init_model(train, rng)
+            if init_from is not None:
+                self._warm_start(_as_model(init_from), train.n_features)
+            self._run_epochs(train, valid, rng)
+        finally:
+            self._training = False
         return self
 
     def _max_batch_nnz(self, train):
@@ -242,6 +253,12 @@ class FactorizationModel:
 
     # ----- prediction -----------------------------------------------------------------
     def _check_fitted(self):
+        # Predicting while fit() mutates the parameters in another thread would read
+        # half-updated tables: refuse rather than return inconsistent scores.
+        if getattr(self, "_training", False):
+            raise RuntimeError(f"this {type(self).__name__} is being trained by fit() in "
+                               "another thread; predict after fit returns, or predict with "
+                               "a copy loaded by afmfast.load()")
         if not hasattr(self, "n_features_in_"):
             raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit() "
                              "or afmfast.load() first")
@@ -306,6 +323,18 @@ class FactorizationModel:
 
         self._check_fitted()
         save_model(self, path)
+
+
+def _check_parameter_budget(train, n_factors):
+    # V, w and their two optimiser slots, float32
+    size = train.n_features * (n_factors + 1) * 4 * 3
+    if size > MAX_PARAMETER_BYTES and not train.n_features_explicit:
+        raise ValueError(
+            f"X: the largest feature id is {train.n_features - 1}, so the parameter tables "
+            f"would take {size / 2**30:.1f} GiB (limit {MAX_PARAMETER_BYTES / 2**30:.0f} "
+            f"GiB for a feature count derived from the data). Remap the ids to 0..n-1, or "
+            f"pass n_features explicitly (load_libfm(path, n_features=...) or "
+            f"Dataset(..., n_features=...)) if the size is intended.")
 
 
 def _as_model(source):

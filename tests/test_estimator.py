@@ -220,3 +220,15 @@ def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
     ref = afmfast.FM(**{**FAST, "n_epochs": model.best_epoch_}).fit(demo.train)
     np.testing.assert_array_equal(model.V_, ref.V_)
     np.testing.assert_array_equal(model.predict(demo.valid), ref.predict(demo.valid))
+
+
+def test_a_stray_huge_id_does_not_allocate_gigabytes(tmp_path):
+    path = tmp_path / "huge.libfm"
+    path.write_text("1 0:1 2000000000:1\n0 1:1 5:1\n")
+    data = afmfast.load_libfm(path)
+    assert data.n_features == 2_000_000_001 and not data.n_features_explicit
+    with pytest.raises(ValueError, match=r"largest feature id is 2000000000.*n_features"):
+        afmfast.FM(**FAST).fit(data)
+    assert afmfast.load_libfm(path, n_features=2_000_000_001).n_features_explicit
+    assert data[np.arange(1)].n_features_explicit is False
+    assert data.with_n_features(2_000_000_005).n_features_explicit is False
