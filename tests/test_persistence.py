@@ -159,3 +159,23 @@ def test_saved_file_is_a_plain_npz(fitted, tmp_path):
     with zipfile.ZipFile(path) as zf:
         assert sorted(zf.namelist()) == sorted(
             ["__header__.npy", "V.npy", "w.npy", "dense.npy", "bn_stats.npy"])
+
+
+def test_permission_denied_on_rename_leaves_the_old_file_intact(fitted, tmp_path,
+                                                                monkeypatch):
+    import os
+
+    model, _ = fitted
+    path = tmp_path / "fm.npz"
+    model.save(path)
+    before = path.read_bytes()
+
+    def denied(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "replace", denied)
+    with pytest.raises(PermissionError):
+        model.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["fm.npz"]
