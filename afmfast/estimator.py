@@ -71,8 +71,22 @@ def _check_bool(name, value):
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
-class FactorizationModel:
-    """Shared machinery of ``FM`` and ``AFM``; not used directly."""
+try:  # scikit-learn is optional: with it, models are full scikit-learn regressors
+    from sklearn.base import BaseEstimator as _SkBase
+    from sklearn.base import RegressorMixin as _SkRegressor
+
+    _SKLEARN_BASES = (_SkRegressor, _SkBase)
+except ImportError:
+    _SKLEARN_BASES = ()
+
+
+class FactorizationModel(*_SKLEARN_BASES):
+    """Shared machinery of ``FM`` and ``AFM``; not used directly.
+
+    When scikit-learn is importable the models inherit its ``BaseEstimator`` and
+    ``RegressorMixin`` (so ``clone``, ``cross_val_score``, ``GridSearchCV`` and
+    ``Pipeline`` work, and ``score`` is R^2); without it they are plain classes with the
+    same ``get_params``/``set_params``/``fit``/``predict`` protocol."""
 
     #: set by subclasses: the class name saved in model files, the kernel family
     #: ("fm" or "afm") and the namedtuple class of the parameters
