@@ -138,7 +138,7 @@ class FactorizationModel(*_SKLEARN_BASES):
                              f"got {self.backend!r}")
 
     # ----- training -------------------------------------------------------------------
-    def fit(self, X, y=None, *, validation=None, init_from=None):
+    def fit(self, X, y=None, *, validation=None, init_from=None, callbacks=None):
         """Train; from scratch unless ``init_from`` is given.
 
         Parameters
@@ -151,6 +151,10 @@ class FactorizationModel(*_SKLEARN_BASES):
         init_from : fitted model or path of a saved one, optional
             Warm start: copy its parameters (same n_factors and feature count required);
             the optimiser state starts afresh.
+        callbacks : list of callables, optional
+            Each is called as ``callback(model, record)`` after every epoch with that
+            epoch's ``history_`` record; a truthy return value stops training (the usual
+            best-epoch restore still applies).
 
         Returns
         -------
@@ -183,7 +187,7 @@ class FactorizationModel(*_SKLEARN_BASES):
             self._init_model(train, rng)
             if init_from is not None:
                 self._warm_start(_as_model(init_from), train.n_features)
-            self._run_epochs(train, valid, rng)
+            self._run_epochs(train, valid, rng, list(callbacks or ()))
         finally:
             self._training = False
         return self
@@ -197,14 +201,14 @@ class FactorizationModel(*_SKLEARN_BASES):
         if self.verbose:
             print(text, file=sys.stdout, flush=True)
 
-    def _run_epochs(self, train, valid, rng):
+    def _run_epochs(self, train, valid, rng, callbacks):
         """The epoch loop; leaves the model fitted however it ends (done, early stop,
         divergence, or Ctrl-C, which restores the best epoch so far and re-raises)."""
         self.history_ = []
         self.best_epoch_ = 0
         self._best = self._last_good = self._snapshot()
         try:
-            self._epochs(train, valid, rng)
+            self._epochs(train, valid, rng, callbacks)
             if self.early_stopping or valid is None:
                 self._restore(self._best)
             else:
@@ -223,7 +227,7 @@ class FactorizationModel(*_SKLEARN_BASES):
             f"training diverged in epoch {epoch}: {what}; the model keeps the parameters "
             f"of epoch {epoch - 1}. Try a lower learning_rate (now {self.learning_rate}).")
 
-    def _epochs(self, train, valid, rng):
+    def _epochs(self, train, valid, rng, callbacks):
         n, bs = train.n_rows, self.batch_size
         X, y = train.X, train.y
         best_valid = math.inf
@@ -237,11 +241,16 @@ class FactorizationModel(*_SKLEARN_BASES):
         for epoch in range(1, self.n_epochs + 1):
             t0 = time.perf_counter()
             order = rng.permutation(n).astype(np.int64)
+            progress = _Progress(epoch, n) if self.verbose >= 2 else None
             for start in range(0, n, bs):
                 loss = self._train_batch(X, y, order[start:start + bs], step)
                 step += 1
                 if not math.isfinite(loss):
                     raise self._diverged(epoch, f"the batch loss became {loss}")
+                if progress is not None:
+                    progress.update(min(start + bs, n))
+            if progress is not None:
+                progress.close()
             t1 = time.perf_counter()
             record = {"epoch": epoch, "train_rmse": self._rmse(train),
                       "valid_rmse": self._rmse(valid) if valid is not None else None,
@@ -260,6 +269,9 @@ class FactorizationModel(*_SKLEARN_BASES):
             if valid is not None and self.early_stopping and _rose_four_times(self.history_):
                 self._log(f"Early stop after epoch {epoch}: validation RMSE rose 4 epochs "
                           f"in a row; restoring epoch {self.best_epoch_}.")
+                break
+            if any([bool(callback(self, record)) for callback in callbacks]):
+                self._log(f"Stopped by a callback after epoch {epoch}.")
                 break
 
     def _rmse(self, data):
@@ -365,6 +377,29 @@ def _n_rows(X):
     if shape is not None and len(shape) == 2:
         return shape[0]
     return np.asarray(X).shape[0]
+
+
+class _Progress:
+    """Within-epoch progress line on stderr (verbose >= 2): rows done, rows/s and ETA,
+    redrawn at most four times a second so that it costs nothing measurable."""
+
+    def __init__(self, epoch, n_rows):
+        self.epoch, self.n_rows = epoch, n_rows
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if now - self.last < 0.25:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.n_rows - done) / rate
+        print(f"\rEpoch {self.epoch}: {done}/{self.n_rows} rows, {rate:,.0f} rows/s, "
+              f"ETA {eta:.1f} s", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.last > self.t0:  # something was drawn: clear it
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _rose_four_times(history):

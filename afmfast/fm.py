@@ -35,7 +35,8 @@ class FM(FactorizationModel):
         for a seed whatever the thread count.
     backend : {"auto", "cython", "numba"}
     verbose : int
-        0 silent; 1 one line per epoch.
+        0 silent; 1 one line per epoch; 2 also a progress line within each epoch (rows/s,
+        ETA) on stderr.
 
     Examples
     --------

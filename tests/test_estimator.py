@@ -232,3 +232,25 @@ def test_a_stray_huge_id_does_not_allocate_gigabytes(tmp_path):
     assert afmfast.load_libfm(path, n_features=2_000_000_001).n_features_explicit
     assert data[np.arange(1)].n_features_explicit is False
     assert data.with_n_features(2_000_000_005).n_features_explicit is False
+
+
+def test_callbacks_receive_records_and_can_stop(demo):
+    seen = []
+
+    def stop_after_two(model, record):
+        seen.append((model, record["epoch"], record["train_rmse"]))
+        return record["epoch"] == 2
+
+    model = afmfast.FM(**{**FAST, "n_epochs": 6}).fit(demo.train, callbacks=[stop_after_two])
+    assert [epoch for _, epoch, _ in seen] == [1, 2]
+    assert seen[0][0] is model and len(model.history_) == 2 and model.best_epoch_ == 2
+
+
+def test_verbose_2_draws_progress_on_stderr(demo, capsys, monkeypatch):
+    import afmfast.estimator as est
+
+    clock = iter(np.arange(0.0, 1e6, 0.3))  # every batch looks 0.3 s after the last
+    monkeypatch.setattr(est.time, "perf_counter", lambda: next(clock))
+    afmfast.FM(**{**FAST, "n_epochs": 1, "verbose": 2}).fit(demo.train)
+    err = capsys.readouterr().err
+    assert "Epoch 1: " in err and "rows/s" in err and "ETA" in err
