@@ -30,7 +30,8 @@ class TrainingDivergedError(FloatingPointError):
 
 def as_dataset(X, y=None, *, name="X"):
     """A ``Dataset`` from a Dataset (y then must be None or override its labels), a
-    CSR-like object (``indptr/indices/data/shape``) with y, or a dense 2-D array with y."""
+    CSR-like object (``indptr/indices/data/shape``; other scipy.sparse formats are
+    converted to CSR) with y, or a dense 2-D array with y."""
     if isinstance(X, Dataset):
         if y is None:
             return X
@@ -38,6 +39,8 @@ def as_dataset(X, y=None, *, name="X"):
         return Dataset(X.indptr, X.indices, X.values, y, X.n_features)
     if y is None:
         raise ValueError(f"{name}: labels y are required unless {name} is an afmfast.Dataset")
+    if getattr(X, "format", "csr") != "csr" and hasattr(X, "tocsr"):
+        X = X.tocsr()  # scipy CSC/COO/...: CSC also has indptr/indices, but over columns
     if all(hasattr(X, a) for a in ("indptr", "indices", "data", "shape")):
         return Dataset.from_csr(X, y)
     dense = np.asarray(X)

@@ -254,3 +254,14 @@ def test_verbose_2_draws_progress_on_stderr(demo, capsys, monkeypatch):
     afmfast.FM(**{**FAST, "n_epochs": 1, "verbose": 2}).fit(demo.train)
     err = capsys.readouterr().err
     assert "Epoch 1: " in err and "rows/s" in err and "ETA" in err
+
+
+def test_scipy_csc_and_coo_inputs_mean_the_same_rows(demo):
+    sp = pytest.importorskip("scipy.sparse")
+    tr = demo.train
+    X = sp.csr_matrix((tr.values, tr.indices, tr.indptr), shape=(tr.n_rows, tr.n_features))
+    model = afmfast.FM(**FAST).fit(X, tr.y)
+    expected = model.predict(X)
+    np.testing.assert_array_equal(model.predict(X.tocsc()), expected)
+    np.testing.assert_array_equal(model.predict(X.tocoo()), expected)
+    np.testing.assert_array_equal(afmfast.FM(**FAST).fit(X.tocsc(), tr.y).V_, model.V_)
