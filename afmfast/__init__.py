@@ -10,6 +10,8 @@ from .dataset import Dataset, load_libfm
 from .estimator import TrainingDivergedError
 from .fm import FM
 from .persistence import load
+from .plotting import plot_field_attention
 
 __version__ = "0.1.0"
-__all__ = ["AFM", "Attention", "Dataset", "FM", "TrainingDivergedError", "load", "load_libfm", "__version__"]
+__all__ = ["AFM", "Attention", "Dataset", "FM", "TrainingDivergedError", "load",
+           "load_libfm", "plot_field_attention", "__version__"]

@@ -127,6 +127,8 @@ def build_parser():
     demo.add_argument("--backend", default="auto", choices=backends.BACKEND_NAMES,
                       help="kernel backend (default: auto = cython, else numba)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--plot", metavar="PNG",
+                      help="save the AFM's field-attention heatmap there (needs matplotlib)")
     return parser
 
 
@@ -295,13 +297,14 @@ def main(argv=None):
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(backend=args.backend, n_threads=args.threads, seed=args.seed)
+            run_demo(backend=args.backend, n_threads=args.threads, seed=args.seed,
+                     plot=args.plot)
             return 0
         return _train(args) if args.process == "train" else _evaluate(args)
     except UsageError as exc:
         print(f"afmfast: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, TrainingDivergedError) as exc:
+    except (ValueError, OSError, ImportError, TrainingDivergedError) as exc:
         print(f"afmfast: error: {exc}", file=sys.stderr)
         return 1
 

@@ -86,11 +86,12 @@ def top_field_pairs(matrix, n):
     return [(int(a[o]), int(b[o]), float(values[o])) for o in order]
 
 
-def run_demo(backend="auto", n_threads=None, seed=0, verbose=1):
+def run_demo(backend="auto", n_threads=None, seed=0, verbose=1, plot=None):
     """Train an FM, then an AFM warm-started from it, on the demo data; print their
     epochs, their validation RMSEs next to the best linear model, and the field pairs the
     AFM attends to most next to the planted ones. Returns ``(fm_rmse, afm_rmse,
-    linear_rmse, top_pairs)``.
+    linear_rmse, top_pairs)``. ``plot``: a path to save the field-attention heatmap to
+    (needs matplotlib).
 
     Both models get k = 8 factors: too few for an FM to fit every planted interaction
     while keeping all other pairs at zero, enough for an AFM whose attention mutes the
@@ -123,4 +124,11 @@ def run_demo(backend="auto", n_threads=None, seed=0, verbose=1):
     planted = {tuple(sorted(p)) for p in data.planted_pairs}
     for a, b, weight in top:
         print(f"  fields ({a}, {b}): {weight:.3f}{' *' if (a, b) in planted else ''}")
+    if plot is not None:
+        from .plotting import plot_field_attention
+
+        ax = plot_field_attention(afm, data.valid, data.fields)
+        ax.figure.tight_layout()
+        ax.figure.savefig(plot, dpi=120)
+        print(f"field-attention heatmap saved to {plot}")
     return fm_rmse, afm_rmse, linear, top
