@@ -162,12 +162,3 @@ def test_afm_pretrain_1_without_fm_file_exits_1(data_dir, tmp_path, monkeypatch,
                           "--pretrain", "1")
     assert code == 1 and "fm_toy_16.npz" in err
 
-
-def test_demo_plot_writes_a_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    from afmfast.demo import run_demo
-
-    path = tmp_path / "attention.png"
-    run_demo(verbose=0, plot=path)
-    assert path.read_bytes()[:4] == b"\x89PNG"
-    assert f"saved to {path}" in capsys.readouterr().out

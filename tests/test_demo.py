@@ -22,10 +22,18 @@ def test_top_field_pairs_ignores_nan():
     assert top_field_pairs(m, 3)[:2] == [(0, 2, 0.5), (0, 1, 0.2)]
 
 
-def test_demo_afm_beats_fm_beats_linear_and_finds_the_planted_pairs(capsys):
-    fm_rmse, afm_rmse, linear, top = run_demo(verbose=0)
+def test_demo_afm_beats_fm_beats_linear_and_finds_the_planted_pairs(capsys, tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+
+        plot = tmp_path / "attention.png"
+    except ImportError:
+        plot = None
+    fm_rmse, afm_rmse, linear, top = run_demo(verbose=0, plot=plot)
     out = capsys.readouterr().out
     assert "validation RMSE" in out and "field pairs by mean AFM attention" in out
+    if plot is not None:
+        assert plot.read_bytes()[:4] == b"\x89PNG" and f"saved to {plot}" in out
     assert fm_rmse < 0.5 * linear
     assert afm_rmse < 0.85 * fm_rmse
     planted = {tuple(sorted(p)) for p in make_demo_data(n_rows=10).planted_pairs}
