@@ -7,11 +7,12 @@ multicore CPUs, with Cython and Numba kernels and no deep-learning framework.
 """
 from .afm import AFM, Attention
 from .dataset import Dataset, load_libfm
+from .encoding import FeatureMap, encode
 from .estimator import TrainingDivergedError
 from .fm import FM
 from .persistence import load
 from .plotting import plot_field_attention
 
 __version__ = "0.1.0"
-__all__ = ["AFM", "Attention", "Dataset", "FM", "TrainingDivergedError", "load",
-           "load_libfm", "plot_field_attention", "__version__"]
+__all__ = ["AFM", "Attention", "Dataset", "FM", "FeatureMap", "TrainingDivergedError",
+           "encode", "load", "load_libfm", "plot_field_attention", "__version__"]

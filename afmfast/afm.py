@@ -4,8 +4,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .dataset import Dataset
-from .estimator import FactorizationModel, _check_bool, _check_int, _check_real, as_dataset
+from .estimator import FactorizationModel, _check_bool, _check_int, _check_real
 from .fm import FM
 from .kernel_api import (
     ACTIVATION_CODES,
@@ -185,8 +184,7 @@ class AFM(FactorizationModel):
         never seen in training form no pairs.
         """
         self._check_fitted()
-        data = X if isinstance(X, Dataset) else as_dataset(
-            X, np.zeros(X.shape[0], np.float32))
+        data = self._dataset(X, need_labels=False)
         n = data.n_rows
         known = data.indices < self.n_features_in_
         row_of = np.repeat(np.arange(n), np.diff(data.indptr))
@@ -201,14 +199,20 @@ class AFM(FactorizationModel):
             ACTIVATION_CODES[self.activation], self._kernel_threads(), *record)
         return record
 
-    def field_attention(self, X, fields):
+    def field_attention(self, X, fields=None):
         """Mean attention weight per pair of fields over the rows of X.
 
         ``fields`` is an int array of length ``n_features_in_`` giving each feature's field
-        (0..F-1). Returns the F x F symmetric float64 matrix of the mean weight of the pairs
+        (0..F-1); by default, the fields of the feature map of a model fitted on a
+        DataFrame (one per column). Returns the F x F symmetric float64 matrix of the mean weight of the pairs
         whose features lie in fields (f, g); NaN where no such pair occurs in X.
         """
         self._check_fitted()
+        if fields is None:
+            if not hasattr(self, "feature_map_"):
+                raise ValueError("fields is required unless the model was fitted on a "
+                                 "DataFrame")
+            fields = self.feature_map_.fields
         fields = np.asarray(fields)
         if fields.ndim != 1 or fields.shape[0] != self.n_features_in_ or \
                 not np.issubdtype(fields.dtype, np.integer) or \

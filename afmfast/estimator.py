@@ -13,6 +13,7 @@ import numpy as np
 
 from . import backends
 from .dataset import Dataset
+from .encoding import FeatureMap, is_dataframe
 from .kernel_api import OPTIMIZER_CODES
 from .metrics import rmse
 
@@ -35,8 +36,9 @@ def as_dataset(X, y=None, *, name="X"):
     if isinstance(X, Dataset):
         if y is None:
             return X
-        y = np.asarray(y, dtype=np.float32)
-        return Dataset(X.indptr, X.indices, X.values, y, X.n_features)
+        data = Dataset(X.indptr, X.indices, X.values, y, X.n_features)
+        data.n_features_explicit = X.n_features_explicit
+        return data
     if y is None:
         raise ValueError(f"{name}: labels y are required unless {name} is an afmfast.Dataset")
     if getattr(X, "format", "csr") != "csr" and hasattr(X, "tocsr"):
@@ -146,9 +148,11 @@ class FactorizationModel(*_SKLEARN_BASES):
 
         Parameters
         ----------
-        X : Dataset, CSR-like matrix or 2-D array
-            Training rows; ``y`` is taken from a Dataset unless given.
-        y : array of float, optional
+        X : Dataset, CSR-like matrix, 2-D array or pandas DataFrame
+            Training rows; ``y`` is taken from a Dataset unless given. A DataFrame is
+            encoded by a ``FeatureMap`` fitted on it (kept as ``feature_map_`` and saved
+            with the model), so later DataFrames predict with the same features.
+        y : array of float, or a column name when X is a DataFrame
         validation : Dataset or (X, y) tuple, optional
             Evaluated after every epoch; drives early stopping and the best-epoch restore.
         init_from : fitted model or path of a saved one, optional
@@ -170,13 +174,19 @@ class FactorizationModel(*_SKLEARN_BASES):
         are restored (``best_epoch_``).
         """
         self._validate()
-        train = as_dataset(X, y)
+        if is_dataframe(X):
+            self.feature_map_ = FeatureMap.fit(
+                X, [c for c in X.columns if c != y] if isinstance(y, str) else None)
+        elif hasattr(self, "feature_map_"):
+            del self.feature_map_  # fit starts from scratch
+        train = self._dataset(X, y)
         if train.n_rows == 0:
             raise ValueError("X: cannot fit on an empty data set")
         valid = None
         if validation is not None:
-            valid = (as_dataset(*validation, name="validation")
-                     if isinstance(validation, tuple) else as_dataset(validation, name="validation"))
+            valid = (self._dataset(*validation, name="validation")
+                     if isinstance(validation, tuple)
+                     else self._dataset(validation, name="validation"))
         self._backend = backends.get_backend(self.backend, self._model)
         self.backend_ = self._backend.__name__.rsplit("_", 1)[-1]
         self._threads = backends.resolve_threads(self.n_threads)
@@ -296,15 +306,27 @@ class FactorizationModel(*_SKLEARN_BASES):
         """Raw scores (float32, one per row). Feature ids at or above ``n_features_in_``
         (never seen in training) contribute nothing."""
         self._check_fitted()
-        return self._predict_dataset(as_dataset(X, np.zeros(_n_rows(X), np.float32))
-                                     if not isinstance(X, Dataset) else X)
+        return self._predict_dataset(self._dataset(X, need_labels=False))
 
     def evaluate(self, X, y=None):
         """``{"rmse": ...}`` on X with predictions clipped to the labels' [min, max], as
         the reference computes it."""
         self._check_fitted()
-        data = as_dataset(X, y)
+        data = self._dataset(X, y)
         return {"rmse": rmse(data.y, self._predict_dataset(data))}
+
+    def _dataset(self, X, y=None, *, name="X", need_labels=True):
+        """``X`` (and labels ``y``) as a Dataset: DataFrames go through the feature map
+        learned by fit; y may then be a column name."""
+        if is_dataframe(X):
+            fmap = getattr(self, "feature_map_", None)
+            if fmap is None:
+                raise ValueError(f"{name} is a DataFrame, but this model was fitted on "
+                                 "sparse rows: pass rows of the same kind")
+            return fmap.transform(X, X[y].to_numpy() if isinstance(y, str) else y)
+        if y is None and not need_labels and not isinstance(X, Dataset):
+            y = np.zeros(_n_rows(X), np.float32)
+        return as_dataset(X, y, name=name)
 
     def _kernel_backend(self):
         """The backend module (resolved once; models loaded from files resolve lazily)."""

@@ -42,9 +42,10 @@ class FM(FactorizationModel):
     --------
     >>> import afmfast
     >>> from afmfast.demo import make_demo_data
-    >>> train, valid = make_demo_data(n_rows=2000, seed=0)
-    >>> model = afmfast.FM(n_factors=8, n_epochs=2, verbose=0).fit(train, validation=valid)
-    >>> model.predict(valid).shape == (len(valid),)
+    >>> data = make_demo_data(n_rows=2000, seed=0)
+    >>> model = afmfast.FM(n_factors=8, n_epochs=2, verbose=0)
+    >>> model = model.fit(data.train, validation=data.valid)
+    >>> model.predict(data.valid).shape == (len(data.valid),)
     True
     """
 

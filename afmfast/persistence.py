@@ -2,7 +2,7 @@
 
 The archive holds the model's float32 arrays and ``__header__``, a uint8 array of UTF-8
 JSON: ``{"format": "afmfast-model", "version": 1, "class": ..., "params": ...,
-"n_features": ..., "best_epoch": ..., "history": [...]}``. Nothing is pickled: files are
+"n_features": ..., "best_epoch": ..., "history": [...], "feature_map": JSON or null}``. Nothing is pickled: files are
 read with ``allow_pickle=False`` and every array's name, dtype and shape is checked, so a
 truncated, tampered or foreign file raises ``ValueError`` naming the file. Saving writes
 a temporary file beside the target and renames it, so a failed save leaves an existing
@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 
 import numpy as np
+
+from .encoding import FeatureMap
 
 FORMAT = "afmfast-model"
 VERSION = 1
@@ -38,6 +40,8 @@ def save_model(model, path):
         "n_features": int(model.n_features_in_),
         "best_epoch": int(getattr(model, "best_epoch_", 0)),
         "history": list(getattr(model, "history_", [])),
+        "feature_map": (model.feature_map_.to_json() if hasattr(model, "feature_map_")
+                        else None),
     }
     arrays = dict(model._arrays())
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
@@ -117,5 +121,14 @@ def load(path):
     model.n_features_in_ = n_features
     model.best_epoch_ = int(header.get("best_epoch", 0))
     model.history_ = list(header.get("history", []))
+    if header.get("feature_map") is not None:
+        try:
+            fmap = FeatureMap.from_json(header["feature_map"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: corrupt feature map ({exc})") from exc
+        if fmap.n_features != n_features:
+            raise ValueError(f"{path}: the feature map has {fmap.n_features} features, the "
+                             f"model {n_features}")
+        model.feature_map_ = fmap
     model._set_arrays(arrays)
     return model

@@ -1,0 +1,155 @@
+"""From pandas DataFrames to sparse rows: ``FeatureMap`` and ``encode``.
+
+A categorical column (object, string, category or bool dtype) becomes one field with one
+feature per category seen when the map was fitted (value 1); a numeric column becomes one
+field with a single feature whose value is the number. Missing values (NaN, None) and
+categories never seen when fitting contribute nothing, so a map fitted on training data
+can encode any later frame. pandas is optional: only the DataFrame passed in is used.
+"""
+import json
+
+import numpy as np
+
+from .dataset import Dataset
+
+
+def is_dataframe(X):
+    """True for a pandas DataFrame (checked without importing pandas)."""
+    return hasattr(X, "columns") and hasattr(X, "dtypes") and hasattr(X, "iloc")
+
+
+class FeatureMap:
+    """How the columns of a DataFrame map to feature ids and fields.
+
+    Build one with ``FeatureMap.fit(df, columns=None)``; ``transform(df, y)`` gives a
+    ``Dataset``. ``fields`` (int32, one per feature) is the field of each feature, as
+    ``AFM.field_attention`` wants it; ``feature_names`` reads ``"column=category"`` or
+    ``"column"``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"user": ["a", "b", "a"], "hour": [1.0, 2.5, None]})
+    >>> fmap = FeatureMap.fit(df)
+    >>> fmap.feature_names
+    ['user=a', 'user=b', 'hour']
+    >>> fmap.transform(df, [1, 0, 1]).indices.tolist()
+    [0, 2, 1, 2, 0]
+    """
+
+    def __init__(self, columns, categories):
+        self.columns = list(columns)
+        # None for a numeric column, else the list of category labels (as str)
+        self.categories = [None if c is None else list(c) for c in categories]
+        self._offsets = np.cumsum([0] + [1 if c is None else len(c)
+                                         for c in self.categories])
+        self._lookup = [None if c is None else {label: i for i, label in enumerate(c)}
+                        for c in self.categories]
+
+    @classmethod
+    def fit(cls, df, columns=None):
+        """Learn the categories of ``columns`` (default: every column) of ``df``."""
+        columns = list(df.columns if columns is None else columns)
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise ValueError(f"columns {missing} are not in the DataFrame "
+                             f"(it has {list(df.columns)})")
+        categories = []
+        for name in columns:
+            col = df[name]
+            if _is_numeric(col):
+                categories.append(None)
+            else:
+                labels = _labels(col)[np.asarray(col.notna())]
+                categories.append(sorted(set(labels.tolist())))
+        return cls(columns, categories)
+
+    @property
+    def n_features(self):
+        return int(self._offsets[-1])
+
+    @property
+    def fields(self):
+        return np.repeat(np.arange(len(self.columns)),
+                         np.diff(self._offsets)).astype(np.int32)
+
+    @property
+    def feature_names(self):
+        names = []
+        for name, cats in zip(self.columns, self.categories):
+            names.extend([str(name)] if cats is None else [f"{name}={c}" for c in cats])
+        return names
+
+    def transform(self, df, y=None):
+        """The rows of ``df`` as a ``Dataset`` (labels ``y``, zeros when None), one
+        nonzero per column at most, in column order."""
+        missing = [c for c in self.columns if c not in df.columns]
+        if missing:
+            raise ValueError(f"the DataFrame lacks the columns {missing} this feature map "
+                             f"was fitted on")
+        n = len(df)
+        ids = np.full((n, len(self.columns)), -1, dtype=np.int64)
+        values = np.ones((n, len(self.columns)), dtype=np.float64)
+        for j, name in enumerate(self.columns):
+            col = df[name]
+            if self.categories[j] is None:
+                x = np.asarray(col, dtype=np.float64)
+                ok = np.isfinite(x)
+                ids[ok, j] = self._offsets[j]
+                values[:, j] = np.where(ok, x, 0.0)
+            else:
+                uniq, inverse = np.unique(_labels(col), return_inverse=True)
+                # one dictionary look-up per distinct label, not per row
+                codes = np.array([self._lookup[j].get(u, -1) for u in uniq], dtype=np.int64)
+                code = codes[inverse.reshape(-1)] if n else np.zeros(0, np.int64)
+                code[~np.asarray(col.notna())] = -1
+                ids[:, j] = np.where(code >= 0, code + self._offsets[j], -1)
+        keep = ids >= 0
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(keep.sum(axis=1), out=indptr[1:])
+        labels = np.zeros(n, np.float32) if y is None else np.asarray(y, dtype=np.float32)
+        return Dataset(indptr, ids[keep].astype(np.int32), values[keep], labels,
+                       self.n_features)
+
+    def to_json(self):
+        """A JSON string (saved inside model files)."""
+        return json.dumps({"columns": [str(c) for c in self.columns],
+                           "categories": self.categories})
+
+    @classmethod
+    def from_json(cls, text):
+        data = json.loads(text)
+        return cls(data["columns"], data["categories"])
+
+
+def _labels(col):
+    """A column's values as str labels (numpy array), "" where missing."""
+    values = col.to_numpy(dtype=object, na_value="")
+    return values.astype(str)
+
+
+def _is_numeric(col):
+    kind = getattr(col.dtype, "kind", "O")
+    return kind in "iuf"
+
+
+def encode(df, columns=None, y=None):
+    """Encode a DataFrame: returns ``(Dataset, FeatureMap)``. ``y`` may be a column name
+    (then that column is the label and not a feature) or an array.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"user": ["a", "b"], "item": ["x", "x"], "rating": [4.0, 2.0]})
+    >>> data, fmap = encode(df, y="rating")
+    >>> data.n_features, fmap.fields.tolist(), data.y.tolist()
+    (3, [0, 0, 1], [4.0, 2.0])
+    """
+    if isinstance(y, str):
+        labels = df[y].to_numpy()
+        if columns is None:
+            columns = [c for c in df.columns if c != y]
+    else:
+        labels = y
+    fmap = FeatureMap.fit(df, columns)
+    return fmap.transform(df, labels), fmap
