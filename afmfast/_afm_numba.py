@@ -31,8 +31,9 @@ run in float64 and are rounded once on store. dW is summed per chunk in DTYPE an
 chunks in float64.
 
 Step layout (deterministic for any thread count):
-  1. serial: per-row counts of nonzeros and pairs (prefix sums), the batch's nonzeros
-     gathered in batch order ("occurrences"), grouped by feature (stable counting sort);
+  1. per-row counts of nonzeros and pairs (prefix sums), the batch's nonzeros gathered
+     in batch order ("occurrences", prange over rows) and grouped by feature (stable
+     counting sort): ``_numba_common.batch_offsets/gather_batch/group_by_feature``;
   2. the batch's rows are cut into at most ``n_chunks`` chunks of consecutive rows with
      about equal work; the cut depends only on the batch, never on the thread count;
   3. prange over chunks, rows of a chunk in order: the whole forward and backward of a
@@ -51,22 +52,27 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_common import (
+    BAD_FEATURE,
+    BAD_NNZ,
+    BAD_PAIRS,
+    batch_offsets,
+    check_keep,
+    check_optimizer,
     effective_lr,
+    gather_batch,
+    group_by_feature,
     keep_unit,
+    numba_threads,
     opt_row,
     opt_update,
+    raise_batch_error,
     row_key,
     step_key,
 )
 from .kernel_api import (
     ACTIVATION_CODES,
-    ADAGRAD,
-    ADAM,
     IDENTITY,
-    MOMENTUM,
-    OPTIMIZER_CODES,
     RELU,
-    SGD,
     SIGMOID,
     TANH,
     dropout_threshold,
@@ -308,73 +314,6 @@ def _mm_acc(A, B, C, R, K, N):
 # ----------------------------------------------------------------------------- step
 
 @njit(**_SER)
-def _prepare(indptr, indices, values, rows, M, attention, nzoff, pairoff, occ_feat, occ_x,
-             occ_b, slot, uniq, ustart, ucur, occ_list, pcap):
-    """Serial part: counts, prefix sums, occurrences, grouping by feature. Returns U (the
-    number of unique touched features), or (before anything else is modified) -1 when the
-    nonzeros or -2 when the pairs (with attention) exceed the workspace, -3 for a row id
-    outside X, -4 for a feature id outside [0, M)."""
-    B = rows.shape[0]
-    n_rows = indptr.shape[0] - 1
-    nnz = 0
-    npairs = 0
-    for b in range(B):
-        r = rows[b]
-        if r < 0 or r >= n_rows:
-            return -3
-        n = 0
-        for p in range(indptr[r], indptr[r + 1]):
-            j = indices[p]
-            if j < 0 or j >= M:
-                return -4
-            n += 1
-        nzoff[b] = nnz
-        pairoff[b] = npairs
-        nnz += n
-        npairs += n * (n - 1) // 2
-    nzoff[B] = nnz
-    pairoff[B] = npairs
-    if nnz > occ_feat.shape[0]:
-        return -1
-    if attention and npairs > pcap:
-        return -2
-    o = 0
-    U = 0
-    for b in range(B):
-        r = rows[b]
-        for p in range(indptr[r], indptr[r + 1]):
-            j = indices[p]
-            if j < 0 or j >= M:
-                continue
-            occ_feat[o] = j
-            occ_x[o] = values[p]
-            occ_b[o] = b
-            o += 1
-            u = slot[j]
-            if u < 0:
-                u = U
-                slot[j] = U
-                uniq[U] = j
-                ucur[U] = 0
-                U += 1
-            ucur[u] += 1
-    pos = 0
-    for u in range(U):
-        ustart[u] = pos
-        pos += ucur[u]
-        ucur[u] = ustart[u]
-    ustart[U] = pos
-    for o in range(nnz):
-        u = slot[occ_feat[o]]
-        q = ucur[u]
-        occ_list[q] = o
-        ucur[u] = q + 1
-    for u in range(U):
-        slot[uniq[u]] = -1
-    return U
-
-
-@njit(**_SER)
 def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, dense,
                VX, DVX, E, U, A, SC0, D, R, cW, cvec, tb, attention, activation,
                freeze_fm, keep0, thr0, skey1, keep1, thr1, skey2):
@@ -540,8 +479,9 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
 def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, sW, sd,
                      lr, l2, l2a, keep0, thr0, keep1, thr1, optimizer, attention,
                      activation, freeze_fm, useed, ustep, step, ws):
-    """The whole step; returns (loss, status), status < 0 (see ``_prepare``) when the
-    batch is invalid or does not fit the workspace (nothing is modified then)."""
+    """The whole step; returns (loss, status), status < 0 (``_numba_common.BAD_*``) when
+    the batch is invalid or does not fit the workspace (nothing but the workspace is
+    modified then)."""
     (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
      E, U, A, SC0, D, R, WT, ch_lo, cW, cvec, gW, gdense, ul2, tbuf, tacc) = ws
     B = rows.shape[0]
@@ -549,10 +489,22 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     k = V.shape[1]
     t = W.shape[0]
 
-    nU = _prepare(indptr, indices, values, rows, M, attention, nzoff, pairoff, occ_feat,
-                  occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, E.shape[0])
-    if nU < 0:
-        return np.nan, nU
+    nnz = batch_offsets(indptr, rows, nzoff)
+    if nnz < 0:
+        return np.nan, nnz
+    npairs = 0
+    for b in range(B):
+        pairoff[b] = npairs
+        n = nzoff[b + 1] - nzoff[b]
+        npairs += n * (n - 1) // 2
+    pairoff[B] = npairs
+    if nnz > occ_feat.shape[0]:
+        return np.nan, BAD_NNZ
+    if attention and npairs > E.shape[0]:
+        return np.nan, BAD_PAIRS
+    if gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b) > 0:
+        return np.nan, BAD_FEATURE
+    nU = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
 
     if attention:
         for c in prange(k):
@@ -654,12 +606,6 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     return loss, 0
 
 
-def _set_threads(n_threads):
-    prev = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
-    return prev
-
-
 def afm_step(X, y, rows, params, state, cfg, ws):
     """One AFM training step (forward, backward, optimiser update) on the batch ``rows``;
     returns the batch loss before the update. See the module docstring.
@@ -680,51 +626,28 @@ def afm_step(X, y, rows, params, state, cfg, ws):
             f"{ws.VX.dtype}; got {B} rows, V {params.V.shape} {params.V.dtype} and t = {t}. "
             "Build it with afm_workspace for this model."
         )
-    keep0 = float(cfg.keep_attention)
-    keep1 = float(cfg.keep_pooled)
-    for name, keep in (("keep_attention", keep0), ("keep_pooled", keep1)):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"afm_step: cfg.{name} must be in (0, 1], got {keep}")
-    if int(cfg.optimizer) not in (ADAGRAD, SGD, MOMENTUM, ADAM):
-        raise ValueError(f"afm_step: cfg.optimizer must be one of {OPTIMIZER_CODES}, "
-                         f"got {cfg.optimizer!r}")
+    keep0 = check_keep("afm_step", "keep_attention", cfg.keep_attention)
+    keep1 = check_keep("afm_step", "keep_pooled", cfg.keep_pooled)
+    optimizer = check_optimizer("afm_step", cfg.optimizer)
     if int(cfg.activation) not in (RELU, SIGMOID, TANH, IDENTITY):
         raise ValueError(f"afm_step: cfg.activation must be one of {ACTIVATION_CODES}, "
                          f"got {cfg.activation!r}")
     thr0 = np.uint64(dropout_threshold(keep0) if keep0 < 1.0 else 0)
     thr1 = np.uint64(dropout_threshold(keep1) if keep1 < 1.0 else 0)
-    prev = _set_threads(cfg.n_threads)
-    try:
+    with numba_threads(cfg.n_threads):
         loss, status = _afm_step_kernel(
             indptr, indices, values, y, rows,
             params.V, params.w, params.W, params.dense,
             state.V, state.w, state.W, state.dense,
             float(cfg.lr), float(cfg.l2), float(cfg.l2_attention),
-            keep0, thr0, keep1, thr1, int(cfg.optimizer), bool(cfg.attention),
+            keep0, thr0, keep1, thr1, optimizer, bool(cfg.attention),
             int(cfg.activation), bool(cfg.freeze_fm),
             np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
             int(cfg.step), ws,
         )
-    finally:
-        numba.set_num_threads(prev)
-    if status == -1:
-        raise ValueError(
-            f"afm_step: the batch has more nonzeros than the workspace holds "
-            f"(max_batch_nnz={ws.occ_feat.shape[0]}); size the workspace with the largest "
-            "sum of row lengths of any batch."
-        )
-    if status == -3:
-        raise ValueError(f"afm_step: rows holds an id outside [0, {indptr.shape[0] - 1}) "
-                         "(the rows of X)")
-    if status == -4:
-        raise ValueError(f"afm_step: the batch holds a feature id outside [0, {M}) "
-                         "(n_features); raise n_features or fix the data")
-    if status == -2:
-        raise ValueError(
-            f"afm_step: the batch has more pairs than the workspace holds "
-            f"(max_batch_pairs={ws.E.shape[0]}); size the workspace with the largest sum "
-            "of n (n - 1) / 2 over the rows of any batch."
-        )
+    if status < 0:
+        raise_batch_error("afm_step", status, indptr.shape[0] - 1, M, ws.occ_feat.shape[0],
+                          ws.E.shape[0])
     return float(loss)
 
 
@@ -866,13 +789,10 @@ def afm_predict(X, params, attention, activation, n_threads, out):
     indptr, indices, values = X
     dummy_i = np.zeros(1, dtype=np.int64)
     dummy_f = np.zeros(1, dtype=out.dtype)
-    prev = _set_threads(n_threads)
-    try:
+    with numba_threads(n_threads):
         _infer_kernel(indptr, indices, values, params.V, params.w, params.W, params.dense,
                       bool(attention), int(activation), out, False, dummy_i, 0, dummy_i,
                       dummy_i, dummy_f, dummy_f)
-    finally:
-        numba.set_num_threads(prev)
 
 
 def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
@@ -894,13 +814,10 @@ def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out,
             f"{pair_indptr.shape[0]} and {cap})"
         )
     dummy = np.zeros(1, dtype=weight_out.dtype)
-    prev = _set_threads(n_threads)
-    try:
+    with numba_threads(n_threads):
         nbad = _infer_kernel(indptr, indices, values, params.V, params.w, params.W,
                              params.dense, bool(attention), int(activation), dummy, True,
                              pair_indptr, cap, i_out, j_out, weight_out, contribution_out)
-    finally:
-        numba.set_num_threads(prev)
     if nbad:
         raise ValueError(
             f"afm_explain: pair_indptr disagrees with the data in {nbad} rows; each row "

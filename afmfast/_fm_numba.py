@@ -10,17 +10,19 @@ Functions
         rows int64 (B,), B <= batch_size and the batch's nonzeros <= max_batch_nnz.
         Mutates params.V/w/dense/bn_stats (bn_stats only with cfg.batch_norm), state.V/w/
         dense (only rows of V and w the batch touches) and the workspace. Returns the batch
-        loss before the update (see kernel_api). Ids outside [0, M) are skipped (memory
-        safety only: the Python layer rejects them before any kernel runs).
+        loss before the update (see kernel_api). ValueError (nothing but the workspace
+        modified) for an empty batch, a row id outside X, a feature id outside [0, M), a
+        batch larger than the workspace, or an invalid keep/optimizer in cfg.
     fm_predict(X, params, batch_norm, n_threads, out)
         out DTYPE (N,) receives raw scores (no dropout; running batch-norm statistics).
 DTYPE is float32 or float64 (one compiled specialisation each); all arithmetic is float64
 and rounded once when stored, as in ``afmfast.reference``.
 
-Step layout: a prange over rows gathers the batch's nonzeros into contiguous arrays; a
-prange over rows computes s and f; a serial counting sort groups the nonzeros by feature;
-batch-norm statistics and all other sums across rows run in row order (over blocks of
-factors in parallel), so the result does not depend on the thread count; a prange over
+Step layout: a prange over rows gathers the batch's nonzeros into contiguous arrays
+(``_numba_common.gather_batch``, ids checked); a prange over rows computes s and f; a
+serial counting sort groups the nonzeros by feature; batch-norm statistics and all other
+sums across rows run serially in row order, so the result does not depend on the thread
+count; a prange over
 the unique touched features sums each feature's gradient over its occurrences in
 increasing order and applies the optimiser to that row.
 """
@@ -31,10 +33,19 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_common import (
+    BAD_FEATURE,
+    BAD_NNZ,
+    batch_offsets,
+    check_keep,
+    check_optimizer,
     effective_lr,
+    gather_batch,
+    group_by_feature,
     keep_unit,
+    numba_threads,
     opt_row,
     opt_update,
+    raise_batch_error,
     row_key,
     step_key,
 )
@@ -44,20 +55,18 @@ __all__ = ["FMWorkspace", "fm_workspace", "fm_step", "fm_predict"]
 
 FMWorkspace = namedtuple(
     "FMWorkspace",
-    "offs bidx bval slot uniq ustart ucur occ_row occ_x s f df lin r kvec gdense ul2 tacc",
+    "nzoff occ_feat occ_x occ_b slot uniq ustart ucur occ_list s f df lin r kvec gdense ul2 "
+    "tacc",
 )
-FMWorkspace.__doc__ = """Scratch of ``fm_step``. offs int64 (B + 1,): batch-local offsets of
-the rows' nonzeros; bidx int32 / bval float64 (max_batch_nnz,): the batch's nonzeros
-gathered contiguously (id -1 for an id outside [0, M)); slot int32 (M,) stays -1 between steps;
-uniq/ustart/ucur: unique touched features and their occurrence ranges; occ_row/occ_x: row
-and value of every occurrence grouped by feature; s, f, df float64 (B, k); lin, r (B,);
-kvec (5, k) = [mu, var, inv_std, sum dz, sum dz*fh]; gdense (1 + 2k,); ul2 per touched row
-||v||^2; tacc (threads, k_padded) per-thread gradient accumulator."""
+FMWorkspace.__doc__ = """Scratch of ``fm_step``. nzoff int64 (B + 1,): batch-local offsets
+of the rows' nonzeros; occ_feat int32 / occ_x float64 / occ_b int32 (max_batch_nnz,): the
+batch's nonzeros ("occurrences") gathered contiguously with their batch row; slot int32
+(M,) stays -1 between steps; uniq/ustart/ucur/occ_list: unique touched features and their
+occurrences (positions in the occ_* arrays) in batch order; s, f, df float64 (B, k);
+lin, r (B,); kvec (5, k) = [mu, var, inv_std, sum dz, sum dz*fh]; gdense (1 + 2k,); ul2
+per touched row ||v||^2; tacc (threads, k_padded) per-thread gradient accumulator."""
 
 _MASK64 = (1 << 64) - 1
-# Factor blocks of the across-row sums: 8 float64 = one cache line, so that two threads
-# never write the same line.
-_FBLOCK = 8
 
 _PAR = dict(parallel=True, fastmath=False, cache=True, nogil=True)
 _SER = dict(fastmath=False, cache=True, nogil=True)
@@ -65,7 +74,10 @@ _SER = dict(fastmath=False, cache=True, nogil=True)
 
 def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
     """Allocate the scratch of ``fm_step`` for batches of at most ``batch_size`` rows and
-    ``max_batch_nnz`` nonzeros, M = ``n_features``, k = ``n_factors``."""
+    ``max_batch_nnz`` nonzeros, M = ``n_features``, k = ``n_factors``.
+
+    Example: ``ws = fm_workspace(4096, 40960, 5382, 16, np.float32)``.
+    """
     B, cap, M, k = int(batch_size), int(max_batch_nnz), int(n_features), int(n_factors)
     if B < 1 or cap < 0 or M < 1 or k < 1:
         raise ValueError(
@@ -74,21 +86,22 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
         )
     if np.dtype(dtype) not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    cap1 = max(cap, 1)
     cap_u = max(1, min(cap, M))
     # One padded row per pool thread (get_thread_id indexes it); the padding keeps two
     # threads' rows off the same cache line.
     kpad = (k + 7) // 8 * 8 + 8
     f8 = np.float64
     return FMWorkspace(
-        offs=np.zeros(B + 1, dtype=np.int64),
-        bidx=np.zeros(max(cap, 1), dtype=np.int32),
-        bval=np.zeros(max(cap, 1), dtype=f8),
+        nzoff=np.zeros(B + 1, dtype=np.int64),
+        occ_feat=np.zeros(cap1, dtype=np.int32),
+        occ_x=np.zeros(cap1, dtype=f8),
+        occ_b=np.zeros(cap1, dtype=np.int32),
         slot=np.full(M, -1, dtype=np.int32),
         uniq=np.zeros(cap_u, dtype=np.int32),
         ustart=np.zeros(cap_u + 1, dtype=np.int64),
         ucur=np.zeros(cap_u, dtype=np.int64),
-        occ_row=np.zeros(max(cap, 1), dtype=np.int32),
-        occ_x=np.zeros(max(cap, 1), dtype=f8),
+        occ_list=np.zeros(cap1, dtype=np.int64),
         s=np.zeros((B, k), dtype=f8),
         f=np.zeros((B, k), dtype=f8),
         df=np.zeros((B, k), dtype=f8),
@@ -102,129 +115,46 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 
 
 @njit(**_SER)
-def _batch_offsets(indptr, rows, offs):
-    """offs[b] = start of row b's nonzeros in the batch-local arrays; returns nnz."""
-    nnz = 0
-    for b in range(rows.shape[0]):
-        offs[b] = nnz
-        r = rows[b]
-        nnz += indptr[r + 1] - indptr[r]
-    offs[rows.shape[0]] = nnz
-    return nnz
-
-
-@njit(**_SER)
-def _group_by_feature(offs, bidx, bval, B, slot, uniq, ustart, ucur, occ_row, occ_x):
-    """Stable counting sort of the gathered batch nonzeros by feature id. Returns the
-    number U of unique touched features: uniq[:U] in order of first appearance, the
-    occurrences of uniq[u] at occ_*[ustart[u]:ustart[u+1]] in batch order. Reads only
-    the contiguous gathered arrays (the random reads of X happen in the parallel
-    forward pass). Leaves ``slot`` all -1 again."""
-    nnz = offs[B]
-    U = 0
-    for q in range(nnz):
-        j = bidx[q]
-        if j < 0:
+def _row_sums(feat, xs, lo, hi, V, w, s, sq):
+    """s += sum v x, sq += sum (v x)^2 over the nonzeros lo..hi-1 of one row (ids outside
+    [0, M) skipped); returns sum w x. float64 whatever the storage dtype."""
+    M = V.shape[0]
+    k = V.shape[1]
+    lin = 0.0
+    for p in range(lo, hi):
+        j = feat[p]
+        if j < 0 or j >= M:
             continue
-        u = slot[j]
-        if u < 0:
-            u = U
-            slot[j] = U
-            uniq[U] = j
-            ucur[U] = 0
-            U += 1
-        ucur[u] += 1
-    pos = 0
-    for u in range(U):
-        ustart[u] = pos
-        pos += ucur[u]
-        ucur[u] = ustart[u]
-    ustart[U] = pos
-    for b in range(B):
-        for q in range(offs[b], offs[b + 1]):
-            j = bidx[q]
-            if j < 0:
-                continue
-            u = slot[j]
-            t = ucur[u]
-            occ_row[t] = b
-            occ_x[t] = bval[q]
-            ucur[u] = t + 1
-    # Only the touched entries are reset, so the step never pays O(M).
-    for u in range(U):
-        slot[uniq[u]] = -1
-    return U
-
-
-@njit(**_PAR)
-def _column_moments(a, B, mu, var):
-    """mu, var = mean and biased variance of a[:B] per column, each column summed
-    serially in row order (parallel over blocks of columns)."""
-    k = a.shape[1]
-    nblk = (k + _FBLOCK - 1) // _FBLOCK
-    for blk in prange(nblk):
-        lo = blk * _FBLOCK
-        hi = min(k, lo + _FBLOCK)
-        for c in range(lo, hi):
-            mu[c] = 0.0
-            var[c] = 0.0
-        for b in range(B):
-            for c in range(lo, hi):
-                mu[c] += a[b, c]
-        for c in range(lo, hi):
-            mu[c] /= B
-        for b in range(B):
-            for c in range(lo, hi):
-                d = a[b, c] - mu[c]
-                var[c] += d * d
-        for c in range(lo, hi):
-            var[c] /= B
-
-
-@njit(**_PAR)
-def _bn_backward_sums(f, dz, B, mu, inv, s1, s2):
-    """s1 = sum_b dz_b, s2 = sum_b dz_b * fh_b per factor, in row order."""
-    k = f.shape[1]
-    nblk = (k + _FBLOCK - 1) // _FBLOCK
-    for blk in prange(nblk):
-        lo = blk * _FBLOCK
-        hi = min(k, lo + _FBLOCK)
-        for c in range(lo, hi):
-            s1[c] = 0.0
-            s2[c] = 0.0
-        for b in range(B):
-            for c in range(lo, hi):
-                d = dz[b, c]
-                s1[c] += d
-                s2[c] += d * ((f[b, c] - mu[c]) * inv[c])
+        x = np.float64(xs[p])
+        lin += np.float64(w[j]) * x
+        vj = V[j]
+        for c in range(k):
+            vx = np.float64(vj[c]) * x
+            s[c] += vx
+            sq[c] += vx * vx
+    return lin
 
 
 @njit(**_PAR)
 def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                     sV, sw, sd, lr, l2, keep, threshold, optimizer, batch_norm,
                     seed, ustep, step, ws):
-    """The whole step; returns (loss, status) with status -1 when the batch does not fit
-    the workspace (nothing is modified then)."""
-    (offs, bidx, bval, slot, uniq, ustart, ucur, occ_row, occ_x, S, F, DF, LIN, R, kvec,
-     gdense, ul2, tacc) = ws
+    """The whole step; returns (loss, status) with status < 0 (``_numba_common.BAD_*``)
+    when the batch is invalid or does not fit the workspace (nothing but the workspace
+    is modified then)."""
+    (nzoff, occ_feat, occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, S, F, DF, LIN, R,
+     kvec, gdense, ul2, tacc) = ws
     B = rows.shape[0]
     M = V.shape[0]
     k = V.shape[1]
 
-    if _batch_offsets(indptr, rows, offs) > bidx.shape[0]:
-        return np.nan, -1
-
-    # Gather the batch's nonzeros into contiguous batch-local arrays first: a loop that
-    # only copies keeps many independent cache misses on the random rows of X in flight,
-    # and every later pass reads the contiguous copy.
-    for b in prange(B):
-        r = rows[b]
-        q = offs[b]
-        p0 = indptr[r]
-        for i in range(indptr[r + 1] - p0):
-            j = indices[p0 + i]
-            bidx[q + i] = j if (j >= 0 and j < M) else -1
-            bval[q + i] = values[p0 + i]
+    nnz = batch_offsets(indptr, rows, nzoff)
+    if nnz < 0:
+        return np.nan, nnz
+    if nnz > occ_feat.shape[0]:
+        return np.nan, BAD_NNZ
+    if gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b) > 0:
+        return np.nan, BAD_FEATURE
 
     # Forward per row: s = sum v x, f = (s^2 - sum (v x)^2) / 2, linear term.
     for b in prange(B):
@@ -233,32 +163,33 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
         for c in range(k):
             sb[c] = 0.0
             fb[c] = 0.0
-        lin = 0.0
-        for q in range(offs[b], offs[b + 1]):
-            j = bidx[q]
-            if j < 0:
-                continue
-            x = bval[q]
-            lin += np.float64(w[j]) * x
-            vj = V[j]
-            for c in range(k):
-                vx = np.float64(vj[c]) * x
-                sb[c] += vx
-                fb[c] += vx * vx
+        LIN[b] = _row_sums(occ_feat, occ_x, nzoff[b], nzoff[b + 1], V, w, sb, fb)
         for c in range(k):
             fb[c] = 0.5 * (sb[c] * sb[c] - fb[c])
-        LIN[b] = lin
 
-    U = _group_by_feature(offs, bidx, bval, B, slot, uniq, ustart, ucur, occ_row, occ_x)
+    U = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
 
+    # Every sum across rows below runs serially in row order (each column in row order:
+    # the determinism guarantee), vectorised over the factors.
     mu = kvec[0]
     var = kvec[1]
     inv = kvec[2]
     s1 = kvec[3]
     s2 = kvec[4]
     if batch_norm:
-        _column_moments(F, B, mu, var)
+        mu[:] = 0.0
+        var[:] = 0.0
+        for b in range(B):
+            for c in range(k):
+                mu[c] += F[b, c]
         for c in range(k):
+            mu[c] /= B
+        for b in range(B):
+            for c in range(k):
+                d = F[b, c] - mu[c]
+                var[c] += d * d
+        for c in range(k):
+            var[c] /= B
             inv[c] = 1.0 / np.sqrt(var[c] + BN_EPS)
             bn_stats[0, c] = BN_DECAY * np.float64(bn_stats[0, c]) + (1.0 - BN_DECAY) * mu[c]
             bn_stats[1, c] = BN_DECAY * np.float64(bn_stats[1, c]) + (1.0 - BN_DECAY) * var[c]
@@ -288,7 +219,6 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
         for c in range(k):
             db[c] *= res
 
-    # Sums across rows, serial in row order (the determinism guarantee).
     sq = 0.0
     g0 = 0.0
     for b in range(B):
@@ -296,7 +226,13 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
         g0 += R[b]
     gdense[0] = g0
     if batch_norm:
-        _bn_backward_sums(F, DF, B, mu, inv, s1, s2)
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for b in range(B):
+            for c in range(k):
+                d = DF[b, c]
+                s1[c] += d
+                s2[c] += d * ((F[b, c] - mu[c]) * inv[c])
         for c in range(k):
             gdense[1 + c] = s2[c]
             gdense[1 + k + c] = s1[c]
@@ -323,8 +259,9 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
             g[c] = 0.0
         gw = 0.0
         for q in range(ustart[u], ustart[u + 1]):
-            b = occ_row[q]
-            x = occ_x[q]
+            o = occ_list[q]
+            b = occ_b[o]
+            x = occ_x[o]
             gw += R[b] * x
             sb = S[b]
             db = DF[b]
@@ -352,7 +289,12 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
 
 def fm_step(X, y, rows, params, state, cfg, ws):
     """One training step (forward, backward, optimiser update) on the batch ``rows``;
-    returns the batch loss before the update. See the module docstring."""
+    returns the batch loss before the update. See the module docstring.
+
+    Example: ``loss = fm_step(X, y, rows, params, state, cfg, ws)`` with ``params`` from
+    ``kernel_api.new_fm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
+    ``fm_workspace``.
+    """
     indptr, indices, values = X
     B = rows.shape[0]
     if B == 0 or B > ws.s.shape[0] or params.V.shape[0] != ws.slot.shape[0] or (
@@ -363,35 +305,28 @@ def fm_step(X, y, rows, params, state, cfg, ws):
             f"{ws.slot.shape[0]} features and {ws.s.shape[1]} factors; got {B} rows and "
             f"V of shape {params.V.shape}. Build it with fm_workspace for this model."
         )
-    keep = float(cfg.keep)
+    keep = check_keep("fm_step", "keep", cfg.keep)
+    optimizer = check_optimizer("fm_step", cfg.optimizer)
     threshold = np.uint64(dropout_threshold(keep) if keep < 1.0 else 0)
-    prev = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(cfg.n_threads), numba.config.NUMBA_NUM_THREADS)))
-    try:
+    with numba_threads(cfg.n_threads):
         loss, status = _fm_step_kernel(
             indptr, indices, values, y, rows,
             params.V, params.w, params.dense, params.bn_stats,
             state.V, state.w, state.dense,
-            float(cfg.lr), float(cfg.l2), keep, threshold, int(cfg.optimizer),
+            float(cfg.lr), float(cfg.l2), keep, threshold, optimizer,
             bool(cfg.batch_norm),
             np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
             int(cfg.step), ws,
         )
-    finally:
-        numba.set_num_threads(prev)
     if status < 0:
-        raise ValueError(
-            f"fm_step: the batch has more nonzeros than the workspace holds "
-            f"(max_batch_nnz={ws.occ_row.shape[0]}); size the workspace with the largest "
-            "sum of row lengths of any batch."
-        )
+        raise_batch_error("fm_step", status, indptr.shape[0] - 1, params.V.shape[0],
+                          ws.occ_feat.shape[0])
     return float(loss)
 
 
 @njit(**_PAR)
 def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_norm, out):
     n = indptr.shape[0] - 1
-    M = V.shape[0]
     k = V.shape[1]
     inv = np.empty(k)
     for c in range(k):
@@ -407,18 +342,7 @@ def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_nor
         for c in range(k):
             s[c] = 0.0
             sq[c] = 0.0
-        lin = 0.0
-        for p in range(indptr[b], indptr[b + 1]):
-            j = indices[p]
-            if j < 0 or j >= M:
-                continue
-            x = np.float64(values[p])
-            lin += np.float64(w[j]) * x
-            vj = V[j]
-            for c in range(k):
-                vx = np.float64(vj[c]) * x
-                s[c] += vx
-                sq[c] += vx * vx
+        lin = _row_sums(indices, values, indptr[b], indptr[b + 1], V, w, s, sq)
         acc = 0.0
         for c in range(k):
             f = 0.5 * (s[c] * s[c] - sq[c])
@@ -432,10 +356,6 @@ def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_nor
 def fm_predict(X, params, batch_norm, n_threads, out):
     """Raw scores of every row of X into ``out`` (no dropout, running BN statistics)."""
     indptr, indices, values = X
-    prev = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
-    try:
+    with numba_threads(n_threads):
         _fm_predict_kernel(indptr, indices, values, params.V, params.w, params.dense,
                            params.bn_stats, bool(batch_norm), out)
-    finally:
-        numba.set_num_threads(prev)

@@ -1,5 +1,6 @@
-"""Numba helpers shared by the FM and AFM Numba kernels (``afmfast._fm_numba`` and later
-the AFM kernel): the counter-based dropout hash and the optimiser update.
+"""Numba helpers shared by the FM and AFM Numba kernels (``afmfast._fm_numba``,
+``afmfast._afm_numba``): the counter-based dropout hash, the optimiser update, the batch
+preparation (validation, gather, grouping by feature) and the Python-side checks.
 
 All functions are ``@njit`` and meant to be called from other jitted code (they also work
 from Python, which the tests use).
@@ -12,11 +13,19 @@ Optimiser update: ``opt_scalar`` / ``opt_row`` update one parameter (or one cont
 row) in place from its gradient and its two state slots. Arithmetic is float64 whatever
 the storage dtype, as in ``afmfast.reference``; results are rounded once on store.
 Widen with ``np.float64(x)``, never ``float(x)``: Numba types ``float(float32)`` as float32.
+
+Batch preparation: ``batch_offsets`` (row ids checked, prefix sums of the rows' nonzeros),
+``gather_batch`` (the batch's nonzeros copied into contiguous "occurrence" arrays in batch
+order, feature ids checked; parallel over rows) and ``group_by_feature`` (stable counting
+sort of the occurrences by feature). Status codes below 0 (``BAD_*``) are turned into
+ValueError by ``raise_batch_error``; nothing but the workspace is written before them.
 """
 import math
+from contextlib import contextmanager
 
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .kernel_api import (
     ADAGRAD,
@@ -27,6 +36,7 @@ from .kernel_api import (
     GOLDEN,
     MOMENTUM,
     MOMENTUM_COEF,
+    OPTIMIZER_CODES,
     SGD,
 )
 
@@ -42,6 +52,10 @@ _C2 = np.uint64(0x94D049BB133111EB)
 _ADAGRAD, _SGD, _MOMENTUM, _ADAM = ADAGRAD, SGD, MOMENTUM, ADAM
 
 _JIT = dict(cache=True, nogil=True, fastmath=False)
+_JIT_PAR = dict(_JIT, parallel=True)
+
+# Status codes of the step kernels (negative; 0 is success).
+BAD_NNZ, BAD_PAIRS, BAD_ROW, BAD_FEATURE = -1, -2, -3, -4
 
 
 @njit(**_JIT)
@@ -148,3 +162,131 @@ def opt_row(p, g, s0, s1, optimizer, lr_eff):
             s0[i] = m
             s1[i] = v
             p[i] = np.float64(p[i]) - lr_eff * m / (math.sqrt(v) + ADAM_EPS)
+
+
+# --------------------------------------------------------------------- batch preparation
+
+@njit(**_JIT)
+def batch_offsets(indptr, rows, nzoff):
+    """nzoff[b] = start of batch row b's nonzeros in the occurrence arrays (B + 1 entries);
+    returns the batch's nnz, or BAD_ROW when a row id is outside [0, n_rows)."""
+    n_rows = indptr.shape[0] - 1
+    nnz = 0
+    for b in range(rows.shape[0]):
+        r = rows[b]
+        if r < 0 or r >= n_rows:
+            return BAD_ROW
+        nzoff[b] = nnz
+        nnz += indptr[r + 1] - indptr[r]
+    nzoff[rows.shape[0]] = nnz
+    return nnz
+
+
+@njit(**_JIT_PAR)
+def gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b):
+    """Copy the batch's nonzeros into occ_feat (id), occ_x (value, float64) and occ_b
+    (batch row), in batch order, from ``batch_offsets``. A loop that only copies keeps
+    many cache misses on the random rows of X in flight; later passes read the copies.
+    Returns the number of ids outside [0, M) (copied as they are)."""
+    bad = 0
+    for b in prange(rows.shape[0]):
+        r = rows[b]
+        o = nzoff[b]
+        p0 = indptr[r]
+        for i in range(indptr[r + 1] - p0):
+            j = indices[p0 + i]
+            if j < 0 or j >= M:
+                bad += 1
+            occ_feat[o + i] = j
+            occ_x[o + i] = values[p0 + i]
+            occ_b[o + i] = b
+    return bad
+
+
+@njit(**_JIT)
+def group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list):
+    """Stable counting sort of the occurrences 0..nnz-1 (ids in [0, M)) by feature.
+    Returns the number U of unique features: uniq[:U] in order of first appearance, the
+    occurrences of uniq[u] are occ_list[ustart[u]:ustart[u + 1]] (positions in the
+    occurrence arrays, increasing). ``slot`` (M,) must be all -1 and is left so; only
+    the touched entries are reset, so this never pays O(M)."""
+    U = 0
+    for o in range(nnz):
+        j = occ_feat[o]
+        u = slot[j]
+        if u < 0:
+            u = U
+            slot[j] = U
+            uniq[U] = j
+            ucur[U] = 0
+            U += 1
+        ucur[u] += 1
+    pos = 0
+    for u in range(U):
+        ustart[u] = pos
+        pos += ucur[u]
+        ucur[u] = ustart[u]
+    ustart[U] = pos
+    for o in range(nnz):
+        u = slot[occ_feat[o]]
+        q = ucur[u]
+        occ_list[q] = o
+        ucur[u] = q + 1
+    for u in range(U):
+        slot[uniq[u]] = -1
+    return U
+
+
+# ------------------------------------------------------------------ Python-side helpers
+
+@contextmanager
+def numba_threads(n_threads):
+    """Run the block with Numba's thread count set to ``n_threads`` (clamped to
+    [1, NUMBA_NUM_THREADS]) and restore the previous count afterwards, also on error.
+
+    Example: ``with numba_threads(cfg.n_threads): loss = _kernel(...)``.
+    """
+    prev = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
+
+
+def check_keep(fn, name, keep):
+    """ValueError unless 0 < keep <= 1; returns keep as float."""
+    keep = float(keep)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"{fn}: cfg.{name} must be in (0, 1], got {keep}")
+    return keep
+
+
+def check_optimizer(fn, code):
+    """ValueError unless ``code`` is an optimiser code of ``kernel_api``; returns it."""
+    if int(code) not in OPTIMIZER_CODES.values():
+        raise ValueError(f"{fn}: cfg.optimizer must be one of {OPTIMIZER_CODES}, "
+                         f"got {code!r}")
+    return int(code)
+
+
+def raise_batch_error(fn, status, n_rows, n_features, max_nnz, max_pairs=None):
+    """Turn a step kernel's negative status into a ValueError naming what is wrong."""
+    if status == BAD_ROW:
+        raise ValueError(f"{fn}: rows holds an id outside [0, {n_rows}) (the rows of X)")
+    if status == BAD_FEATURE:
+        raise ValueError(f"{fn}: the batch holds a feature id outside [0, {n_features}) "
+                         "(n_features); raise n_features or fix the data")
+    if status == BAD_NNZ:
+        raise ValueError(
+            f"{fn}: the batch has more nonzeros than the workspace holds "
+            f"(max_batch_nnz={max_nnz}); size the workspace with the largest "
+            "sum of row lengths of any batch."
+        )
+    if status == BAD_PAIRS:
+        raise ValueError(
+            f"{fn}: the batch has more pairs than the workspace holds "
+            f"(max_batch_pairs={max_pairs}); size the workspace with the largest sum "
+            "of n (n - 1) / 2 over the rows of any batch."
+        )
+    raise RuntimeError(f"{fn}: unknown kernel status {status}")

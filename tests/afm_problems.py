@@ -7,27 +7,16 @@ pre-activations of both signs (ReLU kinks are not hit by finite differences of 1
 practice, see ``test_kernels_afm``), p away from ones.
 """
 import numpy as np
+from conftest import random_csr
 
 from afmfast import kernel_api as api
 
 
 def make_afm_problem(rng, n_rows, n_features, k, t, row_lengths, dtype=np.float64,
                      v_scale=0.5):
-    """Random AFM problem: X = (indptr int64, indices int32, values dtype), y (n_rows,)
-    and AFMParams.
-
-    Row b has ``row_lengths[b % len(row_lengths)]`` nonzeros; in every row of 2 or more
-    nonzeros the last id repeats the first (duplicate ids within a row).
-    """
-    lengths = np.array([row_lengths[b % len(row_lengths)] for b in range(n_rows)])
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    indices = rng.integers(0, n_features, size=int(indptr[-1])).astype(np.int32)
-    for b in range(n_rows):
-        lo, hi = indptr[b], indptr[b + 1]
-        if hi - lo >= 2:
-            indices[hi - 1] = indices[lo]
-    values = rng.uniform(0.5, 1.5, size=indices.shape) * rng.choice([-1, 1], indices.shape)
-    X = (indptr, indices, values.astype(dtype))
+    """Random AFM problem: X from ``conftest.random_csr`` (ragged rows, duplicate ids
+    within a row), y (n_rows,) and AFMParams."""
+    X = random_csr(rng, n_rows, n_features, row_lengths, dtype)
     y = rng.normal(0.0, 1.0, size=n_rows).astype(dtype)
     params = api.new_afm_params(n_features, k, t, rng, dtype=dtype)
     params.V[:] = rng.normal(0.0, v_scale, size=params.V.shape)

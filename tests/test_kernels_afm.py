@@ -8,7 +8,21 @@ agreement between backends."""
 import numpy as np
 import pytest
 from afm_problems import batch_pairs, frappe_like, make_afm_problem
-from conftest import batch_nnz, cast_tuple, copy_tuple
+from conftest import (
+    OPTIMIZERS,
+    STABLE_LR,
+    assert_bit_identical,
+    assert_runs_agree,
+    assert_tuple_close,
+    batch_nnz,
+    check_one_step,
+    check_rejects_invalid_batches,
+    check_steps_match_reference,
+    copy_tuple,
+    train_and_predict,
+    train_steps,
+    with_unseen_ids,
+)
 
 from afmfast import kernel_api as api
 from afmfast import reference as ref
@@ -17,13 +31,8 @@ from afmfast.backends import available_backends, get_backend
 AFM_BACKENDS = available_backends("afm")
 pytestmark = pytest.mark.skipif(not AFM_BACKENDS, reason="no AFM kernel backend imports")
 
-OPTIMIZERS = {"adagrad": api.ADAGRAD, "sgd": api.SGD, "momentum": api.MOMENTUM,
-              "adam": api.ADAM}
 ACTIVATIONS = {"relu": api.RELU, "sigmoid": api.SIGMOID, "tanh": api.TANH,
                "identity": api.IDENTITY}
-# Step sizes that keep several steps on the test problems far from divergence (the loss
-# is a sum over the batch, so plain SGD needs a small one).
-STABLE_LR = {api.ADAGRAD: 0.05, api.SGD: 2e-3, api.MOMENTUM: 1e-3, api.ADAM: 0.05}
 
 
 @pytest.fixture(params=AFM_BACKENDS or ["none"])
@@ -46,15 +55,6 @@ def make_ws(backend, X, rows, params, batch=None):
     return backend.afm_workspace(batch or len(rows), max(1, batch_nnz(X, rows)),
                                  max(1, batch_pairs(X, rows)), M, k, params.W.shape[0],
                                  params.V.dtype)
-
-
-def _assert_tuple_close(actual, desired, rtol, atol_scale, what):
-    """Elementwise |a - d| <= rtol |d| + atol_scale * max|d| for every array."""
-    for name, a, d in zip(actual._fields, actual, desired):
-        d64 = np.asarray(d, dtype=np.float64)
-        atol = atol_scale * max(1e-30, float(np.abs(d64).max(initial=0.0)))
-        np.testing.assert_allclose(np.asarray(a, dtype=np.float64), d64, rtol=rtol,
-                                   atol=atol, err_msg=f"{what}.{name}")
 
 
 def _touched(X, rows, M):
@@ -173,27 +173,12 @@ def test_steps_match_reference(backend, dtype, opt, variant):
                                     dtype=dtype, v_scale=0.3)
     code = OPTIMIZERS[opt]
     state = api.new_opt_state(params, code)
-    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
     ws = backend.afm_workspace(B, B * 10, B * 45, M, k, t, dtype)
-    perm = rng.permutation(120)
-    for step in range(5):
-        rows = perm[step * B:(step + 1) * B].astype(np.int64)
-        if step == 4:
-            rows = rows[:7]  # a short last batch in a workspace sized for B
-        if dtype == np.float32:
-            # float32 storage makes the runs drift apart slowly, so the float32 check is
-            # per step: the float64 reference restarts from the backend's values.
-            p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
-        cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=step, seed=99,
-                       **VARIANTS[variant])
-        loss = backend.afm_step(X, y, rows, params, state, cfg, ws)
-        loss_ref = ref.afm_step(X, y, rows, p_ref, s_ref, cfg)
-        rtol, atol = (1e-9, 1e-12) if dtype == np.float64 else (1e-4, 1e-5)
-        assert loss == pytest.approx(loss_ref, rel=rtol)
-        _assert_tuple_close(params, p_ref, rtol, atol, f"params step {step}")
-        _assert_tuple_close(state, s_ref, rtol, atol, f"state step {step}")
-    for tup in (params, state):
-        assert all(a.dtype == dtype for a in tup)
+    check_steps_match_reference(
+        backend.afm_step, ref.afm_step, X, y, params, state, ws, rng.permutation(120), B,
+        lambda step: make_cfg(lr=STABLE_LR[code], optimizer=code, step=step, seed=99,
+                              **VARIANTS[variant]),
+        tol32=(1e-4, 1e-5))
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
@@ -208,14 +193,10 @@ def test_float32_step_matches_reference(backend, opt):
     state = api.new_opt_state(params, code)
     for s in state:
         s[:] = rng.uniform(0.1, 1.0, size=s.shape)
-    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
     rows = rng.permutation(60)[:32].astype(np.int64)
     cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=3)
-    loss = backend.afm_step(X, y, rows, params, state, cfg, make_ws(backend, X, rows, params))
-    loss_ref = ref.afm_step(X, y, rows, p_ref, s_ref, cfg)
-    assert loss == pytest.approx(loss_ref, rel=1e-5)
-    _assert_tuple_close(params, p_ref, 1e-5, 1e-6, "params")
-    _assert_tuple_close(state, s_ref, 1e-5, 1e-6, "state")
+    check_one_step(backend.afm_step, ref.afm_step, X, y, rows, params, state, cfg,
+                   make_ws(backend, X, rows, params), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- determinism
@@ -229,46 +210,23 @@ def _train(backend, n_threads, attention, steps=3, dtype=np.float32):
     X[1][X[0][:-1][np.diff(X[0]) > 0]] = 0
     state = api.new_opt_state(params, api.ADAM)
     ws = backend.afm_workspace(B, B * 25, B * 300, M, k, t, dtype)
-    perm = np.random.default_rng(1).permutation(1024)
-    losses = []
-    for step in range(steps):
-        rows = perm[step * B:(step + 1) * B].astype(np.int64)
-        cfg = make_cfg(optimizer=api.ADAM, lr=0.01, step=step, n_threads=n_threads,
-                       attention=attention, activation=api.TANH)
-        losses.append(backend.afm_step(X, y, rows, params, state, cfg, ws))
-    return losses, params, state
-
-
-def _assert_bit_identical(run_a, run_b):
-    assert run_a[0] == run_b[0]
-    for ta, tb in zip(run_a[1:], run_b[1:]):
-        for name, a, b in zip(ta._fields, ta, tb):
-            assert np.array_equal(a, b), name
+    return train_steps(backend.afm_step, X, y, params, state, ws, B, steps,
+                       lambda step: make_cfg(optimizer=api.ADAM, lr=0.01, step=step,
+                                             n_threads=n_threads, attention=attention,
+                                             activation=api.TANH))
 
 
 @pytest.mark.parametrize("attention", [1, 0])
 def test_repeated_runs_bit_identical(backend, attention):
-    _assert_bit_identical(_train(backend, 2, attention), _train(backend, 2, attention))
+    assert_bit_identical(_train(backend, 2, attention), _train(backend, 2, attention))
 
 
 @pytest.mark.parametrize("attention", [1, 0])
 def test_thread_count_does_not_change_results(backend, attention):
-    _assert_bit_identical(_train(backend, 1, attention), _train(backend, 2, attention))
+    assert_bit_identical(_train(backend, 1, attention), _train(backend, 2, attention))
 
 
 # ----------------------------------------------------------------- predict and explain
-
-def _with_unseen_ids(rng, X, M):
-    """X with ~20% of its ids replaced by ids >= M, and the same X without them."""
-    indptr, indices, values = X
-    unseen = rng.random(indices.shape) < 0.2
-    X_unseen = (indptr, np.where(unseen, M + 3, indices).astype(np.int32), values)
-    keep = ~unseen
-    row_of = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    counts = np.bincount(row_of[keep], minlength=len(indptr) - 1)
-    X_kept = (np.r_[0, np.cumsum(counts)].astype(np.int64), indices[keep], values[keep])
-    return X_unseen, X_kept, counts
-
 
 class _Cfg:
     def __init__(self, attention, activation):
@@ -283,7 +241,7 @@ def test_predict_and_explain_match_reference(backend, dtype, attention, activati
     rng = np.random.default_rng(8)
     M, k, t, n = 30, 6, 5, 50
     X, _, params = make_afm_problem(rng, n, M, k, t, [0, 1, 2, 10, 4, 70, 3], dtype=dtype)
-    X_unseen, X_kept, counts = _with_unseen_ids(rng, X, M)
+    X_unseen, X_kept, counts = with_unseen_ids(rng, X, M)
     act = ACTIVATIONS[activation]
     cfg = _Cfg(attention, act)
     expected = ref.afm_predict(X_kept, params, cfg)
@@ -350,40 +308,25 @@ def test_backends_agree(opt):
                                         dtype=np.float32, v_scale=0.3)
         state = api.new_opt_state(params, code)
         ws = backend.afm_workspace(B, B * 20, B * 190, M, k, t, np.float32)
-        losses = []
-        for step in range(3):
-            rows = np.arange(step * B, (step + 1) * B, dtype=np.int64)
-            cfg = make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)
-            losses.append(backend.afm_step(X, y, rows, params, state, cfg, ws))
-        out = np.empty(512, dtype=np.float32)
-        backend.afm_predict(X, params, 1, api.RELU, 2, out)
-        runs.append((losses, params, state, out))
-    (l_c, p_c, s_c, o_c), (l_n, p_n, s_n, o_n) = runs
-    np.testing.assert_allclose(l_n, l_c, rtol=1e-4)
-    _assert_tuple_close(p_n, p_c, 1e-4, 1e-5, "params")
-    _assert_tuple_close(s_n, s_c, 1e-4, 1e-5, "state")
-    np.testing.assert_allclose(o_n, o_c, rtol=1e-4, atol=1e-4 * np.abs(o_c).max())
+        runs.append(train_and_predict(
+            backend.afm_step,
+            lambda X_, p, out: backend.afm_predict(X_, p, 1, api.RELU, 2, out),
+            X, y, params, state, ws, B,
+            lambda step: make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)))
+    assert_runs_agree(*runs)
 
 
 # ------------------------------------------------------------------- invalid batches
 
 def test_step_rejects_invalid_batches(backend):
-    """An empty batch, a row id outside X and a feature id >= M raise ValueError and
-    leave the parameters and optimiser state untouched."""
+    """Empty batch, row id outside X, feature id outside [0, M): ValueError, parameters
+    and optimiser state untouched (every backend)."""
     rng = np.random.default_rng(13)
     M = 15
     X, y, params = make_afm_problem(rng, 20, M, 3, 2, [4, 6])
     state = api.new_opt_state(params, api.ADAGRAD)
-    rows = np.arange(8, dtype=np.int64)
-    ws = make_ws(backend, X, rows, params)
-    p0, s0 = copy_tuple(params), copy_tuple(state)
-    bad_ids = (X[0], X[1].copy(), X[2])
-    bad_ids[1][X[0][2] + 1] = M
-    for X_, rows_ in ((X, rows[:0]), (X, np.r_[rows[:7], 20]), (bad_ids, rows)):
-        with pytest.raises(ValueError):
-            backend.afm_step(X_, y, rows_, params, state, make_cfg(), ws)
-        _assert_tuple_close(params, p0, 0.0, 0.0, "params")
-        _assert_tuple_close(state, s0, 0.0, 0.0, "state")
+    ws = make_ws(backend, X, np.arange(8, dtype=np.int64), params)
+    check_rejects_invalid_batches(backend.afm_step, X, y, params, state, ws, make_cfg(), M)
 
 
 # ------------------------------------------------------------- Numba workspace checks
@@ -403,7 +346,7 @@ def test_numba_workspace_errors_and_slot_reset():
     ws = nb.afm_workspace(8, nnz, pairs - 1, 15, 3, 2, np.float64)
     with pytest.raises(ValueError, match="max_batch_pairs"):
         nb.afm_step(X, y, rows, params, state, make_cfg(), ws)
-    _assert_tuple_close(params, before, 0.0, 0.0, "params")
+    assert_tuple_close(params, before, 0.0, 0.0, "params")
     ws = nb.afm_workspace(8, nnz, pairs, 15, 3, 2, np.float64)
     nb.afm_step(X, y, rows, params, state, make_cfg(), ws)
     assert (ws.slot == -1).all()
@@ -431,5 +374,5 @@ def test_numba_step_on_one_hot_rows(k, t):
                        make_ws(nb, X, rows, params))
     loss_ref = ref.afm_step(X, y.astype(np.float64), rows, p_ref, s_ref, cfg)
     assert loss == pytest.approx(loss_ref, rel=1e-9)
-    _assert_tuple_close(params, p_ref, 1e-9, 1e-12, "params")
-    _assert_tuple_close(state, s_ref, 1e-9, 1e-12, "state")
+    assert_tuple_close(params, p_ref, 1e-9, 1e-12, "params")
+    assert_tuple_close(state, s_ref, 1e-9, 1e-12, "state")

@@ -6,32 +6,34 @@ The Numba helpers shared with the AFM kernel (dropout hash, optimiser update) ar
 checked directly at the end."""
 import numpy as np
 import pytest
-from conftest import BACKENDS, batch_nnz, cast_tuple, copy_tuple, make_cfg, make_problem
+from conftest import (
+    BACKENDS,
+    OPTIMIZERS,
+    STABLE_LR,
+    assert_bit_identical,
+    assert_runs_agree,
+    assert_tuple_close,
+    batch_nnz,
+    check_one_step,
+    check_rejects_invalid_batches,
+    check_steps_match_reference,
+    copy_tuple,
+    make_cfg,
+    make_problem,
+    train_and_predict,
+    train_steps,
+    with_unseen_ids,
+)
 
 from afmfast import kernel_api as api
 from afmfast import reference as ref
 from afmfast.backends import get_backend
-
-OPTIMIZERS = {"adagrad": api.ADAGRAD, "sgd": api.SGD, "momentum": api.MOMENTUM,
-              "adam": api.ADAM}
-# Step sizes that keep several steps on the test problems far from divergence (the loss
-# is a sum over the batch, so plain SGD needs a small one).
-STABLE_LR = {api.ADAGRAD: 0.05, api.SGD: 2e-3, api.MOMENTUM: 1e-3, api.ADAM: 0.05}
 
 
 def _run_step(backend, X, y, rows, params, state, cfg):
     ws = backend.fm_workspace(len(rows), max(1, batch_nnz(X, rows)), params.V.shape[0],
                               params.V.shape[1], params.V.dtype)
     return backend.fm_step(X, y, rows, params, state, cfg, ws)
-
-
-def _assert_tuple_close(actual, desired, rtol, atol_scale, what):
-    """Elementwise |a - d| <= rtol |d| + atol_scale * max|d| for every array."""
-    for name, a, d in zip(actual._fields, actual, desired):
-        d64 = np.asarray(d, dtype=np.float64)
-        atol = atol_scale * max(1e-30, float(np.abs(d64).max(initial=0.0)))
-        np.testing.assert_allclose(np.asarray(a, dtype=np.float64), d64, rtol=rtol,
-                                   atol=atol, err_msg=f"{what}.{name}")
 
 
 # --------------------------------------------------------------------------- gradients
@@ -89,27 +91,12 @@ def test_steps_match_reference(backend, dtype, opt, batch_norm, keep):
     X, y, params = make_problem(rng, 120, M, k, [0, 1, 2, 5, 10, 3, 7], dtype=dtype)
     code = OPTIMIZERS[opt]
     state = api.new_opt_state(params, code)
-    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
     ws = backend.fm_workspace(B, B * 10, M, k, dtype)
-    perm = rng.permutation(120)
-    for step in range(5):
-        rows = perm[step * B:(step + 1) * B].astype(np.int64)
-        if step == 4:
-            rows = rows[:7]  # a short last batch in a workspace sized for B
-        if dtype == np.float32:
-            # float32 storage makes the runs drift apart slowly, so the float32 check is
-            # per step: the float64 reference restarts from the backend's values.
-            p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
-        cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, batch_norm=batch_norm,
-                       keep=keep, step=step, seed=99)
-        loss = backend.fm_step(X, y, rows, params, state, cfg, ws)
-        loss_ref = ref.fm_step(X, y, rows, p_ref, s_ref, cfg)
-        rtol, atol = (1e-9, 1e-12) if dtype == np.float64 else (1e-5, 1e-6)
-        assert loss == pytest.approx(loss_ref, rel=rtol)
-        _assert_tuple_close(params, p_ref, rtol, atol, f"params step {step}")
-        _assert_tuple_close(state, s_ref, rtol, atol, f"state step {step}")
-    for t in (params, state):
-        assert all(a.dtype == dtype for a in t)
+    check_steps_match_reference(
+        backend.fm_step, ref.fm_step, X, y, params, state, ws, rng.permutation(120), B,
+        lambda step: make_cfg(lr=STABLE_LR[code], optimizer=code, batch_norm=batch_norm,
+                              keep=keep, step=step, seed=99),
+        tol32=(1e-5, 1e-6))
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
@@ -124,14 +111,11 @@ def test_float32_step_matches_reference(backend, opt):
     state.V[:] = rng.uniform(0.1, 1.0, size=state.V.shape)
     state.w[:] = rng.uniform(0.1, 1.0, size=state.w.shape)
     state.dense[:] = rng.uniform(0.1, 1.0, size=state.dense.shape)
-    p_ref, s_ref = cast_tuple(params, np.float64), cast_tuple(state, np.float64)
     rows = rng.permutation(60)[:32].astype(np.int64)
     cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=3)
-    loss = _run_step(backend, X, y, rows, params, state, cfg)
-    loss_ref = ref.fm_step(X, y, rows, p_ref, s_ref, cfg)
-    assert loss == pytest.approx(loss_ref, rel=1e-5)
-    _assert_tuple_close(params, p_ref, 1e-5, 1e-6, "params")
-    _assert_tuple_close(state, s_ref, 1e-5, 1e-6, "state")
+    ws = backend.fm_workspace(32, batch_nnz(X, rows), M, k, np.float32)
+    check_one_step(backend.fm_step, ref.fm_step, X, y, rows, params, state, cfg, ws,
+                   rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- determinism
@@ -144,28 +128,17 @@ def _train(backend, n_threads, dtype=np.float32, steps=4):
     X[1][X[0][:-1][np.diff(X[0]) > 0]] = 0
     state = api.new_opt_state(params, api.ADAM)
     ws = backend.fm_workspace(B, B * 25, M, k, dtype)
-    perm = np.random.default_rng(1).permutation(1024)
-    losses = []
-    for step in range(steps):
-        rows = perm[step * B:(step + 1) * B].astype(np.int64)
-        cfg = make_cfg(optimizer=api.ADAM, lr=0.01, step=step, n_threads=n_threads)
-        losses.append(backend.fm_step(X, y, rows, params, state, cfg, ws))
-    return losses, params, state
-
-
-def _assert_bit_identical(run_a, run_b):
-    assert run_a[0] == run_b[0]
-    for ta, tb in zip(run_a[1:], run_b[1:]):
-        for name, a, b in zip(ta._fields, ta, tb):
-            assert np.array_equal(a, b), name
+    return train_steps(backend.fm_step, X, y, params, state, ws, B, steps,
+                       lambda step: make_cfg(optimizer=api.ADAM, lr=0.01, step=step,
+                                             n_threads=n_threads))
 
 
 def test_repeated_runs_bit_identical(backend):
-    _assert_bit_identical(_train(backend, 2), _train(backend, 2))
+    assert_bit_identical(_train(backend, 2), _train(backend, 2))
 
 
 def test_thread_count_does_not_change_results(backend):
-    _assert_bit_identical(_train(backend, 1), _train(backend, 2))
+    assert_bit_identical(_train(backend, 1), _train(backend, 2))
 
 
 # ----------------------------------------------------------------------------- predict
@@ -176,14 +149,8 @@ def test_predict_matches_reference(backend, dtype, batch_norm):
     rng = np.random.default_rng(8)
     M, k = 30, 4
     X, _, params = make_problem(rng, 50, M, k, [0, 1, 2, 10, 4], dtype=dtype)
-    indptr, indices, values = X
     # Ids >= M (features unseen in training) must contribute nothing.
-    unseen = rng.random(indices.shape) < 0.2
-    X_unseen = (indptr, np.where(unseen, M + 3, indices).astype(np.int32), values)
-    keep = ~unseen
-    counts = np.add.reduceat(np.r_[keep, False].astype(np.int64), indptr[:-1])
-    counts[np.diff(indptr) == 0] = 0
-    X_kept = (np.r_[0, np.cumsum(counts)].astype(np.int64), indices[keep], values[keep])
+    X_unseen, X_kept, _ = with_unseen_ids(rng, X, M)
     expected = ref.fm_predict(X_kept, params, batch_norm)
     np.testing.assert_allclose(ref.fm_predict(X_unseen, params, batch_norm), expected,
                                rtol=1e-12)
@@ -208,19 +175,22 @@ def test_backends_agree(opt):
         X, y, params = make_problem(rng, 512, M, k, [1, 2, 10, 5, 0, 20], dtype=np.float32)
         state = api.new_opt_state(params, code)
         ws = backend.fm_workspace(B, B * 20, M, k, np.float32)
-        losses = []
-        for step in range(3):
-            rows = np.arange(step * B, (step + 1) * B, dtype=np.int64)
-            cfg = make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)
-            losses.append(backend.fm_step(X, y, rows, params, state, cfg, ws))
-        out = np.empty(512, dtype=np.float32)
-        backend.fm_predict(X, params, 1, 2, out)
-        runs.append((losses, params, state, out))
-    (l_c, p_c, s_c, o_c), (l_n, p_n, s_n, o_n) = runs
-    np.testing.assert_allclose(l_n, l_c, rtol=1e-4)
-    _assert_tuple_close(p_n, p_c, 1e-4, 1e-5, "params")
-    _assert_tuple_close(s_n, s_c, 1e-4, 1e-5, "state")
-    np.testing.assert_allclose(o_n, o_c, rtol=1e-4, atol=1e-4 * np.abs(o_c).max())
+        runs.append(train_and_predict(
+            backend.fm_step, lambda X_, p, out: backend.fm_predict(X_, p, 1, 2, out),
+            X, y, params, state, ws, B,
+            lambda step: make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)))
+    assert_runs_agree(*runs)
+
+
+# ------------------------------------------------------------------- invalid batches
+
+def test_step_rejects_invalid_batches(backend):
+    """The FM step validates its batch as the AFM step does (``conftest``'s check): bad
+    row or feature ids and empty batches raise, nothing is modified."""
+    X, y, params = make_problem(np.random.default_rng(13), 20, 15, 3, [4, 6])
+    ws = backend.fm_workspace(8, batch_nnz(X, np.arange(8)), 15, 3, np.float64)
+    check_rejects_invalid_batches(backend.fm_step, X, y, params,
+                                  api.new_opt_state(params, api.ADAGRAD), ws, make_cfg(), 15)
 
 
 # ------------------------------------------------------- Numba helpers (AFM reuses them)
@@ -275,7 +245,7 @@ def test_numba_workspace_errors_and_slot_reset():
     before = copy_tuple(params)
     with pytest.raises(ValueError, match="max_batch_nnz"):
         nb.fm_step(X, y, rows, params, state, make_cfg(), ws)
-    _assert_tuple_close(params, before, 0.0, 0.0, "params")
+    assert_tuple_close(params, before, 0.0, 0.0, "params")
     ws = nb.fm_workspace(8, batch_nnz(X, rows), 15, 3, np.float64)
     nb.fm_step(X, y, rows, params, state, make_cfg(), ws)
     assert (ws.slot == -1).all()
