@@ -68,10 +68,17 @@ _MASK64 = (1 << 64) - 1
 FMParams = namedtuple("FMParams", "V w dense bn_stats")
 FMOptState = namedtuple("FMOptState", "V w dense")
 StepConfig = namedtuple(
-    "StepConfig", "lr l2 keep optimizer batch_norm seed step n_threads"
+    "StepConfig", "lr l2 keep optimizer batch_norm seed step n_threads loss",
+    defaults=(0,),
 )
 StepConfig.__doc__ = """Scalars of one fm_step: lr, l2, keep (float); optimizer (code),
-batch_norm (0/1), seed, step (global batch counter, from 0), n_threads (int)."""
+batch_norm (0/1), seed, step (global batch counter, from 0), n_threads (int), loss
+(SQUARED or LOGISTIC code, default SQUARED)."""
+
+# Data losses (cfg.loss). SQUARED: 1/2 (y_hat - y)^2, residual y_hat - y. LOGISTIC, for
+# binary targets t = 1 where y > 0 else 0: softplus(y_hat) - t y_hat, residual
+# sigmoid(y_hat) - t (see reference.data_loss_and_residual).
+SQUARED, LOGISTIC = 0, 1
 
 
 def dropout_threshold(keep):
@@ -142,7 +149,8 @@ def new_opt_state(params, optimizer):
 #             attention is off (then W, b, h are neither used nor updated)
 #     g = sum a'_pq e_pq;  g' = g * mask / keep_pooled  (stream 2, unit = factor)
 #     y_hat = w0 + sum w_i x_i + p . g'
-# Loss: 1/2 sum (y - y_hat)^2 + l2_attention/2 ||W||^2 + l2/2 sum_touched ||V_row||^2.
+# Loss: data loss (cfg.loss, as for FM) + l2_attention/2 ||W||^2 + l2/2 sum_touched
+# ||V_row||^2.
 # Parameters ``AFMParams``: V (M, k), w (M,), W (t, k), dense (1 + k + 2t,) =
 # [w0, p (k), b (t), h (t)]. ``AFMOptState``: the same names with a leading axis of 2.
 # freeze_fm keeps V, w and w0 fixed (the reference's --freeze_fm).
@@ -154,7 +162,8 @@ AFMOptState = namedtuple("AFMOptState", "V w W dense")
 AFMStepConfig = namedtuple(
     "AFMStepConfig",
     "lr l2 l2_attention keep_attention keep_pooled optimizer attention activation "
-    "freeze_fm seed step n_threads",
+    "freeze_fm seed step n_threads loss",
+    defaults=(0,),
 )
 
 

@@ -15,11 +15,25 @@ from .kernel_api import (
     ADAM_EPS,
     BN_DECAY,
     BN_EPS,
+    LOGISTIC,
+    SQUARED,
     MOMENTUM,
     MOMENTUM_COEF,
     SGD,
     dropout_mask,
 )
+
+
+def data_loss_and_residual(y_hat, y, cfg):
+    """(batch data loss, dloss/dy_hat per row). Squared: 1/2 sum (y_hat - y)^2, residual
+    y_hat - y. Logistic (cfg.loss == LOGISTIC; targets t = 1 where y > 0, else 0):
+    sum softplus(y_hat) - t y_hat, residual sigmoid(y_hat) - t."""
+    if getattr(cfg, "loss", SQUARED) == LOGISTIC:
+        t = (y > 0).astype(np.float64)
+        loss = np.maximum(y_hat, 0.0) - t * y_hat + np.log1p(np.exp(-np.abs(y_hat)))
+        return float(loss.sum()), 1.0 / (1.0 + np.exp(-y_hat)) - t
+    r = y_hat - y
+    return 0.5 * float(r @ r), r
 
 
 def _batch_rows(X, rows):
@@ -74,10 +88,10 @@ def fm_forward(X, rows, params, cfg, train=True, mask=None):
 def fm_loss(X, y, rows, params, cfg, mask=None):
     """Batch loss 1/2 sum (y - y_hat)^2 + l2/2 sum over touched rows ||V_row||^2."""
     y_hat, cache = fm_forward(X, rows, params, cfg, train=True, mask=mask)
-    r = y_hat - np.asarray(y, dtype=np.float64)[rows]
+    data_loss, _ = data_loss_and_residual(y_hat, np.asarray(y, dtype=np.float64)[rows], cfg)
     touched = np.unique(cache["feat"])
     V = np.asarray(params.V, dtype=np.float64)
-    return 0.5 * float(r @ r) + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
+    return data_loss + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
 
 
 def fm_gradients(X, y, rows, params, cfg, mask=None):
@@ -87,9 +101,9 @@ def fm_gradients(X, y, rows, params, cfg, mask=None):
     dense = np.asarray(params.dense, dtype=np.float64)
     k = V.shape[1]
     B = len(rows)
-    r = y_hat - np.asarray(y, dtype=np.float64)[rows]
+    data_loss, r = data_loss_and_residual(y_hat, np.asarray(y, dtype=np.float64)[rows], cfg)
     touched, inverse = np.unique(c["feat"], return_inverse=True)
-    loss = 0.5 * float(r @ r) + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
+    loss = data_loss + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
     dz = r[:, None] * c["scale"]
     g_dense = np.zeros_like(dense)
     g_dense[0] = r.sum()
@@ -269,11 +283,11 @@ def afm_loss(X, y, rows, params, cfg, masks=None):
     """AFM batch loss: 1/2 sum (y - y_hat)^2 + l2_attention/2 ||W||^2 (when attention is
     on) + l2/2 sum over touched rows ||V_row||^2."""
     y_hat, caches = afm_forward(X, rows, params, cfg, train=True, masks=masks)
-    r = y_hat - np.asarray(y, dtype=np.float64)[rows]
+    data_loss, _ = data_loss_and_residual(y_hat, np.asarray(y, dtype=np.float64)[rows], cfg)
     V = np.asarray(params.V, dtype=np.float64)
     W = np.asarray(params.W, dtype=np.float64)
     touched = np.unique(np.concatenate([c["feat"] for c in caches] + [np.zeros(0, np.int64)]))
-    loss = 0.5 * float(r @ r) + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
+    loss = data_loss + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
     if cfg.attention:
         loss += 0.5 * cfg.l2_attention * float((W ** 2).sum())
     return loss
@@ -286,7 +300,7 @@ def afm_gradients(X, y, rows, params, cfg, masks=None):
     M, k = V.shape
     t = W.shape[0]
     p_vec, h = dense[1:1 + k], dense[1 + k + t:]
-    r = y_hat - np.asarray(y, dtype=np.float64)[rows]
+    data_loss, r = data_loss_and_residual(y_hat, np.asarray(y, dtype=np.float64)[rows], cfg)
     gV_full = np.zeros_like(V)
     gw_full = np.zeros_like(w)
     gW = np.zeros_like(W)
@@ -313,7 +327,7 @@ def afm_gradients(X, y, rows, params, cfg, masks=None):
         np.add.at(gV_full, c["feat"], dvx * c["val"][:, None])
         np.add.at(gw_full, c["feat"], rb * c["val"])
     touched = np.unique(np.concatenate([c["feat"] for c in caches] + [np.zeros(0, np.int64)]))
-    loss = 0.5 * float(r @ r) + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
+    loss = data_loss + 0.5 * cfg.l2 * float((V[touched] ** 2).sum())
     gV = gV_full[touched] + cfg.l2 * V[touched]
     if cfg.attention:
         loss += 0.5 * cfg.l2_attention * float((W ** 2).sum())
