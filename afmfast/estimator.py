@@ -15,7 +15,7 @@ from . import backends
 from .dataset import Dataset
 from .encoding import FeatureMap, is_dataframe
 from .kernel_api import OPTIMIZER_CODES
-from .metrics import rmse
+from .metrics import HIGHER_IS_BETTER, rmse
 
 
 #: Parameter tables (parameters and optimiser state) larger than this are refused when the
@@ -143,7 +143,8 @@ class FactorizationModel(*_SKLEARN_BASES):
                              f"got {self.backend!r}")
 
     # ----- training -------------------------------------------------------------------
-    def fit(self, X, y=None, *, validation=None, init_from=None, callbacks=None):
+    def fit(self, X, y=None, *, validation=None, init_from=None, callbacks=None,
+            metric=None):
         """Train; from scratch unless ``init_from`` is given.
 
         Parameters
@@ -162,6 +163,10 @@ class FactorizationModel(*_SKLEARN_BASES):
             Each is called as ``callback(model, record)`` after every epoch with that
             epoch's ``history_`` record; a truthy return value stops training (the usual
             best-epoch restore still applies).
+        metric : str, optional
+            The validation metric that picks the best epoch and drives early stopping:
+            one of the model's ``evaluate`` metrics ("rmse" for regressors; "logloss"
+            (default), "auc" or "accuracy" for classifiers).
 
         Returns
         -------
@@ -169,11 +174,14 @@ class FactorizationModel(*_SKLEARN_BASES):
 
         Each epoch is one pass over a seeded shuffle of the rows in batches of
         ``batch_size``, one kernel call per batch. With a validation set and
-        ``early_stopping``, training stops once the validation RMSE rose in each of the
-        last 4 epochs (after more than 5) and the parameters of the best validation epoch
-        are restored (``best_epoch_``).
+        ``early_stopping``, training stops once the validation metric got worse in each
+        of the last 4 epochs (after more than 5) and the parameters of the best
+        validation epoch are restored (``best_epoch_``).
         """
         self._validate()
+        self._monitor = self._task_metrics[0] if metric is None else metric
+        if self._monitor not in self._task_metrics:
+            raise ValueError(f"metric must be one of {self._task_metrics}, got {metric!r}")
         if is_dataframe(X):
             self.feature_map_ = FeatureMap.fit(
                 X, [c for c in X.columns if c != y] if isinstance(y, str) else None)
@@ -240,15 +248,29 @@ class FactorizationModel(*_SKLEARN_BASES):
             f"training diverged in epoch {epoch}: {what}; the model keeps the parameters "
             f"of epoch {epoch - 1}. Try a lower learning_rate (now {self.learning_rate}).")
 
+    #: the metrics ``evaluate`` reports, the first one monitored by default
+    _task_metrics = ("rmse",)
+
+    def _evaluate_scores(self, y, scores):
+        return {"rmse": rmse(y, scores)}
+
+    def _measure(self, data):
+        """(raw scores, metrics) of a data set."""
+        scores = self._predict_dataset(data)
+        return scores, self._evaluate_scores(data.y, scores)
+
     def _epochs(self, train, valid, rng, callbacks):
         n, bs = train.n_rows, self.batch_size
         X, y = train.X, train.y
-        best_valid = math.inf
+        monitor = self._monitor
+        sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
+        label = "" if monitor == "rmse" else f" {monitor}"
+        best_valid = -math.inf
         if self.verbose:
             t = time.perf_counter()
-            init_line = f"Init: \t train={self._rmse(train):.4f}"
+            init_line = f"Init: \t train{label}={self._measure(train)[1][monitor]:.4f}"
             if valid is not None:
-                init_line += f", validation={self._rmse(valid):.4f}"
+                init_line += f", validation{label}={self._measure(valid)[1][monitor]:.4f}"
             self._log(f"{init_line} [{time.perf_counter() - t:.1f} s]")
         step = 0
         for epoch in range(1, self.n_epochs + 1):
@@ -265,30 +287,32 @@ class FactorizationModel(*_SKLEARN_BASES):
             if progress is not None:
                 progress.close()
             t1 = time.perf_counter()
-            record = {"epoch": epoch, "train_rmse": self._rmse(train),
-                      "valid_rmse": self._rmse(valid) if valid is not None else None,
-                      "seconds": t1 - t0}
-            if not math.isfinite(record["train_rmse"]):
+            scores, train_metrics = self._measure(train)
+            if not np.all(np.isfinite(scores)):
                 raise self._diverged(epoch, "the predictions are no longer finite")
+            valid_metrics = (self._measure(valid)[1] if valid is not None
+                             else dict.fromkeys(train_metrics))
+            record = {"epoch": epoch,
+                      **{f"train_{k}": v for k, v in train_metrics.items()},
+                      **{f"valid_{k}": v for k, v in valid_metrics.items()},
+                      "seconds": t1 - t0}
             self.history_.append(record)
             self._last_good = self._snapshot()
-            line = f"Epoch {epoch} [{t1 - t0:.1f} s]\ttrain={record['train_rmse']:.4f}"
+            line = f"Epoch {epoch} [{t1 - t0:.1f} s]\ttrain{label}={train_metrics[monitor]:.4f}"
             if valid is not None:
-                line += f", validation={record['valid_rmse']:.4f}"
+                line += f", validation{label}={valid_metrics[monitor]:.4f}"
             self._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
-            if valid is None or record["valid_rmse"] < best_valid:
+            if valid is None or sign * valid_metrics[monitor] > best_valid:
                 self._best, self.best_epoch_ = self._last_good, epoch
-                best_valid = record["valid_rmse"] if valid is not None else best_valid
-            if valid is not None and self.early_stopping and _rose_four_times(self.history_):
-                self._log(f"Early stop after epoch {epoch}: validation RMSE rose 4 epochs "
-                          f"in a row; restoring epoch {self.best_epoch_}.")
+                best_valid = sign * valid_metrics[monitor] if valid is not None else best_valid
+            if valid is not None and self.early_stopping and _worse_four_times(
+                    [sign * h[f"valid_{monitor}"] for h in self.history_]):
+                self._log(f"Early stop after epoch {epoch}: validation {monitor} got worse "
+                          f"4 epochs in a row; restoring epoch {self.best_epoch_}.")
                 break
             if any([bool(callback(self, record)) for callback in callbacks]):
                 self._log(f"Stopped by a callback after epoch {epoch}.")
                 break
-
-    def _rmse(self, data):
-        return rmse(data.y, self._predict_dataset(data))
 
     # ----- prediction -----------------------------------------------------------------
     def _check_fitted(self):
@@ -313,7 +337,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         the reference computes it."""
         self._check_fitted()
         data = self._dataset(X, y)
-        return {"rmse": rmse(data.y, self._predict_dataset(data))}
+        return self._evaluate_scores(data.y, self._predict_dataset(data))
 
     def _dataset(self, X, y=None, *, name="X", need_labels=True):
         """``X`` (and labels ``y``) as a Dataset: DataFrames go through the feature map
@@ -427,6 +451,8 @@ class _Progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-def _rose_four_times(history):
-    v = [h["valid_rmse"] for h in history]
-    return len(v) > 5 and all(v[-i] > v[-i - 1] for i in range(1, 5))
+def _worse_four_times(goodness):
+    """The reference's early stop: after more than 5 epochs, the monitored validation
+    metric got worse in each of the last 4 (``goodness``: higher is better)."""
+    v = goodness
+    return len(v) > 5 and all(v[-i] < v[-i - 1] for i in range(1, 5))

@@ -10,3 +10,30 @@ def rmse(y_true, y_pred):
         return float("nan")
     clipped = np.clip(np.asarray(y_pred, dtype=np.float64), y_true.min(), y_true.max())
     return float(np.sqrt(np.mean((y_true - clipped) ** 2)))
+
+
+#: metrics where a larger value is better (the others: smaller is better)
+HIGHER_IS_BETTER = frozenset({"auc", "accuracy"})
+
+
+def logloss(y_true, p, eps=1e-15):
+    """Mean binary cross-entropy of probabilities ``p`` for targets y > 0."""
+    t = np.asarray(y_true) > 0
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return float(-np.mean(np.where(t, np.log(p), np.log1p(-p)))) if t.size else float("nan")
+
+
+def auc(y_true, scores):
+    """Area under the ROC curve for targets y > 0 (ties count one half); NaN unless both
+    classes occur."""
+    t = np.asarray(y_true) > 0
+    n_pos = int(t.sum())
+    n_neg = t.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    scores = np.asarray(scores, dtype=np.float64)
+    uniq, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # average 1-based rank of each distinct score
+    ranks = np.cumsum(counts) - (counts - 1) / 2.0
+    rank_sum = ranks[inverse.reshape(-1)][t].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

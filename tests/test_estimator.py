@@ -6,7 +6,7 @@ import pytest
 import afmfast
 from afmfast.backends import available_backends
 from afmfast.demo import linear_baseline_rmse, make_demo_data
-from afmfast.estimator import _rose_four_times
+from afmfast.estimator import _worse_four_times
 
 FAST = dict(n_factors=8, n_epochs=3, batch_size=256, verbose=0)
 
@@ -103,12 +103,13 @@ def test_early_stopping_restores_the_best_epoch(demo, monkeypatch):
     scripted = iter([0.9, 0.8, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1])
 
     model = afmfast.FM(**{**FAST, "n_epochs": 10})
-    real_rmse = model._rmse
+    real_measure = model._measure
 
-    def fake_rmse(data):
-        return next(scripted) if data is demo.valid else real_rmse(data)
+    def fake_measure(data):
+        scores, metrics = real_measure(data)
+        return scores, ({"rmse": next(scripted)} if data is demo.valid else metrics)
 
-    monkeypatch.setattr(model, "_rmse", fake_rmse)
+    monkeypatch.setattr(model, "_measure", fake_measure)
     model.fit(demo.train, validation=demo.valid)
     # rose in each of epochs 4..7: stop after epoch 7, best was epoch 3
     assert len(model.history_) == 7
@@ -118,11 +119,12 @@ def test_early_stopping_restores_the_best_epoch(demo, monkeypatch):
     np.testing.assert_array_equal(model.predict(demo.valid), ref.predict(demo.valid))
 
 
-def test_rose_four_times_rule():
-    h = lambda v: [{"valid_rmse": x} for x in v]  # noqa: E731
-    assert not _rose_four_times(h([1, 2, 3, 4, 5]))  # needs more than 5 epochs
-    assert _rose_four_times(h([1, 1, 2, 3, 4, 5]))
-    assert not _rose_four_times(h([1, 2, 3, 3, 4, 5]))
+def test_worse_four_times_rule():
+    rmse = lambda v: [-x for x in v]  # noqa: E731  (goodness: higher is better)
+    assert not _worse_four_times(rmse([1, 2, 3, 4, 5]))  # needs more than 5 epochs
+    assert _worse_four_times(rmse([1, 1, 2, 3, 4, 5]))
+    assert not _worse_four_times(rmse([1, 2, 3, 3, 4, 5]))
+    assert _worse_four_times([0.9, 0.9, 0.8, 0.7, 0.6, 0.5])  # e.g. AUC falling
 
 
 def test_divergence_stops_with_a_message_and_keeps_finite_parameters(demo):
