@@ -1,0 +1,708 @@
+"""afmfast against PyTorch and against the machine's matmul ceiling, side by side in one run.
+
+    python bench/compare.py            # full run: frappe-mini + synthetic ml-tag (2,000,000 rows)
+    python bench/compare.py --quick    # ~3 minutes: 200,000 synthetic rows, fewer epochs/steps
+    python bench/compare.py --rows 500000 --epochs 3 --steps 5
+
+Needs ``pip install ".[bench]"`` (PyTorch, threadpoolctl) for every column; without
+PyTorch the PyTorch columns are skipped with a message, without threadpoolctl the BLAS
+kernel is reported as unknown. The full run takes about 10 minutes on the 2-core
+development machine (see the last line of its output); ``--quick`` about 3.
+
+Data
+- frappe-mini train split: ``../shared/data/frappe/frappe.validation.libfm`` beside the
+  repository (research data, read in place, never copied), rows whose 1-based line number
+  is not divisible by 5 (46,178 rows, 10 one-hot nonzeros, 45 pairs a row). Skipped
+  with a message when the file is absent.
+- synthetic, shaped like ml-tag: ``--rows`` rows (2,000,000 by default), 3 one-hot fields
+  (user 17,000, item 23,500, tag 49,500 ids: 90,000 features) drawn with Zipf-like
+  popularity, labels -1/1 (one third positive) from planted pairwise factors; generated
+  in memory from a fixed seed.
+
+What is measured (batch 4096; the estimators' default hyperparameters)
+- seconds per epoch of FM k=16, k=256 and AFM k=t=16, k=t=256: afmfast (each backend
+  that imports, 1 and 2 threads) and ``bench/torch_models.py`` (same threads through
+  ``torch.set_num_threads``). afmfast runs the estimator's own per-batch call
+  (``_train_batch``, the loop of ``FactorizationModel._epochs`` without its per-epoch
+  evaluation); PyTorch runs zero_grad, loss, backward and Adagrad on pre-built (N, n)
+  index tensors. At k <= 64 the figure is the median of ``--epochs`` full epochs (a
+  shuffled pass each); at k >= 128 it is the median of ``--steps`` single full batches
+  times n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2 threads alternate
+  repetition by repetition, after one warm-up batch each, so that a change of load on
+  the shared machine hits both alike.
+- the AFM attention product's achieved GFLOP/s: 6 P k t flops per batch (forward
+  2 P k t for W e_ij, backward 4 P k t for dW and de; P = the batch's pairs, counted from
+  the data), divided by the whole step time, against NumPy float32 ``(P x k) @ (k x t)``
+  of that P in a subprocess per environment: with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE
+  removed (the CPU's own OpenBLAS kernel: the ceiling) and with the environment as set;
+  threadpoolctl names the kernel that ran.
+- 2-thread speed-up t(1 thread) / t(2 threads) per configuration.
+- memory: every configuration runs in its own subprocess; after loading the data and a
+  warm-up fit on 64 rows (JIT and thread pools) the peak RSS is reset
+  (``/proc/self/clear_refs``) and read back as VmHWM after training (the figure
+  ``resource.getrusage`` gives, without the parent's peak that ru_maxrss inherits across
+  fork + exec): the peak of training itself, shown with the RSS before training, the data's bytes, the parameters plus
+  optimiser state, and the issue's work-space bound B * (P per row) * max(k, t) * 4 bytes.
+
+Same math check (printed first): the PyTorch models, built in float64 from the same
+initial parameters as afmfast, take two Adagrad steps on 256 rows with dropout off (keep
+1) and batch norm on (FM) / attention with l2_attention 100 and k != t (AFM); the loss of
+each step and every parameter table afterwards (V, w, W, w0/p/b/h, BN scale/shift and
+running statistics) must equal ``afmfast.reference.fm_step`` / ``afm_step`` (float64)
+to 1e-9 relative. A failed check is printed and marks the PyTorch columns unverified.
+Dropout draws differ (PyTorch's RNG against afmfast's counter hash); the distribution is
+the same.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe" / \
+    "frappe.validation.libfm"
+try:
+    import afmfast  # noqa: F401  (installed)
+except ImportError:  # run from a checkout: use it
+    sys.path.insert(0, str(REPO))
+    import afmfast  # noqa: F401
+
+BATCH = 4096
+WARMUP_ROWS = 1024  # one warm-up batch per thread count before the timed repetitions
+CONFIGS = [("fm", 16), ("fm", 256), ("afm", 16), ("afm", 256)]
+THREADS = [1, 2]
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
+
+
+def log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# ----- data ----------------------------------------------------------------------------
+def frappe_mini_train():
+    data = afmfast.load_libfm(FRAPPE)
+    return data[(np.arange(1, len(data) + 1) % 5) != 0]
+
+
+def synthetic_mltag(n_rows, seed=0):
+    """One-hot rows of 3 fields with Zipf-like popularity; labels -1/1 from planted
+    factors (one third positive)."""
+    rng = np.random.default_rng(seed)
+    cols, offset, factors = [], 0, []
+    for size in MLTAG_FIELDS:
+        p = 1.0 / (np.arange(size) + 10.0) ** 0.9
+        ids = rng.choice(size, size=n_rows, p=p / p.sum()).astype(np.int32)
+        cols.append(ids + offset)
+        factors.append(rng.normal(size=(size, 4)).astype(np.float32)[ids])
+        offset += size
+    score = (factors[0] * factors[1]).sum(1) + (factors[1] * factors[2]).sum(1)
+    y = np.where(score > np.quantile(score, 2 / 3), 1.0, -1.0).astype(np.float32)
+    indices = np.stack(cols, axis=1).ravel()
+    indptr = np.arange(0, 3 * n_rows + 1, 3, dtype=np.int64)
+    return afmfast.Dataset(indptr, indices, np.ones(indices.size, np.float32), y,
+                           n_features=offset)
+
+
+def save_dataset(data, path):
+    np.savez(path, indptr=data.indptr, indices=data.indices, values=data.values, y=data.y,
+             n_features=np.int64(data.n_features))
+
+
+def load_dataset(path):
+    with np.load(path, allow_pickle=False) as z:
+        return afmfast.Dataset(z["indptr"], z["indices"], z["values"], z["y"],
+                               int(z["n_features"]))
+
+
+def pairs_per_row(data):
+    n = np.diff(data.indptr)
+    return n * (n - 1) // 2
+
+
+def data_bytes(data):
+    return sum(a.nbytes for a in (data.indptr, data.indices, data.values, data.y))
+
+
+# ----- subprocess workers --------------------------------------------------------------
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes():
+    """Peak RSS since the last reset: VmHWM of this process. (``getrusage``'s ru_maxrss
+    is not usable here: across fork + exec it keeps the parent's peak as a floor.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_estimator(model, k, backend="auto", threads=1):
+    common = dict(n_factors=k, n_threads=threads, backend=backend, verbose=0)
+    return (afmfast.FM(**common) if model == "fm"
+            else afmfast.AFM(attention_size=k, **common))
+
+
+def _timing_plan(job, n_rows, rng):
+    """(list of row arrays per repetition, epoch scale): full epochs, or single batches."""
+    if job["mode"] == "epochs":
+        return [None] * job["reps"], 1.0
+    order = rng.permutation(n_rows).astype(np.int64)
+    n_full = max(1, n_rows // BATCH)
+    batches = [order[(i % n_full) * BATCH:(i % n_full + 1) * BATCH]
+               for i in range(job["reps"] + 1)]
+    return batches, n_rows / len(batches[0])
+
+
+def worker_afmfast(job):
+    from afmfast import backends
+
+    data = load_dataset(job["data"])
+    X, y, n = data.X, data.y, data.n_rows
+
+    def build(n_feat_data, threads):
+        est = make_estimator(job["model"], job["k"], job["backend"], threads)
+        est._validate()
+        est._backend = backends.get_backend(job["backend"], est._model)
+        est._threads, est._seed = threads, 2016
+        est._init_model(n_feat_data, np.random.default_rng(2016))
+        return est
+
+    # warm-up on 64 rows: JIT / thread pools, before the memory baseline
+    small = data[:64]
+    warm = build(small, 2)
+    for threads in THREADS:
+        warm._threads = threads
+        warm._train_batch(small.X, small.y, np.arange(64, dtype=np.int64), 0)
+    del warm
+    rss_before = rss_bytes()
+    reset_ok = reset_peak_rss()
+    est = build(data, THREADS[0])
+    param_bytes = sum(a.nbytes for a in est._params) + sum(a.nbytes for a in est._state)
+    rng = np.random.default_rng(1)
+    plan, scale = _timing_plan(job, n, rng)
+    times = {t: [] for t in THREADS}
+    step = 0
+    for threads in THREADS:  # one warm-up batch per thread count
+        est._threads = threads
+        est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
+        step += 1
+    for rows in plan:
+        for threads in THREADS:
+            est._threads = threads
+            t0 = time.perf_counter()
+            if rows is None:  # one epoch, as FactorizationModel._epochs runs it
+                order = rng.permutation(n).astype(np.int64)
+                for start in range(0, n, BATCH):
+                    est._train_batch(X, y, order[start:start + BATCH], step)
+                    step += 1
+            else:
+                est._train_batch(X, y, rows, step)
+                step += 1
+            times[threads].append((time.perf_counter() - t0) * scale)
+    return dict(times=times, rss_before=rss_before, peak=peak_rss_bytes(),
+                peak_reset=reset_ok, param_bytes=param_bytes)
+
+
+def worker_torch(job):
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from torch_models import TorchAFM, TorchFM, adagrad, fixed_width, train_step
+    from afmfast.kernel_api import new_afm_params, new_fm_params
+
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    data = load_dataset(job["data"])
+    idx, val = fixed_width(data.indptr, data.indices, data.values)
+    yt = torch.from_numpy(data.y)
+    n, k = data.n_rows, job["k"]
+    est = make_estimator(job["model"], k)
+
+    def build(n_features):
+        rng = np.random.default_rng(2016)
+        if job["model"] == "fm":
+            model = TorchFM(new_fm_params(n_features, k, rng), est.keep, est.batch_norm,
+                            est.l2)
+        else:
+            model = TorchAFM(new_afm_params(n_features, k, k, rng), idx.shape[1], est.keep,
+                             est.l2_attention, est.l2)
+        return model, adagrad(model, est.learning_rate)
+
+    first = torch.arange(min(WARMUP_ROWS, n))
+    warm, warm_opt = build(data.n_features)  # warm-up: thread pools, allocator
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        train_step(warm, warm_opt, idx[first[:64]], val[first[:64]], yt[first[:64]])
+    del warm, warm_opt
+    rss_before = rss_bytes()
+    reset_ok = reset_peak_rss()
+    model, opt = build(data.n_features)
+    param_bytes = sum(p.numel() * p.element_size() * 2 for p in model.parameters())
+    rng = np.random.default_rng(1)
+    plan, scale = _timing_plan(job, n, rng)
+    times = {t: [] for t in THREADS}
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        train_step(model, opt, idx[first], val[first], yt[first])
+    for rows in plan:
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            if rows is None:
+                order = torch.randperm(n)
+                for start in range(0, n, BATCH):
+                    b = order[start:start + BATCH]
+                    train_step(model, opt, idx[b], val[b], yt[b])
+            else:
+                b = torch.from_numpy(rows)
+                train_step(model, opt, idx[b], val[b], yt[b])
+            times[threads].append((time.perf_counter() - t0) * scale)
+    return dict(times=times, rss_before=rss_before, peak=peak_rss_bytes(),
+                peak_reset=reset_ok, param_bytes=param_bytes,
+                torch=torch.__version__)
+
+
+def worker_matmul(job):
+    rng = np.random.default_rng(0)
+    P, k, t = job["P"], job["k"], job["t"]
+    A = rng.standard_normal((P, k), dtype=np.float32)
+    B = rng.standard_normal((k, t), dtype=np.float32)
+    C = np.empty((P, t), np.float32)
+    info, times = {}, {}
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        threadpool_info = threadpool_limits = None
+    for threads in THREADS:
+        if threadpool_limits is not None:
+            with threadpool_limits(limits=threads, user_api="blas"):
+                np.matmul(A, B, out=C)
+                ts = []
+                for _ in range(job["reps"]):
+                    t0 = time.perf_counter()
+                    np.matmul(A, B, out=C)
+                    ts.append(time.perf_counter() - t0)
+        else:
+            ts = [float("nan")]
+        times[threads] = ts
+    if threadpool_info is not None:
+        # NumPy's own OpenBLAS (scipy, imported through scikit-learn, may bring another)
+        blas = [d for d in threadpool_info() if d.get("user_api") == "blas"]
+        blas = [d for d in blas if "numpy" in str(d.get("filepath"))] or blas
+        if blas:
+            info = {key: blas[0].get(key) for key in ("internal_api", "version",
+                                                      "architecture", "filepath")}
+    env = {v: os.environ.get(v) for v in OPENBLAS_VARS}
+    return dict(times=times, flops=2.0 * P * k * t, blas=info, env=env,
+                threadpoolctl=threadpool_info is not None)
+
+
+def worker_check(job):
+    """The same-math check (see the module docstring)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from torch_models import (TorchAFM, TorchFM, adagrad, afm_arrays, fixed_width,
+                              fm_arrays, train_step)
+    from afmfast import reference as ref
+    from afmfast.kernel_api import (ACTIVATION_CODES, ADAGRAD, AFMStepConfig, StepConfig,
+                                    new_afm_params, new_fm_params, new_opt_state)
+
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    data = load_dataset(job["data"])
+    rows = np.arange(min(256, data.n_rows), dtype=np.int64)
+    idx, val = fixed_width(data.indptr, data.indices, data.values)
+    idx, val = idx[rows], val[rows].double()
+    yt = torch.from_numpy(data.y[rows].astype(np.float64))
+    X, y, M = data.X, data.y, data.n_features
+    fm_est, afm_est = afmfast.FM(), afmfast.AFM()
+    out = []
+
+    def compare(name, step, loss_ref, loss_torch, theirs, ours):
+        worst = abs(loss_ref - loss_torch) / max(1.0, abs(loss_ref))
+        for key, value in theirs.items():
+            mine = np.asarray(getattr(ours, key), dtype=np.float64)
+            scale = max(1.0, float(np.abs(mine).max()))
+            worst = max(worst, float(np.abs(value - mine).max()) / scale)
+        out.append(dict(name=name, step=step, loss_ref=loss_ref, loss_torch=loss_torch,
+                        max_rel_diff=worst))
+
+    rng = np.random.default_rng(3)
+    k = 8
+    params = new_fm_params(M, k, rng, dtype=np.float64)
+    params.dense[1:] += rng.normal(0, 0.1, 2 * k)  # BN scale/shift away from 1/0
+    state = new_opt_state(params, ADAGRAD)
+    model = TorchFM(params, keep=1.0, batch_norm=True, l2=0.0, dtype=torch.float64)
+    opt = adagrad(model, fm_est.learning_rate)
+    for step in range(2):
+        cfg = StepConfig(lr=fm_est.learning_rate, l2=0.0, keep=1.0, optimizer=ADAGRAD,
+                         batch_norm=1, seed=2016, step=step, n_threads=1)
+        loss_ref = ref.fm_step(X, y, rows, params, state, cfg)
+        loss_torch = train_step(model, opt, idx, val, yt)
+        compare(f"FM k={k} batch norm", step, loss_ref, loss_torch, fm_arrays(model), params)
+    k, t = 8, 6
+    params = new_afm_params(M, k, t, rng, dtype=np.float64)
+    params.V[...] *= 30.0  # larger embeddings: attention weights far from uniform
+    state = new_opt_state(params, ADAGRAD)
+    model = TorchAFM(params, idx.shape[1], keep=(1.0, 1.0),
+                     l2_attention=afm_est.l2_attention, dtype=torch.float64)
+    opt = adagrad(model, afm_est.learning_rate)
+    for step in range(2):
+        cfg = AFMStepConfig(lr=afm_est.learning_rate, l2=0.0,
+                            l2_attention=afm_est.l2_attention, keep_attention=1.0,
+                            keep_pooled=1.0, optimizer=ADAGRAD, attention=1,
+                            activation=ACTIVATION_CODES["relu"], freeze_fm=0, seed=2016,
+                            step=step, n_threads=1)
+        loss_ref = ref.afm_step(X, y, rows, params, state, cfg)
+        loss_torch = train_step(model, opt, idx, val, yt)
+        compare(f"AFM k={k} t={t} attention", step, loss_ref, loss_torch, afm_arrays(model),
+                params)
+    return dict(results=out, rows=len(rows))
+
+
+WORKERS = {"afmfast": worker_afmfast, "torch": worker_torch, "matmul": worker_matmul,
+           "check": worker_check}
+
+
+def run_worker(job, env=None, timeout=3600):
+    """Run ``job`` in a fresh interpreter; returns its result dict or {"error": text}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    full_env = dict(os.environ if env is None else env)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(afmfast.__file__).resolve().parents[1])]
+        + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "times" in result:
+        result["times"] = {int(t): v for t, v in result["times"].items()}
+    return result
+
+
+# ----- formatting ----------------------------------------------------------------------
+def med(values):
+    return float(np.median(values)) if values else float("nan")
+
+
+def fmt_s(x):
+    if not np.isfinite(x):
+        return "-"
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def fmt_x(x):
+    return f"{x:.2f}x" if np.isfinite(x) else "-"
+
+
+def mb(x):
+    return f"{x / 2**20:.1f}"
+
+
+def table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 or i == 1 else str(c).rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))) for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+        return True, torch.__version__
+    except ImportError as exc:
+        return False, str(exc)
+
+
+def cpu_description():
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {simd}{' + FMA' if 'fma' in flags else ''}, {os.cpu_count()} CPUs"
+
+
+# ----- main ----------------------------------------------------------------------------
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rows, epochs and steps (about 3 minutes)")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="synthetic ml-tag rows (default 2,000,000; --quick 200,000)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="timed epochs at k <= 64 (default 5; --quick 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed batches at k >= 128 (default 8; --quick 3)")
+    parser.add_argument("--no-frappe", action="store_true", help="skip frappe-mini")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(WORKERS[job["kind"]](job)))
+        return
+    rows = args.rows or (200_000 if args.quick else 2_000_000)
+    epochs = args.epochs or (2 if args.quick else 5)
+    steps = args.steps or (3 if args.quick else 8)
+    started = time.perf_counter()
+    from afmfast.backends import available_backends
+
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    has_torch, torch_info = torch_available()
+    print(f"afmfast bench/compare.py{' --quick' if args.quick else ''}: "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"machine: {cpu_description()}; load at start: {uptime}")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, afmfast "
+          f"{afmfast.__version__} from {Path(afmfast.__file__).parent}")
+    backends = {m: available_backends(m) for m in ("fm", "afm")}
+    print(f"afmfast backends: FM {backends['fm']}, AFM {backends['afm']}")
+    if has_torch:
+        print(f"PyTorch {torch_info} (bench/torch_models.py, same math; see the check below)")
+    else:
+        print(f"PyTorch not importable ({torch_info}): PyTorch columns skipped. "
+              "Install the bench extra: pip install \".[bench]\"")
+    print(f"batch {BATCH}; epochs timed at k <= 64: {epochs}; single batches timed at "
+          f"k >= 128: {steps} (epoch time = median batch time x n_rows / {BATCH})")
+
+    tmp = tempfile.TemporaryDirectory(prefix="afmfast-compare-")
+    sets = []
+    if args.no_frappe:
+        print("frappe-mini: skipped (--no-frappe)")
+    elif FRAPPE.exists():
+        sets.append(("frappe-mini train", frappe_mini_train()))
+    else:
+        print(f"frappe-mini: skipped, {FRAPPE} is absent (research data kept beside the "
+              "repository in ../shared/data, never copied into it)")
+    t0 = time.perf_counter()
+    sets.append(("synthetic ml-tag", synthetic_mltag(rows)))
+    log(f"synthetic data: {rows} rows in {time.perf_counter() - t0:.1f} s")
+    paths = []
+    for i, (_, data) in enumerate(sets):
+        paths.append(os.path.join(tmp.name, f"data{i}.npz"))
+        save_dataset(data, paths[-1])
+
+    verified = None
+    if has_torch:
+        check = run_worker({"kind": "check", "data": paths[0]})
+        print(f"\nSame-math check, PyTorch (float64) vs afmfast.reference (float64), "
+              f"{sets[0][0]}, first {check.get('rows', '?')} rows, dropout off, 2 Adagrad "
+              "steps:")
+        if "error" in check:
+            verified = False
+            print(f"  check failed to run: {check['error']}")
+        else:
+            verified = all(r["max_rel_diff"] < 1e-9 for r in check["results"])
+            for r in check["results"]:
+                print(f"  {r['name']:<22} step {r['step']}: loss ref {r['loss_ref']:.10g} "
+                      f"torch {r['loss_torch']:.10g}; max relative difference of loss "
+                      f"and parameters after the step {r['max_rel_diff']:.1e}")
+            print("  -> same math" if verified else
+                  "  -> MISMATCH: the PyTorch figures below are unverified")
+
+    results, matmul, loads = {}, {}, {}
+    env_best = {key: v for key, v in os.environ.items() if key not in OPENBLAS_VARS}
+    env_set = any(os.environ.get(v) is not None for v in OPENBLAS_VARS)
+    for si, (set_name, data) in enumerate(sets):
+        loads[si] = [os.getloadavg()[0]]
+        for model, k in CONFIGS:
+            mode = "epochs" if k <= 64 else "steps"
+            reps = epochs if mode == "epochs" else steps
+            impls = [("afmfast", b) for b in backends[model]]
+            if has_torch:
+                impls.append(("torch", "pytorch"))
+            for kind, name in impls:
+                log(f"[{time.perf_counter() - started:6.0f} s] {set_name}: {model.upper()} "
+                    f"k={k} {name} ...")
+                job = dict(kind=kind, data=paths[si], model=model, k=k, backend=name,
+                           mode=mode, reps=reps)
+                results[(si, model, k, name)] = run_worker(job)
+                loads[si].append(os.getloadavg()[0])
+        # the NumPy float32 matmul ceiling right after the AFM k=256 runs (P = one
+        # batch's pairs): the CPU's own kernel, then the environment as set if it differs
+        P = int(pairs_per_row(data)[:BATCH].sum())
+        for label, env in (("best", env_best), ("as set", None)):
+            if label == "as set" and not env_set:
+                continue
+            log(f"[{time.perf_counter() - started:6.0f} s] NumPy matmul P={P} ({label})")
+            matmul[(si, label)] = run_worker(
+                dict(kind="matmul", P=P, k=256, t=256, reps=max(5, steps)), env=env)
+
+    # ----- tables ------------------------------------------------------------------------
+    notes = []
+    for si, (set_name, data) in enumerate(sets):
+        pairs = pairs_per_row(data)
+        nnz = np.diff(data.indptr)
+        print(f"\n=== {set_name}: {data.n_rows:,} rows, {data.n_features:,} features, "
+              f"{nnz.min()}-{nnz.max()} nonzeros a row ({int(pairs.max())} pairs), batch "
+              f"{BATCH} ===")
+        print(f"load average (1 min) while measured: {min(loads[si]):.1f}-{max(loads[si]):.1f} "
+              f"on {os.cpu_count()} CPUs")
+        print("Seconds per epoch (median); ratio = PyTorch / afmfast at the same thread "
+              "count; speed-up = 1 thread / 2 threads")
+        rows_out = []
+        for model, k in CONFIGS:
+            cfg = f"{model.upper()} k={k}" + (f" t={k}" if model == "afm" else "")
+            mode = ("epochs" if k <= 64 else "steps x N/B")
+            ref = results.get((si, model, k, "pytorch"))
+            ref_med = ({t: med(ref["times"][t]) for t in THREADS}
+                       if ref and "error" not in ref else None)
+            for name in backends[model] + (["pytorch"] if has_torch else []):
+                res = results[(si, model, k, name)]
+                if "error" in res:
+                    rows_out.append([cfg, name, "failed: " + res["error"][:60]] + [""] * 6)
+                    notes.append(f"{set_name} {cfg} {name}: {res['error']}")
+                    continue
+                m = {t: med(res["times"][t]) for t in THREADS}
+                ratio = ["" if name == "pytorch" or ref_med is None
+                         else fmt_x(ref_med[t] / m[t]) for t in THREADS]
+                rows_out.append([cfg, name, fmt_s(m[1]), fmt_s(m[2]),
+                                 fmt_x(m[1] / m[2]), *ratio, mode])
+        print(table(["config", "impl", "1 thread s", "2 threads s", "speed-up",
+                     "PyTorch/this 1T", "PyTorch/this 2T", "timed as"], rows_out))
+
+        # attention product
+        k = t = 256
+        flops_epoch = 6.0 * float(pairs.sum()) * k * t
+        P = int(pairs[:BATCH].sum())
+        print(f"\nAFM k=t=256 attention product: 6*P*k*t = {flops_epoch / 1e9:,.1f} GFLOP "
+              f"an epoch (P = {int(pairs.sum()):,} pairs; {6.0 * P * k * t / 1e9:.2f} GFLOP "
+              f"a full batch of {P:,} pairs), divided by the whole step time")
+        labels = [lb for lb in ("best", "as set") if (si, lb) in matmul]
+        mm = {label: matmul[(si, label)] for label in labels}
+        for label, res in mm.items():
+            if "error" in res:
+                print(f"  NumPy matmul ({label}): failed: {res['error']}")
+                continue
+            env = ", ".join(f"{v}={res['env'][v]}" if res["env"][v] is not None
+                            else f"{v} unset" for v in OPENBLAS_VARS)
+            kern = (f"{res['blas'].get('internal_api')} {res['blas'].get('version')}, "
+                    f"kernel {res['blas'].get('architecture')}" if res["blas"]
+                    else "kernel unknown (threadpoolctl missing)")
+            gf = {tt: res["flops"] / med(res["times"][tt]) / 1e9 for tt in THREADS}
+            print(f"  NumPy float32 ({P:,} x 256) @ (256 x 256), {label} ({env}): {kern}: "
+                  f"{gf[1]:.0f} GFLOP/s 1 thread, {gf[2]:.0f} GFLOP/s 2 threads")
+            res["gflops"] = gf
+        if not env_set:
+            print("  (neither OpenBLAS variable is set in this environment: the environment "
+                  "as set is the best kernel's, measured once)")
+        rows_out = []
+        for name in backends["afm"] + (["pytorch"] if has_torch else []):
+            res = results[(si, "afm", 256, name)]
+            if "error" in res:
+                continue
+            for tt in THREADS:
+                g = flops_epoch / med(res["times"][tt]) / 1e9
+                pct = [f"{100 * g / mm[label]['gflops'][tt]:.0f}%"
+                       if "gflops" in mm[label] else "-" for label in labels]
+                rows_out.append(["AFM k=t=256", name, tt, f"{g:.1f}", *pct])
+        print(table(["config", "impl", "threads", "GFLOP/s"]
+                    + [f"of NumPy {label}" for label in labels], rows_out))
+
+        # memory
+        print(f"\nPeak RSS of training (own subprocess; peak reset after data load and "
+              f"warm-up) vs data ({mb(data_bytes(data))} MB: CSR + labels) plus parameters "
+              "and optimiser state; work-space bound = B * P_row * max(k,t) * 4 bytes")
+        rows_out = []
+        for model, k in CONFIGS:
+            cfg = f"{model.upper()} k={k}" + (f" t={k}" if model == "afm" else "")
+            bound = BATCH * int(max(1, pairs.max())) * k * 4
+            for name in backends[model] + (["pytorch"] if has_torch else []):
+                res = results[(si, model, k, name)]
+                if "error" in res:
+                    continue
+                base = data_bytes(data) + res["param_bytes"]
+                rows_out.append([
+                    cfg, name, mb(res["param_bytes"]), mb(base), mb(res["rss_before"]),
+                    mb(res["peak"]), mb(res["peak"] - res["rss_before"]),
+                    mb(bound) if model == "afm" else "-",
+                    "" if res["peak_reset"] else "peak not reset"])
+        print(table(["config", "impl", "params+state MB", "data+params+state MB",
+                     "RSS before MB", "peak RSS MB", "peak - before MB", "work bound MB",
+                     ""], rows_out))
+
+    # ----- the issue's targets, from the figures above --------------------------------
+    print("\nTargets of issue 5 (2 threads; the best afmfast backend):")
+    for si, (set_name, data) in enumerate(sets):
+        def best(model, k, threads=2):
+            vals = [med(results[(si, model, k, b)]["times"][threads])
+                    for b in backends[model] if "error" not in results[(si, model, k, b)]]
+            return min(vals) if vals else float("nan")
+
+        def torch_t(model, k):
+            res = results.get((si, model, k, "pytorch"))
+            return med(res["times"][2]) if res and "error" not in res else float("nan")
+
+        lines = []
+        for model, k, goal in (("afm", 16, 10), ("afm", 256, 3), ("fm", 16, 10),
+                               ("fm", 256, 10)):
+            r = torch_t(model, k) / best(model, k)
+            label = f"{model.upper()} k={k}{' t=' + str(k) if model == 'afm' else ''}"
+            lines.append(f"{label} >= {goal}x PyTorch: {fmt_x(r)} "
+                         f"{'met' if r >= goal else 'NOT met' if np.isfinite(r) else 'n/a'}")
+        mmb = matmul[(si, "best")]
+        if "gflops" in mmb:
+            pairs = pairs_per_row(data)
+            g = 6.0 * float(pairs.sum()) * 256 * 256 / best("afm", 256) / 1e9
+            pct = 100 * g / mmb["gflops"][2]
+            lines.append(f"attention product >= 50% of NumPy: {pct:.0f}% "
+                         f"{'met' if pct >= 50 else 'NOT met'}")
+        sp = [best("afm", 256, 1) / best("afm", 256, 2)]
+        lines.append(f"AFM k=t=256 2 threads >= 1.8x 1 thread: {fmt_x(sp[0])} "
+                     f"{'met' if sp[0] >= 1.8 else 'NOT met'} (k=64 is not in this table)")
+        print(f"  {set_name}: " + "; ".join(lines))
+    if verified is False:
+        print("  (PyTorch ratios unverified: the same-math check failed)")
+
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"\nload at end: {uptime}")
+    busiest = max(max(v) for v in loads.values()) if loads else 0.0
+    if busiest > (os.cpu_count() or 1) + 0.5:  # this run's own worker accounts for <= 2
+        print(f"WARNING: other processes were using the CPUs (1-minute load average up to "
+              f"{busiest:.1f} on {os.cpu_count()} CPUs, of which this run's worker accounts "
+              "for at most 2): absolute times are inflated and 2-thread figures suffer "
+              "most; repeat on an idle machine before quoting them.")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"total run time: {time.perf_counter() - started:.0f} s")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
