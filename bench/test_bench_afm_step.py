@@ -8,8 +8,8 @@ Groups
                  batch), the yardstick for the attention products (DESIGN section 3).
 Each afm_step case records ``attention_gflop`` (6 P k t / 1e9: forward W e, backward dW
 and W^T du) in extra_info: attention_gflop / median is the rate of the attention product
-if it were all the step did (a lower bound on the GEMM's own rate). Data: synthetic
-one-hot rows shaped like Frappe (10 fields, 5,382 features), as bench/test_bench_fm_step.
+if it were all the step did (a lower bound on the GEMM's own rate). Data:
+``bench/synthetic.py`` (one-hot rows shaped like Frappe: 10 fields, 5,382 features).
 
 Run: pytest bench/test_bench_afm_step.py --benchmark-only --benchmark-group-by=group
 """
@@ -19,31 +19,11 @@ import pytest
 from afmfast import kernel_api as api
 from afmfast.backends import available_backends, get_backend
 
-FIELD_SIZES = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]  # Frappe's fields: 5,382 features
-N_FEATURES = sum(FIELD_SIZES)
-NNZ = len(FIELD_SIZES)
-PAIRS = NNZ * (NNZ - 1) // 2
-BATCH = 4096
-N_ROWS = 8 * BATCH
+from synthetic import BATCH, N_FEATURES, N_ROWS, NNZ, PAIRS, batch_rows, frappe_like
+
 N_PREDICT = 8192
 BACKENDS = available_backends("afm")
 SIZES = [16, 64, 256]
-
-
-def frappe_like(n_rows, seed=0):
-    """CSR float32 one-hot rows, one nonzero per field, Zipf-like ids within a field."""
-    rng = np.random.default_rng(seed)
-    cols = []
-    offset = 0
-    for size in FIELD_SIZES:
-        p = 1.0 / np.arange(1, size + 1) ** 0.8
-        cols.append(offset + rng.choice(size, size=n_rows, p=p / p.sum()))
-        offset += size
-    indices = np.stack(cols, axis=1).reshape(-1).astype(np.int32)
-    indptr = np.arange(0, indices.size + 1, NNZ, dtype=np.int64)
-    values = np.ones(indices.size, dtype=np.float32)
-    y = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=n_rows)
-    return (indptr, indices, values), y
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +42,12 @@ def test_afm_step(benchmark, data, backend, n_threads, k):
     state = api.new_opt_state(params, api.ADAGRAD)
     ws = mod.afm_workspace(BATCH, BATCH * NNZ, BATCH * PAIRS, N_FEATURES, k, t, np.float32)
     perm = np.random.default_rng(2).permutation(N_ROWS).astype(np.int64)
-    n_batches = N_ROWS // BATCH
     counter = [0]
 
     def step():
         s = counter[0]
         counter[0] += 1
-        rows = perm[(s % n_batches) * BATCH:][:BATCH]
+        rows = batch_rows(perm, s)
         cfg = api.AFMStepConfig(lr=0.1, l2=0.0, l2_attention=100.0, keep_attention=1.0,
                                 keep_pooled=0.5, optimizer=api.ADAGRAD, attention=1,
                                 activation=api.RELU, freeze_fm=0, seed=0, step=s,

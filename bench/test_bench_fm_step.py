@@ -4,9 +4,9 @@ Groups
     fm_step:    one training step (Adagrad, batch norm on, keep 0.7: the production
                 configuration), batch 4096, k 16 and 64, n_threads 1 and 2.
     fm_predict: scores of 32,768 rows, same grid.
-Data: synthetic one-hot rows shaped like Frappe (10 fields, one nonzero each, 5,382
-features with Frappe's field sizes, skewed popularity inside a field), so the benchmark
-runs without the licensed data set.
+Data: ``bench/synthetic.py`` (one-hot rows shaped like Frappe: 10 fields, one nonzero
+each, 5,382 features, skewed popularity inside a field), so the benchmark runs without
+the licensed data set.
 
 Run: pytest bench/test_bench_fm_step.py --benchmark-only --benchmark-group-by=group
 """
@@ -16,27 +16,9 @@ import pytest
 from afmfast import kernel_api as api
 from afmfast.backends import available_backends, get_backend
 
-FIELD_SIZES = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]  # Frappe's fields: 5,382 features
-N_FEATURES = sum(FIELD_SIZES)
-BATCH = 4096
-N_ROWS = 8 * BATCH
+from synthetic import BATCH, N_FEATURES, N_ROWS, NNZ, batch_rows, frappe_like
+
 BACKENDS = available_backends()
-
-
-def frappe_like(n_rows, seed=0):
-    """CSR float32 one-hot rows, one nonzero per field, Zipf-like ids within a field."""
-    rng = np.random.default_rng(seed)
-    cols = []
-    offset = 0
-    for size in FIELD_SIZES:
-        p = 1.0 / np.arange(1, size + 1) ** 0.8
-        cols.append(offset + rng.choice(size, size=n_rows, p=p / p.sum()))
-        offset += size
-    indices = np.stack(cols, axis=1).reshape(-1).astype(np.int32)
-    indptr = np.arange(0, indices.size + 1, len(FIELD_SIZES), dtype=np.int64)
-    values = np.ones(indices.size, dtype=np.float32)
-    y = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=n_rows)
-    return (indptr, indices, values), y
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +34,14 @@ def test_fm_step(benchmark, data, backend, k, n_threads):
     X, y = data
     params = api.new_fm_params(N_FEATURES, k, np.random.default_rng(1), np.float32)
     state = api.new_opt_state(params, api.ADAGRAD)
-    ws = mod.fm_workspace(BATCH, BATCH * len(FIELD_SIZES), N_FEATURES, k, np.float32)
+    ws = mod.fm_workspace(BATCH, BATCH * NNZ, N_FEATURES, k, np.float32)
     perm = np.random.default_rng(2).permutation(N_ROWS).astype(np.int64)
-    n_batches = N_ROWS // BATCH
     counter = [0]
 
     def step():
         t = counter[0]
         counter[0] += 1
-        rows = perm[(t % n_batches) * BATCH:][:BATCH]
+        rows = batch_rows(perm, t)
         cfg = api.StepConfig(lr=0.05, l2=1e-4, keep=0.7, optimizer=api.ADAGRAD,
                              batch_norm=1, seed=0, step=t, n_threads=n_threads)
         return mod.fm_step(X, y, rows, params, state, cfg, ws)

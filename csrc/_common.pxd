@@ -1,8 +1,9 @@
 # cython: language_level=3
-"""Inline ``nogil`` helpers shared by afmfast's Cython kernels (FM now, AFM later).
+"""Inline helpers shared by afmfast's Cython kernels (``_fm_cython``, ``_afm_cython``).
 
-Nothing here allocates, touches Python objects or holds state, so every helper may be
-called from inside ``prange`` bodies.
+Apart from ``opt_cfg_from`` and ``fill_dropout_mask`` (called with the GIL, before a step
+or from a test hook), nothing here allocates, touches Python objects or holds state, so
+every helper may be called from inside ``prange`` bodies.
 
 - Dropout RNG: ``mix64`` (splitmix64 finaliser), ``dropout_row_key`` and ``dropout_kept``
   reproduce ``afmfast.kernel_api.dropout_mask`` bit for bit (all arithmetic is uint64, so
@@ -11,10 +12,10 @@ called from inside ``prange`` bodies.
   for the codes OPT_ADAGRAD/OPT_SGD/OPT_MOMENTUM/OPT_ADAM (mirrors of kernel_api's
   ADAGRAD/SGD/MOMENTUM/ADAM; ``afmfast._fm_cython._constants()`` exposes them so a test
   can check they still match). The float constants travel in an ``OptCfg`` filled from
-  kernel_api at call time, so there is nothing else to keep in sync.
+  kernel_api at call time by ``opt_cfg_from``, so there is nothing else to keep in sync.
 """
-from libc.math cimport sqrt, sqrtf
-from libc.stdint cimport uint64_t
+from libc.math cimport floor, sqrt, sqrtf
+from libc.stdint cimport int64_t, uint64_t
 from cython cimport floating
 
 cdef enum:
@@ -54,6 +55,52 @@ cdef inline uint64_t dropout_row_key(uint64_t seed, uint64_t stream, uint64_t st
 cdef inline bint dropout_kept(uint64_t key, uint64_t unit, uint64_t threshold) noexcept nogil:
     """True when ``unit`` survives; ``threshold`` is kernel_api.dropout_threshold(keep)."""
     return (mix64(key + (unit + 1) * golden64()) >> 11) < threshold
+
+
+cdef inline uint64_t dropout_threshold(double keep) noexcept nogil:
+    """kernel_api.dropout_threshold: floor(keep 2^53), exact (2^53 is a power of two)."""
+    return <uint64_t>floor(keep * 9007199254740992.0)
+
+
+cdef inline uint64_t as_u64(value) except? 0:
+    """A Python int taken mod 2^64 (seeds and step counters)."""
+    return <uint64_t>(int(value) & 0xFFFFFFFFFFFFFFFF)
+
+
+cdef inline int fill_dropout_mask(const int64_t[::1] rows, unsigned char[:, ::1] out,
+                                  seed, stream, step, double keep) except -1:
+    """out[i, u] = 1 where unit u of row rows[i] is kept (out starts as all ones); the
+    body of the modules' ``_dropout_mask_for_test``."""
+    cdef Py_ssize_t i, u
+    cdef uint64_t thr = dropout_threshold(keep)
+    cdef uint64_t sd = as_u64(seed), st = as_u64(stream), sp = as_u64(step), key
+    if keep >= 1.0:
+        return 0
+    for i in range(rows.shape[0]):
+        key = dropout_row_key(sd, st, sp, <uint64_t>rows[i])
+        for u in range(out.shape[1]):
+            out[i, u] = dropout_kept(key, <uint64_t>u, thr)
+    return 0
+
+
+cdef inline OptCfg opt_cfg_from(cfg, api) except *:
+    """The OptCfg of a step config (cfg.optimizer, cfg.lr, cfg.step), constants read from
+    the module ``api`` (afmfast.kernel_api); ValueError for an unknown optimiser code."""
+    cdef OptCfg o
+    o.code = cfg.optimizer
+    o.lr = cfg.lr
+    if o.code == OPT_ADAM:
+        s = cfg.step + 1
+        o.lr = cfg.lr * sqrt(1.0 - api.ADAM_BETA2**s) / (1.0 - api.ADAM_BETA1**s)
+    elif o.code not in (OPT_ADAGRAD, OPT_SGD, OPT_MOMENTUM):
+        raise ValueError(f"cfg.optimizer must be one of "
+                         f"{sorted(api.OPTIMIZER_CODES.values())} (kernel_api codes), "
+                         f"got {cfg.optimizer}")
+    o.momentum = api.MOMENTUM_COEF
+    o.beta1 = api.ADAM_BETA1
+    o.beta2 = api.ADAM_BETA2
+    o.eps = api.ADAM_EPS
+    return o
 
 
 cdef inline floating fsqrt(floating x) noexcept nogil:

@@ -37,21 +37,22 @@ is bit-identical for any n_threads):
 Built with -fno-math-errno (the ``distutils`` line above): sqrt then never sets errno,
 which is what lets the Adagrad/Adam loops vectorise; IEEE results are unchanged.
 """
-import math
-
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
 from openmp cimport omp_get_thread_num
-from libc.math cimport floor, sqrt
+from libc.math cimport sqrt
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
-from libc.string cimport memset
 
+from _batch cimport (
+    ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
+    check_workspace_sizes, copy_row, group_by_feature, raise_batch_error, scatter_groups,
+)
 from _common cimport (
-    OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, dropout_kept, dropout_row_key,
-    opt_elem, opt_vec,
+    OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
+    dropout_row_key, dropout_threshold, fill_dropout_mask, opt_cfg_from, opt_elem, opt_vec,
 )
 
 from afmfast import kernel_api as _api
@@ -71,27 +72,6 @@ cdef enum:
     # rows ahead whose nonzeros the forward pass prefetches
     PREFETCH_ROWS = 4
 
-# Error codes of the nogil step, turned into ValueError by the Python layer.
-cdef enum:
-    ERR_ROW = 1
-    ERR_FEATURE = 2
-    ERR_NNZ = 3
-
-
-cdef extern from "stdlib.h" nogil:
-    int posix_memalign(void** memptr, size_t alignment, size_t size)
-
-
-cdef void* _alloc(size_t nbytes) except NULL:
-    """64-byte aligned (one AVX-512 vector / cache line), zeroed."""
-    cdef void* p = NULL
-    if nbytes == 0:
-        nbytes = 64
-    if posix_memalign(&p, 64, nbytes) != 0:
-        raise MemoryError(f"afmfast: could not allocate {nbytes} bytes of FM workspace")
-    memset(p, 0, nbytes)
-    return p
-
 
 cdef class FMWorkspace:
     """Scratch of fm_step for one fit (see the module docstring); opaque to callers."""
@@ -102,7 +82,8 @@ cdef class FMWorkspace:
     cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (kept so between steps)
     cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order, then
                              # (in place) its group
-    cdef int32_t* row_bad    # (B,) 1 when the row holds a feature id outside [0, M)
+    cdef int32_t* row_bad    # (B,) position in the row of its first feature id outside
+                             # [0, M), -1 when there is none
     cdef int32_t* uniq       # (u_cap,) feature id of each group
     cdef int64_t* ustart     # (u_cap + 1,) group g's occurrences are ustart[g]:ustart[g+1]
     cdef int64_t* cursor     # (u_cap,) counting-sort counters
@@ -133,14 +114,10 @@ cdef class FMWorkspace:
                   Py_ssize_t n_features, Py_ssize_t n_factors, dtype):
         cdef Py_ssize_t i, B, N, M, k, U, isz
         dt = np.dtype(dtype)
-        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise ValueError(f"dtype must be float32 or float64, got {dt}")
-        for name, v in (("batch_size", batch_size), ("max_batch_nnz", max_batch_nnz),
-                        ("n_features", n_features), ("n_factors", n_factors)):
-            if v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v}")
-        if n_features > 2147483647 or max_batch_nnz > 2147483647:
-            raise ValueError("n_features and max_batch_nnz must fit in int32")
+        check_workspace_sizes(dt, (("batch_size", batch_size),
+                                   ("max_batch_nnz", max_batch_nnz),
+                                   ("n_features", n_features), ("n_factors", n_factors)),
+                              n_features, max_batch_nnz)
         B, N, M, k = batch_size, max_batch_nnz, n_features, n_factors
         U = min(M, N)
         self.batch_size, self.max_batch_nnz, self.n_features, self.n_factors = B, N, M, k
@@ -202,11 +179,6 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
     return FMWorkspace(batch_size, max_batch_nnz, n_features, n_factors, dtype)
 
 
-cdef inline uint64_t _threshold(double keep) noexcept:
-    """kernel_api.dropout_threshold: floor(keep 2^53), exact (2^53 is a power of two)."""
-    return <uint64_t>floor(keep * 9007199254740992.0)
-
-
 # Scalars and raw pointers of one step; the DTYPE arrays travel as memoryviews.
 ctypedef struct StepArgs:
     Py_ssize_t B, k, M, n_rows, nnz_cap
@@ -217,9 +189,35 @@ ctypedef struct StepArgs:
     const int32_t* indices
     const int64_t* rows
     OptCfg opt
-    # error details
-    Py_ssize_t err_pos
-    int64_t err_value
+    BatchErr err
+
+
+cdef inline floating _pairwise(Py_ssize_t k, Py_ssize_t M, const int32_t* ids,
+                               const floating* xs, Py_ssize_t n, const floating* V,
+                               const floating* w, floating* s, floating* sq) noexcept nogil:
+    """s = sum v x and sq <- f = 1/2 (s^2 - sum (v x)^2) over the n nonzeros (ids, xs),
+    ids outside [0, M) skipped; returns the linear term sum w x."""
+    cdef Py_ssize_t f, t
+    cdef const floating* v
+    cdef floating x, tv, acc = 0
+    cdef int32_t j
+    for f in range(k):
+        s[f] = 0
+        sq[f] = 0
+    for t in range(n):
+        j = ids[t]
+        if j < 0 or j >= M:
+            continue
+        x = xs[t]
+        v = V + <Py_ssize_t>j * k
+        acc = acc + w[j] * x
+        for f in range(k):
+            tv = v[f] * x
+            s[f] = s[f] + tv
+            sq[f] = sq[f] + tv * tv
+    for f in range(k):
+        sq[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
+    return acc
 
 
 cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
@@ -230,15 +228,8 @@ cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* of
     """s, f and the linear term of row b. The row's nonzeros are first copied to the
     batch-order buffers occ/occ_x: the serial grouping then reads contiguous memory
     instead of paying the shuffled rows' cache misses a second time."""
-    cdef Py_ssize_t k = a.k, f, t, n
     cdef int64_t q = off[b], start
-    cdef floating* s = S + b * k
-    cdef floating* sq = F + b * k  # holds sum (v x)^2 until f replaces it
-    cdef const floating* v
-    cdef floating x, tv, acc = 0
-    cdef int32_t j
-    cdef int bad = 0
-    n = off[b + 1] - q
+    cdef Py_ssize_t n = off[b + 1] - q, bad
     if b + PREFETCH_ROWS < a.B:
         # the rows of a shuffled batch are scattered over X: start the next misses early
         start = a.indptr[a.rows[b + PREFETCH_ROWS]]
@@ -247,30 +238,12 @@ cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* of
         __builtin_prefetch(y + a.rows[b + PREFETCH_ROWS])
     start = a.indptr[a.rows[b]]
     r[b] = <double>y[a.rows[b]]  # the label, until _output_row turns it into the residual
-    for t in range(n):
-        j = a.indices[start + t]
-        occ[q + t] = j
-        occ_x[q + t] = values[start + t]
-        if j < 0 or j >= a.M:
-            bad = 1
-        else:
-            acc = acc + w[j] * values[start + t]
-    row_bad[b] = bad
-    lin[b] = acc
-    if bad:
-        return  # the step fails anyway; never read V out of bounds
-    for f in range(k):
-        s[f] = 0
-        sq[f] = 0
-    for t in range(n):
-        x = occ_x[q + t]
-        v = V + <Py_ssize_t>occ[q + t] * k
-        for f in range(k):
-            tv = v[f] * x
-            s[f] = s[f] + tv
-            sq[f] = sq[f] + tv * tv
-    for f in range(k):
-        sq[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
+    bad = copy_row(a.indices, values, start, n, a.M, occ + q, occ_x + q)
+    row_bad[b] = <int32_t>bad
+    if bad >= 0:
+        return  # the step fails anyway
+    # F[b] holds sum (v x)^2 until f replaces it
+    lin[b] = _pairwise(a.k, a.M, occ + q, occ_x + q, n, V, w, S + b * a.k, F + b * a.k)
 
 
 cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
@@ -390,65 +363,6 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
 
 
-cdef int _offsets(StepArgs* a, int64_t* off) noexcept nogil:
-    """Batch-local nonzero offsets; validates rows and the workspace's nnz bound."""
-    cdef Py_ssize_t b
-    cdef int64_t row
-    off[0] = 0
-    for b in range(a.B):
-        row = a.rows[b]
-        if row < 0 or row >= a.n_rows:
-            a.err_pos = b
-            a.err_value = row
-            return ERR_ROW
-        off[b + 1] = off[b] + (a.indptr[row + 1] - a.indptr[row])
-    if off[a.B] > a.nnz_cap:
-        a.err_value = off[a.B]
-        return ERR_NNZ
-    return 0
-
-
-cdef Py_ssize_t _group(StepArgs* a, FMWorkspace ws, floating* grp_x) noexcept nogil:
-    """Stable counting sort of the batch's nonzeros (occ, occ_x, batch order) by feature;
-    returns the number of touched features. slot is back to all -1 on return."""
-    cdef Py_ssize_t B = a.B, b, q, U = 0, u
-    cdef int64_t pos
-    cdef int64_t* off = ws.off
-    cdef int32_t* slot = ws.slot
-    cdef int32_t* occ = ws.occ
-    cdef int32_t* uniq = ws.uniq
-    cdef int64_t* cursor = ws.cursor
-    cdef int64_t* ustart = ws.ustart
-    cdef int32_t* grp_row = ws.grp_row
-    cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef int32_t j
-    cdef Py_ssize_t nnz = off[B]
-    for q in range(nnz):
-        j = occ[q]
-        u = slot[j]
-        if u < 0:
-            u = U
-            slot[j] = <int32_t>U
-            uniq[U] = j
-            cursor[U] = 0
-            U += 1
-        cursor[u] += 1
-        occ[q] = <int32_t>u  # in place: the feature id is in uniq[u] from now on
-    ustart[0] = 0
-    for u in range(U):
-        ustart[u + 1] = ustart[u] + cursor[u]
-        cursor[u] = ustart[u]
-        slot[uniq[u]] = -1
-    for b in range(B):
-        for q in range(off[b], off[b + 1]):
-            u = occ[q]
-            pos = cursor[u]
-            cursor[u] = pos + 1
-            grp_row[pos] = <int32_t>b
-            grp_x[pos] = occ_x[q]
-    return U
-
-
 cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* dense,
                      floating* bn, floating* sV, floating* sw, floating* sd,
@@ -472,7 +386,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef double loss = 0, gw0 = 0, d, rb
     cdef floating* fr
 
-    err = _offsets(a, ws.off)
+    err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.off, a.nnz_cap, &a.err)
     if err:
         return err
 
@@ -480,14 +394,15 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         _forward_row(a, b, ws.off, values, V, w, y, S, F, lin, r, ws.occ,
                      <floating*>ws.occ_x, ws.row_bad)
     for b in range(B):
-        if ws.row_bad[b]:
-            for q in range(ws.off[b], ws.off[b + 1]):
-                if ws.occ[q] < 0 or ws.occ[q] >= M:
-                    a.err_pos = a.indptr[a.rows[b]] + q - ws.off[b]
-                    a.err_value = ws.occ[q]
-                    return ERR_FEATURE
+        if ws.row_bad[b] >= 0:
+            a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
+            a.err.value = ws.occ[ws.off[b] + ws.row_bad[b]]
+            return ERR_FEATURE
 
-    U = _group(a, ws, grp_x)
+    # group the nonzeros by feature (occ becomes each nonzero's group, in place)
+    U = group_by_feature(ws.off[B], ws.occ, ws.occ, ws.slot, ws.uniq, ws.cursor, ws.ustart)
+    scatter_groups(B, ws.off, ws.occ, ws.cursor, ws.grp_row, NULL,
+                   <floating*>ws.occ_x, grp_x)
 
     if a.batch_norm:
         for f in range(k):
@@ -597,21 +512,15 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
             f"workspace {ws!r} does not fit parameters V {V.shape[0], V.shape[1]} "
             f"{params.V.dtype}: build it with fm_workspace(..., n_features={M}, "
             f"n_factors={k}, dtype={params.V.dtype})")
-    if rows.shape[0] < 1 or rows.shape[0] > ws.batch_size:
-        raise ValueError(f"len(rows) must be in [1, {ws.batch_size}] (the workspace's "
-                         f"batch_size), got {rows.shape[0]}")
+    check_step_arrays(rows.shape[0], ws.batch_size, indptr.shape[0], y.shape[0],
+                      indices.shape[0], values.shape[0],
+                      indptr[indptr.shape[0] - 1] if indptr.shape[0] > 0 else 0, n_threads)
     if (w.shape[0] != M or dense.shape[0] != 1 + 2 * k or bn.shape[0] != 2
             or bn.shape[1] != k or sV.shape[0] != 2 or sV.shape[1] != M
             or sV.shape[2] != k or sw.shape[0] != 2 or sw.shape[1] != M
             or sd.shape[0] != 2 or sd.shape[1] != 1 + 2 * k):
         raise ValueError("params/state shapes are inconsistent with V of shape "
                          f"{(M, k)}: see afmfast.kernel_api")
-    if indptr.shape[0] < 1 or y.shape[0] != indptr.shape[0] - 1:
-        raise ValueError(f"y has {y.shape[0]} rows but X has {indptr.shape[0] - 1}")
-    if indices.shape[0] != values.shape[0] or indptr[indptr.shape[0] - 1] > indices.shape[0]:
-        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
-    if n_threads < 1:
-        raise ValueError(f"cfg.n_threads must be a positive integer, got {n_threads}")
     if not (0.0 < keep <= 1.0):
         raise ValueError(f"cfg.keep must be in (0, 1], got {keep}")
 
@@ -625,38 +534,19 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.use_dropout = 1 if keep < 1.0 else 0
     a.l2 = cfg.l2
     a.inv_keep = 1.0 / keep
-    a.seed = <uint64_t>(int(cfg.seed) & 0xFFFFFFFFFFFFFFFF)
-    a.step = <uint64_t>(int(cfg.step) & 0xFFFFFFFFFFFFFFFF)
-    a.threshold = _threshold(keep)
+    a.seed = as_u64(cfg.seed)
+    a.step = as_u64(cfg.step)
+    a.threshold = dropout_threshold(keep)
     a.indptr = &indptr[0]
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
     a.rows = &rows[0]
-    a.opt.code = cfg.optimizer
-    a.opt.lr = cfg.lr
-    if a.opt.code == OPT_ADAM:
-        t = cfg.step + 1
-        a.opt.lr = cfg.lr * math.sqrt(1.0 - ADAM_BETA2**t) / (1.0 - ADAM_BETA1**t)
-    elif a.opt.code not in (OPT_ADAGRAD, OPT_SGD, OPT_MOMENTUM):
-        raise ValueError(f"cfg.optimizer must be one of {sorted(_api.OPTIMIZER_CODES.values())}"
-                         f" (kernel_api codes), got {cfg.optimizer}")
-    a.opt.momentum = MOMENTUM_COEF
-    a.opt.beta1 = ADAM_BETA1
-    a.opt.beta2 = ADAM_BETA2
-    a.opt.eps = ADAM_EPS
+    a.opt = opt_cfg_from(cfg, _api)
 
     with nogil:
         err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
                           &V[0, 0], &w[0], &dense[0], &bn[0, 0], &sV[0, 0, 0], &sw[0, 0],
                           &sd[0, 0], &loss)
-    if err == ERR_ROW:
-        raise ValueError(f"rows[{a.err_pos}] = {a.err_value} is not a row of X "
-                         f"(it has {a.n_rows} rows)")
-    if err == ERR_FEATURE:
-        raise ValueError(f"X.indices[{a.err_pos}] = {a.err_value} is not a feature id in "
-                         f"[0, {M}) (n_features); raise n_features or fix the data")
-    if err == ERR_NNZ:
-        raise ValueError(f"the batch has {a.err_value} nonzeros, more than the workspace's "
-                         f"max_batch_nnz = {ws.max_batch_nnz}")
+    raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, 0)
     return loss
 
 
@@ -683,32 +573,17 @@ cdef inline floating _predict_row(Py_ssize_t i, Py_ssize_t k, Py_ssize_t M,
                                   const floating* mu, const floating* inv,
                                   const floating* zeros, bint batch_norm, floating* s,
                                   floating* sq) noexcept nogil:
-    cdef Py_ssize_t f, p
-    cdef int32_t j
-    cdef const floating* v
+    cdef Py_ssize_t f
     cdef const floating* gamma = dense + 1
     cdef const floating* beta = dense + 1 + k
-    cdef floating x, t, acc = 0, zsum
+    cdef floating acc, zsum
+    acc = _pairwise(k, M, indices + indptr[i], values + indptr[i], indptr[i + 1] - indptr[i],
+                    V, w, sq, s)
+    # s now holds f; sq becomes ones: z = (gamma fh + beta) * 1, or f * 1 + 0 without
+    # batch norm (exact)
     for f in range(k):
-        s[f] = 0
-        sq[f] = 0
-    for p in range(indptr[i], indptr[i + 1]):
-        j = indices[p]
-        if j < 0 or j >= M:
-            continue
-        x = values[p]
-        v = V + <Py_ssize_t>j * k
-        acc = acc + w[j] * x
-        for f in range(k):
-            t = v[f] * x
-            s[f] = s[f] + t
-            sq[f] = sq[f] + t * t
-    for f in range(k):
-        s[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
         if batch_norm:
             s[f] = (s[f] - mu[f]) * inv[f]
-    # sq becomes ones: z = (gamma fh + beta) * 1, or f * 1 + 0 without batch norm (exact)
-    for f in range(k):
         sq[f] = 1
     if batch_norm:
         zsum = _zsum(k, s, sq, gamma, beta)
@@ -771,21 +646,9 @@ def fm_predict(X, params, batch_norm, n_threads, out):
 def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
     """The kernels' dropout mask, bool (len(rows), n_units), to compare with
     kernel_api.dropout_mask bit for bit."""
-    cdef const int64_t[::1] r = np.ascontiguousarray(rows, dtype=np.int64)
-    cdef Py_ssize_t n = r.shape[0], u, i, nu = n_units
-    cdef uint64_t thr = _threshold(keep)
-    cdef uint64_t sd = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t st = <uint64_t>(int(stream) & 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t sp = <uint64_t>(int(step) & 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t key
-    out = np.ones((n, nu), dtype=np.uint8)
-    cdef unsigned char[:, ::1] o = out
-    if keep >= 1.0:
-        return out.astype(bool)
-    for i in range(n):
-        key = dropout_row_key(sd, st, sp, <uint64_t>r[i])
-        for u in range(nu):
-            o[i, u] = dropout_kept(key, <uint64_t>u, thr)
+    r = np.ascontiguousarray(rows, dtype=np.int64)
+    out = np.ones((r.shape[0], n_units), dtype=np.uint8)
+    fill_dropout_mask(r, out, seed, stream, step, keep)
     return out.astype(bool)
 
 

@@ -1,0 +1,182 @@
+# cython: language_level=3
+"""Batch preparation shared by afmfast's Cython kernels (``_fm_cython``, ``_afm_cython``).
+
+- Workspace: ``aligned_zeros`` (64-byte aligned, zeroed buffers) and
+  ``check_workspace_sizes`` (the arguments every ``*_workspace`` constructor validates).
+- Arguments of a step: ``check_step_arrays`` validates what is common to fm_step and
+  afm_step (batch size against the workspace, y against X, the CSR triple, n_threads).
+- Gathering a batch without the GIL: ``batch_offsets`` (batch-local nonzero offsets,
+  rows validated), ``copy_row`` (a row's nonzeros into contiguous batch-order buffers,
+  ids checked), ``group_by_feature`` and ``scatter_groups`` (a stable counting sort of the
+  batch's nonzeros by feature id: the touched features and, for each, its occurrences in
+  batch order).
+- Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
+  ``raise_batch_error`` turns it into a ValueError that names the offending entry.
+
+Everything except the two ``check_*`` functions and ``raise_batch_error`` is ``nogil``,
+allocates nothing and holds no state, so it may run inside ``prange`` bodies.
+"""
+from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memset
+from cython cimport floating
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+
+# Error codes of the nogil step functions (0 = success).
+cdef enum:
+    ERR_ROW = 1       # a batch row id outside [0, n_rows)
+    ERR_FEATURE = 2   # a feature id outside [0, M)
+    ERR_NNZ = 3       # more nonzeros than the workspace's max_batch_nnz
+    ERR_PAIRS = 4     # more pairs than the workspace's max_batch_pairs (AFM)
+
+
+ctypedef struct BatchErr:
+    Py_ssize_t pos    # index into rows (ERR_ROW) or into X.indices (ERR_FEATURE)
+    int64_t value     # the offending value, or the count that exceeds a bound
+
+
+cdef inline void* aligned_zeros(size_t nbytes) except NULL:
+    """64-byte aligned (one AVX-512 vector / cache line), zeroed; release with free()."""
+    cdef void* p = NULL
+    if nbytes == 0:
+        nbytes = 64
+    if posix_memalign(&p, 64, nbytes) != 0:
+        raise MemoryError(f"afmfast: could not allocate {nbytes} bytes of kernel workspace")
+    memset(p, 0, nbytes)
+    return p
+
+
+cdef inline int check_workspace_sizes(dt, sizes, Py_ssize_t n_features,
+                                      Py_ssize_t max_batch_nnz) except -1:
+    """dt a NumPy dtype; sizes ((name, value), ...) must all be positive."""
+    if dt.kind != "f" or dt.itemsize not in (4, 8):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    for name, v in sizes:
+        if v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
+    if n_features > 2147483647 or max_batch_nnz > 2147483647:
+        raise ValueError("n_features and max_batch_nnz must fit in int32")
+    return 0
+
+
+cdef inline int check_step_arrays(Py_ssize_t B, Py_ssize_t batch_cap, Py_ssize_t n_indptr,
+                                  Py_ssize_t n_y, Py_ssize_t n_indices,
+                                  Py_ssize_t n_values, int64_t last_indptr,
+                                  int n_threads) except -1:
+    """What fm_step and afm_step both validate before going nogil."""
+    if B < 1 or B > batch_cap:
+        raise ValueError(f"len(rows) must be in [1, {batch_cap}] (the workspace's "
+                         f"batch_size), got {B}")
+    if n_indptr < 1 or n_y != n_indptr - 1:
+        raise ValueError(f"y has {n_y} rows but X has {n_indptr - 1}")
+    if n_indices != n_values or last_indptr > n_indices:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
+    if n_threads < 1:
+        raise ValueError(f"cfg.n_threads must be a positive integer, got {n_threads}")
+    return 0
+
+
+cdef inline int raise_batch_error(int err, const BatchErr* e, Py_ssize_t n_rows,
+                                  Py_ssize_t M, Py_ssize_t nnz_cap,
+                                  Py_ssize_t pair_cap) except -1:
+    """ValueError for a nonzero ERR_* code of a step; 0 for err == 0."""
+    if err == ERR_ROW:
+        raise ValueError(f"rows[{e.pos}] = {e.value} is not a row of X "
+                         f"(it has {n_rows} rows)")
+    if err == ERR_FEATURE:
+        raise ValueError(f"X.indices[{e.pos}] = {e.value} is not a feature id in "
+                         f"[0, {M}) (n_features); raise n_features or fix the data")
+    if err == ERR_NNZ:
+        raise ValueError(f"the batch has {e.value} nonzeros, more than the workspace's "
+                         f"max_batch_nnz = {nnz_cap}")
+    if err == ERR_PAIRS:
+        raise ValueError(f"the batch has {e.value} pairs of nonzeros, more than the "
+                         f"workspace's max_batch_pairs = {pair_cap}")
+    return 0
+
+
+cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_rows,
+                              const int64_t* indptr, int64_t* off, int64_t nnz_cap,
+                              BatchErr* e) noexcept nogil:
+    """off (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW / ERR_NNZ."""
+    cdef Py_ssize_t b
+    cdef int64_t row
+    off[0] = 0
+    for b in range(B):
+        row = rows[b]
+        if row < 0 or row >= n_rows:
+            e.pos = b
+            e.value = row
+            return ERR_ROW
+        off[b + 1] = off[b] + (indptr[row + 1] - indptr[row])
+    if off[B] > nnz_cap:
+        e.value = off[B]
+        return ERR_NNZ
+    return 0
+
+
+cdef inline Py_ssize_t copy_row(const int32_t* indices, const floating* values,
+                                int64_t start, Py_ssize_t n, Py_ssize_t M, int32_t* occ,
+                                floating* occ_x) noexcept nogil:
+    """Copies the n nonzeros at X[start:start + n] to occ/occ_x; returns the position (in
+    the row) of the first feature id outside [0, M), or -1 when all are valid."""
+    cdef Py_ssize_t i, bad = -1
+    cdef int32_t j
+    for i in range(n):
+        j = indices[start + i]
+        occ[i] = j
+        occ_x[i] = values[start + i]
+        if (j < 0 or j >= M) and bad < 0:
+            bad = i
+    return bad
+
+
+cdef inline Py_ssize_t group_by_feature(Py_ssize_t nnz, const int32_t* occ, int32_t* grp,
+                                        int32_t* slot, int32_t* uniq, int64_t* cursor,
+                                        int64_t* ustart) noexcept nogil:
+    """First half of the stable counting sort of the nonzeros occ (feature ids, batch
+    order): grp[q] = group of nonzero q (grp may be occ itself), uniq[u] = feature of
+    group u in order of first occurrence, ustart (U + 1,) the groups' bounds, cursor[u] =
+    ustart[u]. slot (M,) must be all -1 on entry and is all -1 again on return. Returns U,
+    the number of touched features."""
+    cdef Py_ssize_t q, u, U = 0
+    cdef int32_t j
+    for q in range(nnz):
+        j = occ[q]
+        u = slot[j]
+        if u < 0:
+            u = U
+            slot[j] = <int32_t>U
+            uniq[U] = j
+            cursor[U] = 0
+            U += 1
+        cursor[u] += 1
+        grp[q] = <int32_t>u
+    ustart[0] = 0
+    for u in range(U):
+        ustart[u + 1] = ustart[u] + cursor[u]
+        cursor[u] = ustart[u]
+        slot[uniq[u]] = -1
+    return U
+
+
+cdef inline void scatter_groups(Py_ssize_t B, const int64_t* off, const int32_t* grp,
+                                int64_t* cursor, int32_t* grp_row, int32_t* grp_occ,
+                                const floating* occ_x, floating* grp_x) noexcept nogil:
+    """Second half: the occurrences of each group in batch order, as their batch row
+    (grp_row), and when not NULL their batch-order index (grp_occ) and value (grp_x,
+    from occ_x)."""
+    cdef Py_ssize_t b, q, u
+    cdef int64_t pos
+    for b in range(B):
+        for q in range(off[b], off[b + 1]):
+            u = grp[q]
+            pos = cursor[u]
+            cursor[u] = pos + 1
+            grp_row[pos] = <int32_t>b
+            if grp_occ != NULL:
+                grp_occ[pos] = <int32_t>q
+            if grp_x != NULL:
+                grp_x[pos] = occ_x[q]
