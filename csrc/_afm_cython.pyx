@@ -26,30 +26,42 @@ a row of n nonzeros having n(n-1)/2 pairs p < q in row order):
         row order (int64), weight a_pq (1 without attention) and contribution
         a_pq p . e_pq (DTYPE), at pair_indptr[row] + pair index. Mutates only the outputs.
 
+Distinct pairs (DESIGN section 3): a pair's e = (v_p x_p)(v_q x_q), u = act(W e + b), its
+logit h . u and h act'(u) depend only on its two (feature, value) classes, and in one-hot
+data the same pair recurs in many rows of a batch (a Frappe batch of 4096 rows has ~40,000
+distinct pairs among its 184,320). The attention MLP therefore runs once per distinct pair,
+forward and backward: with DS_d the sum of ds over the pairs of distinct pair d,
+du_d = DS_d h act'(u_d), dW = sum_d du_d e_d^T, and a pair's de = a' dg + ds W^T(h act'(u_d)).
+
 How a step runs (no floating sum over rows or pairs depends on the thread count, so the
 result is bit-identical for any n_threads):
     0. serial: row/pair offsets (rows validated), a copy of the batch's nonzeros in batch
-       order (ids validated), a stable counting sort of them by feature id, W^T, and a
-       split of the batch into chunks of consecutive rows (~a fixed number of pairs; the
-       split depends on the data only).
-    1. prange over chunks: v x per occurrence, e per pair, U = E W^T + b for the chunk's
-       pairs (register-tiled GEMM), then per row: act, logits, softmax, dropout masks,
-       g, y_hat, residual r, dg, da, ds, du = ds h act'(U) (over U in place), the row's
-       contributions to the gradients of p, b and h.
-    2. serial in row order: loss, gradients of w0, p, b, h.
-    3. prange over thread blocks of W's rows (attention): dW = DU^T E over all pairs in
-       pair order, P-blocked so that the blocks of E and DU stay in cache.
-    4. prange over chunks (unless freeze_fm): de = a' dg + DU W (GEMM, written over E),
-       then per row the gradient of each occurrence's v x.
+       order (ids validated), a stable counting sort of them by feature id, W^T, a split
+       of the batch into chunks of consecutive rows (the split depends on the data only);
+       with attention, each occurrence's class (its feature group when its value equals
+       the group's first value, else its own), and the distinct pairs of classes: pairs
+       counting-sorted by their lower class (stable), then numbered within a bucket by
+       their upper class.
+    1. prange over chunks: v x per occurrence. prange over fixed blocks of DBLOCK distinct
+       pairs: e, U = E W^T + b (register-tiled GEMM), act, the logit (double) and
+       h act'(u). prange over chunks, per row: softmax of the row's logits, dropout masks,
+       g (e formed on the fly from v x), y_hat, residual r, dg, da, ds per pair.
+       prange over classes: DS per distinct pair, its pairs summed in batch order. prange
+       over the distinct blocks: du = DS h act'(u) (over U), the block's sums for the
+       gradients of b and h, C = (h act'(u)) W (GEMM).
+    2. serial in row order: loss, gradients of w0 and p; b and h in block order.
+    3. prange over thread blocks of W's rows (attention): dW = DU^T E over the distinct
+       pairs in order, blocked so that the blocks of E and DU stay in cache.
+    4. prange over chunks (unless freeze_fm): per pair de = a' dg + ds C_d, accumulated
+       into the gradient of each occurrence's v x.
     5. prange over touched features: the feature's occurrences summed in batch order,
        + l2 v, optimiser on the V row and w entry (||V_row||^2 for the loss before).
     6. serial: optimiser on dense and W.
-The attention products (steps 1, 3, 4: 6 P k t flops) run in one GEMM routine written in C
-below with GCC vector extensions: a register tile of 6 x 64 (float32, AVX-512) or 12 x 16/32
-outputs accumulated with FMAs over the inner dimension, B's rows read contiguously.
+The attention products (steps 1 and 3: 6 D k t flops for D distinct pairs) run in one GEMM
+routine written in C below with GCC vector extensions: a register tile of 6 x 64 (float32,
+AVX-512) or 12 x 16/32 outputs accumulated with FMAs over the inner dimension, B's rows
+read contiguously.
 """
-import math
-
 import numpy as np
 
 from cython cimport floating
@@ -58,11 +70,15 @@ from openmp cimport omp_get_thread_num, omp_get_wtime
 from libc.math cimport exp, expf, tanh, tanhf, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
-from libc.string cimport memset
 
+from _batch cimport (
+    ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_zeros as _alloc, batch_offsets,
+    check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
+    raise_batch_error, scatter_groups,
+)
 from _common cimport (
-    OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, dropout_kept, dropout_row_key,
-    opt_elem, opt_vec,
+    OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
+    dropout_row_key, dropout_threshold, fill_dropout_mask, opt_cfg_from, opt_elem, opt_vec,
 )
 
 from afmfast import kernel_api as _api
@@ -177,11 +193,7 @@ cdef extern from *:
     int AFM_VBYTES
 
 
-cdef extern from "stdlib.h" nogil:
-    int posix_memalign(void** memptr, size_t alignment, size_t size)
-
-
-# Activation codes (kernel_api.RELU ...), error codes of the nogil step.
+# Activation codes (kernel_api.RELU ...).
 cdef enum:
     ACT_RELU = 0
     ACT_SIGMOID = 1
@@ -189,21 +201,9 @@ cdef enum:
     ACT_IDENTITY = 3
 
 cdef enum:
-    ERR_ROW = 1
-    ERR_FEATURE = 2
-    ERR_NNZ = 3
-    ERR_PAIRS = 4
-
-
-cdef void* _alloc(size_t nbytes) except NULL:
-    """64-byte aligned, zeroed."""
-    cdef void* p = NULL
-    if nbytes == 0:
-        nbytes = 64
-    if posix_memalign(&p, 64, nbytes) != 0:
-        raise MemoryError(f"afmfast: could not allocate {nbytes} bytes of AFM workspace")
-    memset(p, 0, nbytes)
-    return p
+    # distinct pairs per block of the per-distinct-pair passes (fixed, so that the block
+    # partial sums and their order do not depend on the thread count)
+    DBLOCK = 256
 
 
 cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
@@ -215,25 +215,6 @@ cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating*
         afm_gemm_f(M, N, K, A, lda, sa, B, ldb, C, ldc)
     else:
         afm_gemm_d(M, N, K, A, lda, sa, B, ldb, C, ldc)
-
-
-cdef inline floating _dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
-    """Dot product with 16 lane sums in a fixed order (vectorisable, deterministic)."""
-    cdef floating acc[16]
-    cdef floating s = 0
-    cdef Py_ssize_t i, l, n16 = n - n % 16
-    for l in range(16):
-        acc[l] = 0
-    i = 0
-    while i < n16:
-        for l in range(16):
-            acc[l] = acc[l] + a[i + l] * b[i + l]
-        i = i + 16
-    for l in range(n - n16):
-        acc[l] = acc[l] + a[n16 + l] * b[n16 + l]
-    for l in range(16):
-        s = s + acc[l]
-    return s
 
 
 ctypedef fused floating2:
@@ -298,6 +279,56 @@ cdef inline void _softmax(const floating* U, const floating* h, Py_ssize_t n_pai
         a[P] = a[P] / ssum
 
 
+cdef inline double _du(double ds, double hj, double hv, int code) noexcept nogil:
+    """du = ds h_j act'(u), act' from the activation value hv = act(u)."""
+    if code == ACT_RELU:
+        return ds * hj if hv > 0 else 0.0
+    elif code == ACT_SIGMOID:
+        return ds * hj * (hv * (1 - hv))
+    elif code == ACT_TANH:
+        return ds * hj * (1 - hv * hv)
+    return ds * hj
+
+
+cdef inline void _pair_products(const floating* vx, Py_ssize_t n, Py_ssize_t k,
+                                floating* E) noexcept nogil:
+    """E rows (n(n-1)/2, k): e = vx_p * vx_q for the pairs p < q of the n rows of vx."""
+    cdef Py_ssize_t i, i2, f
+    cdef const floating* v1
+    cdef const floating* v2
+    for i in range(n):
+        v1 = vx + i * k
+        for i2 in range(i + 1, n):
+            v2 = vx + i2 * k
+            for f in range(k):
+                E[f] = v1[f] * v2[f]
+            E += k
+
+
+cdef inline void _preactivation(const floating* E, Py_ssize_t n_pairs, Py_ssize_t k,
+                                Py_ssize_t t, const floating* bias, const floating* WT,
+                                floating* U) noexcept nogil:
+    """U rows (n_pairs, t) = E W^T + b."""
+    cdef Py_ssize_t P, jj
+    for P in range(n_pairs):
+        for jj in range(t):
+            U[P * t + jj] = bias[jj]
+    _gemm(n_pairs, t, k, E, k, 1, WT, t, U, t)
+
+
+cdef inline void _pool(const double* au, const floating* E, Py_ssize_t n_pairs,
+                       Py_ssize_t k, double* g) noexcept nogil:
+    """g (k,) = sum_P au[P] e_P in pair order, in double."""
+    cdef Py_ssize_t P, f
+    cdef const floating* e
+    for f in range(k):
+        g[f] = 0
+    for P in range(n_pairs):
+        e = E + P * k
+        for f in range(k):
+            g[f] = g[f] + au[P] * <double>e[f]
+
+
 cdef class AFMWorkspace:
     """Scratch of afm_step for one fit (see the module docstring); opaque to callers."""
     cdef readonly Py_ssize_t batch_size, max_batch_nnz, max_batch_pairs, n_features
@@ -316,6 +347,24 @@ cdef class AFMWorkspace:
     cdef int64_t* cursor     # (u_cap,)
     cdef int32_t* grp_occ    # (nnz,) batch-order index of each occurrence, grouped
     cdef int32_t* grp_row    # (nnz,) batch row of each occurrence, grouped
+    # distinct pairs (attention): a class is a (feature, value) of the batch; pairs with
+    # the same two classes share e, W e + b, act and the logit
+    cdef int32_t* cls        # (nnz,) class of each occurrence (its group, or u_cap + q
+                             # when its value differs from the group's first)
+    cdef int32_t* po         # (2 pairs,) the two occurrences of each pair
+    cdef int32_t* pbkt       # (pairs,) pairs ordered by their lower class (stable)
+    cdef int32_t* pd         # (pairs,) distinct pair of each pair
+    cdef int32_t* bpd        # (pairs,) the same in pbkt order
+    cdef int32_t* drep       # (pairs,) a pair of each distinct pair (its first in pbkt)
+    cdef int32_t* stamp      # (u_cap + nnz,) dedup marks
+    cdef int32_t* sid        # (u_cap + nnz,)
+    cdef int64_t* bstart     # (u_cap + nnz + 1,) bucket bounds in pbkt
+    cdef double* DSD         # (pairs,) sum of ds over each distinct pair's pairs
+    cdef double* SD          # (pairs,) logit of each distinct pair
+    cdef double* BDB         # (blocks, t) per block of distinct pairs: sum du
+    cdef double* BDH         # (blocks, t) per block of distinct pairs: sum ds act
+    cdef void* HD            # (pairs, t) h act'(u) of each distinct pair
+    cdef void* CD            # (pairs, k) W^T (h act'(u)) of each distinct pair
     # doubles
     cdef double* r           # (B,) residual y_hat - y
     cdef double* row_loss    # (B,)
@@ -329,14 +378,12 @@ cdef class AFMWorkspace:
     cdef void* occ_x         # (nnz,) value of each nonzero in batch order
     cdef void* VX            # (nnz, k) v x per occurrence
     cdef double* DVX         # (nnz, k) gradient of the V row from each occurrence
-    cdef void* E             # (pairs, k) e, then de
-    cdef void* U             # (pairs, t) W e + b, then act, then du
+    cdef void* E             # (pairs, k) e of each distinct pair
+    cdef void* U             # (pairs, t) W e + b, then act, then du (distinct pairs)
     cdef void* WT            # (k, t)
     cdef void* GW            # (t, k) gradient of W
     cdef double* DG          # (B, k) pooled scale, then dg = r p scale
     cdef double* RDP         # (B, k) r g' (gradient of p per row)
-    cdef double* RDB         # (B, t) sum du (gradient of b per row)
-    cdef double* RDH         # (B, t) sum ds act (gradient of h per row)
     cdef void* G             # (u_cap, k) gradient of each touched V row
     cdef double* GD          # (u_cap, k) the same, summed in double
     cdef void* gdense        # (1 + k + 2t,)
@@ -344,19 +391,15 @@ cdef class AFMWorkspace:
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
                   Py_ssize_t max_batch_pairs, Py_ssize_t n_features, Py_ssize_t n_factors,
                   Py_ssize_t attention_size, dtype):
-        cdef Py_ssize_t i, B, N, PP, M, k, t, U, isz, D
+        cdef Py_ssize_t i, B, N, PP, M, k, t, U, isz, D, C, nblk
         dt = np.dtype(dtype)
-        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise ValueError(f"dtype must be float32 or float64, got {dt}")
-        for name, v in (("batch_size", batch_size), ("max_batch_nnz", max_batch_nnz),
-                        ("n_features", n_features), ("n_factors", n_factors),
-                        ("attention_size", attention_size)):
-            if v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v}")
+        check_workspace_sizes(dt, (("batch_size", batch_size),
+                                   ("max_batch_nnz", max_batch_nnz),
+                                   ("n_features", n_features), ("n_factors", n_factors),
+                                   ("attention_size", attention_size)),
+                              n_features, max_batch_nnz)
         if max_batch_pairs < 0:
             raise ValueError(f"max_batch_pairs must be >= 0, got {max_batch_pairs}")
-        if n_features > 2147483647 or max_batch_nnz > 2147483647:
-            raise ValueError("n_features and max_batch_nnz must fit in int32")
         B, N, M, k, t = batch_size, max_batch_nnz, n_features, n_factors, attention_size
         PP = max(max_batch_pairs, 1)
         U = min(M, N)
@@ -396,8 +439,23 @@ cdef class AFMWorkspace:
         self.GW = _alloc(t * k * isz)
         self.DG = <double*>_alloc(B * k * sizeof(double))
         self.RDP = <double*>_alloc(B * k * sizeof(double))
-        self.RDB = <double*>_alloc(B * t * sizeof(double))
-        self.RDH = <double*>_alloc(B * t * sizeof(double))
+        C = U + N
+        self.cls = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.po = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
+        self.pbkt = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.bpd = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.drep = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.stamp = <int32_t*>_alloc(C * sizeof(int32_t))
+        self.sid = <int32_t*>_alloc(C * sizeof(int32_t))
+        self.bstart = <int64_t*>_alloc((C + 1) * sizeof(int64_t))
+        self.DSD = <double*>_alloc(PP * sizeof(double))
+        self.SD = <double*>_alloc(PP * sizeof(double))
+        nblk = (PP + DBLOCK - 1) // DBLOCK
+        self.BDB = <double*>_alloc(nblk * t * sizeof(double))
+        self.BDH = <double*>_alloc(nblk * t * sizeof(double))
+        self.HD = _alloc(PP * t * isz)
+        self.CD = _alloc(PP * k * isz)
         self.G = _alloc(U * k * isz)
         self.GD = <double*>_alloc(U * k * sizeof(double))
         self.gdense = _alloc(D * isz)
@@ -409,8 +467,11 @@ cdef class AFMWorkspace:
         free(self.r); free(self.row_loss); free(self.lin); free(self.grp_sq); free(self.pa)
         free(self.pau); free(self.pds); free(self.dsum)
         free(self.occ_x); free(self.VX); free(self.DVX); free(self.E); free(self.U)
-        free(self.WT); free(self.GW); free(self.DG); free(self.RDP); free(self.RDB)
-        free(self.RDH); free(self.G); free(self.GD); free(self.gdense)
+        free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
+        free(self.G); free(self.GD); free(self.gdense)
+        free(self.cls); free(self.po); free(self.pbkt); free(self.pd); free(self.bpd); free(self.drep)
+        free(self.stamp); free(self.sid); free(self.bstart); free(self.DSD); free(self.SD)
+        free(self.BDB); free(self.BDH); free(self.HD); free(self.CD)
 
     def __repr__(self):
         return (f"AFMWorkspace(batch_size={self.batch_size}, max_batch_nnz="
@@ -435,7 +496,7 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
 
 # Scalars and raw pointers of one step.
 ctypedef struct AFMArgs:
-    Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U
+    Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U, n_classes, n_distinct
     int n_threads, attention, activation, freeze_fm, drop_att, drop_pool
     double l2, l2a, inv_keep_att, inv_keep_pool
     uint64_t seed, step, thr_att, thr_pool
@@ -443,77 +504,38 @@ ctypedef struct AFMArgs:
     const int32_t* indices
     const int64_t* rows
     OptCfg opt
-    Py_ssize_t err_pos
-    int64_t err_value
+    BatchErr err
 
 
 cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept nogil:
     """Step 0: offsets, batch-order copy of the nonzeros, grouping by feature, chunks."""
-    cdef Py_ssize_t B = a.B, b, q, u, U = 0, i, n, c
-    cdef int64_t row, start, pos, pairs, cp
+    cdef Py_ssize_t B = a.B, b, n, c, bad
+    cdef int64_t start, cp
     cdef int64_t* off = ws.off
     cdef int64_t* poff = ws.poff
-    cdef int32_t* occ = ws.occ
-    cdef int32_t* grp = ws.grp
-    cdef int32_t* slot = ws.slot
-    cdef int32_t* uniq = ws.uniq
-    cdef int64_t* cursor = ws.cursor
-    cdef int64_t* ustart = ws.ustart
-    cdef floating* occ_x = <floating*>ws.occ_x
-    cdef int32_t j
     cdef Py_ssize_t target, rows_in
-    off[0] = 0
+    cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, off, a.nnz_cap, &a.err)
+    if err:
+        return err
     poff[0] = 0
     for b in range(B):
-        row = a.rows[b]
-        if row < 0 or row >= a.n_rows:
-            a.err_pos = b
-            a.err_value = row
-            return ERR_ROW
-        n = a.indptr[row + 1] - a.indptr[row]
-        off[b + 1] = off[b] + n
+        n = off[b + 1] - off[b]
         poff[b + 1] = poff[b] + n * (n - 1) // 2
-    if off[B] > a.nnz_cap:
-        a.err_value = off[B]
-        return ERR_NNZ
     if poff[B] > a.pair_cap:
-        a.err_value = poff[B]
+        a.err.value = poff[B]
         return ERR_PAIRS
     for b in range(B):
         start = a.indptr[a.rows[b]]
-        for i in range(off[b + 1] - off[b]):
-            j = a.indices[start + i]
-            if j < 0 or j >= a.M:
-                a.err_pos = start + i
-                a.err_value = j
-                return ERR_FEATURE
-            occ[off[b] + i] = j
-            occ_x[off[b] + i] = values[start + i]
+        bad = copy_row(a.indices, values, start, off[b + 1] - off[b], a.M, ws.occ + off[b],
+                       <floating*>ws.occ_x + off[b])
+        if bad >= 0:
+            a.err.pos = start + bad
+            a.err.value = ws.occ[off[b] + bad]
+            return ERR_FEATURE
     # stable counting sort by feature id (slot is all -1 between steps)
-    for q in range(off[B]):
-        j = occ[q]
-        u = slot[j]
-        if u < 0:
-            u = U
-            slot[j] = <int32_t>U
-            uniq[U] = j
-            cursor[U] = 0
-            U += 1
-        cursor[u] += 1
-        grp[q] = <int32_t>u
-    ustart[0] = 0
-    for u in range(U):
-        ustart[u + 1] = ustart[u] + cursor[u]
-        cursor[u] = ustart[u]
-        slot[uniq[u]] = -1
-    for b in range(B):
-        for q in range(off[b], off[b + 1]):
-            u = grp[q]
-            pos = cursor[u]
-            cursor[u] = pos + 1
-            ws.grp_row[pos] = <int32_t>b
-            ws.grp_occ[pos] = <int32_t>q
-    a.U = U
+    a.U = group_by_feature(off[B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor, ws.ustart)
+    scatter_groups(B, off, ws.grp, ws.cursor, ws.grp_row, ws.grp_occ, <floating*>NULL,
+                   <floating*>NULL)
     # chunks of consecutive rows with about `target` pairs (<= 64 rows): E and U of a
     # chunk stay in cache between the GEMM and the row loop.
     target = 65536 // (a.k + a.t)
@@ -535,83 +557,196 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept 
         c += 1
         ws.chunk[c] = B
     a.n_chunks = c
+    if a.attention:
+        _distinct_pairs(a, ws, <floating*>ws.occ_x)
     return 0
 
 
-cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
-                         const floating* y, const floating* V, const floating* w,
-                         const floating* dense) noexcept nogil:
-    """Step 1 for the rows of chunk c: forward pass and the row-local backward pass."""
-    cdef Py_ssize_t k = a.k, t = a.t, b, b0 = ws.chunk[c], b1 = ws.chunk[c + 1]
-    cdef Py_ssize_t i, i2, n, f, jj, P, P0, P1, q0
+cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) noexcept nogil:
+    """Step 0 (attention): classes of the occurrences, then the batch's distinct pairs of
+    classes. A pair's e, W e + b, act and logit depend only on its two (v x) (DESIGN
+    section 3), so they are computed once per distinct pair. Serial and data-only: the
+    numbering of the distinct pairs does not depend on the thread count."""
+    cdef Py_ssize_t B = a.B, U = a.U, nnz = ws.off[a.B], C, u, pos, q, b, i, i2, n, q0
+    cdef Py_ssize_t P, c, D = 0
+    cdef int32_t* cls = ws.cls
+    cdef int32_t* po = ws.po
+    cdef int64_t* bstart = ws.bstart
+    cdef int32_t lo, hi, cp, cq
+    cdef floating xr, x
+    # class = feature group when the value equals the group's first value (and is not 0,
+    # whose sign would matter), else a class of its own
+    C = ws.u_cap + nnz
+    for u in range(U):
+        xr = occ_x[ws.grp_occ[ws.ustart[u]]]
+        for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+            q = ws.grp_occ[pos]
+            x = occ_x[q]
+            cls[q] = <int32_t>u if (x == xr and x != <floating>0) else <int32_t>(ws.u_cap + q)
+    for c in range(C + 1):
+        bstart[c] = 0
+    # pairs in row order, counted by lower class
+    P = 0
+    for b in range(B):
+        q0 = ws.off[b]
+        n = ws.off[b + 1] - q0
+        for i in range(n):
+            cp = cls[q0 + i]
+            for i2 in range(i + 1, n):
+                cq = cls[q0 + i2]
+                po[2 * P] = <int32_t>(q0 + i)
+                po[2 * P + 1] = <int32_t>(q0 + i2)
+                lo = cp if cp < cq else cq
+                ws.drep[P] = lo         # scratch until the dedup pass
+                ws.pd[P] = cp ^ cq ^ lo  # the upper class, scratch as well
+                bstart[lo + 1] += 1
+                P += 1
+    for c in range(C):
+        bstart[c + 1] += bstart[c]
+        ws.stamp[c] = -1
+    # stable scatter by lower class, bstart[c] serving as bucket c's cursor
+    for P in range(ws.poff[B]):
+        lo = ws.drep[P]
+        pos = bstart[lo]
+        ws.pbkt[pos] = <int32_t>P
+        ws.bpd[pos] = ws.pd[P]
+        bstart[lo] = pos + 1
+    # bstart[c] now holds the end of bucket c: shift back to starts
+    for c in range(C - 1, 0, -1):
+        bstart[c] = bstart[c - 1]
+    bstart[0] = 0
+    # within a bucket (lower class c), pairs with the same upper class are one
+    for c in range(C):
+        for pos in range(bstart[c], bstart[c + 1]):
+            P = ws.pbkt[pos]
+            hi = ws.bpd[pos]
+            if ws.stamp[hi] != c:
+                ws.stamp[hi] = <int32_t>c
+                ws.sid[hi] = <int32_t>D
+                ws.drep[D] = <int32_t>P   # D <= pos: the scratch at D was read already
+                D += 1
+            ws.bpd[pos] = ws.sid[hi]
+            ws.pd[P] = ws.sid[hi]
+    a.n_classes = C
+    a.n_distinct = D
+
+
+cdef void _vx_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, const floating* V,
+                    const floating* w) noexcept nogil:
+    """Step 1a for the rows of chunk c: v x per occurrence, the linear term per row."""
+    cdef Py_ssize_t k = a.k, b, i, f, n, q0
     cdef const int32_t* occ = ws.occ
     cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef floating* VX = <floating*>ws.VX
-    cdef floating* E = <floating*>ws.E
-    cdef floating* Uu = <floating*>ws.U
-    cdef double* DG = ws.DG
-    cdef double* RDP = ws.RDP
-    cdef double* RDB = ws.RDB
-    cdef double* RDH = ws.RDH
-    cdef double* pa = ws.pa
-    cdef double* pau = ws.pau
-    cdef double* pds = ws.pds
-    cdef const floating* p_vec = dense + 1
-    cdef const floating* bias = dense + 1 + k
-    cdef const floating* h = dense + 1 + k + t
     cdef floating* vx
-    cdef floating* vx2
-    cdef floating* e
-    cdef floating* u
-    cdef double* gp
-    cdef double* rdb
-    cdef double* rdh
-    cdef double* dgd
     cdef const floating* v
     cdef floating x
-    cdef double lin, yhat, res, ada, da, au, ds, du, hv
-    cdef uint64_t key
-    cdef int code = a.activation
-    cdef double inv_pool = a.inv_keep_pool
-    # v x per occurrence, e per pair
-    for b in range(b0, b1):
+    cdef double lin
+    for b in range(ws.chunk[c], ws.chunk[c + 1]):
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         lin = 0
         for i in range(n):
             x = occ_x[q0 + i]
             v = V + <Py_ssize_t>occ[q0 + i] * k
-            vx = VX + (q0 + i) * k
+            vx = <floating*>ws.VX + (q0 + i) * k
             for f in range(k):
                 vx[f] = v[f] * x
             lin += <double>w[occ[q0 + i]] * <double>x
         ws.lin[b] = lin
-        P = ws.poff[b]
-        for i in range(n):
-            vx = VX + (q0 + i) * k
-            for i2 in range(i + 1, n):
-                vx2 = VX + (q0 + i2) * k
-                e = E + P * k
-                for f in range(k):
-                    e[f] = vx[f] * vx2[f]
-                P += 1
-    P0 = ws.poff[b0]
-    P1 = ws.poff[b1]
-    if a.attention and P1 > P0:
-        for P in range(P0, P1):
-            u = Uu + P * t
-            for jj in range(t):
-                u[jj] = bias[jj]
-        _gemm(P1 - P0, t, k, E + P0 * k, k, 1, <floating*>ws.WT, t, Uu + P0 * t, t)
-    for b in range(b0, b1):
+
+
+cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
+                            const floating* dense) noexcept nogil:
+    """Step 1b for distinct pairs [blk DBLOCK, ...): e, u = act(W e + b), the logit
+    s = h . u (double) and h act'(u)."""
+    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, f, jj, P
+    cdef const floating* VX = <floating*>ws.VX
+    cdef floating* E = <floating*>ws.E
+    cdef floating* Uu = <floating*>ws.U
+    cdef floating* HDp = <floating*>ws.HD
+    cdef const floating* bias = dense + 1 + k
+    cdef const floating* h = dense + 1 + k + t
+    cdef const floating* v1
+    cdef const floating* v2
+    cdef floating* e
+    cdef floating* u
+    cdef floating* hd
+    cdef int code = a.activation
+    d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
+    for d in range(d0, d1):
+        P = ws.drep[d]
+        v1 = VX + <Py_ssize_t>ws.po[2 * P] * k
+        v2 = VX + <Py_ssize_t>ws.po[2 * P + 1] * k
+        e = E + d * k
+        for f in range(k):
+            e[f] = v1[f] * v2[f]
+    _preactivation(E + d0 * k, d1 - d0, k, t, bias, <floating*>ws.WT, Uu + d0 * t)
+    for d in range(d0, d1):
+        u = Uu + d * t
+        hd = HDp + d * t
+        _activate(u, t, code)
+        ws.SD[d] = _dot_d(h, u, t)
+        for jj in range(t):
+            hd[jj] = <floating>_du(1.0, <double>h[jj], <double>u[jj], code)
+
+
+cdef inline double _dot_pair_d(const floating* v1, const floating* v2, const double* b,
+                               Py_ssize_t n) noexcept nogil:
+    """_dot_d(e, b, n) for e = v1 * v2 (rounded to DTYPE), without storing e."""
+    cdef double acc[8]
+    cdef double s = 0
+    cdef Py_ssize_t i, l, n8 = n - n % 8
+    for l in range(8):
+        acc[l] = 0
+    i = 0
+    while i < n8:
+        for l in range(8):
+            acc[l] = acc[l] + <double>(v1[i + l] * v2[i + l]) * b[i + l]
+        i = i + 8
+    for l in range(n - n8):
+        acc[l] = acc[l] + <double>(v1[n8 + l] * v2[n8 + l]) * b[n8 + l]
+    for l in range(8):
+        s = s + acc[l]
+    return s
+
+
+cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
+                         const floating* y, const floating* dense) noexcept nogil:
+    """Step 1c for the rows of chunk c: softmax of the row's logits (looked up by distinct
+    pair), dropout masks, g, y_hat, residual r, dg, da and ds per pair."""
+    cdef Py_ssize_t k = a.k, b, i, i2, n, f, P, P0, P1, q0
+    cdef const floating* VX = <floating*>ws.VX
+    cdef const floating* v1
+    cdef const floating* v2
+    cdef double* pa = ws.pa
+    cdef double* pau = ws.pau
+    cdef double* pds = ws.pds
+    cdef const floating* p_vec = dense + 1
+    cdef double* gp
+    cdef double* dgd
+    cdef double yhat, res, ada, da, au, smax, ssum, s
+    cdef uint64_t key
+    cdef double inv_pool = a.inv_keep_pool
+    for b in range(ws.chunk[c], ws.chunk[c + 1]):
+        q0 = ws.off[b]
+        n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
         P1 = ws.poff[b + 1]
-        dgd = DG + b * k
-        gp = RDP + b * k
-        rdb = RDB + b * t
-        rdh = RDH + b * t
+        dgd = ws.DG + b * k
+        gp = ws.RDP + b * k
         if a.attention and P1 > P0:
-            _softmax(Uu + P0 * t, h, P1 - P0, t, code, Uu + P0 * t, pa + P0)
+            smax = -INFINITY
+            for P in range(P0, P1):
+                s = ws.SD[ws.pd[P]]
+                pa[P] = s
+                if s > smax:
+                    smax = s
+            ssum = 0
+            for P in range(P0, P1):
+                pa[P] = exp(pa[P] - smax)
+                ssum += pa[P]
+            for P in range(P0, P1):
+                pa[P] = pa[P] / ssum
             if a.drop_att:
                 key = dropout_row_key(a.seed, 1, a.step, <uint64_t>a.rows[b])
                 for P in range(P0, P1):
@@ -625,14 +760,19 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         else:
             for P in range(P0, P1):
                 pau[P] = 1.0
-        # pooled g (into RDP's row), pooled dropout scale (into DG's row)
+        # pooled g (into RDP's row), e = v1 * v2 formed on the fly
         for f in range(k):
             gp[f] = 0
-        for P in range(P0, P1):
-            au = pau[P]
-            e = E + P * k
-            for f in range(k):
-                gp[f] = gp[f] + au * <double>e[f]
+        P = P0
+        for i in range(n):
+            v1 = VX + (q0 + i) * k
+            for i2 in range(i + 1, n):
+                v2 = VX + (q0 + i2) * k
+                au = pau[P]
+                for f in range(k):
+                    gp[f] = gp[f] + au * <double>(v1[f] * v2[f])
+                P += 1
+        # pooled dropout scale (into DG's row)
         if a.drop_pool:
             key = dropout_row_key(a.seed, 2, a.step, <uint64_t>a.rows[b])
             for f in range(k):
@@ -649,55 +789,72 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         for f in range(k):
             dgd[f] = res * <double>p_vec[f] * dgd[f]
             gp[f] = res * gp[f]
-        for jj in range(t):
-            rdb[jj] = 0
-            rdh[jj] = 0
         if a.attention and P1 > P0:
             ada = 0
-            for P in range(P0, P1):
-                da = _dot_d(E + P * k, dgd, k) * pds[P]
-                pds[P] = da
-                ada += pa[P] * da
+            P = P0
+            for i in range(n):
+                v1 = VX + (q0 + i) * k
+                for i2 in range(i + 1, n):
+                    v2 = VX + (q0 + i2) * k
+                    da = _dot_pair_d(v1, v2, dgd, k) * pds[P]
+                    pds[P] = da
+                    ada += pa[P] * da
+                    P += 1
             for P in range(P0, P1):
                 pds[P] = pa[P] * (pds[P] - ada)
-            # du in double (its row sums nearly cancel: sum_P ds_P = 0), stored rounded
-            for P in range(P0, P1):
-                u = Uu + P * t
-                ds = pds[P]
-                if code == ACT_RELU:
-                    for jj in range(t):
-                        hv = <double>u[jj]
-                        rdh[jj] = rdh[jj] + ds * hv
-                        du = ds * <double>h[jj] if hv > 0 else 0.0
-                        rdb[jj] = rdb[jj] + du
-                        u[jj] = <floating>du
-                elif code == ACT_SIGMOID:
-                    for jj in range(t):
-                        hv = <double>u[jj]
-                        rdh[jj] = rdh[jj] + ds * hv
-                        du = ds * <double>h[jj] * (hv * (1 - hv))
-                        rdb[jj] = rdb[jj] + du
-                        u[jj] = <floating>du
-                elif code == ACT_TANH:
-                    for jj in range(t):
-                        hv = <double>u[jj]
-                        rdh[jj] = rdh[jj] + ds * hv
-                        du = ds * <double>h[jj] * (1 - hv * hv)
-                        rdb[jj] = rdb[jj] + du
-                        u[jj] = <floating>du
-                else:
-                    for jj in range(t):
-                        hv = <double>u[jj]
-                        rdh[jj] = rdh[jj] + ds * hv
-                        du = ds * <double>h[jj]
-                        rdb[jj] = rdb[jj] + du
-                        u[jj] = <floating>du
+
+
+cdef void _ds_bucket(AFMWorkspace ws, Py_ssize_t c) noexcept nogil:
+    """Step 1d for the pairs whose lower class is c: DS[d] = sum of ds over the pairs of
+    distinct pair d in batch order (all of them sit in this bucket)."""
+    cdef Py_ssize_t pos, P, d
+    for pos in range(ws.bstart[c], ws.bstart[c + 1]):
+        P = ws.pbkt[pos]
+        d = ws.bpd[pos]
+        if ws.drep[d] == P:
+            ws.DSD[d] = ws.pds[P]
+        else:
+            ws.DSD[d] = ws.DSD[d] + ws.pds[P]
+
+
+cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
+                             const floating* dense, const floating* W) noexcept nogil:
+    """Step 2 for a block of distinct pairs: du = DS h act'(u) (over U), the block's sums
+    of du (gradient of b) and DS act (gradient of h), and c = W^T (h act'(u))."""
+    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, jj
+    cdef floating* Uu = <floating*>ws.U
+    cdef const floating* HDp = <floating*>ws.HD
+    cdef floating* CDp = <floating*>ws.CD
+    cdef double* bdb = ws.BDB + blk * t
+    cdef double* bdh = ws.BDH + blk * t
+    cdef floating* u
+    cdef const floating* hd
+    cdef double ds, du
+    d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
+    for jj in range(t):
+        bdb[jj] = 0
+        bdh[jj] = 0
+    for d in range(d0, d1):
+        ds = ws.DSD[d]
+        u = Uu + d * t
+        hd = HDp + d * t
+        for jj in range(t):
+            bdh[jj] = bdh[jj] + ds * <double>u[jj]
+            du = ds * <double>hd[jj]
+            bdb[jj] = bdb[jj] + du
+            u[jj] = <floating>du
+    if a.freeze_fm:
+        return
+    for jj in range((d1 - d0) * k):
+        CDp[d0 * k + jj] = 0
+    _gemm(d1 - d0, k, t, HDp + d0 * t, t, 1, W, k, CDp + d0 * k, k)
 
 
 cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
                     floating* GW) noexcept nogil:
-    """Step 3 for W rows [j0, j1) of thread block th: GW[j] = sum_P du[P, j] e[P] in
-    pair order. Blocks of pairs keep E's and DU's rows in cache across the W rows."""
+    """Step 3 for W rows [j0, j1) of thread block th: GW[j] = sum_d du[d, j] e[d] over the
+    distinct pairs in order. Blocks of pairs keep E's and DU's rows in cache across the W
+    rows."""
     cdef Py_ssize_t k = a.k, t = a.t, nblk, j0, j1, P0, PB, P, n_pairs, f, j
     cdef const floating* E = <floating*>ws.E
     cdef const floating* DU = <floating*>ws.U
@@ -710,7 +867,7 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
         return
     for j in range(j0 * k, j1 * k):
         GW[j] = 0
-    n_pairs = ws.poff[a.B]
+    n_pairs = a.n_distinct
     PB = 131072 // ((k + t) * sizeof(floating))
     if PB < 16:
         PB = 16
@@ -722,36 +879,23 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
 
 
 cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
-                          const floating* W) noexcept nogil:
-    """Step 4 for the rows of chunk c: de = a' dg + du W over E, then d(v x) per
-    occurrence, scaled by x (the occurrence's contribution to its V row's gradient)."""
-    cdef Py_ssize_t k = a.k, t = a.t, b, b0 = ws.chunk[c], b1 = ws.chunk[c + 1]
-    cdef Py_ssize_t P, P0, P1, f, i, i2, n, q0
-    cdef floating* E = <floating*>ws.E
-    cdef const floating* VX = <floating*>ws.VX
+                          const floating* VX) noexcept nogil:
+    """Step 4 for the rows of chunk c: de = a' dg + ds W^T (h act'(u)) per pair, then
+    d(v x) per occurrence, scaled by x (the occurrence's contribution to its V row's
+    gradient)."""
+    cdef Py_ssize_t k = a.k, b, P, f, i, i2, n, q0
+    cdef const floating* CDp = <floating*>ws.CD
     cdef double* DVX = ws.DVX
-    cdef const double* DG = ws.DG
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef const double* dg
-    cdef floating* e
+    cdef const floating* cd
     cdef double* d1
     cdef double* d2
     cdef const floating* v1
     cdef const floating* v2
-    cdef double x, de
-    cdef double au
-    for b in range(b0, b1):
-        dg = DG + b * k
-        for P in range(ws.poff[b], ws.poff[b + 1]):
-            e = E + P * k
-            au = ws.pau[P]
-            for f in range(k):
-                e[f] = <floating>(au * dg[f])
-    P0 = ws.poff[b0]
-    P1 = ws.poff[b1]
-    if a.attention:
-        _gemm(P1 - P0, k, t, <floating*>ws.U + P0 * t, t, 1, W, k, E + P0 * k, k)
-    for b in range(b0, b1):
+    cdef double x, de, au, ds
+    for b in range(ws.chunk[c], ws.chunk[c + 1]):
+        dg = ws.DG + b * k
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         for i in range(n * k):
@@ -763,11 +907,19 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
             for i2 in range(i + 1, n):
                 v2 = VX + (q0 + i2) * k
                 d2 = DVX + (q0 + i2) * k
-                e = E + P * k
-                for f in range(k):
-                    de = <double>e[f]
-                    d1[f] = d1[f] + de * <double>v2[f]
-                    d2[f] = d2[f] + de * <double>v1[f]
+                au = ws.pau[P]
+                if a.attention:
+                    ds = ws.pds[P]
+                    cd = CDp + <Py_ssize_t>ws.pd[P] * k
+                    for f in range(k):
+                        de = au * dg[f] + ds * <double>cd[f]
+                        d1[f] = d1[f] + de * <double>v2[f]
+                        d2[f] = d2[f] + de * <double>v1[f]
+                else:
+                    for f in range(k):
+                        de = au * dg[f]
+                        d1[f] = d1[f] + de * <double>v2[f]
+                        d2[f] = d2[f] + de * <double>v1[f]
                 P += 1
         for i in range(n):
             x = <double>occ_x[q0 + i]
@@ -811,8 +963,9 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
-# Wall-clock seconds of the phases of the last afm_step (0 prepare, 1 forward, 2 row sums,
-# 3 dW, 4 de and d(vx), 5 feature updates, 6 dense updates): see _phase_times().
+# Wall-clock seconds of the phases of the last afm_step (0 prepare and distinct pairs,
+# 1 forward and the distinct pairs' backward, 2 row sums, 3 dW, 4 de and d(vx), 5 feature
+# updates, 6 dense updates): see _phase_times().
 cdef double _phase_t[8]
 
 
@@ -821,7 +974,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      floating* dense, floating* sV, floating* sw, floating* sW,
                      floating* sd, double* loss_out) noexcept nogil:
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
-    cdef Py_ssize_t b, f, j, c, u, lo, hi, th
+    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, nblk
     cdef int nt = a.n_threads, err
     cdef floating* WT = <floating*>ws.WT
     cdef floating* GW = <floating*>ws.GW
@@ -842,7 +995,17 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[0] = omp_get_wtime() - t0
 
     for c in prange(a.n_chunks, schedule="static", num_threads=nt):
-        _forward_chunk(a, ws, c, y, V, w, dense)
+        _vx_chunk(a, ws, c, V, w)
+    nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
+    for c in prange(nblk, schedule="static", num_threads=nt):
+        _distinct_forward(a, ws, c, dense)
+    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+        _forward_chunk(a, ws, c, y, dense)
+    if a.attention:
+        for c in prange(a.n_classes, schedule="dynamic", chunksize=64, num_threads=nt):
+            _ds_bucket(ws, c)
+        for c in prange(nblk, schedule="static", num_threads=nt):
+            _distinct_backward(a, ws, c, dense, W)
     _phase_t[1] = omp_get_wtime() - t0
 
     # step 2: row-order sums
@@ -855,11 +1018,11 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         for f in range(k):
             dsum[1 + f] += row[f]
     if a.attention:
-        for b in range(B):
-            row = ws.RDB + b * t
+        for c in range(nblk):
+            row = ws.BDB + c * t
             for j in range(t):
                 dsum[1 + k + j] += row[j]
-            row = ws.RDH + b * t
+            row = ws.BDH + c * t
             for j in range(t):
                 dsum[1 + k + t + j] += row[j]
     for j in range(D):
@@ -878,7 +1041,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
 
     if not a.freeze_fm:
         for c in prange(a.n_chunks, schedule="static", num_threads=nt):
-            _backward_chunk(a, ws, c, W)
+            _backward_chunk(a, ws, c, <floating*>ws.VX)
     _phase_t[4] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: dynamic scheduling balances the threads,
@@ -899,24 +1062,6 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     loss_out[0] = loss
     _phase_t[6] = omp_get_wtime() - t0
     return 0
-
-
-cdef OptCfg _opt_cfg(cfg) except *:
-    cdef OptCfg o
-    o.code = cfg.optimizer
-    o.lr = cfg.lr
-    if o.code == OPT_ADAM:
-        s = cfg.step + 1
-        o.lr = cfg.lr * math.sqrt(1.0 - _api.ADAM_BETA2**s) / (1.0 - _api.ADAM_BETA1**s)
-    elif o.code not in (OPT_ADAGRAD, OPT_SGD, OPT_MOMENTUM):
-        raise ValueError(f"cfg.optimizer must be one of "
-                         f"{sorted(_api.OPTIMIZER_CODES.values())} (kernel_api codes), "
-                         f"got {cfg.optimizer}")
-    o.momentum = _api.MOMENTUM_COEF
-    o.beta1 = _api.ADAM_BETA1
-    o.beta2 = _api.ADAM_BETA2
-    o.eps = _api.ADAM_EPS
-    return o
 
 
 def _check_activation(activation):
@@ -958,9 +1103,9 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
             f"workspace {ws!r} does not fit parameters V {(M, k)}, W {(t, W.shape[1])} "
             f"{params.V.dtype}: build it with afm_workspace(..., n_features={M}, "
             f"n_factors={k}, attention_size={t}, dtype={params.V.dtype})")
-    if rows.shape[0] < 1 or rows.shape[0] > ws.batch_size:
-        raise ValueError(f"len(rows) must be in [1, {ws.batch_size}] (the workspace's "
-                         f"batch_size), got {rows.shape[0]}")
+    check_step_arrays(rows.shape[0], ws.batch_size, indptr.shape[0], y.shape[0],
+                      indices.shape[0], values.shape[0],
+                      indptr[indptr.shape[0] - 1] if indptr.shape[0] > 0 else 0, n_threads)
     if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != D
             or sV.shape[0] != 2 or sV.shape[1] != M or sV.shape[2] != k
             or sw.shape[0] != 2 or sw.shape[1] != M or sW.shape[0] != 2
@@ -968,12 +1113,6 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
             or sd.shape[1] != D):
         raise ValueError(f"params/state shapes are inconsistent with V {(M, k)} and W "
                          f"{(t, k)}: see afmfast.kernel_api")
-    if indptr.shape[0] < 1 or y.shape[0] != indptr.shape[0] - 1:
-        raise ValueError(f"y has {y.shape[0]} rows but X has {indptr.shape[0] - 1}")
-    if indices.shape[0] != values.shape[0] or indptr[indptr.shape[0] - 1] > indices.shape[0]:
-        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
-    if n_threads < 1:
-        raise ValueError(f"cfg.n_threads must be a positive integer, got {n_threads}")
     _check_keep("cfg.keep_attention", keep0)
     _check_keep("cfg.keep_pooled", keep1)
     _check_activation(cfg.activation)
@@ -995,33 +1134,22 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     a.l2a = cfg.l2_attention
     a.inv_keep_att = 1.0 / keep0
     a.inv_keep_pool = 1.0 / keep1
-    a.seed = <uint64_t>(int(cfg.seed) & 0xFFFFFFFFFFFFFFFF)
-    a.step = <uint64_t>(int(cfg.step) & 0xFFFFFFFFFFFFFFFF)
-    a.thr_att = <uint64_t>_api.dropout_threshold(keep0)
-    a.thr_pool = <uint64_t>_api.dropout_threshold(keep1)
+    a.seed = as_u64(cfg.seed)
+    a.step = as_u64(cfg.step)
+    a.thr_att = dropout_threshold(keep0)
+    a.thr_pool = dropout_threshold(keep1)
     a.indptr = &indptr[0]
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
     a.rows = &rows[0]
-    a.opt = _opt_cfg(cfg)
-    a.err_pos = 0
-    a.err_value = 0
+    a.opt = opt_cfg_from(cfg, _api)
+    a.err.pos = 0
+    a.err.value = 0
 
     with nogil:
         err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
                           &V[0, 0], &w[0], &W[0, 0], &dense[0], &sV[0, 0, 0], &sw[0, 0],
                           &sW[0, 0, 0], &sd[0, 0], &loss)
-    if err == ERR_ROW:
-        raise ValueError(f"rows[{a.err_pos}] = {a.err_value} is not a row of X "
-                         f"(it has {a.n_rows} rows)")
-    if err == ERR_FEATURE:
-        raise ValueError(f"X.indices[{a.err_pos}] = {a.err_value} is not a feature id in "
-                         f"[0, {M}) (n_features); raise n_features or fix the data")
-    if err == ERR_NNZ:
-        raise ValueError(f"the batch has {a.err_value} nonzeros, more than the workspace's "
-                         f"max_batch_nnz = {ws.max_batch_nnz}")
-    if err == ERR_PAIRS:
-        raise ValueError(f"the batch has {a.err_value} pairs of nonzeros, more than the "
-                         f"workspace's max_batch_pairs = {ws.max_batch_pairs}")
+    raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, ws.max_batch_pairs)
     return loss
 
 
@@ -1083,30 +1211,14 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
         ids[n] = j
         n += 1
     n_pairs = n * (n - 1) // 2
-    P = 0
-    for i1 in range(n):
-        for i2 in range(i1 + 1, n):
-            e = E + P * k
-            for f in range(k):
-                e[f] = vx_buf[i1 * k + f] * vx_buf[i2 * k + f]
-            P += 1
+    _pair_products(vx_buf, n, k, E)
     if a.attention and n_pairs > 0:
-        for P in range(n_pairs):
-            u = Uu + P * t
-            for jj in range(t):
-                u[jj] = bias[jj]
-        _gemm(n_pairs, t, k, E, k, 1, WT, t, Uu, t)
+        _preactivation(E, n_pairs, k, t, bias, WT, Uu)
         _softmax(Uu, h, n_pairs, t, a.activation, Uu, pa)
     else:
         for P in range(n_pairs):
             pa[P] = 1.0
-    for f in range(k):
-        g[f] = 0
-    for P in range(n_pairs):
-        au = pa[P]
-        e = E + P * k
-        for f in range(k):
-            g[f] = g[f] + au * <double>e[f]
+    _pool(pa, E, n_pairs, k, g)
     if a.pair_indptr != NULL:
         base = a.pair_indptr[i]
         P = 0
@@ -1298,21 +1410,9 @@ def _gemm_for_test(A, B, C, transpose_a=False):
 def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
     """The kernels' dropout mask, bool (len(rows), n_units), to compare with
     kernel_api.dropout_mask bit for bit."""
-    cdef const int64_t[::1] r = np.ascontiguousarray(rows, dtype=np.int64)
-    cdef Py_ssize_t n = r.shape[0], u, i, nu = n_units
-    cdef uint64_t thr = <uint64_t>_api.dropout_threshold(keep)
-    cdef uint64_t sd = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t st = <uint64_t>(int(stream) & 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t sp = <uint64_t>(int(step) & 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t key
-    out = np.ones((n, nu), dtype=np.uint8)
-    cdef unsigned char[:, ::1] o = out
-    if keep >= 1.0:
-        return out.astype(bool)
-    for i in range(n):
-        key = dropout_row_key(sd, st, sp, <uint64_t>r[i])
-        for u in range(nu):
-            o[i, u] = dropout_kept(key, <uint64_t>u, thr)
+    r = np.ascontiguousarray(rows, dtype=np.int64)
+    out = np.ones((r.shape[0], n_units), dtype=np.uint8)
+    fill_dropout_mask(r, out, seed, stream, step, keep)
     return out.astype(bool)
 
 

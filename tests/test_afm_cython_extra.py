@@ -7,6 +7,7 @@ import pytest
 
 from afmfast import kernel_api as api
 from afmfast import reference as ref
+from afm_problems import make_afm_problem
 
 cy = pytest.importorskip("afmfast._afm_cython")
 
@@ -18,24 +19,11 @@ STABLE_LR = {api.ADAGRAD: 0.02, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.0
 def make_problem(n_rows=60, n_features=50, k=12, t=10, dtype=np.float64, seed=0,
                  lengths=(0, 1, 2, 10, 40, 3, 7), v_scale=0.3):
     """Ragged rows (0, 1, 2, 10, 40 ... nonzeros), real signed values, duplicate ids
-    (the last id of a row repeats its first), non-trivial AFM parameters."""
-    rng = np.random.default_rng(seed)
-    ln = np.array([lengths[b % len(lengths)] for b in range(n_rows)])
-    indptr = np.concatenate([[0], np.cumsum(ln)]).astype(np.int64)
-    indices = rng.integers(0, n_features, size=int(indptr[-1])).astype(np.int32)
-    for b in range(n_rows):
-        lo, hi = indptr[b], indptr[b + 1]
-        if hi - lo >= 2:
-            indices[hi - 1] = indices[lo]
-    values = rng.uniform(0.5, 1.5, size=indices.shape) * rng.choice([-1, 1], indices.shape)
-    X = (indptr, indices, values.astype(dtype))
-    y = rng.normal(0.0, 1.0, size=n_rows).astype(dtype)
-    p = api.new_afm_params(n_features, k, t, rng, dtype=dtype)
-    p.V[:] = rng.normal(0.0, v_scale, size=p.V.shape)
-    p.w[:] = rng.normal(0.0, 0.1, size=p.w.shape)
-    p.W[:] = rng.normal(0.0, 0.5, size=p.W.shape)
-    p.dense[:] = rng.normal(0.0, 0.5, size=p.dense.shape)
-    p.dense[1:1 + k] += 1.0
+    (the last id of a row repeats its first), non-trivial AFM parameters: the shared
+    ``afm_problems.make_afm_problem`` with W scaled to N(0, 0.5)."""
+    X, y, p = make_afm_problem(np.random.default_rng(seed), n_rows, n_features, k, t,
+                               lengths, dtype=dtype, v_scale=v_scale)
+    p.W[:] *= 0.5
     return X, y, p
 
 
@@ -68,6 +56,12 @@ def test_sgd_step_is_reference_gradient(activation, attention, keep, freeze_fm):
     rows = np.random.default_rng(3).permutation(len(y))[:45].astype(np.int64)
     cfg = cfg_for(keep=keep, attention=attention, activation=activation,
                   freeze_fm=freeze_fm, n_threads=2)
+    check_sgd_step(X, y, rows, params, cfg)
+
+
+def check_sgd_step(X, y, rows, params, cfg):
+    """One SGD step with lr = 1 moves every parameter by minus the reference gradient."""
+    attention, freeze_fm = cfg.attention, cfg.freeze_fm
     loss_ref, touched, gV, gw, gW, g_dense = ref.afm_gradients(X, y, rows, params, cfg)
     old = copy_tuple(params)
     state = api.new_opt_state(params, api.SGD)
@@ -91,6 +85,43 @@ def test_sgd_step_is_reference_gradient(activation, attention, keep, freeze_fm):
         np.testing.assert_allclose(old.W - params.W, gW, rtol=1e-9, atol=1e-12)
     else:
         assert np.array_equal(old.W, params.W)
+
+
+def repeated_pairs_problem(dtype=np.float64, n_rows=300, seed=4):
+    """Few features and values from a small set (0 included): many rows share a pair of
+    (feature, value) classes, which the kernel evaluates once per distinct pair."""
+    X, y, params = make_problem(n_rows=n_rows, n_features=7, k=12, t=10, dtype=dtype,
+                                seed=seed, lengths=(2, 5, 8, 3, 0, 1), v_scale=0.3)
+    rng = np.random.default_rng(seed)
+    X[2][:] = rng.choice(np.array([1.0, 1.0, 1.0, -0.5, 0.0]), size=X[2].shape)
+    return X, y, params
+
+
+@pytest.mark.parametrize("keep", [(1.0, 1.0), (0.7, 0.6)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_repeated_pairs_sgd_step_is_reference_gradient(activation, keep):
+    X, y, params = repeated_pairs_problem()
+    rows = np.random.default_rng(3).permutation(len(y))[:200].astype(np.int64)
+    check_sgd_step(X, y, rows, params, cfg_for(keep=keep, activation=activation,
+                                               n_threads=2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_repeated_pairs_thread_count_is_bit_identical(dtype):
+    results = []
+    for n_threads in (1, 2, 3):
+        X, y, params = repeated_pairs_problem(dtype)
+        state = api.new_opt_state(params, api.ADAGRAD)
+        perm = np.random.default_rng(6).permutation(len(y)).astype(np.int64)
+        ws = workspace_for(X, perm, params, batch=150)
+        for step in range(2):
+            rows = perm[step * 150:(step + 1) * 150]
+            cfg = cfg_for(api.ADAGRAD, lr=0.05, step=step, n_threads=n_threads)
+            cy.afm_step(X, y, rows, params, state, cfg, ws)
+        results.append((params, state))
+    for params, state in results[1:]:
+        for a, b in zip(params + state, results[0][0] + results[0][1]):
+            assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 2e-3)])
