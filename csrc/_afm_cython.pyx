@@ -261,22 +261,28 @@ cdef inline void _activate(floating* u, Py_ssize_t n, int code) noexcept nogil:
                 u[j] = tanh(u[j])
 
 
+cdef inline void _softmax_inplace(double* a, Py_ssize_t n) noexcept nogil:
+    """a <- softmax(a), the maximum subtracted before exp."""
+    cdef Py_ssize_t P
+    cdef double smax = -INFINITY, ssum = 0
+    for P in range(n):
+        if a[P] > smax:
+            smax = a[P]
+    for P in range(n):
+        a[P] = exp(a[P] - smax)
+        ssum += a[P]
+    for P in range(n):
+        a[P] = a[P] / ssum
+
+
 cdef inline void _softmax(const floating* U, const floating* h, Py_ssize_t n_pairs,
                           Py_ssize_t t, int code, floating* H, double* a) noexcept nogil:
     """H rows (n_pairs, t): act(U) in place (U == H) -> logits s = h . act -> a = softmax."""
     cdef Py_ssize_t P
-    cdef double smax = -INFINITY, ssum = 0, s
     for P in range(n_pairs):
         _activate(H + P * t, t, code)
-        s = _dot_d(h, H + P * t, t)
-        a[P] = s
-        if s > smax:
-            smax = s
-    for P in range(n_pairs):
-        a[P] = exp(a[P] - smax)
-        ssum += a[P]
-    for P in range(n_pairs):
-        a[P] = a[P] / ssum
+        a[P] = _dot_d(h, H + P * t, t)
+    _softmax_inplace(a, n_pairs)
 
 
 cdef inline double _du(double ds, double hj, double hv, int code) noexcept nogil:
@@ -724,7 +730,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef const floating* p_vec = dense + 1
     cdef double* gp
     cdef double* dgd
-    cdef double yhat, res, ada, da, au, smax, ssum, s
+    cdef double yhat, res, ada, da, au
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
@@ -735,18 +741,9 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         dgd = ws.DG + b * k
         gp = ws.RDP + b * k
         if a.attention and P1 > P0:
-            smax = -INFINITY
             for P in range(P0, P1):
-                s = ws.SD[ws.pd[P]]
-                pa[P] = s
-                if s > smax:
-                    smax = s
-            ssum = 0
-            for P in range(P0, P1):
-                pa[P] = exp(pa[P] - smax)
-                ssum += pa[P]
-            for P in range(P0, P1):
-                pa[P] = pa[P] / ssum
+                pa[P] = ws.SD[ws.pd[P]]
+            _softmax_inplace(pa + P0, P1 - P0)
             if a.drop_att:
                 key = dropout_row_key(a.seed, 1, a.step, <uint64_t>a.rows[b])
                 for P in range(P0, P1):
