@@ -52,7 +52,6 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_common import (
-    BAD_FEATURE,
     BAD_NNZ,
     BAD_PAIRS,
     batch_offsets,
@@ -82,37 +81,45 @@ __all__ = ["AFMWorkspace", "afm_workspace", "afm_step", "afm_predict", "afm_expl
 
 AFMWorkspace = namedtuple(
     "AFMWorkspace",
-    "slot uniq ustart ucur occ_list nzoff pairoff occ_feat occ_x occ_b VX DVX E U A SC0 D "
-    "R WT ch_lo cW cvec gW gdense ul2 tbuf tacc",
+    "slot uniq ustart ucur occ_list nzoff pairoff occ_feat occ_x occ_b VX DVX LIN atom arep "
+    "amark acnt plo phi po qo plist pid drep E U Z S DS A SC0 D R WT ch_lo dch_lo cW cvec gW "
+    "gdense ul2 tbuf hbuf tacc",
 )
 AFMWorkspace.__doc__ = """Scratch of ``afm_step`` (see the module docstring).
 slot int32 (M,) stays -1 between steps; uniq/ustart/ucur/occ_list: unique touched
 features and their occurrences (indices into the occ_* arrays) in batch order;
 nzoff/pairoff int64 (B+1,): prefix sums of the rows' nonzeros and pairs; occ_feat, occ_x,
 occ_b: feature, value and batch row of each occurrence; VX (nnz, k) DTYPE: v x;
-DVX (nnz, k) float64: gradient of V from each occurrence; E (pairs, k) DTYPE: pair
-products, then dE; U (pairs, t) DTYPE: activations act(E W^T + b), then dU; A, SC0, D (pairs,)
-float64: attention weights, attention dropout scales, da then ds; R (B,): residuals;
-WT (k, t) DTYPE: W transposed; ch_lo (n_chunks+1,) chunk bounds; cW (n_chunks, t, k)
-DTYPE and cvec (n_chunks, 2+k+2t) float64 = [sum r^2, dw0, dp, db, dh]: chunk partials;
-gW (t, k), gdense (1+k+2t,): gradients; ul2: ||v||^2 per touched row;
-tbuf (n_chunks, 3, kmax) and tacc (threads, kmax): float64 vectors."""
+DVX (nnz, k) float64: gradient of V from each occurrence; LIN (B,): sum w x;
+atom/arep/amark/acnt (nnz,): atoms (feature, value) of the occurrences and the pair
+buckets; plo/phi/po/qo/plist/pid (pairs,): pair keys, occurrences, bucket order and
+distinct-pair id; drep (pairs, 2): occurrences of each distinct pair; per distinct pair
+E (k) DTYPE: e, U (t) DTYPE: act(e W^T + b), Z (k) DTYPE: (h act'(u)) W, S: logit,
+DS: summed logit gradient; per pair A, SC0, D float64: attention weights, attention
+dropout scales, da then ds; R (B,): residuals; WT (k, t) DTYPE: W transposed;
+ch_lo/dch_lo (n_chunks+1,): bounds of the row chunks and distinct-pair chunks;
+cW (n_chunks, t, k) DTYPE and cvec (n_chunks, 2+k+2t) float64 = [sum r^2, dw0, dp, db,
+dh]: chunk partials; gW (t, k), gdense (1+k+2t,): gradients; ul2: ||v||^2 per touched
+row; tbuf (n_chunks, 3, kmax) float64 and hbuf (n_chunks, _PBLK, t) DTYPE: per-chunk
+scratch; tacc (threads, kmax): float64 vectors."""
 
 _MASK64 = (1 << 64) - 1
 # Fixed number of chunks a batch is cut into (independent of the thread count, so the
 # summation order is too). 64 keeps every thread busy up to ~16 threads.
 _N_CHUNKS = 64
-# Pairs per block in predict/explain (per-thread scratch of _PBLK x max(k, t)).
+# Pairs per block in predict/explain (per-thread scratch of _PBLK x max(k, t)) and of
+# the distinct-pair passes of the step (per-chunk scratch hbuf).
 _PBLK = 64
 
 # 'contract' lets LLVM fuse a*b+c into FMA: rounding then depends on the compiled code
 # only, never on the thread count.
 _FM = {"contract"}
-_PAR = dict(parallel=True, fastmath=_FM, cache=True, nogil=True)
-_SER = dict(fastmath=_FM, cache=True, nogil=True)
+# error_model="numpy": no zero-division checks, so divisions vectorise (_numba_common).
+_SER = dict(fastmath=_FM, cache=True, nogil=True, error_model="numpy")
+_PAR = dict(_SER, parallel=True)
 # Short float64 dot products (logits, da) may be reassociated so that they vectorise: the
 # order is then fixed by the compiled code, still independent of the thread count.
-_DOT = dict(fastmath={"contract", "reassoc"}, cache=True, nogil=True)
+_DOT = dict(_SER, fastmath={"contract", "reassoc"})
 
 
 def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
@@ -152,20 +159,37 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
         occ_b=np.zeros(cap1, dtype=np.int32),
         VX=np.zeros((cap1, k), dtype=dtype),
         DVX=np.zeros((cap1, k), dtype=f8),
+        LIN=np.zeros(B, dtype=f8),
+        atom=np.zeros(cap1, dtype=np.int32),
+        arep=np.zeros(cap1, dtype=np.int32),
+        amark=np.zeros(cap1, dtype=np.int64),
+        acnt=np.zeros(cap1 + 1, dtype=np.int64),
+        plo=np.zeros(pcap1, dtype=np.int32),
+        phi=np.zeros(pcap1, dtype=np.int32),
+        po=np.zeros(pcap1, dtype=np.int32),
+        qo=np.zeros(pcap1, dtype=np.int32),
+        plist=np.zeros(pcap1, dtype=np.int32),
+        pid=np.zeros(pcap1, dtype=np.int32),
+        drep=np.zeros((pcap1, 2), dtype=np.int32),
         E=np.zeros((pcap1, k), dtype=dtype),
         U=np.zeros((pcap1, t), dtype=dtype),
+        Z=np.zeros((pcap1, k), dtype=dtype),
+        S=np.zeros(pcap1, dtype=f8),
+        DS=np.zeros(pcap1, dtype=f8),
         A=np.zeros(pcap1, dtype=f8),
         SC0=np.zeros(pcap1, dtype=f8),
         D=np.zeros(pcap1, dtype=f8),
         R=np.zeros(B, dtype=f8),
         WT=np.zeros((k, t), dtype=dtype),
         ch_lo=np.zeros(nch + 1, dtype=np.int64),
+        dch_lo=np.zeros(nch + 1, dtype=np.int64),
         cW=np.zeros((nch, t, k), dtype=dtype),
         cvec=np.zeros((nch, 2 + k + 2 * t), dtype=f8),
         gW=np.zeros((t, k), dtype=f8),
         gdense=np.zeros(1 + k + 2 * t, dtype=f8),
         ul2=np.zeros(cap_u, dtype=f8),
         tbuf=np.zeros((nch, 3, kmax), dtype=f8),
+        hbuf=np.zeros((nch, _PBLK, t), dtype=dtype),
         tacc=np.zeros((numba.config.NUMBA_NUM_THREADS, kmax), dtype=f8),
     )
 
@@ -194,12 +218,37 @@ def _activate_rows(code, H, R, t):
     # IDENTITY: nothing to do (codes are validated upstream)
 
 
+@njit(**_SER)
+def _row_vx(feat, xs, lo, hi, V, w, VX, fout, base):
+    """For the nonzeros lo..hi-1 of one row with ids in [0, M), in order (n of them):
+    VX[base + i] = v x (storage dtype, product in float64), fout[base + i] = id.
+    Returns (sum w x in float64, n)."""
+    M = V.shape[0]
+    k = V.shape[1]
+    n = 0
+    lin = 0.0
+    for p in range(lo, hi):
+        j = feat[p]
+        if j < 0 or j >= M:
+            continue
+        x = np.float64(xs[p])
+        lin += np.float64(w[j]) * x
+        vj = V[j]
+        vxn = VX[base + n]
+        for c in range(k):
+            vxn[c] = np.float64(vj[c]) * x
+        fout[base + n] = j
+        n += 1
+    return lin, n
+
+
 @njit(**_DOT)
-def _dot(a, b, n):
-    """sum_c a[c] b[c] in float64 (c < n)."""
+def _pair_dot(vp, vq, d, n):
+    """sum_c (vp[c] vq[c]) d[c] in float64 (the product vp vq in the storage dtype, as
+    the pair's e), c < n; reassociated so that it vectorises."""
     acc = 0.0
     for c in range(n):
-        acc += np.float64(a[c]) * np.float64(b[c])
+        acc += np.float64(vp[c] * vq[c]) * d[c]
     return acc
 
 
@@ -212,39 +261,6 @@ def _logits(H, R, t, dense, hoff, out, ooff):
         for j in range(t):
             acc += np.float64(dense[hoff + j]) * np.float64(hi[j])
         out[ooff + i] = acc
-
-
-@njit(**_SER)
-def _attention_backward(code, ds, hrow, dense, hoff, dh, db):
-    """For one pair with logit gradient ds and activations hrow = act(u) (t,): dh += ds
-    act(u), du = ds h act'(u) with act' from act(u) (ReLU: act > 0, sigmoid: a (1 - a),
-    tanh: 1 - a^2, identity: 1), db += du; du is written over hrow."""
-    t = hrow.shape[0]
-    for j in range(t):
-        dh[j] += ds * np.float64(hrow[j])
-    if code == RELU:
-        for j in range(t):
-            a = np.float64(hrow[j])
-            du = ds * np.float64(dense[hoff + j]) if a > 0.0 else 0.0
-            db[j] += du
-            hrow[j] = du
-    elif code == SIGMOID:
-        for j in range(t):
-            a = np.float64(hrow[j])
-            du = ds * np.float64(dense[hoff + j]) * (a * (1.0 - a))
-            db[j] += du
-            hrow[j] = du
-    elif code == TANH:
-        for j in range(t):
-            a = np.float64(hrow[j])
-            du = ds * np.float64(dense[hoff + j]) * (1.0 - a * a)
-            db[j] += du
-            hrow[j] = du
-    else:
-        for j in range(t):
-            du = ds * np.float64(dense[hoff + j])
-            db[j] += du
-            hrow[j] = du
 
 
 @njit(**_SER)
@@ -314,13 +330,168 @@ def _mm_acc(A, B, C, R, K, N):
 # ----------------------------------------------------------------------------- step
 
 @njit(**_SER)
-def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, dense,
-               VX, DVX, E, U, A, SC0, D, R, cW, cvec, tb, attention, activation,
-               freeze_fm, keep0, thr0, skey1, keep1, thr1, skey2):
-    """Forward and backward of batch row b (chunk ch): writes R[b], VX/DVX of its
-    occurrences, and accumulates the chunk's partial gradients."""
-    k = V.shape[1]
+def _distinct_pairs(nzoff, occ_x, nU, ustart, occ_list, atom, arep, amark, acnt,
+                    plo, phi, po, qo, plist, pid, drep, B):
+    """Number the distinct pairs of the batch (serial; depends only on the batch).
+
+    A pair's attention logit depends only on (v_p x_p, v_q x_q) (DESIGN section 3), so
+    it is computed once per distinct pair. Occurrences of one feature with one value
+    share an "atom" (the first 8 values of a feature are looked up, a later new value
+    gets a new atom: duplicates only cost speed). Pair P (p < q in row order) has the
+    key (a_lo, a_hi) of its atoms; the pairs are bucketed by a_lo (counting sort) and
+    numbered within a bucket by first appearance of a_hi. Writes pid (pairs,) and
+    drep (distinct, 2) = the two occurrences of the distinct pair's first pair; returns
+    the number of distinct pairs."""
+    nA = 0
+    for u in range(nU):
+        first = nA
+        for q in range(ustart[u], ustart[u + 1]):
+            o = occ_list[q]
+            x = occ_x[o]
+            a = -1
+            for c in range(first, min(nA, first + 8)):
+                if occ_x[arep[c]] == x:
+                    a = c
+                    break
+            if a < 0:
+                a = nA
+                arep[a] = o
+                nA += 1
+            atom[o] = a
+    for a in range(nA + 1):
+        acnt[a] = 0
+    P = 0
+    for b in range(B):
+        o0 = nzoff[b]
+        n = nzoff[b + 1] - o0
+        for p in range(n):
+            ap = atom[o0 + p]
+            for q in range(p + 1, n):
+                aq = atom[o0 + q]
+                lo = min(ap, aq)
+                plo[P] = lo
+                phi[P] = max(ap, aq)
+                po[P] = o0 + p
+                qo[P] = o0 + q
+                acnt[lo + 1] += 1
+                P += 1
+    for a in range(nA):
+        acnt[a + 1] += acnt[a]
+        amark[a] = acnt[a]  # fill cursor of bucket a
+    for i in range(P):
+        lo = plo[i]
+        plist[amark[lo]] = i
+        amark[lo] += 1
+    for a in range(nA):
+        amark[a] = -1
+    nD = 0
+    for a in range(nA):
+        for j in range(acnt[a], acnt[a + 1]):
+            i = plist[j]
+            h = phi[i]
+            d = amark[h]
+            if d < 0:
+                d = nD
+                amark[h] = d
+                drep[d, 0] = po[i]
+                drep[d, 1] = qo[i]
+                nD += 1
+            pid[i] = d
+        for j in range(acnt[a], acnt[a + 1]):
+            amark[phi[plist[j]]] = -1
+    return nD
+
+
+@njit(**_SER)
+def _even_cuts(n, nch, cuts):
+    """cuts[0..nch] = bounds of nch chunks of about n / nch items each."""
+    for c in range(nch + 1):
+        cuts[c] = (n * c) // nch
+
+
+@njit(**_SER)
+def _act_grad_rows(code, Hsrc, R, t, dense, hoff, out):
+    """out[i, j] = h_j act'(u_ij) with act' from act(u) = Hsrc[i, j] (ReLU: act > 0,
+    sigmoid: a (1 - a), tanh: 1 - a^2, identity: 1); h = dense[hoff:hoff+t]."""
+    for i in range(R):
+        hs = Hsrc[i]
+        oi = out[i]
+        if code == RELU:
+            for j in range(t):
+                oi[j] = dense[hoff + j] if hs[j] > 0.0 else 0.0
+        elif code == SIGMOID:
+            for j in range(t):
+                a = np.float64(hs[j])
+                oi[j] = np.float64(dense[hoff + j]) * (a * (1.0 - a))
+        elif code == TANH:
+            for j in range(t):
+                a = np.float64(hs[j])
+                oi[j] = np.float64(dense[hoff + j]) * (1.0 - a * a)
+        else:
+            for j in range(t):
+                oi[j] = dense[hoff + j]
+
+
+@njit(**_SER)
+def _pair_forward(d0, d1, drep, VX, W, WT, dense, activation, E, U, Z, S, hbuf):
+    """Distinct pairs d0..d1-1: E = e, U = act(e W^T + b), S = h . U (float64) and
+    Z = (h * act'(u)) W (k,) in blocks of _PBLK pairs (hbuf: _PBLK x t scratch)."""
+    k = W.shape[1]
     t = W.shape[0]
+    for d in range(d0, d1):
+        vp = VX[drep[d, 0]]
+        vq = VX[drep[d, 1]]
+        ed = E[d]
+        for c in range(k):
+            ed[c] = vp[c] * vq[c]
+        ud = U[d]
+        for j in range(t):
+            ud[j] = dense[1 + k + j]
+        zd = Z[d]
+        for c in range(k):
+            zd[c] = 0.0
+    n = d1 - d0
+    _mm_acc(E[d0:d1], WT, U[d0:d1], n, k, t)
+    _activate_rows(activation, U[d0:d1], n, t)
+    _logits(U[d0:d1], n, t, dense, 1 + k + t, S, d0)
+    for b0 in range(d0, d1, _PBLK):
+        m = min(_PBLK, d1 - b0)
+        _act_grad_rows(activation, U[b0:b0 + m], m, t, dense, 1 + k + t, hbuf)
+        _mm_acc(hbuf, W, Z[b0:b0 + m], m, t, k)
+
+
+@njit(**_SER)
+def _pair_backward(d0, d1, DS, U, E, activation, dense, cw, cv, hbuf):
+    """Distinct pairs d0..d1-1 with summed logit gradients DS: dh += DS act(u),
+    G = DS h act'(u), db += G, cw += G^T E (in blocks of _PBLK pairs)."""
+    k = E.shape[1]
+    t = U.shape[1]
+    db = cv[2 + k:2 + k + t]
+    dh = cv[2 + k + t:2 + k + 2 * t]
+    for b0 in range(d0, d1, _PBLK):
+        m = min(_PBLK, d1 - b0)
+        _act_grad_rows(activation, U[b0:b0 + m], m, t, dense, 1 + k + t, hbuf)
+        for i in range(m):
+            ds = DS[b0 + i]
+            ui = U[b0 + i]
+            hi = hbuf[i]
+            for j in range(t):
+                dh[j] += ds * np.float64(ui[j])
+                g = ds * np.float64(hi[j])
+                db[j] += g
+                hi[j] = g
+        _mm_acc(hbuf[:m].T, E[b0:b0 + m], cw, t, m, k)
+
+
+@njit(**_SER)
+def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, dense,
+               A, SC0, D, R, cvec, tb, attention, freeze_fm, keep0, thr0, skey1, keep1,
+               thr1, skey2):
+    """Forward and backward of batch row b (chunk ch) given v x (VX), the linear term
+    (LIN) and, with attention, the distinct pairs' logits S and Z = (h act'(u)) W:
+    writes R[b], the logit gradients D of its pairs (attention), DVX of its
+    occurrences (unless freeze_fm), and accumulates the chunk's sum r^2, dw0 and dp."""
+    k = VX.shape[1]
     row = rows[b]
     o0 = nzoff[b]
     n = nzoff[b + 1] - o0
@@ -330,45 +501,17 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
     dg = tb[1]
     s = tb[2]
     cv = cvec[ch]
-
-    lin = 0.0
-    for i in range(n):
-        o = o0 + i
-        x = occ_x[o]
-        f = occ_feat[o]
-        lin += np.float64(w[f]) * x
-        vf = V[f]
-        vxo = VX[o]
-        for c in range(k):
-            vxo[c] = np.float64(vf[c]) * x
     for c in range(k):
         g[c] = 0.0
 
     use_pairs = attention and npairs > 0
-    Er = E[P0:P0 + npairs]
-    Ur = U[P0:P0 + npairs]
     if use_pairs:
-        P = 0
-        for p in range(n):
-            vp = VX[o0 + p]
-            for q in range(p + 1, n):
-                vq = VX[o0 + q]
-                eP = Er[P]
-                for c in range(k):
-                    eP[c] = vp[c] * vq[c]
-                P += 1
-        for i in range(npairs):
-            ui = Ur[i]
-            for j in range(t):
-                ui[j] = dense[1 + k + j]
-        _mm_acc(Er, WT, Ur, npairs, k, t)
-        # U becomes act(U) (H); act' is recovered from it in the backward.
-        _activate_rows(activation, Ur, npairs, t)
-        _logits(Ur, npairs, t, dense, 1 + k + t, A, P0)
         smax = -np.inf
         for i in range(npairs):
-            if A[P0 + i] > smax:
-                smax = A[P0 + i]
+            a = S[pid[P0 + i]]
+            A[P0 + i] = a
+            if a > smax:
+                smax = a
         tot = 0.0
         for i in range(npairs):
             e = math.exp(A[P0 + i] - smax)
@@ -381,11 +524,15 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
             if keep0 < 1.0:
                 sc = 1.0 / keep0 if keep_unit(rkey1, i, thr0) else 0.0
             SC0[P0 + i] = sc
-        for i in range(npairs):
-            ap = A[P0 + i] * SC0[P0 + i]
-            ei = Er[i]
-            for c in range(k):
-                g[c] += ap * np.float64(ei[c])
+        P = P0
+        for p in range(n):
+            vp = VX[o0 + p]
+            for q in range(p + 1, n):
+                vq = VX[o0 + q]
+                ap = A[P] * SC0[P]
+                for c in range(k):
+                    g[c] += ap * np.float64(vp[c] * vq[c])
+                P += 1
     elif not attention and n > 0:
         # Attention off: g = sum over pairs e_pq = ((sum vx)^2 - sum vx^2) / 2, O(n k).
         for c in range(k):
@@ -408,7 +555,7 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
             sc = 1.0 / keep1 if keep_unit(rkey2, c, thr1) else 0.0
         dg[c] = sc
         dot += np.float64(dense[1 + c]) * (g[c] * sc)
-    res = np.float64(dense[0]) + lin + dot - np.float64(y[row])
+    res = np.float64(dense[0]) + LIN[b] + dot - np.float64(y[row])
     R[b] = res
     cv[0] += res * res
     cv[1] += res
@@ -418,41 +565,37 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT, den
 
     if use_pairs:
         sad = 0.0
+        P = P0
+        for p in range(n):
+            vp = VX[o0 + p]
+            for q in range(p + 1, n):
+                vq = VX[o0 + q]
+                da = _pair_dot(vp, vq, dg, k) * SC0[P]
+                D[P] = da
+                sad += A[P] * da
+                P += 1
         for i in range(npairs):
-            da = _dot(Er[i], dg, k) * SC0[P0 + i]
-            D[P0 + i] = da
-            sad += A[P0 + i] * da
-        db = cv[2 + k:2 + k + t]
-        dh = cv[2 + k + t:2 + k + 2 * t]
-        for i in range(npairs):
-            ds = A[P0 + i] * (D[P0 + i] - sad)
-            _attention_backward(activation, ds, Ur[i], dense, 1 + k + t, dh, db)
-        # dW_chunk += dU^T E (the E rows are still the pair products here).
-        _mm_acc(Ur.T, Er, cW[ch], t, npairs, k)
+            D[P0 + i] = A[P0 + i] * (D[P0 + i] - sad)  # ds
         if not freeze_fm:
-            # dE = a' dg + dU W, written over E.
-            for i in range(npairs):
-                ap = A[P0 + i] * SC0[P0 + i]
-                ei = Er[i]
-                for c in range(k):
-                    ei[c] = ap * dg[c]
-            _mm_acc(Ur, W, Er, npairs, t, k)
+            # de = a' dg + ds Z; dvx_p += de vx_q, dvx_q += de vx_p.
             for i in range(n):
                 di = DVX[o0 + i]
                 for c in range(k):
                     di[c] = 0.0
-            P = 0
+            P = P0
             for p in range(n):
                 vp = VX[o0 + p]
                 dp_ = DVX[o0 + p]
                 for q in range(p + 1, n):
                     vq = VX[o0 + q]
                     dq = DVX[o0 + q]
-                    de = Er[P]
+                    ap = A[P] * SC0[P]
+                    ds = D[P]
+                    zd = Z[pid[P]]
                     for c in range(k):
-                        d = np.float64(de[c])
-                        dp_[c] += d * np.float64(vq[c])
-                        dq[c] += d * np.float64(vp[c])
+                        de = ap * dg[c] + ds * np.float64(zd[c])
+                        dp_[c] += de * np.float64(vq[c])
+                        dq[c] += de * np.float64(vp[c])
                     P += 1
             for i in range(n):
                 x = occ_x[o0 + i]
@@ -483,7 +626,8 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     the batch is invalid or does not fit the workspace (nothing but the workspace is
     modified then)."""
     (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
-     E, U, A, SC0, D, R, WT, ch_lo, cW, cvec, gW, gdense, ul2, tbuf, tacc) = ws
+     LIN, atom, arep, amark, acnt, plo, phi, po, qo, plist, pid, drep, E, U, Z, S, DS,
+     A, SC0, D, R, WT, ch_lo, dch_lo, cW, cvec, gW, gdense, ul2, tbuf, hbuf, tacc) = ws
     B = rows.shape[0]
     M = V.shape[0]
     k = V.shape[1]
@@ -502,17 +646,36 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
         return np.nan, BAD_NNZ
     if attention and npairs > E.shape[0]:
         return np.nan, BAD_PAIRS
-    if gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b) > 0:
-        return np.nan, BAD_FEATURE
+    gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b)
     nU = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
+    if nU < 0:
+        return np.nan, nU
 
-    if attention:
+    # v x of every occurrence and the linear term of every row.
+    for b in prange(B):
+        LIN[b], _ = _row_vx(occ_feat, occ_x, nzoff[b], nzoff[b + 1], V, w, VX, occ_feat,
+                            nzoff[b])
+
+    nch = min(cW.shape[0], B)
+    for ch in range(cvec.shape[0]):
+        for i in range(cvec.shape[1]):
+            cvec[ch, i] = 0.0
+    # Attention MLP once per distinct pair (forward: logits S and Z = (h act'(u)) W).
+    nD = 0
+    ndch = 0
+    if attention and npairs > 0:
         for c in prange(k):
             for j in range(t):
                 WT[c, j] = W[j, c]
+        nD = _distinct_pairs(nzoff, occ_x, nU, ustart, occ_list, atom, arep, amark, acnt,
+                             plo, phi, po, qo, plist, pid, drep, B)
+        ndch = min(nch, nD)
+        _even_cuts(nD, ndch, dch_lo)
+        for ch in prange(ndch):
+            _pair_forward(dch_lo[ch], dch_lo[ch + 1], drep, VX, W, WT, dense, activation,
+                          E, U, Z, S, hbuf[ch])
 
-    # Chunks of consecutive rows with about equal work (pairs + nonzeros + 1 per row).
-    nch = min(cW.shape[0], B)
+    # Rows: chunks of consecutive rows with about equal work (pairs + nonzeros + 1).
     total = pairoff[B] + nzoff[B] + B
     ch_lo[0] = 0
     bb = 0
@@ -521,23 +684,29 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
             bb += 1
         ch_lo[c] = bb
     ch_lo[nch] = B
-
     skey1 = step_key(useed, np.uint64(1), ustep)
     skey2 = step_key(useed, np.uint64(2), ustep)
     for ch in prange(nch):
-        cv = cvec[ch]
-        for i in range(cv.shape[0]):
-            cv[i] = 0.0
-        if attention:
+        tb = tbuf[ch]
+        for b in range(ch_lo[ch], ch_lo[ch + 1]):
+            _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z,
+                       dense, A, SC0, D, R, cvec, tb, attention, freeze_fm, keep0, thr0,
+                       skey1, keep1, thr1, skey2)
+
+    # Attention backward once per distinct pair: its logit gradients summed in pair
+    # order, then dh, db and the chunk's dW.
+    if nD > 0:
+        for d in range(nD):
+            DS[d] = 0.0
+        for i in range(npairs):
+            DS[pid[i]] += D[i]
+        for ch in prange(ndch):
             cw = cW[ch]
             for j in range(t):
                 for c in range(k):
                     cw[j, c] = 0.0
-        tb = tbuf[ch]
-        for b in range(ch_lo[ch], ch_lo[ch + 1]):
-            _train_row(b, ch, rows, y, nzoff, pairoff, occ_feat, occ_x, V, w, W, WT,
-                       dense, VX, DVX, E, U, A, SC0, D, R, cW, cvec, tb, attention,
-                       activation, freeze_fm, keep0, thr0, skey1, keep1, thr1, skey2)
+            _pair_backward(dch_lo[ch], dch_lo[ch + 1], DS, U, E, activation, dense, cw,
+                           cvec[ch], hbuf[ch])
 
     # Chunk partials, summed in chunk order.
     sq = 0.0
@@ -545,7 +714,7 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
         sq += cvec[ch, 0]
     for i in range(gdense.shape[0]):
         acc = 0.0
-        for ch in range(nch):
+        for ch in range(cvec.shape[0]):
             acc += cvec[ch, 1 + i]
         gdense[i] = acc
     wnorm = 0.0
@@ -553,14 +722,13 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
         for j in prange(t):
             for c in range(k):
                 acc = 0.0
-                for ch in range(nch):
+                for ch in range(ndch):
                     acc += np.float64(cW[ch, j, c])
                 gW[j, c] = acc + l2a * np.float64(W[j, c])
         for j in range(t):
             for c in range(k):
                 wv = np.float64(W[j, c])
                 wnorm += wv * wv
-
     # Touched features: gradient over occurrences in batch order, + l2 v, optimiser.
     lr_eff = effective_lr(optimizer, lr, step)
     for u in prange(nU):
@@ -660,7 +828,6 @@ def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation
     Returns the number of rows whose pair count disagrees with pair_indptr (explain;
     those rows are left unwritten)."""
     n_rows = indptr.shape[0] - 1
-    M = V.shape[0]
     k = V.shape[1]
     t = W.shape[0]
     nmax = 0
@@ -692,20 +859,7 @@ def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation
         sbuf = Sb[tid]
         g = Gb[tid, 0]
         s = Gb[tid, 1]
-        n = 0
-        lin = 0.0
-        for p in range(indptr[r], indptr[r + 1]):
-            j = indices[p]
-            if j < 0 or j >= M:
-                continue
-            x = np.float64(values[p])
-            lin += np.float64(w[j]) * x
-            vj = V[j]
-            vxn = vx[n]
-            for c in range(k):
-                vxn[c] = np.float64(vj[c]) * x
-            feat[n] = j
-            n += 1
+        lin, n = _row_vx(indices, values, indptr[r], indptr[r + 1], V, w, vx, feat, 0)
         npairs = n * (n - 1) // 2
         if explain and (pair_indptr[r + 1] - pair_indptr[r] != npairs
                         or pair_indptr[r] < 0 or pair_indptr[r + 1] > out_cap):

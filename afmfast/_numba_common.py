@@ -16,8 +16,8 @@ Widen with ``np.float64(x)``, never ``float(x)``: Numba types ``float(float32)``
 
 Batch preparation: ``batch_offsets`` (row ids checked, prefix sums of the rows' nonzeros),
 ``gather_batch`` (the batch's nonzeros copied into contiguous "occurrence" arrays in batch
-order, feature ids checked; parallel over rows) and ``group_by_feature`` (stable counting
-sort of the occurrences by feature). Status codes below 0 (``BAD_*``) are turned into
+order, parallel over rows) and ``group_by_feature`` (stable counting sort of the
+occurrences by feature; feature ids checked). Status codes below 0 (``BAD_*``) are turned into
 ValueError by ``raise_batch_error``; nothing but the workspace is written before them.
 """
 import math
@@ -51,7 +51,11 @@ _C2 = np.uint64(0x94D049BB133111EB)
 
 _ADAGRAD, _SGD, _MOMENTUM, _ADAM = ADAGRAD, SGD, MOMENTUM, ADAM
 
-_JIT = dict(cache=True, nogil=True, fastmath=False)
+# error_model="numpy": a float division by zero gives inf/nan instead of raising, so no
+# zero check sits in the loops and divisions and square roots vectorise (Adagrad's
+# g / sqrt(acc), BN, softmax). No divisor of these kernels can be zero (acc >=
+# ADAGRAD_INIT, var + BN_EPS, softmax sums >= 1), so results are unchanged.
+_JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 _JIT_PAR = dict(_JIT, parallel=True)
 
 # Status codes of the step kernels (negative; 0 is success).
@@ -184,35 +188,36 @@ def batch_offsets(indptr, rows, nzoff):
 
 @njit(**_JIT_PAR)
 def gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b):
-    """Copy the batch's nonzeros into occ_feat (id), occ_x (value, float64) and occ_b
-    (batch row), in batch order, from ``batch_offsets``. A loop that only copies keeps
-    many cache misses on the random rows of X in flight; later passes read the copies.
-    Returns the number of ids outside [0, M) (copied as they are)."""
-    bad = 0
+    """Copy the batch's nonzeros into occ_feat (id, -1 for an id outside [0, M)), occ_x
+    (value, float64) and occ_b (batch row), in batch order, from ``batch_offsets``. A
+    loop that only copies keeps many cache misses on the random rows of X in flight;
+    later passes read the copies."""
     for b in prange(rows.shape[0]):
         r = rows[b]
         o = nzoff[b]
         p0 = indptr[r]
         for i in range(indptr[r + 1] - p0):
             j = indices[p0 + i]
-            if j < 0 or j >= M:
-                bad += 1
-            occ_feat[o + i] = j
+            occ_feat[o + i] = j if (j >= 0 and j < M) else -1
             occ_x[o + i] = values[p0 + i]
             occ_b[o + i] = b
-    return bad
 
 
 @njit(**_JIT)
 def group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list):
-    """Stable counting sort of the occurrences 0..nnz-1 (ids in [0, M)) by feature.
-    Returns the number U of unique features: uniq[:U] in order of first appearance, the
-    occurrences of uniq[u] are occ_list[ustart[u]:ustart[u + 1]] (positions in the
-    occurrence arrays, increasing). ``slot`` (M,) must be all -1 and is left so; only
-    the touched entries are reset, so this never pays O(M)."""
+    """Stable counting sort of the occurrences 0..nnz-1 by feature. Returns the number
+    U of unique features: uniq[:U] in order of first appearance, the occurrences of
+    uniq[u] are occ_list[ustart[u]:ustart[u + 1]] (positions in the occurrence arrays,
+    increasing); or BAD_FEATURE when an id is -1 (outside [0, M), from
+    ``gather_batch``). ``slot`` (M,) must be all -1 and is left so; only the touched
+    entries are reset, so this never pays O(M)."""
     U = 0
     for o in range(nnz):
         j = occ_feat[o]
+        if j < 0:
+            for u in range(U):
+                slot[uniq[u]] = -1
+            return BAD_FEATURE
         u = slot[j]
         if u < 0:
             u = U
