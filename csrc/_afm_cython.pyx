@@ -78,7 +78,8 @@ from _batch cimport (
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
-    dropout_row_key, dropout_threshold, fill_dropout_mask, opt_cfg_from, opt_elem, opt_vec,
+    dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
+    opt_elem, opt_vec, row_data_loss,
 )
 
 from afmfast import kernel_api as _api
@@ -503,7 +504,7 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
 # Scalars and raw pointers of one step.
 ctypedef struct AFMArgs:
     Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U, n_classes, n_distinct
-    int n_threads, attention, activation, freeze_fm, drop_att, drop_pool
+    int n_threads, attention, activation, freeze_fm, drop_att, drop_pool, loss
     double l2, l2a, inv_keep_att, inv_keep_pool
     uint64_t seed, step, thr_att, thr_pool
     const int64_t* indptr
@@ -780,9 +781,8 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                 dgd[f] = 1
         yhat = _dot_d(p_vec, gp, k)
         yhat = <double>dense[0] + ws.lin[b] + yhat
-        res = yhat - <double>y[a.rows[b]]
+        ws.row_loss[b] = row_data_loss(a.loss, yhat, <double>y[a.rows[b]], &res)
         ws.r[b] = res
-        ws.row_loss[b] = 0.5 * res * res
         for f in range(k):
             dgd[f] = res * <double>p_vec[f] * dgd[f]
             gp[f] = res * gp[f]
@@ -1123,6 +1123,7 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     a.pair_cap = ws.max_batch_pairs
     a.n_threads = n_threads
     a.attention = 1 if cfg.attention else 0
+    a.loss = loss_code_from(cfg)
     a.activation = cfg.activation
     a.freeze_fm = 1 if cfg.freeze_fm else 0
     a.drop_att = 1 if (a.attention and keep0 < 1.0) else 0

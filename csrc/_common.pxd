@@ -13,8 +13,10 @@ every helper may be called from inside ``prange`` bodies.
   ADAGRAD/SGD/MOMENTUM/ADAM; ``afmfast._fm_cython._constants()`` exposes them so a test
   can check they still match). The float constants travel in an ``OptCfg`` filled from
   kernel_api at call time by ``opt_cfg_from``, so there is nothing else to keep in sync.
+- Data loss: ``row_data_loss`` (LOSS_SQUARED / LOSS_LOGISTIC, kernel_api's SQUARED /
+  LOGISTIC), ``loss_code_from`` reads and checks cfg.loss.
 """
-from libc.math cimport floor, sqrt, sqrtf
+from libc.math cimport exp, fabs, floor, fmax, log1p, sqrt, sqrtf
 from libc.stdint cimport int64_t, uint64_t
 from cython cimport floating
 
@@ -23,6 +25,33 @@ cdef enum:
     OPT_SGD = 1
     OPT_MOMENTUM = 2
     OPT_ADAM = 3
+
+
+cdef enum:
+    LOSS_SQUARED = 0
+    LOSS_LOGISTIC = 1
+
+
+cdef inline double row_data_loss(int loss, double yhat, double y, double* res) noexcept nogil:
+    """One row's data loss; ``res`` receives dloss/dyhat. Squared: 1/2 (yhat - y)^2.
+    Logistic (target 1 where y > 0, else 0): softplus(yhat) - t yhat, written so that no
+    yhat overflows."""
+    cdef double t
+    if loss == LOSS_LOGISTIC:
+        t = 1.0 if y > 0 else 0.0
+        res[0] = 1.0 / (1.0 + exp(-yhat)) - t
+        return fmax(yhat, 0.0) - t * yhat + log1p(exp(-fabs(yhat)))
+    res[0] = yhat - y
+    return 0.5 * res[0] * res[0]
+
+
+cdef inline int loss_code_from(cfg) except -1:
+    """cfg.loss (SQUARED when the config has no such field), checked."""
+    code = getattr(cfg, "loss", LOSS_SQUARED)
+    if code not in (LOSS_SQUARED, LOSS_LOGISTIC):
+        raise ValueError(f"cfg.loss must be {LOSS_SQUARED} (squared) or {LOSS_LOGISTIC} "
+                         f"(logistic), got {code!r}")
+    return code
 
 
 ctypedef struct OptCfg:

@@ -52,7 +52,8 @@ from _batch cimport (
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
-    dropout_row_key, dropout_threshold, fill_dropout_mask, opt_cfg_from, opt_elem, opt_vec,
+    dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
+    opt_elem, opt_vec, row_data_loss,
 )
 
 from afmfast import kernel_api as _api
@@ -182,7 +183,7 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 # Scalars and raw pointers of one step; the DTYPE arrays travel as memoryviews.
 ctypedef struct StepArgs:
     Py_ssize_t B, k, M, n_rows, nnz_cap
-    int n_threads, batch_norm, use_dropout
+    int n_threads, batch_norm, use_dropout, loss
     double l2, inv_keep
     uint64_t seed, step, threshold
     const int64_t* indptr
@@ -300,9 +301,7 @@ cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* de
         zbeta = dense + 1 + k
     zsum = _zsum(k, fr, zsc, zgamma, zbeta)
     yhat = <double>dense[0] + <double>lin[b] + <double>zsum
-    res = yhat - r[b]
-    r[b] = res
-    row_loss[b] = 0.5 * res * res
+    row_loss[b] = row_data_loss(a.loss, yhat, r[b], &r[b])
 
 
 cdef inline void _df_row(const StepArgs* a, Py_ssize_t b, const double* r,
@@ -531,6 +530,7 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.nnz_cap = ws.max_batch_nnz
     a.n_threads = n_threads
     a.batch_norm = 1 if cfg.batch_norm else 0
+    a.loss = loss_code_from(cfg)
     a.use_dropout = 1 if keep < 1.0 else 0
     a.l2 = cfg.l2
     a.inv_keep = 1.0 / keep
