@@ -6,7 +6,8 @@ Functions
                   attention_size, dtype) -> AFMWorkspace
         Scratch for one fit, allocated once (not thread safe: one workspace per
         concurrently running fit). ``max_batch_pairs`` bounds the sum over a batch's rows
-        of n (n - 1) / 2. The pair scratch (E, U) is in ``dtype``; everything else float64.
+        of n (n - 1) / 2 (the distinct-pair scratch is sized by it too). The product
+        scratch (VX, E, U, Z, hbuf, cW, WT) is in ``dtype``; the other floats float64.
     afm_step(X, y, rows, params, state, cfg, ws) -> float
         X = (indptr int64 (N+1,), indices int32 (nnz,), values DTYPE (nnz,)), y DTYPE (N,),
         rows int64 (B,). Mutates params.V/w (touched rows only, unless cfg.freeze_fm),
@@ -24,25 +25,31 @@ Functions
         attention off) and contribution_out (a_pq p . e_pq).
 DTYPE is float32 or float64 (one compiled specialisation each).
 
-Precision: the attention products (E W^T, dU^T E, dU W) run in DTYPE, so float32 models
-use float32 SIMD for the hot spot; logits, softmax, residuals, pooled vector, every sum
-across pairs or rows that is not part of a product, the optimiser and the V gradients
-run in float64 and are rounded once on store. dW is summed per chunk in DTYPE and across
-chunks in float64.
+Precision: the attention products (E W^T, (h act'(u)) W, G^T E) run in DTYPE, so float32
+models use float32 SIMD for the hot spot; logits, softmax, residuals, pooled vector,
+every sum across pairs or rows that is not part of a product, the optimiser and the V
+gradients run in float64 and are rounded once on store. dW is summed per chunk in DTYPE
+and across chunks in float64.
 
 Step layout (deterministic for any thread count):
   1. per-row counts of nonzeros and pairs (prefix sums), the batch's nonzeros gathered
      in batch order ("occurrences", prange over rows) and grouped by feature (stable
      counting sort): ``_numba_common.batch_offsets/gather_batch/group_by_feature``;
-  2. the batch's rows are cut into at most ``n_chunks`` chunks of consecutive rows with
-     about equal work; the cut depends only on the batch, never on the thread count;
-  3. prange over chunks, rows of a chunk in order: the whole forward and backward of a
-     row (vx, E, H = act(E W^T + b) over U, softmax, dropout masks, y_hat, residual, ds, dU,
-     dE = a' dg + dU W, dvx per occurrence); each chunk accumulates its own dW (t, k),
-     dw0, dp, db, dh and squared residuals in row and pair order;
-  4. chunk partials are summed in chunk order (prange over the t rows of W);
-  5. prange over the unique touched features: V/w gradients summed over occurrences in
-     batch order, + l2 v, optimiser; then the dense parameters and W.
+     then v x of every occurrence (prange over rows);
+  2. with attention, the distinct pairs: a pair's logit depends only on (v_p x_p,
+     v_q x_q) (DESIGN section 3), and a Frappe batch of 4096 rows has ~22% distinct
+     pairs. ``_distinct_pairs`` (serial) numbers them; prange over chunks of distinct
+     pairs computes e, act(e W^T + b), the logit h . act and Z = (h act'(u)) W once each;
+  3. the batch's rows are cut into at most ``n_chunks`` chunks of consecutive rows with
+     about equal work (the cut depends only on the batch); prange over chunks, rows in
+     order: softmax of the row's logits, dropout masks, y_hat, residual, dg, da, the
+     logit gradients ds (kept per pair), de = a' dg + ds Z and dvx per occurrence; each
+     chunk accumulates sum r^2, dw0 and dp;
+  4. ds summed per distinct pair in pair order; prange over chunks of distinct pairs:
+     G = ds h act'(u), dh, db and the chunk's dW = G^T E;
+  5. chunk partials summed in chunk order (prange over the t rows of W); prange over the
+     unique touched features: V/w gradients summed over occurrences in batch order,
+     + l2 v, optimiser; then the dense parameters and W.
 """
 import math
 from collections import namedtuple
