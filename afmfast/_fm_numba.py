@@ -22,9 +22,8 @@ Step layout: a prange over rows gathers the batch's nonzeros into contiguous arr
 (``_numba_common.gather_batch``, ids checked); a prange over rows computes s and f; a
 serial counting sort groups the nonzeros by feature; batch-norm statistics and all other
 sums across rows run serially in row order, so the result does not depend on the thread
-count; a prange over rows computes the V gradient of every occurrence (contiguous
-rows); a prange over the unique touched features sums each feature's occurrence
-gradients in increasing order and applies the optimiser to that row.
+count; a prange over the unique touched features sums each feature's gradient over its
+occurrences in increasing order and applies the optimiser to that row.
 """
 from collections import namedtuple
 
@@ -54,15 +53,14 @@ __all__ = ["FMWorkspace", "fm_workspace", "fm_step", "fm_predict"]
 
 FMWorkspace = namedtuple(
     "FMWorkspace",
-    "nzoff occ_feat occ_x occ_b slot uniq ustart ucur occ_list dvx s f df lin r kvec gdense "
-    "ul2 tacc",
+    "nzoff occ_feat occ_x occ_b slot uniq ustart ucur occ_list s f df lin r kvec gdense ul2 "
+    "tacc",
 )
 FMWorkspace.__doc__ = """Scratch of ``fm_step``. nzoff int64 (B + 1,): batch-local offsets
 of the rows' nonzeros; occ_feat int32 / occ_x float64 / occ_b int32 (max_batch_nnz,): the
 batch's nonzeros ("occurrences") gathered contiguously with their batch row; slot int32
 (M,) stays -1 between steps; uniq/ustart/ucur/occ_list: unique touched features and their
-occurrences (positions in the occ_* arrays) in batch order; dvx float64
-(max_batch_nnz, k): V gradient of each occurrence; s, f, df float64 (B, k);
+occurrences (positions in the occ_* arrays) in batch order; s, f, df float64 (B, k);
 lin, r (B,); kvec (5, k) = [mu, var, inv_std, sum dz, sum dz*fh]; gdense (1 + 2k,); ul2
 per touched row ||v||^2; tacc (threads, k_padded) per-thread gradient accumulator."""
 
@@ -103,7 +101,6 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
         ustart=np.zeros(cap_u + 1, dtype=np.int64),
         ucur=np.zeros(cap_u, dtype=np.int64),
         occ_list=np.zeros(cap1, dtype=np.int64),
-        dvx=np.zeros((cap1, k), dtype=f8),
         s=np.zeros((B, k), dtype=f8),
         f=np.zeros((B, k), dtype=f8),
         df=np.zeros((B, k), dtype=f8),
@@ -144,8 +141,8 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
     """The whole step; returns (loss, status) with status < 0 (``_numba_common.BAD_*``)
     when the batch is invalid or does not fit the workspace (nothing but the workspace
     is modified then)."""
-    (nzoff, occ_feat, occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, DVX, S, F, DF, LIN,
-     R, kvec, gdense, ul2, tacc) = ws
+    (nzoff, occ_feat, occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, S, F, DF, LIN, R,
+     kvec, gdense, ul2, tacc) = ws
     B = rows.shape[0]
     M = V.shape[0]
     k = V.shape[1]
@@ -243,22 +240,14 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
     else:
         for c in range(2 * k):
             gdense[1 + c] = 0.0
-    # Per row: df = gamma * inv * (dz - mean(dz) - fh * mean(dz * fh)) (BN backward),
-    # then the V gradient of each of its occurrences, df x (s - v x) (contiguous rows).
-    for b in prange(B):
-        db = DF[b]
-        if batch_norm:
+    if batch_norm:
+        # df = gamma * inv * (dz - mean(dz) - fh * mean(dz * fh)): BN backward per row.
+        for b in prange(B):
             fb = F[b]
+            db = DF[b]
             for c in range(k):
                 fh = (fb[c] - mu[c]) * inv[c]
                 db[c] = np.float64(dense[1 + c]) * inv[c] * (db[c] - s1[c] / B - fh * (s2[c] / B))
-        sb = S[b]
-        for o in range(nzoff[b], nzoff[b + 1]):
-            x = occ_x[o]
-            vj = V[occ_feat[o]]
-            do = DVX[o]
-            for c in range(k):
-                do[c] = db[c] * x * (sb[c] - np.float64(vj[c]) * x)
 
     # Per touched feature: gradient summed over its occurrences in batch order, + l2 v,
     # then the lazy optimiser update of that V row and w entry. One feature = one
@@ -273,10 +262,13 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
         gw = 0.0
         for q in range(ustart[u], ustart[u + 1]):
             o = occ_list[q]
-            gw += R[occ_b[o]] * occ_x[o]
-            do = DVX[o]
+            b = occ_b[o]
+            x = occ_x[o]
+            gw += R[b] * x
+            sb = S[b]
+            db = DF[b]
             for c in range(k):
-                g[c] += do[c]
+                g[c] += db[c] * x * (sb[c] - np.float64(vj[c]) * x)
         nv = 0.0
         for c in range(k):
             v = np.float64(vj[c])
