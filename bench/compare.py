@@ -6,8 +6,10 @@
 
 Needs ``pip install ".[bench]"`` (PyTorch, threadpoolctl) for every column; without
 PyTorch the PyTorch columns are skipped with a message, without threadpoolctl the BLAS
-kernel is reported as unknown. The full run takes about 10 minutes on the 2-core
-development machine (see the last line of its output); ``--quick`` about 3.
+kernel is reported as unknown. The last line of the output gives the run's duration:
+the full run took 22 minutes on the 2-core development machine while other jobs kept
+its load average at 3-6 (``--quick``: 6.5 minutes under the same load; about a third
+of that expected on an idle machine, not yet measured there).
 
 Data
 - frappe-mini train split: ``../shared/data/frappe/frappe.validation.libfm`` beside the
@@ -35,7 +37,10 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   the data), divided by the whole step time, against NumPy float32 ``(P x k) @ (k x t)``
   of that P in a subprocess per environment: with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE
   removed (the CPU's own OpenBLAS kernel: the ceiling) and with the environment as set;
-  threadpoolctl names the kernel that ran.
+  threadpoolctl names the kernel that ran. afmfast runs the attention MLP once per
+  distinct (i, j) pair of a batch, so the all-pairs rate is an effective one (it can
+  pass 100% and the machine's peak); the table adds the rate on the distinct pairs
+  counted in the timed batches (6 D k t), the flops actually executed.
 - 2-thread speed-up t(1 thread) / t(2 threads) per configuration.
 - memory: every configuration runs in its own subprocess; after loading the data and a
   warm-up fit on 64 rows (JIT and thread pools) the peak RSS is reset
@@ -127,6 +132,19 @@ def load_dataset(path):
 def pairs_per_row(data):
     n = np.diff(data.indptr)
     return n * (n - 1) // 2
+
+
+def distinct_pairs(data, batches):
+    """Distinct (feature, feature) pairs (in row order) of each batch: what a kernel that
+    runs the attention MLP once per distinct pair computes. None when rows are not all
+    of one length with values 1 (the count would need the values too)."""
+    nnz = np.diff(data.indptr)
+    if not len(nnz) or nnz.min() != nnz.max() or not np.all(data.values == 1):
+        return None
+    ids = data.indices.astype(np.int64).reshape(-1, int(nnz[0]))
+    pp, qq = np.triu_indices(int(nnz[0]), k=1)
+    return [len(np.unique((ids[b][:, pp] * data.n_features + ids[b][:, qq]).ravel()))
+            for b in batches]
 
 
 def data_bytes(data):
@@ -622,6 +640,18 @@ def main():
         if not env_set:
             print("  (neither OpenBLAS variable is set in this environment: the environment "
                   "as set is the best kernel's, measured once)")
+        # the timed batches of the steps mode (same permutation as _timing_plan)
+        order = np.random.default_rng(1).permutation(data.n_rows)
+        n_full = max(1, data.n_rows // BATCH)
+        timed = [order[i * BATCH:(i + 1) * BATCH] for i in range(min(steps + 1, n_full))]
+        dist = distinct_pairs(data, timed)
+        if dist is not None:
+            ratio_d = float(np.mean(dist)) / float(np.mean([pairs[b].sum() for b in timed]))
+            print(f"  distinct pairs a batch: {int(np.median(dist)):,} of "
+                  f"{int(pairs[timed[0]].sum()):,} ({100 * ratio_d:.1f}%); afmfast's kernels run "
+                  "the attention MLP once per distinct pair, so 'GFLOP/s' (all pairs "
+                  "counted) is an effective rate that can exceed the machine's peak; "
+                  "'distinct GFLOP/s' counts 6*D*k*t")
         rows_out = []
         for name in backends["afm"] + (["pytorch"] if has_torch else []):
             res = results[(si, "afm", 256, name)]
@@ -631,8 +661,14 @@ def main():
                 g = flops_epoch / med(res["times"][tt]) / 1e9
                 pct = [f"{100 * g / mm[label]['gflops'][tt]:.0f}%"
                        if "gflops" in mm[label] else "-" for label in labels]
-                rows_out.append(["AFM k=t=256", name, tt, f"{g:.1f}", *pct])
+                gd = (f"{g * ratio_d:.1f}" if dist is not None and name != "pytorch"
+                      else "-")
+                pctd = [f"{100 * g * ratio_d / mm[label]['gflops'][tt]:.0f}%"
+                        if dist is not None and name != "pytorch" and "gflops" in mm[label]
+                        else "-" for label in labels]
+                rows_out.append(["AFM k=t=256", name, tt, f"{g:.1f}", *pct, gd, *pctd])
         print(table(["config", "impl", "threads", "GFLOP/s"]
+                    + [f"of NumPy {label}" for label in labels] + ["distinct GFLOP/s"]
                     + [f"of NumPy {label}" for label in labels], rows_out))
 
         # memory
