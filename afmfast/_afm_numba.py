@@ -63,6 +63,7 @@ from ._numba_common import (
     BAD_PAIRS,
     batch_offsets,
     check_keep,
+    check_loss,
     check_optimizer,
     effective_lr,
     gather_batch,
@@ -72,6 +73,7 @@ from ._numba_common import (
     opt_row,
     opt_update,
     raise_batch_error,
+    row_data_loss,
     row_key,
     step_key,
 )
@@ -493,11 +495,11 @@ def _pair_backward(d0, d1, DS, U, E, activation, dense, cw, cv, hbuf):
 @njit(**_SER)
 def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, dense,
                A, SC0, D, R, cvec, tb, attention, freeze_fm, keep0, thr0, skey1, keep1,
-               thr1, skey2):
+               thr1, skey2, loss_code):
     """Forward and backward of batch row b (chunk ch) given v x (VX), the linear term
     (LIN) and, with attention, the distinct pairs' logits S and Z = (h act'(u)) W:
     writes R[b], the logit gradients D of its pairs (attention), DVX of its
-    occurrences (unless freeze_fm), and accumulates the chunk's sum r^2, dw0 and dp."""
+    occurrences (unless freeze_fm), and accumulates the chunk's data loss, dw0 and dp."""
     k = VX.shape[1]
     row = rows[b]
     o0 = nzoff[b]
@@ -562,9 +564,10 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, d
             sc = 1.0 / keep1 if keep_unit(rkey2, c, thr1) else 0.0
         dg[c] = sc
         dot += np.float64(dense[1 + c]) * (g[c] * sc)
-    res = np.float64(dense[0]) + LIN[b] + dot - np.float64(y[row])
+    row_loss, res = row_data_loss(loss_code, np.float64(dense[0]) + LIN[b] + dot,
+                                  np.float64(y[row]))
     R[b] = res
-    cv[0] += res * res
+    cv[0] += row_loss
     cv[1] += res
     for c in range(k):
         cv[2 + c] += res * (g[c] * dg[c])
@@ -628,7 +631,7 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, d
 @njit(**_PAR)
 def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, sW, sd,
                      lr, l2, l2a, keep0, thr0, keep1, thr1, optimizer, attention,
-                     activation, freeze_fm, useed, ustep, step, ws):
+                     activation, freeze_fm, useed, ustep, step, loss_code, ws):
     """The whole step; returns (loss, status), status < 0 (``_numba_common.BAD_*``) when
     the batch is invalid or does not fit the workspace (nothing but the workspace is
     modified then)."""
@@ -698,7 +701,7 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
         for b in range(ch_lo[ch], ch_lo[ch + 1]):
             _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z,
                        dense, A, SC0, D, R, cvec, tb, attention, freeze_fm, keep0, thr0,
-                       skey1, keep1, thr1, skey2)
+                       skey1, keep1, thr1, skey2, loss_code)
 
     # Attention backward once per distinct pair: its logit gradients summed in pair
     # order, then dh, db and the chunk's dW.
@@ -775,7 +778,7 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     reg = 0.0
     for u in range(nU):
         reg += ul2[u]
-    loss = 0.5 * sq + 0.5 * l2 * reg
+    loss = sq + 0.5 * l2 * reg
     if attention:
         loss += 0.5 * l2a * wnorm
     return loss, 0
@@ -818,7 +821,7 @@ def afm_step(X, y, rows, params, state, cfg, ws):
             keep0, thr0, keep1, thr1, optimizer, bool(cfg.attention),
             int(cfg.activation), bool(cfg.freeze_fm),
             np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
-            int(cfg.step), ws,
+            int(cfg.step), check_loss("afm_step", getattr(cfg, "loss", 0)), ws,
         )
     if status < 0:
         raise_batch_error("afm_step", status, indptr.shape[0] - 1, M, ws.occ_feat.shape[0],

@@ -35,6 +35,7 @@ from ._numba_common import (
     BAD_NNZ,
     batch_offsets,
     check_keep,
+    check_loss,
     check_optimizer,
     effective_lr,
     gather_batch,
@@ -44,6 +45,7 @@ from ._numba_common import (
     opt_row,
     opt_update,
     raise_batch_error,
+    row_data_loss,
     row_key,
     step_key,
 )
@@ -137,7 +139,7 @@ def _row_sums(feat, xs, lo, hi, V, w, s, sq):
 @njit(**_PAR)
 def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                     sV, sw, sd, lr, l2, keep, threshold, optimizer, batch_norm,
-                    seed, ustep, step, ws):
+                    seed, ustep, step, loss_code, ws):
     """The whole step; returns (loss, status) with status < 0 (``_numba_common.BAD_*``)
     when the batch is invalid or does not fit the workspace (nothing but the workspace
     is modified then)."""
@@ -215,7 +217,8 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                 sc = inv_keep if keep_unit(rkey, c, threshold) else 0.0
             acc += z * sc
             db[c] = sc
-        res = (w0 + LIN[b] + acc) - np.float64(y[rows[b]])
+        # LIN[b] is read for the last time here: it takes the row's data loss
+        LIN[b], res = row_data_loss(loss_code, w0 + LIN[b] + acc, np.float64(y[rows[b]]))
         R[b] = res
         for c in range(k):
             db[c] *= res
@@ -223,7 +226,7 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
     sq = 0.0
     g0 = 0.0
     for b in range(B):
-        sq += R[b] * R[b]
+        sq += LIN[b]
         g0 += R[b]
     gdense[0] = g0
     if batch_norm:
@@ -286,7 +289,7 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
     reg = 0.0
     for u in range(U):
         reg += ul2[u]
-    return 0.5 * sq + 0.5 * l2 * reg, 0
+    return sq + 0.5 * l2 * reg, 0
 
 
 def fm_step(X, y, rows, params, state, cfg, ws):
@@ -318,7 +321,7 @@ def fm_step(X, y, rows, params, state, cfg, ws):
             float(cfg.lr), float(cfg.l2), keep, threshold, optimizer,
             bool(cfg.batch_norm),
             np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
-            int(cfg.step), ws,
+            int(cfg.step), check_loss("fm_step", getattr(cfg, "loss", 0)), ws,
         )
     if status < 0:
         raise_batch_error("fm_step", status, indptr.shape[0] - 1, params.V.shape[0],

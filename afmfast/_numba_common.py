@@ -103,6 +103,26 @@ def fill_dropout_mask(seed, stream, step, rows, threshold, out):
 
 
 @njit(**_JIT)
+def row_data_loss(loss, yhat, y):
+    """(data loss, dloss/dyhat) of one row; ``loss`` is kernel_api's SQUARED (1/2
+    (yhat - y)^2) or LOGISTIC (target t = 1 where y > 0, else 0: softplus(yhat) - t yhat,
+    without overflow for any yhat)."""
+    if loss == 1:
+        t = 1.0 if y > 0 else 0.0
+        return (max(yhat, 0.0) - t * yhat + np.log1p(np.exp(-abs(yhat))),
+                1.0 / (1.0 + np.exp(-yhat)) - t)
+    r = yhat - y
+    return 0.5 * r * r, r
+
+
+def check_loss(fn, code):
+    """cfg.loss checked (SQUARED when the config has no such field)."""
+    if code not in (0, 1):
+        raise ValueError(f"{fn}: cfg.loss must be 0 (squared) or 1 (logistic), got {code!r}")
+    return int(code)
+
+
+@njit(**_JIT)
 def effective_lr(optimizer, lr, step):
     """Learning rate of this step: Adam's bias correction folded in (t = step + 1)."""
     if optimizer == _ADAM:

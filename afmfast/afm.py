@@ -4,7 +4,15 @@ from collections import namedtuple
 
 import numpy as np
 
-from .estimator import FactorizationModel, _check_bool, _check_int, _check_real
+from .estimator import (
+    CLASSIFIER_BASES,
+    REGRESSOR_BASES,
+    BinaryClassifier,
+    FactorizationModel,
+    _check_bool,
+    _check_int,
+    _check_real,
+)
 from .fm import FM
 from .kernel_api import (
     ACTIVATION_CODES,
@@ -25,7 +33,7 @@ are the pair's feature ids (i before j in the row); ``weight`` is the attention 
 w0 + sum w x + the row's contributions equals ``predict``."""
 
 
-class AFM(FactorizationModel):
+class AFM(*REGRESSOR_BASES, FactorizationModel):
     """Attentional Factorization Machine (Xiao et al., IJCAI 2017), the paper's model:
     the softmax runs over each row's pairs.
 
@@ -148,7 +156,7 @@ class AFM(FactorizationModel):
             float(self.learning_rate), float(self.l2), float(self.l2_attention),
             float(self.keep[0]), float(self.keep[1]), OPTIMIZER_CODES[self.optimizer],
             int(bool(self.attention)), ACTIVATION_CODES[self.activation],
-            int(bool(self.freeze_fm)), self._seed, step, self._threads)
+            int(bool(self.freeze_fm)), self._seed, step, self._threads, self._loss)
 
     def _train_batch(self, X, y, rows, step):
         return self._backend.afm_step(X, y, rows, self._params, self._state,
@@ -231,3 +239,23 @@ class AFM(FactorizationModel):
         lower = np.tril_indices(n_fields, -1)
         mean[lower] = mean.T[lower]
         return mean
+
+
+class AFMClassifier(*CLASSIFIER_BASES, BinaryClassifier, AFM):
+    """Attentional Factorization Machine for binary targets: the same model and
+    arguments as ``AFM`` (see there), trained with the logistic loss; labels {0, 1} or
+    {-1, 1}; ``predict``, ``predict_proba``, ``decision_function`` and ``evaluate`` as
+    for ``FMClassifier``. It warm-starts from an ``FM`` or ``FMClassifier``.
+
+    Examples
+    --------
+    >>> import numpy as np, afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> data = make_demo_data(n_rows=2000, seed=0)
+    >>> clicks = np.where(data.train.y > np.median(data.train.y), 1, -1)
+    >>> clf = afmfast.AFMClassifier(n_factors=4, attention_size=4, n_epochs=2, verbose=0)
+    >>> sorted(clf.fit(data.train, clicks).evaluate(data.train, clicks))
+    ['accuracy', 'auc', 'logloss']
+    """
+
+    _kind = "AFMClassifier"

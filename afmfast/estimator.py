@@ -14,7 +14,7 @@ import numpy as np
 from . import backends
 from .dataset import Dataset
 from .encoding import FeatureMap, is_dataframe
-from .kernel_api import OPTIMIZER_CODES
+from .kernel_api import OPTIMIZER_CODES, SQUARED, LOGISTIC
 from .metrics import HIGHER_IS_BETTER, rmse
 
 
@@ -76,21 +76,23 @@ def _check_bool(name, value):
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
-try:  # scikit-learn is optional: with it, models are full scikit-learn regressors
+try:  # scikit-learn is optional: with it, models are full scikit-learn estimators
     from sklearn.base import BaseEstimator as _SkBase
+    from sklearn.base import ClassifierMixin as _SkClassifier
     from sklearn.base import RegressorMixin as _SkRegressor
 
-    _SKLEARN_BASES = (_SkRegressor, _SkBase)
+    _SKLEARN_BASES, REGRESSOR_BASES, CLASSIFIER_BASES = (_SkBase,), (_SkRegressor,), \
+        (_SkClassifier,)
 except ImportError:
-    _SKLEARN_BASES = ()
+    _SKLEARN_BASES = REGRESSOR_BASES = CLASSIFIER_BASES = ()
 
 
 class FactorizationModel(*_SKLEARN_BASES):
     """Shared machinery of ``FM`` and ``AFM``; not used directly.
 
     When scikit-learn is importable the models inherit its ``BaseEstimator`` and
-    ``RegressorMixin`` (so ``clone``, ``cross_val_score``, ``GridSearchCV`` and
-    ``Pipeline`` work, and ``score`` is R^2); without it they are plain classes with the
+    ``RegressorMixin`` or ``ClassifierMixin`` (so ``clone``, ``cross_val_score``, ``GridSearchCV`` and
+    ``Pipeline`` work, and ``score`` is R^2 or accuracy); without it they are plain classes with the
     same ``get_params``/``set_params``/``fit``/``predict`` protocol."""
 
     #: set by subclasses: the class name saved in model files, the kernel family
@@ -98,6 +100,7 @@ class FactorizationModel(*_SKLEARN_BASES):
     _kind = None
     _model = None
     _params_class = None
+    _loss = SQUARED
 
     # ----- scikit-learn parameter protocol -------------------------------------------
     @classmethod
@@ -190,6 +193,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         train = self._dataset(X, y)
         if train.n_rows == 0:
             raise ValueError("X: cannot fit on an empty data set")
+        self._check_targets(train.y)
         valid = None
         if validation is not None:
             valid = (self._dataset(*validation, name="validation")
@@ -250,6 +254,17 @@ class FactorizationModel(*_SKLEARN_BASES):
 
     #: the metrics ``evaluate`` reports, the first one monitored by default
     _task_metrics = ("rmse",)
+
+    def _check_targets(self, y):
+        if not np.all(np.isfinite(y)):
+            raise ValueError("y: labels must be finite numbers")
+
+    def _header_extras(self):
+        """JSON-able fitted state beyond the arrays (saved in model files)."""
+        return {}
+
+    def _load_header_extras(self, extras):
+        pass
 
     def _evaluate_scores(self, y, scores):
         return {"rmse": rmse(y, scores)}
@@ -426,6 +441,56 @@ def _n_rows(X):
     if shape is not None and len(shape) == 2:
         return shape[0]
     return np.asarray(X).shape[0]
+
+
+class BinaryClassifier:
+    """Binary classification on top of a factorization model: logistic loss in the
+    kernels, labels {0, 1} or {-1, 1}, probabilities, logloss/AUC/accuracy."""
+
+    _loss = LOGISTIC
+    _task_metrics = ("logloss", "auc", "accuracy")
+
+    def _check_targets(self, y):
+        labels = np.unique(y)
+        if not (set(labels.tolist()) <= {0.0, 1.0} or set(labels.tolist()) <= {-1.0, 1.0}) \
+                or labels.size != 2:
+            raise ValueError(f"y: a binary classifier needs labels {{0, 1}} or {{-1, 1}} "
+                             f"with both classes present, got {labels[:10].tolist()}")
+        self.classes_ = labels.astype(np.int64)
+
+    def _evaluate_scores(self, y, scores):
+        from .metrics import auc, logloss
+
+        p = _sigmoid(scores)
+        return {"logloss": logloss(y, p), "auc": auc(y, scores),
+                "accuracy": float(np.mean((scores > 0) == (np.asarray(y) > 0)))}
+
+    def decision_function(self, X):
+        """Raw scores (the log-odds of the positive class), float32."""
+        return FactorizationModel.predict(self, X)
+
+    def predict_proba(self, X):
+        """Probabilities of (negative, positive) class per row, float64 (n_rows, 2)."""
+        p = _sigmoid(self.decision_function(X))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X):
+        """Predicted labels, from ``classes_``."""
+        return self.classes_[(self.decision_function(X) > 0).astype(np.int64)]
+
+    def _header_extras(self):
+        return {"classes": self.classes_.tolist()}
+
+    def _load_header_extras(self, extras):
+        classes = extras.get("classes")
+        if not (isinstance(classes, list) and classes in ([0, 1], [-1, 1])):
+            raise ValueError(f"classes {classes!r} are not [0, 1] or [-1, 1]")
+        self.classes_ = np.array(classes, dtype=np.int64)
+
+
+def _sigmoid(z):
+    z = np.asarray(z, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
 
 
 class _Progress:

@@ -1,11 +1,18 @@
 """The Factorization Machine estimator (``afmfast.FM``)."""
 import numpy as np
 
-from .estimator import FactorizationModel, _check_int, _check_real
+from .estimator import (
+    CLASSIFIER_BASES,
+    REGRESSOR_BASES,
+    BinaryClassifier,
+    FactorizationModel,
+    _check_int,
+    _check_real,
+)
 from .kernel_api import OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params, new_opt_state
 
 
-class FM(FactorizationModel):
+class FM(*REGRESSOR_BASES, FactorizationModel):
     """Factorization Machine (Rendle 2010) trained as the AFM authors train it: the
     bi-interaction vector, optional batch normalisation, dropout, squared loss and
     Adagrad, with native kernels.
@@ -86,7 +93,7 @@ class FM(FactorizationModel):
     def _train_batch(self, X, y, rows, step):
         cfg = StepConfig(float(self.learning_rate), float(self.l2), float(self.keep),
                          OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
-                         self._seed, step, self._threads)
+                         self._seed, step, self._threads, self._loss)
         return self._backend.fm_step(X, y, rows, self._params, self._state, cfg, self._ws)
 
     def _warm_start(self, source, n_features):
@@ -117,3 +124,27 @@ class FM(FactorizationModel):
         k = self.n_factors
         return {"V": (n_features, k), "w": (n_features,), "dense": (1 + 2 * k,),
                 "bn_stats": (2, k)}
+
+
+class FMClassifier(*CLASSIFIER_BASES, BinaryClassifier, FM):
+    """Factorization Machine for binary targets: the same model and arguments as ``FM``
+    (see there), trained with the logistic loss.
+
+    Labels are {0, 1} or {-1, 1}; ``predict`` returns labels, ``predict_proba`` the
+    probabilities of both classes, ``decision_function`` the raw scores, and
+    ``evaluate`` the logloss, AUC and accuracy. ``fit(..., metric="auc")`` picks the
+    best epoch by validation AUC instead of logloss.
+
+    Examples
+    --------
+    >>> import numpy as np, afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> data = make_demo_data(n_rows=2000, seed=0)
+    >>> clicks = (data.train.y > np.median(data.train.y)).astype(int)
+    >>> clf = afmfast.FMClassifier(n_factors=4, n_epochs=2, verbose=0)
+    >>> clf = clf.fit(data.train, clicks)
+    >>> clf.classes_.tolist(), clf.predict_proba(data.valid).shape
+    ([0, 1], (400, 2))
+    """
+
+    _kind = "FMClassifier"

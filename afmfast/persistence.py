@@ -23,10 +23,10 @@ _HEADER = "__header__"
 
 
 def _model_classes():
-    from .afm import AFM
-    from .fm import FM
+    from .afm import AFM, AFMClassifier
+    from .fm import FM, FMClassifier
 
-    return {"FM": FM, "AFM": AFM}
+    return {cls._kind: cls for cls in (FM, AFM, FMClassifier, AFMClassifier)}
 
 
 def save_model(model, path):
@@ -42,6 +42,7 @@ def save_model(model, path):
         "history": list(getattr(model, "history_", [])),
         "feature_map": (model.feature_map_.to_json() if hasattr(model, "feature_map_")
                         else None),
+        "extras": model._header_extras(),
     }
     arrays = dict(model._arrays())
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
@@ -121,6 +122,10 @@ def load(path):
     model.n_features_in_ = n_features
     model.best_epoch_ = int(header.get("best_epoch", 0))
     model.history_ = list(header.get("history", []))
+    try:
+        model._load_header_extras(header.get("extras") or {})
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: corrupt model header ({exc})") from exc
     if header.get("feature_map") is not None:
         try:
             fmap = FeatureMap.from_json(header["feature_map"])
