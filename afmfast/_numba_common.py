@@ -20,7 +20,9 @@ order, parallel over rows) and ``group_by_feature`` (stable counting sort of the
 occurrences by feature; feature ids checked). Status codes below 0 (``BAD_*``) are turned into
 ValueError by ``raise_batch_error``; nothing but the workspace is written before them.
 """
+import contextlib
 import math
+import threading
 from contextlib import contextmanager
 
 import numba
@@ -271,12 +273,27 @@ def numba_threads(n_threads):
 
     Example: ``with numba_threads(cfg.n_threads): loss = _kernel(...)``.
     """
-    prev = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+    # Numba's fallback "workqueue" threading layer (no OpenMP or TBB on the machine)
+    # must not be entered from two Python threads at once: serialise kernel calls then.
+    lock = _WORKQUEUE_LOCK if _threading_layer_unsafe() else _NO_LOCK
+    with lock:
+        prev = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            numba.set_num_threads(prev)
+
+
+_WORKQUEUE_LOCK = threading.Lock()
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _threading_layer_unsafe():
     try:
-        yield
-    finally:
-        numba.set_num_threads(prev)
+        return numba.threading_layer() == "workqueue"
+    except ValueError:  # no parallel kernel has run yet: the layer is not chosen
+        return True
 
 
 def check_keep(fn, name, keep):

@@ -365,7 +365,12 @@ class FactorizationModel(*_SKLEARN_BASES):
             return fmap.transform(X, X[y].to_numpy() if isinstance(y, str) else y)
         if y is None and not need_labels and not isinstance(X, Dataset):
             y = np.zeros(_n_rows(X), np.float32)
-        return as_dataset(X, y, name=name)
+        data = as_dataset(X, y, name=name)
+        bad = np.flatnonzero(~np.isfinite(data.values))
+        if bad.size:
+            row = int(np.searchsorted(data.indptr, bad[0], side="right")) - 1
+            raise ValueError(f"{name}: row {row} holds a NaN or infinite value")
+        return data
 
     def _kernel_backend(self):
         """The backend module (resolved once; models loaded from files resolve lazily)."""

@@ -267,3 +267,18 @@ def test_scipy_csc_and_coo_inputs_mean_the_same_rows(demo):
     np.testing.assert_array_equal(model.predict(X.tocsc()), expected)
     np.testing.assert_array_equal(model.predict(X.tocoo()), expected)
     np.testing.assert_array_equal(afmfast.FM(**FAST).fit(X.tocsc(), tr.y).V_, model.V_)
+
+
+def test_non_finite_inputs_are_refused_before_any_kernel_runs(demo):
+    values = demo.train.values.copy()
+    values[demo.train.indptr[7] + 1] = np.nan
+    bad = afmfast.Dataset(demo.train.indptr, demo.train.indices, values, demo.train.y)
+    with pytest.raises(ValueError, match="X: row 7 holds a NaN"):
+        afmfast.FM(**FAST).fit(bad)
+    y = demo.train.y.copy()
+    y[3] = np.inf
+    with pytest.raises(ValueError, match="y: labels must be finite"):
+        afmfast.FM(**FAST).fit(demo.train, y)
+    model = afmfast.FM(**FAST).fit(demo.train)
+    with pytest.raises(ValueError, match="row 7"):
+        model.predict(bad)
