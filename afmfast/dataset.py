@@ -61,9 +61,17 @@ class Dataset:
     ``n_features_explicit`` tells whether the feature count was given (here, to
     ``from_csr`` through the matrix's shape, or to ``load_libfm``) rather than derived
     from the largest id: estimators refuse to allocate huge parameter tables for a derived
-    count (see ``afmfast.estimator.MAX_PARAMETER_BYTES``). Attributes ``indptr`` (int64), ``indices`` (int32), ``values`` (float32), ``y``
+    count (see ``afmfast.estimator.MAX_PARAMETER_BYTES``).
+
+    Attributes ``indptr`` (int64), ``indices`` (int32), ``values`` (float32), ``y``
     (float32) are C-contiguous; treat them as read-only, since selections and
     ``with_n_features`` may share them.
+
+    Examples
+    --------
+    >>> ds = Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0])
+    >>> len(ds), ds.n_features, ds[[1]].indices.tolist()
+    (2, 4, [2])
     """
 
     __slots__ = ("indptr", "indices", "values", "y", "n_features", "n_features_explicit",
@@ -293,6 +301,15 @@ def load_libfm(path, n_features=None, *, n_threads=1):
     error reported do not depend on it. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the
     line and the problem for any malformed content (nothing is skipped silently).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "tiny.libfm")
+    >>> _ = open(path, "w").write("1 0:1 3:0.5\\n-1 2:1\\n")
+    >>> data = load_libfm(path)
+    >>> len(data), data.n_features, data.indices.tolist(), data.values.tolist()
+    (2, 4, [0, 3, 2], [1.0, 0.5, 1.0])
     """
     from afmfast import _reader  # compiled extension; imported here so Dataset works without it
 

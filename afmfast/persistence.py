@@ -67,6 +67,17 @@ def load(path):
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
     anything that is not an intact afmfast model file.
+
+    Examples
+    --------
+    >>> import os, tempfile, afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> data = make_demo_data(n_rows=500, seed=0)
+    >>> model = afmfast.FM(n_factors=4, n_epochs=1, verbose=0).fit(data.train)
+    >>> path = os.path.join(tempfile.mkdtemp(), "fm.npz")
+    >>> model.save(path)
+    >>> bool((afmfast.load(path).predict(data.valid) == model.predict(data.valid)).all())
+    True
     """
     path = os.fspath(path)
     if not os.path.exists(path):
