@@ -32,14 +32,9 @@ def make_demo_data(n_rows=30000, valid_fraction=0.2, seed=0, noise=0.1):
     """
     rng = np.random.default_rng(seed)
     sizes = np.array(FIELD_SIZES)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     n_features = int(sizes.sum())
     fields = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
-    # skewed category frequencies, as in real logs
-    choice = np.stack([
-        rng.choice(s, size=n_rows, p=_zipf(s)) for s in sizes
-    ], axis=1)
-    ids = choice + offsets
+    ids = onehot_field_ids(rng, FIELD_SIZES, n_rows)
     bias = rng.normal(0.0, 0.3, size=n_features)
     hidden = rng.normal(0.0, 1.0, size=(n_features, 4))
     y = bias[ids].sum(axis=1)
@@ -55,9 +50,40 @@ def make_demo_data(n_rows=30000, valid_fraction=0.2, seed=0, noise=0.1):
                     list(PLANTED_PAIRS), noise)
 
 
-def _zipf(n):
-    p = 1.0 / np.arange(1, n + 1) ** 0.8
-    return p / p.sum()
+def onehot_field_ids(rng, field_sizes, n_rows):
+    """(n_rows, n_fields) int64 global feature ids, one per field (field f owns the ids
+    after those of fields 0..f-1), drawn with skewed popularity p ~ rank^-0.8 inside
+    each field, as in real logs."""
+    offset, columns = 0, []
+    for size in field_sizes:
+        p = 1.0 / np.arange(1, size + 1) ** 0.8
+        columns.append(offset + rng.choice(size, size=n_rows, p=p / p.sum()))
+        offset += size
+    return np.stack(columns, axis=1)
+
+
+#: Frappe's 10 fields (5,382 features): shape of the data benchmarks and tests use when
+#: the licensed file is absent
+FRAPPE_FIELD_SIZES = (957, 4082, 7, 7, 2, 3, 2, 9, 80, 233)
+
+
+def frappe_like(n_rows, seed=0):
+    """(X, y): one-hot CSR rows shaped like Frappe (``FRAPPE_FIELD_SIZES``, one nonzero
+    per field, values 1) as (indptr int64, indices int32, values float32), and labels
+    +-1 float32. Used by the kernel benchmarks and tests; carries no signal.
+
+    Examples
+    --------
+    >>> X, y = frappe_like(3)
+    >>> X[0].tolist(), y.shape
+    ([0, 10, 20, 30], (3,))
+    """
+    rng = np.random.default_rng(seed)
+    indices = onehot_field_ids(rng, FRAPPE_FIELD_SIZES, n_rows).reshape(-1).astype(np.int32)
+    indptr = np.arange(0, indices.size + 1, len(FRAPPE_FIELD_SIZES), dtype=np.int64)
+    values = np.ones(indices.size, dtype=np.float32)
+    y = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=n_rows)
+    return (indptr, indices, values), y
 
 
 def linear_baseline_rmse(train, valid, ridge=1e-3):

@@ -10,6 +10,7 @@ import numpy as np
 from conftest import random_csr
 
 from afmfast import kernel_api as api
+from afmfast.demo import frappe_like  # noqa: F401  (re-exported for test_kernels_afm)
 
 
 def make_afm_problem(rng, n_rows, n_features, k, t, row_lengths, dtype=np.float64,
@@ -28,24 +29,6 @@ def make_afm_problem(rng, n_rows, n_features, k, t, row_lengths, dtype=np.float6
     dense[1 + k:1 + k + t] = rng.normal(0.0, 0.2, size=t)
     dense[1 + k + t:] = rng.normal(0.0, 1.5, size=t)
     return X, y, params
-
-
-def frappe_like(n_rows, seed=0):
-    """CSR float32 one-hot rows shaped like Frappe: 10 fields, one nonzero each, 5,382
-    features with Frappe's field sizes, Zipf-like ids within a field (benchmarks)."""
-    field_sizes = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]
-    rng = np.random.default_rng(seed)
-    cols = []
-    offset = 0
-    for size in field_sizes:
-        p = 1.0 / np.arange(1, size + 1) ** 0.8
-        cols.append(offset + rng.choice(size, size=n_rows, p=p / p.sum()))
-        offset += size
-    indices = np.stack(cols, axis=1).reshape(-1).astype(np.int32)
-    indptr = np.arange(0, indices.size + 1, len(field_sizes), dtype=np.int64)
-    values = np.ones(indices.size, dtype=np.float32)
-    y = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=n_rows)
-    return (indptr, indices, values), y
 
 
 def batch_pairs(X, rows):
