@@ -30,7 +30,20 @@ Row r's pairs are ``indptr[r]:indptr[r + 1]`` (int64, n_rows + 1); ``i``, ``j`` 
 are the pair's feature ids (i before j in the row); ``weight`` is the attention a_ij
 (summing to 1 over a row's pairs; 1 for every pair when attention is off);
 ``contribution`` is the pair's share of the prediction, a_ij p . e_ij, so that
-w0 + sum w x + the row's contributions equals ``predict``."""
+w0 + sum w x + the row's contributions equals ``predict``. ``AFM.explain`` returns one.
+
+Examples
+--------
+>>> import afmfast
+>>> from afmfast.demo import make_demo_data
+>>> data = make_demo_data(n_rows=1000, seed=0)
+>>> afm = afmfast.AFM(n_factors=4, attention_size=4, n_epochs=1, n_threads=1, verbose=0)
+>>> record = afm.fit(data.train).explain(data.valid[:2])
+>>> record._fields
+('indptr', 'i', 'j', 'weight', 'contribution')
+>>> record.indptr.tolist(), record.i[:3].tolist(), record.j[:3].tolist()
+([0, 28, 56], [14, 14, 14], [62, 118, 129])
+"""
 
 
 class AFM(*REGRESSOR_BASES, FactorizationModel):
@@ -68,7 +81,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
 
     Examples
     --------
-    >>> import afmfast
+    >>> import numpy as np, afmfast
     >>> from afmfast.demo import make_demo_data
     >>> data = make_demo_data(n_rows=2000, seed=0)
     >>> fm = afmfast.FM(n_factors=8, n_epochs=2, verbose=0).fit(data.train)
@@ -190,6 +203,23 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
 
         Returns an ``Attention`` record of flat arrays (see its docstring); feature ids
         never seen in training form no pairs.
+
+        Examples
+        --------
+        >>> import numpy as np, afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)
+        >>> afm = afmfast.AFM(n_factors=4, attention_size=4, n_epochs=2, n_threads=1,
+        ...                   verbose=0).fit(data.train)
+        >>> X = data.valid[:5]
+        >>> record = afm.explain(X)
+        >>> starts = record.indptr[:-1]  # every row here has 8 features, so 28 pairs
+        >>> linear = afm.w0_ + np.add.reduceat(afm.w_[X.indices] * X.values, X.indptr[:-1])
+        >>> pairs = np.add.reduceat(record.contribution, starts)
+        >>> bool(np.allclose(linear + pairs, afm.predict(X), atol=1e-5))
+        True
+        >>> bool(np.allclose(np.add.reduceat(record.weight, starts), 1.0))
+        True
         """
         self._check_fitted()
         data = self._dataset(X, need_labels=False)
@@ -212,8 +242,22 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
 
         ``fields`` is an int array of length ``n_features_in_`` giving each feature's field
         (0..F-1); by default, the fields of the feature map of a model fitted on a
-        DataFrame (one per column). Returns the F x F symmetric float64 matrix of the mean weight of the pairs
-        whose features lie in fields (f, g); NaN where no such pair occurs in X.
+        DataFrame (one per column). Returns the F x F symmetric float64 matrix of the mean
+        weight of the pairs whose features lie in fields (f, g); NaN where no such pair
+        occurs in X.
+
+        Examples
+        --------
+        >>> import numpy as np, afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)  # 8 one-hot fields
+        >>> afm = afmfast.AFM(n_factors=4, attention_size=4, n_epochs=2, n_threads=1,
+        ...                   verbose=0).fit(data.train)
+        >>> matrix = afm.field_attention(data.valid, data.fields)
+        >>> matrix.shape, bool(np.isnan(matrix[0, 0])), bool(matrix[0, 1] == matrix[1, 0])
+        ((8, 8), True, True)
+        >>> round(float(np.nansum(np.triu(matrix, 1))), 3)  # 28 field pairs, 28 pairs a row
+        1.0
         """
         self._check_fitted()
         if fields is None:

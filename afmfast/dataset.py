@@ -134,7 +134,16 @@ class Dataset:
         """Dataset from any CSR-like ``X`` with ``indptr``, ``indices``, ``data`` and
         ``shape`` (e.g. ``scipy.sparse.csr_matrix``) and targets ``y`` (required).
         ``n_features`` defaults to ``X.shape[1]``. Arrays are copied only when their
-        dtype or layout differs from the Dataset's."""
+        dtype or layout differs from the Dataset's.
+
+        Examples
+        --------
+        >>> import numpy as np, scipy.sparse
+        >>> X = scipy.sparse.csr_matrix(np.array([[1.0, 0, 2.0, 0], [0, 0, 0, 0]]))
+        >>> ds = Dataset.from_csr(X, [1.0, 0.0])
+        >>> ds, ds.n_features_explicit
+        (Dataset(n_rows=2, n_features=4, nnz=2, max_row_nnz=2), True)
+        """
         if y is None:
             raise ValueError("y is required: a Dataset holds targets for every row")
         for attr in ("indptr", "indices", "data", "shape"):
@@ -152,7 +161,13 @@ class Dataset:
     # ------------------------------------------------------------------ properties
     @property
     def n_rows(self):
-        """Number of rows."""
+        """Number of rows (also ``len(ds)``).
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).n_rows
+        2
+        """
         return self.y.shape[0]
 
     def __len__(self):
@@ -160,17 +175,37 @@ class Dataset:
 
     @property
     def nnz(self):
-        """Number of stored nonzeros."""
+        """Number of stored nonzeros.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).nnz
+        3
+        """
         return self.indices.shape[0]
 
     @property
     def X(self):
-        """``(indptr, indices, values)``, the kernels' X."""
+        """``(indptr, indices, values)``, the kernels' X (the arrays themselves).
+
+        Examples
+        --------
+        >>> indptr, indices, values = Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0],
+        ...                                   [1.0, -1.0]).X
+        >>> indptr.dtype, indices.dtype, values.dtype
+        (dtype('int64'), dtype('int32'), dtype('float32'))
+        """
         return (self.indptr, self.indices, self.values)
 
     @property
     def max_row_nnz(self):
-        """Largest number of nonzeros in one row (0 for an empty Dataset)."""
+        """Largest number of nonzeros in one row (0 for an empty Dataset).
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).max_row_nnz
+        2
+        """
         if self._max_row_nnz is None:
             self._max_row_nnz = int(np.diff(self.indptr).max()) if self.n_rows else 0
         return self._max_row_nnz
@@ -183,7 +218,18 @@ class Dataset:
     def __getitem__(self, idx):
         """Rows ``idx`` (integer array, boolean mask of length n_rows, or slice) as a new
         Dataset with the same ``n_features``. A slice of step 1 shares ``indices``,
-        ``values`` and ``y`` with this Dataset; other selections copy."""
+        ``values`` and ``y`` with this Dataset; other selections copy. A single integer
+        raises ``TypeError`` (write ``ds[[i]]``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> ds = Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0])
+        >>> ds[:1]
+        Dataset(n_rows=1, n_features=4, nnz=2, max_row_nnz=2)
+        >>> ds[::-1].indices.tolist(), ds[np.array([False, True])].y.tolist()
+        ([2, 0, 3], [-1.0])
+        """
         n = self.n_rows
         if isinstance(idx, slice):
             start, stop, step = idx.indices(n)
@@ -233,7 +279,15 @@ class Dataset:
     def with_n_features(self, n_features):
         """The same rows (arrays shared, not copied) with feature count ``n_features``,
         e.g. to align a test set with a training set's larger id space. It keeps
-        ``n_features_explicit``: aligning counts does not vouch for them."""
+        ``n_features_explicit``: aligning counts does not vouch for them.
+
+        Examples
+        --------
+        >>> ds = Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0])
+        >>> wide = ds.with_n_features(10)
+        >>> wide.n_features, wide.indices is ds.indices
+        (10, True)
+        """
         n_features = _check_n_features(n_features, self._max_id, "indices")
         return Dataset._trusted(self.indptr, self.indices, self.values, self.y,
                                 n_features, self._max_id, self.n_features_explicit)

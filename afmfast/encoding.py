@@ -14,7 +14,14 @@ from .dataset import Dataset
 
 
 def is_dataframe(X):
-    """True for a pandas DataFrame (checked without importing pandas)."""
+    """True for a pandas DataFrame (checked without importing pandas).
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> is_dataframe(pd.DataFrame({"a": [1]})), is_dataframe(np.zeros((1, 1)))
+    (True, False)
+    """
     return hasattr(X, "columns") and hasattr(X, "dtypes") and hasattr(X, "iloc")
 
 
@@ -48,7 +55,16 @@ class FeatureMap:
 
     @classmethod
     def fit(cls, df, columns=None):
-        """Learn the categories of ``columns`` (default: every column) of ``df``."""
+        """Learn the categories of ``columns`` (default: every column) of ``df``: sorted
+        labels (as str) of each categorical column, missing values left out.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"user": ["b", "a", None], "hour": [1.0, 2.5, 3.0]})
+        >>> FeatureMap.fit(df, columns=["user"]).categories
+        [['a', 'b']]
+        """
         columns = list(df.columns if columns is None else columns)
         missing = [c for c in columns if c not in df.columns]
         if missing:
@@ -66,15 +82,43 @@ class FeatureMap:
 
     @property
     def n_features(self):
+        """Number of features: one per category plus one per numeric column.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"user": ["a", "b", "a"], "hour": [1.0, 2.5, 3.0]})
+        >>> FeatureMap.fit(df).n_features
+        3
+        """
         return int(self._offsets[-1])
 
     @property
     def fields(self):
+        """The field (column position) of each feature, int32 (n_features,): the
+        ``fields`` argument of ``AFM.field_attention``.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"user": ["a", "b", "a"], "hour": [1.0, 2.5, 3.0]})
+        >>> FeatureMap.fit(df).fields.tolist()
+        [0, 0, 1]
+        """
         return np.repeat(np.arange(len(self.columns)),
                          np.diff(self._offsets)).astype(np.int32)
 
     @property
     def feature_names(self):
+        """Name of each feature, ``"column=category"`` or ``"column"`` (numeric).
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"user": ["a", "b", "a"], "hour": [1.0, 2.5, 3.0]})
+        >>> FeatureMap.fit(df).feature_names
+        ['user=a', 'user=b', 'hour']
+        """
         names = []
         for name, cats in zip(self.columns, self.categories):
             names.extend([str(name)] if cats is None else [f"{name}={c}" for c in cats])
@@ -82,7 +126,17 @@ class FeatureMap:
 
     def transform(self, df, y=None):
         """The rows of ``df`` as a ``Dataset`` (labels ``y``, zeros when None), one
-        nonzero per column at most, in column order."""
+        nonzero per column at most, in column order. Missing values and categories not
+        seen by ``fit`` give no nonzero.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> fmap = FeatureMap.fit(pd.DataFrame({"user": ["a", "b"], "hour": [1.0, 2.5]}))
+        >>> data = fmap.transform(pd.DataFrame({"user": ["c", "b"], "hour": [3.0, 1.0]}))
+        >>> data.indptr.tolist(), data.indices.tolist(), data.values.tolist()
+        ([0, 1, 3], [2, 1, 2], [3.0, 1.0, 1.0])
+        """
         missing = [c for c in self.columns if c not in df.columns]
         if missing:
             raise ValueError(f"the DataFrame lacks the columns {missing} this feature map "
@@ -112,12 +166,27 @@ class FeatureMap:
                        self.n_features)
 
     def to_json(self):
-        """A JSON string (saved inside model files)."""
+        """A JSON string (saved inside model files); ``from_json`` reads it back.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> FeatureMap.fit(pd.DataFrame({"user": ["a", "b"], "hour": [1.0, 2.5]})).to_json()
+        '{"columns": ["user", "hour"], "categories": [["a", "b"], null]}'
+        """
         return json.dumps({"columns": [str(c) for c in self.columns],
                            "categories": self.categories})
 
     @classmethod
     def from_json(cls, text):
+        """The ``FeatureMap`` that ``to_json`` wrote.
+
+        Examples
+        --------
+        >>> text = '{"columns": ["user", "hour"], "categories": [["a", "b"], null]}'
+        >>> FeatureMap.from_json(text).feature_names
+        ['user=a', 'user=b', 'hour']
+        """
         data = json.loads(text)
         return cls(data["columns"], data["categories"])
 

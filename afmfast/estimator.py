@@ -26,13 +26,37 @@ MAX_PARAMETER_BYTES = 4 << 30
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite; the model keeps its last finite
-    parameters (those at the end of the last finished epoch)."""
+    parameters (those at the end of the last finished epoch).
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> data = make_demo_data(n_rows=500, seed=0)
+    >>> model = afmfast.FM(learning_rate=1e30, optimizer="sgd", keep=1.0, batch_norm=False,
+    ...                    n_epochs=2, n_threads=1, verbose=0)
+    >>> try:
+    ...     model.fit(data.train)
+    ... except afmfast.TrainingDivergedError as exc:
+    ...     print(exc)
+    training diverged in epoch 1: ... Try a lower learning_rate (now 1e+30).
+    """
 
 
 def as_dataset(X, y=None, *, name="X"):
     """A ``Dataset`` from a Dataset (y then must be None or override its labels), a
     CSR-like object (``indptr/indices/data/shape``; other scipy.sparse formats are
-    converted to CSR) with y, or a dense 2-D array with y."""
+    converted to CSR) with y, or a dense 2-D array with y (its nonzeros become the
+    stored values). This is how ``fit``, ``predict`` and ``evaluate`` read their X.
+
+    Examples
+    --------
+    >>> ds = as_dataset([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]], [1.0, 0.0])
+    >>> ds
+    Dataset(n_rows=2, n_features=3, nnz=3, max_row_nnz=2)
+    >>> ds.indices.tolist(), ds.values.tolist()
+    ([0, 2, 1], [1.0, 2.0, 3.0])
+    """
     if isinstance(X, Dataset):
         if y is None:
             return X
@@ -91,9 +115,19 @@ class FactorizationModel(*_SKLEARN_BASES):
     """Shared machinery of ``FM`` and ``AFM``; not used directly.
 
     When scikit-learn is importable the models inherit its ``BaseEstimator`` and
-    ``RegressorMixin`` or ``ClassifierMixin`` (so ``clone``, ``cross_val_score``, ``GridSearchCV`` and
-    ``Pipeline`` work, and ``score`` is R^2 or accuracy); without it they are plain classes with the
-    same ``get_params``/``set_params``/``fit``/``predict`` protocol."""
+    ``RegressorMixin`` or ``ClassifierMixin`` (so ``clone``, ``cross_val_score``,
+    ``GridSearchCV`` and ``Pipeline`` work, and ``score`` is R^2 or accuracy); without it
+    they are plain classes with the same ``get_params``/``set_params``/``fit``/``predict``
+    protocol.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> isinstance(afmfast.AFM(), FactorizationModel)
+    True
+    >>> sorted(set(afmfast.AFM().get_params()) - set(afmfast.FM().get_params()))
+    ['activation', 'attention', 'attention_size', 'freeze_fm', 'l2_attention']
+    """
 
     #: set by subclasses: the class name saved in model files, the kernel family
     #: ("fm" or "afm") and the namedtuple class of the parameters
@@ -109,11 +143,29 @@ class FactorizationModel(*_SKLEARN_BASES):
         return [p for p in sig.parameters if p != "self"]
 
     def get_params(self, deep=True):
-        """Constructor arguments as a dict (scikit-learn protocol)."""
+        """Constructor arguments as a dict (scikit-learn protocol); ``deep`` is accepted
+        for scikit-learn and changes nothing (the models hold no sub-estimators).
+
+        Examples
+        --------
+        >>> import afmfast
+        >>> params = afmfast.FM(n_factors=8).get_params()
+        >>> params["n_factors"], params["keep"], len(params)
+        (8, 0.7, 13)
+        """
         return {name: getattr(self, name) for name in self._get_param_names()}
 
     def set_params(self, **params):
-        """Set constructor arguments (scikit-learn protocol); returns self."""
+        """Set constructor arguments (scikit-learn protocol); returns self. An unknown
+        name raises ``ValueError`` listing the valid ones; values are checked by ``fit``.
+
+        Examples
+        --------
+        >>> import afmfast
+        >>> model = afmfast.FM().set_params(n_factors=32, keep=1.0)
+        >>> model.n_factors, model.keep
+        (32, 1.0)
+        """
         valid = self._get_param_names()
         for name, value in params.items():
             if name not in valid:
@@ -180,6 +232,17 @@ class FactorizationModel(*_SKLEARN_BASES):
         ``early_stopping``, training stops once the validation metric got worse in each
         of the last 4 epochs (after more than 5) and the parameters of the best
         validation epoch are restored (``best_epoch_``).
+
+        Examples
+        --------
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)
+        >>> stop_after_2 = lambda model, record: record["epoch"] == 2
+        >>> model = afmfast.FM(n_factors=4, n_epochs=10, n_threads=1, verbose=0)
+        >>> model = model.fit(data.train, validation=data.valid, callbacks=[stop_after_2])
+        >>> len(model.history_), sorted(model.history_[0]), model.best_epoch_
+        (2, ['epoch', 'seconds', 'train_rmse', 'valid_rmse'], 2)
         """
         self._validate()
         self._monitor = self._task_metrics[0] if metric is None else metric
@@ -343,13 +406,39 @@ class FactorizationModel(*_SKLEARN_BASES):
 
     def predict(self, X):
         """Raw scores (float32, one per row). Feature ids at or above ``n_features_in_``
-        (never seen in training) contribute nothing."""
+        (never seen in training) contribute nothing. X is a Dataset, a CSR-like matrix,
+        a dense 2-D array or (for a model fitted on one) a DataFrame; no labels needed.
+
+        Examples
+        --------
+        >>> import numpy as np, afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)
+        >>> model = afmfast.FM(n_factors=4, n_epochs=2, n_threads=1, verbose=0).fit(data.train)
+        >>> scores = model.predict(data.valid)
+        >>> scores.dtype, scores.shape
+        (dtype('float32'), (200,))
+        >>> dense = np.zeros((1, 200)); dense[0, [0, 199]] = 1.0  # id 199: unseen
+        >>> bool(model.predict(dense)[0] == model.predict(dense[:, :160])[0])
+        True
+        """
         self._check_fitted()
         return self._predict_dataset(self._dataset(X, need_labels=False))
 
     def evaluate(self, X, y=None):
         """``{"rmse": ...}`` on X with predictions clipped to the labels' [min, max], as
-        the reference computes it."""
+        the reference computes it (classifiers: logloss, AUC and accuracy). ``y`` is
+        needed unless X is a Dataset (or, for a DataFrame, the label column's name).
+
+        Examples
+        --------
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)
+        >>> model = afmfast.FM(n_factors=4, n_epochs=2, n_threads=1, verbose=0).fit(data.train)
+        >>> {name: round(value, 2) for name, value in model.evaluate(data.valid).items()}
+        {'rmse': 2.17}
+        """
         self._check_fitted()
         data = self._dataset(X, y)
         return self._evaluate_scores(data.y, self._predict_dataset(data))
@@ -413,7 +502,19 @@ class FactorizationModel(*_SKLEARN_BASES):
         return int(np.partition(pairs, len(pairs) - b)[len(pairs) - b:].sum())
 
     def save(self, path):
-        """Write the model to one ``.npz`` file atomically (see ``afmfast.load``)."""
+        """Write the model to one ``.npz`` file atomically (see ``afmfast.load``).
+
+        Examples
+        --------
+        >>> import os, tempfile, afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=500, seed=0)
+        >>> model = afmfast.FM(n_factors=4, n_epochs=1, n_threads=1, verbose=0).fit(data.train)
+        >>> path = os.path.join(tempfile.mkdtemp(), "fm.npz")
+        >>> model.save(path)
+        >>> afmfast.load(path).get_params() == model.get_params()
+        True
+        """
         from .persistence import save_model
 
         self._check_fitted()
@@ -450,7 +551,15 @@ def _n_rows(X):
 
 class BinaryClassifier:
     """Binary classification on top of a factorization model: logistic loss in the
-    kernels, labels {0, 1} or {-1, 1}, probabilities, logloss/AUC/accuracy."""
+    kernels, labels {0, 1} or {-1, 1}, probabilities, logloss/AUC/accuracy. A mix-in of
+    ``FMClassifier`` and ``AFMClassifier``; not used directly.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> [issubclass(cls, BinaryClassifier) for cls in (afmfast.FMClassifier, afmfast.FM)]
+    [True, False]
+    """
 
     _loss = LOGISTIC
     _task_metrics = ("logloss", "auc", "accuracy")
@@ -471,16 +580,56 @@ class BinaryClassifier:
                 "accuracy": float(np.mean((scores > 0) == (np.asarray(y) > 0)))}
 
     def decision_function(self, X):
-        """Raw scores (the log-odds of the positive class), float32."""
+        """Raw scores (the log-odds of the positive class), float32.
+
+        Examples
+        --------
+        >>> import numpy as np, afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)
+        >>> clicks = (data.train.y > np.median(data.train.y)).astype(int)
+        >>> clf = afmfast.FMClassifier(n_factors=4, n_epochs=2, n_threads=1, verbose=0)
+        >>> clf = clf.fit(data.train, clicks)
+        >>> scores = clf.decision_function(data.valid)
+        >>> scores.dtype, bool(((scores > 0) == (clf.predict(data.valid) == 1)).all())
+        (dtype('float32'), True)
+        """
         return FactorizationModel.predict(self, X)
 
     def predict_proba(self, X):
-        """Probabilities of (negative, positive) class per row, float64 (n_rows, 2)."""
+        """Probabilities of (negative, positive) class per row, float64 (n_rows, 2): the
+        sigmoid of ``decision_function``.
+
+        Examples
+        --------
+        >>> import numpy as np, afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)
+        >>> clicks = (data.train.y > np.median(data.train.y)).astype(int)
+        >>> clf = afmfast.FMClassifier(n_factors=4, n_epochs=2, n_threads=1, verbose=0)
+        >>> clf = clf.fit(data.train, clicks)
+        >>> proba = clf.predict_proba(data.valid)
+        >>> proba.shape, bool(np.allclose(proba.sum(axis=1), 1.0))
+        ((200, 2), True)
+        """
         p = _sigmoid(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X):
-        """Predicted labels, from ``classes_``."""
+        """Predicted labels, from ``classes_`` (the positive class where the raw score
+        is above 0), int64.
+
+        Examples
+        --------
+        >>> import numpy as np, afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=1000, seed=0)
+        >>> clicks = (data.train.y > np.median(data.train.y)).astype(int)
+        >>> clf = afmfast.FMClassifier(n_factors=4, n_epochs=2, n_threads=1, verbose=0)
+        >>> clf = clf.fit(data.train, clicks)
+        >>> clf.classes_.tolist(), np.unique(clf.predict(data.valid)).tolist()
+        ([0, 1], [0, 1])
+        """
         return self.classes_[(self.decision_function(X) > 0).astype(np.int64)]
 
     def _header_extras(self):

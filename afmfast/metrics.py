@@ -4,7 +4,15 @@ import numpy as np
 
 def rmse(y_true, y_pred):
     """Root mean squared error after clipping predictions to [min(y_true), max(y_true)],
-    as the reference does (an empty set has RMSE NaN)."""
+    as the reference does (an empty set has RMSE NaN).
+
+    Examples
+    --------
+    >>> rmse([1.0, 2.0, 3.0], [1.0, 2.0, 5.0])  # 5 is clipped to 3
+    0.0
+    >>> round(rmse([1.0, 2.0, 3.0], [1.0, 2.0, 2.0]), 4)
+    0.5774
+    """
     y_true = np.asarray(y_true, dtype=np.float64)
     if y_true.size == 0:
         return float("nan")
@@ -17,7 +25,14 @@ HIGHER_IS_BETTER = frozenset({"auc", "accuracy"})
 
 
 def logloss(y_true, p, eps=1e-15):
-    """Mean binary cross-entropy of probabilities ``p`` for targets y > 0."""
+    """Mean binary cross-entropy of probabilities ``p`` (clipped to [eps, 1 - eps]) for
+    targets y > 0, so labels {0, 1} and {-1, 1} give the same value; NaN when empty.
+
+    Examples
+    --------
+    >>> round(logloss([1, 0], [0.9, 0.2]), 4), round(logloss([1, -1], [0.9, 0.2]), 4)
+    (0.1643, 0.1643)
+    """
     t = np.asarray(y_true) > 0
     p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
     return float(-np.mean(np.where(t, np.log(p), np.log1p(-p)))) if t.size else float("nan")
@@ -25,7 +40,15 @@ def logloss(y_true, p, eps=1e-15):
 
 def auc(y_true, scores):
     """Area under the ROC curve for targets y > 0 (ties count one half); NaN unless both
-    classes occur."""
+    classes occur.
+
+    Examples
+    --------
+    >>> auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.75
+    >>> auc([1, 1], [0.1, 0.2])
+    nan
+    """
     t = np.asarray(y_true) > 0
     n_pos = int(t.sum())
     n_neg = t.size - n_pos

@@ -30,7 +30,20 @@ def _model_classes():
 
 
 def save_model(model, path):
-    """Write ``model`` to ``path`` atomically (see the module docstring)."""
+    """Write ``model`` to ``path`` atomically (see the module docstring); what
+    ``model.save(path)`` calls, without its check that the model is fitted.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> data = make_demo_data(n_rows=500, seed=0)
+    >>> model = afmfast.FM(n_factors=4, n_epochs=1, n_threads=1, verbose=0).fit(data.train)
+    >>> path = os.path.join(tempfile.mkdtemp(), "fm.npz")
+    >>> save_model(model, path)
+    >>> sorted(np.load(path).files)
+    ['V', '__header__', 'bn_stats', 'dense', 'w']
+    """
     path = os.fspath(path)
     header = {
         "format": FORMAT,
