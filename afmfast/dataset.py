@@ -19,6 +19,7 @@ Contract (other modules code against it):
   raises ``FileNotFoundError`` naming the path.
 """
 import os
+import stat
 
 import numpy as np
 
@@ -330,10 +331,11 @@ _MESSAGES = {
 
 def _describe_error(name, data, offset, n_features):
     what = _MESSAGES[name]
-    end = offset
-    while end < len(data) and data[end:end + 1] not in b" \t\r\n":
-        end += 1
-    token = data[offset:min(end, offset + 80)].decode("utf-8", "replace")
+    # the token: up to its first blank or line end, at most 80 bytes (data may be a
+    # memory map of a huge file, so only a bounded slice is looked at)
+    head = bytes(data[offset:offset + 80])
+    end = next((i for i, b in enumerate(head) if b in b" \t\r\n"), len(head))
+    token = head[:end].decode("utf-8", "replace")
     if name in ("LABEL_NAN", "VALUE_NAN"):
         text = token if name == "LABEL_NAN" else token.partition(":")[2]
         if text.strip("+-").lower() in ("nan", "inf", "infinity"):
@@ -345,16 +347,60 @@ def _describe_error(name, data, offset, n_features):
     return f"{what}: {token!r}"
 
 
-def load_libfm(path, n_features=None, *, n_threads=1):
+def _cpu_count():
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _check_n_threads(n_threads):
+    if n_threads is None:
+        return _cpu_count()
+    if isinstance(n_threads, (bool, np.bool_)) or not isinstance(n_threads, (int, np.integer)):
+        raise ValueError(f"n_threads must be an int >= 1 or None (all CPUs available), "
+                         f"got {n_threads!r}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be an int >= 1 or None (all CPUs available), "
+                         f"got {n_threads}")
+    return int(n_threads)
+
+
+def _map_file(fh):
+    """A read-only memory map of the whole open file ``fh``, or None when it cannot be
+    mapped (empty file, pipe or other special file, a file system without mmap): the
+    caller then reads it. MAP_POPULATE (Linux) maps all pages of the page cache at once
+    instead of one page fault per 4 KiB."""
+    import mmap
+    try:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None
+        if hasattr(mmap, "MAP_SHARED") and hasattr(mmap, "PROT_READ"):
+            return mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ,
+                             flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, OverflowError):
+        return None
+
+
+def load_libfm(path, n_features=None, *, n_threads=None):
     """Read a libFM text file into a :class:`Dataset`.
 
     Each line is one row, ``label id:value id:value ...`` (see the module docstring for
     the accepted layout). Ids are used as they are; ``n_features`` defaults to the
-    largest id + 1, and when given every id must be below it. ``n_threads`` > 1 parses
-    line-aligned chunks of a large file (>= 1 MB each) in parallel; the result and the
-    error reported do not depend on it. Raises
+    largest id + 1, and when given every id must be below it. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the
     line and the problem for any malformed content (nothing is skipped silently).
+
+    ``n_threads`` (default None: every CPU this process may use, from
+    ``os.sched_getaffinity``) threads parse chunks of about 256 KiB, handed out one at
+    a time, so a thread held up by a busy machine delays little; the result and the
+    error reported do not depend on ``n_threads``. A regular file is memory-mapped
+    rather than copied into memory, so it must not be truncated while it is being read
+    (like any memory-mapped reader, the process would then get SIGBUS); other files
+    (pipes, ``/proc``) are read.
 
     Examples
     --------
@@ -369,18 +415,25 @@ def load_libfm(path, n_features=None, *, n_threads=1):
 
     if n_features is not None:
         n_features = _check_n_features(n_features, -1, "indices")
+    n_threads = _check_n_threads(n_threads)
     path = os.fspath(path)
     with open(path, "rb") as fh:
-        data = fh.read()
-    start = len(_BOM) if data.startswith(_BOM) else 0
-    limit = n_features if n_features is not None else _INT32_MAX + 1
-    code, offset, indptr, indices, values, y, max_id = _reader.parse(
-        data, start, limit, n_threads)
-    if code:
-        name = {v: k for k, v in _reader.ERROR_CODES.items()}[code]
-        line = data.count(b"\n", 0, offset) + 1
-        raise ValueError(f"{path}: line {line}: "
-                         f"{_describe_error(name, data, offset, n_features)}")
+        data = _map_file(fh)
+        if data is None:
+            data = fh.read()
+    try:
+        start = len(_BOM) if data[:len(_BOM)] == _BOM else 0
+        limit = n_features if n_features is not None else _INT32_MAX + 1
+        code, offset, indptr, indices, values, y, max_id = _reader.parse(
+            data, start, limit, n_threads)
+        if code:
+            name = {v: k for k, v in _reader.ERROR_CODES.items()}[code]
+            line = _reader.count(data, 0, offset)[0] + 1
+            raise ValueError(f"{path}: line {line}: "
+                             f"{_describe_error(name, data, offset, n_features)}")
+    finally:
+        if not isinstance(data, bytes):
+            data.close()
     return Dataset._trusted(indptr, indices, values, y,
                             max_id + 1 if n_features is None else n_features, max_id,
                             n_features is not None)

@@ -2,7 +2,7 @@
 
 Runs on a synthetic one-hot file generated into pytest's tmp directory (about 20 MB,
 LF and CRLF variants) and on the Frappe validation file when ``../shared`` beside the
-repository holds it. Each benchmark records ``mb_per_s`` (10^6 bytes per second of the
+repository holds it, with 1 thread and with the default (all CPUs available). Each benchmark records ``mb_per_s`` (10^6 bytes per second of the
 mean time) in ``extra_info``. Run: ``pytest bench/test_bench_reader.py``.
 """
 import os
@@ -31,16 +31,22 @@ def _run(benchmark, fn, path):
     return result
 
 
+def _load(n_threads):
+    return lambda path: load_libfm(path, n_threads=n_threads)
+
+
 @pytest.mark.benchmark(group="reader")
-def test_load_libfm_synthetic(benchmark, synthetic):
-    ds = _run(benchmark, load_libfm, synthetic)
+@pytest.mark.parametrize("n_threads", [1, None], ids=["1thread", "allcpus"])
+def test_load_libfm_synthetic(benchmark, synthetic, n_threads):
+    ds = _run(benchmark, _load(n_threads), synthetic)
     assert ds.max_row_nnz == 10
 
 
 @pytest.mark.benchmark(group="reader")
+@pytest.mark.parametrize("n_threads", [1, None], ids=["1thread", "allcpus"])
 @pytest.mark.skipif(not FRAPPE.exists(), reason="research data ../shared absent")
-def test_load_libfm_frappe(benchmark):
-    ds = _run(benchmark, load_libfm, FRAPPE)
+def test_load_libfm_frappe(benchmark, n_threads):
+    ds = _run(benchmark, _load(n_threads), FRAPPE)
     assert len(ds) == 57722
 
 

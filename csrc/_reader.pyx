@@ -2,12 +2,15 @@
 """Native parser of libFM text (compiled to ``afmfast._reader``); ``afmfast.dataset.load_libfm``
 is its only caller and turns its error codes into messages.
 
-Contract of ``parse(data, start=0, n_features_limit=2^31, n_threads=1, min_chunk=1 MB)``:
+Contract of ``parse(buf, start=0, n_features_limit=2^31, n_threads=1, chunk_bytes=256 KiB)``:
 
-- ``data`` is a ``bytes`` object holding a whole file; parsing starts at byte ``start``
-  (past a BOM). ``bytes`` is required because CPython keeps a NUL after its last byte, a
-  sentinel that lets the number loops run without bounds checks. NUL bytes inside the
-  file are rejected before parsing, so a NUL always means "end of buffer".
+- ``buf`` is any C-contiguous byte buffer holding a whole file: ``bytes``, or the read-only
+  ``mmap`` of the file that ``load_libfm`` passes. Parsing starts at byte ``start`` (past a
+  BOM). No sentinel after the last byte is needed: the lines up to the last LF are parsed
+  in place, where every scan stops at a line's LF and the 8-byte loads of the fast paths
+  run only at least 32 bytes before the end of ``buf``; the bytes after the last LF (an
+  unterminated last line) are parsed from a copy followed by NUL bytes. NUL bytes inside
+  the file are rejected before parsing, so a NUL always means "end of that copy".
 - Grammar, one row per line: ``label (id:value)*``. Separators are runs of spaces or
   tabs (also before the label and at the end of a line). Lines end with LF or CRLF; the
   last line may lack its terminator; a lone CR is an error. A line with nothing but
@@ -23,23 +26,36 @@ Contract of ``parse(data, start=0, n_features_limit=2^31, n_threads=1, min_chunk
   starts. Line numbers are counted by the caller from the offset, only on error, so the
   hot loop keeps no line counter.
 
-Structure: the buffer is cut at line starts into up to ``n_threads`` chunks; a counting
-pass per chunk (newlines, colons, NULs; vectorised by the compiler) sizes the arrays
-exactly and, prefix-summed, gives each chunk its first row and nonzero slot; then
-``parse_range`` makes a single pass over each chunk, in parallel (``prange``). The
-result, and the first error reported (that of the lowest failing chunk), do not depend
-on ``n_threads``.
+Structure: ``[start, last LF]`` is cut at line starts into chunks of about
+``chunk_bytes``; the unterminated last line, if any, is one more chunk. A counting pass
+per chunk (newlines, colons, NULs; vectorised by the compiler) sizes the arrays exactly
+and, prefix-summed, gives each chunk its first row and nonzero slot; then ``parse_range``
+makes a single pass over each chunk into its slots. Both passes hand the chunks out to
+``n_threads`` threads dynamically (``prange``, ``schedule="dynamic"``), so a thread the
+OS deschedules on a loaded machine holds up one small chunk, not a fixed share of the
+file. Chunks depend only on the buffer and ``chunk_bytes``; the result, and the first
+error reported (that of the lowest failing chunk), do not depend on ``n_threads``.
+
+Fast paths, taken when they apply and otherwise falling back to the general code at the
+same token, so they change speed only: an id of 1-7 digits followed by ``:``, the value
+``1`` followed by a space or LF (one-hot data), and numbers ``[+-]?d{1,7}(.d{0,7})?``
+followed by a delimiter are read with 8-byte SWAR arithmetic (no branch per digit). Such
+a number is m / 10^k with m < 10^14 < 2^53 and k <= 7, so one IEEE division of exact
+operands gives the correctly rounded double (Clinger's fast path), i.e. float(token).
 """
 import numpy as np
 
+from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.math cimport isfinite
-from libc.string cimport memchr
-from cython.parallel cimport prange
+from libc.stdlib cimport malloc, free
+from libc.string cimport memchr, memcpy, memset
 
 cdef extern from *:
     """
     #include <stdlib.h>
+    #include <string.h>
+    #include <stdint.h>
     #include <locale.h>
     /* Exact powers of ten: 10^k is a double without rounding for k <= 22, the
        condition of the Clinger fast path. */
@@ -56,10 +72,190 @@ cdef extern from *:
         if (afm_c_locale) return strtod_l(s, end, afm_c_locale);
         return strtod(s, end);
     }
+    /* Leading ASCII digits of the 8 bytes at p: returns their count L (0..8) and, for
+       L in 1..7, their value in *val (8 means "8 or more digits": the caller falls back
+       to the digit loop). SWAR: t = byte ^ '0' is 0..9 exactly for digits; a byte is a
+       non-digit iff t or t + 6 has a high nibble (a carry out of a non-digit byte only
+       reaches later bytes, never the first non-digit). The digits, moved to the top
+       bytes (zeros below act as leading zeros), are combined by the usual three
+       multiply steps of 8-digit parsing. Little-endian only; elsewhere it returns 8. */
+    static inline int afm_digits8(const char *p, uint64_t *val) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        uint64_t w, t, nd, u;
+        int L;
+        memcpy(&w, p, 8);
+        t = w ^ 0x3030303030303030ULL;
+        nd = (t | (t + 0x0606060606060606ULL)) & 0xF0F0F0F0F0F0F0F0ULL;
+        if (nd == 0) return 8;
+        L = __builtin_ctzll(nd) >> 3;
+        if (L == 0) return 0;
+        u = t << (64 - 8 * L);
+        u = u * 10 + (u >> 8);
+        u = (((u & 0x000000FF000000FFULL) * (100 + (1000000ULL << 32)))
+             + (((u >> 16) & 0x000000FF000000FFULL) * (1 + (10000ULL << 32)))) >> 32;
+        *val = (uint32_t)u;
+        return L;
+    #else
+        (void)p; (void)val;
+        return 8;
+    #endif
+    }
+    /* The length of the token at p (index of its first byte <= ' ', 16 if none of the
+       16 bytes at p is) and, in *colon, the index of its first ':' (16 if none): one
+       16-byte load and a few vector compares, so the start of the next token is known
+       without walking the bytes of this one. -1 without SSE2 (the callers fall back). */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static inline int afm_token(const char *p, int *colon) {
+        __m128i w = _mm_loadu_si128((const __m128i *)p);
+        unsigned low = (unsigned)_mm_movemask_epi8(
+            _mm_cmpeq_epi8(_mm_min_epu8(w, _mm_set1_epi8(' ')), w)) | 0x10000u;
+        unsigned col = (unsigned)_mm_movemask_epi8(
+            _mm_cmpeq_epi8(w, _mm_set1_epi8(':'))) | 0x10000u;
+        *colon = __builtin_ctz(col);
+        return __builtin_ctz(low);
+    }
+    #else
+    static inline int afm_token(const char *p, int *colon) {
+        (void)p; *colon = 16;
+        return -1;
+    }
+    #endif
+    /* ---- Chunk pool: the reader's own threads (see the module docstring).
+       afm_parallel(fn, ctx, n, n_threads) calls fn(ctx, c) once for every c in [0, n),
+       on the calling thread and on up to n_threads - 1 helper threads. Chunks are
+       claimed from an atomic counter; the caller returns once every chunk is done and
+       never waits for a helper that has not claimed one, so a helper that the OS has
+       not scheduled yet (a loaded machine) costs nothing: the caller does its chunks.
+       Helpers are created on first use, sleep on a condition variable between jobs
+       (no spinning that would take CPU from the caller), and block signals. The job is
+       reference-counted on the heap because a helper may look at it after the caller
+       has returned (it then finds no chunk left and never touches ctx). A second
+       caller while a job is posted runs its chunks alone on its own thread. */
+    #include <pthread.h>
+    #include <signal.h>
+    typedef void (*afm_chunk_fn)(void *ctx, ptrdiff_t chunk);
+    typedef struct {
+        afm_chunk_fn fn;
+        void *ctx;
+        ptrdiff_t n;
+        ptrdiff_t next;   /* atomic: next chunk to claim */
+        ptrdiff_t done;   /* atomic: chunks finished */
+        int refs;         /* atomic: the caller + helpers that joined */
+        int seats;        /* helpers that may still join (under afm_mu) */
+    } afm_job;
+    #define AFM_MAX_HELPERS 255
+    static pthread_mutex_t afm_mu = PTHREAD_MUTEX_INITIALIZER;
+    static pthread_cond_t afm_job_cv = PTHREAD_COND_INITIALIZER;
+    static pthread_cond_t afm_done_cv = PTHREAD_COND_INITIALIZER;
+    static afm_job *afm_current = NULL;
+    static unsigned long afm_gen = 0;
+    static int afm_helpers = 0;
+    static int afm_atfork_set = 0;
+
+    static void afm_release(afm_job *job) {
+        if (__atomic_sub_fetch(&job->refs, 1, __ATOMIC_ACQ_REL) == 0) free(job);
+    }
+    static void afm_run(afm_job *job) {
+        ptrdiff_t c;
+        while ((c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < job->n) {
+            job->fn(job->ctx, c);
+            if (__atomic_add_fetch(&job->done, 1, __ATOMIC_ACQ_REL) == job->n) {
+                pthread_mutex_lock(&afm_mu);
+                pthread_cond_broadcast(&afm_done_cv);
+                pthread_mutex_unlock(&afm_mu);
+            }
+        }
+    }
+    static void *afm_helper_main(void *arg) {
+        sigset_t all;
+        unsigned long seen = 0;
+        afm_job *job;
+        (void)arg;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, NULL);
+        pthread_mutex_lock(&afm_mu);
+        for (;;) {
+            while (afm_current == NULL || afm_gen == seen)
+                pthread_cond_wait(&afm_job_cv, &afm_mu);
+            seen = afm_gen;
+            job = afm_current;
+            if (job->seats <= 0) continue;
+            job->seats--;
+            __atomic_add_fetch(&job->refs, 1, __ATOMIC_RELAXED);
+            pthread_mutex_unlock(&afm_mu);
+            afm_run(job);
+            afm_release(job);
+            pthread_mutex_lock(&afm_mu);
+        }
+        return NULL;
+    }
+    static void afm_atfork_prepare(void) { pthread_mutex_lock(&afm_mu); }
+    static void afm_atfork_parent(void) { pthread_mutex_unlock(&afm_mu); }
+    static void afm_atfork_child(void) {
+        /* only the forking thread survives: no helpers, no job in flight */
+        pthread_mutex_init(&afm_mu, NULL);
+        pthread_cond_init(&afm_job_cv, NULL);
+        pthread_cond_init(&afm_done_cv, NULL);
+        afm_current = NULL;
+        afm_helpers = 0;
+    }
+    /* 0 on success, -1 when the job could not be allocated (nothing was run). */
+    static int afm_parallel(afm_chunk_fn fn, void *ctx, ptrdiff_t n, int n_threads) {
+        afm_job *job;
+        ptrdiff_t c;
+        pthread_t tid;
+        pthread_attr_t attr;
+        int want = n_threads - 1, posted = 0;
+        if (want > AFM_MAX_HELPERS) want = AFM_MAX_HELPERS;
+        if (want > n - 1) want = (int)(n - 1);
+        if (want <= 0) {
+            for (c = 0; c < n; c++) fn(ctx, c);
+            return 0;
+        }
+        job = (afm_job *)malloc(sizeof(afm_job));
+        if (job == NULL) return -1;
+        job->fn = fn; job->ctx = ctx; job->n = n;
+        job->next = 0; job->done = 0; job->refs = 1; job->seats = want;
+        pthread_mutex_lock(&afm_mu);
+        if (!afm_atfork_set) {
+            pthread_atfork(afm_atfork_prepare, afm_atfork_parent, afm_atfork_child);
+            afm_atfork_set = 1;
+        }
+        while (afm_helpers < want) {
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&tid, &attr, afm_helper_main, NULL) != 0) {
+                pthread_attr_destroy(&attr);
+                break;
+            }
+            pthread_attr_destroy(&attr);
+            afm_helpers++;
+        }
+        if (afm_current == NULL && afm_helpers > 0) {
+            afm_current = job;
+            afm_gen++;
+            posted = 1;
+            pthread_cond_broadcast(&afm_job_cv);
+        }
+        pthread_mutex_unlock(&afm_mu);
+        afm_run(job);
+        pthread_mutex_lock(&afm_mu);
+        while (__atomic_load_n(&job->done, __ATOMIC_ACQUIRE) < n)
+            pthread_cond_wait(&afm_done_cv, &afm_mu);
+        if (posted) afm_current = NULL;
+        pthread_mutex_unlock(&afm_mu);
+        afm_release(job);
+        return 0;
+    }
     """
     const double* afm_pow10
     void afm_init_locale() nogil
     double afm_strtod(const char* s, char** end) nogil
+    int afm_digits8(const char* p, uint64_t* val) nogil
+    int afm_token(const char* p, int* colon) nogil
+    ctypedef void (*afm_chunk_fn)(void* ctx, ptrdiff_t chunk) noexcept nogil
+    int afm_parallel(afm_chunk_fn fn, void* ctx, ptrdiff_t n, int n_threads) nogil
 
 afm_init_locale()
 
@@ -187,6 +383,52 @@ cdef inline int parse_number(const char** pp, double* out) noexcept nogil:
     return 0
 
 
+
+# The fast paths load up to 17 bytes past a token's start (sign, 7 digits, '.', 8 bytes):
+# they run only where this many bytes of the buffer follow.
+cdef enum:
+    FAST_PAD = 32
+
+
+cdef inline int fast_number(const char** pp, double* out) noexcept nogil:
+    """``[+-]?d{1,7}(.d{0,7})?`` followed by a delimiter, with FAST_PAD readable bytes at
+    *pp. 0 and *pp moved past it on success; 1 (nothing moved) for anything else, which
+    parse_number then decides. Values below 10^7 are finite as float32."""
+    cdef const char* p = pp[0]
+    cdef bint neg = p[0] == b'-'
+    cdef uint64_t m = 0, fr = 0
+    cdef int L, K
+    cdef double v
+    if neg or p[0] == b'+':
+        p += 1
+    L = afm_digits8(p, &m)
+    if L == 0 or L == 8:
+        return 1
+    p += L
+    if p[0] == b'.':
+        K = afm_digits8(p + 1, &fr)
+        if K == 8:
+            return 1
+        p += 1 + K
+        # m * 10^K + fr < 10^14 is exact in a double; one rounding, in the division
+        v = (<double>m * afm_pow10[K] + <double>fr) / afm_pow10[K]
+    else:
+        v = <double>m
+    if not is_delim(p[0]):
+        return 1
+    out[0] = -v if neg else v
+    pp[0] = p
+    return 0
+
+
+cdef inline int read_number(const char** pp, const char* fast_end, double* out) noexcept nogil:
+    """A number of the grammar at *pp (fast path when it applies and FAST_PAD bytes
+    follow, else parse_number); 0 on success, 1 when the token is not a number."""
+    if pp[0] < fast_end and fast_number(pp, out) == 0:
+        return 0
+    return parse_number(pp, out)
+
+
 cdef struct Out:
     int64_t* indptr   # indptr[0] of the range already written by the caller
     int32_t* indices
@@ -194,20 +436,22 @@ cdef struct Out:
     float* y
 
 
-cdef int parse_range(const char* base, Py_ssize_t start, Py_ssize_t end, int64_t nnz_base,
+cdef int parse_range(const char* p, const char* e, const char* fast_end, int64_t nnz_base,
                      int64_t limit, Out* o, Py_ssize_t* n_rows, Py_ssize_t* nnz,
-                     int64_t* max_id, Py_ssize_t* err_off) noexcept nogil:
-    """Parse the rows in [start, end) (start at a line start, end after a LF or at the
-    end of the buffer) into ``o``. Returns an error code, E_OK on success."""
-    cdef const char* p = base + start
-    cdef const char* e = base + end
+                     int64_t* max_id, const char** err_tok) noexcept nogil:
+    """Parse the rows in [p, e) (p at a line start; e just after a LF, or at a NUL that
+    ends the buffer) into ``o``. The fast paths run only for tokens before ``fast_end``.
+    Returns an error code, E_OK on success; ``err_tok`` receives the faulty token."""
     cdef const char* line
-    cdef const char* tok
+    cdef const char* tok = p
     cdef const char* q
     cdef Py_ssize_t row = 0
     cdef Py_ssize_t k = 0
     cdef int64_t mx = -1
     cdef int64_t fid
+    cdef uint64_t u
+    cdef int tl, cl
+    cdef bint done
     cdef double v
     cdef float f
     cdef unsigned d
@@ -223,7 +467,7 @@ cdef int parse_range(const char* base, Py_ssize_t start, Py_ssize_t end, int64_t
             code = E_EMPTY_LINE
             break
         tok = p
-        if parse_number(&p, &v):
+        if read_number(&p, fast_end, &v):
             code = E_LABEL_NAN
             break
         f = <float>v
@@ -251,43 +495,66 @@ cdef int parse_range(const char* base, Py_ssize_t start, Py_ssize_t end, int64_t
             if c == 0:
                 break
             tok = p
-            d = digit(c)
-            if d > 9:
-                if c == b'-' and digit(p[1]) <= 9:
-                    code = E_NEG_ID
+            # Fast path: a token "id:value" with an id of 1-7 digits and a short value,
+            # delimited within 16 bytes; its end is found by afm_token, so the next
+            # token's start does not wait for the digits to be converted. Anything else
+            # (and every error) goes to the general path below, from the same byte.
+            done = False
+            if p < fast_end:
+                tl = afm_token(p, &cl)
+                if 0 < cl < 8 and cl + 1 < tl and is_delim(p[tl]) and afm_digits8(p, &u) == cl:
+                    fid = <int64_t>u
+                    if tl == cl + 2 and p[cl + 1] == b'1':  # one-hot data: "id:1"
+                        f = 1.0
+                        done = True
+                    else:
+                        q = p + cl + 1
+                        if fast_number(&q, &v) == 0 and q == p + tl:
+                            f = <float>v
+                            done = True
+                    if done:
+                        if fid >= limit:
+                            code = E_ID_RANGE
+                            break
+                        p += tl
+            if not done:
+                d = digit(c)
+                if d > 9:
+                    if c == b'-' and digit(p[1]) <= 9:
+                        code = E_NEG_ID
+                        break
+                    q = p
+                    while not is_delim(q[0]) and q[0] != b':':
+                        q += 1
+                    code = E_BAD_ID if q[0] == b':' else E_NO_COLON
                     break
-                q = p
-                while not is_delim(q[0]) and q[0] != b':':
-                    q += 1
-                code = E_BAD_ID if q[0] == b':' else E_NO_COLON
-                break
-            fid = 0
-            while d <= 9:
-                fid = fid * 10 + d
+                fid = 0
+                while d <= 9:
+                    fid = fid * 10 + d
+                    if fid > 2147483647:
+                        break
+                    p += 1
+                    d = digit(p[0])
                 if fid > 2147483647:
+                    code = E_BIG_ID
+                    break
+                if p[0] != b':':
+                    q = p
+                    while not is_delim(q[0]) and q[0] != b':':
+                        q += 1
+                    code = E_BAD_ID if q[0] == b':' else E_NO_COLON
                     break
                 p += 1
-                d = digit(p[0])
-            if fid > 2147483647:
-                code = E_BIG_ID
-                break
-            if p[0] != b':':
-                q = p
-                while not is_delim(q[0]) and q[0] != b':':
-                    q += 1
-                code = E_BAD_ID if q[0] == b':' else E_NO_COLON
-                break
-            p += 1
-            if fid >= limit:
-                code = E_ID_RANGE
-                break
-            if parse_number(&p, &v):
-                code = E_VALUE_NAN
-                break
-            f = <float>v
-            if not isfinite(f):
-                code = E_VALUE_NONFINITE
-                break
+                if fid >= limit:
+                    code = E_ID_RANGE
+                    break
+                if read_number(&p, fast_end, &v):
+                    code = E_VALUE_NAN
+                    break
+                f = <float>v
+                if not isfinite(f):
+                    code = E_VALUE_NONFINITE
+                    break
             o.indices[k] = <int32_t>fid
             o.values[k] = f
             k += 1
@@ -300,8 +567,7 @@ cdef int parse_range(const char* base, Py_ssize_t start, Py_ssize_t end, int64_t
     n_rows[0] = row
     nnz[0] = k
     max_id[0] = mx
-    if code != E_OK:
-        err_off[0] = tok - base
+    err_tok[0] = tok
     return code
 
 
@@ -335,126 +601,239 @@ cdef void count_range(const unsigned char* p, Py_ssize_t n, Py_ssize_t* newlines
     nuls[0] = z
 
 
-def count(bytes data, Py_ssize_t start=0):
-    """(newlines, colons, NUL bytes) in data[start:]; exposed for tests and benchmarks."""
-    cdef const unsigned char* base = <const unsigned char*><const char*>data
-    cdef Py_ssize_t n = len(data) - start
-    cdef Py_ssize_t a, b, z
+def count(const unsigned char[::1] buf, Py_ssize_t start=0, Py_ssize_t end=-1):
+    """(newlines, colons, NUL bytes) in buf[start:end] (end -1: to the end of buf);
+    load_libfm counts error lines with it, tests and benchmarks use it too."""
+    cdef Py_ssize_t n = buf.shape[0]
+    cdef Py_ssize_t a = 0, b = 0, z = 0
+    if end < 0 or end > n:
+        end = n
+    if start < 0:
+        start = 0
+    if start >= end:
+        return 0, 0, 0
+    cdef const unsigned char* base = &buf[0]
     with nogil:
-        count_range(base + start, n, &a, &b, &z)
+        count_range(base + start, end - start, &a, &b, &z)
     return a, b, z
 
 
-cdef void parse_chunk(const char* base, Py_ssize_t start, Py_ssize_t end, Py_ssize_t row0,
-                      Py_ssize_t nnz0, int64_t limit, int64_t* indptr, int32_t* indices,
-                      float* values, float* y, int64_t* res) noexcept nogil:
-    """parse_range of one chunk into its slots (rows from row0, nonzeros from nnz0);
-    res receives code, error offset, rows, nonzeros, max id. Only locals, so it can run
-    as a prange body."""
+cdef void parse_chunk(const char* p, const char* e, const char* fast_end, Py_ssize_t file_off,
+                      Py_ssize_t row0, Py_ssize_t nnz0, int64_t limit, int64_t* indptr,
+                      int32_t* indices, float* values, float* y, int64_t* res) noexcept nogil:
+    """parse_range of one chunk [p, e), which starts at byte file_off of the file, into
+    its slots (rows from row0, nonzeros from nnz0); res receives code, error offset in
+    the file, rows, nonzeros, max id. Only locals, so it can run as a prange body."""
     cdef Out o
-    cdef Py_ssize_t rows = 0, nnz = 0, off = 0
+    cdef Py_ssize_t rows = 0, nnz = 0
     cdef int64_t mx = -1
+    cdef const char* tok = p
     o.indptr = indptr + row0
     o.indices = indices + nnz0
     o.values = values + nnz0
     o.y = y + row0
-    res[0] = parse_range(base, start, end, nnz0, limit, &o, &rows, &nnz, &mx, &off)
-    res[1] = off
+    res[0] = parse_range(p, e, fast_end, nnz0, limit, &o, &rows, &nnz, &mx, &tok)
+    res[1] = file_off + (tok - p)
     res[2] = rows
     res[3] = nnz
     res[4] = mx
 
 
-# Below this many bytes per thread, starting threads costs more than it saves.
-MIN_CHUNK_BYTES = 1 << 20
+cdef struct Job:
+    # what the chunk callbacks of one parse() call share (read-only but for their slots)
+    const char* base
+    const char* tail       # NUL-padded copy of the unterminated last line, if any
+    bint has_tail          # then chunk nc - 1 is that line
+    Py_ssize_t nc
+    const Py_ssize_t* bounds
+    const char* fast_end
+    Py_ssize_t* stats      # nc x 3: newlines, colons, NULs
+    const Py_ssize_t* row0
+    const Py_ssize_t* nnz0
+    int64_t limit
+    int64_t* indptr
+    int32_t* indices
+    float* values
+    float* y
+    int64_t* res           # nc x 5: code, error offset, rows, nonzeros, max id
 
 
-def parse(bytes data, Py_ssize_t start=0, int64_t n_features_limit=2147483648,
-          int n_threads=1, Py_ssize_t min_chunk=MIN_CHUNK_BYTES):
-    """Parse libFM text in data[start:]; see the module docstring for the result.
+cdef void count_job(void* ctx, ptrdiff_t c) noexcept nogil:
+    cdef Job* j = <Job*>ctx
+    count_range(<const unsigned char*>j.base + j.bounds[c], j.bounds[c + 1] - j.bounds[c],
+                &j.stats[3 * c], &j.stats[3 * c + 1], &j.stats[3 * c + 2])
 
-    With ``n_threads`` > 1 the buffer is cut at line starts into up to that many chunks
-    of at least ``min_chunk`` bytes (tests make it tiny); each is counted and parsed by its own thread into its
-    slots. The result (and the first error reported) does not depend on n_threads."""
-    cdef const char* base = data
-    cdef Py_ssize_t n = len(data)
-    cdef Py_ssize_t i, c, n_chunks
+
+cdef void parse_job(void* ctx, ptrdiff_t c) noexcept nogil:
+    cdef Job* j = <Job*>ctx
+    cdef Py_ssize_t length = j.bounds[c + 1] - j.bounds[c]
+    if j.has_tail and c == j.nc - 1:
+        # the padded copy: scans stop at its NULs, the fast paths may run to its end
+        parse_chunk(j.tail, j.tail + length, j.tail + length + 1, j.bounds[c], j.row0[c],
+                    j.nnz0[c], j.limit, j.indptr, j.indices, j.values, j.y, &j.res[5 * c])
+    else:
+        parse_chunk(j.base + j.bounds[c], j.base + j.bounds[c + 1], j.fast_end, j.bounds[c],
+                    j.row0[c], j.nnz0[c], j.limit, j.indptr, j.indices, j.values, j.y,
+                    &j.res[5 * c])
+
+
+# Chunk size of both passes: small enough that 2-4 threads share even a few-MB file
+# dynamically, large enough that handing out a chunk costs nothing measurable.
+CHUNK_BYTES = 1 << 18
+
+
+def parse(const unsigned char[::1] buf, Py_ssize_t start=0,
+          int64_t n_features_limit=2147483648, int n_threads=1,
+          Py_ssize_t chunk_bytes=CHUNK_BYTES):
+    """Parse libFM text in buf[start:]; see the module docstring for the result.
+
+    ``n_threads`` threads share chunks of about ``chunk_bytes`` bytes cut at line
+    starts (tests make them tiny). The result, and the first error reported, do not
+    depend on n_threads or chunk_bytes."""
+    cdef Py_ssize_t n = buf.shape[0]
+    cdef Py_ssize_t c, nc, pos, nxt, body_end, tail_len, max_chunks
+    cdef const char* base
     cdef const char* q
-    cdef int code = E_OK
-    cdef Py_ssize_t err_off = 0
+    cdef const char* fast_end
+    cdef char* tail = NULL
+    cdef bint has_tail
     if start < 0 or start > n:
         raise ValueError(f"start must be in [0, {n}], got {start}")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    n_chunks = min(<Py_ssize_t>n_threads, max(1, (n - start) // max(min_chunk, 1)))
-    # chunk c covers [bounds[c], bounds[c + 1]); every inner bound follows a LF
-    bounds_a = np.empty(n_chunks + 1, dtype=np.intp)
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if start == n:
+        return (0, 0, np.zeros(1, dtype=np.int64), np.empty(0, dtype=np.int32),
+                np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32), -1)
+    base = <const char*>&buf[0]
+    fast_end = base + n - FAST_PAD if n > FAST_PAD else base
+    # body [start, body_end) ends just after the last LF; the tail [body_end, n) is an
+    # unterminated last line
+    body_end = n
+    while body_end > start and base[body_end - 1] != b'\n':
+        body_end -= 1
+    has_tail = body_end < n
+    max_chunks = (body_end - start) // chunk_bytes + 2
+    bounds_a = np.empty(max_chunks + 1, dtype=np.intp)
     cdef Py_ssize_t[::1] bounds = bounds_a
     bounds[0] = start
-    for c in range(1, n_chunks):
-        i = start + (n - start) * c // n_chunks
-        if i < bounds[c - 1]:
-            i = bounds[c - 1]
-        q = <const char*>memchr(base + i, b'\n', n - i)
-        bounds[c] = n if q == NULL else (q - base) + 1
-    bounds[n_chunks] = n
-    stats_a = np.zeros((n_chunks, 3), dtype=np.intp)   # newlines, colons, NULs
+    nc = 0
+    pos = start
+    while pos < body_end:
+        nxt = pos + chunk_bytes
+        if nxt >= body_end:
+            nxt = body_end
+        else:  # just after the next LF at or after nxt - 1 (the body ends with one)
+            q = <const char*>memchr(base + nxt - 1, b'\n', body_end - (nxt - 1))
+            nxt = (q - base) + 1
+        nc += 1
+        bounds[nc] = nxt
+        pos = nxt
+    if has_tail:
+        nc += 1
+        bounds[nc] = n
+    stats_a = np.zeros((nc, 3), dtype=np.intp)   # newlines, colons, NULs
     cdef Py_ssize_t[:, ::1] stats = stats_a
+    cdef Job job
+    cdef int rc
+    job.base = base
+    job.tail = NULL
+    job.has_tail = has_tail
+    job.nc = nc
+    job.bounds = &bounds[0]
+    job.fast_end = fast_end
+    job.stats = &stats[0, 0]
     with nogil:
-        for c in prange(n_chunks, num_threads=n_chunks, schedule="static"):
-            count_range(<const unsigned char*>base + bounds[c], bounds[c + 1] - bounds[c],
-                        &stats[c, 0], &stats[c, 1], &stats[c, 2])
+        rc = afm_parallel(count_job, &job, nc, n_threads)
+    if rc:
+        raise MemoryError()
     if stats_a[:, 2].any():
-        return (E_NUL, data.index(b"\0", start), None, None, None, None, -1)
-    # Rows of a chunk: one per LF, plus an unterminated last line in the last chunk;
-    # blank lines are errors, so on success these are exact for all but that last slot,
-    # and a valid file has exactly one colon per nonzero.
-    row0_a = np.zeros(n_chunks + 1, dtype=np.intp)
-    np.cumsum(stats_a[:, 0], out=row0_a[1:])
-    row0_a[n_chunks] += 1
-    nnz0_a = np.zeros(n_chunks + 1, dtype=np.intp)
+        q = <const char*>memchr(base + start, 0, n - start)
+        return (E_NUL, q - base, None, None, None, None, -1)
+    # Rows of a chunk: one per LF, and one for the tail; nonzeros: one per colon. Blank
+    # lines are errors, so on success these are exact.
+    rows_a = stats_a[:, 0].copy()
+    if has_tail:
+        rows_a[nc - 1] += 1
+    row0_a = np.zeros(nc + 1, dtype=np.intp)
+    np.cumsum(rows_a, out=row0_a[1:])
+    nnz0_a = np.zeros(nc + 1, dtype=np.intp)
     np.cumsum(stats_a[:, 1], out=nnz0_a[1:])
     cdef Py_ssize_t[::1] row0 = row0_a
     cdef Py_ssize_t[::1] nnz0 = nnz0_a
-    cdef Py_ssize_t rows_cap = row0[n_chunks]
-    cdef Py_ssize_t colons = nnz0[n_chunks]
-    indptr = np.empty(rows_cap + 1, dtype=np.int64)
+    cdef Py_ssize_t n_rows = row0[nc]
+    cdef Py_ssize_t colons = nnz0[nc]
+    indptr = np.empty(n_rows + 1, dtype=np.int64)
     indices = np.empty(max(colons, 1), dtype=np.int32)
     values = np.empty(max(colons, 1), dtype=np.float32)
-    y = np.empty(rows_cap, dtype=np.float32)
+    y = np.empty(max(n_rows, 1), dtype=np.float32)
     cdef int64_t[::1] indptr_v = indptr
     cdef int32_t[::1] indices_v = indices
     cdef float[::1] values_v = values
     cdef float[::1] y_v = y
     indptr_v[0] = 0
-    res_a = np.zeros((n_chunks, 5), dtype=np.int64)  # code, err_off, rows, nnz, max_id
+    res_a = np.zeros((nc, 5), dtype=np.int64)  # code, err_off, rows, nnz, max_id
     cdef int64_t[:, ::1] res = res_a
-    with nogil:
-        for c in prange(n_chunks, num_threads=n_chunks, schedule="static"):
-            parse_chunk(base, bounds[c], bounds[c + 1], row0[c], nnz0[c], n_features_limit,
-                        &indptr_v[0], &indices_v[0], &values_v[0], &y_v[0], &res[c, 0])
-    for c in range(n_chunks):
+    tail_len = n - body_end
+    if has_tail:
+        # the unterminated last line, NUL-padded for its scans and the fast paths
+        tail = <char*>malloc(tail_len + 2 * FAST_PAD)
+        if tail == NULL:
+            raise MemoryError()
+        memcpy(tail, base + body_end, tail_len)
+        memset(tail + tail_len, 0, 2 * FAST_PAD)
+    job.tail = tail
+    job.row0 = &row0[0]
+    job.nnz0 = &nnz0[0]
+    job.limit = n_features_limit
+    job.indptr = &indptr_v[0]
+    job.indices = &indices_v[0]
+    job.values = &values_v[0]
+    job.y = &y_v[0]
+    job.res = &res[0, 0]
+    try:
+        with nogil:
+            rc = afm_parallel(parse_job, &job, nc, n_threads)
+        if rc:
+            raise MemoryError()
+    finally:
+        free(tail)
+    for c in range(nc):
         if res[c, 0] != E_OK:
             # chunks before c parsed cleanly, so this is the first error of the file
             return (int(res[c, 0]), int(res[c, 1]), None, None, None, None, -1)
         # a chunk that parsed cleanly filled exactly its slots (see above)
-        last = c == n_chunks - 1
-        if res[c, 3] != nnz0[c + 1] - nnz0[c] or (
-                not last and res[c, 2] != row0[c + 1] - row0[c]):
+        if res[c, 3] != nnz0[c + 1] - nnz0[c] or res[c, 2] != row0[c + 1] - row0[c]:
             raise AssertionError(f"libFM reader: chunk {c} filled {res[c, 2]} rows and "
                                  f"{res[c, 3]} nonzeros, counted otherwise")
-    n_rows = row0[n_chunks - 1] + res[n_chunks - 1, 2]
-    nnz = colons
     max_id = int(res_a[:, 4].max())
-    return (0, 0, indptr[: n_rows + 1], indices[:nnz], values[:nnz], y[:n_rows], max_id)
+    return (0, 0, indptr, indices[:colons], values[:colons], y[:n_rows], max_id)
 
 
-def parse_double(bytes token):
+def parse_double(bytes token, bint fast=True):
     """The double the parser reads for one number token (None if the grammar rejects
-    it), before the float32 rounding; lets tests compare with Python's float()."""
-    cdef const char* p = token
-    cdef const char* s = p
+    it), before the float32 rounding; lets tests compare with Python's float(). With
+    ``fast`` (the parser's way) the SWAR fast path is tried first, otherwise only the
+    general path runs."""
+    cdef Py_ssize_t n = len(token)
+    cdef char* buf
+    cdef const char* p
     cdef double v
-    if len(token) == 0 or parse_number(&p, &v) or p != s + len(token):
+    cdef int bad
+    if n == 0:
+        return None
+    buf = <char*>malloc(n + 2 * FAST_PAD)
+    if buf == NULL:
+        raise MemoryError()
+    memcpy(buf, <const char*>token, n)
+    memset(buf + n, 0, 2 * FAST_PAD)
+    p = buf
+    if fast:
+        bad = read_number(&p, buf + n + 1, &v)
+    else:
+        bad = parse_number(&p, &v)
+    free(buf)
+    if bad or p != buf + n:
         return None
     return v

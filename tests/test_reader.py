@@ -3,12 +3,17 @@
 They check the reader's contract: accepted layouts (LF, CRLF, missing final newline,
 rows without nonzeros, real values, scientific notation, ids as they are, BOM), every
 rejected input with its line number in the message, exact agreement with a slow
-pure-Python parser of the same grammar on random files and on random bytes, and the
-real Frappe file when ``../shared`` beside the repository is present (it is research
-data and never copied into the repository).
+pure-Python parser of the same grammar on random files and on random bytes (also where
+the parser's fast paths apply: short ids and values with at least 32 bytes after them),
+independence of the thread count and chunk size, buffers without a byte after their end
+(memory maps of page-sized files), and the real Frappe file when ``../shared`` beside
+the repository is present (it is research data and never copied into the repository).
 """
 import math
+import mmap
+import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -414,10 +419,158 @@ def test_chunked_parse_reports_the_first_error(seed):
 
 def test_load_libfm_n_threads(tmp_path):
     path = write(tmp_path, b"1 3:1\n-1 4:2\n" * 1000)
-    a, b = load_libfm(path), load_libfm(path, n_threads=2)
+    a, b = load_libfm(path, n_threads=1), load_libfm(path, n_threads=2)
     assert same_result(a.X + (a.y,), b.X + (b.y,))
-    with pytest.raises(ValueError, match="n_threads"):
-        load_libfm(path, n_threads=0)
+    c = load_libfm(path)  # default: all CPUs available
+    assert same_result(a.X + (a.y,), c.X + (c.y,))
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="n_threads must be an int >= 1 or None"):
+            load_libfm(path, n_threads=bad)
+
+
+def test_default_n_threads_is_the_affinity_mask():
+    from afmfast.dataset import _check_n_threads, _cpu_count
+    assert _check_n_threads(None) == _cpu_count() >= 1
+    if hasattr(os, "sched_getaffinity"):
+        assert _cpu_count() == len(os.sched_getaffinity(0))
+    assert _check_n_threads(3) == 3
+
+
+def fast_path_file(rng, n_rows):
+    """One-hot-like rows whose tokens mostly take the parser's fast paths (ids of 1-8
+    digits, values 1 or short decimals), with a few general-path tokens mixed in."""
+    def value():
+        kind = rng.integers(10)
+        if kind < 6:
+            return b"1"
+        if kind == 6:
+            return b"%d" % rng.integers(0, 10**int(rng.integers(1, 9)))
+        if kind == 7:
+            return b"%.*f" % (int(rng.integers(0, 9)), rng.normal() * 10.0**rng.integers(0, 8))
+        if kind == 8:
+            return [b"-0", b"+2", b"0.", b"3.5", b"-1234567.1234567", b"9999999.9999999",
+                    b"12345678", b"1.23456789", b"1e3", b".5"][rng.integers(10)]
+        return repr(float(rng.normal())).encode()
+
+    lines = []
+    for _ in range(n_rows):
+        toks = [[b"1", b"-1", b"0", b"0.5", b"+1", b"-0.25"][rng.integers(6)]]
+        for _ in range(rng.integers(0, 15)):
+            toks.append(b"%d:%s" % (rng.integers(0, 10**int(rng.integers(1, 9))), value()))
+        lines.append(b" ".join(toks))
+    eol = b"\r\n" if rng.random() < 0.3 else b"\n"
+    data = eol.join(lines)
+    if rng.random() < 0.7:
+        data += eol
+    return data
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_path_files_match_reference(seed):
+    rng = np.random.default_rng(400 + seed)
+    data = fast_path_file(rng, int(rng.integers(1, 300)))
+    assert_same(data)
+    assert native(data)[1] is None
+    assert_same(data, n_features=10**6)  # ids >= 10^6 are errors here
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_path_mutations_match_reference(seed):
+    rng = np.random.default_rng(500 + seed)
+    data = fast_path_file(rng, 60)
+    alphabet = b" \t\r\n:-+.eE0123456789xn\0\x0b"
+    for _ in range(100):
+        d = bytearray(data)
+        for _ in range(int(rng.integers(1, 3))):
+            d[int(rng.integers(len(d)))] = alphabet[rng.integers(len(alphabet))]
+        assert_same(bytes(d), check_kind=False)
+        assert_same(bytes(d), n_features=5000, check_kind=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(line_chars, max_size=40), st.integers(0, 3))
+def test_random_bytes_with_room_for_fast_paths_match_reference(parts, n_after):
+    # the fuzzed bytes come first, followed by valid rows, so that the fast paths (which
+    # need 32 bytes after a token) run on them
+    data = b"".join(parts) + b"\n1 1:1 22:1\n" + b"-1 333:1 4444:0.5\n" * n_after
+    assert_same(data, check_kind=False)
+    assert_same(data, n_features=400, check_kind=False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.from_regex(r"\A[+-]?[0-9]{1,8}(\.[0-9]{0,8})?\Z"))
+def test_short_numbers_fast_path_is_exact(s):
+    tok = s.encode()
+    assert _reader.parse_double(tok) == float(s)
+    assert _reader.parse_double(tok, fast=False) == float(s)
+    assert math.copysign(1, _reader.parse_double(tok)) == math.copysign(1, float(s))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_results_do_not_depend_on_chunk_size_or_threads(seed):
+    rng = np.random.default_rng(600 + seed)
+    data = fast_path_file(rng, 400)
+    one = _reader.parse(data, 0, 2**31, 1)
+    assert one[0] == 0
+    for n_threads in (1, 2, 5):
+        for chunk in (1, 7, 100, 4096, 1 << 18):
+            assert same_result(one, _reader.parse(data, 0, 2**31, n_threads, chunk))
+
+
+@pytest.mark.parametrize("size", [4096, 8192, 4096 * 3 + 1])
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_buffers_without_a_byte_after_their_end(tmp_path, size, final_newline):
+    # A memory map of a file whose size is a multiple of the page size ends exactly at
+    # the end of the mapping: the parser must not read past it.
+    line = b"1 12:1 345:0.5 6789:1\n"
+    body = line * (size // len(line))
+    filler = size - len(body) - (1 if final_newline else 0)
+    body += b"-1" + b" 7:1" * ((filler - 2) // 4) + b" " * ((filler - 2) % 4)
+    if final_newline:
+        body += b"\n"
+    assert len(body) == size
+    path = write(tmp_path, body)
+    ds = load_libfm(path)
+    want = ref_parse(body)
+    for g, w in zip((ds.indptr, ds.indices, ds.values, ds.y), want):
+        np.testing.assert_array_equal(g, w)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        got = _reader.parse(mm, 0, 2**31, 2, 1000)
+        assert same_result(got, _reader.parse(body, 0, 2**31, 1))
+    bad = body[:-3] + b"x" + body[-2:]
+    line_no = body.count(b"\n", 0, size - 3) + 1
+    with pytest.raises(ValueError, match=rf"line {line_no}:"):
+        load_bytes(tmp_path, bad)
+
+
+def test_parse_accepts_other_buffers():
+    data = b"1 3:1\n-1 4:2.5\n0.5"
+    want = _reader.parse(data)
+    for buf in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
+        assert same_result(want, _reader.parse(buf))
+
+
+def test_reads_a_pipe(tmp_path):
+    fifo = tmp_path / "pipe.libfm"
+    os.mkfifo(fifo)
+    data = b"1 3:1\n-1 4:2\n" * 5000
+
+    def writer():
+        with open(fifo, "wb") as fh:
+            fh.write(data)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    ds = load_libfm(fifo)
+    t.join()
+    assert len(ds) == 10000 and ds.nnz == 10000
+
+
+def test_error_message_on_a_huge_token_is_bounded(tmp_path):
+    path = write(tmp_path, b"1 3:1\n" + b"1 3:" + b"x" * 10**6 + b"\n")
+    with pytest.raises(ValueError, match="line 2: value is not a number") as info:
+        load_libfm(path)
+    assert len(str(info.value)) < 300
 
 
 # ---------------------------------------------------------------- the real Frappe file
