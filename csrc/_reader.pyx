@@ -121,6 +121,57 @@ cdef extern from *:
         return -1;
     }
     #endif
+    /* Newlines, colons and NULs in n bytes at p. With AVX2: 32 bytes per step, byte
+       counters (subtracting the all-ones compare results) summed every 255 steps with
+       _mm256_sad_epu8; the compiler's vectorisation of the byte loop measured about
+       7 GB/s on one core. Returns 0 when AVX2 is absent (the caller counts). */
+    #if defined(__AVX2__)
+    #include <immintrin.h>
+    static int afm_count_avx2(const unsigned char *p, ptrdiff_t n, ptrdiff_t *nl,
+                              ptrdiff_t *co, ptrdiff_t *nu) {
+        const __m256i vnl = _mm256_set1_epi8(10), vco = _mm256_set1_epi8(58);
+        const __m256i zero = _mm256_setzero_si256();
+        __m256i snl = zero, sco = zero, snu = zero;
+        ptrdiff_t i = 0, a = 0, b = 0, z = 0;
+        int j, k;
+        while (n - i >= 32) {
+            __m256i anl = zero, aco = zero, anu = zero;
+            for (j = 0; j < 255 && n - i >= 32; j++, i += 32) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(p + i));
+                anl = _mm256_sub_epi8(anl, _mm256_cmpeq_epi8(w, vnl));
+                aco = _mm256_sub_epi8(aco, _mm256_cmpeq_epi8(w, vco));
+                anu = _mm256_sub_epi8(anu, _mm256_cmpeq_epi8(w, zero));
+            }
+            snl = _mm256_add_epi64(snl, _mm256_sad_epu8(anl, zero));
+            sco = _mm256_add_epi64(sco, _mm256_sad_epu8(aco, zero));
+            snu = _mm256_add_epi64(snu, _mm256_sad_epu8(anu, zero));
+        }
+        {
+            uint64_t l[4], c[4], u[4];  /* stored, not type-punned (strict aliasing) */
+            _mm256_storeu_si256((__m256i *)l, snl);
+            _mm256_storeu_si256((__m256i *)c, sco);
+            _mm256_storeu_si256((__m256i *)u, snu);
+            for (k = 0; k < 4; k++) {
+                a += (ptrdiff_t)l[k];
+                b += (ptrdiff_t)c[k];
+                z += (ptrdiff_t)u[k];
+            }
+        }
+        for (; i < n; i++) {
+            a += p[i] == 10;
+            b += p[i] == 58;
+            z += p[i] == 0;
+        }
+        *nl = a; *co = b; *nu = z;
+        return 1;
+    }
+    #else
+    static int afm_count_avx2(const unsigned char *p, ptrdiff_t n, ptrdiff_t *nl,
+                              ptrdiff_t *co, ptrdiff_t *nu) {
+        (void)p; (void)n; (void)nl; (void)co; (void)nu;
+        return 0;
+    }
+    #endif
     /* ---- Chunk pool: the reader's own threads (see the module docstring).
        afm_parallel(fn, ctx, n, n_threads) calls fn(ctx, c) once for every c in [0, n),
        on the calling thread and on up to n_threads - 1 helper threads. Chunks are
@@ -254,6 +305,8 @@ cdef extern from *:
     double afm_strtod(const char* s, char** end) nogil
     int afm_digits8(const char* p, uint64_t* val) nogil
     int afm_token(const char* p, int* colon) nogil
+    int afm_count_avx2(const unsigned char* p, Py_ssize_t n, Py_ssize_t* nl, Py_ssize_t* co,
+                       Py_ssize_t* nu) nogil
     ctypedef void (*afm_chunk_fn)(void* ctx, ptrdiff_t chunk) noexcept nogil
     int afm_parallel(afm_chunk_fn fn, void* ctx, ptrdiff_t n, int n_threads) nogil
 
@@ -579,6 +632,8 @@ cdef void count_range(const unsigned char* p, Py_ssize_t n, Py_ssize_t* newlines
     cdef Py_ssize_t a = 0, b = 0, z = 0
     cdef unsigned char ca, cb, cz
     cdef unsigned char ch
+    if afm_count_avx2(p, n, newlines, colons, nuls):
+        return
     i = 0
     while i < n:
         blk = n - i

@@ -590,3 +590,18 @@ def test_frappe_validation_file():
         first = fh.readline().split()
     assert ds.y[0] == float(first[0])
     assert ds.indices[:10].tolist() == [int(t.split(b":")[0]) for t in first[1:]]
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 255 * 32 - 1, 255 * 32 + 45, 100_003])
+def test_count_matches_numpy(n):
+    # the counting pass (vectorised, 255-step byte counters) against a plain count
+    rng = np.random.default_rng(n)
+    a = rng.choice(np.frombuffer(b"\n:\0ab1 ", np.uint8), size=n).astype(np.uint8)
+    data = a.tobytes()
+    want = (int((a == 10).sum()), int((a == 58).sum()), int((a == 0).sum()))
+    assert _reader.count(data) == want
+    if n > 10:
+        sub = a[3:n - 5]
+        assert _reader.count(data, 3, n - 5) == (int((sub == 10).sum()),
+                                                 int((sub == 58).sum()),
+                                                 int((sub == 0).sum()))
