@@ -37,16 +37,19 @@ How a step runs (no floating sum over rows or pairs depends on the thread count,
 result is bit-identical for any n_threads):
     0. serial: row/pair offsets (rows validated), a copy of the batch's nonzeros in batch
        order (ids validated), a stable counting sort of them by feature id, W^T, a split
-       of the batch into chunks of consecutive rows (the split depends on the data only);
-       with attention, each occurrence's class (its feature group when its value equals
-       the group's first value, else its own), and the distinct pairs of classes: pairs
-       counting-sorted by their lower class (stable), then numbered within a bucket by
-       their upper class.
+       of the batch into chunks of consecutive rows (the split depends on the data only).
+       With attention, the distinct pairs: prange over feature groups, each occurrence's
+       class (its group when its value equals the group's first value, else its own);
+       a pair (i < i2 in its row) belongs to the bucket of class(i); prange over classes
+       numbers each bucket's distinct upper classes (one dedup table per thread); the
+       bucket counts are prefix-summed and a prange over rows makes the ids global.
+       (Rows that list the same two classes in opposite orders give two distinct pairs
+       with equal values: correct, only less shared. libFM rows list fields in one order.)
     1. prange over chunks: v x per occurrence. prange over fixed blocks of DBLOCK distinct
        pairs: e, U = E W^T + b (register-tiled GEMM), act, the logit (double) and
        h act'(u). prange over chunks, per row: softmax of the row's logits, dropout masks,
-       g (e formed on the fly from v x), y_hat, residual r, dg, da, ds per pair.
-       prange over classes: DS per distinct pair, its pairs summed in batch order. prange
+       g, y_hat, residual r, dg, da, ds per pair (row kernels in C, DTYPE vectors).
+       prange over classes: DS per distinct pair, its pairs summed in bucket order. prange
        over the distinct blocks: du = DS h act'(u) (over U), the block's sums for the
        gradients of b and h, C = (h act'(u)) W (GEMM).
     2. serial in row order: loss, gradients of w0 and p; b and h in block order.
@@ -183,6 +186,132 @@ cdef extern from *:
 
     AFM_DEFINE_GEMM(float, f, afm_vf, afm_vfu)
     AFM_DEFINE_GEMM(double, d, afm_vd, afm_vdu)
+
+    /* ---- row kernels of the pair loops (k-vectors of one row's occurrences) ------------
+       Each walks the row's pairs (i < i2, row-major, P = 0, 1, ...) once per block of VL
+       columns, accumulating in vector registers; columns past the last full block run
+       the same arithmetic one at a time. The order of every sum depends on n and k only. */
+    #define AFM_DEFINE_ROWS(T, SUF, VT, VTU)                                              \\
+    /* g (k, double) = sum_P au_P v_i v_i2 = sum_i v_i (sum_i2 au_P v_i2), inner sum in T */ \\
+    static void afm_pool_row_##SUF(const T* restrict vx, const double* restrict au,      \\
+        ptrdiff_t n, ptrdiff_t k, double* restrict g)                                     \\
+    {                                                                                     \\
+        enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
+        ptrdiff_t fb = 0, f, i, i2, P;                                                    \\
+        for (f = 0; f < k; f++) g[f] = 0;                                                 \\
+        for (; fb + VL <= k; fb += VL) {                                                  \\
+            for (i = 0, P = 0; i + 1 < n; i++) {                                          \\
+                VT acc = {0};                                                             \\
+                for (i2 = i + 1; i2 < n; i2++, P++)                                       \\
+                    acc += (T)au[P] * *(const VTU*)(vx + i2 * k + fb);                    \\
+                VT prod = *(const VTU*)(vx + i * k + fb) * acc;                           \\
+                for (int l = 0; l < VL; l++) g[fb + l] += (double)prod[l];                \\
+            }                                                                             \\
+        }                                                                                 \\
+        for (f = fb; f < k; f++)                                                          \\
+            for (i = 0, P = 0; i + 1 < n; i++) {                                          \\
+                T acc = 0;                                                                \\
+                for (i2 = i + 1; i2 < n; i2++, P++) acc += (T)au[P] * vx[i2 * k + f];     \\
+                g[f] += (double)(vx[i * k + f] * acc);                                    \\
+            }                                                                             \\
+    }                                                                                     \\
+    /* scale[P] *= (v_i dg) . v_i2 for the row's pairs; tv (k) is scratch */              \\
+    static void afm_da_row_##SUF(const T* restrict vx, const double* restrict dg,         \\
+        ptrdiff_t n, ptrdiff_t k, T* restrict tv, double* restrict scale)                 \\
+    {                                                                                     \\
+        enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
+        ptrdiff_t i, i2, f, fb, P = 0;                                                    \\
+        for (i = 0; i + 1 < n; i++) {                                                     \\
+            for (f = 0; f < k; f++) tv[f] = (T)((double)vx[i * k + f] * dg[f]);           \\
+            for (i2 = i + 1; i2 < n; i2++, P++) {                                         \\
+                const T* v2 = vx + i2 * k;                                                \\
+                VT acc = {0};                                                             \\
+                for (fb = 0; fb + VL <= k; fb += VL)                                      \\
+                    acc += *(const VTU*)(tv + fb) * *(const VTU*)(v2 + fb);               \\
+                T tail = 0;                                                               \\
+                for (f = fb; f < k; f++) tail += tv[f] * v2[f];                           \\
+                scale[P] *= (double)(afm_hsum_##SUF(acc) + tail);                         \\
+            }                                                                             \\
+        }                                                                                 \\
+    }                                                                                     \\
+    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg + ds_P C[pd[P]]  \\
+       (no C term when C is NULL); C rows are prefetched AFM_PREFETCH pairs ahead while   \\
+       P + AFM_PREFETCH < limit */                                                        \\
+    static void afm_pair_grad_row_##SUF(const T* restrict vx, const T* restrict dg,       \\
+        const double* restrict au, const double* restrict ds, const int* restrict pd,     \\
+        const T* restrict C, ptrdiff_t n, ptrdiff_t k, T* restrict dvx, ptrdiff_t limit)  \\
+    {                                                                                     \\
+        enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
+        ptrdiff_t i, i2, f, fb = 0, P;                                                    \\
+        for (f = 0; f < n * k; f++) dvx[f] = 0;                                           \\
+        for (; fb + VL <= k; fb += VL) {                                                  \\
+            VT dgv = *(const VTU*)(dg + fb);                                              \\
+            for (i = 0, P = 0; i < n; i++) {                                              \\
+                VT v1 = *(const VTU*)(vx + i * k + fb), acc = {0};                        \\
+                for (i2 = i + 1; i2 < n; i2++, P++) {                                     \\
+                    VT de = (T)au[P] * dgv;                                               \\
+                    if (C) {                                                              \\
+                        if (fb == 0 && P + AFM_PREFETCH < limit)                          \\
+                            for (f = 0; f < k; f += 64 / (ptrdiff_t)sizeof(T))            \\
+                                __builtin_prefetch(C + (ptrdiff_t)pd[P + AFM_PREFETCH] * k + f); \\
+                        de += (T)ds[P] * *(const VTU*)(C + (ptrdiff_t)pd[P] * k + fb);    \\
+                    }                                                                     \\
+                    acc += de * *(const VTU*)(vx + i2 * k + fb);                          \\
+                    *(VTU*)(dvx + i2 * k + fb) += de * v1;                                \\
+                }                                                                         \\
+                *(VTU*)(dvx + i * k + fb) += acc;                                         \\
+            }                                                                             \\
+        }                                                                                 \\
+        for (f = fb; f < k; f++)                                                          \\
+            for (i = 0, P = 0; i < n; i++) {                                              \\
+                T acc = 0;                                                                \\
+                for (i2 = i + 1; i2 < n; i2++, P++) {                                     \\
+                    T de = (T)au[P] * dg[f];                                              \\
+                    if (C) de += (T)ds[P] * C[(ptrdiff_t)pd[P] * k + f];                  \\
+                    acc += de * vx[i2 * k + f];                                           \\
+                    dvx[i2 * k + f] += de * vx[i * k + f];                                \\
+                }                                                                         \\
+                dvx[i * k + f] += acc;                                                    \\
+            }                                                                             \\
+    }
+
+    #define AFM_PREFETCH 8
+    /* sum of a vector's lanes by a fixed tree (lane l + lane l ^ w, w = VL/2 ... 1), in
+       registers: one shuffle and one add per level */
+    typedef int afm_mf __attribute__((vector_size(AFM_VBYTES)));
+    typedef long long afm_md __attribute__((vector_size(AFM_VBYTES)));
+    #define AFM_HSUM_STEP(v, MT, ...) v += __builtin_shuffle(v, (MT){__VA_ARGS__})
+    static inline __attribute__((always_inline)) float afm_hsum_f(afm_vf v) {
+    #if AFM_VBYTES == 64
+        AFM_HSUM_STEP(v, afm_mf, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+        AFM_HSUM_STEP(v, afm_mf, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+        AFM_HSUM_STEP(v, afm_mf, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+        AFM_HSUM_STEP(v, afm_mf, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    #elif AFM_VBYTES == 32
+        AFM_HSUM_STEP(v, afm_mf, 4, 5, 6, 7, 0, 1, 2, 3);
+        AFM_HSUM_STEP(v, afm_mf, 2, 3, 0, 1, 6, 7, 4, 5);
+        AFM_HSUM_STEP(v, afm_mf, 1, 0, 3, 2, 5, 4, 7, 6);
+    #else
+        AFM_HSUM_STEP(v, afm_mf, 2, 3, 0, 1);
+        AFM_HSUM_STEP(v, afm_mf, 1, 0, 3, 2);
+    #endif
+        return v[0];
+    }
+    static inline __attribute__((always_inline)) double afm_hsum_d(afm_vd v) {
+    #if AFM_VBYTES == 64
+        AFM_HSUM_STEP(v, afm_md, 4, 5, 6, 7, 0, 1, 2, 3);
+        AFM_HSUM_STEP(v, afm_md, 2, 3, 0, 1, 6, 7, 4, 5);
+        AFM_HSUM_STEP(v, afm_md, 1, 0, 3, 2, 5, 4, 7, 6);
+    #elif AFM_VBYTES == 32
+        AFM_HSUM_STEP(v, afm_md, 2, 3, 0, 1);
+        AFM_HSUM_STEP(v, afm_md, 1, 0, 3, 2);
+    #else
+        AFM_HSUM_STEP(v, afm_md, 1, 0);
+    #endif
+        return v[0];
+    }
+    AFM_DEFINE_ROWS(float, f, afm_vf, afm_vfu)
+    AFM_DEFINE_ROWS(double, d, afm_vd, afm_vdu)
     """
     void afm_gemm_f(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A,
                     Py_ssize_t lda, Py_ssize_t sa, const float* B, Py_ssize_t ldb,
@@ -192,6 +321,23 @@ cdef extern from *:
                     double* C, Py_ssize_t ldc) noexcept nogil
     int AFM_ROW_ALIGN
     int AFM_VBYTES
+    int AFM_PREFETCH
+    void afm_pool_row_f(const float* vx, const double* au, Py_ssize_t n, Py_ssize_t k,
+                        double* g) noexcept nogil
+    void afm_pool_row_d(const double* vx, const double* au, Py_ssize_t n, Py_ssize_t k,
+                        double* g) noexcept nogil
+    void afm_da_row_f(const float* vx, const double* dg, Py_ssize_t n, Py_ssize_t k,
+                      float* tv, double* scale) noexcept nogil
+    void afm_da_row_d(const double* vx, const double* dg, Py_ssize_t n, Py_ssize_t k,
+                      double* tv, double* scale) noexcept nogil
+    void afm_pair_grad_row_f(const float* vx, const float* dg, const double* au,
+                             const double* ds, const int32_t* pd, const float* C,
+                             Py_ssize_t n, Py_ssize_t k, float* dvx,
+                             Py_ssize_t limit) noexcept nogil
+    void afm_pair_grad_row_d(const double* vx, const double* dg, const double* au,
+                             const double* ds, const int32_t* pd, const double* C,
+                             Py_ssize_t n, Py_ssize_t k, double* dvx,
+                             Py_ssize_t limit) noexcept nogil
 
 
 # Activation codes (kernel_api.RELU ...).
@@ -200,6 +346,9 @@ cdef enum:
     ACT_SIGMOID = 1
     ACT_TANH = 2
     ACT_IDENTITY = 3
+
+cdef extern from *:
+    void __builtin_prefetch(const void* addr) noexcept nogil
 
 cdef enum:
     # distinct pairs per block of the per-distinct-pair passes (fixed, so that the block
@@ -240,6 +389,40 @@ cdef inline double _dot_d(const floating* a, const floating2* b, Py_ssize_t n) n
     for l in range(8):
         s = s + acc[l]
     return s
+
+
+cdef inline void _pool_row(const floating* vx, const double* au, Py_ssize_t n,
+                           Py_ssize_t k, double* g) noexcept nogil:
+    if floating is float:
+        afm_pool_row_f(vx, au, n, k, g)
+    else:
+        afm_pool_row_d(vx, au, n, k, g)
+
+
+cdef inline void _da_row(const floating* vx, const double* dg, Py_ssize_t n, Py_ssize_t k,
+                         floating* tv, double* scale) noexcept nogil:
+    if floating is float:
+        afm_da_row_f(vx, dg, n, k, tv, scale)
+    else:
+        afm_da_row_d(vx, dg, n, k, tv, scale)
+
+
+cdef inline void _pair_grad_row(const floating* vx, const floating* dg, const double* au,
+                                const double* ds, const int32_t* pd, const floating* CD,
+                                Py_ssize_t n, Py_ssize_t k, floating* dvx,
+                                Py_ssize_t limit) noexcept nogil:
+    if floating is float:
+        afm_pair_grad_row_f(vx, dg, au, ds, pd, CD, n, k, dvx, limit)
+    else:
+        afm_pair_grad_row_d(vx, dg, au, ds, pd, CD, n, k, dvx, limit)
+
+
+cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
+    """Prefetch the cache lines of nbytes at p."""
+    cdef Py_ssize_t off = 0
+    while off < nbytes:
+        __builtin_prefetch(<const char*>p + off)
+        off += 64
 
 
 cdef inline void _activate(floating* u, Py_ssize_t n, int code) noexcept nogil:
@@ -295,6 +478,25 @@ cdef inline double _du(double ds, double hj, double hv, int code) noexcept nogil
     elif code == ACT_TANH:
         return ds * hj * (1 - hv * hv)
     return ds * hj
+
+
+cdef inline void _act_grad_h(const floating* h, const floating* hv, floating* out,
+                             Py_ssize_t n, int code) noexcept nogil:
+    """out = h act'(u) elementwise, from the activation values hv = act(u): _du(1, h_j,
+    hv_j) with the switch outside the loop, so that it vectorises."""
+    cdef Py_ssize_t j
+    if code == ACT_RELU:
+        for j in range(n):
+            out[j] = h[j] if hv[j] > 0 else 0
+    elif code == ACT_SIGMOID:
+        for j in range(n):
+            out[j] = <floating>(<double>h[j] * (<double>hv[j] * (1 - <double>hv[j])))
+    elif code == ACT_TANH:
+        for j in range(n):
+            out[j] = <floating>(<double>h[j] * (1 - <double>hv[j] * <double>hv[j]))
+    else:
+        for j in range(n):
+            out[j] = h[j]
 
 
 cdef inline void _pair_products(const floating* vx, Py_ssize_t n, Py_ssize_t k,
@@ -358,14 +560,13 @@ cdef class AFMWorkspace:
     # the same two classes share e, W e + b, act and the logit
     cdef int32_t* cls        # (nnz,) class of each occurrence (its group, or u_cap + q
                              # when its value differs from the group's first)
-    cdef int32_t* po         # (2 pairs,) the two occurrences of each pair
-    cdef int32_t* pbkt       # (pairs,) pairs ordered by their lower class (stable)
+    cdef int32_t* row_of     # (nnz,) batch row of each occurrence
     cdef int32_t* pd         # (pairs,) distinct pair of each pair
-    cdef int32_t* bpd        # (pairs,) the same in pbkt order
-    cdef int32_t* drep       # (pairs,) a pair of each distinct pair (its first in pbkt)
-    cdef int32_t* stamp      # (u_cap + nnz,) dedup marks
-    cdef int32_t* sid        # (u_cap + nnz,)
-    cdef int64_t* bstart     # (u_cap + nnz + 1,) bucket bounds in pbkt
+    cdef int32_t* dq         # (2 pairs,) the two occurrences of a pair of each distinct pair
+    cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
+    cdef int32_t* sid        # (threads, u_cap + nnz)
+    cdef Py_ssize_t stamp_threads
+    cdef int64_t* dbase      # (u_cap + nnz + 1,) first distinct pair of each class's bucket
     cdef double* DSD         # (pairs,) sum of ds over each distinct pair's pairs
     cdef double* SD          # (pairs,) logit of each distinct pair
     cdef double* BDB         # (blocks, t) per block of distinct pairs: sum du
@@ -384,7 +585,8 @@ cdef class AFMWorkspace:
     # DTYPE
     cdef void* occ_x         # (nnz,) value of each nonzero in batch order
     cdef void* VX            # (nnz, k) v x per occurrence
-    cdef double* DVX         # (nnz, k) gradient of the V row from each occurrence
+    cdef void* DVX           # (nnz, k) gradient of the V row from each occurrence
+    cdef void* RT            # (B, k) per-row scratch of the row loops
     cdef void* E             # (pairs, k) e of each distinct pair
     cdef void* U             # (pairs, t) W e + b, then act, then du (distinct pairs)
     cdef void* WT            # (k, t)
@@ -439,7 +641,8 @@ cdef class AFMWorkspace:
         self.dsum = <double*>_alloc(D * sizeof(double))
         self.occ_x = _alloc(N * isz)
         self.VX = _alloc(N * k * isz)
-        self.DVX = <double*>_alloc(N * k * sizeof(double))
+        self.DVX = _alloc(N * k * isz)
+        self.RT = _alloc(B * k * isz)
         self.E = _alloc(PP * k * isz)
         self.U = _alloc(PP * t * isz)
         self.WT = _alloc(k * t * isz)
@@ -448,14 +651,13 @@ cdef class AFMWorkspace:
         self.RDP = <double*>_alloc(B * k * sizeof(double))
         C = U + N
         self.cls = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.po = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
-        self.pbkt = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.row_of = <int32_t*>_alloc(N * sizeof(int32_t))
         self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
-        self.bpd = <int32_t*>_alloc(PP * sizeof(int32_t))
-        self.drep = <int32_t*>_alloc(PP * sizeof(int32_t))
-        self.stamp = <int32_t*>_alloc(C * sizeof(int32_t))
-        self.sid = <int32_t*>_alloc(C * sizeof(int32_t))
-        self.bstart = <int64_t*>_alloc((C + 1) * sizeof(int64_t))
+        self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
+        self.stamp_threads = 0
+        self.stamp = NULL
+        self.sid = NULL
+        self.dbase = <int64_t*>_alloc((C + 1) * sizeof(int64_t))
         self.DSD = <double*>_alloc(PP * sizeof(double))
         self.SD = <double*>_alloc(PP * sizeof(double))
         nblk = (PP + DBLOCK - 1) // DBLOCK
@@ -473,12 +675,26 @@ cdef class AFMWorkspace:
         free(self.grp_occ); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.lin); free(self.grp_sq); free(self.pa)
         free(self.pau); free(self.pds); free(self.dsum)
-        free(self.occ_x); free(self.VX); free(self.DVX); free(self.E); free(self.U)
+        free(self.occ_x); free(self.VX); free(self.DVX); free(self.RT); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
         free(self.G); free(self.GD); free(self.gdense)
-        free(self.cls); free(self.po); free(self.pbkt); free(self.pd); free(self.bpd); free(self.drep)
-        free(self.stamp); free(self.sid); free(self.bstart); free(self.DSD); free(self.SD)
+        free(self.cls); free(self.row_of); free(self.pd); free(self.dq)
+        free(self.stamp); free(self.sid); free(self.dbase); free(self.DSD); free(self.SD)
         free(self.BDB); free(self.BDH); free(self.HD); free(self.CD)
+
+    cdef void _ensure_threads(self, Py_ssize_t n_threads) except *:
+        """Per-thread dedup tables for n_threads (grown once, kept for the fit)."""
+        cdef Py_ssize_t C = self.u_cap + self.max_batch_nnz
+        if n_threads <= self.stamp_threads:
+            return
+        free(self.stamp)
+        free(self.sid)
+        self.stamp = NULL
+        self.sid = NULL
+        self.stamp_threads = 0
+        self.stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
+        self.sid = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
+        self.stamp_threads = n_threads
 
     def __repr__(self):
         return (f"AFMWorkspace(batch_size={self.batch_size}, max_batch_nnz="
@@ -539,6 +755,8 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept 
             a.err.pos = start + bad
             a.err.value = ws.occ[off[b] + bad]
             return ERR_FEATURE
+        for n in range(off[b], off[b + 1]):
+            ws.row_of[n] = <int32_t>b
     # stable counting sort by feature id (slot is all -1 between steps)
     a.U = group_by_feature(off[B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor, ws.ustart)
     scatter_groups(B, off, ws.grp, ws.cursor, ws.grp_row, ws.grp_occ, <floating*>NULL,
@@ -569,73 +787,124 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept 
     return 0
 
 
+cdef enum:
+    # what _bucket does with each pair of a class's bucket
+    BUCKET_NUMBER = 0       # number the bucket's distinct pairs (pd = local id)
+    BUCKET_SUM_DS = 1       # DS[d] = sum of ds over the pairs of each distinct pair d
+
+
+cdef inline Py_ssize_t _pair_index(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n) noexcept nogil:
+    """Index of the pair (lo, hi), lo < hi, among a row's n(n-1)/2 pairs in row-major
+    order (i < i2 loops)."""
+    return lo * (2 * n - lo - 1) // 2 + (hi - lo - 1)
+
+
+cdef Py_ssize_t _bucket(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, int mode,
+                        int32_t* stamp, int32_t* sid) noexcept nogil:
+    """Visit the pairs whose lower class is c (the bucket of c), in a fixed order: c's
+    occurrences in batch order, each with its row's other occurrences in row order. A
+    pair of two occurrences of class c is visited from its first one only.
+    BUCKET_NUMBER: pd[P] = the pair's distinct id local to the bucket (-1 - id for the
+    first pair of each, its representative), stamp/sid being this thread's tables;
+    returns the bucket's distinct count. BUCKET_SUM_DS: DSD[d] = sum of pds over the
+    pairs of each distinct pair d of the bucket (pd global by then)."""
+    cdef Py_ssize_t pos, pos_end, q, q0, n, i, i2, b, P, pb, nd = 0, d
+    cdef int32_t c2
+    cdef const int32_t* cls = ws.cls
+    if c < a.U:
+        pos = ws.ustart[c]
+        pos_end = ws.ustart[c + 1]
+    elif c >= ws.u_cap:
+        pos = 0
+        pos_end = 1   # the single occurrence c - u_cap, if its class is its own
+    else:
+        return 0
+    if mode == BUCKET_SUM_DS:
+        for d in range(ws.dbase[c], ws.dbase[c + 1]):
+            ws.DSD[d] = 0
+    while pos < pos_end:
+        q = ws.grp_occ[pos] if c < ws.u_cap else c - ws.u_cap
+        pos += 1
+        if cls[q] != c:
+            continue
+        b = ws.row_of[q]
+        q0 = ws.off[b]
+        n = ws.off[b + 1] - q0
+        i = q - q0
+        P = ws.poff[b] + _pair_index(i, i + 1, n)
+        for i2 in range(i + 1, n):
+            c2 = cls[q0 + i2]
+            if mode == BUCKET_NUMBER:
+                if stamp[c2] != c:
+                    stamp[c2] = <int32_t>c
+                    sid[c2] = <int32_t>nd
+                    ws.pd[P] = <int32_t>(-1 - nd)
+                    nd += 1
+                else:
+                    ws.pd[P] = sid[c2]
+            else:
+                d = ws.pd[P]
+                ws.DSD[d] = ws.DSD[d] + ws.pds[P]
+            P += 1
+    return nd
+
+
+cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
+    """Row b's pairs: bucket-local distinct ids to global ones (dbase of the lower
+    class), and the representative pair's occurrences of each distinct pair."""
+    cdef Py_ssize_t q0 = ws.off[b], n = ws.off[b + 1] - ws.off[b], P = ws.poff[b]
+    cdef Py_ssize_t i, i2, d
+    cdef int32_t c1, c2, l
+    for i in range(n):
+        c1 = ws.cls[q0 + i]
+        for i2 in range(i + 1, n):
+            c2 = ws.cls[q0 + i2]
+            l = ws.pd[P]
+            if l < 0:
+                d = ws.dbase[c1] + (-1 - l)
+                ws.dq[2 * d] = <int32_t>(q0 + i)
+                ws.dq[2 * d + 1] = <int32_t>(q0 + i2)
+            else:
+                d = ws.dbase[c1] + l
+            ws.pd[P] = <int32_t>d
+            P += 1
+
+
+cdef void _group_classes(AFMWorkspace ws, Py_ssize_t u, const floating* occ_x) noexcept nogil:
+    """Classes of group u's occurrences: u when the value equals the group's first value
+    (and is not 0, whose sign would matter), else a class of its own (u_cap + q)."""
+    cdef Py_ssize_t pos, q
+    cdef floating xr = occ_x[ws.grp_occ[ws.ustart[u]]], x
+    for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+        q = ws.grp_occ[pos]
+        x = occ_x[q]
+        ws.cls[q] = <int32_t>u if (x == xr and x != <floating>0) else <int32_t>(ws.u_cap + q)
+
+
 cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) noexcept nogil:
     """Step 0 (attention): classes of the occurrences, then the batch's distinct pairs of
     classes. A pair's e, W e + b, act and logit depend only on its two (v x) (DESIGN
-    section 3), so they are computed once per distinct pair. Serial and data-only: the
-    numbering of the distinct pairs does not depend on the thread count."""
-    cdef Py_ssize_t B = a.B, U = a.U, nnz = ws.off[a.B], C, u, pos, q, b, i, i2, n, q0
-    cdef Py_ssize_t P, c, D = 0
-    cdef int32_t* cls = ws.cls
-    cdef int32_t* po = ws.po
-    cdef int64_t* bstart = ws.bstart
-    cdef int32_t lo, hi, cp, cq
-    cdef floating xr, x
-    # class = feature group when the value equals the group's first value (and is not 0,
-    # whose sign would matter), else a class of its own
-    C = ws.u_cap + nnz
-    for u in range(U):
-        xr = occ_x[ws.grp_occ[ws.ustart[u]]]
-        for pos in range(ws.ustart[u], ws.ustart[u + 1]):
-            q = ws.grp_occ[pos]
-            x = occ_x[q]
-            cls[q] = <int32_t>u if (x == xr and x != <floating>0) else <int32_t>(ws.u_cap + q)
-    for c in range(C + 1):
-        bstart[c] = 0
-    # pairs in row order, counted by lower class
-    P = 0
-    for b in range(B):
-        q0 = ws.off[b]
-        n = ws.off[b + 1] - q0
-        for i in range(n):
-            cp = cls[q0 + i]
-            for i2 in range(i + 1, n):
-                cq = cls[q0 + i2]
-                po[2 * P] = <int32_t>(q0 + i)
-                po[2 * P + 1] = <int32_t>(q0 + i2)
-                lo = cp if cp < cq else cq
-                ws.drep[P] = lo         # scratch until the dedup pass
-                ws.pd[P] = cp ^ cq ^ lo  # the upper class, scratch as well
-                bstart[lo + 1] += 1
-                P += 1
-    for c in range(C):
-        bstart[c + 1] += bstart[c]
+    section 3), so they are computed once per distinct pair. A pair belongs to the
+    bucket of its lower class; buckets are numbered in parallel (one dedup table per
+    thread), their counts prefix-summed, and the ids made global per row. The numbering
+    depends on the data only, not on the thread count."""
+    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, u, b, th
+    cdef int nt = a.n_threads
+    cdef int32_t* stamp
+    for u in prange(U, schedule="static", num_threads=nt):
+        _group_classes(ws, u, occ_x)
+    for c in range(nt * C):
         ws.stamp[c] = -1
-    # stable scatter by lower class, bstart[c] serving as bucket c's cursor
-    for P in range(ws.poff[B]):
-        lo = ws.drep[P]
-        pos = bstart[lo]
-        ws.pbkt[pos] = <int32_t>P
-        ws.bpd[pos] = ws.pd[P]
-        bstart[lo] = pos + 1
-    # bstart[c] now holds the end of bucket c: shift back to starts
-    for c in range(C - 1, 0, -1):
-        bstart[c] = bstart[c - 1]
-    bstart[0] = 0
-    # within a bucket (lower class c), pairs with the same upper class are one
+    for c in prange(C, schedule="dynamic", chunksize=256, num_threads=nt):
+        th = omp_get_thread_num()
+        ws.dbase[c + 1] = _bucket(a, ws, c, BUCKET_NUMBER, ws.stamp + th * C, ws.sid + th * C)
+    ws.dbase[0] = 0
     for c in range(C):
-        for pos in range(bstart[c], bstart[c + 1]):
-            P = ws.pbkt[pos]
-            hi = ws.bpd[pos]
-            if ws.stamp[hi] != c:
-                ws.stamp[hi] = <int32_t>c
-                ws.sid[hi] = <int32_t>D
-                ws.drep[D] = <int32_t>P   # D <= pos: the scratch at D was read already
-                D += 1
-            ws.bpd[pos] = ws.sid[hi]
-            ws.pd[P] = ws.sid[hi]
+        ws.dbase[c + 1] += ws.dbase[c]
+    for b in prange(a.B, schedule="static", num_threads=nt):
+        _globalize_row(ws, b)
     a.n_classes = C
-    a.n_distinct = D
+    a.n_distinct = ws.dbase[C]
 
 
 cdef void _vx_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, const floating* V,
@@ -681,9 +950,13 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     cdef int code = a.activation
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for d in range(d0, d1):
-        P = ws.drep[d]
-        v1 = VX + <Py_ssize_t>ws.po[2 * P] * k
-        v2 = VX + <Py_ssize_t>ws.po[2 * P + 1] * k
+        if d + AFM_PREFETCH < d1:
+            _prefetch_row(VX + <Py_ssize_t>ws.dq[2 * (d + AFM_PREFETCH)] * k,
+                          k * sizeof(floating))
+            _prefetch_row(VX + <Py_ssize_t>ws.dq[2 * (d + AFM_PREFETCH) + 1] * k,
+                          k * sizeof(floating))
+        v1 = VX + <Py_ssize_t>ws.dq[2 * d] * k
+        v2 = VX + <Py_ssize_t>ws.dq[2 * d + 1] * k
         e = E + d * k
         for f in range(k):
             e[f] = v1[f] * v2[f]
@@ -693,8 +966,7 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         hd = HDp + d * t
         _activate(u, t, code)
         ws.SD[d] = _dot_d(h, u, t)
-        for jj in range(t):
-            hd[jj] = <floating>_du(1.0, <double>h[jj], <double>u[jj], code)
+        _act_grad_h(h, u, hd, t, code)
 
 
 cdef inline double _dot_pair_d(const floating* v1, const floating* v2, const double* b,
@@ -720,18 +992,22 @@ cdef inline double _dot_pair_d(const floating* v1, const floating* v2, const dou
 cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                          const floating* y, const floating* dense) noexcept nogil:
     """Step 1c for the rows of chunk c: softmax of the row's logits (looked up by distinct
-    pair), dropout masks, g, y_hat, residual r, dg, da and ds per pair."""
+    pair), dropout masks, g, y_hat, residual r, dg, da and ds per pair.
+    Pair sums are factorised per first occurrence i: g = sum_i v_i (sum_i2 a'_P v_i2)
+    and da_P = (v_i dg) . v_i2, in DTYPE, so that each pair costs one vector FMA (g) and
+    one dot (da) over k."""
     cdef Py_ssize_t k = a.k, b, i, i2, n, f, P, P0, P1, q0
     cdef const floating* VX = <floating*>ws.VX
     cdef const floating* v1
     cdef const floating* v2
+    cdef floating* tv
     cdef double* pa = ws.pa
     cdef double* pau = ws.pau
     cdef double* pds = ws.pds
     cdef const floating* p_vec = dense + 1
     cdef double* gp
     cdef double* dgd
-    cdef double yhat, res, ada, da, au
+    cdef double yhat, res, ada, da
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
@@ -741,6 +1017,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         P1 = ws.poff[b + 1]
         dgd = ws.DG + b * k
         gp = ws.RDP + b * k
+        tv = <floating*>ws.RT + b * k
         if a.attention and P1 > P0:
             for P in range(P0, P1):
                 pa[P] = ws.SD[ws.pd[P]]
@@ -758,18 +1035,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         else:
             for P in range(P0, P1):
                 pau[P] = 1.0
-        # pooled g (into RDP's row), e = v1 * v2 formed on the fly
-        for f in range(k):
-            gp[f] = 0
-        P = P0
-        for i in range(n):
-            v1 = VX + (q0 + i) * k
-            for i2 in range(i + 1, n):
-                v2 = VX + (q0 + i2) * k
-                au = pau[P]
-                for f in range(k):
-                    gp[f] = gp[f] + au * <double>(v1[f] * v2[f])
-                P += 1
+        _pool_row(VX + q0 * k, pau + P0, n, k, gp)
         # pooled dropout scale (into DG's row)
         if a.drop_pool:
             key = dropout_row_key(a.seed, 2, a.step, <uint64_t>a.rows[b])
@@ -787,31 +1053,13 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
             dgd[f] = res * <double>p_vec[f] * dgd[f]
             gp[f] = res * gp[f]
         if a.attention and P1 > P0:
+            # da = (v_i dg) . v_i2 times the attention dropout scale, then ds
+            _da_row(VX + q0 * k, dgd, n, k, tv, pds + P0)
             ada = 0
-            P = P0
-            for i in range(n):
-                v1 = VX + (q0 + i) * k
-                for i2 in range(i + 1, n):
-                    v2 = VX + (q0 + i2) * k
-                    da = _dot_pair_d(v1, v2, dgd, k) * pds[P]
-                    pds[P] = da
-                    ada += pa[P] * da
-                    P += 1
+            for P in range(P0, P1):
+                ada += pa[P] * pds[P]
             for P in range(P0, P1):
                 pds[P] = pa[P] * (pds[P] - ada)
-
-
-cdef void _ds_bucket(AFMWorkspace ws, Py_ssize_t c) noexcept nogil:
-    """Step 1d for the pairs whose lower class is c: DS[d] = sum of ds over the pairs of
-    distinct pair d in batch order (all of them sit in this bucket)."""
-    cdef Py_ssize_t pos, P, d
-    for pos in range(ws.bstart[c], ws.bstart[c + 1]):
-        P = ws.pbkt[pos]
-        d = ws.bpd[pos]
-        if ws.drep[d] == P:
-            ws.DSD[d] = ws.pds[P]
-        else:
-            ws.DSD[d] = ws.DSD[d] + ws.pds[P]
 
 
 cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
@@ -879,47 +1127,28 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                           const floating* VX) noexcept nogil:
     """Step 4 for the rows of chunk c: de = a' dg + ds W^T (h act'(u)) per pair, then
     d(v x) per occurrence, scaled by x (the occurrence's contribution to its V row's
-    gradient)."""
-    cdef Py_ssize_t k = a.k, b, P, f, i, i2, n, q0
-    cdef const floating* CDp = <floating*>ws.CD
-    cdef double* DVX = ws.DVX
+    gradient), in DTYPE."""
+    cdef Py_ssize_t k = a.k, b, P0, f, i, n, q0
+    cdef Py_ssize_t P_end = ws.poff[ws.chunk[c + 1]]
+    cdef floating* DVX = <floating*>ws.DVX
     cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef const double* dg
-    cdef const floating* cd
-    cdef double* d1
-    cdef double* d2
-    cdef const floating* v1
-    cdef const floating* v2
-    cdef double x, de, au, ds
+    cdef floating* dg
+    cdef const double* dgd
+    cdef floating* d1
+    cdef floating x
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
-        dg = ws.DG + b * k
+        dgd = ws.DG + b * k
+        dg = <floating*>ws.RT + b * k
+        for f in range(k):
+            dg[f] = <floating>dgd[f]
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
-        for i in range(n * k):
-            DVX[q0 * k + i] = 0
-        P = ws.poff[b]
+        P0 = ws.poff[b]
+        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.pds + P0, ws.pd + P0,
+                       <floating*>ws.CD if a.attention else NULL, n, k, DVX + q0 * k,
+                       P_end - P0)
         for i in range(n):
-            v1 = VX + (q0 + i) * k
-            d1 = DVX + (q0 + i) * k
-            for i2 in range(i + 1, n):
-                v2 = VX + (q0 + i2) * k
-                d2 = DVX + (q0 + i2) * k
-                au = ws.pau[P]
-                if a.attention:
-                    ds = ws.pds[P]
-                    cd = CDp + <Py_ssize_t>ws.pd[P] * k
-                    for f in range(k):
-                        de = au * dg[f] + ds * <double>cd[f]
-                        d1[f] = d1[f] + de * <double>v2[f]
-                        d2[f] = d2[f] + de * <double>v1[f]
-                else:
-                    for f in range(k):
-                        de = au * dg[f]
-                        d1[f] = d1[f] + de * <double>v2[f]
-                        d2[f] = d2[f] + de * <double>v1[f]
-                P += 1
-        for i in range(n):
-            x = <double>occ_x[q0 + i]
+            x = occ_x[q0 + i]
             d1 = DVX + (q0 + i) * k
             for f in range(k):
                 d1[f] = d1[f] * x
@@ -935,9 +1164,9 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     cdef floating* v = V + j * k
     cdef floating* g = <floating*>ws.G + u * k
     cdef double* gd = ws.GD + u * k
-    cdef const double* DVX = ws.DVX
+    cdef const floating* DVX = <floating*>ws.DVX
     cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef const double* d
+    cdef const floating* d
     cdef double gw = 0
     cdef double l2 = a.l2
     cdef double sq = 0
@@ -960,10 +1189,11 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
-# Wall-clock seconds of the phases of the last afm_step (0 prepare and distinct pairs,
-# 1 forward and the distinct pairs' backward, 2 row sums, 3 dW, 4 de and d(vx), 5 feature
-# updates, 6 dense updates): see _phase_times().
-cdef double _phase_t[8]
+# Wall-clock seconds from the start of the last afm_step to the end of each phase, for
+# profiling (_phase_times() names them; PHASES is their order).
+PHASES = ("prepare", "vx", "distinct_forward", "row_forward", "ds_sums",
+          "distinct_backward", "row_sums", "dW", "de", "feature_updates", "dense_updates")
+cdef double _phase_t[11]
 
 
 cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
@@ -993,17 +1223,22 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
 
     for c in prange(a.n_chunks, schedule="static", num_threads=nt):
         _vx_chunk(a, ws, c, V, w)
+    _phase_t[1] = omp_get_wtime() - t0
     nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
     for c in prange(nblk, schedule="static", num_threads=nt):
         _distinct_forward(a, ws, c, dense)
+    _phase_t[2] = omp_get_wtime() - t0
     for c in prange(a.n_chunks, schedule="static", num_threads=nt):
         _forward_chunk(a, ws, c, y, dense)
+    _phase_t[3] = omp_get_wtime() - t0
     if a.attention:
-        for c in prange(a.n_classes, schedule="dynamic", chunksize=64, num_threads=nt):
-            _ds_bucket(ws, c)
+        for c in prange(a.n_classes, schedule="dynamic", chunksize=256, num_threads=nt):
+            _bucket(a, ws, c, BUCKET_SUM_DS, NULL, NULL)
+    _phase_t[4] = omp_get_wtime() - t0
+    if a.attention:
         for c in prange(nblk, schedule="static", num_threads=nt):
             _distinct_backward(a, ws, c, dense, W)
-    _phase_t[1] = omp_get_wtime() - t0
+    _phase_t[5] = omp_get_wtime() - t0
 
     # step 2: row-order sums
     for j in range(D):
@@ -1024,7 +1259,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 dsum[1 + k + t + j] += row[j]
     for j in range(D):
         gd[j] = <floating>dsum[j]
-    _phase_t[2] = omp_get_wtime() - t0
+    _phase_t[6] = omp_get_wtime() - t0
 
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
@@ -1034,12 +1269,12 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             d += <double>W[j] * <double>W[j]
             GW[j] = GW[j] + l2a * W[j]
         loss += 0.5 * a.l2a * d
-    _phase_t[3] = omp_get_wtime() - t0
+    _phase_t[7] = omp_get_wtime() - t0
 
     if not a.freeze_fm:
         for c in prange(a.n_chunks, schedule="static", num_threads=nt):
             _backward_chunk(a, ws, c, <floating*>ws.VX)
-    _phase_t[4] = omp_get_wtime() - t0
+    _phase_t[8] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: dynamic scheduling balances the threads,
     # and each feature's arithmetic is the same whichever thread runs it.
@@ -1049,7 +1284,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     for u in range(a.U):
         d += ws.grp_sq[u]
     loss += 0.5 * a.l2 * d
-    _phase_t[5] = omp_get_wtime() - t0
+    _phase_t[9] = omp_get_wtime() - t0
 
     lo = 1 if a.freeze_fm else 0
     hi = D if a.attention else 1 + k
@@ -1057,7 +1292,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k)
     loss_out[0] = loss
-    _phase_t[6] = omp_get_wtime() - t0
+    _phase_t[10] = omp_get_wtime() - t0
     return 0
 
 
@@ -1142,6 +1377,7 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     a.opt = opt_cfg_from(cfg, _api)
     a.err.pos = 0
     a.err.value = 0
+    ws._ensure_threads(n_threads)
 
     with nogil:
         err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
@@ -1415,9 +1651,10 @@ def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
 
 
 def _phase_times():
-    """Cumulative seconds at the end of each phase of the last afm_step (prepare,
-    forward, row sums, dW, de and d(vx), feature updates, dense updates); for profiling."""
-    return [_phase_t[i] for i in range(7)]
+    """{phase: seconds} of the last afm_step in this process, phases named by PHASES (for
+    profiling; with concurrent steps, the last to finish each phase wins)."""
+    return {name: _phase_t[i] - (_phase_t[i - 1] if i else 0.0)
+            for i, name in enumerate(PHASES)}
 
 
 def _constants():
