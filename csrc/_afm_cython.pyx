@@ -351,6 +351,10 @@ cdef extern from *:
     void __builtin_prefetch(const void* addr) noexcept nogil
 
 cdef enum:
+    # rows ahead whose nonzeros are prefetched while copying a batch
+    ROW_PREFETCH = 4
+
+cdef enum:
     # distinct pairs per block of the per-distinct-pair passes (fixed, so that the block
     # partial sums and their order do not depend on the thread count)
     DBLOCK = 256
@@ -561,6 +565,7 @@ cdef class AFMWorkspace:
     cdef int32_t* cls        # (nnz,) class of each occurrence (its group, or u_cap + q
                              # when its value differs from the group's first)
     cdef int32_t* row_of     # (nnz,) batch row of each occurrence
+    cdef int32_t* row_bad    # (B,) position of a row's first invalid id, or -1
     cdef int32_t* pd         # (pairs,) distinct pair of each pair
     cdef int32_t* dq         # (2 pairs,) the two occurrences of a pair of each distinct pair
     cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
@@ -652,6 +657,7 @@ cdef class AFMWorkspace:
         C = U + N
         self.cls = <int32_t*>_alloc(N * sizeof(int32_t))
         self.row_of = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
         self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
         self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
         self.stamp_threads = 0
@@ -678,7 +684,7 @@ cdef class AFMWorkspace:
         free(self.occ_x); free(self.VX); free(self.DVX); free(self.RT); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
         free(self.G); free(self.GD); free(self.gdense)
-        free(self.cls); free(self.row_of); free(self.pd); free(self.dq)
+        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.dq)
         free(self.stamp); free(self.sid); free(self.dbase); free(self.DSD); free(self.SD)
         free(self.BDB); free(self.BDH); free(self.HD); free(self.CD)
 
@@ -730,6 +736,23 @@ ctypedef struct AFMArgs:
     BatchErr err
 
 
+cdef void _copy_row(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
+                    const floating* values) noexcept nogil:
+    """Row b's nonzeros to the batch-order buffers (occ, occ_x, row_of); row_bad[b] = the
+    position of its first invalid id, or -1."""
+    cdef int64_t start, q
+    if b + ROW_PREFETCH < a.B:
+        # the rows of a shuffled batch are scattered over X: start the next misses early
+        start = a.indptr[a.rows[b + ROW_PREFETCH]]
+        __builtin_prefetch(a.indices + start)
+        __builtin_prefetch(values + start)
+    start = a.indptr[a.rows[b]]
+    ws.row_bad[b] = <int32_t>copy_row(a.indices, values, start, ws.off[b + 1] - ws.off[b],
+                                      a.M, ws.occ + ws.off[b], <floating*>ws.occ_x + ws.off[b])
+    for q in range(ws.off[b], ws.off[b + 1]):
+        ws.row_of[q] = <int32_t>b
+
+
 cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept nogil:
     """Step 0: offsets, batch-order copy of the nonzeros, grouping by feature, chunks."""
     cdef Py_ssize_t B = a.B, b, n, c, bad
@@ -747,16 +770,13 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept 
     if poff[B] > a.pair_cap:
         a.err.value = poff[B]
         return ERR_PAIRS
+    for b in prange(B, schedule="static", num_threads=a.n_threads):
+        _copy_row(a, ws, b, values)
     for b in range(B):
-        start = a.indptr[a.rows[b]]
-        bad = copy_row(a.indices, values, start, off[b + 1] - off[b], a.M, ws.occ + off[b],
-                       <floating*>ws.occ_x + off[b])
-        if bad >= 0:
-            a.err.pos = start + bad
-            a.err.value = ws.occ[off[b] + bad]
+        if ws.row_bad[b] >= 0:
+            a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
+            a.err.value = ws.occ[off[b] + ws.row_bad[b]]
             return ERR_FEATURE
-        for n in range(off[b], off[b + 1]):
-            ws.row_of[n] = <int32_t>b
     # stable counting sort by feature id (slot is all -1 between steps)
     a.U = group_by_feature(off[B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor, ws.ustart)
     scatter_groups(B, off, ws.grp, ws.cursor, ws.grp_row, ws.grp_occ, <floating*>NULL,
@@ -787,66 +807,91 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept 
     return 0
 
 
-cdef enum:
-    # what _bucket does with each pair of a class's bucket
-    BUCKET_NUMBER = 0       # number the bucket's distinct pairs (pd = local id)
-    BUCKET_SUM_DS = 1       # DS[d] = sum of ds over the pairs of each distinct pair d
-
-
 cdef inline Py_ssize_t _pair_index(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n) noexcept nogil:
     """Index of the pair (lo, hi), lo < hi, among a row's n(n-1)/2 pairs in row-major
     order (i < i2 loops)."""
     return lo * (2 * n - lo - 1) // 2 + (hi - lo - 1)
 
 
-cdef Py_ssize_t _bucket(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, int mode,
-                        int32_t* stamp, int32_t* sid) noexcept nogil:
-    """Visit the pairs whose lower class is c (the bucket of c), in a fixed order: c's
-    occurrences in batch order, each with its row's other occurrences in row order. A
-    pair of two occurrences of class c is visited from its first one only.
-    BUCKET_NUMBER: pd[P] = the pair's distinct id local to the bucket (-1 - id for the
-    first pair of each, its representative), stamp/sid being this thread's tables;
-    returns the bucket's distinct count. BUCKET_SUM_DS: DSD[d] = sum of pds over the
-    pairs of each distinct pair d of the bucket (pd global by then)."""
-    cdef Py_ssize_t pos, pos_end, q, q0, n, i, i2, b, P, pb, nd = 0, d
+cdef inline Py_ssize_t _later_pairs(AFMWorkspace ws, Py_ssize_t q,
+                                   Py_ssize_t* count) noexcept nogil:
+    """The pairs of occurrence q with the later occurrences of its row: the first one's
+    index P (batch-wide) and, in count, how many (they are P, P + 1, ...)."""
+    cdef Py_ssize_t b = ws.row_of[q], q0 = ws.off[b], n = ws.off[b + 1] - ws.off[b]
+    cdef Py_ssize_t i = q - q0
+    count[0] = n - i - 1
+    return ws.poff[b] + _pair_index(i, i + 1, n)
+
+
+cdef inline void _class_range(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
+                              Py_ssize_t* pos, Py_ssize_t* pos_end) noexcept nogil:
+    """Candidate occurrences of class c: grp_occ[pos:pos_end] for a group class, the
+    single occurrence c - u_cap for an own class (pos = 0, pos_end = 1), none else;
+    an occurrence belongs to c only if cls[q] == c."""
+    if c < a.U:
+        pos[0] = ws.ustart[c]
+        pos_end[0] = ws.ustart[c + 1]
+    elif c >= ws.u_cap:
+        pos[0] = 0
+        pos_end[0] = 1
+    else:
+        pos[0] = 0
+        pos_end[0] = 0
+
+
+cdef Py_ssize_t _bucket(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, int32_t* stamp,
+                        int32_t* sid) noexcept nogil:
+    """Number the distinct pairs of class c's bucket: the pairs i < i2 of a row whose
+    class(i) is c, visited in a fixed order (c's occurrences in batch order, each with
+    its row's later occurrences). pd[P] = the pair's distinct id local to the bucket
+    (-1 - id for the first pair of each, its representative); stamp/sid are this
+    thread's tables. Returns the bucket's distinct count."""
+    cdef Py_ssize_t pos, pos_end, q, P, P_end, cnt, nd = 0
     cdef int32_t c2
     cdef const int32_t* cls = ws.cls
-    if c < a.U:
-        pos = ws.ustart[c]
-        pos_end = ws.ustart[c + 1]
-    elif c >= ws.u_cap:
-        pos = 0
-        pos_end = 1   # the single occurrence c - u_cap, if its class is its own
-    else:
-        return 0
-    if mode == BUCKET_SUM_DS:
-        for d in range(ws.dbase[c], ws.dbase[c + 1]):
-            ws.DSD[d] = 0
+    _class_range(a, ws, c, &pos, &pos_end)
     while pos < pos_end:
         q = ws.grp_occ[pos] if c < ws.u_cap else c - ws.u_cap
         pos += 1
         if cls[q] != c:
             continue
-        b = ws.row_of[q]
-        q0 = ws.off[b]
-        n = ws.off[b + 1] - q0
-        i = q - q0
-        P = ws.poff[b] + _pair_index(i, i + 1, n)
-        for i2 in range(i + 1, n):
-            c2 = cls[q0 + i2]
-            if mode == BUCKET_NUMBER:
-                if stamp[c2] != c:
-                    stamp[c2] = <int32_t>c
-                    sid[c2] = <int32_t>nd
-                    ws.pd[P] = <int32_t>(-1 - nd)
-                    nd += 1
-                else:
-                    ws.pd[P] = sid[c2]
+        P = _later_pairs(ws, q, &cnt)
+        P_end = P + cnt
+        while P < P_end:
+            c2 = cls[q + 1 + (P - (P_end - cnt))]
+            if stamp[c2] != c:
+                stamp[c2] = <int32_t>c
+                sid[c2] = <int32_t>nd
+                ws.pd[P] = <int32_t>(-1 - nd)
+                nd += 1
             else:
-                d = ws.pd[P]
-                ws.DSD[d] = ws.DSD[d] + ws.pds[P]
+                ws.pd[P] = sid[c2]
             P += 1
     return nd
+
+
+cdef void _sum_ds(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c) noexcept nogil:
+    """DSD[d] = sum of ds over the pairs of each distinct pair d of class c's bucket, in
+    the bucket's visiting order (that of _bucket). The pairs of an occurrence are
+    contiguous in pd/pds; those of the occurrence AFM_PREFETCH places ahead are
+    prefetched."""
+    cdef Py_ssize_t pos, pos_end, q, P, P_end, cnt, d
+    _class_range(a, ws, c, &pos, &pos_end)
+    for d in range(ws.dbase[c], ws.dbase[c + 1]):
+        ws.DSD[d] = 0
+    while pos < pos_end:
+        if c < a.U and pos + AFM_PREFETCH < pos_end:
+            P = _later_pairs(ws, ws.grp_occ[pos + AFM_PREFETCH], &cnt)
+            __builtin_prefetch(ws.pd + P)
+            __builtin_prefetch(ws.pds + P)
+        q = ws.grp_occ[pos] if c < ws.u_cap else c - ws.u_cap
+        pos += 1
+        if ws.cls[q] != c:
+            continue
+        P = _later_pairs(ws, q, &cnt)
+        for P in range(P, P + cnt):
+            d = ws.pd[P]
+            ws.DSD[d] = ws.DSD[d] + ws.pds[P]
 
 
 cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
@@ -897,7 +942,7 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) no
         ws.stamp[c] = -1
     for c in prange(C, schedule="dynamic", chunksize=256, num_threads=nt):
         th = omp_get_thread_num()
-        ws.dbase[c + 1] = _bucket(a, ws, c, BUCKET_NUMBER, ws.stamp + th * C, ws.sid + th * C)
+        ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
     ws.dbase[0] = 0
     for c in range(C):
         ws.dbase[c + 1] += ws.dbase[c]
@@ -1233,7 +1278,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[3] = omp_get_wtime() - t0
     if a.attention:
         for c in prange(a.n_classes, schedule="dynamic", chunksize=256, num_threads=nt):
-            _bucket(a, ws, c, BUCKET_SUM_DS, NULL, NULL)
+            _sum_ds(a, ws, c)
     _phase_t[4] = omp_get_wtime() - t0
     if a.attention:
         for c in prange(nblk, schedule="static", num_threads=nt):

@@ -20,6 +20,14 @@ from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memset
 from cython cimport floating
 
+cdef extern from *:
+    void __builtin_prefetch(const void* addr) noexcept nogil
+
+cdef enum:
+    # rows ahead whose indptr entries batch_offsets prefetches (a shuffled batch's rows
+    # are scattered over X)
+    OFFSET_PREFETCH = 16
+
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
 
@@ -105,6 +113,10 @@ cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_ro
     cdef int64_t row
     off[0] = 0
     for b in range(B):
+        if b + OFFSET_PREFETCH < B:
+            row = rows[b + OFFSET_PREFETCH]
+            if 0 <= row < n_rows:
+                __builtin_prefetch(indptr + row)
         row = rows[b]
         if row < 0 or row >= n_rows:
             e.pos = b
