@@ -1056,6 +1056,8 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
+        if b + ROW_PREFETCH < a.B:
+            __builtin_prefetch(y + a.rows[b + ROW_PREFETCH])
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
@@ -1215,6 +1217,13 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     cdef double gw = 0
     cdef double l2 = a.l2
     cdef double sq = 0
+    cdef Py_ssize_t nnz = ws.off[a.B], j_next
+    if u + 1 < a.U:
+        # the next feature's rows (V and optimiser state are tables larger than cache)
+        j_next = ws.uniq[u + 1]
+        _prefetch_row(V + j_next * k, k * sizeof(floating))
+        if not a.freeze_fm:
+            _prefetch_row(sV0 + j_next * k, k * sizeof(floating))
     for f in range(k):
         sq = sq + <double>v[f] * <double>v[f]
     ws.grp_sq[u] = sq
@@ -1223,6 +1232,8 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     for f in range(k):
         gd[f] = 0
     for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+        if pos + AFM_PREFETCH < nnz:
+            _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
         q = ws.grp_occ[pos]
         d = DVX + q * k
         for f in range(k):
