@@ -978,20 +978,18 @@ cdef void _vx_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, const float
 
 cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
                             const floating* dense) noexcept nogil:
-    """Step 1b for distinct pairs [blk DBLOCK, ...): e, u = act(W e + b), the logit
-    s = h . u (double) and h act'(u)."""
-    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, f, jj, P
+    """Step 1b for distinct pairs [blk DBLOCK, ...): e, u = act(W e + b) and the logit
+    s = h . u (double)."""
+    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, f
     cdef const floating* VX = <floating*>ws.VX
     cdef floating* E = <floating*>ws.E
     cdef floating* Uu = <floating*>ws.U
-    cdef floating* HDp = <floating*>ws.HD
     cdef const floating* bias = dense + 1 + k
     cdef const floating* h = dense + 1 + k + t
     cdef const floating* v1
     cdef const floating* v2
     cdef floating* e
     cdef floating* u
-    cdef floating* hd
     cdef int code = a.activation
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for d in range(d0, d1):
@@ -1008,10 +1006,8 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     _preactivation(E + d0 * k, d1 - d0, k, t, bias, <floating*>ws.WT, Uu + d0 * t)
     for d in range(d0, d1):
         u = Uu + d * t
-        hd = HDp + d * t
         _activate(u, t, code)
         ws.SD[d] = _dot_d(h, u, t)
-        _act_grad_h(h, u, hd, t, code)
 
 
 cdef inline double _dot_pair_d(const floating* v1, const floating* v2, const double* b,
@@ -1111,16 +1107,18 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
 
 cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
                              const floating* dense, const floating* W) noexcept nogil:
-    """Step 2 for a block of distinct pairs: du = DS h act'(u) (over U), the block's sums
-    of du (gradient of b) and DS act (gradient of h), and c = W^T (h act'(u))."""
+    """Step 2 for a block of distinct pairs: h act'(u) (into HD, while the block is in
+    cache), du = DS h act'(u) (over U), the block's sums of du (gradient of b) and DS act
+    (gradient of h), and c = W^T (h act'(u))."""
     cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, jj
     cdef floating* Uu = <floating*>ws.U
-    cdef const floating* HDp = <floating*>ws.HD
+    cdef floating* HDp = <floating*>ws.HD
+    cdef const floating* h = dense + 1 + k + t
     cdef floating* CDp = <floating*>ws.CD
     cdef double* bdb = ws.BDB + blk * t
     cdef double* bdh = ws.BDH + blk * t
     cdef floating* u
-    cdef const floating* hd
+    cdef floating* hd
     cdef double ds, du
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for jj in range(t):
@@ -1130,6 +1128,7 @@ cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         ds = ws.DSD[d]
         u = Uu + d * t
         hd = HDp + d * t
+        _act_grad_h(h, u, hd, t, a.activation)
         for jj in range(t):
             bdh[jj] = bdh[jj] + ds * <double>u[jj]
             du = ds * <double>hd[jj]
