@@ -354,6 +354,10 @@ cdef enum:
     # rows ahead whose nonzeros are prefetched while copying a batch
     ROW_PREFETCH = 4
 
+# A row's softmax uses numerators exp(s - the batch's largest logit) when their sum is at
+# least this: the terms lost to underflow are then below 1e-26 of the sum.
+cdef double SOFTMAX_MIN_SUM = 1e-280
+
 cdef enum:
     # distinct pairs per block of the per-distinct-pair passes (fixed, so that the block
     # partial sums and their order do not depend on the thread count)
@@ -574,6 +578,8 @@ cdef class AFMWorkspace:
     cdef int64_t* dbase      # (u_cap + nnz + 1,) first distinct pair of each class's bucket
     cdef double* DSD         # (pairs,) sum of ds over each distinct pair's pairs
     cdef double* SD          # (pairs,) logit of each distinct pair
+    cdef double* ED          # (pairs,) exp(logit - the batch's largest logit)
+    cdef double* BMAX        # (blocks,) largest logit of each block of distinct pairs
     cdef double* BDB         # (blocks, t) per block of distinct pairs: sum du
     cdef double* BDH         # (blocks, t) per block of distinct pairs: sum ds act
     cdef void* HD            # (pairs, t) h act'(u) of each distinct pair
@@ -666,7 +672,9 @@ cdef class AFMWorkspace:
         self.dbase = <int64_t*>_alloc((C + 1) * sizeof(int64_t))
         self.DSD = <double*>_alloc(PP * sizeof(double))
         self.SD = <double*>_alloc(PP * sizeof(double))
+        self.ED = <double*>_alloc(PP * sizeof(double))
         nblk = (PP + DBLOCK - 1) // DBLOCK
+        self.BMAX = <double*>_alloc(nblk * sizeof(double))
         self.BDB = <double*>_alloc(nblk * t * sizeof(double))
         self.BDH = <double*>_alloc(nblk * t * sizeof(double))
         self.HD = _alloc(PP * t * isz)
@@ -685,7 +693,7 @@ cdef class AFMWorkspace:
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
         free(self.G); free(self.GD); free(self.gdense)
         free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.dq)
-        free(self.stamp); free(self.sid); free(self.dbase); free(self.DSD); free(self.SD)
+        free(self.stamp); free(self.sid); free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH); free(self.HD); free(self.CD)
 
     cdef void _ensure_threads(self, Py_ssize_t n_threads) except *:
@@ -990,6 +998,7 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     cdef const floating* v2
     cdef floating* e
     cdef floating* u
+    cdef double smax
     cdef int code = a.activation
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for d in range(d0, d1):
@@ -1004,10 +1013,25 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         for f in range(k):
             e[f] = v1[f] * v2[f]
     _preactivation(E + d0 * k, d1 - d0, k, t, bias, <floating*>ws.WT, Uu + d0 * t)
+    smax = -INFINITY
     for d in range(d0, d1):
         u = Uu + d * t
         _activate(u, t, code)
         ws.SD[d] = _dot_d(h, u, t)
+        if ws.SD[d] > smax:
+            smax = ws.SD[d]
+    ws.BMAX[blk] = smax
+
+
+cdef void _distinct_exp(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
+                        double smax) noexcept nogil:
+    """ED = exp(logit - smax) for the distinct pairs of block blk, smax the batch's largest
+    logit: the softmax numerators, once per distinct pair instead of once per pair."""
+    cdef Py_ssize_t d, d1 = (blk + 1) * DBLOCK
+    if d1 > a.n_distinct:
+        d1 = a.n_distinct
+    for d in range(blk * DBLOCK, d1):
+        ws.ED[d] = exp(ws.SD[d] - smax)
 
 
 cdef inline double _dot_pair_d(const floating* v1, const floating* v2, const double* b,
@@ -1048,7 +1072,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef const floating* p_vec = dense + 1
     cdef double* gp
     cdef double* dgd
-    cdef double yhat, res, ada, da
+    cdef double yhat, res, ada, da, ssum
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
@@ -1062,9 +1086,19 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         gp = ws.RDP + b * k
         tv = <floating*>ws.RT + b * k
         if a.attention and P1 > P0:
+            # softmax from the shared numerators exp(s - batch max); a row whose sum
+            # underflows (logits far below the batch's largest) takes its own maximum
+            ssum = 0
             for P in range(P0, P1):
-                pa[P] = ws.SD[ws.pd[P]]
-            _softmax_inplace(pa + P0, P1 - P0)
+                pa[P] = ws.ED[ws.pd[P]]
+                ssum += pa[P]
+            if ssum >= SOFTMAX_MIN_SUM:
+                for P in range(P0, P1):
+                    pa[P] = pa[P] / ssum
+            else:
+                for P in range(P0, P1):
+                    pa[P] = ws.SD[ws.pd[P]]
+                _softmax_inplace(pa + P0, P1 - P0)
             if a.drop_att:
                 key = dropout_row_key(a.seed, 1, a.step, <uint64_t>a.rows[b])
                 for P in range(P0, P1):
@@ -1263,7 +1297,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef floating* gd = <floating*>ws.gdense
     cdef const double* row
     cdef double* dsum = ws.dsum
-    cdef double loss = 0, d
+    cdef double loss = 0, d, smax
     cdef floating l2a = <floating>a.l2a
 
     cdef double t0 = omp_get_wtime()
@@ -1282,6 +1316,13 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
     for c in prange(nblk, schedule="static", num_threads=nt):
         _distinct_forward(a, ws, c, dense)
+    if nblk > 0:
+        smax = ws.BMAX[0]
+        for c in range(1, nblk):
+            if ws.BMAX[c] > smax:
+                smax = ws.BMAX[c]
+        for c in prange(nblk, schedule="static", num_threads=nt):
+            _distinct_exp(a, ws, c, smax)
     _phase_t[2] = omp_get_wtime() - t0
     for c in prange(a.n_chunks, schedule="static", num_threads=nt):
         _forward_chunk(a, ws, c, y, dense)

@@ -87,6 +87,32 @@ def check_sgd_step(X, y, rows, params, cfg):
         assert np.array_equal(old.W, params.W)
 
 
+def row_logits(X, rows, params):
+    """The attention logits h . relu(W e + b) of each row's pairs (float64)."""
+    indptr, indices, values = X
+    k, t = params.V.shape[1], params.W.shape[0]
+    b, h = params.dense[1 + k:1 + k + t], params.dense[1 + k + t:]
+    out = []
+    for r in rows:
+        vx = params.V[indices[indptr[r]:indptr[r + 1]]] * values[indptr[r]:indptr[r + 1], None]
+        i, j = np.triu_indices(len(vx), k=1)
+        out.append(np.maximum((vx[i] * vx[j]) @ params.W.T + b, 0) @ h)
+    return out
+
+
+def test_softmax_when_rows_logits_are_far_below_the_batchs_largest():
+    """The kernel shares exp(s - the batch's largest logit) between rows; a row whose
+    logits are all more than ~700 below it would underflow to 0/0 and must take its own
+    maximum instead. Logits spread over thousands: the step is still the reference's."""
+    X, y, params = make_problem(n_rows=60, lengths=(2, 3, 5, 4))
+    params.dense[1 + 12 + 10:] *= 3000.0
+    rows = np.arange(len(y), dtype=np.int64)
+    peaks = [s.max() for s in row_logits(X, rows, params) if len(s)]
+    assert max(peaks) - min(peaks) > 2000   # so some rows underflow against the largest
+    cfg = cfg_for(keep=(1.0, 1.0), activation=api.RELU, n_threads=2)
+    check_sgd_step(X, y, rows, params, cfg)
+
+
 def repeated_pairs_problem(dtype=np.float64, n_rows=300, seed=4):
     """Few features and values from a small set (0 included): many rows share a pair of
     (feature, value) classes, which the kernel evaluates once per distinct pair."""
