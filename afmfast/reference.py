@@ -176,10 +176,11 @@ def fm_step(X, y, rows, params, state, cfg, mask=None):
 
 
 def fm_predict(X, params, batch_norm):
-    """Raw scores of every row of X (no dropout, running BN statistics); ids >= M skipped."""
+    """Raw scores of every row of X (no dropout, running BN statistics); ids outside
+    [0, M) skipped."""
     indptr, indices, values = X
     M = params.V.shape[0]
-    keep = indices < M
+    keep = (indices >= 0) & (indices < M)
     nnz_row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
     Xk = (
         np.concatenate([[0], np.cumsum(np.bincount(nnz_row[keep], minlength=len(indptr) - 1))]),
@@ -242,8 +243,8 @@ def afm_forward(X, rows, params, cfg, train=True, masks=None):
         lo, hi = indptr[r], indptr[r + 1]
         feat = indices[lo:hi].astype(np.int64)
         val = values[lo:hi].astype(np.float64)
-        if not train:  # ids never seen in training contribute nothing
-            keep_ids = feat < M
+        if not train:  # ids never seen in training (or negative) contribute nothing
+            keep_ids = (feat >= 0) & (feat < M)
             feat, val = feat[keep_ids], val[keep_ids]
         vx = V[feat] * val[:, None]
         pp, qq = _row_pairs(len(feat))
@@ -366,7 +367,7 @@ def afm_step(X, y, rows, params, state, cfg, masks=None):
 
 
 def afm_predict(X, params, cfg):
-    """Raw AFM scores (no dropout); ids >= M skipped. ``cfg`` needs attention and
+    """Raw AFM scores (no dropout); ids outside [0, M) skipped. ``cfg`` needs attention and
     activation."""
     y_hat, _ = afm_forward(X, np.arange(len(X[0]) - 1), params, cfg, train=False)
     return y_hat

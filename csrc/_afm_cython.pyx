@@ -65,6 +65,8 @@ routine written in C below with GCC vector extensions: a register tile of 6 x 64
 AVX-512) or 12 x 16/32 outputs accumulated with FMAs over the inner dimension, B's rows
 read contiguously.
 """
+import threading
+
 import numpy as np
 
 from cython cimport floating
@@ -1580,8 +1582,7 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
 
 
 cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_threads,
-                       out_arr, pair_indptr_arr, i_arr, j_arr, weight_arr,
-                       contrib_arr) except *:
+                       pair_indptr_arr, i_arr, j_arr, weight_arr, contrib_arr) except *:
     cdef const int64_t[::1] indptr = X[0]
     cdef const int32_t[::1] indices = X[1]
     cdef const floating[::1] values = X[2]
@@ -1600,8 +1601,6 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     cdef int64_t* j_ptr = NULL
     cdef floating* w_ptr = NULL
     cdef floating* c_ptr = NULL
-    cdef floating* out_ptr = NULL
-    cdef bint explain = pair_indptr_arr is not None
 
     if nt < 1:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
@@ -1614,43 +1613,35 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     lengths = np.diff(np.asarray(indptr))
     max_n = int(lengths.max()) if n > 0 else 0
     max_pairs = max_n * (max_n - 1) // 2
-    if explain:
-        pind = pair_indptr_arr
-        i_out = i_arr
-        j_out = j_arr
-        weight_out = weight_arr
-        contrib_out = contrib_arr
-        if pind.shape[0] != n + 1:
-            raise ValueError(f"pair_indptr has {pind.shape[0]} entries, X has {n} rows "
-                             f"(it needs n_rows + 1)")
-        # pair counts of the rows from their nonzeros with ids in [0, M)
-        idx = np.asarray(indices)[:indptr[n]]
-        known = (idx >= 0) & (idx < M)
-        row_of = np.repeat(np.arange(n), lengths)
-        cnt = np.bincount(row_of[known], minlength=n).astype(np.int64)
-        expect = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(cnt * (cnt - 1) // 2, out=expect[1:])
-        if not np.array_equal(expect, np.asarray(pind)):
-            raise ValueError("pair_indptr does not match X: entry r + 1 must be entry r "
-                             "plus n(n-1)/2 for row r's count n of ids in [0, n_features)")
-        for name, arr in (("i_out", i_out), ("j_out", j_out), ("weight_out", weight_out),
-                          ("contribution_out", contrib_out)):
-            if arr.shape[0] != expect[n]:
-                raise ValueError(f"{name} has {arr.shape[0]} entries, the rows have "
-                                 f"{expect[n]} pairs (pair_indptr[-1])")
-        if expect[n] > 0:
-            i_ptr = &i_out[0]
-            j_ptr = &j_out[0]
-            w_ptr = &weight_out[0]
-            c_ptr = &contrib_out[0]
-        a.pair_indptr = &pind[0]
-    else:
-        out = out_arr
-        if out.shape[0] != n:
-            raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
-        a.pair_indptr = NULL
-        if n > 0:
-            out_ptr = &out[0]
+    pind = pair_indptr_arr
+    i_out = i_arr
+    j_out = j_arr
+    weight_out = weight_arr
+    contrib_out = contrib_arr
+    if pind.shape[0] != n + 1:
+        raise ValueError(f"pair_indptr has {pind.shape[0]} entries, X has {n} rows "
+                         f"(it needs n_rows + 1)")
+    # pair counts of the rows from their nonzeros with ids in [0, M)
+    idx = np.asarray(indices)[:indptr[n]]
+    known = (idx >= 0) & (idx < M)
+    row_of = np.repeat(np.arange(n), lengths)
+    cnt = np.bincount(row_of[known], minlength=n).astype(np.int64)
+    expect = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(cnt * (cnt - 1) // 2, out=expect[1:])
+    if not np.array_equal(expect, np.asarray(pind)):
+        raise ValueError("pair_indptr does not match X: entry r + 1 must be entry r "
+                         "plus n(n-1)/2 for row r's count n of ids in [0, n_features)")
+    for name, arr in (("i_out", i_out), ("j_out", j_out), ("weight_out", weight_out),
+                      ("contribution_out", contrib_out)):
+        if arr.shape[0] != expect[n]:
+            raise ValueError(f"{name} has {arr.shape[0]} entries, the rows have "
+                             f"{expect[n]} pairs (pair_indptr[-1])")
+    if expect[n] > 0:
+        i_ptr = &i_out[0]
+        j_ptr = &j_out[0]
+        w_ptr = &weight_out[0]
+        c_ptr = &contrib_out[0]
+    a.pair_indptr = &pind[0]
     if n == 0:
         return
     dt = params.V.dtype
@@ -1664,7 +1655,6 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
                                          dtype=dt)
     cdef double[:, ::1] a_s = np.empty((nt, max(max_pairs, 1)), dtype=np.float64)
     cdef double[:, ::1] g_s = np.empty((nt, k), dtype=np.float64)
-    cdef floating score
     a.k = k
     a.t = t
     a.M = M
@@ -1677,27 +1667,201 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     with nogil:
         for i in prange(n, schedule="static", num_threads=nt):
             tid = omp_get_thread_num()
-            score = _infer_row(&a, i, &values[0] if values.shape[0] > 0 else NULL,
-                               &V[0, 0], &w[0], &WT[0, 0], &dense[0], &vx_s[tid, 0],
-                               &id_s[tid, 0], &e_s[tid, 0], &u_s[tid, 0], &a_s[tid, 0],
-                               &g_s[tid, 0], i_ptr, j_ptr, w_ptr, c_ptr)
-            if out_ptr != NULL:
-                out_ptr[i] = score
+            _infer_row(&a, i, &values[0] if values.shape[0] > 0 else NULL,
+                       &V[0, 0], &w[0], &WT[0, 0], &dense[0], &vx_s[tid, 0],
+                       &id_s[tid, 0], &e_s[tid, 0], &u_s[tid, 0], &a_s[tid, 0],
+                       &g_s[tid, 0], i_ptr, j_ptr, w_ptr, c_ptr)
+
+
+cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
+                       const floating* dense, floating* out) noexcept nogil:
+    """Prediction for the rows of chunk c (no dropout): softmax of the row's logits
+    (looked up by distinct pair), pooled g, y_hat = w0 + w x + p . g into out[row]."""
+    cdef Py_ssize_t k = a.k, b, n, P, P0, P1
+    cdef double* pa = ws.pa
+    cdef double ssum
+    cdef double* gp
+    for b in range(ws.chunk[c], ws.chunk[c + 1]):
+        n = ws.off[b + 1] - ws.off[b]
+        P0 = ws.poff[b]
+        P1 = ws.poff[b + 1]
+        gp = ws.RDP + b * k
+        if a.attention and P1 > P0:
+            ssum = 0
+            for P in range(P0, P1):
+                pa[P] = ws.ED[ws.pd[P]]
+                ssum += pa[P]
+            if ssum >= SOFTMAX_MIN_SUM:
+                for P in range(P0, P1):
+                    pa[P] = pa[P] / ssum
+            else:
+                for P in range(P0, P1):
+                    pa[P] = ws.SD[ws.pd[P]]
+                _softmax_inplace(pa + P0, P1 - P0)
+        else:
+            for P in range(P0, P1):
+                pa[P] = 1.0
+        _pool_row(<floating*>ws.VX + ws.off[b] * k, pa + P0, n, k, gp)
+        out[a.rows[b]] = <floating>(<double>dense[0] + ws.lin[b] + _dot_d(dense + 1, gp, k))
+
+
+cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
+                        const floating* V, const floating* w, const floating* W,
+                        const floating* dense, floating* out) noexcept nogil:
+    """The forward pass of a step on the rows a.rows (no dropout, no update), with the
+    attention MLP once per distinct pair: scores into out[row]."""
+    cdef Py_ssize_t k = a.k, t = a.t, c, f, j, nblk
+    cdef int nt = a.n_threads, err
+    cdef floating* WT = <floating*>ws.WT
+    cdef double smax
+    err = _prepare(a, ws, values)
+    if err:
+        return err
+    if a.attention:
+        for j in range(t):
+            for f in range(k):
+                WT[f * t + j] = W[j * k + f]
+    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+        _vx_chunk(a, ws, c, V, w)
+    nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
+    for c in prange(nblk, schedule="static", num_threads=nt):
+        _distinct_forward(a, ws, c, dense)
+    if nblk > 0:
+        smax = ws.BMAX[0]
+        for c in range(1, nblk):
+            if ws.BMAX[c] > smax:
+                smax = ws.BMAX[c]
+        for c in prange(nblk, schedule="static", num_threads=nt):
+            _distinct_exp(a, ws, c, smax)
+    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+        _infer_chunk(a, ws, c, dense, out)
+    return 0
+
+
+# A prediction runs in chunks of rows whose pair buffers (E, U, C: pairs x k or t) hold
+# at most this many elements, and at most PREDICT_ROWS rows.
+cdef Py_ssize_t PREDICT_BUDGET = 1 << 21
+cdef Py_ssize_t PREDICT_ROWS = 4096
+
+# The last prediction workspace is kept for the next call (allocating and zeroing
+# megabytes each call would cost more than a validation set's prediction); a call that
+# finds it taken, or too small, allocates its own.
+_predict_ws_lock = threading.Lock()
+_predict_ws_cache = [None]
+
+
+def _take_predict_workspace(Py_ssize_t rows, Py_ssize_t nnz, Py_ssize_t pairs,
+                            Py_ssize_t M, Py_ssize_t k, Py_ssize_t t, dtype):
+    cdef AFMWorkspace ws
+    with _predict_ws_lock:
+        ws = _predict_ws_cache[0]
+        if (ws is not None and ws.n_features == M and ws.n_factors == k
+                and ws.attention_size == t and ws.dtype == dtype and ws.batch_size >= rows
+                and ws.max_batch_nnz >= nnz and ws.max_batch_pairs >= pairs):
+            _predict_ws_cache[0] = None
+            return ws
+    return AFMWorkspace(rows, max(nnz, 1), pairs, M, k, t, dtype)
+
+
+def _give_back_predict_workspace(AFMWorkspace ws):
+    with _predict_ws_lock:
+        _predict_ws_cache[0] = ws
+
+
+cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n_threads,
+                         floating[::1] out) except *:
+    cdef Py_ssize_t M = V.shape[0], k = V.shape[1], n, r0, chunk_rows
+    cdef int err = 0
+    cdef AFMWorkspace ws
+    cdef AFMArgs a
+    indptr_a, indices_a, values_a = (np.asarray(X[0]), np.asarray(X[1]),
+                                     np.asarray(X[2]))
+    cdef const floating[::1] w = params.w
+    cdef const floating[:, ::1] W = params.W
+    cdef const floating[::1] dense = params.dense
+    cdef Py_ssize_t t = W.shape[0]
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
+    _check_activation(activation)
+    if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != 1 + k + 2 * t):
+        raise ValueError("params shapes are inconsistent: see afmfast.kernel_api")
+    n = indptr_a.shape[0] - 1
+    if (indptr_a.shape[0] < 1 or indices_a.shape[0] != values_a.shape[0]
+            or indptr_a[n] > indices_a.shape[0]):
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
+    if out.shape[0] != n:
+        raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
+    if n == 0:
+        return
+    # ids outside [0, M) take no part: drop them (vectorised) so that every id is valid
+    ids = indices_a[indptr_a[0]:indptr_a[n]]
+    if ids.size and (ids.min() < 0 or ids.max() >= M):
+        known = (ids >= 0) & (ids < M)
+        row_of = np.repeat(np.arange(n), np.diff(indptr_a))
+        values_a = np.ascontiguousarray(values_a[indptr_a[0]:indptr_a[n]][known])
+        indices_a = np.ascontiguousarray(ids[known])
+        indptr_a = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_of[known], minlength=n), out=indptr_a[1:])
+    lengths = np.diff(indptr_a)
+    pairs = lengths * (lengths - 1) // 2
+    chunk_rows = PREDICT_BUDGET // max(1, int(pairs.max()) * max(k, t))
+    chunk_rows = int(min(max(chunk_rows, 1), PREDICT_ROWS, n))
+    starts = np.arange(0, n, chunk_rows)
+    max_nnz = int(np.add.reduceat(lengths, starts).max())
+    max_pairs = int(np.add.reduceat(pairs, starts).max())
+    ws = _take_predict_workspace(chunk_rows, max_nnz, max_pairs, M, k, t, params.V.dtype)
+    ws._ensure_threads(n_threads)
+    rows_a = np.arange(n, dtype=np.int64)
+    cdef const int64_t[::1] indptr = indptr_a
+    cdef const int32_t[::1] indices = indices_a
+    cdef const floating[::1] values = values_a
+    cdef const int64_t[::1] rows = rows_a
+    a.k = k
+    a.t = t
+    a.M = M
+    a.prefetch_v = 1 if M * k * <Py_ssize_t>sizeof(floating) > PREFETCH_MIN_TABLE_BYTES else 0
+    a.n_rows = n
+    a.nnz_cap = ws.max_batch_nnz
+    a.pair_cap = ws.max_batch_pairs
+    a.n_threads = n_threads
+    a.attention = 1 if attention else 0
+    a.activation = activation
+    a.freeze_fm = 1
+    a.drop_att = 0
+    a.drop_pool = 0
+    a.indptr = &indptr[0]
+    a.indices = &indices[0] if indices.shape[0] > 0 else NULL
+    a.err.pos = 0
+    a.err.value = 0
+    with nogil:
+        r0 = 0
+        while r0 < n:
+            a.rows = &rows[r0]
+            a.B = n - r0 if n - r0 < chunk_rows else chunk_rows
+            err = _predict_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL,
+                                 &V[0, 0], &w[0], &W[0, 0], &dense[0], &out[0])
+            if err:
+                break
+            r0 += chunk_rows
+    _give_back_predict_workspace(ws)
+    raise_batch_error(err, &a.err, n, M, ws.max_batch_nnz, ws.max_batch_pairs)
 
 
 def afm_predict(X, params, attention, activation, n_threads, out):
     """Raw AFM scores of every row of X into ``out`` (n_rows,) of params' dtype: no
-    dropout, ids outside [0, M) skipped (they form no pairs).
+    dropout, ids outside [0, M) skipped (they form no pairs). Rows are processed in
+    chunks (up to 4096 rows, fewer at large k) with the training step's forward pass,
+    the attention MLP once per distinct pair of a chunk.
 
     Example: out = np.empty(n_rows, np.float32); afm_predict(X, params, 1, RELU, 2, out)
     """
     dt = params.V.dtype
     if dt == np.float32:
-        _infer_typed[float](params.V, X, params, bool(attention), int(activation),
-                            int(n_threads), out, None, None, None, None, None)
+        _predict_typed[float](params.V, X, params, bool(attention), int(activation),
+                              int(n_threads), out)
     elif dt == np.float64:
-        _infer_typed[double](params.V, X, params, bool(attention), int(activation),
-                             int(n_threads), out, None, None, None, None, None)
+        _predict_typed[double](params.V, X, params, bool(attention), int(activation),
+                               int(n_threads), out)
     else:
         raise ValueError(f"params.V must be float32 or float64, got {dt}")
 
@@ -1715,11 +1879,11 @@ def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out,
     dt = params.V.dtype
     if dt == np.float32:
         _infer_typed[float](params.V, X, params, bool(attention), int(activation),
-                            int(n_threads), None, pair_indptr, i_out, j_out, weight_out,
+                            int(n_threads), pair_indptr, i_out, j_out, weight_out,
                             contribution_out)
     elif dt == np.float64:
         _infer_typed[double](params.V, X, params, bool(attention), int(activation),
-                             int(n_threads), None, pair_indptr, i_out, j_out, weight_out,
+                             int(n_threads), pair_indptr, i_out, j_out, weight_out,
                              contribution_out)
     else:
         raise ValueError(f"params.V must be float32 or float64, got {dt}")

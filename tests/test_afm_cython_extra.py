@@ -214,6 +214,28 @@ def test_workspace_reuse_and_large_batch():
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("k", [64, 200])
+def test_predict_in_several_chunks_with_repeated_pairs_matches_reference(k):
+    """afm_predict runs the rows in chunks (fewer rows per chunk at large k, here several
+    chunks) with the attention MLP once per distinct pair of a chunk, and keeps its
+    workspace for the next call: predictions of data sets of different shapes, one after
+    the other, each match the reference; negative and unseen ids form no pairs."""
+    X, y, params = make_problem(n_rows=300, n_features=9, k=k, t=k, seed=8,
+                                lengths=(40, 12, 0, 1, 30), v_scale=0.15)
+    X[2][:] = np.random.default_rng(8).choice([1.0, 1.0, -0.5], size=X[2].shape)
+    cfg = cfg_for()
+    for rows in (slice(None), slice(3, 50), slice(None)):
+        indptr = X[0][rows.start or 0:(rows.stop or len(y)) + 1]
+        part = (indptr - indptr[0], X[1][indptr[0]:indptr[-1]].copy(),
+                X[2][indptr[0]:indptr[-1]])
+        part[1][::11] = -2
+        part[1][5::13] = params.V.shape[0]
+        out = np.empty(len(indptr) - 1)
+        cy.afm_predict(part, params, 1, api.RELU, 2, out)
+        np.testing.assert_allclose(out, ref.afm_predict(part, params, cfg), rtol=1e-10,
+                                   atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 1e-4)])
 @pytest.mark.parametrize("attention", [1, 0])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
