@@ -77,7 +77,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
-    ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_zeros as _alloc, batch_offsets,
+    ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups,
 )
@@ -662,8 +662,10 @@ cdef class AFMWorkspace:
         self.VX = _alloc(N * k * isz)
         self.DVX = _alloc(N * k * isz)
         self.RT = _alloc(B * k * isz)
-        self.E = _alloc(PP * k * isz)
-        self.U = _alloc(PP * t * isz)
+        # the pair buffers (rows written before they are read) are left uninitialised:
+        # only the rows of the distinct pairs are touched, so the RSS follows those
+        self.E = aligned_empty(PP * k * isz)
+        self.U = aligned_empty(PP * t * isz)
         self.WT = _alloc(k * t * isz)
         self.GW = _alloc(t * k * isz)
         self.DG = <double*>_alloc(B * k * sizeof(double))
@@ -685,8 +687,8 @@ cdef class AFMWorkspace:
         self.BMAX = <double*>_alloc(nblk * sizeof(double))
         self.BDB = <double*>_alloc(nblk * t * sizeof(double))
         self.BDH = <double*>_alloc(nblk * t * sizeof(double))
-        self.HD = _alloc(PP * t * isz)
-        self.CD = _alloc(PP * k * isz)
+        self.HD = aligned_empty(PP * t * isz)
+        self.CD = aligned_empty(PP * k * isz)
         self.G = _alloc(U * k * isz)
         self.GD = <double*>_alloc(U * k * sizeof(double))
         self.gdense = _alloc(D * isz)
@@ -1067,6 +1069,25 @@ cdef inline double _dot_pair_d(const floating* v1, const floating* v2, const dou
     return s
 
 
+cdef inline void _row_softmax(AFMWorkspace ws, Py_ssize_t P0, Py_ssize_t P1) noexcept nogil:
+    """pa[P0:P1] = softmax of a row's logits, from the numerators exp(s - the batch's
+    largest logit) shared by distinct pair; a row whose sum underflows (logits far below
+    the batch's largest) takes its own maximum instead."""
+    cdef Py_ssize_t P
+    cdef double ssum = 0
+    cdef double* pa = ws.pa
+    for P in range(P0, P1):
+        pa[P] = ws.ED[ws.pd[P]]
+        ssum += pa[P]
+    if ssum >= SOFTMAX_MIN_SUM:
+        for P in range(P0, P1):
+            pa[P] = pa[P] / ssum
+    else:
+        for P in range(P0, P1):
+            pa[P] = ws.SD[ws.pd[P]]
+        _softmax_inplace(pa + P0, P1 - P0)
+
+
 cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                          const floating* y, const floating* dense) noexcept nogil:
     """Step 1c for the rows of chunk c: softmax of the row's logits (looked up by distinct
@@ -1085,7 +1106,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef const floating* p_vec = dense + 1
     cdef double* gp
     cdef double* dgd
-    cdef double yhat, res, ada, da, ssum
+    cdef double yhat, res, ada, da
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
@@ -1099,19 +1120,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         gp = ws.RDP + b * k
         tv = <floating*>ws.RT + b * k
         if a.attention and P1 > P0:
-            # softmax from the shared numerators exp(s - batch max); a row whose sum
-            # underflows (logits far below the batch's largest) takes its own maximum
-            ssum = 0
-            for P in range(P0, P1):
-                pa[P] = ws.ED[ws.pd[P]]
-                ssum += pa[P]
-            if ssum >= SOFTMAX_MIN_SUM:
-                for P in range(P0, P1):
-                    pa[P] = pa[P] / ssum
-            else:
-                for P in range(P0, P1):
-                    pa[P] = ws.SD[ws.pd[P]]
-                _softmax_inplace(pa + P0, P1 - P0)
+            _row_softmax(ws, P0, P1)
             if a.drop_att:
                 key = dropout_row_key(a.seed, 1, a.step, <uint64_t>a.rows[b])
                 for P in range(P0, P1):
@@ -1679,7 +1688,6 @@ cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     (looked up by distinct pair), pooled g, y_hat = w0 + w x + p . g into out[row]."""
     cdef Py_ssize_t k = a.k, b, n, P, P0, P1
     cdef double* pa = ws.pa
-    cdef double ssum
     cdef double* gp
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
         n = ws.off[b + 1] - ws.off[b]
@@ -1687,17 +1695,7 @@ cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         P1 = ws.poff[b + 1]
         gp = ws.RDP + b * k
         if a.attention and P1 > P0:
-            ssum = 0
-            for P in range(P0, P1):
-                pa[P] = ws.ED[ws.pd[P]]
-                ssum += pa[P]
-            if ssum >= SOFTMAX_MIN_SUM:
-                for P in range(P0, P1):
-                    pa[P] = pa[P] / ssum
-            else:
-                for P in range(P0, P1):
-                    pa[P] = ws.SD[ws.pd[P]]
-                _softmax_inplace(pa + P0, P1 - P0)
+            _row_softmax(ws, P0, P1)
         else:
             for P in range(P0, P1):
                 pa[P] = 1.0

@@ -1,8 +1,9 @@
 # cython: language_level=3
 """Batch preparation shared by afmfast's Cython kernels (``_fm_cython``, ``_afm_cython``).
 
-- Workspace: ``aligned_zeros`` (64-byte aligned, zeroed buffers) and
-  ``check_workspace_sizes`` (the arguments every ``*_workspace`` constructor validates).
+- Workspace: ``aligned_zeros`` / ``aligned_empty`` (64-byte aligned buffers, zeroed or
+  not) and ``check_workspace_sizes`` (the arguments every ``*_workspace`` constructor
+  validates).
 - Arguments of a step: ``check_step_arrays`` validates what is common to fm_step and
   afm_step (batch size against the workspace, y against X, the CSR triple, n_threads).
 - Gathering a batch without the GIL: ``batch_offsets`` (batch-local nonzero offsets,
@@ -43,6 +44,17 @@ cdef enum:
 ctypedef struct BatchErr:
     Py_ssize_t pos    # index into rows (ERR_ROW) or into X.indices (ERR_FEATURE)
     int64_t value     # the offending value, or the count that exceeds a bound
+
+
+cdef inline void* aligned_empty(size_t nbytes) except NULL:
+    """64-byte aligned, not initialised (a large one is mapped lazily: its pages count
+    in the RSS only once written); release with free()."""
+    cdef void* p = NULL
+    if nbytes == 0:
+        nbytes = 64
+    if posix_memalign(&p, 64, nbytes) != 0:
+        raise MemoryError(f"afmfast: could not allocate {nbytes} bytes of kernel workspace")
+    return p
 
 
 cdef inline void* aligned_zeros(size_t nbytes) except NULL:
