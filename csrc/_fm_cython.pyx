@@ -25,9 +25,11 @@ is bit-identical for any n_threads):
     3. serial: a stable counting sort groups the batch's nonzeros by feature id
        (``slot`` maps a feature to its group, -1 when untouched, reset after use),
        giving the touched features and, for each, its occurrences in row order.
-       Then batch-norm mean and biased variance in row order (double).
+       Then batch-norm mean and biased variance (double): prange over fixed blocks of
+       rows, the blocks' partial sums added in block order.
     4. prange over rows: normalisation, dropout mask, prediction, residual r, row loss.
-    5. serial in row order: loss, dense gradients (w0, gamma, beta), batch-norm sums.
+    5. serial in row order: loss, gradient of w0; the batch-norm sums (gradients of gamma
+       and beta) by blocks as in 3.
     6. prange over rows: df (dloss/df) per row.
     7. prange over touched features: gradient of V row and w entry summed over the
        feature's occurrences in row order, + l2 v, then the optimiser. Features are
@@ -82,6 +84,70 @@ cdef enum:
 cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 2 * 1024 * 1024
 
 
+cdef enum:
+    # rows per block of the batch-norm sums: blocks are summed in parallel, then their
+    # partial sums in block order (fixed by the data, so any thread count gives the
+    # same bits)
+    BN_BLOCK = 64
+    BN_MEAN = 0
+    BN_VAR = 1
+    BN_DZ = 2
+
+
+cdef void _bn_block(const StepArgs* a, Py_ssize_t blk, int what, const floating* F,
+                    const floating* SC, const double* r, const double* mu,
+                    double* part) noexcept nogil:
+    """Partial sums over the rows of block blk into part[blk] (2k): BN_MEAN sum f (first
+    half), BN_VAR sum (f - mu)^2 (second half), BN_DZ sum dz and sum dz fh (both)."""
+    cdef Py_ssize_t k = a.k, b, f, b1 = (blk + 1) * BN_BLOCK
+    cdef double* p = part + blk * 2 * k
+    cdef const floating* fr
+    cdef double d
+    if b1 > a.B:
+        b1 = a.B
+    if what == BN_VAR:
+        p = p + k
+    for f in range(2 * k if what == BN_DZ else k):
+        p[f] = 0
+    for b in range(blk * BN_BLOCK, b1):
+        fr = F + b * k
+        if what == BN_MEAN:
+            for f in range(k):
+                p[f] += fr[f]
+        elif what == BN_VAR:
+            for f in range(k):
+                d = fr[f] - mu[f]
+                p[f] += d * d
+        elif a.use_dropout:
+            for f in range(k):
+                d = r[b] * <double>SC[b * k + f]
+                p[f] += d
+                p[k + f] += d * <double>fr[f]
+        else:
+            for f in range(k):
+                p[f] += r[b]
+                p[k + f] += r[b] * <double>fr[f]
+
+
+cdef void _bn_sums(const StepArgs* a, int what, const floating* F, const floating* SC,
+                   const double* r, const double* mu, double* part, double* out0,
+                   double* out1) noexcept nogil:
+    """out0 (and out1 for BN_DZ) = the batch's sums (see _bn_block), blocks in parallel."""
+    cdef Py_ssize_t k = a.k, blk, f, nrb = (a.B + BN_BLOCK - 1) // BN_BLOCK
+    cdef Py_ssize_t off = k if what == BN_VAR else 0
+    for blk in prange(nrb, schedule="static", num_threads=a.n_threads):
+        _bn_block(a, blk, what, F, SC, r, mu, part)
+    for f in range(k):
+        out0[f] = 0
+        if out1 != NULL:
+            out1[f] = 0
+    for blk in range(nrb):
+        for f in range(k):
+            out0[f] += part[blk * 2 * k + off + f]
+            if out1 != NULL:
+                out1[f] += part[blk * 2 * k + k + f]
+
+
 cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
     """Prefetch the cache lines of nbytes at p (V and its optimiser state are tables
     larger than the caches, reached through ids)."""
@@ -115,6 +181,7 @@ cdef class FMWorkspace:
     cdef double* inv         # (k,) 1 / sqrt(var + BN_EPS)
     cdef double* sum_dz      # (k,) sum_b dz (= gradient of beta)
     cdef double* sum_dzfh    # (k,) sum_b dz fh (= gradient of gamma)
+    cdef double* bn_part     # (row blocks, 2k) per-block partial sums of the batch norm
     # DTYPE buffers (element size self.itemsize)
     cdef void* grp_x         # (nnz,) value of each occurrence, grouped by feature
     cdef void* occ_x         # (nnz,) value of each nonzero in batch order
@@ -161,6 +228,7 @@ cdef class FMWorkspace:
         self.inv = <double*>_alloc(k * sizeof(double))
         self.sum_dz = <double*>_alloc(k * sizeof(double))
         self.sum_dzfh = <double*>_alloc(k * sizeof(double))
+        self.bn_part = <double*>_alloc(((B + BN_BLOCK - 1) // BN_BLOCK) * 2 * k * sizeof(double))
         self.grp_x = _alloc(N * isz)
         self.occ_x = _alloc(N * isz)
         self.S = _alloc(B * k * isz)
@@ -176,7 +244,7 @@ cdef class FMWorkspace:
         free(self.off); free(self.slot); free(self.occ); free(self.row_bad); free(self.uniq)
         free(self.ustart); free(self.cursor); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
-        free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh)
+        free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh); free(self.bn_part)
         free(self.grp_x); free(self.occ_x); free(self.S); free(self.F); free(self.SC); free(self.G)
         free(self.lin); free(self.kbuf); free(self.gdense)
 
@@ -437,20 +505,10 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                    <floating*>ws.occ_x, grp_x)
 
     if a.batch_norm:
-        for f in range(k):
-            mu[f] = 0
-            var[f] = 0
-        for b in range(B):
-            fr = F + b * k
-            for f in range(k):
-                mu[f] += fr[f]
+        _bn_sums(a, BN_MEAN, F, SC, r, mu, ws.bn_part, mu, NULL)
         for f in range(k):
             mu[f] = mu[f] / B
-        for b in range(B):
-            fr = F + b * k
-            for f in range(k):
-                d = fr[f] - mu[f]
-                var[f] += d * d
+        _bn_sums(a, BN_VAR, F, SC, r, mu, ws.bn_part, var, NULL)
         for f in range(k):
             var[f] = var[f] / B
             inv[f] = 1.0 / sqrt(var[f] + BN_EPS)
@@ -468,21 +526,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         loss += ws.row_loss[b]
         gw0 += r[b]
     if a.batch_norm:
-        for f in range(k):
-            sdz[f] = 0
-            sdzfh[f] = 0
-        for b in range(B):
-            fr = F + b * k
-            rb = r[b]
-            if a.use_dropout:
-                for f in range(k):
-                    d = rb * <double>SC[b * k + f]
-                    sdz[f] += d
-                    sdzfh[f] += d * <double>fr[f]
-            else:
-                for f in range(k):
-                    sdz[f] += rb
-                    sdzfh[f] += rb * <double>fr[f]
+        _bn_sums(a, BN_DZ, F, SC, r, mu, ws.bn_part, sdz, sdzfh)
         for f in range(k):
             kb[3 * k + f] = <floating>(<double>dense[1 + f] * sdz[f])
             kb[4 * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
