@@ -9,10 +9,11 @@ Contract (other modules code against it):
   the problem; afterwards the arrays are trusted by the kernels (see
   ``afmfast.kernel_api``). Row selection (``ds[idx]``) and ``from_csr`` are vectorised
   NumPy, never a Python loop over rows.
-- ``load_libfm(path, n_features=None)`` reads libFM text with the native parser
-  ``afmfast._reader`` (its docstring has the exact grammar). Rows are
-  ``label id:value ...`` with any number of nonzeros (zero included), ids used as they
-  are, LF or CRLF, spaces or tabs. A blank line is an error ("empty line") rather than
+- ``load_libfm(path, n_features=None, *, n_threads=None)`` reads libFM text with the
+  native parser ``afmfast._reader`` (its docstring has the exact grammar), on all CPUs
+  by default, from a memory map of the file; the result does not depend on n_threads.
+  Rows are ``label id:value ...`` with any number of nonzeros (zero included), ids used
+  as they are, LF or CRLF, spaces or tabs. A blank line is an error ("empty line") rather than
   a skipped row; the newline ending the last row, or its absence, is fine; an empty
   file is an empty Dataset; a UTF-8 BOM at the start is skipped. Every problem raises
   ``ValueError`` with the path, ``line N`` (1-based) and what is wrong; a missing file
