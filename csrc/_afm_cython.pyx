@@ -1401,7 +1401,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
 
     # Popular features have many occurrences: dynamic scheduling balances the threads,
     # and each feature's arithmetic is the same whichever thread runs it.
-    for u in prange(a.U, schedule="dynamic", chunksize=8, num_threads=nt):
+    for u in prange(a.U, schedule="dynamic", chunksize=32, num_threads=nt):
         _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
     d = 0
     for u in range(a.U):
