@@ -536,7 +536,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
 
     # Popular features have many occurrences: dynamic scheduling balances the threads,
     # and each feature's arithmetic is the same whichever thread runs it.
-    for u in prange(U, schedule="dynamic", chunksize=8, num_threads=nt):
+    for u in prange(U, schedule="dynamic", chunksize=32, num_threads=nt):
         _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r, G,
                         ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
 
