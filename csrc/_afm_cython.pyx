@@ -744,6 +744,7 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
 # Scalars and raw pointers of one step.
 ctypedef struct AFMArgs:
     Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U, n_classes, n_distinct
+    Py_ssize_t n_own
     int n_threads, attention, activation, freeze_fm, drop_att, drop_pool, loss, prefetch_v
     double l2, l2a, inv_keep_att, inv_keep_pool
     uint64_t seed, step, thr_att, thr_pool
@@ -933,15 +934,22 @@ cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
             P += 1
 
 
-cdef void _group_classes(AFMWorkspace ws, Py_ssize_t u, const floating* occ_x) noexcept nogil:
+cdef Py_ssize_t _group_classes(AFMWorkspace ws, Py_ssize_t u,
+                               const floating* occ_x) noexcept nogil:
     """Classes of group u's occurrences: u when the value equals the group's first value
-    (and is not 0, whose sign would matter), else a class of its own (u_cap + q)."""
-    cdef Py_ssize_t pos, q
+    (and is not 0, whose sign would matter), else a class of its own (u_cap + q).
+    Returns how many took a class of their own."""
+    cdef Py_ssize_t pos, q, n_own = 0
     cdef floating xr = occ_x[ws.grp_occ[ws.ustart[u]]], x
     for pos in range(ws.ustart[u], ws.ustart[u + 1]):
         q = ws.grp_occ[pos]
         x = occ_x[q]
-        ws.cls[q] = <int32_t>u if (x == xr and x != <floating>0) else <int32_t>(ws.u_cap + q)
+        if x == xr and x != <floating>0:
+            ws.cls[q] = <int32_t>u
+        else:
+            ws.cls[q] = <int32_t>(ws.u_cap + q)
+            n_own += 1
+    return n_own
 
 
 cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) noexcept nogil:
@@ -952,15 +960,25 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) no
     thread), their counts prefix-summed, and the ids made global per row. The numbering
     depends on the data only, not on the thread count."""
     cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, u, b, th
+    cdef Py_ssize_t n_own = 0
     cdef int nt = a.n_threads
-    cdef int32_t* stamp
     for u in prange(U, schedule="static", num_threads=nt):
-        _group_classes(ws, u, occ_x)
+        n_own += _group_classes(ws, u, occ_x)
+    a.n_own = n_own
     for c in range(nt * C):
         ws.stamp[c] = -1
-    for c in prange(C, schedule="dynamic", chunksize=256, num_threads=nt):
+    # Group classes are numbered by first occurrence, so the popular ones (the biggest
+    # buckets) come first: small chunks keep the threads balanced. Own classes (values
+    # that differ within a feature) are rare; one-hot data has none.
+    for c in prange(U, schedule="dynamic", chunksize=4, num_threads=nt):
         th = omp_get_thread_num()
         ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+    for c in range(U, C):
+        ws.dbase[c + 1] = 0
+    if n_own > 0:
+        for c in prange(ws.u_cap, C, schedule="dynamic", chunksize=256, num_threads=nt):
+            th = omp_get_thread_num()
+            ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
     ws.dbase[0] = 0
     for c in range(C):
         ws.dbase[c + 1] += ws.dbase[c]
@@ -1355,8 +1373,13 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         _forward_chunk(a, ws, c, y, dense)
     _phase_t[3] = omp_get_wtime() - t0
     if a.attention:
-        for c in prange(a.n_classes, schedule="dynamic", chunksize=256, num_threads=nt):
+        # as the numbering (_distinct_pairs): popular classes first, own classes rare
+        for c in prange(a.U, schedule="dynamic", chunksize=4, num_threads=nt):
             _sum_ds(a, ws, c)
+        if a.n_own > 0:
+            for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256,
+                            num_threads=nt):
+                _sum_ds(a, ws, c)
     _phase_t[4] = omp_get_wtime() - t0
     if a.attention:
         for c in prange(nblk, schedule="static", num_threads=nt):
