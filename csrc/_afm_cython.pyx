@@ -32,6 +32,11 @@ data the same pair recurs in many rows of a batch (a Frappe batch of 4096 rows h
 distinct pairs among its 184,320). The attention MLP therefore runs once per distinct pair,
 forward and backward: with DS_d the sum of ds over the pairs of distinct pair d,
 du_d = DS_d h act'(u_d), dW = sum_d du_d e_d^T, and a pair's de = a' dg + ds W^T(h act'(u_d)).
+The second term goes to the pair's two occurrences as ds C_d v_other with C_d = W^T(h act'(u_d)),
+and v_other is the same for every pair of d: its sum over d's pairs, C'_d v_other with
+C'_d = W^T du_d, is added once, to the occurrences of d's representative pair (the first in
+the numbering). The feature's gradient sums its occurrences, so this is exact; it reads
+C' once per distinct pair instead of C once per pair.
 
 How a step runs (no floating sum over rows or pairs depends on the thread count, so the
 result is bit-identical for any n_threads):
@@ -51,12 +56,12 @@ result is bit-identical for any n_threads):
        g, y_hat, residual r, dg, da, ds per pair (row kernels in C, DTYPE vectors).
        prange over classes: DS per distinct pair, its pairs summed in bucket order. prange
        over the distinct blocks: du = DS h act'(u) (over U), the block's sums for the
-       gradients of b and h, C = (h act'(u)) W (GEMM).
+       gradients of b and h, C' = du W (GEMM).
     2. serial in row order: loss, gradients of w0 and p; b and h in block order.
     3. prange over thread blocks of W's rows (attention): dW = DU^T E over the distinct
        pairs in order, blocked so that the blocks of E and DU stay in cache.
-    4. prange over chunks (unless freeze_fm): per pair de = a' dg + ds C_d, accumulated
-       into the gradient of each occurrence's v x.
+    4. prange over chunks (unless freeze_fm): per pair de = a' dg (+ C'_d for the
+       representative pair of d), accumulated into the gradient of each occurrence's v x.
     5. prange over touched features: the feature's occurrences summed in batch order,
        + l2 v, optimiser on the V row and w entry (||V_row||^2 for the loss before).
     6. serial: optimiser on dense and W.
@@ -72,8 +77,8 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 from openmp cimport omp_get_thread_num, omp_get_wtime
-from libc.math cimport exp, expf, tanh, tanhf, INFINITY
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.math cimport exp, expf, sqrt, tanh, tanhf, INFINITY
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
@@ -236,44 +241,66 @@ cdef extern from *:
             }                                                                             \\
         }                                                                                 \\
     }                                                                                     \\
-    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg + ds_P C[pd[P]]  \\
-       (no C term when C is NULL); C rows are prefetched AFM_PREFETCH pairs ahead while   \\
-       P + AFM_PREFETCH < limit */                                                        \\
+    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg, + C[pd[P]] when \\
+       rep[P] (no C term when C is NULL). The dg part is factorised, dvx_i = dg (sum_i2  \\
+       au v_i2), so it needs no per-pair product with dg; the C part visits only the     \\
+       representative pairs, whose C rows are prefetched AFM_PREFETCH pairs ahead while   \\
+       P + AFM_PREFETCH < limit. */                                                       \\
     static void afm_pair_grad_row_##SUF(const T* restrict vx, const T* restrict dg,       \\
-        const double* restrict au, const double* restrict ds, const int* restrict pd,     \\
-        const T* restrict C, ptrdiff_t n, ptrdiff_t k, T* restrict dvx, ptrdiff_t limit)  \\
+        const double* restrict au, const unsigned char* restrict rep,                     \\
+        const int* restrict pd, const T* restrict C, ptrdiff_t n, ptrdiff_t k,            \\
+        T* restrict dvx, ptrdiff_t limit)                                                 \\
     {                                                                                     \\
         enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
         ptrdiff_t i, i2, f, fb = 0, P;                                                    \\
         for (f = 0; f < n * k; f++) dvx[f] = 0;                                           \\
         for (; fb + VL <= k; fb += VL) {                                                  \\
-            VT dgv = *(const VTU*)(dg + fb);                                              \\
             for (i = 0, P = 0; i < n; i++) {                                              \\
                 VT v1 = *(const VTU*)(vx + i * k + fb), acc = {0};                        \\
                 for (i2 = i + 1; i2 < n; i2++, P++) {                                     \\
-                    VT de = (T)au[P] * dgv;                                               \\
-                    if (C) {                                                              \\
-                        if (fb == 0 && P + AFM_PREFETCH < limit)                          \\
-                            for (f = 0; f < k; f += 64 / (ptrdiff_t)sizeof(T))            \\
-                                __builtin_prefetch(C + (ptrdiff_t)pd[P + AFM_PREFETCH] * k + f); \\
-                        de += (T)ds[P] * *(const VTU*)(C + (ptrdiff_t)pd[P] * k + fb);    \\
-                    }                                                                     \\
-                    acc += de * *(const VTU*)(vx + i2 * k + fb);                          \\
-                    *(VTU*)(dvx + i2 * k + fb) += de * v1;                                \\
+                    T a = (T)au[P];                                                       \\
+                    acc += a * *(const VTU*)(vx + i2 * k + fb);                           \\
+                    *(VTU*)(dvx + i2 * k + fb) += a * v1;                                 \\
                 }                                                                         \\
                 *(VTU*)(dvx + i * k + fb) += acc;                                         \\
             }                                                                             \\
+            VT dgv = *(const VTU*)(dg + fb);                                              \\
+            for (i = 0; i < n; i++)                                                       \\
+                *(VTU*)(dvx + i * k + fb) *= dgv;                                         \\
         }                                                                                 \\
-        for (f = fb; f < k; f++)                                                          \\
+        for (f = fb; f < k; f++) {                                                        \\
             for (i = 0, P = 0; i < n; i++) {                                              \\
                 T acc = 0;                                                                \\
                 for (i2 = i + 1; i2 < n; i2++, P++) {                                     \\
-                    T de = (T)au[P] * dg[f];                                              \\
-                    if (C) de += (T)ds[P] * C[(ptrdiff_t)pd[P] * k + f];                  \\
-                    acc += de * vx[i2 * k + f];                                           \\
-                    dvx[i2 * k + f] += de * vx[i * k + f];                                \\
+                    T a = (T)au[P];                                                       \\
+                    acc += a * vx[i2 * k + f];                                            \\
+                    dvx[i2 * k + f] += a * vx[i * k + f];                                 \\
                 }                                                                         \\
                 dvx[i * k + f] += acc;                                                    \\
+            }                                                                             \\
+            for (i = 0; i < n; i++) dvx[i * k + f] *= dg[f];                              \\
+        }                                                                                 \\
+        if (!C) return;                                                                   \\
+        for (i = 0, P = 0; i < n; i++)                                                    \\
+            for (i2 = i + 1; i2 < n; i2++, P++) {                                         \\
+                if (P + AFM_PREFETCH < limit && rep[P + AFM_PREFETCH])                    \\
+                    for (f = 0; f < k; f += 64 / (ptrdiff_t)sizeof(T))                    \\
+                        __builtin_prefetch(C + (ptrdiff_t)pd[P + AFM_PREFETCH] * k + f);  \\
+                if (!rep[P]) continue;                                                    \\
+                const T* c = C + (ptrdiff_t)pd[P] * k;                                    \\
+                T* d1 = dvx + i * k;                                                      \\
+                T* d2 = dvx + i2 * k;                                                     \\
+                const T* v1 = vx + i * k;                                                 \\
+                const T* v2 = vx + i2 * k;                                                \\
+                for (fb = 0; fb + VL <= k; fb += VL) {                                    \\
+                    VT cv = *(const VTU*)(c + fb);                                        \\
+                    *(VTU*)(d1 + fb) += cv * *(const VTU*)(v2 + fb);                      \\
+                    *(VTU*)(d2 + fb) += cv * *(const VTU*)(v1 + fb);                      \\
+                }                                                                         \\
+                for (f = fb; f < k; f++) {                                                \\
+                    d1[f] += c[f] * v2[f];                                                \\
+                    d2[f] += c[f] * v1[f];                                                \\
+                }                                                                         \\
             }                                                                             \\
     }
 
@@ -333,11 +360,11 @@ cdef extern from *:
     void afm_da_row_d(const double* vx, const double* dg, Py_ssize_t n, Py_ssize_t k,
                       double* tv, double* scale) noexcept nogil
     void afm_pair_grad_row_f(const float* vx, const float* dg, const double* au,
-                             const double* ds, const int32_t* pd, const float* C,
+                             const unsigned char* rep, const int32_t* pd, const float* C,
                              Py_ssize_t n, Py_ssize_t k, float* dvx,
                              Py_ssize_t limit) noexcept nogil
     void afm_pair_grad_row_d(const double* vx, const double* dg, const double* au,
-                             const double* ds, const int32_t* pd, const double* C,
+                             const unsigned char* rep, const int32_t* pd, const double* C,
                              Py_ssize_t n, Py_ssize_t k, double* dvx,
                              Py_ssize_t limit) noexcept nogil
 
@@ -370,6 +397,8 @@ cdef enum:
     # distinct pairs per block of the per-distinct-pair passes (fixed, so that the block
     # partial sums and their order do not depend on the thread count)
     DBLOCK = 256
+    # columns of h act'(u) that the distinct backward forms at a time (a stack buffer)
+    HD_SPAN = 256
 
 
 cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
@@ -424,13 +453,14 @@ cdef inline void _da_row(const floating* vx, const double* dg, Py_ssize_t n, Py_
 
 
 cdef inline void _pair_grad_row(const floating* vx, const floating* dg, const double* au,
-                                const double* ds, const int32_t* pd, const floating* CD,
+                                const unsigned char* rep, const int32_t* pd,
+                                const floating* CD,
                                 Py_ssize_t n, Py_ssize_t k, floating* dvx,
                                 Py_ssize_t limit) noexcept nogil:
     if floating is float:
-        afm_pair_grad_row_f(vx, dg, au, ds, pd, CD, n, k, dvx, limit)
+        afm_pair_grad_row_f(vx, dg, au, rep, pd, CD, n, k, dvx, limit)
     else:
-        afm_pair_grad_row_d(vx, dg, au, ds, pd, CD, n, k, dvx, limit)
+        afm_pair_grad_row_d(vx, dg, au, rep, pd, CD, n, k, dvx, limit)
 
 
 cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
@@ -579,10 +609,13 @@ cdef class AFMWorkspace:
     cdef int32_t* row_of     # (nnz,) batch row of each occurrence
     cdef int32_t* row_bad    # (B,) position of a row's first invalid id, or -1
     cdef int32_t* pd         # (pairs,) distinct pair of each pair
+    cdef uint8_t* prep       # (pairs,) 1 for the representative pair of its distinct pair
     cdef int32_t* dq         # (2 pairs,) the two occurrences of a pair of each distinct pair
     cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
     cdef int32_t* sid        # (threads, u_cap + nnz)
     cdef Py_ssize_t stamp_threads
+    cdef void* rowbuf        # (threads, row_cap, k) a row's gradients of v x, per thread
+    cdef Py_ssize_t row_cap  # most nonzeros a row of a valid batch can have
     cdef int64_t* dbase      # (u_cap + nnz + 1,) first distinct pair of each class's bucket
     cdef double* DSD         # (pairs,) sum of ds over each distinct pair's pairs
     cdef double* SD          # (pairs,) logit of each distinct pair
@@ -590,8 +623,7 @@ cdef class AFMWorkspace:
     cdef double* BMAX        # (blocks,) largest logit of each block of distinct pairs
     cdef double* BDB         # (blocks, t) per block of distinct pairs: sum du
     cdef double* BDH         # (blocks, t) per block of distinct pairs: sum ds act
-    cdef void* HD            # (pairs, t) h act'(u) of each distinct pair
-    cdef void* CD            # (pairs, k) W^T (h act'(u)) of each distinct pair
+    cdef void* CD            # (pairs, k) C' = W^T du of each distinct pair
     # doubles
     cdef double* r           # (B,) residual y_hat - y
     cdef double* row_loss    # (B,)
@@ -603,8 +635,8 @@ cdef class AFMWorkspace:
     cdef double* dsum        # (1 + k + 2t,) dense gradient sums
     # DTYPE
     cdef void* occ_x         # (nnz,) value of each nonzero in batch order
-    cdef void* VX            # (nnz, k) v x per occurrence
-    cdef void* DVX           # (nnz, k) gradient of the V row from each occurrence
+    cdef void* VX            # (nnz, k) v x per occurrence, then (step 4) the gradient of
+                             # its V row from each occurrence
     cdef void* RT            # (B, k) per-row scratch of the row loops
     cdef void* E             # (pairs, k) e of each distinct pair
     cdef void* U             # (pairs, t) W e + b, then act, then du (distinct pairs)
@@ -619,7 +651,7 @@ cdef class AFMWorkspace:
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
                   Py_ssize_t max_batch_pairs, Py_ssize_t n_features, Py_ssize_t n_factors,
                   Py_ssize_t attention_size, dtype):
-        cdef Py_ssize_t i, B, N, PP, M, k, t, U, isz, D, C, nblk
+        cdef Py_ssize_t i, B, N, PP, M, k, t, U, isz, D, C, nblk, n
         dt = np.dtype(dtype)
         check_workspace_sizes(dt, (("batch_size", batch_size),
                                    ("max_batch_nnz", max_batch_nnz),
@@ -660,7 +692,6 @@ cdef class AFMWorkspace:
         self.dsum = <double*>_alloc(D * sizeof(double))
         self.occ_x = _alloc(N * isz)
         self.VX = _alloc(N * k * isz)
-        self.DVX = _alloc(N * k * isz)
         self.RT = _alloc(B * k * isz)
         # the pair buffers (rows written before they are read) are left uninitialised:
         # only the rows of the distinct pairs are touched, so the RSS follows those
@@ -675,10 +706,19 @@ cdef class AFMWorkspace:
         self.row_of = <int32_t*>_alloc(N * sizeof(int32_t))
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
         self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.prep = <uint8_t*>_alloc(PP * sizeof(uint8_t))
         self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
         self.stamp_threads = 0
         self.stamp = NULL
         self.sid = NULL
+        self.rowbuf = NULL
+        # a row of n nonzeros has n(n-1)/2 pairs, at most max_batch_pairs
+        n = <Py_ssize_t>((1 + sqrt(1 + 8 * <double>PP)) / 2)
+        while n > 1 and n * (n - 1) // 2 > PP:
+            n -= 1
+        while (n + 1) * n // 2 <= PP:
+            n += 1
+        self.row_cap = min(n, N)
         self.dbase = <int64_t*>_alloc((C + 1) * sizeof(int64_t))
         self.DSD = <double*>_alloc(PP * sizeof(double))
         self.SD = <double*>_alloc(PP * sizeof(double))
@@ -687,7 +727,6 @@ cdef class AFMWorkspace:
         self.BMAX = <double*>_alloc(nblk * sizeof(double))
         self.BDB = <double*>_alloc(nblk * t * sizeof(double))
         self.BDH = <double*>_alloc(nblk * t * sizeof(double))
-        self.HD = aligned_empty(PP * t * isz)
         self.CD = aligned_empty(PP * k * isz)
         self.G = _alloc(U * k * isz)
         self.GD = <double*>_alloc(U * k * sizeof(double))
@@ -699,25 +738,29 @@ cdef class AFMWorkspace:
         free(self.grp_occ); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.lin); free(self.grp_sq); free(self.pa)
         free(self.pau); free(self.pds); free(self.dsum)
-        free(self.occ_x); free(self.VX); free(self.DVX); free(self.RT); free(self.E); free(self.U)
+        free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
         free(self.G); free(self.GD); free(self.gdense)
-        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.dq)
-        free(self.stamp); free(self.sid); free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
-        free(self.BDB); free(self.BDH); free(self.HD); free(self.CD)
+        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.prep); free(self.dq)
+        free(self.stamp); free(self.sid); free(self.rowbuf); free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
+        free(self.BDB); free(self.BDH); free(self.CD)
 
     cdef void _ensure_threads(self, Py_ssize_t n_threads) except *:
-        """Per-thread dedup tables for n_threads (grown once, kept for the fit)."""
+        """Per-thread dedup tables and row scratch for n_threads (grown once, kept for
+        the fit)."""
         cdef Py_ssize_t C = self.u_cap + self.max_batch_nnz
         if n_threads <= self.stamp_threads:
             return
         free(self.stamp)
         free(self.sid)
+        free(self.rowbuf)
         self.stamp = NULL
         self.sid = NULL
+        self.rowbuf = NULL
         self.stamp_threads = 0
         self.stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.sid = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
+        self.rowbuf = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
         self.stamp_threads = n_threads
 
     def __repr__(self):
@@ -928,8 +971,10 @@ cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
                 d = ws.dbase[c1] + (-1 - l)
                 ws.dq[2 * d] = <int32_t>(q0 + i)
                 ws.dq[2 * d + 1] = <int32_t>(q0 + i2)
+                ws.prep[P] = 1
             else:
                 d = ws.dbase[c1] + l
+                ws.prep[P] = 0
             ws.pd[P] = <int32_t>d
             P += 1
 
@@ -1181,18 +1226,17 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
 
 cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
                              const floating* dense, const floating* W) noexcept nogil:
-    """Step 2 for a block of distinct pairs: h act'(u) (into HD, while the block is in
-    cache), du = DS h act'(u) (over U), the block's sums of du (gradient of b) and DS act
-    (gradient of h), and c = W^T (h act'(u))."""
-    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, jj
+    """Step 2 for a block of distinct pairs: h act'(u) (HD_SPAN columns at a time, on the
+    stack), du = DS h act'(u) (over U), the block's sums of du (gradient of b) and DS act
+    (gradient of h), and C' = W^T du."""
+    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, jj, j0, nj
     cdef floating* Uu = <floating*>ws.U
-    cdef floating* HDp = <floating*>ws.HD
+    cdef floating hd[HD_SPAN]
     cdef const floating* h = dense + 1 + k + t
     cdef floating* CDp = <floating*>ws.CD
     cdef double* bdb = ws.BDB + blk * t
     cdef double* bdh = ws.BDH + blk * t
     cdef floating* u
-    cdef floating* hd
     cdef double ds, du
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for jj in range(t):
@@ -1200,19 +1244,22 @@ cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         bdh[jj] = 0
     for d in range(d0, d1):
         ds = ws.DSD[d]
-        u = Uu + d * t
-        hd = HDp + d * t
-        _act_grad_h(h, u, hd, t, a.activation)
-        for jj in range(t):
-            bdh[jj] = bdh[jj] + ds * <double>u[jj]
-            du = ds * <double>hd[jj]
-            bdb[jj] = bdb[jj] + du
-            u[jj] = <floating>du
+        j0 = 0
+        while j0 < t:
+            u = Uu + d * t + j0
+            nj = t - j0 if t - j0 < HD_SPAN else HD_SPAN
+            _act_grad_h(h + j0, u, hd, nj, a.activation)
+            for jj in range(nj):
+                bdh[j0 + jj] = bdh[j0 + jj] + ds * <double>u[jj]
+                du = ds * <double>hd[jj]
+                bdb[j0 + jj] = bdb[j0 + jj] + du
+                u[jj] = <floating>du
+            j0 += nj
     if a.freeze_fm:
         return
     for jj in range((d1 - d0) * k):
         CDp[d0 * k + jj] = 0
-    _gemm(d1 - d0, k, t, HDp + d0 * t, t, 1, W, k, CDp + d0 * k, k)
+    _gemm(d1 - d0, k, t, Uu + d0 * t, t, 1, W, k, CDp + d0 * k, k)
 
 
 cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
@@ -1244,13 +1291,15 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
 
 
 cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
-                          const floating* VX) noexcept nogil:
-    """Step 4 for the rows of chunk c: de = a' dg + ds W^T (h act'(u)) per pair, then
-    d(v x) per occurrence, scaled by x (the occurrence's contribution to its V row's
-    gradient), in DTYPE."""
+                          floating* VX) noexcept nogil:
+    """Step 4 for the rows of chunk c: de = a' dg per pair, + C'_d = W^T du_d for the
+    representative pair of each distinct pair d (DS_d is in du_d), then
+    d(v x) per occurrence in this thread's row scratch, then scaled by x (the
+    occurrence's contribution to its V row's gradient) over the row's v x in VX, which
+    the row loop no longer needs: the gradients stay in the cache lines just read."""
     cdef Py_ssize_t k = a.k, b, P0, f, i, n, q0
     cdef Py_ssize_t P_end = ws.poff[ws.chunk[c + 1]]
-    cdef floating* DVX = <floating*>ws.DVX
+    cdef floating* dvx = <floating*>ws.rowbuf + omp_get_thread_num() * ws.row_cap * k
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef floating* dg
     cdef const double* dgd
@@ -1264,14 +1313,13 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
-        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.pds + P0, ws.pd + P0,
-                       <floating*>ws.CD if a.attention else NULL, n, k, DVX + q0 * k,
-                       P_end - P0)
+        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.prep + P0, ws.pd + P0,
+                       <floating*>ws.CD if a.attention else NULL, n, k, dvx, P_end - P0)
         for i in range(n):
             x = occ_x[q0 + i]
-            d1 = DVX + (q0 + i) * k
+            d1 = VX + (q0 + i) * k
             for f in range(k):
-                d1[f] = d1[f] * x
+                d1[f] = dvx[i * k + f] * x
 
 
 cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, floating* V,
@@ -1284,7 +1332,7 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     cdef floating* v = V + j * k
     cdef floating* g = <floating*>ws.G + u * k
     cdef double* gd = ws.GD + u * k
-    cdef const floating* DVX = <floating*>ws.DVX
+    cdef const floating* DVX = <floating*>ws.VX   # the occurrences' gradients since step 4
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef const floating* d
     cdef double gw = 0
@@ -1355,21 +1403,21 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 WT[f * t + j] = W[j * k + f]
     _phase_t[0] = omp_get_wtime() - t0
 
-    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _vx_chunk(a, ws, c, V, w)
     _phase_t[1] = omp_get_wtime() - t0
     nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
-    for c in prange(nblk, schedule="static", num_threads=nt):
+    for c in prange(nblk, schedule="dynamic", num_threads=nt):
         _distinct_forward(a, ws, c, dense)
     if nblk > 0:
         smax = ws.BMAX[0]
         for c in range(1, nblk):
             if ws.BMAX[c] > smax:
                 smax = ws.BMAX[c]
-        for c in prange(nblk, schedule="static", num_threads=nt):
+        for c in prange(nblk, schedule="dynamic", num_threads=nt):
             _distinct_exp(a, ws, c, smax)
     _phase_t[2] = omp_get_wtime() - t0
-    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _forward_chunk(a, ws, c, y, dense)
     _phase_t[3] = omp_get_wtime() - t0
     if a.attention:
@@ -1382,7 +1430,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 _sum_ds(a, ws, c)
     _phase_t[4] = omp_get_wtime() - t0
     if a.attention:
-        for c in prange(nblk, schedule="static", num_threads=nt):
+        for c in prange(nblk, schedule="dynamic", num_threads=nt):
             _distinct_backward(a, ws, c, dense, W)
     _phase_t[5] = omp_get_wtime() - t0
 
@@ -1418,7 +1466,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[7] = omp_get_wtime() - t0
 
     if not a.freeze_fm:
-        for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+        for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
             _backward_chunk(a, ws, c, <floating*>ws.VX)
     _phase_t[8] = omp_get_wtime() - t0
 
@@ -1742,19 +1790,19 @@ cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         for j in range(t):
             for f in range(k):
                 WT[f * t + j] = W[j * k + f]
-    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _vx_chunk(a, ws, c, V, w)
     nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
-    for c in prange(nblk, schedule="static", num_threads=nt):
+    for c in prange(nblk, schedule="dynamic", num_threads=nt):
         _distinct_forward(a, ws, c, dense)
     if nblk > 0:
         smax = ws.BMAX[0]
         for c in range(1, nblk):
             if ws.BMAX[c] > smax:
                 smax = ws.BMAX[c]
-        for c in prange(nblk, schedule="static", num_threads=nt):
+        for c in prange(nblk, schedule="dynamic", num_threads=nt):
             _distinct_exp(a, ws, c, smax)
-    for c in prange(a.n_chunks, schedule="static", num_threads=nt):
+    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _infer_chunk(a, ws, c, dense, out)
     return 0
 

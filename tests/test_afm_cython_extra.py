@@ -113,10 +113,10 @@ def test_softmax_when_rows_logits_are_far_below_the_batchs_largest():
     check_sgd_step(X, y, rows, params, cfg)
 
 
-def repeated_pairs_problem(dtype=np.float64, n_rows=300, seed=4):
+def repeated_pairs_problem(dtype=np.float64, n_rows=300, seed=4, k=12, t=10):
     """Few features and values from a small set (0 included): many rows share a pair of
     (feature, value) classes, which the kernel evaluates once per distinct pair."""
-    X, y, params = make_problem(n_rows=n_rows, n_features=7, k=12, t=10, dtype=dtype,
+    X, y, params = make_problem(n_rows=n_rows, n_features=7, k=k, t=t, dtype=dtype,
                                 seed=seed, lengths=(2, 5, 8, 3, 0, 1), v_scale=0.3)
     rng = np.random.default_rng(seed)
     X[2][:] = rng.choice(np.array([1.0, 1.0, 1.0, -0.5, 0.0]), size=X[2].shape)
@@ -130,6 +130,14 @@ def test_repeated_pairs_sgd_step_is_reference_gradient(activation, keep):
     rows = np.random.default_rng(3).permutation(len(y))[:200].astype(np.int64)
     check_sgd_step(X, y, rows, params, cfg_for(keep=keep, activation=activation,
                                                n_threads=2))
+
+
+@pytest.mark.parametrize("activation", [api.RELU, api.TANH])
+def test_attention_wider_than_the_backward_span_is_reference_gradient(activation):
+    """t = 300 > HD_SPAN (256): the distinct backward forms h act'(u) in two spans."""
+    X, y, params = repeated_pairs_problem(n_rows=80, k=5, t=300)
+    rows = np.arange(len(y), dtype=np.int64)
+    check_sgd_step(X, y, rows, params, cfg_for(activation=activation, n_threads=2))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
