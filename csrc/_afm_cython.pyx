@@ -78,7 +78,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from openmp cimport omp_get_thread_num, omp_get_wtime
 from libc.math cimport exp, expf, sqrt, tanh, tanhf, INFINITY
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
@@ -241,18 +241,22 @@ cdef extern from *:
             }                                                                             \\
         }                                                                                 \\
     }                                                                                     \\
-    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg, + C[pd[P]] when \\
-       rep[P] (no C term when C is NULL). The dg part is factorised, dvx_i = dg (sum_i2  \\
-       au v_i2), so it needs no per-pair product with dg; the C part visits only the     \\
-       representative pairs, whose C rows are prefetched AFM_PREFETCH pairs ahead while   \\
-       P + AFM_PREFETCH < limit. */                                                       \\
+    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg, + C[d] for the  \\
+       nrep distinct pairs d = reps[r] whose representative pair is in this row, the      \\
+       occurrences (batch-wide) dq[2d], dq[2d + 1], q0 the row's first (no C term when C  \\
+       is NULL). The dg part is factorised, dvx_i = dg (sum_i2 au v_i2), so it needs no   \\
+       per-pair product with dg; C rows are prefetched AFM_PREFETCH representatives ahead. */ \\
     static void afm_pair_grad_row_##SUF(const T* restrict vx, const T* restrict dg,       \\
-        const double* restrict au, const unsigned char* restrict rep,                     \\
-        const int* restrict pd, const T* restrict C, ptrdiff_t n, ptrdiff_t k,            \\
-        T* restrict dvx, ptrdiff_t limit)                                                 \\
+        const double* restrict au, const int* restrict reps, ptrdiff_t nrep,              \\
+        const int* restrict dq, ptrdiff_t q0, const T* restrict C, ptrdiff_t n,           \\
+        ptrdiff_t k, T* restrict dvx)                                                     \\
     {                                                                                     \\
         enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
-        ptrdiff_t i, i2, f, fb = 0, P;                                                    \\
+        ptrdiff_t i, i2, f, fb = 0, P, r;                                                 \\
+        if (C)                                                                            \\
+            for (r = 0; r < nrep && r < AFM_PREFETCH; r++)                                \\
+                for (f = 0; f < k; f += 64 / (ptrdiff_t)sizeof(T))                        \\
+                    __builtin_prefetch(C + (ptrdiff_t)reps[r] * k + f);                   \\
         for (f = 0; f < n * k; f++) dvx[f] = 0;                                           \\
         for (; fb + VL <= k; fb += VL) {                                                  \\
             for (i = 0, P = 0; i < n; i++) {                                              \\
@@ -281,17 +285,16 @@ cdef extern from *:
             for (i = 0; i < n; i++) dvx[i * k + f] *= dg[f];                              \\
         }                                                                                 \\
         if (!C) return;                                                                   \\
-        for (i = 0, P = 0; i < n; i++)                                                    \\
-            for (i2 = i + 1; i2 < n; i2++, P++) {                                         \\
-                if (P + AFM_PREFETCH < limit && rep[P + AFM_PREFETCH])                    \\
+        for (r = 0; r < nrep; r++) {                                                      \\
+                if (r + AFM_PREFETCH < nrep)                                              \\
                     for (f = 0; f < k; f += 64 / (ptrdiff_t)sizeof(T))                    \\
-                        __builtin_prefetch(C + (ptrdiff_t)pd[P + AFM_PREFETCH] * k + f);  \\
-                if (!rep[P]) continue;                                                    \\
-                const T* c = C + (ptrdiff_t)pd[P] * k;                                    \\
-                T* d1 = dvx + i * k;                                                      \\
-                T* d2 = dvx + i2 * k;                                                     \\
-                const T* v1 = vx + i * k;                                                 \\
-                const T* v2 = vx + i2 * k;                                                \\
+                        __builtin_prefetch(C + (ptrdiff_t)reps[r + AFM_PREFETCH] * k + f); \\
+                ptrdiff_t d = reps[r];                                                    \\
+                const T* c = C + d * k;                                                   \\
+                T* d1 = dvx + (dq[2 * d] - q0) * k;                                       \\
+                T* d2 = dvx + (dq[2 * d + 1] - q0) * k;                                   \\
+                const T* v1 = vx + (dq[2 * d] - q0) * k;                                  \\
+                const T* v2 = vx + (dq[2 * d + 1] - q0) * k;                              \\
                 for (fb = 0; fb + VL <= k; fb += VL) {                                    \\
                     VT cv = *(const VTU*)(c + fb);                                        \\
                     *(VTU*)(d1 + fb) += cv * *(const VTU*)(v2 + fb);                      \\
@@ -360,13 +363,13 @@ cdef extern from *:
     void afm_da_row_d(const double* vx, const double* dg, Py_ssize_t n, Py_ssize_t k,
                       double* tv, double* scale) noexcept nogil
     void afm_pair_grad_row_f(const float* vx, const float* dg, const double* au,
-                             const unsigned char* rep, const int32_t* pd, const float* C,
-                             Py_ssize_t n, Py_ssize_t k, float* dvx,
-                             Py_ssize_t limit) noexcept nogil
+                             const int32_t* reps, Py_ssize_t nrep, const int32_t* dq,
+                             Py_ssize_t q0, const float* C, Py_ssize_t n, Py_ssize_t k,
+                             float* dvx) noexcept nogil
     void afm_pair_grad_row_d(const double* vx, const double* dg, const double* au,
-                             const unsigned char* rep, const int32_t* pd, const double* C,
-                             Py_ssize_t n, Py_ssize_t k, double* dvx,
-                             Py_ssize_t limit) noexcept nogil
+                             const int32_t* reps, Py_ssize_t nrep, const int32_t* dq,
+                             Py_ssize_t q0, const double* C, Py_ssize_t n, Py_ssize_t k,
+                             double* dvx) noexcept nogil
 
 
 # Activation codes (kernel_api.RELU ...).
@@ -453,14 +456,13 @@ cdef inline void _da_row(const floating* vx, const double* dg, Py_ssize_t n, Py_
 
 
 cdef inline void _pair_grad_row(const floating* vx, const floating* dg, const double* au,
-                                const unsigned char* rep, const int32_t* pd,
-                                const floating* CD,
-                                Py_ssize_t n, Py_ssize_t k, floating* dvx,
-                                Py_ssize_t limit) noexcept nogil:
+                                const int32_t* reps, Py_ssize_t nrep, const int32_t* dq,
+                                Py_ssize_t q0, const floating* CD, Py_ssize_t n,
+                                Py_ssize_t k, floating* dvx) noexcept nogil:
     if floating is float:
-        afm_pair_grad_row_f(vx, dg, au, rep, pd, CD, n, k, dvx, limit)
+        afm_pair_grad_row_f(vx, dg, au, reps, nrep, dq, q0, CD, n, k, dvx)
     else:
-        afm_pair_grad_row_d(vx, dg, au, rep, pd, CD, n, k, dvx, limit)
+        afm_pair_grad_row_d(vx, dg, au, reps, nrep, dq, q0, CD, n, k, dvx)
 
 
 cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
@@ -609,7 +611,8 @@ cdef class AFMWorkspace:
     cdef int32_t* row_of     # (nnz,) batch row of each occurrence
     cdef int32_t* row_bad    # (B,) position of a row's first invalid id, or -1
     cdef int32_t* pd         # (pairs,) distinct pair of each pair
-    cdef uint8_t* prep       # (pairs,) 1 for the representative pair of its distinct pair
+    cdef int32_t* reps       # (pairs,) at poff[b]: the distinct pairs whose representative
+    cdef int32_t* n_reps     # (B,)     pair is in row b, and how many
     cdef int32_t* dq         # (2 pairs,) the two occurrences of a pair of each distinct pair
     cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
     cdef int32_t* sid        # (threads, u_cap + nnz)
@@ -706,7 +709,8 @@ cdef class AFMWorkspace:
         self.row_of = <int32_t*>_alloc(N * sizeof(int32_t))
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
         self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
-        self.prep = <uint8_t*>_alloc(PP * sizeof(uint8_t))
+        self.reps = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.n_reps = <int32_t*>_alloc(B * sizeof(int32_t))
         self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
         self.stamp_threads = 0
         self.stamp = NULL
@@ -741,7 +745,7 @@ cdef class AFMWorkspace:
         free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
         free(self.G); free(self.GD); free(self.gdense)
-        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.prep); free(self.dq)
+        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.reps); free(self.n_reps); free(self.dq)
         free(self.stamp); free(self.sid); free(self.rowbuf); free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH); free(self.CD)
 
@@ -960,7 +964,7 @@ cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
     """Row b's pairs: bucket-local distinct ids to global ones (dbase of the lower
     class), and the representative pair's occurrences of each distinct pair."""
     cdef Py_ssize_t q0 = ws.off[b], n = ws.off[b + 1] - ws.off[b], P = ws.poff[b]
-    cdef Py_ssize_t i, i2, d
+    cdef Py_ssize_t i, i2, d, nr = 0
     cdef int32_t c1, c2, l
     for i in range(n):
         c1 = ws.cls[q0 + i]
@@ -971,12 +975,13 @@ cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
                 d = ws.dbase[c1] + (-1 - l)
                 ws.dq[2 * d] = <int32_t>(q0 + i)
                 ws.dq[2 * d + 1] = <int32_t>(q0 + i2)
-                ws.prep[P] = 1
+                ws.reps[ws.poff[b] + nr] = <int32_t>d
+                nr += 1
             else:
                 d = ws.dbase[c1] + l
-                ws.prep[P] = 0
             ws.pd[P] = <int32_t>d
             P += 1
+    ws.n_reps[b] = <int32_t>nr
 
 
 cdef Py_ssize_t _group_classes(AFMWorkspace ws, Py_ssize_t u,
@@ -1298,7 +1303,6 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     occurrence's contribution to its V row's gradient) over the row's v x in VX, which
     the row loop no longer needs: the gradients stay in the cache lines just read."""
     cdef Py_ssize_t k = a.k, b, P0, f, i, n, q0
-    cdef Py_ssize_t P_end = ws.poff[ws.chunk[c + 1]]
     cdef floating* dvx = <floating*>ws.rowbuf + omp_get_thread_num() * ws.row_cap * k
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef floating* dg
@@ -1313,8 +1317,9 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
-        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.prep + P0, ws.pd + P0,
-                       <floating*>ws.CD if a.attention else NULL, n, k, dvx, P_end - P0)
+        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.reps + P0,
+                       ws.n_reps[b] if a.attention else 0, ws.dq, q0,
+                       <floating*>ws.CD if a.attention else NULL, n, k, dvx)
         for i in range(n):
             x = occ_x[q0 + i]
             d1 = VX + (q0 + i) * k
