@@ -28,6 +28,8 @@ cdef enum:
     # rows ahead whose indptr entries batch_offsets prefetches (a shuffled batch's rows
     # are scattered over X)
     OFFSET_PREFETCH = 16
+    # nonzeros ahead whose slot entries group_by_feature prefetches
+    GROUP_PREFETCH = 16
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
@@ -168,6 +170,9 @@ cdef inline Py_ssize_t group_by_feature(Py_ssize_t nnz, const int32_t* occ, int3
     cdef Py_ssize_t q, u, U = 0
     cdef int32_t j
     for q in range(nnz):
+        if q + GROUP_PREFETCH < nnz:
+            # slot is indexed by feature id: a large M's table is not in cache
+            __builtin_prefetch(slot + occ[q + GROUP_PREFETCH])
         j = occ[q]
         u = slot[j]
         if u < 0:
