@@ -620,6 +620,7 @@ cdef class AFMWorkspace:
     cdef void* rowbuf        # (threads, row_cap, k) a row's gradients of v x, per thread
     cdef Py_ssize_t row_cap  # most nonzeros a row of a valid batch can have
     cdef int64_t* dbase      # (u_cap + nnz + 1,) first distinct pair of each class's bucket
+                             # (set up to the last class in use)
     cdef double* DSD         # (pairs,) sum of ds over each distinct pair's pairs
     cdef double* SD          # (pairs,) logit of each distinct pair
     cdef double* ED          # (pairs,) exp(logit - the batch's largest logit)
@@ -1009,33 +1010,37 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) no
     bucket of its lower class; buckets are numbered in parallel (one dedup table per
     thread), their counts prefix-summed, and the ids made global per row. The numbering
     depends on the data only, not on the thread count."""
-    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, u, b, th
+    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, u, b, th, hi
     cdef Py_ssize_t n_own = 0
     cdef int nt = a.n_threads
-    for u in prange(U, schedule="static", num_threads=nt):
+    # popular features (the first groups) have the most occurrences
+    for u in prange(U, schedule="dynamic", chunksize=16, num_threads=nt):
         n_own += _group_classes(ws, u, occ_x)
     a.n_own = n_own
-    for c in range(nt * C):
-        ws.stamp[c] = -1
+    # the classes in use: groups [0, U), and own classes [u_cap, C) only when there are any
+    hi = C if n_own > 0 else U
+    for th in prange(nt, schedule="static", num_threads=nt):
+        for c in range(hi):
+            ws.stamp[th * C + c] = -1
     # Group classes are numbered by first occurrence, so the popular ones (the biggest
     # buckets) come first: small chunks keep the threads balanced. Own classes (values
     # that differ within a feature) are rare; one-hot data has none.
     for c in prange(U, schedule="dynamic", chunksize=4, num_threads=nt):
         th = omp_get_thread_num()
         ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
-    for c in range(U, C):
-        ws.dbase[c + 1] = 0
     if n_own > 0:
+        for c in range(U, C):
+            ws.dbase[c + 1] = 0
         for c in prange(ws.u_cap, C, schedule="dynamic", chunksize=256, num_threads=nt):
             th = omp_get_thread_num()
             ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
     ws.dbase[0] = 0
-    for c in range(C):
+    for c in range(hi):
         ws.dbase[c + 1] += ws.dbase[c]
     for b in prange(a.B, schedule="static", num_threads=nt):
         _globalize_row(ws, b)
     a.n_classes = C
-    a.n_distinct = ws.dbase[C]
+    a.n_distinct = ws.dbase[hi]
 
 
 cdef void _vx_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, const floating* V,
