@@ -1,0 +1,124 @@
+"""A/B of two builds of a Cython kernel module, measured in one process.
+
+    git worktree add /tmp/base <commit>            # the build to compare against
+    (cd /tmp/base && python setup.py build_ext --inplace)
+    python bench/ab_builds.py --model afm --k 64 --base /tmp/base
+    python bench/ab_builds.py --model fm --k 16 --data mltag --base /tmp/base
+
+Both builds of ``afmfast._<model>_cython`` are loaded into this process (from
+``<dir>/afmfast``), each with its own copy of the same initial parameters, optimiser
+state and workspace, and every batch runs through both, the order alternating from batch
+to batch. The shared machines here change speed by 20-30% from minute to minute; runs of
+two builds one after the other mostly measure that drift, while alternating batch by batch
+exposes both builds to the same moment. Prints, per thread count, the median and the 10th
+percentile of each build's batch time, the ratio of the medians (new / base) and the
+median of the per-batch ratios. The first batches are warm-up.
+"""
+import argparse
+import glob
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402  (data sets and estimators of the comparison script)
+
+from afmfast import backends  # noqa: E402
+from afmfast import kernel_api as api  # noqa: E402
+
+WARMUP = 5
+
+
+def load_build(directory, model):
+    """The module ``afmfast._<model>_cython`` compiled in ``directory``/afmfast."""
+    found = glob.glob(str(Path(directory) / "afmfast" / f"_{model}_cython.*.so"))
+    if not found:
+        sys.exit(f"ab_builds: no _{model}_cython extension in {directory}/afmfast; build "
+                 "it there first (python setup.py build_ext --inplace)")
+    spec = importlib.util.spec_from_file_location(f"afmfast._{model}_cython", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_config(est, model, step, threads):
+    """The configuration the estimator's own ``_train_batch`` would pass."""
+    if model == "afm":
+        return est._config(step)._replace(n_threads=threads)
+    return api.StepConfig(float(est.learning_rate), float(est.l2), float(est.keep),
+                          api.OPTIMIZER_CODES[est.optimizer], int(bool(est.batch_norm)),
+                          est._seed, step, threads, est._loss)
+
+
+def trainer(module, est, model):
+    """(step function, params, state, workspace) of one build, from the estimator's."""
+    params = type(est._params)(*[a.copy() for a in est._params])
+    state = type(est._state)(*[a.copy() for a in est._state])
+    ws = est._ws
+    if model == "afm":
+        ws = module.afm_workspace(ws.batch_size, ws.max_batch_nnz, ws.max_batch_pairs,
+                                  ws.n_features, ws.n_factors, ws.attention_size, ws.dtype)
+        return module.afm_step, params, state, ws
+    ws = module.fm_workspace(ws.batch_size, ws.max_batch_nnz, ws.n_features,
+                             ws.n_factors, ws.dtype)
+    return module.fm_step, params, state, ws
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("fm", "afm"), default="afm")
+    parser.add_argument("--k", type=int, default=16, help="k (= t for AFM); default 16")
+    parser.add_argument("--data", choices=("frappe", "mltag"), default="frappe")
+    parser.add_argument("--rows", type=int, default=2_000_000, help="ml-tag rows")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--base", required=True, help="directory of the base build")
+    parser.add_argument("--new", default=str(REPO), help="directory of the new build "
+                        "(default: this repository)")
+    args = parser.parse_args()
+
+    builds = {"base": load_build(args.base, args.model),
+              "new": load_build(args.new, args.model)}
+    data = (compare.frappe_mini_train() if args.data == "frappe"
+            else compare.synthetic_mltag(args.rows))
+    est = compare.make_estimator(args.model, args.k, "cython", 1)
+    est._validate()
+    est._backend = backends.get_backend("cython", args.model)
+    est._threads, est._seed = 1, 2016
+    est._init_model(data, np.random.default_rng(2016))
+    runs = {name: trainer(m, est, args.model) for name, m in builds.items()}
+
+    X, y, n = data.X, data.y, data.n_rows
+    rng = np.random.default_rng(1)
+    times = {(name, t): [] for name in builds for t in args.threads}
+    step = 0
+    for _ in range(args.epochs):
+        for threads in args.threads:
+            order = rng.permutation(n).astype(np.int64)
+            for start in range(0, n - compare.BATCH + 1, compare.BATCH):
+                rows = order[start:start + compare.BATCH]
+                cfg = step_config(est, args.model, step, threads)
+                for name in (("base", "new") if step % 2 == 0 else ("new", "base")):
+                    fn, params, state, ws = runs[name]
+                    t0 = time.perf_counter()
+                    fn(X, y, rows, params, state, cfg, ws)
+                    times[(name, threads)].append(time.perf_counter() - t0)
+                step += 1
+
+    print(f"{args.model.upper()} k={args.k} on {args.data} ({n:,} rows, batch "
+          f"{compare.BATCH}); base {args.base}, new {args.new}; ms per batch")
+    for threads in args.threads:
+        base = np.array(times[("base", threads)][WARMUP:]) * 1e3
+        new = np.array(times[("new", threads)][WARMUP:]) * 1e3
+        print(f"  {threads} thread(s): base median {np.median(base):.3f} p10 "
+              f"{np.percentile(base, 10):.3f} | new median {np.median(new):.3f} p10 "
+              f"{np.percentile(new, 10):.3f} | new/base: medians {np.median(new) / np.median(base):.3f}, "
+              f"per batch {np.median(new / base):.3f}")
+
+
+if __name__ == "__main__":
+    main()
