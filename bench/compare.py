@@ -27,8 +27,11 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   ``torch.set_num_threads``). afmfast runs the estimator's own per-batch call
   (``_train_batch``, the loop of ``FactorizationModel._epochs`` without its per-epoch
   evaluation); PyTorch runs zero_grad, loss, backward and Adagrad on pre-built (N, n)
-  index tensors. At k <= 64 the figure is the median of ``--epochs`` full epochs (a
-  shuffled pass each); at k >= 128 it is the median of ``--steps`` single full batches
+  index tensors. At k <= 64 the figure is the median of at least ``--epochs`` full
+  epochs (a shuffled pass each), and of more while a thread count has been timed for
+  less than MIN_TIMED_SECONDS in all (at most MAX_EPOCH_REPS): five epochs of 0.01 s
+  would be at the mercy of one noisy moment of the shared machine. At k >= 128 it is
+  the median of ``--steps`` single full batches
   times n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2 threads alternate
   repetition by repetition, after one warm-up batch each, so that a change of load on
   the shared machine hits both alike.
@@ -85,6 +88,8 @@ BATCH = 4096
 WARMUP_ROWS = 1024  # one warm-up batch per thread count before the timed repetitions
 CONFIGS = [("fm", 16), ("fm", 256), ("afm", 16), ("afm", 64), ("afm", 256)]
 THREADS = [1, 2]
+MIN_TIMED_SECONDS = 3.0  # in epochs mode, per thread count (--quick: 1)
+MAX_EPOCH_REPS = 200
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 
@@ -197,6 +202,16 @@ def _timing_plan(job, n_rows, rng):
     return batches, n_rows / len(batches[0])
 
 
+def _repetitions(job, plan, times):
+    """The plan's repetitions, then in epochs mode more until every thread count has been
+    timed for job["min_seconds"] in all (at most MAX_EPOCH_REPS)."""
+    i = 0
+    while i < len(plan) or (job["mode"] == "epochs" and i < MAX_EPOCH_REPS
+                            and min(sum(v) for v in times.values()) < job["min_seconds"]):
+        yield plan[i] if i < len(plan) else None
+        i += 1
+
+
 def worker_afmfast(job):
     from afmfast import backends
 
@@ -230,7 +245,7 @@ def worker_afmfast(job):
         est._threads = threads
         est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
         step += 1
-    for rows in plan:
+    for rows in _repetitions(job, plan, times):
         for threads in THREADS:
             est._threads = threads
             t0 = time.perf_counter()
@@ -287,7 +302,7 @@ def worker_torch(job):
     for threads in THREADS:
         torch.set_num_threads(threads)
         train_step(model, opt, idx[first], val[first], yt[first])
-    for rows in plan:
+    for rows in _repetitions(job, plan, times):
         for threads in THREADS:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
@@ -486,7 +501,8 @@ def main():
     parser.add_argument("--rows", type=int, default=None,
                         help="synthetic ml-tag rows (default 2,000,000; --quick 200,000)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="timed epochs at k <= 64 (default 5; --quick 2)")
+                        help="timed epochs at k <= 64, at least (default 5; --quick 2; "
+                        "more until each thread count is timed for 3 s, --quick 1 s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed batches at k >= 128 (default 8; --quick 3)")
     parser.add_argument("--no-frappe", action="store_true", help="skip frappe-mini")
@@ -512,6 +528,7 @@ def main():
     rows = args.rows or (200_000 if args.quick else 2_000_000)
     epochs = args.epochs or (2 if args.quick else 5)
     steps = args.steps or (3 if args.quick else 8)
+    min_seconds = 1.0 if args.quick else MIN_TIMED_SECONDS
     started = time.perf_counter()
     from afmfast.backends import available_backends
 
@@ -529,8 +546,10 @@ def main():
     else:
         print(f"PyTorch not importable ({torch_info}): PyTorch columns skipped. "
               "Install the bench extra: pip install \".[bench]\"")
-    print(f"batch {BATCH}; epochs timed at k <= 64: {epochs}; single batches timed at "
-          f"k >= 128: {steps} (epoch time = median batch time x n_rows / {BATCH})")
+    print(f"batch {BATCH}; epochs timed at k <= 64: at least {epochs}, and until each "
+          f"thread count is timed for {min_seconds:g} s (at most {MAX_EPOCH_REPS}); single "
+          f"batches timed at k >= 128: {steps} (epoch time = median batch time x n_rows / "
+          f"{BATCH})")
 
     tmp = tempfile.TemporaryDirectory(prefix="afmfast-compare-")
     sets = []
@@ -582,7 +601,7 @@ def main():
                 log(f"[{time.perf_counter() - started:6.0f} s] {set_name}: {model.upper()} "
                     f"k={k} {name} ...")
                 job = dict(kind=kind, data=paths[si], model=model, k=k, backend=name,
-                           mode=mode, reps=reps)
+                           mode=mode, reps=reps, min_seconds=min_seconds)
                 results[(si, model, k, name)] = run_worker(job)
                 loads[si].append(os.getloadavg()[0])
         # the NumPy float32 matmul ceiling right after the AFM k=256 runs (P = one

@@ -84,7 +84,7 @@ from libc.stdlib cimport free
 from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
-    raise_batch_error, scatter_groups,
+    raise_batch_error, scatter_groups, feature_items, feature_item_start,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -1393,7 +1393,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      floating* dense, floating* sV, floating* sw, floating* sW,
                      floating* sd, double* loss_out) noexcept nogil:
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
-    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, nblk
+    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, nblk, it
     cdef int nt = a.n_threads, err
     cdef floating* WT = <floating*>ws.WT
     cdef floating* GW = <floating*>ws.GW
@@ -1480,10 +1480,11 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             _backward_chunk(a, ws, c, <floating*>ws.VX)
     _phase_t[8] = omp_get_wtime() - t0
 
-    # Popular features have many occurrences: dynamic scheduling balances the threads,
-    # and each feature's arithmetic is the same whichever thread runs it.
-    for u in prange(a.U, schedule="dynamic", chunksize=32, num_threads=nt):
-        _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
+    # Popular features have many occurrences: items handed out dynamically balance the
+    # threads, and each feature's arithmetic is the same whichever thread runs it.
+    for it in prange(feature_items(a.U), schedule="dynamic", num_threads=nt):
+        for u in range(feature_item_start(it, a.U), feature_item_start(it + 1, a.U)):
+            _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
     d = 0
     for u in range(a.U):
         d += ws.grp_sq[u]

@@ -30,6 +30,9 @@ cdef enum:
     OFFSET_PREFETCH = 16
     # nonzeros ahead whose slot entries group_by_feature prefetches
     GROUP_PREFETCH = 16
+    # work items of the feature updates (see feature_items)
+    HEAD_FEATURES = 64
+    TAIL_CHUNK = 32
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
@@ -209,3 +212,20 @@ cdef inline void scatter_groups(Py_ssize_t B, const int64_t* off, const int32_t*
                 grp_occ[pos] = <int32_t>q
             if grp_x != NULL:
                 grp_x[pos] = occ_x[q]
+
+
+cdef inline Py_ssize_t feature_items(Py_ssize_t U) noexcept nogil:
+    """Work items of a loop over the U touched features, which come in order of first
+    occurrence, so the popular ones (most occurrences, most work) first: the first
+    HEAD_FEATURES are an item each, the rest TAIL_CHUNK to an item. A loop that hands
+    out items dynamically then keeps the threads balanced without paying for an atomic
+    per rare feature. Items are [feature_item_start(i), feature_item_start(i + 1))."""
+    if U <= HEAD_FEATURES:
+        return U
+    return HEAD_FEATURES + (U - HEAD_FEATURES + TAIL_CHUNK - 1) // TAIL_CHUNK
+
+
+cdef inline Py_ssize_t feature_item_start(Py_ssize_t item, Py_ssize_t U) noexcept nogil:
+    cdef Py_ssize_t u = item if item <= HEAD_FEATURES else (
+        HEAD_FEATURES + (item - HEAD_FEATURES) * TAIL_CHUNK)
+    return u if u < U else U

@@ -20,11 +20,13 @@ DTYPE is the dtype of params.V (float32 or float64); every other float array mus
 How a step runs (every sum over the rows of the batch has one fixed order, so the result
 is bit-identical for any n_threads):
     1. serial: batch-local nonzero offsets (rows validated).
-    2. prange over rows: s = sum v x, f = 1/2 (s^2 - sum (v x)^2), linear term; the
-       row's nonzeros are copied to contiguous batch-order buffers (ids validated).
-    3. serial: a stable counting sort groups the batch's nonzeros by feature id
+    2. prange over rows: the row's nonzeros are copied to contiguous batch-order
+       buffers (ids validated).
+    3. one thread: a stable counting sort groups the batch's nonzeros by feature id
        (``slot`` maps a feature to its group, -1 when untouched, reset after use),
-       giving the touched features and, for each, its occurrences in row order.
+       giving the touched features and, for each, its occurrences in row order;
+       meanwhile the other threads start (and the sorting thread joins when done) a
+       dynamic loop over rows: s = sum v x, f = 1/2 (s^2 - sum (v x)^2), linear term.
        Then batch-norm mean and biased variance (double): prange over fixed blocks of
        rows, the blocks' partial sums added in block order.
     4. prange over rows: normalisation, dropout mask, prediction, residual r, row loss.
@@ -42,15 +44,16 @@ which is what lets the Adagrad/Adam loops vectorise; IEEE results are unchanged.
 import numpy as np
 
 from cython cimport floating
-from cython.parallel cimport prange
-from openmp cimport omp_get_thread_num
+from cython.parallel cimport parallel, prange, threadid
+from openmp cimport omp_get_thread_num, omp_get_wtime
 from libc.math cimport sqrt
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
     ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
-    check_workspace_sizes, copy_row, group_by_feature, raise_batch_error, scatter_groups,
+    check_workspace_sizes, copy_row, feature_item_start, feature_items, group_by_feature,
+    raise_batch_error, scatter_groups,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -76,6 +79,9 @@ cdef enum:
     PREFETCH_ROWS = 4
     # rows ahead whose V rows it prefetches (their ids were prefetched earlier)
     PREFETCH_V_ROWS = 2
+    # rows a thread takes at a time in the forward pass (dynamic: the thread that sorts
+    # joins late)
+    FORWARD_CHUNK = 64
     # touched features ahead whose V and optimiser-state rows the updates prefetch
     PREFETCH_FEATURES = 2
 
@@ -164,8 +170,8 @@ cdef class FMWorkspace:
     # integer buffers
     cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
     cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (kept so between steps)
-    cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order, then
-                             # (in place) its group
+    cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order
+    cdef int32_t* grp        # (nnz,) its group
     cdef int32_t* row_bad    # (B,) position in the row of its first feature id outside
                              # [0, M), -1 when there is none
     cdef int32_t* uniq       # (u_cap,) feature id of each group
@@ -215,6 +221,7 @@ cdef class FMWorkspace:
         for i in range(M):
             self.slot[i] = -1
         self.occ = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.grp = <int32_t*>_alloc(N * sizeof(int32_t))
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
         self.uniq = <int32_t*>_alloc(U * sizeof(int32_t))
         self.ustart = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
@@ -241,7 +248,7 @@ cdef class FMWorkspace:
 
     def __dealloc__(self):
         # free(NULL) is a no-op, so a half-built workspace is fine too.
-        free(self.off); free(self.slot); free(self.occ); free(self.row_bad); free(self.uniq)
+        free(self.off); free(self.slot); free(self.occ); free(self.grp); free(self.row_bad); free(self.uniq)
         free(self.ustart); free(self.cursor); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
         free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh); free(self.bn_part)
@@ -306,38 +313,50 @@ cdef inline floating _pairwise(Py_ssize_t k, Py_ssize_t M, const int32_t* ids,
     return acc
 
 
-cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
-                              const floating* values, const floating* V, const floating* w,
-                              const floating* y, floating* S, floating* F, floating* lin,
-                              double* r, int32_t* occ, floating* occ_x,
-                              int32_t* row_bad) noexcept nogil:
-    """s, f and the linear term of row b. The row's nonzeros are first copied to the
-    batch-order buffers occ/occ_x: the serial grouping then reads contiguous memory
-    instead of paying the shuffled rows' cache misses a second time."""
-    cdef int64_t q = off[b], start, p
-    cdef Py_ssize_t n = off[b + 1] - q, bad
-    cdef int32_t j
+cdef inline void _copy_batch_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
+                                 const floating* values, const floating* y, double* r,
+                                 int32_t* occ, floating* occ_x,
+                                 int32_t* row_bad) noexcept nogil:
+    """Row b's nonzeros to the batch-order buffers occ/occ_x (ids validated into
+    row_bad[b]) and its label to r[b]: the grouping and the row arithmetic then read
+    contiguous memory instead of the shuffled rows of X."""
+    cdef int64_t start
     if b + PREFETCH_ROWS < a.B:
         # the rows of a shuffled batch are scattered over X: start the next misses early
         start = a.indptr[a.rows[b + PREFETCH_ROWS]]
         __builtin_prefetch(a.indices + start)
         __builtin_prefetch(values + start)
         __builtin_prefetch(y + a.rows[b + PREFETCH_ROWS])
-    if a.prefetch_v and b + PREFETCH_V_ROWS < a.B:
-        start = a.indptr[a.rows[b + PREFETCH_V_ROWS]]
-        for p in range(start, a.indptr[a.rows[b + PREFETCH_V_ROWS] + 1]):
-            j = a.indices[p]
-            if 0 <= j < a.M:
-                _prefetch_row(V + <Py_ssize_t>j * a.k, a.k * sizeof(floating))
-                __builtin_prefetch(w + j)
-    start = a.indptr[a.rows[b]]
     r[b] = <double>y[a.rows[b]]  # the label, until _output_row turns it into the residual
-    bad = copy_row(a.indices, values, start, n, a.M, occ + q, occ_x + q)
-    row_bad[b] = <int32_t>bad
-    if bad >= 0:
-        return  # the step fails anyway
+    row_bad[b] = <int32_t>copy_row(a.indices, values, a.indptr[a.rows[b]],
+                                   off[b + 1] - off[b], a.M, occ + off[b], occ_x + off[b])
+
+
+cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
+                              const floating* V, const floating* w, floating* S,
+                              floating* F, floating* lin, const int32_t* occ,
+                              const floating* occ_x) noexcept nogil:
+    """s, f and the linear term of row b from its copied (valid) nonzeros."""
+    cdef int64_t q = off[b], p
+    cdef Py_ssize_t n = off[b + 1] - q
+    cdef int32_t j
+    if a.prefetch_v and b + PREFETCH_V_ROWS < a.B:
+        for p in range(off[b + PREFETCH_V_ROWS], off[b + PREFETCH_V_ROWS + 1]):
+            j = occ[p]
+            _prefetch_row(V + <Py_ssize_t>j * a.k, a.k * sizeof(floating))
+            __builtin_prefetch(w + j)
     # F[b] holds sum (v x)^2 until f replaces it
     lin[b] = _pairwise(a.k, a.M, occ + q, occ_x + q, n, V, w, S + b * a.k, F + b * a.k)
+
+
+cdef void _group_batch(StepArgs* a, FMWorkspace ws, const floating* occ_x,
+                       floating* grp_x) noexcept nogil:
+    """The batch's nonzeros grouped by feature (stable counting sort): a.U, uniq, ustart,
+    grp_row, grp_x. grp (the group of each nonzero) is its own buffer, as the row
+    arithmetic reads occ at the same time."""
+    a.U = group_by_feature(ws.off[a.B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor,
+                           ws.ustart)
+    scatter_groups(a.B, ws.off, ws.grp, ws.cursor, ws.grp_row, NULL, occ_x, grp_x)
 
 
 cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
@@ -462,11 +481,24 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
 
 
+# Wall-clock seconds from the start of the last fm_step to the end of each phase, for
+# profiling (_phase_times() names them; PHASES is their order).
+PHASES = ("prepare", "group_forward", "output", "df", "feature_updates", "dense_updates")
+cdef double _phase_t[6]
+
+
+def _phase_times():
+    """{phase: seconds} of the last fm_step in this process, phases named by PHASES (for
+    profiling; with concurrent steps, the last to finish each phase wins)."""
+    return {name: _phase_t[i] - (_phase_t[i - 1] if i else 0.0)
+            for i, name in enumerate(PHASES)}
+
+
 cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* dense,
                      floating* bn, floating* sV, floating* sw, floating* sd,
                      double* loss_out) noexcept nogil:
-    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0, q
+    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0, q, it
     cdef int nt = a.n_threads, err
     cdef floating* S = <floating*>ws.S
     cdef floating* F = <floating*>ws.F
@@ -484,25 +516,31 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef double* sdzfh = ws.sum_dzfh
     cdef double loss = 0, gw0 = 0, d, rb
     cdef floating* fr
+    cdef double t0 = omp_get_wtime()
 
     err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.off, a.nnz_cap, &a.err)
     if err:
         return err
 
     for b in prange(B, schedule="static", num_threads=nt):
-        _forward_row(a, b, ws.off, values, V, w, y, S, F, lin, r, ws.occ,
-                     <floating*>ws.occ_x, ws.row_bad)
+        _copy_batch_row(a, b, ws.off, values, y, r, ws.occ, <floating*>ws.occ_x,
+                        ws.row_bad)
     for b in range(B):
         if ws.row_bad[b] >= 0:
             a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
             a.err.value = ws.occ[ws.off[b] + ws.row_bad[b]]
             return ERR_FEATURE
+    _phase_t[0] = omp_get_wtime() - t0
 
-    # group the nonzeros by feature (occ becomes each nonzero's group, in place)
-    U = group_by_feature(ws.off[B], ws.occ, ws.occ, ws.slot, ws.uniq, ws.cursor, ws.ustart)
-    a.U = U
-    scatter_groups(B, ws.off, ws.occ, ws.cursor, ws.grp_row, NULL,
-                   <floating*>ws.occ_x, grp_x)
+    # The grouping is serial and only the feature updates need it: one thread sorts
+    # while the others start on the rows, and it joins them when done.
+    with parallel(num_threads=nt):
+        if threadid() == 0:
+            _group_batch(a, ws, <floating*>ws.occ_x, grp_x)
+        for b in prange(B, schedule="dynamic", chunksize=FORWARD_CHUNK):
+            _forward_row(a, b, ws.off, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x)
+    U = a.U
+    _phase_t[1] = omp_get_wtime() - t0
 
     if a.batch_norm:
         _bn_sums(a, BN_MEAN, F, SC, r, mu, ws.bn_part, mu, NULL)
@@ -530,20 +568,24 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         for f in range(k):
             kb[3 * k + f] = <floating>(<double>dense[1 + f] * sdz[f])
             kb[4 * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
+    _phase_t[2] = omp_get_wtime() - t0
 
     for b in prange(B, schedule="static", num_threads=nt):
         _df_row(a, b, r, dense, F, SC, kb)
+    _phase_t[3] = omp_get_wtime() - t0
 
-    # Popular features have many occurrences: dynamic scheduling balances the threads,
-    # and each feature's arithmetic is the same whichever thread runs it.
-    for u in prange(U, schedule="dynamic", chunksize=32, num_threads=nt):
-        _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r, G,
-                        ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
+    # Popular features have many occurrences: items handed out dynamically balance the
+    # threads, and each feature's arithmetic is the same whichever thread runs it.
+    for it in prange(feature_items(U), schedule="dynamic", num_threads=nt):
+        for u in range(feature_item_start(it, U), feature_item_start(it + 1, U)):
+            _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r, G,
+                            ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
 
     d = 0
     for u in range(U):
         d += ws.grp_sq[u]
     loss += 0.5 * a.l2 * d
+    _phase_t[4] = omp_get_wtime() - t0
 
     gd[0] = <floating>gw0
     for f in range(k):
@@ -554,6 +596,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             gd[1 + f] = 0
             gd[1 + k + f] = 0
     opt_vec(&a.opt, dense, sd, sd + 1 + 2 * k, gd, 1 + 2 * k)
+    _phase_t[5] = omp_get_wtime() - t0
 
     if a.batch_norm:
         for f in range(k):

@@ -321,3 +321,20 @@ def test_errors():
                     cy.afm_workspace(10, 1000, 1000, 50, 4, 3, np.float32))
     with pytest.raises(ValueError, match="activation"):
         cy.afm_predict(X, params, 1, 7, 1, np.empty(20))
+
+
+def test_phase_times_cover_the_last_step():
+    """_phase_times() (bench/profile_phases.py) names every phase of PHASES with a
+    non-negative time, and together they fit in the step's wall time."""
+    import time
+    X, y, params = make_problem(n_rows=80, dtype=np.float32)
+    rows = np.arange(len(y), dtype=np.int64)
+    ws = workspace_for(X, rows, params)
+    t0 = time.perf_counter()
+    cy.afm_step(X, y, rows, params, api.new_opt_state(params, api.ADAGRAD),
+                cfg_for(api.ADAGRAD, n_threads=2), ws)
+    wall = time.perf_counter() - t0
+    phases = cy._phase_times()
+    assert list(phases) == list(cy.PHASES)
+    assert all(v >= 0 for v in phases.values())
+    assert 0 < sum(phases.values()) <= wall

@@ -1,0 +1,82 @@
+"""Where a training step spends its time: the Cython kernel's phases, per batch.
+
+    python bench/profile_phases.py                      # AFM, frappe-mini, k = t = 16, 1 and 2 threads
+    python bench/profile_phases.py --k 256 --data mltag --epochs 1
+    python bench/profile_phases.py --model fm --data mltag
+
+Trains on frappe-mini (../shared/data beside the repository) or on the synthetic ml-tag
+set of ``bench/compare.py`` and prints, per thread count, the 10th percentile and the
+median of the batch time and the 10th percentile of each phase that the kernel module's
+``_phase_times()`` reports.
+- AFM (``afmfast._afm_cython``): prepare (batch gathering and distinct pairs); vx;
+  distinct_forward (e, W e + b, act, logit per distinct pair); row_forward (softmax,
+  pooling, residual, da, ds per row); ds_sums; distinct_backward (du, C' = W^T du);
+  row_sums; dW; de (the pairs' gradients into v x); feature_updates (the sparse
+  optimiser); dense_updates.
+- FM (``afmfast._fm_cython``): prepare (offsets, batch-order copy); group_forward (the
+  grouping by feature on one thread while the others compute s, f and the linear term
+  per row); output (batch norm, prediction, residual); df; feature_updates;
+  dense_updates.
+The first third of the batches is warm-up. On a shared machine quote the percentiles
+side by side, not one absolute time.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402  (the data sets of the comparison script)
+
+from afmfast import _afm_cython, _fm_cython, backends  # noqa: E402
+
+KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
+
+
+def profile(model, data, k, threads, epochs, batch=compare.BATCH):
+    est = compare.make_estimator(model, k, "cython", threads)
+    est._validate()
+    est._backend = backends.get_backend("cython", model)
+    est._threads, est._seed = threads, 2016
+    est._init_model(data, np.random.default_rng(2016))
+    X, y, n = data.X, data.y, data.n_rows
+    rng = np.random.default_rng(1)
+    phases, totals, step = [], [], 0
+    for _ in range(epochs):
+        order = rng.permutation(n).astype(np.int64)
+        for start in range(0, n - batch + 1, batch):
+            t0 = time.perf_counter()
+            est._train_batch(X, y, order[start:start + batch], step)
+            totals.append(time.perf_counter() - t0)
+            phases.append(list(KERNELS[model]._phase_times().values()))
+            step += 1
+    skip = len(totals) // 3
+    return np.array(totals[skip:]), np.array(phases[skip:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("afm", "fm"), default="afm")
+    parser.add_argument("--data", choices=("frappe", "mltag"), default="frappe")
+    parser.add_argument("--k", type=int, default=16, help="k (= t for AFM; default 16)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=200_000, help="ml-tag rows")
+    args = parser.parse_args()
+    data = (compare.frappe_mini_train() if args.data == "frappe"
+            else compare.synthetic_mltag(args.rows))
+    print(f"{args.model.upper()} k={args.k} on {args.data} ({data.n_rows:,} rows, batch "
+          f"{compare.BATCH}); milliseconds per batch")
+    names = KERNELS[args.model].PHASES
+    print(f"{'threads':>7} {'p10':>7} {'median':>7}  " + " ".join(f"{n[:10]:>10}" for n in names))
+    for threads in args.threads:
+        totals, phases = profile(args.model, data, args.k, threads, args.epochs)
+        p10 = np.percentile(phases, 10, axis=0) * 1e3
+        print(f"{threads:>7} {np.percentile(totals, 10) * 1e3:7.2f} "
+              f"{np.median(totals) * 1e3:7.2f}  " + " ".join(f"{v:10.2f}" for v in p10))
+
+
+if __name__ == "__main__":
+    main()
