@@ -44,7 +44,11 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   distinct (i, j) pair of a batch, so the all-pairs rate is an effective one (it can
   pass 100% and the machine's peak); the table adds the rate on the distinct pairs
   counted in the timed batches (6 D k t), the flops actually executed.
-- 2-thread speed-up t(1 thread) / t(2 threads) per configuration.
+- 2-thread speed-up t(1 thread) / t(2 threads) per configuration, with the one-way
+  latency of a cache line between CPUs 0 and 1 measured before and after every
+  configuration (``bench/core_to_core.c``, compiled with ``cc`` when there is one): the
+  VMs here sometimes have their two vCPUs on one chiplet (about 40 ns) and sometimes on
+  two (about 165 ns), and the memory-bound kernels scale far worse in the second case.
 - memory: every configuration runs in its own subprocess; after loading the data and a
   warm-up fit on 64 rows (JIT and thread pools) the peak RSS is reset
   (``/proc/self/clear_refs``) and read back as VmHWM after training (the figure
@@ -478,6 +482,31 @@ def torch_available():
         return False, str(exc)
 
 
+def build_core_probe(directory):
+    """bench/core_to_core.c compiled into directory: its path, or None without a C
+    compiler."""
+    exe = Path(directory) / "core_to_core"
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-pthread",
+           str(Path(__file__).with_name("core_to_core.c")), "-o", str(exe)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return exe
+
+
+def core_to_core_ns(probe):
+    """One-way latency of a cache line between CPUs 0 and 1 (ns), or None."""
+    if probe is None or (os.cpu_count() or 1) < 2:
+        return None
+    try:
+        out = subprocess.run([str(probe)], capture_output=True, text=True, timeout=120,
+                             check=True).stdout
+        return float(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def cpu_description():
     model, flags = "unknown CPU", set()
     try:
@@ -552,6 +581,7 @@ def main():
           f"{BATCH})")
 
     tmp = tempfile.TemporaryDirectory(prefix="afmfast-compare-")
+    probe = build_core_probe(tmp.name)
     sets = []
     if args.no_frappe:
         print("frappe-mini: skipped (--no-frappe)")
@@ -586,11 +616,12 @@ def main():
             print("  -> same math" if verified else
                   "  -> MISMATCH: the PyTorch figures below are unverified")
 
-    results, matmul, loads, distinct_share = {}, {}, {}, {}
+    results, matmul, loads, distinct_share, c2c = {}, {}, {}, {}, {}
     env_best = {key: v for key, v in os.environ.items() if key not in OPENBLAS_VARS}
     env_set = any(os.environ.get(v) is not None for v in OPENBLAS_VARS)
     for si, (set_name, data) in enumerate(sets):
         loads[si] = [os.getloadavg()[0]]
+        c2c[si] = [core_to_core_ns(probe)]
         for model, k in configs:
             mode = "epochs" if k <= 64 else "steps"
             reps = epochs if mode == "epochs" else steps
@@ -604,6 +635,7 @@ def main():
                            mode=mode, reps=reps, min_seconds=min_seconds)
                 results[(si, model, k, name)] = run_worker(job)
                 loads[si].append(os.getloadavg()[0])
+                c2c[si].append(core_to_core_ns(probe))
         # the NumPy float32 matmul ceiling right after the AFM k=256 runs (P = one
         # batch's pairs): the CPU's own kernel, then the environment as set if it differs
         P = int(pairs_per_row(data)[:BATCH].sum())
@@ -626,6 +658,15 @@ def main():
               f"{BATCH} ===")
         print(f"load average (1 min) while measured: {min(loads[si]):.1f}-{max(loads[si]):.1f} "
               f"on {os.cpu_count()} CPUs")
+        lat = [v for v in c2c[si] if v is not None]
+        if lat:
+            print(f"cache line from CPU 0 to CPU 1 (bench/core_to_core.c) while measured: "
+                  f"{min(lat):.0f}-{max(lat):.0f} ns one way (about 40: the two share a "
+                  "chiplet; over 100: they do not, and 2-thread runs of kernels that update "
+                  "tables the other thread reads next suffer)")
+        else:
+            print("cache line latency between CPUs 0 and 1: not measured (no C compiler or "
+                  "one CPU)")
         print("Seconds per epoch (median); ratio = PyTorch / afmfast at the same thread "
               "count; speed-up = 1 thread / 2 threads")
         rows_out = []
