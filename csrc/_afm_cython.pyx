@@ -41,16 +41,18 @@ C' once per distinct pair instead of C once per pair.
 How a step runs (no floating sum over rows or pairs depends on the thread count, so the
 result is bit-identical for any n_threads):
     0. serial: row/pair offsets (rows validated), a copy of the batch's nonzeros in batch
-       order (ids validated), a stable counting sort of them by feature id, W^T, a split
-       of the batch into chunks of consecutive rows (the split depends on the data only).
-       With attention, the distinct pairs: prange over feature groups, each occurrence's
+       order (prange; ids validated), a split of the batch into chunks of consecutive rows
+       (the split depends on the data only). Then one thread sorts the nonzeros by
+       feature id (stable counting sort) while the others compute v x per occurrence and
+       the linear term per row (step 1a, prange over chunks), joined by the sorting
+       thread when it is done. W^T. With attention, the distinct pairs: prange over feature groups, each occurrence's
        class (its group when its value equals the group's first value, else its own);
        a pair (i < i2 in its row) belongs to the bucket of class(i); prange over classes
        numbers each bucket's distinct upper classes (one dedup table per thread); the
        bucket counts are prefix-summed and a prange over rows makes the ids global.
        (Rows that list the same two classes in opposite orders give two distinct pairs
        with equal values: correct, only less shared. libFM rows list fields in one order.)
-    1. prange over chunks: v x per occurrence. prange over fixed blocks of DBLOCK distinct
+    1. prange over fixed blocks of DBLOCK distinct
        pairs: e, U = E W^T + b (register-tiled GEMM), act, the logit (double) and
        h act'(u). prange over chunks, per row: softmax of the row's logits, dropout masks,
        g, y_hat, residual r, dg, da, ds per pair (row kernels in C, DTYPE vectors).
@@ -75,7 +77,7 @@ import threading
 import numpy as np
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_thread_num, omp_get_wtime
 from libc.math cimport exp, expf, sqrt, tanh, tanhf, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint64_t
@@ -820,8 +822,20 @@ cdef void _copy_row(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
         ws.row_of[q] = <int32_t>b
 
 
-cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept nogil:
-    """Step 0: offsets, batch-order copy of the nonzeros, grouping by feature, chunks."""
+cdef void _group(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
+    """Stable counting sort of the batch's nonzeros by feature id (slot is all -1 between
+    steps): a.U, grp, uniq, ustart, grp_row, grp_occ."""
+    a.U = group_by_feature(ws.off[a.B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor,
+                           ws.ustart)
+    scatter_groups(a.B, ws.off, ws.grp, ws.cursor, ws.grp_row, ws.grp_occ, <float*>NULL,
+                   <float*>NULL)
+
+
+cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const floating* V,
+                  const floating* w) noexcept nogil:
+    """Step 0 and 1a: offsets, batch-order copy of the nonzeros, chunks; then the grouping
+    by feature on one thread while the others compute v x per occurrence (which does
+    not need it), the sorting thread joining them when done; the distinct pairs."""
     cdef Py_ssize_t B = a.B, b, n, c, bad
     cdef int64_t start, cp
     cdef int64_t* off = ws.off
@@ -844,10 +858,6 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept 
             a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
             a.err.value = ws.occ[off[b] + ws.row_bad[b]]
             return ERR_FEATURE
-    # stable counting sort by feature id (slot is all -1 between steps)
-    a.U = group_by_feature(off[B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor, ws.ustart)
-    scatter_groups(B, off, ws.grp, ws.cursor, ws.grp_row, ws.grp_occ, <floating*>NULL,
-                   <floating*>NULL)
     # chunks of consecutive rows with about `target` pairs (<= 64 rows): E and U of a
     # chunk stay in cache between the GEMM and the row loop.
     target = 65536 // (a.k + a.t)
@@ -869,6 +879,11 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values) noexcept 
         c += 1
         ws.chunk[c] = B
     a.n_chunks = c
+    with parallel(num_threads=a.n_threads):
+        if threadid() == 0:
+            _group(a, ws)
+        for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
+            _vx_chunk(a, ws, c, V, w)
     if a.attention:
         _distinct_pairs(a, ws, <floating*>ws.occ_x)
     return 0
@@ -1383,9 +1398,9 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
 
 # Wall-clock seconds from the start of the last afm_step to the end of each phase, for
 # profiling (_phase_times() names them; PHASES is their order).
-PHASES = ("prepare", "vx", "distinct_forward", "row_forward", "ds_sums",
-          "distinct_backward", "row_sums", "dW", "de", "feature_updates", "dense_updates")
-cdef double _phase_t[11]
+PHASES = ("prepare", "distinct_forward", "row_forward", "ds_sums", "distinct_backward",
+          "row_sums", "dW", "de", "feature_updates", "dense_updates")
+cdef double _phase_t[10]
 
 
 cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
@@ -1404,7 +1419,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef floating l2a = <floating>a.l2a
 
     cdef double t0 = omp_get_wtime()
-    err = _prepare(a, ws, values)
+    err = _prepare(a, ws, values, V, w)
     if err:
         return err
     if a.attention:
@@ -1412,10 +1427,6 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             for f in range(k):
                 WT[f * t + j] = W[j * k + f]
     _phase_t[0] = omp_get_wtime() - t0
-
-    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
-        _vx_chunk(a, ws, c, V, w)
-    _phase_t[1] = omp_get_wtime() - t0
     nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
     for c in prange(nblk, schedule="dynamic", num_threads=nt):
         _distinct_forward(a, ws, c, dense)
@@ -1426,10 +1437,10 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 smax = ws.BMAX[c]
         for c in prange(nblk, schedule="dynamic", num_threads=nt):
             _distinct_exp(a, ws, c, smax)
-    _phase_t[2] = omp_get_wtime() - t0
+    _phase_t[1] = omp_get_wtime() - t0
     for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _forward_chunk(a, ws, c, y, dense)
-    _phase_t[3] = omp_get_wtime() - t0
+    _phase_t[2] = omp_get_wtime() - t0
     if a.attention:
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
         for c in prange(a.U, schedule="dynamic", chunksize=4, num_threads=nt):
@@ -1438,11 +1449,11 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256,
                             num_threads=nt):
                 _sum_ds(a, ws, c)
-    _phase_t[4] = omp_get_wtime() - t0
+    _phase_t[3] = omp_get_wtime() - t0
     if a.attention:
         for c in prange(nblk, schedule="dynamic", num_threads=nt):
             _distinct_backward(a, ws, c, dense, W)
-    _phase_t[5] = omp_get_wtime() - t0
+    _phase_t[4] = omp_get_wtime() - t0
 
     # step 2: row-order sums
     for j in range(D):
@@ -1463,7 +1474,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 dsum[1 + k + t + j] += row[j]
     for j in range(D):
         gd[j] = <floating>dsum[j]
-    _phase_t[6] = omp_get_wtime() - t0
+    _phase_t[5] = omp_get_wtime() - t0
 
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
@@ -1473,12 +1484,12 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             d += <double>W[j] * <double>W[j]
             GW[j] = GW[j] + l2a * W[j]
         loss += 0.5 * a.l2a * d
-    _phase_t[7] = omp_get_wtime() - t0
+    _phase_t[6] = omp_get_wtime() - t0
 
     if not a.freeze_fm:
         for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
             _backward_chunk(a, ws, c, <floating*>ws.VX)
-    _phase_t[8] = omp_get_wtime() - t0
+    _phase_t[7] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it.
@@ -1489,7 +1500,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     for u in range(a.U):
         d += ws.grp_sq[u]
     loss += 0.5 * a.l2 * d
-    _phase_t[9] = omp_get_wtime() - t0
+    _phase_t[8] = omp_get_wtime() - t0
 
     lo = 1 if a.freeze_fm else 0
     hi = D if a.attention else 1 + k
@@ -1497,7 +1508,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k)
     loss_out[0] = loss
-    _phase_t[10] = omp_get_wtime() - t0
+    _phase_t[9] = omp_get_wtime() - t0
     return 0
 
 
@@ -1794,15 +1805,13 @@ cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef int nt = a.n_threads, err
     cdef floating* WT = <floating*>ws.WT
     cdef double smax
-    err = _prepare(a, ws, values)
+    err = _prepare(a, ws, values, V, w)
     if err:
         return err
     if a.attention:
         for j in range(t):
             for f in range(k):
                 WT[f * t + j] = W[j * k + f]
-    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
-        _vx_chunk(a, ws, c, V, w)
     nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
     for c in prange(nblk, schedule="dynamic", num_threads=nt):
         _distinct_forward(a, ws, c, dense)
