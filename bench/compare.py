@@ -28,13 +28,13 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   (``_train_batch``, the loop of ``FactorizationModel._epochs`` without its per-epoch
   evaluation); PyTorch runs zero_grad, loss, backward and Adagrad on pre-built (N, n)
   index tensors. At k <= 64 the figure is the median of at least ``--epochs`` full
-  epochs (a shuffled pass each), and of more while a thread count has been timed for
-  less than MIN_TIMED_SECONDS in all (at most MAX_EPOCH_REPS): five epochs of 0.01 s
-  would be at the mercy of one noisy moment of the shared machine. At k >= 128 it is
-  the median of ``--steps`` single full batches
+  epochs (a shuffled pass each); at k >= 128 it is the median of at least ``--steps``
+  single full batches
   times n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2 threads alternate
   repetition by repetition, after one warm-up batch each, so that a change of load on
-  the shared machine hits both alike.
+  the shared machine hits both alike; repetitions go on while a thread count has been
+  timed for less than MIN_TIMED_SECONDS in all (at most MAX_REPS): five epochs of
+  0.01 s would be at the mercy of one noisy moment of the shared machine.
 - the AFM attention product's achieved GFLOP/s: 6 P k t flops per batch (forward
   2 P k t for W e_ij, backward 4 P k t for dW and de; P = the batch's pairs, counted from
   the data), divided by the whole step time, against NumPy float32 ``(P x k) @ (k x t)``
@@ -92,8 +92,8 @@ BATCH = 4096
 WARMUP_ROWS = 1024  # one warm-up batch per thread count before the timed repetitions
 CONFIGS = [("fm", 16), ("fm", 256), ("afm", 16), ("afm", 64), ("afm", 256)]
 THREADS = [1, 2]
-MIN_TIMED_SECONDS = 3.0  # in epochs mode, per thread count (--quick: 1)
-MAX_EPOCH_REPS = 200
+MIN_TIMED_SECONDS = 3.0  # per thread count and configuration (--quick: 1)
+MAX_REPS = 200
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 
@@ -196,23 +196,23 @@ def make_estimator(model, k, backend="auto", threads=1):
 
 
 def _timing_plan(job, n_rows, rng):
-    """(list of row arrays per repetition, epoch scale): full epochs, or single batches."""
+    """(rows of repetition i, epoch scale): None (a full epoch) in epochs mode, else the
+    i-th full batch of one fixed permutation (cycling)."""
     if job["mode"] == "epochs":
-        return [None] * job["reps"], 1.0
+        return (lambda i: None), 1.0
     order = rng.permutation(n_rows).astype(np.int64)
     n_full = max(1, n_rows // BATCH)
-    batches = [order[(i % n_full) * BATCH:(i % n_full + 1) * BATCH]
-               for i in range(job["reps"] + 1)]
-    return batches, n_rows / len(batches[0])
+    size = min(BATCH, n_rows)
+    return (lambda i: order[(i % n_full) * BATCH:][:size]), n_rows / size
 
 
-def _repetitions(job, plan, times):
-    """The plan's repetitions, then in epochs mode more until every thread count has been
-    timed for job["min_seconds"] in all (at most MAX_EPOCH_REPS)."""
+def _repetitions(job, rows_for, times):
+    """job["reps"] repetitions, then more until every thread count has been timed for
+    job["min_seconds"] in all (at most MAX_REPS)."""
     i = 0
-    while i < len(plan) or (job["mode"] == "epochs" and i < MAX_EPOCH_REPS
-                            and min(sum(v) for v in times.values()) < job["min_seconds"]):
-        yield plan[i] if i < len(plan) else None
+    while i < job["reps"] or (i < MAX_REPS
+                              and min(sum(v) for v in times.values()) < job["min_seconds"]):
+        yield rows_for(i)
         i += 1
 
 
@@ -242,14 +242,14 @@ def worker_afmfast(job):
     est = build(data, THREADS[0])
     param_bytes = sum(a.nbytes for a in est._params) + sum(a.nbytes for a in est._state)
     rng = np.random.default_rng(1)
-    plan, scale = _timing_plan(job, n, rng)
+    rows_for, scale = _timing_plan(job, n, rng)
     times = {t: [] for t in THREADS}
     step = 0
     for threads in THREADS:  # one warm-up batch per thread count
         est._threads = threads
         est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
         step += 1
-    for rows in _repetitions(job, plan, times):
+    for rows in _repetitions(job, rows_for, times):
         for threads in THREADS:
             est._threads = threads
             t0 = time.perf_counter()
@@ -301,12 +301,12 @@ def worker_torch(job):
     model, opt = build(data.n_features)
     param_bytes = sum(p.numel() * p.element_size() * 2 for p in model.parameters())
     rng = np.random.default_rng(1)
-    plan, scale = _timing_plan(job, n, rng)
+    rows_for, scale = _timing_plan(job, n, rng)
     times = {t: [] for t in THREADS}
     for threads in THREADS:
         torch.set_num_threads(threads)
         train_step(model, opt, idx[first], val[first], yt[first])
-    for rows in _repetitions(job, plan, times):
+    for rows in _repetitions(job, rows_for, times):
         for threads in THREADS:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
@@ -533,7 +533,7 @@ def main():
                         help="timed epochs at k <= 64, at least (default 5; --quick 2; "
                         "more until each thread count is timed for 3 s, --quick 1 s)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed batches at k >= 128 (default 8; --quick 3)")
+                        help="timed batches at k >= 128, at least (default 8; --quick 3)")
     parser.add_argument("--no-frappe", action="store_true", help="skip frappe-mini")
     parser.add_argument("--configs", default=None,
                         help="only these model:k configurations, e.g. afm:16,fm:256 "
@@ -575,10 +575,9 @@ def main():
     else:
         print(f"PyTorch not importable ({torch_info}): PyTorch columns skipped. "
               "Install the bench extra: pip install \".[bench]\"")
-    print(f"batch {BATCH}; epochs timed at k <= 64: at least {epochs}, and until each "
-          f"thread count is timed for {min_seconds:g} s (at most {MAX_EPOCH_REPS}); single "
-          f"batches timed at k >= 128: {steps} (epoch time = median batch time x n_rows / "
-          f"{BATCH})")
+    print(f"batch {BATCH}; timed at k <= 64: at least {epochs} epochs, at k >= 128: at "
+          f"least {steps} single batches (epoch time = median batch time x n_rows / {BATCH}); "
+          f"more until each thread count is timed for {min_seconds:g} s (at most {MAX_REPS})")
 
     tmp = tempfile.TemporaryDirectory(prefix="afmfast-compare-")
     probe = build_core_probe(tmp.name)
@@ -633,9 +632,11 @@ def main():
                     f"k={k} {name} ...")
                 job = dict(kind=kind, data=paths[si], model=model, k=k, backend=name,
                            mode=mode, reps=reps, min_seconds=min_seconds)
+                before = c2c[si][-1]
                 results[(si, model, k, name)] = run_worker(job)
                 loads[si].append(os.getloadavg()[0])
                 c2c[si].append(core_to_core_ns(probe))
+                results[(si, model, k, name)]["c2c"] = (before, c2c[si][-1])
         # the NumPy float32 matmul ceiling right after the AFM k=256 runs (P = one
         # batch's pairs): the CPU's own kernel, then the environment as set if it differs
         P = int(pairs_per_row(data)[:BATCH].sum())
@@ -678,17 +679,21 @@ def main():
                        if ref and "error" not in ref else None)
             for name in backends[model] + (["pytorch"] if has_torch else []):
                 res = results[(si, model, k, name)]
+                lat = "/".join("?" if v is None else f"{v:.0f}" for v in res["c2c"])
                 if "error" in res:
-                    rows_out.append([cfg, name, "failed: " + res["error"][:60]] + [""] * 6)
+                    rows_out.append([cfg, name, "failed: " + res["error"][:60]] + [""] * 7)
                     notes.append(f"{set_name} {cfg} {name}: {res['error']}")
                     continue
                 m = {t: med(res["times"][t]) for t in THREADS}
                 ratio = ["" if name == "pytorch" or ref_med is None
                          else fmt_x(ref_med[t] / m[t]) for t in THREADS]
                 rows_out.append([cfg, name, fmt_s(m[1]), fmt_s(m[2]),
-                                 fmt_x(m[1] / m[2]), *ratio, mode])
+                                 fmt_x(m[1] / m[2]), *ratio, mode, lat])
         print(table(["config", "impl", "1 thread s", "2 threads s", "speed-up",
-                     "PyTorch/this 1T", "PyTorch/this 2T", "timed as"], rows_out))
+                     "PyTorch/this 1T", "PyTorch/this 2T", "timed as", "CPU0-1 ns"],
+                    rows_out))
+        print("(CPU0-1 ns: the cache line latency between CPUs 0 and 1 before/after the "
+              "row's runs)")
 
         if ("afm", 256) in configs:
             # attention product
