@@ -832,10 +832,10 @@ cdef void _group(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
 
 
 cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const floating* V,
-                  const floating* w) noexcept nogil:
+                  const floating* w, const floating* W) noexcept nogil:
     """Step 0 and 1a: offsets, batch-order copy of the nonzeros, chunks; then the grouping
     by feature on one thread while the others compute v x per occurrence (which does
-    not need it), the sorting thread joining them when done; the distinct pairs."""
+    not need it), the sorting thread joining them when done; the distinct pairs, W^T."""
     cdef Py_ssize_t B = a.B, b, n, c, bad
     cdef int64_t start, cp
     cdef int64_t* off = ws.off
@@ -886,7 +886,27 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
             _vx_chunk(a, ws, c, V, w)
     if a.attention:
         _distinct_pairs(a, ws, <floating*>ws.occ_x)
+        for b in range(a.t):
+            for c in range(a.k):
+                (<floating*>ws.WT)[c * a.t + b] = W[b * a.k + c]
     return 0
+
+
+cdef void _distinct_logits(AFMArgs* a, AFMWorkspace ws, const floating* dense) noexcept nogil:
+    """Step 1b (attention): e, act(W e + b) and the logit of every distinct pair, then
+    exp(logit - the batch's largest logit)."""
+    cdef Py_ssize_t c, nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
+    cdef double smax
+    cdef int nt = a.n_threads
+    for c in prange(nblk, schedule="dynamic", num_threads=nt):
+        _distinct_forward(a, ws, c, dense)
+    if nblk > 0:
+        smax = ws.BMAX[0]
+        for c in range(1, nblk):
+            if ws.BMAX[c] > smax:
+                smax = ws.BMAX[c]
+        for c in prange(nblk, schedule="dynamic", num_threads=nt):
+            _distinct_exp(a, ws, c, smax)
 
 
 cdef inline Py_ssize_t _pair_index(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n) noexcept nogil:
@@ -1410,33 +1430,20 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
     cdef Py_ssize_t b, f, j, c, u, lo, hi, th, nblk, it
     cdef int nt = a.n_threads, err
-    cdef floating* WT = <floating*>ws.WT
     cdef floating* GW = <floating*>ws.GW
     cdef floating* gd = <floating*>ws.gdense
     cdef const double* row
     cdef double* dsum = ws.dsum
-    cdef double loss = 0, d, smax
+    cdef double loss = 0, d
     cdef floating l2a = <floating>a.l2a
 
     cdef double t0 = omp_get_wtime()
-    err = _prepare(a, ws, values, V, w)
+    err = _prepare(a, ws, values, V, w, W)
     if err:
         return err
-    if a.attention:
-        for j in range(t):
-            for f in range(k):
-                WT[f * t + j] = W[j * k + f]
     _phase_t[0] = omp_get_wtime() - t0
+    _distinct_logits(a, ws, dense)
     nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
-    for c in prange(nblk, schedule="dynamic", num_threads=nt):
-        _distinct_forward(a, ws, c, dense)
-    if nblk > 0:
-        smax = ws.BMAX[0]
-        for c in range(1, nblk):
-            if ws.BMAX[c] > smax:
-                smax = ws.BMAX[c]
-        for c in prange(nblk, schedule="dynamic", num_threads=nt):
-            _distinct_exp(a, ws, c, smax)
     _phase_t[1] = omp_get_wtime() - t0
     for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _forward_chunk(a, ws, c, y, dense)
@@ -1801,27 +1808,12 @@ cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                         const floating* dense, floating* out) noexcept nogil:
     """The forward pass of a step on the rows a.rows (no dropout, no update), with the
     attention MLP once per distinct pair: scores into out[row]."""
-    cdef Py_ssize_t k = a.k, t = a.t, c, f, j, nblk
+    cdef Py_ssize_t c
     cdef int nt = a.n_threads, err
-    cdef floating* WT = <floating*>ws.WT
-    cdef double smax
-    err = _prepare(a, ws, values, V, w)
+    err = _prepare(a, ws, values, V, w, W)
     if err:
         return err
-    if a.attention:
-        for j in range(t):
-            for f in range(k):
-                WT[f * t + j] = W[j * k + f]
-    nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
-    for c in prange(nblk, schedule="dynamic", num_threads=nt):
-        _distinct_forward(a, ws, c, dense)
-    if nblk > 0:
-        smax = ws.BMAX[0]
-        for c in range(1, nblk):
-            if ws.BMAX[c] > smax:
-                smax = ws.BMAX[c]
-        for c in prange(nblk, schedule="dynamic", num_threads=nt):
-            _distinct_exp(a, ws, c, smax)
+    _distinct_logits(a, ws, dense)
     for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _infer_chunk(a, ws, c, dense, out)
     return 0

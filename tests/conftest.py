@@ -7,6 +7,8 @@ so every term of the FM gradient is exercised; ``backend`` runs a test once per 
 backend that imports here. The ``check_*`` / ``assert_*`` helpers hold the assertions
 that the FM and AFM contract tests share; each takes the backend's step function.
 """
+import time
+
 import numpy as np
 import pytest
 
@@ -176,6 +178,19 @@ def train_steps(step, X, y, params, state, ws, B, steps, cfg_of_step):
         rows = perm[i * B:(i + 1) * B].astype(np.int64)
         losses.append(step(X, y, rows, params, state, cfg_of_step(i), ws))
     return losses, params, state
+
+
+def check_phase_times(module, run_step):
+    """After run_step() (one step of ``module``), ``module._phase_times()`` (what
+    bench/profile_phases.py prints) names every phase of ``module.PHASES`` with a
+    non-negative time, and together they fit in the step's wall time."""
+    t0 = time.perf_counter()
+    run_step()
+    wall = time.perf_counter() - t0
+    phases = module._phase_times()
+    assert list(phases) == list(module.PHASES)
+    assert all(v >= 0 for v in phases.values())
+    assert 0 < sum(phases.values()) <= wall
 
 
 def check_rejects_invalid_batches(step, X, y, params, state, ws, cfg, M):

@@ -8,6 +8,7 @@ import pytest
 from afmfast import kernel_api as api
 from afmfast import reference as ref
 from afm_problems import make_afm_problem
+from conftest import check_phase_times
 
 cy = pytest.importorskip("afmfast._afm_cython")
 
@@ -324,17 +325,9 @@ def test_errors():
 
 
 def test_phase_times_cover_the_last_step():
-    """_phase_times() (bench/profile_phases.py) names every phase of PHASES with a
-    non-negative time, and together they fit in the step's wall time."""
-    import time
     X, y, params = make_problem(n_rows=80, dtype=np.float32)
     rows = np.arange(len(y), dtype=np.int64)
     ws = workspace_for(X, rows, params)
-    t0 = time.perf_counter()
-    cy.afm_step(X, y, rows, params, api.new_opt_state(params, api.ADAGRAD),
-                cfg_for(api.ADAGRAD, n_threads=2), ws)
-    wall = time.perf_counter() - t0
-    phases = cy._phase_times()
-    assert list(phases) == list(cy.PHASES)
-    assert all(v >= 0 for v in phases.values())
-    assert 0 < sum(phases.values()) <= wall
+    check_phase_times(cy, lambda: cy.afm_step(
+        X, y, rows, params, api.new_opt_state(params, api.ADAGRAD),
+        cfg_for(api.ADAGRAD, n_threads=2), ws))

@@ -9,6 +9,7 @@ import pytest
 
 from afmfast import kernel_api as api
 from afmfast import reference as ref
+from conftest import check_phase_times
 
 cy = pytest.importorskip("afmfast._fm_cython")
 
@@ -211,18 +212,10 @@ def test_errors_name_the_problem():
 
 
 def test_phase_times_cover_the_last_step():
-    """_phase_times() (bench/profile_phases.py) names every phase of PHASES with a
-    non-negative time, and together they fit in the step's wall time."""
-    import time
     X, y = make_data(n_rows=200)
     params, state = make_params(60, 8, np.float32, api.ADAGRAD)
     X = (X[0], X[1], X[2].astype(np.float32))
     ws = cy.fm_workspace(100, 800, 60, 8, np.float32)
-    t0 = time.perf_counter()
-    cy.fm_step(X, y.astype(np.float32), np.arange(100, dtype=np.int64), params, state,
-               cfg_for(api.ADAGRAD, n_threads=2), ws)
-    wall = time.perf_counter() - t0
-    phases = cy._phase_times()
-    assert list(phases) == list(cy.PHASES)
-    assert all(v >= 0 for v in phases.values())
-    assert 0 < sum(phases.values()) <= wall
+    check_phase_times(cy, lambda: cy.fm_step(
+        X, y.astype(np.float32), np.arange(100, dtype=np.int64), params, state,
+        cfg_for(api.ADAGRAD, n_threads=2), ws))
