@@ -116,8 +116,8 @@ def main():
         new = np.array(times[("new", threads)][WARMUP:]) * 1e3
         print(f"  {threads} thread(s): base median {np.median(base):.3f} p10 "
               f"{np.percentile(base, 10):.3f} | new median {np.median(new):.3f} p10 "
-              f"{np.percentile(new, 10):.3f} | new/base: medians {np.median(new) / np.median(base):.3f}, "
-              f"per batch {np.median(new / base):.3f}")
+              f"{np.percentile(new, 10):.3f} | new/base: medians "
+              f"{np.median(new) / np.median(base):.3f}, per batch {np.median(new / base):.3f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where a training step spends its time: the Cython kernel's phases, per batch.
 
-    python bench/profile_phases.py                      # AFM, frappe-mini, k = t = 16, 1 and 2 threads
+    python bench/profile_phases.py       # AFM, frappe-mini, k = t = 16, 1 and 2 threads
     python bench/profile_phases.py --k 256 --data mltag --epochs 1
     python bench/profile_phases.py --model fm --data mltag
 
@@ -9,8 +9,9 @@ set of ``bench/compare.py`` and prints, per thread count, the 10th percentile an
 median of the batch time and the 10th percentile of each phase that the kernel module's
 ``_phase_times()`` reports.
 - AFM (``afmfast._afm_cython``): prepare (batch gathering, v x per occurrence while
-  one thread groups the nonzeros by feature, distinct pairs); distinct_forward (e, W e + b, act, logit per distinct pair); row_forward (softmax,
-  pooling, residual, da, ds per row); ds_sums; distinct_backward (du, C' = W^T du);
+  one thread groups the nonzeros by feature, distinct pairs); distinct_forward (e,
+  W e + b, act, logit per distinct pair); row_forward (softmax, pooling, residual, da,
+  ds per row); ds_sums; distinct_backward (du, C' = W^T du);
   row_sums; dW; de (the pairs' gradients into v x); feature_updates (the sparse
   optimiser); dense_updates.
 - FM (``afmfast._fm_cython``): prepare (offsets, batch-order copy); group_forward (the

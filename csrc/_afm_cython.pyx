@@ -45,17 +45,18 @@ result is bit-identical for any n_threads):
        (the split depends on the data only). Then one thread sorts the nonzeros by
        feature id (stable counting sort) while the others compute v x per occurrence and
        the linear term per row (step 1a, prange over chunks), joined by the sorting
-       thread when it is done. W^T. With attention, the distinct pairs: prange over feature groups, each occurrence's
-       class (its group when its value equals the group's first value, else its own);
-       a pair (i < i2 in its row) belongs to the bucket of class(i); prange over classes
-       numbers each bucket's distinct upper classes (one dedup table per thread); the
-       bucket counts are prefix-summed and a prange over rows makes the ids global.
-       (Rows that list the same two classes in opposite orders give two distinct pairs
-       with equal values: correct, only less shared. libFM rows list fields in one order.)
-    1. prange over fixed blocks of DBLOCK distinct
-       pairs: e, U = E W^T + b (register-tiled GEMM), act, the logit (double) and
-       h act'(u). prange over chunks, per row: softmax of the row's logits, dropout masks,
-       g, y_hat, residual r, dg, da, ds per pair (row kernels in C, DTYPE vectors).
+       thread when it is done. With attention, the distinct pairs: prange over feature
+       groups, each occurrence's class (its group when its value equals the group's
+       first value, else its own); a pair (i < i2 in its row) belongs to the bucket of
+       class(i); prange over classes numbers each bucket's distinct upper classes (one
+       dedup table per thread); the bucket counts are prefix-summed and a prange over
+       rows makes the ids global. (Rows that list the same two classes in opposite
+       orders give two distinct pairs with equal values: correct, only less shared.
+       libFM rows list fields in one order.) Then W^T.
+    1. prange over fixed blocks of DBLOCK distinct pairs: e, U = E W^T + b
+       (register-tiled GEMM), act, the logit (double) and h act'(u). prange over chunks,
+       per row: softmax of the row's logits, dropout masks, g, y_hat, residual r, dg, da,
+       ds per pair (row kernels in C, DTYPE vectors).
        prange over classes: DS per distinct pair, its pairs summed in bucket order. prange
        over the distinct blocks: du = DS h act'(u) (over U), the block's sums for the
        gradients of b and h, C' = du W (GEMM).
@@ -748,8 +749,9 @@ cdef class AFMWorkspace:
         free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
         free(self.G); free(self.GD); free(self.gdense)
-        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.reps); free(self.n_reps); free(self.dq)
-        free(self.stamp); free(self.sid); free(self.rowbuf); free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
+        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.reps)
+        free(self.n_reps); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
+        free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH); free(self.CD)
 
     cdef void _ensure_threads(self, Py_ssize_t n_threads) except *:
@@ -836,7 +838,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     """Step 0 and 1a: offsets, batch-order copy of the nonzeros, chunks; then the grouping
     by feature on one thread while the others compute v x per occurrence (which does
     not need it), the sorting thread joining them when done; the distinct pairs, W^T."""
-    cdef Py_ssize_t B = a.B, b, n, c, bad
+    cdef Py_ssize_t B = a.B, b, n, c, bad, j, f
     cdef int64_t start, cp
     cdef int64_t* off = ws.off
     cdef int64_t* poff = ws.poff
@@ -886,9 +888,9 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
             _vx_chunk(a, ws, c, V, w)
     if a.attention:
         _distinct_pairs(a, ws, <floating*>ws.occ_x)
-        for b in range(a.t):
-            for c in range(a.k):
-                (<floating*>ws.WT)[c * a.t + b] = W[b * a.k + c]
+        for j in range(a.t):
+            for f in range(a.k):
+                (<floating*>ws.WT)[f * a.t + j] = W[j * a.k + f]
     return 0
 
 

@@ -248,7 +248,8 @@ cdef class FMWorkspace:
 
     def __dealloc__(self):
         # free(NULL) is a no-op, so a half-built workspace is fine too.
-        free(self.off); free(self.slot); free(self.occ); free(self.grp); free(self.row_bad); free(self.uniq)
+        free(self.off); free(self.slot); free(self.occ); free(self.grp); free(self.row_bad)
+        free(self.uniq)
         free(self.ustart); free(self.cursor); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
         free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh); free(self.bn_part)
