@@ -5,7 +5,10 @@ on the machine that will run the code (machines here are AVX2-only or AVX-512, a
 kernels gain from the widest vectors present). A wheel meant for other machines must not
 carry ``-march=native``: build it with ``AFMFAST_PORTABLE=1`` (then only the x86-64
 baseline is assumed). ``-ffast-math`` is never used: the kernels promise IEEE results that
-are bit-identical for a fixed seed and thread count.
+are bit-identical for a fixed seed and thread count. ``-fno-math-errno`` is: it changes
+no result (sqrt of a negative is NaN either way), it only lets GCC turn ``sqrtf`` into a
+vector instruction instead of a call that may set errno, which keeps the optimisers'
+loops vectorised (Adagrad on 7,800 rows of 256 floats: 2.9 -> 0.8 ms in C).
 
 ``AFMFAST_BUILD_ONLY=_reader`` (a comma-separated list of module names) limits an
 in-place developer build to some extensions.
@@ -17,7 +20,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-compile_args = ["-O3", "-fopenmp"]
+compile_args = ["-O3", "-fopenmp", "-fno-math-errno"]
 if os.environ.get("AFMFAST_PORTABLE", "") not in ("1", "true", "yes"):
     compile_args.append("-march=native")
 
