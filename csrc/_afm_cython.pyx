@@ -92,7 +92,7 @@ from _batch cimport (
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
     dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
-    opt_elem, opt_vec, row_data_loss,
+    dot_d, floating2, opt_elem, opt_vec, row_data_loss,
 )
 
 from afmfast import kernel_api as _api
@@ -405,6 +405,9 @@ cdef enum:
     DBLOCK = 256
     # columns of h act'(u) that the distinct backward forms at a time (a stack buffer)
     HD_SPAN = 256
+    # columns of a V row's gradient that the feature update forms at a time (stack
+    # buffers: a per-feature buffer would leave u_cap x k dirty lines to write back)
+    GRAD_SPAN = 256
 
 
 cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
@@ -416,30 +419,6 @@ cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating*
         afm_gemm_f(M, N, K, A, lda, sa, B, ldb, C, ldc)
     else:
         afm_gemm_d(M, N, K, A, lda, sa, B, ldb, C, ldc)
-
-
-ctypedef fused floating2:
-    float
-    double
-
-
-cdef inline double _dot_d(const floating* a, const floating2* b, Py_ssize_t n) noexcept nogil:
-    """Dot product accumulated in double, 8 lane sums in a fixed order."""
-    cdef double acc[8]
-    cdef double s = 0
-    cdef Py_ssize_t i, l, n8 = n - n % 8
-    for l in range(8):
-        acc[l] = 0
-    i = 0
-    while i < n8:
-        for l in range(8):
-            acc[l] = acc[l] + <double>a[i + l] * <double>b[i + l]
-        i = i + 8
-    for l in range(n - n8):
-        acc[l] = acc[l] + <double>a[n8 + l] * <double>b[n8 + l]
-    for l in range(8):
-        s = s + acc[l]
-    return s
 
 
 cdef inline void _pool_row(const floating* vx, const double* au, Py_ssize_t n,
@@ -516,7 +495,7 @@ cdef inline void _softmax(const floating* U, const floating* h, Py_ssize_t n_pai
     cdef Py_ssize_t P
     for P in range(n_pairs):
         _activate(H + P * t, t, code)
-        a[P] = _dot_d(h, H + P * t, t)
+        a[P] = dot_d(h, H + P * t, t)
     _softmax_inplace(a, n_pairs)
 
 
@@ -651,8 +630,6 @@ cdef class AFMWorkspace:
     cdef void* GW            # (t, k) gradient of W
     cdef double* DG          # (B, k) pooled scale, then dg = r p scale
     cdef double* RDP         # (B, k) r g' (gradient of p per row)
-    cdef void* G             # (u_cap, k) gradient of each touched V row
-    cdef double* GD          # (u_cap, k) the same, summed in double
     cdef void* gdense        # (1 + k + 2t,)
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
@@ -736,8 +713,6 @@ cdef class AFMWorkspace:
         self.BDB = <double*>_alloc(nblk * t * sizeof(double))
         self.BDH = <double*>_alloc(nblk * t * sizeof(double))
         self.CD = aligned_empty(PP * k * isz)
-        self.G = _alloc(U * k * isz)
-        self.GD = <double*>_alloc(U * k * sizeof(double))
         self.gdense = _alloc(D * isz)
 
     def __dealloc__(self):
@@ -748,7 +723,7 @@ cdef class AFMWorkspace:
         free(self.pau); free(self.pds); free(self.dsum)
         free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
-        free(self.G); free(self.GD); free(self.gdense)
+        free(self.gdense)
         free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.reps)
         free(self.n_reps); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
@@ -1142,7 +1117,7 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     for d in range(d0, d1):
         u = Uu + d * t
         _activate(u, t, code)
-        ws.SD[d] = _dot_d(h, u, t)
+        ws.SD[d] = dot_d(h, u, t)
         if ws.SD[d] > smax:
             smax = ws.SD[d]
     ws.BMAX[blk] = smax
@@ -1161,7 +1136,7 @@ cdef void _distinct_exp(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
 
 cdef inline double _dot_pair_d(const floating* v1, const floating* v2, const double* b,
                                Py_ssize_t n) noexcept nogil:
-    """_dot_d(e, b, n) for e = v1 * v2 (rounded to DTYPE), without storing e."""
+    """dot_d(e, b, n) for e = v1 * v2 (rounded to DTYPE), without storing e."""
     cdef double acc[8]
     cdef double s = 0
     cdef Py_ssize_t i, l, n8 = n - n % 8
@@ -1254,7 +1229,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         else:
             for f in range(k):
                 dgd[f] = 1
-        yhat = _dot_d(p_vec, gp, k)
+        yhat = dot_d(p_vec, gp, k)
         yhat = <double>dense[0] + ws.lin[b] + yhat
         ws.row_loss[b] = row_data_loss(a.loss, yhat, <double>y[a.rows[b]], &res)
         ws.r[b] = res
@@ -1373,18 +1348,18 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
                           floating* w, floating* sV0, floating* sV1, floating* sw0,
                           floating* sw1) noexcept nogil:
     """Step 5 for touched feature u: gradient summed over its occurrences in batch order,
-    + l2 v, then the optimiser (unless freeze_fm); ||v||^2 before the update."""
-    cdef Py_ssize_t k = a.k, f, pos, q
+    + l2 v, then the optimiser (unless freeze_fm), GRAD_SPAN columns at a time;
+    ||v||^2 before the update."""
+    cdef Py_ssize_t k = a.k, f, f0, nf, pos, q
     cdef Py_ssize_t j = ws.uniq[u]
     cdef floating* v = V + j * k
-    cdef floating* g = <floating*>ws.G + u * k
-    cdef double* gd = ws.GD + u * k
+    cdef floating g[GRAD_SPAN]
+    cdef double gd[GRAD_SPAN]
     cdef const floating* DVX = <floating*>ws.VX   # the occurrences' gradients since step 4
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef const floating* d
     cdef double gw = 0
     cdef double l2 = a.l2
-    cdef double sq = 0
     cdef Py_ssize_t nnz = ws.off[a.B], j_next
     if u + FEATURE_PREFETCH < a.U:
         # a later feature's rows (V and optimiser state are tables larger than cache)
@@ -1397,24 +1372,27 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
             if a.prefetch_v:
                 __builtin_prefetch(w + j_next)
                 __builtin_prefetch(sw0 + j_next)
-    for f in range(k):
-        sq = sq + <double>v[f] * <double>v[f]
-    ws.grp_sq[u] = sq
+    ws.grp_sq[u] = dot_d(v, v, k)
     if a.freeze_fm:
         return
-    for f in range(k):
-        gd[f] = 0
+    f0 = 0
+    while f0 < k:
+        nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
+        for f in range(nf):
+            gd[f] = 0
+        for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+            if f0 == 0 and pos + AFM_PREFETCH < nnz:
+                _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
+            d = DVX + ws.grp_occ[pos] * k + f0
+            for f in range(nf):
+                gd[f] = gd[f] + d[f]
+        for f in range(nf):
+            g[f] = <floating>(gd[f] + l2 * <double>v[f0 + f])
+        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf)
+        f0 += nf
     for pos in range(ws.ustart[u], ws.ustart[u + 1]):
-        if pos + AFM_PREFETCH < nnz:
-            _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
         q = ws.grp_occ[pos]
-        d = DVX + q * k
-        for f in range(k):
-            gd[f] = gd[f] + d[f]
         gw = gw + ws.r[ws.grp_row[pos]] * <double>occ_x[q]
-    for f in range(k):
-        g[f] = <floating>(gd[f] + l2 * <double>v[f])
-    opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, g, k)
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
@@ -1687,9 +1665,9 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
                 i_out[base + P] = ids[i1]
                 j_out[base + P] = ids[i2]
                 weight_out[base + P] = <floating>pa[P]
-                contrib_out[base + P] = <floating>(pa[P] * _dot_d(p_vec, E + P * k, k))
+                contrib_out[base + P] = <floating>(pa[P] * dot_d(p_vec, E + P * k, k))
                 P += 1
-    return <floating>(<double>dense[0] + lin + _dot_d(p_vec, g, k))
+    return <floating>(<double>dense[0] + lin + dot_d(p_vec, g, k))
 
 
 cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_threads,
@@ -1802,7 +1780,7 @@ cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
             for P in range(P0, P1):
                 pa[P] = 1.0
         _pool_row(<floating*>ws.VX + ws.off[b] * k, pa + P0, n, k, gp)
-        out[a.rows[b]] = <floating>(<double>dense[0] + ws.lin[b] + _dot_d(dense + 1, gp, k))
+        out[a.rows[b]] = <floating>(<double>dense[0] + ws.lin[b] + dot_d(dense + 1, gp, k))
 
 
 cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,

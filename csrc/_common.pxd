@@ -13,6 +13,7 @@ every helper may be called from inside ``prange`` bodies.
   ADAGRAD/SGD/MOMENTUM/ADAM; ``afmfast._fm_cython._constants()`` exposes them so a test
   can check they still match). The float constants travel in an ``OptCfg`` filled from
   kernel_api at call time by ``opt_cfg_from``, so there is nothing else to keep in sync.
+- ``dot_d``: a dot product of float32 or float64 vectors accumulated in double.
 - Data loss: ``row_data_loss`` (LOSS_SQUARED / LOSS_LOGISTIC, kernel_api's SQUARED /
   LOGISTIC), ``loss_code_from`` reads and checks cfg.loss.
 """
@@ -186,3 +187,29 @@ cdef inline void opt_vec(const OptCfg* c, floating* p, floating* s0, floating* s
             s0[i] = b1 * s0[i] + c1 * g[i]
             s1[i] = b2 * s1[i] + c2 * g[i] * g[i]
             p[i] = p[i] - lr * s0[i] / (fsqrt(s1[i]) + eps)
+
+
+ctypedef fused floating2:
+    float
+    double
+
+
+cdef inline double dot_d(const floating* a, const floating2* b, Py_ssize_t n) noexcept nogil:
+    """Dot product accumulated in double, 8 lane sums in a fixed order: unlike one running
+    sum (a chain of dependent adds that GCC may not reorder without -ffast-math), the
+    lanes vectorise."""
+    cdef double acc[8]
+    cdef double s = 0
+    cdef Py_ssize_t i, l, n8 = n - n % 8
+    for l in range(8):
+        acc[l] = 0
+    i = 0
+    while i < n8:
+        for l in range(8):
+            acc[l] = acc[l] + <double>a[i + l] * <double>b[i + l]
+        i = i + 8
+    for l in range(n - n8):
+        acc[l] = acc[l] + <double>a[n8 + l] * <double>b[n8 + l]
+    for l in range(8):
+        s = s + acc[l]
+    return s

@@ -1,5 +1,4 @@
 # cython: language_level=3
-# distutils: extra_compile_args = -fno-math-errno
 """Cython FM kernels: the ``afmfast.kernel_api`` contract for float32 and float64.
 
 Functions (shapes with M features, k factors, B = len(rows)):
@@ -38,8 +37,8 @@ is bit-identical for any n_threads):
        independent, so this loop may be load-balanced dynamically without changing bits.
     8. serial: optimiser on dense, running batch-norm statistics.
 
-Built with -fno-math-errno (the ``distutils`` line above): sqrt then never sets errno,
-which is what lets the Adagrad/Adam loops vectorise; IEEE results are unchanged.
+Built with -fno-math-errno (setup.py): sqrt then never sets errno, which is what lets the
+Adagrad/Adam loops vectorise; IEEE results are unchanged.
 """
 import numpy as np
 
@@ -58,7 +57,7 @@ from _batch cimport (
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
     dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
-    opt_elem, opt_vec, row_data_loss,
+    dot_d, opt_elem, opt_vec, row_data_loss,
 )
 
 from afmfast import kernel_api as _api
@@ -84,6 +83,9 @@ cdef enum:
     FORWARD_CHUNK = 64
     # touched features ahead whose V and optimiser-state rows the updates prefetch
     PREFETCH_FEATURES = 2
+    # columns of a V row's gradient that the feature update forms at a time (a stack
+    # buffer: a per-feature buffer would leave u_cap x k dirty lines to write back)
+    GRAD_SPAN = 256
 
 # V rows are prefetched only when V is larger than this: a table that fits in the caches
 # (Frappe's 5,382 x 16 floats) gains nothing and pays for the extra instructions.
@@ -194,7 +196,6 @@ cdef class FMWorkspace:
     cdef void* S             # (B, k) s = sum v x
     cdef void* F             # (B, k) f, then f-hat, then df
     cdef void* SC            # (B, k) dropout scale: 0 or 1/keep
-    cdef void* G             # (u_cap, k) gradient of each touched V row
     cdef void* lin           # (B,) linear term
     cdef void* kbuf          # (7, k) mu, inv, inv/B, gamma*sum_dz, gamma*sum_dzfh, ones,
                              # zeros in DTYPE
@@ -241,7 +242,6 @@ cdef class FMWorkspace:
         self.S = _alloc(B * k * isz)
         self.F = _alloc(B * k * isz)
         self.SC = _alloc(B * k * isz)
-        self.G = _alloc(U * k * isz)
         self.lin = _alloc(B * isz)
         self.kbuf = _alloc(7 * k * isz)
         self.gdense = _alloc((1 + 2 * k) * isz)
@@ -253,7 +253,7 @@ cdef class FMWorkspace:
         free(self.ustart); free(self.cursor); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
         free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh); free(self.bn_part)
-        free(self.grp_x); free(self.occ_x); free(self.S); free(self.F); free(self.SC); free(self.G)
+        free(self.grp_x); free(self.occ_x); free(self.S); free(self.F); free(self.SC)
         free(self.lin); free(self.kbuf); free(self.gdense)
 
     def __repr__(self):
@@ -442,19 +442,20 @@ cdef inline void _df_row(const StepArgs* a, Py_ssize_t b, const double* r,
 cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t* uniq,
                                  const int64_t* ustart, const int32_t* grp_row,
                                  const floating* grp_x, const floating* S,
-                                 const floating* DF, const double* r, floating* G,
-                                 double* grp_sq, floating* V, floating* w,
-                                 floating* sV0, floating* sV1, floating* sw0,
-                                 floating* sw1) noexcept nogil:
-    cdef Py_ssize_t k = a.k, f, p, j = uniq[u]
+                                 const floating* DF, const double* r, double* grp_sq,
+                                 floating* V, floating* w, floating* sV0, floating* sV1,
+                                 floating* sw0, floating* sw1) noexcept nogil:
+    """Touched feature u: its V row's gradient summed over its occurrences in row order,
+    + l2 v, then the optimiser, GRAD_SPAN columns at a time; ||v||^2 before the update
+    into grp_sq[u]; then its w entry."""
+    cdef Py_ssize_t k = a.k, f, f0, nf, p, j = uniq[u]
     cdef Py_ssize_t p0 = ustart[u], p1 = ustart[u + 1]
     cdef floating* v = V + j * k
-    cdef floating* g = G + u * k
+    cdef floating g[GRAD_SPAN]
     cdef const floating* s
     cdef const floating* d
     cdef floating x, gw = 0
     cdef floating l2 = <floating>a.l2
-    cdef double sq = 0
     cdef Py_ssize_t b, j_next
     if a.prefetch_v and u + PREFETCH_FEATURES < a.U:
         j_next = uniq[u + PREFETCH_FEATURES]
@@ -463,22 +464,25 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
             _prefetch_row(sV1 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
-    for f in range(k):
-        g[f] = 0
-    for p in range(p0, p1):
-        b = grp_row[p]
-        x = grp_x[p]
-        s = S + b * k
-        d = DF + b * k
-        for f in range(k):
-            g[f] = g[f] + d[f] * x * (s[f] - v[f] * x)
+    grp_sq[u] = dot_d(v, v, k)
+    f0 = 0
+    while f0 < k:
+        nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
+        for f in range(nf):
+            g[f] = 0
+        for p in range(p0, p1):
+            b = grp_row[p]
+            x = grp_x[p]
+            s = S + b * k + f0
+            d = DF + b * k + f0
+            for f in range(nf):
+                g[f] = g[f] + d[f] * x * (s[f] - v[f0 + f] * x)
+        for f in range(nf):
+            g[f] = g[f] + l2 * v[f0 + f]
+        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf)
+        f0 += nf
     for p in range(p0, p1):
         gw = gw + <floating>r[grp_row[p]] * grp_x[p]
-    for f in range(k):
-        sq = sq + <double>v[f] * <double>v[f]
-        g[f] = g[f] + l2 * v[f]
-    grp_sq[u] = sq
-    opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, g, k)
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
 
 
@@ -504,7 +508,6 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef floating* S = <floating*>ws.S
     cdef floating* F = <floating*>ws.F
     cdef floating* SC = <floating*>ws.SC
-    cdef floating* G = <floating*>ws.G
     cdef floating* lin = <floating*>ws.lin
     cdef floating* grp_x = <floating*>ws.grp_x
     cdef floating* kb = <floating*>ws.kbuf
@@ -579,7 +582,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     # threads, and each feature's arithmetic is the same whichever thread runs it.
     for it in prange(feature_items(U), schedule="dynamic", num_threads=nt):
         for u in range(feature_item_start(it, U), feature_item_start(it + 1, U)):
-            _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r, G,
+            _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r,
                             ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
 
     d = 0

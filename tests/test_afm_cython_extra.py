@@ -141,6 +141,27 @@ def test_attention_wider_than_the_backward_span_is_reference_gradient(activation
     check_sgd_step(X, y, rows, params, cfg_for(activation=activation, n_threads=2))
 
 
+@pytest.mark.parametrize("optimizer", [api.SGD, api.ADAGRAD])
+def test_factors_wider_than_the_update_span_match_reference(optimizer):
+    """k = 300 > GRAD_SPAN (256): the feature update forms a V row's gradient and its
+    optimiser step in two spans."""
+    X, y, params = repeated_pairs_problem(n_rows=80, k=300, t=6)
+    rows = np.arange(len(y), dtype=np.int64)
+    if optimizer == api.SGD:
+        check_sgd_step(X, y, rows, params, cfg_for(n_threads=2))
+        return
+    state = api.new_opt_state(params, optimizer)
+    p_ref, s_ref = copy_tuple(params), copy_tuple(state)
+    ws = workspace_for(X, rows, params)
+    for step in range(2):
+        cfg = cfg_for(optimizer, lr=STABLE_LR[optimizer], step=step, n_threads=2)
+        loss = cy.afm_step(X, y, rows, params, state, cfg, ws)
+        np.testing.assert_allclose(loss, ref.afm_step(X, y, rows, p_ref, s_ref, cfg),
+                                   rtol=1e-9)
+    for a, b in zip(params + state, p_ref + s_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_repeated_pairs_thread_count_is_bit_identical(dtype):
     results = []

@@ -125,6 +125,21 @@ def test_steps_match_reference(optimizer, batch_norm, keep, dtype, rtol):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("optimizer", [api.ADAGRAD, api.ADAM])
+def test_factors_wider_than_the_update_span_match_reference(optimizer):
+    """k = 300 > GRAD_SPAN (256): the feature update forms a V row's gradient and its
+    optimiser step in two spans."""
+    X, y = make_data()
+    p_ref, s_ref = make_params(60, 300, np.float64, optimizer)
+    p_cy, s_cy = clone(p_ref), clone(s_ref)
+    kw = dict(optimizer=optimizer, keep=1.0, batch_norm=0, lr=STABLE_LR[optimizer])
+    l_ref = run_steps(p_ref, s_ref, X, y, 3, 64, kw, backend=False)
+    l_cy = run_steps(p_cy, s_cy, X, y, 3, 64, kw)
+    np.testing.assert_allclose(l_cy, l_ref, rtol=1e-9)
+    for a, b in zip(p_cy + s_cy, p_ref + s_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch_norm", [0, 1])
 def test_predict_matches_reference_and_skips_unknown_ids(dtype, batch_norm):
