@@ -29,11 +29,14 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   evaluation); PyTorch runs zero_grad, loss, backward and Adagrad on pre-built (N, n)
   index tensors. At k <= 64 the figure is the median of at least ``--epochs`` full
   epochs (a shuffled pass each); at k >= 128 it is the median of at least ``--steps``
-  single full batches
-  times n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2 threads alternate
-  repetition by repetition, after one warm-up batch each, so that a change of load on
-  the shared machine hits both alike; repetitions go on while a thread count has been
-  timed for less than MIN_TIMED_SECONDS in all (at most MAX_REPS): five epochs of
+  single full batches times n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2
+  threads alternate repetition by repetition, after one warm-up batch each, so that a
+  change of load on the shared machine hits both alike. In steps mode a repetition is
+  STEPS_PER_SWITCH consecutive batches at one thread count, the first untimed:
+  switching the thread count every batch made 2-thread FM k=256 ml-tag batches about
+  5% slower (medians 4.90 against 4.68 ms, interleaved in one process), a cost that
+  training at one thread count never pays. Repetitions go on while a thread count has
+  been timed for less than MIN_TIMED_SECONDS in all (at most MAX_REPS): five epochs of
   0.01 s would be at the mercy of one noisy moment of the shared machine.
 - the AFM attention product's achieved GFLOP/s: 6 P k t flops per batch (forward
   2 P k t for W e_ij, backward 4 P k t for dW and de; P = the batch's pairs, counted from
@@ -94,6 +97,7 @@ CONFIGS = [("fm", 16), ("fm", 256), ("afm", 16), ("afm", 64), ("afm", 256)]
 THREADS = [1, 2]
 MIN_TIMED_SECONDS = 3.0  # per thread count and configuration (--quick: 1)
 MAX_REPS = 200
+STEPS_PER_SWITCH = 4  # steps mode: batches in a row at one thread count, the first untimed
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 
@@ -196,14 +200,16 @@ def make_estimator(model, k, backend="auto", threads=1):
 
 
 def _timing_plan(job, n_rows, rng):
-    """(rows of repetition i, epoch scale): None (a full epoch) in epochs mode, else the
-    i-th full batch of one fixed permutation (cycling)."""
+    """(batches of repetition i, epoch scale): None (a full epoch) in epochs mode, else
+    the next STEPS_PER_SWITCH full batches of one fixed permutation (cycling), of which
+    the first is run untimed."""
     if job["mode"] == "epochs":
         return (lambda i: None), 1.0
     order = rng.permutation(n_rows).astype(np.int64)
     n_full = max(1, n_rows // BATCH)
     size = min(BATCH, n_rows)
-    return (lambda i: order[(i % n_full) * BATCH:][:size]), n_rows / size
+    return (lambda i: [order[((i * STEPS_PER_SWITCH + j) % n_full) * BATCH:][:size]
+                       for j in range(STEPS_PER_SWITCH)]), n_rows / size
 
 
 def _repetitions(job, rows_for, times):
@@ -252,16 +258,20 @@ def worker_afmfast(job):
     for rows in _repetitions(job, rows_for, times):
         for threads in THREADS:
             est._threads = threads
-            t0 = time.perf_counter()
             if rows is None:  # one epoch, as FactorizationModel._epochs runs it
+                t0 = time.perf_counter()
                 order = rng.permutation(n).astype(np.int64)
                 for start in range(0, n, BATCH):
                     est._train_batch(X, y, order[start:start + BATCH], step)
                     step += 1
-            else:
-                est._train_batch(X, y, rows, step)
+                times[threads].append((time.perf_counter() - t0) * scale)
+                continue
+            for i, batch in enumerate(rows):
+                t0 = time.perf_counter()
+                est._train_batch(X, y, batch, step)
                 step += 1
-            times[threads].append((time.perf_counter() - t0) * scale)
+                if i > 0:
+                    times[threads].append((time.perf_counter() - t0) * scale)
     return dict(times=times, rss_before=rss_before, peak=peak_rss_bytes(),
                 peak_reset=reset_ok, param_bytes=param_bytes)
 
@@ -309,16 +319,20 @@ def worker_torch(job):
     for rows in _repetitions(job, rows_for, times):
         for threads in THREADS:
             torch.set_num_threads(threads)
-            t0 = time.perf_counter()
             if rows is None:
+                t0 = time.perf_counter()
                 order = torch.randperm(n)
                 for start in range(0, n, BATCH):
                     b = order[start:start + BATCH]
                     train_step(model, opt, idx[b], val[b], yt[b])
-            else:
-                b = torch.from_numpy(rows)
+                times[threads].append((time.perf_counter() - t0) * scale)
+                continue
+            for i, batch in enumerate(rows):
+                b = torch.from_numpy(batch)
+                t0 = time.perf_counter()
                 train_step(model, opt, idx[b], val[b], yt[b])
-            times[threads].append((time.perf_counter() - t0) * scale)
+                if i > 0:
+                    times[threads].append((time.perf_counter() - t0) * scale)
     return dict(times=times, rss_before=rss_before, peak=peak_rss_bytes(),
                 peak_reset=reset_ok, param_bytes=param_bytes,
                 torch=torch.__version__)
@@ -576,8 +590,10 @@ def main():
         print(f"PyTorch not importable ({torch_info}): PyTorch columns skipped. "
               "Install the bench extra: pip install \".[bench]\"")
     print(f"batch {BATCH}; timed at k <= 64: at least {epochs} epochs, at k >= 128: at "
-          f"least {steps} single batches (epoch time = median batch time x n_rows / {BATCH}); "
-          f"more until each thread count is timed for {min_seconds:g} s (at most {MAX_REPS})")
+          f"least {steps} single batches (epoch time = median batch time x n_rows / {BATCH}; "
+          f"{STEPS_PER_SWITCH} batches in a row per thread count, the first untimed); "
+          f"more until each thread count is timed for {min_seconds:g} s (at most {MAX_REPS} "
+          f"repetitions)")
 
     tmp = tempfile.TemporaryDirectory(prefix="afmfast-compare-")
     probe = build_core_probe(tmp.name)
@@ -623,7 +639,8 @@ def main():
         c2c[si] = [core_to_core_ns(probe)]
         for model, k in configs:
             mode = "epochs" if k <= 64 else "steps"
-            reps = epochs if mode == "epochs" else steps
+            reps = (epochs if mode == "epochs"
+                    else -(-steps // (STEPS_PER_SWITCH - 1)))  # timed batches per repetition
             impls = [("afmfast", b) for b in backends[model]]
             if has_torch:
                 impls.append(("torch", "pytorch"))
