@@ -447,7 +447,7 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
                                  floating* sw0, floating* sw1) noexcept nogil:
     """Touched feature u: its V row's gradient summed over its occurrences in row order,
     + l2 v, then the optimiser, GRAD_SPAN columns at a time; ||v||^2 before the update
-    into grp_sq[u]; then its w entry."""
+    into grp_sq[u] (0 when l2 = 0); then its w entry."""
     cdef Py_ssize_t k = a.k, f, f0, nf, p, j = uniq[u]
     cdef Py_ssize_t p0 = ustart[u], p1 = ustart[u + 1]
     cdef floating* v = V + j * k
@@ -464,7 +464,8 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
             _prefetch_row(sV1 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
-    grp_sq[u] = dot_d(v, v, k)
+    # the l2 terms only when l2 > 0: at l2 = 0 they cost 6-8% of a k = 256 step for nothing
+    grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     f0 = 0
     while f0 < k:
         nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
@@ -477,8 +478,9 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
             d = DF + b * k + f0
             for f in range(nf):
                 g[f] = g[f] + d[f] * x * (s[f] - v[f0 + f] * x)
-        for f in range(nf):
-            g[f] = g[f] + l2 * v[f0 + f]
+        if l2 != 0:
+            for f in range(nf):
+                g[f] = g[f] + l2 * v[f0 + f]
         opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf)
         f0 += nf
     for p in range(p0, p1):
