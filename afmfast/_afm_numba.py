@@ -744,10 +744,12 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     for u in prange(nU):
         f = uniq[u]
         vf = V[f]
+        # the l2 terms only when l2 > 0 (see _fm_numba)
         nv = 0.0
-        for c in range(k):
-            v = np.float64(vf[c])
-            nv += v * v
+        if l2 != 0.0:
+            for c in range(k):
+                v = np.float64(vf[c])
+                nv += v * v
         ul2[u] = nv
         if not freeze_fm:
             gacc = tacc[numba.get_thread_id()][:k]
@@ -760,8 +762,9 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
                 do = DVX[o]
                 for c in range(k):
                     gacc[c] += do[c]
-            for c in range(k):
-                gacc[c] += l2 * np.float64(vf[c])
+            if l2 != 0.0:
+                for c in range(k):
+                    gacc[c] += l2 * np.float64(vf[c])
             opt_row(vf, gacc, sV[0, f], sV[1, f], optimizer, lr_eff)
             pw, a0, a1 = opt_update(w[f], gw, sw[0, f], sw[1, f], optimizer, lr_eff)
             w[f] = pw

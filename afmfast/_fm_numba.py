@@ -272,11 +272,14 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
             db = DF[b]
             for c in range(k):
                 g[c] += db[c] * x * (sb[c] - np.float64(vj[c]) * x)
+        # the l2 terms only when l2 > 0 (at the estimators' default of 0 the running sum
+        # of ||v||^2, a chain of dependent adds, costs a large k for nothing)
         nv = 0.0
-        for c in range(k):
-            v = np.float64(vj[c])
-            nv += v * v
-            g[c] += l2 * v
+        if l2 != 0.0:
+            for c in range(k):
+                v = np.float64(vj[c])
+                nv += v * v
+                g[c] += l2 * v
         ul2[u] = nv
         opt_row(vj, g, sV[0, j], sV[1, j], optimizer, lr_eff)
         p, a, m = opt_update(w[j], gw, sw[0, j], sw[1, j], optimizer, lr_eff)

@@ -160,6 +160,9 @@ VARIANTS = {
     "no-attention": dict(attention=0, keep_attention=1.0, keep_pooled=1.0),
     "freeze-tanh": dict(attention=1, activation=api.TANH, freeze_fm=1,
                         keep_attention=1.0, keep_pooled=0.8),
+    # the estimators' default l2 = 0, where the kernels skip the l2 terms
+    "no-l2": dict(attention=1, activation=api.RELU, keep_attention=1.0, keep_pooled=0.5,
+                  l2=0.0),
 }
 
 

@@ -84,8 +84,9 @@ def test_gradient_matches_finite_differences(backend, batch_norm, keep):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
-@pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0)])
-def test_steps_match_reference(backend, dtype, opt, batch_norm, keep):
+@pytest.mark.parametrize("batch_norm,keep,l2", [(1, 0.7, 0.05), (0, 1.0, 0.05), (1, 0.7, 0.0)])
+def test_steps_match_reference(backend, dtype, opt, batch_norm, keep, l2):
+    """l2 = 0 is the estimators' default, where the kernels skip the l2 terms."""
     rng = np.random.default_rng(3)
     M, k, B = 40, 5, 24
     X, y, params = make_problem(rng, 120, M, k, [0, 1, 2, 5, 10, 3, 7], dtype=dtype)
@@ -95,7 +96,7 @@ def test_steps_match_reference(backend, dtype, opt, batch_norm, keep):
     check_steps_match_reference(
         backend.fm_step, ref.fm_step, X, y, params, state, ws, rng.permutation(120), B,
         lambda step: make_cfg(lr=STABLE_LR[code], optimizer=code, batch_norm=batch_norm,
-                              keep=keep, step=step, seed=99),
+                              keep=keep, step=step, seed=99, l2=l2),
         tol32=(1e-5, 1e-6))
 
 
