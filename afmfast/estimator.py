@@ -14,7 +14,7 @@ import numpy as np
 from . import backends
 from .dataset import Dataset
 from .encoding import FeatureMap, is_dataframe
-from .kernel_api import OPTIMIZER_CODES, SQUARED, LOGISTIC
+from .kernel_api import LOGISTIC, OPTIMIZER_CODES, SQUARED, aligned_copy
 from .metrics import HIGHER_IS_BETTER, rmse
 
 
@@ -492,7 +492,9 @@ class FactorizationModel(*_SKLEARN_BASES):
         return dict(zip(self._params_class._fields, self._params))
 
     def _set_arrays(self, arrays):
-        self._params = self._params_class(*(arrays[n] for n in self._params_class._fields))
+        # on cache lines, as new parameters are (kernel_api.aligned_empty)
+        self._params = self._params_class(*(aligned_copy(arrays[n])
+                                            for n in self._params_class._fields))
         self._publish()
 
     def _max_batch_pairs(self, train):

@@ -54,10 +54,11 @@ def step_config(est, model, step, threads):
                           est._seed, step, threads, est._loss)
 
 
-def trainer(module, est, model):
-    """(step function, params, state, workspace) of one build, from the estimator's."""
-    params = type(est._params)(*[a.copy() for a in est._params])
-    state = type(est._state)(*[a.copy() for a in est._state])
+def trainer(module, est, model, offset=0):
+    """(step function, params, state, workspace) of one build, from the estimator's:
+    copies placed ``offset`` bytes past a cache line (0, as the estimators place them)."""
+    params = type(est._params)(*[api.aligned_copy(a, offset) for a in est._params])
+    state = type(est._state)(*[api.aligned_copy(a, offset) for a in est._state])
     ws = est._ws
     if model == "afm":
         ws = module.afm_workspace(ws.batch_size, ws.max_batch_nnz, ws.max_batch_pairs,
@@ -79,6 +80,10 @@ def main():
     parser.add_argument("--base", required=True, help="directory of the base build")
     parser.add_argument("--new", default=str(REPO), help="directory of the new build "
                         "(default: this repository)")
+    parser.add_argument("--base-offset", type=int, default=0,
+                        help="place the base side's parameter and state arrays this many "
+                        "bytes past a cache line (with --base and --new the same build: "
+                        "what alignment is worth); default 0, as the estimators do")
     args = parser.parse_args()
 
     builds = {"base": load_build(args.base, args.model),
@@ -90,7 +95,8 @@ def main():
     est._backend = backends.get_backend("cython", args.model)
     est._threads, est._seed = 1, 2016
     est._init_model(data, np.random.default_rng(2016))
-    runs = {name: trainer(m, est, args.model) for name, m in builds.items()}
+    runs = {name: trainer(m, est, args.model, args.base_offset if name == "base" else 0)
+            for name, m in builds.items()}
 
     X, y, n = data.X, data.y, data.n_rows
     rng = np.random.default_rng(1)

@@ -47,6 +47,19 @@ def test_round_trip_predicts_identically(fitted, tmp_path):
     np.testing.assert_array_equal(loaded.V_, model.V_)
 
 
+def test_parameter_tables_start_on_cache_lines(fitted, tmp_path):
+    """kernel_api.aligned_empty: fitted and loaded models keep V and w (and fitting keeps
+    the optimiser state) 64-byte aligned, so that no row of V shares a cache line with
+    its neighbour's at k = 16."""
+    model, _ = fitted
+    arrays = [model._params.V, model._params.w, *model._state]
+    assert all(a.ctypes.data % 64 == 0 for a in arrays)
+    path = tmp_path / "fm.npz"
+    model.save(path)
+    loaded = afmfast.load(path)
+    assert loaded._params.V.ctypes.data % 64 == 0 and loaded._params.w.ctypes.data % 64 == 0
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         afmfast.load(tmp_path / "nope.npz")
