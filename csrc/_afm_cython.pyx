@@ -1473,11 +1473,9 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
             _dw_block(a, ws, th, nt, GW)
-        d = 0
         for j in range(t * k):
-            d += <double>W[j] * <double>W[j]
             GW[j] = GW[j] + l2a * W[j]
-        loss += 0.5 * a.l2a * d
+        loss += 0.5 * a.l2a * dot_d(W, W, t * k)
     _phase_t[6] = omp_get_wtime() - t0
 
     if not a.freeze_fm:
