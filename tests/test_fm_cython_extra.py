@@ -125,28 +125,18 @@ def test_steps_match_reference(optimizer, batch_norm, keep, dtype, rtol):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0)])
-def test_steps_without_l2_match_reference(batch_norm, keep):
-    """l2 = 0 (the estimators' default) skips the l2 terms of the feature update."""
+@pytest.mark.parametrize("k,optimizer,batch_norm,keep,l2", [
+    (8, api.ADAGRAD, 1, 0.7, 0.0),     # l2 = 0, the estimators' default: l2 terms skipped
+    (8, api.ADAGRAD, 0, 1.0, 0.0),
+    (300, api.ADAGRAD, 0, 1.0, 0.01),  # k > GRAD_SPAN (256): gradient and optimiser step
+    (300, api.ADAM, 0, 1.0, 0.01),     # in two spans
+])
+def test_feature_update_paths_match_reference(k, optimizer, batch_norm, keep, l2):
     X, y = make_data()
-    p_ref, s_ref = make_params(60, 8, np.float64, api.ADAGRAD)
+    p_ref, s_ref = make_params(60, k, np.float64, optimizer)
     p_cy, s_cy = clone(p_ref), clone(s_ref)
-    kw = dict(optimizer=api.ADAGRAD, keep=keep, batch_norm=batch_norm, lr=0.05, l2=0.0)
-    l_ref = run_steps(p_ref, s_ref, X, y, 4, 64, kw, backend=False)
-    l_cy = run_steps(p_cy, s_cy, X, y, 4, 64, kw)
-    np.testing.assert_allclose(l_cy, l_ref, rtol=1e-9)
-    for a, b in zip(p_cy + s_cy, p_ref + s_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("optimizer", [api.ADAGRAD, api.ADAM])
-def test_factors_wider_than_the_update_span_match_reference(optimizer):
-    """k = 300 > GRAD_SPAN (256): the feature update forms a V row's gradient and its
-    optimiser step in two spans."""
-    X, y = make_data()
-    p_ref, s_ref = make_params(60, 300, np.float64, optimizer)
-    p_cy, s_cy = clone(p_ref), clone(s_ref)
-    kw = dict(optimizer=optimizer, keep=1.0, batch_norm=0, lr=STABLE_LR[optimizer])
+    kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm,
+              lr=STABLE_LR[optimizer], l2=l2)
     l_ref = run_steps(p_ref, s_ref, X, y, 3, 64, kw, backend=False)
     l_cy = run_steps(p_cy, s_cy, X, y, 3, 64, kw)
     np.testing.assert_allclose(l_cy, l_ref, rtol=1e-9)
