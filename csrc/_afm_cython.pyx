@@ -60,7 +60,9 @@ result is bit-identical for any n_threads):
        prange over classes: DS per distinct pair, its pairs summed in bucket order. prange
        over the distinct blocks: du = DS h act'(u) (over U), the block's sums for the
        gradients of b and h, C' = du W (GEMM).
-    2. serial in row order: loss, gradients of w0 and p; b and h in block order.
+    2. serial in row order: loss, gradient of w0; that of p from the chunks' sums of
+       r g' (summed in row order by step 1's chunk loop), in chunk order; b and h in
+       block order.
     3. prange over thread blocks of W's rows (attention): dW = DU^T E over the distinct
        pairs in order, blocked so that the blocks of E and DU stay in cache.
     4. prange over chunks (unless freeze_fm): per pair de = a' dg (+ C'_d for the
@@ -631,7 +633,9 @@ cdef class AFMWorkspace:
     cdef void* WT            # (k, t)
     cdef void* GW            # (t, k) gradient of W
     cdef double* DG          # (B, k) pooled scale, then dg = r p scale
-    cdef double* RDP         # (B, k) r g' (gradient of p per row)
+    cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
+                             # of p), in row order
+    cdef double* gpbuf       # (threads, k) a row's pooled g', per thread
     cdef void* gdense        # (1 + k + 2t,)
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
@@ -686,7 +690,8 @@ cdef class AFMWorkspace:
         self.WT = _alloc(k * t * isz)
         self.GW = _alloc(t * k * isz)
         self.DG = <double*>_alloc(B * k * sizeof(double))
-        self.RDP = <double*>_alloc(B * k * sizeof(double))
+        # only the rows of the chunks in use are touched (a chunk has at least one row)
+        self.CPS = <double*>aligned_empty(B * k * sizeof(double))
         C = U + N
         self.cls = <int32_t*>_alloc(N * sizeof(int32_t))
         self.row_of = <int32_t*>_alloc(N * sizeof(int32_t))
@@ -724,10 +729,11 @@ cdef class AFMWorkspace:
         free(self.r); free(self.row_loss); free(self.lin); free(self.grp_sq); free(self.pa)
         free(self.pau); free(self.pds); free(self.dsum)
         free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
-        free(self.WT); free(self.GW); free(self.DG); free(self.RDP)
+        free(self.WT); free(self.GW); free(self.DG); free(self.CPS)
         free(self.gdense)
         free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.reps)
         free(self.n_reps); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
+        free(self.gpbuf)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH); free(self.CD)
 
@@ -740,13 +746,16 @@ cdef class AFMWorkspace:
         free(self.stamp)
         free(self.sid)
         free(self.rowbuf)
+        free(self.gpbuf)
         self.stamp = NULL
         self.sid = NULL
         self.rowbuf = NULL
+        self.gpbuf = NULL
         self.stamp_threads = 0
         self.stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.sid = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.rowbuf = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
+        self.gpbuf = <double*>aligned_empty(n_threads * self.n_factors * sizeof(double))
         self.stamp_threads = n_threads
 
     def __repr__(self):
@@ -1191,11 +1200,14 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef double* pau = ws.pau
     cdef double* pds = ws.pds
     cdef const floating* p_vec = dense + 1
-    cdef double* gp
+    cdef double* gp = ws.gpbuf + omp_get_thread_num() * k
+    cdef double* cps = ws.CPS + c * k
     cdef double* dgd
     cdef double yhat, res, ada, da
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
+    for f in range(k):
+        cps[f] = 0
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
         if b + ROW_PREFETCH < a.B:
             __builtin_prefetch(y + a.rows[b + ROW_PREFETCH])
@@ -1204,7 +1216,6 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         P0 = ws.poff[b]
         P1 = ws.poff[b + 1]
         dgd = ws.DG + b * k
-        gp = ws.RDP + b * k
         tv = <floating*>ws.RT + b * k
         if a.attention and P1 > P0:
             _row_softmax(ws, P0, P1)
@@ -1237,7 +1248,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         ws.r[b] = res
         for f in range(k):
             dgd[f] = res * <double>p_vec[f] * dgd[f]
-            gp[f] = res * gp[f]
+            cps[f] += res * gp[f]
         if a.attention and P1 > P0:
             # da = (v_i dg) . v_i2 times the attention dropout scale, then ds
             _da_row(VX + q0 * k, dgd, n, k, tv, pds + P0)
@@ -1455,7 +1466,8 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     for b in range(B):
         loss += ws.row_loss[b]
         dsum[0] += ws.r[b]
-        row = ws.RDP + b * k
+    for c in range(a.n_chunks):
+        row = ws.CPS + c * k
         for f in range(k):
             dsum[1 + f] += row[f]
     if a.attention:
@@ -1774,12 +1786,11 @@ cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     (looked up by distinct pair), pooled g, y_hat = w0 + w x + p . g into out[row]."""
     cdef Py_ssize_t k = a.k, b, n, P, P0, P1
     cdef double* pa = ws.pa
-    cdef double* gp
+    cdef double* gp = ws.gpbuf + omp_get_thread_num() * k
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
         n = ws.off[b + 1] - ws.off[b]
         P0 = ws.poff[b]
         P1 = ws.poff[b + 1]
-        gp = ws.RDP + b * k
         if a.attention and P1 > P0:
             _row_softmax(ws, P0, P1)
         else:
