@@ -627,15 +627,15 @@ cdef class AFMWorkspace:
     cdef void* occ_x         # (nnz,) value of each nonzero in batch order
     cdef void* VX            # (nnz, k) v x per occurrence, then (step 4) the gradient of
                              # its V row from each occurrence
-    cdef void* RT            # (B, k) per-row scratch of the row loops
+    cdef void* RT            # (B, k) dg of each row (DTYPE), from the row loop to de
     cdef void* E             # (pairs, k) e of each distinct pair
     cdef void* U             # (pairs, t) W e + b, then act, then du (distinct pairs)
     cdef void* WT            # (k, t)
     cdef void* GW            # (t, k) gradient of W
-    cdef double* DG          # (B, k) pooled scale, then dg = r p scale
     cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
                              # of p), in row order
-    cdef double* gpbuf       # (threads, k) a row's pooled g', per thread
+    cdef double* rowscr      # (threads, 3k) per thread, a row's: pooled g' (k), dg in
+                             # double (k), da scratch (k DTYPE)
     cdef void* gdense        # (1 + k + 2t,)
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
@@ -689,7 +689,6 @@ cdef class AFMWorkspace:
         self.U = aligned_empty(PP * t * isz)
         self.WT = _alloc(k * t * isz)
         self.GW = _alloc(t * k * isz)
-        self.DG = <double*>_alloc(B * k * sizeof(double))
         # only the rows of the chunks in use are touched (a chunk has at least one row)
         self.CPS = <double*>aligned_empty(B * k * sizeof(double))
         C = U + N
@@ -729,11 +728,11 @@ cdef class AFMWorkspace:
         free(self.r); free(self.row_loss); free(self.lin); free(self.grp_sq); free(self.pa)
         free(self.pau); free(self.pds); free(self.dsum)
         free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
-        free(self.WT); free(self.GW); free(self.DG); free(self.CPS)
+        free(self.WT); free(self.GW); free(self.CPS)
         free(self.gdense)
         free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.reps)
         free(self.n_reps); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
-        free(self.gpbuf)
+        free(self.rowscr)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH); free(self.CD)
 
@@ -746,16 +745,16 @@ cdef class AFMWorkspace:
         free(self.stamp)
         free(self.sid)
         free(self.rowbuf)
-        free(self.gpbuf)
+        free(self.rowscr)
         self.stamp = NULL
         self.sid = NULL
         self.rowbuf = NULL
-        self.gpbuf = NULL
+        self.rowscr = NULL
         self.stamp_threads = 0
         self.stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.sid = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.rowbuf = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
-        self.gpbuf = <double*>aligned_empty(n_threads * self.n_factors * sizeof(double))
+        self.rowscr = <double*>aligned_empty(n_threads * 3 * self.n_factors * sizeof(double))
         self.stamp_threads = n_threads
 
     def __repr__(self):
@@ -1200,9 +1199,10 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef double* pau = ws.pau
     cdef double* pds = ws.pds
     cdef const floating* p_vec = dense + 1
-    cdef double* gp = ws.gpbuf + omp_get_thread_num() * k
+    cdef double* gp = ws.rowscr + omp_get_thread_num() * 3 * k
+    cdef double* dgd = gp + k
+    cdef floating* dgo
     cdef double* cps = ws.CPS + c * k
-    cdef double* dgd
     cdef double yhat, res, ada, da
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
@@ -1215,8 +1215,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
         P1 = ws.poff[b + 1]
-        dgd = ws.DG + b * k
-        tv = <floating*>ws.RT + b * k
+        tv = <floating*>(gp + 2 * k)
         if a.attention and P1 > P0:
             _row_softmax(ws, P0, P1)
             if a.drop_att:
@@ -1233,7 +1232,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
             for P in range(P0, P1):
                 pau[P] = 1.0
         _pool_row(VX + q0 * k, pau + P0, n, k, gp)
-        # pooled dropout scale (into DG's row)
+        # pooled dropout scale (into dgd)
         if a.drop_pool:
             key = dropout_row_key(a.seed, 2, a.step, <uint64_t>a.rows[b])
             for f in range(k):
@@ -1246,8 +1245,10 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         yhat = <double>dense[0] + ws.lin[b] + yhat
         ws.row_loss[b] = row_data_loss(a.loss, yhat, <double>y[a.rows[b]], &res)
         ws.r[b] = res
+        dgo = <floating*>ws.RT + b * k
         for f in range(k):
             dgd[f] = res * <double>p_vec[f] * dgd[f]
+            dgo[f] = <floating>dgd[f]
             cps[f] += res * gp[f]
         if a.attention and P1 > P0:
             # da = (v_i dg) . v_i2 times the attention dropout scale, then ds
@@ -1335,15 +1336,11 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef Py_ssize_t k = a.k, b, P0, f, i, n, q0
     cdef floating* dvx = <floating*>ws.rowbuf + omp_get_thread_num() * ws.row_cap * k
     cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef floating* dg
-    cdef const double* dgd
+    cdef const floating* dg
     cdef floating* d1
     cdef floating x
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
-        dgd = ws.DG + b * k
         dg = <floating*>ws.RT + b * k
-        for f in range(k):
-            dg[f] = <floating>dgd[f]
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
@@ -1786,7 +1783,7 @@ cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     (looked up by distinct pair), pooled g, y_hat = w0 + w x + p . g into out[row]."""
     cdef Py_ssize_t k = a.k, b, n, P, P0, P1
     cdef double* pa = ws.pa
-    cdef double* gp = ws.gpbuf + omp_get_thread_num() * k
+    cdef double* gp = ws.rowscr + omp_get_thread_num() * 3 * k
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
         n = ws.off[b + 1] - ws.off[b]
         P0 = ws.poff[b]
