@@ -15,7 +15,7 @@ Optimiser state: ``FMOptState`` of DTYPE arrays, mutated in place:
     V (2, M, k), w (2, M), dense (2, 1 + 2k); slot 0 is Adagrad's accumulator, the
     momentum buffer or Adam's first moment, slot 1 is Adam's second moment.
 ``new_fm_params``, ``new_afm_params`` and ``new_opt_state`` start the tables on 64-byte
-cache lines (``aligned_empty``); the kernels accept any C-contiguous arrays, only slower.
+cache lines (``aligned_empty``, ``aligned_zeros``); the kernels accept any C-contiguous arrays, only slower.
 
 Backend functions
     fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype) -> opaque scratch
@@ -97,10 +97,21 @@ def aligned_empty(shape, dtype, offset=0):
 
     Example: ``V = aligned_empty((5382, 16), np.float32)``.
     """
+    return _aligned(np.empty, shape, dtype, offset)
+
+
+def aligned_zeros(shape, dtype):
+    """``aligned_empty``, zeroed the way ``np.zeros`` is: a large array's pages are
+    mapped (and count in the memory in use) only once written, so optimiser state that
+    an optimiser never touches (Adam's second moment under Adagrad) costs nothing."""
+    return _aligned(np.zeros, shape, dtype, 0)
+
+
+def _aligned(allocate, shape, dtype, offset):
     dtype = np.dtype(dtype)
     shape = tuple(int(n) for n in np.atleast_1d(shape))
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(nbytes + CACHE_LINE + offset, dtype=np.uint8)
+    buf = allocate(nbytes + CACHE_LINE + offset, dtype=np.uint8)
     start = (-buf.ctypes.data) % CACHE_LINE + offset
     return buf[start:start + nbytes].view(dtype).reshape(shape)
 
@@ -149,7 +160,7 @@ def new_fm_params(n_features, n_factors, rng, dtype=np.float32):
     beta = 0, running mean 0 and variance 1."""
     k = n_factors
     V = aligned_copy(rng.normal(0.0, 0.01, size=(n_features, k)).astype(dtype))
-    w = aligned_copy(np.zeros(n_features, dtype=dtype))
+    w = aligned_zeros(n_features, dtype)
     dense = np.zeros(1 + 2 * k, dtype=dtype)
     dense[1 : 1 + k] = 1.0
     bn_stats = np.zeros((2, k), dtype=dtype)
@@ -166,9 +177,8 @@ def new_opt_state(params, optimizer):
     state = []
     for name in fields._fields:
         p = getattr(params, name)
-        s = aligned_empty((2,) + p.shape, p.dtype)
+        s = aligned_zeros((2,) + p.shape, p.dtype)
         s[0] = init
-        s[1] = 0.0
         state.append(s)
     return fields(*state)
 
@@ -212,4 +222,4 @@ def new_afm_params(n_features, n_factors, attention_size, rng, dtype=np.float32)
     dense[1 : 1 + k] = 1.0
     dense[1 + k : 1 + k + t] = rng.normal(0.0, glorot, size=t)
     dense[1 + k + t :] = rng.normal(0.0, 1.0, size=t)
-    return AFMParams(V, aligned_copy(np.zeros(n_features, dtype=dtype)), W, dense)
+    return AFMParams(V, aligned_zeros(n_features, dtype), W, dense)
