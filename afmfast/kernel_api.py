@@ -15,7 +15,8 @@ Optimiser state: ``FMOptState`` of DTYPE arrays, mutated in place:
     V (2, M, k), w (2, M), dense (2, 1 + 2k); slot 0 is Adagrad's accumulator, the
     momentum buffer or Adam's first moment, slot 1 is Adam's second moment.
 ``new_fm_params``, ``new_afm_params`` and ``new_opt_state`` start the tables on 64-byte
-cache lines (``aligned_empty``, ``aligned_zeros``); the kernels accept any C-contiguous arrays, only slower.
+cache lines (``aligned_empty``, ``aligned_zeros``); the kernels accept any C-contiguous
+arrays, only slower.
 
 Backend functions
     fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype) -> opaque scratch
