@@ -33,11 +33,11 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   threads alternate repetition by repetition, after one warm-up batch each, so that a
   change of load on the shared machine hits both alike. In steps mode a repetition is
   STEPS_PER_SWITCH consecutive batches at one thread count, the first untimed:
-  switching the thread count every batch made 2-thread FM k=256 ml-tag batches about
-  5% slower (medians 4.90 against 4.68 ms, interleaved in one process), a cost that
-  training at one thread count never pays. Repetitions go on while a thread count has
-  been timed for less than MIN_TIMED_SECONDS in all (at most MAX_REPS): five epochs of
-  0.01 s would be at the mercy of one noisy moment of the shared machine.
+  switching the thread count every batch made the 2-thread batches slower (FM k=256 on
+  ml-tag), a cost that training at one thread count never pays. Repetitions go on while
+  a thread count has been timed for less than MIN_TIMED_SECONDS in all (at most
+  MAX_REPS): five epochs of 0.01 s would be at the mercy of one noisy moment of the
+  shared machine.
 - the AFM attention product's achieved GFLOP/s: 6 P k t flops per batch (forward
   2 P k t for W e_ij, backward 4 P k t for dW and de; P = the batch's pairs, counted from
   the data), divided by the whole step time, against NumPy float32 ``(P x k) @ (k x t)``

@@ -396,7 +396,8 @@ cdef enum:
 # V rows are prefetched when V is larger than this, or when more than one thread runs: a
 # table that fits in one core's caches (Frappe's 5,382 x 16 floats) gains nothing on one
 # thread, but with two its rows were last written by the other core in the previous
-# step's feature updates (prefetching them: 2 threads, Frappe k=16, FM 0.95x, AFM 0.97x).
+# step's feature updates (prefetching them, 2 threads, Frappe k=16: FM 0.95x, AFM 0.97x
+# the step time, by bench/ab_builds.py).
 cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 2 * 1024 * 1024
 
 # A row's softmax uses numerators exp(s - the batch's largest logit) when their sum is at

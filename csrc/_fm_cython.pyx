@@ -90,7 +90,8 @@ cdef enum:
 # V rows are prefetched when V is larger than this, or when more than one thread runs: a
 # table that fits in one core's caches (Frappe's 5,382 x 16 floats) gains nothing on one
 # thread, but with two its rows were last written by the other core in the previous
-# step's feature updates (prefetching them: 2 threads, Frappe k=16, FM 0.95x, AFM 0.97x).
+# step's feature updates (prefetching them, 2 threads, Frappe k=16: FM 0.95x, AFM 0.97x
+# the step time, by bench/ab_builds.py).
 cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 2 * 1024 * 1024
 
 
@@ -466,7 +467,8 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
             _prefetch_row(sV1 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
-    # the l2 terms only when l2 > 0: at l2 = 0 they cost 6-8% of a k = 256 step for nothing
+    # the l2 terms only when l2 > 0: at l2 = 0 they cost 6-8% of a k = 256 ml-tag step
+    # for nothing (bench/ab_builds.py --model fm --k 256 --data mltag)
     grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     f0 = 0
     while f0 < k:
