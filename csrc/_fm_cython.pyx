@@ -76,8 +76,13 @@ cdef extern from *:
 cdef enum:
     # rows ahead whose nonzeros the forward pass prefetches
     PREFETCH_ROWS = 4
-    # rows ahead whose V rows it prefetches (their ids were prefetched earlier)
+    # rows ahead whose V rows it prefetches (their ids were prefetched earlier): short
+    # rows (V rows of at most SHORT_V_ROW_BYTES) twice as far, so that about as many
+    # bytes are in flight (bench/ab_builds.py --model fm --data mltag, 4 rows against 2:
+    # k=16 0.95-0.96x / 0.98x on 1 / 2 threads, Frappe k=16 0.96x / 1.00x; k=256
+    # 1.01x, so 2 there)
     PREFETCH_V_ROWS = 2
+    SHORT_V_ROW_BYTES = 256
     # rows a thread takes at a time in the forward pass (dynamic: the thread that sorts
     # joins late)
     FORWARD_CHUNK = 64
@@ -279,7 +284,7 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 # Scalars and raw pointers of one step; the DTYPE arrays travel as memoryviews.
 ctypedef struct StepArgs:
     Py_ssize_t B, k, M, n_rows, nnz_cap, U
-    int n_threads, batch_norm, use_dropout, loss, prefetch_v
+    int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
     double l2, inv_keep
     uint64_t seed, step, threshold
     const int64_t* indptr
@@ -344,8 +349,8 @@ cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* of
     cdef int64_t q = off[b], p
     cdef Py_ssize_t n = off[b + 1] - q
     cdef int32_t j
-    if a.prefetch_v and b + PREFETCH_V_ROWS < a.B:
-        for p in range(off[b + PREFETCH_V_ROWS], off[b + PREFETCH_V_ROWS + 1]):
+    if a.prefetch_v and b + a.prefetch_rows < a.B:
+        for p in range(off[b + a.prefetch_rows], off[b + a.prefetch_rows + 1]):
             j = occ[p]
             _prefetch_row(V + <Py_ssize_t>j * a.k, a.k * sizeof(floating))
             __builtin_prefetch(w + j)
@@ -658,6 +663,8 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.M = M
     a.prefetch_v = 1 if (n_threads > 1 or M * k * <Py_ssize_t>sizeof(floating)
                          > PREFETCH_MIN_TABLE_BYTES) else 0
+    a.prefetch_rows = (2 * PREFETCH_V_ROWS if k * <Py_ssize_t>sizeof(floating)
+                       <= SHORT_V_ROW_BYTES else PREFETCH_V_ROWS)
     a.n_rows = indptr.shape[0] - 1
     a.nnz_cap = ws.max_batch_nnz
     a.n_threads = n_threads
