@@ -160,7 +160,8 @@ def new_fm_params(n_features, n_factors, rng, dtype=np.float32):
     """Initial parameters as the reference: V ~ N(0, 0.01), w = 0, w0 = 0, gamma = 1,
     beta = 0, running mean 0 and variance 1."""
     k = n_factors
-    V = aligned_copy(rng.normal(0.0, 0.01, size=(n_features, k)).astype(dtype))
+    V = aligned_empty((n_features, k), dtype)
+    V[...] = rng.normal(0.0, 0.01, size=(n_features, k))
     w = aligned_zeros(n_features, dtype)
     dense = np.zeros(1 + 2 * k, dtype=dtype)
     dense[1 : 1 + k] = 1.0
@@ -217,8 +218,10 @@ def new_afm_params(n_features, n_factors, attention_size, rng, dtype=np.float32)
     W and b ~ N(0, sqrt(2 / (t + k))), h ~ N(0, 1), p = 1."""
     k, t = n_factors, attention_size
     glorot = np.sqrt(2.0 / (t + k))
-    V = aligned_copy(rng.normal(0.0, 0.01, size=(n_features, k)).astype(dtype))
-    W = aligned_copy(rng.normal(0.0, glorot, size=(t, k)).astype(dtype))
+    V = aligned_empty((n_features, k), dtype)
+    V[...] = rng.normal(0.0, 0.01, size=(n_features, k))
+    W = aligned_empty((t, k), dtype)
+    W[...] = rng.normal(0.0, glorot, size=(t, k))
     dense = np.zeros(1 + k + 2 * t, dtype=dtype)
     dense[1 : 1 + k] = 1.0
     dense[1 + k : 1 + k + t] = rng.normal(0.0, glorot, size=t)

@@ -90,6 +90,7 @@ from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start,
+    prefetch_table_rows,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -393,12 +394,6 @@ cdef enum:
     # touched features ahead whose V and optimiser-state rows the updates prefetch
     FEATURE_PREFETCH = 2
 
-# V rows are prefetched when V is larger than this, or when more than one thread runs: a
-# table that fits in one core's caches (Frappe's 5,382 x 16 floats) gains nothing on one
-# thread, but with two its rows were last written by the other core in the previous
-# step's feature updates (prefetching them, 2 threads, Frappe k=16: FM 0.95x, AFM 0.97x
-# the step time, by bench/ab_builds.py).
-cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 2 * 1024 * 1024
 
 # A row's softmax uses numerators exp(s - the batch's largest logit) when their sum is at
 # least this: the terms lost to underflow are then below 1e-26 of the sum.
@@ -1571,8 +1566,7 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     a.k = k
     a.t = t
     a.M = M
-    a.prefetch_v = 1 if (n_threads > 1 or M * k * <Py_ssize_t>sizeof(floating)
-                         > PREFETCH_MIN_TABLE_BYTES) else 0
+    a.prefetch_v = prefetch_table_rows(M * k * <Py_ssize_t>sizeof(floating), n_threads)
     a.n_rows = indptr.shape[0] - 1
     a.nnz_cap = ws.max_batch_nnz
     a.pair_cap = ws.max_batch_pairs
@@ -1895,7 +1889,8 @@ cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n
     a.k = k
     a.t = t
     a.M = M
-    a.prefetch_v = 1 if M * k * <Py_ssize_t>sizeof(floating) > PREFETCH_MIN_TABLE_BYTES else 0
+    # predict writes no table: only a table's size calls for prefetching
+    a.prefetch_v = prefetch_table_rows(M * k * <Py_ssize_t>sizeof(floating), 1)
     a.n_rows = n
     a.nnz_cap = ws.max_batch_nnz
     a.pair_cap = ws.max_batch_pairs

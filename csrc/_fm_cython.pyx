@@ -52,7 +52,7 @@ from libc.stdlib cimport free
 from _batch cimport (
     ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, group_by_feature,
-    raise_batch_error, scatter_groups,
+    raise_batch_error, scatter_groups, prefetch_table_rows,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -92,12 +92,6 @@ cdef enum:
     # buffer: a per-feature buffer would leave u_cap x k dirty lines to write back)
     GRAD_SPAN = 256
 
-# V rows are prefetched when V is larger than this, or when more than one thread runs: a
-# table that fits in one core's caches (Frappe's 5,382 x 16 floats) gains nothing on one
-# thread, but with two its rows were last written by the other core in the previous
-# step's feature updates (prefetching them, 2 threads, Frappe k=16: FM 0.95x, AFM 0.97x
-# the step time, by bench/ab_builds.py).
-cdef Py_ssize_t PREFETCH_MIN_TABLE_BYTES = 2 * 1024 * 1024
 
 
 cdef enum:
@@ -661,8 +655,7 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.B = rows.shape[0]
     a.k = k
     a.M = M
-    a.prefetch_v = 1 if (n_threads > 1 or M * k * <Py_ssize_t>sizeof(floating)
-                         > PREFETCH_MIN_TABLE_BYTES) else 0
+    a.prefetch_v = prefetch_table_rows(M * k * <Py_ssize_t>sizeof(floating), n_threads)
     a.prefetch_rows = (2 * PREFETCH_V_ROWS if k * <Py_ssize_t>sizeof(floating)
                        <= SHORT_V_ROW_BYTES else PREFETCH_V_ROWS)
     a.n_rows = indptr.shape[0] - 1
