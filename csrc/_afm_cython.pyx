@@ -824,7 +824,8 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     cdef int64_t* off = ws.off
     cdef int64_t* poff = ws.poff
     cdef Py_ssize_t target, rows_in
-    cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, off, a.nnz_cap, &a.err)
+    cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, off, a.nnz_cap,
+                                 a.n_threads, &a.err)
     if err:
         return err
     poff[0] = 0

@@ -21,6 +21,7 @@ allocates nothing and holds no state, so it may run inside ``prange`` bodies.
 """
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memset
+from cython.parallel cimport prange
 from cython cimport floating
 
 cdef extern from *:
@@ -28,8 +29,9 @@ cdef extern from *:
 
 cdef enum:
     # rows ahead whose indptr entries batch_offsets prefetches (a shuffled batch's rows
-    # are scattered over X)
+    # are scattered over X), and the parts it splits the batch into with several threads
     OFFSET_PREFETCH = 16
+    OFFSET_PARTS = 8
     # nonzeros ahead whose slot entries group_by_feature prefetches
     GROUP_PREFETCH = 16
     # work items of the feature updates (see feature_items)
@@ -134,24 +136,61 @@ cdef inline int raise_batch_error(int err, const BatchErr* e, Py_ssize_t n_rows,
     return 0
 
 
-cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_rows,
-                              const int64_t* indptr, int64_t* off, int64_t nnz_cap,
-                              BatchErr* e) noexcept nogil:
-    """off (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW / ERR_NNZ."""
+cdef inline void _row_lengths(const int64_t* rows, Py_ssize_t b0, Py_ssize_t b1,
+                              Py_ssize_t n_rows, const int64_t* indptr, int64_t* off,
+                              int64_t* total, int64_t* bad) noexcept nogil:
+    """off[b + 1] = the length of row b for b in [b0, b1), their sum in total[0]; bad[0] =
+    the first b whose row id is outside [0, n_rows) (then stops), else -1."""
     cdef Py_ssize_t b
-    cdef int64_t row
-    off[0] = 0
-    for b in range(B):
-        if b + OFFSET_PREFETCH < B:
+    cdef int64_t row, sum_len = 0, n
+    bad[0] = -1
+    for b in range(b0, b1):
+        if b + OFFSET_PREFETCH < b1:
             row = rows[b + OFFSET_PREFETCH]
             if 0 <= row < n_rows:
                 __builtin_prefetch(indptr + row)
         row = rows[b]
         if row < 0 or row >= n_rows:
-            e.pos = b
-            e.value = row
+            bad[0] = b
+            break
+        n = indptr[row + 1] - indptr[row]
+        off[b + 1] = n
+        sum_len += n
+    total[0] = sum_len
+
+
+cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_rows,
+                              const int64_t* indptr, int64_t* off, int64_t nnz_cap,
+                              int n_threads, BatchErr* e) noexcept nogil:
+    """off (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW (the first invalid
+    row in batch order) / ERR_NNZ. The rows' lengths are read in OFFSET_PARTS contiguous
+    parts in parallel: a shuffled batch's indptr entries are cache misses, and one
+    thread waiting for all of them was a serial part of every step."""
+    cdef int64_t part_len[OFFSET_PARTS]
+    cdef int64_t part_bad[OFFSET_PARTS]
+    cdef Py_ssize_t n_parts = OFFSET_PARTS if n_threads > 1 else 1, p, b, b0, b1
+    cdef int64_t base = 0, n
+    if n_parts > B:
+        n_parts = B if B > 0 else 1
+    if n_parts == 1:
+        _row_lengths(rows, 0, B, n_rows, indptr, off, &part_len[0], &part_bad[0])
+    else:
+        for p in prange(n_parts, schedule="static", num_threads=n_threads):
+            _row_lengths(rows, p * B // n_parts, (p + 1) * B // n_parts, n_rows, indptr,
+                         off, &part_len[p], &part_bad[p])
+    off[0] = 0
+    for p in range(n_parts):
+        if part_bad[p] >= 0:
+            e.pos = part_bad[p]
+            e.value = rows[part_bad[p]]
             return ERR_ROW
-        off[b + 1] = off[b] + (indptr[row + 1] - indptr[row])
+    for p in range(n_parts):
+        b0 = p * B // n_parts
+        b1 = (p + 1) * B // n_parts
+        for b in range(b0, b1):
+            n = off[b + 1]
+            off[b + 1] = base + n
+            base += n
     if off[B] > nnz_cap:
         e.value = off[B]
         return ERR_NNZ

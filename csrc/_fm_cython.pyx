@@ -527,7 +527,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef floating* fr
     cdef double t0 = omp_get_wtime()
 
-    err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.off, a.nnz_cap, &a.err)
+    err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.off, a.nnz_cap, nt, &a.err)
     if err:
         return err
 
