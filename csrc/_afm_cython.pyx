@@ -90,7 +90,7 @@ from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start,
-    prefetch_table_rows,
+    prefetch_table_rows, feature_prefetch_distance,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -391,8 +391,6 @@ cdef extern from *:
 cdef enum:
     # rows ahead whose nonzeros are prefetched while copying a batch
     ROW_PREFETCH = 4
-    # touched features ahead whose V and optimiser-state rows the updates prefetch
-    FEATURE_PREFETCH = 2
 
 
 # A row's softmax uses numerators exp(s - the batch's largest logit) when their sum is at
@@ -779,6 +777,7 @@ ctypedef struct AFMArgs:
     Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U, n_classes, n_distinct
     Py_ssize_t n_own
     int n_threads, attention, activation, freeze_fm, drop_att, drop_pool, loss, prefetch_v
+    int prefetch_features
     double l2, l2a, inv_keep_att, inv_keep_pool
     uint64_t seed, step, thr_att, thr_pool
     const int64_t* indptr
@@ -1368,9 +1367,9 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     cdef double gw = 0
     cdef double l2 = a.l2
     cdef Py_ssize_t nnz = ws.off[a.B], j_next
-    if u + FEATURE_PREFETCH < a.U:
+    if u + a.prefetch_features < a.U:
         # a later feature's rows (V and optimiser state are tables larger than cache)
-        j_next = ws.uniq[u + FEATURE_PREFETCH]
+        j_next = ws.uniq[u + a.prefetch_features]
         _prefetch_row(V + j_next * k, k * sizeof(floating))
         if not a.freeze_fm:
             _prefetch_row(sV0 + j_next * k, k * sizeof(floating))
@@ -1568,6 +1567,7 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     a.t = t
     a.M = M
     a.prefetch_v = prefetch_table_rows(M * k * <Py_ssize_t>sizeof(floating), n_threads)
+    a.prefetch_features = feature_prefetch_distance(k * <Py_ssize_t>sizeof(floating))
     a.n_rows = indptr.shape[0] - 1
     a.nnz_cap = ws.max_batch_nnz
     a.pair_cap = ws.max_batch_pairs

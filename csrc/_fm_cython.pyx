@@ -52,7 +52,7 @@ from libc.stdlib cimport free
 from _batch cimport (
     ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, group_by_feature,
-    raise_batch_error, scatter_groups, prefetch_table_rows,
+    raise_batch_error, scatter_groups, prefetch_table_rows, feature_prefetch_distance,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -86,8 +86,6 @@ cdef enum:
     # rows a thread takes at a time in the forward pass (dynamic: the thread that sorts
     # joins late)
     FORWARD_CHUNK = 64
-    # touched features ahead whose V and optimiser-state rows the updates prefetch
-    PREFETCH_FEATURES = 2
     # columns of a V row's gradient that the feature update forms at a time (a stack
     # buffer: a per-feature buffer would leave u_cap x k dirty lines to write back)
     GRAD_SPAN = 256
@@ -279,6 +277,7 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 ctypedef struct StepArgs:
     Py_ssize_t B, k, M, n_rows, nnz_cap, U
     int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
+    int prefetch_features
     double l2, inv_keep
     uint64_t seed, step, threshold
     const int64_t* indptr
@@ -459,8 +458,8 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     cdef floating x, gw = 0
     cdef floating l2 = <floating>a.l2
     cdef Py_ssize_t b, j_next
-    if a.prefetch_v and u + PREFETCH_FEATURES < a.U:
-        j_next = uniq[u + PREFETCH_FEATURES]
+    if a.prefetch_v and u + a.prefetch_features < a.U:
+        j_next = uniq[u + a.prefetch_features]
         _prefetch_row(V + j_next * k, k * sizeof(floating))
         _prefetch_row(sV0 + j_next * k, k * sizeof(floating))
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
@@ -658,6 +657,7 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.prefetch_v = prefetch_table_rows(M * k * <Py_ssize_t>sizeof(floating), n_threads)
     a.prefetch_rows = (2 * PREFETCH_V_ROWS if k * <Py_ssize_t>sizeof(floating)
                        <= SHORT_V_ROW_BYTES else PREFETCH_V_ROWS)
+    a.prefetch_features = feature_prefetch_distance(k * <Py_ssize_t>sizeof(floating))
     a.n_rows = indptr.shape[0] - 1
     a.nnz_cap = ws.max_batch_nnz
     a.n_threads = n_threads
