@@ -43,11 +43,11 @@ result is bit-identical for any n_threads):
     0. serial: row/pair offsets (rows validated), a copy of the batch's nonzeros in batch
        order (prange; ids validated), a split of the batch into chunks of consecutive rows
        (the split depends on the data only). Then one thread sorts the nonzeros by
-       feature id (stable counting sort) while the others compute v x per occurrence and
-       the linear term per row (step 1a, prange over chunks), joined by the sorting
-       thread when it is done. With attention, the distinct pairs: prange over feature
-       groups, each occurrence's class (its group when its value equals the group's
-       first value, else its own); a pair (i < i2 in its row) belongs to the bucket of
+       feature id (stable counting sort) and, with attention, gives each occurrence its
+       class (its group when its value equals the group's first value, else its own),
+       while the others compute v x per occurrence and the linear term per row (step
+       1a, prange over chunks), joined by the sorting thread when it is done. With
+       attention, the distinct pairs: a pair (i < i2 in its row) belongs to the bucket of
        class(i); prange over classes numbers each bucket's distinct upper classes (one
        dedup table per thread); the bucket counts are prefix-summed and a prange over
        rows makes the ids global. (Rows that list the same two classes in opposite
@@ -588,7 +588,9 @@ cdef class AFMWorkspace:
     # the same two classes share e, W e + b, act and the logit
     cdef int32_t* cls        # (nnz,) class of each occurrence (its group, or u_cap + q
                              # when its value differs from the group's first)
-    cdef int32_t* row_of     # (nnz,) batch row of each occurrence
+    cdef double* gx0         # (u_cap,) value of each group's first occurrence
+    cdef int32_t* lp         # (nnz + 1,) first pair of each occurrence with the later
+                             # occurrences of its row; lp[q + 1] - lp[q] of them
     cdef int32_t* row_bad    # (B,) position of a row's first invalid id, or -1
     cdef int32_t* pd         # (pairs,) distinct pair of each pair
     cdef int32_t* reps       # (pairs,) at poff[b]: the distinct pairs whose representative
@@ -642,8 +644,9 @@ cdef class AFMWorkspace:
                                    ("n_features", n_features), ("n_factors", n_factors),
                                    ("attention_size", attention_size)),
                               n_features, max_batch_nnz)
-        if max_batch_pairs < 0:
-            raise ValueError(f"max_batch_pairs must be >= 0, got {max_batch_pairs}")
+        if max_batch_pairs < 0 or max_batch_pairs > 2147483647:
+            raise ValueError(f"max_batch_pairs must be in [0, 2**31 - 1] (pairs are "
+                             f"numbered in int32), got {max_batch_pairs}")
         B, N, M, k, t = batch_size, max_batch_nnz, n_features, n_factors, attention_size
         PP = max(max_batch_pairs, 1)
         U = min(M, N)
@@ -687,7 +690,8 @@ cdef class AFMWorkspace:
         self.CPS = <double*>aligned_empty(B * k * sizeof(double))
         C = U + N
         self.cls = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.row_of = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.gx0 = <double*>_alloc(U * sizeof(double))
+        self.lp = <int32_t*>_alloc((N + 1) * sizeof(int32_t))
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
         self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
         self.reps = <int32_t*>_alloc(PP * sizeof(int32_t))
@@ -724,7 +728,7 @@ cdef class AFMWorkspace:
         free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
         free(self.WT); free(self.GW); free(self.CPS)
         free(self.gdense)
-        free(self.cls); free(self.row_of); free(self.row_bad); free(self.pd); free(self.reps)
+        free(self.cls); free(self.gx0); free(self.lp); free(self.row_bad); free(self.pd); free(self.reps)
         free(self.n_reps); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
         free(self.rowscr)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
@@ -789,19 +793,20 @@ ctypedef struct AFMArgs:
 
 cdef void _copy_row(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
                     const floating* values) noexcept nogil:
-    """Row b's nonzeros to the batch-order buffers (occ, occ_x, row_of); row_bad[b] = the
+    """Row b's nonzeros to the batch-order buffers (occ, occ_x, lp); row_bad[b] = the
     position of its first invalid id, or -1."""
-    cdef int64_t start, q
+    cdef int64_t start, q0 = ws.off[b], P0 = ws.poff[b]
+    cdef Py_ssize_t i, n = ws.off[b + 1] - q0
     if b + ROW_PREFETCH < a.B:
         # the rows of a shuffled batch are scattered over X: start the next misses early
         start = a.indptr[a.rows[b + ROW_PREFETCH]]
         __builtin_prefetch(a.indices + start)
         __builtin_prefetch(values + start)
     start = a.indptr[a.rows[b]]
-    ws.row_bad[b] = <int32_t>copy_row(a.indices, values, start, ws.off[b + 1] - ws.off[b],
-                                      a.M, ws.occ + ws.off[b], <floating*>ws.occ_x + ws.off[b])
-    for q in range(ws.off[b], ws.off[b + 1]):
-        ws.row_of[q] = <int32_t>b
+    ws.row_bad[b] = <int32_t>copy_row(a.indices, values, start, n, a.M, ws.occ + q0,
+                                      <floating*>ws.occ_x + q0)
+    for i in range(n):
+        ws.lp[q0 + i] = <int32_t>(P0 + _pair_index(i, i + 1, n))
 
 
 cdef void _group(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
@@ -836,6 +841,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
         return ERR_PAIRS
     for b in prange(B, schedule="static", num_threads=a.n_threads):
         _copy_row(a, ws, b, values)
+    ws.lp[off[B]] = <int32_t>poff[B]
     for b in range(B):
         if ws.row_bad[b] >= 0:
             a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
@@ -865,10 +871,12 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     with parallel(num_threads=a.n_threads):
         if threadid() == 0:
             _group(a, ws)
+            if a.attention:
+                _classes(a, ws, <floating*>ws.occ_x)
         for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
             _vx_chunk(a, ws, c, V, w)
     if a.attention:
-        _distinct_pairs(a, ws, <floating*>ws.occ_x)
+        _distinct_pairs(a, ws)
         for j in range(a.t):
             for f in range(a.k):
                 (<floating*>ws.WT)[f * a.t + j] = W[j * a.k + f]
@@ -901,11 +909,12 @@ cdef inline Py_ssize_t _pair_index(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n) n
 cdef inline Py_ssize_t _later_pairs(AFMWorkspace ws, Py_ssize_t q,
                                    Py_ssize_t* count) noexcept nogil:
     """The pairs of occurrence q with the later occurrences of its row: the first one's
-    index P (batch-wide) and, in count, how many (they are P, P + 1, ...)."""
-    cdef Py_ssize_t b = ws.row_of[q], q0 = ws.off[b], n = ws.off[b + 1] - ws.off[b]
-    cdef Py_ssize_t i = q - q0
-    count[0] = n - i - 1
-    return ws.poff[b] + _pair_index(i, i + 1, n)
+    index P (batch-wide) and, in count, how many (they are P, P + 1, ...). The pairs of
+    an occurrence end where the next occurrence's begin (a row's last occurrence has
+    none, and the next row's pairs begin at poff of that row), so lp alone gives both."""
+    cdef Py_ssize_t P = ws.lp[q]
+    count[0] = ws.lp[q + 1] - P
+    return P
 
 
 cdef inline void _class_range(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
@@ -1003,38 +1012,37 @@ cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
     ws.n_reps[b] = <int32_t>nr
 
 
-cdef Py_ssize_t _group_classes(AFMWorkspace ws, Py_ssize_t u,
-                               const floating* occ_x) noexcept nogil:
-    """Classes of group u's occurrences: u when the value equals the group's first value
-    (and is not 0, whose sign would matter), else a class of its own (u_cap + q).
-    Returns how many took a class of their own."""
-    cdef Py_ssize_t pos, q, n_own = 0
-    cdef floating xr = occ_x[ws.grp_occ[ws.ustart[u]]], x
-    for pos in range(ws.ustart[u], ws.ustart[u + 1]):
-        q = ws.grp_occ[pos]
+cdef void _classes(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) noexcept nogil:
+    """Class of each occurrence (attention): its group when its value equals the value of
+    the group's first occurrence (and is not 0, whose sign would matter), else a class of
+    its own (u_cap + q); a.n_own counts those. One pass in batch order, on the thread that
+    sorted (while the others still compute v x): the groups' occurrences scattered over
+    the batch would have the threads write cls entries that share cache lines."""
+    cdef Py_ssize_t q, u, n_own = 0, nnz = ws.off[a.B]
+    cdef double x
+    for u in range(a.U):
+        ws.gx0[u] = occ_x[ws.grp_occ[ws.ustart[u]]]
+    for q in range(nnz):
+        u = ws.grp[q]
         x = occ_x[q]
-        if x == xr and x != <floating>0:
+        if x == ws.gx0[u] and x != 0:
             ws.cls[q] = <int32_t>u
         else:
             ws.cls[q] = <int32_t>(ws.u_cap + q)
             n_own += 1
-    return n_own
+    a.n_own = n_own
 
 
-cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) noexcept nogil:
-    """Step 0 (attention): classes of the occurrences, then the batch's distinct pairs of
-    classes. A pair's e, W e + b, act and logit depend only on its two (v x) (DESIGN
-    section 3), so they are computed once per distinct pair. A pair belongs to the
+cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
+    """Step 0 (attention, after _classes): the batch's distinct pairs of classes. A
+    pair's e, W e + b, act and logit depend only on its two (v x) (DESIGN section 3),
+    so they are computed once per distinct pair. A pair belongs to the
     bucket of its lower class; buckets are numbered in parallel (one dedup table per
     thread), their counts prefix-summed, and the ids made global per row. The numbering
     depends on the data only, not on the thread count."""
-    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, u, b, th, hi
-    cdef Py_ssize_t n_own = 0
+    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi
+    cdef Py_ssize_t n_own = a.n_own
     cdef int nt = a.n_threads
-    # popular features (the first groups) have the most occurrences
-    for u in prange(U, schedule="dynamic", chunksize=16, num_threads=nt):
-        n_own += _group_classes(ws, u, occ_x)
-    a.n_own = n_own
     # the classes in use: groups [0, U), and own classes [u_cap, C) only when there are any
     hi = C if n_own > 0 else U
     for th in prange(nt, schedule="static", num_threads=nt):
