@@ -338,6 +338,9 @@ def test_errors():
     small = cy.afm_workspace(10, 1000, 1, 50, 4, 3, np.float64)
     with pytest.raises(ValueError, match="max_batch_pairs"):
         cy.afm_step(X, y, rows, params, state, cfg_for(), small)
+    # pairs are numbered in int32: refused before anything is allocated
+    with pytest.raises(ValueError, match="max_batch_pairs must be in"):
+        cy.afm_workspace(10, 1000, 2**31, 50, 4, 3, np.float64)
     with pytest.raises(ValueError, match="keep_pooled"):
         cy.afm_step(X, y, rows, params, state, cfg_for(keep=(1.0, 0.0)), ws)
     with pytest.raises(ValueError, match="workspace"):
