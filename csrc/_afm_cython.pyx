@@ -1040,7 +1040,7 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     bucket of its lower class; buckets are numbered in parallel (one dedup table per
     thread), their counts prefix-summed, and the ids made global per row. The numbering
     depends on the data only, not on the thread count."""
-    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi
+    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi, it
     cdef Py_ssize_t n_own = a.n_own
     cdef int nt = a.n_threads
     # the classes in use: groups [0, U), and own classes [u_cap, C) only when there are any
@@ -1049,11 +1049,14 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
         for c in range(hi):
             ws.stamp[th * C + c] = -1
     # Group classes are numbered by first occurrence, so the popular ones (the biggest
-    # buckets) come first: small chunks keep the threads balanced. Own classes (values
-    # that differ within a feature) are rare; one-hot data has none.
-    for c in prange(U, schedule="dynamic", chunksize=4, num_threads=nt):
+    # buckets) come first: feature_items hands them out one by one and the rest 32 at a
+    # time, which keeps the threads balanced without an atomic per few small buckets
+    # (with 4 classes a grab, the grabs alone took as long as ml-tag's buckets). Own
+    # classes (values that differ within a feature) are rare; one-hot data has none.
+    for it in prange(feature_items(U), schedule="dynamic", num_threads=nt):
         th = omp_get_thread_num()
-        ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+        for c in range(feature_item_start(it, U), feature_item_start(it + 1, U)):
+            ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
     if n_own > 0:
         for c in range(U, C):
             ws.dbase[c + 1] = 0
@@ -1449,8 +1452,9 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[2] = omp_get_wtime() - t0
     if a.attention:
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
-        for c in prange(a.U, schedule="dynamic", chunksize=4, num_threads=nt):
-            _sum_ds(a, ws, c)
+        for it in prange(feature_items(a.U), schedule="dynamic", num_threads=nt):
+            for c in range(feature_item_start(it, a.U), feature_item_start(it + 1, a.U)):
+                _sum_ds(a, ws, c)
         if a.n_own > 0:
             for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256,
                             num_threads=nt):
