@@ -89,7 +89,7 @@ from libc.stdlib cimport free
 from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
-    raise_batch_error, scatter_groups, feature_items, feature_item_start,
+    raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
     prefetch_table_rows, feature_prefetch_distance,
 )
 from _common cimport (
@@ -401,6 +401,10 @@ cdef enum:
     # distinct pairs per block of the per-distinct-pair passes (fixed, so that the block
     # partial sums and their order do not depend on the thread count)
     DBLOCK = 256
+    # classes per work item of the bucket numbering and the ds sums after the
+    # HEAD_FEATURES most popular (feature_items): a class's work there does not grow
+    # with k, and few of ml-tag's have more than a few occurrences
+    CLASS_TAIL = 128
     # columns of h act'(u) that the distinct backward forms at a time (a stack buffer)
     HD_SPAN = 256
     # columns of a V row's gradient that the feature update forms at a time (stack
@@ -1049,13 +1053,15 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
         for c in range(hi):
             ws.stamp[th * C + c] = -1
     # Group classes are numbered by first occurrence, so the popular ones (the biggest
-    # buckets) come first: feature_items hands them out one by one and the rest 32 at a
-    # time, which keeps the threads balanced without an atomic per few small buckets
-    # (with 4 classes a grab, the grabs alone took as long as ml-tag's buckets). Own
+    # buckets) come first: feature_items hands them out one by one and the rest
+    # CLASS_TAIL at a time, which keeps the threads balanced without an atomic per few
+    # small buckets (with 4 classes a grab, the grabs alone took as long as ml-tag's
+    # buckets). Own
     # classes (values that differ within a feature) are rare; one-hot data has none.
-    for it in prange(feature_items(U), schedule="dynamic", num_threads=nt):
+    for it in prange(feature_items(U, CLASS_TAIL), schedule="dynamic", num_threads=nt):
         th = omp_get_thread_num()
-        for c in range(feature_item_start(it, U), feature_item_start(it + 1, U)):
+        for c in range(feature_item_start(it, U, CLASS_TAIL),
+                       feature_item_start(it + 1, U, CLASS_TAIL)):
             ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
     if n_own > 0:
         for c in range(U, C):
@@ -1430,7 +1436,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      floating* dense, floating* sV, floating* sw, floating* sW,
                      floating* sd, double* loss_out) noexcept nogil:
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
-    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, nblk, it
+    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, nblk, it, tail
     cdef int nt = a.n_threads, err
     cdef floating* GW = <floating*>ws.GW
     cdef floating* gd = <floating*>ws.gdense
@@ -1452,8 +1458,9 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[2] = omp_get_wtime() - t0
     if a.attention:
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
-        for it in prange(feature_items(a.U), schedule="dynamic", num_threads=nt):
-            for c in range(feature_item_start(it, a.U), feature_item_start(it + 1, a.U)):
+        for it in prange(feature_items(a.U, CLASS_TAIL), schedule="dynamic", num_threads=nt):
+            for c in range(feature_item_start(it, a.U, CLASS_TAIL),
+                           feature_item_start(it + 1, a.U, CLASS_TAIL)):
                 _sum_ds(a, ws, c)
         if a.n_own > 0:
             for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256,
@@ -1502,8 +1509,10 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
 
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it.
-    for it in prange(feature_items(a.U), schedule="dynamic", num_threads=nt):
-        for u in range(feature_item_start(it, a.U), feature_item_start(it + 1, a.U)):
+    tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
+    for it in prange(feature_items(a.U, tail), schedule="dynamic", num_threads=nt):
+        for u in range(feature_item_start(it, a.U, tail),
+                       feature_item_start(it + 1, a.U, tail)):
             _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
     d = 0
     for u in range(a.U):

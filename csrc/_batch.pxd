@@ -35,9 +35,10 @@ cdef enum:
     OFFSET_PARTS = 8
     # nonzeros ahead whose slot entries group_by_feature prefetches
     GROUP_PREFETCH = 16
-    # work items of the feature updates (see feature_items)
+    # work items of the feature updates (see feature_items and feature_tail)
     HEAD_FEATURES = 64
     TAIL_CHUNK = 32
+    TAIL_BYTES = 8192
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
@@ -275,18 +276,31 @@ cdef inline void scatter_groups(Py_ssize_t B, const int64_t* off, const int32_t*
                 grp_x[pos] = occ_x[q]
 
 
-cdef inline Py_ssize_t feature_items(Py_ssize_t U) noexcept nogil:
+cdef inline Py_ssize_t feature_tail(Py_ssize_t row_bytes) noexcept nogil:
+    """Features per work item after the HEAD_FEATURES most popular (see feature_items):
+    TAIL_CHUNK, or as many as hold TAIL_BYTES of V row when that is more. Each item is
+    a grab of a counter shared by the threads, whose cache line crosses between cores;
+    short rows (k = 16: 128 a grab) would otherwise pay about as much for the grabs as
+    for the work. bench/ab_builds.py --data mltag --threads 2, 128 against 32 features a
+    grab at k = 16: FM 0.94x, AFM 0.96-0.97x the step time; 128 at k = 256 cost FM
+    1.03x (the last items unbalance the threads), so long rows keep 32."""
+    cdef Py_ssize_t n = TAIL_BYTES // row_bytes if row_bytes > 0 else TAIL_CHUNK
+    return n if n > TAIL_CHUNK else TAIL_CHUNK
+
+
+cdef inline Py_ssize_t feature_items(Py_ssize_t U, Py_ssize_t tail) noexcept nogil:
     """Work items of a loop over the U touched features, which come in order of first
     occurrence, so the popular ones (most occurrences, most work) first: the first
-    HEAD_FEATURES are an item each, the rest TAIL_CHUNK to an item. A loop that hands
-    out items dynamically then keeps the threads balanced without paying for an atomic
-    per rare feature. Items are [feature_item_start(i), feature_item_start(i + 1))."""
+    HEAD_FEATURES are an item each, the rest tail to an item. A loop that hands out
+    items dynamically then keeps the threads balanced without paying for an atomic per
+    rare feature. Items are [feature_item_start(i), feature_item_start(i + 1))."""
     if U <= HEAD_FEATURES:
         return U
-    return HEAD_FEATURES + (U - HEAD_FEATURES + TAIL_CHUNK - 1) // TAIL_CHUNK
+    return HEAD_FEATURES + (U - HEAD_FEATURES + tail - 1) // tail
 
 
-cdef inline Py_ssize_t feature_item_start(Py_ssize_t item, Py_ssize_t U) noexcept nogil:
+cdef inline Py_ssize_t feature_item_start(Py_ssize_t item, Py_ssize_t U,
+                                          Py_ssize_t tail) noexcept nogil:
     cdef Py_ssize_t u = item if item <= HEAD_FEATURES else (
-        HEAD_FEATURES + (item - HEAD_FEATURES) * TAIL_CHUNK)
+        HEAD_FEATURES + (item - HEAD_FEATURES) * tail)
     return u if u < U else U

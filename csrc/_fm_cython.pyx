@@ -51,7 +51,8 @@ from libc.stdlib cimport free
 
 from _batch cimport (
     ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
-    check_workspace_sizes, copy_row, feature_item_start, feature_items, group_by_feature,
+    check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
+    group_by_feature,
     raise_batch_error, scatter_groups, prefetch_table_rows, feature_prefetch_distance,
 )
 from _common cimport (
@@ -507,7 +508,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* dense,
                      floating* bn, floating* sV, floating* sw, floating* sd,
                      double* loss_out) noexcept nogil:
-    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0, q, it
+    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0, q, it, tail
     cdef int nt = a.n_threads, err
     cdef floating* S = <floating*>ws.S
     cdef floating* F = <floating*>ws.F
@@ -584,8 +585,9 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
 
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it.
-    for it in prange(feature_items(U), schedule="dynamic", num_threads=nt):
-        for u in range(feature_item_start(it, U), feature_item_start(it + 1, U)):
+    tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
+    for it in prange(feature_items(U, tail), schedule="dynamic", num_threads=nt):
+        for u in range(feature_item_start(it, U, tail), feature_item_start(it + 1, U, tail)):
             _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r,
                             ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
 
