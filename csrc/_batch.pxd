@@ -7,18 +7,22 @@
 - Arguments of a step: ``check_step_arrays`` validates what is common to fm_step and
   afm_step (batch size against the workspace, y against X, the CSR triple, n_threads).
 - Gathering a batch without the GIL: ``batch_offsets`` (batch-local nonzero offsets,
-  rows validated), ``copy_row`` (a row's nonzeros into contiguous batch-order buffers,
+  rows validated; a parallel loop of its own), ``copy_row`` (a row's nonzeros into contiguous batch-order buffers,
   ids checked), ``group_by_feature`` and ``scatter_groups`` (a stable counting sort of the
   batch's nonzeros by feature id: the touched features and, for each, its occurrences in
   batch order).
 - Prefetch policy: ``prefetch_table_rows`` says whether a step should prefetch the
   rows of V (and its optimiser state) that it reaches through feature ids, and
   ``feature_prefetch_distance`` how far ahead the feature updates do.
+- Work items of loops over the touched features: ``feature_items`` /
+  ``feature_item_start`` (the popular features one by one, the rest in runs of
+  ``feature_tail``).
 - Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
   ``raise_batch_error`` turns it into a ValueError that names the offending entry.
 
 Everything except the two ``check_*`` functions and ``raise_batch_error`` is ``nogil``,
-allocates nothing and holds no state, so it may run inside ``prange`` bodies.
+allocates nothing and holds no state, so it may run inside ``prange`` bodies; except
+``batch_offsets``, which runs its own ``prange`` (call it outside one).
 """
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memset

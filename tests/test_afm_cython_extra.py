@@ -357,3 +357,15 @@ def test_phase_times_cover_the_last_step():
     check_phase_times(cy, lambda: cy.afm_step(
         X, y, rows, params, api.new_opt_state(params, api.ADAGRAD),
         cfg_for(api.ADAGRAD, n_threads=2), ws))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_batch_errors_name_the_first_offender_for_any_thread_count(n_threads):
+    """As for FM: the first invalid row in batch order, whatever the thread count."""
+    X, y, params = make_problem(n_rows=200, k=4, t=3)
+    state = api.new_opt_state(params, api.ADAGRAD)
+    rows = np.arange(150, dtype=np.int64)
+    ws = workspace_for(X, rows, params)
+    rows[[33, 34, 140]] = [200, -1, 7 * 10**9]
+    with pytest.raises(ValueError, match=r"rows\[33\] = 200 is not a row of X"):
+        cy.afm_step(X, y, rows, params, state, cfg_for(api.ADAGRAD, n_threads=n_threads), ws)

@@ -238,3 +238,23 @@ def test_phase_times_cover_the_last_step():
     check_phase_times(cy, lambda: cy.fm_step(
         X, y.astype(np.float32), np.arange(100, dtype=np.int64), params, state,
         cfg_for(api.ADAGRAD, n_threads=2), ws))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_batch_errors_name_the_first_offender_for_any_thread_count(n_threads):
+    """The rows' lengths are read in parts in parallel: the error is still the first
+    invalid row in batch order, and nothing is mutated."""
+    X, y = make_data(n_rows=300)
+    params, state = make_params(60, 8, np.float64, api.ADAGRAD)
+    before = clone(params + state)
+    ws = cy.fm_workspace(128, 1000, 60, 8, np.float64)
+    rows = np.arange(100, 228, dtype=np.int64)
+    rows[[40, 90, 120]] = [-3, 300, 10**9]
+    with pytest.raises(ValueError, match=r"rows\[40\] = -3 is not a row of X"):
+        cy.fm_step(X, y, rows, params, state, cfg_for(api.ADAGRAD, n_threads=n_threads), ws)
+    small = cy.fm_workspace(128, 10, 60, 8, np.float64)
+    with pytest.raises(ValueError, match="max_batch_nnz = 10"):
+        cy.fm_step(X, y, np.arange(128, dtype=np.int64), params, state,
+                   cfg_for(api.ADAGRAD, n_threads=n_threads), small)
+    for a, b in zip(params + state, before):
+        np.testing.assert_array_equal(a, b)
