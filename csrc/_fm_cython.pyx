@@ -52,8 +52,8 @@ from libc.stdlib cimport free
 from _batch cimport (
     ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
-    group_by_feature,
-    raise_batch_error, scatter_groups, prefetch_table_rows, feature_prefetch_distance,
+    group_by_feature, raise_batch_error, scatter_groups, prefetch_table_rows,
+    feature_prefetch_distance,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
