@@ -353,7 +353,9 @@ class FactorizationModel(*_SKLEARN_BASES):
         step = 0
         for epoch in range(1, self.n_epochs + 1):
             t0 = time.perf_counter()
-            order = rng.permutation(n).astype(np.int64)
+            # already int64 where NumPy's default integer is: no copy of the whole order
+            # each epoch (16 MB at 2,000,000 rows)
+            order = rng.permutation(n).astype(np.int64, copy=False)
             progress = _Progress(epoch, n) if self.verbose >= 2 else None
             for start in range(0, n, bs):
                 loss = self._train_batch(X, y, order[start:start + bs], step)

@@ -104,7 +104,7 @@ def main():
     step = 0
     for _ in range(args.epochs):
         for threads in args.threads:
-            order = rng.permutation(n).astype(np.int64)
+            order = rng.permutation(n).astype(np.int64, copy=False)
             for start in range(0, n - compare.BATCH + 1, compare.BATCH):
                 rows = order[start:start + compare.BATCH]
                 cfg = step_config(est, args.model, step, threads)

@@ -260,7 +260,7 @@ def worker_afmfast(job):
             est._threads = threads
             if rows is None:  # one epoch, as FactorizationModel._epochs runs it
                 t0 = time.perf_counter()
-                order = rng.permutation(n).astype(np.int64)
+                order = rng.permutation(n).astype(np.int64, copy=False)
                 for start in range(0, n, BATCH):
                     est._train_batch(X, y, order[start:start + BATCH], step)
                     step += 1

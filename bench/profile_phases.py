@@ -46,7 +46,7 @@ def profile(model, data, k, threads, epochs, batch=compare.BATCH):
     rng = np.random.default_rng(1)
     phases, totals, step = [], [], 0
     for _ in range(epochs):
-        order = rng.permutation(n).astype(np.int64)
+        order = rng.permutation(n).astype(np.int64, copy=False)
         for start in range(0, n - batch + 1, batch):
             t0 = time.perf_counter()
             est._train_batch(X, y, order[start:start + batch], step)
