@@ -3,6 +3,7 @@
     python bench/profile_phases.py       # AFM, frappe-mini, k = t = 16, 1 and 2 threads
     python bench/profile_phases.py --k 256 --data mltag --epochs 1
     python bench/profile_phases.py --model fm --data mltag
+    python bench/profile_phases.py --model fm --k 256 --data mltag --no-dropout
 
 Trains on frappe-mini (../shared/data beside the repository) or on the synthetic ml-tag
 set of ``bench/compare.py`` and prints, per thread count, the 10th percentile and the
@@ -36,8 +37,10 @@ from afmfast import _afm_cython, _fm_cython, backends  # noqa: E402
 KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 
 
-def profile(model, data, k, threads, epochs, batch=compare.BATCH):
+def profile(model, data, k, threads, epochs, batch=compare.BATCH, dropout=True):
     est = compare.make_estimator(model, k, "cython", threads)
+    if not dropout:
+        est.keep = 1.0 if model == "fm" else (1.0, 1.0)
     est._validate()
     est._backend = backends.get_backend("cython", model)
     est._threads, est._seed = threads, 2016
@@ -65,15 +68,18 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=200_000, help="ml-tag rows")
+    parser.add_argument("--no-dropout", action="store_true",
+                        help="keep = 1 (the defaults otherwise): what dropout costs")
     args = parser.parse_args()
     data = (compare.frappe_mini_train() if args.data == "frappe"
             else compare.synthetic_mltag(args.rows))
     print(f"{args.model.upper()} k={args.k} on {args.data} ({data.n_rows:,} rows, batch "
-          f"{compare.BATCH}); milliseconds per batch")
+          f"{compare.BATCH}{'; no dropout' if args.no_dropout else ''}); milliseconds per batch")
     names = KERNELS[args.model].PHASES
     print(f"{'threads':>7} {'p10':>7} {'median':>7}  " + " ".join(f"{n[:10]:>10}" for n in names))
     for threads in args.threads:
-        totals, phases = profile(args.model, data, args.k, threads, args.epochs)
+        totals, phases = profile(args.model, data, args.k, threads, args.epochs,
+                                 dropout=not args.no_dropout)
         p10 = np.percentile(phases, 10, axis=0) * 1e3
         print(f"{threads:>7} {np.percentile(totals, 10) * 1e3:7.2f} "
               f"{np.median(totals) * 1e3:7.2f}  " + " ".join(f"{v:10.2f}" for v in p10))

@@ -63,7 +63,8 @@ cdef inline int feature_prefetch_distance(Py_ssize_t row_bytes) noexcept nogil:
     state's rows: 6 for rows of at most 128 bytes (k <= 32 in float32), whose update is
     too short to cover a miss two features ahead, else 2. Measured with
     bench/ab_builds.py --model fm --data mltag, 6 against 2: k=16 0.875x / 0.98x the
-    step time on 1 / 2 threads, k=32 0.91x / 1.00x; k=64 (2 kept) 0.99-1.01x / 1.01-1.02x."""
+    step time on 1 / 2 threads, k=32 0.91x / 1.00x; at k=64 6 gave 0.99-1.01x /
+    1.01-1.02x, so longer rows keep 2."""
     return 6 if row_bytes <= 128 else 2
 
 
@@ -185,8 +186,8 @@ cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_ro
     cdef int64_t part_bad[OFFSET_PARTS]
     cdef Py_ssize_t n_parts = OFFSET_PARTS if n_threads > 1 else 1, p, b, b0, b1
     cdef int64_t base = 0, n
-    if n_parts > B:
-        n_parts = B if B > 0 else 1
+    if n_parts > B:  # B >= 1 (check_step_arrays)
+        n_parts = B
     if n_parts == 1:
         _row_lengths(rows, 0, B, n_rows, indptr, off, &part_len[0], &part_bad[0])
     else:
