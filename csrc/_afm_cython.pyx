@@ -34,8 +34,8 @@ forward and backward: with DS_d the sum of ds over the pairs of distinct pair d,
 du_d = DS_d h act'(u_d), dW = sum_d du_d e_d^T, and a pair's de = a' dg + ds W^T(h act'(u_d)).
 The second term goes to the pair's two occurrences as ds C_d v_other with C_d = W^T(h act'(u_d)),
 and v_other is the same for every pair of d: its sum over d's pairs, C'_d v_other with
-C'_d = W^T du_d, is added once, to the occurrences of d's representative pair (the first in
-the numbering). The feature's gradient sums its occurrences, so this is exact; it reads
+C'_d = W^T du_d, is added once, to the occurrences of d's representative pair (its first
+pair in batch order). The feature's gradient sums its occurrences, so this is exact; it reads
 C' once per distinct pair instead of C once per pair.
 
 How a step runs (no floating sum over rows or pairs depends on the thread count, so the
@@ -49,8 +49,10 @@ result is bit-identical for any n_threads):
        1a, prange over chunks), joined by the sorting thread when it is done. With
        attention, the distinct pairs: a pair (i < i2 in its row) belongs to the bucket of
        class(i); prange over classes numbers each bucket's distinct upper classes (one
-       dedup table per thread); the bucket counts are prefix-summed and a prange over
-       rows makes the ids global. (Rows that list the same two classes in opposite
+       dedup table per thread); the bucket counts are prefix-summed into slots, and a
+       prange over rows lists each row's representative pairs. The distinct pairs' ids
+       follow first appearance (row by row), so that the passes over them read v x and
+       C' in batch order; the ds sums, done per bucket, work in slots. (Rows that list the same two classes in opposite
        orders give two distinct pairs with equal values: correct, only less shared.
        libFM rows list fields in one order.) Then W^T.
     1. prange over fixed blocks of DBLOCK distinct pairs: e, U = E W^T + b
@@ -247,22 +249,17 @@ cdef extern from *:
             }                                                                             \\
         }                                                                                 \\
     }                                                                                     \\
-    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg, + C[d] for the  \\
-       nrep distinct pairs d = reps[r] whose representative pair is in this row, the      \\
-       occurrences (batch-wide) dq[2d], dq[2d + 1], q0 the row's first (no C term when C  \\
-       is NULL). The dg part is factorised, dvx_i = dg (sum_i2 au v_i2), so it needs no   \\
-       per-pair product with dg; C rows are prefetched AFM_PREFETCH representatives ahead. */ \\
+    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg, + C[r] for the  \\
+       nrep distinct pairs whose representative pair is in this row (their C rows are     \\
+       contiguous), of occurrences (batch-wide) rq[2r], rq[2r + 1], q0 the row's first    \\
+       (no C term when C is NULL). The dg part is factorised, dvx_i = dg (sum_i2 au      \\
+       v_i2), so it needs no per-pair product with dg. */                                \\
     static void afm_pair_grad_row_##SUF(const T* restrict vx, const T* restrict dg,       \\
-        const double* restrict au, const int* restrict reps, ptrdiff_t nrep,              \\
-        const int* restrict dq, ptrdiff_t q0, const T* restrict C, ptrdiff_t n,           \\
-        ptrdiff_t k, T* restrict dvx)                                                     \\
+        const double* restrict au, ptrdiff_t nrep, const int* restrict rq, ptrdiff_t q0,  \\
+        const T* restrict C, ptrdiff_t n, ptrdiff_t k, T* restrict dvx)                   \\
     {                                                                                     \\
         enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
         ptrdiff_t i, i2, f, fb = 0, P, r;                                                 \\
-        if (C)                                                                            \\
-            for (r = 0; r < nrep && r < AFM_PREFETCH; r++)                                \\
-                for (f = 0; f < k; f += 64 / (ptrdiff_t)sizeof(T))                        \\
-                    __builtin_prefetch(C + (ptrdiff_t)reps[r] * k + f);                   \\
         for (f = 0; f < n * k; f++) dvx[f] = 0;                                           \\
         for (; fb + VL <= k; fb += VL) {                                                  \\
             for (i = 0, P = 0; i < n; i++) {                                              \\
@@ -292,15 +289,11 @@ cdef extern from *:
         }                                                                                 \\
         if (!C) return;                                                                   \\
         for (r = 0; r < nrep; r++) {                                                      \\
-                if (r + AFM_PREFETCH < nrep)                                              \\
-                    for (f = 0; f < k; f += 64 / (ptrdiff_t)sizeof(T))                    \\
-                        __builtin_prefetch(C + (ptrdiff_t)reps[r + AFM_PREFETCH] * k + f); \\
-                ptrdiff_t d = reps[r];                                                    \\
-                const T* c = C + d * k;                                                   \\
-                T* d1 = dvx + (dq[2 * d] - q0) * k;                                       \\
-                T* d2 = dvx + (dq[2 * d + 1] - q0) * k;                                   \\
-                const T* v1 = vx + (dq[2 * d] - q0) * k;                                  \\
-                const T* v2 = vx + (dq[2 * d + 1] - q0) * k;                              \\
+                const T* c = C + r * k;                                                   \\
+                T* d1 = dvx + (rq[2 * r] - q0) * k;                                       \\
+                T* d2 = dvx + (rq[2 * r + 1] - q0) * k;                                   \\
+                const T* v1 = vx + (rq[2 * r] - q0) * k;                                  \\
+                const T* v2 = vx + (rq[2 * r + 1] - q0) * k;                              \\
                 for (fb = 0; fb + VL <= k; fb += VL) {                                    \\
                     VT cv = *(const VTU*)(c + fb);                                        \\
                     *(VTU*)(d1 + fb) += cv * *(const VTU*)(v2 + fb);                      \\
@@ -369,12 +362,12 @@ cdef extern from *:
     void afm_da_row_d(const double* vx, const double* dg, Py_ssize_t n, Py_ssize_t k,
                       double* tv, double* scale) noexcept nogil
     void afm_pair_grad_row_f(const float* vx, const float* dg, const double* au,
-                             const int32_t* reps, Py_ssize_t nrep, const int32_t* dq,
-                             Py_ssize_t q0, const float* C, Py_ssize_t n, Py_ssize_t k,
+                             Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
+                             const float* C, Py_ssize_t n, Py_ssize_t k,
                              float* dvx) noexcept nogil
     void afm_pair_grad_row_d(const double* vx, const double* dg, const double* au,
-                             const int32_t* reps, Py_ssize_t nrep, const int32_t* dq,
-                             Py_ssize_t q0, const double* C, Py_ssize_t n, Py_ssize_t k,
+                             Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
+                             const double* C, Py_ssize_t n, Py_ssize_t k,
                              double* dvx) noexcept nogil
 
 
@@ -440,13 +433,13 @@ cdef inline void _da_row(const floating* vx, const double* dg, Py_ssize_t n, Py_
 
 
 cdef inline void _pair_grad_row(const floating* vx, const floating* dg, const double* au,
-                                const int32_t* reps, Py_ssize_t nrep, const int32_t* dq,
-                                Py_ssize_t q0, const floating* CD, Py_ssize_t n,
-                                Py_ssize_t k, floating* dvx) noexcept nogil:
+                                Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
+                                const floating* C, Py_ssize_t n, Py_ssize_t k,
+                                floating* dvx) noexcept nogil:
     if floating is float:
-        afm_pair_grad_row_f(vx, dg, au, reps, nrep, dq, q0, CD, n, k, dvx)
+        afm_pair_grad_row_f(vx, dg, au, nrep, rq, q0, C, n, k, dvx)
     else:
-        afm_pair_grad_row_d(vx, dg, au, reps, nrep, dq, q0, CD, n, k, dvx)
+        afm_pair_grad_row_d(vx, dg, au, nrep, rq, q0, C, n, k, dvx)
 
 
 cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
@@ -596,10 +589,18 @@ cdef class AFMWorkspace:
     cdef int32_t* lp         # (nnz + 1,) first pair of each occurrence with the later
                              # occurrences of its row; lp[q + 1] - lp[q] of them
     cdef int32_t* row_bad    # (B,) position of a row's first invalid id, or -1
-    cdef int32_t* pd         # (pairs,) distinct pair of each pair
-    cdef int32_t* reps       # (pairs,) at poff[b]: the distinct pairs whose representative
-    cdef int32_t* n_reps     # (B,)     pair is in row b, and how many
-    cdef int32_t* dq         # (2 pairs,) the two occurrences of a pair of each distinct pair
+    # A distinct pair has two numbers. Its slot (dbase of its bucket + its number there)
+    # is what the buckets and the ds sums work in. Its id d is the order of first
+    # appearance in the batch: the distinct pairs whose representative pair (the first
+    # of its pairs in batch order) is in row b are d = rbase[b], ... in pair order, so
+    # the passes over distinct pairs read v x, and de reads C', in batch order.
+    cdef int32_t* pd         # (pairs,) slot of each pair's distinct pair
+    cdef int32_t* reps       # (pairs,) at poff[b] + r: the slot of distinct pair rbase[b] + r
+    cdef int32_t* n_reps     # (B,) distinct pairs whose representative pair is in row b
+    cdef int64_t* rbase      # (B + 1,) first distinct pair id of row b
+    cdef int32_t* brow       # (blocks,) row of the first distinct pair of each DBLOCK block
+    cdef int32_t* dq         # (2 pairs,) at 2 (poff[b] + r): the occurrences of distinct
+                             # pair rbase[b] + r's representative pair
     cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
     cdef int32_t* sid        # (threads, u_cap + nnz)
     cdef Py_ssize_t stamp_threads
@@ -607,13 +608,13 @@ cdef class AFMWorkspace:
     cdef Py_ssize_t row_cap  # most nonzeros a row of a valid batch can have
     cdef int64_t* dbase      # (u_cap + nnz + 1,) first distinct pair of each class's bucket
                              # (set up to the last class in use)
-    cdef double* DSD         # (pairs,) sum of ds over each distinct pair's pairs
-    cdef double* SD          # (pairs,) logit of each distinct pair
-    cdef double* ED          # (pairs,) exp(logit - the batch's largest logit)
+    cdef double* DSD         # (pairs,) by slot: sum of ds over each distinct pair's pairs
+    cdef double* SD          # (pairs,) by slot: logit of each distinct pair
+    cdef double* ED          # (pairs,) by slot: exp(logit - the batch's largest logit)
     cdef double* BMAX        # (blocks,) largest logit of each block of distinct pairs
     cdef double* BDB         # (blocks, t) per block of distinct pairs: sum du
     cdef double* BDH         # (blocks, t) per block of distinct pairs: sum ds act
-    cdef void* CD            # (pairs, k) C' = W^T du of each distinct pair
+    cdef void* CD            # (pairs, k) by id: C' = W^T du of each distinct pair
     # doubles
     cdef double* r           # (B,) residual y_hat - y
     cdef double* row_loss    # (B,)
@@ -628,8 +629,8 @@ cdef class AFMWorkspace:
     cdef void* VX            # (nnz, k) v x per occurrence, then (step 4) the gradient of
                              # its V row from each occurrence
     cdef void* RT            # (B, k) dg of each row (DTYPE), from the row loop to de
-    cdef void* E             # (pairs, k) e of each distinct pair
-    cdef void* U             # (pairs, t) W e + b, then act, then du (distinct pairs)
+    cdef void* E             # (pairs, k) by id: e of each distinct pair
+    cdef void* U             # (pairs, t) by id: W e + b, then act, then du
     cdef void* WT            # (k, t)
     cdef void* GW            # (t, k) gradient of W
     cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
@@ -700,6 +701,8 @@ cdef class AFMWorkspace:
         self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
         self.reps = <int32_t*>_alloc(PP * sizeof(int32_t))
         self.n_reps = <int32_t*>_alloc(B * sizeof(int32_t))
+        self.rbase = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.brow = <int32_t*>_alloc(((PP + DBLOCK - 1) // DBLOCK) * sizeof(int32_t))
         self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
         self.stamp_threads = 0
         self.stamp = NULL
@@ -734,7 +737,7 @@ cdef class AFMWorkspace:
         free(self.gdense)
         free(self.cls); free(self.gx0); free(self.lp); free(self.row_bad); free(self.pd)
         free(self.reps)
-        free(self.n_reps); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
+        free(self.n_reps); free(self.rbase); free(self.brow); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
         free(self.rowscr)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH); free(self.CD)
@@ -970,8 +973,8 @@ cdef Py_ssize_t _bucket(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, int32_t
 
 
 cdef void _sum_ds(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c) noexcept nogil:
-    """DSD[d] = sum of ds over the pairs of each distinct pair d of class c's bucket, in
-    the bucket's visiting order (that of _bucket). The pairs of an occurrence are
+    """DSD[s] = sum of ds over the pairs of the distinct pair of each slot s of class c's
+    bucket, in the bucket's visiting order (that of _bucket). The pairs of an occurrence are
     contiguous in pd/pds; those of the occurrence AFM_PREFETCH places ahead are
     prefetched."""
     cdef Py_ssize_t pos, pos_end, q, P, P_end, cnt, d
@@ -994,27 +997,36 @@ cdef void _sum_ds(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c) noexcept nogi
 
 
 cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
-    """Row b's pairs: bucket-local distinct ids to global ones (dbase of the lower
-    class), and the representative pair's occurrences of each distinct pair."""
+    """Row b's pairs: bucket-local distinct numbers to slots (dbase of the lower class),
+    and the slot and occurrences of each distinct pair whose representative pair is in
+    this row, in pair order."""
     cdef Py_ssize_t q0 = ws.off[b], n = ws.off[b + 1] - ws.off[b], P = ws.poff[b]
-    cdef Py_ssize_t i, i2, d, nr = 0
-    cdef int32_t c1, c2, l
+    cdef Py_ssize_t i, i2, d, R = ws.poff[b]
+    cdef int32_t c1, l
     for i in range(n):
         c1 = ws.cls[q0 + i]
         for i2 in range(i + 1, n):
-            c2 = ws.cls[q0 + i2]
             l = ws.pd[P]
             if l < 0:
                 d = ws.dbase[c1] + (-1 - l)
-                ws.dq[2 * d] = <int32_t>(q0 + i)
-                ws.dq[2 * d + 1] = <int32_t>(q0 + i2)
-                ws.reps[ws.poff[b] + nr] = <int32_t>d
-                nr += 1
+                ws.dq[2 * R] = <int32_t>(q0 + i)
+                ws.dq[2 * R + 1] = <int32_t>(q0 + i2)
+                ws.reps[R] = <int32_t>d
+                R += 1
             else:
                 d = ws.dbase[c1] + l
             ws.pd[P] = <int32_t>d
             P += 1
-    ws.n_reps[b] = <int32_t>nr
+    ws.n_reps[b] = <int32_t>(R - ws.poff[b])
+
+
+cdef inline Py_ssize_t _rep_position(AFMWorkspace ws, Py_ssize_t d,
+                                     Py_ssize_t* b) noexcept nogil:
+    """Position (in reps, and halved in dq) of distinct pair d, b its row or an earlier
+    one on entry (rows are advanced past those with no later id)."""
+    while ws.rbase[b[0] + 1] <= d:
+        b[0] += 1
+    return ws.poff[b[0]] + (d - ws.rbase[b[0]])
 
 
 cdef void _classes(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) noexcept nogil:
@@ -1076,6 +1088,14 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
         ws.dbase[c + 1] += ws.dbase[c]
     for b in prange(a.B, schedule="static", num_threads=nt):
         _globalize_row(ws, b)
+    # ids in order of first appearance, and the row where each block of them starts
+    ws.rbase[0] = 0
+    it = 0
+    for b in range(a.B):
+        ws.rbase[b + 1] = ws.rbase[b] + ws.n_reps[b]
+        while it * DBLOCK < ws.rbase[b + 1]:
+            ws.brow[it] = <int32_t>b
+            it += 1
     a.n_classes = C
     a.n_distinct = ws.dbase[hi]
 
@@ -1113,7 +1133,8 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
                             const floating* dense) noexcept nogil:
     """Step 1b for distinct pairs [blk DBLOCK, ...): e, u = act(W e + b) and the logit
     s = h . u (double)."""
-    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, f
+    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, f, R
+    cdef Py_ssize_t b = ws.brow[blk]
     cdef const floating* VX = <floating*>ws.VX
     cdef floating* E = <floating*>ws.E
     cdef floating* Uu = <floating*>ws.U
@@ -1123,34 +1144,32 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     cdef const floating* v2
     cdef floating* e
     cdef floating* u
-    cdef double smax
+    cdef double smax, s
     cdef int code = a.activation
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for d in range(d0, d1):
-        if d + AFM_PREFETCH < d1:
-            _prefetch_row(VX + <Py_ssize_t>ws.dq[2 * (d + AFM_PREFETCH)] * k,
-                          k * sizeof(floating))
-            _prefetch_row(VX + <Py_ssize_t>ws.dq[2 * (d + AFM_PREFETCH) + 1] * k,
-                          k * sizeof(floating))
-        v1 = VX + <Py_ssize_t>ws.dq[2 * d] * k
-        v2 = VX + <Py_ssize_t>ws.dq[2 * d + 1] * k
+        R = _rep_position(ws, d, &b)
+        v1 = VX + <Py_ssize_t>ws.dq[2 * R] * k
+        v2 = VX + <Py_ssize_t>ws.dq[2 * R + 1] * k
         e = E + d * k
         for f in range(k):
             e[f] = v1[f] * v2[f]
     _preactivation(E + d0 * k, d1 - d0, k, t, bias, <floating*>ws.WT, Uu + d0 * t)
     smax = -INFINITY
+    b = ws.brow[blk]
     for d in range(d0, d1):
         u = Uu + d * t
         _activate(u, t, code)
-        ws.SD[d] = dot_d(h, u, t)
-        if ws.SD[d] > smax:
-            smax = ws.SD[d]
+        s = dot_d(h, u, t)
+        ws.SD[ws.reps[_rep_position(ws, d, &b)]] = s
+        if s > smax:
+            smax = s
     ws.BMAX[blk] = smax
 
 
 cdef void _distinct_exp(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
                         double smax) noexcept nogil:
-    """ED = exp(logit - smax) for the distinct pairs of block blk, smax the batch's largest
+    """ED = exp(logit - smax) for the slots [blk DBLOCK, ...), smax the batch's largest
     logit: the softmax numerators, once per distinct pair instead of once per pair."""
     cdef Py_ssize_t d, d1 = (blk + 1) * DBLOCK
     if d1 > a.n_distinct:
@@ -1281,6 +1300,7 @@ cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     stack), du = DS h act'(u) (over U), the block's sums of du (gradient of b) and DS act
     (gradient of h), and C' = W^T du."""
     cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, jj, j0, nj
+    cdef Py_ssize_t b = ws.brow[blk]
     cdef floating* Uu = <floating*>ws.U
     cdef floating hd[HD_SPAN]
     cdef const floating* h = dense + 1 + k + t
@@ -1294,7 +1314,7 @@ cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         bdb[jj] = 0
         bdh[jj] = 0
     for d in range(d0, d1):
-        ds = ws.DSD[d]
+        ds = ws.DSD[ws.reps[_rep_position(ws, d, &b)]]
         j0 = 0
         while j0 < t:
             u = Uu + d * t + j0
@@ -1359,9 +1379,10 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
-        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.reps + P0,
-                       ws.n_reps[b] if a.attention else 0, ws.dq, q0,
-                       <floating*>ws.CD if a.attention else NULL, n, k, dvx)
+        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.n_reps[b] if a.attention else 0,
+                       ws.dq + 2 * P0, q0,
+                       <floating*>ws.CD + ws.rbase[b] * k if a.attention else NULL, n,
+                       k, dvx)
         for i in range(n):
             x = occ_x[q0 + i]
             d1 = VX + (q0 + i) * k
