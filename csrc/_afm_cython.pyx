@@ -1439,7 +1439,7 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
         else:
             for f in range(nf):
                 g[f] = <floating>gd[f]
-        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf)
+        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf, False)
         f0 += nf
     for pos in range(ws.ustart[u], ws.ustart[u + 1]):
         q = ws.grp_occ[pos]
@@ -1545,9 +1545,9 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
 
     lo = 1 if a.freeze_fm else 0
     hi = D if a.attention else 1 + k
-    opt_vec(&a.opt, dense + lo, sd + lo, sd + D + lo, gd + lo, hi - lo)
+    opt_vec(&a.opt, dense + lo, sd + lo, sd + D + lo, gd + lo, hi - lo, True)
     if a.attention:
-        opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k)
+        opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k, True)
     loss_out[0] = loss
     _phase_t[9] = omp_get_wtime() - t0
     return 0

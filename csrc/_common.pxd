@@ -21,11 +21,70 @@ from libc.math cimport exp, fabs, floor, fmax, log1p, sqrt, sqrtf
 from libc.stdint cimport int64_t, uint64_t
 from cython cimport floating
 
-cdef enum:
-    OPT_ADAGRAD = 0
-    OPT_SGD = 1
-    OPT_MOMENTUM = 2
-    OPT_ADAM = 3
+cdef extern from *:
+    """
+    /* The optimisers' loops over n contiguous parameters, once each: afmfast_opt_vec_f/d
+       are inlined into the per-feature updates; the _outline_ copies are called where a
+       step updates its dense parameters and W. Inlined there too, GCC left those loops
+       scalar in the step function (AFM's W update ran scalar divides and square roots,
+       about 10x slower), so they are compiled as their own functions. The pointers are
+       restrict (no run-time overlap check); the expressions are those of opt_elem, so
+       both round alike. */
+    #include <math.h>
+    #include <stddef.h>
+    enum { AFMFAST_OPT_ADAGRAD = 0, AFMFAST_OPT_SGD = 1, AFMFAST_OPT_MOMENTUM = 2,
+           AFMFAST_OPT_ADAM = 3 };
+    #define AFMFAST_OPT_LOOPS(T, SUF, SQRT)                                                 \\
+    static inline __attribute__((always_inline)) void afmfast_opt_vec_##SUF(int code,     \\
+        T* restrict p, T* restrict s0, T* restrict s1, const T* restrict g, ptrdiff_t n,  \\
+        T lr, T mom, T b1, T c1, T b2, T c2, T eps) {                                     \\
+        ptrdiff_t i;                                                                      \\
+        if (code == AFMFAST_OPT_ADAGRAD)                                                  \\
+            for (i = 0; i < n; i++) {                                                     \\
+                s0[i] = s0[i] + g[i] * g[i];                                              \\
+                p[i] = p[i] - lr * g[i] / SQRT(s0[i]);                                    \\
+            }                                                                             \\
+        else if (code == AFMFAST_OPT_SGD)                                                 \\
+            for (i = 0; i < n; i++) p[i] = p[i] - lr * g[i];                              \\
+        else if (code == AFMFAST_OPT_MOMENTUM)                                            \\
+            for (i = 0; i < n; i++) {                                                     \\
+                s0[i] = mom * s0[i] + g[i];                                               \\
+                p[i] = p[i] - lr * s0[i];                                                 \\
+            }                                                                             \\
+        else if (code == AFMFAST_OPT_ADAM)                                                \\
+            for (i = 0; i < n; i++) {                                                     \\
+                s0[i] = b1 * s0[i] + c1 * g[i];                                           \\
+                s1[i] = b2 * s1[i] + c2 * g[i] * g[i];                                    \\
+                p[i] = p[i] - lr * s0[i] / (SQRT(s1[i]) + eps);                           \\
+            }                                                                             \\
+    }                                                                                     \\
+    static __attribute__((noinline)) void afmfast_opt_vec_outline_##SUF(int code,         \\
+        T* restrict p, T* restrict s0, T* restrict s1, const T* restrict g, ptrdiff_t n,  \\
+        T lr, T mom, T b1, T c1, T b2, T c2, T eps) {                                     \\
+        afmfast_opt_vec_##SUF(code, p, s0, s1, g, n, lr, mom, b1, c1, b2, c2, eps);       \\
+    }
+    AFMFAST_OPT_LOOPS(float, f, sqrtf)
+    AFMFAST_OPT_LOOPS(double, d, sqrt)
+    """
+    enum:
+        OPT_ADAGRAD "AFMFAST_OPT_ADAGRAD"
+        OPT_SGD "AFMFAST_OPT_SGD"
+        OPT_MOMENTUM "AFMFAST_OPT_MOMENTUM"
+        OPT_ADAM "AFMFAST_OPT_ADAM"
+    void afmfast_opt_vec_f(int code, float* p, float* s0, float* s1, const float* g,
+                           Py_ssize_t n, float lr, float mom, float b1, float c1, float b2,
+                           float c2, float eps) noexcept nogil
+    void afmfast_opt_vec_d(int code, double* p, double* s0, double* s1, const double* g,
+                           Py_ssize_t n, double lr, double mom, double b1, double c1,
+                           double b2, double c2, double eps) noexcept nogil
+    void afmfast_opt_vec_outline_f(int code, float* p, float* s0, float* s1,
+                                   const float* g, Py_ssize_t n, float lr, float mom,
+                                   float b1, float c1, float b2, float c2,
+                                   float eps) noexcept nogil
+    void afmfast_opt_vec_outline_d(int code, double* p, double* s0, double* s1,
+                                   const double* g, Py_ssize_t n, double lr, double mom,
+                                   double b1, double c1, double b2, double c2,
+                                   double eps) noexcept nogil
 
 
 cdef enum:
@@ -160,33 +219,27 @@ cdef inline void opt_elem(const OptCfg* c, floating* p, floating* s0, floating* 
 
 
 cdef inline void opt_vec(const OptCfg* c, floating* p, floating* s0, floating* s1,
-                         const floating* g, Py_ssize_t n) noexcept nogil:
-    """``opt_elem`` over n contiguous parameters; the optimiser switch sits outside the
-    loops and the constants are cast once so that each loop vectorises."""
-    cdef Py_ssize_t i
-    cdef floating lr = <floating>c.lr
-    cdef floating mom = <floating>c.momentum
-    cdef floating b1 = <floating>c.beta1
-    cdef floating b2 = <floating>c.beta2
-    cdef floating c1 = <floating>(1.0 - c.beta1)
-    cdef floating c2 = <floating>(1.0 - c.beta2)
-    cdef floating eps = <floating>c.eps
-    if c.code == OPT_ADAGRAD:
-        for i in range(n):
-            s0[i] = s0[i] + g[i] * g[i]
-            p[i] = p[i] - lr * g[i] / fsqrt(s0[i])
-    elif c.code == OPT_SGD:
-        for i in range(n):
-            p[i] = p[i] - lr * g[i]
-    elif c.code == OPT_MOMENTUM:
-        for i in range(n):
-            s0[i] = mom * s0[i] + g[i]
-            p[i] = p[i] - lr * s0[i]
-    elif c.code == OPT_ADAM:
-        for i in range(n):
-            s0[i] = b1 * s0[i] + c1 * g[i]
-            s1[i] = b2 * s1[i] + c2 * g[i] * g[i]
-            p[i] = p[i] - lr * s0[i] / (fsqrt(s1[i]) + eps)
+                         const floating* g, Py_ssize_t n, bint outline) noexcept nogil:
+    """``opt_elem`` over n contiguous parameters (p, s0, s1 and g must not overlap), the
+    loops vectorised. ``outline``: run the loops as a function of their own (for the
+    long runs of a step's dense parameters and W) instead of inlining them."""
+    if floating is float:
+        if outline:
+            afmfast_opt_vec_outline_f(c.code, p, s0, s1, g, n, <float>c.lr,
+                                      <float>c.momentum, <float>c.beta1,
+                                      <float>(1.0 - c.beta1), <float>c.beta2,
+                                      <float>(1.0 - c.beta2), <float>c.eps)
+        else:
+            afmfast_opt_vec_f(c.code, p, s0, s1, g, n, <float>c.lr, <float>c.momentum,
+                              <float>c.beta1, <float>(1.0 - c.beta1), <float>c.beta2,
+                              <float>(1.0 - c.beta2), <float>c.eps)
+    else:
+        if outline:
+            afmfast_opt_vec_outline_d(c.code, p, s0, s1, g, n, c.lr, c.momentum, c.beta1,
+                                      1.0 - c.beta1, c.beta2, 1.0 - c.beta2, c.eps)
+        else:
+            afmfast_opt_vec_d(c.code, p, s0, s1, g, n, c.lr, c.momentum, c.beta1,
+                              1.0 - c.beta1, c.beta2, 1.0 - c.beta2, c.eps)
 
 
 ctypedef fused floating2:

@@ -484,7 +484,7 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         if l2 != 0:
             for f in range(nf):
                 g[f] = g[f] + l2 * v[f0 + f]
-        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf)
+        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf, False)
         f0 += nf
     for p in range(p0, p1):
         gw = gw + <floating>r[grp_row[p]] * grp_x[p]
@@ -605,7 +605,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         else:
             gd[1 + f] = 0
             gd[1 + k + f] = 0
-    opt_vec(&a.opt, dense, sd, sd + 1 + 2 * k, gd, 1 + 2 * k)
+    opt_vec(&a.opt, dense, sd, sd + 1 + 2 * k, gd, 1 + 2 * k, True)
     _phase_t[5] = omp_get_wtime() - t0
 
     if a.batch_norm:
