@@ -1422,7 +1422,14 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     ws.grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     if a.freeze_fm:
         return
-    f0 = 0
+    f0 = k if l2 == 0 and ws.ustart[u + 1] - ws.ustart[u] == 1 else 0
+    if f0 == k:
+        # One occurrence (most features of a sparse batch): its gradient row is the V
+        # row's as it stands (a double sum of one term rounds back to it exactly).
+        pos = ws.ustart[u]
+        if pos + AFM_PREFETCH < nnz:
+            _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
+        opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, DVX + ws.grp_occ[pos] * k, k, False)
     while f0 < k:
         nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
         for f in range(nf):
