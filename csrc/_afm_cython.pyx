@@ -35,8 +35,8 @@ du_d = DS_d h act'(u_d), dW = sum_d du_d e_d^T, and a pair's de = a' dg + ds W^T
 The second term goes to the pair's two occurrences as ds C_d v_other with C_d = W^T(h act'(u_d)),
 and v_other is the same for every pair of d: its sum over d's pairs, C'_d v_other with
 C'_d = W^T du_d, is added once, to the occurrences of d's representative pair (its first
-pair in batch order). The feature's gradient sums its occurrences, so this is exact; it reads
-C' once per distinct pair instead of C once per pair.
+pair in batch order). The feature's gradient sums its occurrences, so this is exact; it
+reads C' once per distinct pair instead of C once per pair.
 
 How a step runs (no floating sum over rows or pairs depends on the thread count, so the
 result is bit-identical for any n_threads):
@@ -52,9 +52,9 @@ result is bit-identical for any n_threads):
        dedup table per thread); the bucket counts are prefix-summed into slots, and a
        prange over rows lists each row's representative pairs. The distinct pairs' ids
        follow first appearance (row by row), so that the passes over them read v x and
-       C' in batch order; the ds sums, done per bucket, work in slots. (Rows that list the same two classes in opposite
-       orders give two distinct pairs with equal values: correct, only less shared.
-       libFM rows list fields in one order.) Then W^T.
+       C' in batch order; the ds sums, done per bucket, work in slots. (Rows that list
+       the same two classes in opposite orders give two distinct pairs with equal values:
+       correct, only less shared. libFM rows list fields in one order.) Then W^T.
     1. prange over fixed blocks of DBLOCK distinct pairs: e, U = E W^T + b
        (register-tiled GEMM), act, the logit (double) and h act'(u). prange over chunks,
        per row: softmax of the row's logits, dropout masks, g, y_hat, residual r, dg, da,
