@@ -47,11 +47,13 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   distinct (i, j) pair of a batch, so the all-pairs rate is an effective one (it can
   pass 100% and the machine's peak); the table adds the rate on the distinct pairs
   counted in the timed batches (6 D k t), the flops actually executed.
-- 2-thread speed-up t(1 thread) / t(2 threads) per configuration, with the one-way
-  latency of a cache line between CPUs 0 and 1 measured before and after every
-  configuration (``bench/core_to_core.c``, compiled with ``cc`` when there is one): the
-  VMs here sometimes have their two vCPUs on one chiplet (about 40 ns) and sometimes on
-  two (about 165 ns), and the memory-bound kernels scale far worse in the second case.
+- 2-thread speed-up t(1 thread) / t(2 threads) per configuration, with two probes of
+  CPUs 0 and 1 run before and after every configuration (``bench/core_to_core.c``,
+  compiled with ``cc`` when there is one): the one-way latency of a cache line between
+  them (the VMs here sometimes have their two vCPUs on one chiplet, about 40 ns, and
+  sometimes on two, about 165 ns, and the memory-bound kernels scale far worse in the
+  second case) and their floating-point throughput together relative to CPU 0 alone
+  (2.00 unless the host runs other work on the same physical cores).
 - memory: every configuration runs in its own subprocess; after loading the data and a
   warm-up fit on 64 rows (JIT and thread pools) the peak RSS is reset
   (``/proc/self/clear_refs``) and read back as VmHWM after training (the figure
@@ -509,16 +511,17 @@ def build_core_probe(directory):
     return exe
 
 
-def core_to_core_ns(probe):
-    """One-way latency of a cache line between CPUs 0 and 1 (ns), or None."""
+def core_probe(probe):
+    """(one-way latency of a cache line between CPUs 0 and 1 in ns, floating-point
+    throughput of both CPUs at once relative to CPU 0 alone), or (None, None)."""
     if probe is None or (os.cpu_count() or 1) < 2:
-        return None
+        return None, None
     try:
         out = subprocess.run([str(probe)], capture_output=True, text=True, timeout=120,
-                             check=True).stdout
-        return float(out)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
+                             check=True).stdout.split()
+        return float(out[0]), float(out[1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None, None
 
 
 def cpu_description():
@@ -636,7 +639,7 @@ def main():
     env_set = any(os.environ.get(v) is not None for v in OPENBLAS_VARS)
     for si, (set_name, data) in enumerate(sets):
         loads[si] = [os.getloadavg()[0]]
-        c2c[si] = [core_to_core_ns(probe)]
+        c2c[si] = [core_probe(probe)]
         for model, k in configs:
             mode = "epochs" if k <= 64 else "steps"
             reps = (epochs if mode == "epochs"
@@ -652,7 +655,7 @@ def main():
                 before = c2c[si][-1]
                 results[(si, model, k, name)] = run_worker(job)
                 loads[si].append(os.getloadavg()[0])
-                c2c[si].append(core_to_core_ns(probe))
+                c2c[si].append(core_probe(probe))
                 results[(si, model, k, name)]["c2c"] = (before, c2c[si][-1])
         # the NumPy float32 matmul ceiling right after the AFM k=256 runs (P = one
         # batch's pairs): the CPU's own kernel, then the environment as set if it differs
@@ -676,15 +679,20 @@ def main():
               f"{BATCH} ===")
         print(f"load average (1 min) while measured: {min(loads[si]):.1f}-{max(loads[si]):.1f} "
               f"on {os.cpu_count()} CPUs")
-        lat = [v for v in c2c[si] if v is not None]
+        lat = [v[0] for v in c2c[si] if v[0] is not None]
+        fma = [v[1] for v in c2c[si] if v[1] is not None]
         if lat:
             print(f"cache line from CPU 0 to CPU 1 (bench/core_to_core.c) while measured: "
                   f"{min(lat):.0f}-{max(lat):.0f} ns one way (about 40: the two share a "
                   "chiplet; over 100: they do not, and 2-thread runs of kernels that update "
                   "tables the other thread reads next suffer)")
+            print(f"floating-point throughput of CPUs 0 and 1 together, relative to CPU 0 "
+                  f"alone (same probe): {min(fma):.2f}-{max(fma):.2f} (2.00: each vCPU has "
+                  "a core to itself; below that the host runs other work on the same cores "
+                  "and no 2-thread speed-up can reach 2)")
         else:
-            print("cache line latency between CPUs 0 and 1: not measured (no C compiler or "
-                  "one CPU)")
+            print("CPU 0 / CPU 1 probe (cache line latency, 2-CPU throughput): not measured "
+                  "(no C compiler or one CPU)")
         print("Seconds per epoch (median); ratio = PyTorch / afmfast at the same thread "
               "count; speed-up = 1 thread / 2 threads")
         rows_out = []
@@ -696,21 +704,23 @@ def main():
                        if ref and "error" not in ref else None)
             for name in backends[model] + (["pytorch"] if has_torch else []):
                 res = results[(si, model, k, name)]
-                lat = "/".join("?" if v is None else f"{v:.0f}" for v in res["c2c"])
+                lat = "/".join("?" if v[0] is None else f"{v[0]:.0f}" for v in res["c2c"])
+                fma = "/".join("?" if v[1] is None else f"{v[1]:.2f}" for v in res["c2c"])
                 if "error" in res:
-                    rows_out.append([cfg, name, "failed: " + res["error"][:60]] + [""] * 7)
+                    rows_out.append([cfg, name, "failed: " + res["error"][:60]] + [""] * 8)
                     notes.append(f"{set_name} {cfg} {name}: {res['error']}")
                     continue
                 m = {t: med(res["times"][t]) for t in THREADS}
                 ratio = ["" if name == "pytorch" or ref_med is None
                          else fmt_x(ref_med[t] / m[t]) for t in THREADS]
                 rows_out.append([cfg, name, fmt_s(m[1]), fmt_s(m[2]),
-                                 fmt_x(m[1] / m[2]), *ratio, mode, lat])
+                                 fmt_x(m[1] / m[2]), *ratio, mode, lat, fma])
         print(table(["config", "impl", "1 thread s", "2 threads s", "speed-up",
-                     "PyTorch/this 1T", "PyTorch/this 2T", "timed as", "CPU0-1 ns"],
-                    rows_out))
+                     "PyTorch/this 1T", "PyTorch/this 2T", "timed as", "CPU0-1 ns",
+                     "2-CPU flops"], rows_out))
         print("(CPU0-1 ns: the cache line latency between CPUs 0 and 1 before/after the "
-              "row's runs)")
+              "row's runs; 2-CPU flops: their floating-point throughput together relative "
+              "to CPU 0 alone, before/after)")
 
         if ("afm", 256) in configs:
             # attention product
