@@ -595,9 +595,10 @@ cdef class AFMWorkspace:
     # of its pairs in batch order) is in row b are d = rbase[b], ... in pair order, so
     # the passes over distinct pairs read v x, and de reads C', in batch order.
     cdef int32_t* pd         # (pairs,) slot of each pair's distinct pair
-    cdef int32_t* reps       # (pairs,) at poff[b] + r: the slot of distinct pair rbase[b] + r
-    cdef int32_t* n_reps     # (B,) distinct pairs whose representative pair is in row b
-    cdef int64_t* rbase      # (B + 1,) first distinct pair id of row b
+    cdef int32_t* reps       # (pairs,) at poff[b] + r: the slot of distinct pair
+                             # rbase[b] + r
+    cdef int64_t* rbase      # (B + 1,) first distinct pair id of row b (rbase[b + 1] -
+                             # rbase[b] have their representative pair in row b)
     cdef int32_t* brow       # (blocks,) row of the first distinct pair of each DBLOCK block
     cdef int32_t* dq         # (2 pairs,) at 2 (poff[b] + r): the occurrences of distinct
                              # pair rbase[b] + r's representative pair
@@ -700,7 +701,6 @@ cdef class AFMWorkspace:
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
         self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
         self.reps = <int32_t*>_alloc(PP * sizeof(int32_t))
-        self.n_reps = <int32_t*>_alloc(B * sizeof(int32_t))
         self.rbase = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
         self.brow = <int32_t*>_alloc(((PP + DBLOCK - 1) // DBLOCK) * sizeof(int32_t))
         self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
@@ -737,7 +737,8 @@ cdef class AFMWorkspace:
         free(self.gdense)
         free(self.cls); free(self.gx0); free(self.lp); free(self.row_bad); free(self.pd)
         free(self.reps)
-        free(self.n_reps); free(self.rbase); free(self.brow); free(self.dq); free(self.stamp); free(self.sid); free(self.rowbuf)
+        free(self.rbase); free(self.brow); free(self.dq); free(self.stamp); free(self.sid)
+        free(self.rowbuf)
         free(self.rowscr)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH); free(self.CD)
@@ -1017,7 +1018,7 @@ cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
                 d = ws.dbase[c1] + l
             ws.pd[P] = <int32_t>d
             P += 1
-    ws.n_reps[b] = <int32_t>(R - ws.poff[b])
+    ws.rbase[b + 1] = R - ws.poff[b]   # a count, prefix-summed once all rows are done
 
 
 cdef inline Py_ssize_t _rep_position(AFMWorkspace ws, Py_ssize_t d,
@@ -1092,7 +1093,7 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     ws.rbase[0] = 0
     it = 0
     for b in range(a.B):
-        ws.rbase[b + 1] = ws.rbase[b] + ws.n_reps[b]
+        ws.rbase[b + 1] += ws.rbase[b]
         while it * DBLOCK < ws.rbase[b + 1]:
             ws.brow[it] = <int32_t>b
             it += 1
@@ -1379,7 +1380,8 @@ cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         q0 = ws.off[b]
         n = ws.off[b + 1] - q0
         P0 = ws.poff[b]
-        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0, ws.n_reps[b] if a.attention else 0,
+        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0,
+                       ws.rbase[b + 1] - ws.rbase[b] if a.attention else 0,
                        ws.dq + 2 * P0, q0,
                        <floating*>ws.CD + ws.rbase[b] * k if a.attention else NULL, n,
                        k, dvx)
