@@ -1146,10 +1146,12 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     cdef floating* e
     cdef floating* u
     cdef double smax, s
+    cdef int32_t slot[DBLOCK]
     cdef int code = a.activation
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for d in range(d0, d1):
         R = _rep_position(ws, d, &b)
+        slot[d - d0] = ws.reps[R]
         v1 = VX + <Py_ssize_t>ws.dq[2 * R] * k
         v2 = VX + <Py_ssize_t>ws.dq[2 * R + 1] * k
         e = E + d * k
@@ -1157,12 +1159,11 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
             e[f] = v1[f] * v2[f]
     _preactivation(E + d0 * k, d1 - d0, k, t, bias, <floating*>ws.WT, Uu + d0 * t)
     smax = -INFINITY
-    b = ws.brow[blk]
     for d in range(d0, d1):
         u = Uu + d * t
         _activate(u, t, code)
         s = dot_d(h, u, t)
-        ws.SD[ws.reps[_rep_position(ws, d, &b)]] = s
+        ws.SD[slot[d - d0]] = s
         if s > smax:
             smax = s
     ws.BMAX[blk] = smax
@@ -1424,32 +1425,34 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     ws.grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     if a.freeze_fm:
         return
-    f0 = k if l2 == 0 and ws.ustart[u + 1] - ws.ustart[u] == 1 else 0
-    if f0 == k:
+    if l2 == 0 and ws.ustart[u + 1] - ws.ustart[u] == 1:
         # One occurrence (most features of a sparse batch): its gradient row is the V
         # row's as it stands (a double sum of one term rounds back to it exactly).
         pos = ws.ustart[u]
         if pos + AFM_PREFETCH < nnz:
             _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
         opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, DVX + ws.grp_occ[pos] * k, k, False)
-    while f0 < k:
-        nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
-        for f in range(nf):
-            gd[f] = 0
-        for pos in range(ws.ustart[u], ws.ustart[u + 1]):
-            if f0 == 0 and pos + AFM_PREFETCH < nnz:
-                _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
-            d = DVX + ws.grp_occ[pos] * k + f0
+    else:
+        f0 = 0
+        while f0 < k:
+            nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
             for f in range(nf):
-                gd[f] = gd[f] + d[f]
-        if l2 != 0:
-            for f in range(nf):
-                g[f] = <floating>(gd[f] + l2 * <double>v[f0 + f])
-        else:
-            for f in range(nf):
-                g[f] = <floating>gd[f]
-        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf, False)
-        f0 += nf
+                gd[f] = 0
+            for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+                if f0 == 0 and pos + AFM_PREFETCH < nnz:
+                    _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k,
+                                  k * sizeof(floating))
+                d = DVX + ws.grp_occ[pos] * k + f0
+                for f in range(nf):
+                    gd[f] = gd[f] + d[f]
+            if l2 != 0:
+                for f in range(nf):
+                    g[f] = <floating>(gd[f] + l2 * <double>v[f0 + f])
+            else:
+                for f in range(nf):
+                    g[f] = <floating>gd[f]
+            opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf, False)
+            f0 += nf
     for pos in range(ws.ustart[u], ws.ustart[u + 1]):
         q = ws.grp_occ[pos]
         gw = gw + ws.r[ws.grp_row[pos]] * <double>occ_x[q]
