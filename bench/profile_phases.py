@@ -9,8 +9,9 @@ Trains on frappe-mini (../shared/data beside the repository) or on the synthetic
 set of ``bench/compare.py`` and prints, per thread count, the 10th percentile and the
 median of the batch time and the 10th percentile of each phase that the kernel module's
 ``_phase_times()`` reports.
-- AFM (``afmfast._afm_cython``): prepare (batch gathering, v x per occurrence while
-  one thread groups the nonzeros by feature, distinct pairs); distinct_forward (e,
+- AFM (``afmfast._afm_cython``): gather (offsets, batch-order copy, chunks); group_vx
+  (v x per occurrence while one thread groups the nonzeros by feature); numbering (the
+  distinct pairs); distinct_forward (e,
   W e + b, act, logit per distinct pair); row_forward (softmax, pooling, residual, da,
   ds per row); ds_sums; distinct_backward (du, C' = W^T du);
   row_sums; dW; de (the pairs' gradients into v x); feature_updates (the sparse

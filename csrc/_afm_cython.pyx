@@ -59,20 +59,24 @@ result is bit-identical for any n_threads):
        (register-tiled GEMM), act, the logit (double) and h act'(u). prange over chunks,
        per row: softmax of the row's logits, dropout masks, g, y_hat, residual r, dg, da,
        ds per pair (row kernels in C, DTYPE vectors).
-       prange over classes: DS per distinct pair, its pairs summed in bucket order. prange
-       over the distinct blocks: du = DS h act'(u) (over U), the block's sums for the
-       gradients of b and h, C' = du W (GEMM).
-    2. serial in row order: loss, gradient of w0; that of p from the chunks' sums of
+       prange over classes: DS per distinct pair, its pairs summed in bucket order.
+    2. prange over backward groups (consecutive rows, so their distinct pairs are
+       consecutive ids, at most DBLOCK of them unless one row has more; the split
+       depends on the data only): du = DS h act'(u) (over U) and the group's sums for the
+       gradients of b and h; unless freeze_fm, C' = du W (GEMM) into a per-thread
+       buffer, then per row de = a' dg per pair (+ C'_d for the representative pair of
+       d), accumulated into the gradient of each occurrence's v x. C' is read while
+       still in cache and never stored for the whole batch.
+       Serial in row order: loss, gradient of w0; that of p from the chunks' sums of
        r g' (summed in row order by step 1's chunk loop), in chunk order; b and h in
-       block order.
-    3. prange over thread blocks of W's rows (attention): dW = DU^T E over the distinct
-       pairs in order, blocked so that the blocks of E and DU stay in cache.
-    4. prange over chunks (unless freeze_fm): per pair de = a' dg (+ C'_d for the
-       representative pair of d), accumulated into the gradient of each occurrence's v x.
-    5. prange over touched features: the feature's occurrences summed in batch order,
+       group order.
+    3. prange over touched features: the feature's occurrences summed in batch order,
        + l2 v, optimiser on the V row and w entry (||V_row||^2 for the loss before).
-    6. serial: optimiser on dense and W.
-The attention products (steps 1 and 3: 6 D k t flops for D distinct pairs) run in one GEMM
+    4. prange over thread blocks of W's rows (attention): dW = DU^T E over the distinct
+       pairs in order, blocked so that the blocks of E and DU stay in cache. (After the
+       feature updates, which read de's gradient rows while they are still cached.)
+    5. serial: optimiser on dense and W.
+The attention products (steps 1, 2 and 4: 6 D k t flops for D distinct pairs) run in one GEMM
 routine written in C below with GCC vector extensions: a register tile of 6 x 64 (float32,
 AVX-512) or 12 x 16/32 outputs accumulated with FMAs over the inner dimension, B's rows
 read contiguously.
@@ -249,17 +253,13 @@ cdef extern from *:
             }                                                                             \\
         }                                                                                 \\
     }                                                                                     \\
-    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg, + C[r] for the  \\
-       nrep distinct pairs whose representative pair is in this row (their C rows are     \\
-       contiguous), of occurrences (batch-wide) rq[2r], rq[2r + 1], q0 the row's first    \\
-       (no C term when C is NULL). The dg part is factorised, dvx_i = dg (sum_i2 au      \\
-       v_i2), so it needs no per-pair product with dg. */                                \\
+    /* dvx (n, k) = sum over the row's pairs of de v_other, de = au_P dg. The sum is     \\
+       factorised, dvx_i = dg (sum_i2 au v_i2), so it needs no per-pair product with dg. */ \\
     static void afm_pair_grad_row_##SUF(const T* restrict vx, const T* restrict dg,       \\
-        const double* restrict au, ptrdiff_t nrep, const int* restrict rq, ptrdiff_t q0,  \\
-        const T* restrict C, ptrdiff_t n, ptrdiff_t k, T* restrict dvx)                   \\
+        const double* restrict au, ptrdiff_t n, ptrdiff_t k, T* restrict dvx)             \\
     {                                                                                     \\
         enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
-        ptrdiff_t i, i2, f, fb = 0, P, r;                                                 \\
+        ptrdiff_t i, i2, f, fb = 0, P;                                                    \\
         for (f = 0; f < n * k; f++) dvx[f] = 0;                                           \\
         for (; fb + VL <= k; fb += VL) {                                                  \\
             for (i = 0, P = 0; i < n; i++) {                                              \\
@@ -287,23 +287,32 @@ cdef extern from *:
             }                                                                             \\
             for (i = 0; i < n; i++) dvx[i * k + f] *= dg[f];                              \\
         }                                                                                 \\
-        if (!C) return;                                                                   \\
+    }                                                                                     \\
+    /* dvx += C[r] v_other for nrep distinct pairs with C rows C[0], C[1], ... whose      \\
+       representative pairs are of the row's occurrences (batch-wide) rq[2r], rq[2r + 1], \\
+       q0 the row's first, in r order */                                                  \\
+    static void afm_rep_grad_##SUF(const T* restrict vx, ptrdiff_t nrep,                  \\
+        const int* restrict rq, ptrdiff_t q0, const T* restrict C, ptrdiff_t k,           \\
+        T* restrict dvx)                                                                  \\
+    {                                                                                     \\
+        enum { VL = AFM_VBYTES / sizeof(T) };                                             \\
+        ptrdiff_t f, fb, r;                                                               \\
         for (r = 0; r < nrep; r++) {                                                      \\
-                const T* c = C + r * k;                                                   \\
-                T* d1 = dvx + (rq[2 * r] - q0) * k;                                       \\
-                T* d2 = dvx + (rq[2 * r + 1] - q0) * k;                                   \\
-                const T* v1 = vx + (rq[2 * r] - q0) * k;                                  \\
-                const T* v2 = vx + (rq[2 * r + 1] - q0) * k;                              \\
-                for (fb = 0; fb + VL <= k; fb += VL) {                                    \\
-                    VT cv = *(const VTU*)(c + fb);                                        \\
-                    *(VTU*)(d1 + fb) += cv * *(const VTU*)(v2 + fb);                      \\
-                    *(VTU*)(d2 + fb) += cv * *(const VTU*)(v1 + fb);                      \\
-                }                                                                         \\
-                for (f = fb; f < k; f++) {                                                \\
-                    d1[f] += c[f] * v2[f];                                                \\
-                    d2[f] += c[f] * v1[f];                                                \\
-                }                                                                         \\
+            const T* c = C + r * k;                                                       \\
+            T* d1 = dvx + (rq[2 * r] - q0) * k;                                           \\
+            T* d2 = dvx + (rq[2 * r + 1] - q0) * k;                                       \\
+            const T* v1 = vx + (rq[2 * r] - q0) * k;                                      \\
+            const T* v2 = vx + (rq[2 * r + 1] - q0) * k;                                  \\
+            for (fb = 0; fb + VL <= k; fb += VL) {                                        \\
+                VT cv = *(const VTU*)(c + fb);                                            \\
+                *(VTU*)(d1 + fb) += cv * *(const VTU*)(v2 + fb);                          \\
+                *(VTU*)(d2 + fb) += cv * *(const VTU*)(v1 + fb);                          \\
             }                                                                             \\
+            for (f = fb; f < k; f++) {                                                    \\
+                d1[f] += c[f] * v2[f];                                                    \\
+                d2[f] += c[f] * v1[f];                                                    \\
+            }                                                                             \\
+        }                                                                                 \\
     }
 
     #define AFM_PREFETCH 8
@@ -362,13 +371,13 @@ cdef extern from *:
     void afm_da_row_d(const double* vx, const double* dg, Py_ssize_t n, Py_ssize_t k,
                       double* tv, double* scale) noexcept nogil
     void afm_pair_grad_row_f(const float* vx, const float* dg, const double* au,
-                             Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
-                             const float* C, Py_ssize_t n, Py_ssize_t k,
-                             float* dvx) noexcept nogil
+                             Py_ssize_t n, Py_ssize_t k, float* dvx) noexcept nogil
     void afm_pair_grad_row_d(const double* vx, const double* dg, const double* au,
-                             Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
-                             const double* C, Py_ssize_t n, Py_ssize_t k,
-                             double* dvx) noexcept nogil
+                             Py_ssize_t n, Py_ssize_t k, double* dvx) noexcept nogil
+    void afm_rep_grad_f(const float* vx, Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
+                        const float* C, Py_ssize_t k, float* dvx) noexcept nogil
+    void afm_rep_grad_d(const double* vx, Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
+                        const double* C, Py_ssize_t k, double* dvx) noexcept nogil
 
 
 # Activation codes (kernel_api.RELU ...).
@@ -398,6 +407,8 @@ cdef enum:
     # HEAD_FEATURES most popular (feature_items): a class's work there does not grow
     # with k, and most of a one-hot batch's classes have only a few occurrences
     CLASS_TAIL = 128
+    # rows at most per backward group (the de of its rows is one work item)
+    GROUP_ROWS = 256
     # columns of h act'(u) that the distinct backward forms at a time (a stack buffer)
     HD_SPAN = 256
     # columns of a V row's gradient that the feature update forms at a time (stack
@@ -433,13 +444,20 @@ cdef inline void _da_row(const floating* vx, const double* dg, Py_ssize_t n, Py_
 
 
 cdef inline void _pair_grad_row(const floating* vx, const floating* dg, const double* au,
-                                Py_ssize_t nrep, const int32_t* rq, Py_ssize_t q0,
-                                const floating* C, Py_ssize_t n, Py_ssize_t k,
-                                floating* dvx) noexcept nogil:
+                                Py_ssize_t n, Py_ssize_t k, floating* dvx) noexcept nogil:
     if floating is float:
-        afm_pair_grad_row_f(vx, dg, au, nrep, rq, q0, C, n, k, dvx)
+        afm_pair_grad_row_f(vx, dg, au, n, k, dvx)
     else:
-        afm_pair_grad_row_d(vx, dg, au, nrep, rq, q0, C, n, k, dvx)
+        afm_pair_grad_row_d(vx, dg, au, n, k, dvx)
+
+
+cdef inline void _rep_grad(const floating* vx, Py_ssize_t nrep, const int32_t* rq,
+                           Py_ssize_t q0, const floating* C, Py_ssize_t k,
+                           floating* dvx) noexcept nogil:
+    if floating is float:
+        afm_rep_grad_f(vx, nrep, rq, q0, C, k, dvx)
+    else:
+        afm_rep_grad_d(vx, nrep, rq, q0, C, k, dvx)
 
 
 cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
@@ -600,12 +618,17 @@ cdef class AFMWorkspace:
     cdef int64_t* rbase      # (B + 1,) first distinct pair id of row b (rbase[b + 1] -
                              # rbase[b] have their representative pair in row b)
     cdef int32_t* brow       # (blocks,) row of the first distinct pair of each DBLOCK block
+    cdef int64_t* bgrp       # (groups + 1,) first row of each backward group: consecutive
+                             # rows with at most DBLOCK distinct pairs (or one row) and at
+                             # most GROUP_ROWS rows
     cdef int32_t* dq         # (2 pairs,) at 2 (poff[b] + r): the occurrences of distinct
                              # pair rbase[b] + r's representative pair
     cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
     cdef int32_t* sid        # (threads, u_cap + nnz)
     cdef Py_ssize_t stamp_threads
     cdef void* rowbuf        # (threads, row_cap, k) a row's gradients of v x, per thread
+    cdef void* cbuf          # (threads, DBLOCK, k) per thread, C' = W^T du of the distinct
+                             # pairs its backward group is at
     cdef Py_ssize_t row_cap  # most nonzeros a row of a valid batch can have
     cdef int64_t* dbase      # (u_cap + nnz + 1,) first distinct pair of each class's bucket
                              # (set up to the last class in use)
@@ -613,9 +636,8 @@ cdef class AFMWorkspace:
     cdef double* SD          # (pairs,) by slot: logit of each distinct pair
     cdef double* ED          # (pairs,) by slot: exp(logit - the batch's largest logit)
     cdef double* BMAX        # (blocks,) largest logit of each block of distinct pairs
-    cdef double* BDB         # (blocks, t) per block of distinct pairs: sum du
-    cdef double* BDH         # (blocks, t) per block of distinct pairs: sum ds act
-    cdef void* CD            # (pairs, k) by id: C' = W^T du of each distinct pair
+    cdef double* BDB         # (groups, t) per backward group: sum du over its distinct pairs
+    cdef double* BDH         # (groups, t) per backward group: sum ds act
     # doubles
     cdef double* r           # (B,) residual y_hat - y
     cdef double* row_loss    # (B,)
@@ -627,7 +649,7 @@ cdef class AFMWorkspace:
     cdef double* dsum        # (1 + k + 2t,) dense gradient sums
     # DTYPE
     cdef void* occ_x         # (nnz,) value of each nonzero in batch order
-    cdef void* VX            # (nnz, k) v x per occurrence, then (step 4) the gradient of
+    cdef void* VX            # (nnz, k) v x per occurrence, then (step 2) the gradient of
                              # its V row from each occurrence
     cdef void* RT            # (B, k) dg of each row (DTYPE), from the row loop to de
     cdef void* E             # (pairs, k) by id: e of each distinct pair
@@ -703,11 +725,13 @@ cdef class AFMWorkspace:
         self.reps = <int32_t*>_alloc(PP * sizeof(int32_t))
         self.rbase = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
         self.brow = <int32_t*>_alloc(((PP + DBLOCK - 1) // DBLOCK) * sizeof(int32_t))
+        self.bgrp = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
         self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
         self.stamp_threads = 0
         self.stamp = NULL
         self.sid = NULL
         self.rowbuf = NULL
+        self.cbuf = NULL
         # a row of n nonzeros has n(n-1)/2 pairs, at most max_batch_pairs
         n = <Py_ssize_t>((1 + sqrt(1 + 8 * <double>PP)) / 2)
         while n > 1 and n * (n - 1) // 2 > PP:
@@ -721,9 +745,9 @@ cdef class AFMWorkspace:
         self.ED = <double*>_alloc(PP * sizeof(double))
         nblk = (PP + DBLOCK - 1) // DBLOCK
         self.BMAX = <double*>_alloc(nblk * sizeof(double))
-        self.BDB = <double*>_alloc(nblk * t * sizeof(double))
-        self.BDH = <double*>_alloc(nblk * t * sizeof(double))
-        self.CD = aligned_empty(PP * k * isz)
+        # a group has a row: at most B of them (only those in use are touched)
+        self.BDB = <double*>aligned_empty(B * t * sizeof(double))
+        self.BDH = <double*>aligned_empty(B * t * sizeof(double))
         self.gdense = _alloc(D * isz)
 
     def __dealloc__(self):
@@ -737,11 +761,11 @@ cdef class AFMWorkspace:
         free(self.gdense)
         free(self.cls); free(self.gx0); free(self.lp); free(self.row_bad); free(self.pd)
         free(self.reps)
-        free(self.rbase); free(self.brow); free(self.dq); free(self.stamp); free(self.sid)
-        free(self.rowbuf)
+        free(self.rbase); free(self.brow); free(self.bgrp); free(self.dq); free(self.stamp)
+        free(self.sid); free(self.rowbuf); free(self.cbuf)
         free(self.rowscr)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
-        free(self.BDB); free(self.BDH); free(self.CD)
+        free(self.BDB); free(self.BDH)
 
     cdef void _ensure_threads(self, Py_ssize_t n_threads) except *:
         """Per-thread dedup tables and row scratch for n_threads (grown once, kept for
@@ -752,15 +776,18 @@ cdef class AFMWorkspace:
         free(self.stamp)
         free(self.sid)
         free(self.rowbuf)
+        free(self.cbuf)
         free(self.rowscr)
         self.stamp = NULL
         self.sid = NULL
         self.rowbuf = NULL
+        self.cbuf = NULL
         self.rowscr = NULL
         self.stamp_threads = 0
         self.stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.sid = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.rowbuf = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
+        self.cbuf = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
         self.rowscr = <double*>aligned_empty(n_threads * 3 * self.n_factors * sizeof(double))
         self.stamp_threads = n_threads
 
@@ -788,6 +815,7 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
 # Scalars and raw pointers of one step.
 ctypedef struct AFMArgs:
     Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U, n_classes, n_distinct
+    Py_ssize_t n_groups
     Py_ssize_t n_own
     int n_threads, attention, activation, freeze_fm, drop_att, drop_pool, loss, prefetch_v
     int prefetch_features
@@ -827,11 +855,22 @@ cdef void _group(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
                    <float*>NULL)
 
 
+# Wall-clock seconds from the start of the last afm_step to the end of each phase, for
+# profiling (_phase_times() names them; PHASES is their order). The first three are
+# _prepare's: gather (offsets, batch-order copy, chunks), group_vx (the grouping by
+# feature and the classes on one thread while the others compute v x) and numbering
+# (the distinct pairs, W^T).
+PHASES = ("gather", "group_vx", "numbering", "distinct_forward", "row_forward", "ds_sums",
+          "backward_de", "row_sums", "feature_updates", "dW", "dense_updates")
+cdef double _phase_t[11]
+
+
 cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const floating* V,
-                  const floating* w, const floating* W) noexcept nogil:
+                  const floating* w, const floating* W, double* times) noexcept nogil:
     """Step 0 and 1a: offsets, batch-order copy of the nonzeros, chunks; then the grouping
     by feature on one thread while the others compute v x per occurrence (which does
-    not need it), the sorting thread joining them when done; the distinct pairs, W^T."""
+    not need it), the sorting thread joining them when done; the distinct pairs, W^T.
+    times, unless NULL: omp_get_wtime() after the chunks and after v x."""
     cdef Py_ssize_t B = a.B, b, n, c, bad, j, f
     cdef int64_t start, cp
     cdef int64_t* off = ws.off
@@ -877,6 +916,8 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
         c += 1
         ws.chunk[c] = B
     a.n_chunks = c
+    if times:
+        times[0] = omp_get_wtime()
     with parallel(num_threads=a.n_threads):
         if threadid() == 0:
             _group(a, ws)
@@ -884,6 +925,8 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
                 _classes(a, ws, <floating*>ws.occ_x)
         for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
             _vx_chunk(a, ws, c, V, w)
+    if times:
+        times[1] = omp_get_wtime()
     if a.attention:
         _distinct_pairs(a, ws)
         for j in range(a.t):
@@ -1058,7 +1101,7 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     lower class; buckets are numbered in parallel (one dedup table per thread), their
     counts prefix-summed, and the ids made global per row. The numbering depends on the
     data only, not on the thread count."""
-    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi, it
+    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi, it, g
     cdef Py_ssize_t n_own = a.n_own
     cdef int nt = a.n_threads
     # the classes in use: groups [0, U), and own classes [u_cap, C) only when there are any
@@ -1097,6 +1140,17 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
         while it * DBLOCK < ws.rbase[b + 1]:
             ws.brow[it] = <int32_t>b
             it += 1
+    # the backward groups (_backward_group): a row joins the group before it unless that
+    # would take the group past DBLOCK distinct pairs or GROUP_ROWS rows
+    g = 0
+    ws.bgrp[0] = 0
+    for b in range(1, a.B):
+        if (ws.rbase[b + 1] - ws.rbase[ws.bgrp[g]] > DBLOCK
+                or b - ws.bgrp[g] >= GROUP_ROWS):
+            g += 1
+            ws.bgrp[g] = b
+    a.n_groups = g + 1 if a.B > 0 else 0
+    ws.bgrp[a.n_groups] = a.B
     a.n_classes = C
     a.n_distinct = ws.dbase[hi]
 
@@ -1296,25 +1350,19 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                 pds[P] = pa[P] * (pds[P] - ada)
 
 
-cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
-                             const floating* dense, const floating* W) noexcept nogil:
-    """Step 2 for a block of distinct pairs: h act'(u) (HD_SPAN columns at a time, on the
-    stack), du = DS h act'(u) (over U), the block's sums of du (gradient of b) and DS act
-    (gradient of h), and C' = W^T du."""
-    cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, jj, j0, nj
-    cdef Py_ssize_t b = ws.brow[blk]
+cdef void _du_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t d0, Py_ssize_t d1,
+                    Py_ssize_t b, const floating* dense, const floating* W, double* bdb,
+                    double* bdh, floating* C) noexcept nogil:
+    """Step 2 for distinct pairs [d0, d1) (at most DBLOCK; b the row of d0 or an earlier
+    one): h act'(u) (HD_SPAN columns at a time, on the stack), du = DS h act'(u) (over U),
+    its sums added to bdb (gradient of b) and those of DS act to bdh (gradient of h);
+    unless C is NULL, C (d1 - d0, k) = W^T du."""
+    cdef Py_ssize_t k = a.k, t = a.t, d, jj, j0, nj
     cdef floating* Uu = <floating*>ws.U
     cdef floating hd[HD_SPAN]
     cdef const floating* h = dense + 1 + k + t
-    cdef floating* CDp = <floating*>ws.CD
-    cdef double* bdb = ws.BDB + blk * t
-    cdef double* bdh = ws.BDH + blk * t
     cdef floating* u
     cdef double ds, du
-    d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
-    for jj in range(t):
-        bdb[jj] = 0
-        bdh[jj] = 0
     for d in range(d0, d1):
         ds = ws.DSD[ws.reps[_rep_position(ws, d, &b)]]
         j0 = 0
@@ -1328,16 +1376,56 @@ cdef void _distinct_backward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
                 bdb[j0 + jj] = bdb[j0 + jj] + du
                 u[jj] = <floating>du
             j0 += nj
-    if a.freeze_fm:
+    if C == NULL:
         return
     for jj in range((d1 - d0) * k):
-        CDp[d0 * k + jj] = 0
-    _gemm(d1 - d0, k, t, Uu + d0 * t, t, 1, W, k, CDp + d0 * k, k)
+        C[jj] = 0
+    _gemm(d1 - d0, k, t, Uu + d0 * t, t, 1, W, k, C, k)
+
+
+cdef void _backward_group(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t g,
+                          const floating* dense, const floating* W,
+                          floating* VX) noexcept nogil:
+    """Step 2 for backward group g: du (_du_block) of the group's distinct pairs,
+    its sums into BDB/BDH row g; unless freeze_fm, per row de (_row_de) with C'_d added
+    for the row's representative pairs, C' formed DBLOCK distinct pairs at a time into
+    this thread's cbuf just before the rows that read it."""
+    cdef Py_ssize_t k = a.k, t = a.t, b, b0 = ws.bgrp[g], b1 = ws.bgrp[g + 1], jj
+    cdef Py_ssize_t d1 = ws.rbase[b1], s0 = ws.rbase[b0], s1 = s0, r, r_end, n, q0
+    cdef int th = omp_get_thread_num()
+    cdef floating* C = <floating*>ws.cbuf + th * DBLOCK * k
+    cdef floating* dvx = <floating*>ws.rowbuf + th * ws.row_cap * k
+    cdef double* bdb = ws.BDB + g * t
+    cdef double* bdh = ws.BDH + g * t
+    for jj in range(t):
+        bdb[jj] = 0
+        bdh[jj] = 0
+    if a.freeze_fm:
+        while s1 < d1:
+            s0 = s1
+            s1 = s0 + DBLOCK if s0 + DBLOCK < d1 else d1
+            _du_block(a, ws, s0, s1, b0, dense, W, bdb, bdh, NULL)
+        return
+    for b in range(b0, b1):
+        q0 = ws.off[b]
+        _row_de(a, ws, b, VX, dvx)
+        r = ws.rbase[b]
+        r_end = ws.rbase[b + 1]
+        while r < r_end:
+            if r == s1:
+                s0 = s1
+                s1 = s0 + DBLOCK if s0 + DBLOCK < d1 else d1
+                _du_block(a, ws, s0, s1, b, dense, W, bdb, bdh, C)
+            n = (r_end if r_end < s1 else s1) - r
+            _rep_grad(VX + q0 * k, n, ws.dq + 2 * (ws.poff[b] + r - ws.rbase[b]), q0,
+                      C + (r - s0) * k, k, dvx)
+            r += n
+        _store_row_grad(a, ws, b, dvx, VX)
 
 
 cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
                     floating* GW) noexcept nogil:
-    """Step 3 for W rows [j0, j1) of thread block th: GW[j] = sum_d du[d, j] e[d] over the
+    """Step 4 for W rows [j0, j1) of thread block th: GW[j] = sum_d du[d, j] e[d] over the
     distinct pairs in order. Blocks of pairs keep E's and DU's rows in cache across the W
     rows."""
     cdef Py_ssize_t k = a.k, t = a.t, nblk, j0, j1, P0, PB, P, n_pairs, f, j
@@ -1363,40 +1451,44 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
         P0 += P
 
 
+cdef inline void _row_de(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
+                         const floating* VX, floating* dvx) noexcept nogil:
+    """Step 2 for row b, without the C' terms: dvx (n, k) = sum over the row's pairs of
+    de v_other, de = a' dg."""
+    cdef Py_ssize_t k = a.k, q0 = ws.off[b]
+    _pair_grad_row(VX + q0 * k, <floating*>ws.RT + b * k, ws.pau + ws.poff[b],
+                   ws.off[b + 1] - q0, k, dvx)
+
+
+cdef inline void _store_row_grad(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
+                                 const floating* dvx, floating* VX) noexcept nogil:
+    """Row b's d(v x) scaled by x (each occurrence's contribution to its V row's
+    gradient), over the row's v x in VX, which no later pass reads: the gradients stay in
+    the cache lines just read."""
+    cdef Py_ssize_t k = a.k, q0 = ws.off[b], i, f
+    cdef floating x
+    cdef floating* d1
+    for i in range(ws.off[b + 1] - q0):
+        x = (<floating*>ws.occ_x)[q0 + i]
+        d1 = VX + (q0 + i) * k
+        for f in range(k):
+            d1[f] = dvx[i * k + f] * x
+
+
 cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                           floating* VX) noexcept nogil:
-    """Step 4 for the rows of chunk c: de = a' dg per pair, + C'_d = W^T du_d for the
-    representative pair of each distinct pair d (DS_d is in du_d), then
-    d(v x) per occurrence in this thread's row scratch, then scaled by x (the
-    occurrence's contribution to its V row's gradient) over the row's v x in VX, which
-    the row loop no longer needs: the gradients stay in the cache lines just read."""
-    cdef Py_ssize_t k = a.k, b, P0, f, i, n, q0
-    cdef floating* dvx = <floating*>ws.rowbuf + omp_get_thread_num() * ws.row_cap * k
-    cdef const floating* occ_x = <floating*>ws.occ_x
-    cdef const floating* dg
-    cdef floating* d1
-    cdef floating x
+    """Step 2 without attention (de only), for the rows of chunk c."""
+    cdef floating* dvx = <floating*>ws.rowbuf + omp_get_thread_num() * ws.row_cap * a.k
+    cdef Py_ssize_t b
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
-        dg = <floating*>ws.RT + b * k
-        q0 = ws.off[b]
-        n = ws.off[b + 1] - q0
-        P0 = ws.poff[b]
-        _pair_grad_row(VX + q0 * k, dg, ws.pau + P0,
-                       ws.rbase[b + 1] - ws.rbase[b] if a.attention else 0,
-                       ws.dq + 2 * P0, q0,
-                       <floating*>ws.CD + ws.rbase[b] * k if a.attention else NULL, n,
-                       k, dvx)
-        for i in range(n):
-            x = occ_x[q0 + i]
-            d1 = VX + (q0 + i) * k
-            for f in range(k):
-                d1[f] = dvx[i * k + f] * x
+        _row_de(a, ws, b, VX, dvx)
+        _store_row_grad(a, ws, b, dvx, VX)
 
 
 cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, floating* V,
                           floating* w, floating* sV0, floating* sV1, floating* sw0,
                           floating* sw1) noexcept nogil:
-    """Step 5 for touched feature u: gradient summed over its occurrences in batch order,
+    """Step 3 for touched feature u: gradient summed over its occurrences in batch order,
     + l2 v, then the optimiser (unless freeze_fm), GRAD_SPAN columns at a time;
     ||v||^2 before the update (0 when l2 = 0)."""
     cdef Py_ssize_t k = a.k, f, f0, nf, pos, q
@@ -1404,7 +1496,7 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     cdef floating* v = V + j * k
     cdef floating g[GRAD_SPAN]
     cdef double gd[GRAD_SPAN]
-    cdef const floating* DVX = <floating*>ws.VX   # the occurrences' gradients since step 4
+    cdef const floating* DVX = <floating*>ws.VX   # the occurrences' gradients since step 2
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef const floating* d
     cdef double gw = 0
@@ -1459,11 +1551,6 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
-# Wall-clock seconds from the start of the last afm_step to the end of each phase, for
-# profiling (_phase_times() names them; PHASES is their order).
-PHASES = ("prepare", "distinct_forward", "row_forward", "ds_sums", "distinct_backward",
-          "row_sums", "dW", "de", "feature_updates", "dense_updates")
-cdef double _phase_t[10]
 
 
 cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
@@ -1471,7 +1558,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      floating* dense, floating* sV, floating* sw, floating* sW,
                      floating* sd, double* loss_out) noexcept nogil:
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
-    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, nblk, it, tail
+    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, it, tail
     cdef int nt = a.n_threads, err
     cdef floating* GW = <floating*>ws.GW
     cdef floating* gd = <floating*>ws.gdense
@@ -1481,16 +1568,17 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef floating l2a = <floating>a.l2a
 
     cdef double t0 = omp_get_wtime()
-    err = _prepare(a, ws, values, V, w, W)
+    err = _prepare(a, ws, values, V, w, W, _phase_t)
     if err:
         return err
-    _phase_t[0] = omp_get_wtime() - t0
+    _phase_t[0] -= t0
+    _phase_t[1] -= t0
+    _phase_t[2] = omp_get_wtime() - t0
     _distinct_logits(a, ws, dense)
-    nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
-    _phase_t[1] = omp_get_wtime() - t0
+    _phase_t[3] = omp_get_wtime() - t0
     for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
         _forward_chunk(a, ws, c, y, dense)
-    _phase_t[2] = omp_get_wtime() - t0
+    _phase_t[4] = omp_get_wtime() - t0
     if a.attention:
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
         for it in prange(feature_items(a.U, CLASS_TAIL), schedule="dynamic", num_threads=nt):
@@ -1501,13 +1589,16 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256,
                             num_threads=nt):
                 _sum_ds(a, ws, c)
-    _phase_t[3] = omp_get_wtime() - t0
+    _phase_t[5] = omp_get_wtime() - t0
     if a.attention:
-        for c in prange(nblk, schedule="dynamic", num_threads=nt):
-            _distinct_backward(a, ws, c, dense, W)
-    _phase_t[4] = omp_get_wtime() - t0
+        for c in prange(a.n_groups, schedule="dynamic", num_threads=nt):
+            _backward_group(a, ws, c, dense, W, <floating*>ws.VX)
+    elif not a.freeze_fm:
+        for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
+            _backward_chunk(a, ws, c, <floating*>ws.VX)
+    _phase_t[6] = omp_get_wtime() - t0
 
-    # step 2: row-order sums
+    # step 2, serial: row-order sums
     for j in range(D):
         dsum[j] = 0
     for b in range(B):
@@ -1518,7 +1609,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         for f in range(k):
             dsum[1 + f] += row[f]
     if a.attention:
-        for c in range(nblk):
+        for c in range(a.n_groups):
             row = ws.BDB + c * t
             for j in range(t):
                 dsum[1 + k + j] += row[j]
@@ -1527,7 +1618,18 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 dsum[1 + k + t + j] += row[j]
     for j in range(D):
         gd[j] = <floating>dsum[j]
-    _phase_t[5] = omp_get_wtime() - t0
+    _phase_t[7] = omp_get_wtime() - t0
+
+    # Popular features have many occurrences: items handed out dynamically balance the
+    # threads, and each feature's arithmetic is the same whichever thread runs it. They
+    # run straight after de, whose gradient rows they read, and before dW (which does not
+    # need them), whose stream of E and DU would evict those rows.
+    tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
+    for it in prange(feature_items(a.U, tail), schedule="dynamic", num_threads=nt):
+        for u in range(feature_item_start(it, a.U, tail),
+                       feature_item_start(it + 1, a.U, tail)):
+            _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
+    _phase_t[8] = omp_get_wtime() - t0
 
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
@@ -1535,25 +1637,11 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         for j in range(t * k):
             GW[j] = GW[j] + l2a * W[j]
         loss += 0.5 * a.l2a * dot_d(W, W, t * k)
-    _phase_t[6] = omp_get_wtime() - t0
-
-    if not a.freeze_fm:
-        for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
-            _backward_chunk(a, ws, c, <floating*>ws.VX)
-    _phase_t[7] = omp_get_wtime() - t0
-
-    # Popular features have many occurrences: items handed out dynamically balance the
-    # threads, and each feature's arithmetic is the same whichever thread runs it.
-    tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
-    for it in prange(feature_items(a.U, tail), schedule="dynamic", num_threads=nt):
-        for u in range(feature_item_start(it, a.U, tail),
-                       feature_item_start(it + 1, a.U, tail)):
-            _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
     d = 0
     for u in range(a.U):
         d += ws.grp_sq[u]
     loss += 0.5 * a.l2 * d
-    _phase_t[8] = omp_get_wtime() - t0
+    _phase_t[9] = omp_get_wtime() - t0
 
     lo = 1 if a.freeze_fm else 0
     hi = D if a.attention else 1 + k
@@ -1561,7 +1649,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k, True)
     loss_out[0] = loss
-    _phase_t[9] = omp_get_wtime() - t0
+    _phase_t[10] = omp_get_wtime() - t0
     return 0
 
 
@@ -1856,7 +1944,7 @@ cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     attention MLP once per distinct pair: scores into out[row]."""
     cdef Py_ssize_t c
     cdef int nt = a.n_threads, err
-    err = _prepare(a, ws, values, V, w, W)
+    err = _prepare(a, ws, values, V, w, W, NULL)
     if err:
         return err
     _distinct_logits(a, ws, dense)
@@ -2066,4 +2154,4 @@ def _constants():
     """The constants this module hard-codes (to test them against kernel_api)."""
     return dict(ADAGRAD=OPT_ADAGRAD, SGD=OPT_SGD, MOMENTUM=OPT_MOMENTUM, ADAM=OPT_ADAM,
                 RELU=ACT_RELU, SIGMOID=ACT_SIGMOID, TANH=ACT_TANH, IDENTITY=ACT_IDENTITY,
-                VECTOR_BYTES=AFM_VBYTES)
+                VECTOR_BYTES=AFM_VBYTES, DBLOCK=DBLOCK)

@@ -162,6 +162,41 @@ def test_factors_wider_than_the_update_span_match_reference(optimizer):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
+def wide_rows_problem():
+    """One-hot rows of 3 to 60 nonzeros over 90 features: the widest rows bring more new
+    distinct pairs than a backward group's C' buffer holds (DBLOCK), so their C' is formed
+    in several pieces, and narrow rows share groups around them."""
+    rng = np.random.default_rng(8)
+    lengths = [3, 60, 4, 5, 45, 3, 30, 58, 2, 6, 3, 50] * 3
+    indices = np.concatenate([rng.choice(90, size=n, replace=False) for n in lengths])
+    X = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+         indices.astype(np.int32), np.ones(len(indices)))
+    y = rng.normal(size=len(lengths))
+    params = api.new_afm_params(90, 6, 5, rng, dtype=np.float64)
+    params.V[:] = rng.normal(0.0, 0.3, size=params.V.shape)
+    params.W[:] = rng.normal(0.0, 0.5, size=params.W.shape)
+    params.dense[1 + 6 + 5:] = rng.normal(0.0, 1.5, size=5)
+    return X, y, params
+
+
+@pytest.mark.parametrize("freeze_fm", [0, 1])
+def test_rows_wider_than_a_backward_group_are_reference_gradient(freeze_fm):
+    X, y, params = wide_rows_problem()
+    assert 60 * 59 // 2 > cy._constants()["DBLOCK"]
+    rows = np.random.default_rng(2).permutation(len(y)).astype(np.int64)
+    check_sgd_step(X, y, rows, params, cfg_for(keep=(1.0, 1.0), freeze_fm=freeze_fm,
+                                               n_threads=2))
+    results = []
+    for n_threads in (1, 2, 3):
+        p, s = copy_tuple(params), api.new_opt_state(params, api.ADAGRAD)
+        cy.afm_step(X, y, rows, p, s, cfg_for(api.ADAGRAD, lr=0.05, n_threads=n_threads,
+                                             freeze_fm=freeze_fm),
+                    workspace_for(X, rows, p))
+        results.append(p + s)
+    for arrays in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, results[0]))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_repeated_pairs_thread_count_is_bit_identical(dtype):
     results = []
