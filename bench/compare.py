@@ -48,9 +48,10 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   pass 100% and the machine's peak); the table adds the rate on the distinct pairs
   counted in the timed batches (6 D k t), the flops actually executed.
 - 2-thread speed-up t(1 thread) / t(2 threads) per configuration, with two probes of
-  CPUs 0 and 1 run before and after every configuration (``bench/core_to_core.c``,
-  compiled with ``cc`` when there is one): the one-way latency of a cache line between
-  them (the VMs here sometimes have their two vCPUs on one chiplet, about 40 ns, and
+  CPUs 0 and 1 run before and after every configuration and between its repetitions
+  (every PROBE_EVERY seconds; ``bench/core_to_core.c``, compiled with ``cc`` when there
+  is one; the table gives the range of the readings): the one-way latency of a cache
+  line between them (the VMs here sometimes have their two vCPUs on one chiplet, about 40 ns, and
   sometimes on two, about 165 ns, and the memory-bound kernels scale far worse in the
   second case) and their floating-point throughput together relative to CPU 0 alone
   (2.00 unless the host runs other work on the same physical cores).
@@ -100,6 +101,7 @@ THREADS = [1, 2]
 MIN_TIMED_SECONDS = 3.0  # per thread count and configuration (--quick: 1)
 MAX_REPS = 200
 STEPS_PER_SWITCH = 4  # steps mode: batches in a row at one thread count, the first untimed
+PROBE_EVERY = 2.0  # seconds between CPU 0/1 probes while a row runs (each takes ~0.3 s)
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 
@@ -214,12 +216,18 @@ def _timing_plan(job, n_rows, rng):
                        for j in range(STEPS_PER_SWITCH)]), n_rows / size
 
 
-def _repetitions(job, rows_for, times):
+def _repetitions(job, rows_for, times, probes):
     """job["reps"] repetitions, then more until every thread count has been timed for
-    job["min_seconds"] in all (at most MAX_REPS)."""
+    job["min_seconds"] in all (at most MAX_REPS). Between repetitions, at most every
+    PROBE_EVERY seconds, the CPU 0/1 probe (job["probe"]) runs and its reading is appended
+    to probes: what the machine was like while the row ran, not only before and after."""
     i = 0
+    last_probe = time.perf_counter()
     while i < job["reps"] or (i < MAX_REPS
                               and min(sum(v) for v in times.values()) < job["min_seconds"]):
+        if i > 0 and job.get("probe") and time.perf_counter() - last_probe >= PROBE_EVERY:
+            probes.append(core_probe(job["probe"]))
+            last_probe = time.perf_counter()
         yield rows_for(i)
         i += 1
 
@@ -252,12 +260,13 @@ def worker_afmfast(job):
     rng = np.random.default_rng(1)
     rows_for, scale = _timing_plan(job, n, rng)
     times = {t: [] for t in THREADS}
+    probes = []
     step = 0
     for threads in THREADS:  # one warm-up batch per thread count
         est._threads = threads
         est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
         step += 1
-    for rows in _repetitions(job, rows_for, times):
+    for rows in _repetitions(job, rows_for, times, probes):
         for threads in THREADS:
             est._threads = threads
             if rows is None:  # one epoch, as FactorizationModel._epochs runs it
@@ -275,7 +284,7 @@ def worker_afmfast(job):
                 if i > 0:
                     times[threads].append((time.perf_counter() - t0) * scale)
     return dict(times=times, rss_before=rss_before, peak=peak_rss_bytes(),
-                peak_reset=reset_ok, param_bytes=param_bytes)
+                peak_reset=reset_ok, param_bytes=param_bytes, probes=probes)
 
 
 def worker_torch(job):
@@ -315,10 +324,11 @@ def worker_torch(job):
     rng = np.random.default_rng(1)
     rows_for, scale = _timing_plan(job, n, rng)
     times = {t: [] for t in THREADS}
+    probes = []
     for threads in THREADS:
         torch.set_num_threads(threads)
         train_step(model, opt, idx[first], val[first], yt[first])
-    for rows in _repetitions(job, rows_for, times):
+    for rows in _repetitions(job, rows_for, times, probes):
         for threads in THREADS:
             torch.set_num_threads(threads)
             if rows is None:
@@ -336,7 +346,7 @@ def worker_torch(job):
                 if i > 0:
                     times[threads].append((time.perf_counter() - t0) * scale)
     return dict(times=times, rss_before=rss_before, peak=peak_rss_bytes(),
-                peak_reset=reset_ok, param_bytes=param_bytes,
+                peak_reset=reset_ok, param_bytes=param_bytes, probes=probes,
                 torch=torch.__version__)
 
 
@@ -464,6 +474,15 @@ def run_worker(job, env=None, timeout=3600):
 
 
 # ----- formatting ----------------------------------------------------------------------
+def probe_range(readings, i, fmt):
+    """'lo-hi (n)' of field i of the CPU 0/1 probe readings that were measured."""
+    vals = [r[i] for r in readings if r[i] is not None]
+    if not vals:
+        return "?"
+    lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+    return (lo if lo == hi else f"{lo}-{hi}") + f" ({len(vals)})"
+
+
 def med(values):
     return float(np.median(values)) if values else float("nan")
 
@@ -651,12 +670,14 @@ def main():
                 log(f"[{time.perf_counter() - started:6.0f} s] {set_name}: {model.upper()} "
                     f"k={k} {name} ...")
                 job = dict(kind=kind, data=paths[si], model=model, k=k, backend=name,
-                           mode=mode, reps=reps, min_seconds=min_seconds)
+                           mode=mode, reps=reps, min_seconds=min_seconds,
+                           probe=str(probe) if probe else None)
                 before = c2c[si][-1]
-                results[(si, model, k, name)] = run_worker(job)
+                res = results[(si, model, k, name)] = run_worker(job)
                 loads[si].append(os.getloadavg()[0])
-                c2c[si].append(core_probe(probe))
-                results[(si, model, k, name)]["c2c"] = (before, c2c[si][-1])
+                during = [tuple(v) for v in res.get("probes", [])]
+                c2c[si] += during + [core_probe(probe)]
+                res["c2c"] = [before] + during + [c2c[si][-1]]
         # the NumPy float32 matmul ceiling right after the AFM k=256 runs (P = one
         # batch's pairs): the CPU's own kernel, then the environment as set if it differs
         P = int(pairs_per_row(data)[:BATCH].sum())
@@ -704,8 +725,8 @@ def main():
                        if ref and "error" not in ref else None)
             for name in backends[model] + (["pytorch"] if has_torch else []):
                 res = results[(si, model, k, name)]
-                lat = "/".join("?" if v[0] is None else f"{v[0]:.0f}" for v in res["c2c"])
-                fma = "/".join("?" if v[1] is None else f"{v[1]:.2f}" for v in res["c2c"])
+                lat = probe_range(res["c2c"], 0, "{:.0f}")
+                fma = probe_range(res["c2c"], 1, "{:.2f}")
                 if "error" in res:
                     rows_out.append([cfg, name, "failed: " + res["error"][:60]] + [""] * 8)
                     notes.append(f"{set_name} {cfg} {name}: {res['error']}")
@@ -718,9 +739,10 @@ def main():
         print(table(["config", "impl", "1 thread s", "2 threads s", "speed-up",
                      "PyTorch/this 1T", "PyTorch/this 2T", "timed as", "CPU0-1 ns",
                      "2-CPU flops"], rows_out))
-        print("(CPU0-1 ns: the cache line latency between CPUs 0 and 1 before/after the "
-              "row's runs; 2-CPU flops: their floating-point throughput together relative "
-              "to CPU 0 alone, before/after)")
+        print("(CPU0-1 ns: the cache line latency between CPUs 0 and 1; 2-CPU flops: their "
+              "floating-point throughput together relative to CPU 0 alone; each the lowest-"
+              "highest of the probes before, during (every ~2 s, between repetitions) and "
+              "after the row's runs, with their count)")
 
         if ("afm", 256) in configs:
             # attention product
