@@ -54,7 +54,9 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   line between them (the VMs here sometimes have their two vCPUs on one chiplet, about 40 ns, and
   sometimes on two, about 165 ns, and the memory-bound kernels scale far worse in the
   second case) and their floating-point throughput together relative to CPU 0 alone
-  (2.00 unless the host runs other work on the same physical cores).
+  (2.00 unless the host runs other work on the same physical cores). The summary of the
+  issue's targets adds to a missed one what the probes of its rows saw when it was not
+  a quiet machine (a latency over SPLIT_LATENCY_NS, flops below SHARED_FLOPS).
 - memory: every configuration runs in its own subprocess; after loading the data and a
   warm-up fit on 64 rows (JIT and thread pools) the peak RSS is reset
   (``/proc/self/clear_refs``) and read back as VmHWM after training (the figure
@@ -102,6 +104,8 @@ MIN_TIMED_SECONDS = 3.0  # per thread count and configuration (--quick: 1)
 MAX_REPS = 200
 STEPS_PER_SWITCH = 4  # steps mode: batches in a row at one thread count, the first untimed
 PROBE_EVERY = 2.0  # seconds between CPU 0/1 probes while a row runs (each takes ~0.3 s)
+SPLIT_LATENCY_NS = 100  # a probe latency above this: the two vCPUs were on two chiplets
+SHARED_FLOPS = 1.8  # 2-CPU flops below this: the host ran other work on our cores
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 
@@ -832,6 +836,28 @@ def main():
                     for b in backends[model] if "error" not in results[(si, model, k, b)]]
             return min(vals) if vals else float("nan")
 
+        def verdict(ok, value, model, k, with_torch):
+            """met / NOT met, the latter with what the probes saw during the rows it
+            comes from (the best afmfast backend's, and PyTorch's for a ratio)."""
+            if not np.isfinite(value):
+                return "n/a"
+            if ok:
+                return "met"
+            names = [b for b in backends[model] if "error" not in results[(si, model, k, b)]]
+            names = names[:1] if len(names) < 2 else [min(
+                names, key=lambda b: med(results[(si, model, k, b)]["times"][2]))]
+            if with_torch and (si, model, k, "pytorch") in results:
+                names.append("pytorch")
+            readings = [r for b in names for r in results[(si, model, k, b)].get("c2c", [])]
+            lat = [r[0] for r in readings if r[0] is not None]
+            fma = [r[1] for r in readings if r[1] is not None]
+            seen = []
+            if lat and max(lat) > SPLIT_LATENCY_NS:
+                seen.append(f"vCPUs on two chiplets at times, up to {max(lat):.0f} ns")
+            if fma and min(fma) < SHARED_FLOPS:
+                seen.append(f"2-CPU flops down to {min(fma):.2f}")
+            return "NOT met" + (f" (probes during the row: {', '.join(seen)})" if seen else "")
+
         def torch_t(model, k):
             res = results.get((si, model, k, "pytorch"))
             return med(res["times"][2]) if res and "error" not in res else float("nan")
@@ -848,7 +874,7 @@ def main():
                 lines.append(f"{label}: {fmt_x(r)} PyTorch (no target here)")
                 continue
             lines.append(f"{label} >= {goal}x PyTorch: {fmt_x(r)} "
-                         f"{'met' if r >= goal else 'NOT met' if np.isfinite(r) else 'n/a'}")
+                         f"{verdict(r >= goal, r, model, k, True)}")
         mmb = matmul.get((si, "best"), {})
         if "gflops" in mmb:
             # machine efficiency: the flops actually needed, once per distinct pair
@@ -868,7 +894,7 @@ def main():
             if model == "afm" and k >= 64:
                 sp = best(model, k, 1) / best(model, k, 2)
                 lines.append(f"AFM k=t={k} 2 threads >= 1.8x 1 thread: {fmt_x(sp)} "
-                             f"{'met' if sp >= 1.8 else 'NOT met'}")
+                             f"{verdict(sp >= 1.8, sp, model, k, False)}")
         print(f"  {set_name}: " + "; ".join(lines))
     if verified is False:
         print("  (PyTorch ratios unverified: the same-math check failed)")
