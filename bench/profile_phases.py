@@ -11,11 +11,10 @@ median of the batch time and the 10th percentile of each phase that the kernel m
 ``_phase_times()`` reports.
 - AFM (``afmfast._afm_cython``): gather (offsets, batch-order copy, chunks); group_vx
   (v x per occurrence while one thread groups the nonzeros by feature); numbering (the
-  distinct pairs); distinct_forward (e,
-  W e + b, act, logit per distinct pair); row_forward (softmax, pooling, residual, da,
-  ds per row); ds_sums; distinct_backward (du, C' = W^T du);
-  row_sums; dW; de (the pairs' gradients into v x); feature_updates (the sparse
-  optimiser); dense_updates.
+  distinct pairs); distinct_forward (e, W e + b, act, logit per distinct pair);
+  row_forward (softmax, pooling, residual, da, ds per row); ds_sums; backward_de (du and
+  C' = W^T du per distinct pair, then the pairs' gradients into v x, group by group);
+  row_sums; feature_updates (the sparse optimiser); dW; dense_updates.
 - FM (``afmfast._fm_cython``): prepare (offsets, batch-order copy); group_forward (the
   grouping by feature on one thread while the others compute s, f and the linear term
   per row); output (batch norm, prediction, residual); df; feature_updates;
