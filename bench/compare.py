@@ -844,8 +844,8 @@ def main():
             if ok:
                 return "met"
             names = [b for b in backends[model] if "error" not in results[(si, model, k, b)]]
-            names = names[:1] if len(names) < 2 else [min(
-                names, key=lambda b: med(results[(si, model, k, b)]["times"][2]))]
+            names = [min(names, key=lambda b: med(results[(si, model, k, b)]["times"][2]))
+                     ] if names else []
             if with_torch and (si, model, k, "pytorch") in results:
                 names.append("pytorch")
             readings = [r for b in names for r in results[(si, model, k, b)].get("c2c", [])]
