@@ -51,9 +51,9 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   CPUs 0 and 1 run before and after every configuration and between its repetitions
   (every PROBE_EVERY seconds; ``bench/core_to_core.c``, compiled with ``cc`` when there
   is one; the table gives the range of the readings): the one-way latency of a cache
-  line between them (the VMs here sometimes have their two vCPUs on one chiplet, about 40 ns, and
-  sometimes on two, about 165 ns, and the memory-bound kernels scale far worse in the
-  second case) and their floating-point throughput together relative to CPU 0 alone
+  line between them (the VMs here sometimes have their two vCPUs on one chiplet, about
+  40 ns, and sometimes on two, about 165 ns, and the memory-bound kernels scale far
+  worse in the second case) and their floating-point throughput together relative to CPU 0 alone
   (2.00 unless the host runs other work on the same physical cores). The summary of the
   issue's targets adds to a missed one what the probes of its rows saw when it was not
   a quiet machine (a latency over SPLIT_LATENCY_NS, flops below SHARED_FLOPS).
@@ -478,9 +478,14 @@ def run_worker(job, env=None, timeout=3600):
 
 
 # ----- formatting ----------------------------------------------------------------------
+def probe_values(readings, i):
+    """Field i (0: latency ns, 1: 2-CPU flops) of the CPU 0/1 probe readings measured."""
+    return [r[i] for r in readings if r[i] is not None]
+
+
 def probe_range(readings, i, fmt):
     """'lo-hi (n)' of field i of the CPU 0/1 probe readings that were measured."""
-    vals = [r[i] for r in readings if r[i] is not None]
+    vals = probe_values(readings, i)
     if not vals:
         return "?"
     lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
@@ -704,8 +709,7 @@ def main():
               f"{BATCH} ===")
         print(f"load average (1 min) while measured: {min(loads[si]):.1f}-{max(loads[si]):.1f} "
               f"on {os.cpu_count()} CPUs")
-        lat = [v[0] for v in c2c[si] if v[0] is not None]
-        fma = [v[1] for v in c2c[si] if v[1] is not None]
+        lat, fma = probe_values(c2c[si], 0), probe_values(c2c[si], 1)
         if lat:
             print(f"cache line from CPU 0 to CPU 1 (bench/core_to_core.c) while measured: "
                   f"{min(lat):.0f}-{max(lat):.0f} ns one way (about 40: the two share a "
@@ -849,8 +853,7 @@ def main():
             if with_torch and (si, model, k, "pytorch") in results:
                 names.append("pytorch")
             readings = [r for b in names for r in results[(si, model, k, b)].get("c2c", [])]
-            lat = [r[0] for r in readings if r[0] is not None]
-            fma = [r[1] for r in readings if r[1] is not None]
+            lat, fma = probe_values(readings, 0), probe_values(readings, 1)
             seen = []
             if lat and max(lat) > SPLIT_LATENCY_NS:
                 seen.append(f"vCPUs on two chiplets at times, up to {max(lat):.0f} ns")

@@ -618,9 +618,8 @@ cdef class AFMWorkspace:
     cdef int64_t* rbase      # (B + 1,) first distinct pair id of row b (rbase[b + 1] -
                              # rbase[b] have their representative pair in row b)
     cdef int32_t* brow       # (blocks,) row of the first distinct pair of each DBLOCK block
-    cdef int64_t* bgrp       # (groups + 1,) first row of each backward group: consecutive
-                             # rows with at most DBLOCK distinct pairs (or one row) and at
-                             # most GROUP_ROWS rows
+    cdef int64_t* bgrp       # (groups + 1,) first row of each backward group
+                             # (_backward_groups)
     cdef int32_t* dq         # (2 pairs,) at 2 (poff[b] + r): the occurrences of distinct
                              # pair rbase[b] + r's representative pair
     cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
@@ -636,7 +635,7 @@ cdef class AFMWorkspace:
     cdef double* SD          # (pairs,) by slot: logit of each distinct pair
     cdef double* ED          # (pairs,) by slot: exp(logit - the batch's largest logit)
     cdef double* BMAX        # (blocks,) largest logit of each block of distinct pairs
-    cdef double* BDB         # (groups, t) per backward group: sum du over its distinct pairs
+    cdef double* BDB         # (groups, t) per backward group: sum du over its pairs
     cdef double* BDH         # (groups, t) per backward group: sum ds act
     # doubles
     cdef double* r           # (B,) residual y_hat - y
@@ -1099,9 +1098,10 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     pair's e, W e + b, act and logit depend only on its two (v x) (DESIGN section 3),
     so they are computed once per distinct pair. A pair belongs to the bucket of its
     lower class; buckets are numbered in parallel (one dedup table per thread), their
-    counts prefix-summed, and the ids made global per row. The numbering depends on the
-    data only, not on the thread count."""
-    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi, it, g
+    counts prefix-summed into slots, each row's representative pairs listed (a prange
+    over rows), and the ids numbered by first appearance (rbase, and brow per DBLOCK
+    block). The numbering depends on the data only, not on the thread count."""
+    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi, it
     cdef Py_ssize_t n_own = a.n_own
     cdef int nt = a.n_threads
     # the classes in use: groups [0, U), and own classes [u_cap, C) only when there are any
@@ -1140,17 +1140,6 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
         while it * DBLOCK < ws.rbase[b + 1]:
             ws.brow[it] = <int32_t>b
             it += 1
-    # the backward groups (_backward_group): a row joins the group before it unless that
-    # would take the group past DBLOCK distinct pairs or GROUP_ROWS rows
-    g = 0
-    ws.bgrp[0] = 0
-    for b in range(1, a.B):
-        if (ws.rbase[b + 1] - ws.rbase[ws.bgrp[g]] > DBLOCK
-                or b - ws.bgrp[g] >= GROUP_ROWS):
-            g += 1
-            ws.bgrp[g] = b
-    a.n_groups = g + 1 if a.B > 0 else 0
-    ws.bgrp[a.n_groups] = a.B
     a.n_classes = C
     a.n_distinct = ws.dbase[hi]
 
@@ -1348,6 +1337,21 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                 ada += pa[P] * pds[P]
             for P in range(P0, P1):
                 pds[P] = pa[P] * (pds[P] - ada)
+
+
+cdef void _backward_groups(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
+    """The split of the batch's rows into backward groups (bgrp, a.n_groups; training
+    only): a row joins the group before it unless that would take the group past DBLOCK
+    distinct pairs or GROUP_ROWS rows."""
+    cdef Py_ssize_t b, g = 0
+    ws.bgrp[0] = 0
+    for b in range(1, a.B):
+        if (ws.rbase[b + 1] - ws.rbase[ws.bgrp[g]] > DBLOCK
+                or b - ws.bgrp[g] >= GROUP_ROWS):
+            g += 1
+            ws.bgrp[g] = b
+    a.n_groups = g + 1 if a.B > 0 else 0
+    ws.bgrp[a.n_groups] = a.B
 
 
 cdef void _du_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t d0, Py_ssize_t d1,
@@ -1551,8 +1555,6 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
-
-
 cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* W,
                      floating* dense, floating* sV, floating* sw, floating* sW,
@@ -1591,6 +1593,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 _sum_ds(a, ws, c)
     _phase_t[5] = omp_get_wtime() - t0
     if a.attention:
+        _backward_groups(a, ws)
         for c in prange(a.n_groups, schedule="dynamic", num_threads=nt):
             _backward_group(a, ws, c, dense, W, <floating*>ws.VX)
     elif not a.freeze_fm:
@@ -1623,7 +1626,9 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it. They
     # run straight after de, whose gradient rows they read, and before dW (which does not
-    # need them), whose stream of E and DU would evict those rows.
+    # need them), whose stream of E and DU would evict those rows: with dW in between,
+    # Frappe k=64 feature_updates took 1.34 ms against 1.12 on 1 thread
+    # (bench/profile_phases.py --k 64 --epochs 10 --threads 1 2).
     tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
     for it in prange(feature_items(a.U, tail), schedule="dynamic", num_threads=nt):
         for u in range(feature_item_start(it, a.U, tail),
