@@ -47,6 +47,7 @@ from ._numba_common import (
     raise_batch_error,
     row_data_loss,
     row_key,
+    shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernel_api)
     step_key,
 )
 from .kernel_api import BN_DECAY, BN_EPS, dropout_threshold

@@ -1,6 +1,7 @@
 """Numba helpers shared by the FM and AFM Numba kernels (``afmfast._fm_numba``,
 ``afmfast._afm_numba``): the counter-based dropout hash, the optimiser update, the batch
-preparation (validation, gather, grouping by feature) and the Python-side checks.
+preparation (validation, gather, grouping by feature), the epoch order
+(``shuffled_rows``, kernel_api's permutation of the rows) and the Python-side checks.
 
 All functions are ``@njit`` and meant to be called from other jitted code (they also work
 from Python, which the tests use).
@@ -40,6 +41,9 @@ from .kernel_api import (
     MOMENTUM_COEF,
     OPTIMIZER_CODES,
     SGD,
+    aligned_empty,
+    shuffle_buckets,
+    shuffle_keys,
 )
 
 _GOLDEN = np.uint64(GOLDEN)
@@ -262,6 +266,76 @@ def group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list):
     for u in range(U):
         slot[uniq[u]] = -1
     return U
+
+
+# ------------------------------------------------------------------------ epoch order
+
+_SHUFFLE_PARTS = 16  # parts of the rows counted and scattered in parallel (any number
+                     # gives the same order: the scatter is stable)
+_S32 = np.uint64(32)
+
+
+@njit(**_JIT)
+def _shuffle_bucket(kb, i, R):
+    return np.int64(((mix64(kb + np.uint64(i) * _GOLDEN) >> _S32) * R) >> _S32)
+
+
+@njit(**_JIT_PAR)
+def _shuffle_kernel(n, kb, ks, R, counts, bounds, out):
+    """kernel_api's epoch order into out (n,): buckets counted and scattered over
+    _SHUFFLE_PARTS parts of the rows, then Fisher-Yates inside each bucket; kb, ks and R
+    as np.uint64."""
+    n_buckets = counts.shape[1]
+    for p in prange(_SHUFFLE_PARTS):
+        for r in range(n_buckets):
+            counts[p, r] = 0
+        for i in range(p * n // _SHUFFLE_PARTS, (p + 1) * n // _SHUFFLE_PARTS):
+            counts[p, _shuffle_bucket(kb, i, R)] += 1
+    pos = 0
+    for r in range(n_buckets):
+        bounds[r] = pos
+        for p in range(_SHUFFLE_PARTS):
+            c = counts[p, r]
+            counts[p, r] = pos
+            pos += c
+    bounds[n_buckets] = pos
+    for p in prange(_SHUFFLE_PARTS):
+        for i in range(p * n // _SHUFFLE_PARTS, (p + 1) * n // _SHUFFLE_PARTS):
+            r = _shuffle_bucket(kb, i, R)
+            out[counts[p, r]] = i
+            counts[p, r] += 1
+    for r in prange(n_buckets):
+        o = bounds[r]
+        for pos in range(bounds[r + 1] - o - 1, 0, -1):
+            h = mix64(ks + np.uint64(o + pos) * _GOLDEN) >> _S32
+            j = np.int64((h * np.uint64(pos + 1)) >> _S32)
+            tmp = out[o + pos]
+            out[o + pos] = out[o + j]
+            out[o + j] = tmp
+
+
+def shuffled_rows(n_rows, seed, epoch, n_threads):
+    """The epoch order of afmfast.kernel_api (a permutation of range(n_rows), int64, from
+    (seed, epoch); the same for any n_threads and in every backend), computed on
+    n_threads threads.
+
+    Example: order = shuffled_rows(len(y), 2016, epoch, 2)
+    """
+    n = int(n_rows)
+    if n < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    if isinstance(n_threads, bool) or int(n_threads) < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
+    out = aligned_empty((n,), np.int64)
+    if n == 0:
+        return out
+    R = shuffle_buckets(n)
+    kb, ks = shuffle_keys(seed, epoch)
+    counts = np.empty((_SHUFFLE_PARTS, R), dtype=np.int64)
+    bounds = np.empty(R + 1, dtype=np.int64)
+    with numba_threads(n_threads):
+        _shuffle_kernel(n, np.uint64(kb), np.uint64(ks), np.uint64(R), counts, bounds, out)
+    return out
 
 
 # ------------------------------------------------------------------ Python-side helpers

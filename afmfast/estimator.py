@@ -227,7 +227,8 @@ class FactorizationModel(*_SKLEARN_BASES):
         -------
         self
 
-        Each epoch is one pass over a seeded shuffle of the rows in batches of
+        Each epoch is one pass over a seeded shuffle of the rows (``random_state`` and
+        the epoch number give the order, the same for any ``n_threads``) in batches of
         ``batch_size``, one kernel call per batch. With a validation set and
         ``early_stopping``, training stops once the validation metric got worse in each
         of the last 4 epochs (after more than 5) and the parameters of the best
@@ -275,7 +276,7 @@ class FactorizationModel(*_SKLEARN_BASES):
             self._init_model(train, rng)
             if init_from is not None:
                 self._warm_start(_as_model(init_from), train.n_features)
-            self._run_epochs(train, valid, rng, list(callbacks or ()))
+            self._run_epochs(train, valid, list(callbacks or ()))
         finally:
             self._training = False
         return self
@@ -289,14 +290,14 @@ class FactorizationModel(*_SKLEARN_BASES):
         if self.verbose:
             print(text, file=sys.stdout, flush=True)
 
-    def _run_epochs(self, train, valid, rng, callbacks):
+    def _run_epochs(self, train, valid, callbacks):
         """The epoch loop; leaves the model fitted however it ends (done, early stop,
         divergence, or Ctrl-C, which restores the best epoch so far and re-raises)."""
         self.history_ = []
         self.best_epoch_ = 0
         self._best = self._last_good = self._snapshot()
         try:
-            self._epochs(train, valid, rng, callbacks)
+            self._epochs(train, valid, callbacks)
             if self.early_stopping or valid is None:
                 self._restore(self._best)
             else:
@@ -337,7 +338,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         scores = self._predict_dataset(data)
         return scores, self._evaluate_scores(data.y, scores)
 
-    def _epochs(self, train, valid, rng, callbacks):
+    def _epochs(self, train, valid, callbacks):
         n, bs = train.n_rows, self.batch_size
         X, y = train.X, train.y
         monitor = self._monitor
@@ -353,9 +354,11 @@ class FactorizationModel(*_SKLEARN_BASES):
         step = 0
         for epoch in range(1, self.n_epochs + 1):
             t0 = time.perf_counter()
-            # already int64 where NumPy's default integer is: no copy of the whole order
-            # each epoch (16 MB at 2,000,000 rows)
-            order = rng.permutation(n).astype(np.int64, copy=False)
+            # kernel_api's epoch order, on the fit's threads: NumPy's permutation is
+            # serial and misses the cache at every swap; at 2,000,000 rows it took 49 ms
+            # against 11 on 2 threads, 3% of an AFM k=64 epoch of ml-tag's shape
+            # (pytest bench/test_bench_epoch_order.py --benchmark-only, medians)
+            order = self._backend.shuffled_rows(n, self._seed, epoch, self._threads)
             progress = _Progress(epoch, n) if self.verbose >= 2 else None
             for start in range(0, n, bs):
                 loss = self._train_batch(X, y, order[start:start + bs], step)

@@ -52,6 +52,20 @@ Dropout RNG (counter based; identical in every backend), all arithmetic mod 2^64
     key = mix64(mix64(mix64(seed + stream * GOLDEN) + step) + row)
     bits = mix64(key + (unit + 1) * GOLDEN)
     kept iff (bits >> 11) < floor(keep * 2^53)
+
+Epoch order (``shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,)``, in every
+backend module; ``shuffled_rows_reference`` below is its definition). A permutation of
+range(n_rows) from a counter-based hash, so that it can be computed in parallel with the
+same result for any thread count (Rao-Sandelius: random buckets, then a shuffle inside
+each, which is a uniform permutation). With key = mix64(mix64(seed + SHUFFLE_STREAM *
+GOLDEN) + epoch), kb = mix64(key + GOLDEN), ks = mix64(key + 2 GOLDEN) and R =
+shuffle_buckets(n_rows) (a power of two; buckets of about SHUFFLE_BUCKET_ROWS rows, which
+fit a core's cache):
+    bucket(i) = ((mix64(kb + i * GOLDEN) >> 32) * R) >> 32, i.e. the hash's top log2(R) bits;
+    the rows are laid out bucket by bucket, ascending within a bucket; then each bucket
+    [o, o + m) runs Fisher-Yates: for i = m - 1 down to 1, j = ((mix64(ks + (o + i) *
+    GOLDEN) >> 32) * (i + 1)) >> 32, swap positions o + i and o + j. (j's bias from the
+    32-bit multiply is at most m / 2^32 relative: negligible for shuffling.)
 """
 from collections import namedtuple
 
@@ -154,6 +168,52 @@ def dropout_mask(seed, stream, step, rows, n_units, keep):
         units = (np.arange(n_units, dtype=np.uint64) + np.uint64(1)) * np.uint64(GOLDEN)
         bits = _mix64(key[:, None] + units[None, :])
     return (bits >> np.uint64(11)) < np.uint64(dropout_threshold(keep))
+
+
+SHUFFLE_STREAM = 2  # dropout uses streams 0 and 1
+SHUFFLE_BUCKET_ROWS = 8192
+SHUFFLE_MAX_BUCKETS = 1 << 16
+
+
+def shuffle_buckets(n_rows):
+    """R of the epoch order: the smallest power of two with n_rows / R <=
+    SHUFFLE_BUCKET_ROWS, at most SHUFFLE_MAX_BUCKETS."""
+    R = 1
+    while R * SHUFFLE_BUCKET_ROWS < n_rows and R < SHUFFLE_MAX_BUCKETS:
+        R *= 2
+    return R
+
+
+def shuffle_keys(seed, epoch):
+    """(kb, ks) of the epoch order, as Python ints in [0, 2^64)."""
+    key = _mix64(np.array([(int(seed) + SHUFFLE_STREAM * GOLDEN) & _MASK64],
+                          dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        key = _mix64(key + np.uint64(int(epoch) & _MASK64))
+        kb = _mix64(key + np.uint64(GOLDEN))
+        ks = _mix64(key + np.uint64((2 * GOLDEN) & _MASK64))
+    return int(kb[0]), int(ks[0])
+
+
+def shuffled_rows_reference(n_rows, seed, epoch):
+    """The epoch order (see the module docstring), in NumPy and a Python loop: the
+    definition the backends' ``shuffled_rows`` are tested against (slow; tests only)."""
+    kb, ks = shuffle_keys(seed, epoch)
+    R = shuffle_buckets(n_rows)
+    i = np.arange(n_rows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        hb = _mix64(np.uint64(kb) + i * np.uint64(GOLDEN))
+        hs = _mix64(np.uint64(ks) + i * np.uint64(GOLDEN))
+    bucket = ((hb >> np.uint64(32)) * np.uint64(R)) >> np.uint64(32)
+    order = np.argsort(bucket, kind="stable").astype(np.int64)
+    bounds = np.searchsorted(bucket[order], np.arange(R + 1, dtype=np.uint64))
+    draws = (hs >> np.uint64(32)).astype(object)
+    for r in range(R):
+        o, m = int(bounds[r]), int(bounds[r + 1] - bounds[r])
+        for pos in range(m - 1, 0, -1):
+            j = (draws[o + pos] * (pos + 1)) >> 32
+            order[o + pos], order[o + j] = order[o + j], order[o + pos]
+    return order
 
 
 def new_fm_params(n_features, n_factors, rng, dtype=np.float32):

@@ -28,7 +28,8 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   (``_train_batch``, the loop of ``FactorizationModel._epochs`` without its per-epoch
   evaluation); PyTorch runs zero_grad, loss, backward and Adagrad on pre-built (N, n)
   index tensors. At k <= 64 the figure is the median of at least ``--epochs`` full
-  epochs (a shuffled pass each); at k >= 128 it is the median of at least ``--steps``
+  epochs (a shuffled pass each, its order computed as ``fit`` computes it: the
+  backend's ``shuffled_rows``, ``torch.randperm`` for PyTorch); at k >= 128 it is the median of at least ``--steps``
   single full batches times n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2
   threads alternate repetition by repetition, after one warm-up batch each, so that a
   change of load on the shared machine hits both alike. In steps mode a repetition is
@@ -275,7 +276,7 @@ def worker_afmfast(job):
             est._threads = threads
             if rows is None:  # one epoch, as FactorizationModel._epochs runs it
                 t0 = time.perf_counter()
-                order = rng.permutation(n).astype(np.int64, copy=False)
+                order = est._backend.shuffled_rows(n, est._seed, step, threads)
                 for start in range(0, n, BATCH):
                     est._train_batch(X, y, order[start:start + BATCH], step)
                     step += 1

@@ -96,7 +96,7 @@ from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
-    prefetch_table_rows, feature_prefetch_distance,
+    prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -2146,6 +2146,15 @@ def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
     out = np.ones((r.shape[0], n_units), dtype=np.uint8)
     fill_dropout_mask(r, out, seed, stream, step, keep)
     return out.astype(bool)
+
+
+def shuffled_rows(n_rows, seed, epoch, n_threads):
+    """The epoch order of afmfast.kernel_api (a permutation of range(n_rows), int64, from
+    (seed, epoch); the same for any n_threads), computed on n_threads threads.
+
+    Example: order = shuffled_rows(len(y), 2016, epoch, 2)
+    """
+    return shuffled_rows_array(n_rows, seed, epoch, n_threads, _api)
 
 
 def _phase_times():

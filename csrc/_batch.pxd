@@ -17,17 +17,23 @@
 - Work items of loops over the touched features: ``feature_items`` /
   ``feature_item_start`` (the popular features one by one, the rest in runs of
   ``feature_tail``).
+- Epoch order: ``shuffled_rows_array`` computes kernel_api's epoch order (a permutation
+  of the rows from a counter-based hash, the same for any thread count) in parallel.
 - Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
   ``raise_batch_error`` turns it into a ValueError that names the offending entry.
 
-Everything except the two ``check_*`` functions and ``raise_batch_error`` is ``nogil``,
-allocates nothing and holds no state, so it may run inside ``prange`` bodies; except
-``batch_offsets``, which runs its own ``prange`` (call it outside one).
+Everything except the two ``check_*`` functions, ``raise_batch_error`` and
+``shuffled_rows_array`` is ``nogil``, allocates nothing and holds no state, so it may run
+inside ``prange`` bodies; except ``batch_offsets``, which runs its own ``prange`` (call it
+outside one).
 """
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport free
 from libc.string cimport memset
 from cython.parallel cimport prange
 from cython cimport floating
+
+from _common cimport golden64, mix64
 
 cdef extern from *:
     void __builtin_prefetch(const void* addr) noexcept nogil
@@ -43,6 +49,9 @@ cdef enum:
     HEAD_FEATURES = 64
     TAIL_CHUNK = 32
     TAIL_BYTES = 8192
+    # parts of the row range that count and scatter the epoch order's buckets in
+    # parallel (any number gives the same order: the scatter is stable)
+    SHUFFLE_PARTS = 16
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
@@ -309,3 +318,81 @@ cdef inline Py_ssize_t feature_item_start(Py_ssize_t item, Py_ssize_t U,
     cdef Py_ssize_t u = item if item <= HEAD_FEATURES else (
         HEAD_FEATURES + (item - HEAD_FEATURES) * tail)
     return u if u < U else U
+
+
+cdef inline int64_t _shuffle_bucket(uint64_t kb, int64_t i, uint64_t R) noexcept nogil:
+    return <int64_t>(((mix64(kb + <uint64_t>i * golden64()) >> 32) * R) >> 32)
+
+
+cdef inline void _count_buckets(int64_t lo, int64_t hi, uint64_t kb, int64_t R,
+                                int64_t* counts) noexcept nogil:
+    cdef int64_t i
+    memset(counts, 0, R * sizeof(int64_t))
+    for i in range(lo, hi):
+        counts[_shuffle_bucket(kb, i, R)] += 1
+
+
+cdef inline void _scatter_buckets(int64_t lo, int64_t hi, uint64_t kb, int64_t R,
+                                  int64_t* cursor, int64_t* out) noexcept nogil:
+    cdef int64_t i, r
+    for i in range(lo, hi):
+        r = _shuffle_bucket(kb, i, R)
+        out[cursor[r]] = i
+        cursor[r] += 1
+
+
+cdef inline void _shuffle_bucket_rows(int64_t o, int64_t m, uint64_t ks,
+                                      int64_t* out) noexcept nogil:
+    """Fisher-Yates on out[o:o + m] with draws from the hash of the position."""
+    cdef int64_t pos, j, tmp
+    for pos in range(m - 1, 0, -1):
+        j = <int64_t>(((mix64(ks + <uint64_t>(o + pos) * golden64()) >> 32)
+                       * <uint64_t>(pos + 1)) >> 32)
+        tmp = out[o + pos]
+        out[o + pos] = out[o + j]
+        out[o + j] = tmp
+
+
+cdef inline object shuffled_rows_array(n_rows, seed, epoch, int n_threads, api):
+    """kernel_api's epoch order of (seed, epoch): int64 (n_rows,) (api is the module
+    afmfast.kernel_api, which defines the keys and the bucket count, and allocates).
+    Parallel over SHUFFLE_PARTS parts of the rows (count, then scatter into buckets),
+    then over the buckets (Fisher-Yates in cache): any n_threads gives the same order."""
+    cdef int64_t n = n_rows, R, p, r, pos, c
+    cdef uint64_t kb, ks
+    cdef int64_t* counts
+    cdef int64_t* bounds
+    cdef int64_t[::1] out
+    if n < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
+    out_array = api.aligned_empty((n,), "int64")
+    if n == 0:
+        return out_array
+    out = out_array
+    R = api.shuffle_buckets(n)
+    kb_py, ks_py = api.shuffle_keys(seed, epoch)
+    kb = kb_py
+    ks = ks_py
+    counts = <int64_t*>aligned_empty((SHUFFLE_PARTS * R + R + 1) * sizeof(int64_t))
+    bounds = counts + SHUFFLE_PARTS * R
+    with nogil:
+        for p in prange(SHUFFLE_PARTS, schedule="static", num_threads=n_threads):
+            _count_buckets(p * n // SHUFFLE_PARTS, (p + 1) * n // SHUFFLE_PARTS, kb, R,
+                           counts + p * R)
+        pos = 0
+        for r in range(R):
+            bounds[r] = pos
+            for p in range(SHUFFLE_PARTS):
+                c = counts[p * R + r]
+                counts[p * R + r] = pos
+                pos += c
+        bounds[R] = pos
+        for p in prange(SHUFFLE_PARTS, schedule="static", num_threads=n_threads):
+            _scatter_buckets(p * n // SHUFFLE_PARTS, (p + 1) * n // SHUFFLE_PARTS, kb, R,
+                             counts + p * R, &out[0])
+        for r in prange(R, schedule="dynamic", num_threads=n_threads):
+            _shuffle_bucket_rows(bounds[r], bounds[r + 1] - bounds[r], ks, &out[0])
+    free(counts)
+    return out_array

@@ -53,7 +53,7 @@ from _batch cimport (
     ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
     group_by_feature, raise_batch_error, scatter_groups, prefetch_table_rows,
-    feature_prefetch_distance,
+    feature_prefetch_distance, shuffled_rows_array,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -495,6 +495,15 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
 # profiling (_phase_times() names them; PHASES is their order).
 PHASES = ("prepare", "group_forward", "output", "df", "feature_updates", "dense_updates")
 cdef double _phase_t[6]
+
+
+def shuffled_rows(n_rows, seed, epoch, n_threads):
+    """The epoch order of afmfast.kernel_api (a permutation of range(n_rows), int64, from
+    (seed, epoch); the same for any n_threads), computed on n_threads threads.
+
+    Example: order = shuffled_rows(len(y), 2016, epoch, 2)
+    """
+    return shuffled_rows_array(n_rows, seed, epoch, n_threads, _api)
 
 
 def _phase_times():
