@@ -175,6 +175,10 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         return self._backend.afm_step(X, y, rows, self._params, self._state,
                                       self._config(step), self._ws)
 
+    def _train_batches(self, X, y, rows, batch_size, step, losses):
+        return self._backend.afm_steps(X, y, rows, batch_size, self._params,
+                                       self._state, self._config(step), self._ws, losses)
+
     def _predict_dataset(self, data):
         out = np.empty(data.n_rows, dtype=np.float32)
         self._kernel_backend().afm_predict(

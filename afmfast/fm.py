@@ -90,11 +90,18 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
             min(self.batch_size, train.n_rows), self._max_batch_nnz(train),
             train.n_features, self.n_factors, np.float32)
 
+    def _config(self, step):
+        return StepConfig(float(self.learning_rate), float(self.l2), float(self.keep),
+                          OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
+                          self._seed, step, self._threads, self._loss)
+
     def _train_batch(self, X, y, rows, step):
-        cfg = StepConfig(float(self.learning_rate), float(self.l2), float(self.keep),
-                         OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
-                         self._seed, step, self._threads, self._loss)
-        return self._backend.fm_step(X, y, rows, self._params, self._state, cfg, self._ws)
+        return self._backend.fm_step(X, y, rows, self._params, self._state,
+                                     self._config(step), self._ws)
+
+    def _train_batches(self, X, y, rows, batch_size, step, losses):
+        return self._backend.fm_steps(X, y, rows, batch_size, self._params,
+                                      self._state, self._config(step), self._ws, losses)
 
     def _warm_start(self, source, n_features):
         if not isinstance(source, FM):

@@ -24,8 +24,16 @@ Backend functions
     fm_step(X, y, rows, params, state, cfg, ws) -> float: one batch of forward, backward
         and optimiser update; returns the batch loss evaluated at the parameters before
         the update: 1/2 sum (y - y_hat)^2 + l2/2 sum over touched rows ||V_row||^2.
+    fm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses) -> int: fm_step on
+        the batches rows[i * batch_size:(i + 1) * batch_size] (the last may be shorter)
+        at steps cfg.step + i, for i < len(losses) = ceil(len(rows) / batch_size),
+        without returning to Python in between; losses (float64) receives each batch's
+        loss. Stops after the first batch whose loss is not finite; returns the number
+        of batches run. fit runs its epochs this way.
     fm_predict(X, params, batch_norm, n_threads, out): out (n_rows,) DTYPE receives the raw
         scores (no dropout, batch norm with running statistics). Ids >= M are skipped.
+    shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,): the epoch order
+        (below).
 
 Semantics of one step (B = len(rows)):
     f_b = 1/2((sum_i v_i x_i)^2 - sum_i (v_i x_i)^2)                      (k,)
@@ -170,7 +178,7 @@ def dropout_mask(seed, stream, step, rows, n_units, keep):
     return (bits >> np.uint64(11)) < np.uint64(dropout_threshold(keep))
 
 
-SHUFFLE_STREAM = 2  # dropout uses streams 0 and 1
+SHUFFLE_STREAM = 3  # dropout uses streams 0 (FM), 1 and 2 (AFM)
 SHUFFLE_BUCKET_ROWS = 8192
 SHUFFLE_MAX_BUCKETS = 1 << 16
 
@@ -246,8 +254,9 @@ def new_opt_state(params, optimizer):
 
 
 # ----- AFM ----------------------------------------------------------------------------
-# Contract of the AFM backends (``afm_workspace``, ``afm_step``, ``afm_predict``,
-# ``afm_explain``), mirrored by ``reference.afm_*``. For each row, the pairs p < q of its
+# Contract of the AFM backends (``afm_workspace``, ``afm_step``, ``afm_steps`` (as
+# fm_steps), ``afm_predict``, ``afm_explain``, ``shuffled_rows``), mirrored by
+# ``reference.afm_*``. For each row, the pairs p < q of its
 # nonzeros in row order (pair index = position in that order) give
 #     e_pq = (v_p x_p) * (v_q x_q)                                           (k,)
 #     s_pq = h . act(W e_pq + b),  a = softmax over the row's pairs (max subtracted)

@@ -17,6 +17,10 @@ a row of n nonzeros having n(n-1)/2 pairs p < q in row order):
         attention]), the matching entries of state, and ws. Returns the batch loss at the
         parameters before the update. ValueError for an out-of-range row or feature id,
         or a batch larger than the workspace.
+    afm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses) -> int
+        afm_step on rows[i batch_size:(i + 1) batch_size] at step cfg.step + i for each
+        of the len(losses) batches, in one loop without the GIL; losses float64 receives
+        their losses. Stops after a non-finite loss; returns the batches run.
     afm_predict(X, params, attention, activation, n_threads, out)
         out (n_rows,) DTYPE receives the raw scores (no dropout); ids outside [0, M) are
         skipped. Mutates only out.
@@ -25,6 +29,8 @@ a row of n nonzeros having n(n-1)/2 pairs p < q in row order):
         Per pair of every row (ids outside [0, M) skipped): feature ids i < j positions in
         row order (int64), weight a_pq (1 without attention) and contribution
         a_pq p . e_pq (DTYPE), at pair_indptr[row] + pair index. Mutates only the outputs.
+    shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,): kernel_api's epoch
+        order.
 
 Distinct pairs (DESIGN section 3): a pair's e = (v_p x_p)(v_q x_q), u = act(W e + b), its
 logit h . u and h act'(u) depend only on its two (feature, value) classes, and in one-hot
@@ -88,12 +94,12 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_thread_num, omp_get_wtime
-from libc.math cimport exp, expf, sqrt, tanh, tanhf, INFINITY
+from libc.math cimport exp, expf, isfinite, sqrt, tanh, tanhf, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
-    ERR_FEATURE, ERR_PAIRS, BatchErr, aligned_empty, aligned_zeros as _alloc, batch_offsets,
+    ERR_FEATURE, ERR_PAIRS, ERR_ROW, BatchErr, check_batches, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
     prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,
@@ -1669,8 +1675,12 @@ def _check_keep(name, keep):
         raise ValueError(f"{name} must be in (0, 1], got {keep}")
 
 
-cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state, cfg,
-                            AFMWorkspace ws) except? -1.0:
+cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
+                                 double[::1] losses, params, state, cfg, AFMWorkspace ws,
+                                 bint single) except -1:
+    """Batches rows[i batch_size:(i + 1) batch_size] at steps cfg.step + i, losses[i] =
+    their losses; stops after the first non-finite loss. Returns the batches run.
+    single: called by afm_step (see check_batches)."""
     cdef const int64_t[::1] indptr = X[0]
     cdef const int32_t[::1] indices = X[1]
     cdef const floating[::1] values = X[2]
@@ -1685,8 +1695,10 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     cdef floating[:, ::1] sd = state.dense
     cdef AFMArgs a
     cdef Py_ssize_t M = V.shape[0], k = V.shape[1], t = W.shape[0], D
+    cdef Py_ssize_t i, n_batches = losses.shape[0], n_done = 0, first, bs
+    cdef uint64_t step0
     cdef double loss = 0
-    cdef int err
+    cdef int err = 0
     cdef double keep0 = cfg.keep_attention, keep1 = cfg.keep_pooled
     cdef int n_threads = cfg.n_threads
     D = 1 + k + 2 * t
@@ -1697,8 +1709,10 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
             f"workspace {ws!r} does not fit parameters V {(M, k)}, W {(t, W.shape[1])} "
             f"{params.V.dtype}: build it with afm_workspace(..., n_features={M}, "
             f"n_factors={k}, attention_size={t}, dtype={params.V.dtype})")
-    check_step_arrays(rows.shape[0], ws.batch_size, indptr.shape[0], y.shape[0],
-                      indices.shape[0], values.shape[0],
+    check_batches(rows.shape[0], batch_size, n_batches, ws.batch_size, single)
+    bs = batch_size
+    check_step_arrays(min(bs, rows.shape[0]), ws.batch_size, indptr.shape[0],
+                      y.shape[0], indices.shape[0], values.shape[0],
                       indptr[indptr.shape[0] - 1] if indptr.shape[0] > 0 else 0, n_threads)
     if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != D
             or sV.shape[0] != 2 or sV.shape[1] != M or sV.shape[2] != k
@@ -1711,7 +1725,6 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     _check_keep("cfg.keep_pooled", keep1)
     _check_activation(cfg.activation)
 
-    a.B = rows.shape[0]
     a.k = k
     a.t = t
     a.M = M
@@ -1732,23 +1745,35 @@ cdef double _afm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, stat
     a.inv_keep_att = 1.0 / keep0
     a.inv_keep_pool = 1.0 / keep1
     a.seed = as_u64(cfg.seed)
-    a.step = as_u64(cfg.step)
+    step0 = as_u64(cfg.step)
     a.thr_att = dropout_threshold(keep0)
     a.thr_pool = dropout_threshold(keep1)
     a.indptr = &indptr[0]
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
-    a.rows = &rows[0]
     a.opt = opt_cfg_from(cfg, _api)
     a.err.pos = 0
     a.err.value = 0
     ws._ensure_threads(n_threads)
 
     with nogil:
-        err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
-                          &V[0, 0], &w[0], &W[0, 0], &dense[0], &sV[0, 0, 0], &sw[0, 0],
-                          &sW[0, 0, 0], &sd[0, 0], &loss)
+        for i in range(n_batches):
+            first = i * bs
+            a.B = min(bs, rows.shape[0] - first)
+            a.rows = &rows[first]
+            a.step = step0 + <uint64_t>i
+            err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
+                              &V[0, 0], &w[0], &W[0, 0], &dense[0], &sV[0, 0, 0],
+                              &sw[0, 0], &sW[0, 0, 0], &sd[0, 0], &loss)
+            if err:
+                if err == ERR_ROW:
+                    a.err.pos += first
+                break
+            losses[i] = loss
+            n_done += 1
+            if not isfinite(loss):
+                break
     raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, ws.max_batch_pairs)
-    return loss
+    return n_done
 
 
 def afm_step(X, y, rows, params, state, cfg, AFMWorkspace ws):
@@ -1760,11 +1785,34 @@ def afm_step(X, y, rows, params, state, cfg, AFMWorkspace ws):
 
     Example: loss = afm_step(X, y, perm[:4096], params, state, cfg, ws)
     """
+    loss = np.empty(1)
+    _afm_steps(X, y, rows, len(rows), params, state, cfg, ws, loss, True)
+    return float(loss[0])
+
+
+def afm_steps(X, y, rows, batch_size, params, state, cfg, AFMWorkspace ws, losses):
+    """Consecutive training steps without Python in between: batch i is
+    ``rows[i * batch_size:(i + 1) * batch_size]`` (the last may be shorter) at step
+    ``cfg.step + i``, for i < len(losses) = ceil(len(rows) / batch_size); losses
+    (float64) receives each batch's loss (as afm_step returns it). Stops after the first
+    batch whose loss is not finite. Returns the number of batches run; the parameters
+    are those of afm_step called batch by batch.
+
+    Example: n_done = afm_steps(X, y, perm[:40960], 4096, params, state, cfg, ws,
+    np.empty(10))
+    """
+    return _afm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses, False)
+
+
+def _afm_steps(X, y, rows, batch_size, params, state, cfg, AFMWorkspace ws, losses,
+               single):
     dt = params.V.dtype
     if dt == np.float32:
-        return _afm_step_typed[float](params.V, X, y, rows, params, state, cfg, ws)
+        return _afm_steps_typed[float](params.V, X, y, rows, batch_size, losses, params,
+                                       state, cfg, ws, single)
     if dt == np.float64:
-        return _afm_step_typed[double](params.V, X, y, rows, params, state, cfg, ws)
+        return _afm_steps_typed[double](params.V, X, y, rows, batch_size, losses, params,
+                                        state, cfg, ws, single)
     raise ValueError(f"params.V must be float32 or float64, got {dt}")
 
 

@@ -5,7 +5,8 @@
   not) and ``check_workspace_sizes`` (the arguments every ``*_workspace`` constructor
   validates).
 - Arguments of a step: ``check_step_arrays`` validates what is common to fm_step and
-  afm_step (batch size against the workspace, y against X, the CSR triple, n_threads).
+  afm_step (batch size against the workspace, y against X, the CSR triple, n_threads),
+  ``check_batches`` what fm_steps and afm_steps add (batch_size, len(losses)).
 - Gathering a batch without the GIL: ``batch_offsets`` (batch-local nonzero offsets,
   rows validated; a parallel loop of its own), ``copy_row`` (a row's nonzeros into contiguous batch-order buffers,
   ids checked), ``group_by_feature`` and ``scatter_groups`` (a stable counting sort of the
@@ -22,7 +23,7 @@
 - Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
   ``raise_batch_error`` turns it into a ValueError that names the offending entry.
 
-Everything except the two ``check_*`` functions, ``raise_batch_error`` and
+Everything except the ``check_*`` functions, ``raise_batch_error`` and
 ``shuffled_rows_array`` is ``nogil``, allocates nothing and holds no state, so it may run
 inside ``prange`` bodies; except ``batch_offsets``, which runs its own ``prange`` (call it
 outside one).
@@ -139,6 +140,26 @@ cdef inline int check_step_arrays(Py_ssize_t B, Py_ssize_t batch_cap, Py_ssize_t
         raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     if n_threads < 1:
         raise ValueError(f"cfg.n_threads must be a positive integer, got {n_threads}")
+    return 0
+
+
+cdef inline int check_batches(Py_ssize_t n_rows_arg, batch_size, Py_ssize_t n_batches,
+                              Py_ssize_t batch_cap, bint single) except -1:
+    """What the *_steps functions validate besides check_step_arrays: batch_size in
+    [1, batch_cap] and len(losses) = ceil(len(rows) / batch_size) >= 1. single: the
+    call is one *_step, whose batch is all of rows (the errors then say so)."""
+    if single and not 1 <= n_rows_arg <= batch_cap:
+        raise ValueError(f"len(rows) must be in [1, {batch_cap}] (the workspace's "
+                         f"batch_size), got {n_rows_arg}")
+    if not 1 <= batch_size <= batch_cap:
+        raise ValueError(f"batch_size must be in [1, {batch_cap}] (the workspace's "
+                         f"batch_size), got {batch_size}")
+    if n_rows_arg < 1:
+        raise ValueError("rows must hold at least one row")
+    if n_batches != (n_rows_arg + batch_size - 1) // batch_size:
+        raise ValueError(f"losses has {n_batches} entries, but rows holds "
+                         f"{(n_rows_arg + batch_size - 1) // batch_size} batches of "
+                         f"batch_size = {batch_size}")
     return 0
 
 

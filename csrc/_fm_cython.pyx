@@ -12,8 +12,14 @@ Functions (shapes with M features, k factors, B = len(rows)):
         (when cfg.batch_norm), the matching entries of state, and ws. Returns the batch
         loss before the update. Raises ValueError for an out-of-range row or feature id,
         or a batch larger than the workspace.
+    fm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses) -> int
+        fm_step on rows[i batch_size:(i + 1) batch_size] at step cfg.step + i for each
+        of the len(losses) batches, in one loop without the GIL; losses float64 receives
+        their losses. Stops after a non-finite loss; returns the batches run.
     fm_predict(X, params, batch_norm, n_threads, out)
         Writes out (n_rows,) DTYPE; feature ids outside [0, M) are skipped. Mutates only out.
+    shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,): kernel_api's epoch
+        order.
 DTYPE is the dtype of params.V (float32 or float64); every other float array must match.
 
 How a step runs (every sum over the rows of the batch has one fixed order, so the result
@@ -45,12 +51,13 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_thread_num, omp_get_wtime
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
-    ERR_FEATURE, BatchErr, aligned_zeros as _alloc, batch_offsets, check_step_arrays,
+    ERR_FEATURE, ERR_ROW, BatchErr, aligned_zeros as _alloc, batch_offsets, check_batches,
+    check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
     group_by_feature, raise_batch_error, scatter_groups, prefetch_table_rows,
     feature_prefetch_distance, shuffled_rows_array,
@@ -625,8 +632,12 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     return 0
 
 
-cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state, cfg,
-                           FMWorkspace ws) except? -1.0:
+cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
+                                double[::1] losses, params, state, cfg, FMWorkspace ws,
+                                bint single) except -1:
+    """Batches rows[i batch_size:(i + 1) batch_size] at steps cfg.step + i, losses[i] =
+    their losses; stops after the first non-finite loss. Returns the batches run.
+    single: called by fm_step (see check_batches)."""
     cdef const int64_t[::1] indptr = X[0]
     cdef const int32_t[::1] indices = X[1]
     cdef const floating[::1] values = X[2]
@@ -640,8 +651,10 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     cdef floating[:, ::1] sd = state.dense
     cdef StepArgs a
     cdef Py_ssize_t M = V.shape[0], k = V.shape[1]
+    cdef Py_ssize_t i, n_batches = losses.shape[0], n_done = 0, first, bs
+    cdef uint64_t step0
     cdef double loss = 0
-    cdef int err
+    cdef int err = 0
     cdef double keep = cfg.keep
     cdef int n_threads = cfg.n_threads
 
@@ -650,7 +663,9 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
             f"workspace {ws!r} does not fit parameters V {V.shape[0], V.shape[1]} "
             f"{params.V.dtype}: build it with fm_workspace(..., n_features={M}, "
             f"n_factors={k}, dtype={params.V.dtype})")
-    check_step_arrays(rows.shape[0], ws.batch_size, indptr.shape[0], y.shape[0],
+    check_batches(rows.shape[0], batch_size, n_batches, ws.batch_size, single)
+    bs = batch_size
+    check_step_arrays(min(bs, rows.shape[0]), ws.batch_size, indptr.shape[0], y.shape[0],
                       indices.shape[0], values.shape[0],
                       indptr[indptr.shape[0] - 1] if indptr.shape[0] > 0 else 0, n_threads)
     if (w.shape[0] != M or dense.shape[0] != 1 + 2 * k or bn.shape[0] != 2
@@ -662,7 +677,6 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     if not (0.0 < keep <= 1.0):
         raise ValueError(f"cfg.keep must be in (0, 1], got {keep}")
 
-    a.B = rows.shape[0]
     a.k = k
     a.M = M
     a.prefetch_v = prefetch_table_rows(M * k * <Py_ssize_t>sizeof(floating), n_threads)
@@ -678,19 +692,31 @@ cdef double _fm_step_typed(floating[:, ::1] V, X, y_arr, rows_arr, params, state
     a.l2 = cfg.l2
     a.inv_keep = 1.0 / keep
     a.seed = as_u64(cfg.seed)
-    a.step = as_u64(cfg.step)
+    step0 = as_u64(cfg.step)
     a.threshold = dropout_threshold(keep)
     a.indptr = &indptr[0]
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
-    a.rows = &rows[0]
     a.opt = opt_cfg_from(cfg, _api)
 
     with nogil:
-        err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
-                          &V[0, 0], &w[0], &dense[0], &bn[0, 0], &sV[0, 0, 0], &sw[0, 0],
-                          &sd[0, 0], &loss)
+        for i in range(n_batches):
+            first = i * bs
+            a.B = min(bs, rows.shape[0] - first)
+            a.rows = &rows[first]
+            a.step = step0 + <uint64_t>i
+            err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
+                              &V[0, 0], &w[0], &dense[0], &bn[0, 0], &sV[0, 0, 0],
+                              &sw[0, 0], &sd[0, 0], &loss)
+            if err:
+                if err == ERR_ROW:
+                    a.err.pos += first
+                break
+            losses[i] = loss
+            n_done += 1
+            if not isfinite(loss):
+                break
     raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, 0)
-    return loss
+    return n_done
 
 
 def fm_step(X, y, rows, params, state, cfg, FMWorkspace ws):
@@ -701,11 +727,33 @@ def fm_step(X, y, rows, params, state, cfg, FMWorkspace ws):
 
     Example: loss = fm_step(X, y, perm[:4096], params, state, cfg, ws)
     """
+    loss = np.empty(1)
+    _fm_steps(X, y, rows, len(rows), params, state, cfg, ws, loss, True)
+    return float(loss[0])
+
+
+def fm_steps(X, y, rows, batch_size, params, state, cfg, FMWorkspace ws, losses):
+    """Consecutive training steps without Python in between: batch i is
+    ``rows[i * batch_size:(i + 1) * batch_size]`` (the last may be shorter) at step
+    ``cfg.step + i``, for i < len(losses) = ceil(len(rows) / batch_size); losses
+    (float64) receives each batch's loss (as fm_step returns it). Stops after the first
+    batch whose loss is not finite. Returns the number of batches run; the parameters
+    are those of fm_step called batch by batch.
+
+    Example: n_done = fm_steps(X, y, perm[:40960], 4096, params, state, cfg, ws,
+    np.empty(10))
+    """
+    return _fm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses, False)
+
+
+def _fm_steps(X, y, rows, batch_size, params, state, cfg, FMWorkspace ws, losses, single):
     dt = params.V.dtype
     if dt == np.float32:
-        return _fm_step_typed[float](params.V, X, y, rows, params, state, cfg, ws)
+        return _fm_steps_typed[float](params.V, X, y, rows, batch_size, losses, params,
+                                      state, cfg, ws, single)
     if dt == np.float64:
-        return _fm_step_typed[double](params.V, X, y, rows, params, state, cfg, ws)
+        return _fm_steps_typed[double](params.V, X, y, rows, batch_size, losses, params,
+                                       state, cfg, ws, single)
     raise ValueError(f"params.V must be float32 or float64, got {dt}")
 
 

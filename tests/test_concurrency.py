@@ -38,14 +38,14 @@ def test_concurrent_predictions_equal_serial_ones(demo, backend):
 def test_predict_while_fit_runs_is_refused(demo, monkeypatch):
     model = afmfast.FM(n_factors=8, n_epochs=2, batch_size=512, verbose=0).fit(demo.train)
     inside_fit, release = threading.Event(), threading.Event()
-    real_step = model._train_batch
+    real_steps = model._train_batches
 
-    def slow_step(*args):
+    def slow_steps(*args):
         inside_fit.set()
         release.wait(timeout=30)
-        return real_step(*args)
+        return real_steps(*args)
 
-    monkeypatch.setattr(model, "_train_batch", slow_step)
+    monkeypatch.setattr(model, "_train_batches", slow_steps)
     worker = threading.Thread(target=model.fit, args=(demo.train,))
     worker.start()
     try:

@@ -205,17 +205,15 @@ def test_epoch_lines_like_the_reference(demo, capsys):
 
 def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
     model = afmfast.FM(**{**FAST, "n_epochs": 10})
-    real_step = model._train_batch
-    calls = {"n": 0}
+    real_steps = model._train_batches
     steps_per_epoch = -(-demo.train.n_rows // FAST["batch_size"])
 
-    def interrupting_step(*args):
-        calls["n"] += 1
-        if calls["n"] == 2 * steps_per_epoch + 3:  # early in epoch 3
+    def interrupting_steps(X, y, rows, batch_size, step, losses):
+        if step >= 2 * steps_per_epoch:  # in epoch 3
             raise KeyboardInterrupt
-        return real_step(*args)
+        return real_steps(X, y, rows, batch_size, step, losses)
 
-    monkeypatch.setattr(model, "_train_batch", interrupting_step)
+    monkeypatch.setattr(model, "_train_batches", interrupting_steps)
     with pytest.raises(KeyboardInterrupt):
         model.fit(demo.train, validation=demo.valid)
     assert len(model.history_) == 2 and model.best_epoch_ in (1, 2)

@@ -1,0 +1,93 @@
+"""``fm_steps`` / ``afm_steps`` (runs of batches in one kernel call, as fit uses them):
+the same losses and parameters as ``*_step`` batch by batch, a stop after a non-finite
+loss, and clear errors, in every backend."""
+import numpy as np
+import pytest
+
+import afmfast
+from afmfast.backends import get_backend
+from afmfast.demo import make_demo_data
+
+from conftest import BACKENDS
+
+CASES = [(name, model) for name in BACKENDS for model in ("fm", "afm")]
+BATCH = 256
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_demo_data(n_rows=3000, seed=0)  # 2400 training rows: 9 full batches + 96
+
+
+def fresh_model(demo, backend, model, threads=2):
+    est = (afmfast.FM(n_factors=8) if model == "fm" else afmfast.AFM(n_factors=8))
+    est.set_params(batch_size=BATCH, n_threads=threads, backend=backend, verbose=0)
+    est._validate()
+    est._backend = get_backend(backend, model)
+    est._threads, est._seed = threads, 11
+    est._init_model(demo.train, np.random.default_rng(3))
+    return est
+
+
+def steps_function(est, model):
+    return getattr(est._backend, f"{model}_steps")
+
+
+@pytest.mark.parametrize("backend,model", CASES)
+def test_steps_are_the_single_steps(demo, backend, model):
+    X, y = demo.train.X, demo.train.y
+    order = np.random.default_rng(5).permutation(len(y)).astype(np.int64)
+    one = fresh_model(demo, backend, model)
+    singles = [one._train_batch(X, y, order[s:s + BATCH], 40 + i)
+               for i, s in enumerate(range(0, len(y), BATCH))]
+    run = fresh_model(demo, backend, model)
+    losses = np.full(len(singles), -1.0)
+    assert run._train_batches(X, y, order, BATCH, 40, losses) == len(singles)
+    np.testing.assert_array_equal(losses, singles)
+    for a, b in zip(run._params + run._state, one._params + one._state):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend,model", CASES)
+def test_steps_stop_after_a_non_finite_loss(demo, backend, model):
+    X, y = demo.train.X, demo.train.y.copy()
+    order = np.arange(len(y), dtype=np.int64)
+    y[2 * BATCH + 7] = np.inf  # in the third batch
+    est = fresh_model(demo, backend, model)
+    losses = np.full(-(-len(y) // BATCH), -1.0)
+    assert est._train_batches(X, y, order, BATCH, 0, losses) == 3
+    assert np.all(np.isfinite(losses[:2])) and not np.isfinite(losses[2])
+    assert np.all(losses[3:] == -1.0)
+
+
+@pytest.mark.parametrize("backend,model", CASES)
+def test_steps_reject_bad_arguments(demo, backend, model):
+    X, y = demo.train.X, demo.train.y
+    est = fresh_model(demo, backend, model)
+    steps = steps_function(est, model)
+    order = np.arange(1000, dtype=np.int64)
+
+    def call(rows, batch_size, n_losses):
+        return steps(X, y, rows, batch_size, est._params, est._state, est._config(0),
+                     est._ws, np.empty(n_losses))
+
+    before = [a.copy() for a in est._params]
+    with pytest.raises(ValueError, match="losses"):
+        call(order, BATCH, 3)  # 4 batches
+    with pytest.raises(ValueError, match="batch_size"):
+        call(order, 0, 1)
+    with pytest.raises(ValueError, match="at least one row"):
+        call(order[:0], BATCH, 0)
+    if backend == "cython":
+        with pytest.raises(ValueError, match="batch_size"):
+            call(order, BATCH + 1, 4)  # larger than the workspace
+    bad = order.copy()
+    bad[BATCH + 5] = len(y)  # in the second batch
+    with pytest.raises(ValueError, match=r"rows\[261\]" if backend == "cython" else "rows"):
+        call(bad, BATCH, 4)
+    # the first batch ran before the bad one was found; nothing else changed it
+    est2 = fresh_model(demo, backend, model)
+    est2._train_batch(X, y, order[:BATCH], 0)
+    for a, b in zip(est._params, est2._params):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(est._params, before))
