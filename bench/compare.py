@@ -24,13 +24,14 @@ Data
 What is measured (batch 4096; the estimators' default hyperparameters)
 - seconds per epoch of FM k=16, k=256 and AFM k=t=16, k=t=256: afmfast (each backend
   that imports, 1 and 2 threads) and ``bench/torch_models.py`` (same threads through
-  ``torch.set_num_threads``). afmfast runs the estimator's own per-batch call
-  (``_train_batch``, the loop of ``FactorizationModel._epochs`` without its per-epoch
-  evaluation); PyTorch runs zero_grad, loss, backward and Adagrad on pre-built (N, n)
-  index tensors. At k <= 64 the figure is the median of at least ``--epochs`` full
-  epochs (a shuffled pass each, its order computed as ``fit`` computes it: the
-  backend's ``shuffled_rows``, ``torch.randperm`` for PyTorch); at k >= 128 it is the median of at least ``--steps``
-  single full batches times n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2
+  ``torch.set_num_threads``). afmfast trains as fit does without its per-epoch
+  evaluation: the backend's epoch order (``shuffled_rows``) and
+  ``FactorizationModel._train_epoch`` (runs of batches per kernel call); single batches
+  go through ``_train_batch``. PyTorch runs ``torch.randperm``, then per batch
+  zero_grad, loss, backward and Adagrad on pre-built (N, n) index tensors. At k <= 64
+  the figure is the median of at least ``--epochs`` full epochs (a shuffled pass each);
+  at k >= 128 it is the median of at least ``--steps`` single full batches times
+  n_rows / 4096 (marked "steps x N/B" in the table). 1 and 2
   threads alternate repetition by repetition, after one warm-up batch each, so that a
   change of load on the shared machine hits both alike. In steps mode a repetition is
   STEPS_PER_SWITCH consecutive batches at one thread count, the first untimed:
@@ -274,12 +275,10 @@ def worker_afmfast(job):
     for rows in _repetitions(job, rows_for, times, probes):
         for threads in THREADS:
             est._threads = threads
-            if rows is None:  # one epoch, as FactorizationModel._epochs runs it
+            if rows is None:  # one epoch, as fit runs it (without its evaluation)
                 t0 = time.perf_counter()
                 order = est._backend.shuffled_rows(n, est._seed, step, threads)
-                for start in range(0, n, BATCH):
-                    est._train_batch(X, y, order[start:start + BATCH], step)
-                    step += 1
+                step = est._train_epoch(X, y, order, step)
                 times[threads].append((time.perf_counter() - t0) * scale)
                 continue
             for i, batch in enumerate(rows):
