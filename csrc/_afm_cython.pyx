@@ -102,7 +102,7 @@ from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, ERR_ROW, BatchErr, check_batches, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
-    prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,
+    prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array, next_items,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -663,6 +663,7 @@ cdef class AFMWorkspace:
     cdef void* GW            # (t, k) gradient of W
     cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
                              # of p), in row order
+    cdef long long cursor_line[16]  # [0]: the v x loop's next_items cursor (padded)
     cdef double* rowscr      # (threads, 3k) per thread, a row's: pooled g' (k), dg in
                              # double (k), da scratch (k DTYPE)
     cdef void* gdense        # (1 + k + 2t,)
@@ -881,6 +882,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     cdef int64_t* off = ws.off
     cdef int64_t* poff = ws.poff
     cdef Py_ssize_t target, rows_in
+    cdef long long* cursor = &ws.cursor_line[0]
     cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, off, a.nnz_cap,
                                  a.n_threads, &a.err)
     if err:
@@ -923,13 +925,18 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     a.n_chunks = c
     if times:
         times[0] = omp_get_wtime()
+    cursor[0] = 0
     with parallel(num_threads=a.n_threads):
         if threadid() == 0:
             _group(a, ws)
             if a.attention:
                 _classes(a, ws, <floating*>ws.occ_x)
-        for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
+        c = next_items(cursor, 2)
+        while c < a.n_chunks:
             _vx_chunk(a, ws, c, V, w)
+            if c + 1 < a.n_chunks:
+                _vx_chunk(a, ws, c + 1, V, w)
+            c = next_items(cursor, 2)
     if times:
         times[1] = omp_get_wtime()
     if a.attention:

@@ -60,7 +60,7 @@ from _batch cimport (
     check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
     group_by_feature, raise_batch_error, scatter_groups, prefetch_table_rows,
-    feature_prefetch_distance, shuffled_rows_array,
+    feature_prefetch_distance, shuffled_rows_array, next_items,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -178,6 +178,7 @@ cdef class FMWorkspace:
     cdef readonly Py_ssize_t batch_size, max_batch_nnz, n_features, n_factors, u_cap
     cdef readonly object dtype
     # integer buffers
+    cdef long long cursor_line[16]  # [0]: the row loop's next_items cursor (padded)
     cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
     cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (kept so between steps)
     cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order
@@ -524,8 +525,9 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* dense,
                      floating* bn, floating* sV, floating* sw, floating* sd,
                      double* loss_out) noexcept nogil:
-    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, f, u, U = 0, q, it, tail
+    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, b1, f, u, U = 0, q, it, tail
     cdef int nt = a.n_threads, err
+    cdef long long* cursor = &ws.cursor_line[0]
     cdef floating* S = <floating*>ws.S
     cdef floating* F = <floating*>ws.F
     cdef floating* SC = <floating*>ws.SC
@@ -558,12 +560,19 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     _phase_t[0] = omp_get_wtime() - t0
 
     # The grouping is serial and only the feature updates need it: one thread sorts
-    # while the others start on the rows, and it joins them when done.
+    # while the others start on the rows, and it joins them when done (next_items: a
+    # prange would hold the others back until it arrives).
+    cursor[0] = 0
     with parallel(num_threads=nt):
         if threadid() == 0:
             _group_batch(a, ws, <floating*>ws.occ_x, grp_x)
-        for b in prange(B, schedule="dynamic", chunksize=FORWARD_CHUNK):
-            _forward_row(a, b, ws.off, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x)
+        b = next_items(cursor, FORWARD_CHUNK)
+        while b < B:
+            b1 = b + FORWARD_CHUNK if b + FORWARD_CHUNK < B else B
+            while b < b1:
+                _forward_row(a, b, ws.off, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x)
+                b = b + 1
+            b = next_items(cursor, FORWARD_CHUNK)
     U = a.U
     _phase_t[1] = omp_get_wtime() - t0
 
