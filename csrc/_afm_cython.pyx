@@ -52,7 +52,7 @@ result is bit-identical for any n_threads):
        feature id (stable counting sort) and, with attention, gives each occurrence its
        class (its group when its value equals the group's first value, else its own),
        while the others compute v x per occurrence and the linear term per row (step
-       1a, prange over chunks), joined by the sorting thread when it is done. With
+       1a, chunks taken through next_items), joined by the sorting thread when done. With
        attention, the distinct pairs: a pair (i < i2 in its row) belongs to the bucket of
        class(i); prange over classes numbers each bucket's distinct upper classes (one
        dedup table per thread); the bucket counts are prefix-summed into slots, and a
