@@ -103,6 +103,7 @@ from _batch cimport (
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
     prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array, next_items,
+    CURSOR_STRIDE, next_item_near, reset_cursors,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -664,6 +665,7 @@ cdef class AFMWorkspace:
     cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
                              # of p), in row order
     cdef long long cursor_line[16]  # [0]: the v x loop's next_items cursor (padded)
+    cdef long long* cursors  # (threads, CURSOR_STRIDE) next_item_near's cursors
     cdef double* rowscr      # (threads, 3k) per thread, a row's: pooled g' (k), dg in
                              # double (k), da scratch (k DTYPE)
     cdef void* gdense        # (1 + k + 2t,)
@@ -769,7 +771,7 @@ cdef class AFMWorkspace:
         free(self.reps)
         free(self.rbase); free(self.brow); free(self.bgrp); free(self.dq); free(self.stamp)
         free(self.sid); free(self.rowbuf); free(self.cbuf)
-        free(self.rowscr)
+        free(self.rowscr); free(self.cursors)
         free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
         free(self.BDB); free(self.BDH)
 
@@ -784,6 +786,8 @@ cdef class AFMWorkspace:
         free(self.rowbuf)
         free(self.cbuf)
         free(self.rowscr)
+        free(self.cursors)
+        self.cursors = NULL
         self.stamp = NULL
         self.sid = NULL
         self.rowbuf = NULL
@@ -795,6 +799,7 @@ cdef class AFMWorkspace:
         self.rowbuf = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
         self.cbuf = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
         self.rowscr = <double*>aligned_empty(n_threads * 3 * self.n_factors * sizeof(double))
+        self.cursors = <long long*>_alloc(n_threads * CURSOR_STRIDE * sizeof(long long))
         self.stamp_threads = n_threads
 
     def __repr__(self):
@@ -952,9 +957,14 @@ cdef void _distinct_logits(AFMArgs* a, AFMWorkspace ws, const floating* dense) n
     exp(logit - the batch's largest logit)."""
     cdef Py_ssize_t c, nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
     cdef double smax
-    cdef int nt = a.n_threads
-    for c in prange(nblk, schedule="dynamic", num_threads=nt):
-        _distinct_forward(a, ws, c, dense)
+    cdef int nt = a.n_threads, rank
+    reset_cursors(ws.cursors, nt)
+    with parallel(num_threads=nt):
+        rank = 0
+        c = next_item_near(ws.cursors, nblk, nt, threadid(), &rank)
+        while c < nblk:
+            _distinct_forward(a, ws, c, dense)
+            c = next_item_near(ws.cursors, nblk, nt, threadid(), &rank)
     if nblk > 0:
         smax = ws.BMAX[0]
         for c in range(1, nblk):
@@ -1574,7 +1584,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      floating* sd, double* loss_out) noexcept nogil:
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
     cdef Py_ssize_t b, f, j, c, u, lo, hi, th, it, tail
-    cdef int nt = a.n_threads, err
+    cdef int nt = a.n_threads, err, rank
     cdef floating* GW = <floating*>ws.GW
     cdef floating* gd = <floating*>ws.gdense
     cdef const double* row
@@ -1591,8 +1601,13 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[2] = omp_get_wtime() - t0
     _distinct_logits(a, ws, dense)
     _phase_t[3] = omp_get_wtime() - t0
-    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
-        _forward_chunk(a, ws, c, y, dense)
+    reset_cursors(ws.cursors, nt)
+    with parallel(num_threads=nt):
+        rank = 0
+        c = next_item_near(ws.cursors, a.n_chunks, nt, threadid(), &rank)
+        while c < a.n_chunks:
+            _forward_chunk(a, ws, c, y, dense)
+            c = next_item_near(ws.cursors, a.n_chunks, nt, threadid(), &rank)
     _phase_t[4] = omp_get_wtime() - t0
     if a.attention:
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
@@ -1607,8 +1622,13 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[5] = omp_get_wtime() - t0
     if a.attention:
         _backward_groups(a, ws)
-        for c in prange(a.n_groups, schedule="dynamic", num_threads=nt):
-            _backward_group(a, ws, c, dense, W, <floating*>ws.VX)
+        reset_cursors(ws.cursors, nt)
+        with parallel(num_threads=nt):
+            rank = 0
+            c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
+            while c < a.n_groups:
+                _backward_group(a, ws, c, dense, W, <floating*>ws.VX)
+                c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
     elif not a.freeze_fm:
         for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
             _backward_chunk(a, ws, c, <floating*>ws.VX)

@@ -20,7 +20,8 @@
   ``feature_tail``).
 - Epoch order: ``shuffled_rows_array`` computes kernel_api's epoch order (a permutation
   of the rows from a counter-based hash, the same for any thread count) in parallel.
-- ``next_items``: dynamic scheduling by hand inside ``with parallel`` blocks.
+- ``next_items``: dynamic scheduling by hand inside ``with parallel`` blocks;
+  ``next_item_near`` (with ``reset_cursors``) the same with a home range per thread.
 - Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
   ``raise_batch_error`` turns it into a ValueError that names the offending entry.
 
@@ -79,6 +80,39 @@ cdef inline Py_ssize_t next_items(long long* cursor, Py_ssize_t n) noexcept nogi
     (Measured: AFM's v x loop did not start on the second thread until the first had
     sorted the batch, 0.12-0.16 ms at ml-tag k=64.)"""
     return <Py_ssize_t>afmfast_grab(cursor, n)
+
+
+cdef enum:
+    # long longs between the cursors of next_item_near (one cache line each)
+    CURSOR_STRIDE = 8
+
+
+cdef inline void reset_cursors(long long* cursors, int n_threads) noexcept nogil:
+    """Zero the n_threads cursors of next_item_near (before its ``with parallel``)."""
+    cdef int r
+    for r in range(n_threads):
+        cursors[r * CURSOR_STRIDE] = 0
+
+
+cdef inline Py_ssize_t next_item_near(long long* cursors, Py_ssize_t n, int n_threads,
+                                      int th, int* rank) noexcept nogil:
+    """The next item for thread th of a loop over n items split into n_threads
+    contiguous ranges, range r through cursors[r * CURSOR_STRIDE]: th takes its own
+    range's items in order, then helps with the others' (th + 1, th + 2, ...). Returns n
+    when none is left; rank (0 before th's first call) is where th has got to. A
+    thread then works on the same part of the batch in every phase and every step,
+    while the data it writes (E, U, a row's gradients) is still in its own caches,
+    and the loop stays balanced when a thread falls behind. Against prange's dynamic
+    schedule, ml-tag AFM k=64 on 2 threads (bench/profile_phases.py --k 64 --data
+    mltag --rows 600000 --epochs 2 --threads 2, alternating builds): see the callers."""
+    cdef Py_ssize_t r, i
+    while rank[0] < n_threads:
+        r = (th + rank[0]) % n_threads
+        i = r * n // n_threads + <Py_ssize_t>afmfast_grab(cursors + r * CURSOR_STRIDE, 1)
+        if i < (r + 1) * n // n_threads:
+            return i
+        rank[0] += 1
+    return n
 
 
 cdef inline bint prefetch_table_rows(Py_ssize_t table_bytes, int n_threads) noexcept nogil:
