@@ -52,7 +52,7 @@ result is bit-identical for any n_threads):
        feature id (stable counting sort) and, with attention, gives each occurrence its
        class (its group when its value equals the group's first value, else its own),
        while the others compute v x per occurrence and the linear term per row (step
-       1a, chunks taken through next_items), joined by the sorting thread when done. With
+       1a, chunks taken through next_item_near), joined by the sorting thread when done. With
        attention, the distinct pairs: a pair (i < i2 in its row) belongs to the bucket of
        class(i); prange over classes numbers each bucket's distinct upper classes (one
        dedup table per thread); the bucket counts are prefix-summed into slots, and a
@@ -102,7 +102,7 @@ from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, ERR_ROW, BatchErr, check_batches, aligned_empty, aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
-    prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array, next_items,
+    prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,
     CURSOR_STRIDE, next_item_near, reset_cursors,
 )
 from _common cimport (
@@ -664,7 +664,6 @@ cdef class AFMWorkspace:
     cdef void* GW            # (t, k) gradient of W
     cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
                              # of p), in row order
-    cdef long long cursor_line[16]  # [0]: the v x loop's next_items cursor (padded)
     cdef long long* cursors  # (threads, CURSOR_STRIDE) next_item_near's cursors
     cdef double* rowscr      # (threads, 3k) per thread, a row's: pooled g' (k), dg in
                              # double (k), da scratch (k DTYPE)
@@ -887,7 +886,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     cdef int64_t* off = ws.off
     cdef int64_t* poff = ws.poff
     cdef Py_ssize_t target, rows_in
-    cdef long long* cursor = &ws.cursor_line[0]
+    cdef int rank
     cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, off, a.nnz_cap,
                                  a.n_threads, &a.err)
     if err:
@@ -930,18 +929,17 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     a.n_chunks = c
     if times:
         times[0] = omp_get_wtime()
-    cursor[0] = 0
+    reset_cursors(ws.cursors, a.n_threads)
     with parallel(num_threads=a.n_threads):
+        rank = 0
         if threadid() == 0:
             _group(a, ws)
             if a.attention:
                 _classes(a, ws, <floating*>ws.occ_x)
-        c = next_items(cursor, 2)
+        c = next_item_near(ws.cursors, a.n_chunks, a.n_threads, threadid(), &rank)
         while c < a.n_chunks:
             _vx_chunk(a, ws, c, V, w)
-            if c + 1 < a.n_chunks:
-                _vx_chunk(a, ws, c + 1, V, w)
-            c = next_items(cursor, 2)
+            c = next_item_near(ws.cursors, a.n_chunks, a.n_threads, threadid(), &rank)
     if times:
         times[1] = omp_get_wtime()
     if a.attention:

@@ -20,8 +20,8 @@
   ``feature_tail``).
 - Epoch order: ``shuffled_rows_array`` computes kernel_api's epoch order (a permutation
   of the rows from a counter-based hash, the same for any thread count) in parallel.
-- ``next_items``: dynamic scheduling by hand inside ``with parallel`` blocks;
-  ``next_item_near`` (with ``reset_cursors``) the same with a home range per thread.
+- ``next_item_near`` (with ``reset_cursors``): dynamic scheduling by hand inside ``with
+  parallel`` blocks, each thread starting on a home range of its own.
 - Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
   ``raise_batch_error`` turns it into a ValueError that names the offending entry.
 
@@ -61,25 +61,12 @@ cdef extern from "stdlib.h" nogil:
 
 cdef extern from *:
     """
-    /* The next n work items of a loop whose items the threads of a parallel block take
-       themselves (see next_items). */
+    /* Claims the next n items of a cursor shared by the threads (next_item_near). */
     static inline long long afmfast_grab(long long* cursor, long long n) {
         return __atomic_fetch_add(cursor, n, __ATOMIC_RELAXED);
     }
     """
     long long afmfast_grab(long long* cursor, long long n) noexcept nogil
-
-
-cdef inline Py_ssize_t next_items(long long* cursor, Py_ssize_t n) noexcept nogil:
-    """The first of the next n items of a loop that the threads of a ``with parallel``
-    block share through ``cursor`` (zeroed before the block): each thread calls it until
-    it returns at least the loop's length. Used where one thread does other work first
-    and joins the loop late: a ``prange`` inside the block does not let the others
-    start without it, since GCC puts a barrier before a worksharing loop whose
-    variable is firstprivate and lastprivate of a shared one, as Cython's always is.
-    (Measured: AFM's v x loop did not start on the second thread until the first had
-    sorted the batch, 0.12-0.16 ms at ml-tag k=64.)"""
-    return <Py_ssize_t>afmfast_grab(cursor, n)
 
 
 cdef enum:
@@ -96,15 +83,23 @@ cdef inline void reset_cursors(long long* cursors, int n_threads) noexcept nogil
 
 cdef inline Py_ssize_t next_item_near(long long* cursors, Py_ssize_t n, int n_threads,
                                       int th, int* rank) noexcept nogil:
-    """The next item for thread th of a loop over n items split into n_threads
-    contiguous ranges, range r through cursors[r * CURSOR_STRIDE]: th takes its own
-    range's items in order, then helps with the others' (th + 1, th + 2, ...). Returns n
-    when none is left; rank (0 before th's first call) is where th has got to. A
-    thread then works on the same part of the batch in every phase and every step,
-    while the data it writes (E, U, a row's gradients) is still in its own caches,
-    and the loop stays balanced when a thread falls behind. Against prange's dynamic
-    schedule, ml-tag AFM k=64 on 2 threads (bench/profile_phases.py --k 64 --data
-    mltag --rows 600000 --epochs 2 --threads 2, alternating builds): see the callers."""
+    """The next item for thread th of a loop over n items that the threads of a ``with
+    parallel`` block hand out themselves: n_threads contiguous ranges, range r through
+    cursors[r * CURSOR_STRIDE] (reset_cursors before the block); th takes its own
+    range's items in order, then helps with the others' (th + 1, th + 2, ...). Returns
+    n when none is left; rank (0 before th's first call) is where th has got to.
+    - A thread works on the same part of the batch in every phase and every step,
+      where the data it wrote (E, U, a row's buffers) is still in its own caches, and
+      the loop stays balanced when a thread falls behind. AFM against prange's dynamic
+      schedule, bench/profile_phases.py --threads 2 with the two builds run
+      alternately, p10 ms: ml-tag k=64 (--data mltag --rows 600000 --epochs 2) 3.46 and
+      3.35 against 3.64 and 3.50; Frappe k=64 (--epochs 4) 11.60 and 11.81 against
+      12.17 and 12.23.
+    - A thread that does other work first (the grouping by feature) joins late without
+      holding the others back: a ``prange`` inside the block would, since GCC puts a
+      barrier before a worksharing loop whose variable is firstprivate and lastprivate
+      of a shared one, as Cython's always is (AFM's v x loop started 0.156 ms late on
+      the second thread at ml-tag k=64, waiting for the sort)."""
     cdef Py_ssize_t r, i
     while rank[0] < n_threads:
         r = (th + rank[0]) % n_threads

@@ -60,7 +60,8 @@ from _batch cimport (
     check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
     group_by_feature, raise_batch_error, scatter_groups, prefetch_table_rows,
-    feature_prefetch_distance, shuffled_rows_array, next_items,
+    feature_prefetch_distance, shuffled_rows_array, CURSOR_STRIDE, next_item_near,
+    reset_cursors,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -178,7 +179,8 @@ cdef class FMWorkspace:
     cdef readonly Py_ssize_t batch_size, max_batch_nnz, n_features, n_factors, u_cap
     cdef readonly object dtype
     # integer buffers
-    cdef long long cursor_line[16]  # [0]: the row loop's next_items cursor (padded)
+    cdef long long* cursors  # (threads, CURSOR_STRIDE) next_item_near's cursors
+    cdef int cursor_threads
     cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
     cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (kept so between steps)
     cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order
@@ -258,12 +260,22 @@ cdef class FMWorkspace:
     def __dealloc__(self):
         # free(NULL) is a no-op, so a half-built workspace is fine too.
         free(self.off); free(self.slot); free(self.occ); free(self.grp); free(self.row_bad)
-        free(self.uniq)
+        free(self.uniq); free(self.cursors)
         free(self.ustart); free(self.cursor); free(self.grp_row)
         free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
         free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh); free(self.bn_part)
         free(self.grp_x); free(self.occ_x); free(self.S); free(self.F); free(self.SC)
         free(self.lin); free(self.kbuf); free(self.gdense)
+
+    cdef void _ensure_threads(self, int n_threads) except *:
+        """next_item_near's cursors for n_threads (grown once, kept for the fit)."""
+        if n_threads <= self.cursor_threads:
+            return
+        free(self.cursors)
+        self.cursors = NULL
+        self.cursor_threads = 0
+        self.cursors = <long long*>_alloc(n_threads * CURSOR_STRIDE * sizeof(long long))
+        self.cursor_threads = n_threads
 
     def __repr__(self):
         return (f"FMWorkspace(batch_size={self.batch_size}, max_batch_nnz="
@@ -525,9 +537,9 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* dense,
                      floating* bn, floating* sV, floating* sw, floating* sd,
                      double* loss_out) noexcept nogil:
-    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, b1, f, u, U = 0, q, it, tail
-    cdef int nt = a.n_threads, err
-    cdef long long* cursor = &ws.cursor_line[0]
+    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, b1, c, f, u, U = 0, q, it, tail
+    cdef int nt = a.n_threads, err, rank
+    cdef Py_ssize_t n_fwd = (B + FORWARD_CHUNK - 1) // FORWARD_CHUNK
     cdef floating* S = <floating*>ws.S
     cdef floating* F = <floating*>ws.F
     cdef floating* SC = <floating*>ws.SC
@@ -560,19 +572,22 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     _phase_t[0] = omp_get_wtime() - t0
 
     # The grouping is serial and only the feature updates need it: one thread sorts
-    # while the others start on the rows, and it joins them when done (next_items: a
-    # prange would hold the others back until it arrives).
-    cursor[0] = 0
+    # while the others start on the rows, and it joins them when done (next_item_near:
+    # a prange would hold the others back until it arrives). Its home ranges of rows
+    # are the static halves of the output and df loops below.
+    reset_cursors(ws.cursors, nt)
     with parallel(num_threads=nt):
+        rank = 0
         if threadid() == 0:
             _group_batch(a, ws, <floating*>ws.occ_x, grp_x)
-        b = next_items(cursor, FORWARD_CHUNK)
-        while b < B:
+        c = next_item_near(ws.cursors, n_fwd, nt, threadid(), &rank)
+        while c < n_fwd:
+            b = c * FORWARD_CHUNK
             b1 = b + FORWARD_CHUNK if b + FORWARD_CHUNK < B else B
             while b < b1:
                 _forward_row(a, b, ws.off, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x)
                 b = b + 1
-            b = next_items(cursor, FORWARD_CHUNK)
+            c = next_item_near(ws.cursors, n_fwd, nt, threadid(), &rank)
     U = a.U
     _phase_t[1] = omp_get_wtime() - t0
 
@@ -706,6 +721,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
     a.indptr = &indptr[0]
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
     a.opt = opt_cfg_from(cfg, _api)
+    ws._ensure_threads(n_threads)
 
     with nogil:
         for i in range(n_batches):
