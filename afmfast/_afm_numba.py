@@ -75,9 +75,9 @@ from ._numba_common import (
     raise_batch_error,
     row_data_loss,
     row_key,
-    run_steps,
     shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernel_api)
     step_key,
+    steps_from,
 )
 from .kernel_api import (
     ACTIVATION_CODES,
@@ -837,15 +837,7 @@ def afm_step(X, y, rows, params, state, cfg, ws):
 # ------------------------------------------------------------------ predict / explain
 
 
-def afm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses):
-    """Consecutive afm_step calls: batch i = rows[i batch_size:(i + 1) batch_size] at
-    step cfg.step + i, losses[i] its loss, stopping after the first that is not finite;
-    returns the number of batches run (see afmfast.kernel_api).
-
-    Example: ``n = afm_steps(X, y, perm, 4096, params, state, cfg, ws, np.empty(10))``.
-    """
-    return run_steps(lambda X_, y_, rows_, p, s, c: afm_step(X_, y_, rows_, p, s, c, ws),
-                     X, y, rows, batch_size, params, state, cfg, losses)
+afm_steps = steps_from(afm_step)
 
 
 @njit(**_PAR)

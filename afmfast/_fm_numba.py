@@ -47,9 +47,9 @@ from ._numba_common import (
     raise_batch_error,
     row_data_loss,
     row_key,
-    run_steps,
     shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernel_api)
     step_key,
+    steps_from,
 )
 from .kernel_api import BN_DECAY, BN_EPS, dropout_threshold
 
@@ -335,15 +335,7 @@ def fm_step(X, y, rows, params, state, cfg, ws):
 
 
 
-def fm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses):
-    """Consecutive fm_step calls: batch i = rows[i batch_size:(i + 1) batch_size] at
-    step cfg.step + i, losses[i] its loss, stopping after the first that is not finite;
-    returns the number of batches run (see afmfast.kernel_api).
-
-    Example: ``n = fm_steps(X, y, perm, 4096, params, state, cfg, ws, np.empty(10))``.
-    """
-    return run_steps(lambda X_, y_, rows_, p, s, c: fm_step(X_, y_, rows_, p, s, c, ws),
-                     X, y, rows, batch_size, params, state, cfg, losses)
+fm_steps = steps_from(fm_step)
 
 
 @njit(**_PAR)

@@ -340,32 +340,37 @@ def shuffled_rows(n_rows, seed, epoch, n_threads):
 
 # ------------------------------------------------------------------ Python-side helpers
 
-def run_steps(step, X, y, rows, batch_size, params, state, cfg, losses):
-    """The backend's ``*_steps`` from its ``*_step`` (``step(X, y, rows, params, state,
-    cfg) -> loss``, the workspace bound): batch i = rows[i batch_size:(i + 1)
-    batch_size] at step cfg.step + i, losses[i] its loss, stopping after the first that
-    is not finite; returns the number of batches run (see afmfast.kernel_api). A Python
-    loop: the Numba kernels' own time dwarfs it.
+def steps_from(step):
+    """The backend's ``*_steps`` (see afmfast.kernel_api) from its ``*_step``: a Python
+    loop over the batches, which the Numba kernels' own time dwarfs.
 
-    Example: ``n = run_steps(partial(fm_step, ws=ws), X, y, perm, 4096, params, state,
-    cfg, np.empty(-(-len(perm) // 4096)))``.
+    Example: ``fm_steps = steps_from(fm_step)``.
     """
-    n_rows = len(rows)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
-            batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if n_rows < 1:
-        raise ValueError("rows must hold at least one row")
-    n_batches = -(-n_rows // batch_size)
-    if len(losses) != n_batches:
-        raise ValueError(f"losses has {len(losses)} entries, but rows holds {n_batches} "
-                         f"batches of batch_size = {batch_size}")
-    for i in range(n_batches):
-        losses[i] = step(X, y, rows[i * batch_size:(i + 1) * batch_size], params, state,
-                         cfg._replace(step=cfg.step + i))
-        if not math.isfinite(losses[i]):
-            return i + 1
-    return n_batches
+    def steps(X, y, rows, batch_size, params, state, cfg, ws, losses):
+        n_rows = len(rows)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if n_rows < 1:
+            raise ValueError("rows must hold at least one row")
+        n_batches = -(-n_rows // batch_size)
+        if len(losses) != n_batches:
+            raise ValueError(f"losses has {len(losses)} entries, but rows holds "
+                             f"{n_batches} batches of batch_size = {batch_size}")
+        for i in range(n_batches):
+            losses[i] = step(X, y, rows[i * batch_size:(i + 1) * batch_size], params,
+                             state, cfg._replace(step=cfg.step + i), ws)
+            if not math.isfinite(losses[i]):
+                return i + 1
+        return n_batches
+
+    name = step.__name__ + "s"
+    steps.__name__ = steps.__qualname__ = name
+    steps.__doc__ = (f"{step.__name__} on the batches rows[i batch_size:(i + 1) batch_size] "
+                     f"at steps cfg.step + i, losses[i] their losses, stopping after the "
+                     f"first that is not finite; returns the number of batches run (see "
+                     f"afmfast.kernel_api's {name}).")
+    return steps
 
 
 @contextmanager

@@ -1816,15 +1816,11 @@ def afm_step(X, y, rows, params, state, cfg, AFMWorkspace ws):
 
 
 def afm_steps(X, y, rows, batch_size, params, state, cfg, AFMWorkspace ws, losses):
-    """Consecutive training steps without Python in between: batch i is
-    ``rows[i * batch_size:(i + 1) * batch_size]`` (the last may be shorter) at step
-    ``cfg.step + i``, for i < len(losses) = ceil(len(rows) / batch_size); losses
-    (float64) receives each batch's loss (as afm_step returns it). Stops after the first
-    batch whose loss is not finite. Returns the number of batches run; the parameters
-    are those of afm_step called batch by batch.
+    """Training steps on the batches rows[i batch_size:(i + 1) batch_size] at steps
+    cfg.step + i, losses[i] their losses, in one loop without the GIL (kernel_api's
+    afm_steps). Returns the batches run.
 
-    Example: n_done = afm_steps(X, y, perm[:40960], 4096, params, state, cfg, ws,
-    np.empty(10))
+    Example: n_done = afm_steps(X, y, perm[:40960], 4096, params, state, cfg, ws, np.empty(10))
     """
     return _afm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses, False)
 
