@@ -37,9 +37,10 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   STEPS_PER_SWITCH consecutive batches at one thread count, the first untimed:
   switching the thread count every batch made the 2-thread batches slower (FM k=256 on
   ml-tag), a cost that training at one thread count never pays. Repetitions go on while
-  a thread count has been timed for less than MIN_TIMED_SECONDS in all (at most
-  MAX_REPS): five epochs of 0.01 s would be at the mercy of one noisy moment of the
-  shared machine.
+  a thread count has been timed for less than MIN_TIMED_SECONDS of wall time in all (at
+  most MAX_REPS; in steps mode the batches' own time, not the epochs they stand for):
+  five epochs of 0.01 s, or nine batches of 3 ms, would be at the mercy of one noisy
+  moment of the shared machine.
 - the AFM attention product's achieved GFLOP/s: 6 P k t flops per batch (forward
   2 P k t for W e_ij, backward 4 P k t for dW and de; P = the batch's pairs, counted from
   the data), divided by the whole step time, against NumPy float32 ``(P x k) @ (k x t)``
@@ -222,15 +223,17 @@ def _timing_plan(job, n_rows, rng):
                        for j in range(STEPS_PER_SWITCH)]), n_rows / size
 
 
-def _repetitions(job, rows_for, times, probes):
+def _repetitions(job, rows_for, times, probes, scale):
     """job["reps"] repetitions, then more until every thread count has been timed for
-    job["min_seconds"] in all (at most MAX_REPS). Between repetitions, at most every
+    job["min_seconds"] of wall time in all (at most MAX_REPS); times holds the timings
+    multiplied by scale (per batch to per epoch in steps mode). Between repetitions, at most every
     PROBE_EVERY seconds, the CPU 0/1 probe (job["probe"]) runs and its reading is appended
     to probes: what the machine was like while the row ran, not only before and after."""
     i = 0
     last_probe = time.perf_counter()
     while i < job["reps"] or (i < MAX_REPS
-                              and min(sum(v) for v in times.values()) < job["min_seconds"]):
+                              and min(sum(v) for v in times.values()) / scale
+                              < job["min_seconds"]):
         if i > 0 and job.get("probe") and time.perf_counter() - last_probe >= PROBE_EVERY:
             probes.append(core_probe(job["probe"]))
             last_probe = time.perf_counter()
@@ -272,7 +275,7 @@ def worker_afmfast(job):
         est._threads = threads
         est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
         step += 1
-    for rows in _repetitions(job, rows_for, times, probes):
+    for rows in _repetitions(job, rows_for, times, probes, scale):
         for threads in THREADS:
             est._threads = threads
             if rows is None:  # one epoch, as fit runs it (without its evaluation)
@@ -332,7 +335,7 @@ def worker_torch(job):
     for threads in THREADS:
         torch.set_num_threads(threads)
         train_step(model, opt, idx[first], val[first], yt[first])
-    for rows in _repetitions(job, rows_for, times, probes):
+    for rows in _repetitions(job, rows_for, times, probes, scale):
         for threads in THREADS:
             torch.set_num_threads(threads)
             if rows is None:
