@@ -163,15 +163,21 @@ def _mix64(z):
     return z
 
 
+def _stream_key(seed, stream, counter):
+    """mix64(mix64(seed + stream * GOLDEN) + counter), as a (1,) uint64 array: the key of
+    one (seed, stream) at one step (dropout) or epoch (epoch order)."""
+    key = _mix64(np.array([(int(seed) + int(stream) * GOLDEN) & _MASK64], dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        return _mix64(key + np.uint64(int(counter) & _MASK64))
+
+
 def dropout_mask(seed, stream, step, rows, n_units, keep):
     """Reference dropout mask, bool (len(rows), n_units): True where a unit is kept."""
     rows = np.asarray(rows, dtype=np.uint64)
     if keep >= 1.0:
         return np.ones((rows.shape[0], n_units), dtype=bool)
-    base = (int(seed) + int(stream) * GOLDEN) & _MASK64
-    key = _mix64(np.array([base], dtype=np.uint64))
+    key = _stream_key(seed, stream, step)
     with np.errstate(over="ignore"):
-        key = _mix64(key + np.uint64(int(step) & _MASK64))
         key = _mix64(key + rows)
         units = (np.arange(n_units, dtype=np.uint64) + np.uint64(1)) * np.uint64(GOLDEN)
         bits = _mix64(key[:, None] + units[None, :])
@@ -194,10 +200,8 @@ def shuffle_buckets(n_rows):
 
 def shuffle_keys(seed, epoch):
     """(kb, ks) of the epoch order, as Python ints in [0, 2^64)."""
-    key = _mix64(np.array([(int(seed) + SHUFFLE_STREAM * GOLDEN) & _MASK64],
-                          dtype=np.uint64))
+    key = _stream_key(seed, SHUFFLE_STREAM, epoch)
     with np.errstate(over="ignore"):
-        key = _mix64(key + np.uint64(int(epoch) & _MASK64))
         kb = _mix64(key + np.uint64(GOLDEN))
         ks = _mix64(key + np.uint64((2 * GOLDEN) & _MASK64))
     return int(kb[0]), int(ks[0])
@@ -256,8 +260,8 @@ def new_opt_state(params, optimizer):
 # ----- AFM ----------------------------------------------------------------------------
 # Contract of the AFM backends (``afm_workspace``, ``afm_step``, ``afm_steps`` (as
 # fm_steps), ``afm_predict``, ``afm_explain``, ``shuffled_rows``), mirrored by
-# ``reference.afm_*``. For each row, the pairs p < q of its
-# nonzeros in row order (pair index = position in that order) give
+# ``reference.afm_*``. For each row, the pairs p < q of its nonzeros in row order (pair
+# index = position in that order) give
 #     e_pq = (v_p x_p) * (v_q x_q)                                           (k,)
 #     s_pq = h . act(W e_pq + b),  a = softmax over the row's pairs (max subtracted)
 #     a'_pq = a_pq * mask / keep_attention   (stream 1, unit = pair index), or 1 when

@@ -226,9 +226,10 @@ def _timing_plan(job, n_rows, rng):
 def _repetitions(job, rows_for, times, probes, scale):
     """job["reps"] repetitions, then more until every thread count has been timed for
     job["min_seconds"] of wall time in all (at most MAX_REPS); times holds the timings
-    multiplied by scale (per batch to per epoch in steps mode). Between repetitions, at most every
-    PROBE_EVERY seconds, the CPU 0/1 probe (job["probe"]) runs and its reading is appended
-    to probes: what the machine was like while the row ran, not only before and after."""
+    multiplied by scale (per batch to per epoch in steps mode). Between repetitions, at
+    most every PROBE_EVERY seconds, the CPU 0/1 probe (job["probe"]) runs and its reading
+    is appended to probes: what the machine was like while the row ran, not only before
+    and after."""
     i = 0
     last_probe = time.perf_counter()
     while i < job["reps"] or (i < MAX_REPS

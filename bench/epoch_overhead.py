@@ -44,7 +44,8 @@ def main():
     parser.add_argument("--configs", nargs="+", default=["fm:16", "afm:64"],
                         help="model:k pairs (default fm:16 afm:64)")
     parser.add_argument("--rows", type=int, default=2_000_000, help="ml-tag rows")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per loop and thread count")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="epochs per loop and thread count")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     data = compare.synthetic_mltag(args.rows)

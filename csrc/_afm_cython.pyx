@@ -45,14 +45,16 @@ pair in batch order). The feature's gradient sums its occurrences, so this is ex
 reads C' once per distinct pair instead of C once per pair.
 
 How a step runs (no floating sum over rows or pairs depends on the thread count, so the
-result is bit-identical for any n_threads):
+result is bit-identical for any n_threads). The loops over chunks of rows, distinct-pair
+blocks and backward groups hand their items out with next_item_near (_batch.pxd: a home
+range per thread, then help); the others are pranges.
     0. serial: row/pair offsets (rows validated), a copy of the batch's nonzeros in batch
        order (prange; ids validated), a split of the batch into chunks of consecutive rows
        (the split depends on the data only). Then one thread sorts the nonzeros by
        feature id (stable counting sort) and, with attention, gives each occurrence its
        class (its group when its value equals the group's first value, else its own),
        while the others compute v x per occurrence and the linear term per row (step
-       1a, chunks taken through next_item_near), joined by the sorting thread when done. With
+       1a, chunks of rows), joined by the sorting thread when done. With
        attention, the distinct pairs: a pair (i < i2 in its row) belongs to the bucket of
        class(i); prange over classes numbers each bucket's distinct upper classes (one
        dedup table per thread); the bucket counts are prefix-summed into slots, and a
@@ -61,12 +63,12 @@ result is bit-identical for any n_threads):
        C' in batch order; the ds sums, done per bucket, work in slots. (Rows that list
        the same two classes in opposite orders give two distinct pairs with equal values:
        correct, only less shared. libFM rows list fields in one order.) Then W^T.
-    1. prange over fixed blocks of DBLOCK distinct pairs: e, U = E W^T + b
-       (register-tiled GEMM), act, the logit (double) and h act'(u). prange over chunks,
+    1. over fixed blocks of DBLOCK distinct pairs: e, U = E W^T + b
+       (register-tiled GEMM), act, the logit (double) and h act'(u). Over chunks,
        per row: softmax of the row's logits, dropout masks, g, y_hat, residual r, dg, da,
        ds per pair (row kernels in C, DTYPE vectors).
        prange over classes: DS per distinct pair, its pairs summed in bucket order.
-    2. prange over backward groups (consecutive rows, so their distinct pairs are
+    2. over backward groups (consecutive rows, so their distinct pairs are
        consecutive ids, at most DBLOCK of them unless one row has more; the split
        depends on the data only): du = DS h act'(u) (over U) and the group's sums for the
        gradients of b and h; unless freeze_fm, C' = du W (GEMM) into a per-thread
@@ -99,7 +101,8 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
-    ERR_FEATURE, ERR_PAIRS, ERR_ROW, BatchErr, check_batches, aligned_empty, aligned_zeros as _alloc, batch_offsets,
+    ERR_FEATURE, ERR_PAIRS, ERR_ROW, BatchErr, check_batches, aligned_empty,
+    aligned_zeros as _alloc, batch_offsets,
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
     prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,

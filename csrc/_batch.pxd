@@ -61,12 +61,12 @@ cdef extern from "stdlib.h" nogil:
 
 cdef extern from *:
     """
-    /* Claims the next n items of a cursor shared by the threads (next_item_near). */
-    static inline long long afmfast_grab(long long* cursor, long long n) {
-        return __atomic_fetch_add(cursor, n, __ATOMIC_RELAXED);
+    /* Claims the next item of a cursor shared by the threads (next_item_near). */
+    static inline long long afmfast_grab(long long* cursor) {
+        return __atomic_fetch_add(cursor, 1, __ATOMIC_RELAXED);
     }
     """
-    long long afmfast_grab(long long* cursor, long long n) noexcept nogil
+    long long afmfast_grab(long long* cursor) noexcept nogil
 
 
 cdef enum:
@@ -103,7 +103,7 @@ cdef inline Py_ssize_t next_item_near(long long* cursors, Py_ssize_t n, int n_th
     cdef Py_ssize_t r, i
     while rank[0] < n_threads:
         r = (th + rank[0]) % n_threads
-        i = r * n // n_threads + <Py_ssize_t>afmfast_grab(cursors + r * CURSOR_STRIDE, 1)
+        i = r * n // n_threads + <Py_ssize_t>afmfast_grab(cursors + r * CURSOR_STRIDE)
         if i < (r + 1) * n // n_threads:
             return i
         rank[0] += 1
