@@ -27,6 +27,8 @@ import numpy as np
 __all__ = ["Dataset", "load_libfm"]
 
 _INT32_MAX = 2**31 - 1
+# rows per pass of Dataset.row_length_counts (its scratch: 8 MB of row lengths)
+LENGTH_CHUNK_ROWS = 1 << 20
 
 
 def _as_1d(arr, dtype, name):
@@ -77,7 +79,7 @@ class Dataset:
     """
 
     __slots__ = ("indptr", "indices", "values", "y", "n_features", "n_features_explicit",
-                 "_max_id", "_max_row_nnz")
+                 "_max_id", "_length_counts")
 
     def __init__(self, indptr, indices, values, y, n_features=None):
         indptr = _as_1d(indptr, np.int64, "indptr")
@@ -121,7 +123,7 @@ class Dataset:
         self.n_features = n_features
         self.n_features_explicit = explicit
         self._max_id = max_id
-        self._max_row_nnz = None
+        self._length_counts = None
 
     @classmethod
     def _trusted(cls, indptr, indices, values, y, n_features, max_id, explicit):
@@ -208,9 +210,29 @@ class Dataset:
         >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).max_row_nnz
         2
         """
-        if self._max_row_nnz is None:
-            self._max_row_nnz = int(np.diff(self.indptr).max()) if self.n_rows else 0
-        return self._max_row_nnz
+        return len(self.row_length_counts()) - 1
+
+    def row_length_counts(self):
+        """``counts[n]`` = the number of rows with n nonzeros: int64, ``max_row_nnz + 1``
+        entries (cached; do not modify). Counted LENGTH_CHUNK_ROWS rows at a time, so
+        that a data set of any size needs no O(n_rows) scratch (fit sizes its work space
+        from it).
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).row_length_counts()
+        array([0, 1, 1])
+        """
+        if self._length_counts is None:
+            counts = np.zeros(1, dtype=np.int64)
+            for lo in range(0, self.n_rows, LENGTH_CHUNK_ROWS):
+                part = np.bincount(np.diff(self.indptr[lo:lo + LENGTH_CHUNK_ROWS + 1]))
+                if len(part) > len(counts):
+                    counts = np.concatenate([counts, np.zeros(len(part) - len(counts),
+                                                              dtype=np.int64)])
+                counts[:len(part)] += part
+            self._length_counts = counts
+        return self._length_counts
 
     def __repr__(self):
         return (f"Dataset(n_rows={self.n_rows}, n_features={self.n_features}, "

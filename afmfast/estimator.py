@@ -48,6 +48,17 @@ class TrainingDivergedError(FloatingPointError):
     """
 
 
+def _largest_batch_total(train, batch_size, per_row):
+    """The most that a batch of ``batch_size`` rows of ``train`` can hold of a quantity
+    ``per_row(n)`` of a row with n nonzeros (non-decreasing in n, vectorised): its sum
+    over the longest rows, from the row-length histogram (no O(n_rows) scratch)."""
+    counts = train.row_length_counts()[::-1]  # longest rows first
+    lengths = np.arange(len(counts) - 1, -1, -1, dtype=np.int64)
+    before = np.cumsum(counts) - counts  # rows longer than each length
+    taken = np.clip(min(batch_size, train.n_rows) - before, 0, counts)
+    return int((taken * per_row(lengths)).sum())
+
+
 def as_dataset(X, y=None, *, name="X"):
     """A ``Dataset`` from a Dataset (y then must be None or override its labels), a
     CSR-like object (``indptr/indices/data/shape``; other scipy.sparse formats are
@@ -287,9 +298,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         return self
 
     def _max_batch_nnz(self, train):
-        lengths = np.diff(train.indptr)
-        b = min(self.batch_size, len(lengths))
-        return int(np.partition(lengths, len(lengths) - b)[len(lengths) - b:].sum())
+        return _largest_batch_total(train, self.batch_size, lambda n: n)
 
     def _log(self, text):
         if self.verbose:
@@ -528,10 +537,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         self._publish()
 
     def _max_batch_pairs(self, train):
-        lengths = np.diff(train.indptr)
-        pairs = lengths * (lengths - 1) // 2
-        b = min(self.batch_size, len(pairs))
-        return int(np.partition(pairs, len(pairs) - b)[len(pairs) - b:].sum())
+        return _largest_batch_total(train, self.batch_size, lambda n: n * (n - 1) // 2)
 
     def save(self, path):
         """Write the model to one ``.npz`` file atomically (see ``afmfast.load``).

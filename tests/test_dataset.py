@@ -161,3 +161,26 @@ def test_with_n_features_shares_arrays():
     assert ds.with_n_features(4).n_features == 4
     with pytest.raises(ValueError, match="n_features = 3 is too small"):
         ds.with_n_features(3)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_row_length_counts_and_largest_batch_totals(monkeypatch, chunk):
+    # the histogram is counted in chunks of rows; fit sizes its work space from it: the
+    # nonzeros and pairs of the batch_size longest rows
+    from afmfast import dataset
+    from afmfast.estimator import _largest_batch_total
+    monkeypatch.setattr(dataset, "LENGTH_CHUNK_ROWS", chunk)
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(0, 9, size=40)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    ds = Dataset(indptr, np.zeros(indptr[-1], int), np.ones(indptr[-1]), np.zeros(40))
+    assert ds.row_length_counts().tolist() == np.bincount(lengths).tolist()
+    assert ds.max_row_nnz == lengths.max()
+    for b in (1, 5, 40, 4096):
+        longest = np.sort(lengths)[::-1][:b]
+        assert _largest_batch_total(ds, b, lambda n: n) == longest.sum()
+        assert _largest_batch_total(ds, b, lambda n: n * (n - 1) // 2) == \
+            (longest * (longest - 1) // 2).sum()
+    empty = Dataset([0], [], [], [])
+    assert empty.row_length_counts().tolist() == [0] and empty.max_row_nnz == 0
+    assert _largest_batch_total(empty, 8, lambda n: n) == 0
