@@ -7,9 +7,8 @@
 Needs ``pip install ".[bench]"`` (PyTorch, threadpoolctl) for every column; without
 PyTorch the PyTorch columns are skipped with a message, without threadpoolctl the BLAS
 kernel is reported as unknown. The last line of the output gives the run's duration:
-the full run took 22 minutes on the 2-core development machine while other jobs kept
-its load average at 3-6 (``--quick``: 6.5 minutes under the same load; about a third
-of that expected on an idle machine, not yet measured there).
+the full run took 11 minutes on the 2-core development machine at a load average of
+1.2-1.5 (its own two threads), and 22 minutes while other jobs kept the load at 3-6.
 
 Data
 - frappe-mini train split: ``../shared/data/frappe/frappe.validation.libfm`` beside the
@@ -64,8 +63,17 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   warm-up fit on 64 rows (JIT and thread pools) the peak RSS is reset
   (``/proc/self/clear_refs``) and read back as VmHWM after training (the figure
   ``resource.getrusage`` gives, without the parent's peak that ru_maxrss inherits across
-  fork + exec): the peak of training itself, shown with the RSS before training, the data's bytes, the parameters plus
-  optimiser state, and the issue's work-space bound B * (P per row) * max(k, t) * 4 bytes.
+  fork + exec): the peak of training itself, shown with the RSS before training, the
+  data's bytes, the parameters plus optimiser state, fit's epoch order (8 bytes a row,
+  epochs mode; the steps mode's batches are drawn before the baseline), what remains
+  (training's work space) and the issue's work-space bound B * (P per row) * max(k, t)
+  * 4 bytes (FM: B * (nonzeros per row) * k * 4). The memory target counts as met when
+  every afmfast row's work space is at most MEMORY_FACTOR times its bound plus
+  MEMORY_SLACK_MB.
+- the libFM reader (``bench/reader_speed.py``'s measurement; ``--no-reader`` or
+  ``--configs`` skip it): MB/s of ``load_libfm`` on a 100 MB synthetic one-hot file
+  (Frappe's shape), 1 thread and all CPUs alternating, against the reference-style
+  Python loader; the target is 1000 MB/s with all CPUs.
 
 Same math check (printed first): the PyTorch models, built in float64 from the same
 initial parameters as afmfast, take two Adagrad steps on 256 rows with dropout off (keep
@@ -109,6 +117,13 @@ STEPS_PER_SWITCH = 4  # steps mode: batches in a row at one thread count, the fi
 PROBE_EVERY = 2.0  # seconds between CPU 0/1 probes while a row runs (each takes ~0.3 s)
 SPLIT_LATENCY_NS = 100  # a probe latency above this: the two vCPUs were on two chiplets
 SHARED_FLOPS = 1.8  # 2-CPU flops below this: the host ran other work on our cores
+# the memory target: training's own work space at most MEMORY_FACTOR times the issue's
+# O(B * P * max(k, t)) bound (the kernels keep several arrays of that shape: pair
+# products, activations, their gradients, per-pair scalars) plus MEMORY_SLACK_MB for the
+# allocator, thread stacks and per-thread buffers
+READER_TARGET_MB_S = 1000.0
+MEMORY_FACTOR = 4
+MEMORY_SLACK_MB = 8
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 
@@ -216,7 +231,7 @@ def _timing_plan(job, n_rows, rng):
     the first is run untimed."""
     if job["mode"] == "epochs":
         return (lambda i: None), 1.0
-    order = rng.permutation(n_rows).astype(np.int64)
+    order = rng.permutation(n_rows)
     n_full = max(1, n_rows // BATCH)
     size = min(BATCH, n_rows)
     return (lambda i: [order[((i * STEPS_PER_SWITCH + j) % n_full) * BATCH:][:size]
@@ -263,12 +278,12 @@ def worker_afmfast(job):
         warm._threads = threads
         warm._train_batch(small.X, small.y, np.arange(64, dtype=np.int64), 0)
     del warm
+    # the steps mode's batches are the harness's, not training's: drawn before the baseline
+    rows_for, scale = _timing_plan(job, n, np.random.default_rng(1))
     rss_before = rss_bytes()
     reset_ok = reset_peak_rss()
     est = build(data, THREADS[0])
     param_bytes = sum(a.nbytes for a in est._params) + sum(a.nbytes for a in est._state)
-    rng = np.random.default_rng(1)
-    rows_for, scale = _timing_plan(job, n, rng)
     times = {t: [] for t in THREADS}
     probes = []
     step = 0
@@ -291,8 +306,11 @@ def worker_afmfast(job):
                 step += 1
                 if i > 0:
                     times[threads].append((time.perf_counter() - t0) * scale)
+    # fit's epoch order (int64 per row) is training's own memory in epochs mode
+    order_bytes = 8 * n if job["mode"] == "epochs" else 0
     return dict(times=times, rss_before=rss_before, peak=peak_rss_bytes(),
-                peak_reset=reset_ok, param_bytes=param_bytes, probes=probes)
+                peak_reset=reset_ok, param_bytes=param_bytes, order_bytes=order_bytes,
+                probes=probes)
 
 
 def worker_torch(job):
@@ -325,12 +343,11 @@ def worker_torch(job):
         torch.set_num_threads(threads)
         train_step(warm, warm_opt, idx[first[:64]], val[first[:64]], yt[first[:64]])
     del warm, warm_opt
+    rows_for, scale = _timing_plan(job, n, np.random.default_rng(1))
     rss_before = rss_bytes()
     reset_ok = reset_peak_rss()
     model, opt = build(data.n_features)
     param_bytes = sum(p.numel() * p.element_size() * 2 for p in model.parameters())
-    rng = np.random.default_rng(1)
-    rows_for, scale = _timing_plan(job, n, rng)
     times = {t: [] for t in THREADS}
     probes = []
     for threads in THREADS:
@@ -522,6 +539,19 @@ def table(header, rows):
     return "\n".join(lines)
 
 
+def measure_reader(directory, runs):
+    """bench/reader_speed.py's side-by-side measurement on a 100 MB synthetic one-hot
+    file written into directory; prints its block and returns (MB/s 1 thread, MB/s all
+    CPUs, MB/s reference-style Python)."""
+    sys.path.insert(0, str(BENCH))
+    import reader_speed
+
+    log("reader: writing a 100 MB libFM file ...")
+    path = reader_speed.make_synthetic(Path(directory) / "reader_100MB.libfm", size_mb=100)
+    print("\n=== libFM reader (bench/reader_speed.py) ===")
+    return reader_speed.compare(path, runs, python_runs=1)
+
+
 def torch_available():
     try:
         import torch  # noqa: F401
@@ -584,6 +614,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None,
                         help="timed batches at k >= 128, at least (default 8; --quick 3)")
     parser.add_argument("--no-frappe", action="store_true", help="skip frappe-mini")
+    parser.add_argument("--no-reader", action="store_true",
+                        help="skip the reader's measurement")
     parser.add_argument("--configs", default=None,
                         help="only these model:k configurations, e.g. afm:16,fm:256 "
                              "(default: all of " + ",".join(f"{m}:{k}" for m, k in CONFIGS)
@@ -666,7 +698,7 @@ def main():
             print("  -> same math" if verified else
                   "  -> MISMATCH: the PyTorch figures below are unverified")
 
-    results, matmul, loads, distinct_share, c2c = {}, {}, {}, {}, {}
+    results, matmul, loads, distinct_share, c2c, mem_checks = {}, {}, {}, {}, {}, {}
     env_best = {key: v for key, v in os.environ.items() if key not in OPENBLAS_VARS}
     env_set = any(os.environ.get(v) is not None for v in OPENBLAS_VARS)
     for si, (set_name, data) in enumerate(sets):
@@ -817,24 +849,39 @@ def main():
         # memory
         print(f"\nPeak RSS of training (own subprocess; peak reset after data load and "
               f"warm-up) vs data ({mb(data_bytes(data))} MB: CSR + labels) plus parameters "
-              "and optimiser state; work-space bound = B * P_row * max(k,t) * 4 bytes")
-        rows_out = []
+              "and optimiser state; work = peak - before - params/state - fit's epoch "
+              "order (int64 a row, epochs mode); work-space bound = B * P_row * max(k,t) "
+              "* 4 bytes (AFM; FM: B * nnz_row * k * 4)")
+        rows_out, mem_checks[si] = [], []
+        nnz_max = int(np.diff(data.indptr).max())
         for model, k in configs:
             cfg = f"{model.upper()} k={k}" + (f" t={k}" if model == "afm" else "")
-            bound = BATCH * int(max(1, pairs.max())) * k * 4
+            per_row = int(max(1, pairs.max())) if model == "afm" else max(1, nnz_max)
+            bound = BATCH * per_row * k * 4
             for name in backends[model] + (["pytorch"] if has_torch else []):
                 res = results[(si, model, k, name)]
                 if "error" in res:
                     continue
                 base = data_bytes(data) + res["param_bytes"]
+                grown = res["peak"] - res["rss_before"]
+                order = res.get("order_bytes", 0)
+                work = grown - res["param_bytes"] - order
+                if name != "pytorch":
+                    mem_checks[si].append(
+                        (work <= MEMORY_FACTOR * bound + MEMORY_SLACK_MB * 1e6 and
+                         res["peak_reset"], f"{cfg} {name}", work, bound))
                 rows_out.append([
                     cfg, name, mb(res["param_bytes"]), mb(base), mb(res["rss_before"]),
-                    mb(res["peak"]), mb(res["peak"] - res["rss_before"]),
-                    mb(bound) if model == "afm" else "-",
+                    mb(res["peak"]), mb(grown), mb(order) if name != "pytorch" else "-",
+                    mb(max(0, work)) if name != "pytorch" else "-", mb(bound),
                     "" if res["peak_reset"] else "peak not reset"])
         print(table(["config", "impl", "params+state MB", "data+params+state MB",
-                     "RSS before MB", "peak RSS MB", "peak - before MB", "work bound MB",
-                     ""], rows_out))
+                     "RSS before MB", "peak RSS MB", "peak - before MB", "epoch order MB",
+                     "work MB", "work bound MB", ""], rows_out))
+
+    reader = None
+    if not args.no_reader and not args.configs:
+        reader = measure_reader(tmp.name, runs=3 if args.quick else 7)
 
     # ----- the issue's targets, from the figures above --------------------------------
     print("\nTargets of issue 5 (2 threads; the best afmfast backend):")
@@ -897,12 +944,26 @@ def main():
                 pct = 100 * g / mmb["gflops"][2]
                 lines.append(f"attention product >= 50% of NumPy: {pct:.0f}% "
                              f"{'met' if pct >= 50 else 'NOT met'}")
+        if mem_checks.get(si):
+            def allowed(check):
+                return MEMORY_FACTOR * check[3] + MEMORY_SLACK_MB * 1e6
+
+            worst = max(mem_checks[si], key=lambda c: c[2] / allowed(c))
+            ok = all(c[0] for c in mem_checks[si])
+            lines.append(f"training memory <= data + params/state + epoch order + "
+                         f"{MEMORY_FACTOR} x work bound + {MEMORY_SLACK_MB} MB, every afmfast "
+                         f"row: {'met' if ok else 'NOT met'} (closest: {worst[1]}, work "
+                         f"{mb(max(0, worst[2]))} MB, allowed {mb(allowed(worst))} MB)")
         for model, k in configs:
             if model == "afm" and k >= 64:
                 sp = best(model, k, 1) / best(model, k, 2)
                 lines.append(f"AFM k=t={k} 2 threads >= 1.8x 1 thread: {fmt_x(sp)} "
                              f"{verdict(sp >= 1.8, sp, model, k, False)}")
         print(f"  {set_name}: " + "; ".join(lines))
+    if reader is not None:
+        every = reader[1]
+        print(f"  reader: >= {READER_TARGET_MB_S:.0f} MB/s with all CPUs: {every:.0f} MB/s "
+              f"{'met' if every >= READER_TARGET_MB_S else 'NOT met'}")
     if verified is False:
         print("  (PyTorch ratios unverified: the same-math check failed)")
 
