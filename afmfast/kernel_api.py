@@ -228,12 +228,25 @@ def shuffled_rows_reference(n_rows, seed, epoch):
     return order
 
 
+NORMAL_CHUNK = 1 << 20  # draws per call of _fill_normal (8 MB of float64 scratch)
+
+
+def _fill_normal(out, scale, rng):
+    """out[...] = rng.normal(0, scale, size=out.shape), drawn NORMAL_CHUNK values at a
+    time (the same values: the generator's stream does not depend on the call sizes),
+    so that a large V (90,000 x 64 is 23 MB in float32) costs no float64 copy of itself."""
+    flat = out.reshape(-1)
+    for lo in range(0, flat.size, NORMAL_CHUNK):
+        part = flat[lo:lo + NORMAL_CHUNK]
+        part[...] = rng.normal(0.0, scale, size=part.size)
+
+
 def new_fm_params(n_features, n_factors, rng, dtype=np.float32):
     """Initial parameters as the reference: V ~ N(0, 0.01), w = 0, w0 = 0, gamma = 1,
     beta = 0, running mean 0 and variance 1."""
     k = n_factors
     V = aligned_empty((n_features, k), dtype)
-    V[...] = rng.normal(0.0, 0.01, size=(n_features, k))
+    _fill_normal(V, 0.01, rng)
     w = aligned_zeros(n_features, dtype)
     dense = np.zeros(1 + 2 * k, dtype=dtype)
     dense[1 : 1 + k] = 1.0
@@ -292,9 +305,9 @@ def new_afm_params(n_features, n_factors, attention_size, rng, dtype=np.float32)
     k, t = n_factors, attention_size
     glorot = np.sqrt(2.0 / (t + k))
     V = aligned_empty((n_features, k), dtype)
-    V[...] = rng.normal(0.0, 0.01, size=(n_features, k))
+    _fill_normal(V, 0.01, rng)
     W = aligned_empty((t, k), dtype)
-    W[...] = rng.normal(0.0, glorot, size=(t, k))
+    _fill_normal(W, glorot, rng)
     dense = np.zeros(1 + k + 2 * t, dtype=dtype)
     dense[1 : 1 + k] = 1.0
     dense[1 + k : 1 + k + t] = rng.normal(0.0, glorot, size=t)

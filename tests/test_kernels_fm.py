@@ -254,3 +254,19 @@ def test_numba_workspace_errors_and_slot_reset():
         nb.fm_step(X, y, np.arange(9, dtype=np.int64), params, state, make_cfg(), ws)
     with pytest.raises(ValueError, match="workspace"):
         nb.fm_step(X, y, np.arange(0, dtype=np.int64), params, state, make_cfg(), ws)
+
+
+def test_initial_parameters_are_drawn_in_chunks_without_changing_them(monkeypatch):
+    # V (and AFM's W) are filled NORMAL_CHUNK draws at a time, so that a large table
+    # needs no float64 copy of itself; the values are those of one rng.normal call
+    from afmfast import kernel_api as api
+    monkeypatch.setattr(api, "NORMAL_CHUNK", 7)
+    M, k, t = 50, 5, 3
+    rng = np.random.default_rng(11)
+    V = rng.normal(0.0, 0.01, size=(M, k))
+    W = rng.normal(0.0, np.sqrt(2.0 / (t + k)), size=(t, k))
+    for dtype in (np.float32, np.float64):
+        fm = api.new_fm_params(M, k, np.random.default_rng(11), dtype)
+        afm = api.new_afm_params(M, k, t, np.random.default_rng(11), dtype)
+        assert np.array_equal(fm.V, V.astype(dtype)) and np.array_equal(afm.V, fm.V)
+        assert np.array_equal(afm.W, W.astype(dtype))
