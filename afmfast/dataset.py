@@ -312,16 +312,22 @@ class Dataset:
         >>> wide.n_features, wide.indices is ds.indices
         (10, True)
         """
-        n_features = _check_n_features(n_features, self._max_id, "indices")
+        max_id = self._max_id  # a selection inherits its parent's: an upper bound
+        if n_features is None or _is_int(n_features) and n_features <= max_id:
+            max_id = int(self.indices.max()) if self.nnz else -1
+        n_features = _check_n_features(n_features, max_id, "indices")
         return Dataset._trusted(self.indptr, self.indices, self.values, self.y,
-                                n_features, self._max_id, self.n_features_explicit)
+                                n_features, max_id, self.n_features_explicit)
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_n_features(n_features, max_id, what):
     if n_features is None:
         return max_id + 1
-    if isinstance(n_features, (bool, np.bool_)) or not isinstance(
-            n_features, (int, np.integer)):
+    if not _is_int(n_features):
         raise ValueError(f"n_features must be an int, got {n_features!r}")
     n_features = int(n_features)
     if n_features < 0:

@@ -317,7 +317,8 @@ class FactorizationModel(*_SKLEARN_BASES):
             else:
                 self.best_epoch_ = len(self.history_)
         except KeyboardInterrupt:
-            self._restore(self._best)
+            if self._best is not None:  # None: interrupted while the best was copied
+                self._restore(self._best)
             self._log(f"Interrupted: the model keeps epoch {self.best_epoch_}.")
             raise
         finally:
@@ -401,6 +402,7 @@ class FactorizationModel(*_SKLEARN_BASES):
             order = self._backend.shuffled_rows(n, self._seed, epoch, self._threads)
             progress = _Progress(epoch, n) if self.verbose >= 2 else None
             step = self._train_epoch(X, y, order, step, epoch, progress)
+            del order  # before the next epoch's is drawn: one order in memory, not two
             if progress is not None:
                 progress.close()
             t1 = time.perf_counter()
@@ -414,14 +416,14 @@ class FactorizationModel(*_SKLEARN_BASES):
                       **{f"valid_{k}": v for k, v in valid_metrics.items()},
                       "seconds": t1 - t0}
             self.history_.append(record)
-            self._last_good = self._snapshot()
+            improved = valid is None or sign * valid_metrics[monitor] > best_valid
+            self._keep_epoch(epoch, improved)
             line = f"Epoch {epoch} [{t1 - t0:.1f} s]\ttrain{label}={train_metrics[monitor]:.4f}"
             if valid is not None:
                 line += f", validation{label}={valid_metrics[monitor]:.4f}"
             self._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
-            if valid is None or sign * valid_metrics[monitor] > best_valid:
-                self._best, self.best_epoch_ = self._last_good, epoch
-                best_valid = sign * valid_metrics[monitor] if valid is not None else best_valid
+            if improved and valid is not None:
+                best_valid = sign * valid_metrics[monitor]
             if valid is not None and self.early_stopping and _worse_four_times(
                     [sign * h[f"valid_{monitor}"] for h in self.history_]):
                 self._log(f"Early stop after epoch {epoch}: validation {monitor} got worse "
@@ -520,8 +522,28 @@ class FactorizationModel(*_SKLEARN_BASES):
             raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
                              f"training data {n_features})")
 
-    def _snapshot(self):
-        return self._params_class(*(a.copy() for a in self._params))
+    def _snapshot(self, into=None):
+        """A copy of the parameters, written into ``into`` (an unneeded snapshot) if given."""
+        if into is None:
+            return self._params_class(*(a.copy() for a in self._params))
+        for saved, live in zip(into, self._params):
+            saved[...] = live
+        return into
+
+    def _keep_epoch(self, epoch, improved):
+        """Snapshot the parameters of a finished, finite epoch as the last good one (and
+        as the best one, epoch ``epoch``, if improved). At most two copies live beside the
+        parameters (the best and a later last good one), one while every epoch improves
+        (always without validation); copies are reused, not allocated per epoch."""
+        if improved:
+            # the copy may overwrite the best snapshot: until it is done the live
+            # parameters are the best (Ctrl-C keeps them)
+            self._best, self.best_epoch_ = None, epoch
+            self._best = self._last_good = self._snapshot(self._last_good)
+        elif self._last_good is not self._best:
+            self._last_good = self._snapshot(self._last_good)
+        else:
+            self._last_good = self._snapshot()
 
     def _restore(self, snapshot):
         for live, saved in zip(self._params, snapshot):

@@ -163,6 +163,18 @@ def test_with_n_features_shares_arrays():
         ds.with_n_features(3)
 
 
+def test_with_n_features_of_a_selection_uses_its_own_ids():
+    # a selection inherits its parent's largest id as a bound; narrowing it checks the
+    # selected rows' ids, and an error names an id they hold
+    ds = small()  # ids 0-3; rows 0 and 2 hold 0, 1, 2
+    sub = ds[[0, 2]]
+    assert sub.with_n_features(3).n_features == 3
+    assert sub.with_n_features(None).n_features == 3
+    with pytest.raises(ValueError, match="n_features = 2 is too small: indices holds id 2"):
+        sub.with_n_features(2)
+    assert ds[[1]].with_n_features(0).n_features == 0  # an empty row holds no id
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
 def test_row_length_counts_and_largest_batch_totals(monkeypatch, chunk):
     # the histogram is counted in chunks of rows; fit sizes its work space from it: the

@@ -222,6 +222,57 @@ def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
     np.testing.assert_array_equal(model.predict(demo.valid), ref.predict(demo.valid))
 
 
+def test_epoch_snapshots_are_reused_not_allocated_per_epoch(demo, monkeypatch):
+    # fit keeps the best and the last good epoch's parameters: one copy while every
+    # epoch improves, a second only once an epoch does not
+    def count_allocations(model):
+        real_snapshot, allocated = model._snapshot, []
+
+        def snapshot(into=None):
+            allocated.append(into is None)
+            return real_snapshot(into)
+
+        monkeypatch.setattr(model, "_snapshot", snapshot)
+        return allocated
+
+    plain = afmfast.FM(**{**FAST, "n_epochs": 4})
+    allocated = count_allocations(plain)
+    plain.fit(demo.train)
+    assert allocated == [True, False, False, False, False]
+
+    scripted = iter([0.9, 0.8, 0.7, 0.75, 0.8, 0.85, 0.9])
+    model = afmfast.FM(**{**FAST, "n_epochs": 7})
+    real_measure = model._measure
+    monkeypatch.setattr(model, "_measure", lambda data: (
+        real_measure(data)[0], {"rmse": next(scripted)} if data is demo.valid
+        else real_measure(data)[1]))
+    allocated = count_allocations(model)
+    model.fit(demo.train, validation=demo.valid)
+    assert model.best_epoch_ == 3 and allocated.count(True) == 2
+    ref = afmfast.FM(**{**FAST, "n_epochs": 3}).fit(demo.train)
+    np.testing.assert_array_equal(model.V_, ref.V_)
+
+
+def test_interrupt_while_the_best_epoch_is_copied_keeps_that_epoch(demo, monkeypatch):
+    # the copy of an improved epoch overwrites the previous best in place; Ctrl-C in the
+    # middle of it must keep the (complete) live parameters, not the half-written copy
+    model = afmfast.FM(**{**FAST, "n_epochs": 5})
+    real_snapshot = model._snapshot
+
+    def snapshot(into=None):
+        if into is not None and len(model.history_) == 2:
+            into.V[...] = 0.0  # half-written
+            raise KeyboardInterrupt
+        return real_snapshot(into)
+
+    monkeypatch.setattr(model, "_snapshot", snapshot)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(demo.train)
+    assert model.best_epoch_ == 2
+    ref = afmfast.FM(**{**FAST, "n_epochs": 2}).fit(demo.train)
+    np.testing.assert_array_equal(model.V_, ref.V_)
+
+
 def test_a_stray_huge_id_does_not_allocate_gigabytes(tmp_path):
     path = tmp_path / "huge.libfm"
     path.write_text("1 0:1 2000000000:1\n0 1:1 5:1\n")
