@@ -130,7 +130,8 @@ AFMFAST_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # gradients, per occurrence v x and its float64 gradient, per row float64 sums of
 # k and t; where rows have few pairs (ml-tag: 3) the per-occurrence and per-row ones
 # weigh as much as the per-pair ones, and the Numba backend adds per-chunk dW partials
-# (64 x t x k). Measured at most about 8 x the bound (ml-tag AFM k=t=256, Numba); what
+# (64 x t x k). Measured at most about 8 x the bound (ml-tag AFM k=t=256, Numba: 97 MB
+# against 12 in the memory table of python bench/compare.py, 2026-11-27); what
 # the target rules out, pairs kept for an epoch, would be n_pairs * max(k, t) * 4 bytes.
 MEMORY_FACTOR = 8
 MEMORY_SLACK_MB = 8
@@ -267,6 +268,12 @@ def _repetitions(job, rows_for, times, probes, scale):
         i += 1
 
 
+def warmup_rows(data):
+    """The first 64 rows, with only their own features: the warm-up model built on them
+    is small, so that the timed model cannot reuse memory it frees unseen."""
+    return data[:64].with_n_features(None)
+
+
 def resident_param_bytes(est):
     """Bytes of est's parameters and of the optimiser state that is in memory: every
     state array has two slots, the first written at creation, the second only by Adam
@@ -294,7 +301,7 @@ def worker_afmfast(job):
     # warm-up on 64 rows: JIT / thread pools, before the memory baseline; the model has
     # only those rows' features, so that the timed model cannot reuse the memory it
     # frees (that would hide as much of the timed model's own)
-    small = data[:64].with_n_features(None)
+    small = warmup_rows(data)
     warm = build(small, 2)
     for threads in THREADS:
         warm._threads = threads
@@ -362,7 +369,7 @@ def worker_torch(job):
 
     first = torch.arange(min(WARMUP_ROWS, n))
     # warm-up: thread pools, allocator; only the first rows' features (see worker_afmfast)
-    warm, warm_opt = build(int(data.indices[:data.indptr[min(64, n)]].max()) + 1)
+    warm, warm_opt = build(warmup_rows(data).n_features)
     for threads in THREADS:
         torch.set_num_threads(threads)
         train_step(warm, warm_opt, idx[first[:64]], val[first[:64]], yt[first[:64]])
@@ -880,10 +887,9 @@ def main():
               "order (int64 a row, epochs mode); work-space bound = B * P_row * max(k,t) "
               "* 4 bytes (AFM; FM: B * nnz_row * k * 4)")
         rows_out, mem_checks[si] = [], []
-        nnz_max = int(np.diff(data.indptr).max())
         for model, k in configs:
             cfg = f"{model.upper()} k={k}" + (f" t={k}" if model == "afm" else "")
-            per_row = int(max(1, pairs.max())) if model == "afm" else max(1, nnz_max)
+            per_row = int(max(1, pairs.max())) if model == "afm" else max(1, data.max_row_nnz)
             bound = BATCH * per_row * k * 4
             for name in backends[model] + (["pytorch"] if has_torch else []):
                 res = results[(si, model, k, name)]
