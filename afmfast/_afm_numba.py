@@ -62,11 +62,15 @@ from ._numba_common import (
     BAD_NNZ,
     BAD_PAIRS,
     batch_offsets,
+    block_bounds,
     check_keep,
     check_loss,
     check_optimizer,
     effective_lr,
+    ftz_enter,
+    ftz_leave,
     gather_batch,
+    start_threads,
     group_by_feature,
     keep_unit,
     numba_threads,
@@ -630,13 +634,26 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, d
                     di[c] = 0.0
 
 
+@njit(**_SER)
+def _afm_step_ftz(*args):
+    """``_afm_step_kernel`` with FTZ and DAZ set on the calling thread (its prange bodies
+    set them on their own threads); args[-1] is the thread count."""
+    start_threads(args[-1])
+    csr = ftz_enter()
+    out = _afm_step_kernel(*args)
+    ftz_leave(csr)
+    return out
+
+
 @njit(**_PAR)
 def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, sW, sd,
                      lr, l2, l2a, keep0, thr0, keep1, thr1, optimizer, attention,
-                     activation, freeze_fm, useed, ustep, step, loss_code, ws):
+                     activation, freeze_fm, useed, ustep, step, loss_code, ws, nb):
     """The whole step; returns (loss, status), status < 0 (``_numba_common.BAD_*``) when
     the batch is invalid or does not fit the workspace (nothing but the workspace is
-    modified then)."""
+    modified then). Every prange body sets FTZ and DAZ first (``_numba_common.ftz_enter``):
+    once per iteration over chunks or rows of W, once per thread block over rows and
+    features (nb blocks: the thread count)."""
     (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
      LIN, atom, arep, amark, acnt, plo, phi, po, qo, plist, pid, drep, E, U, Z, S, DS,
      A, SC0, D, R, WT, ch_lo, dch_lo, cW, cvec, gW, gdense, ul2, tbuf, hbuf, tacc) = ws
@@ -658,15 +675,19 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
         return np.nan, BAD_NNZ
     if attention and npairs > E.shape[0]:
         return np.nan, BAD_PAIRS
-    gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b)
+    gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b, nb)
     nU = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
     if nU < 0:
         return np.nan, nU
 
     # v x of every occurrence and the linear term of every row.
-    for b in prange(B):
-        LIN[b], _ = _row_vx(occ_feat, occ_x, nzoff[b], nzoff[b + 1], V, w, VX, occ_feat,
-                            nzoff[b])
+    for blk in prange(nb):
+        csr = ftz_enter()
+        b0, b1 = block_bounds(B, nb, blk)
+        for b in range(b0, b1):
+            LIN[b], _ = _row_vx(occ_feat, occ_x, nzoff[b], nzoff[b + 1], V, w, VX,
+                                occ_feat, nzoff[b])
+        ftz_leave(csr)
 
     nch = min(cW.shape[0], B)
     for ch in range(cvec.shape[0]):
@@ -677,15 +698,19 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     ndch = 0
     if attention and npairs > 0:
         for c in prange(k):
+            csr = ftz_enter()
             for j in range(t):
                 WT[c, j] = W[j, c]
+            ftz_leave(csr)
         nD = _distinct_pairs(nzoff, occ_x, nU, ustart, occ_list, atom, arep, amark, acnt,
                              plo, phi, po, qo, plist, pid, drep, B)
         ndch = min(nch, nD)
         _even_cuts(nD, ndch, dch_lo)
         for ch in prange(ndch):
+            csr = ftz_enter()
             _pair_forward(dch_lo[ch], dch_lo[ch + 1], drep, VX, W, WT, dense, activation,
                           E, U, Z, S, hbuf[ch])
+            ftz_leave(csr)
 
     # Rows: chunks of consecutive rows with about equal work (pairs + nonzeros + 1).
     total = pairoff[B] + nzoff[B] + B
@@ -699,11 +724,13 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     skey1 = step_key(useed, np.uint64(1), ustep)
     skey2 = step_key(useed, np.uint64(2), ustep)
     for ch in prange(nch):
+        csr = ftz_enter()
         tb = tbuf[ch]
         for b in range(ch_lo[ch], ch_lo[ch + 1]):
             _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z,
                        dense, A, SC0, D, R, cvec, tb, attention, freeze_fm, keep0, thr0,
                        skey1, keep1, thr1, skey2, loss_code)
+        ftz_leave(csr)
 
     # Attention backward once per distinct pair: its logit gradients summed in pair
     # order, then dh, db and the chunk's dW.
@@ -713,12 +740,14 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
         for i in range(npairs):
             DS[pid[i]] += D[i]
         for ch in prange(ndch):
+            csr = ftz_enter()
             cw = cW[ch]
             for j in range(t):
                 for c in range(k):
                     cw[j, c] = 0.0
             _pair_backward(dch_lo[ch], dch_lo[ch + 1], DS, U, E, activation, dense, cw,
                            cvec[ch], hbuf[ch])
+            ftz_leave(csr)
 
     # Chunk partials, summed in chunk order.
     sq = 0.0
@@ -732,53 +761,61 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     wnorm = 0.0
     if attention:
         for j in prange(t):
+            csr = ftz_enter()
             for c in range(k):
                 acc = 0.0
                 for ch in range(ndch):
                     acc += np.float64(cW[ch, j, c])
                 gW[j, c] = acc + l2a * np.float64(W[j, c])
+            ftz_leave(csr)
         for j in range(t):
             for c in range(k):
                 wv = np.float64(W[j, c])
                 wnorm += wv * wv
     # Touched features: gradient over occurrences in batch order, + l2 v, optimiser.
     lr_eff = effective_lr(optimizer, lr, step)
-    for u in prange(nU):
-        f = uniq[u]
-        vf = V[f]
-        # the l2 terms only when l2 > 0 (see _fm_numba)
-        nv = 0.0
-        if l2 != 0.0:
-            for c in range(k):
-                v = np.float64(vf[c])
-                nv += v * v
-        ul2[u] = nv
-        if not freeze_fm:
-            gacc = tacc[numba.get_thread_id()][:k]
-            for c in range(k):
-                gacc[c] = 0.0
-            gw = 0.0
-            for q in range(ustart[u], ustart[u + 1]):
-                o = occ_list[q]
-                gw += R[occ_b[o]] * occ_x[o]
-                do = DVX[o]
-                for c in range(k):
-                    gacc[c] += do[c]
+    for blk in prange(nb):
+        csr = ftz_enter()
+        gacc = tacc[numba.get_thread_id()][:k]
+        u0, u1 = block_bounds(nU, nb, blk)
+        for u in range(u0, u1):
+            f = uniq[u]
+            vf = V[f]
+            # the l2 terms only when l2 > 0 (see _fm_numba)
+            nv = 0.0
             if l2 != 0.0:
                 for c in range(k):
-                    gacc[c] += l2 * np.float64(vf[c])
-            opt_row(vf, gacc, sV[0, f], sV[1, f], optimizer, lr_eff)
-            pw, a0, a1 = opt_update(w[f], gw, sw[0, f], sw[1, f], optimizer, lr_eff)
-            w[f] = pw
-            sw[0, f] = a0
-            sw[1, f] = a1
+                    v = np.float64(vf[c])
+                    nv += v * v
+            ul2[u] = nv
+            if not freeze_fm:
+                for c in range(k):
+                    gacc[c] = 0.0
+                gw = 0.0
+                for q in range(ustart[u], ustart[u + 1]):
+                    o = occ_list[q]
+                    gw += R[occ_b[o]] * occ_x[o]
+                    do = DVX[o]
+                    for c in range(k):
+                        gacc[c] += do[c]
+                if l2 != 0.0:
+                    for c in range(k):
+                        gacc[c] += l2 * np.float64(vf[c])
+                opt_row(vf, gacc, sV[0, f], sV[1, f], optimizer, lr_eff)
+                pw, a0, a1 = opt_update(w[f], gw, sw[0, f], sw[1, f], optimizer, lr_eff)
+                w[f] = pw
+                sw[0, f] = a0
+                sw[1, f] = a1
+        ftz_leave(csr)
 
     lo = 1 if freeze_fm else 0
     hi = 1 + k + 2 * t if attention else 1 + k
     opt_row(dense[lo:hi], gdense[lo:hi], sd[0, lo:hi], sd[1, lo:hi], optimizer, lr_eff)
     if attention:
         for j in prange(t):
+            csr = ftz_enter()
             opt_row(W[j], gW[j], sW[0, j], sW[1, j], optimizer, lr_eff)
+            ftz_leave(csr)
 
     reg = 0.0
     for u in range(nU):
@@ -818,7 +855,7 @@ def afm_step(X, y, rows, params, state, cfg, ws):
     thr0 = np.uint64(dropout_threshold(keep0) if keep0 < 1.0 else 0)
     thr1 = np.uint64(dropout_threshold(keep1) if keep1 < 1.0 else 0)
     with numba_threads(cfg.n_threads):
-        loss, status = _afm_step_kernel(
+        loss, status = _afm_step_ftz(
             indptr, indices, values, y, rows,
             params.V, params.w, params.W, params.dense,
             state.V, state.w, state.W, state.dense,
@@ -827,6 +864,7 @@ def afm_step(X, y, rows, params, state, cfg, ws):
             int(cfg.activation), bool(cfg.freeze_fm),
             np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
             int(cfg.step), check_loss("afm_step", getattr(cfg, "loss", 0)), ws,
+            numba.get_num_threads(),
         )
     if status < 0:
         raise_batch_error("afm_step", status, indptr.shape[0] - 1, M, ws.occ_feat.shape[0],
@@ -842,10 +880,14 @@ afm_steps = steps_from(afm_step)
 
 @njit(**_PAR)
 def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation, out,
-                  explain, pair_indptr, out_cap, i_out, j_out, weight_out, contrib_out):
+                  explain, pair_indptr, out_cap, i_out, j_out, weight_out, contrib_out,
+                  nb):
     """Scores (explain False) or per-pair explanations (explain True) of every row of X.
     Returns the number of rows whose pair count disagrees with pair_indptr (explain;
-    those rows are left unwritten)."""
+    those rows are left unwritten). FTZ and DAZ are set on the calling thread and per
+    thread block of rows (``_numba_common.ftz_enter``), nb blocks."""
+    start_threads(nb)
+    csr0 = ftz_enter()
     n_rows = indptr.shape[0] - 1
     k = V.shape[1]
     t = W.shape[0]
@@ -869,7 +911,8 @@ def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation
     Gb = np.empty((nth, 2, k), dtype=np.float64)
     bad = np.zeros(n_rows, dtype=np.int64)
     w0 = np.float64(dense[0])
-    for r in prange(n_rows):
+    for blk in prange(nb):
+        csr = ftz_enter()
         tid = numba.get_thread_id()
         vx = VXb[tid]
         feat = feat_b[tid]
@@ -878,79 +921,83 @@ def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation
         sbuf = Sb[tid]
         g = Gb[tid, 0]
         s = Gb[tid, 1]
-        lin, n = _row_vx(indices, values, indptr[r], indptr[r + 1], V, w, vx, feat, 0)
-        npairs = n * (n - 1) // 2
-        if explain and (pair_indptr[r + 1] - pair_indptr[r] != npairs
-                        or pair_indptr[r] < 0 or pair_indptr[r + 1] > out_cap):
-            bad[r] = 1
-            continue
-        for c in range(k):
-            g[c] = 0.0
-        if attention and npairs > 0:
-            # Logits, in blocks of _PBLK pairs.
-            cnt = 0
-            base = 0
-            for p in range(n):
-                for q in range(p + 1, n):
-                    eb = Eblk[cnt]
-                    for c in range(k):
-                        eb[c] = vx[p, c] * vx[q, c]
-                    cnt += 1
-                    if cnt == _PBLK or (p == n - 2 and q == n - 1):
-                        for i in range(cnt):
-                            for j in range(t):
-                                Ublk[i, j] = dense[1 + k + j]
-                        _mm_acc(Eblk, WT, Ublk, cnt, k, t)
-                        _activate_rows(activation, Ublk, cnt, t)
-                        _logits(Ublk, cnt, t, dense, 1 + k + t, sbuf, base)
-                        base += cnt
-                        cnt = 0
-            smax = -np.inf
-            for i in range(npairs):
-                if sbuf[i] > smax:
-                    smax = sbuf[i]
-            tot = 0.0
-            for i in range(npairs):
-                e = math.exp(sbuf[i] - smax)
-                sbuf[i] = e
-                tot += e
-            for i in range(npairs):
-                sbuf[i] /= tot
-        if attention or explain:
-            P = 0
-            for p in range(n):
-                for q in range(p + 1, n):
-                    a = sbuf[P] if attention else 1.0
-                    pe = 0.0
-                    for c in range(k):
-                        e = np.float64(vx[p, c] * vx[q, c])
-                        g[c] += a * e
-                        pe += np.float64(dense[1 + c]) * e
-                    if explain:
-                        o = pair_indptr[r] + P
-                        i_out[o] = feat[p]
-                        j_out[o] = feat[q]
-                        weight_out[o] = a
-                        contrib_out[o] = a * pe
-                    P += 1
-        else:
+        r0, r1 = block_bounds(n_rows, nb, blk)
+        for r in range(r0, r1):
+            lin, n = _row_vx(indices, values, indptr[r], indptr[r + 1], V, w, vx, feat, 0)
+            npairs = n * (n - 1) // 2
+            if explain and (pair_indptr[r + 1] - pair_indptr[r] != npairs
+                            or pair_indptr[r] < 0 or pair_indptr[r + 1] > out_cap):
+                bad[r] = 1
+                continue
             for c in range(k):
-                s[c] = 0.0
-            for i in range(n):
+                g[c] = 0.0
+            if attention and npairs > 0:
+                # Logits, in blocks of _PBLK pairs.
+                cnt = 0
+                base = 0
+                for p in range(n):
+                    for q in range(p + 1, n):
+                        eb = Eblk[cnt]
+                        for c in range(k):
+                            eb[c] = vx[p, c] * vx[q, c]
+                        cnt += 1
+                        if cnt == _PBLK or (p == n - 2 and q == n - 1):
+                            for i in range(cnt):
+                                for j in range(t):
+                                    Ublk[i, j] = dense[1 + k + j]
+                            _mm_acc(Eblk, WT, Ublk, cnt, k, t)
+                            _activate_rows(activation, Ublk, cnt, t)
+                            _logits(Ublk, cnt, t, dense, 1 + k + t, sbuf, base)
+                            base += cnt
+                            cnt = 0
+                smax = -np.inf
+                for i in range(npairs):
+                    if sbuf[i] > smax:
+                        smax = sbuf[i]
+                tot = 0.0
+                for i in range(npairs):
+                    e = math.exp(sbuf[i] - smax)
+                    sbuf[i] = e
+                    tot += e
+                for i in range(npairs):
+                    sbuf[i] /= tot
+            if attention or explain:
+                P = 0
+                for p in range(n):
+                    for q in range(p + 1, n):
+                        a = sbuf[P] if attention else 1.0
+                        pe = 0.0
+                        for c in range(k):
+                            e = np.float64(vx[p, c] * vx[q, c])
+                            g[c] += a * e
+                            pe += np.float64(dense[1 + c]) * e
+                        if explain:
+                            o = pair_indptr[r] + P
+                            i_out[o] = feat[p]
+                            j_out[o] = feat[q]
+                            weight_out[o] = a
+                            contrib_out[o] = a * pe
+                        P += 1
+            else:
                 for c in range(k):
-                    v = np.float64(vx[i, c])
-                    s[c] += v
-                    g[c] += v * v
-            for c in range(k):
-                g[c] = 0.5 * (s[c] * s[c] - g[c])
-        if not explain:
-            dot = 0.0
-            for c in range(k):
-                dot += np.float64(dense[1 + c]) * g[c]
-            out[r] = w0 + lin + dot
+                    s[c] = 0.0
+                for i in range(n):
+                    for c in range(k):
+                        v = np.float64(vx[i, c])
+                        s[c] += v
+                        g[c] += v * v
+                for c in range(k):
+                    g[c] = 0.5 * (s[c] * s[c] - g[c])
+            if not explain:
+                dot = 0.0
+                for c in range(k):
+                    dot += np.float64(dense[1 + c]) * g[c]
+                out[r] = w0 + lin + dot
+        ftz_leave(csr)
     nbad = 0
     for r in range(n_rows):
         nbad += bad[r]
+    ftz_leave(csr0)
     return nbad
 
 
@@ -965,7 +1012,7 @@ def afm_predict(X, params, attention, activation, n_threads, out):
     with numba_threads(n_threads):
         _infer_kernel(indptr, indices, values, params.V, params.w, params.W, params.dense,
                       bool(attention), int(activation), out, False, dummy_i, 0, dummy_i,
-                      dummy_i, dummy_f, dummy_f)
+                      dummy_i, dummy_f, dummy_f, numba.get_num_threads())
 
 
 def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
@@ -990,7 +1037,8 @@ def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out,
     with numba_threads(n_threads):
         nbad = _infer_kernel(indptr, indices, values, params.V, params.w, params.W,
                              params.dense, bool(attention), int(activation), dummy, True,
-                             pair_indptr, cap, i_out, j_out, weight_out, contribution_out)
+                             pair_indptr, cap, i_out, j_out, weight_out, contribution_out,
+                             numba.get_num_threads())
     if nbad:
         raise ValueError(
             f"afm_explain: pair_indptr disagrees with the data in {nbad} rows; each row "

@@ -34,11 +34,15 @@ from numba import njit, prange
 from ._numba_common import (
     BAD_NNZ,
     batch_offsets,
+    block_bounds,
     check_keep,
     check_loss,
     check_optimizer,
     effective_lr,
+    ftz_enter,
+    ftz_leave,
     gather_batch,
+    start_threads,
     group_by_feature,
     keep_unit,
     numba_threads,
@@ -138,13 +142,26 @@ def _row_sums(feat, xs, lo, hi, V, w, s, sq):
     return lin
 
 
+@njit(**_SER)
+def _fm_step_ftz(*args):
+    """``_fm_step_kernel`` with FTZ and DAZ set on the calling thread (its prange bodies
+    set them on their own threads); args[-1] is the thread count."""
+    start_threads(args[-1])
+    csr = ftz_enter()
+    out = _fm_step_kernel(*args)
+    ftz_leave(csr)
+    return out
+
+
 @njit(**_PAR)
 def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                     sV, sw, sd, lr, l2, keep, threshold, optimizer, batch_norm,
-                    seed, ustep, step, loss_code, ws):
+                    seed, ustep, step, loss_code, ws, nb):
     """The whole step; returns (loss, status) with status < 0 (``_numba_common.BAD_*``)
     when the batch is invalid or does not fit the workspace (nothing but the workspace
-    is modified then)."""
+    is modified then). Each prange runs over one block of rows (features) per thread,
+    which sets FTZ and DAZ first (``_numba_common.ftz_enter``); nb is the thread count
+    (``numba.get_num_threads()`` in a kernel would keep it from being cached)."""
     (nzoff, occ_feat, occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, S, F, DF, LIN, R,
      kvec, gdense, ul2, tacc) = ws
     B = rows.shape[0]
@@ -156,19 +173,23 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
         return np.nan, nnz
     if nnz > occ_feat.shape[0]:
         return np.nan, BAD_NNZ
-    gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b)
+    gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b, nb)
 
     # Forward per row: s = sum v x, f = (s^2 - sum (v x)^2) / 2, linear term (ids -1 are
     # skipped: the grouping below rejects the batch before any parameter changes).
-    for b in prange(B):
-        sb = S[b]
-        fb = F[b]
-        for c in range(k):
-            sb[c] = 0.0
-            fb[c] = 0.0
-        LIN[b] = _row_sums(occ_feat, occ_x, nzoff[b], nzoff[b + 1], V, w, sb, fb)
-        for c in range(k):
-            fb[c] = 0.5 * (sb[c] * sb[c] - fb[c])
+    for blk in prange(nb):
+        csr = ftz_enter()
+        b0, b1 = block_bounds(B, nb, blk)
+        for b in range(b0, b1):
+            sb = S[b]
+            fb = F[b]
+            for c in range(k):
+                sb[c] = 0.0
+                fb[c] = 0.0
+            LIN[b] = _row_sums(occ_feat, occ_x, nzoff[b], nzoff[b + 1], V, w, sb, fb)
+            for c in range(k):
+                fb[c] = 0.5 * (sb[c] * sb[c] - fb[c])
+        ftz_leave(csr)
 
     U = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
     if U < 0:
@@ -204,26 +225,32 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
     dropout = keep < 1.0
     inv_keep = 1.0 / keep
     skey = step_key(seed, np.uint64(0), ustep)
-    for b in prange(B):
-        fb = F[b]
-        db = DF[b]
-        rkey = row_key(skey, np.uint64(rows[b]))
-        acc = 0.0
-        for c in range(k):
-            if batch_norm:
-                z = np.float64(dense[1 + c]) * ((fb[c] - mu[c]) * inv[c]) + np.float64(dense[1 + k + c])
-            else:
-                z = fb[c]
-            sc = 1.0
-            if dropout:
-                sc = inv_keep if keep_unit(rkey, c, threshold) else 0.0
-            acc += z * sc
-            db[c] = sc
-        # LIN[b] is read for the last time here: it takes the row's data loss
-        LIN[b], res = row_data_loss(loss_code, w0 + LIN[b] + acc, np.float64(y[rows[b]]))
-        R[b] = res
-        for c in range(k):
-            db[c] *= res
+    for blk in prange(nb):
+        csr = ftz_enter()
+        b0, b1 = block_bounds(B, nb, blk)
+        for b in range(b0, b1):
+            fb = F[b]
+            db = DF[b]
+            rkey = row_key(skey, np.uint64(rows[b]))
+            acc = 0.0
+            for c in range(k):
+                if batch_norm:
+                    z = (np.float64(dense[1 + c]) * ((fb[c] - mu[c]) * inv[c])
+                         + np.float64(dense[1 + k + c]))
+                else:
+                    z = fb[c]
+                sc = 1.0
+                if dropout:
+                    sc = inv_keep if keep_unit(rkey, c, threshold) else 0.0
+                acc += z * sc
+                db[c] = sc
+            # LIN[b] is read for the last time here: it takes the row's data loss
+            LIN[b], res = row_data_loss(loss_code, w0 + LIN[b] + acc,
+                                        np.float64(y[rows[b]]))
+            R[b] = res
+            for c in range(k):
+                db[c] *= res
+        ftz_leave(csr)
 
     sq = 0.0
     g0 = 0.0
@@ -247,47 +274,56 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
             gdense[1 + c] = 0.0
     if batch_norm:
         # df = gamma * inv * (dz - mean(dz) - fh * mean(dz * fh)): BN backward per row.
-        for b in prange(B):
-            fb = F[b]
-            db = DF[b]
-            for c in range(k):
-                fh = (fb[c] - mu[c]) * inv[c]
-                db[c] = np.float64(dense[1 + c]) * inv[c] * (db[c] - s1[c] / B - fh * (s2[c] / B))
+        for blk in prange(nb):
+            csr = ftz_enter()
+            b0, b1 = block_bounds(B, nb, blk)
+            for b in range(b0, b1):
+                fb = F[b]
+                db = DF[b]
+                for c in range(k):
+                    fh = (fb[c] - mu[c]) * inv[c]
+                    db[c] = (np.float64(dense[1 + c]) * inv[c]
+                             * (db[c] - s1[c] / B - fh * (s2[c] / B)))
+            ftz_leave(csr)
 
     # Per touched feature: gradient summed over its occurrences in batch order, + l2 v,
     # then the lazy optimiser update of that V row and w entry. One feature = one
     # iteration, so reading V[j] before writing it sees the pre-update value.
     lr_eff = effective_lr(optimizer, lr, step)
-    for u in prange(U):
+    for blk in prange(nb):
+        csr = ftz_enter()
         g = tacc[numba.get_thread_id()][:k]
-        j = uniq[u]
-        vj = V[j]
-        for c in range(k):
-            g[c] = 0.0
-        gw = 0.0
-        for q in range(ustart[u], ustart[u + 1]):
-            o = occ_list[q]
-            b = occ_b[o]
-            x = occ_x[o]
-            gw += R[b] * x
-            sb = S[b]
-            db = DF[b]
+        u0, u1 = block_bounds(U, nb, blk)
+        for u in range(u0, u1):
+            j = uniq[u]
+            vj = V[j]
             for c in range(k):
-                g[c] += db[c] * x * (sb[c] - np.float64(vj[c]) * x)
-        # the l2 terms only when l2 > 0 (at the estimators' default of 0 the running sum
-        # of ||v||^2, a chain of dependent adds, costs a large k for nothing)
-        nv = 0.0
-        if l2 != 0.0:
-            for c in range(k):
-                v = np.float64(vj[c])
-                nv += v * v
-                g[c] += l2 * v
-        ul2[u] = nv
-        opt_row(vj, g, sV[0, j], sV[1, j], optimizer, lr_eff)
-        p, a, m = opt_update(w[j], gw, sw[0, j], sw[1, j], optimizer, lr_eff)
-        w[j] = p
-        sw[0, j] = a
-        sw[1, j] = m
+                g[c] = 0.0
+            gw = 0.0
+            for q in range(ustart[u], ustart[u + 1]):
+                o = occ_list[q]
+                b = occ_b[o]
+                x = occ_x[o]
+                gw += R[b] * x
+                sb = S[b]
+                db = DF[b]
+                for c in range(k):
+                    g[c] += db[c] * x * (sb[c] - np.float64(vj[c]) * x)
+            # the l2 terms only when l2 > 0 (at the estimators' default of 0 the running
+            # sum of ||v||^2, a chain of dependent adds, costs a large k for nothing)
+            nv = 0.0
+            if l2 != 0.0:
+                for c in range(k):
+                    v = np.float64(vj[c])
+                    nv += v * v
+                    g[c] += l2 * v
+            ul2[u] = nv
+            opt_row(vj, g, sV[0, j], sV[1, j], optimizer, lr_eff)
+            p, a, m = opt_update(w[j], gw, sw[0, j], sw[1, j], optimizer, lr_eff)
+            w[j] = p
+            sw[0, j] = a
+            sw[1, j] = m
+        ftz_leave(csr)
 
     opt_row(dense, gdense, sd[0], sd[1], optimizer, lr_eff)
 
@@ -319,7 +355,7 @@ def fm_step(X, y, rows, params, state, cfg, ws):
     optimizer = check_optimizer("fm_step", cfg.optimizer)
     threshold = np.uint64(dropout_threshold(keep) if keep < 1.0 else 0)
     with numba_threads(cfg.n_threads):
-        loss, status = _fm_step_kernel(
+        loss, status = _fm_step_ftz(
             indptr, indices, values, y, rows,
             params.V, params.w, params.dense, params.bn_stats,
             state.V, state.w, state.dense,
@@ -327,6 +363,7 @@ def fm_step(X, y, rows, params, state, cfg, ws):
             bool(cfg.batch_norm),
             np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
             int(cfg.step), check_loss("fm_step", getattr(cfg, "loss", 0)), ws,
+            numba.get_num_threads(),
         )
     if status < 0:
         raise_batch_error("fm_step", status, indptr.shape[0] - 1, params.V.shape[0],
@@ -339,7 +376,10 @@ fm_steps = steps_from(fm_step)
 
 
 @njit(**_PAR)
-def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_norm, out):
+def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_norm, out,
+                       nb):
+    start_threads(nb)
+    csr0 = ftz_enter()
     n = indptr.shape[0] - 1
     k = V.shape[1]
     inv = np.empty(k)
@@ -349,22 +389,27 @@ def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_nor
     kpad = (k + 7) // 8 * 8 + 8
     scratch = np.empty((numba.config.NUMBA_NUM_THREADS, 2, kpad))
     w0 = np.float64(dense[0])
-    for b in prange(n):
+    for blk in prange(nb):
+        csr = ftz_enter()
         t = scratch[numba.get_thread_id()]
         s = t[0]
         sq = t[1]
-        for c in range(k):
-            s[c] = 0.0
-            sq[c] = 0.0
-        lin = _row_sums(indices, values, indptr[b], indptr[b + 1], V, w, s, sq)
-        acc = 0.0
-        for c in range(k):
-            f = 0.5 * (s[c] * s[c] - sq[c])
-            if batch_norm:
-                f = (np.float64(dense[1 + c]) * ((f - np.float64(bn_stats[0, c])) * inv[c])
-                     + np.float64(dense[1 + k + c]))
-            acc += f
-        out[b] = w0 + lin + acc
+        b0, b1 = block_bounds(n, nb, blk)
+        for b in range(b0, b1):
+            for c in range(k):
+                s[c] = 0.0
+                sq[c] = 0.0
+            lin = _row_sums(indices, values, indptr[b], indptr[b + 1], V, w, s, sq)
+            acc = 0.0
+            for c in range(k):
+                f = 0.5 * (s[c] * s[c] - sq[c])
+                if batch_norm:
+                    f = (np.float64(dense[1 + c]) * ((f - np.float64(bn_stats[0, c])) * inv[c])
+                         + np.float64(dense[1 + k + c]))
+                acc += f
+            out[b] = w0 + lin + acc
+        ftz_leave(csr)
+    ftz_leave(csr0)
 
 
 def fm_predict(X, params, batch_norm, n_threads, out):
@@ -372,4 +417,5 @@ def fm_predict(X, params, batch_norm, n_threads, out):
     indptr, indices, values = X
     with numba_threads(n_threads):
         _fm_predict_kernel(indptr, indices, values, params.V, params.w, params.dense,
-                           params.bn_stats, bool(batch_norm), out)
+                           params.bn_stats, bool(batch_norm), out,
+                           numba.get_num_threads())

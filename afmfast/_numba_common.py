@@ -15,6 +15,13 @@ row) in place from its gradient and its two state slots. Arithmetic is float64 w
 the storage dtype, as in ``afmfast.reference``; results are rounded once on store.
 Widen with ``np.float64(x)``, never ``float(x)``: Numba types ``float(float32)`` as float32.
 
+Denormals: ``ftz_enter`` / ``ftz_leave`` set flush-to-zero and denormals-are-zero in
+the x86 MXCSR of the calling thread and put its previous value back (kernel_api's
+"Denormals"). MXCSR is per thread: every kernel runs its serial part between the two,
+and every prange body sets them itself, once per block of iterations (a load of MXCSR
+costs as much as a short row's arithmetic). Numba has no MXCSR API: the intrinsics emit
+LLVM's ``llvm.x86.sse.stmxcsr`` / ``ldmxcsr``. Not x86 (``HAVE_MXCSR`` False): no-ops.
+
 Batch preparation: ``batch_offsets`` (row ids checked, prefix sums of the rows' nonzeros),
 ``gather_batch`` (the batch's nonzeros copied into contiguous "occurrence" arrays in batch
 order, parallel over rows) and ``group_by_feature`` (stable counting sort of the
@@ -26,9 +33,13 @@ import math
 import threading
 from contextlib import contextmanager
 
+import llvmlite.binding
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .kernel_api import (
     ADAGRAD,
@@ -63,6 +74,92 @@ _ADAGRAD, _SGD, _MOMENTUM, _ADAM = ADAGRAD, SGD, MOMENTUM, ADAM
 # ADAGRAD_INIT, var + BN_EPS, softmax sums >= 1), so results are unchanged.
 _JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 _JIT_PAR = dict(_JIT, parallel=True)
+
+# ------------------------------------------------------------------------ denormals
+
+# LLVM compiles for the host: its triple says whether there is an MXCSR to set.
+HAVE_MXCSR = llvmlite.binding.get_default_triple().split("-")[0] in (
+    "x86_64", "i386", "i486", "i586", "i686")
+FTZ_DAZ_BITS = 0x8040 if HAVE_MXCSR else 0  # MXCSR bit 15 (FTZ) and bit 6 (DAZ)
+
+
+def _mxcsr_op(builder, name, slot):
+    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    builder.call(fn, [builder.bitcast(slot, ir.IntType(8).as_pointer())])
+
+
+@intrinsic
+def mxcsr_read(typingctx):
+    """The calling thread's MXCSR as uint32 (0 where there is none)."""
+    def codegen(context, builder, sig, args):
+        if not HAVE_MXCSR:
+            return ir.Constant(ir.IntType(32), 0)
+        slot = cgutils.alloca_once(builder, ir.IntType(32))
+        _mxcsr_op(builder, "llvm.x86.sse.stmxcsr", slot)
+        return builder.load(slot)
+    return types.uint32(), codegen
+
+
+@intrinsic
+def mxcsr_write(typingctx, value):
+    """Load ``value`` (an integer) into the calling thread's MXCSR (no-op without one)."""
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if HAVE_MXCSR:
+            slot = cgutils.alloca_once(builder, ir.IntType(32))
+            builder.store(context.cast(builder, args[0], sig.args[0], types.uint32), slot)
+            _mxcsr_op(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return context.get_dummy_value()
+    return types.void(value), codegen
+
+
+_FTZ = np.uint32(FTZ_DAZ_BITS)
+
+
+@njit(**_JIT)
+def current_mxcsr():
+    """``mxcsr_read`` callable from Python (the tests read a thread's MXCSR with it)."""
+    return mxcsr_read()
+
+
+@njit(**_JIT)
+def ftz_enter():
+    """Set FTZ and DAZ in this thread's MXCSR; returns the previous MXCSR for
+    ``ftz_leave``. A thread already set (the caller's, inside a kernel) skips the load."""
+    old = mxcsr_read()
+    if old & _FTZ != _FTZ:
+        mxcsr_write(old | _FTZ)
+    return old
+
+
+@njit(**_JIT)
+def ftz_leave(old):
+    """Put back the MXCSR that ``ftz_enter`` returned."""
+    if old & _FTZ != _FTZ:
+        mxcsr_write(old)
+
+
+@njit(**_JIT_PAR)
+def start_threads(nb):
+    """A parallel loop of nb iterations that does nothing else; a kernel runs it before
+    it sets FTZ on its calling thread. A pool thread created by the caller copies the
+    caller's MXCSR, and its ftz_leave would then keep FTZ and DAZ for good (Numba's
+    OpenMP layer creates them at the first parallel loop of a size)."""
+    seen = np.empty(nb, dtype=np.int64)
+    for i in prange(nb):
+        seen[i] = i
+    return seen[nb - 1]
+
+
+@njit(**_JIT)
+def block_bounds(n, n_blocks, blk):
+    """Iterations [lo, hi) of block ``blk`` of ``n_blocks`` contiguous blocks of range(n):
+    a prange over blocks runs ``ftz_enter`` once per block instead of once per row."""
+    return blk * n // n_blocks, (blk + 1) * n // n_blocks
+
 
 # Status codes of the step kernels (negative; 0 is success).
 BAD_NNZ, BAD_PAIRS, BAD_ROW, BAD_FEATURE = -1, -2, -3, -4
@@ -213,20 +310,24 @@ def batch_offsets(indptr, rows, nzoff):
 
 
 @njit(**_JIT_PAR)
-def gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b):
+def gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b, nb):
     """Copy the batch's nonzeros into occ_feat (id, -1 for an id outside [0, M)), occ_x
     (value, float64) and occ_b (batch row), in batch order, from ``batch_offsets``. A
     loop that only copies keeps many cache misses on the random rows of X in flight;
-    later passes read the copies."""
-    for b in prange(rows.shape[0]):
-        r = rows[b]
-        o = nzoff[b]
-        p0 = indptr[r]
-        for i in range(indptr[r + 1] - p0):
-            j = indices[p0 + i]
-            occ_feat[o + i] = j if (j >= 0 and j < M) else -1
-            occ_x[o + i] = values[p0 + i]
-            occ_b[o + i] = b
+    later passes read the copies. nb: blocks of rows, one per thread."""
+    for blk in prange(nb):
+        csr = ftz_enter()
+        b0, b1 = block_bounds(rows.shape[0], nb, blk)
+        for b in range(b0, b1):
+            r = rows[b]
+            o = nzoff[b]
+            p0 = indptr[r]
+            for i in range(indptr[r + 1] - p0):
+                j = indices[p0 + i]
+                occ_feat[o + i] = j if (j >= 0 and j < M) else -1
+                occ_x[o + i] = values[p0 + i]
+                occ_b[o + i] = b
+        ftz_leave(csr)
 
 
 @njit(**_JIT)

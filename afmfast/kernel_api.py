@@ -55,6 +55,20 @@ Determinism: every sum over the rows of a batch runs in a fixed order that does 
 depend on the thread count, so a seed gives bit-identical parameters for any n_threads
 within one backend.
 
+Denormals: on x86 every kernel (steps, predict, explain) computes with flush-to-zero and
+denormals-are-zero set (MXCSR bits 15 and 6) on every thread that works for it: a
+denormal input, parameter or state value (|x| below 1.18e-38 in float32, 2.23e-308 in
+float64) reads as a zero of its sign, and a result that would be denormal is stored as
+zero. Without it, a strong L2 (AFM's l2_attention=100) leaves parameters decaying through
+the denormal range, and CPUs that handle each denormal operation in microcode slowed
+every later epoch several times. Each thread's previous MXCSR is put back when its part
+of the call ends (the caller's and the thread pool's, which other libraries share), and
+a kernel starts its thread pool before it sets FTZ on the caller, since a new thread
+copies its creator's MXCSR. The NumPy reference (``afmfast.reference``) does not flush,
+so it differs where denormals occur. Elsewhere (no MXCSR) this is a no-op and denormals
+are computed as the hardware does. Integer-only parallel loops (the epoch order, batch
+offsets) do not set it: MXCSR affects only floating-point instructions.
+
 Dropout RNG (counter based; identical in every backend), all arithmetic mod 2^64:
     mix64(z) = splitmix64 finaliser
     key = mix64(mix64(mix64(seed + stream * GOLDEN) + step) + row)

@@ -111,7 +111,8 @@ from _batch cimport (
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
     dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
-    dot_d, floating2, opt_elem, opt_vec, row_data_loss,
+    dot_d, floating2, opt_elem, opt_vec, row_data_loss, ftz_enter, ftz_leave,
+    mxcsr_read, HAVE_MXCSR, FTZ_DAZ_BITS, ftz_enter_caller,
 )
 
 from afmfast import kernel_api as _api
@@ -890,6 +891,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     cdef int64_t* poff = ws.poff
     cdef Py_ssize_t target, rows_in
     cdef int rank
+    cdef unsigned int csr
     cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, off, a.nnz_cap,
                                  a.n_threads, &a.err)
     if err:
@@ -901,8 +903,11 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     if poff[B] > a.pair_cap:
         a.err.value = poff[B]
         return ERR_PAIRS
-    for b in prange(B, schedule="static", num_threads=a.n_threads):
-        _copy_row(a, ws, b, values)
+    with parallel(num_threads=a.n_threads):
+        csr = ftz_enter()
+        for b in prange(B, schedule="static"):
+            _copy_row(a, ws, b, values)
+        ftz_leave(csr)
     ws.lp[off[B]] = <int32_t>poff[B]
     for b in range(B):
         if ws.row_bad[b] >= 0:
@@ -934,6 +939,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
         times[0] = omp_get_wtime()
     reset_cursors(ws.cursors, a.n_threads)
     with parallel(num_threads=a.n_threads):
+        csr = ftz_enter()
         rank = 0
         if threadid() == 0:
             _group(a, ws)
@@ -943,6 +949,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
         while c < a.n_chunks:
             _vx_chunk(a, ws, c, V, w)
             c = next_item_near(ws.cursors, a.n_chunks, a.n_threads, threadid(), &rank)
+        ftz_leave(csr)
     if times:
         times[1] = omp_get_wtime()
     if a.attention:
@@ -959,20 +966,26 @@ cdef void _distinct_logits(AFMArgs* a, AFMWorkspace ws, const floating* dense) n
     cdef Py_ssize_t c, nblk = (a.n_distinct + DBLOCK - 1) // DBLOCK if a.attention else 0
     cdef double smax
     cdef int nt = a.n_threads, rank
+    cdef unsigned int csr
     reset_cursors(ws.cursors, nt)
     with parallel(num_threads=nt):
+        csr = ftz_enter()
         rank = 0
         c = next_item_near(ws.cursors, nblk, nt, threadid(), &rank)
         while c < nblk:
             _distinct_forward(a, ws, c, dense)
             c = next_item_near(ws.cursors, nblk, nt, threadid(), &rank)
+        ftz_leave(csr)
     if nblk > 0:
         smax = ws.BMAX[0]
         for c in range(1, nblk):
             if ws.BMAX[c] > smax:
                 smax = ws.BMAX[c]
-        for c in prange(nblk, schedule="dynamic", num_threads=nt):
-            _distinct_exp(a, ws, c, smax)
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            for c in prange(nblk, schedule="dynamic"):
+                _distinct_exp(a, ws, c, smax)
+            ftz_leave(csr)
 
 
 cdef inline Py_ssize_t _pair_index(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n) noexcept nogil:
@@ -1128,11 +1141,14 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi, it
     cdef Py_ssize_t n_own = a.n_own
     cdef int nt = a.n_threads
+    cdef unsigned int csr
     # the classes in use: groups [0, U), and own classes [u_cap, C) only when there are any
     hi = C if n_own > 0 else U
     for th in prange(nt, schedule="static", num_threads=nt):
+        csr = ftz_enter()
         for c in range(hi):
             ws.stamp[th * C + c] = -1
+        ftz_leave(csr)
     # Group classes are numbered by first occurrence, so the popular ones (the biggest
     # buckets) come first: feature_items hands them out one by one and the rest
     # CLASS_TAIL at a time, which keeps the threads balanced without a grab of the
@@ -1140,22 +1156,31 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     # sums (the same loop shape) took 0.14 ms on 2 threads as on 1; now 0.06
     # (bench/profile_phases.py --k 16 --data mltag --rows 2000000, ds_sums). Own classes
     # (values that differ within a feature) are rare; one-hot data has none.
-    for it in prange(feature_items(U, CLASS_TAIL), schedule="dynamic", num_threads=nt):
-        th = omp_get_thread_num()
-        for c in range(feature_item_start(it, U, CLASS_TAIL),
-                       feature_item_start(it + 1, U, CLASS_TAIL)):
-            ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for it in prange(feature_items(U, CLASS_TAIL), schedule="dynamic"):
+            th = omp_get_thread_num()
+            for c in range(feature_item_start(it, U, CLASS_TAIL),
+                           feature_item_start(it + 1, U, CLASS_TAIL)):
+                ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+        ftz_leave(csr)
     if n_own > 0:
         for c in range(U, C):
             ws.dbase[c + 1] = 0
-        for c in prange(ws.u_cap, C, schedule="dynamic", chunksize=256, num_threads=nt):
-            th = omp_get_thread_num()
-            ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            for c in prange(ws.u_cap, C, schedule="dynamic", chunksize=256):
+                th = omp_get_thread_num()
+                ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+            ftz_leave(csr)
     ws.dbase[0] = 0
     for c in range(hi):
         ws.dbase[c + 1] += ws.dbase[c]
-    for b in prange(a.B, schedule="static", num_threads=nt):
-        _globalize_row(ws, b)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for b in prange(a.B, schedule="static"):
+            _globalize_row(ws, b)
+        ftz_leave(csr)
     # ids in order of first appearance, and the row where each block of them starts
     ws.rbase[0] = 0
     it = 0
@@ -1592,6 +1617,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef double* dsum = ws.dsum
     cdef double loss = 0, d
     cdef floating l2a = <floating>a.l2a
+    cdef unsigned int csr
 
     cdef double t0 = omp_get_wtime()
     err = _prepare(a, ws, values, V, w, W, _phase_t)
@@ -1604,35 +1630,47 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     _phase_t[3] = omp_get_wtime() - t0
     reset_cursors(ws.cursors, nt)
     with parallel(num_threads=nt):
+        csr = ftz_enter()
         rank = 0
         c = next_item_near(ws.cursors, a.n_chunks, nt, threadid(), &rank)
         while c < a.n_chunks:
             _forward_chunk(a, ws, c, y, dense)
             c = next_item_near(ws.cursors, a.n_chunks, nt, threadid(), &rank)
+        ftz_leave(csr)
     _phase_t[4] = omp_get_wtime() - t0
     if a.attention:
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
-        for it in prange(feature_items(a.U, CLASS_TAIL), schedule="dynamic", num_threads=nt):
-            for c in range(feature_item_start(it, a.U, CLASS_TAIL),
-                           feature_item_start(it + 1, a.U, CLASS_TAIL)):
-                _sum_ds(a, ws, c)
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            for it in prange(feature_items(a.U, CLASS_TAIL), schedule="dynamic"):
+                for c in range(feature_item_start(it, a.U, CLASS_TAIL),
+                               feature_item_start(it + 1, a.U, CLASS_TAIL)):
+                    _sum_ds(a, ws, c)
+            ftz_leave(csr)
         if a.n_own > 0:
-            for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256,
-                            num_threads=nt):
-                _sum_ds(a, ws, c)
+            with parallel(num_threads=nt):
+                csr = ftz_enter()
+                for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256):
+                    _sum_ds(a, ws, c)
+                ftz_leave(csr)
     _phase_t[5] = omp_get_wtime() - t0
     if a.attention:
         _backward_groups(a, ws)
         reset_cursors(ws.cursors, nt)
         with parallel(num_threads=nt):
+            csr = ftz_enter()
             rank = 0
             c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
             while c < a.n_groups:
                 _backward_group(a, ws, c, dense, W, <floating*>ws.VX)
                 c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
+            ftz_leave(csr)
     elif not a.freeze_fm:
-        for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
-            _backward_chunk(a, ws, c, <floating*>ws.VX)
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
+                _backward_chunk(a, ws, c, <floating*>ws.VX)
+            ftz_leave(csr)
     _phase_t[6] = omp_get_wtime() - t0
 
     # step 2, serial: row-order sums
@@ -1664,15 +1702,20 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     # Frappe k=64 feature_updates took 1.34 ms against 1.12 on 1 thread
     # (bench/profile_phases.py --k 64 --epochs 10 --threads 1 2).
     tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
-    for it in prange(feature_items(a.U, tail), schedule="dynamic", num_threads=nt):
-        for u in range(feature_item_start(it, a.U, tail),
-                       feature_item_start(it + 1, a.U, tail)):
-            _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for it in prange(feature_items(a.U, tail), schedule="dynamic"):
+            for u in range(feature_item_start(it, a.U, tail),
+                           feature_item_start(it + 1, a.U, tail)):
+                _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
+        ftz_leave(csr)
     _phase_t[8] = omp_get_wtime() - t0
 
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
+            csr = ftz_enter()
             _dw_block(a, ws, th, nt, GW)
+            ftz_leave(csr)
         for j in range(t * k):
             GW[j] = GW[j] + l2a * W[j]
         loss += 0.5 * a.l2a * dot_d(W, W, t * k)
@@ -1709,6 +1752,7 @@ cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_s
     """Batches rows[i batch_size:(i + 1) batch_size] at steps cfg.step + i, losses[i] =
     their losses; stops after the first non-finite loss. Returns the batches run.
     single: called by afm_step (see check_batches)."""
+    cdef unsigned int csr
     cdef const int64_t[::1] indptr = X[0]
     cdef const int32_t[::1] indices = X[1]
     cdef const floating[::1] values = X[2]
@@ -1784,6 +1828,7 @@ cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_s
     ws._ensure_threads(n_threads)
 
     with nogil:
+        csr = ftz_enter_caller(a.n_threads)
         for i in range(n_batches):
             first = i * bs
             a.B = min(bs, rows.shape[0] - first)
@@ -1800,6 +1845,7 @@ cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_s
             n_done += 1
             if not isfinite(loss):
                 break
+        ftz_leave(csr)
     raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, ws.max_batch_pairs)
     return n_done
 
@@ -1913,6 +1959,7 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     cdef Py_ssize_t M = V.shape[0], k = V.shape[1], t = W.shape[0]
     cdef Py_ssize_t n = indptr.shape[0] - 1, i, max_n, max_pairs
     cdef int nt = n_threads, tid
+    cdef unsigned int csr
     cdef InferArgs a
     cdef floating[::1] out
     cdef const int64_t[::1] pind
@@ -1985,13 +2032,15 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     a.activation = activation
     a.indptr = &indptr[0]
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
-    with nogil:
-        for i in prange(n, schedule="static", num_threads=nt):
+    with nogil, parallel(num_threads=nt):
+        csr = ftz_enter()
+        for i in prange(n, schedule="static"):
             tid = omp_get_thread_num()
             _infer_row(&a, i, &values[0] if values.shape[0] > 0 else NULL,
                        &V[0, 0], &w[0], &WT[0, 0], &dense[0], &vx_s[tid, 0],
                        &id_s[tid, 0], &e_s[tid, 0], &u_s[tid, 0], &a_s[tid, 0],
                        &g_s[tid, 0], i_ptr, j_ptr, w_ptr, c_ptr)
+        ftz_leave(csr)
 
 
 cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
@@ -2021,12 +2070,16 @@ cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     attention MLP once per distinct pair: scores into out[row]."""
     cdef Py_ssize_t c
     cdef int nt = a.n_threads, err
+    cdef unsigned int csr
     err = _prepare(a, ws, values, V, w, W, NULL)
     if err:
         return err
     _distinct_logits(a, ws, dense)
-    for c in prange(a.n_chunks, schedule="dynamic", chunksize=2, num_threads=nt):
-        _infer_chunk(a, ws, c, dense, out)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
+            _infer_chunk(a, ws, c, dense, out)
+        ftz_leave(csr)
     return 0
 
 
@@ -2064,6 +2117,7 @@ cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n
                          floating[::1] out) except *:
     cdef Py_ssize_t M = V.shape[0], k = V.shape[1], n, r0, chunk_rows
     cdef int err = 0
+    cdef unsigned int csr
     cdef AFMWorkspace ws
     cdef AFMArgs a
     indptr_a, indices_a, values_a = (np.asarray(X[0]), np.asarray(X[1]),
@@ -2127,6 +2181,7 @@ cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n
     a.err.pos = 0
     a.err.value = 0
     with nogil:
+        csr = ftz_enter_caller(a.n_threads)
         r0 = 0
         while r0 < n:
             a.rows = &rows[r0]
@@ -2136,6 +2191,7 @@ cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n
             if err:
                 break
             r0 += chunk_rows
+        ftz_leave(csr)
     _give_back_predict_workspace(ws)
     raise_batch_error(err, &a.err, n, M, ws.max_batch_nnz, ws.max_batch_pairs)
 

@@ -16,6 +16,8 @@ every helper may be called from inside ``prange`` bodies.
 - ``dot_d``: a dot product of float32 or float64 vectors accumulated in double.
 - Data loss: ``row_data_loss`` (LOSS_SQUARED / LOSS_LOGISTIC, kernel_api's SQUARED /
   LOGISTIC), ``loss_code_from`` reads and checks cfg.loss.
+- Denormals: ``ftz_enter`` / ``ftz_leave`` (see their docstrings and kernel_api's
+  "Denormals").
 """
 from libc.math cimport exp, fabs, floor, fmax, log1p, sqrt, sqrtf
 from libc.stdint cimport int64_t, uint64_t
@@ -268,3 +270,55 @@ cdef inline double dot_d(const floating* a, const floating2* b, Py_ssize_t n) no
     for l in range(8):
         s = s + acc[l]
     return s
+
+
+cdef extern from *:
+    """
+    /* Flush-to-zero (MXCSR bit 15) and denormals-are-zero (bit 6) for the kernels' SSE/AVX
+       arithmetic. MXCSR is per thread, so every thread that computes for a kernel sets
+       them itself and puts its previous value back when its part ends. */
+    #if defined(__SSE__) || defined(__x86_64__) || defined(_M_X64)
+    #include <xmmintrin.h>
+    #define AFMFAST_HAVE_MXCSR 1
+    #define AFMFAST_FTZ_DAZ 0x8040u
+    static inline unsigned int afmfast_mxcsr(void) { return _mm_getcsr(); }
+    static inline unsigned int afmfast_ftz_enter(void) {
+        unsigned int old = _mm_getcsr();
+        /* a load of MXCSR costs more than a read: skip it on a thread already set (the
+           caller's thread, entering a parallel region inside a kernel call) */
+        if ((old & AFMFAST_FTZ_DAZ) != AFMFAST_FTZ_DAZ)
+            _mm_setcsr(old | AFMFAST_FTZ_DAZ);
+        return old;
+    }
+    static inline void afmfast_ftz_leave(unsigned int old) {
+        if ((old & AFMFAST_FTZ_DAZ) != AFMFAST_FTZ_DAZ)
+            _mm_setcsr(old);
+    }
+    /* For a kernel's calling thread, before the parallel regions it starts. A thread that
+       OpenMP creates copies the MXCSR of the thread creating it, and its ftz_leave would
+       then keep FTZ and DAZ for good: an empty region of the same size first makes sure
+       the caller's team exists before FTZ is set on the caller. */
+    static inline unsigned int afmfast_ftz_enter_caller(int n_threads) {
+    #ifdef _OPENMP
+        #pragma omp parallel num_threads(n_threads)
+        { __asm__ __volatile__("" ::: "memory"); }
+    #endif
+        return afmfast_ftz_enter();
+    }
+    #else
+    /* No MXCSR (not x86): denormals are computed as the hardware does; a no-op. */
+    #define AFMFAST_HAVE_MXCSR 0
+    #define AFMFAST_FTZ_DAZ 0u
+    static inline unsigned int afmfast_mxcsr(void) { return 0; }
+    static inline unsigned int afmfast_ftz_enter(void) { return 0; }
+    static inline void afmfast_ftz_leave(unsigned int old) { (void)old; }
+    static inline unsigned int afmfast_ftz_enter_caller(int n) { (void)n; return 0; }
+    #endif
+    """
+    enum:
+        HAVE_MXCSR "AFMFAST_HAVE_MXCSR"
+        FTZ_DAZ_BITS "AFMFAST_FTZ_DAZ"
+    unsigned int mxcsr_read "afmfast_mxcsr"() noexcept nogil
+    unsigned int ftz_enter "afmfast_ftz_enter"() noexcept nogil
+    unsigned int ftz_enter_caller "afmfast_ftz_enter_caller"(int n_threads) noexcept nogil
+    void ftz_leave "afmfast_ftz_leave"(unsigned int old) noexcept nogil

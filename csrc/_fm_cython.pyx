@@ -66,7 +66,8 @@ from _batch cimport (
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
     dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
-    dot_d, opt_elem, opt_vec, row_data_loss,
+    dot_d, opt_elem, opt_vec, row_data_loss, ftz_enter, ftz_leave, mxcsr_read,
+    HAVE_MXCSR, FTZ_DAZ_BITS, ftz_enter_caller,
 )
 
 from afmfast import kernel_api as _api
@@ -152,8 +153,12 @@ cdef void _bn_sums(const StepArgs* a, int what, const floating* F, const floatin
     """out0 (and out1 for BN_DZ) = the batch's sums (see _bn_block), blocks in parallel."""
     cdef Py_ssize_t k = a.k, blk, f, nrb = (a.B + BN_BLOCK - 1) // BN_BLOCK
     cdef Py_ssize_t off = k if what == BN_VAR else 0
-    for blk in prange(nrb, schedule="static", num_threads=a.n_threads):
-        _bn_block(a, blk, what, F, SC, r, mu, part)
+    cdef unsigned int csr
+    with parallel(num_threads=a.n_threads):
+        csr = ftz_enter()
+        for blk in prange(nrb, schedule="static"):
+            _bn_block(a, blk, what, F, SC, r, mu, part)
+        ftz_leave(csr)
     for f in range(k):
         out0[f] = 0
         if out1 != NULL:
@@ -555,15 +560,19 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef double* sdzfh = ws.sum_dzfh
     cdef double loss = 0, gw0 = 0, d, rb
     cdef floating* fr
+    cdef unsigned int csr
     cdef double t0 = omp_get_wtime()
 
     err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.off, a.nnz_cap, nt, &a.err)
     if err:
         return err
 
-    for b in prange(B, schedule="static", num_threads=nt):
-        _copy_batch_row(a, b, ws.off, values, y, r, ws.occ, <floating*>ws.occ_x,
-                        ws.row_bad)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for b in prange(B, schedule="static"):
+            _copy_batch_row(a, b, ws.off, values, y, r, ws.occ, <floating*>ws.occ_x,
+                            ws.row_bad)
+        ftz_leave(csr)
     for b in range(B):
         if ws.row_bad[b] >= 0:
             a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
@@ -577,6 +586,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     # are the static halves of the output and df loops below.
     reset_cursors(ws.cursors, nt)
     with parallel(num_threads=nt):
+        csr = ftz_enter()
         rank = 0
         if threadid() == 0:
             _group_batch(a, ws, <floating*>ws.occ_x, grp_x)
@@ -588,6 +598,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                 _forward_row(a, b, ws.off, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x)
                 b = b + 1
             c = next_item_near(ws.cursors, n_fwd, nt, threadid(), &rank)
+        ftz_leave(csr)
     U = a.U
     _phase_t[1] = omp_get_wtime() - t0
 
@@ -606,8 +617,11 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     for f in range(k):
         kb[5 * k + f] = 1
         kb[6 * k + f] = 0
-    for b in prange(B, schedule="static", num_threads=nt):
-        _output_row(a, b, dense, F, SC, lin, kb, r, ws.row_loss)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for b in prange(B, schedule="static"):
+            _output_row(a, b, dense, F, SC, lin, kb, r, ws.row_loss)
+        ftz_leave(csr)
 
     for b in range(B):
         loss += ws.row_loss[b]
@@ -619,17 +633,24 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             kb[4 * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
     _phase_t[2] = omp_get_wtime() - t0
 
-    for b in prange(B, schedule="static", num_threads=nt):
-        _df_row(a, b, r, dense, F, SC, kb)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for b in prange(B, schedule="static"):
+            _df_row(a, b, r, dense, F, SC, kb)
+        ftz_leave(csr)
     _phase_t[3] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it.
     tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
-    for it in prange(feature_items(U, tail), schedule="dynamic", num_threads=nt):
-        for u in range(feature_item_start(it, U, tail), feature_item_start(it + 1, U, tail)):
-            _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r,
-                            ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for it in prange(feature_items(U, tail), schedule="dynamic"):
+            for u in range(feature_item_start(it, U, tail),
+                           feature_item_start(it + 1, U, tail)):
+                _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r,
+                                ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
+        ftz_leave(csr)
 
     d = 0
     for u in range(U):
@@ -676,6 +697,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
     cdef StepArgs a
     cdef Py_ssize_t M = V.shape[0], k = V.shape[1]
     cdef Py_ssize_t i, n_batches = losses.shape[0], n_done = 0, first, bs
+    cdef unsigned int csr
     cdef uint64_t step0
     cdef double loss = 0
     cdef int err = 0
@@ -724,6 +746,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
     ws._ensure_threads(n_threads)
 
     with nogil:
+        csr = ftz_enter_caller(a.n_threads)
         for i in range(n_batches):
             first = i * bs
             a.B = min(bs, rows.shape[0] - first)
@@ -740,6 +763,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
             n_done += 1
             if not isfinite(loss):
                 break
+        ftz_leave(csr)
     raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, 0)
     return n_done
 
@@ -832,12 +856,15 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
     scratch_arr = np.empty((n_threads, 2 * k), dtype=params.V.dtype)
     cdef floating[:, ::1] scratch = scratch_arr
     cdef int tid
-    with nogil:
-        for i in prange(n, schedule="static", num_threads=n_threads):
+    cdef unsigned int csr
+    with nogil, parallel(num_threads=n_threads):
+        csr = ftz_enter()
+        for i in prange(n, schedule="static"):
             tid = omp_get_thread_num()
             out[i] = _predict_row(i, k, M, &indptr[0], &indices[0], &values[0], &V[0, 0],
                                   &w[0], &dense[0], &mu[0], &inv[0], &zeros[0], batch_norm,
                                   &scratch[tid, 0], &scratch[tid, k])
+        ftz_leave(csr)
 
 
 def fm_predict(X, params, batch_norm, n_threads, out):
@@ -864,8 +891,29 @@ def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
     return out.astype(bool)
 
 
+def _mxcsr_for_test():
+    """The calling thread's MXCSR (0 where the machine has none), for tests that check a
+    kernel call leaves it as it found it."""
+    return mxcsr_read()
+
+
+def _thread_mxcsrs_for_test(int n_threads):
+    """{OpenMP thread number: its MXCSR} read by each thread of a parallel region of
+    n_threads (where a kernel's workers run), for tests that check the kernels put back
+    every worker's MXCSR; FTZ_DAZ_BITS and HAVE_MXCSR are in ``_constants()``."""
+    cdef Py_ssize_t th
+    cdef unsigned int[::1] seen = np.zeros(n_threads, dtype=np.uint32)
+    cdef int[::1] ran = np.zeros(n_threads, dtype=np.int32)
+    with nogil:
+        for th in prange(n_threads, schedule="static", num_threads=n_threads):
+            seen[omp_get_thread_num()] = mxcsr_read()
+            ran[omp_get_thread_num()] = 1
+    return {i: int(seen[i]) for i in range(n_threads) if ran[i]}
+
+
 def _constants():
     """The constants this module hard-codes (to test them against kernel_api)."""
     return dict(ADAGRAD=OPT_ADAGRAD, SGD=OPT_SGD, MOMENTUM=OPT_MOMENTUM, ADAM=OPT_ADAM,
                 BN_EPS=BN_EPS, BN_DECAY=BN_DECAY, MOMENTUM_COEF=MOMENTUM_COEF,
-                ADAM_BETA1=ADAM_BETA1, ADAM_BETA2=ADAM_BETA2, ADAM_EPS=ADAM_EPS)
+                ADAM_BETA1=ADAM_BETA1, ADAM_BETA2=ADAM_BETA2, ADAM_EPS=ADAM_EPS,
+                HAVE_MXCSR=bool(HAVE_MXCSR), FTZ_DAZ_BITS=FTZ_DAZ_BITS)
