@@ -107,6 +107,7 @@ try:
 except ImportError:  # run from a checkout: use it
     sys.path.insert(0, str(REPO))
     import afmfast  # noqa: F401
+from afmfast.threads import RunPlanner  # noqa: E402
 
 BATCH = 4096
 WARMUP_ROWS = 1024  # one warm-up batch per thread count before the timed repetitions
@@ -320,13 +321,16 @@ def worker_afmfast(job):
         est._threads = threads
         est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
         step += 1
+    # fixed thread counts: this table measures the kernels' scaling (--load measures fit's
+    # default, adaptive count)
+    planners = {t: RunPlanner(t, adaptive=False) for t in THREADS}
     for rows in _repetitions(job, rows_for, times, probes, scale):
         for threads in THREADS:
-            est._threads = threads
+            est._threads, est._planner = threads, planners[threads]
             if rows is None:  # one epoch, as fit runs it (without its evaluation)
                 t0 = time.perf_counter()
                 order = est._backend.shuffled_rows(n, est._seed, step, threads)
-                step = est._train_epoch(X, y, order, step)
+                step, _ = est._train_epoch(X, y, order, step)
                 del order  # as fit does
                 times[threads].append((time.perf_counter() - t0) * scale)
                 continue
