@@ -214,6 +214,22 @@ def _is_integer(value):
         return isinstance(value, int)
 
 
+def other_running_threads(stat="/proc/stat"):
+    """Threads of other processes running or runnable right now, machine-wide: the
+    kernel's ``procs_running`` count less the calling thread (0 where there is no
+    ``/proc/stat``). A snapshot, and in a container it counts the host's threads too,
+    so it serves only as a first guess that measurement then corrects."""
+    text = _read(stat)
+    if text:
+        for line in text.splitlines():
+            if line.startswith("procs_running "):
+                try:
+                    return max(0, int(line.split()[1]) - 1)
+                except ValueError:
+                    break
+    return 0
+
+
 class RunPlanner:
     """Plans fit's kernel calls: how many batches each call runs, on how many threads.
 
@@ -228,16 +244,27 @@ class RunPlanner:
     ``slowdown`` times slower than its recent median (a competing process started) the
     next run is a probe.
 
+    A probe with more threads costs most when it is wrong: beside a busy process one
+    batch on a descheduled thread can take as long as many batches on fewer threads,
+    and a batch cannot be cut short. So an upward probe runs only when ``busy_cpus()``
+    (other processes' running threads) leaves a CPU free for each added thread, or
+    otherwise after ``blind_gap`` seconds of training (doubling up to
+    ``longest_blind_gap``), since that count is machine-wide and can be wrong, for
+    example in a container on a busy host. The same count picks the first thread count.
+
     Parameters
     ----------
     most : int
         The largest thread count (the fit's resolved ``n_threads``).
     adaptive : bool
         False: every run uses ``most`` threads.
+    busy_cpus : callable, optional
+        Returns the CPUs other processes keep busy now (default:
+        ``other_running_threads``, the least of three readings).
 
     Examples
     --------
-    >>> planner = RunPlanner(2)
+    >>> planner = RunPlanner(2, busy_cpus=lambda: 0)
     >>> threads, batches = planner.next_run(batch_rows=4096, rows_left=40000)
     >>> threads, batches
     (2, 1)
@@ -249,28 +276,38 @@ class RunPlanner:
     probe_seconds = 0.002
     first_gap = 0.03
     longest_gap = 2.0
+    blind_gap = 2.0
+    longest_blind_gap = 16.0
     probe_share = 20.0
     switch_margin = 0.9
     slowdown = 1.5
     history = 3
 
-    def __init__(self, most, adaptive=True):
+    def __init__(self, most, adaptive=True, busy_cpus=None):
         self.most = int(most)
         self.adaptive = bool(adaptive) and self.most > 1
         ladder = [self.most]
         while ladder[-1] > 1:
             ladder.append(ladder[-1] // 2)
         self.ladder = ladder
+        self._busy = busy_cpus or _least_busy
         self.current = self.most
+        if self.adaptive:
+            self.current = next((t for t in ladder if t <= self._free_cpus()), 1)
         self._recent = {}          # threads -> seconds per row of its last runs
         self._batch_seconds = {}   # threads -> seconds per batch of its last run
-        self._started = 0          # the most threads any run so far has used
+        self._first = True         # the fit's first run: cold caches, JIT, thread start
         self._clock = 0.0          # seconds spent in kernel runs so far
-        self._next_probe = 0.0
+        self._next_probe = self.first_gap
         self._gap = self.first_gap
+        self._blind_gap = self.blind_gap
+        self._next_blind = self.blind_gap
         self._probe_up = False
         self._probing = None       # the thread count of the run in flight, if a probe
         self.rows_by_threads = {}  # threads -> rows trained (for the epoch's report)
+
+    def _free_cpus(self):
+        return (os.cpu_count() or 1) - self._busy()
 
     def _span(self, threads, seconds):
         per_batch = self._batch_seconds.get(threads) or self._batch_seconds.get(self.current)
@@ -291,6 +328,19 @@ class RunPlanner:
         self._probe_up = not self._probe_up
         return up if self._probe_up else down
 
+    def _may_probe(self, probe):
+        if probe < self.current or self._free_cpus() >= probe:
+            return True
+        if self._clock >= self._next_blind:
+            self._blind_gap = min(self.longest_blind_gap, 2 * self._blind_gap)
+            self._next_blind = self._clock + self._blind_gap
+            return True
+        return False
+
+    def _lost_probe(self, cost):
+        self._gap = min(self.longest_gap, 2 * self._gap)
+        self._next_probe = self._clock + max(self._gap, self.probe_share * cost)
+
     def next_run(self, batch_rows, rows_left):
         """(threads, batches) of the next kernel call; ``batch_rows`` is the batch size,
         ``rows_left`` the rows left in the epoch."""
@@ -301,14 +351,13 @@ class RunPlanner:
             return self.current, self._span(self.current, self.probe_seconds)
         if self._clock >= self._next_probe and rows_left > 2 * batch_rows:
             probe = self._neighbour()
-            self._probing = probe
-            return probe, self._span(probe, self.probe_seconds)
-        if self._clock < self._next_probe:
-            # end the run at the next probe, so that it is not late by a whole span
-            seconds = min(self.span_seconds, self._next_probe - self._clock)
-        else:
-            seconds = self.span_seconds
-        return self.current, self._span(self.current, seconds)
+            if self._may_probe(probe):
+                self._probing = probe
+                return probe, self._span(probe, self.probe_seconds)
+            self._lost_probe(0.0)
+        # end the run at the next probe, so that it is not late by a whole span
+        seconds = min(self.span_seconds, max(self._next_probe - self._clock, 0.0))
+        return self.current, self._span(self.current, seconds or self.span_seconds)
 
     def record(self, threads, rows, batches, seconds):
         """Account a finished kernel call of ``batches`` batches and ``rows`` rows."""
@@ -317,26 +366,22 @@ class RunPlanner:
         if batches < 1 or rows < 1:
             return
         self._batch_seconds[threads] = seconds / batches
-        if threads > self._started:  # it started threads, on cold caches: not typical
-            self._started = threads
+        if self._first:  # not typical of what follows
+            self._first = False
             return
-        rate = seconds / rows
         if not self.adaptive:
             return
+        rate = seconds / rows
+        reference = self._median(self.current)
+        self._remember(threads, rate)
         if self._probing is not None and threads == self._probing:
-            reference = self._median(self.current)
-            self._remember(threads, rate)
             if reference is not None and rate < self.switch_margin * reference:
                 self.current = threads
                 self._gap = self.first_gap
+                self._next_probe = self._clock + self._gap
             else:
-                self._gap = min(self.longest_gap, 2 * self._gap)
-            self._next_probe = self._clock + max(
-                self._gap, self.probe_share * self._batch_seconds[threads])
-            return
-        reference = self._median(threads)
-        self._remember(threads, rate)
-        if reference is not None and rate > self.slowdown * reference:
+                self._lost_probe(seconds)
+        elif reference is not None and rate > self.slowdown * reference:
             self._gap = self.first_gap
             self._next_probe = self._clock
 
@@ -349,3 +394,9 @@ class RunPlanner:
         """Rows trained per thread count since the last call (then reset)."""
         counts, self.rows_by_threads = self.rows_by_threads, {}
         return counts
+
+
+def _least_busy():
+    """other_running_threads(), the least of three readings: a process that ran for a
+    moment should not count as a competing load."""
+    return min(other_running_threads() for _ in range(3))

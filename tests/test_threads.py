@@ -122,11 +122,13 @@ def test_absurd_thread_counts_are_clamped_with_a_warning_and_train(backend):
 
 # ----- the planner, on a simulated machine ---------------------------------------------
 
-def simulate(planner, seconds_per_row, n_rows=4_000_000, batch=4096):
+def simulate(planner, seconds_per_row, n_rows=4_000_000, batch=4096, now=None):
     """Feed ``planner`` the run times of a machine where a run on t threads at time s (in
     seconds of training) costs seconds_per_row(t, s) per row; returns the rows trained
-    per thread count and the simulated seconds."""
+    per thread count and the simulated seconds. ``now`` (a one-item list), if given,
+    holds the simulated time as it goes."""
     clock, done, rows = 0.0, 0, {}
+    now = [0.0] if now is None else now
     while done < n_rows:
         t, batches = planner.next_run(batch, n_rows - done)
         r = min(batches * batch, n_rows - done)
@@ -134,6 +136,7 @@ def simulate(planner, seconds_per_row, n_rows=4_000_000, batch=4096):
         planner.record(t, r, -(-r // batch), seconds)
         rows[t] = rows.get(t, 0) + r
         clock += seconds
+        now[0] = clock
         done += r
     return rows, clock
 
@@ -142,25 +145,53 @@ IDLE = {1: 1.0e-6, 2: 0.55e-6}      # two threads ~1.8x one
 BUSY = {1: 1.0e-6, 2: 2.3e-6}       # a busy loop beside: one thread keeps a CPU
 
 
-def test_planner_keeps_all_threads_on_an_idle_machine():
-    planner = RunPlanner(2)
+def first_reading(value, then):
+    """A busy_cpus that reads ``value`` once, then ``then``."""
+    readings = iter([value])
+    return lambda: next(readings, then)
+
+
+@pytest.mark.parametrize("first", [0, 1])  # a right or a wrong first guess
+def test_planner_keeps_all_threads_on_an_idle_machine(first):
+    planner = RunPlanner(2, busy_cpus=first_reading(first, 0))
+    assert planner.current == 2 - first
     rows, seconds = simulate(planner, lambda t, s: IDLE[t])
     assert rows[2] / sum(rows.values()) > 0.98
     assert seconds < 1.02 * 4_000_000 * IDLE[2]
 
 
-def test_planner_steps_down_beside_a_busy_process():
-    planner = RunPlanner(2)
+def test_planner_recovers_when_the_busy_count_is_wrong_for_good():
+    # a container on a busy host: the machine-wide count says busy, our CPUs are free
+    planner = RunPlanner(2, busy_cpus=lambda: 1)
+    rows, seconds = simulate(planner, lambda t, s: IDLE[t], n_rows=40_000_000)
+    assert planner.current == 2 and rows[2] / sum(rows.values()) > 0.85
+
+
+@pytest.mark.parametrize("busy", [lambda: 1, lambda: 0])  # counted, or not seen at all
+def test_planner_steps_down_beside_a_busy_process(busy):
+    planner = RunPlanner(2, busy_cpus=busy)
     rows, seconds = simulate(planner, lambda t, s: BUSY[t], n_rows=400_000)
     assert planner.current == 1
     assert seconds < 1.1 * 400_000 * BUSY[1]
+    long_planner = RunPlanner(2, busy_cpus=busy)
+    rows, seconds = simulate(long_planner, lambda t, s: BUSY[t], n_rows=40_000_000)
+    assert seconds < 1.03 * 40_000_000 * BUSY[1]
+
+
+def test_other_running_threads_reads_procs_running(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
+    assert threads.other_running_threads(str(stat)) == 2
+    assert threads.other_running_threads(str(tmp_path / "missing")) == 0
+    assert threads.other_running_threads() >= 0
 
 
 def test_planner_follows_the_load_as_it_comes_and_goes():
-    planner = RunPlanner(2)
+    clock = [0.0]
+    planner = RunPlanner(2, busy_cpus=lambda: 1 if 0.5 <= clock[0] < 1.5 else 0)
     # busy between 0.5 s and 1.5 s of training
-    rows, seconds = simulate(
-        planner, lambda t, s: (BUSY if 0.5 <= s < 1.5 else IDLE)[t], n_rows=8_000_000)
+    rows, seconds = simulate(planner, lambda t, s: (BUSY if 0.5 <= s < 1.5 else IDLE)[t],
+                             n_rows=8_000_000, now=clock)
     # the time of always choosing the right count
     ideal_rows = [0.5 / IDLE[2], 1.0 / BUSY[1]]
     ideal = 0.5 + 1.0 + (8_000_000 - sum(ideal_rows)) * IDLE[2]
@@ -175,7 +206,7 @@ def test_planner_never_adapts_when_told_not_to_or_with_one_thread():
 
 
 def test_planner_ladder_halves_to_one():
-    assert RunPlanner(12).ladder == [12, 6, 3, 1]
+    assert RunPlanner(12, busy_cpus=lambda: 0).ladder == [12, 6, 3, 1]
     assert RunPlanner(1).ladder == [1]
 
 
