@@ -375,7 +375,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         planner = self._planner
         n = len(order)
         bs = min(self.batch_size, n)  # the workspace's batch size (a smaller data set)
-        start, loss_sum = 0, 0.0
+        start, batch_losses = 0, []
         while start < n:
             threads, span = planner.next_run(bs, n - start)
             stop = min(n, start + span * bs)
@@ -387,11 +387,12 @@ class FactorizationModel(*_SKLEARN_BASES):
                 raise self._diverged(epoch, f"the batch loss became {losses[done - 1]}")
             planner.record(threads, stop - start, done, elapsed)
             step += done
-            loss_sum += float(losses[:done].sum())
+            batch_losses.extend(losses[:done].tolist())
             start = stop
             if progress is not None:
                 progress.update(stop)
-        return step, loss_sum
+        # fsum: the same total however the planner cut the epoch into runs
+        return step, math.fsum(batch_losses)
 
     def _epochs(self, train, valid, callbacks):
         n = train.n_rows
