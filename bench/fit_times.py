@@ -64,6 +64,9 @@ IMPLS = [("afmfast", None, "afmfast default threads"), ("afmfast", 1, "afmfast 1
          ("pytorch", 1, "PyTorch 1 thread"), ("pytorch", 2, "PyTorch 2 threads")]
 TARGET_RATIO = 1.25
 MIN_REPS = 5
+# CPUs that processes other than ours may use during a phase before the verdicts say
+# that the machine was not the idle one the targets suppose
+OTHERS_NOTE_CPUS = 0.3
 WORKER_TIMEOUT = 600.0  # seconds one fit may take before the run gives up
 
 
@@ -224,7 +227,7 @@ def config_name(model, k):
     return f"FM k={k}" if model == "fm" else f"AFM k=t={k}"
 
 
-def report(times, usage, configs, impls, phases, reps, n, kind, default_threads):
+def report(times, usage, configs, impls, phases, reps, n, default_threads):
     """Print the side-by-side table, the default / one-thread ratios and the verdicts
     of targets (a) and (b)."""
     names = [p[0] for p in phases]
@@ -287,15 +290,20 @@ def report(times, usage, configs, impls, phases, reps, n, kind, default_threads)
         for model, k in configs:
             print(f"      {config_name(model, k)}: "
                   + verdict(times[afm], times[busy], model, k, default, one))
-    elif kind == "busy":
+    elif n > 0:
         print("  (b) needs --load-kind afmfast")
+    if n == 0:
+        print("  none judged: --load 0 runs the quiet phase only")
+    busiest = max(usage[name]["others"] for name in names)
+    if busiest > OTHERS_NOTE_CPUS:
+        print(f"  note: the rest of the machine used up to {busiest:.2f} CPUs during these "
+              "phases (the CPU use above): the targets suppose a machine otherwise idle, "
+              "so these figures describe a busier one (and the quiet phase was not quiet)")
 
 
-def ratio(phase_times, model, k, num, den, stat=mean, den_times=None):
-    """stat of num's times over stat of den's (den's from den_times when given), as
-    "1.23x"."""
-    den_times = phase_times if den_times is None else den_times
-    return fmt_x(stat(phase_times[(model, k, num)]) / stat(den_times[(model, k, den)]))
+def ratio(phase_times, model, k, num, den, stat=mean):
+    """stat of num's times over stat of den's in one phase, as "1.23x"."""
+    return fmt_x(stat(phase_times[(model, k, num)]) / stat(phase_times[(model, k, den)]))
 
 
 def verdict(num_times, den_times, model, k, num, den):
@@ -332,7 +340,7 @@ def run(args, configs, has_torch, tmpdir):
           f"{args.load_reps} repetitions a phase, each a fit of every configuration and "
           "implementation in turn ===")
     times, usage = measure(path, configs, impls, phases, args.load_reps)
-    report(times, usage, configs, impls, phases, args.load_reps, args.load, args.load_kind,
+    report(times, usage, configs, impls, phases, args.load_reps, args.load,
            default_threads())
     print(f"total run time: {time.perf_counter() - started:.0f} s")
 
