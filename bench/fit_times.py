@@ -121,7 +121,11 @@ class FitWorker:
         self.proc = load_mod.spawn_child(
             [Path(__file__).resolve(), "--serve", kind, "--data", data_path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._read()
+        try:
+            self._read()  # its "ready" line
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self):
         line = self.proc.stdout.readline()
