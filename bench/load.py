@@ -178,7 +178,9 @@ class Load:
     ``start`` returns once every process reports that it is running (an afmfast child
     after importing afmfast and loading its data) and raises RuntimeError, having killed
     the others, when one does not within ``ready_timeout`` seconds. ``pids`` lists the
-    processes' ids, ``cpu_seconds()`` the CPU time they have used together."""
+    processes' ids, ``cpu_seconds()`` the CPU time they have used together. Start it
+    from a thread that outlives the load (the main thread): the kernel's parent-death
+    signal fires when the starting thread ends, not the process."""
 
     def __init__(self, n, kind="busy", data=None, rows=None, ready_timeout=READY_TIMEOUT):
         if kind not in KINDS:
