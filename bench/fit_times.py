@@ -257,7 +257,7 @@ def report(times, usage, configs, impls, phases, reps, n, default_threads):
             rows.append(row)
     print(f"\nSeconds per fit of {EPOCHS} epochs, mean and median of {reps} repetitions "
           "(default threads: n_threads=None, whatever afmfast makes of it; \"= N now\" is "
-          "what afmfast.backends.default_threads() returns)")
+          "what afmfast.threads.default_threads() returns; fit may use fewer while that is faster)")
     print(table(header, rows))
 
     default, one = IMPLS[0][2], IMPLS[1][2]
@@ -322,7 +322,7 @@ def verdict(num_times, den_times, model, k, num, den):
 def run(args, configs, has_torch, tmpdir):
     """The comparison under load of ``bench/compare.py --load N``: data, measurement,
     tables (args: the parsed command line; configs: --configs or None)."""
-    from afmfast.backends import default_threads
+    from afmfast.threads import default_threads
 
     started = time.perf_counter()
     if configs is None:
