@@ -76,7 +76,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
     freeze_fm : bool
         Keep V, w and w0 fixed (with ``init_from``: the pretrained FM's), training only
         the attention network and p (the reference's ``--freeze_fm``).
-    optimizer, early_stopping, random_state, n_threads, backend, verbose
+    optimizer, early_stopping, random_state, n_threads, adaptive_threads, backend, verbose
         As for ``afmfast.FM``.
 
     Examples
@@ -99,8 +99,8 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
     def __init__(self, n_factors=16, attention_size=16, keep=(1.0, 0.5), l2_attention=100.0,
                  l2=0.0, learning_rate=0.1, batch_size=4096, n_epochs=20, attention=True,
                  activation="relu", batch_norm=False, freeze_fm=False, optimizer="adagrad",
-                 early_stopping=True, random_state=2016, n_threads=None, backend="auto",
-                 verbose=1):
+                 early_stopping=True, random_state=2016, n_threads=None, adaptive_threads=True,
+                 backend="auto", verbose=1):
         self.n_factors = n_factors
         self.attention_size = attention_size
         self.keep = keep
@@ -117,6 +117,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         self.early_stopping = early_stopping
         self.random_state = random_state
         self.n_threads = n_threads
+        self.adaptive_threads = adaptive_threads
         self.backend = backend
         self.verbose = verbose
 
@@ -164,20 +165,22 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
                                  f"{source.attention_size}, this model {self.attention_size})")
             self._restore(source._params)
 
-    def _config(self, step):
+    def _config(self, step, threads=None):
         return AFMStepConfig(
             float(self.learning_rate), float(self.l2), float(self.l2_attention),
             float(self.keep[0]), float(self.keep[1]), OPTIMIZER_CODES[self.optimizer],
             int(bool(self.attention)), ACTIVATION_CODES[self.activation],
-            int(bool(self.freeze_fm)), self._seed, step, self._threads, self._loss)
+            int(bool(self.freeze_fm)), self._seed, step,
+            self._threads if threads is None else threads, self._loss)
 
     def _train_batch(self, X, y, rows, step):
         return self._backend.afm_step(X, y, rows, self._params, self._state,
                                       self._config(step), self._ws)
 
-    def _train_batches(self, X, y, rows, batch_size, step, losses):
+    def _train_batches(self, X, y, rows, batch_size, step, losses, threads=None):
         return self._backend.afm_steps(X, y, rows, batch_size, self._params,
-                                       self._state, self._config(step), self._ws, losses)
+                                       self._state, self._config(step, threads), self._ws,
+                                      losses)
 
     def _predict_dataset(self, data):
         out = np.empty(data.n_rows, dtype=np.float32)

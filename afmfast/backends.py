@@ -1,4 +1,4 @@
-"""Choosing a kernel backend and a thread count.
+"""Choosing a kernel backend (the thread count: ``afmfast.threads``).
 
 A backend is a module implementing the contract of ``afmfast.kernel_api`` for one model
 ("fm" or "afm"): the Cython extensions ``afmfast._<model>_cython`` (compiled by ``pip
@@ -7,7 +7,6 @@ on disk). ``"auto"`` takes Cython when its extension imports and warns loudly wh
 falls back to Numba.
 """
 import importlib
-import os
 import warnings
 
 BACKEND_MODULES = {"cython": "afmfast._{model}_cython", "numba": "afmfast._{model}_numba"}
@@ -55,20 +54,3 @@ def get_backend(name="auto", model="fm"):
     if isinstance(module, Exception):
         raise ImportError(f"afmfast backend {name!r} is not available: {module}") from module
     return module
-
-
-def default_threads():
-    """Threads used when n_threads is None: the CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_threads(n_threads):
-    """Validate ``n_threads`` (None or a positive int) and return a positive int."""
-    if n_threads is None:
-        return default_threads()
-    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
-        raise ValueError(f"n_threads must be None or a positive integer, got {n_threads!r}")
-    return n_threads

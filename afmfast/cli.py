@@ -226,7 +226,8 @@ def _train(args):
     if args.verbose:
         print(_describe(args))
     t0 = time.perf_counter()
-    model.fit(data["train"], validation=data.get("validation"), init_from=init_from)
+    model.fit(data["train"], validation=data.get("validation"), init_from=init_from,
+              score_train=True)  # the reference prints the training RMSE every epoch
     h = model.history_
     if h:
         best = h[model.best_epoch_ - 1]

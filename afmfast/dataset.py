@@ -24,6 +24,8 @@ import stat
 
 import numpy as np
 
+from afmfast.threads import resolve_threads
+
 __all__ = ["Dataset", "load_libfm"]
 
 _INT32_MAX = 2**31 - 1
@@ -376,26 +378,6 @@ def _describe_error(name, data, offset, n_features):
     return f"{what}: {token!r}"
 
 
-def _cpu_count():
-    """CPUs this process may run on (its affinity mask), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _check_n_threads(n_threads):
-    if n_threads is None:
-        return _cpu_count()
-    if isinstance(n_threads, (bool, np.bool_)) or not isinstance(n_threads, (int, np.integer)):
-        raise ValueError(f"n_threads must be an int >= 1 or None (all CPUs available), "
-                         f"got {n_threads!r}")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be an int >= 1 or None (all CPUs available), "
-                         f"got {n_threads}")
-    return int(n_threads)
-
-
 def _map_file(fh):
     """A read-only memory map of the whole open file ``fh``, or None when it cannot be
     mapped (empty file, pipe or other special file, a file system without mmap): the
@@ -423,8 +405,8 @@ def load_libfm(path, n_features=None, *, n_threads=None):
     ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the
     line and the problem for any malformed content (nothing is skipped silently).
 
-    ``n_threads`` (default None: every CPU this process may use, from
-    ``os.sched_getaffinity``) threads parse chunks of about 256 KiB, handed out one at
+    ``n_threads`` (default None: ``afmfast.threads.default_threads()``, the CPUs this
+    process may use within its cgroup quota and thread-count variables) threads parse chunks of about 256 KiB, handed out one at
     a time, so a thread held up by a busy machine delays little; the result and the
     error reported do not depend on ``n_threads``. A regular file is memory-mapped
     rather than copied into memory, so it must not be truncated while it is being read
@@ -444,7 +426,7 @@ def load_libfm(path, n_features=None, *, n_threads=None):
 
     if n_features is not None:
         n_features = _check_n_features(n_features, -1, "indices")
-    n_threads = _check_n_threads(n_threads)
+    n_threads = resolve_threads(n_threads)
     path = os.fspath(path)
     with open(path, "rb") as fh:
         data = _map_file(fh)

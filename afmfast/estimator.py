@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import backends
+from .threads import RunPlanner, resolve_threads
 from .dataset import Dataset
 from .encoding import FeatureMap, is_dataframe
 from .kernel_api import LOGISTIC, OPTIMIZER_CODES, SQUARED, aligned_copy
@@ -22,12 +23,6 @@ from .metrics import HIGHER_IS_BETTER, rmse
 #: feature count was derived from the data's largest id rather than given explicitly:
 #: one stray id like 2_000_000_000 must not allocate hundreds of gigabytes.
 MAX_PARAMETER_BYTES = 4 << 30
-
-#: fit hands the kernel runs of batches lasting about SPAN_SECONDS (at most
-#: MAX_SPAN_BATCHES batches) per call; see FactorizationModel._train_epoch.
-SPAN_SECONDS = 0.1
-MAX_SPAN_BATCHES = 256
-
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite; the model keeps its last finite
@@ -167,7 +162,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> import afmfast
         >>> params = afmfast.FM(n_factors=8).get_params()
         >>> params["n_factors"], params["keep"], len(params)
-        (8, 0.7, 13)
+        (8, 0.7, 14)
         """
         return {name: getattr(self, name) for name in self._get_param_names()}
 
@@ -208,14 +203,14 @@ class FactorizationModel(*_SKLEARN_BASES):
         if self.random_state is not None:
             _check_int("random_state", self.random_state, 0)
         _check_int("verbose", self.verbose, 0)
-        backends.resolve_threads(self.n_threads)
+        _check_bool("adaptive_threads", self.adaptive_threads)
         if self.backend not in backends.BACKEND_NAMES:
             raise ValueError(f"backend must be one of {backends.BACKEND_NAMES}, "
                              f"got {self.backend!r}")
 
     # ----- training -------------------------------------------------------------------
     def fit(self, X, y=None, *, validation=None, init_from=None, callbacks=None,
-            metric=None):
+            metric=None, score_train=False):
         """Train; from scratch unless ``init_from`` is given.
 
         Parameters
@@ -238,6 +233,13 @@ class FactorizationModel(*_SKLEARN_BASES):
             The validation metric that picks the best epoch and drives early stopping:
             one of the model's ``evaluate`` metrics ("rmse" for regressors; "logloss"
             (default), "auc" or "accuracy" for classifiers).
+        score_train : bool, default False
+            Also re-score the whole training set after every epoch (no dropout, the
+            epoch's final parameters) and record ``train_<metric>`` for each evaluation
+            metric. Off by default: it costs about a forward pass over the training set
+            per epoch. Every epoch records ``train_loss`` either way: the training
+            objective per row that the optimiser saw during the epoch (with dropout,
+            before each batch's update, L2 terms included).
 
         Returns
         -------
@@ -246,6 +248,9 @@ class FactorizationModel(*_SKLEARN_BASES):
         Each epoch is one pass over a seeded shuffle of the rows (``random_state`` and
         the epoch number give the order, the same for any ``n_threads``) in batches of
         ``batch_size``, handed to the kernel in runs of batches (about 0.1 s each).
+        The runs' thread count is ``n_threads_``, or with ``adaptive_threads`` whatever
+        count up to it trains fastest while the run lasts (``afmfast.threads``); each
+        ``history_`` record names the count that trained most of its epoch's rows.
         With a validation set and ``early_stopping``, training stops once the validation
         metric got worse in each of the last 4 epochs (after more than 5) and the
         parameters of the best validation epoch are restored (``best_epoch_``).
@@ -259,9 +264,11 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> model = afmfast.FM(n_factors=4, n_epochs=10, n_threads=1, verbose=0)
         >>> model = model.fit(data.train, validation=data.valid, callbacks=[stop_after_2])
         >>> len(model.history_), sorted(model.history_[0]), model.best_epoch_
-        (2, ['epoch', 'seconds', 'train_rmse', 'valid_rmse'], 2)
+        (2, ['epoch', 'seconds', 'threads', 'train_loss', 'valid_rmse'], 2)
         """
         self._validate()
+        threads = resolve_threads(self.n_threads)
+        _check_bool("score_train", score_train)
         self._monitor = self._task_metrics[0] if metric is None else metric
         if self._monitor not in self._task_metrics:
             raise ValueError(f"metric must be one of {self._task_metrics}, got {metric!r}")
@@ -281,7 +288,9 @@ class FactorizationModel(*_SKLEARN_BASES):
                      else self._dataset(validation, name="validation"))
         self._backend = backends.get_backend(self.backend, self._model)
         self.backend_ = self._backend.__name__.rsplit("_", 1)[-1]
-        self._threads = backends.resolve_threads(self.n_threads)
+        self.n_threads_ = self._threads = threads
+        self._planner = RunPlanner(threads, adaptive=self.adaptive_threads)
+        self._score_train = bool(score_train)
         _check_parameter_budget(train, self.n_factors)
         self.n_features_in_ = train.n_features
         seed = 2016 if self.random_state is None else int(self.random_state)
@@ -295,6 +304,7 @@ class FactorizationModel(*_SKLEARN_BASES):
             self._run_epochs(train, valid, list(callbacks or ()))
         finally:
             self._training = False
+            self.__dict__.pop("_planner", None)
         return self
 
     def _max_batch_nnz(self, train):
@@ -355,29 +365,34 @@ class FactorizationModel(*_SKLEARN_BASES):
 
     def _train_epoch(self, X, y, order, step, epoch=0, progress=None):
         """One pass over the rows ``order`` in batches of batch_size from global step
-        ``step``; returns the step after it. The batches go to the kernel in runs
-        (``_train_batches``, one call each) of about SPAN_SECONDS, short enough for
-        Ctrl-C to land soon: with one call per batch, epochs of ml-tag's shape took
-        1.04x as long at AFM k=64 and 1.02x at FM k=16, on 1 and 2 threads
+        ``step``; returns (the step after it, the sum of the batch losses).
+
+        The batches go to the kernel in runs (``_train_batches``, one call each) that
+        ``self._planner`` (an ``afmfast.threads.RunPlanner``) sizes and gives a thread
+        count: about 0.1 s each, short enough for Ctrl-C to land soon, and long enough
+        that the call costs nothing against one call per epoch
         (python bench/epoch_overhead.py)."""
+        planner = self._planner
         n = len(order)
         bs = min(self.batch_size, n)  # the workspace's batch size (a smaller data set)
-        start, span = 0, 1
+        start, batch_losses = 0, []
         while start < n:
+            threads, span = planner.next_run(bs, n - start)
             stop = min(n, start + span * bs)
             losses = np.empty(-(-(stop - start) // bs))
             t = time.perf_counter()
-            done = self._train_batches(X, y, order[start:stop], bs, step, losses)
+            done = self._train_batches(X, y, order[start:stop], bs, step, losses, threads)
             elapsed = time.perf_counter() - t
-            step += done
             if not math.isfinite(losses[done - 1]):
                 raise self._diverged(epoch, f"the batch loss became {losses[done - 1]}")
-            span = max(1, min(MAX_SPAN_BATCHES,
-                               int(SPAN_SECONDS * done / max(elapsed, 1e-9))))
+            planner.record(threads, stop - start, done, elapsed)
+            step += done
+            batch_losses.extend(losses[:done].tolist())
             start = stop
             if progress is not None:
                 progress.update(stop)
-        return step
+        # fsum: the same total however the planner cut the epoch into runs
+        return step, math.fsum(batch_losses)
 
     def _epochs(self, train, valid, callbacks):
         n = train.n_rows
@@ -386,12 +401,14 @@ class FactorizationModel(*_SKLEARN_BASES):
         sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
         label = "" if monitor == "rmse" else f" {monitor}"
         best_valid = -math.inf
-        if self.verbose:
+        if self.verbose and (self._score_train or valid is not None):
             t = time.perf_counter()
-            init_line = f"Init: \t train{label}={self._measure(train)[1][monitor]:.4f}"
+            parts = []
+            if self._score_train:
+                parts.append(f"train{label}={self._measure(train)[1][monitor]:.4f}")
             if valid is not None:
-                init_line += f", validation{label}={self._measure(valid)[1][monitor]:.4f}"
-            self._log(f"{init_line} [{time.perf_counter() - t:.1f} s]")
+                parts.append(f"validation{label}={self._measure(valid)[1][monitor]:.4f}")
+            self._log(f"Init: \t {', '.join(parts)} [{time.perf_counter() - t:.1f} s]")
         step = 0
         for epoch in range(1, self.n_epochs + 1):
             t0 = time.perf_counter()
@@ -399,26 +416,37 @@ class FactorizationModel(*_SKLEARN_BASES):
             # serial and misses the cache at every swap; at 2,000,000 rows it took 49 ms
             # against 11 on 2 threads, 3% of an AFM k=64 epoch of ml-tag's shape
             # (pytest bench/test_bench_epoch_order.py --benchmark-only, medians)
-            order = self._backend.shuffled_rows(n, self._seed, epoch, self._threads)
+            order = self._backend.shuffled_rows(n, self._seed, epoch, self._planner.current)
             progress = _Progress(epoch, n) if self.verbose >= 2 else None
-            step = self._train_epoch(X, y, order, step, epoch, progress)
+            step, loss_sum = self._train_epoch(X, y, order, step, epoch, progress)
             del order  # before the next epoch's is drawn: one order in memory, not two
             if progress is not None:
                 progress.close()
             t1 = time.perf_counter()
-            scores, train_metrics = self._measure(train)
-            if not np.all(np.isfinite(scores)):
+            if not self._finite_parameters():
+                raise self._diverged(epoch, "the parameters are no longer finite")
+            if not self._score_train and not np.all(np.isfinite(
+                    self._predict_dataset(train[:self.batch_size]))):
                 raise self._diverged(epoch, "the predictions are no longer finite")
+            rows_by_threads = self._planner.take_rows_by_threads()
+            threads = max(rows_by_threads, key=rows_by_threads.get)
+            record = {"epoch": epoch, "train_loss": loss_sum / n}
+            if self._score_train:
+                scores, train_metrics = self._measure(train)
+                if not np.all(np.isfinite(scores)):
+                    raise self._diverged(epoch, "the predictions are no longer finite")
+                record.update((f"train_{k}", v) for k, v in train_metrics.items())
             valid_metrics = (self._measure(valid)[1] if valid is not None
-                             else dict.fromkeys(train_metrics))
-            record = {"epoch": epoch,
-                      **{f"train_{k}": v for k, v in train_metrics.items()},
-                      **{f"valid_{k}": v for k, v in valid_metrics.items()},
-                      "seconds": t1 - t0}
+                             else dict.fromkeys(self._task_metrics))
+            record.update((f"valid_{k}", v) for k, v in valid_metrics.items())
+            record.update(seconds=t1 - t0, threads=threads)
             self.history_.append(record)
             improved = valid is None or sign * valid_metrics[monitor] > best_valid
             self._keep_epoch(epoch, improved)
-            line = f"Epoch {epoch} [{t1 - t0:.1f} s]\ttrain{label}={train_metrics[monitor]:.4f}"
+            line = (f"Epoch {epoch} [{t1 - t0:.1f} s, {threads} of {self.n_threads_} "
+                    f"threads]\ttrain loss={record['train_loss']:.4f}")
+            if self._score_train:
+                line += f", train{label}={record[f'train_{monitor}']:.4f}"
             if valid is not None:
                 line += f", validation{label}={valid_metrics[monitor]:.4f}"
             self._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
@@ -432,6 +460,13 @@ class FactorizationModel(*_SKLEARN_BASES):
             if any([bool(callback(self, record)) for callback in callbacks]):
                 self._log(f"Stopped by a callback after epoch {epoch}.")
                 break
+
+    def _finite_parameters(self):
+        """Whether every parameter is finite: a float64 sum of each array is NaN or
+        infinite exactly when an entry is (float32 entries cannot overflow it), and
+        costs no temporary array. Finite parameters can still overflow a prediction,
+        which is why the epoch loop also scores one batch of training rows."""
+        return all(math.isfinite(float(a.sum(dtype=np.float64))) for a in self._params)
 
     # ----- prediction -----------------------------------------------------------------
     def _check_fitted(self):
@@ -509,8 +544,13 @@ class FactorizationModel(*_SKLEARN_BASES):
         return self._backend
 
     def _kernel_threads(self):
+        """Threads of a kernel call outside the training runs: during fit the planner's
+        current count, after it the fit's ``n_threads_``."""
+        planner = getattr(self, "_planner", None)
+        if planner is not None:
+            return planner.current
         if getattr(self, "_threads", None) is None:
-            self._threads = backends.resolve_threads(self.n_threads)
+            self._threads = resolve_threads(self.n_threads)
         return self._threads
 
     def _check_same_shape(self, source, n_features):

@@ -38,8 +38,15 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
     random_state : int >= 0 or None
         Seed of initialisation, shuffling and dropout (None means 2016).
     n_threads : int >= 1 or None
-        Kernel threads (None: all CPUs of this process). Results are bit-identical
-        for a seed whatever the thread count.
+        Most kernel threads (None: ``afmfast.threads.default_threads()``, the CPUs of
+        this process within its cgroup quota, ``OMP_NUM_THREADS``,
+        ``AFMFAST_NUM_THREADS`` and threadpoolctl's OpenMP limit). Results are
+        bit-identical for a seed whatever the thread count. The count used is the
+        fitted ``n_threads_``.
+    adaptive_threads : bool
+        Let fit run on fewer threads than ``n_threads_`` while that is faster, as when
+        other processes keep CPUs busy (``afmfast.threads.RunPlanner``); False runs
+        every batch on ``n_threads_`` threads.
     backend : {"auto", "cython", "numba"}
     verbose : int
         0 silent; 1 one line per epoch; 2 also a progress line within each epoch (rows/s,
@@ -62,8 +69,8 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
 
     def __init__(self, n_factors=16, learning_rate=0.01, batch_size=4096, n_epochs=20,
                  keep=0.7, batch_norm=True, l2=0.0, optimizer="adagrad",
-                 early_stopping=True, random_state=2016, n_threads=None, backend="auto",
-                 verbose=1):
+                 early_stopping=True, random_state=2016, n_threads=None, adaptive_threads=True,
+                 backend="auto", verbose=1):
         self.n_factors = n_factors
         self.learning_rate = learning_rate
         self.batch_size = batch_size
@@ -75,6 +82,7 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
         self.early_stopping = early_stopping
         self.random_state = random_state
         self.n_threads = n_threads
+        self.adaptive_threads = adaptive_threads
         self.backend = backend
         self.verbose = verbose
 
@@ -90,18 +98,20 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
             min(self.batch_size, train.n_rows), self._max_batch_nnz(train),
             train.n_features, self.n_factors, np.float32)
 
-    def _config(self, step):
+    def _config(self, step, threads=None):
         return StepConfig(float(self.learning_rate), float(self.l2), float(self.keep),
                           OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
-                          self._seed, step, self._threads, self._loss)
+                          self._seed, step,
+            self._threads if threads is None else threads, self._loss)
 
     def _train_batch(self, X, y, rows, step):
         return self._backend.fm_step(X, y, rows, self._params, self._state,
                                      self._config(step), self._ws)
 
-    def _train_batches(self, X, y, rows, batch_size, step, losses):
+    def _train_batches(self, X, y, rows, batch_size, step, losses, threads=None):
         return self._backend.fm_steps(X, y, rows, batch_size, self._params,
-                                      self._state, self._config(step), self._ws, losses)
+                                      self._state, self._config(step, threads), self._ws,
+                                      losses)
 
     def _warm_start(self, source, n_features):
         if not isinstance(source, FM):

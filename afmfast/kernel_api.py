@@ -51,6 +51,10 @@ ADAGRAD_INIT); SGD p -= lr g; MOMENTUM m = MOMENTUM m + g, p -= lr m; ADAM with 
 step + 1: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, p -= lr sqrt(1-b2^t)/(1-b1^t) m /
 (sqrt(v) + ADAM_EPS); lazy (only touched rows) for V and w.
 
+Thread counts: every n_threads argument is an integer >= 1 (ValueError otherwise); the
+backends run at most MAX_THREADS_PER_CPU threads per processor whatever they are asked
+(an OpenMP runtime that cannot start the threads asked for takes the process down).
+
 Determinism: every sum over the rows of a batch runs in a fixed order that does not
 depend on the thread count, so a seed gives bit-identical parameters for any n_threads
 within one backend.
@@ -119,6 +123,8 @@ batch_norm (0/1), seed, step (global batch counter, from 0), n_threads (int), lo
 # sigmoid(y_hat) - t (see reference.data_loss_and_residual).
 SQUARED, LOGISTIC = 0, 1
 
+
+MAX_THREADS_PER_CPU = 4
 
 CACHE_LINE = 64  # bytes
 

@@ -3,6 +3,10 @@
     python bench/compare.py            # full run: frappe-mini + synthetic ml-tag (2,000,000 rows)
     python bench/compare.py --quick    # ~3 minutes: 200,000 synthetic rows, fewer epochs/steps
     python bench/compare.py --rows 500000 --epochs 3 --steps 5
+    python bench/compare.py --load 1 [--load-kind afmfast] [--quick] [--load-reps 5]
+                            [--load-no-torch]
+        # only the fits of frappe-mini, quiet and beside 1 competing process, side by
+        # side with their verdicts (bench/fit_times.py; the load: bench/load.py)
 
 Needs ``pip install ".[bench]"`` (PyTorch, threadpoolctl) for every column; without
 PyTorch the PyTorch columns are skipped with a message, without threadpoolctl the BLAS
@@ -88,8 +92,8 @@ the same.
 import argparse
 import json
 import os
-import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,14 +103,11 @@ from pathlib import Path
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe" / \
-    "frappe.validation.libfm"
-try:
-    import afmfast  # noqa: F401  (installed)
-except ImportError:  # run from a checkout: use it
-    sys.path.insert(0, str(REPO))
-    import afmfast  # noqa: F401
+sys.path.insert(0, str(BENCH))  # its helper modules, also when loaded by path (tests)
+from bench_common import (FRAPPE, afmfast, fmt_s, fmt_x, frappe_mini_train,  # noqa: E402
+                          load_dataset, log, make_estimator, mb, med, print_run_header,
+                          save_dataset, synthetic_mltag, table, worker_env)
+from afmfast.threads import RunPlanner  # noqa: E402
 
 BATCH = 4096
 WARMUP_ROWS = 1024  # one warm-up batch per thread count before the timed repetitions
@@ -136,49 +137,9 @@ AFMFAST_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MEMORY_FACTOR = 8
 MEMORY_SLACK_MB = 8
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
-
-
-def log(text):
-    print(text, file=sys.stderr, flush=True)
 
 
 # ----- data ----------------------------------------------------------------------------
-def frappe_mini_train():
-    data = afmfast.load_libfm(FRAPPE)
-    return data[(np.arange(1, len(data) + 1) % 5) != 0]
-
-
-def synthetic_mltag(n_rows, seed=0):
-    """One-hot rows of 3 fields with Zipf-like popularity; labels -1/1 from planted
-    factors (one third positive)."""
-    rng = np.random.default_rng(seed)
-    cols, offset, factors = [], 0, []
-    for size in MLTAG_FIELDS:
-        p = 1.0 / (np.arange(size) + 10.0) ** 0.9
-        ids = rng.choice(size, size=n_rows, p=p / p.sum()).astype(np.int32)
-        cols.append(ids + offset)
-        factors.append(rng.normal(size=(size, 4)).astype(np.float32)[ids])
-        offset += size
-    score = (factors[0] * factors[1]).sum(1) + (factors[1] * factors[2]).sum(1)
-    y = np.where(score > np.quantile(score, 2 / 3), 1.0, -1.0).astype(np.float32)
-    indices = np.stack(cols, axis=1).ravel()
-    indptr = np.arange(0, 3 * n_rows + 1, 3, dtype=np.int64)
-    return afmfast.Dataset(indptr, indices, np.ones(indices.size, np.float32), y,
-                           n_features=offset)
-
-
-def save_dataset(data, path):
-    np.savez(path, indptr=data.indptr, indices=data.indices, values=data.values, y=data.y,
-             n_features=np.int64(data.n_features))
-
-
-def load_dataset(path):
-    with np.load(path, allow_pickle=False) as z:
-        return afmfast.Dataset(z["indptr"], z["indices"], z["values"], z["y"],
-                               int(z["n_features"]))
-
-
 def pairs_per_row(data):
     n = np.diff(data.indptr)
     return n * (n - 1) // 2
@@ -228,12 +189,6 @@ def peak_rss_bytes():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def make_estimator(model, k, backend="auto", threads=1):
-    common = dict(n_factors=k, n_threads=threads, backend=backend, verbose=0)
-    return (afmfast.FM(**common) if model == "fm"
-            else afmfast.AFM(attention_size=k, **common))
 
 
 def _timing_plan(job, n_rows, rng):
@@ -320,13 +275,16 @@ def worker_afmfast(job):
         est._threads = threads
         est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
         step += 1
+    # fixed thread counts: this table measures the kernels' scaling (--load measures fit's
+    # default, adaptive count)
+    planners = {t: RunPlanner(t, adaptive=False) for t in THREADS}
     for rows in _repetitions(job, rows_for, times, probes, scale):
         for threads in THREADS:
-            est._threads = threads
+            est._threads, est._planner = threads, planners[threads]
             if rows is None:  # one epoch, as fit runs it (without its evaluation)
                 t0 = time.perf_counter()
                 order = est._backend.shuffled_rows(n, est._seed, step, threads)
-                step = est._train_epoch(X, y, order, step)
+                step, _ = est._train_epoch(X, y, order, step)
                 del order  # as fit does
                 times[threads].append((time.perf_counter() - t0) * scale)
                 continue
@@ -346,26 +304,17 @@ def worker_afmfast(job):
 def worker_torch(job):
     import torch
 
-    sys.path.insert(0, str(BENCH))
-    from torch_models import TorchAFM, TorchFM, adagrad, fixed_width, train_step
-    from afmfast.kernel_api import new_afm_params, new_fm_params
+    from torch_models import fixed_width, model_like, train_epoch, train_step
 
     torch.sparse.check_sparse_tensor_invariants.disable()
     data = load_dataset(job["data"])
     idx, val = fixed_width(data.indptr, data.indices, data.values)
     yt = torch.from_numpy(data.y)
-    n, k = data.n_rows, job["k"]
-    est = make_estimator(job["model"], k)
+    n = data.n_rows
+    est = make_estimator(job["model"], job["k"])
 
     def build(n_features):
-        rng = np.random.default_rng(2016)
-        if job["model"] == "fm":
-            model = TorchFM(new_fm_params(n_features, k, rng), est.keep, est.batch_norm,
-                            est.l2)
-        else:
-            model = TorchAFM(new_afm_params(n_features, k, k, rng), idx.shape[1], est.keep,
-                             est.l2_attention, est.l2)
-        return model, adagrad(model, est.learning_rate)
+        return model_like(est, n_features, idx.shape[1])
 
     first = torch.arange(min(WARMUP_ROWS, n))
     # warm-up: thread pools, allocator; only the first rows' features (see worker_afmfast)
@@ -389,10 +338,7 @@ def worker_torch(job):
             torch.set_num_threads(threads)
             if rows is None:
                 t0 = time.perf_counter()
-                order = torch.randperm(n)
-                for start in range(0, n, BATCH):
-                    b = order[start:start + BATCH]
-                    train_step(model, opt, idx[b], val[b], yt[b])
+                train_epoch(model, opt, idx, val, yt, BATCH)
                 times[threads].append((time.perf_counter() - t0) * scale)
                 continue
             for i, batch in enumerate(rows):
@@ -445,7 +391,6 @@ def worker_check(job):
     """The same-math check (see the module docstring)."""
     import torch
 
-    sys.path.insert(0, str(BENCH))
     from torch_models import (TorchAFM, TorchFM, adagrad, afm_arrays, fixed_width,
                               fm_arrays, train_step)
     from afmfast import reference as ref
@@ -511,12 +456,8 @@ WORKERS = {"afmfast": worker_afmfast, "torch": worker_torch, "matmul": worker_ma
 def run_worker(job, env=None, timeout=3600):
     """Run ``job`` in a fresh interpreter; returns its result dict or {"error": text}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    full_env = dict(os.environ if env is None else env)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(afmfast.__file__).resolve().parents[1])]
-        + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env,
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(env),
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
@@ -544,51 +485,16 @@ def probe_range(readings, i, fmt):
     return (lo if lo == hi else f"{lo}-{hi}") + f" ({len(vals)})"
 
 
-def med(values):
-    return float(np.median(values)) if values else float("nan")
-
-
-def fmt_s(x):
-    if not np.isfinite(x):
-        return "-"
-    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
-
-
-def fmt_x(x):
-    return f"{x:.2f}x" if np.isfinite(x) else "-"
-
-
-def mb(x):
-    return f"{x / 2**20:.1f}"
-
-
-def table(header, rows):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 or i == 1 else str(c).rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))) for r in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def measure_reader(directory, runs):
     """bench/reader_speed.py's side-by-side measurement on a 100 MB synthetic one-hot
     file written into directory; prints its block and returns (MB/s with all CPUs, the
     target in MB/s)."""
-    sys.path.insert(0, str(BENCH))
     import reader_speed
 
     log("reader: writing a 100 MB libFM file ...")
     path = reader_speed.make_synthetic(Path(directory) / "reader_100MB.libfm", size_mb=100)
     print("\n=== libFM reader (bench/reader_speed.py) ===")
     return reader_speed.compare(path, runs, python_runs=1)[1], reader_speed.TARGET_MB_S
-
-
-def torch_available():
-    try:
-        import torch  # noqa: F401
-        return True, torch.__version__
-    except ImportError as exc:
-        return False, str(exc)
 
 
 def build_core_probe(directory):
@@ -617,19 +523,19 @@ def core_probe(probe):
         return None, None
 
 
-def cpu_description():
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model}, {simd}{' + FMA' if 'fma' in flags else ''}, {os.cpu_count()} CPUs"
+def run_load(args, configs):
+    """``--load N``: bench/fit_times.py's comparison, quiet and under load."""
+    import fit_times
+
+    # a plain SIGTERM would end this process without its cleanup: make it an exit that
+    # runs the finally blocks which kill the load (the load processes would die with
+    # this one anyway, see bench/load.py)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    has_torch, _ = print_run_header(
+        "afmfast bench/compare.py --load", " (bench/torch_models.py, the models that the "
+        "same-math check of a full run verifies)")
+    with tempfile.TemporaryDirectory(prefix="afmfast-load-") as tmp:
+        fit_times.run(args, configs, has_torch, tmp)
 
 
 # ----- main ----------------------------------------------------------------------------
@@ -651,8 +557,22 @@ def main():
                         help="only these model:k configurations, e.g. afm:16,fm:256 "
                              "(default: all of " + ",".join(f"{m}:{k}" for m, k in CONFIGS)
                              + ")")
+    parser.add_argument("--load", type=int, default=None, metavar="N",
+                        help="instead of the rest: fits of 3 epochs on frappe-mini (FM k=16, "
+                        "AFM k=t=16 and 64; --quick: k=16 only), quiet and beside N "
+                        "competing processes (bench/fit_times.py, bench/load.py)")
+    parser.add_argument("--load-kind", choices=("busy", "afmfast"), default="busy",
+                        help="with --load: pure-Python busy loops (default), or afmfast "
+                        "AFM k=t=16 trainings at default threads (the busy phase runs too)")
+    parser.add_argument("--load-reps", type=int, default=5,
+                        help="with --load: repetitions a phase (default 5)")
+    parser.add_argument("--load-no-torch", action="store_true",
+                        help="with --load: skip the PyTorch columns (a shorter run; under "
+                        "load PyTorch's 2-thread fits can take ten times their quiet time)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load is not None and (args.load < 0 or args.load_reps < 1):
+        parser.error("--load takes N >= 0 and --load-reps a positive count")
     if args.worker:
         job = json.loads(args.worker)
         print(json.dumps(WORKERS[job["kind"]](job)))
@@ -666,27 +586,17 @@ def main():
         bad = [c for c in configs if c[0] not in ("fm", "afm") or c[1] < 1]
         if bad:
             parser.error(f"--configs: unknown configuration(s) {bad}; models are fm, afm")
+    if args.load is not None:
+        run_load(args, configs if args.configs else None)
+        return
     rows = args.rows or (200_000 if args.quick else 2_000_000)
     epochs = args.epochs or (2 if args.quick else 5)
     steps = args.steps or (3 if args.quick else 8)
     min_seconds = 1.0 if args.quick else MIN_TIMED_SECONDS
     started = time.perf_counter()
-    from afmfast.backends import available_backends
-
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    has_torch, torch_info = torch_available()
-    print(f"afmfast bench/compare.py{' --quick' if args.quick else ''}: "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    print(f"machine: {cpu_description()}; load at start: {uptime}")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, afmfast "
-          f"{afmfast.__version__} from {Path(afmfast.__file__).parent}")
-    backends = {m: available_backends(m) for m in ("fm", "afm")}
-    print(f"afmfast backends: FM {backends['fm']}, AFM {backends['afm']}")
-    if has_torch:
-        print(f"PyTorch {torch_info} (bench/torch_models.py, same math; see the check below)")
-    else:
-        print(f"PyTorch not importable ({torch_info}): PyTorch columns skipped. "
-              "Install the bench extra: pip install \".[bench]\"")
+    has_torch, backends = print_run_header(
+        f"afmfast bench/compare.py{' --quick' if args.quick else ''}",
+        " (bench/torch_models.py, same math; see the check below)")
     print(f"batch {BATCH}; timed at k <= 64: at least {epochs} epochs, at k >= 128: at "
           f"least {steps} single batches (epoch time = median batch time x n_rows / {BATCH}; "
           f"{STEPS_PER_SWITCH} batches in a row per thread count, the first untimed); "

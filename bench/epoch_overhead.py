@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (data set and estimators of the comparison script)
 
 from afmfast import _afm_cython, _fm_cython, backends  # noqa: E402
+from afmfast.threads import RunPlanner  # noqa: E402
 
 KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 
@@ -62,6 +63,7 @@ def main():
             est._validate()
             est._backend = backends.get_backend("cython", model)
             est._threads, est._seed = threads, 2016
+            est._planner = RunPlanner(threads, adaptive=False)
             est._init_model(data, np.random.default_rng(2016))
             est._train_batch(X, y, np.arange(compare.BATCH, dtype=np.int64), 0)  # warm-up
             step = 1
@@ -74,7 +76,7 @@ def main():
                 times["batch"].append(time.perf_counter() - t0)
                 outside.append((times["batch"][-1] - kernel) / n_batches)
                 t0 = time.perf_counter()
-                step = est._train_epoch(X, y, order, step)
+                step, _ = est._train_epoch(X, y, order, step)
                 times["runs"].append(time.perf_counter() - t0)
             tb, tr = np.median(times["batch"]), np.median(times["runs"])
             print(f"{config:>8} {threads:>7} {tb:10.3f} {tr:8.3f} {tr / tb:6.3f} "

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afmfast.kernel_api import ADAGRAD_INIT, BN_DECAY, BN_EPS
+from afmfast.kernel_api import (ADAGRAD_INIT, BN_DECAY, BN_EPS, new_afm_params,
+                                new_fm_params)
 
 
 def fixed_width(indptr, indices, values):
@@ -152,6 +153,31 @@ def train_step(model, opt, idx, val, y):
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+def model_like(est, n_features, n_nonzeros, seed=2016):
+    """(model, optimiser): the TorchFM or TorchAFM of an afmfast estimator's
+    hyperparameters (factors, attention size, dropout, batch norm, l2, learning rate)
+    with the initial parameters afmfast draws for n_features features from seed, for
+    rows of n_nonzeros nonzeros; Adagrad as ``adagrad``."""
+    rng = np.random.default_rng(seed)
+    k = est.n_factors
+    if hasattr(est, "attention_size"):
+        model = TorchAFM(new_afm_params(n_features, k, est.attention_size, rng), n_nonzeros,
+                         est.keep, est.l2_attention, est.l2)
+    else:
+        model = TorchFM(new_fm_params(n_features, k, rng), est.keep, est.batch_norm, est.l2)
+    return model, adagrad(model, est.learning_rate)
+
+
+def train_epoch(model, opt, idx, val, y, batch):
+    """One epoch as a PyTorch training loop runs it: ``torch.randperm`` of the rows,
+    then ``train_step`` on each batch of that order."""
+    n = len(y)
+    order = torch.randperm(n)
+    for start in range(0, n, batch):
+        b = order[start:start + batch]
+        train_step(model, opt, idx[b], val[b], y[b])
 
 
 def fm_arrays(model):

@@ -112,7 +112,7 @@ from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
     dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
     dot_d, floating2, opt_elem, opt_vec, row_data_loss, ftz_enter, ftz_leave,
-    mxcsr_read, HAVE_MXCSR, FTZ_DAZ_BITS, ftz_enter_caller,
+    mxcsr_read, HAVE_MXCSR, FTZ_DAZ_BITS, ftz_enter_caller, team_size,
 )
 
 from afmfast import kernel_api as _api
@@ -1772,7 +1772,7 @@ cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_s
     cdef double loss = 0
     cdef int err = 0
     cdef double keep0 = cfg.keep_attention, keep1 = cfg.keep_pooled
-    cdef int n_threads = cfg.n_threads
+    cdef int n_threads = team_size(cfg.n_threads)
     D = 1 + k + 2 * t
 
     if (ws.itemsize != sizeof(floating) or ws.n_factors != k or ws.n_features != M
@@ -2207,10 +2207,10 @@ def afm_predict(X, params, attention, activation, n_threads, out):
     dt = params.V.dtype
     if dt == np.float32:
         _predict_typed[float](params.V, X, params, bool(attention), int(activation),
-                              int(n_threads), out)
+                              team_size(n_threads), out)
     elif dt == np.float64:
         _predict_typed[double](params.V, X, params, bool(attention), int(activation),
-                               int(n_threads), out)
+                               team_size(n_threads), out)
     else:
         raise ValueError(f"params.V must be float32 or float64, got {dt}")
 
@@ -2228,11 +2228,11 @@ def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out,
     dt = params.V.dtype
     if dt == np.float32:
         _infer_typed[float](params.V, X, params, bool(attention), int(activation),
-                            int(n_threads), pair_indptr, i_out, j_out, weight_out,
+                            team_size(n_threads), pair_indptr, i_out, j_out, weight_out,
                             contribution_out)
     elif dt == np.float64:
         _infer_typed[double](params.V, X, params, bool(attention), int(activation),
-                             int(n_threads), pair_indptr, i_out, j_out, weight_out,
+                             team_size(n_threads), pair_indptr, i_out, j_out, weight_out,
                              contribution_out)
     else:
         raise ValueError(f"params.V must be float32 or float64, got {dt}")
@@ -2282,7 +2282,7 @@ def shuffled_rows(n_rows, seed, epoch, n_threads):
 
     Example: order = shuffled_rows(len(y), 2016, epoch, 2)
     """
-    return shuffled_rows_array(n_rows, seed, epoch, n_threads, _api)
+    return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api)
 
 
 def _phase_times():

@@ -18,10 +18,12 @@ every helper may be called from inside ``prange`` bodies.
   LOGISTIC), ``loss_code_from`` reads and checks cfg.loss.
 - Denormals: ``ftz_enter`` / ``ftz_leave`` (see their docstrings and kernel_api's
   "Denormals").
+- ``team_size``: a kernel's n_threads argument, checked and bounded.
 """
 from libc.math cimport exp, fabs, floor, fmax, log1p, sqrt, sqrtf
 from libc.stdint cimport int64_t, uint64_t
 from cython cimport floating
+from openmp cimport omp_get_num_procs
 
 cdef extern from *:
     """
@@ -107,6 +109,18 @@ cdef inline double row_data_loss(int loss, double yhat, double y, double* res) n
         return fmax(yhat, 0.0) - t * yhat + log1p(exp(-fabs(yhat)))
     res[0] = yhat - y
     return 0.5 * res[0] * res[0]
+
+
+cdef inline int team_size(n_threads) except -1:
+    """``n_threads`` as an OpenMP team size: an integer >= 1 (else ValueError), at most
+    kernel_api.MAX_THREADS_PER_CPU threads per processor. An OpenMP runtime asked for more threads than it can
+    start crashes the process, and results never depend on the thread count, so the
+    kernels bound it themselves rather than trust every caller (afmfast.threads warns
+    when it clamps a user's n_threads to the same bound)."""
+    if isinstance(n_threads, bool) or not hasattr(n_threads, "__index__") or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+    from afmfast.kernel_api import MAX_THREADS_PER_CPU
+    return <int>min(int(n_threads), MAX_THREADS_PER_CPU * max(1, omp_get_num_procs()))
 
 
 cdef inline int loss_code_from(cfg) except -1:

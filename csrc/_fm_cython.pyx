@@ -50,7 +50,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
-from openmp cimport omp_get_thread_num, omp_get_wtime
+from openmp cimport omp_get_max_threads, omp_get_thread_num, omp_get_wtime
 from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
@@ -67,7 +67,7 @@ from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
     dropout_row_key, dropout_threshold, fill_dropout_mask, loss_code_from, opt_cfg_from,
     dot_d, opt_elem, opt_vec, row_data_loss, ftz_enter, ftz_leave, mxcsr_read,
-    HAVE_MXCSR, FTZ_DAZ_BITS, ftz_enter_caller,
+    HAVE_MXCSR, FTZ_DAZ_BITS, ftz_enter_caller, team_size,
 )
 
 from afmfast import kernel_api as _api
@@ -528,7 +528,7 @@ def shuffled_rows(n_rows, seed, epoch, n_threads):
 
     Example: order = shuffled_rows(len(y), 2016, epoch, 2)
     """
-    return shuffled_rows_array(n_rows, seed, epoch, n_threads, _api)
+    return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api)
 
 
 def _phase_times():
@@ -702,7 +702,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
     cdef double loss = 0
     cdef int err = 0
     cdef double keep = cfg.keep
-    cdef int n_threads = cfg.n_threads
+    cdef int n_threads = team_size(cfg.n_threads)
 
     if ws.itemsize != sizeof(floating) or ws.n_factors != k or ws.n_features != M:
         raise ValueError(
@@ -875,9 +875,9 @@ def fm_predict(X, params, batch_norm, n_threads, out):
     """
     dt = params.V.dtype
     if dt == np.float32:
-        _fm_predict_typed[float](params.V, X, params, bool(batch_norm), int(n_threads), out)
+        _fm_predict_typed[float](params.V, X, params, bool(batch_norm), team_size(n_threads), out)
     elif dt == np.float64:
-        _fm_predict_typed[double](params.V, X, params, bool(batch_norm), int(n_threads), out)
+        _fm_predict_typed[double](params.V, X, params, bool(batch_norm), team_size(n_threads), out)
     else:
         raise ValueError(f"params.V must be float32 or float64, got {dt}")
 
@@ -917,3 +917,10 @@ def _constants():
                 BN_EPS=BN_EPS, BN_DECAY=BN_DECAY, MOMENTUM_COEF=MOMENTUM_COEF,
                 ADAM_BETA1=ADAM_BETA1, ADAM_BETA2=ADAM_BETA2, ADAM_EPS=ADAM_EPS,
                 HAVE_MXCSR=bool(HAVE_MXCSR), FTZ_DAZ_BITS=FTZ_DAZ_BITS)
+
+
+def openmp_max_threads():
+    """omp_get_max_threads() of the OpenMP runtime these kernels run on: OMP_NUM_THREADS,
+    or what ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` set, for the
+    calling thread (afmfast.threads' default count takes it into account)."""
+    return omp_get_max_threads()

@@ -20,7 +20,8 @@ def clicks():
                                        (afmfast.AFMClassifier, {"attention_size": 8})])
 def test_learns_and_reports_probabilities(clicks, cls, extra):
     data, y_train, y_valid = clicks
-    model = cls(**FAST, **extra).fit(data.train, y_train, validation=(data.valid, y_valid))
+    model = cls(**FAST, **extra).fit(data.train, y_train, validation=(data.valid, y_valid),
+                                     score_train=True)
     assert model.classes_.tolist() == [0, 1]
     metrics = model.evaluate(data.valid, y_valid)
     assert set(metrics) == {"logloss", "auc", "accuracy"}

@@ -19,7 +19,8 @@ def demo():
 def test_constructor_stores_arguments_unchanged():
     kwargs = dict(n_factors=7, learning_rate=0.5, batch_size=3, n_epochs=2, keep=0.9,
                   batch_norm=False, l2=0.1, optimizer="adam", early_stopping=False,
-                  random_state=5, n_threads=1, backend="numba", verbose=0)
+                  random_state=5, n_threads=1, adaptive_threads=False, backend="numba",
+                  verbose=0)
     model = afmfast.FM(**kwargs)
     assert model.get_params() == kwargs
 
@@ -61,7 +62,9 @@ def test_fit_sets_fitted_attributes_and_keeps_arguments(demo):
     assert isinstance(model.w0_, float)
     assert model.n_features_in_ == M
     assert [h["epoch"] for h in model.history_] == [1, 2, 3]
-    assert set(model.history_[0]) == {"epoch", "train_rmse", "valid_rmse", "seconds"}
+    assert set(model.history_[0]) == {"epoch", "train_loss", "valid_rmse", "seconds",
+                                      "threads"}
+    assert 1 <= model.history_[0]["threads"] <= model.n_threads_
     assert 1 <= model.best_epoch_ <= 3
 
 
@@ -197,10 +200,28 @@ def test_fit_twice_starts_from_scratch(demo):
 
 
 def test_epoch_lines_like_the_reference(demo, capsys):
-    afmfast.FM(**{**FAST, "verbose": 1}).fit(demo.train, validation=demo.valid)
+    afmfast.FM(**{**FAST, "verbose": 1}).fit(demo.train, validation=demo.valid,
+                                             score_train=True)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Init: \t train=")
-    assert out[1].startswith("Epoch 1 [") and "\ttrain=" in out[1] and ", validation=" in out[1]
+    assert out[1].startswith("Epoch 1 [") and "\ttrain loss=" in out[1]
+    assert ", train=" in out[1] and ", validation=" in out[1]
+
+
+def test_epoch_lines_by_default_report_the_running_loss_and_threads(demo, capsys):
+    model = afmfast.FM(**{**FAST, "verbose": 1, "n_threads": 2, "adaptive_threads": False})
+    model.fit(demo.train, validation=demo.valid)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Init: \t validation=")
+    assert out[1].startswith("Epoch 1 [") and ", 2 of 2 threads]\ttrain loss=" in out[1]
+    assert ", train=" not in out[1] and ", validation=" in out[1]
+    assert "train_rmse" not in model.history_[0]
+    assert model.n_threads_ == 2 and [h["threads"] for h in model.history_] == [2, 2, 2]
+    # re-scoring changes what is reported, not what is trained
+    scored = afmfast.FM(**FAST).fit(demo.train, score_train=True).history_
+    assert [h["train_loss"] for h in scored] == [h["train_loss"] for h in model.history_]
+    losses = [h["train_loss"] for h in scored]
+    assert 0 < losses[-1] < losses[0] and all(h["train_rmse"] > 0 for h in scored)
 
 
 def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
@@ -208,10 +229,10 @@ def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
     real_steps = model._train_batches
     steps_per_epoch = -(-demo.train.n_rows // FAST["batch_size"])
 
-    def interrupting_steps(X, y, rows, batch_size, step, losses):
+    def interrupting_steps(X, y, rows, batch_size, step, losses, threads=None):
         if step >= 2 * steps_per_epoch:  # in epoch 3
             raise KeyboardInterrupt
-        return real_steps(X, y, rows, batch_size, step, losses)
+        return real_steps(X, y, rows, batch_size, step, losses, threads)
 
     monkeypatch.setattr(model, "_train_batches", interrupting_steps)
     with pytest.raises(KeyboardInterrupt):
@@ -289,7 +310,7 @@ def test_callbacks_receive_records_and_can_stop(demo):
     seen = []
 
     def stop_after_two(model, record):
-        seen.append((model, record["epoch"], record["train_rmse"]))
+        seen.append((model, record["epoch"], record["train_loss"]))
         return record["epoch"] == 2
 
     model = afmfast.FM(**{**FAST, "n_epochs": 6}).fit(demo.train, callbacks=[stop_after_two])
