@@ -16,8 +16,10 @@ Functions
         the workspace. Returns the batch loss before the update. ValueError (nothing
         modified) for an empty batch, a row or feature id out of range, a batch larger
         than the workspace, or an invalid keep/optimizer/activation in cfg.
-    afm_predict(X, params, attention, activation, n_threads, out)
-        out DTYPE (N,) receives raw scores (no dropout); ids >= M form no pairs.
+    afm_predict(X, params, attention, activation, n_threads, out) -> int
+        out DTYPE (N,) receives raw scores (no dropout); ids outside [0, M) form no
+        pairs. Chunks of rows through the step's forward pass (steps 1 and 2 below);
+        returns the number of distinct pairs evaluated.
     afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
                 weight_out, contribution_out)
         pair_indptr int64 (N+1,) from the count n of each row's ids < M (n (n-1)/2 pairs);
@@ -448,27 +450,37 @@ def _act_grad_rows(code, Hsrc, R, t, dense, hoff, out):
 
 
 @njit(**_SER)
+def _pair_logits(d0, d1, drep, VX, WT, dense, activation, E, U, S):
+    """Distinct pairs d0..d1-1, in rows 0..d1-d0-1 of E and U: E = e, U = act(e W^T + b),
+    and S[d] = h . U (float64)."""
+    k = WT.shape[0]
+    t = WT.shape[1]
+    for d in range(d0, d1):
+        vp = VX[drep[d, 0]]
+        vq = VX[drep[d, 1]]
+        ed = E[d - d0]
+        for c in range(k):
+            ed[c] = vp[c] * vq[c]
+        ud = U[d - d0]
+        for j in range(t):
+            ud[j] = dense[1 + k + j]
+    n = d1 - d0
+    _mm_acc(E, WT, U, n, k, t)
+    _activate_rows(activation, U, n, t)
+    _logits(U, n, t, dense, 1 + k + t, S, d0)
+
+
+@njit(**_SER)
 def _pair_forward(d0, d1, drep, VX, W, WT, dense, activation, E, U, Z, S, hbuf):
     """Distinct pairs d0..d1-1: E = e, U = act(e W^T + b), S = h . U (float64) and
     Z = (h * act'(u)) W (k,) in blocks of _PBLK pairs (hbuf: _PBLK x t scratch)."""
     k = W.shape[1]
     t = W.shape[0]
+    _pair_logits(d0, d1, drep, VX, WT, dense, activation, E[d0:d1], U[d0:d1], S)
     for d in range(d0, d1):
-        vp = VX[drep[d, 0]]
-        vq = VX[drep[d, 1]]
-        ed = E[d]
-        for c in range(k):
-            ed[c] = vp[c] * vq[c]
-        ud = U[d]
-        for j in range(t):
-            ud[j] = dense[1 + k + j]
         zd = Z[d]
         for c in range(k):
             zd[c] = 0.0
-    n = d1 - d0
-    _mm_acc(E[d0:d1], WT, U[d0:d1], n, k, t)
-    _activate_rows(activation, U[d0:d1], n, t)
-    _logits(U[d0:d1], n, t, dense, 1 + k + t, S, d0)
     for b0 in range(d0, d1, _PBLK):
         m = min(_PBLK, d1 - b0)
         _act_grad_rows(activation, U[b0:b0 + m], m, t, dense, 1 + k + t, hbuf)
@@ -499,6 +511,57 @@ def _pair_backward(d0, d1, DS, U, E, activation, dense, cw, cv, hbuf):
 
 
 @njit(**_SER)
+def _row_softmax(S, pid, P0, npairs, A):
+    """A[P0:P0 + npairs] = softmax of the row's pair logits S[pid[P]] (max subtracted)."""
+    smax = -np.inf
+    for i in range(npairs):
+        a = S[pid[P0 + i]]
+        A[P0 + i] = a
+        if a > smax:
+            smax = a
+    tot = 0.0
+    for i in range(npairs):
+        e = math.exp(A[P0 + i] - smax)
+        A[P0 + i] = e
+        tot += e
+    for i in range(npairs):
+        A[P0 + i] /= tot
+
+
+@njit(**_SER)
+def _pool_pairs(VX, o0, n, A, SC, scaled, P0, g):
+    """g += sum over the row's pairs P (from P0) of a e_P (float64, e in the storage
+    dtype), a = A[P] * SC[P] when scaled (dropout), else A[P]."""
+    k = VX.shape[1]
+    P = P0
+    for p in range(n):
+        vp = VX[o0 + p]
+        for q in range(p + 1, n):
+            vq = VX[o0 + q]
+            ap = A[P] * SC[P] if scaled else A[P]
+            for c in range(k):
+                g[c] += ap * np.float64(vp[c] * vq[c])
+            P += 1
+
+
+@njit(**_SER)
+def _pool_plain(VX, o0, n, g, s):
+    """Attention off: g = sum over pairs e_pq = ((sum vx)^2 - sum vx^2) / 2, O(n k)
+    (g zero on entry); s = sum vx."""
+    k = VX.shape[1]
+    for c in range(k):
+        s[c] = 0.0
+    for i in range(n):
+        vxo = VX[o0 + i]
+        for c in range(k):
+            v = np.float64(vxo[c])
+            s[c] += v
+            g[c] += v * v
+    for c in range(k):
+        g[c] = 0.5 * (s[c] * s[c] - g[c])
+
+
+@njit(**_SER)
 def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, dense,
                A, SC0, D, R, cvec, tb, attention, freeze_fm, keep0, thr0, skey1, keep1,
                thr1, skey2, loss_code):
@@ -521,45 +584,16 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, d
 
     use_pairs = attention and npairs > 0
     if use_pairs:
-        smax = -np.inf
-        for i in range(npairs):
-            a = S[pid[P0 + i]]
-            A[P0 + i] = a
-            if a > smax:
-                smax = a
-        tot = 0.0
-        for i in range(npairs):
-            e = math.exp(A[P0 + i] - smax)
-            A[P0 + i] = e
-            tot += e
+        _row_softmax(S, pid, P0, npairs, A)
         rkey1 = row_key(skey1, np.uint64(row))
         for i in range(npairs):
-            A[P0 + i] /= tot
             sc = 1.0
             if keep0 < 1.0:
                 sc = 1.0 / keep0 if keep_unit(rkey1, i, thr0) else 0.0
             SC0[P0 + i] = sc
-        P = P0
-        for p in range(n):
-            vp = VX[o0 + p]
-            for q in range(p + 1, n):
-                vq = VX[o0 + q]
-                ap = A[P] * SC0[P]
-                for c in range(k):
-                    g[c] += ap * np.float64(vp[c] * vq[c])
-                P += 1
+        _pool_pairs(VX, o0, n, A, SC0, True, P0, g)
     elif not attention and n > 0:
-        # Attention off: g = sum over pairs e_pq = ((sum vx)^2 - sum vx^2) / 2, O(n k).
-        for c in range(k):
-            s[c] = 0.0
-        for i in range(n):
-            vxo = VX[o0 + i]
-            for c in range(k):
-                v = np.float64(vxo[c])
-                s[c] += v
-                g[c] += v * v
-        for c in range(k):
-            g[c] = 0.5 * (s[c] * s[c] - g[c])
+        _pool_plain(VX, o0, n, g, s)
 
     # Pooled dropout, output, residual; dg holds the pooled scale until overwritten.
     rkey2 = row_key(skey2, np.uint64(row))
@@ -878,169 +912,5 @@ def afm_step(X, y, rows, params, state, cfg, ws):
 afm_steps = steps_from(afm_step)
 
 
-@njit(**_PAR)
-def _infer_kernel(indptr, indices, values, V, w, W, dense, attention, activation, out,
-                  explain, pair_indptr, out_cap, i_out, j_out, weight_out, contrib_out,
-                  nb):
-    """Scores (explain False) or per-pair explanations (explain True) of every row of X.
-    Returns the number of rows whose pair count disagrees with pair_indptr (explain;
-    those rows are left unwritten). FTZ and DAZ are set on the calling thread and per
-    thread block of rows (``_numba_common.ftz_enter``), nb blocks."""
-    start_threads(nb)
-    csr0 = ftz_enter()
-    n_rows = indptr.shape[0] - 1
-    k = V.shape[1]
-    t = W.shape[0]
-    nmax = 0
-    for r in range(n_rows):
-        n = indptr[r + 1] - indptr[r]
-        if n > nmax:
-            nmax = n
-    pmax = nmax * (nmax - 1) // 2
-    WT = np.empty((k, t), dtype=W.dtype)
-    for c in range(k):
-        for j in range(t):
-            WT[c, j] = W[j, c]
-    nth = numba.config.NUMBA_NUM_THREADS
-    # Per-thread scratch, allocated once per call.
-    VXb = np.empty((nth, max(nmax, 1), k), dtype=V.dtype)
-    feat_b = np.empty((nth, max(nmax, 1)), dtype=np.int64)
-    Eb = np.empty((nth, _PBLK, k), dtype=V.dtype)
-    Ub = np.empty((nth, _PBLK, t), dtype=V.dtype)
-    Sb = np.empty((nth, max(pmax, 1)), dtype=np.float64)
-    Gb = np.empty((nth, 2, k), dtype=np.float64)
-    bad = np.zeros(n_rows, dtype=np.int64)
-    w0 = np.float64(dense[0])
-    for blk in prange(nb):
-        csr = ftz_enter()
-        tid = numba.get_thread_id()
-        vx = VXb[tid]
-        feat = feat_b[tid]
-        Eblk = Eb[tid]
-        Ublk = Ub[tid]
-        sbuf = Sb[tid]
-        g = Gb[tid, 0]
-        s = Gb[tid, 1]
-        r0, r1 = block_bounds(n_rows, nb, blk)
-        for r in range(r0, r1):
-            lin, n = _row_vx(indices, values, indptr[r], indptr[r + 1], V, w, vx, feat, 0)
-            npairs = n * (n - 1) // 2
-            if explain and (pair_indptr[r + 1] - pair_indptr[r] != npairs
-                            or pair_indptr[r] < 0 or pair_indptr[r + 1] > out_cap):
-                bad[r] = 1
-                continue
-            for c in range(k):
-                g[c] = 0.0
-            if attention and npairs > 0:
-                # Logits, in blocks of _PBLK pairs.
-                cnt = 0
-                base = 0
-                for p in range(n):
-                    for q in range(p + 1, n):
-                        eb = Eblk[cnt]
-                        for c in range(k):
-                            eb[c] = vx[p, c] * vx[q, c]
-                        cnt += 1
-                        if cnt == _PBLK or (p == n - 2 and q == n - 1):
-                            for i in range(cnt):
-                                for j in range(t):
-                                    Ublk[i, j] = dense[1 + k + j]
-                            _mm_acc(Eblk, WT, Ublk, cnt, k, t)
-                            _activate_rows(activation, Ublk, cnt, t)
-                            _logits(Ublk, cnt, t, dense, 1 + k + t, sbuf, base)
-                            base += cnt
-                            cnt = 0
-                smax = -np.inf
-                for i in range(npairs):
-                    if sbuf[i] > smax:
-                        smax = sbuf[i]
-                tot = 0.0
-                for i in range(npairs):
-                    e = math.exp(sbuf[i] - smax)
-                    sbuf[i] = e
-                    tot += e
-                for i in range(npairs):
-                    sbuf[i] /= tot
-            if attention or explain:
-                P = 0
-                for p in range(n):
-                    for q in range(p + 1, n):
-                        a = sbuf[P] if attention else 1.0
-                        pe = 0.0
-                        for c in range(k):
-                            e = np.float64(vx[p, c] * vx[q, c])
-                            g[c] += a * e
-                            pe += np.float64(dense[1 + c]) * e
-                        if explain:
-                            o = pair_indptr[r] + P
-                            i_out[o] = feat[p]
-                            j_out[o] = feat[q]
-                            weight_out[o] = a
-                            contrib_out[o] = a * pe
-                        P += 1
-            else:
-                for c in range(k):
-                    s[c] = 0.0
-                for i in range(n):
-                    for c in range(k):
-                        v = np.float64(vx[i, c])
-                        s[c] += v
-                        g[c] += v * v
-                for c in range(k):
-                    g[c] = 0.5 * (s[c] * s[c] - g[c])
-            if not explain:
-                dot = 0.0
-                for c in range(k):
-                    dot += np.float64(dense[1 + c]) * g[c]
-                out[r] = w0 + lin + dot
-        ftz_leave(csr)
-    nbad = 0
-    for r in range(n_rows):
-        nbad += bad[r]
-    ftz_leave(csr0)
-    return nbad
-
-
-def afm_predict(X, params, attention, activation, n_threads, out):
-    """Raw AFM scores of every row of X into ``out`` (no dropout; ids >= M form no pairs).
-
-    Example: ``out = np.empty(n_rows, np.float32); afm_predict(X, params, 1, RELU, 2, out)``.
-    """
-    indptr, indices, values = X
-    dummy_i = np.zeros(1, dtype=np.int64)
-    dummy_f = np.zeros(1, dtype=out.dtype)
-    with numba_threads(n_threads):
-        _infer_kernel(indptr, indices, values, params.V, params.w, params.W, params.dense,
-                      bool(attention), int(activation), out, False, dummy_i, 0, dummy_i,
-                      dummy_i, dummy_f, dummy_f, numba.get_num_threads())
-
-
-def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
-                weight_out, contribution_out):
-    """Per-pair attention weights and contributions of every row of X (see the module
-    docstring); ``pair_indptr`` must count n (n - 1) / 2 pairs per row, n = the row's
-    ids < M.
-
-    Example: ``afm_explain(X, params, 1, RELU, 2, indptr, i, j, weight, contribution)``.
-    """
-    indptr, indices, values = X
-    n_rows = indptr.shape[0] - 1
-    total = int(pair_indptr[-1]) if pair_indptr.shape[0] else 0
-    cap = min(a.shape[0] for a in (i_out, j_out, weight_out, contribution_out))
-    if pair_indptr.shape[0] != n_rows + 1 or pair_indptr[0] != 0 or cap < total:
-        raise ValueError(
-            f"afm_explain: pair_indptr must have n_rows + 1 = {n_rows + 1} entries starting "
-            f"at 0 and the outputs at least pair_indptr[-1] = {total} entries (got "
-            f"{pair_indptr.shape[0]} and {cap})"
-        )
-    dummy = np.zeros(1, dtype=weight_out.dtype)
-    with numba_threads(n_threads):
-        nbad = _infer_kernel(indptr, indices, values, params.V, params.w, params.W,
-                             params.dense, bool(attention), int(activation), dummy, True,
-                             pair_indptr, cap, i_out, j_out, weight_out, contribution_out,
-                             numba.get_num_threads())
-    if nbad:
-        raise ValueError(
-            f"afm_explain: pair_indptr disagrees with the data in {nbad} rows; each row "
-            "needs n (n - 1) / 2 pairs, n = its number of ids < n_features"
-        )
+# predict and explain live in their own module (they import the helpers above)
+from ._afm_numba_infer import afm_explain, afm_predict  # noqa: E402

@@ -93,6 +93,7 @@ fit a core's cache):
     GOLDEN) >> 32) * (i + 1)) >> 32, swap positions o + i and o + j. (j's bias from the
     32-bit multiply is at most m / 2^32 relative: negligible for shuffling.)
 """
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -333,3 +334,70 @@ def new_afm_params(n_features, n_factors, attention_size, rng, dtype=np.float32)
     dense[1 + k : 1 + k + t] = rng.normal(0.0, glorot, size=t)
     dense[1 + k + t :] = rng.normal(0.0, 1.0, size=t)
     return AFMParams(V, aligned_zeros(n_features, dtype), W, dense)
+
+
+# ----- AFM prediction plan (both backends) ---------------------------------------------
+# ``afm_predict`` runs the rows in chunks of consecutive rows, each through the training
+# step's forward pass with the attention MLP once per distinct pair of the chunk, and
+# returns how many distinct pairs it evaluated (the attention work, for tests and
+# benchmarks). The larger a chunk the more of its pairs recur (frappe-mini's rows: 35%
+# distinct pairs in chunks of 728 rows, 22% in 4,096, 14% in 16,384), but its scratch
+# grows with it: about 64 bytes per pair and the k-vector v x per nonzero. Only the logit
+# of a distinct pair is kept, so the attention products need no per-pair scratch.
+PREDICT_ROWS = 16384
+PREDICT_PAIRS = 1 << 19
+PREDICT_VX = 1 << 24
+
+
+def known_ids(X, n_features):
+    """X without its nonzeros whose id is outside [0, n_features) (they take no part in
+    a prediction); X itself when there are none."""
+    indptr, indices, values = X
+    n = indptr.shape[0] - 1
+    ids = indices[indptr[0]:indptr[n]]
+    if not ids.size or (ids.min() >= 0 and ids.max() < n_features):
+        return X
+    known = (ids >= 0) & (ids < n_features)
+    row_of = np.repeat(np.arange(n), np.diff(indptr))
+    kept = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of[known], minlength=n), out=kept[1:])
+    return (kept, np.ascontiguousarray(ids[known]),
+            np.ascontiguousarray(values[indptr[0]:indptr[n]][known]))
+
+
+def predict_chunks(indptr, n_factors):
+    """(rows per chunk, the largest nonzero count and pair count of a chunk) for
+    ``afm_predict`` over rows with offsets ``indptr`` (at least one row)."""
+    lengths = np.diff(indptr)
+    pairs = lengths * (lengths - 1) // 2
+    rows = min(PREDICT_ROWS, PREDICT_PAIRS // max(1, int(pairs.max())),
+               PREDICT_VX // max(1, int(lengths.max()) * n_factors))
+    rows = max(1, min(rows, len(lengths)))
+    starts = np.arange(0, len(lengths), rows)
+    return (rows, int(np.add.reduceat(lengths, starts).max()),
+            int(np.add.reduceat(pairs, starts).max()))
+
+
+class WorkspaceCache:
+    """The last prediction workspace of a backend, kept for the next call: allocating
+    and zeroing its megabytes each call would cost more than predicting a validation
+    set. A call that finds it taken (another thread predicts) or too small builds its
+    own. ``shape`` is (rows, nnz, pairs, n_features, k, t, dtype); a cached workspace
+    serves any shape with the same last four and bounds at least as large."""
+
+    def __init__(self, build):
+        self._build = build
+        self._lock = threading.Lock()
+        self._kept = None
+
+    def take(self, shape):
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is not None and kept[0][3:] == shape[3:] and all(
+                have >= need for have, need in zip(kept[0][:3], shape[:3])):
+            return kept
+        return shape, self._build(*shape)
+
+    def give_back(self, kept):
+        with self._lock:
+            self._kept = kept

@@ -3,7 +3,10 @@
 Groups
     afm_step:    one training step (Adagrad, keep (1.0, 0.5), relu: the reference AFM's
                  defaults), batch 4096, k = t in 16, 64, 256, n_threads 1 and 2.
-    afm_predict: scores of 8,192 rows, same grid.
+    afm_predict: scores of 8,192 rows, same grid; ``distinct_pairs`` in extra_info is the
+                 number of pairs whose attention it evaluated (once per distinct pair
+                 of a chunk) and ``attention_gflop`` their 2 k t flops.
+                 bench/predict_ratio.py sets predict against a training epoch.
     afm_matmul:  NumPy float32 (P x 256) @ (256 x 256) with P = 4096 * 45 (the pairs of one
                  batch), the yardstick for the attention products (DESIGN section 3).
 Each afm_step case records ``attention_gflop`` (6 P k t / 1e9: forward W e, backward dW
@@ -72,10 +75,11 @@ def test_afm_predict(benchmark, data, backend, n_threads, k):
     Xp = (X[0][:n + 1], X[1][:n * NNZ], X[2][:n * NNZ])
     params = api.new_afm_params(N_FEATURES, k, k, np.random.default_rng(1), np.float32)
     out = np.empty(n, dtype=np.float32)
-    mod.afm_predict(Xp, params, 1, api.RELU, n_threads, out)
+    distinct = mod.afm_predict(Xp, params, 1, api.RELU, n_threads, out)
     benchmark.group = "afm_predict"
     benchmark.extra_info.update(backend=backend, k=k, t=k, n_threads=n_threads, rows=n,
-                                attention_gflop=2 * n * PAIRS * k * k / 1e9)
+                                distinct_pairs=distinct,
+                                attention_gflop=2 * distinct * k * k / 1e9)
     benchmark.pedantic(mod.afm_predict, args=(Xp, params, 1, api.RELU, n_threads, out),
                        rounds=5, warmup_rounds=1)
     assert np.isfinite(out).all()

@@ -23,7 +23,7 @@ a row of n nonzeros having n(n-1)/2 pairs p < q in row order):
         their losses. Stops after a non-finite loss; returns the batches run.
     afm_predict(X, params, attention, activation, n_threads, out)
         out (n_rows,) DTYPE receives the raw scores (no dropout); ids outside [0, M) are
-        skipped. Mutates only out.
+        skipped. Mutates only out. Returns the number of distinct pairs evaluated.
     afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out, j_out,
                 weight_out, contribution_out)
         Per pair of every row (ids outside [0, M) skipped): feature ids i < j positions in
@@ -89,7 +89,6 @@ routine written in C below with GCC vector extensions: a register tile of 6 x 64
 AVX-512) or 12 x 16/32 outputs accumulated with FMAs over the inner dimension, B's rows
 read contiguously.
 """
-import threading
 
 import numpy as np
 
@@ -597,6 +596,7 @@ cdef class AFMWorkspace:
     cdef readonly Py_ssize_t batch_size, max_batch_nnz, max_batch_pairs, n_features
     cdef readonly Py_ssize_t n_factors, attention_size, u_cap
     cdef readonly object dtype
+    cdef readonly bint forward_only  # for predict: E and U hold a block per thread
     cdef Py_ssize_t itemsize
     # integers
     cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
@@ -662,8 +662,10 @@ cdef class AFMWorkspace:
     cdef void* VX            # (nnz, k) v x per occurrence, then (step 2) the gradient of
                              # its V row from each occurrence
     cdef void* RT            # (B, k) dg of each row (DTYPE), from the row loop to de
-    cdef void* E             # (pairs, k) by id: e of each distinct pair
-    cdef void* U             # (pairs, t) by id: W e + b, then act, then du
+    cdef void* E             # (pairs, k) by id: e of each distinct pair; forward_only:
+                             # (threads, DBLOCK, k), a block's, the logits being all it keeps
+    cdef void* U             # (pairs, t) by id: W e + b, then act, then du; forward_only:
+                             # (threads, DBLOCK, t)
     cdef void* WT            # (k, t)
     cdef void* GW            # (t, k) gradient of W
     cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
@@ -675,7 +677,7 @@ cdef class AFMWorkspace:
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
                   Py_ssize_t max_batch_pairs, Py_ssize_t n_features, Py_ssize_t n_factors,
-                  Py_ssize_t attention_size, dtype):
+                  Py_ssize_t attention_size, dtype, bint forward_only=False):
         cdef Py_ssize_t i, B, N, PP, M, k, t, U, isz, D, C, nblk, n
         dt = np.dtype(dtype)
         check_workspace_sizes(dt, (("batch_size", batch_size),
@@ -693,6 +695,7 @@ cdef class AFMWorkspace:
         self.batch_size, self.max_batch_nnz, self.max_batch_pairs = B, N, max_batch_pairs
         self.n_features, self.n_factors, self.attention_size, self.u_cap = M, k, t, U
         self.dtype = dt
+        self.forward_only = forward_only
         isz = dt.itemsize
         self.itemsize = isz
         self.off = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
@@ -721,8 +724,9 @@ cdef class AFMWorkspace:
         self.RT = _alloc(B * k * isz)
         # the pair buffers (rows written before they are read) are left uninitialised:
         # only the rows of the distinct pairs are touched, so the RSS follows those
-        self.E = aligned_empty(PP * k * isz)
-        self.U = aligned_empty(PP * t * isz)
+        if not forward_only:
+            self.E = aligned_empty(PP * k * isz)
+            self.U = aligned_empty(PP * t * isz)
         self.WT = _alloc(k * t * isz)
         self.GW = _alloc(t * k * isz)
         # only the rows of the chunks in use are touched (a chunk has at least one row)
@@ -790,6 +794,11 @@ cdef class AFMWorkspace:
         free(self.cbuf)
         free(self.rowscr)
         free(self.cursors)
+        if self.forward_only:
+            free(self.E)
+            free(self.U)
+            self.E = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
+            self.U = aligned_empty(n_threads * DBLOCK * self.attention_size * self.itemsize)
         self.cursors = NULL
         self.stamp = NULL
         self.sid = NULL
@@ -1229,8 +1238,10 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, f, R
     cdef Py_ssize_t b = ws.brow[blk]
     cdef const floating* VX = <floating*>ws.VX
-    cdef floating* E = <floating*>ws.E
-    cdef floating* Uu = <floating*>ws.U
+    # a forward-only workspace keeps the logits only: the block's E and U are scratch
+    cdef Py_ssize_t row0 = omp_get_thread_num() * DBLOCK if ws.forward_only else d0
+    cdef floating* E = <floating*>ws.E + row0 * k        # the block's rows
+    cdef floating* Uu = <floating*>ws.U + row0 * t
     cdef const floating* bias = dense + 1 + k
     cdef const floating* h = dense + 1 + k + t
     cdef const floating* v1
@@ -1246,13 +1257,13 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         slot[d - d0] = ws.reps[R]
         v1 = VX + <Py_ssize_t>ws.dq[2 * R] * k
         v2 = VX + <Py_ssize_t>ws.dq[2 * R + 1] * k
-        e = E + d * k
+        e = E + (d - d0) * k
         for f in range(k):
             e[f] = v1[f] * v2[f]
-    _preactivation(E + d0 * k, d1 - d0, k, t, bias, <floating*>ws.WT, Uu + d0 * t)
+    _preactivation(E, d1 - d0, k, t, bias, <floating*>ws.WT, Uu)
     smax = -INFINITY
     for d in range(d0, d1):
-        u = Uu + d * t
+        u = Uu + (d - d0) * t
         _activate(u, t, code)
         s = dot_d(h, u, t)
         ws.SD[slot[d - d0]] = s
@@ -2083,39 +2094,18 @@ cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     return 0
 
 
-# A prediction runs in chunks of rows whose pair buffers (E, U, C: pairs x k or t) hold
-# at most this many elements, and at most PREDICT_ROWS rows.
-cdef Py_ssize_t PREDICT_BUDGET = 1 << 21
-cdef Py_ssize_t PREDICT_ROWS = 4096
-
-# The last prediction workspace is kept for the next call (allocating and zeroing
-# megabytes each call would cost more than a validation set's prediction); a call that
-# finds it taken, or too small, allocates its own.
-_predict_ws_lock = threading.Lock()
-_predict_ws_cache = [None]
+def _predict_workspace(Py_ssize_t rows, Py_ssize_t nnz, Py_ssize_t pairs, Py_ssize_t M,
+                       Py_ssize_t k, Py_ssize_t t, dtype):
+    return AFMWorkspace(rows, max(nnz, 1), pairs, M, k, t, dtype, forward_only=True)
 
 
-def _take_predict_workspace(Py_ssize_t rows, Py_ssize_t nnz, Py_ssize_t pairs,
-                            Py_ssize_t M, Py_ssize_t k, Py_ssize_t t, dtype):
-    cdef AFMWorkspace ws
-    with _predict_ws_lock:
-        ws = _predict_ws_cache[0]
-        if (ws is not None and ws.n_features == M and ws.n_factors == k
-                and ws.attention_size == t and ws.dtype == dtype and ws.batch_size >= rows
-                and ws.max_batch_nnz >= nnz and ws.max_batch_pairs >= pairs):
-            _predict_ws_cache[0] = None
-            return ws
-    return AFMWorkspace(rows, max(nnz, 1), pairs, M, k, t, dtype)
+_predict_cache = _api.WorkspaceCache(_predict_workspace)
 
 
-def _give_back_predict_workspace(AFMWorkspace ws):
-    with _predict_ws_lock:
-        _predict_ws_cache[0] = ws
-
-
-cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n_threads,
-                         floating[::1] out) except *:
-    cdef Py_ssize_t M = V.shape[0], k = V.shape[1], n, r0, chunk_rows
+cdef Py_ssize_t _predict_typed(floating[:, ::1] V, X, params, attention, activation,
+                               n_threads, floating[::1] out) except -1:
+    """afm_predict for one dtype; returns the number of distinct pairs evaluated."""
+    cdef Py_ssize_t M = V.shape[0], k = V.shape[1], n, r0, chunk_rows, n_eval = 0
     cdef int err = 0
     cdef unsigned int csr
     cdef AFMWorkspace ws
@@ -2138,24 +2128,12 @@ cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n
     if out.shape[0] != n:
         raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
     if n == 0:
-        return
-    # ids outside [0, M) take no part: drop them (vectorised) so that every id is valid
-    ids = indices_a[indptr_a[0]:indptr_a[n]]
-    if ids.size and (ids.min() < 0 or ids.max() >= M):
-        known = (ids >= 0) & (ids < M)
-        row_of = np.repeat(np.arange(n), np.diff(indptr_a))
-        values_a = np.ascontiguousarray(values_a[indptr_a[0]:indptr_a[n]][known])
-        indices_a = np.ascontiguousarray(ids[known])
-        indptr_a = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row_of[known], minlength=n), out=indptr_a[1:])
-    lengths = np.diff(indptr_a)
-    pairs = lengths * (lengths - 1) // 2
-    chunk_rows = PREDICT_BUDGET // max(1, int(pairs.max()) * max(k, t))
-    chunk_rows = int(min(max(chunk_rows, 1), PREDICT_ROWS, n))
-    starts = np.arange(0, n, chunk_rows)
-    max_nnz = int(np.add.reduceat(lengths, starts).max())
-    max_pairs = int(np.add.reduceat(pairs, starts).max())
-    ws = _take_predict_workspace(chunk_rows, max_nnz, max_pairs, M, k, t, params.V.dtype)
+        return 0
+    # every id left is valid, so the step's checks cannot fail
+    indptr_a, indices_a, values_a = _api.known_ids((indptr_a, indices_a, values_a), M)
+    chunk_rows, max_nnz, max_pairs = _api.predict_chunks(indptr_a, k)
+    kept = _predict_cache.take((chunk_rows, max_nnz, max_pairs, M, k, t, params.V.dtype))
+    ws = kept[1]
     ws._ensure_threads(n_threads)
     rows_a = np.arange(n, dtype=np.int64)
     cdef const int64_t[::1] indptr = indptr_a
@@ -2186,31 +2164,35 @@ cdef void _predict_typed(floating[:, ::1] V, X, params, attention, activation, n
         while r0 < n:
             a.rows = &rows[r0]
             a.B = n - r0 if n - r0 < chunk_rows else chunk_rows
+            a.n_distinct = 0
             err = _predict_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL,
                                  &V[0, 0], &w[0], &W[0, 0], &dense[0], &out[0])
             if err:
                 break
+            n_eval += a.n_distinct if a.attention else 0
             r0 += chunk_rows
         ftz_leave(csr)
-    _give_back_predict_workspace(ws)
+    _predict_cache.give_back(kept)
     raise_batch_error(err, &a.err, n, M, ws.max_batch_nnz, ws.max_batch_pairs)
+    return n_eval
 
 
 def afm_predict(X, params, attention, activation, n_threads, out):
     """Raw AFM scores of every row of X into ``out`` (n_rows,) of params' dtype: no
     dropout, ids outside [0, M) skipped (they form no pairs). Rows are processed in
-    chunks (up to 4096 rows, fewer at large k) with the training step's forward pass,
-    the attention MLP once per distinct pair of a chunk.
+    chunks (kernel_api.predict_chunks) with the training step's forward pass, the
+    attention MLP once per distinct pair of a chunk. Returns the number of distinct
+    pairs evaluated.
 
     Example: out = np.empty(n_rows, np.float32); afm_predict(X, params, 1, RELU, 2, out)
     """
     dt = params.V.dtype
     if dt == np.float32:
-        _predict_typed[float](params.V, X, params, bool(attention), int(activation),
-                              team_size(n_threads), out)
+        return _predict_typed[float](params.V, X, params, bool(attention),
+                                     int(activation), team_size(n_threads), out)
     elif dt == np.float64:
-        _predict_typed[double](params.V, X, params, bool(attention), int(activation),
-                               team_size(n_threads), out)
+        return _predict_typed[double](params.V, X, params, bool(attention),
+                                      int(activation), team_size(n_threads), out)
     else:
         raise ValueError(f"params.V must be float32 or float64, got {dt}")
 

@@ -379,3 +379,54 @@ def test_numba_step_on_one_hot_rows(k, t):
     assert loss == pytest.approx(loss_ref, rel=1e-9)
     assert_tuple_close(params, p_ref, 1e-9, 1e-12, "params")
     assert_tuple_close(state, s_ref, 1e-9, 1e-12, "state")
+
+
+# ------------------------------------------------------------------- predict's work
+
+def _distinct_pairs_of(X, rows):
+    """Distinct (id_p, id_q) pairs, p < q in row order, among the rows ``rows`` of
+    one-hot rows of equal length (the pairs the kernels evaluate once)."""
+    indptr, indices, _ = X
+    n = int(indptr[1] - indptr[0])
+    ids = indices.reshape(-1, n)[rows].astype(np.int64)
+    p, q = np.triu_indices(n, 1)
+    return np.unique(ids[:, p] * (int(indices.max()) + 1) + ids[:, q]).size
+
+
+def test_predict_does_less_attention_work_than_a_training_epoch(backend):
+    """Predicting the training rows evaluates the attention MLP (2 k t flops forward
+    per distinct pair) for no more distinct pairs than a training epoch's forward over
+    batches of 4,096 shuffled rows, which also runs twice that backward: so predict
+    costs at most about a third of an epoch's attention work. Counted, not timed."""
+    X, _ = frappe_like(20000, seed=3)
+    params = api.new_afm_params(int(X[1].max()) + 1, 4, 4, np.random.default_rng(0))
+    out = np.empty(20000, np.float32)
+    evaluated = backend.afm_predict(X, params, 1, api.RELU, 2, out)
+    order = api.shuffled_rows_reference(20000, 2016, 1)
+    epoch = sum(_distinct_pairs_of(X, order[s:s + 4096]) for s in range(0, 20000, 4096))
+    assert 0 < evaluated <= epoch
+    assert backend.afm_predict(X, params, 0, api.RELU, 2, out) == 0  # no attention
+
+
+@pytest.mark.parametrize("k", [16, 64, 256])
+def test_predict_chunks_hold_at_least_a_training_batch(k):
+    """Pairs recur more in larger chunks: on rows shaped like Frappe's (10 nonzeros)
+    predict's chunks are at least the default batch of 4,096 rows at every k."""
+    indptr = np.arange(0, 10 * 50000 + 1, 10, dtype=np.int64)
+    rows, nnz, pairs = api.predict_chunks(indptr, k)
+    assert rows >= 4096 and nnz == 10 * rows and pairs == 45 * rows
+
+
+def test_predict_is_identical_for_any_thread_count_over_several_chunks(backend):
+    """Rows of several chunks, repeated pairs, unseen ids: the scores are bit-identical
+    on 1 and 2 threads."""
+    X, _ = frappe_like(3 * api.PREDICT_ROWS // 2, seed=5)
+    indices = X[1].copy()
+    indices[::17] = indices.max() + 5   # unseen: forms no pairs
+    X = (X[0], indices, X[2])
+    params = api.new_afm_params(int(X[1].max()), 8, 6, np.random.default_rng(1))
+    outs = []
+    for n_threads in (1, 2):
+        outs.append(np.empty(len(X[0]) - 1, np.float32))
+        backend.afm_predict(X, params, 1, api.SIGMOID, n_threads, outs[-1])
+    assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
