@@ -93,7 +93,7 @@ def _predict_kernel(indptr, indices, values, V, w, W, dense, attention, activati
             n = nzoff[b + 1] - nzoff[b]
             npairs += n * (n - 1) // 2
         pairoff[B] = npairs
-        gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b)
+        gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b, nb)
         for b in prange(B):
             csr = ftz_enter()
             LIN[b], _ = _row_vx(occ_feat, occ_x, nzoff[b], nzoff[b + 1], V, w, VX,
