@@ -22,6 +22,7 @@ thread count (the kernels' determinism guarantee), so switching costs nothing in
 reproducibility.
 """
 import math
+import numbers
 import os
 import time
 import warnings
@@ -194,7 +195,7 @@ def resolve_threads(n_threads, name="n_threads"):
     """
     if n_threads is None:
         return default_threads()
-    if isinstance(n_threads, bool) or not _is_integer(n_threads) or n_threads < 1:
+    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral) or n_threads < 1:
         raise ValueError(f"{name} must be None or a positive integer, got {n_threads!r}")
     n_threads = int(n_threads)
     limit = max_threads()
@@ -204,14 +205,6 @@ def resolve_threads(n_threads, name="n_threads"):
                       RuntimeWarning, stacklevel=3)
         return limit
     return n_threads
-
-
-def _is_integer(value):
-    try:
-        import numbers
-        return isinstance(value, numbers.Integral)
-    except ImportError:  # pragma: no cover
-        return isinstance(value, int)
 
 
 def other_running_threads(stat="/proc/stat"):
