@@ -277,12 +277,13 @@ _POOL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_pool_threads_mxcsr_unchanged(name):
+def test_pool_threads_mxcsr_unchanged(name, tmp_path):
     """In a new process (so that the thread pools start inside a kernel call), no pool
-    thread keeps FTZ or DAZ after the kernels ran on 2 threads."""
+    thread keeps FTZ or DAZ after the kernels ran on 2 threads. It runs in an empty
+    folder: from the checkout, ``python -c`` would import its uncompiled afmfast."""
     script = _POOL_SCRIPT.format(tests=str(Path(__file__).parent), name=name)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     values = [int(v, 16) for v in done.stdout.split()]
     assert len(values) >= 2

@@ -70,9 +70,11 @@ def test_environment_variables_lower_the_default():
                                openmp_limit=False) == cpus
 
 
-def run_python(code, **env):
+def run_python(code, cwd, **env):
+    """Run ``code`` in a new interpreter in the empty folder ``cwd`` (from the checkout,
+    ``python -c`` would import its uncompiled afmfast rather than the installed one)."""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=300)
+                            env={**os.environ, **env}, timeout=300, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -82,9 +84,9 @@ FIT_THREADS = ("import afmfast; from afmfast.demo import make_demo_data; "
                "print(afmfast.FM(n_factors=4, n_epochs=1, verbose=0).fit(d.train).n_threads_)")
 
 
-def test_omp_num_threads_gives_one_thread_in_a_new_process():
-    assert run_python(FIT_THREADS, OMP_NUM_THREADS="1") == "1"
-    assert run_python(FIT_THREADS, AFMFAST_NUM_THREADS="1") == "1"
+def test_omp_num_threads_gives_one_thread_in_a_new_process(tmp_path):
+    assert run_python(FIT_THREADS, tmp_path, OMP_NUM_THREADS="1") == "1"
+    assert run_python(FIT_THREADS, tmp_path, AFMFAST_NUM_THREADS="1") == "1"
 
 
 def test_threadpoolctl_openmp_limit_applies():
