@@ -144,7 +144,8 @@ def _openmp_max_threads():
         from afmfast import _fm_cython
     except ImportError:
         return None
-    return int(_fm_cython.openmp_max_threads())
+    query = getattr(_fm_cython, "openmp_max_threads", None)  # None: an older build
+    return None if query is None else int(query())
 
 
 def default_threads(*, environ=None, cgroup_root=CGROUP_ROOT,
