@@ -420,6 +420,19 @@ def _distinct_pairs(nzoff, occ_x, nU, ustart, occ_list, atom, arep, amark, acnt,
 
 
 @njit(**_SER)
+def _pair_offsets(nzoff, B, pairoff):
+    """pairoff[b] = the first pair of batch row b (n (n - 1) / 2 pairs a row of n
+    nonzeros, from nzoff), B + 1 entries; returns the batch's pairs."""
+    npairs = 0
+    for b in range(B):
+        pairoff[b] = npairs
+        n = nzoff[b + 1] - nzoff[b]
+        npairs += n * (n - 1) // 2
+    pairoff[B] = npairs
+    return npairs
+
+
+@njit(**_SER)
 def _even_cuts(n, nch, cuts):
     """cuts[0..nch] = bounds of nch chunks of about n / nch items each."""
     for c in range(nch + 1):
@@ -699,12 +712,7 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     nnz = batch_offsets(indptr, rows, nzoff)
     if nnz < 0:
         return np.nan, nnz
-    npairs = 0
-    for b in range(B):
-        pairoff[b] = npairs
-        n = nzoff[b + 1] - nzoff[b]
-        npairs += n * (n - 1) // 2
-    pairoff[B] = npairs
+    npairs = _pair_offsets(nzoff, B, pairoff)
     if nnz > occ_feat.shape[0]:
         return np.nan, BAD_NNZ
     if attention and npairs > E.shape[0]:

@@ -22,6 +22,7 @@ from ._afm_numba import (
     _even_cuts,
     _logits,
     _mm_acc,
+    _pair_offsets,
     _pair_logits,
     _pool_pairs,
     _pool_plain,
@@ -87,12 +88,7 @@ def _predict_kernel(indptr, indices, values, V, w, W, dense, attention, activati
         rows = all_rows[r0:min(n_rows, r0 + chunk_rows)]
         B = rows.shape[0]
         nnz = batch_offsets(indptr, rows, nzoff)
-        npairs = 0
-        for b in range(B):
-            pairoff[b] = npairs
-            n = nzoff[b + 1] - nzoff[b]
-            npairs += n * (n - 1) // 2
-        pairoff[B] = npairs
+        npairs = _pair_offsets(nzoff, B, pairoff)
         gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b, nb)
         for b in prange(B):
             csr = ftz_enter()
