@@ -340,9 +340,8 @@ def new_afm_params(n_features, n_factors, attention_size, rng, dtype=np.float32)
 # ``afm_predict`` runs the rows in chunks of consecutive rows, each through the training
 # step's forward pass with the attention MLP once per distinct pair of the chunk, and
 # returns how many distinct pairs it evaluated (the attention work, for tests and
-# benchmarks). The larger a chunk the more of its pairs recur (frappe-mini's rows: 35%
-# distinct pairs in chunks of 728 rows, 22% in 4,096, 14% in 16,384), but its scratch
-# grows with it: about 64 bytes per pair and the k-vector v x per nonzero. Only the logit
+# benchmarks). The larger a chunk the more of its pairs recur (one-hot rows share many
+# pairs), but its scratch grows with it: about 64 bytes per pair and the k-vector v x per nonzero. Only the logit
 # of a distinct pair is kept, so the attention products need no per-pair scratch.
 PREDICT_ROWS = 16384
 PREDICT_PAIRS = 1 << 19
