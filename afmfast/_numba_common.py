@@ -8,7 +8,9 @@ from Python, which the tests use).
 
 Dropout hash (see ``afmfast.kernel_api``): every operand is ``np.uint64``. Numba types
 ``uint64 op int64`` as float64, which would silently break the mod 2^64 arithmetic, so
-every constant below is a ``np.uint64`` and every caller casts its integers first.
+every constant below is a ``np.uint64`` and every caller casts its integers first. The
+per-unit hash ``mix32`` is 32-bit arithmetic done in uint64 and masked to 32 bits after
+every operation that can carry (Numba widens uint32 operands to 64 bits).
 
 Optimiser update: ``opt_scalar`` / ``opt_row`` update one parameter (or one contiguous
 row) in place from its gradient and its two state slots. Arithmetic is float64 whatever
@@ -48,6 +50,10 @@ from .kernel_api import (
     ADAM_BETA2,
     ADAM_EPS,
     GOLDEN,
+    GOLDEN32,
+    MASK32,
+    MIX32_C1,
+    MIX32_C2,
     MOMENTUM,
     MOMENTUM_COEF,
     OPTIMIZER_CODES,
@@ -59,12 +65,18 @@ from .kernel_api import (
 
 _GOLDEN = np.uint64(GOLDEN)
 _ONE = np.uint64(1)
-_S11 = np.uint64(11)
+_S15 = np.uint64(15)
+_S16 = np.uint64(16)
 _S27 = np.uint64(27)
 _S30 = np.uint64(30)
 _S31 = np.uint64(31)
+_S32 = np.uint64(32)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN32 = np.uint64(GOLDEN32)
+_M32 = np.uint64(MASK32)
+_D1 = np.uint64(MIX32_C1)
+_D2 = np.uint64(MIX32_C2)
 
 _ADAGRAD, _SGD, _MOMENTUM, _ADAM = ADAGRAD, SGD, MOMENTUM, ADAM
 
@@ -187,11 +199,19 @@ def row_key(skey, row):
 
 
 @njit(**_JIT)
+def mix32(x):
+    """kernel_api's 32-bit unit hash of x (a np.uint64 below 2^32)."""
+    x = ((x ^ (x >> _S16)) * _D1) & _M32
+    x = ((x ^ (x >> _S15)) * _D2) & _M32
+    return x ^ (x >> _S16)
+
+
+@njit(**_JIT)
 def keep_unit(rkey, unit, threshold):
     """True when ``unit`` (int, 0-based) is kept; threshold from
     ``kernel_api.dropout_threshold`` as np.uint64."""
-    bits = mix64(rkey + (np.uint64(unit) + _ONE) * _GOLDEN)
-    return (bits >> _S11) < threshold
+    bits = mix32(((rkey & _M32) + (np.uint64(unit) + _ONE) * _GOLDEN32) & _M32)
+    return (bits ^ (rkey >> _S32)) < threshold
 
 
 @njit(**_JIT)
@@ -373,7 +393,6 @@ def group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list):
 
 _SHUFFLE_PARTS = 16  # parts of the rows counted and scattered in parallel (any number
                      # gives the same order: the scatter is stable)
-_S32 = np.uint64(32)
 
 
 @njit(**_JIT)

@@ -73,11 +73,17 @@ so it differs where denormals occur. Elsewhere (no MXCSR) this is a no-op and de
 are computed as the hardware does. Integer-only parallel loops (the epoch order, batch
 offsets) do not set it: MXCSR affects only floating-point instructions.
 
-Dropout RNG (counter based; identical in every backend), all arithmetic mod 2^64:
-    mix64(z) = splitmix64 finaliser
-    key = mix64(mix64(mix64(seed + stream * GOLDEN) + step) + row)
-    bits = mix64(key + (unit + 1) * GOLDEN)
-    kept iff (bits >> 11) < floor(keep * 2^53)
+Dropout RNG (counter based; identical in every backend):
+    mix64(z) = splitmix64 finaliser (mod 2^64)
+    mix32(x) = 32-bit integer hash (two multiply-xorshift rounds, mod 2^32)
+    key = mix64(mix64(mix64(seed + stream * GOLDEN) + step) + row)     (one per row)
+    bits = mix32(lo32(key) + (unit + 1) * GOLDEN32) ^ hi32(key)         (one per unit)
+    kept iff bits < dropout_threshold(keep) = min(floor(keep * 2^32), 2^32 - 1)
+The per-unit hash is 32-bit because it runs for every unit of every row of every step:
+x86 has no vector 64-bit multiply before AVX-512 (compilers emulate one with three 32-bit
+multiplies and shifts), while a 32-bit multiply is one vector instruction on every x86-64
+level. The row's 64-bit key still separates rows (its high half is folded into every
+unit).
 
 Epoch order (``shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,)``, in every
 backend module; ``shuffled_rows_reference`` below is its definition). A permutation of
@@ -107,6 +113,10 @@ ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 BN_EPS, BN_DECAY = 1e-3, 0.9
 
 GOLDEN = 0x9E3779B97F4A7C15
+GOLDEN32 = 0x9E3779B9
+MIX32_C1 = 0x7FEB352D
+MIX32_C2 = 0x846CA68B
+MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
 
 FMParams = namedtuple("FMParams", "V w dense bn_stats")
@@ -169,8 +179,9 @@ def aligned_copy(a, offset=0):
 
 
 def dropout_threshold(keep):
-    """Integer threshold that the top 53 bits of a hash are compared with."""
-    return int(np.floor(float(keep) * 9007199254740992.0))
+    """Integer threshold that a unit's 32-bit hash is compared with: floor(keep 2^32),
+    at most 2^32 - 1 (keep >= 1 never hashes)."""
+    return min(int(np.floor(float(keep) * 4294967296.0)), MASK32)
 
 
 def _mix64(z):
@@ -182,6 +193,18 @@ def _mix64(z):
         z *= np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
     return z
+
+
+def _mix32(x):
+    """mix32 of kernel_api's dropout hash, elementwise on a uint32 array."""
+    x = x.astype(np.uint32, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(MIX32_C1)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(MIX32_C2)
+        x ^= x >> np.uint32(16)
+    return x
 
 
 def _stream_key(seed, stream, counter):
@@ -200,9 +223,11 @@ def dropout_mask(seed, stream, step, rows, n_units, keep):
     key = _stream_key(seed, stream, step)
     with np.errstate(over="ignore"):
         key = _mix64(key + rows)
-        units = (np.arange(n_units, dtype=np.uint64) + np.uint64(1)) * np.uint64(GOLDEN)
-        bits = _mix64(key[:, None] + units[None, :])
-    return (bits >> np.uint64(11)) < np.uint64(dropout_threshold(keep))
+        low = (key & np.uint64(MASK32)).astype(np.uint32)
+        high = (key >> np.uint64(32)).astype(np.uint32)
+        units = (np.arange(n_units, dtype=np.uint32) + np.uint32(1)) * np.uint32(GOLDEN32)
+        bits = _mix32(low[:, None] + units[None, :]) ^ high[:, None]
+    return bits < np.uint32(dropout_threshold(keep))
 
 
 SHUFFLE_STREAM = 3  # dropout uses streams 0 (FM), 1 and 2 (AFM)

@@ -96,7 +96,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_thread_num, omp_get_wtime
 from libc.math cimport exp, expf, isfinite, sqrt, tanh, tanhf, INFINITY
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
@@ -843,7 +843,8 @@ ctypedef struct AFMArgs:
     int n_threads, attention, activation, freeze_fm, drop_att, drop_pool, loss, prefetch_v
     int prefetch_features
     double l2, l2a, inv_keep_att, inv_keep_pool
-    uint64_t seed, step, thr_att, thr_pool
+    uint64_t seed, step
+    uint32_t thr_att, thr_pool
     const int64_t* indptr
     const int32_t* indices
     const int64_t* rows
@@ -1345,6 +1346,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     cdef double yhat, res, ada, da
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
+    cdef uint32_t thr_att = a.thr_att, thr_pool = a.thr_pool  # locals: stores could alias *a
     for f in range(k):
         cps[f] = 0
     for b in range(ws.chunk[c], ws.chunk[c + 1]):
@@ -1360,8 +1362,8 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
             if a.drop_att:
                 key = dropout_row_key(a.seed, 1, a.step, <uint64_t>a.rows[b])
                 for P in range(P0, P1):
-                    pds[P] = a.inv_keep_att if dropout_kept(key, <uint64_t>(P - P0),
-                                                            a.thr_att) else 0.0
+                    pds[P] = a.inv_keep_att if dropout_kept(key, <uint32_t>(P - P0),
+                                                            thr_att) else 0.0
                     pau[P] = pa[P] * pds[P]
             else:
                 for P in range(P0, P1):
@@ -1375,7 +1377,7 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         if a.drop_pool:
             key = dropout_row_key(a.seed, 2, a.step, <uint64_t>a.rows[b])
             for f in range(k):
-                dgd[f] = inv_pool if dropout_kept(key, <uint64_t>f, a.thr_pool) else 0
+                dgd[f] = inv_pool if dropout_kept(key, <uint32_t>f, thr_pool) else 0
                 gp[f] = gp[f] * dgd[f]
         else:
             for f in range(k):

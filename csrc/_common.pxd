@@ -5,9 +5,10 @@ Apart from ``opt_cfg_from`` and ``fill_dropout_mask`` (called with the GIL, befo
 or from a test hook), nothing here allocates, touches Python objects or holds state, so
 every helper may be called from inside ``prange`` bodies.
 
-- Dropout RNG: ``mix64`` (splitmix64 finaliser), ``dropout_row_key`` and ``dropout_kept``
-  reproduce ``afmfast.kernel_api.dropout_mask`` bit for bit (all arithmetic is uint64, so
-  wrap-around is the C semantics the contract asks for).
+- Dropout RNG: ``mix64`` (splitmix64 finaliser), ``mix32``, ``dropout_row_key`` and
+  ``dropout_kept`` reproduce ``afmfast.kernel_api.dropout_mask`` bit for bit (unsigned
+  arithmetic, uint64 for the row key and uint32 per unit, so wrap-around is the C
+  semantics the contract asks for).
 - Optimisers: ``opt_elem`` updates one parameter, ``opt_vec`` a contiguous run of them,
   for the codes OPT_ADAGRAD/OPT_SGD/OPT_MOMENTUM/OPT_ADAM (mirrors of kernel_api's
   ADAGRAD/SGD/MOMENTUM/ADAM; ``afmfast._fm_cython._constants()`` exposes them so a test
@@ -21,7 +22,7 @@ every helper may be called from inside ``prange`` bodies.
 - ``team_size``: a kernel's n_threads argument, checked and bounded.
 """
 from libc.math cimport exp, fabs, floor, fmax, log1p, sqrt, sqrtf
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from cython cimport floating
 from openmp cimport omp_get_num_procs
 
@@ -159,14 +160,25 @@ cdef inline uint64_t dropout_row_key(uint64_t seed, uint64_t stream, uint64_t st
     return mix64(mix64(mix64(seed + stream * golden64()) + step) + row)
 
 
-cdef inline bint dropout_kept(uint64_t key, uint64_t unit, uint64_t threshold) noexcept nogil:
-    """True when ``unit`` survives; ``threshold`` is kernel_api.dropout_threshold(keep)."""
-    return (mix64(key + (unit + 1) * golden64()) >> 11) < threshold
+cdef inline uint32_t mix32(uint32_t x) noexcept nogil:
+    x = (x ^ (x >> 16)) * 0x7FEB352DU
+    x = (x ^ (x >> 15)) * 0x846CA68BU
+    return x ^ (x >> 16)
 
 
-cdef inline uint64_t dropout_threshold(double keep) noexcept nogil:
-    """kernel_api.dropout_threshold: floor(keep 2^53), exact (2^53 is a power of two)."""
-    return <uint64_t>floor(keep * 9007199254740992.0)
+cdef inline bint dropout_kept(uint64_t key, uint32_t unit, uint32_t threshold) noexcept nogil:
+    """True when ``unit`` survives; ``threshold`` is kernel_api.dropout_threshold(keep).
+    32-bit arithmetic, so that a loop over units vectorises."""
+    cdef uint32_t bits = mix32(<uint32_t>key + (unit + 1U) * 0x9E3779B9U)
+    return (bits ^ <uint32_t>(key >> 32)) < threshold
+
+
+cdef inline uint32_t dropout_threshold(double keep) noexcept nogil:
+    """kernel_api.dropout_threshold: floor(keep 2^32), exact (2^32 is a power of two),
+    at most 2^32 - 1."""
+    if keep >= 1.0:
+        return 0xFFFFFFFFU
+    return <uint32_t>floor(keep * 4294967296.0)
 
 
 cdef inline uint64_t as_u64(value) except? 0:
@@ -179,14 +191,14 @@ cdef inline int fill_dropout_mask(const int64_t[::1] rows, unsigned char[:, ::1]
     """out[i, u] = 1 where unit u of row rows[i] is kept (out starts as all ones); the
     body of the modules' ``_dropout_mask_for_test``."""
     cdef Py_ssize_t i, u
-    cdef uint64_t thr = dropout_threshold(keep)
+    cdef uint32_t thr = dropout_threshold(keep)
     cdef uint64_t sd = as_u64(seed), st = as_u64(stream), sp = as_u64(step), key
     if keep >= 1.0:
         return 0
     for i in range(rows.shape[0]):
         key = dropout_row_key(sd, st, sp, <uint64_t>rows[i])
         for u in range(out.shape[1]):
-            out[i, u] = dropout_kept(key, <uint64_t>u, thr)
+            out[i, u] = dropout_kept(key, <uint32_t>u, thr)
     return 0
 
 

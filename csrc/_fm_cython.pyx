@@ -52,7 +52,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_max_threads, omp_get_thread_num, omp_get_wtime
 from libc.math cimport isfinite, sqrt
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
@@ -305,7 +305,8 @@ ctypedef struct StepArgs:
     int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
     int prefetch_features
     double l2, inv_keep
-    uint64_t seed, step, threshold
+    uint64_t seed, step
+    uint32_t threshold
     const int64_t* indptr
     const int32_t* indices
     const int64_t* rows
@@ -421,11 +422,13 @@ cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* de
     cdef floating inv_keep = <floating>a.inv_keep
     cdef floating zsum
     cdef uint64_t key
+    cdef uint32_t thr
     cdef double yhat, res
     if a.use_dropout:
         key = dropout_row_key(a.seed, 0, a.step, <uint64_t>a.rows[b])
+        thr = a.threshold  # a local: the stores into sc could alias a field of *a
         for f in range(k):
-            sc[f] = inv_keep if dropout_kept(key, <uint64_t>f, a.threshold) else 0
+            sc[f] = inv_keep if dropout_kept(key, <uint32_t>f, thr) else 0
     if a.batch_norm:
         for f in range(k):
             fr[f] = (fr[f] - mu_t[f]) * inv_t[f]
