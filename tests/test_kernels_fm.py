@@ -213,6 +213,27 @@ def test_numba_dropout_hash_matches_kernel_api():
                     assert np.array_equal(out, expected), (seed, step, keep, stream)
 
 
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.7, 0.95])
+def test_dropout_mask_rates_and_independence(keep):
+    """kernel_api's mask (the one every backend reproduces) keeps units at rate keep,
+    independently across units, rows (consecutive ids too) and steps: rates, pair
+    agreement and unit-to-unit correlation within a few standard errors."""
+    rows = np.arange(20_000, dtype=np.int64)
+    a = api.dropout_mask(7, 0, 3, rows, 64, keep)
+    b = api.dropout_mask(7, 0, 4, rows, 64, keep)  # next step, same rows
+    c = api.dropout_mask(7, 1, 3, rows, 64, keep)  # other stream
+    n = a.size
+    se = np.sqrt(keep * (1 - keep) / n)
+    for m in (a, b, c):
+        assert abs(m.mean() - keep) < 5 * se
+    both = keep * keep  # rate at which two independent masks both keep a unit
+    se2 = np.sqrt(both * (1 - both) / n)
+    for u, v in ((a, b), (a, c), (a[1:], a[:-1]), (a[:, 1:], a[:, :-1])):
+        assert abs((u & v).mean() - both) < 5 * se2
+    per_unit = a.mean(axis=0)  # no unit is favoured
+    assert np.all(np.abs(per_unit - keep) < 5 * np.sqrt(keep * (1 - keep) / rows.size))
+
+
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend unavailable")
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_numba_optimizer_helpers_match_reference(opt):
