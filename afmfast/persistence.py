@@ -381,7 +381,8 @@ def _model_from_header(header):
         raise _Reject(f"corrupt model header (a JSON {type(header).__name__}, not an "
                       f"object)")
     if header.get("format") != FORMAT:
-        raise _Reject(f"not an afmfast model file (format {reprlib.repr(header.get('format'))})")
+        raise _Reject(f"not an afmfast model file (format "
+                      f"{reprlib.repr(header.get('format'))})")
     version = header.get("version")
     if not (_is_int(version) and version == VERSION):
         raise _Reject(f"model file version {reprlib.repr(version)} is not supported "
@@ -455,7 +456,7 @@ def _model_with_params(cls, params):
 def _check_classes(classes):
     """A classifier's ``classes``: two distinct JSON scalars (numbers, strings, bools)."""
     ok = isinstance(classes, list) and len(classes) == 2 and all(
-        isinstance(c, (str, int, float)) and not (isinstance(c, float) and not math.isfinite(c))
+        isinstance(c, (str, int)) or (isinstance(c, float) and math.isfinite(c))
         for c in classes) and classes[0] != classes[1]
     if not ok:
         raise _bad("extras.classes", classes, "two distinct numbers, strings or booleans")

@@ -157,8 +157,8 @@ def _with_params(**changes):
     def build(good, bad):
         arrays = _arrays(good)
         header = _header(arrays)
-        _write(bad, arrays, json.dumps({**header, "params": {**header["params"], **changes}})
-               .encode())
+        header["params"].update(changes)
+        _write(bad, arrays, json.dumps(header).encode())
     return build
 
 
@@ -216,12 +216,6 @@ def _huge_consistent_member(good, bad):
     bad.write_bytes(raw)
 
 
-def _wrong_classes(good, bad):
-    arrays = _arrays(good)
-    _write(bad, arrays, json.dumps({**_header(arrays), "extras": {"classes": [1, 1]}})
-           .encode())
-
-
 CORRUPTIONS = {
     "npy_file": ("fm", _npy_file),
     "text_file": ("fm", _text_file),
@@ -246,7 +240,8 @@ CORRUPTIONS = {
     "n_threads_float": ("fm", _with_params(n_threads=2.0)),
     "n_threads_zero": ("fm", _with_params(n_threads=0)),
     "afm_keep_dict": ("afm", _with_params(keep=[{}, 1.0])),
-    "classes_equal": ("clf", _wrong_classes),
+    "classes_equal": ("clf", _with_header(extras={"classes": [1, 1]})),
+    "classes_missing": ("clf", _with_header(extras={})),
     "deep_json": ("fm", _deep_json),
     "broken_npy_header": ("fm", _broken_npy_header),
     "compression_99": ("fm", _compression_99),
