@@ -1,5 +1,8 @@
-"""Saving and loading models: round trip, corrupt and foreign files, atomic saves."""
+"""Saving and loading models: round trip, corrupt and foreign files, atomic saves, file
+modes, header parameters checked at load (tests/test_fuzz_model_files.py fuzzes load)."""
 import json
+import os
+import stat
 import zipfile
 
 import numpy as np
@@ -192,3 +195,83 @@ def test_permission_denied_on_rename_leaves_the_old_file_intact(fitted, tmp_path
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["fm.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("proc", [True, False], ids=["proc", "os.umask"])
+def test_saved_file_mode_honours_the_umask(fitted, tmp_path, monkeypatch, mask, proc):
+    """A saved model gets 0o666 & ~umask, as a file opened for writing would, not the
+    0o600 of the temporary file; the umask is read from /proc or, without it, set and
+    restored."""
+    from afmfast import persistence
+
+    if not proc:
+        monkeypatch.setattr(persistence, "_PROC_STATUS", str(tmp_path / "no-proc"))
+    path = tmp_path / "fm.npz"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o600)
+    old = os.umask(mask)
+    try:
+        fitted[0].save(path)
+        assert os.umask(mask) == mask  # the umask is as it was
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
+    afmfast.load(path)
+
+
+def _saved_with_n_threads(model, tmp_path, n_threads):
+    good, bad = tmp_path / "fm.npz", tmp_path / "threads.npz"
+    model.save(good)
+    _rewrite(good, bad, lambda a: _set_header(a, {**_header(a), "params": {
+        **_header(a)["params"], "n_threads": n_threads}}))
+    return bad
+
+
+def test_huge_n_threads_in_a_file_is_clamped_with_a_warning(fitted, tmp_path):
+    model, data = fitted
+    bad = _saved_with_n_threads(model, tmp_path, 100000)
+    with pytest.warns(RuntimeWarning, match="n_threads=100000"):
+        loaded = afmfast.load(bad)
+    assert loaded.n_threads == 100000  # get_params keeps what the file says
+    np.testing.assert_array_equal(loaded.predict(data.valid), model.predict(data.valid))
+
+
+@pytest.mark.parametrize("n_threads", [0, -2, 2.0, "4", True, [2]])
+def test_bad_n_threads_in_a_file_is_refused_at_load(fitted, tmp_path, n_threads):
+    bad = _saved_with_n_threads(fitted[0], tmp_path, n_threads)
+    with pytest.raises(ValueError, match=r"threads\.npz: .*n_threads"):
+        afmfast.load(bad)
+
+
+def test_save_refuses_a_header_load_would_refuse(fitted, tmp_path, monkeypatch):
+    from afmfast import persistence
+
+    model, _ = fitted
+    path = tmp_path / "fm.npz"
+    model.save(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(persistence, "MAX_HEADER_BYTES", 100)
+    with pytest.raises(ValueError, match="fm.npz: .*more than afmfast.load reads"):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["fm.npz"]
+
+
+def test_deflated_and_big_endian_files(fitted, tmp_path):
+    """Any archive numpy writes with the right members loads: deflated members and
+    Fortran-ordered arrays; big-endian floats are refused (afmfast writes native)."""
+    model, data = fitted
+    good = tmp_path / "fm.npz"
+    model.save(good)
+    with np.load(good) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    np.savez_compressed(tmp_path / "deflated.npz", **arrays)
+    np.savez(tmp_path / "fortran.npz", **{**arrays, "V": np.asfortranarray(arrays["V"])})
+    for name in ("deflated.npz", "fortran.npz"):
+        np.testing.assert_array_equal(afmfast.load(tmp_path / name).predict(data.valid),
+                                      model.predict(data.valid))
+    np.savez(tmp_path / "big.npz", **{**arrays, "w": arrays["w"].astype(">f4")})
+    with pytest.raises(ValueError, match="big.npz: member 'w.npy' holds >f4"):
+        afmfast.load(tmp_path / "big.npz")
