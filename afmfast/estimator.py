@@ -8,11 +8,11 @@ import inspect
 import math
 import sys
 import time
-import warnings
 
 import numpy as np
 
 from . import backends
+from ._inputs import as_real, binary_classes, check_columns, label_vector, n_rows
 from .threads import RunPlanner, resolve_threads
 from .dataset import Dataset
 from .encoding import FeatureMap, is_dataframe
@@ -24,7 +24,6 @@ try:  # scikit-learn is optional: with it, models are full scikit-learn estimato
     from sklearn.base import BaseEstimator as _SkBase
     from sklearn.base import ClassifierMixin as _SkClassifier
     from sklearn.base import RegressorMixin as _SkRegressor
-    from sklearn.exceptions import DataConversionWarning
     from sklearn.exceptions import NotFittedError as _SkNotFittedError
 
     _SKLEARN_BASES, REGRESSOR_BASES, CLASSIFIER_BASES = (_SkBase,), (_SkRegressor,), \
@@ -33,10 +32,6 @@ try:  # scikit-learn is optional: with it, models are full scikit-learn estimato
 except ImportError:
     _SKLEARN_BASES = REGRESSOR_BASES = CLASSIFIER_BASES = ()
     _NOT_FITTED_BASES = (ValueError, AttributeError)
-
-    class DataConversionWarning(UserWarning):
-        """Input data was converted (scikit-learn's warning of that name, when it is
-        not installed)."""
 
 
 class NotFittedError(*_NOT_FITTED_BASES):
@@ -116,9 +111,9 @@ def as_dataset(X, y=None, *, name="X"):
     if getattr(X, "format", "csr") != "csr" and hasattr(X, "tocsr"):
         X = X.tocsr()  # scipy CSC/COO/...: CSC also has indptr/indices, but over columns
     if all(hasattr(X, a) for a in ("indptr", "indices", "data", "shape")):
-        _as_real(X.data, name)
+        as_real(X.data, name)
         return Dataset.from_csr(X, y)
-    dense = _as_real(X, name)
+    dense = as_real(X, name)
     if dense.ndim != 2:
         raise ValueError(
             f"{name} must be an afmfast.Dataset, a CSR matrix or a 2-D array, got "
@@ -129,25 +124,6 @@ def as_dataset(X, y=None, *, name="X"):
     indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
     return Dataset(indptr, cols.astype(np.int32), dense[rows, cols], y, dense.shape[1])
-
-
-def _as_real(a, name):
-    """``a`` as an array of real numbers: booleans, integers and floats as they are,
-    other dtypes (object, strings) converted to float64. Complex numbers are refused
-    rather than cut to their real part; an entry that is not a number raises NumPy's
-    TypeError or ValueError, naming ``name``."""
-    a = np.asarray(a)
-    if a.dtype.kind == "c":
-        raise ValueError(f"{name}: Complex data not supported (dtype {a.dtype}); pass "
-                         "real numbers")
-    if a.dtype.kind in "biuf":
-        return a
-    try:
-        return a.astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        # the error type NumPy chose (TypeError for an object that is no number at all)
-        raise type(exc)(f"{name} must hold numbers; its {a.dtype} entries do not all "
-                        f"convert to float: {exc}") from None
 
 
 def _check_int(name, value, low):
@@ -599,7 +575,7 @@ class FactorizationModel(*_SKLEARN_BASES):
             if isinstance(y, str):
                 y = X[y].to_numpy()
         elif n_features is not None and not isinstance(X, Dataset):
-            _check_columns(X, n_features, name, type(self).__name__)
+            check_columns(X, n_features, name, type(self).__name__)
         own = y is None and need_labels and isinstance(X, Dataset)
         if own:
             y = X.y
@@ -612,7 +588,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         if frame:
             return fmap.transform(X, y)
         if y is None and not isinstance(X, Dataset):
-            y = np.zeros(_n_rows(X), np.float32)
+            y = np.zeros(n_rows(X), np.float32)
         data = X if own and y is X.y else as_dataset(X, y, name=name)
         bad = np.flatnonzero(~np.isfinite(data.values))
         if bad.size:
@@ -624,11 +600,10 @@ class FactorizationModel(*_SKLEARN_BASES):
         """Regression targets as float32 (a column (n, 1) is raveled with a warning);
         refused unless finite real numbers. ``name`` names y in errors; ``fit`` and
         ``own`` (the labels are a Dataset's) matter to classifiers only."""
-        y = _as_real(_label_vector(y, name), name)
-        y32 = np.asarray(y, dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.all(np.isfinite(y)) and np.all(np.isfinite(y32))
-        if not finite:
+        y = as_real(label_vector(y, name), name)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            y32 = np.asarray(y, dtype=np.float32)
+        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(y32))):
             raise ValueError(f"{name}: labels must be finite numbers within the float32 "
                              "range (|y| < 3.4e38)")
         return y32
@@ -774,41 +749,6 @@ def _as_model(source):
     return load(source)
 
 
-def _check_columns(X, n_features, name, owner):
-    """An array or matrix X (with a 2-D shape) must have ``n_features`` columns:
-    scikit-learn's rule and wording."""
-    shape = getattr(X, "shape", None)
-    shape = np.asarray(X).shape if shape is None else shape
-    if len(shape) == 2 and shape[1] != n_features:
-        raise ValueError(f"{name} has {shape[1]} features, but {owner} is expecting "
-                         f"{n_features} features as input (an afmfast.Dataset may also "
-                         "hold larger feature ids, which count as unseen)")
-
-
-def _label_vector(y, name):
-    """Labels as a 1-D array: a column (n, 1) is raveled with scikit-learn's warning;
-    other shapes and complex labels are refused."""
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        warnings.warn("A column-vector y was passed when a 1d array was expected. Please "
-                      f"change the shape of y to (n_samples,), for example using ravel() "
-                      f"({name} is raveled here).", DataConversionWarning, stacklevel=5)
-        y = y.ravel()
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array (n_samples,) or a column "
-                         f"(n_samples, 1), got shape {y.shape}")
-    if y.dtype.kind == "c":
-        raise ValueError(f"{name}: Complex data not supported (labels of dtype {y.dtype})")
-    return y
-
-
-def _n_rows(X):
-    shape = getattr(X, "shape", None)
-    if shape is not None and len(shape) == 2:
-        return shape[0]
-    return np.asarray(X).shape[0]
-
-
 class BinaryClassifier:
     """Binary classification on top of a factorization model: logistic loss in the
     kernels, any two labels (kept sorted in ``classes_``, the second one positive),
@@ -833,13 +773,13 @@ class BinaryClassifier:
         ``classes_[0]``. Fitting (``fit``) sets ``classes_`` = np.unique(y), which must
         hold exactly two labels; a Dataset's own float32 labels (``own``) that are whole
         numbers give int64 classes. Otherwise y may hold only the fitted classes."""
-        y = _label_vector(y, name)
+        y = label_vector(y, name)
         if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
             raise ValueError(f"{name}: labels must not be NaN or infinite")
         if fit:
             if y.size == 0:
                 return np.zeros(0, np.float32)  # fit's empty-data error follows
-            self.classes_ = _classes(y, name, own)
+            self.classes_ = binary_classes(y, name, own)
         elif not np.all(np.isin(y, self.classes_)):
             unknown = np.setdiff1d(y, self.classes_)
             raise ValueError(f"{name} holds labels {unknown[:5].tolist()} that are not "
@@ -933,30 +873,6 @@ class BinaryClassifier:
             raise ValueError(f"classes {classes!r} are not two sorted distinct labels of "
                              "one kind (numbers, strings or booleans)")
         self.classes_ = np.array(classes)  # int64, float64, str or bool, as saved
-
-
-def _classes(y, name, own):
-    """np.unique(y) of training labels, which must be two (``own``: see
-    ``BinaryClassifier._encode_labels``)."""
-    try:
-        classes = np.unique(y)
-    except TypeError as exc:  # mixed label types, which do not sort
-        raise ValueError(f"{name}: labels of mixed types cannot be classes ({exc})") from None
-    if classes.dtype == object:  # e.g. y.astype(object): the labels' own dtype
-        classes = np.array(classes.tolist())
-    if classes.size == 2:
-        if own and np.all(classes == np.round(classes)):
-            classes = classes.astype(np.int64)
-        return classes
-    if classes.size > 2 and classes.dtype.kind == "f" and \
-            not np.all(classes == np.round(classes)):
-        raise ValueError(f"{name}: Unknown label type: continuous ({classes.size} distinct "
-                         "values, not all whole numbers); a binary classifier needs exactly "
-                         "two classes: use a regressor for a continuous target")
-    found = "only one class" if classes.size == 1 else f"{classes.size} classes"
-    raise ValueError(f"{name}: Only binary classification is supported: a classifier needs "
-                     f"exactly two classes, but {name} holds {found}: "
-                     f"{classes[:10].tolist()}")
 
 
 def _sigmoid(z):

@@ -229,3 +229,45 @@ CHECK_PARAMS = dict(n_factors=4, n_epochs=30, batch_size=32, learning_rate=0.1,
                           afmfast.AFMClassifier(attention_size=4, **CHECK_PARAMS)])
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
+
+
+# ----- both kernel backends on degenerate data ------------------------------------------
+MODELS = [(afmfast.FM, {}), (afmfast.AFM, {"attention_size": 4})]
+
+
+def _backend_name(module):
+    return module.__name__.rsplit("_", 1)[-1]  # afmfast._fm_cython -> cython
+
+
+@pytest.mark.parametrize("cls,extra", MODELS, ids=["FM", "AFM"])
+def test_data_without_nonzeros_fits_the_bias(backend, cls, extra):
+    """No nonzeros at all: the Cython workspace once refused a bound of 0 nonzeros while
+    Numba trained; both now fit w0 alone, to the same value."""
+    y = np.linspace(1.0, 3.0, 20)
+    params = dict(n_factors=2, n_epochs=5, batch_size=8, learning_rate=0.1, n_threads=1,
+                  verbose=0, **extra)
+    X = np.zeros((20, 3))
+    model = cls(backend=_backend_name(backend), **params).fit(X, y)
+    other = cls(backend="numba", **params).fit(X, y)
+    losses = [h["train_loss"] for h in model.history_]
+    assert losses[-1] < losses[0]  # the bias (and FM's batch-norm shift) learned
+    assert model.w0_ == pytest.approx(other.w0_, rel=1e-5)
+    pred = model.predict(X)
+    assert np.all(pred == pred[0])  # every row is the empty row
+    np.testing.assert_allclose(pred, other.predict(X), rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd", "adam"])
+@pytest.mark.parametrize("cls,extra", MODELS, ids=["FM", "AFM"])
+def test_labels_near_the_float32_limit_diverge(backend, cls, extra, optimizer):
+    """Labels of 3e38 are finite float32 numbers, but their gradients are not: Cython's
+    parameters went NaN while Numba's optimiser state went infinite and the model stopped
+    learning silently. Both backends now stop with TrainingDivergedError."""
+    X = np.random.default_rng(0).normal(size=(40, 4))
+    model = cls(n_factors=2, n_epochs=3, batch_size=8, n_threads=1, verbose=0,
+                optimizer=optimizer, backend=_backend_name(backend), **extra)
+    with pytest.raises(afmfast.TrainingDivergedError, match="epoch 1"):
+        model.fit(X, np.full(40, 3e38))
+    assert all(np.isfinite(a).all() for a in model._params)  # the last good ones
+    with pytest.raises(ValueError, match="within the float32 range"):
+        model.fit(X, np.full(40, 1e39))
