@@ -511,6 +511,7 @@ class FactorizationModel(*_SKLEARN_BASES):
                                  "or afmfast.load() first")
 
     def __sklearn_is_fitted__(self):
+        # what sklearn.utils.validation.check_is_fitted asks
         return hasattr(self, "n_features_in_")
 
     def _rows(self, X, y=None, *, need_labels=False):
@@ -589,7 +590,10 @@ class FactorizationModel(*_SKLEARN_BASES):
             return fmap.transform(X, y)
         if y is None and not isinstance(X, Dataset):
             y = np.zeros(n_rows(X), np.float32)
-        data = X if own and y is X.y else as_dataset(X, y, name=name)
+        # a Dataset whose labels encode to themselves (regression, or classes {0, 1})
+        # is used as it is, without a second validation of its arrays
+        data = X if own and (y is X.y or np.array_equal(y, X.y)) else \
+            as_dataset(X, y, name=name)
         bad = np.flatnonzero(~np.isfinite(data.values))
         if bad.size:
             row = int(np.searchsorted(data.indptr, bad[0], side="right")) - 1
@@ -780,8 +784,8 @@ class BinaryClassifier:
             if y.size == 0:
                 return np.zeros(0, np.float32)  # fit's empty-data error follows
             self.classes_ = binary_classes(y, name, own)
-        elif not np.all(np.isin(y, self.classes_)):
-            unknown = np.setdiff1d(y, self.classes_)
+        elif not np.all(known := np.isin(y, self.classes_)):
+            unknown = np.unique(y[~known])
             raise ValueError(f"{name} holds labels {unknown[:5].tolist()} that are not "
                              f"among the fitted classes_ {self.classes_.tolist()}")
         return (y == self.classes_[1]).astype(np.float32)
