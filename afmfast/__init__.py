@@ -8,12 +8,12 @@ multicore CPUs, with Cython and Numba kernels and no deep-learning framework.
 from .afm import AFM, AFMClassifier, Attention
 from .dataset import Dataset, load_libfm
 from .encoding import FeatureMap, encode
-from .estimator import TrainingDivergedError
+from .estimator import NotFittedError, TrainingDivergedError
 from .fm import FM, FMClassifier
 from .persistence import load
 from .plotting import plot_field_attention
 
 __version__ = "0.1.0"
 __all__ = ["AFM", "AFMClassifier", "Attention", "Dataset", "FM", "FMClassifier",
-           "FeatureMap", "TrainingDivergedError", "encode", "load", "load_libfm",
-           "plot_field_attention", "__version__"]
+           "FeatureMap", "NotFittedError", "TrainingDivergedError", "encode", "load",
+           "load_libfm", "plot_field_attention", "__version__"]

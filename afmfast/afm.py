@@ -228,8 +228,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         >>> bool(np.allclose(np.add.reduceat(record.weight, starts), 1.0))
         True
         """
-        self._check_fitted()
-        data = self._dataset(X, need_labels=False)
+        data = self._rows(X)
         n = data.n_rows
         known = data.indices < self.n_features_in_
         row_of = np.repeat(np.arange(n), np.diff(data.indptr))
@@ -292,10 +291,10 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         return mean
 
 
-class AFMClassifier(*CLASSIFIER_BASES, BinaryClassifier, AFM):
+class AFMClassifier(BinaryClassifier, *CLASSIFIER_BASES, AFM):
     """Attentional Factorization Machine for binary targets: the same model and
-    arguments as ``AFM`` (see there), trained with the logistic loss; labels {0, 1} or
-    {-1, 1}; ``predict``, ``predict_proba``, ``decision_function`` and ``evaluate`` as
+    arguments as ``AFM`` (see there), trained with the logistic loss; labels are any
+    two values, as for ``FMClassifier``; ``predict``, ``predict_proba``, ``decision_function`` and ``evaluate`` as
     for ``FMClassifier``. It warm-starts from an ``FM`` or ``FMClassifier``.
 
     Examples

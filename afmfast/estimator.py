@@ -12,11 +12,43 @@ import time
 import numpy as np
 
 from . import backends
+from ._inputs import as_real, binary_classes, check_columns, label_vector, n_rows
 from .threads import RunPlanner, resolve_threads
 from .dataset import Dataset
 from .encoding import FeatureMap, is_dataframe
 from .kernel_api import LOGISTIC, OPTIMIZER_CODES, SQUARED, aligned_copy
 from .metrics import HIGHER_IS_BETTER, rmse
+
+
+try:  # scikit-learn is optional: with it, models are full scikit-learn estimators
+    from sklearn.base import BaseEstimator as _SkBase
+    from sklearn.base import ClassifierMixin as _SkClassifier
+    from sklearn.base import RegressorMixin as _SkRegressor
+    from sklearn.exceptions import NotFittedError as _SkNotFittedError
+
+    _SKLEARN_BASES, REGRESSOR_BASES, CLASSIFIER_BASES = (_SkBase,), (_SkRegressor,), \
+        (_SkClassifier,)
+    _NOT_FITTED_BASES = (_SkNotFittedError,)  # itself a ValueError and AttributeError
+except ImportError:
+    _SKLEARN_BASES = REGRESSOR_BASES = CLASSIFIER_BASES = ()
+    _NOT_FITTED_BASES = (ValueError, AttributeError)
+
+
+class NotFittedError(*_NOT_FITTED_BASES):
+    """A model was asked to predict (or save, explain, ...) before ``fit`` or ``load``.
+
+    A ``ValueError`` and an ``AttributeError``, and with scikit-learn installed also
+    ``sklearn.exceptions.NotFittedError``, so that code catching any of them works.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> try:
+    ...     afmfast.FM().predict([[1.0, 0.0]])
+    ... except afmfast.NotFittedError as exc:
+    ...     print(exc)
+    this FM is not fitted yet: call fit() or afmfast.load() first
+    """
 
 
 #: Parameter tables (parameters and optimiser state) larger than this are refused when the
@@ -79,12 +111,14 @@ def as_dataset(X, y=None, *, name="X"):
     if getattr(X, "format", "csr") != "csr" and hasattr(X, "tocsr"):
         X = X.tocsr()  # scipy CSC/COO/...: CSC also has indptr/indices, but over columns
     if all(hasattr(X, a) for a in ("indptr", "indices", "data", "shape")):
+        as_real(X.data, name)
         return Dataset.from_csr(X, y)
-    dense = np.asarray(X)
+    dense = as_real(X, name)
     if dense.ndim != 2:
         raise ValueError(
-            f"{name} must be an afmfast.Dataset, a CSR matrix or a 2-D array, "
-            f"got {type(X).__name__} with shape {getattr(dense, 'shape', None)}"
+            f"{name} must be an afmfast.Dataset, a CSR matrix or a 2-D array, got "
+            f"{type(X).__name__} with shape {dense.shape}. Reshape your data: "
+            "array.reshape(-1, 1) for a single feature, array.reshape(1, -1) for one row."
         )
     rows, cols = np.nonzero(dense)
     indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
@@ -109,17 +143,6 @@ def _check_real(name, value, low, high, low_open=False):
 def _check_bool(name, value):
     if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
         raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-try:  # scikit-learn is optional: with it, models are full scikit-learn estimators
-    from sklearn.base import BaseEstimator as _SkBase
-    from sklearn.base import ClassifierMixin as _SkClassifier
-    from sklearn.base import RegressorMixin as _SkRegressor
-
-    _SKLEARN_BASES, REGRESSOR_BASES, CLASSIFIER_BASES = (_SkBase,), (_SkRegressor,), \
-        (_SkClassifier,)
-except ImportError:
-    _SKLEARN_BASES = REGRESSOR_BASES = CLASSIFIER_BASES = ()
 
 
 class FactorizationModel(*_SKLEARN_BASES):
@@ -277,10 +300,12 @@ class FactorizationModel(*_SKLEARN_BASES):
                 X, [c for c in X.columns if c != y] if isinstance(y, str) else None)
         elif hasattr(self, "feature_map_"):
             del self.feature_map_  # fit starts from scratch
-        train = self._dataset(X, y)
+        train = self._dataset(X, y, fit=True)
         if train.n_rows == 0:
             raise ValueError("X: cannot fit on an empty data set")
-        self._check_targets(train.y)
+        if train.n_features == 0:  # scikit-learn's wording, which its checks expect
+            raise ValueError(f"X: found array with 0 feature(s) (shape=({train.n_rows}, 0)) "
+                             "while a minimum of 1 is required.")
         valid = None
         if validation is not None:
             valid = (self._dataset(*validation, name="validation")
@@ -308,7 +333,9 @@ class FactorizationModel(*_SKLEARN_BASES):
         return self
 
     def _max_batch_nnz(self, train):
-        return _largest_batch_total(train, self.batch_size, lambda n: n)
+        # at least 1: the Cython workspaces refuse a bound of 0, while a data set without
+        # nonzeros still trains w0 (as the Numba backend always did)
+        return max(1, _largest_batch_total(train, self.batch_size, lambda n: n))
 
     def _log(self, text):
         if self.verbose:
@@ -343,10 +370,6 @@ class FactorizationModel(*_SKLEARN_BASES):
 
     #: the metrics ``evaluate`` reports, the first one monitored by default
     _task_metrics = ("rmse",)
-
-    def _check_targets(self, y):
-        if not np.all(np.isfinite(y)):
-            raise ValueError("y: labels must be finite numbers")
 
     def _header_extras(self):
         """JSON-able fitted state beyond the arrays (saved in model files)."""
@@ -424,7 +447,8 @@ class FactorizationModel(*_SKLEARN_BASES):
                 progress.close()
             t1 = time.perf_counter()
             if not self._finite_parameters():
-                raise self._diverged(epoch, "the parameters are no longer finite")
+                raise self._diverged(epoch, "the parameters or the optimiser state are no "
+                                           "longer finite")
             if not self._score_train and not np.all(np.isfinite(
                     self._predict_dataset(train[:self.batch_size]))):
                 raise self._diverged(epoch, "the predictions are no longer finite")
@@ -462,11 +486,17 @@ class FactorizationModel(*_SKLEARN_BASES):
                 break
 
     def _finite_parameters(self):
-        """Whether every parameter is finite: a float64 sum of each array is NaN or
-        infinite exactly when an entry is (float32 entries cannot overflow it), and
-        costs no temporary array. Finite parameters can still overflow a prediction,
-        which is why the epoch loop also scores one batch of training rows."""
-        return all(math.isfinite(float(a.sum(dtype=np.float64))) for a in self._params)
+        """Whether every parameter and every optimiser-state entry in use is finite: a
+        float64 sum of each array is NaN or infinite exactly when an entry is (float32
+        entries cannot overflow it), and costs no temporary array. The state counts
+        too: gradients beyond the float32 range (labels near it) turn an accumulator
+        infinite while the parameters stay finite, and nothing learns after that.
+        Finite parameters can still overflow a prediction, which is why the epoch loop
+        also scores one batch of training rows."""
+        slots = 2 if self.optimizer == "adam" else 1  # Adam alone uses slot 1
+        arrays = [*self._params, *(s[:slots] for s in self._state)]
+        with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf: NaN, no warning
+            return all(math.isfinite(float(a.sum(dtype=np.float64))) for a in arrays)
 
     # ----- prediction -----------------------------------------------------------------
     def _check_fitted(self):
@@ -477,13 +507,25 @@ class FactorizationModel(*_SKLEARN_BASES):
                                "another thread; predict after fit returns, or predict with "
                                "a copy loaded by afmfast.load()")
         if not hasattr(self, "n_features_in_"):
-            raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit() "
-                             "or afmfast.load() first")
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() "
+                                 "or afmfast.load() first")
+
+    def __sklearn_is_fitted__(self):
+        # what sklearn.utils.validation.check_is_fitted asks
+        return hasattr(self, "n_features_in_")
+
+    def _rows(self, X, y=None, *, need_labels=False):
+        """X (and y) of predict, evaluate and explain, for a fitted model: an array or
+        matrix must have ``n_features_in_`` columns (a Dataset may hold larger ids)."""
+        self._check_fitted()
+        return self._dataset(X, y, need_labels=need_labels, n_features=self.n_features_in_)
 
     def predict(self, X):
-        """Raw scores (float32, one per row). Feature ids at or above ``n_features_in_``
-        (never seen in training) contribute nothing. X is a Dataset, a CSR-like matrix,
-        a dense 2-D array or (for a model fitted on one) a DataFrame; no labels needed.
+        """Raw scores (float32, one per row). X is a Dataset, a CSR-like matrix, a dense
+        2-D array or (for a model fitted on one) a DataFrame; no labels needed. A matrix
+        or array must have ``n_features_in_`` columns; a Dataset (a libFM file read on
+        its own) may hold feature ids at or above it, which were never seen in training
+        and contribute nothing.
 
         Examples
         --------
@@ -494,12 +536,12 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> scores = model.predict(data.valid)
         >>> scores.dtype, scores.shape
         (dtype('float32'), (200,))
-        >>> dense = np.zeros((1, 200)); dense[0, [0, 199]] = 1.0  # id 199: unseen
-        >>> bool(model.predict(dense)[0] == model.predict(dense[:, :160])[0])
+        >>> seen = afmfast.Dataset([0, 1], [0], [1.0], [0.0])
+        >>> unseen = afmfast.Dataset([0, 2], [0, model.n_features_in_ + 5], [1.0, 1.0], [0.0])
+        >>> bool(model.predict(seen)[0] == model.predict(unseen)[0])
         True
         """
-        self._check_fitted()
-        return self._predict_dataset(self._dataset(X, need_labels=False))
+        return self._predict_dataset(self._rows(X))
 
     def evaluate(self, X, y=None):
         """``{"rmse": ...}`` on X with predictions clipped to the labels' [min, max], as
@@ -515,27 +557,96 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> {name: round(value, 2) for name, value in model.evaluate(data.valid).items()}
         {'rmse': 2.17}
         """
-        self._check_fitted()
-        data = self._dataset(X, y)
+        data = self._rows(X, y, need_labels=True)
         return self._evaluate_scores(data.y, self._predict_dataset(data))
 
-    def _dataset(self, X, y=None, *, name="X", need_labels=True):
+    def _dataset(self, X, y=None, *, name="X", need_labels=True, fit=False,
+                 n_features=None):
         """``X`` (and labels ``y``) as a Dataset: DataFrames go through the feature map
-        learned by fit; y may then be a column name."""
-        if is_dataframe(X):
+        learned by fit, and y may then be a column name. Labels (given, or a Dataset's
+        own) are checked and encoded by ``_encode_labels``, ``fit`` telling that they
+        are this fit's training labels. ``n_features``: the column count that an array
+        or matrix X must have."""
+        frame = is_dataframe(X)
+        if frame:
             fmap = getattr(self, "feature_map_", None)
             if fmap is None:
                 raise ValueError(f"{name} is a DataFrame, but this model was fitted on "
                                  "sparse rows: pass rows of the same kind")
-            return fmap.transform(X, X[y].to_numpy() if isinstance(y, str) else y)
-        if y is None and not need_labels and not isinstance(X, Dataset):
-            y = np.zeros(_n_rows(X), np.float32)
-        data = as_dataset(X, y, name=name)
+            if isinstance(y, str):
+                y = X[y].to_numpy()
+        elif n_features is not None and not isinstance(X, Dataset):
+            check_columns(X, n_features, name, type(self).__name__)
+        own = y is None and need_labels and isinstance(X, Dataset)
+        if own:
+            y = X.y
+        if y is not None:
+            y = self._encode_labels(y, "y" if name == "X" else f"{name} labels", fit, own)
+        elif need_labels:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target "
+                             f"y is None (labels may be left out only when {name} is an "
+                             "afmfast.Dataset, which holds its own)")
+        if frame:
+            return fmap.transform(X, y)
+        if y is None and not isinstance(X, Dataset):
+            y = np.zeros(n_rows(X), np.float32)
+        # a Dataset whose labels encode to themselves (regression, or classes {0, 1})
+        # is used as it is, without a second validation of its arrays
+        data = X if own and (y is X.y or np.array_equal(y, X.y)) else \
+            as_dataset(X, y, name=name)
         bad = np.flatnonzero(~np.isfinite(data.values))
         if bad.size:
             row = int(np.searchsorted(data.indptr, bad[0], side="right")) - 1
             raise ValueError(f"{name}: row {row} holds a NaN or infinite value")
         return data
+
+    def _encode_labels(self, y, name, fit, own):
+        """Regression targets as float32 (a column (n, 1) is raveled with a warning);
+        refused unless finite real numbers. ``name`` names y in errors; ``fit`` and
+        ``own`` (the labels are a Dataset's) matter to classifiers only."""
+        y = as_real(label_vector(y, name), name)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            y32 = np.asarray(y, dtype=np.float32)
+        if not (np.all(np.isfinite(y)) and np.all(np.isfinite(y32))):
+            raise ValueError(f"{name}: labels must be finite numbers within the float32 "
+                             "range (|y| < 3.4e38)")
+        return y32
+
+    # ----- pickling and copies ---------------------------------------------------------
+    #: per-fit state that pickles, deep copies and joblib.dump leave out: the backend
+    #: module (no module pickles; re-resolved on first use), the thread planner, the
+    #: kernels' workspace (native memory) and the optimiser state (a fit starts its own)
+    _TRANSIENT = ("_backend", "_planner", "_ws", "_state", "_training")
+
+    def __getstate__(self):
+        getstate = getattr(super(), "__getstate__", None)  # scikit-learn's, or Python's
+        state = getstate() if getstate is not None else None
+        state = dict(self.__dict__ if state is None else state)  # a copy, never __dict__
+        for key in self._TRANSIENT:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        if hasattr(super(), "__setstate__"):
+            super().__setstate__(state)
+        else:
+            self.__dict__.update(state)
+        if "_params" in state:
+            # unpickled arrays are NumPy's copies: back on cache lines as fit leaves
+            # them, with the fitted attributes (V_, ...) views of them again
+            self._set_arrays(self._arrays())
+
+    # ----- scikit-learn tags -------------------------------------------------------------
+    def __sklearn_tags__(self):
+        """scikit-learn >= 1.6 tags: sparse input accepted, labels required."""
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.target_tags.required = True
+        return tags
+
+    def _more_tags(self):
+        # the same for scikit-learn < 1.6
+        return {"X_types": ["2darray", "sparse"], "requires_y": True}
 
     def _kernel_backend(self):
         """The backend module (resolved once; models loaded from files resolve lazily)."""
@@ -642,35 +753,54 @@ def _as_model(source):
     return load(source)
 
 
-def _n_rows(X):
-    shape = getattr(X, "shape", None)
-    if shape is not None and len(shape) == 2:
-        return shape[0]
-    return np.asarray(X).shape[0]
-
-
 class BinaryClassifier:
     """Binary classification on top of a factorization model: logistic loss in the
-    kernels, labels {0, 1} or {-1, 1}, probabilities, logloss/AUC/accuracy. A mix-in of
-    ``FMClassifier`` and ``AFMClassifier``; not used directly.
+    kernels, any two labels (kept sorted in ``classes_``, the second one positive),
+    probabilities, logloss/AUC/accuracy. A mix-in of ``FMClassifier`` and
+    ``AFMClassifier``; not used directly.
 
     Examples
     --------
     >>> import afmfast
     >>> [issubclass(cls, BinaryClassifier) for cls in (afmfast.FMClassifier, afmfast.FM)]
     [True, False]
+    >>> clf = afmfast.FMClassifier(n_factors=2, n_epochs=1, verbose=0)
+    >>> clf.fit([[1.0, 0.0], [0.0, 1.0]], ["spam", "ham"]).classes_.tolist()
+    ['ham', 'spam']
     """
 
     _loss = LOGISTIC
     _task_metrics = ("logloss", "auc", "accuracy")
 
-    def _check_targets(self, y):
-        labels = np.unique(y)
-        if not (set(labels.tolist()) <= {0.0, 1.0} or set(labels.tolist()) <= {-1.0, 1.0}) \
-                or labels.size != 2:
-            raise ValueError(f"y: a binary classifier needs labels {{0, 1}} or {{-1, 1}} "
-                             f"with both classes present, got {labels[:10].tolist()}")
-        self.classes_ = labels.astype(np.int64)
+    def _encode_labels(self, y, name, fit, own):
+        """Labels as float32 targets for the kernels: 1.0 for ``classes_[1]``, 0.0 for
+        ``classes_[0]``. Fitting (``fit``) sets ``classes_`` = np.unique(y), which must
+        hold exactly two labels; a Dataset's own float32 labels (``own``) that are whole
+        numbers give int64 classes. Otherwise y may hold only the fitted classes."""
+        y = label_vector(y, name)
+        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+            raise ValueError(f"{name}: labels must not be NaN or infinite")
+        if fit:
+            if y.size == 0:
+                return np.zeros(0, np.float32)  # fit's empty-data error follows
+            self.classes_ = binary_classes(y, name, own)
+        elif not np.all(known := np.isin(y, self.classes_)):
+            unknown = np.unique(y[~known])
+            raise ValueError(f"{name} holds labels {unknown[:5].tolist()} that are not "
+                             f"among the fitted classes_ {self.classes_.tolist()}")
+        return (y == self.classes_[1]).astype(np.float32)
+
+    def __sklearn_tags__(self):
+        """scikit-learn >= 1.6 tags: a binary classifier (the estimators also inherit
+        the regressor's mix-in through FM and AFM, so its tags are cleared here)."""
+        tags = super().__sklearn_tags__()
+        tags.estimator_type = "classifier"
+        tags.regressor_tags = None
+        tags.classifier_tags.multi_class = False
+        return tags
+
+    def _more_tags(self):
+        return {"binary_only": True}
 
     def _evaluate_scores(self, y, scores):
         from .metrics import auc, logloss
@@ -716,8 +846,8 @@ class BinaryClassifier:
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X):
-        """Predicted labels, from ``classes_`` (the positive class where the raw score
-        is above 0), int64.
+        """Predicted labels, from ``classes_`` (the positive class ``classes_[1]`` where
+        the raw score is above 0), of the dtype of ``classes_``.
 
         Examples
         --------
@@ -730,16 +860,23 @@ class BinaryClassifier:
         >>> clf.classes_.tolist(), np.unique(clf.predict(data.valid)).tolist()
         ([0, 1], [0, 1])
         """
-        return self.classes_[(self.decision_function(X) > 0).astype(np.int64)]
+        positive = self.decision_function(X) > 0  # first: unfitted, no classes_ yet
+        return self.classes_[positive.astype(np.int64)]
 
     def _header_extras(self):
         return {"classes": self.classes_.tolist()}
 
     def _load_header_extras(self, extras):
         classes = extras.get("classes")
-        if not (isinstance(classes, list) and classes in ([0, 1], [-1, 1])):
-            raise ValueError(f"classes {classes!r} are not [0, 1] or [-1, 1]")
-        self.classes_ = np.array(classes, dtype=np.int64)
+        numbers = (int, float)
+        ok = isinstance(classes, list) and len(classes) == 2 and (
+            all(isinstance(c, str) for c in classes)
+            or all(isinstance(c, bool) for c in classes)
+            or all(isinstance(c, numbers) and not isinstance(c, bool) for c in classes))
+        if not ok or not classes[0] < classes[1]:
+            raise ValueError(f"classes {classes!r} are not two sorted distinct labels of "
+                             "one kind (numbers, strings or booleans)")
+        self.classes_ = np.array(classes)  # int64, float64, str or bool, as saved
 
 
 def _sigmoid(z):

@@ -143,12 +143,14 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
                 "bn_stats": (2, k)}
 
 
-class FMClassifier(*CLASSIFIER_BASES, BinaryClassifier, FM):
+class FMClassifier(BinaryClassifier, *CLASSIFIER_BASES, FM):
     """Factorization Machine for binary targets: the same model and arguments as ``FM``
     (see there), trained with the logistic loss.
 
-    Labels are {0, 1} or {-1, 1}; ``predict`` returns labels, ``predict_proba`` the
-    probabilities of both classes, ``decision_function`` the raw scores, and
+    Labels are any two values (numbers, strings or booleans), kept sorted in
+    ``classes_``; the second class is the positive one. ``predict`` returns labels,
+    ``predict_proba`` the probabilities of both classes (in ``classes_`` order),
+    ``decision_function`` the raw scores (the positive class's log-odds), and
     ``evaluate`` the logloss, AUC and accuracy. ``fit(..., metric="auc")`` picks the
     best epoch by validation AUC instead of logloss.
 

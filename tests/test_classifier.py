@@ -46,12 +46,80 @@ def test_minus_one_plus_one_labels_and_auc_monitor(clicks):
     assert model.history_[model.best_epoch_ - 1]["valid_auc"] == best
 
 
-@pytest.mark.parametrize("labels", [[0, 1, 2], [1, 1], [0.5, 1.0]])
-def test_bad_labels(clicks, labels):
+@pytest.mark.parametrize("labels,message", [
+    ([0, 1, 2], "exactly two classes, but y holds 3 classes"),
+    ([1, 1], "only one class"),
+    (["a", "b", "c"], "3 classes"),
+    ([0.5, 1.25, 2.0], "Unknown label type: continuous"),
+])
+def test_bad_labels(clicks, labels, message):
     data = clicks[0]
-    y = np.resize(np.array(labels, dtype=float), data.train.n_rows)
-    with pytest.raises(ValueError, match="binary classifier"):
+    y = np.resize(np.array(labels), data.train.n_rows)
+    with pytest.raises(ValueError, match="^y: .*" + message):
         afmfast.FMClassifier(**FAST).fit(data.train, y)
+
+
+@pytest.mark.parametrize("cls,extra", [(afmfast.FMClassifier, {}),
+                                       (afmfast.AFMClassifier, {"attention_size": 4})])
+@pytest.mark.parametrize("negative,positive", [(3, 7), ("no", "yes"), (False, True),
+                                               (0.5, 1.0), (-2.5, 10.0)])
+def test_any_two_labels(clicks, cls, extra, negative, positive, tmp_path):
+    """Two labels of any kind train exactly the model that {0, 1} trains (the second
+    sorted label is the positive one), predict those labels, and survive a save."""
+    data, y01, _ = clicks
+    y = np.where(y01 == 1, positive, negative)
+    params = {**FAST, "n_epochs": 1}
+    want = cls(**params, **extra).fit(data.train, y01)
+    model = cls(**params, **extra).fit(data.train, y)
+    assert model.classes_.tolist() == [negative, positive]
+    assert model.classes_.dtype.kind == np.asarray([negative, positive]).dtype.kind
+    np.testing.assert_array_equal(model.decision_function(data.valid),
+                                  want.decision_function(data.valid))
+    pred = model.predict(data.valid)
+    np.testing.assert_array_equal(pred == positive, want.predict(data.valid) == 1)
+    assert model.evaluate(data.train, y) == want.evaluate(data.train, y01)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    loaded = afmfast.load(path)
+    assert loaded.classes_.tolist() == [negative, positive]
+    assert loaded.classes_.dtype.kind == model.classes_.dtype.kind
+    np.testing.assert_array_equal(loaded.predict(data.valid), pred)
+
+
+def test_labels_outside_the_classes_refused_by_evaluate(clicks):
+    data, y_train, y_valid = clicks
+    model = afmfast.FMClassifier(**{**FAST, "n_epochs": 1}).fit(data.train, y_train)
+    with pytest.raises(ValueError, match=r"y holds labels \[2\] that are not among"):
+        model.evaluate(data.valid, np.where(y_valid == 1, 2, 0))
+    with pytest.raises(ValueError, match="validation labels holds labels"):
+        afmfast.FMClassifier(**FAST).fit(data.train, y_train,
+                                         validation=(data.valid, y_valid + 5))
+
+
+def test_dataset_labels_give_integer_classes(clicks):
+    data, y_train, _ = clicks
+    labelled = afmfast.Dataset(data.train.indptr, data.train.indices, data.train.values,
+                               2.0 * y_train - 1, data.train.n_features)
+    model = afmfast.FMClassifier(**{**FAST, "n_epochs": 1}).fit(labelled)
+    assert model.classes_.dtype == np.int64 and model.classes_.tolist() == [-1, 1]
+
+
+@pytest.mark.parametrize("classes", [[0, 1, 2], [1, 1], ["a", 1], [1, 0], [None, 1],
+                                     [True, 1], "01"])
+def test_model_files_with_bad_classes_refused(clicks, tmp_path, classes):
+    import json
+
+    data, y_train, _ = clicks
+    path = tmp_path / "clf.npz"
+    afmfast.FMClassifier(**{**FAST, "n_epochs": 1}).fit(data.train, y_train).save(path)
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    header = json.loads(arrays["__header__"].tobytes())
+    header["extras"]["classes"] = classes
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="corrupt model header.*classes"):
+        afmfast.load(path)
 
 
 def test_save_load_and_warm_start(clicks, tmp_path):
