@@ -1,12 +1,17 @@
 """The ``afmfast`` command line (also ``python -m afmfast``).
 
 ``afmfast fm`` and ``afmfast afm`` mirror the flags and defaults of the AFM authors'
-``FM.py`` and ``AFM.py``; ``afmfast demo`` trains on built-in synthetic data. Usage errors exit with status 2 and one line,
-data errors (and a diverging run) with status 1, naming the file and line.
+``FM.py`` and ``AFM.py``; ``afmfast demo`` trains on built-in synthetic data. Usage
+errors exit with status 2 and one line naming the flag, data errors (and a diverging run)
+with status 1, naming the file and line. Ctrl-C saves
+the best epoch so far (when the flags ask for a save) and exits with status 130; a closed
+output pipe (``afmfast ... | head``) ends the command quietly with status 141, the status
+of a command that the shell's SIGPIPE ended.
 """
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -26,7 +31,15 @@ class UsageError(Exception):
     """A command-line argument is wrong (exit status 2)."""
 
 
-def _number_list(text, length, kind, flag):
+#: exit statuses beyond 0/1/2: the shell's 128 + SIGINT and 128 + SIGPIPE
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
+
+#: --hidden_factor when training without it (the reference's defaults)
+DEFAULT_HIDDEN_FACTOR = {"fm": 256, "afm": [16, 16]}
+DEFAULT_PATH = "../data/"
+
+
+def _number_list(text, length, kind, flag, example):
     """Parse the reference's list syntax, e.g. '[16,16]' or '[1.0,0.5]'."""
     try:
         values = json.loads(text)
@@ -35,17 +48,18 @@ def _number_list(text, length, kind, flag):
         return [kind(v) for v in values]
     except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(
-            f"{flag} takes a list of {length} numbers like "
-            f"[{', '.join(['16'] * length)}], got {text!r}") from None
+            f"{flag} takes a list of {length} numbers like {example}, got {text!r}") from None
 
 
 def _add_reference_flags(p):
     """Flags shared by the reference's FM.py and AFM.py, with their defaults."""
     p.add_argument("--process", default="train", choices=("train", "evaluate"),
                    help="train, or evaluate a saved model on the test file")
-    p.add_argument("--path", default="../data/", help="input data path (default ../data/)")
-    p.add_argument("--dataset", default="ml-tag",
-                   help="reads <path>/<dataset>/<dataset>.{train,validation,test}.libfm")
+    p.add_argument("--path", default=DEFAULT_PATH, help="input data path (default ../data/)")
+    p.add_argument("--dataset", default=None,
+                   help="reads <path>/<dataset>/<dataset>.{train,validation,test}.libfm and "
+                   "names the pretrain files (default: the name of the --train/--test file "
+                   "without .libfm and .train/.validation/.test, else ml-tag)")
     p.add_argument("--epoch", type=int, default=20, help="number of epochs (default 20)")
     p.add_argument("--batch_size", type=int, default=4096, help="batch size (default 4096)")
     p.add_argument("--optimizer", default="AdagradOptimizer",
@@ -62,6 +76,10 @@ def _add_reference_flags(p):
     p.add_argument("--backend", default="auto", choices=backends.BACKEND_NAMES,
                    help="kernel backend (default: auto = cython, else numba)")
     p.add_argument("--seed", type=int, default=2016, help="random seed (default 2016)")
+    p.add_argument("--loss", default="squared", choices=("squared", "logistic"),
+                   help="squared: regression, reports RMSE (the reference); logistic: a "
+                   "binary classifier for labels {0,1} or {-1,1}, reports logloss, AUC and "
+                   "accuracy (default squared)")
 
 
 def build_parser():
@@ -75,8 +93,9 @@ def build_parser():
     fm.add_argument("--pretrain", type=int, default=-1, choices=(-1, 0, 1),
                     help="-1: save the model to pretrain/fm_<dataset>_<k>.npz; "
                     "0: random init, no save; 1: start from that file (default -1)")
-    fm.add_argument("--hidden_factor", type=int, default=256,
-                    help="number of factors k (default 256)")
+    fm.add_argument("--hidden_factor", type=int, default=None,
+                    help="number of factors k (default 256; with --process evaluate, that "
+                    "of the one saved FM of the dataset)")
     fm.add_argument("--lamda", type=float, default=0.0,
                     help="L2 regulariser of the embeddings (default 0)")
     fm.add_argument("--keep", type=float, default=0.7,
@@ -90,13 +109,15 @@ def build_parser():
     _add_reference_flags(afm)
     afm.add_argument("--pretrain", type=int, default=-1, choices=(-1, 0, 1, 2),
                      help="1: start from pretrain/fm_<dataset>_<k>.npz (written by "
-                     "'afmfast fm --pretrain -1'); 0: random init; -1: save the AFM to "
-                     "pretrain/afm_<dataset>_<k>.npz; 2: both (default -1)")
-    afm.add_argument("--hidden_factor", default=[16, 16],
-                     type=lambda s: _number_list(s, 2, int, "--hidden_factor"),
-                     help="[attention size t, factors k] (default [16,16])")
+                     "'afmfast fm --pretrain -1'); -1: random init; both save the AFM to "
+                     "pretrain/afm_<dataset>_<k>.npz; 0: random init, no save; 2: as 1 "
+                     "(default -1)")
+    afm.add_argument("--hidden_factor", default=None,
+                     type=lambda s: _number_list(s, 2, int, "--hidden_factor", "[16, 16]"),
+                     help="[attention size t, factors k] (default [16,16]; with --process "
+                     "evaluate, that of the one saved AFM of the dataset)")
     afm.add_argument("--keep", default=[1.0, 0.5],
-                     type=lambda s: _number_list(s, 2, float, "--keep"),
+                     type=lambda s: _number_list(s, 2, float, "--keep", "[1.0, 0.5]"),
                      help="[keep of the attention weights, keep of the pooled vector] "
                      "(default [1.0,0.5])")
     afm.add_argument("--lamda_attention", type=float, default=100.0,
@@ -132,6 +153,25 @@ def build_parser():
     return parser
 
 
+#: the parts of a data file's name (frappe.train.libfm) that name the split, not the data
+_SPLIT_NAMES = ("train", "validation", "valid", "test")
+
+
+def _dataset_name(args):
+    """(name, derived): ``--dataset``, else the name of the first file given by
+    --train/--validation/--test without its extension and split (``frappe.train.libfm``
+    names ``frappe``), else the reference's ml-tag. The name labels the run and its
+    pretrain files."""
+    if args.dataset is not None:
+        return args.dataset, False
+    for given in (args.train, args.validation, args.test):
+        if given:
+            name = os.path.splitext(os.path.basename(os.path.normpath(given)))[0]
+            stem, dot, split = name.rpartition(".")
+            return (stem if dot and stem and split in _SPLIT_NAMES else name), True
+    return "ml-tag", False
+
+
 def _data_files(args):
     base = os.path.join(args.path, args.dataset, args.dataset)
     named = {"train": args.train, "validation": args.validation, "test": args.test}
@@ -163,8 +203,77 @@ def _k(args):
     return args.hidden_factor[1] if args.command == "afm" else args.hidden_factor
 
 
-def _pretrain_file(args, model="fm"):
-    return os.path.join("pretrain", f"{model}_{args.dataset}_{_k(args)}.npz")
+def _pretrain_file(args, model="fm", k=None):
+    k = _k(args) if k is None else k
+    return os.path.join("pretrain", f"{model}_{args.dataset}_{k}.npz")
+
+
+def _source_flags(args):
+    """The flags that name this run's data, for a suggested command."""
+    if args.train:
+        return f"--train {args.train}" + ("" if args.dataset_derived
+                                          else f" --dataset {args.dataset}")
+    path = "" if args.path == DEFAULT_PATH else f"--path {args.path} "
+    return f"{path}--dataset {args.dataset}"
+
+
+def _writer_command(args, model, k="K"):
+    """The command that writes pretrain/<model>_<dataset>_<k>.npz."""
+    if model == "fm":
+        return f"afmfast fm {_source_flags(args)} --hidden_factor {k} --pretrain -1"
+    t = args.hidden_factor[0] if args.command == "afm" and args.hidden_factor else "T"
+    return f"afmfast afm {_source_flags(args)} --hidden_factor [{t},{k}] --pretrain 1"
+
+
+def _existing_model_file(path, writer):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model file; '{writer}' writes it")
+    return path
+
+
+def _saved_model_file(args):
+    """The model that --process evaluate loads: --save, else
+    pretrain/<model>_<dataset>_<k>.npz, where without --hidden_factor k is that of the one
+    such file (several: a usage error listing them)."""
+    model = args.command
+    if args.save:
+        return args.save
+    if args.hidden_factor is not None:
+        return _existing_model_file(_pretrain_file(args, model),
+                                    _writer_command(args, model, _k(args)))
+    pattern = re.compile(re.escape(f"{model}_{args.dataset}_") + r"(\d+)\.npz")
+    names = os.listdir("pretrain") if os.path.isdir("pretrain") else []
+    found = sorted((int(m.group(1)), os.path.join("pretrain", m.group(0)))
+                   for m in map(pattern.fullmatch, names) if m)
+    if len(found) == 1:
+        return found[0][1]
+    if not found:
+        raise FileNotFoundError(
+            f"{_pretrain_file(args, model, 'K')}: no saved {model.upper()} of dataset "
+            f"{args.dataset}; '{_writer_command(args, model)}' writes one")
+    example = "K" if model == "fm" else "[T,K]"
+    raise UsageError(
+        f"--hidden_factor: pretrain holds {len(found)} {model.upper()} models of dataset "
+        f"{args.dataset} ({', '.join(path for _, path in found)}); pass --hidden_factor "
+        f"{example} to pick one")
+
+
+def _save_targets(args):
+    """(path, message) of each file the flags ask the trained model to be saved to: the
+    pretrain file (fm --pretrain -1; afm --pretrain -1, 1 or 2), then --save."""
+    targets = []
+    if args.pretrain == -1 or (args.command == "afm" and args.pretrain in (1, 2)):
+        targets.append((_pretrain_file(args, args.command),
+                        "Save model to file as pretrain: {}"))
+    if args.save:
+        targets.append((args.save, "Saved model to {}"))
+    return targets
+
+
+def _save(model, path):
+    if os.path.dirname(path) == "pretrain":
+        os.makedirs("pretrain", exist_ok=True)
+    model.save(path)
 
 
 def _optimizer(args):
@@ -181,19 +290,21 @@ def _build_model(args):
     common = dict(learning_rate=args.lr, batch_size=args.batch_size, n_epochs=args.epoch,
                   optimizer=_optimizer(args), random_state=args.seed,
                   n_threads=args.threads, backend=args.backend, verbose=args.verbose)
+    logistic = args.loss == "logistic"
     if args.command == "fm":
-        from .fm import FM
+        from .fm import FM, FMClassifier
 
-        model = FM(n_factors=args.hidden_factor, keep=args.keep,
-                   batch_norm=bool(args.batch_norm), l2=args.lamda, **common)
+        model = (FMClassifier if logistic else FM)(
+            n_factors=args.hidden_factor, keep=args.keep, batch_norm=bool(args.batch_norm),
+            l2=args.lamda, **common)
     else:
-        from .afm import AFM
+        from .afm import AFM, AFMClassifier
 
-        model = AFM(n_factors=args.hidden_factor[1], attention_size=args.hidden_factor[0],
-                    keep=tuple(args.keep), l2_attention=args.lamda_attention,
-                    attention=bool(args.attention), activation=args.activation,
-                    batch_norm=bool(args.batch_norm), freeze_fm=bool(args.freeze_fm),
-                    **common)
+        model = (AFMClassifier if logistic else AFM)(
+            n_factors=args.hidden_factor[1], attention_size=args.hidden_factor[0],
+            keep=tuple(args.keep), l2_attention=args.lamda_attention,
+            attention=bool(args.attention), activation=args.activation,
+            batch_norm=bool(args.batch_norm), freeze_fm=bool(args.freeze_fm), **common)
     try:
         model._validate()
     except ValueError as exc:
@@ -202,51 +313,103 @@ def _build_model(args):
 
 
 def _describe(args):
+    loss = "" if args.loss == "squared" else f", loss={args.loss}"
     if args.command == "fm":
         return (f"FM: dataset={args.dataset}, factors={args.hidden_factor}, "
                 f"#epoch={args.epoch}, batch={args.batch_size}, lr={args.lr:.4f}, "
                 f"lambda={args.lamda:.1e}, keep={args.keep:.2f}, "
-                f"optimizer={args.optimizer}, batch_norm={args.batch_norm}")
+                f"optimizer={args.optimizer}, batch_norm={args.batch_norm}{loss}")
     t, k = args.hidden_factor
     return (f"AFM: dataset={args.dataset}, factors={k}, attention={args.attention}, "
             f"attention_size={t}, #epoch={args.epoch}, batch={args.batch_size}, "
             f"lr={args.lr:.4f}, lambda_attention={args.lamda_attention:.1e}, "
             f"keep=[{args.keep[0]:.1f},{args.keep[1]:.1f}], optimizer={args.optimizer}, "
-            f"activation={args.activation}, freeze_fm={args.freeze_fm}")
+            f"activation={args.activation}, freeze_fm={args.freeze_fm}{loss}")
+
+
+def _label_hint(args, path, y):
+    """One line on stderr when the squared loss trains on labels that look binary."""
+    if args.loss != "squared":
+        return
+    labels = set(np.unique(y).tolist())
+    for pair, text in (({0.0, 1.0}, "{0, 1}"), ({-1.0, 1.0}, "{-1, 1}")):
+        if labels <= pair:
+            print(f"afmfast: note: the labels of {path} are all in {text}; --loss logistic "
+                  "trains a classifier instead (logloss, AUC)", file=sys.stderr)
+            return
+
+
+_METRIC_NAMES = {"rmse": "RMSE", "auc": "AUC"}
+
+
+def _metrics_text(metrics):
+    """'RMSE: 0.1234' (regression) or 'logloss: ..., AUC: ..., accuracy: ...'."""
+    return ", ".join(f"{_METRIC_NAMES.get(name, name)}: {value:.4f}"
+                     for name, value in metrics.items())
 
 
 def _train(args):
     from .persistence import load
 
+    if args.hidden_factor is None:
+        args.hidden_factor = DEFAULT_HIDDEN_FACTOR[args.command]
     model = _build_model(args)
     init_from = None
     if args.pretrain in (1, 2):
-        init_from = load(_pretrain_file(args, "fm"))
-    data = _load_all(_data_files(args))
+        init_from = load(_existing_model_file(_pretrain_file(args, "fm"),
+                                              _writer_command(args, "fm", _k(args))))
+    files = _data_files(args)
+    data = _load_all(files)
     if args.verbose:
         print(_describe(args))
+        _label_hint(args, files["train"], data["train"].y)
     t0 = time.perf_counter()
-    model.fit(data["train"], validation=data.get("validation"), init_from=init_from,
-              score_train=True)  # the reference prints the training RMSE every epoch
+    try:
+        # score_train: the reference prints the training metric every epoch
+        model.fit(data["train"], validation=data.get("validation"), init_from=init_from,
+                  score_train=True)
+    except KeyboardInterrupt:
+        return _interrupted(args, model)
+    except ValueError as exc:
+        if str(exc).startswith("y:"):  # the labels: name their file
+            raise ValueError(f"{files['train']}: {exc}") from exc
+        raise
     h = model.history_
     if h:
+        metric = model._monitor
+        label = "" if metric == "rmse" else f" {metric}"
         best = h[model.best_epoch_ - 1]
-        valid = f"{best['valid_rmse']:.4f}" if best["valid_rmse"] is not None else "n/a"
-        print(f"Best Iter(validation)= {best['epoch']}\t train = {best['train_rmse']:.4f}, "
-              f"valid = {valid} [{time.perf_counter() - t0:.1f} s]")
+        valid = best[f"valid_{metric}"]
+        valid = f"{valid:.4f}" if valid is not None else "n/a"
+        print(f"Best Iter(validation)= {best['epoch']}\t train{label} = "
+              f"{best[f'train_{metric}']:.4f}, valid{label} = {valid} "
+              f"[{time.perf_counter() - t0:.1f} s]")
     if "test" in data:
-        print(f"Test RMSE: {model.evaluate(data['test'])['rmse']:.4f}")
-    if args.pretrain in (-1, 2):
-        os.makedirs("pretrain", exist_ok=True)
-        target = _pretrain_file(args, args.command)
-        model.save(target)
-        print(f"Save model to file as pretrain: {target}")
-    if args.save:
-        model.save(args.save)
-        print(f"Saved model to {args.save}")
+        print(f"Test {_metrics_text(model.evaluate(data['test']))}")
+    for path, message in _save_targets(args):
+        _save(model, path)
+        print(message.format(path))
     if getattr(args, "mla", 0):
         _micro_level_analysis(model, data.get("test", data.get("validation", data["train"])))
     return 0
+
+
+def _interrupted(args, model):
+    """Ctrl-C during fit, which left the model at its best epoch so far: save it where
+    the flags ask and say so in one line."""
+    epoch = getattr(model, "best_epoch_", 0)
+    paths = [path for path, _ in _save_targets(args)]
+    if epoch and paths:
+        for path in paths:
+            _save(model, path)
+        note = f"saved epoch {epoch} (the best so far) to {' and '.join(paths)}"
+    elif epoch:
+        note = f"epoch {epoch} (the best so far) not saved (no --save; --pretrain " \
+               f"{args.pretrain})"
+    else:
+        note = "no epoch finished; nothing saved"
+    print(f"afmfast: interrupted; {note}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _micro_level_analysis(model, data, n_rows=5):
@@ -266,9 +429,9 @@ def _evaluate(args):
     from .dataset import load_libfm
     from .persistence import load
 
-    model = load(args.save or _pretrain_file(args, args.command))
+    model = load(_saved_model_file(args))
     test = load_libfm(_data_files(args)["test"])
-    print(f"Test RMSE: {model.evaluate(test)['rmse']:.4f}")
+    print(f"Test {_metrics_text(model.evaluate(test))}")
     if getattr(args, "mla", 0):
         _micro_level_analysis(model, test)
     return 0
@@ -287,8 +450,18 @@ def _flag_message(message):
     return message.replace(name, _FLAGS.get(name, name), 1)
 
 
-def main(argv=None):
-    """Entry point of the ``afmfast`` command; returns the exit status."""
+def _stdout_to_devnull():
+    """After EPIPE on stdout: point it at /dev/null, so that the interpreter's final
+    flush of the output still buffered does not fail (and complain) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # no file descriptor (an in-process caller's stream): nothing to flush
+
+
+def _run(argv):
     from .estimator import TrainingDivergedError
 
     args = build_parser().parse_args(argv)
@@ -301,13 +474,35 @@ def main(argv=None):
             run_demo(backend=args.backend, n_threads=args.threads, seed=args.seed,
                      plot=args.plot)
             return 0
+        args.dataset, args.dataset_derived = _dataset_name(args)
         return _train(args) if args.process == "train" else _evaluate(args)
     except UsageError as exc:
         print(f"afmfast: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, ImportError, TrainingDivergedError) as exc:
+    except BrokenPipeError:
+        raise  # an OSError, but not a data error: main ends quietly
+    except TrainingDivergedError as exc:
+        # the estimator names its argument; the command line has a flag for it
+        print(f"afmfast: error: {str(exc).replace('learning_rate', '--lr')}",
+              file=sys.stderr)
+        return 1
+    except (ValueError, OSError, ImportError) as exc:
         print(f"afmfast: error: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv=None):
+    """Entry point of the ``afmfast`` command; returns the exit status."""
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a broken pipe fails here, not at the interpreter's exit
+        return status
+    except KeyboardInterrupt:  # outside fit (reading data, evaluating, saving)
+        print("afmfast: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output is gone, e.g. `... | head`
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """From pandas DataFrames to sparse rows: ``FeatureMap`` and ``encode``.
 
-A categorical column (object, string, category or bool dtype) becomes one field with one
-feature per category seen when the map was fitted (value 1); a numeric column becomes one
-field with a single feature whose value is the number. Missing values (NaN, None) and
-categories never seen when fitting contribute nothing, so a map fitted on training data
-can encode any later frame. pandas is optional: only the DataFrame passed in is used.
+A categorical column (object, string, category or bool dtype, or any column named in
+``categorical=``) becomes one field with one feature per category seen when the map was
+fitted (value 1); a numeric column becomes one field with a single feature whose value is
+the number. An integer column with many distinct values is most likely an id: it is
+encoded as a number as its dtype says, with a warning that names it and the
+``categorical=`` argument. Missing values (NaN, None) and categories never seen when
+fitting contribute nothing, so a map fitted on training data can encode any later frame.
+pandas is optional: only the DataFrame passed in is used.
 """
 import json
+import os
+import sys
+import warnings
 
 import numpy as np
 
@@ -28,7 +34,8 @@ def is_dataframe(X):
 class FeatureMap:
     """How the columns of a DataFrame map to feature ids and fields.
 
-    Build one with ``FeatureMap.fit(df, columns=None)``; ``transform(df, y)`` gives a
+    Build one with ``FeatureMap.fit(df, columns=None, categorical=None)``;
+    ``transform(df, y)`` gives a
     ``Dataset``. ``fields`` (int32, one per feature) is the field of each feature, as
     ``AFM.field_attention`` wants it; ``feature_names`` reads ``"column=category"`` or
     ``"column"``.
@@ -54,9 +61,20 @@ class FeatureMap:
                         for c in self.categories]
 
     @classmethod
-    def fit(cls, df, columns=None):
+    def fit(cls, df, columns=None, categorical=None):
         """Learn the categories of ``columns`` (default: every column) of ``df``: sorted
         labels (as str) of each categorical column, missing values left out.
+
+        Parameters
+        ----------
+        df : pandas.DataFrame
+        columns : list of column names, optional
+            The columns to encode, in this order (default: all of them).
+        categorical : list of column names, optional
+            Columns to one-hot encode although their dtype is numeric, such as integer
+            ids (one feature per distinct value). An integer column with more than
+            ``ID_LIKE_DISTINCT`` distinct values that is not named here is encoded as a
+            number with a ``UserWarning``; cast it to float to keep it numeric silently.
 
         Examples
         --------
@@ -64,16 +82,27 @@ class FeatureMap:
         >>> df = pd.DataFrame({"user": ["b", "a", None], "hour": [1.0, 2.5, 3.0]})
         >>> FeatureMap.fit(df, columns=["user"]).categories
         [['a', 'b']]
+        >>> ids = pd.DataFrame({"item": [7, 3, 7], "hour": [1.0, 2.5, 3.0]})
+        >>> FeatureMap.fit(ids, categorical=["item"]).feature_names
+        ['item=3', 'item=7', 'hour']
         """
         columns = list(df.columns if columns is None else columns)
         missing = [c for c in columns if c not in df.columns]
         if missing:
             raise ValueError(f"columns {missing} are not in the DataFrame "
                              f"(it has {list(df.columns)})")
+        if isinstance(categorical, str):
+            categorical = [categorical]  # one name, not its letters
+        categorical = list(categorical or ())
+        stray = [c for c in categorical if c not in columns]
+        if stray:
+            raise ValueError(f"categorical: columns {stray} are not among the encoded "
+                             f"columns {columns}")
         categories = []
         for name in columns:
             col = df[name]
-            if _is_numeric(col):
+            if name not in categorical and _is_numeric(col):
+                _warn_if_id_like(name, col)
                 categories.append(None)
             else:
                 labels = _labels(col)[np.asarray(col.notna())]
@@ -202,9 +231,41 @@ def _is_numeric(col):
     return kind in "iuf"
 
 
-def encode(df, columns=None, y=None):
+#: an integer column with more distinct values than this reads as an id (see _warn_if_id_like)
+ID_LIKE_DISTINCT = 20
+
+
+def _warn_if_id_like(name, col):
+    """Warn when an integer column may be an id: more than ID_LIKE_DISTINCT distinct
+    values. Ids (users, items, cities: int64 from pandas.read_csv) have many, and one
+    weight times an id is noise; a true quantity with many values needs only a cast to
+    float to silence it."""
+    if getattr(col.dtype, "kind", "O") not in "iu":
+        return
+    distinct = int(col.nunique())
+    if distinct > ID_LIKE_DISTINCT:
+        warnings.warn(
+            f"column {name!r} holds integers with {distinct} distinct values and is "
+            f"encoded as one numeric feature; if it is an id, pass categorical=[{name!r}] "
+            f"(one feature per value); to keep it numeric without this warning, cast it "
+            f"to float (df[{name!r}].astype(float))", UserWarning,
+            stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel():
+    """The warnings stacklevel of the first frame outside afmfast (the user's call to
+    encode, FeatureMap.fit or an estimator's fit), seen from the function that warns."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2  # 1: the function calling warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def encode(df, columns=None, y=None, categorical=None):
     """Encode a DataFrame: returns ``(Dataset, FeatureMap)``. ``y`` may be a column name
-    (then that column is the label and not a feature) or an array.
+    (then that column is the label and not a feature) or an array; ``categorical`` names
+    numeric columns to one-hot encode (see ``FeatureMap.fit``).
 
     Examples
     --------
@@ -220,5 +281,5 @@ def encode(df, columns=None, y=None):
             columns = [c for c in df.columns if c != y]
     else:
         labels = y
-    fmap = FeatureMap.fit(df, columns)
+    fmap = FeatureMap.fit(df, columns, categorical=categorical)
     return fmap.transform(df, labels), fmap

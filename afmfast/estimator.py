@@ -233,7 +233,7 @@ class FactorizationModel(*_SKLEARN_BASES):
 
     # ----- training -------------------------------------------------------------------
     def fit(self, X, y=None, *, validation=None, init_from=None, callbacks=None,
-            metric=None, score_train=False):
+            metric=None, score_train=False, categorical=None):
         """Train; from scratch unless ``init_from`` is given.
 
         Parameters
@@ -245,6 +245,8 @@ class FactorizationModel(*_SKLEARN_BASES):
         y : array of float, or a column name when X is a DataFrame
         validation : Dataset or (X, y) tuple, optional
             Evaluated after every epoch; drives early stopping and the best-epoch restore.
+            X and y as ``fit`` takes them (a DataFrame with its label column's name, for
+            a model fitted on DataFrames); anything else is a ``ValueError``.
         init_from : fitted model or path of a saved one, optional
             Warm start: copy its parameters (same n_factors and feature count required);
             the optimiser state starts afresh.
@@ -263,6 +265,9 @@ class FactorizationModel(*_SKLEARN_BASES):
             per epoch. Every epoch records ``train_loss`` either way: the training
             objective per row that the optimiser saw during the epoch (with dropout,
             before each batch's update, L2 terms included).
+        categorical : list of str, optional
+            With a DataFrame X: columns to one-hot encode even though they hold numbers
+            (integer ids, as ``pandas.read_csv`` reads them); see ``FeatureMap.fit``.
 
         Returns
         -------
@@ -297,20 +302,21 @@ class FactorizationModel(*_SKLEARN_BASES):
             raise ValueError(f"metric must be one of {self._task_metrics}, got {metric!r}")
         if is_dataframe(X):
             self.feature_map_ = FeatureMap.fit(
-                X, [c for c in X.columns if c != y] if isinstance(y, str) else None)
-        elif hasattr(self, "feature_map_"):
-            del self.feature_map_  # fit starts from scratch
+                X, [c for c in X.columns if c != y] if isinstance(y, str) else None,
+                categorical=categorical)
+        else:
+            if categorical is not None:
+                raise ValueError("categorical: names DataFrame columns to one-hot encode; "
+                                 f"X is a {type(X).__name__}, not a DataFrame")
+            if hasattr(self, "feature_map_"):
+                del self.feature_map_  # fit starts from scratch
         train = self._dataset(X, y, fit=True)
         if train.n_rows == 0:
             raise ValueError("X: cannot fit on an empty data set")
         if train.n_features == 0:  # scikit-learn's wording, which its checks expect
             raise ValueError(f"X: found array with 0 feature(s) (shape=({train.n_rows}, 0)) "
                              "while a minimum of 1 is required.")
-        valid = None
-        if validation is not None:
-            valid = (self._dataset(*validation, name="validation")
-                     if isinstance(validation, tuple)
-                     else self._dataset(validation, name="validation"))
+        valid = None if validation is None else self._validation_dataset(validation)
         self._backend = backends.get_backend(self.backend, self._model)
         self.backend_ = self._backend.__name__.rsplit("_", 1)[-1]
         self.n_threads_ = self._threads = threads
@@ -331,6 +337,20 @@ class FactorizationModel(*_SKLEARN_BASES):
             self._training = False
             self.__dict__.pop("_planner", None)
         return self
+
+    def _validation_dataset(self, validation):
+        """``fit``'s validation argument (a Dataset or an (X, y) tuple) as a Dataset."""
+        if isinstance(validation, tuple) and len(validation) == 2:
+            return self._dataset(*validation, name="validation")
+        if isinstance(validation, Dataset):
+            return self._dataset(validation, name="validation")
+        got = (f"a tuple of {len(validation)} items" if isinstance(validation, tuple)
+               else f"a {type(validation).__name__}")
+        hint = (" (Dataset.X is (indptr, indices, values): pass the Dataset itself)"
+                if isinstance(validation, tuple) and len(validation) == 3 else "")
+        raise ValueError(f"validation must be an afmfast.Dataset or an (X, y) tuple, got "
+                         f"{got}{hint}: pass validation=valid_dataset or "
+                         f"validation=(X_valid, y_valid)")
 
     def _max_batch_nnz(self, train):
         # at least 1: the Cython workspaces refuse a bound of 0, while a data set without
@@ -885,26 +905,42 @@ def _sigmoid(z):
 
 
 class _Progress:
-    """Within-epoch progress line on stderr (verbose >= 2): rows done, rows/s and ETA,
-    redrawn at most four times a second so that it costs nothing measurable."""
+    """Within-epoch progress on stderr (verbose >= 2): rows done, rows/s and ETA. On a
+    terminal one line redrawn in place at most four times a second; otherwise (a log
+    file, a pipe) a plain line at most every ``PLAIN_INTERVAL`` seconds, without the
+    carriage returns and escape codes that would litter the log."""
 
-    def __init__(self, epoch, n_rows):
+    PLAIN_INTERVAL = 5.0
+
+    def __init__(self, epoch, n_rows, stream=None):
         self.epoch, self.n_rows = epoch, n_rows
+        self.stream = sys.stderr if stream is None else stream
+        try:
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError, OSError):  # no isatty, or closed
+            self.tty = False
+        self.interval = 0.25 if self.tty else self.PLAIN_INTERVAL
         self.t0 = self.last = time.perf_counter()
+        self.drawn = False
 
     def update(self, done):
         now = time.perf_counter()
-        if now - self.last < 0.25:
+        if now - self.last < self.interval:
             return
         self.last = now
         rate = done / max(now - self.t0, 1e-9)
         eta = (self.n_rows - done) / rate
-        print(f"\rEpoch {self.epoch}: {done}/{self.n_rows} rows, {rate:,.0f} rows/s, "
-              f"ETA {eta:.1f} s", end="", file=sys.stderr, flush=True)
+        text = (f"Epoch {self.epoch}: {done}/{self.n_rows} rows, {rate:,.0f} rows/s, "
+                f"ETA {eta:.1f} s")
+        if self.tty:
+            print(f"\r{text}", end="", file=self.stream, flush=True)
+        else:
+            print(text, file=self.stream, flush=True)
+        self.drawn = True
 
     def close(self):
-        if self.last > self.t0:  # something was drawn: clear it
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        if self.drawn and self.tty:  # clear the line for the epoch's summary
+            print("\r\033[K", end="", file=self.stream, flush=True)
 
 
 def _worse_four_times(goodness):

@@ -10,12 +10,13 @@ def _pyplot():
     return plt
 
 
-def plot_field_attention(model, X, fields, ax=None, field_names=None):
+def plot_field_attention(model, X, fields=None, ax=None, field_names=None):
     """Draw ``model.field_attention(X, fields)`` as a labelled heatmap.
 
     Each cell (f, g) is the mean attention weight of the pairs of features in fields f
-    and g over the rows of X (blank where no such pair occurs). Returns the matplotlib
-    Axes.
+    and g over the rows of X (blank where no such pair occurs). ``fields`` defaults as in
+    ``AFM.field_attention``: the columns of a model fitted on a DataFrame, whose names
+    then label the axes unless ``field_names`` is given. Returns the matplotlib Axes.
 
     Examples
     --------
@@ -30,7 +31,13 @@ def plot_field_attention(model, X, fields, ax=None, field_names=None):
     plt = _pyplot()
     matrix = model.field_attention(X, fields)
     n = matrix.shape[0]
-    names = list(field_names) if field_names is not None else [str(f) for f in range(n)]
+    fmap = getattr(model, "feature_map_", None)
+    if field_names is not None:
+        names = list(field_names)
+    elif fields is None and fmap is not None:  # the feature map's fields: its columns
+        names = [str(c) for c in fmap.columns]
+    else:
+        names = [str(f) for f in range(n)]
     if len(names) != n:
         raise ValueError(f"field_names must have {n} entries (one per field), got "
                          f"{len(names)}")

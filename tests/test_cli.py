@@ -162,3 +162,236 @@ def test_afm_pretrain_1_without_fm_file_exits_1(data_dir, tmp_path, monkeypatch,
                           "--pretrain", "1")
     assert code == 1 and "fm_toy_16.npz" in err
 
+
+
+# ----- the flows users hit ---------------------------------------------------------------
+
+def _subprocess_env():
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _arrays(path):
+    import afmfast
+
+    return afmfast.load(path)._arrays()
+
+
+def test_reference_readme_sequence_runs_as_written(data_dir, tmp_path, monkeypatch, capsys):
+    """The AFM authors' README: FM with --pretrain -1, AFM with --pretrain 1, then
+    --process evaluate of each, the FM one without --hidden_factor (few epochs, small k)."""
+    monkeypatch.chdir(tmp_path)
+    where = ("--path", str(data_dir), "--dataset", "toy", "--epoch", "2")
+    fm = ("fm", *where, "--batch_size", "4096", "--lr", "0.01", "--keep", "0.7")
+    afm = ("afm", *where, "--pretrain", "1", "--batch_size", "4096", "--hidden_factor",
+           "[4,8]", "--keep", "[1.0,0.5]", "--lamda_attention", "2.0", "--lr", "0.1")
+    code, fm_out, err = _run(capsys, *fm, "--pretrain", "-1", "--hidden_factor", "8")
+    assert code == 0, err
+    code, afm_out, err = _run(capsys, *afm)
+    assert code == 0, err
+    assert "Save model to file as pretrain: pretrain/afm_toy_8.npz" in afm_out
+    assert (tmp_path / "pretrain" / "afm_toy_8.npz").exists()
+    for command, trained in ((fm, fm_out), (afm, afm_out)):
+        code, out, err = _run(capsys, *command, "--process", "evaluate")
+        assert code == 0, err
+        test_line = [line for line in trained.splitlines() if line.startswith("Test RMSE")]
+        assert out.splitlines() == test_line
+
+    # a second FM of the data set: which one to evaluate is now the user's choice
+    code, out, err = _run(capsys, *fm, "--pretrain", "-1", "--hidden_factor", "4",
+                          "--verbose", "0")
+    assert code == 0, err
+    code, out, err = _run(capsys, *fm, "--process", "evaluate")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--hidden_factor" in err
+    assert "pretrain/fm_toy_4.npz" in err and "pretrain/fm_toy_8.npz" in err
+
+
+def test_missing_model_file_names_the_command_that_writes_it(data_dir, tmp_path,
+                                                            monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    where = ("--path", str(data_dir), "--dataset", "toy")
+    code, out, err = _run(capsys, "fm", *where, "--process", "evaluate")
+    assert code == 1
+    assert "afmfast fm" in err and "--dataset toy" in err and "--pretrain -1" in err
+    code, out, err = _run(capsys, "afm", *where, "--process", "evaluate",
+                          "--hidden_factor", "[4,8]")
+    assert code == 1 and "pretrain/afm_toy_8.npz" in err
+    assert "'afmfast afm" in err and "--hidden_factor [4,8]" in err
+
+
+def test_interrupt_saves_the_best_epoch_and_exits_130(data_dir, tmp_path, monkeypatch,
+                                                     capsys):
+    from afmfast.estimator import FactorizationModel
+
+    monkeypatch.chdir(tmp_path)
+    keep_epoch = FactorizationModel._keep_epoch
+
+    def interrupt_in_epoch_4(model, epoch, improved):
+        keep_epoch(model, epoch, improved)
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    where = ("--path", str(data_dir), "--dataset", "toy", "--hidden_factor", "8",
+             "--batch_size", "256")
+    with monkeypatch.context() as patch:
+        patch.setattr(FactorizationModel, "_keep_epoch", interrupt_in_epoch_4)
+        code, out, err = _run(capsys, "fm", *where, "--epoch", "20", "--save", "m.npz")
+    assert code == 130
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    import afmfast
+
+    best = afmfast.load(tmp_path / "m.npz").best_epoch_
+    assert 1 <= best <= 4 and f"saved epoch {best}" in err
+    assert "pretrain/fm_toy_8.npz" in err and "m.npz" in err
+    # the saved model is that epoch's: a run of exactly that many epochs saves the same
+    code, out, err = _run(capsys, "fm", *where, "--epoch", str(best), "--pretrain", "0",
+                          "--save", "again.npz", "--verbose", "0")
+    assert code == 0, err
+    saved, again = _arrays(tmp_path / "m.npz"), _arrays(tmp_path / "again.npz")
+    for name in saved:
+        np.testing.assert_array_equal(saved[name], again[name])
+
+
+def test_sigint_in_a_subprocess_saves_and_exits_130(data_dir, tmp_path):
+    """A real Ctrl-C (SIGINT) after the first epoch line of a long run."""
+    import signal
+
+    train = data_dir / "toy" / "toy.train.libfm"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afmfast", "fm", "--train", str(train), "--epoch", "100000",
+         "--hidden_factor", "4", "--batch_size", "256", "--threads", "1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_subprocess_env())
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("Epoch 1 [")):
+            line = proc.stdout.readline()
+            assert line, f"no epoch line; stderr: {proc.stderr.read()}"
+            lines.append(line)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "saved epoch" in err
+    assert (tmp_path / "pretrain" / "fm_toy_4.npz").exists()
+
+
+@pytest.mark.parametrize("case", ["training, head -1", "evaluate --mla, reader gone"])
+def test_closed_output_pipe_exits_quietly_with_141(data_dir, tmp_path, monkeypatch, capsys,
+                                                   case):
+    """`afmfast ... | head`: no 'Broken pipe' message or traceback, the SIGPIPE status 141.
+    Training writes more than a pipe holds, so head -1 cannot miss the broken pipe;
+    evaluate writes everything at exit (the final flush must fail inside main)."""
+    d = data_dir / "toy"
+    if case.startswith("training"):
+        argv = ["fm", "--train", str(d / "toy.train.libfm"), "--epoch", "2000",
+                "--hidden_factor", "4", "--batch_size", "1024", "--pretrain", "0"]
+    else:
+        monkeypatch.chdir(tmp_path)
+        argv = ["afm", "--path", str(data_dir), "--dataset", "toy", "--hidden_factor",
+                "[4,8]", "--batch_size", "256"]
+        code, out, err = _run(capsys, *argv, "--epoch", "1", "--verbose", "0")
+        assert code == 0, err
+        argv += ["--process", "evaluate", "--mla", "1"]
+    read_end, write_end = os.pipe()
+    reader = os.fdopen(read_end, "r")
+    if "gone" in case:
+        reader.close()  # the first write fails
+    proc = subprocess.Popen([sys.executable, "-m", "afmfast", *argv], cwd=tmp_path,
+                            stdout=write_end, stderr=subprocess.PIPE, text=True,
+                            env=_subprocess_env())
+    os.close(write_end)
+    if "head" in case:
+        assert reader.readline().startswith("FM: dataset=toy")
+        reader.close()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert err == ""
+    assert proc.returncode == 141
+
+
+def test_train_file_names_the_dataset(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    d = data_dir / "toy"
+    code, out, err = _run(capsys, "fm", "--train", str(d / "toy.train.libfm"),
+                          "--test", str(d / "toy.test.libfm"), *COMMON)
+    assert code == 0, err
+    assert out.startswith("FM: dataset=toy, ")
+    assert (tmp_path / "pretrain" / "fm_toy_8.npz").exists()
+    # evaluate finds it from the test file's name alone
+    code, out, err = _run(capsys, "fm", "--process", "evaluate",
+                          "--test", str(d / "toy.test.libfm"))
+    assert code == 0, err
+    assert out.startswith("Test RMSE: ")
+    # an explicit --dataset wins
+    code, out, err = _run(capsys, "fm", "--train", str(d / "toy.train.libfm"), *COMMON,
+                          "--dataset", "mine", "--verbose", "0")
+    assert code == 0, err
+    assert (tmp_path / "pretrain" / "fm_mine_8.npz").exists()
+
+
+def test_list_flag_errors_show_an_example_of_that_flag(data_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["afm", "--path", str(data_dir), "--dataset", "toy", "--keep", "0.7"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "--keep" in err and "[1.0, 0.5]" in err and "[16, 16]" not in err
+
+
+def test_divergence_names_the_lr_flag(data_dir, tmp_path, capsys):
+    code, out, err = _run(capsys, "fm", "--path", str(data_dir), "--dataset", "toy",
+                          *COMMON, "--pretrain", "0", "--lr", "1e30", "--optimizer",
+                          "GradientDescentOptimizer", "--keep", "1", "--batch_norm", "0")
+    assert code == 1
+    assert "diverged" in err and "--lr" in err and "learning_rate" not in err
+
+
+@pytest.fixture(scope="module")
+def binary_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("binary")
+    demo = make_demo_data(n_rows=3000, seed=5)
+    (root / "clicks").mkdir()
+    for part, rows in (("train", np.arange(2000)), ("test", np.arange(2000, 2400))):
+        ds = demo.train[rows]
+        ds.y[:] = ds.y > np.median(ds.y)  # 0/1
+        _write_libfm(root / "clicks" / f"clicks.{part}.libfm", ds)
+    ds = demo.valid
+    ds.y[:] = ds.y > np.median(ds.y)
+    _write_libfm(root / "clicks" / "clicks.validation.libfm", ds)
+    return root
+
+
+def test_binary_labels_hint_and_logistic_loss(binary_dir, tmp_path, monkeypatch, capsys):
+    import afmfast
+
+    monkeypatch.chdir(tmp_path)
+    where = ("--path", str(binary_dir), "--dataset", "clicks")
+    code, out, err = _run(capsys, "fm", *where, *COMMON, "--pretrain", "0")
+    assert code == 0, err
+    assert len(err.strip().splitlines()) == 1
+    assert "clicks.train.libfm" in err and "{0, 1}" in err and "--loss logistic" in err
+
+    code, out, err = _run(capsys, "fm", *where, *COMMON, "--loss", "logistic")
+    assert code == 0, err
+    assert err == "" and "loss=logistic" in out.splitlines()[0]
+    assert "train logloss = " in out and "Test logloss: " in out and ", AUC: " in out
+    assert isinstance(afmfast.load("pretrain/fm_clicks_8.npz"), afmfast.FMClassifier)
+
+    code, out, err = _run(capsys, "afm", *where, "--epoch", "2", "--hidden_factor", "[4,8]",
+                          "--batch_size", "256", "--loss", "logistic", "--pretrain", "1")
+    assert code == 0, err
+    assert isinstance(afmfast.load("pretrain/afm_clicks_8.npz"), afmfast.AFMClassifier)
+    code, out, err = _run(capsys, "afm", *where, "--process", "evaluate")
+    assert code == 0, err
+    assert out.startswith("Test logloss: ") and "AUC: " in out
+
+
+def test_logistic_loss_on_real_valued_labels_names_the_file(data_dir, capsys):
+    code, out, err = _run(capsys, "fm", "--path", str(data_dir), "--dataset", "toy",
+                          *COMMON, "--pretrain", "0", "--loss", "logistic")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "toy.train.libfm" in err and "exactly two classes" in err

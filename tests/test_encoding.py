@@ -67,3 +67,51 @@ def test_fit_predict_save_load_on_dataframes(frame, cls, extra, tmp_path):
     if cls is afmfast.AFM:
         fa = model.field_attention(test)
         assert fa.shape == (4, 4)
+
+
+@pytest.fixture
+def id_frame():
+    """What pd.read_csv gives for a ratings file: int64 ids, a small int, a float."""
+    rng = np.random.default_rng(2)
+    n = 600
+    return pd.DataFrame({"user_id": rng.integers(1000, 1040, n),
+                         "stars": rng.integers(1, 6, n),
+                         "hour": rng.uniform(0, 24, n),
+                         "rating": rng.normal(size=n)})
+
+
+def test_integer_id_columns_warn_naming_the_column_and_the_fix(id_frame):
+    with pytest.warns(UserWarning) as caught:
+        data, fmap = afmfast.encode(id_frame, y="rating")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1  # stars: 5 distinct values, a number
+    assert "'user_id'" in messages[0] and "categorical=['user_id']" in messages[0]
+    assert "astype(float)" in messages[0]
+    assert caught[0].filename == __file__  # points at the caller, not at afmfast
+    assert fmap.categories == [None, None, None]
+
+
+def test_categorical_one_hot_encodes_named_numeric_columns(id_frame, recwarn, tmp_path):
+    data, fmap = afmfast.encode(id_frame, y="rating", categorical=["user_id"])
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    n_users = id_frame["user_id"].nunique()
+    assert fmap.n_features == n_users + 2
+    assert fmap.feature_names[0] == f"user_id={sorted(id_frame['user_id'])[0]}"
+    assert fmap.fields.tolist() == [0] * n_users + [1, 2]
+    # cast to float: numeric on purpose, no warning
+    as_float = id_frame.assign(user_id=id_frame["user_id"].astype(float))
+    assert afmfast.FeatureMap.fit(as_float, ["user_id"]).categories == [None]
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    with pytest.raises(ValueError, match="categorical"):
+        afmfast.encode(id_frame, y="rating", categorical=["rating"])
+    with pytest.raises(ValueError, match="categorical"):
+        afmfast.FeatureMap.fit(id_frame, categorical=["nope"])
+
+    model = afmfast.FM(n_factors=4, n_epochs=2, batch_size=128, verbose=0)
+    model.fit(id_frame, "rating", categorical=["user_id"])
+    assert model.feature_map_.categories[0] == fmap.categories[0]
+    model.save(tmp_path / "m.npz")
+    loaded = afmfast.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(loaded.predict(id_frame), model.predict(id_frame))
+    with pytest.raises(ValueError, match="categorical"):
+        afmfast.FM(n_epochs=1, verbose=0).fit(data, categorical=["user_id"])
