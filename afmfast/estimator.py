@@ -373,10 +373,14 @@ class FactorizationModel(*_SKLEARN_BASES):
                 self._restore(self._best)
             else:
                 self.best_epoch_ = len(self.history_)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if self._best is not None:  # None: interrupted while the best was copied
                 self._restore(self._best)
-            self._log(f"Interrupted: the model keeps epoch {self.best_epoch_}.")
+            # a note on the traceback rather than a printed line: the CLI reports the
+            # interrupt in one line of its own
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"afmfast: fit was interrupted; the model keeps epoch "
+                             f"{self.best_epoch_}.")
             raise
         finally:
             del self._best, self._last_good

@@ -238,6 +238,7 @@ def test_interrupt_saves_the_best_epoch_and_exits_130(data_dir, tmp_path, monkey
         code, out, err = _run(capsys, "fm", *where, "--epoch", "20", "--save", "m.npz")
     assert code == 130
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "interrupted" not in out.lower()  # the one line is the CLI's, on stderr
     import afmfast
 
     best = afmfast.load(tmp_path / "m.npz").best_epoch_
