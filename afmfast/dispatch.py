@@ -52,7 +52,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def cpu_features():
     """The instruction-set features of this CPU that the OS enables (GCC's names), as a
-    frozenset; empty off x86 or when the probe ``afmfast._cpu`` is not built."""
+    frozenset; empty off x86 or when the probe ``afmfast._cpu`` is not built.
+
+    Examples
+    --------
+    >>> cpu_features() <= frozenset(LEVEL_FEATURES["avx512"])  # the features it probes
+    True
+    """
     try:
         from afmfast import _cpu
     except ImportError:
@@ -74,7 +80,13 @@ def supported_levels(features=None):
 
 def built_levels():
     """{extension name: levels it was built at} from ``afmfast/_build_config.py``; empty
-    for a build without that record (made before levels existed) or none at all."""
+    for a build without that record (made before levels existed) or none at all.
+
+    Examples
+    --------
+    >>> all(set(levels) <= set(LEVELS) for levels in built_levels().values())
+    True
+    """
     try:
         from afmfast import _build_config
     except ImportError:
@@ -83,7 +95,13 @@ def built_levels():
 
 
 def compile_args(level):
-    """The compiler flags of ``level`` in this build, or None when not recorded."""
+    """The compiler flags of ``level`` in this build, or None when not recorded.
+
+    Examples
+    --------
+    >>> compile_args("no-such-level") is None
+    True
+    """
     try:
         from afmfast import _build_config
     except ImportError:
@@ -94,7 +112,13 @@ def compile_args(level):
 
 def module_file(name, level, package_dir=PACKAGE_DIR):
     """The shared object of extension ``name`` at ``level`` under ``package_dir``
-    (``<package_dir>/_isa/<level>/<name><suffix>``), or None when it is not there."""
+    (``<package_dir>/_isa/<level>/<name><suffix>``), or None when it is not there.
+
+    Examples
+    --------
+    >>> module_file("_fm_cython", "no-such-level") is None
+    True
+    """
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = Path(package_dir) / "_isa" / level / (name + suffix)
         if path.is_file():
@@ -103,7 +127,13 @@ def module_file(name, level, package_dir=PACKAGE_DIR):
 
 
 def forced_level(environ=None):
-    """The level ``AFMFAST_ISA`` asks for, or None for the automatic choice."""
+    """The level ``AFMFAST_ISA`` asks for, or None for the automatic choice.
+
+    Examples
+    --------
+    >>> forced_level({"AFMFAST_ISA": "AVX2"}), forced_level({})
+    ('avx2', None)
+    """
     environ = os.environ if environ is None else environ
     value = environ.get(ENV, "").strip().lower()
     if value in ("", "auto"):
@@ -162,7 +192,7 @@ class _Finder(importlib.abc.MetaPathFinder):
                                                                                  file)
 
 
-def install():
+def _install():
     """Choose the builds and hook them into the import system (once; again after a
     reload of afmfast, replacing the earlier hook). Returns the choice."""
     chosen = choose(built_levels())
@@ -173,19 +203,31 @@ def install():
     return chosen
 
 
-CHOSEN = install()
+CHOSEN = _install()
 
 
 def kernel_isa():
     """The level of the kernels this process loads ("native", "avx512", "avx2" or
-    "baseline"), or None when they are not built or come from a build without levels."""
+    "baseline"), or None when they are not built or come from a build without levels.
+
+    Examples
+    --------
+    >>> kernel_isa() in LEVELS + (None,)
+    True
+    """
     levels = {CHOSEN[name][0] for name in KERNELS if name in CHOSEN}
     return levels.pop() if len(levels) == 1 else None
 
 
 def version_text():
     """The line ``afmfast --version`` prints: the version and the kernels' level ("unknown"
-    when they are not built or come from a build without levels)."""
+    when they are not built or come from a build without levels).
+
+    Examples
+    --------
+    >>> version_text()  # doctest: +ELLIPSIS
+    'afmfast ... (kernel ISA: ...)'
+    """
     from afmfast import __version__
 
     return f"afmfast {__version__} (kernel ISA: {kernel_isa() or 'unknown'})"
