@@ -3,8 +3,8 @@ and ``csrc/_cpu.c`` the CPU probe ``afmfast._cpu``.
 
 Instruction-set levels. The default build is portable: it runs on any x86-64 CPU and is
 fast on new ones. Each module of ``MULTI_LEVEL`` (the kernels and the reader) is compiled
-once per level it lists and ``afmfast.dispatch`` loads, when ``afmfast.<name>`` is first imported, the best level
-the CPU supports (``AFMFAST_ISA`` forces one; see that module):
+once per level it lists, and ``afmfast.dispatch`` loads, when ``afmfast.<name>`` is first
+imported, the best level the CPU supports (``AFMFAST_ISA`` forces one; see that module):
 
     baseline   no -march flag: the x86-64 ABI (SSE2), every other module, and the only
                level on a CPU that is not x86-64
@@ -47,8 +47,8 @@ from setuptools.command.build_ext import build_ext
 COMMON_ARGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 X86_LEVEL_ARGS = {"baseline": [], "avx2": ["-march=x86-64-v3"],
                   "avx512": ["-march=x86-64-v4"]}
-# The levels of each module built at more than the baseline: the reader gains from AVX2
-# (its byte counting), not measurably from AVX-512, so it skips that build.
+# The levels of each module built at more than the baseline. The reader has a hand-written
+# AVX2 path (its byte counting) and none for AVX-512, so it has no avx512 build.
 MULTI_LEVEL = {"_fm_cython": ("baseline", "avx2", "avx512"),
                "_afm_cython": ("baseline", "avx2", "avx512"), "_reader": ("baseline", "avx2")}
 DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True,

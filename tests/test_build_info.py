@@ -23,10 +23,10 @@ from afmfast import dispatch
 REPO = Path(__file__).resolve().parent.parent
 INFO = afmfast.build_info()
 # levels of the kernels that this CPU can run and this build has
-RUNNABLE = [level for level in dispatch.LEVELS
-            if level in INFO["supported_isa"] and all(
-                dispatch.module_file(name, level) is not None for name in dispatch.KERNELS)
-            and all(level in dispatch.built_levels().get(name, ()) for name in dispatch.KERNELS)]
+RUNNABLE = [level for level in dispatch.LEVELS if level in INFO["supported_isa"]
+            and all(level in dispatch.built_levels().get(name, ())
+                    and dispatch.module_file(name, level) is not None
+                    for name in dispatch.KERNELS)]
 needs_levels = pytest.mark.skipif(not RUNNABLE, reason="no kernels built with levels here")
 
 V4 = dispatch.LEVEL_FEATURES["avx512"]
