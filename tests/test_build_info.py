@@ -20,7 +20,9 @@ import pytest
 import afmfast
 from afmfast import dispatch
 
-REPO = Path(__file__).resolve().parent.parent
+# the directory holding the afmfast this process imported: the repository (a developer's
+# in-place build) or site-packages (an installed one); the subprocesses import the same
+HOME = Path(afmfast.__file__).resolve().parent.parent
 INFO = afmfast.build_info()
 # levels of the kernels that this CPU can run and this build has
 RUNNABLE = [level for level in dispatch.LEVELS if level in INFO["supported_isa"]
@@ -34,9 +36,11 @@ V3 = dispatch.LEVEL_FEATURES["avx2"]
 
 
 def _start(args, tmp_path, isa=None):
-    """Start python with ``args`` in a fresh process outside the repository (so that only
-    this repository's afmfast, built, is imported), AFMFAST_ISA set to ``isa``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    """Start python with ``args`` in a fresh process outside the repository, importing the
+    afmfast this process imported, with AFMFAST_ISA set to ``isa``."""
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HOME),
+                                                       os.environ.get("PYTHONPATH")]))}
     env.pop("AFMFAST_ISA", None)
     if isa is not None:
         env["AFMFAST_ISA"] = isa
