@@ -267,13 +267,16 @@ def build_info():
     except ImportError:
         compiler = None
     built = {level for levels in built_levels().values() for level in levels}
+    max_threads = threads._openmp_max_threads() if cython else None
     return {
         "version": __version__,
         "kernel_isa": isa,
         "compile_args": args,
         "backends": available,
-        "openmp": {"enabled": bool(cython and args and "-fopenmp" in args),
-                   "max_threads": threads._openmp_max_threads() if cython else None},
+        # a build without recorded flags: its kernels have OpenMP if they can query it
+        "openmp": {"enabled": cython and ("-fopenmp" in args if args is not None
+                                          else max_threads is not None),
+                   "max_threads": max_threads},
         "cpu_features": sorted(cpu_features()),
         "supported_isa": list(supported_levels()),
         "built_isa": [level for level in LEVELS if level in built],
