@@ -1,54 +1,141 @@
-"""Build of afmfast's Cython extensions (every ``csrc/*.pyx`` becomes ``afmfast.<name>``).
+"""Build of afmfast's compiled extensions: every ``csrc/*.pyx`` becomes ``afmfast.<name>``,
+and ``csrc/_cpu.c`` the CPU probe ``afmfast._cpu``.
 
-Compiler flags: ``-O3 -fopenmp``, and ``-march=native`` because ``pip install .`` compiles
-on the machine that will run the code (machines here are AVX2-only or AVX-512, and the
-kernels gain from the widest vectors present). A wheel meant for other machines must not
-carry ``-march=native``: build it with ``AFMFAST_PORTABLE=1`` (then only the x86-64
-baseline is assumed). ``-ffast-math`` is never used: the kernels promise IEEE results that
-are bit-identical for a fixed seed and thread count. ``-fno-math-errno`` is: it changes
-no result (sqrt of a negative is NaN either way), it only lets GCC turn ``sqrtf`` into a
-vector instruction instead of a call that may set errno, which keeps the optimisers'
-loops vectorised (AFM k=256 on ml-tag: 0.93x the step time, by
-``python bench/ab_builds.py --model afm --k 256 --data mltag --base DIR``).
+Instruction-set levels. The default build is portable: it runs on any x86-64 CPU and is
+fast on new ones. Each module of ``MULTI_LEVEL`` (the kernels and the reader) is compiled
+once per level it lists, and ``afmfast.dispatch`` loads, when ``afmfast.<name>`` is first
+imported, the best level the CPU supports (``AFMFAST_ISA`` forces one; see that module):
+
+    baseline   no -march flag: the x86-64 ABI (SSE2), every other module, and the only
+               level on a CPU that is not x86-64
+    avx2       -march=x86-64-v3 (AVX2, FMA, BMI1/2, ...)
+    avx512     -march=x86-64-v4 (AVX-512 F/BW/CD/DQ/VL)
+
+``AFMFAST_NATIVE=1`` makes one build of every module with ``-march=native`` instead (level
+"native"): for a machine that compiles what it runs, never for a wheel that travels.
+``AFMFAST_PORTABLE=1``, the older switch, is accepted and means the default.
+
+A module's levels all compile the one C file Cython generates for it (``csrc/<name>.c``,
+for the module name ``afmfast.<name>``, which every level's module then carries) through a
+stub ``build/isa_src/<level>/<name>.c`` that includes it, so each level gets its own
+object file. The shared objects go to ``afmfast/_isa/<level>/``; the build writes
+``afmfast/_build_config.py`` (levels and compiler flags, read by ``afmfast.build_info``).
+The avx2 and avx512 extensions are optional: a compiler that does not know their -march
+level skips them with a warning. ``build_ext`` runs one compile job per CPU unless
+``-j`` says otherwise.
+
+Compiler flags: ``-O3 -fopenmp``. ``-ffast-math`` is never used: the kernels promise IEEE
+results that are bit-identical for a fixed seed and thread count (within a level: the
+levels differ in FMA contraction and vector width, so their results agree only to
+rounding). ``-fno-math-errno`` is: it changes no result (sqrt of a negative is NaN either
+way), it only lets GCC turn ``sqrtf`` into a vector instruction instead of a call that may
+set errno, which keeps the optimisers' loops vectorised.
 
 ``AFMFAST_BUILD_ONLY=_reader`` (a comma-separated list of module names) limits an
 in-place developer build to some extensions.
 """
 import glob
 import os
+import platform
+import pprint
 
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
-compile_args = ["-O3", "-fopenmp", "-fno-math-errno"]
-if os.environ.get("AFMFAST_PORTABLE", "") not in ("1", "true", "yes"):
-    compile_args.append("-march=native")
+COMMON_ARGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+X86_LEVEL_ARGS = {"baseline": [], "avx2": ["-march=x86-64-v3"],
+                  "avx512": ["-march=x86-64-v4"]}
+# The levels of each module built at more than the baseline. The reader has a hand-written
+# AVX2 path (its byte counting) and none for AVX-512, so it has no avx512 build.
+MULTI_LEVEL = {"_fm_cython": ("baseline", "avx2", "avx512"),
+               "_afm_cython": ("baseline", "avx2", "avx512"), "_reader": ("baseline", "avx2")}
+DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True,
+              "initializedcheck": False}
+STUB_DIR = os.path.join("build", "isa_src")
 
-only = {name for name in os.environ.get("AFMFAST_BUILD_ONLY", "").split(",") if name}
-sources = sorted(glob.glob(os.path.join("csrc", "*.pyx")))
-extensions = [
-    Extension(
-        "afmfast." + os.path.splitext(os.path.basename(src))[0],
-        [src],
-        include_dirs=[np.get_include(), "csrc"],
-        extra_compile_args=compile_args,
-        extra_link_args=["-fopenmp"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    )
-    for src in sources
-    if not only or os.path.splitext(os.path.basename(src))[0] in only
-]
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        language_level=3,
-        compiler_directives={
-            "boundscheck": False,
-            "wraparound": False,
-            "cdivision": True,
-            "initializedcheck": False,
-        },
-    ),
-)
+def _flag(name):
+    return os.environ.get(name, "") in ("1", "true", "yes")
+
+
+def level_args():
+    """{level: compiler flags} of this build, best level last."""
+    if _flag("AFMFAST_NATIVE"):
+        return {"native": COMMON_ARGS + ["-march=native"]}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return {level: COMMON_ARGS + args for level, args in X86_LEVEL_ARGS.items()}
+    return {"baseline": list(COMMON_ARGS)}
+
+
+def stub(level, c_file):
+    """The file that compiles ``c_file`` for ``level`` (its own object file)."""
+    path = os.path.join(STUB_DIR, level, os.path.basename(c_file))
+    text = f'#include "{os.path.abspath(c_file)}"\n'
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path) or open(path).read() != text:  # keep its mtime otherwise
+        with open(path, "w") as fh:
+            fh.write(text)
+    return path
+
+
+def kernel_extensions(levels):
+    """Cythonize every csrc/*.pyx once; one Extension per (module, level) it is built at.
+    Returns the extensions and {module: its levels} (of every module, also those that
+    AFMFAST_BUILD_ONLY leaves out: the layout a full build has)."""
+    only = {name for name in os.environ.get("AFMFAST_BUILD_ONLY", "").split(",") if name}
+    names = [os.path.splitext(os.path.basename(src))[0]
+             for src in sorted(glob.glob(os.path.join("csrc", "*.pyx")))]
+    built = {name: tuple(level for level in MULTI_LEVEL.get(name, ("baseline",))
+                         if level in levels) or tuple(levels) for name in names}
+    cythonized = cythonize(
+        [Extension("afmfast." + name, [os.path.join("csrc", name + ".pyx")])
+         for name in names if not only or name in only],
+        language_level=3, compiler_directives=DIRECTIVES)
+    extensions = []
+    for ext in cythonized:
+        name = ext.name.rsplit(".", 1)[1]
+        for level in built[name]:
+            extensions.append(Extension(
+                f"afmfast._isa.{level}.{name}", [stub(level, ext.sources[0])],
+                include_dirs=[np.get_include(), "csrc"],
+                depends=ext.sources,
+                extra_compile_args=levels[level],
+                extra_link_args=["-fopenmp"],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                optional=level in ("avx2", "avx512"),
+            ))
+    return extensions, built
+
+
+class BuildExt(build_ext):
+    """build_ext with one job per CPU by default; writes afmfast/_build_config.py."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+
+    def run(self):
+        build_py = self.get_finalized_command("build_py")
+        if self.inplace:  # setuptools copies into afmfast/_isa/<level>/ without making it
+            for ext in self.extensions:
+                os.makedirs(build_py.get_package_dir(ext.name.rsplit(".", 1)[0]),
+                            exist_ok=True)
+        super().run()
+        package = (build_py.get_package_dir("afmfast") if self.inplace
+                   else os.path.join(self.build_lib, "afmfast"))
+        os.makedirs(package, exist_ok=True)
+        with open(os.path.join(package, "_build_config.py"), "w") as fh:
+            fh.write('"""Written by setup.py: how the compiled extensions were built."""\n'
+                     f"LEVELS = {pprint.pformat(BUILT)}\n"
+                     f"COMPILE_ARGS = {pprint.pformat(LEVEL_ARGS)}\n")
+
+
+LEVEL_ARGS = level_args()
+EXTENSIONS, BUILT = kernel_extensions(LEVEL_ARGS)
+# Always (it is small): without it afmfast.dispatch knows no CPU feature and takes baseline.
+EXTENSIONS.append(Extension("afmfast._cpu", [os.path.join("csrc", "_cpu.c")], optional=True))
+
+setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": BuildExt})

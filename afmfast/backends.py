@@ -2,9 +2,10 @@
 
 A backend is a module implementing the contract of ``afmfast.kernel_api`` for one model
 ("fm" or "afm"): the Cython extensions ``afmfast._<model>_cython`` (compiled by ``pip
-install``) or the Numba modules ``afmfast._<model>_numba`` (compiled at first use, cached
-on disk). ``"auto"`` takes Cython when its extension imports and warns loudly when it
-falls back to Numba.
+install`` for several instruction-set levels; ``afmfast.dispatch`` decides which level
+that name loads) or the Numba modules ``afmfast._<model>_numba`` (compiled at first use,
+cached on disk). ``"auto"`` takes Cython when its extension imports and warns loudly when
+it falls back to Numba.
 """
 import importlib
 import warnings

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import backends
+from . import backends, dispatch
 
 OPTIMIZER_ALIASES = {
     "adagradoptimizer": "adagrad", "adagrad": "adagrad",
@@ -85,6 +85,7 @@ def _add_reference_flags(p):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="afmfast", description="Fast (Attentional) Factorization Machines on CPUs.")
+    parser.add_argument("--version", action="version", version=dispatch.version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
     fm = sub.add_parser("fm", help="train or evaluate a Factorization Machine "

@@ -27,21 +27,27 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (data sets and estimators of the comparison script)
 
-from afmfast import backends  # noqa: E402
+from afmfast import backends, dispatch  # noqa: E402
 from afmfast import kernel_api as api  # noqa: E402
 
 WARMUP = 5
 
 
 def load_build(directory, model):
-    """The module ``afmfast._<model>_cython`` compiled in ``directory``/afmfast."""
-    found = glob.glob(str(Path(directory) / "afmfast" / f"_{model}_cython.*.so"))
+    """The module ``afmfast._<model>_cython`` compiled in ``directory``/afmfast: the best
+    level built there that this CPU supports (``afmfast/_isa/<level>/``, as
+    afmfast.dispatch would choose), else a build from before levels existed."""
+    package = Path(directory) / "afmfast"
+    found = [str(path) for level in dispatch.supported_levels()
+             for path in [dispatch.module_file(f"_{model}_cython", level, package)] if path]
+    found += glob.glob(str(package / f"_{model}_cython.*.so"))
     if not found:
         sys.exit(f"ab_builds: no _{model}_cython extension in {directory}/afmfast; build "
                  "it there first (python setup.py build_ext --inplace)")
     spec = importlib.util.spec_from_file_location(f"afmfast._{model}_cython", found[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    print(f"{directory}: {found[0]}")
     return module
 
 

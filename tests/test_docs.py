@@ -14,7 +14,7 @@ import afmfast
 # Modules whose docstring examples run here; together they define the whole public API.
 MODULES = ["afmfast", "afmfast.fm", "afmfast.afm", "afmfast.demo", "afmfast.encoding",
            "afmfast.plotting", "afmfast.dataset", "afmfast.estimator", "afmfast.persistence",
-           "afmfast.metrics"]
+           "afmfast.metrics", "afmfast.dispatch"]
 # Optional packages (the [test] extra) that a module's examples use.
 NEEDS = {"afmfast.encoding": "pandas", "afmfast.plotting": "matplotlib",
          "afmfast.dataset": "scipy"}
