@@ -102,7 +102,7 @@ def as_dataset(X, y=None, *, name="X"):
     """
     if isinstance(X, Dataset):
         if y is None:
-            return X
+            return X.validate(name)  # its arrays may have changed since it was built
         data = Dataset(X.indptr, X.indices, X.values, y, X.n_features)
         data.n_features_explicit = X.n_features_explicit
         return data
@@ -458,6 +458,9 @@ class FactorizationModel(*_SKLEARN_BASES):
             self._log(f"Init: \t {', '.join(parts)} [{time.perf_counter() - t:.1f} s]")
         step = 0
         for epoch in range(1, self.n_epochs + 1):
+            train.validate()  # a callback may have changed the arrays (Dataset.validate)
+            if valid is not None:
+                valid.validate("validation")
             t0 = time.perf_counter()
             # kernel_api's epoch order, on the fit's threads: NumPy's permutation is
             # serial and misses the cache at every swap; at 2,000,000 rows it took 49 ms
