@@ -249,27 +249,57 @@ class Dataset:
     # ------------------------------------------------------------------ properties
     @property
     def indptr(self):
-        """Row offsets, int64 (n_rows + 1,), read-only."""
+        """Row offsets, int64 (n_rows + 1,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).indptr
+        array([0, 2, 3])
+        """
         return self._indptr
 
     @property
     def indices(self):
-        """Feature ids, int32 (nnz,), read-only."""
+        """Feature ids, int32 (nnz,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).indices
+        array([0, 3, 2], dtype=int32)
+        """
         return self._indices
 
     @property
     def values(self):
-        """Feature values, float32 (nnz,), read-only."""
+        """Feature values, float32 (nnz,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).values
+        array([1. , 0.5, 1. ], dtype=float32)
+        """
         return self._values
 
     @property
     def y(self):
-        """Targets, float32 (n_rows,), read-only."""
+        """Targets, float32 (n_rows,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).y
+        array([ 1., -1.], dtype=float32)
+        """
         return self._y
 
     @property
     def n_features(self):
-        """Number of features (ids are below it)."""
+        """Number of features (ids are below it).
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).n_features
+        4
+        """
         return self._n_features
 
     @property
