@@ -196,8 +196,9 @@ class Dataset:
         """Check the arrays again as the constructor did, and return ``self``: raises
         ``ValueError`` starting with ``name`` when they no longer form valid rows (changed
         through an array shared with the caller, or after ``flags.writeable`` was set
-        back to True). The estimators call it before every kernel call on a Dataset;
-        it costs O(n_rows + nnz) vectorised NumPy, little against a prediction.
+        back to True, or reshaped or retyped in place). The estimators call it on every
+        Dataset they are handed and before every epoch of fit; it costs O(n_rows + nnz)
+        vectorised NumPy, little against a prediction.
 
         Examples
         --------
