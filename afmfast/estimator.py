@@ -102,7 +102,7 @@ def as_dataset(X, y=None, *, name="X"):
     """
     if isinstance(X, Dataset):
         if y is None:
-            return X.validate(name)  # its arrays may have changed since it was built
+            return X
         data = Dataset(X.indptr, X.indices, X.values, y, X.n_features)
         data.n_features_explicit = X.n_features_explicit
         return data
@@ -594,6 +594,8 @@ class FactorizationModel(*_SKLEARN_BASES):
         own) are checked and encoded by ``_encode_labels``, ``fit`` telling that they
         are this fit's training labels. ``n_features``: the column count that an array
         or matrix X must have."""
+        if isinstance(X, Dataset):
+            X.validate(name)  # its arrays may have changed since it was built
         frame = is_dataframe(X)
         if frame:
             fmap = getattr(self, "feature_map_", None)
