@@ -493,6 +493,23 @@ def steps_from(step):
     return steps
 
 
+def read_only(*arrays):
+    """``arrays`` (the X and y a kernel only reads) as read-only arrays: views of those
+    that are writeable. Numba compiles a kernel once for every mix of writeable and
+    read-only arguments; a Dataset's arrays are read-only, so passing these read-only
+    always lets Datasets and plain arrays share one compiled version.
+
+    Example: ``indptr, indices, values, y = read_only(*X, y)``.
+    """
+    views = []
+    for a in arrays:
+        if a.flags.writeable:
+            a = a.view()
+            a.flags.writeable = False
+        views.append(a)
+    return views
+
+
 @contextmanager
 def numba_threads(n_threads):
     """Run the block with Numba's thread count set to ``n_threads`` (clamped to

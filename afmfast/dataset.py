@@ -2,13 +2,15 @@
 
 Contract (other modules code against it):
 
-- ``Dataset`` holds a CSR matrix and targets as C-contiguous arrays with fixed dtypes:
-  ``indptr`` int64 (n_rows + 1), ``indices`` int32 (nnz), ``values`` float32 (nnz),
-  ``y`` float32 (n_rows), plus ``n_features`` (int). The constructor converts dtypes
-  once and validates the structure, raising ``ValueError`` that names the argument and
-  the problem; afterwards the arrays are trusted by the kernels (see
-  ``afmfast.kernel_api``). Row selection (``ds[idx]``) and ``from_csr`` are vectorised
-  NumPy, never a Python loop over rows.
+- ``Dataset`` holds a CSR matrix and targets as C-contiguous, read-only arrays with fixed
+  dtypes: ``indptr`` int64 (n_rows + 1), ``indices`` int32 (nnz), ``values`` float32
+  (nnz), ``y`` float32 (n_rows), plus ``n_features`` (int). The constructor converts
+  dtypes once and validates the structure, raising ``ValueError`` that names the
+  argument and the problem. ``Dataset.validate`` repeats the structural checks (O(n_rows
+  + nnz) vectorised NumPy); the estimators call it before any kernel sees the arrays
+  (see ``afmfast.kernel_api``), since arrays shared with the caller, or made writeable
+  again, can change after construction. Row selection (``ds[idx]``) and ``from_csr``
+  are vectorised NumPy, never a Python loop over rows.
 - ``load_libfm(path, n_features=None, *, n_threads=None)`` reads libFM text with the
   native parser ``afmfast._reader`` (its docstring has the exact grammar), on all CPUs
   by default, from a memory map of the file; the result does not depend on n_threads.
@@ -34,7 +36,9 @@ LENGTH_CHUNK_ROWS = 1 << 20
 
 
 def _as_1d(arr, dtype, name):
-    """``arr`` as a C-contiguous 1-D array of ``dtype``; copies only when needed."""
+    """``arr`` as a read-only C-contiguous 1-D array of ``dtype``; copies only when
+    needed. A copy is made read-only; an array used as it is is shared through a
+    read-only view, so that the caller's own array keeps its flags."""
     a = np.asarray(arr)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
@@ -50,7 +54,66 @@ def _as_1d(arr, dtype, name):
                                  f"([{lo}, {hi}])")
     elif a.size and not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
         raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=dtype)
+    out = np.ascontiguousarray(a, dtype=dtype)
+    if out is a:
+        return _read_only_view(out)
+    out.flags.writeable = False
+    return out
+
+
+def _read_only_view(a):
+    """``a`` if it is read-only already, else a read-only view of it."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+# (attribute, dtype) of the arrays a Dataset holds, in the kernels' order
+_ARRAYS = (("indptr", np.int64), ("indices", np.int32), ("values", np.float32),
+           ("y", np.float32))
+
+
+def _check_arrays(arrays, where=""):
+    """Raise ``ValueError`` (its message starts with ``where``) unless ``arrays`` =
+    (indptr, indices, values, y) are C-contiguous 1-D arrays of the Dataset dtypes that
+    form CSR rows with one label each: indptr starts at 0, never decreases and ends at
+    nnz, ids are >= 0. Returns the largest id (-1 without nonzeros). Vectorised NumPy,
+    O(n_rows + nnz)."""
+    for (name, dtype), a in zip(_ARRAYS, arrays):
+        if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 1
+                and a.flags.c_contiguous):
+            got = (f"{a.dtype} array of shape {a.shape}, C-contiguous: "
+                   f"{a.flags.c_contiguous}" if isinstance(a, np.ndarray)
+                   else type(a).__name__)
+            raise ValueError(f"{where}{name} must be a C-contiguous 1-D {np.dtype(dtype)} "
+                             f"array, got a {got}")
+    indptr, indices, values, y = arrays
+    if indptr.size == 0:
+        raise ValueError(f"{where}indptr must have n_rows + 1 entries, got an empty array")
+    if indptr[0] != 0:
+        raise ValueError(f"{where}indptr must start at 0, got {indptr[0]}")
+    falls = indptr[1:] < indptr[:-1]
+    if falls.any():
+        r = int(falls.argmax())
+        raise ValueError(f"{where}indptr must be non-decreasing, but indptr[{r + 1}] = "
+                         f"{indptr[r + 1]} < indptr[{r}] = {indptr[r]}")
+    if indptr[-1] != indices.size:
+        raise ValueError(f"{where}indptr must end at nnz = len(indices) = {indices.size}, "
+                         f"got {indptr[-1]}")
+    if values.size != indices.size:
+        raise ValueError(f"{where}values must have len(indices) = {indices.size} entries, "
+                         f"got {values.size}")
+    if y.size != indptr.size - 1:
+        raise ValueError(f"{where}y must have n_rows = len(indptr) - 1 = {indptr.size - 1} "
+                         f"entries, got {y.size}")
+    if not indices.size:
+        return -1
+    lo, max_id = int(indices.min()), int(indices.max())
+    if lo < 0:
+        raise ValueError(f"{where}indices must be >= 0, got {lo}")
+    return max_id
 
 
 class Dataset:
@@ -70,59 +133,46 @@ class Dataset:
     count (see ``afmfast.estimator.MAX_PARAMETER_BYTES``).
 
     Attributes ``indptr`` (int64), ``indices`` (int32), ``values`` (float32), ``y``
-    (float32) are C-contiguous; treat them as read-only, since selections and
-    ``with_n_features`` may share them.
+    (float32) are C-contiguous and read-only: writing into them raises ``ValueError``,
+    and none of them, nor ``n_features``, can be assigned (``with_n_features`` gives
+    another feature count). Selections and ``with_n_features`` share them. An array the
+    Dataset copied (to convert its dtype, or a selection's) is its own; an array passed
+    in with the right dtype and layout is shared, not copied, through a read-only view:
+    changes made through the caller's own reference show in the Dataset. The estimators
+    therefore check the arrays again (``validate``) before every fit, predict, evaluate
+    and explain, and raise ``ValueError`` rather than hand the kernels rows that point
+    outside the arrays, whatever was written into them (also after someone set
+    ``flags.writeable`` back to True). Do not change the arrays while a call that uses
+    the Dataset runs in another thread.
 
     Examples
     --------
     >>> ds = Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0])
     >>> len(ds), ds.n_features, ds[[1]].indices.tolist()
     (2, 4, [2])
+    >>> ds.values[0] = 2.0
+    Traceback (most recent call last):
+    ...
+    ValueError: assignment destination is read-only
     """
 
-    __slots__ = ("indptr", "indices", "values", "y", "n_features", "n_features_explicit",
-                 "_max_id", "_length_counts")
+    __slots__ = ("_indptr", "_indices", "_values", "_y", "_n_features",
+                 "n_features_explicit", "_max_id", "_length_counts")
 
     def __init__(self, indptr, indices, values, y, n_features=None):
-        indptr = _as_1d(indptr, np.int64, "indptr")
-        indices = _as_1d(indices, np.int32, "indices")
-        values = _as_1d(values, np.float32, "values")
-        y = _as_1d(y, np.float32, "y")
-        if indptr.size == 0:
-            raise ValueError("indptr must have n_rows + 1 entries, got an empty array")
-        if indptr[0] != 0:
-            raise ValueError(f"indptr must start at 0, got {indptr[0]}")
-        if indptr.size > 1:
-            bad = np.flatnonzero(np.diff(indptr) < 0)
-            if bad.size:
-                r = int(bad[0])
-                raise ValueError(f"indptr must be non-decreasing, but indptr[{r + 1}] = "
-                                 f"{indptr[r + 1]} < indptr[{r}] = {indptr[r]}")
-        if indptr[-1] != indices.size:
-            raise ValueError(f"indptr must end at nnz = len(indices) = {indices.size}, "
-                             f"got {indptr[-1]}")
-        if values.size != indices.size:
-            raise ValueError(f"values must have len(indices) = {indices.size} entries, "
-                             f"got {values.size}")
-        if y.size != indptr.size - 1:
-            raise ValueError(f"y must have n_rows = len(indptr) - 1 = {indptr.size - 1} "
-                             f"entries, got {y.size}")
-        if indices.size:
-            lo, max_id = int(indices.min()), int(indices.max())
-            if lo < 0:
-                raise ValueError(f"indices must be >= 0, got {lo}")
-        else:
-            max_id = -1
+        arrays = tuple(_as_1d(a, dtype, name)
+                       for a, (name, dtype) in zip((indptr, indices, values, y), _ARRAYS))
+        max_id = _check_arrays(arrays)
         explicit = n_features is not None
         n_features = _check_n_features(n_features, max_id, "indices")
-        self._set(indptr, indices, values, y, n_features, max_id, explicit)
+        self._set(*arrays, n_features, max_id, explicit)
 
     def _set(self, indptr, indices, values, y, n_features, max_id, explicit):
-        self.indptr = indptr
-        self.indices = indices
-        self.values = values
-        self.y = y
-        self.n_features = n_features
+        self._indptr = indptr
+        self._indices = indices
+        self._values = values
+        self._y = y
+        self._n_features = n_features
         self.n_features_explicit = explicit
         self._max_id = max_id
         self._length_counts = None
@@ -130,10 +180,43 @@ class Dataset:
     @classmethod
     def _trusted(cls, indptr, indices, values, y, n_features, max_id, explicit):
         # For arrays that are valid by construction (reader output, selections): skips
-        # the O(nnz) checks of __init__.
+        # the O(nnz) checks of __init__. They are new arrays or views of a Dataset's
+        # (read-only already), so they are made read-only in place.
+        for a in (indptr, indices, values, y):
+            a.flags.writeable = False
         ds = cls.__new__(cls)
         ds._set(indptr, indices, values, y, n_features, max_id, explicit)
         return ds
+
+    def __reduce__(self):
+        return (Dataset._trusted, (self._indptr, self._indices, self._values, self._y,
+                                   self._n_features, self._max_id, self.n_features_explicit))
+
+    def validate(self, name="X"):
+        """Check the arrays again as the constructor did, and return ``self``: raises
+        ``ValueError`` starting with ``name`` when they no longer form valid rows (changed
+        through an array shared with the caller, or after ``flags.writeable`` was set
+        back to True, or reshaped or retyped in place). The estimators call it on every
+        Dataset they are handed and before every epoch of fit; it costs O(n_rows + nnz)
+        vectorised NumPy, little against a prediction.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> indptr = np.array([0, 2, 3], dtype=np.int64)
+        >>> ds = Dataset(indptr, [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0])
+        >>> indptr[1] = 5  # the caller's array is shared with the Dataset
+        >>> ds.validate("test")
+        Traceback (most recent call last):
+        ...
+        ValueError: test: indptr must be non-decreasing, but indptr[2] = 3 < indptr[1] = 5
+        """
+        where = f"{name}: "
+        max_id = _check_arrays(self.X + (self._y,), where)
+        _check_n_features(self._n_features, max_id, "indices", where)
+        self._max_id = max_id
+        self._length_counts = None  # the row lengths may have changed
+        return self
 
     @classmethod
     def from_csr(cls, X, y=None, n_features=None):
@@ -165,6 +248,61 @@ class Dataset:
         return cls(X.indptr, X.indices, X.data, y, n_features=n_features)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def indptr(self):
+        """Row offsets, int64 (n_rows + 1,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).indptr
+        array([0, 2, 3])
+        """
+        return self._indptr
+
+    @property
+    def indices(self):
+        """Feature ids, int32 (nnz,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).indices
+        array([0, 3, 2], dtype=int32)
+        """
+        return self._indices
+
+    @property
+    def values(self):
+        """Feature values, float32 (nnz,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).values
+        array([1. , 0.5, 1. ], dtype=float32)
+        """
+        return self._values
+
+    @property
+    def y(self):
+        """Targets, float32 (n_rows,), read-only.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).y
+        array([ 1., -1.], dtype=float32)
+        """
+        return self._y
+
+    @property
+    def n_features(self):
+        """Number of features (ids are below it).
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).n_features
+        4
+        """
+        return self._n_features
+
     @property
     def n_rows(self):
         """Number of rows (also ``len(ds)``).
@@ -201,7 +339,7 @@ class Dataset:
         >>> indptr.dtype, indices.dtype, values.dtype
         (dtype('int64'), dtype('int32'), dtype('float32'))
         """
-        return (self.indptr, self.indices, self.values)
+        return (self._indptr, self._indices, self._values)
 
     @property
     def max_row_nnz(self):
@@ -216,7 +354,7 @@ class Dataset:
 
     def row_length_counts(self):
         """``counts[n]`` = the number of rows with n nonzeros: int64, ``max_row_nnz + 1``
-        entries (cached; do not modify). Counted LENGTH_CHUNK_ROWS rows at a time, so
+        entries (cached, read-only). Counted LENGTH_CHUNK_ROWS rows at a time, so
         that a data set of any size needs no O(n_rows) scratch (fit sizes its work space
         from it).
 
@@ -233,6 +371,7 @@ class Dataset:
                     counts = np.concatenate([counts, np.zeros(len(part) - len(counts),
                                                               dtype=np.int64)])
                 counts[:len(part)] += part
+            counts.flags.writeable = False
             self._length_counts = counts
         return self._length_counts
 
@@ -326,16 +465,17 @@ def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _check_n_features(n_features, max_id, what):
+def _check_n_features(n_features, max_id, what, where=""):
     if n_features is None:
         return max_id + 1
     if not _is_int(n_features):
-        raise ValueError(f"n_features must be an int, got {n_features!r}")
+        raise ValueError(f"{where}n_features must be an int, got {n_features!r}")
     n_features = int(n_features)
     if n_features < 0:
-        raise ValueError(f"n_features must be >= 0, got {n_features}")
+        raise ValueError(f"{where}n_features must be >= 0, got {n_features}")
     if max_id >= n_features:
-        raise ValueError(f"n_features = {n_features} is too small: {what} holds id {max_id}")
+        raise ValueError(f"{where}n_features = {n_features} is too small: {what} holds id "
+                         f"{max_id}")
     return n_features
 
 

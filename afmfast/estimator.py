@@ -458,6 +458,9 @@ class FactorizationModel(*_SKLEARN_BASES):
             self._log(f"Init: \t {', '.join(parts)} [{time.perf_counter() - t:.1f} s]")
         step = 0
         for epoch in range(1, self.n_epochs + 1):
+            train.validate()  # a callback may have changed the arrays (Dataset.validate)
+            if valid is not None:
+                valid.validate("validation")
             t0 = time.perf_counter()
             # kernel_api's epoch order, on the fit's threads: NumPy's permutation is
             # serial and misses the cache at every swap; at 2,000,000 rows it took 49 ms
@@ -591,6 +594,8 @@ class FactorizationModel(*_SKLEARN_BASES):
         own) are checked and encoded by ``_encode_labels``, ``fit`` telling that they
         are this fit's training labels. ``n_features``: the column count that an array
         or matrix X must have."""
+        if isinstance(X, Dataset):
+            X.validate(name)  # its arrays may have changed since it was built
         frame = is_dataframe(X)
         if frame:
             fmap = getattr(self, "feature_map_", None)

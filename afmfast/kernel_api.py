@@ -5,7 +5,8 @@ Data (C-contiguous, validated by the Python layer before any kernel runs)
     X = (indptr int64 (n_rows + 1,), indices int32 (nnz,), values DTYPE (nnz,))
     y  DTYPE (n_rows,)
     rows int64 (batch,): the dataset rows of this batch (a slice of a shuffled permutation).
-DTYPE is float32 in production; float64 is accepted too (gradient checks).
+DTYPE is float32 in production; float64 is accepted too (gradient checks). X, y and rows
+may be read-only arrays (a Dataset's are): the kernels never write them.
 
 Parameters: ``FMParams`` of DTYPE arrays, mutated in place by ``fm_step``:
     V (M, k), w (M,), dense (1 + 2k,) = [w0, bn_gamma (k), bn_beta (k)],

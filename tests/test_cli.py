@@ -8,6 +8,7 @@ import pytest
 
 from afmfast.cli import main
 from afmfast.demo import make_demo_data
+from afmfast.estimator import as_dataset
 
 
 def _write_libfm(path, ds):
@@ -356,13 +357,10 @@ def binary_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("binary")
     demo = make_demo_data(n_rows=3000, seed=5)
     (root / "clicks").mkdir()
-    for part, rows in (("train", np.arange(2000)), ("test", np.arange(2000, 2400))):
-        ds = demo.train[rows]
-        ds.y[:] = ds.y > np.median(ds.y)  # 0/1
-        _write_libfm(root / "clicks" / f"clicks.{part}.libfm", ds)
-    ds = demo.valid
-    ds.y[:] = ds.y > np.median(ds.y)
-    _write_libfm(root / "clicks" / "clicks.validation.libfm", ds)
+    for part, ds in (("train", demo.train[:2000]), ("test", demo.train[2000:2400]),
+                     ("validation", demo.valid)):
+        clicks = as_dataset(ds, ds.y > np.median(ds.y))  # 0/1 (a Dataset is read-only)
+        _write_libfm(root / "clicks" / f"clicks.{part}.libfm", clicks)
     return root
 
 

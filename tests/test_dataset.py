@@ -33,13 +33,126 @@ def test_construction_converts_dtypes():
 
 
 def test_no_copy_when_dtypes_already_right():
+    # the caller's arrays are shared through read-only views; their own flags stay
     indptr = np.array([0, 1], np.int64)
     indices = np.array([3], np.int32)
     values = np.array([1], np.float32)
     y = np.array([1], np.float32)
     ds = Dataset(indptr, indices, values, y)
-    assert ds.indptr is indptr and ds.indices is indices
-    assert ds.values is values and ds.y is y
+    for mine, held in ((indptr, ds.indptr), (indices, ds.indices), (values, ds.values),
+                       (y, ds.y)):
+        assert held.base is mine and not held.flags.writeable and mine.flags.writeable
+    frozen = np.array([0, 1], np.int64)
+    frozen.flags.writeable = False
+    assert Dataset(frozen, indices, values, y).indptr is frozen  # nothing to protect
+
+
+def every_kind_of_dataset(tmp_path):
+    """A Dataset of each way one is made: from lists, from arrays it shares, from_csr,
+    the selections, with_n_features, load_libfm, as_dataset with new labels, a pickled
+    copy."""
+    import pickle
+
+    from afmfast import load_libfm
+    from afmfast.estimator import as_dataset
+
+    path = tmp_path / "d.libfm"
+    path.write_text("1 0:1 3:0.5\n-1 2:1\n0\n2 1:2\n")
+    ds = small()
+    shared = Dataset(np.array([0, 2, 3], np.int64), np.array([0, 3, 2], np.int32),
+                     np.ones(3, np.float32), np.zeros(2, np.float32))
+    kinds = {"lists": ds, "shared": shared, "slice": ds[1:3], "step": ds[::2],
+             "rows": ds[[3, 0]], "mask": ds[np.array([True, False, True, True])],
+             "wide": ds.with_n_features(9), "libfm": load_libfm(path),
+             "relabelled": as_dataset(shared, [5, 6]),
+             "pickled": pickle.loads(pickle.dumps(ds))}
+    try:
+        import scipy.sparse as sp
+    except ImportError:
+        return kinds
+    kinds["csr"] = Dataset.from_csr(sp.csr_matrix(np.eye(3, dtype=np.float32)), [1, 2, 3])
+    return kinds
+
+
+def test_every_dataset_is_read_only(tmp_path):
+    for kind, ds in every_kind_of_dataset(tmp_path).items():
+        for name in ("indptr", "indices", "values", "y"):
+            a = getattr(ds, name)
+            assert not a.flags.writeable, (kind, name)
+            if a.size:
+                with pytest.raises(ValueError, match="read-only"):
+                    a[0] = a[0]
+            with pytest.raises(AttributeError):
+                setattr(ds, name, a.copy())
+        assert all(a is b for a, b in zip(ds.X, (ds.indptr, ds.indices, ds.values)))
+        with pytest.raises(AttributeError):
+            ds.n_features = 1
+        assert not ds.row_length_counts().flags.writeable
+
+
+def test_pickled_dataset_keeps_its_rows():
+    import pickle
+
+    ds = small()
+    copy = pickle.loads(pickle.dumps(ds))
+    assert rows_of(copy) == rows_of(ds) and copy.n_features == ds.n_features
+    assert copy.n_features_explicit == ds.n_features_explicit
+
+
+def shared_arrays():
+    """(arrays, the Dataset sharing them): the caller can change the Dataset's rows."""
+    arrays = (np.array([0, 2, 2, 3, 6], np.int64), np.array([0, 2, 1, 3, 0, 2], np.int32),
+              np.arange(1, 7, dtype=np.float32), np.array([1, -1, 0.5, 2], np.float32))
+    return arrays, Dataset(*arrays)
+
+
+@pytest.mark.parametrize("which,pos,value,words", [
+    (0, 0, 1, "X: indptr must start at 0, got 1"),
+    (0, 2, -10**9, "X: indptr must be non-decreasing, but indptr[2] = -1000000000 < "
+                   "indptr[1] = 2"),
+    (0, 1, 10**9, "X: indptr must be non-decreasing, but indptr[2] = 2 < indptr[1] = "
+                  "1000000000"),
+    (0, 4, 5, "X: indptr must end at nnz = len(indices) = 6, got 5"),
+    (1, 3, -10**9, "X: indices must be >= 0, got -1000000000"),
+    (1, 0, 4, "X: n_features = 4 is too small: indices holds id 4"),
+])
+def test_validate_catches_changes_through_shared_arrays(which, pos, value, words):
+    arrays, ds = shared_arrays()
+    assert ds.validate() is ds
+    arrays[which][pos] = value
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ds.validate()
+
+
+def test_validate_catches_changes_after_writeable_is_set_back():
+    ds = small()[[0, 1, 2, 3]]  # a selection: its arrays are its own
+    ds.indices.flags.writeable = True
+    ds.indices[1] = -5
+    with pytest.raises(ValueError, match="valid: indices must be >= 0, got -5"):
+        ds.validate("valid")
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda a: a.reshape(-1, 1), "indptr must be a C-contiguous 1-D int64 array"),
+    (lambda a: a.astype(np.int32), "indptr must be a C-contiguous 1-D int64 array"),
+    (lambda a: np.repeat(a, 2)[::2], "C-contiguous: False"),
+    (lambda a: a.tolist(), "indptr must be a C-contiguous 1-D int64 array, got a list"),
+])
+def test_validate_checks_dtype_and_layout(change, words):
+    # the attributes cannot be assigned; the private slots can, past the API
+    ds = small()
+    ds._indptr = change(ds.indptr)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ds.validate()
+
+
+def test_validate_recounts_row_lengths():
+    # fit sizes its work space from the cached histogram: a change of the row lengths
+    # must not leave it stale
+    arrays, ds = shared_arrays()
+    assert ds.max_row_nnz == 3
+    arrays[0][1:4] = [0, 0, 0]  # row 3 now holds all 6 nonzeros
+    assert ds.validate().max_row_nnz == 6
 
 
 def test_empty_dataset():
