@@ -460,6 +460,23 @@ class Dataset:
         return Dataset._trusted(self.indptr, self.indices, self.values, self.y,
                                 n_features, max_id, self.n_features_explicit)
 
+    def with_labels(self, y):
+        """The same rows (arrays shared, not copied) with labels ``y`` (converted to
+        float32, one per row); the rows are not checked again.
+
+        Examples
+        --------
+        >>> ds = Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0])
+        >>> relabelled = ds.with_labels([0, 1])
+        >>> relabelled.y.tolist(), relabelled.indices is ds.indices
+        ([0.0, 1.0], True)
+        """
+        y = _as_1d(y, np.float32, "y")
+        if y.size != self.n_rows:
+            raise ValueError(f"y must have n_rows = {self.n_rows} entries, got {y.size}")
+        return Dataset._trusted(self.indptr, self.indices, self.values, y,
+                                self.n_features, self._max_id, self.n_features_explicit)
+
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

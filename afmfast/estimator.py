@@ -101,11 +101,7 @@ def as_dataset(X, y=None, *, name="X"):
     ([0, 2, 1], [1.0, 2.0, 3.0])
     """
     if isinstance(X, Dataset):
-        if y is None:
-            return X
-        data = Dataset(X.indptr, X.indices, X.values, y, X.n_features)
-        data.n_features_explicit = X.n_features_explicit
-        return data
+        return X if y is None else X.with_labels(y)
     if y is None:
         raise ValueError(f"{name}: labels y are required unless {name} is an afmfast.Dataset")
     if getattr(X, "format", "csr") != "csr" and hasattr(X, "tocsr"):
@@ -619,8 +615,8 @@ class FactorizationModel(*_SKLEARN_BASES):
             return fmap.transform(X, y)
         if y is None and not isinstance(X, Dataset):
             y = np.zeros(n_rows(X), np.float32)
-        # a Dataset whose labels encode to themselves (regression, or classes {0, 1})
-        # is used as it is, without a second validation of its arrays
+        # a Dataset whose labels encode to themselves (regression, or classes {0, 1}) is
+        # used as it is: the caller's object, not a relabelled copy
         data = X if own and (y is X.y or np.array_equal(y, X.y)) else \
             as_dataset(X, y, name=name)
         bad = np.flatnonzero(~np.isfinite(data.values))
