@@ -79,7 +79,7 @@ from ._numba_common import (
     opt_row,
     opt_update,
     raise_batch_error,
-    read_only,
+    read_only_args,
     row_data_loss,
     row_key,
     shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernel_api)
@@ -877,7 +877,7 @@ def afm_step(X, y, rows, params, state, cfg, ws):
     ``kernel_api.new_afm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
     ``afm_workspace``.
     """
-    indptr, indices, values, y = read_only(*X, y)
+    indptr, indices, values, y = read_only_args(*X, y)
     B = rows.shape[0]
     M, k = params.V.shape
     t = params.W.shape[0]

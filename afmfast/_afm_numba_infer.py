@@ -31,7 +31,7 @@ from ._afm_numba import (
     afm_workspace,
 )
 from ._numba_common import (batch_offsets, ftz_enter, ftz_leave, gather_batch,
-                            group_by_feature, numba_threads, read_only, start_threads)
+                            group_by_feature, numba_threads, read_only_args, start_threads)
 from .kernel_api import WorkspaceCache, known_ids, predict_chunks
 
 
@@ -138,7 +138,7 @@ def afm_predict(X, params, attention, activation, n_threads, out):
         return 0
     M, k = params.V.shape
     t = params.W.shape[0]
-    indptr, indices, values = read_only(*known_ids(X, M))
+    indptr, indices, values = read_only_args(*known_ids(X, M))
     rows, nnz, pairs = predict_chunks(indptr, k)
     kept = _predict_cache.take((rows, nnz, pairs, M, k, t, params.V.dtype))
     try:
@@ -255,7 +255,7 @@ def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out,
 
     Example: ``afm_explain(X, params, 1, RELU, 2, indptr, i, j, weight, contribution)``.
     """
-    indptr, indices, values = read_only(*X)
+    indptr, indices, values = read_only_args(*X)
     n_rows = indptr.shape[0] - 1
     total = int(pair_indptr[-1]) if pair_indptr.shape[0] else 0
     cap = min(a.shape[0] for a in (i_out, j_out, weight_out, contribution_out))

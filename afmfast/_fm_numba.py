@@ -49,7 +49,7 @@ from ._numba_common import (
     opt_row,
     opt_update,
     raise_batch_error,
-    read_only,
+    read_only_args,
     row_data_loss,
     row_key,
     shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernel_api)
@@ -342,7 +342,7 @@ def fm_step(X, y, rows, params, state, cfg, ws):
     ``kernel_api.new_fm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
     ``fm_workspace``.
     """
-    indptr, indices, values, y = read_only(*X, y)
+    indptr, indices, values, y = read_only_args(*X, y)
     B = rows.shape[0]
     if B == 0 or B > ws.s.shape[0] or params.V.shape[0] != ws.slot.shape[0] or (
         params.V.shape[1] != ws.s.shape[1]
@@ -415,7 +415,7 @@ def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_nor
 
 def fm_predict(X, params, batch_norm, n_threads, out):
     """Raw scores of every row of X into ``out`` (no dropout, running BN statistics)."""
-    indptr, indices, values = read_only(*X)
+    indptr, indices, values = read_only_args(*X)
     with numba_threads(n_threads):
         _fm_predict_kernel(indptr, indices, values, params.V, params.w, params.dense,
                            params.bn_stats, bool(batch_norm), out,

@@ -59,6 +59,7 @@ from .kernel_api import (
     OPTIMIZER_CODES,
     SGD,
     aligned_empty,
+    read_only,
     shuffle_buckets,
     shuffle_keys,
 )
@@ -493,21 +494,14 @@ def steps_from(step):
     return steps
 
 
-def read_only(*arrays):
-    """``arrays`` (the X and y a kernel only reads) as read-only arrays: views of those
-    that are writeable. Numba compiles a kernel once for every mix of writeable and
-    read-only arguments; a Dataset's arrays are read-only, so passing these read-only
-    always lets Datasets and plain arrays share one compiled version.
+def read_only_args(*arrays):
+    """``arrays`` (the X and y a kernel only reads) through ``kernel_api.read_only``: a
+    Dataset's arrays are read-only, so passing plain arrays read-only too lets both
+    share one compiled version of a kernel.
 
-    Example: ``indptr, indices, values, y = read_only(*X, y)``.
+    Example: ``indptr, indices, values, y = read_only_args(*X, y)``.
     """
-    views = []
-    for a in arrays:
-        if a.flags.writeable:
-            a = a.view()
-            a.flags.writeable = False
-        views.append(a)
-    return views
+    return [read_only(a) for a in arrays]
 
 
 @contextmanager

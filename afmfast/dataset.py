@@ -26,6 +26,7 @@ import stat
 
 import numpy as np
 
+from afmfast.kernel_api import read_only
 from afmfast.threads import resolve_threads
 
 __all__ = ["Dataset", "load_libfm"]
@@ -56,18 +57,9 @@ def _as_1d(arr, dtype, name):
         raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
     out = np.ascontiguousarray(a, dtype=dtype)
     if out is a:
-        return _read_only_view(out)
+        return read_only(out)
     out.flags.writeable = False
     return out
-
-
-def _read_only_view(a):
-    """``a`` if it is read-only already, else a read-only view of it."""
-    if not a.flags.writeable:
-        return a
-    view = a.view()
-    view.flags.writeable = False
-    return view
 
 
 # (attribute, dtype) of the arrays a Dataset holds, in the kernels' order

@@ -171,6 +171,23 @@ def _aligned(allocate, shape, dtype, offset):
     return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def read_only(a):
+    """``a`` if it is read-only already, else a read-only view of it (the caller's array
+    keeps its flags). Datasets hold their arrays this way, and the Numba kernels take X
+    and y this way (Numba compiles a kernel once per mix of writeable and read-only
+    arguments).
+
+    >>> a = np.zeros(3)
+    >>> read_only(a).flags.writeable, a.flags.writeable
+    (False, True)
+    """
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def aligned_copy(a, offset=0):
     """A copy of ``a`` placed as ``aligned_empty`` places a new array."""
     a = np.asarray(a)
