@@ -1,5 +1,6 @@
 """Build of afmfast's compiled extensions: every ``csrc/*.pyx`` becomes ``afmfast.<name>``,
-and ``csrc/_cpu.c`` the CPU probe ``afmfast._cpu``.
+and ``csrc/_cpu.c`` the CPU probe ``afmfast._cpu``. The package itself is ``src/afmfast``
+(a src layout: nothing in the repository's root shadows the installed package).
 
 Instruction-set levels. The default build is portable: it runs on any x86-64 CPU and is
 fast on new ones. Each module of ``MULTI_LEVEL`` (the kernels and the reader) is compiled
@@ -20,9 +21,10 @@ for the module name ``afmfast.<name>``, which every level's module then carries)
 stub ``build/isa_src/<level>/<name>.c`` that includes it, so each level gets its own
 object file. The shared objects go to ``afmfast/_isa/<level>/``; the build writes
 ``afmfast/_build_config.py`` (levels and compiler flags, read by ``afmfast.build_info``).
-The avx2 and avx512 extensions are optional: a compiler that does not know their -march
-level skips them with a warning. ``build_ext`` runs one compile job per CPU unless
-``-j`` says otherwise.
+Every extension is optional: a compiler that does not know a -march level skips that
+level, and without a working C compiler with OpenMP (or without Cython, in a build without
+isolation) the package installs with no kernels, one warning, and runs on Numba.
+``build_ext`` runs one compile job per CPU unless ``-j`` says otherwise.
 
 Compiler flags: ``-O3 -fopenmp``. ``-ffast-math`` is never used: the kernels promise IEEE
 results that are bit-identical for a fixed seed and thread count (within a level: the
@@ -38,9 +40,14 @@ import glob
 import os
 import platform
 import pprint
+import sys
 
 import numpy as np
-from Cython.Build import cythonize
+
+try:
+    from Cython.Build import cythonize
+except ImportError:
+    cythonize = None
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -104,13 +111,14 @@ def kernel_extensions(levels):
                 extra_compile_args=levels[level],
                 extra_link_args=["-fopenmp"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                optional=level in ("avx2", "avx512"),
+                optional=True,  # no compiler, no OpenMP: install without it (one warning)
             ))
     return extensions, built
 
 
 class BuildExt(build_ext):
-    """build_ext with one job per CPU by default; writes afmfast/_build_config.py."""
+    """build_ext with one job per CPU by default; writes afmfast/_build_config.py with the
+    levels that did build, and warns once when a module built at no level at all."""
 
     def finalize_options(self):
         super().finalize_options()
@@ -124,17 +132,40 @@ class BuildExt(build_ext):
                 os.makedirs(build_py.get_package_dir(ext.name.rsplit(".", 1)[0]),
                             exist_ok=True)
         super().run()
+        built = {name: tuple(level for level in levels if os.path.exists(
+                     self.get_ext_fullpath(f"afmfast._isa.{level}.{name}")))
+                 for name, levels in BUILT.items()}
+        missing = sorted(name for name, levels in built.items() if not levels)
+        if missing or not BUILT:
+            warn_without_kernels(missing or ["the kernels"], BUILT and
+                                 "see the compiler errors above; a C compiler with OpenMP, "
+                                 "e.g. gcc, is needed" or "Cython is not installed")
         package = (build_py.get_package_dir("afmfast") if self.inplace
                    else os.path.join(self.build_lib, "afmfast"))
         os.makedirs(package, exist_ok=True)
         with open(os.path.join(package, "_build_config.py"), "w") as fh:
             fh.write('"""Written by setup.py: how the compiled extensions were built."""\n'
-                     f"LEVELS = {pprint.pformat(BUILT)}\n"
+                     f"LEVELS = {pprint.pformat({n: v for n, v in built.items() if v})}\n"
                      f"COMPILE_ARGS = {pprint.pformat(LEVEL_ARGS)}\n")
 
 
+def warn_without_kernels(names, why):
+    """The one warning of an install that could not compile (no C compiler, or one
+    without OpenMP): the package still installs and runs on its Numba backend."""
+    sys.stderr.write(
+        "\n" + "=" * 78 + "\nWARNING: afmfast could not compile " + ", ".join(names) +
+        f" ({why})."
+        "\nafmfast is installed without them: it trains with its Numba backend and reads"
+        "\nlibFM files with its Numba reader, which give the same results more slowly."
+        "\nTo get the compiled kernels, install gcc and reinstall afmfast."
+        "\n" + "=" * 78 + "\n\n")
+
+
 LEVEL_ARGS = level_args()
-EXTENSIONS, BUILT = kernel_extensions(LEVEL_ARGS)
+if cythonize is None:  # a build without isolation, in an environment without Cython
+    EXTENSIONS, BUILT = [], {}
+else:
+    EXTENSIONS, BUILT = kernel_extensions(LEVEL_ARGS)
 # Always (it is small): without it afmfast.dispatch knows no CPU feature and takes baseline.
 EXTENSIONS.append(Extension("afmfast._cpu", [os.path.join("csrc", "_cpu.c")], optional=True))
 

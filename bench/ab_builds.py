@@ -34,15 +34,18 @@ WARMUP = 5
 
 
 def load_build(directory, model):
-    """The module ``afmfast._<model>_cython`` compiled in ``directory``/afmfast: the best
+    """The module ``afmfast._<model>_cython`` compiled in the checkout ``directory`` (its
+    ``src/afmfast``, or ``afmfast`` for a checkout from before the src layout): the best
     level built there that this CPU supports (``afmfast/_isa/<level>/``, as
     afmfast.dispatch would choose), else a build from before levels existed."""
-    package = Path(directory) / "afmfast"
+    package = Path(directory) / "src" / "afmfast"
+    if not package.is_dir():
+        package = Path(directory) / "afmfast"
     found = [str(path) for level in dispatch.supported_levels()
              for path in [dispatch.module_file(f"_{model}_cython", level, package)] if path]
     found += glob.glob(str(package / f"_{model}_cython.*.so"))
     if not found:
-        sys.exit(f"ab_builds: no _{model}_cython extension in {directory}/afmfast; build "
+        sys.exit(f"ab_builds: no _{model}_cython extension in {package}; build "
                  "it there first (python setup.py build_ext --inplace)")
     spec = importlib.util.spec_from_file_location(f"afmfast._{model}_cython", found[0])
     module = importlib.util.module_from_spec(spec)

@@ -15,6 +15,7 @@ BACKEND_NAMES = ("auto",) + tuple(BACKEND_MODULES)
 MODELS = ("fm", "afm")
 
 _loaded = {}
+_warned = []
 
 
 def _import(name, model):
@@ -43,13 +44,16 @@ def get_backend(name="auto", model="fm"):
         module = _import("cython", model)
         if not isinstance(module, Exception):
             return module
-        warnings.warn(
-            "afmfast: the compiled Cython kernels are missing "
-            f"({module}); falling back to the Numba backend. Reinstall with "
-            "'pip install .' and a C compiler to get them.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if not _warned:  # once a process: every fit would repeat it otherwise
+            _warned.append(True)
+            warnings.warn(
+                "afmfast: the compiled Cython kernels are missing "
+                f"({module}); training runs on the Numba backend (same results, slower). "
+                "afmfast was probably installed without a C compiler with OpenMP: install "
+                "gcc and reinstall afmfast to get them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         name = "numba"
     module = _import(name, model)
     if isinstance(module, Exception):
