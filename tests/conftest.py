@@ -16,6 +16,33 @@ from afmfast import kernel_api as api
 from afmfast.backends import available_backends, get_backend
 
 BACKENDS = available_backends()
+# Whether afmfast was installed with its compiled extensions (an install without a C
+# compiler has only Numba): tests marked ``compiled`` are skipped without them.
+HAVE_COMPILED = "cython" in BACKENDS and "cython" in available_backends("afm")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compiled: needs afmfast's compiled (Cython) "
+                            "extensions; skipped when afmfast was installed without them")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_COMPILED:
+        return
+    skip = pytest.mark.skip(reason="afmfast was installed without its compiled extensions")
+    for item in items:
+        if item.get_closest_marker("compiled"):
+            item.add_marker(skip)
+
+
+def compiled_module(name):
+    """The compiled extension ``name`` (e.g. "afmfast._fm_cython"), or None when afmfast
+    was installed without it; a test module that needs it is marked ``compiled``."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 OPTIMIZERS = {"adagrad": api.ADAGRAD, "sgd": api.SGD, "momentum": api.MOMENTUM,
               "adam": api.ADAM}

@@ -8,9 +8,10 @@ import pytest
 from afmfast import kernel_api as api
 from afmfast import reference as ref
 from afm_problems import make_afm_problem
-from conftest import check_phase_times
+from conftest import check_phase_times, compiled_module
 
-cy = pytest.importorskip("afmfast._afm_cython")
+pytestmark = pytest.mark.compiled
+cy = compiled_module("afmfast._afm_cython")
 
 OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
 ACTIVATIONS = [api.RELU, api.SIGMOID, api.TANH, api.IDENTITY]

@@ -9,9 +9,10 @@ import pytest
 
 from afmfast import kernel_api as api
 from afmfast import reference as ref
-from conftest import check_phase_times
+from conftest import check_phase_times, compiled_module
 
-cy = pytest.importorskip("afmfast._fm_cython")
+pytestmark = pytest.mark.compiled
+cy = compiled_module("afmfast._fm_cython")
 
 OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
 # step sizes that keep a few steps on the test data from diverging (losses are sums)
