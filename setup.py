@@ -4,7 +4,7 @@ and ``csrc/_cpu.c`` the CPU probe ``afmfast._cpu``. The package itself is ``src/
 
 Instruction-set levels. The default build is portable: it runs on any x86-64 CPU and is
 fast on new ones. Each module of ``MULTI_LEVEL`` (the kernels and the reader) is compiled
-once per level it lists, and ``afmfast.dispatch`` loads, when ``afmfast.<name>`` is first
+once per level it lists, and ``afmfast.kernels.dispatch`` loads, when ``afmfast.<name>`` is first
 imported, the best level the CPU supports (``AFMFAST_ISA`` forces one; see that module):
 
     baseline   no -march flag: the x86-64 ABI (SSE2), every other module, and the only
@@ -99,7 +99,9 @@ def generated_c_is_current(name):
     import Cython
 
     c_file = os.path.join("csrc", name + ".c")
-    sources = [os.path.join("csrc", name + ".pyx")] + glob.glob(os.path.join("csrc", "*.pxd"))
+    sources = [os.path.join("csrc", name + ".pyx")] + [
+        path for pattern in ("*.pxd", "*.pxi", "*.h")
+        for path in glob.glob(os.path.join("csrc", pattern))]
     try:
         with open(c_file) as fh:
             first = fh.readline()
@@ -191,7 +193,7 @@ if cythonize is None:  # a build without isolation, in an environment without Cy
     EXTENSIONS, BUILT = [], {}
 else:
     EXTENSIONS, BUILT = kernel_extensions(LEVEL_ARGS)
-# Always (it is small): without it afmfast.dispatch knows no CPU feature and takes baseline.
+# Always (it is small): without it afmfast.kernels.dispatch knows no CPU feature and takes baseline.
 EXTENSIONS.append(Extension("afmfast._cpu", [os.path.join("csrc", "_cpu.c")], optional=True))
 
 setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": BuildExt})

@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (data sets and estimators of the comparison script)
 
-from afmfast import backends, dispatch  # noqa: E402
-from afmfast import kernel_api as api  # noqa: E402
+from afmfast.kernels import backends
+from afmfast.kernels import dispatch  # noqa: E402
+from afmfast.kernels import api  # noqa: E402
 
 WARMUP = 5
 
@@ -37,7 +38,7 @@ def load_build(directory, model):
     """The module ``afmfast._<model>_cython`` compiled in the checkout ``directory`` (its
     ``src/afmfast``, or ``afmfast`` for a checkout from before the src layout): the best
     level built there that this CPU supports (``afmfast/_isa/<level>/``, as
-    afmfast.dispatch would choose), else a build from before levels existed."""
+    afmfast.kernels.dispatch would choose), else a build from before levels existed."""
     package = Path(directory) / "src" / "afmfast"
     if not package.is_dir():
         package = Path(directory) / "afmfast"

@@ -141,7 +141,7 @@ def print_run_header(title, torch_note=""):
     of Python, NumPy and afmfast (and where afmfast comes from), afmfast's backends and
     PyTorch's version (torch_note after it) or why it is skipped. Returns (PyTorch
     importable, {"fm": backends, "afm": backends})."""
-    from afmfast.backends import available_backends
+    from afmfast.kernels.backends import available_backends
 
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     has_torch, torch_info = torch_available()

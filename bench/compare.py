@@ -84,7 +84,7 @@ Same math check (printed first): the PyTorch models, built in float64 from the s
 initial parameters as afmfast, take two Adagrad steps on 256 rows with dropout off (keep
 1) and batch norm on (FM) / attention with l2_attention 100 and k != t (AFM); the loss of
 each step and every parameter table afterwards (V, w, W, w0/p/b/h, BN scale/shift and
-running statistics) must equal ``afmfast.reference.fm_step`` / ``afm_step`` (float64)
+running statistics) must equal ``afmfast.kernels.reference.fm_step`` / ``afm_step`` (float64)
 to 1e-9 relative. A failed check is printed and marks the PyTorch columns unverified.
 Dropout draws differ (PyTorch's RNG against afmfast's counter hash); the distribution is
 the same.
@@ -107,7 +107,7 @@ sys.path.insert(0, str(BENCH))  # its helper modules, also when loaded by path (
 from bench_common import (FRAPPE, afmfast, fmt_s, fmt_x, frappe_mini_train,  # noqa: E402
                           load_dataset, log, make_estimator, mb, med, print_run_header,
                           save_dataset, synthetic_mltag, table, worker_env)
-from afmfast.threads import RunPlanner  # noqa: E402
+from afmfast.kernels.threads import RunPlanner  # noqa: E402
 
 BATCH = 4096
 WARMUP_ROWS = 1024  # one warm-up batch per thread count before the timed repetitions
@@ -240,7 +240,7 @@ def resident_param_bytes(est):
 
 
 def worker_afmfast(job):
-    from afmfast import backends
+    from afmfast.kernels import backends
 
     data = load_dataset(job["data"])
     X, y, n = data.X, data.y, data.n_rows
@@ -393,8 +393,8 @@ def worker_check(job):
 
     from torch_models import (TorchAFM, TorchFM, adagrad, afm_arrays, fixed_width,
                               fm_arrays, train_step)
-    from afmfast import reference as ref
-    from afmfast.kernel_api import (ACTIVATION_CODES, ADAGRAD, AFMStepConfig, StepConfig,
+    from afmfast.kernels import reference as ref
+    from afmfast.kernels.api import (ACTIVATION_CODES, ADAGRAD, AFMStepConfig, StepConfig,
                                     new_afm_params, new_fm_params, new_opt_state)
 
     torch.sparse.check_sparse_tensor_invariants.disable()
@@ -624,7 +624,7 @@ def main():
     verified = None
     if has_torch:
         check = run_worker({"kind": "check", "data": paths[0]})
-        print(f"\nSame-math check, PyTorch (float64) vs afmfast.reference (float64), "
+        print(f"\nSame-math check, PyTorch (float64) vs afmfast.kernels.reference (float64), "
               f"{sets[0][0]}, first {check.get('rows', '?')} rows, dropout off, 2 Adagrad "
               "steps:")
         if "error" in check:

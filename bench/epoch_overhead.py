@@ -20,8 +20,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (data set and estimators of the comparison script)
 
-from afmfast import _afm_cython, _fm_cython, backends  # noqa: E402
-from afmfast.threads import RunPlanner  # noqa: E402
+from afmfast import _afm_cython, _fm_cython
+from afmfast.kernels import backends  # noqa: E402
+from afmfast.kernels.threads import RunPlanner  # noqa: E402
 
 KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import afmfast
-from afmfast.backends import available_backends
+from afmfast.kernels.backends import available_backends
 
 FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe" / \
     "frappe.validation.libfm"

@@ -16,7 +16,7 @@ change of load on the shared machine hits every one alike:
 - PyTorch at 1 and 2 threads (``torch.set_num_threads``): ``bench/torch_models.py``'s
   model of the same hyperparameters built with afmfast's initial parameters
   (``model_like``), then EPOCHS epochs of ``train_epoch`` (the models bench/compare.py
-  checks against afmfast.reference; the check is not repeated here).
+  checks against afmfast.kernels.reference; the check is not repeated here).
 afmfast and PyTorch run in two worker processes that stay up for the whole run (their
 two OpenMP runtimes never share a process) and train only when asked, one fit at a time;
 each does one untimed fit of one epoch of every configuration and thread count first
@@ -257,7 +257,7 @@ def report(times, usage, configs, impls, phases, reps, n, default_threads):
             rows.append(row)
     print(f"\nSeconds per fit of {EPOCHS} epochs, mean and median of {reps} repetitions "
           "(default threads: n_threads=None, whatever afmfast makes of it; \"= N now\" is "
-          "what afmfast.threads.default_threads() returns; fit may use fewer while that is faster)")
+          "what afmfast.kernels.threads.default_threads() returns; fit may use fewer while that is faster)")
     print(table(header, rows))
 
     default, one = IMPLS[0][2], IMPLS[1][2]
@@ -322,7 +322,7 @@ def verdict(num_times, den_times, model, k, num, den):
 def run(args, configs, has_torch, tmpdir):
     """The comparison under load of ``bench/compare.py --load N``: data, measurement,
     tables (args: the parsed command line; configs: --configs or None)."""
-    from afmfast.threads import default_threads
+    from afmfast.kernels.threads import default_threads
 
     started = time.perf_counter()
     if configs is None:

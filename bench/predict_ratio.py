@@ -26,7 +26,7 @@ import compare  # noqa: E402  (the synthetic ml-tag set)
 import epoch_times  # noqa: E402  (the frappe-mini split)
 
 import afmfast  # noqa: E402
-from afmfast.backends import available_backends  # noqa: E402
+from afmfast.kernels.backends import available_backends  # noqa: E402
 
 TARGET = 0.5
 

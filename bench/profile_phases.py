@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (the data sets of the comparison script)
 
-from afmfast import _afm_cython, _fm_cython, backends  # noqa: E402
+from afmfast import _afm_cython, _fm_cython
+from afmfast.kernels import backends  # noqa: E402
 
 KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 

@@ -79,7 +79,7 @@ TARGET_MB_S = 1000.0
 
 
 def afmfast_load(path, n_threads=None):
-    from afmfast.dataset import load_libfm
+    from afmfast.data.libfm import load_libfm
     return load_libfm(path, n_threads=n_threads)
 
 
@@ -113,7 +113,7 @@ def load_average():
 
 
 def compare(path, runs, python_runs):
-    from afmfast.dataset import _cpu_count
+    from afmfast.data.dataset import _cpu_count
     size_mb = os.path.getsize(path) / 1e6
     n_cpus = _cpu_count()
     load_before = load_average()

@@ -8,7 +8,7 @@ Groups
                  of a chunk) and ``attention_gflop`` their 2 k t flops.
                  bench/predict_ratio.py sets predict against a training epoch.
     afm_matmul:  NumPy float32 (P x 256) @ (256 x 256) with P = 4096 * 45 (the pairs of one
-                 batch), the yardstick for the attention products (DESIGN section 3).
+                 batch), the yardstick for the attention products (docs/design.md).
 Each afm_step case records ``attention_gflop`` (6 P k t / 1e9: forward W e, backward dW
 and W^T du) in extra_info: attention_gflop / median is the rate of the attention product
 if it were all the step did (a lower bound on the GEMM's own rate). Data:
@@ -19,8 +19,8 @@ Run: pytest bench/test_bench_afm_step.py --benchmark-only --benchmark-group-by=g
 import numpy as np
 import pytest
 
-from afmfast import kernel_api as api
-from afmfast.backends import available_backends, get_backend
+from afmfast.kernels import api
+from afmfast.kernels.backends import available_backends, get_backend
 
 from synthetic import BATCH, N_FEATURES, N_ROWS, NNZ, PAIRS, batch_rows, frappe_like
 

@@ -1,5 +1,5 @@
 """pytest-benchmark timings of the epoch order (group "epoch order"): each backend's
-``shuffled_rows`` (kernel_api's permutation of the rows, computed in parallel) on 1 and 2
+``shuffled_rows`` (kernels.api's permutation of the rows, computed in parallel) on 1 and 2
 threads, against NumPy's ``Generator.permutation``, which ``fit`` called before, for
 2,000,000 rows (the synthetic ml-tag of bench/compare.py). Run:
 ``pytest bench/test_bench_epoch_order.py --benchmark-only``.
@@ -7,7 +7,7 @@ threads, against NumPy's ``Generator.permutation``, which ``fit`` called before,
 import numpy as np
 import pytest
 
-from afmfast.backends import available_backends, get_backend
+from afmfast.kernels.backends import available_backends, get_backend
 
 N_ROWS = 2_000_000
 

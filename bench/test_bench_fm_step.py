@@ -13,8 +13,8 @@ Run: pytest bench/test_bench_fm_step.py --benchmark-only --benchmark-group-by=gr
 import numpy as np
 import pytest
 
-from afmfast import kernel_api as api
-from afmfast.backends import available_backends, get_backend
+from afmfast.kernels import api
+from afmfast.kernels.backends import available_backends, get_backend
 
 from synthetic import BATCH, N_FEATURES, N_ROWS, NNZ, batch_rows, frappe_like
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from afmfast.dataset import load_libfm
+from afmfast.data.libfm import load_libfm
 from reader_speed import FRAPPE, make_synthetic, reference_style_load
 
 

@@ -1,15 +1,15 @@
 """PyTorch implementations of afmfast's FM and AFM: the same math as
-``afmfast.kernel_api`` (and its float64 oracle ``afmfast.reference``), for benchmarks
+``afmfast.kernels.api`` (and its float64 oracle ``afmfast.kernels.reference``), for benchmarks
 only. PyTorch is never a dependency of afmfast (``pip install ".[bench]"`` brings it).
 
 Same math, written the way a PyTorch user would write it well:
 - rows with a fixed number of nonzeros n as (B, n) index and value tensors (every data
   set benchmarked here is one-hot with a constant row length); embeddings and linear
   weights are ``nn.Embedding(sparse=True)``, so their gradients are sparse and Adagrad
-  updates only the touched rows, duplicates summed (the lazy update of kernel_api);
+  updates only the touched rows, duplicates summed (the lazy update of kernels.api);
 - FM: f = 1/2((sum v x)^2 - sum (v x)^2); batch norm with the batch's mean and biased
   variance, eps 1e-3, running statistics running = 0.9 running + 0.1 batch (biased
-  variance, as kernel_api; PyTorch's own running update would use the unbiased one);
+  variance, as kernels.api; PyTorch's own running update would use the unbiased one);
   inverted dropout (``F.dropout``) on f with keep probability ``keep``;
   y = w0 + sum w x + sum f;
 - AFM: e_pq = (v_p x_p)(v_q x_q) for the row's pairs p < q; s = h . relu(W e + b);
@@ -18,9 +18,9 @@ Same math, written the way a PyTorch user would write it well:
 - loss 1/2 sum (y - y_hat)^2 (a sum), + l2_attention/2 ||W||^2 (AFM), + l2/2 ||V_row||^2
   over the touched rows (when l2 > 0);
 - ``torch.optim.Adagrad(initial_accumulator_value=1e-8, eps=0)``: acc += g^2,
-  p -= lr g / sqrt(acc), as kernel_api's ADAGRAD with ADAGRAD_INIT.
+  p -= lr g / sqrt(acc), as kernels.api's ADAGRAD with ADAGRAD_INIT.
 Dropout masks come from PyTorch's RNG, not afmfast's counter hash: the same distribution,
-other draws. ``bench/compare.py`` checks these models against ``afmfast.reference`` (loss
+other draws. ``bench/compare.py`` checks these models against ``afmfast.kernels.reference`` (loss
 and parameters after two Adagrad steps, dropout off, float64) before timing them.
 """
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afmfast.kernel_api import (ADAGRAD_INIT, BN_DECAY, BN_EPS, new_afm_params,
+from afmfast.kernels.api import (ADAGRAD_INIT, BN_DECAY, BN_EPS, new_afm_params,
                                 new_fm_params)
 
 
@@ -51,7 +51,7 @@ def _embedding(table, dtype):
 
 class TorchFM(nn.Module):
     """FM with bi-interaction, batch norm and dropout, initialised from afmfast's
-    ``FMParams`` (so that a step can be compared with ``afmfast.reference.fm_step``)."""
+    ``FMParams`` (so that a step can be compared with ``afmfast.kernels.reference.fm_step``)."""
 
     def __init__(self, params, keep, batch_norm=True, l2=0.0, dtype=torch.float32):
         super().__init__()
@@ -141,7 +141,7 @@ class TorchAFM(nn.Module):
 
 
 def adagrad(model, lr):
-    """kernel_api's Adagrad: accumulator from 1e-8, no epsilon in the denominator."""
+    """kernels.api's Adagrad: accumulator from 1e-8, no epsilon in the denominator."""
     return torch.optim.Adagrad(model.parameters(), lr=lr,
                                initial_accumulator_value=ADAGRAD_INIT, eps=0.0)
 

@@ -18,7 +18,7 @@
 - Work items of loops over the touched features: ``feature_items`` /
   ``feature_item_start`` (the popular features one by one, the rest in runs of
   ``feature_tail``).
-- Epoch order: ``shuffled_rows_array`` computes kernel_api's epoch order (a permutation
+- Epoch order: ``shuffled_rows_array`` computes kernels.api's epoch order (a permutation
   of the rows from a counter-based hash, the same for any thread count) in parallel.
 - ``next_item_near`` (with ``reset_cursors``): dynamic scheduling by hand inside ``with
   parallel`` blocks, each thread starting on a home range of its own.
@@ -90,16 +90,12 @@ cdef inline Py_ssize_t next_item_near(long long* cursors, Py_ssize_t n, int n_th
     n when none is left; rank (0 before th's first call) is where th has got to.
     - A thread works on the same part of the batch in every phase and every step,
       where the data it wrote (E, U, a row's buffers) is still in its own caches, and
-      the loop stays balanced when a thread falls behind. AFM against prange's dynamic
-      schedule, bench/profile_phases.py --threads 2 with the two builds run
-      alternately, p10 ms: ml-tag k=64 (--data mltag --rows 600000 --epochs 2) 3.46 and
-      3.35 against 3.64 and 3.50; Frappe k=64 (--epochs 4) 11.60 and 11.81 against
-      12.17 and 12.23.
+      the loop stays balanced when a thread falls behind (docs/performance.md, "Home
+      ranges against a dynamic schedule").
     - A thread that does other work first (the grouping by feature) joins late without
       holding the others back: a ``prange`` inside the block would, since GCC puts a
       barrier before a worksharing loop whose variable is firstprivate and lastprivate
-      of a shared one, as Cython's always is (AFM's v x loop started 0.156 ms late on
-      the second thread at ml-tag k=64, waiting for the sort)."""
+      of a shared one, as Cython's always is."""
     cdef Py_ssize_t r, i
     while rank[0] < n_threads:
         r = (th + rank[0]) % n_threads
@@ -115,18 +111,15 @@ cdef inline bint prefetch_table_rows(Py_ssize_t table_bytes, int n_threads) noex
     feature ids: when it is larger than the caches, or when more than one thread
     updates it, since a row was then last written by the other core in the previous
     step's feature updates. A table that fits in one core's caches (Frappe's 5,382 x 16
-    floats) gains nothing on one thread. Prefetching with 2 threads on Frappe k=16: FM
-    0.95x, AFM 0.97x the step time (bench/ab_builds.py --model fm|afm --threads 2)."""
+    floats) gains nothing on one thread (docs/performance.md, "Prefetching")."""
     return n_threads > 1 or table_bytes > 2 * 1024 * 1024
 
 
 cdef inline int feature_prefetch_distance(Py_ssize_t row_bytes) noexcept nogil:
     """How many touched features ahead the feature updates prefetch V's and the optimiser
     state's rows: 6 for rows of at most 128 bytes (k <= 32 in float32), whose update is
-    too short to cover a miss two features ahead, else 2. Measured with
-    bench/ab_builds.py --model fm --data mltag, 6 against 2: k=16 0.875x / 0.98x the
-    step time on 1 / 2 threads, k=32 0.91x / 1.00x; at k=64 6 gave 0.99-1.01x /
-    1.01-1.02x, so longer rows keep 2."""
+    too short to cover a miss two features ahead, else 2: longer rows gain nothing from
+    more (docs/performance.md, "Prefetching")."""
     return 6 if row_bytes <= 128 else 2
 
 
@@ -368,9 +361,8 @@ cdef inline Py_ssize_t feature_tail(Py_ssize_t row_bytes) noexcept nogil:
     TAIL_CHUNK, or as many as hold TAIL_BYTES of V row when that is more. Each item is
     a grab of a counter shared by the threads, whose cache line crosses between cores;
     short rows (k = 16: 128 a grab) would otherwise pay about as much for the grabs as
-    for the work. bench/ab_builds.py --data mltag --threads 2, 128 against 32 features a
-    grab at k = 16: FM 0.94x, AFM 0.96-0.97x the step time; 128 at k = 256 cost FM
-    1.03x (the last items unbalance the threads), so long rows keep 32."""
+    for the work, while large items of long rows leave the last items unbalanced
+    (docs/performance.md, "Work items of the feature updates")."""
     cdef Py_ssize_t n = TAIL_BYTES // row_bytes if row_bytes > 0 else TAIL_CHUNK
     return n if n > TAIL_CHUNK else TAIL_CHUNK
 
@@ -427,8 +419,8 @@ cdef inline void _shuffle_bucket_rows(int64_t o, int64_t m, uint64_t ks,
 
 
 cdef inline object shuffled_rows_array(n_rows, seed, epoch, int n_threads, api):
-    """kernel_api's epoch order of (seed, epoch): int64 (n_rows,) (api is the module
-    afmfast.kernel_api, which defines the keys and the bucket count, and allocates).
+    """kernels.api's epoch order of (seed, epoch): int64 (n_rows,) (api is the module
+    afmfast.kernels.api, which defines the keys and the bucket count, and allocates).
     Parallel over SHUFFLE_PARTS parts of the rows (count, then scatter into buckets),
     then over the buckets (Fisher-Yates in cache): any n_threads gives the same order."""
     cdef int64_t n = n_rows, R, p, r, pos, c

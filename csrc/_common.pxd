@@ -6,18 +6,18 @@ or from a test hook), nothing here allocates, touches Python objects or holds st
 every helper may be called from inside ``prange`` bodies.
 
 - Dropout RNG: ``mix64`` (splitmix64 finaliser), ``mix32``, ``dropout_row_key`` and
-  ``dropout_kept`` reproduce ``afmfast.kernel_api.dropout_mask`` bit for bit (unsigned
+  ``dropout_kept`` reproduce ``afmfast.kernels.api.dropout_mask`` bit for bit (unsigned
   arithmetic, uint64 for the row key and uint32 per unit, so wrap-around is the C
   semantics the contract asks for).
 - Optimisers: ``opt_elem`` updates one parameter, ``opt_vec`` a contiguous run of them,
-  for the codes OPT_ADAGRAD/OPT_SGD/OPT_MOMENTUM/OPT_ADAM (mirrors of kernel_api's
+  for the codes OPT_ADAGRAD/OPT_SGD/OPT_MOMENTUM/OPT_ADAM (mirrors of kernels.api's
   ADAGRAD/SGD/MOMENTUM/ADAM; ``afmfast._fm_cython._constants()`` exposes them so a test
   can check they still match). The float constants travel in an ``OptCfg`` filled from
-  kernel_api at call time by ``opt_cfg_from``, so there is nothing else to keep in sync.
+  kernels.api at call time by ``opt_cfg_from``, so there is nothing else to keep in sync.
 - ``dot_d``: a dot product of float32 or float64 vectors accumulated in double.
-- Data loss: ``row_data_loss`` (LOSS_SQUARED / LOSS_LOGISTIC, kernel_api's SQUARED /
+- Data loss: ``row_data_loss`` (LOSS_SQUARED / LOSS_LOGISTIC, kernels.api's SQUARED /
   LOGISTIC), ``loss_code_from`` reads and checks cfg.loss.
-- Denormals: ``ftz_enter`` / ``ftz_leave`` (see their docstrings and kernel_api's
+- Denormals: ``ftz_enter`` / ``ftz_leave`` (see their docstrings and kernels.api's
   "Denormals").
 - ``team_size``: a kernel's n_threads argument, checked and bounded.
 """
@@ -114,13 +114,13 @@ cdef inline double row_data_loss(int loss, double yhat, double y, double* res) n
 
 cdef inline int team_size(n_threads) except -1:
     """``n_threads`` as an OpenMP team size: an integer >= 1 (else ValueError), at most
-    kernel_api.MAX_THREADS_PER_CPU threads per processor. An OpenMP runtime asked for more threads than it can
+    kernels.api.MAX_THREADS_PER_CPU threads per processor. An OpenMP runtime asked for more threads than it can
     start crashes the process, and results never depend on the thread count, so the
-    kernels bound it themselves rather than trust every caller (afmfast.threads warns
+    kernels bound it themselves rather than trust every caller (afmfast.kernels.threads warns
     when it clamps a user's n_threads to the same bound)."""
     if isinstance(n_threads, bool) or not hasattr(n_threads, "__index__") or n_threads < 1:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
-    from afmfast.kernel_api import MAX_THREADS_PER_CPU
+    from afmfast.kernels.api import MAX_THREADS_PER_CPU
     return <int>min(int(n_threads), MAX_THREADS_PER_CPU * max(1, omp_get_num_procs()))
 
 
@@ -138,10 +138,10 @@ ctypedef struct OptCfg:
     # Adam: the bias-corrected step lr * sqrt(1 - b2^t) / (1 - b1^t), computed in double
     # by the caller exactly as the reference does.
     double lr
-    double momentum     # kernel_api.MOMENTUM_COEF
-    double beta1        # kernel_api.ADAM_BETA1
-    double beta2        # kernel_api.ADAM_BETA2
-    double eps          # kernel_api.ADAM_EPS
+    double momentum     # kernels.api.MOMENTUM_COEF
+    double beta1        # kernels.api.ADAM_BETA1
+    double beta2        # kernels.api.ADAM_BETA2
+    double eps          # kernels.api.ADAM_EPS
 
 
 cdef inline uint64_t golden64() noexcept nogil:
@@ -167,14 +167,14 @@ cdef inline uint32_t mix32(uint32_t x) noexcept nogil:
 
 
 cdef inline bint dropout_kept(uint64_t key, uint32_t unit, uint32_t threshold) noexcept nogil:
-    """True when ``unit`` survives; ``threshold`` is kernel_api.dropout_threshold(keep).
+    """True when ``unit`` survives; ``threshold`` is kernels.api.dropout_threshold(keep).
     32-bit arithmetic, so that a loop over units vectorises."""
     cdef uint32_t bits = mix32(<uint32_t>key + (unit + 1U) * 0x9E3779B9U)
     return (bits ^ <uint32_t>(key >> 32)) < threshold
 
 
 cdef inline uint32_t dropout_threshold(double keep) noexcept nogil:
-    """kernel_api.dropout_threshold: floor(keep 2^32), exact (2^32 is a power of two),
+    """kernels.api.dropout_threshold: floor(keep 2^32), exact (2^32 is a power of two),
     at most 2^32 - 1."""
     if keep >= 1.0:
         return 0xFFFFFFFFU
@@ -204,7 +204,7 @@ cdef inline int fill_dropout_mask(const int64_t[::1] rows, unsigned char[:, ::1]
 
 cdef inline OptCfg opt_cfg_from(cfg, api) except *:
     """The OptCfg of a step config (cfg.optimizer, cfg.lr, cfg.step), constants read from
-    the module ``api`` (afmfast.kernel_api); ValueError for an unknown optimiser code."""
+    the module ``api`` (afmfast.kernels.api); ValueError for an unknown optimiser code."""
     cdef OptCfg o
     o.code = cfg.optimizer
     o.lr = cfg.lr
@@ -213,7 +213,7 @@ cdef inline OptCfg opt_cfg_from(cfg, api) except *:
         o.lr = cfg.lr * sqrt(1.0 - api.ADAM_BETA2**s) / (1.0 - api.ADAM_BETA1**s)
     elif o.code not in (OPT_ADAGRAD, OPT_SGD, OPT_MOMENTUM):
         raise ValueError(f"cfg.optimizer must be one of "
-                         f"{sorted(api.OPTIMIZER_CODES.values())} (kernel_api codes), "
+                         f"{sorted(api.OPTIMIZER_CODES.values())} (kernels.api codes), "
                          f"got {cfg.optimizer}")
     o.momentum = api.MOMENTUM_COEF
     o.beta1 = api.ADAM_BETA1

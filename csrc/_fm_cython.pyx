@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Cython FM kernels: the ``afmfast.kernel_api`` contract for float32 and float64.
+"""Cython FM kernels: the ``afmfast.kernels.api`` contract for float32 and float64.
 
 Functions (shapes with M features, k factors, B = len(rows)):
     fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype) -> FMWorkspace
@@ -18,7 +18,7 @@ Functions (shapes with M features, k factors, B = len(rows)):
         their losses. Stops after a non-finite loss; returns the batches run.
     fm_predict(X, params, batch_norm, n_threads, out)
         Writes out (n_rows,) DTYPE; feature ids outside [0, M) are skipped. Mutates only out.
-    shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,): kernel_api's epoch
+    shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,): kernels.api's epoch
         order.
 DTYPE is the dtype of params.V (float32 or float64); every other float array must match.
 
@@ -70,7 +70,7 @@ from _common cimport (
     HAVE_MXCSR, FTZ_DAZ_BITS, ftz_enter_caller, team_size,
 )
 
-from afmfast import kernel_api as _api
+from afmfast.kernels import api as _api
 
 # read once at import: a step should not pay module attribute lookups
 cdef double BN_EPS = _api.BN_EPS
@@ -88,9 +88,7 @@ cdef enum:
     PREFETCH_ROWS = 4
     # rows ahead whose V rows it prefetches (their ids were prefetched earlier): short
     # rows (V rows of at most SHORT_V_ROW_BYTES) twice as far, so that about as many
-    # bytes are in flight (bench/ab_builds.py --model fm --data mltag, 4 rows against 2:
-    # k=16 0.95-0.96x / 0.98x on 1 / 2 threads, Frappe k=16 0.96x / 1.00x; k=256
-    # 1.01x, so 2 there)
+    # bytes are in flight (docs/performance.md, "Prefetching")
     PREFETCH_V_ROWS = 2
     SHORT_V_ROW_BYTES = 256
     # rows a thread takes at a time in the forward pass (dynamic: the thread that sorts
@@ -494,8 +492,8 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
             _prefetch_row(sV1 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
-    # the l2 terms only when l2 > 0: at l2 = 0 they cost 6-8% of a k = 256 ml-tag step
-    # for nothing (bench/ab_builds.py --model fm --k 256 --data mltag)
+    # the l2 terms only when l2 > 0: at l2 = 0 they would cost a pass over the row for
+    # nothing
     grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     f0 = 0
     while f0 < k:
@@ -526,7 +524,7 @@ cdef double _phase_t[6]
 
 
 def shuffled_rows(n_rows, seed, epoch, n_threads):
-    """The epoch order of afmfast.kernel_api (a permutation of range(n_rows), int64, from
+    """The epoch order of afmfast.kernels.api (a permutation of range(n_rows), int64, from
     (seed, epoch); the same for any n_threads), computed on n_threads threads.
 
     Example: order = shuffled_rows(len(y), 2016, epoch, 2)
@@ -722,7 +720,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
             or sV.shape[2] != k or sw.shape[0] != 2 or sw.shape[1] != M
             or sd.shape[0] != 2 or sd.shape[1] != 1 + 2 * k):
         raise ValueError("params/state shapes are inconsistent with V of shape "
-                         f"{(M, k)}: see afmfast.kernel_api")
+                         f"{(M, k)}: see afmfast.kernels.api")
     if not (0.0 < keep <= 1.0):
         raise ValueError(f"cfg.keep must be in (0, 1], got {keep}")
 
@@ -786,7 +784,7 @@ def fm_step(X, y, rows, params, state, cfg, FMWorkspace ws):
 
 def fm_steps(X, y, rows, batch_size, params, state, cfg, FMWorkspace ws, losses):
     """Training steps on the batches rows[i batch_size:(i + 1) batch_size] at steps
-    cfg.step + i, losses[i] their losses, in one loop without the GIL (kernel_api's
+    cfg.step + i, losses[i] their losses, in one loop without the GIL (kernels.api's
     fm_steps). Returns the batches run.
 
     Example: n_done = fm_steps(X, y, perm[:40960], 4096, params, state, cfg, ws, np.empty(10))
@@ -848,7 +846,7 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
     if out.shape[0] != n:
         raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
     if w.shape[0] != M or dense.shape[0] != 1 + 2 * k or mu.shape[0] != k:
-        raise ValueError("params shapes are inconsistent: see afmfast.kernel_api")
+        raise ValueError("params shapes are inconsistent: see afmfast.kernels.api")
     if indices.shape[0] != values.shape[0] or indptr[n] > indices.shape[0]:
         raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     if n_threads < 1:
@@ -887,7 +885,7 @@ def fm_predict(X, params, batch_norm, n_threads, out):
 
 def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
     """The kernels' dropout mask, bool (len(rows), n_units), to compare with
-    kernel_api.dropout_mask bit for bit."""
+    kernels.api.dropout_mask bit for bit."""
     r = np.ascontiguousarray(rows, dtype=np.int64)
     out = np.ones((r.shape[0], n_units), dtype=np.uint8)
     fill_dropout_mask(r, out, seed, stream, step, keep)
@@ -915,7 +913,7 @@ def _thread_mxcsrs_for_test(int n_threads):
 
 
 def _constants():
-    """The constants this module hard-codes (to test them against kernel_api)."""
+    """The constants this module hard-codes (to test them against kernels.api)."""
     return dict(ADAGRAD=OPT_ADAGRAD, SGD=OPT_SGD, MOMENTUM=OPT_MOMENTUM, ADAM=OPT_ADAM,
                 BN_EPS=BN_EPS, BN_DECAY=BN_DECAY, MOMENTUM_COEF=MOMENTUM_COEF,
                 ADAM_BETA1=ADAM_BETA1, ADAM_BETA2=ADAM_BETA2, ADAM_EPS=ADAM_EPS,
@@ -925,5 +923,5 @@ def _constants():
 def openmp_max_threads():
     """omp_get_max_threads() of the OpenMP runtime these kernels run on: OMP_NUM_THREADS,
     or what ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` set, for the
-    calling thread (afmfast.threads' default count takes it into account)."""
+    calling thread (afmfast.kernels.threads' default count takes it into account)."""
     return omp_get_max_threads()

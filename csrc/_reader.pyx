@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Native parser of libFM text (compiled to ``afmfast._reader``); ``afmfast.dataset.load_libfm``
+"""Native parser of libFM text (compiled to ``afmfast._reader``); ``afmfast.data.libfm.load_libfm``
 is its only caller and turns its error codes into messages.
 
 Contract of ``parse(buf, start=0, n_features_limit=2^31, n_threads=1, chunk_bytes=256 KiB)``:
@@ -123,8 +123,9 @@ cdef extern from *:
     #endif
     /* Newlines, colons and NULs in n bytes at p. With AVX2: 32 bytes per step, byte
        counters (subtracting the all-ones compare results) summed every 255 steps with
-       _mm256_sad_epu8; the compiler's vectorisation of the byte loop measured about
-       7 GB/s on one core. Returns 0 when AVX2 is absent (the caller counts). */
+       _mm256_sad_epu8, faster than the compiler's vectorisation of the byte loop
+       (docs/performance.md, "Reader"). Returns 0 when AVX2 is absent (the caller
+       counts). */
     #if defined(__AVX2__)
     #include <immintrin.h>
     static int afm_count_avx2(const unsigned char *p, ptrdiff_t n, ptrdiff_t *nl,
@@ -312,7 +313,7 @@ cdef extern from *:
 
 afm_init_locale()
 
-# Error codes; afmfast.dataset maps them to messages (keep both in sync, a test checks
+# Error codes; afmfast.data.dataset maps them to messages (keep both in sync, a test checks
 # that every code has a message).
 cdef enum:
     E_OK = 0

@@ -9,7 +9,7 @@ practice, see ``test_kernels_afm``), p away from ones.
 import numpy as np
 from conftest import random_csr
 
-from afmfast import kernel_api as api
+from afmfast.kernels import api
 from afmfast.demo import frappe_like  # noqa: F401  (re-exported for test_kernels_afm)
 
 

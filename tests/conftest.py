@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from afmfast import kernel_api as api
-from afmfast.backends import available_backends, get_backend
+from afmfast.kernels import api
+from afmfast.kernels.backends import available_backends, get_backend
 
 BACKENDS = available_backends()
 # Whether afmfast was installed with its compiled extensions (an install without a C

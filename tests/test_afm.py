@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast.backends import available_backends
+from afmfast.kernels.backends import available_backends
 from afmfast.demo import make_demo_data
 
 FAST = dict(n_factors=8, attention_size=8, n_epochs=3, batch_size=256, verbose=0)

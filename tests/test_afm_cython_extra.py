@@ -1,12 +1,12 @@
 """Tests of the Cython AFM kernels (``afmfast._afm_cython``) beyond the shared contract
-tests: gradients against ``afmfast.reference`` through an SGD step with lr = 1 (float64),
+tests: gradients against ``afmfast.kernels.reference`` through an SGD step with lr = 1 (float64),
 full steps for every optimiser, predict and explain, the GEMM routine, the dropout hash,
 thread-count determinism (bit for bit) and error paths."""
 import numpy as np
 import pytest
 
-from afmfast import kernel_api as api
-from afmfast import reference as ref
+from afmfast.kernels import api
+from afmfast.kernels import reference as ref
 from afm_problems import make_afm_problem
 from conftest import check_phase_times, compiled_module
 

@@ -1,5 +1,5 @@
 """Tests of ``afmfast.build_info``, the choice of instruction-set level
-(``afmfast.dispatch``, ``AFMFAST_ISA``) and ``afmfast --version``.
+(``afmfast.kernels.dispatch``, ``AFMFAST_ISA``) and ``afmfast --version``.
 
 Each level this CPU supports and this build has runs in its own process (``AFMFAST_ISA``
 is read at import): short FM and AFM fits give bit-identical parameters for 1 and 2
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast import dispatch
+from afmfast.kernels import dispatch
 
 # the directory holding the afmfast this process imported: the repository (a developer's
 # in-place build) or site-packages (an installed one); the subprocesses import the same
@@ -242,7 +242,7 @@ def test_a_level_this_cpu_lacks_is_never_loaded(tmp_path):
     lacking = [level for level in dispatch.LEVELS if level not in INFO["supported_isa"]]
     if not lacking:
         pytest.skip("this CPU supports every level")
-    procs = {level: _start(["-c", "import afmfast; print(afmfast.dispatch.kernel_isa())"],
+    procs = {level: _start(["-c", "import afmfast; print(afmfast.kernels.dispatch.kernel_isa())"],
                            tmp_path, isa=level) for level in lacking}
     for level, proc in procs.items():
         code, out, err = _finish(proc)

@@ -151,9 +151,9 @@ def test_scikit_learn_sees_a_classifier(clicks):
 
 
 # ----- the logistic loss in every kernel, against the float64 reference ----------------
-from afmfast import kernel_api as api  # noqa: E402
-from afmfast import reference  # noqa: E402
-from afmfast.backends import available_backends, get_backend  # noqa: E402
+from afmfast.kernels import api  # noqa: E402
+from afmfast.kernels import reference  # noqa: E402
+from afmfast.kernels.backends import available_backends, get_backend  # noqa: E402
 
 
 def _problem(rng, n_rows=40, n_features=25):

@@ -8,7 +8,7 @@ import pytest
 
 from afmfast.cli import main
 from afmfast.demo import make_demo_data
-from afmfast.estimator import as_dataset
+from afmfast.models.base import as_dataset
 
 
 def _write_libfm(path, ds):
@@ -222,7 +222,7 @@ def test_missing_model_file_names_the_command_that_writes_it(data_dir, tmp_path,
 
 def test_interrupt_saves_the_best_epoch_and_exits_130(data_dir, tmp_path, monkeypatch,
                                                      capsys):
-    from afmfast.estimator import FactorizationModel
+    from afmfast.models.base import FactorizationModel
 
     monkeypatch.chdir(tmp_path)
     keep_epoch = FactorizationModel._keep_epoch

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast.backends import available_backends
+from afmfast.kernels.backends import available_backends
 from afmfast.demo import make_demo_data
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``afmfast.dataset.Dataset``: dtype conversion, validation errors that name
+"""Tests of ``afmfast.data.dataset.Dataset``: dtype conversion, validation errors that name
 the argument, row selection (integer arrays, masks, slices) against a per-row
 reference, ``from_csr`` with scipy (skipped without scipy) and ``with_n_features``."""
 import re
@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from afmfast.dataset import Dataset
+from afmfast.data.dataset import Dataset
 
 
 def small():
@@ -54,7 +54,7 @@ def every_kind_of_dataset(tmp_path):
     import pickle
 
     from afmfast import load_libfm
-    from afmfast.estimator import as_dataset
+    from afmfast.models.base import as_dataset
 
     path = tmp_path / "d.libfm"
     path.write_text("1 0:1 3:0.5\n-1 2:1\n0\n2 1:2\n")
@@ -292,8 +292,8 @@ def test_with_n_features_of_a_selection_uses_its_own_ids():
 def test_row_length_counts_and_largest_batch_totals(monkeypatch, chunk):
     # the histogram is counted in chunks of rows; fit sizes its work space from it: the
     # nonzeros and pairs of the batch_size longest rows
-    from afmfast import dataset
-    from afmfast.estimator import _largest_batch_total
+    from afmfast.data import dataset
+    from afmfast.models.base import _largest_batch_total
     monkeypatch.setattr(dataset, "LENGTH_CHUNK_ROWS", chunk)
     rng = np.random.default_rng(7)
     lengths = rng.integers(0, 9, size=40)

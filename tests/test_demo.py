@@ -35,7 +35,7 @@ def test_demo_afm_beats_fm_beats_linear_and_finds_the_planted_pairs(capsys, tmp_
     if plot is not None:
         assert plot.read_bytes()[:4] == b"\x89PNG" and f"saved to {plot}" in out
     assert fm_rmse < 0.5 * linear
-    # AFM / FM validation RMSE over seeds 0-3 and two epoch orders (kernel_api's
+    # AFM / FM validation RMSE over seeds 0-3 and two epoch orders (kernels.api's
     # SHUFFLE_STREAM 2 and 3): 0.75-0.95, so the margin asserted is 5%
     assert afm_rmse < 0.95 * fm_rmse
     planted = {tuple(sorted(p)) for p in make_demo_data(n_rows=10).planted_pairs}

@@ -1,4 +1,4 @@
-"""Flush-to-zero and denormals-are-zero in the kernels (kernel_api's "Denormals"), every
+"""Flush-to-zero and denormals-are-zero in the kernels (kernels.api's "Denormals"), every
 backend: denormal inputs and parameters count as zero and no result is denormal; the
 caller's MXCSR and every pool thread's are as they were after a call; the same bits for
 1 and 2 threads; and the mechanism behind the slow-down of AFM's reference settings
@@ -18,10 +18,10 @@ from afm_problems import make_afm_problem
 from conftest import BACKENDS, copy_tuple, make_cfg, make_problem
 
 import afmfast
-from afmfast import _numba_common as nbc
-from afmfast import kernel_api as api
-from afmfast import reference as ref
-from afmfast.backends import get_backend
+from afmfast.kernels.numba import common as nbc
+from afmfast.kernels import api
+from afmfast.kernels import reference as ref
+from afmfast.kernels.backends import get_backend
 from afmfast.demo import make_demo_data
 
 pytestmark = pytest.mark.skipif(not nbc.HAVE_MXCSR, reason="no MXCSR on this machine")
@@ -253,7 +253,7 @@ _POOL_SCRIPT = textwrap.dedent("""
     import numba
     sys.path.insert(0, {tests!r})
     from test_denormals import _every_kernel
-    from afmfast import _numba_common as nbc
+    from afmfast.kernels.numba import common as nbc
 
     @numba.njit(parallel=True)
     def numba_threads_mxcsr(out, seen):

@@ -12,12 +12,13 @@ import pytest
 import afmfast
 
 # Modules whose docstring examples run here; together they define the whole public API.
-MODULES = ["afmfast", "afmfast.fm", "afmfast.afm", "afmfast.demo", "afmfast.encoding",
-           "afmfast.plotting", "afmfast.dataset", "afmfast.estimator", "afmfast.persistence",
-           "afmfast.metrics", "afmfast.dispatch"]
+MODULES = ["afmfast", "afmfast.models.fm", "afmfast.models.afm", "afmfast.demo",
+           "afmfast.data.encoding", "afmfast.plotting", "afmfast.data.dataset",
+           "afmfast.data.libfm", "afmfast.models.base", "afmfast.models.persistence",
+           "afmfast.metrics", "afmfast.kernels.dispatch", "afmfast.kernels.backends"]
 # Optional packages (the [test] extra) that a module's examples use.
-NEEDS = {"afmfast.encoding": "pandas", "afmfast.plotting": "matplotlib",
-         "afmfast.dataset": "scipy"}
+NEEDS = {"afmfast.data.encoding": "pandas", "afmfast.plotting": "matplotlib",
+         "afmfast.data.dataset": "scipy"}
 # Dunder methods that are public API (indexing); other dunders are not checked.
 PUBLIC_DUNDERS = {"__getitem__", "__call__", "__iter__"}
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -62,10 +63,10 @@ def public_api():
 
 def test_public_api_is_found():
     api = public_api()
-    for name in ["afmfast.FM", "afmfast.estimator.FactorizationModel.fit",
-                 "afmfast.estimator.BinaryClassifier.predict_proba",
-                 "afmfast.afm.AFM.explain", "afmfast.dataset.Dataset.__getitem__",
-                 "afmfast.dataset.Dataset.from_csr", "afmfast.encoding.FeatureMap.fields",
+    for name in ["afmfast.FM", "afmfast.models.base.FactorizationModel.fit",
+                 "afmfast.models.base.BinaryClassifier.predict_proba",
+                 "afmfast.models.afm.AFM.explain", "afmfast.data.dataset.Dataset.__getitem__",
+                 "afmfast.data.dataset.Dataset.from_csr", "afmfast.data.encoding.FeatureMap.fields",
                  "afmfast.metrics.auc", "afmfast.demo.make_demo_data", "afmfast.load",
                  "afmfast.Attention"]:
         assert name in api

@@ -1,11 +1,11 @@
 """The epoch order (``shuffled_rows`` of every backend module, defined by
-``kernel_api.shuffled_rows_reference``): the same permutation in every backend and for any
+``kernels.api.shuffled_rows_reference``): the same permutation in every backend and for any
 thread count, different per seed and epoch, uniform, and clear errors."""
 import numpy as np
 import pytest
 
-from afmfast import kernel_api as api
-from afmfast.backends import get_backend
+from afmfast.kernels import api
+from afmfast.kernels.backends import get_backend
 
 from conftest import BACKENDS
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast.backends import available_backends
+from afmfast.kernels.backends import available_backends
 from afmfast.demo import linear_baseline_rmse, make_demo_data
-from afmfast.estimator import _worse_four_times
+from afmfast.models.base import _worse_four_times
 
 FAST = dict(n_factors=8, n_epochs=3, batch_size=256, verbose=0)
 
@@ -324,7 +324,7 @@ def test_callbacks_receive_records_and_can_stop(demo):
 
 
 def test_verbose_2_draws_progress_on_stderr(demo, capsys, monkeypatch):
-    import afmfast.estimator as est
+    import afmfast.models.base as est
 
     clock = iter(np.arange(0.0, 1e6, 0.3))  # every batch looks 0.3 s after the last
     monkeypatch.setattr(est.time, "perf_counter", lambda: next(clock))

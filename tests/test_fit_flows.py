@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast import estimator
+from afmfast.models import base as estimator
 from afmfast.demo import make_demo_data
 
 

@@ -1,14 +1,14 @@
 """Tests of the Cython FM kernels that the shared backend-contract tests
 (tests/test_kernels_fm.py) do not cover: its hard-coded constants, its dropout hash bit
 for bit, thread-count determinism, workspace reuse and error paths, plus a quick
-agreement check with ``afmfast.reference``."""
+agreement check with ``afmfast.kernels.reference``."""
 import copy
 
 import numpy as np
 import pytest
 
-from afmfast import kernel_api as api
-from afmfast import reference as ref
+from afmfast.kernels import api
+from afmfast.kernels import reference as ref
 from conftest import check_phase_times, compiled_module
 
 pytestmark = pytest.mark.compiled

@@ -18,17 +18,13 @@ import pytest
 
 import afmfast
 from afmfast import Dataset, load_libfm
-from afmfast.backends import available_backends
+from afmfast.kernels.backends import available_backends, backend_name
 
 N_FEATURES = 8  # of the fitted models; the fuzzed rows use ids below it
 FIELDS = np.arange(N_FEATURES) % 3
 CASES = 40  # fuzzed Datasets per backend
 CALL_SECONDS = 10.0  # a call slower than this on a few rows counts as a hang
 TINY = dict(n_factors=2, n_epochs=1, batch_size=4, n_threads=2, verbose=0)
-
-
-def backend_name(module):
-    return module.__name__.rsplit("_", 1)[-1]
 
 
 def tiny_models(name):
@@ -223,7 +219,7 @@ THREADS_SCRIPT = textwrap.dedent("""
     import warnings
     import numpy as np
     import afmfast
-    from afmfast.backends import available_backends
+    from afmfast.kernels.backends import available_backends
     from afmfast.demo import make_demo_data
 
     warnings.simplefilter("ignore")

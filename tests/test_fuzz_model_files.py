@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast import persistence
+from afmfast.models import persistence
 from afmfast.demo import make_demo_data
-from afmfast.encoding import FeatureMap
+from afmfast.data.encoding import FeatureMap
 
 
 class _Hang(BaseException):

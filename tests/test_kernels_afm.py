@@ -1,4 +1,4 @@
-"""Contract tests of the AFM kernels (AFM section of ``afmfast.kernel_api``), run against
+"""Contract tests of the AFM kernels (AFM section of ``afmfast.kernels.api``), run against
 every backend whose module ``afmfast._afm_<backend>`` imports: finite-difference
 gradient checks of ``afm_step`` (every activation, attention on/off, dropout on/off,
 l2 terms, freeze_fm), agreement with ``reference.afm_step`` for every optimiser over
@@ -24,9 +24,9 @@ from conftest import (
     with_unseen_ids,
 )
 
-from afmfast import kernel_api as api
-from afmfast import reference as ref
-from afmfast.backends import available_backends, get_backend
+from afmfast.kernels import api
+from afmfast.kernels import reference as ref
+from afmfast.kernels.backends import available_backends, get_backend
 
 AFM_BACKENDS = available_backends("afm")
 pytestmark = pytest.mark.skipif(not AFM_BACKENDS, reason="no AFM kernel backend imports")

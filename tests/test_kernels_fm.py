@@ -1,4 +1,4 @@
-"""Contract tests of the FM kernels (``afmfast.kernel_api``), run against every backend
+"""Contract tests of the FM kernels (``afmfast.kernels.api``), run against every backend
 that imports here (``backend`` fixture): finite-difference gradient checks, agreement
 with the float64 reference for every optimiser over several steps, bit-identical
 determinism across runs and thread counts, predict, and agreement between backends.
@@ -25,9 +25,9 @@ from conftest import (
     with_unseen_ids,
 )
 
-from afmfast import kernel_api as api
-from afmfast import reference as ref
-from afmfast.backends import get_backend
+from afmfast.kernels import api
+from afmfast.kernels import reference as ref
+from afmfast.kernels.backends import get_backend
 
 
 def _run_step(backend, X, y, rows, params, state, cfg):
@@ -198,7 +198,7 @@ def test_step_rejects_invalid_batches(backend):
 
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend unavailable")
 def test_numba_dropout_hash_matches_kernel_api():
-    from afmfast._numba_common import fill_dropout_mask
+    from afmfast.kernels.numba.common import fill_dropout_mask
 
     rng = np.random.default_rng(0)
     rows = np.r_[0, 1, rng.integers(0, 2**40, size=60)].astype(np.int64)
@@ -215,7 +215,7 @@ def test_numba_dropout_hash_matches_kernel_api():
 
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.7, 0.95])
 def test_dropout_mask_rates_and_independence(keep):
-    """kernel_api's mask (the one every backend reproduces) keeps units at rate keep,
+    """kernels.api's mask (the one every backend reproduces) keeps units at rate keep,
     independently across units, rows (consecutive ids too) and steps: rates, pair
     agreement and unit-to-unit correlation within a few standard errors."""
     rows = np.arange(20_000, dtype=np.int64)
@@ -237,7 +237,7 @@ def test_dropout_mask_rates_and_independence(keep):
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend unavailable")
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_numba_optimizer_helpers_match_reference(opt):
-    from afmfast._numba_common import effective_lr, opt_row, opt_scalar
+    from afmfast.kernels.numba.common import effective_lr, opt_row, opt_scalar
 
     code = OPTIMIZERS[opt]
     rng = np.random.default_rng(2)
@@ -280,7 +280,7 @@ def test_numba_workspace_errors_and_slot_reset():
 def test_initial_parameters_are_drawn_in_chunks_without_changing_them(monkeypatch):
     # V (and AFM's W) are filled NORMAL_CHUNK draws at a time, so that a large table
     # needs no float64 copy of itself; the values are those of one rng.normal call
-    from afmfast import kernel_api as api
+    from afmfast.kernels import api
     monkeypatch.setattr(api, "NORMAL_CHUNK", 7)
     M, k, t = 50, 5, 3
     rng = np.random.default_rng(11)

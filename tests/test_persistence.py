@@ -51,7 +51,7 @@ def test_round_trip_predicts_identically(fitted, tmp_path):
 
 
 def test_parameter_tables_start_on_cache_lines(fitted, tmp_path):
-    """kernel_api.aligned_empty: fitted and loaded models keep V and w (and fitting keeps
+    """kernels.api.aligned_empty: fitted and loaded models keep V and w (and fitting keeps
     the optimiser state) 64-byte aligned, so that no row of V shares a cache line with
     its neighbour's at k = 16."""
     model, _ = fitted
@@ -204,7 +204,7 @@ def test_saved_file_mode_honours_the_umask(fitted, tmp_path, monkeypatch, mask, 
     """A saved model gets 0o666 & ~umask, as a file opened for writing would, not the
     0o600 of the temporary file; the umask is read from /proc or, without it, set and
     restored."""
-    from afmfast import persistence
+    from afmfast.models import persistence
 
     if not proc:
         monkeypatch.setattr(persistence, "_PROC_STATUS", str(tmp_path / "no-proc"))
@@ -246,7 +246,7 @@ def test_bad_n_threads_in_a_file_is_refused_at_load(fitted, tmp_path, n_threads)
 
 
 def test_save_refuses_a_header_load_would_refuse(fitted, tmp_path, monkeypatch):
-    from afmfast import persistence
+    from afmfast.models import persistence
 
     model, _ = fitted
     path = tmp_path / "fm.npz"

@@ -21,8 +21,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from afmfast import _reader
-from afmfast.dataset import Dataset, load_libfm
+from afmfast.data import libfm, libfm_numba
+from afmfast.data.dataset import Dataset
+from afmfast.data.libfm import load_libfm
+from conftest import compiled_module
+
+# Every test here runs once per parser: the compiled one (when afmfast was built with
+# it) and its Numba twin, each held to the reference parser below and to the same
+# messages; test_parsers_agree holds them to each other.
+PARSERS = {"numba": libfm_numba}
+if compiled_module("afmfast._reader") is not None:
+    PARSERS["compiled"] = compiled_module("afmfast._reader")
+_reader = PARSERS.get("compiled", libfm_numba)  # set per test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=sorted(PARSERS))
+def parser(request, monkeypatch):
+    """The parser under test, as the module's ``_reader`` and as load_libfm's."""
+    global _reader
+    monkeypatch.setattr(libfm, "_parser", lambda: PARSERS[request.param])
+    previous, _reader = _reader, PARSERS[request.param]
+    yield _reader
+    _reader = previous
 
 FRAPPE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe"
           / "frappe.validation.libfm")
@@ -282,8 +302,27 @@ def test_missing_file_names_path(tmp_path):
         load_libfm(path)
 
 
+@pytest.mark.compiled
+@pytest.mark.parametrize("seed", range(6))
+def test_parsers_agree(seed):
+    # the same arrays bit for bit and the same (code, offset), on good files and on
+    # files with one corrupted byte
+    rng = np.random.default_rng(500 + seed)
+    compiled = PARSERS["compiled"]
+    for make in (random_file, fast_path_file):
+        data = bytearray(make(rng, int(rng.integers(1, 120))))
+        for trial in range(60):
+            d = bytearray(data)
+            if trial:
+                alphabet = b" \t\r\n:-+.eE0123456789xn\0"
+                d[int(rng.integers(len(d)))] = alphabet[rng.integers(len(alphabet))]
+            for limit in (2**31, 7):
+                assert same_result(libfm_numba.parse(bytes(d), 0, limit),
+                                   compiled.parse(bytes(d), 0, limit)), bytes(d)
+
+
 def test_every_error_code_has_a_message():
-    from afmfast.dataset import _MESSAGES
+    from afmfast.data.libfm import _MESSAGES
     assert set(_reader.ERROR_CODES) == set(_MESSAGES)
 
 

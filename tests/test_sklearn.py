@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import afmfast
+from afmfast.kernels.backends import backend_name
 from afmfast.demo import make_demo_data
 
 sklearn = pytest.importorskip("sklearn")
@@ -64,7 +65,7 @@ def test_protocol_without_scikit_learn(tmp_path):
         from afmfast.demo import make_demo_data
         data = make_demo_data(n_rows=1000, seed=1)
         model = afmfast.FM(n_factors=4, n_epochs=1, verbose=0)
-        assert type(model).__mro__[1:] == (afmfast.estimator.FactorizationModel, object)
+        assert type(model).__mro__[1:] == (afmfast.models.base.FactorizationModel, object)
         model.set_params(n_factors=3)
         assert model.get_params()["n_factors"] == 3
         try:
@@ -103,7 +104,7 @@ IDS = [cls.__name__ for cls, _ in ESTIMATORS]
 @pytest.mark.parametrize("cls,extra", ESTIMATORS, ids=IDS)
 def test_pickle_deepcopy_and_joblib_predict_identically(csr, cls, extra, tmp_path):
     X, y = csr
-    if issubclass(cls, afmfast.estimator.BinaryClassifier):
+    if issubclass(cls, afmfast.models.base.BinaryClassifier):
         y = np.where(y > np.median(y), "yes", "no")
     model = cls(**FAST, **extra).fit(X[:1000], y[:1000])
     X = X[1000:1500]
@@ -235,10 +236,6 @@ def test_scikit_learn_estimator_checks(estimator, check):
 MODELS = [(afmfast.FM, {}), (afmfast.AFM, {"attention_size": 4})]
 
 
-def _backend_name(module):
-    return module.__name__.rsplit("_", 1)[-1]  # afmfast._fm_cython -> cython
-
-
 @pytest.mark.parametrize("cls,extra", MODELS, ids=["FM", "AFM"])
 def test_data_without_nonzeros_fits_the_bias(backend, cls, extra):
     """No nonzeros at all: the Cython workspace once refused a bound of 0 nonzeros while
@@ -247,7 +244,7 @@ def test_data_without_nonzeros_fits_the_bias(backend, cls, extra):
     params = dict(n_factors=2, n_epochs=5, batch_size=8, learning_rate=0.1, n_threads=1,
                   verbose=0, **extra)
     X = np.zeros((20, 3))
-    model = cls(backend=_backend_name(backend), **params).fit(X, y)
+    model = cls(backend=backend_name(backend), **params).fit(X, y)
     other = cls(backend="numba", **params).fit(X, y)
     losses = [h["train_loss"] for h in model.history_]
     assert losses[-1] < losses[0]  # the bias (and FM's batch-norm shift) learned
@@ -265,7 +262,7 @@ def test_labels_near_the_float32_limit_diverge(backend, cls, extra, optimizer):
     learning silently. Both backends now stop with TrainingDivergedError."""
     X = np.random.default_rng(0).normal(size=(40, 4))
     model = cls(n_factors=2, n_epochs=3, batch_size=8, n_threads=1, verbose=0,
-                optimizer=optimizer, backend=_backend_name(backend), **extra)
+                optimizer=optimizer, backend=backend_name(backend), **extra)
     with pytest.raises(afmfast.TrainingDivergedError, match="epoch 1"):
         model.fit(X, np.full(40, 3e38))
     assert all(np.isfinite(a).all() for a in model._params)  # the last good ones

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast.backends import get_backend
+from afmfast.kernels.backends import get_backend
 from afmfast.demo import make_demo_data
 
 from conftest import BACKENDS

@@ -8,10 +8,10 @@ import warnings
 import pytest
 
 import afmfast
-from afmfast import threads
-from afmfast.backends import available_backends, get_backend
+from afmfast.kernels import threads
+from afmfast.kernels.backends import available_backends, get_backend
 from afmfast.demo import make_demo_data
-from afmfast.threads import RunPlanner, cgroup_cpu_limit, default_threads, resolve_threads
+from afmfast.kernels.threads import RunPlanner, cgroup_cpu_limit, default_threads, resolve_threads
 
 NO_ENV = {}
 

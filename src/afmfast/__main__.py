@@ -1,6 +1,6 @@
 """``python -m afmfast``: the command line."""
 import sys
 
-from .cli import main
+from afmfast.cli import main
 
 sys.exit(main())

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from . import backends, dispatch
+from afmfast.kernels import backends
+from afmfast.kernels import dispatch
 
 OPTIMIZER_ALIASES = {
     "adagradoptimizer": "adagrad", "adagrad": "adagrad",
@@ -192,7 +193,7 @@ def _data_files(args):
 
 def _load_all(files):
     """Read every file; give them one feature count (max id + 1 over all)."""
-    from .dataset import load_libfm
+    from afmfast.data.libfm import load_libfm
 
     data = {part: load_libfm(path) for part, path in files.items()}
     n_features = max(d.n_features for d in data.values())
@@ -293,13 +294,13 @@ def _build_model(args):
                   n_threads=args.threads, backend=args.backend, verbose=args.verbose)
     logistic = args.loss == "logistic"
     if args.command == "fm":
-        from .fm import FM, FMClassifier
+        from afmfast.models.fm import FM, FMClassifier
 
         model = (FMClassifier if logistic else FM)(
             n_factors=args.hidden_factor, keep=args.keep, batch_norm=bool(args.batch_norm),
             l2=args.lamda, **common)
     else:
-        from .afm import AFM, AFMClassifier
+        from afmfast.models.afm import AFM, AFMClassifier
 
         model = (AFMClassifier if logistic else AFM)(
             n_factors=args.hidden_factor[1], attention_size=args.hidden_factor[0],
@@ -350,7 +351,7 @@ def _metrics_text(metrics):
 
 
 def _train(args):
-    from .persistence import load
+    from afmfast.models.persistence import load
 
     if args.hidden_factor is None:
         args.hidden_factor = DEFAULT_HIDDEN_FACTOR[args.command]
@@ -427,8 +428,8 @@ def _micro_level_analysis(model, data, n_rows=5):
 
 
 def _evaluate(args):
-    from .dataset import load_libfm
-    from .persistence import load
+    from afmfast.data.libfm import load_libfm
+    from afmfast.models.persistence import load
 
     model = load(_saved_model_file(args))
     test = load_libfm(_data_files(args)["test"])
@@ -463,14 +464,14 @@ def _stdout_to_devnull():
 
 
 def _run(argv):
-    from .estimator import TrainingDivergedError
+    from afmfast.models.base import TrainingDivergedError
 
     args = build_parser().parse_args(argv)
     try:
         if args.threads is not None and args.threads < 1:
             raise UsageError(f"--threads must be a positive integer, got {args.threads}")
         if args.command == "demo":
-            from .demo import run_demo
+            from afmfast.demo import run_demo
 
             run_demo(backend=args.backend, n_threads=args.threads, seed=args.seed,
                      plot=args.plot)

@@ -10,7 +10,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .dataset import Dataset
+from afmfast.data.dataset import Dataset
 
 DemoData = namedtuple("DemoData", "train valid fields planted_pairs noise")
 DemoData.__doc__ = """train, valid: Datasets; fields: int32 (n_features,) field of each
@@ -111,7 +111,7 @@ def linear_baseline_rmse(train, valid, ridge=1e-3):
     >>> round(linear_baseline_rmse(data.train, data.valid), 2)
     2.04
     """
-    from .metrics import rmse
+    from afmfast.metrics import rmse
 
     def dense(ds):
         out = np.zeros((ds.n_rows, ds.n_features + 1))
@@ -167,8 +167,8 @@ def run_demo(backend="auto", n_threads=None, seed=0, verbose=1, plot=None):
     >>> sorted((a, b) for a, b, _ in top[:3])  # the planted pairs
     [(0, 1), (1, 4), (2, 3)]
     """
-    from .afm import AFM
-    from .fm import FM
+    from afmfast.models.afm import AFM
+    from afmfast.models.fm import FM
 
     data = make_demo_data(seed=seed)
     print(f"afmfast demo: {len(data.train)} training and {len(data.valid)} validation rows, "
@@ -195,7 +195,7 @@ def run_demo(backend="auto", n_threads=None, seed=0, verbose=1, plot=None):
     for a, b, weight in top:
         print(f"  fields ({a}, {b}): {weight:.3f}{' *' if (a, b) in planted else ''}")
     if plot is not None:
-        from .plotting import plot_field_attention
+        from afmfast.plotting import plot_field_attention
 
         ax = plot_field_attention(afm, data.valid, data.fields)
         ax.figure.tight_layout()

@@ -16,7 +16,7 @@ asks for, it checks:
   known keys only; ``format`` and ``version``; ``class`` one of FM, AFM, FMClassifier,
   AFMClassifier; ``params`` that class's parameter names with JSON scalar values (a list
   for AFM's ``keep``) that the estimator's own validation accepts, and ``n_threads`` as
-  ``afmfast.threads.resolve_threads`` reads it (a count above this machine's limit is
+  ``afmfast.kernels.threads.resolve_threads`` reads it (a count above this machine's limit is
   clamped with a warning); ``n_features`` an integer >= 0; ``history`` a list of records
   with number or null values; ``best_epoch`` an integer in [0, len(history)];
   ``feature_map`` null or the JSON of a ``FeatureMap`` of ``n_features`` features;
@@ -44,9 +44,8 @@ import zipfile
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .encoding import FeatureMap
-from .estimator import BinaryClassifier
-from .threads import resolve_threads
+from afmfast.data.encoding import FeatureMap
+from afmfast.kernels.threads import resolve_threads
 
 FORMAT = "afmfast-model"
 VERSION = 1
@@ -81,11 +80,23 @@ class _Reject(Exception):
     """What is wrong with a model file, worded without its path (``load`` adds it)."""
 
 
-def _model_classes():
-    from .afm import AFM, AFMClassifier
-    from .fm import FM, FMClassifier
+# The class saved under each "class" name. The estimator classes register themselves
+# (``FactorizationModel.__init_subclass__``), so that this module imports no model: the
+# models depend on persistence, never the other way.
+_MODEL_CLASSES = {}
 
-    return {cls._kind: cls for cls in (FM, AFM, FMClassifier, AFMClassifier)}
+
+def register_model_class(cls):
+    """Make ``cls`` loadable from files whose "class" is ``cls._kind``.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> register_model_class(afmfast.FM)  # done when FM was defined
+    >>> _MODEL_CLASSES["FM"] is afmfast.FM
+    True
+    """
+    _MODEL_CLASSES[cls._kind] = cls
 
 
 def _umask():
@@ -392,11 +403,10 @@ def _model_from_header(header):
     if missing or unknown:
         raise _Reject(f"corrupt model header (missing keys {missing}, unknown keys "
                       f"{reprlib.repr(unknown)})")
-    classes = _model_classes()
-    cls = classes.get(header["class"]) if isinstance(header["class"], str) else None
+    cls = _MODEL_CLASSES.get(header["class"]) if isinstance(header["class"], str) else None
     if cls is None:
         raise _Reject(f"unknown model class {reprlib.repr(header['class'])} (known: "
-                      f"{', '.join(classes)})")
+                      f"{', '.join(sorted(_MODEL_CLASSES))})")
     model = _model_with_params(cls, header["params"])
     n_features = header["n_features"]
     if not (_is_int(n_features) and n_features >= 0):
@@ -413,7 +423,7 @@ def _model_from_header(header):
     extras = {} if extras is None else extras
     if not isinstance(extras, dict):
         raise _bad("extras", extras, "an object")
-    if issubclass(cls, BinaryClassifier):
+    if cls._is_classifier:
         _check_classes(extras.get("classes"))
     try:
         model._load_header_extras(extras)

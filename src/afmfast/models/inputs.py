@@ -1,5 +1,5 @@
 """Checking and converting what users pass as X and y (helpers of
-``afmfast.estimator``): real-valued arrays, label vectors, column counts, class labels.
+``afmfast.models.base``): real-valued arrays, label vectors, column counts, class labels.
 Errors name the argument and use scikit-learn's wording where its checks expect it."""
 import warnings
 

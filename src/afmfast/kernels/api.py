@@ -1,5 +1,5 @@
 """The contract every kernel backend implements (Cython ``afmfast._fm_cython``, Numba
-``afmfast._fm_numba``), and the float64 NumPy reference in ``afmfast.reference`` follows.
+``afmfast.kernels.numba.fm``), and the float64 NumPy reference in ``afmfast.kernels.reference`` follows.
 
 Data (C-contiguous, validated by the Python layer before any kernel runs)
     X = (indptr int64 (n_rows + 1,), indices int32 (nnz,), values DTYPE (nnz,))
@@ -69,7 +69,7 @@ the denormal range, and CPUs that handle each denormal operation in microcode sl
 every later epoch several times. Each thread's previous MXCSR is put back when its part
 of the call ends (the caller's and the thread pool's, which other libraries share), and
 a kernel starts its thread pool before it sets FTZ on the caller, since a new thread
-copies its creator's MXCSR. The NumPy reference (``afmfast.reference``) does not flush,
+copies its creator's MXCSR. The NumPy reference (``afmfast.kernels.reference``) does not flush,
 so it differs where denormals occur. Elsewhere (no MXCSR) this is a no-op and denormals
 are computed as the hardware does. Integer-only parallel loops (the epoch order, batch
 offsets) do not set it: MXCSR affects only floating-point instructions.
@@ -214,7 +214,7 @@ def _mix64(z):
 
 
 def _mix32(x):
-    """mix32 of kernel_api's dropout hash, elementwise on a uint32 array."""
+    """mix32 of kernels.api's dropout hash, elementwise on a uint32 array."""
     x = x.astype(np.uint32, copy=True)
     with np.errstate(over="ignore"):
         x ^= x >> np.uint32(16)

@@ -47,7 +47,7 @@ LEVEL_FEATURES = {
 }
 KERNELS = ("_fm_cython", "_afm_cython")  # their level is build_info()'s "kernel_isa"
 ENV = "AFMFAST_ISA"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the afmfast package: _isa/ is there
 
 
 def cpu_features():
@@ -228,7 +228,7 @@ def version_text():
     >>> version_text()  # doctest: +ELLIPSIS
     'afmfast ... (kernel ISA: ...)'
     """
-    from afmfast import __version__
+    from afmfast._version import __version__
 
     return f"afmfast {__version__} (kernel ISA: {kernel_isa() or 'unknown'})"
 
@@ -255,7 +255,9 @@ def build_info():
     >>> info["kernel_isa"] in ("native", "avx512", "avx2", "baseline", None)
     True
     """
-    from afmfast import __version__, backends, threads
+    from afmfast._version import __version__
+    from afmfast.kernels import backends
+    from afmfast.kernels import threads
 
     isa = kernel_isa()
     args = None if isa is None else compile_args(isa)

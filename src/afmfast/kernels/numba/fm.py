@@ -1,4 +1,4 @@
-"""Numba backend of the FM kernels (the contract is ``afmfast.kernel_api``).
+"""Numba backend of the FM kernels (the contract is ``afmfast.kernels.api``).
 
 Functions
     fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype) -> FMWorkspace
@@ -10,16 +10,16 @@ Functions
         rows int64 (B,), B <= batch_size and the batch's nonzeros <= max_batch_nnz.
         Mutates params.V/w/dense/bn_stats (bn_stats only with cfg.batch_norm), state.V/w/
         dense (only rows of V and w the batch touches) and the workspace. Returns the batch
-        loss before the update (see kernel_api). ValueError (nothing but the workspace
+        loss before the update (see kernels.api). ValueError (nothing but the workspace
         modified) for an empty batch, a row id outside X, a feature id outside [0, M), a
         batch larger than the workspace, or an invalid keep/optimizer in cfg.
     fm_predict(X, params, batch_norm, n_threads, out)
         out DTYPE (N,) receives raw scores (no dropout; running batch-norm statistics).
 DTYPE is float32 or float64 (one compiled specialisation each); all arithmetic is float64
-and rounded once when stored, as in ``afmfast.reference``.
+and rounded once when stored, as in ``afmfast.kernels.reference``.
 
 Step layout: a prange over rows gathers the batch's nonzeros into contiguous arrays
-(``_numba_common.gather_batch``, ids checked); a prange over rows computes s and f; a
+(``numba.common.gather_batch``, ids checked); a prange over rows computes s and f; a
 serial counting sort groups the nonzeros by feature; batch-norm statistics and all other
 sums across rows run serially in row order, so the result does not depend on the thread
 count; a prange over the unique touched features sums each feature's gradient over its
@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._numba_common import (
+from afmfast.kernels.numba.common import (
     BAD_NNZ,
     batch_offsets,
     block_bounds,
@@ -52,11 +52,11 @@ from ._numba_common import (
     read_only_args,
     row_data_loss,
     row_key,
-    shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernel_api)
+    shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernels.api)
     step_key,
     steps_from,
 )
-from .kernel_api import BN_DECAY, BN_EPS, dropout_threshold
+from afmfast.kernels.api import BN_DECAY, BN_EPS, dropout_threshold
 
 __all__ = ["FMWorkspace", "fm_workspace", "fm_step", "fm_predict"]
 
@@ -75,7 +75,7 @@ per touched row ||v||^2; tacc (threads, k_padded) per-thread gradient accumulato
 
 _MASK64 = (1 << 64) - 1
 
-# error_model="numpy": no zero-division checks, so divisions vectorise (_numba_common).
+# error_model="numpy": no zero-division checks, so divisions vectorise (numba.common).
 _SER = dict(fastmath=False, cache=True, nogil=True, error_model="numpy")
 _PAR = dict(_SER, parallel=True)
 
@@ -158,10 +158,10 @@ def _fm_step_ftz(*args):
 def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                     sV, sw, sd, lr, l2, keep, threshold, optimizer, batch_norm,
                     seed, ustep, step, loss_code, ws, nb):
-    """The whole step; returns (loss, status) with status < 0 (``_numba_common.BAD_*``)
+    """The whole step; returns (loss, status) with status < 0 (``numba.common.BAD_*``)
     when the batch is invalid or does not fit the workspace (nothing but the workspace
     is modified then). Each prange runs over one block of rows (features) per thread,
-    which sets FTZ and DAZ first (``_numba_common.ftz_enter``); nb is the thread count
+    which sets FTZ and DAZ first (``numba.common.ftz_enter``); nb is the thread count
     (``numba.get_num_threads()`` in a kernel would keep it from being cached)."""
     (nzoff, occ_feat, occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, S, F, DF, LIN, R,
      kvec, gdense, ul2, tacc) = ws
@@ -339,7 +339,7 @@ def fm_step(X, y, rows, params, state, cfg, ws):
     returns the batch loss before the update. See the module docstring.
 
     Example: ``loss = fm_step(X, y, rows, params, state, cfg, ws)`` with ``params`` from
-    ``kernel_api.new_fm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
+    ``kernels.api.new_fm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
     ``fm_workspace``.
     """
     indptr, indices, values, y = read_only_args(*X, y)

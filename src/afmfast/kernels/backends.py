@@ -1,16 +1,16 @@
-"""Choosing a kernel backend (the thread count: ``afmfast.threads``).
+"""Choosing a kernel backend (the thread count: ``afmfast.kernels.threads``).
 
-A backend is a module implementing the contract of ``afmfast.kernel_api`` for one model
+A backend is a module implementing the contract of ``afmfast.kernels.api`` for one model
 ("fm" or "afm"): the Cython extensions ``afmfast._<model>_cython`` (compiled by ``pip
-install`` for several instruction-set levels; ``afmfast.dispatch`` decides which level
-that name loads) or the Numba modules ``afmfast._<model>_numba`` (compiled at first use,
+install`` for several instruction-set levels; ``afmfast.kernels.dispatch`` decides which level
+that name loads) or the Numba modules ``afmfast.kernels.numba.<model>`` (compiled at first use,
 cached on disk). ``"auto"`` takes Cython when its extension imports and warns loudly when
 it falls back to Numba.
 """
 import importlib
 import warnings
 
-BACKEND_MODULES = {"cython": "afmfast._{model}_cython", "numba": "afmfast._{model}_numba"}
+BACKEND_MODULES = {"cython": "afmfast._{model}_cython", "numba": "afmfast.kernels.numba.{model}"}
 BACKEND_NAMES = ("auto",) + tuple(BACKEND_MODULES)
 MODELS = ("fm", "afm")
 
@@ -29,13 +29,39 @@ def _import(name, model):
 
 
 def available_backends(model="fm"):
-    """Names of the backends of ``model`` that import on this machine, Cython first."""
+    """Names of the backends of ``model`` that import on this machine, Cython first.
+
+    Examples
+    --------
+    >>> "numba" in available_backends("afm")
+    True
+    """
     return [name for name in BACKEND_MODULES
             if not isinstance(_import(name, model), Exception)]
 
 
+def backend_name(module):
+    """The name ("cython" or "numba") of a backend module that ``get_backend`` returned.
+
+    Examples
+    --------
+    >>> backend_name(get_backend("numba", "afm"))
+    'numba'
+    """
+    for name, pattern in BACKEND_MODULES.items():
+        if module.__name__ in {pattern.format(model=model) for model in MODELS}:
+            return name
+    raise ValueError(f"{module.__name__} is not an afmfast kernel backend")
+
+
 def get_backend(name="auto", model="fm"):
-    """The backend module called ``name`` ("auto", "cython" or "numba") for ``model``."""
+    """The backend module called ``name`` ("auto", "cython" or "numba") for ``model``.
+
+    Examples
+    --------
+    >>> get_backend("numba", "fm").__name__
+    'afmfast.kernels.numba.fm'
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if model not in MODELS:

@@ -11,13 +11,14 @@ import time
 
 import numpy as np
 
-from . import backends
-from ._inputs import as_real, binary_classes, check_columns, label_vector, n_rows
-from .threads import RunPlanner, resolve_threads
-from .dataset import Dataset
-from .encoding import FeatureMap, is_dataframe
-from .kernel_api import LOGISTIC, OPTIMIZER_CODES, SQUARED, aligned_copy
-from .metrics import HIGHER_IS_BETTER, rmse
+from afmfast.data.dataset import Dataset
+from afmfast.data.encoding import FeatureMap, is_dataframe
+from afmfast.kernels import backends
+from afmfast.kernels.api import LOGISTIC, OPTIMIZER_CODES, SQUARED, aligned_copy
+from afmfast.kernels.threads import RunPlanner, resolve_threads
+from afmfast.metrics import HIGHER_IS_BETTER, rmse
+from afmfast.models import persistence
+from afmfast.models.inputs import as_real, binary_classes, check_columns, label_vector, n_rows
 
 
 try:  # scikit-learn is optional: with it, models are full scikit-learn estimators
@@ -165,6 +166,12 @@ class FactorizationModel(*_SKLEARN_BASES):
     _model = None
     _params_class = None
     _loss = SQUARED
+    _is_classifier = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_kind" in cls.__dict__:  # a concrete model: its files load as this class
+            persistence.register_model_class(cls)
 
     # ----- scikit-learn parameter protocol -------------------------------------------
     @classmethod
@@ -273,7 +280,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         the epoch number give the order, the same for any ``n_threads``) in batches of
         ``batch_size``, handed to the kernel in runs of batches (about 0.1 s each).
         The runs' thread count is ``n_threads_``, or with ``adaptive_threads`` whatever
-        count up to it trains fastest while the run lasts (``afmfast.threads``); each
+        count up to it trains fastest while the run lasts (``afmfast.kernels.threads``); each
         ``history_`` record names the count that trained most of its epoch's rows.
         With a validation set and ``early_stopping``, training stops once the validation
         metric got worse in each of the last 4 epochs (after more than 5) and the
@@ -314,7 +321,7 @@ class FactorizationModel(*_SKLEARN_BASES):
                              "while a minimum of 1 is required.")
         valid = None if validation is None else self._validation_dataset(validation)
         self._backend = backends.get_backend(self.backend, self._model)
-        self.backend_ = self._backend.__name__.rsplit("_", 1)[-1]
+        self.backend_ = backends.backend_name(self._backend)
         self.n_threads_ = self._threads = threads
         self._planner = RunPlanner(threads, adaptive=self.adaptive_threads)
         self._score_train = bool(score_train)
@@ -411,7 +418,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         ``step``; returns (the step after it, the sum of the batch losses).
 
         The batches go to the kernel in runs (``_train_batches``, one call each) that
-        ``self._planner`` (an ``afmfast.threads.RunPlanner``) sizes and gives a thread
+        ``self._planner`` (an ``afmfast.kernels.threads.RunPlanner``) sizes and gives a thread
         count: about 0.1 s each, short enough for Ctrl-C to land soon, and long enough
         that the call costs nothing against one call per epoch
         (python bench/epoch_overhead.py)."""
@@ -458,10 +465,9 @@ class FactorizationModel(*_SKLEARN_BASES):
             if valid is not None:
                 valid.validate("validation")
             t0 = time.perf_counter()
-            # kernel_api's epoch order, on the fit's threads: NumPy's permutation is
-            # serial and misses the cache at every swap; at 2,000,000 rows it took 49 ms
-            # against 11 on 2 threads, 3% of an AFM k=64 epoch of ml-tag's shape
-            # (pytest bench/test_bench_epoch_order.py --benchmark-only, medians)
+            # kernels.api's epoch order, on the fit's threads: NumPy's permutation is
+            # serial and misses the cache at every swap (docs/performance.md, "Epoch
+            # order")
             order = self._backend.shuffled_rows(n, self._seed, epoch, self._planner.current)
             progress = _Progress(epoch, n) if self.verbose >= 2 else None
             step, loss_sum = self._train_epoch(X, y, order, step, epoch, progress)
@@ -729,7 +735,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         return dict(zip(self._params_class._fields, self._params))
 
     def _set_arrays(self, arrays):
-        # on cache lines, as new parameters are (kernel_api.aligned_empty)
+        # on cache lines, as new parameters are (kernels.api.aligned_empty)
         self._params = self._params_class(*(aligned_copy(arrays[n])
                                             for n in self._params_class._fields))
         self._publish()
@@ -751,10 +757,9 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> afmfast.load(path).get_params() == model.get_params()
         True
         """
-        from .persistence import save_model
 
         self._check_fitted()
-        save_model(self, path)
+        persistence.save_model(self, path)
 
 
 def _check_parameter_budget(train, n_factors):
@@ -773,9 +778,7 @@ def _as_model(source):
     if isinstance(source, FactorizationModel):
         source._check_fitted()
         return source
-    from .persistence import load
-
-    return load(source)
+    return persistence.load(source)
 
 
 class BinaryClassifier:
@@ -796,6 +799,7 @@ class BinaryClassifier:
 
     _loss = LOGISTIC
     _task_metrics = ("logloss", "auc", "accuracy")
+    _is_classifier = True
 
     def _encode_labels(self, y, name, fit, own):
         """Labels as float32 targets for the kernels: 1.0 for ``classes_[1]``, 0.0 for
@@ -828,7 +832,7 @@ class BinaryClassifier:
         return {"binary_only": True}
 
     def _evaluate_scores(self, y, scores):
-        from .metrics import auc, logloss
+        from afmfast.metrics import auc, logloss
 
         p = _sigmoid(scores)
         return {"logloss": logloss(y, p), "auc": auc(y, scores),

@@ -4,7 +4,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .estimator import (
+from afmfast.models.base import (
     CLASSIFIER_BASES,
     REGRESSOR_BASES,
     BinaryClassifier,
@@ -13,8 +13,8 @@ from .estimator import (
     _check_int,
     _check_real,
 )
-from .fm import FM
-from .kernel_api import (
+from afmfast.models.fm import FM
+from afmfast.kernels.api import (
     ACTIVATION_CODES,
     OPTIMIZER_CODES,
     AFMParams,

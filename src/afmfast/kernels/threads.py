@@ -27,7 +27,7 @@ import os
 import time
 import warnings
 
-from afmfast.kernel_api import MAX_THREADS_PER_CPU
+from afmfast.kernels.api import MAX_THREADS_PER_CPU
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_SELF_CGROUP = "/proc/self/cgroup"

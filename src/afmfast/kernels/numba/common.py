@@ -1,12 +1,12 @@
-"""Numba helpers shared by the FM and AFM Numba kernels (``afmfast._fm_numba``,
-``afmfast._afm_numba``): the counter-based dropout hash, the optimiser update, the batch
+"""Numba helpers shared by the FM and AFM Numba kernels (``afmfast.kernels.numba.fm``,
+``afmfast.kernels.numba.afm``): the counter-based dropout hash, the optimiser update, the batch
 preparation (validation, gather, grouping by feature), the epoch order
-(``shuffled_rows``, kernel_api's permutation of the rows) and the Python-side checks.
+(``shuffled_rows``, kernels.api's permutation of the rows) and the Python-side checks.
 
 All functions are ``@njit`` and meant to be called from other jitted code (they also work
 from Python, which the tests use).
 
-Dropout hash (see ``afmfast.kernel_api``): every operand is ``np.uint64``. Numba types
+Dropout hash (see ``afmfast.kernels.api``): every operand is ``np.uint64``. Numba types
 ``uint64 op int64`` as float64, which would silently break the mod 2^64 arithmetic, so
 every constant below is a ``np.uint64`` and every caller casts its integers first. The
 per-unit hash ``mix32`` is 32-bit arithmetic done in uint64 and masked to 32 bits after
@@ -14,11 +14,11 @@ every operation that can carry (Numba widens uint32 operands to 64 bits).
 
 Optimiser update: ``opt_scalar`` / ``opt_row`` update one parameter (or one contiguous
 row) in place from its gradient and its two state slots. Arithmetic is float64 whatever
-the storage dtype, as in ``afmfast.reference``; results are rounded once on store.
+the storage dtype, as in ``afmfast.kernels.reference``; results are rounded once on store.
 Widen with ``np.float64(x)``, never ``float(x)``: Numba types ``float(float32)`` as float32.
 
 Denormals: ``ftz_enter`` / ``ftz_leave`` set flush-to-zero and denormals-are-zero in
-the x86 MXCSR of the calling thread and put its previous value back (kernel_api's
+the x86 MXCSR of the calling thread and put its previous value back (kernels.api's
 "Denormals"). MXCSR is per thread: every kernel runs its serial part between the two,
 and every prange body sets them itself, once per block of iterations (a load of MXCSR
 costs as much as a short row's arithmetic). Numba has no MXCSR API: the intrinsics emit
@@ -43,7 +43,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernel_api import (
+from afmfast.kernels.api import (
     ADAGRAD,
     ADAM,
     ADAM_BETA1,
@@ -201,7 +201,7 @@ def row_key(skey, row):
 
 @njit(**_JIT)
 def mix32(x):
-    """kernel_api's 32-bit unit hash of x (a np.uint64 below 2^32)."""
+    """kernels.api's 32-bit unit hash of x (a np.uint64 below 2^32)."""
     x = ((x ^ (x >> _S16)) * _D1) & _M32
     x = ((x ^ (x >> _S15)) * _D2) & _M32
     return x ^ (x >> _S16)
@@ -210,7 +210,7 @@ def mix32(x):
 @njit(**_JIT)
 def keep_unit(rkey, unit, threshold):
     """True when ``unit`` (int, 0-based) is kept; threshold from
-    ``kernel_api.dropout_threshold`` as np.uint64."""
+    ``kernels.api.dropout_threshold`` as np.uint64."""
     bits = mix32(((rkey & _M32) + (np.uint64(unit) + _ONE) * _GOLDEN32) & _M32)
     return (bits ^ (rkey >> _S32)) < threshold
 
@@ -218,7 +218,7 @@ def keep_unit(rkey, unit, threshold):
 @njit(**_JIT)
 def fill_dropout_mask(seed, stream, step, rows, threshold, out):
     """out[b, u] = keep_unit(...) for dataset row rows[b]: the jitted twin of
-    ``kernel_api.dropout_mask`` (used by tests and as an example of the call order)."""
+    ``kernels.api.dropout_mask`` (used by tests and as an example of the call order)."""
     skey = step_key(seed, stream, step)
     for b in range(rows.shape[0]):
         rkey = row_key(skey, np.uint64(rows[b]))
@@ -228,7 +228,7 @@ def fill_dropout_mask(seed, stream, step, rows, threshold, out):
 
 @njit(**_JIT)
 def row_data_loss(loss, yhat, y):
-    """(data loss, dloss/dyhat) of one row; ``loss`` is kernel_api's SQUARED (1/2
+    """(data loss, dloss/dyhat) of one row; ``loss`` is kernels.api's SQUARED (1/2
     (yhat - y)^2) or LOGISTIC (target t = 1 where y > 0, else 0: softplus(yhat) - t yhat,
     without overflow for any yhat)."""
     if loss == 1:
@@ -403,7 +403,7 @@ def _shuffle_bucket(kb, i, R):
 
 @njit(**_JIT_PAR)
 def _shuffle_kernel(n, kb, ks, R, counts, bounds, out):
-    """kernel_api's epoch order into out (n,): buckets counted and scattered over
+    """kernels.api's epoch order into out (n,): buckets counted and scattered over
     _SHUFFLE_PARTS parts of the rows, then Fisher-Yates inside each bucket; kb, ks and R
     as np.uint64."""
     n_buckets = counts.shape[1]
@@ -436,7 +436,7 @@ def _shuffle_kernel(n, kb, ks, R, counts, bounds, out):
 
 
 def shuffled_rows(n_rows, seed, epoch, n_threads):
-    """The epoch order of afmfast.kernel_api (a permutation of range(n_rows), int64, from
+    """The epoch order of afmfast.kernels.api (a permutation of range(n_rows), int64, from
     (seed, epoch); the same for any n_threads and in every backend), computed on
     n_threads threads.
 
@@ -462,7 +462,7 @@ def shuffled_rows(n_rows, seed, epoch, n_threads):
 # ------------------------------------------------------------------ Python-side helpers
 
 def steps_from(step):
-    """The backend's ``*_steps`` (see afmfast.kernel_api) from its ``*_step``: a Python
+    """The backend's ``*_steps`` (see afmfast.kernels.api) from its ``*_step``: a Python
     loop over the batches, which the Numba kernels' own time dwarfs.
 
     Example: ``fm_steps = steps_from(fm_step)``.
@@ -490,12 +490,12 @@ def steps_from(step):
     steps.__doc__ = (f"{step.__name__} on the batches rows[i batch_size:(i + 1) batch_size] "
                      f"at steps cfg.step + i, losses[i] their losses, stopping after the "
                      f"first that is not finite; returns the number of batches run (see "
-                     f"afmfast.kernel_api's {name}).")
+                     f"afmfast.kernels.api's {name}).")
     return steps
 
 
 def read_only_args(*arrays):
-    """``arrays`` (the X and y a kernel only reads) through ``kernel_api.read_only``: a
+    """``arrays`` (the X and y a kernel only reads) through ``kernels.api.read_only``: a
     Dataset's arrays are read-only, so passing plain arrays read-only too lets both
     share one compiled version of a kernel.
 
@@ -543,7 +543,7 @@ def check_keep(fn, name, keep):
 
 
 def check_optimizer(fn, code):
-    """ValueError unless ``code`` is an optimiser code of ``kernel_api``; returns it."""
+    """ValueError unless ``code`` is an optimiser code of ``kernels.api``; returns it."""
     if int(code) not in OPTIMIZER_CODES.values():
         raise ValueError(f"{fn}: cfg.optimizer must be one of {OPTIMIZER_CODES}, "
                          f"got {code!r}")

@@ -1,13 +1,13 @@
 """Float64 NumPy reference of the kernels: the truth both backends are tested against.
 
-Readable, vectorised, slow; see ``afmfast.kernel_api`` for the contract. ``fm_forward``
+Readable, vectorised, slow; see ``afmfast.kernels.api`` for the contract. ``fm_forward``
 and ``fm_loss`` give the loss as a plain function of the parameters (finite-difference
 gradient checks), ``fm_gradients`` its analytic gradient, ``fm_step`` the full step with
 the optimiser, mutating its arguments exactly as a backend does.
 """
 import numpy as np
 
-from .kernel_api import (
+from afmfast.kernels.api import (
     ADAGRAD,
     ADAM,
     ADAM_BETA1,
@@ -200,8 +200,8 @@ class _PredictCfg:
 
 # ----- AFM ----------------------------------------------------------------------------
 def _activation(code, u):
-    """(act(u), act'(u)) for an activation code of kernel_api."""
-    from .kernel_api import IDENTITY, RELU, SIGMOID, TANH
+    """(act(u), act'(u)) for an activation code of kernels.api."""
+    from afmfast.kernels.api import IDENTITY, RELU, SIGMOID, TANH
 
     if code == RELU:
         return np.maximum(u, 0.0), (u > 0).astype(np.float64)

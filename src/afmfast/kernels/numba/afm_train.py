@@ -1,5 +1,6 @@
-"""Numba backend of the AFM kernels (the contract is the AFM section of
-``afmfast.kernel_api``; the float64 truth is ``afmfast.reference.afm_*``).
+"""Training half of the Numba AFM backend (``afmfast.kernels.numba.afm`` is the backend
+module: it adds ``afm_infer``'s predict and explain). The contract is the AFM section of
+``afmfast.kernels.api``; the float64 truth is ``afmfast.kernels.reference.afm_*``.
 
 Functions
     afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_factors,
@@ -36,10 +37,10 @@ and across chunks in float64.
 Step layout (deterministic for any thread count):
   1. per-row counts of nonzeros and pairs (prefix sums), the batch's nonzeros gathered
      in batch order ("occurrences", prange over rows) and grouped by feature (stable
-     counting sort): ``_numba_common.batch_offsets/gather_batch/group_by_feature``;
+     counting sort): ``numba.common.batch_offsets/gather_batch/group_by_feature``;
      then v x of every occurrence (prange over rows);
   2. with attention, the distinct pairs: a pair's logit depends only on (v_p x_p,
-     v_q x_q) (DESIGN section 3), and a Frappe batch of 4096 rows has ~22% distinct
+     v_q x_q) (docs/design.md), and a Frappe batch of 4096 rows has ~22% distinct
      pairs. ``_distinct_pairs`` (serial) numbers them; prange over chunks of distinct
      pairs computes e, act(e W^T + b), the logit h . act and Z = (h act'(u)) W once each;
   3. the batch's rows are cut into at most ``n_chunks`` chunks of consecutive rows with
@@ -60,7 +61,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._numba_common import (
+from afmfast.kernels.numba.common import (
     BAD_NNZ,
     BAD_PAIRS,
     batch_offsets,
@@ -82,11 +83,11 @@ from ._numba_common import (
     read_only_args,
     row_data_loss,
     row_key,
-    shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernel_api)
+    shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernels.api)
     step_key,
     steps_from,
 )
-from .kernel_api import (
+from afmfast.kernels.api import (
     ACTIVATION_CODES,
     IDENTITY,
     RELU,
@@ -95,7 +96,7 @@ from .kernel_api import (
     dropout_threshold,
 )
 
-__all__ = ["AFMWorkspace", "afm_workspace", "afm_step", "afm_predict", "afm_explain"]
+__all__ = ["AFMWorkspace", "afm_workspace", "afm_step", "afm_steps"]
 
 AFMWorkspace = namedtuple(
     "AFMWorkspace",
@@ -132,7 +133,7 @@ _PBLK = 64
 # 'contract' lets LLVM fuse a*b+c into FMA: rounding then depends on the compiled code
 # only, never on the thread count.
 _FM = {"contract"}
-# error_model="numpy": no zero-division checks, so divisions vectorise (_numba_common).
+# error_model="numpy": no zero-division checks, so divisions vectorise (numba.common).
 _SER = dict(fastmath=_FM, cache=True, nogil=True, error_model="numpy")
 _PAR = dict(_SER, parallel=True)
 # Short float64 dot products (logits, da) may be reassociated so that they vectorise: the
@@ -352,7 +353,7 @@ def _distinct_pairs(nzoff, occ_x, nU, ustart, occ_list, atom, arep, amark, acnt,
                     plo, phi, po, qo, plist, pid, drep, B):
     """Number the distinct pairs of the batch (serial; depends only on the batch).
 
-    A pair's attention logit depends only on (v_p x_p, v_q x_q) (DESIGN section 3), so
+    A pair's attention logit depends only on (v_p x_p, v_q x_q) (docs/design.md), so
     it is computed once per distinct pair. Occurrences of one feature with one value
     share an "atom" (the first 8 values of a feature are looked up, a later new value
     gets a new atom: duplicates only cost speed). Pair P (p < q in row order) has the
@@ -697,9 +698,9 @@ def _afm_step_ftz(*args):
 def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, sW, sd,
                      lr, l2, l2a, keep0, thr0, keep1, thr1, optimizer, attention,
                      activation, freeze_fm, useed, ustep, step, loss_code, ws, nb):
-    """The whole step; returns (loss, status), status < 0 (``_numba_common.BAD_*``) when
+    """The whole step; returns (loss, status), status < 0 (``numba.common.BAD_*``) when
     the batch is invalid or does not fit the workspace (nothing but the workspace is
-    modified then). Every prange body sets FTZ and DAZ first (``_numba_common.ftz_enter``):
+    modified then). Every prange body sets FTZ and DAZ first (``numba.common.ftz_enter``):
     once per iteration over chunks or rows of W, once per thread block over rows and
     features (nb blocks: the thread count)."""
     (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
@@ -824,7 +825,7 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
         for u in range(u0, u1):
             f = uniq[u]
             vf = V[f]
-            # the l2 terms only when l2 > 0 (see _fm_numba)
+            # the l2 terms only when l2 > 0 (see numba.fm)
             nv = 0.0
             if l2 != 0.0:
                 for c in range(k):
@@ -874,7 +875,7 @@ def afm_step(X, y, rows, params, state, cfg, ws):
     returns the batch loss before the update. See the module docstring.
 
     Example: ``loss = afm_step(X, y, rows, params, state, cfg, ws)`` with ``params`` from
-    ``kernel_api.new_afm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
+    ``kernels.api.new_afm_params``, ``state`` from ``new_opt_state`` and ``ws`` from
     ``afm_workspace``.
     """
     indptr, indices, values, y = read_only_args(*X, y)
@@ -915,11 +916,4 @@ def afm_step(X, y, rows, params, state, cfg, ws):
     return float(loss)
 
 
-# ------------------------------------------------------------------ predict / explain
-
-
 afm_steps = steps_from(afm_step)
-
-
-# predict and explain live in their own module (they import the helpers above)
-from ._afm_numba_infer import afm_explain, afm_predict  # noqa: E402

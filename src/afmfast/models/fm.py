@@ -1,7 +1,7 @@
 """The Factorization Machine estimator (``afmfast.FM``)."""
 import numpy as np
 
-from .estimator import (
+from afmfast.models.base import (
     CLASSIFIER_BASES,
     REGRESSOR_BASES,
     BinaryClassifier,
@@ -9,7 +9,7 @@ from .estimator import (
     _check_int,
     _check_real,
 )
-from .kernel_api import OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params, new_opt_state
+from afmfast.kernels.api import OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params, new_opt_state
 
 
 class FM(*REGRESSOR_BASES, FactorizationModel):
@@ -38,14 +38,14 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
     random_state : int >= 0 or None
         Seed of initialisation, shuffling and dropout (None means 2016).
     n_threads : int >= 1 or None
-        Most kernel threads (None: ``afmfast.threads.default_threads()``, the CPUs of
+        Most kernel threads (None: ``afmfast.kernels.threads.default_threads()``, the CPUs of
         this process within its cgroup quota, ``OMP_NUM_THREADS``,
         ``AFMFAST_NUM_THREADS`` and threadpoolctl's OpenMP limit). Results are
         bit-identical for a seed whatever the thread count. The count used is the
         fitted ``n_threads_``.
     adaptive_threads : bool
         Let fit run on fewer threads than ``n_threads_`` while that is faster, as when
-        other processes keep CPUs busy (``afmfast.threads.RunPlanner``); False runs
+        other processes keep CPUs busy (``afmfast.kernels.threads.RunPlanner``); False runs
         every batch on ``n_threads_`` threads.
     backend : {"auto", "cython", "numba"}
     verbose : int

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from .dataset import Dataset
+from afmfast.data.dataset import Dataset
 
 
 def is_dataframe(X):
@@ -255,7 +255,7 @@ def _warn_if_id_like(name, col):
 def _caller_stacklevel():
     """The warnings stacklevel of the first frame outside afmfast (the user's call to
     encode, FeatureMap.fit or an estimator's fit), seen from the function that warns."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # afmfast/
     frame, level = sys._getframe(2), 2  # 1: the function calling warnings.warn
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1

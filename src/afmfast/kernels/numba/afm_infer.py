@@ -1,7 +1,7 @@
 """Numba AFM inference: ``afm_predict`` and ``afm_explain`` of the Numba backend (see
-``afmfast._afm_numba``, which exports them, for the contract).
+``afmfast.kernels.numba.afm``, which exports them, for the contract).
 
-predict runs the rows in chunks (``kernel_api.predict_chunks``) through the training
+predict runs the rows in chunks (``kernels.api.predict_chunks``) through the training
 step's forward pass, built from the step's own pieces: v x per occurrence, the distinct
 pairs of the chunk, their logits (the attention MLP once per distinct pair), then per row
 the softmax, the pooled vector and the score. explain writes every pair of every row out,
@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._afm_numba import (
+from afmfast.kernels.numba.afm_train import (
     _PAR,
     _PBLK,
     _SER,
@@ -30,9 +30,9 @@ from ._afm_numba import (
     _row_vx,
     afm_workspace,
 )
-from ._numba_common import (batch_offsets, ftz_enter, ftz_leave, gather_batch,
+from afmfast.kernels.numba.common import (batch_offsets, ftz_enter, ftz_leave, gather_batch,
                             group_by_feature, numba_threads, read_only_args, start_threads)
-from .kernel_api import WorkspaceCache, known_ids, predict_chunks
+from afmfast.kernels.api import WorkspaceCache, known_ids, predict_chunks
 
 
 @njit(**_SER)
@@ -64,7 +64,7 @@ def _predict_kernel(indptr, indices, values, V, w, W, dense, attention, activati
     through the step's forward pass: v x, the distinct pairs' logits (blocks of _PBLK,
     E and U of a block in per-thread scratch: only the logits are kept), then the rows.
     Returns the number of distinct pairs evaluated. FTZ and DAZ are set on the calling
-    thread and in every parallel body that computes (``_numba_common.ftz_enter``); nb is
+    thread and in every parallel body that computes (``numba.common.ftz_enter``); nb is
     the thread count."""
     start_threads(nb)
     csr0 = ftz_enter()
@@ -125,7 +125,7 @@ _predict_cache = WorkspaceCache(afm_workspace)
 
 def afm_predict(X, params, attention, activation, n_threads, out):
     """Raw AFM scores of every row of X into ``out`` (no dropout; ids outside [0, M) form
-    no pairs), in chunks (``kernel_api.predict_chunks``) with the training step's
+    no pairs), in chunks (``kernels.api.predict_chunks``) with the training step's
     forward pass, the attention MLP once per distinct pair of a chunk. Returns the
     number of distinct pairs evaluated.
 

@@ -1,0 +1,349 @@
+# Part of _afm_cython.pyx (textually included: one extension module, one C
+# translation unit, so inlining and vectorisation are as in one file).
+# Training step, second half: the backward phases, the feature and dense updates,
+# and _step_nogil, which runs every phase of one step.
+
+cdef void _backward_groups(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
+    """The split of the batch's rows into backward groups (bgrp, a.n_groups; training
+    only): a row joins the group before it unless that would take the group past DBLOCK
+    distinct pairs or GROUP_ROWS rows."""
+    cdef Py_ssize_t b, g = 0
+    ws.bgrp[0] = 0
+    for b in range(1, a.B):
+        if (ws.rbase[b + 1] - ws.rbase[ws.bgrp[g]] > DBLOCK
+                or b - ws.bgrp[g] >= GROUP_ROWS):
+            g += 1
+            ws.bgrp[g] = b
+    a.n_groups = g + 1 if a.B > 0 else 0
+    ws.bgrp[a.n_groups] = a.B
+
+
+cdef void _du_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t d0, Py_ssize_t d1,
+                    Py_ssize_t b, const floating* dense, const floating* W, double* bdb,
+                    double* bdh, floating* C) noexcept nogil:
+    """Step 2 for distinct pairs [d0, d1) (at most DBLOCK; b the row of d0 or an earlier
+    one): h act'(u) (HD_SPAN columns at a time, on the stack), du = DS h act'(u) (over U),
+    its sums added to bdb (gradient of b) and those of DS act to bdh (gradient of h);
+    unless C is NULL, C (d1 - d0, k) = W^T du."""
+    cdef Py_ssize_t k = a.k, t = a.t, d, jj, j0, nj
+    cdef floating* Uu = <floating*>ws.U
+    cdef floating hd[HD_SPAN]
+    cdef const floating* h = dense + 1 + k + t
+    cdef floating* u
+    cdef double ds, du
+    for d in range(d0, d1):
+        ds = ws.DSD[ws.reps[_rep_position(ws, d, &b)]]
+        j0 = 0
+        while j0 < t:
+            u = Uu + d * t + j0
+            nj = t - j0 if t - j0 < HD_SPAN else HD_SPAN
+            _act_grad_h(h + j0, u, hd, nj, a.activation)
+            for jj in range(nj):
+                bdh[j0 + jj] = bdh[j0 + jj] + ds * <double>u[jj]
+                du = ds * <double>hd[jj]
+                bdb[j0 + jj] = bdb[j0 + jj] + du
+                u[jj] = <floating>du
+            j0 += nj
+    if C == NULL:
+        return
+    for jj in range((d1 - d0) * k):
+        C[jj] = 0
+    _gemm(d1 - d0, k, t, Uu + d0 * t, t, 1, W, k, C, k)
+
+
+cdef void _backward_group(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t g,
+                          const floating* dense, const floating* W,
+                          floating* VX) noexcept nogil:
+    """Step 2 for backward group g: du (_du_block) of the group's distinct pairs,
+    its sums into BDB/BDH row g; unless freeze_fm, per row de (_row_de) with C'_d added
+    for the row's representative pairs, C' formed DBLOCK distinct pairs at a time into
+    this thread's cbuf just before the rows that read it."""
+    cdef Py_ssize_t k = a.k, t = a.t, b, b0 = ws.bgrp[g], b1 = ws.bgrp[g + 1], jj
+    cdef Py_ssize_t d1 = ws.rbase[b1], s0 = ws.rbase[b0], s1 = s0, r, r_end, n, q0
+    cdef int th = omp_get_thread_num()
+    cdef floating* C = <floating*>ws.cbuf + th * DBLOCK * k
+    cdef floating* dvx = <floating*>ws.rowbuf + th * ws.row_cap * k
+    cdef double* bdb = ws.BDB + g * t
+    cdef double* bdh = ws.BDH + g * t
+    for jj in range(t):
+        bdb[jj] = 0
+        bdh[jj] = 0
+    if a.freeze_fm:
+        while s1 < d1:
+            s0 = s1
+            s1 = s0 + DBLOCK if s0 + DBLOCK < d1 else d1
+            _du_block(a, ws, s0, s1, b0, dense, W, bdb, bdh, NULL)
+        return
+    for b in range(b0, b1):
+        q0 = ws.off[b]
+        _row_de(a, ws, b, VX, dvx)
+        r = ws.rbase[b]
+        r_end = ws.rbase[b + 1]
+        while r < r_end:
+            if r == s1:
+                s0 = s1
+                s1 = s0 + DBLOCK if s0 + DBLOCK < d1 else d1
+                _du_block(a, ws, s0, s1, b, dense, W, bdb, bdh, C)
+            n = (r_end if r_end < s1 else s1) - r
+            _rep_grad(VX + q0 * k, n, ws.dq + 2 * (ws.poff[b] + r - ws.rbase[b]), q0,
+                      C + (r - s0) * k, k, dvx)
+            r += n
+        _store_row_grad(a, ws, b, dvx, VX)
+
+
+cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
+                    floating* GW) noexcept nogil:
+    """Step 4 for W rows [j0, j1) of thread block th: GW[j] = sum_d du[d, j] e[d] over the
+    distinct pairs in order. Blocks of pairs keep E's and DU's rows in cache across the W
+    rows."""
+    cdef Py_ssize_t k = a.k, t = a.t, nblk, j0, j1, P0, PB, P, n_pairs, f, j
+    cdef const floating* E = <floating*>ws.E
+    cdef const floating* DU = <floating*>ws.U
+    nblk = (t + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN
+    j0 = (nblk * th // nth) * AFM_ROW_ALIGN
+    j1 = (nblk * (th + 1) // nth) * AFM_ROW_ALIGN
+    if j1 > t:
+        j1 = t
+    if j0 >= j1:
+        return
+    for j in range(j0 * k, j1 * k):
+        GW[j] = 0
+    n_pairs = a.n_distinct
+    PB = 131072 // ((k + t) * sizeof(floating))
+    if PB < 16:
+        PB = 16
+    P0 = 0
+    while P0 < n_pairs:
+        P = n_pairs - P0 if n_pairs - P0 < PB else PB
+        _gemm(j1 - j0, k, P, DU + P0 * t + j0, 1, t, E + P0 * k, k, GW + j0 * k, k)
+        P0 += P
+
+
+cdef inline void _row_de(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
+                         const floating* VX, floating* dvx) noexcept nogil:
+    """Step 2 for row b, without the C' terms: dvx (n, k) = sum over the row's pairs of
+    de v_other, de = a' dg."""
+    cdef Py_ssize_t k = a.k, q0 = ws.off[b]
+    _pair_grad_row(VX + q0 * k, <floating*>ws.RT + b * k, ws.pau + ws.poff[b],
+                   ws.off[b + 1] - q0, k, dvx)
+
+
+cdef inline void _store_row_grad(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
+                                 const floating* dvx, floating* VX) noexcept nogil:
+    """Row b's d(v x) scaled by x (each occurrence's contribution to its V row's
+    gradient), over the row's v x in VX, which no later pass reads: the gradients stay in
+    the cache lines just read."""
+    cdef Py_ssize_t k = a.k, q0 = ws.off[b], i, f
+    cdef floating x
+    cdef floating* d1
+    for i in range(ws.off[b + 1] - q0):
+        x = (<floating*>ws.occ_x)[q0 + i]
+        d1 = VX + (q0 + i) * k
+        for f in range(k):
+            d1[f] = dvx[i * k + f] * x
+
+
+cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
+                          floating* VX) noexcept nogil:
+    """Step 2 without attention (de only), for the rows of chunk c."""
+    cdef floating* dvx = <floating*>ws.rowbuf + omp_get_thread_num() * ws.row_cap * a.k
+    cdef Py_ssize_t b
+    for b in range(ws.chunk[c], ws.chunk[c + 1]):
+        _row_de(a, ws, b, VX, dvx)
+        _store_row_grad(a, ws, b, dvx, VX)
+
+
+cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, floating* V,
+                          floating* w, floating* sV0, floating* sV1, floating* sw0,
+                          floating* sw1) noexcept nogil:
+    """Step 3 for touched feature u: gradient summed over its occurrences in batch order,
+    + l2 v, then the optimiser (unless freeze_fm), GRAD_SPAN columns at a time;
+    ||v||^2 before the update (0 when l2 = 0)."""
+    cdef Py_ssize_t k = a.k, f, f0, nf, pos, q
+    cdef Py_ssize_t j = ws.uniq[u]
+    cdef floating* v = V + j * k
+    cdef floating g[GRAD_SPAN]
+    cdef double gd[GRAD_SPAN]
+    cdef const floating* DVX = <floating*>ws.VX   # the occurrences' gradients since step 2
+    cdef const floating* occ_x = <floating*>ws.occ_x
+    cdef const floating* d
+    cdef double gw = 0
+    cdef double l2 = a.l2
+    cdef Py_ssize_t nnz = ws.off[a.B], j_next
+    if u + a.prefetch_features < a.U:
+        # a later feature's rows (V and optimiser state are tables larger than cache)
+        j_next = ws.uniq[u + a.prefetch_features]
+        _prefetch_row(V + j_next * k, k * sizeof(floating))
+        if not a.freeze_fm:
+            _prefetch_row(sV0 + j_next * k, k * sizeof(floating))
+            if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
+                _prefetch_row(sV1 + j_next * k, k * sizeof(floating))
+            if a.prefetch_v:
+                __builtin_prefetch(w + j_next)
+                __builtin_prefetch(sw0 + j_next)
+    # the l2 terms only when l2 > 0: at l2 = 0 they cost a k = 256 step for nothing
+    ws.grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
+    if a.freeze_fm:
+        return
+    if l2 == 0 and ws.ustart[u + 1] - ws.ustart[u] == 1:
+        # One occurrence (most features of a sparse batch): its gradient row is the V
+        # row's as it stands (a double sum of one term rounds back to it exactly).
+        pos = ws.ustart[u]
+        if pos + AFM_PREFETCH < nnz:
+            _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
+        opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, DVX + ws.grp_occ[pos] * k, k, False)
+    else:
+        f0 = 0
+        while f0 < k:
+            nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
+            for f in range(nf):
+                gd[f] = 0
+            for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+                if f0 == 0 and pos + AFM_PREFETCH < nnz:
+                    _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k,
+                                  k * sizeof(floating))
+                d = DVX + ws.grp_occ[pos] * k + f0
+                for f in range(nf):
+                    gd[f] = gd[f] + d[f]
+            if l2 != 0:
+                for f in range(nf):
+                    g[f] = <floating>(gd[f] + l2 * <double>v[f0 + f])
+            else:
+                for f in range(nf):
+                    g[f] = <floating>gd[f]
+            opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf, False)
+            f0 += nf
+    for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+        q = ws.grp_occ[pos]
+        gw = gw + ws.r[ws.grp_row[pos]] * <double>occ_x[q]
+    opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
+
+
+cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
+                     const floating* y, floating* V, floating* w, floating* W,
+                     floating* dense, floating* sV, floating* sw, floating* sW,
+                     floating* sd, double* loss_out) noexcept nogil:
+    cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
+    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, it, tail
+    cdef int nt = a.n_threads, err, rank
+    cdef floating* GW = <floating*>ws.GW
+    cdef floating* gd = <floating*>ws.gdense
+    cdef const double* row
+    cdef double* dsum = ws.dsum
+    cdef double loss = 0, d
+    cdef floating l2a = <floating>a.l2a
+    cdef unsigned int csr
+
+    cdef double t0 = omp_get_wtime()
+    err = _prepare(a, ws, values, V, w, W, _phase_t)
+    if err:
+        return err
+    _phase_t[0] -= t0
+    _phase_t[1] -= t0
+    _phase_t[2] = omp_get_wtime() - t0
+    _distinct_logits(a, ws, dense)
+    _phase_t[3] = omp_get_wtime() - t0
+    reset_cursors(ws.cursors, nt)
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        rank = 0
+        c = next_item_near(ws.cursors, a.n_chunks, nt, threadid(), &rank)
+        while c < a.n_chunks:
+            _forward_chunk(a, ws, c, y, dense)
+            c = next_item_near(ws.cursors, a.n_chunks, nt, threadid(), &rank)
+        ftz_leave(csr)
+    _phase_t[4] = omp_get_wtime() - t0
+    if a.attention:
+        # as the numbering (_distinct_pairs): popular classes first, own classes rare
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            for it in prange(feature_items(a.U, CLASS_TAIL), schedule="dynamic"):
+                for c in range(feature_item_start(it, a.U, CLASS_TAIL),
+                               feature_item_start(it + 1, a.U, CLASS_TAIL)):
+                    _sum_ds(a, ws, c)
+            ftz_leave(csr)
+        if a.n_own > 0:
+            with parallel(num_threads=nt):
+                csr = ftz_enter()
+                for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256):
+                    _sum_ds(a, ws, c)
+                ftz_leave(csr)
+    _phase_t[5] = omp_get_wtime() - t0
+    if a.attention:
+        _backward_groups(a, ws)
+        reset_cursors(ws.cursors, nt)
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            rank = 0
+            c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
+            while c < a.n_groups:
+                _backward_group(a, ws, c, dense, W, <floating*>ws.VX)
+                c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
+            ftz_leave(csr)
+    elif not a.freeze_fm:
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
+                _backward_chunk(a, ws, c, <floating*>ws.VX)
+            ftz_leave(csr)
+    _phase_t[6] = omp_get_wtime() - t0
+
+    # step 2, serial: row-order sums
+    for j in range(D):
+        dsum[j] = 0
+    for b in range(B):
+        loss += ws.row_loss[b]
+        dsum[0] += ws.r[b]
+    for c in range(a.n_chunks):
+        row = ws.CPS + c * k
+        for f in range(k):
+            dsum[1 + f] += row[f]
+    if a.attention:
+        for c in range(a.n_groups):
+            row = ws.BDB + c * t
+            for j in range(t):
+                dsum[1 + k + j] += row[j]
+            row = ws.BDH + c * t
+            for j in range(t):
+                dsum[1 + k + t + j] += row[j]
+    for j in range(D):
+        gd[j] = <floating>dsum[j]
+    _phase_t[7] = omp_get_wtime() - t0
+
+    # Popular features have many occurrences: items handed out dynamically balance the
+    # threads, and each feature's arithmetic is the same whichever thread runs it. They
+    # run straight after de, whose gradient rows they read, and before dW (which does not
+    # need them), whose stream of E and DU would evict those rows (docs/performance.md,
+    # "AFM phase order").
+    tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
+    with parallel(num_threads=nt):
+        csr = ftz_enter()
+        for it in prange(feature_items(a.U, tail), schedule="dynamic"):
+            for u in range(feature_item_start(it, a.U, tail),
+                           feature_item_start(it + 1, a.U, tail)):
+                _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
+        ftz_leave(csr)
+    _phase_t[8] = omp_get_wtime() - t0
+
+    if a.attention:
+        for th in prange(nt, schedule="static", num_threads=nt):
+            csr = ftz_enter()
+            _dw_block(a, ws, th, nt, GW)
+            ftz_leave(csr)
+        for j in range(t * k):
+            GW[j] = GW[j] + l2a * W[j]
+        loss += 0.5 * a.l2a * dot_d(W, W, t * k)
+    d = 0
+    for u in range(a.U):
+        d += ws.grp_sq[u]
+    loss += 0.5 * a.l2 * d
+    _phase_t[9] = omp_get_wtime() - t0
+
+    lo = 1 if a.freeze_fm else 0
+    hi = D if a.attention else 1 + k
+    opt_vec(&a.opt, dense + lo, sd + lo, sd + D + lo, gd + lo, hi - lo, True)
+    if a.attention:
+        opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k, True)
+    loss_out[0] = loss
+    _phase_t[10] = omp_get_wtime() - t0
+    return 0

@@ -1,0 +1,116 @@
+"""The package's architecture, checked from its sources: the folders are the layers and
+imports run one way (cli, demo and plotting -> models -> data -> kernels), with no import
+cycle among afmfast's modules (counting imports inside functions too), and no Python
+source file over 1,000 lines."""
+import ast
+from pathlib import Path
+
+import afmfast
+
+PACKAGE = Path(afmfast.__file__).resolve().parent
+# What each layer may import besides itself; the compiled extensions (afmfast._fm_cython,
+# _afm_cython, _reader, _cpu, _build_config) belong to the kernel layer.
+LAYERS = {
+    "version": set(),
+    "kernels": {"kernels", "version"},
+    "data": {"data", "kernels"},
+    "metrics": set(),
+    "models": {"models", "data", "kernels", "metrics"},
+    "top": {"top", "models", "data", "kernels", "metrics", "version"},
+}
+COMPILED = {"_fm_cython", "_afm_cython", "_reader", "_cpu", "_build_config"}
+
+
+def module_name(path):
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer(name):
+    parts = name.split(".")
+    if len(parts) == 1:
+        return "top"
+    if parts[1] in COMPILED:
+        return "kernels"
+    if parts[1] == "_version":
+        return "version"
+    return parts[1] if parts[1] in LAYERS else "top"
+
+
+def imports(path, modules):
+    """The afmfast modules that the file at ``path`` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("afmfast")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.startswith("afmfast"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules or alias.name in COMPILED else node.module)
+        assert not (isinstance(node, ast.ImportFrom) and node.level), \
+            f"{path}: relative import; afmfast's modules import each other by full name"
+    return found
+
+
+def graph():
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in files} | {f"afmfast.{c}" for c in COMPILED}
+    return {module_name(p): imports(p, modules) - {module_name(p)} for p in files}
+
+
+def test_imports_run_one_way_between_layers():
+    wrong = [f"{src} ({layer(src)}) imports {dst} ({layer(dst)})"
+             for src, deps in graph().items() for dst in deps
+             if dst != "afmfast" and layer(dst) not in LAYERS[layer(src)] | {layer(src)}]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_imports_the_package_root():
+    # afmfast/__init__ imports every layer: a module that imports it closes a cycle
+    assert not [src for src, deps in graph().items() if "afmfast" in deps and src != "afmfast"]
+
+
+def test_no_import_cycle():
+    deps = graph()
+    state, stack, cycles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(deps.get(node, ())):
+            if nxt == "afmfast" or nxt not in deps:
+                continue
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(deps):
+        if node not in state:
+            visit(node)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_checks_see_a_cycle_and_a_wrong_direction(monkeypatch):
+    # the checks above must be able to fail: a fake edge kernels -> models is both
+    real = graph()
+    fake = dict(real)
+    fake["afmfast.kernels.api"] = real["afmfast.kernels.api"] | {"afmfast.models.base"}
+    monkeypatch.setitem(globals(), "graph", lambda: fake)
+    for check in (test_imports_run_one_way_between_layers, test_no_import_cycle):
+        try:
+            check()
+        except AssertionError:
+            continue
+        raise AssertionError(f"{check.__name__} missed the fake edge")
+
+
+def test_no_python_source_over_1000_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 1000}
+    assert not long, long
