@@ -42,7 +42,11 @@ def layer(name):
 def imports(path, modules):
     """The afmfast modules that the file at ``path`` imports, anywhere in it."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):  # imports for type checkers only never run
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("afmfast")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \

@@ -1,5 +1,18 @@
 """Pictures of what an AFM learned (matplotlib is optional: imported only here)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+    from numpy.typing import ArrayLike
+
+    from afmfast.models.afm import AFM
+    from afmfast.models.inputs import ModelInput
 
 
 def _pyplot():
@@ -10,7 +23,9 @@ def _pyplot():
     return plt
 
 
-def plot_field_attention(model, X, fields=None, ax=None, field_names=None):
+def plot_field_attention(model: AFM, X: ModelInput, fields: ArrayLike | None = None,
+                         ax: Axes | None = None,
+                         field_names: Sequence[str] | None = None) -> Axes:
     """Draw ``model.field_attention(X, fields)`` as a labelled heatmap.
 
     Each cell (f, g) is the mean attention weight of the pairs of features in fields f

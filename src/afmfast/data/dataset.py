@@ -12,8 +12,10 @@ Contract (other modules code against it):
   again, can change after construction. Row selection (``ds[idx]``) and ``from_csr``
   are vectorised NumPy, never a Python loop over rows.
 """
+from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from afmfast.kernels.api import read_only
 
@@ -139,7 +141,8 @@ class Dataset:
     __slots__ = ("_indptr", "_indices", "_values", "_y", "_n_features",
                  "n_features_explicit", "_max_id", "_length_counts")
 
-    def __init__(self, indptr, indices, values, y, n_features=None):
+    def __init__(self, indptr: ArrayLike, indices: ArrayLike, values: ArrayLike,
+                 y: ArrayLike, n_features: int | None = None) -> None:
         arrays = tuple(_as_1d(a, dtype, name)
                        for a, (name, dtype) in zip((indptr, indices, values, y), _ARRAYS))
         max_id = _check_arrays(arrays)
@@ -199,7 +202,8 @@ class Dataset:
         return self
 
     @classmethod
-    def from_csr(cls, X, y=None, n_features=None):
+    def from_csr(cls, X, y: ArrayLike | None = None,
+                 n_features: int | None = None) -> Dataset:
         """Dataset from any CSR-like ``X`` with ``indptr``, ``indices``, ``data`` and
         ``shape`` (e.g. ``scipy.sparse.csr_matrix``) and targets ``y`` (required).
         ``n_features`` defaults to ``X.shape[1]``. Arrays are copied only when their

@@ -9,14 +9,23 @@ encoded as a number as its dtype says, with a warning that names it and the
 fitting contribute nothing, so a map fitted on training data can encode any later frame.
 pandas is optional: only the DataFrame passed in is used.
 """
+from __future__ import annotations
+
 import json
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from afmfast.data.dataset import Dataset
+
+if TYPE_CHECKING:  # annotations only
+    from collections.abc import Sequence
+
+    import pandas as pd
+    from numpy.typing import ArrayLike
 
 
 def is_dataframe(X):
@@ -61,7 +70,8 @@ class FeatureMap:
                         for c in self.categories]
 
     @classmethod
-    def fit(cls, df, columns=None, categorical=None):
+    def fit(cls, df: pd.DataFrame, columns: Sequence[str] | None = None,
+            categorical: Sequence[str] | None = None) -> FeatureMap:
         """Learn the categories of ``columns`` (default: every column) of ``df``: sorted
         labels (as str) of each categorical column, missing values left out.
 
@@ -153,7 +163,7 @@ class FeatureMap:
             names.extend([str(name)] if cats is None else [f"{name}={c}" for c in cats])
         return names
 
-    def transform(self, df, y=None):
+    def transform(self, df: pd.DataFrame, y: ArrayLike | None = None) -> Dataset:
         """The rows of ``df`` as a ``Dataset`` (labels ``y``, zeros when None), one
         nonzero per column at most, in column order. Missing values and categories not
         seen by ``fit`` give no nonzero.
@@ -262,7 +272,9 @@ def _caller_stacklevel():
     return level
 
 
-def encode(df, columns=None, y=None, categorical=None):
+def encode(df: pd.DataFrame, columns: Sequence[str] | None = None,
+           y: str | ArrayLike | None = None,
+           categorical: Sequence[str] | None = None) -> tuple[Dataset, FeatureMap]:
     """Encode a DataFrame: returns ``(Dataset, FeatureMap)``. ``y`` may be a column name
     (then that column is the label and not a feature) or an array; ``categorical`` names
     numeric columns to one-hot encode (see ``FeatureMap.fit``).

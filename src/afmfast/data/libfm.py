@@ -11,6 +11,8 @@ file is an empty Dataset; a UTF-8 BOM at the start is skipped. Every problem rai
 ``ValueError`` with the path, ``line N`` (1-based) and what is wrong; a missing file
 raises ``FileNotFoundError`` naming the path.
 """
+from __future__ import annotations
+
 import os
 import stat
 
@@ -84,7 +86,8 @@ def _parser():
     return _reader
 
 
-def load_libfm(path, n_features=None, *, n_threads=None):
+def load_libfm(path: str | os.PathLike, n_features: int | None = None, *,
+               n_threads: int | None = None) -> Dataset:
     """Read a libFM text file into a :class:`Dataset`.
 
     Each line is one row, ``label id:value id:value ...`` (see the module docstring for

@@ -1,6 +1,9 @@
 """The Attentional Factorization Machine estimator (``afmfast.AFM``) and its
 explanations (``Attention`` records, field-pair attention)."""
+from __future__ import annotations
+
 from collections import namedtuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +25,11 @@ from afmfast.kernels.api import (
     new_afm_params,
     new_opt_state,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from numpy.typing import ArrayLike
+
+    from afmfast.models.inputs import ModelInput
 
 Attention = namedtuple("Attention", "indptr i j weight contribution")
 Attention.__doc__ = """Per-pair explanation of AFM predictions, as flat arrays.
@@ -205,7 +213,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
                 "dense": (1 + k + 2 * t,)}
 
     # ----- explanations -----------------------------------------------------------------
-    def explain(self, X):
+    def explain(self, X: ModelInput) -> Attention:
         """Per-pair attention weights and contributions of every row of X.
 
         Returns an ``Attention`` record of flat arrays (see its docstring); feature ids
@@ -243,7 +251,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
             ACTIVATION_CODES[self.activation], self._kernel_threads(), *record)
         return record
 
-    def field_attention(self, X, fields=None):
+    def field_attention(self, X: ModelInput, fields: ArrayLike | None = None) -> np.ndarray:
         """Mean attention weight per pair of fields over the rows of X.
 
         ``fields`` is an int array of length ``n_features_in_`` giving each feature's field

@@ -4,10 +4,13 @@
 coercion, the training loop (runs of batches per kernel call), early stopping, best-epoch
 restore, divergence stop, save); ``FM`` adds the FM parameters and kernels.
 """
+from __future__ import annotations
+
 import inspect
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +22,14 @@ from afmfast.kernels.threads import RunPlanner, resolve_threads
 from afmfast.metrics import HIGHER_IS_BETTER, rmse
 from afmfast.models import persistence
 from afmfast.models.inputs import as_real, binary_classes, check_columns, label_vector, n_rows
+
+if TYPE_CHECKING:  # annotations only
+    import os
+    from collections.abc import Callable, Sequence
+
+    from numpy.typing import ArrayLike
+
+    from afmfast.models.inputs import ModelInput
 
 
 try:  # scikit-learn is optional: with it, models are full scikit-learn estimators
@@ -235,8 +246,12 @@ class FactorizationModel(*_SKLEARN_BASES):
                              f"got {self.backend!r}")
 
     # ----- training -------------------------------------------------------------------
-    def fit(self, X, y=None, *, validation=None, init_from=None, callbacks=None,
-            metric=None, score_train=False, categorical=None):
+    def fit(self, X: ModelInput, y: ArrayLike | str | None = None, *,
+            validation: ModelInput | tuple | None = None,
+            init_from: FactorizationModel | str | os.PathLike | None = None,
+            callbacks: Sequence[Callable] | None = None, metric: str | None = None,
+            score_train: bool = False,
+            categorical: Sequence[str] | None = None) -> FactorizationModel:
         """Train; from scratch unless ``init_from`` is given.
 
         Parameters
@@ -549,7 +564,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         self._check_fitted()
         return self._dataset(X, y, need_labels=need_labels, n_features=self.n_features_in_)
 
-    def predict(self, X):
+    def predict(self, X: ModelInput) -> np.ndarray:
         """Raw scores (float32, one per row). X is a Dataset, a CSR-like matrix, a dense
         2-D array or (for a model fitted on one) a DataFrame; no labels needed. A matrix
         or array must have ``n_features_in_`` columns; a Dataset (a libFM file read on
@@ -572,7 +587,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         """
         return self._predict_dataset(self._rows(X))
 
-    def evaluate(self, X, y=None):
+    def evaluate(self, X: ModelInput, y: ArrayLike | str | None = None) -> dict[str, float]:
         """``{"rmse": ...}`` on X with predictions clipped to the labels' [min, max], as
         the reference computes it (classifiers: logloss, AUC and accuracy). ``y`` is
         needed unless X is a Dataset (or, for a DataFrame, the label column's name).
@@ -743,7 +758,7 @@ class FactorizationModel(*_SKLEARN_BASES):
     def _max_batch_pairs(self, train):
         return _largest_batch_total(train, self.batch_size, lambda n: n * (n - 1) // 2)
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write the model to one ``.npz`` file atomically (see ``afmfast.load``).
 
         Examples
@@ -855,7 +870,7 @@ class BinaryClassifier:
         """
         return FactorizationModel.predict(self, X)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ModelInput) -> np.ndarray:
         """Probabilities of (negative, positive) class per row, float64 (n_rows, 2): the
         sigmoid of ``decision_function``.
 

@@ -2,8 +2,19 @@
 ``afmfast.models.base``): real-valued arrays, label vectors, column counts, class labels.
 Errors name the argument and use scikit-learn's wording where its checks expect it."""
 import warnings
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
+
+from afmfast.data.dataset import Dataset
+
+if TYPE_CHECKING:  # annotations only
+    import pandas as pd
+    import scipy.sparse
+
+#: What the estimators take as X: a Dataset, a dense 2-D array, a CSR-like sparse matrix
+#: or (for a model fitted on one) a DataFrame.
+ModelInput = Union[Dataset, np.ndarray, "scipy.sparse.spmatrix", "pd.DataFrame"]
 
 try:
     from sklearn.exceptions import DataConversionWarning

@@ -31,6 +31,8 @@ raises ``FileNotFoundError``). Saving writes a temporary file beside the target,
 mode ``0o666 & ~umask`` as ``open`` would, and renames it over the target, so a failed
 save leaves an existing file untouched.
 """
+from __future__ import annotations
+
 import io
 import json
 import math
@@ -40,11 +42,15 @@ import reprlib
 import tempfile
 import threading
 import zipfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from afmfast.data.encoding import FeatureMap
+
+if TYPE_CHECKING:  # annotations only (the models import this module, not the reverse)
+    from afmfast.models.base import FactorizationModel
 from afmfast.kernels.threads import resolve_threads
 
 FORMAT = "afmfast-model"
@@ -168,7 +174,7 @@ def save_model(model, path):
         raise
 
 
-def load(path):
+def load(path: str | os.PathLike) -> FactorizationModel:
     """Load a model saved with ``model.save(path)``.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError``, its message
