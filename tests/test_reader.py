@@ -28,7 +28,7 @@ from conftest import compiled_module
 
 # Every test here runs once per parser: the compiled one (when afmfast was built with
 # it) and its Numba twin, each held to the reference parser below and to the same
-# messages; test_parsers_agree holds them to each other.
+# messages; tests/test_reader_parity.py holds them to each other.
 PARSERS = {"numba": libfm_numba}
 if compiled_module("afmfast._reader") is not None:
     PARSERS["compiled"] = compiled_module("afmfast._reader")
@@ -302,25 +302,6 @@ def test_missing_file_names_path(tmp_path):
         load_libfm(path)
 
 
-@pytest.mark.compiled
-@pytest.mark.parametrize("seed", range(6))
-def test_parsers_agree(seed):
-    # the same arrays bit for bit and the same (code, offset), on good files and on
-    # files with one corrupted byte
-    rng = np.random.default_rng(500 + seed)
-    compiled = PARSERS["compiled"]
-    for make in (random_file, fast_path_file):
-        data = bytearray(make(rng, int(rng.integers(1, 120))))
-        for trial in range(60):
-            d = bytearray(data)
-            if trial:
-                alphabet = b" \t\r\n:-+.eE0123456789xn\0"
-                d[int(rng.integers(len(d)))] = alphabet[rng.integers(len(alphabet))]
-            for limit in (2**31, 7):
-                assert same_result(libfm_numba.parse(bytes(d), 0, limit),
-                                   compiled.parse(bytes(d), 0, limit)), bytes(d)
-
-
 def test_every_error_code_has_a_message():
     from afmfast.data.libfm import _MESSAGES
     assert set(_reader.ERROR_CODES) == set(_MESSAGES)
@@ -427,8 +408,15 @@ def test_parse_double_rejects_what_python_float_also_rejects_here():
 # ---------------------------------------------------------------- parallel chunks
 
 def same_result(a, b):
-    return all(np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
-               for x, y in zip(a, b))
+    """Two parse results (or tuples of arrays) alike bit for bit: equal scalars, None
+    for None, arrays of the same dtype, shape and bytes (so -0.0 is not 0.0)."""
+    def same(x, y):
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            return (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
+                    and (x.dtype, x.shape) == (y.dtype, y.shape)
+                    and x.tobytes() == y.tobytes())
+        return x == y
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -546,6 +534,31 @@ def test_results_do_not_depend_on_chunk_size_or_threads(seed):
     for n_threads in (1, 2, 5):
         for chunk in (1, 7, 100, 4096, 1 << 18):
             assert same_result(one, _reader.parse(data, 0, 2**31, n_threads, chunk))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_numba_parser_reads_slow_tokens_in_batches(monkeypatch, batch):
+    # The Numba parser leaves numbers that need Python's float to batches: when one is
+    # full it stops and resumes at the start of the line it was reading (a batch too
+    # small for one line is doubled). The batch size must change no result and no
+    # error; compared with the parser under test (the compiled one or Numba's default).
+    rng = np.random.default_rng(700 + batch)
+    files = [random_file(rng, 60), random_file(rng, 60) + b"1 1:1e39\n",
+             b"1 1:1e39 2:x\n" * 3, b"0.1000000000000000001 1:1e-30\n" * 20 + b"1e39\n"]
+    alphabet = b" \t\n:-.e0123456789x"
+    for _ in range(30):
+        d = bytearray(files[0])
+        d[int(rng.integers(len(d)))] = alphabet[rng.integers(len(alphabet))]
+        files.append(bytes(d))
+    want = [_reader.parse(d, 0, limit) for d in files for limit in (2**31, 3000)]
+    calls = []
+    numba_pass = libfm_numba._parse
+    monkeypatch.setattr(libfm_numba, "_parse", lambda *a: calls.append(1) or numba_pass(*a))
+    monkeypatch.setattr(libfm_numba, "_SLOW_BATCH", batch)
+    got = [libfm_numba.parse(d, 0, limit) for d in files for limit in (2**31, 3000)]
+    assert len(calls) > 4 * len(got)  # the batches did fill up
+    for d, g, w in zip([d for d in files for _ in range(2)], got, want):
+        assert same_result(g, w), d
 
 
 @pytest.mark.parametrize("size", [4096, 8192, 4096 * 3 + 1])

@@ -10,14 +10,18 @@ to each other). ``count`` and ``ERROR_CODES`` are the same too.
 How it reads numbers exactly: a number of the grammar is ``m * 10^e`` for an integer
 mantissa ``m``. When ``m <= 2^53`` and ``|e| <= 22`` both are exact doubles, and one IEEE
 multiplication or division rounds correctly (Clinger's fast path), which is what the
-compiled parser does too. The other tokens (19 or more significant digits, or a large
-exponent) are rare; the Numba pass records where they are, and Python's ``float`` reads
-them afterwards, which is correctly rounded as well. A token whose value then overflows
-float32 is an error only if no other error comes before it in the file.
+compiled parser does too. The Numba pass records where the other tokens are (a mantissa
+above 2^53, as in most of the 17-digit numbers that Python's ``repr`` writes, or an
+exponent beyond 22), and Python's ``float``, correctly rounded as well, reads them in
+batches: when a batch is full the pass stops, the batch is read, and the pass resumes at
+the start of the line it was in, so the scratch memory stays bounded. Such tokens cost
+far more than the others: a file of full-precision doubles reads much slower than one of
+short decimals. A token whose value overflows float32 is an error only if no other error
+comes before it in the file.
 
-One pass, on one thread (``n_threads`` and ``chunk_bytes`` are accepted for the contract:
-the result never depends on them); arrays are sized from the counts of newlines and
-colons, as the compiled parser sizes them.
+A counting pass (newlines, colons, NUL bytes) sizes the arrays, as in the compiled
+parser, then the parsing pass runs on one thread (``n_threads`` and ``chunk_bytes`` are
+accepted for the contract: the result never depends on them).
 """
 import numpy as np
 from numba import njit
@@ -33,6 +37,10 @@ ERROR_CODES = {
 _E = ERROR_CODES
 MAX_ID = 2147483647
 _POW10 = np.array([10.0 ** i for i in range(23)])  # exact doubles
+_RESUME = -1  # not an error: the Numba pass stopped to have its slow tokens read
+# Slow tokens read per batch: bounds the scratch memory (40 bytes a token in the Numba
+# pass, a bytes object and a float in Python) whatever the file.
+_SLOW_BATCH = 1 << 16
 
 
 @njit(cache=True, nogil=True)
@@ -133,33 +141,37 @@ def _record(slow, s, begin, end, token, is_value, slot):
 
 
 @njit(cache=True, nogil=True)
-def _parse(buf, start, limit, pow10, indptr, indices, values, y, slow):
-    """The rows of buf[start:] into the arrays; returns (code, error offset, rows,
-    nonzeros, max id, slow tokens). Row ``slow[s]`` = (number start, number end, error
-    token start, 0 for a label or 1 for a value, its slot in y or values)."""
+def _parse(buf, p, row, k, mx, limit, pow10, indptr, indices, values, y, slow):
+    """The rows of buf from byte p, a line start, into the arrays, ``row`` rows with
+    ``k`` nonzeros and the largest id ``mx`` being read already; returns (code, error
+    offset, p, rows, nonzeros, max id, slow tokens). Row ``slow[s]`` = (number start,
+    number end, error token start, 0 for a label or 1 for a value, its slot in y or
+    values). Code _RESUME: ``slow`` is full; p, rows and nonzeros are then those at the
+    start of the line being read, whose tokens are not in ``slow`` (the max id may count
+    some of its ids: they are read again)."""
     n = buf.shape[0]
-    p = start
-    row = 0
-    k = 0
-    mx = -1
     ns = 0
     indptr[0] = 0
     while p < n:
         line = p
+        k_line = k
+        ns_line = ns
         while _at(buf, p) == 32 or _at(buf, p) == 9:
             p += 1
         c = _at(buf, p)
         if c == 10 or c == 13 or c == 0:
-            return 1, line, row, k, mx, ns  # EMPTY_LINE
+            return 1, line, p, row, k, mx, ns  # EMPTY_LINE
         tok = p
         status, p, v = _number(buf, p, pow10)
         if status == 1:
-            return 2, tok, row, k, mx, ns  # LABEL_NAN
+            return 2, tok, p, row, k, mx, ns  # LABEL_NAN
         if status == 2:
+            if ns == slow.shape[0]:
+                return _RESUME, 0, line, row, k_line, mx, ns_line
             _record(slow, ns, tok, p, tok, 0, row)
             ns += 1
         elif not np.isfinite(np.float32(v)):
-            return 3, tok, row, k, mx, ns  # LABEL_NONFINITE
+            return 3, tok, p, row, k, mx, ns  # LABEL_NONFINITE
         y[row] = np.float32(v)
         while True:
             while _at(buf, p) == 32 or _at(buf, p) == 9:
@@ -176,7 +188,7 @@ def _parse(buf, start, limit, pow10, indptr, indices, values, y, slow):
                 if c1 == 0:  # CR as the very last byte
                     p += 1
                     break
-                return 12, p, row, k, mx, ns  # LONE_CR
+                return 12, p, p, row, k, mx, ns  # LONE_CR
             if c == 0:
                 p = n
                 break
@@ -184,35 +196,38 @@ def _parse(buf, start, limit, pow10, indptr, indices, values, y, slow):
             d = c - 48
             if not (0 <= d <= 9):
                 if c == 45 and 0 <= _at(buf, p + 1) - 48 <= 9:
-                    return 5, tok, row, k, mx, ns  # NEG_ID
+                    return 5, tok, p, row, k, mx, ns  # NEG_ID
                 q = p
                 while not _is_delim(_at(buf, q)) and _at(buf, q) != 58:
                     q += 1
-                return (6 if _at(buf, q) == 58 else 4), tok, row, k, mx, ns  # BAD_ID/NO_COLON
+                # BAD_ID when the token has a ':', else NO_COLON
+                return (6 if _at(buf, q) == 58 else 4), tok, p, row, k, mx, ns
             fid = 0
             while 0 <= d <= 9:
                 fid = fid * 10 + d
                 if fid > MAX_ID:
-                    return 7, tok, row, k, mx, ns  # BIG_ID
+                    return 7, tok, p, row, k, mx, ns  # BIG_ID
                 p += 1
                 d = _at(buf, p) - 48
             if _at(buf, p) != 58:  # ':'
                 q = p
                 while not _is_delim(_at(buf, q)) and _at(buf, q) != 58:
                     q += 1
-                return (6 if _at(buf, q) == 58 else 4), tok, row, k, mx, ns
+                return (6 if _at(buf, q) == 58 else 4), tok, p, row, k, mx, ns
             p += 1
             if fid >= limit:
-                return 10, tok, row, k, mx, ns  # ID_RANGE
+                return 10, tok, p, row, k, mx, ns  # ID_RANGE
             num = p
             status, p, v = _number(buf, p, pow10)
             if status == 1:
-                return 8, tok, row, k, mx, ns  # VALUE_NAN
+                return 8, tok, p, row, k, mx, ns  # VALUE_NAN
             if status == 2:
+                if ns == slow.shape[0]:
+                    return _RESUME, 0, line, row, k_line, mx, ns_line
                 _record(slow, ns, num, p, tok, 1, k)
                 ns += 1
             elif not np.isfinite(np.float32(v)):
-                return 9, tok, row, k, mx, ns  # VALUE_NONFINITE
+                return 9, tok, p, row, k, mx, ns  # VALUE_NONFINITE
             indices[k] = fid
             values[k] = np.float32(v)
             k += 1
@@ -220,7 +235,65 @@ def _parse(buf, start, limit, pow10, indptr, indices, values, y, slow):
                 mx = fid
         row += 1
         indptr[row] = k
-    return 0, 0, row, k, mx, ns
+    return 0, 0, p, row, k, mx, ns
+
+
+@njit(cache=True, nogil=True)
+def _count(buf, start, end):
+    """(newlines, colons, NUL bytes, index of the first NUL or -1) in buf[start:end],
+    in one pass with branch-free sums that LLVM vectorises (NumPy would take one pass
+    and one temporary the size of the file per byte value)."""
+    nl = 0
+    co = 0
+    nu = 0
+    for i in range(start, end):
+        c = buf[i]
+        nl += c == 10
+        co += c == 58
+        nu += c == 0
+    first = -1
+    if nu:
+        first = start
+        while buf[first] != 0:
+            first += 1
+    return nl, co, nu, first
+
+
+@njit(cache=True, nogil=True)
+def _gather(buf, slow):
+    """The tokens of the rows of ``slow``, each followed by a space, in one array."""
+    size = 0
+    for s in range(slow.shape[0]):
+        size += slow[s, 1] - slow[s, 0] + 1
+    out = np.empty(size, dtype=np.uint8)
+    q = 0
+    for s in range(slow.shape[0]):
+        for i in range(slow[s, 0], slow[s, 1]):
+            out[q] = buf[i]
+            q += 1
+        out[q] = 32
+        q += 1
+    return out
+
+
+def _read_slow(data, slow, values, y):
+    """Reads the tokens of the rows of ``slow`` (in file order) with Python's float,
+    rounds them to float32 and puts them in their slots of values and y; returns the
+    (code, offset) of the first that overflows float32, None if none does."""
+    if not slow.shape[0]:
+        return None
+    tokens = _gather(data, slow).tobytes().split()
+    with np.errstate(over="ignore"):  # an overflow is the error reported below
+        numbers = np.fromiter(map(float, tokens), np.float64, len(tokens))
+        numbers = numbers.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(numbers))
+    if bad.size:
+        _, _, token, is_value, _ = slow[bad[0]]
+        return _E["VALUE_NONFINITE"] if is_value else _E["LABEL_NONFINITE"], int(token)
+    is_value = slow[:, 3] == 1
+    values[slow[is_value, 4]] = numbers[is_value]
+    y[slow[~is_value, 4]] = numbers[~is_value]
+    return None
 
 
 def _bytes(buf):
@@ -233,12 +306,7 @@ def count(buf, start=0, end=-1):
     data = _bytes(buf)
     n = data.shape[0]
     end = n if end < 0 or end > n else end
-    start = max(start, 0)
-    if start >= end:
-        return 0, 0, 0
-    part = data[start:end]
-    return (int(np.count_nonzero(part == 10)), int(np.count_nonzero(part == 58)),
-            int(np.count_nonzero(part == 0)))
+    return _count(data, max(start, 0), end)[:3]
 
 
 def parse(buf, start=0, n_features_limit=2147483648, n_threads=1, chunk_bytes=1 << 18):
@@ -251,32 +319,28 @@ def parse(buf, start=0, n_features_limit=2147483648, n_threads=1, chunk_bytes=1 
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    body = data[start:]
-    nul = np.flatnonzero(body == 0)
-    if nul.size:
-        return (_E["NUL"], start + int(nul[0]), None, None, None, None, -1)
-    newlines, colons, _ = count(buf, start)
+    newlines, colons, _, first_nul = _count(data, start, n)
+    if first_nul >= 0:
+        return (_E["NUL"], first_nul, None, None, None, None, -1)
     rows_cap = newlines + 1
     indptr = np.empty(rows_cap + 1, dtype=np.int64)
     indices = np.empty(max(colons, 1), dtype=np.int32)
     values = np.empty(max(colons, 1), dtype=np.float32)
     y = np.empty(rows_cap, dtype=np.float32)
-    # at most one slow token per label and per value
-    slow = np.empty((rows_cap + colons, 5), dtype=np.int64)
-    code, offset, rows, nnz, max_id, n_slow = _parse(
-        data, start, n_features_limit, _POW10, indptr, indices, values, y,
-        slow)
-    for s in range(n_slow):  # in file order: the first that overflows float32 counts
-        begin, end, token, is_value, slot = (int(x) for x in slow[s])
-        if code and token >= offset:
-            break
-        with np.errstate(over="ignore"):  # an overflow is the error reported below
-            value = np.float32(float(bytes(data[begin:end])))
-        if not np.isfinite(value):
-            code = _E["VALUE_NONFINITE"] if is_value else _E["LABEL_NONFINITE"]
-            offset = token
-            break
-        (values if is_value else y)[slot] = value
+    slow = np.empty((_SLOW_BATCH, 5), dtype=np.int64)
+    code, p, rows, nnz, max_id = _RESUME, start, 0, 0, -1
+    while code == _RESUME:
+        code, offset, p, rows, nnz, max_id, n_slow = _parse(
+            data, p, rows, nnz, max_id, n_features_limit, _POW10, indptr, indices,
+            values, y, slow)
+        found = slow[:n_slow]
+        if code > 0:  # only the tokens before the error the Numba pass found count
+            found = found[found[:, 2] < offset]
+        error = _read_slow(data, found, values, y)
+        if error is not None:
+            code, offset = error
+        elif code == _RESUME and n_slow == 0:  # one line has more slow tokens than fit
+            slow = np.empty((2 * slow.shape[0], 5), dtype=np.int64)
     if code:
         return (int(code), int(offset), None, None, None, None, -1)
     return (0, 0, indptr[:rows + 1], indices[:nnz], values[:nnz], y[:rows], int(max_id))
