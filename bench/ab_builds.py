@@ -48,6 +48,8 @@ def load_build(directory, model):
     if not found:
         sys.exit(f"ab_builds: no _{model}_cython extension in {package}; build "
                  "it there first (python setup.py build_ext --inplace)")
+    # a build from before the packages by layer imports the contract as afmfast.kernel_api
+    sys.modules.setdefault("afmfast.kernel_api", importlib.import_module("afmfast.kernels.api"))
     spec = importlib.util.spec_from_file_location(f"afmfast._{model}_cython", found[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
