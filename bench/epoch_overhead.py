@@ -27,8 +27,8 @@ from afmfast.kernels.threads import RunPlanner  # noqa: E402
 KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 
 
-def kernel_seconds(model):
-    return sum(KERNELS[model]._phase_times().values())
+def kernel_seconds(model, ws):
+    return sum(KERNELS[model]._phase_times(ws).values())
 
 
 def per_batch_epoch(est, model, X, y, order, step):
@@ -36,7 +36,7 @@ def per_batch_epoch(est, model, X, y, order, step):
     kernel = 0.0
     for start in range(0, len(order), compare.BATCH):
         est._train_batch(X, y, order[start:start + compare.BATCH], step)
-        kernel += kernel_seconds(model)
+        kernel += kernel_seconds(model, est._ws)
         step += 1
     return step, kernel
 

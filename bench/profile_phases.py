@@ -8,7 +8,7 @@
 Trains on frappe-mini (../shared/data beside the repository) or on the synthetic ml-tag
 set of ``bench/compare.py`` and prints, per thread count, the 10th percentile and the
 median of the batch time and the 10th percentile of each phase that the kernel module's
-``_phase_times()`` reports.
+``_phase_times(workspace)`` reports.
 - AFM (``afmfast._afm_cython``): gather (offsets, batch-order copy, chunks); group_vx
   (v x per occurrence while one thread groups the nonzeros by feature); numbering (the
   distinct pairs); distinct_forward (e, W e + b, act, logit per distinct pair);
@@ -55,7 +55,7 @@ def profile(model, data, k, threads, epochs, batch=compare.BATCH, dropout=True):
             t0 = time.perf_counter()
             est._train_batch(X, y, order[start:start + batch], step)
             totals.append(time.perf_counter() - t0)
-            phases.append(list(KERNELS[model]._phase_times().values()))
+            phases.append(list(KERNELS[model]._phase_times(est._ws).values()))
             step += 1
     skip = len(totals) // 3
     return np.array(totals[skip:]), np.array(phases[skip:])

@@ -235,14 +235,14 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef unsigned int csr
 
     cdef double t0 = omp_get_wtime()
-    err = _prepare(a, ws, values, V, w, W, _phase_t)
+    err = _prepare(a, ws, values, V, w, W, ws.phase_t)
     if err:
         return err
-    _phase_t[0] -= t0
-    _phase_t[1] -= t0
-    _phase_t[2] = omp_get_wtime() - t0
+    ws.phase_t[0] -= t0
+    ws.phase_t[1] -= t0
+    ws.phase_t[2] = omp_get_wtime() - t0
     _distinct_logits(a, ws, dense)
-    _phase_t[3] = omp_get_wtime() - t0
+    ws.phase_t[3] = omp_get_wtime() - t0
     reset_cursors(ws.cursors, nt)
     with parallel(num_threads=nt):
         csr = ftz_enter()
@@ -252,7 +252,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             _forward_chunk(a, ws, c, y, dense)
             c = next_item_near(ws.cursors, a.n_chunks, nt, threadid(), &rank)
         ftz_leave(csr)
-    _phase_t[4] = omp_get_wtime() - t0
+    ws.phase_t[4] = omp_get_wtime() - t0
     if a.attention:
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
         with parallel(num_threads=nt):
@@ -268,7 +268,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256):
                     _sum_ds(a, ws, c)
                 ftz_leave(csr)
-    _phase_t[5] = omp_get_wtime() - t0
+    ws.phase_t[5] = omp_get_wtime() - t0
     if a.attention:
         _backward_groups(a, ws)
         reset_cursors(ws.cursors, nt)
@@ -286,7 +286,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
             for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
                 _backward_chunk(a, ws, c, <floating*>ws.VX)
             ftz_leave(csr)
-    _phase_t[6] = omp_get_wtime() - t0
+    ws.phase_t[6] = omp_get_wtime() - t0
 
     # step 2, serial: row-order sums
     for j in range(D):
@@ -308,7 +308,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                 dsum[1 + k + t + j] += row[j]
     for j in range(D):
         gd[j] = <floating>dsum[j]
-    _phase_t[7] = omp_get_wtime() - t0
+    ws.phase_t[7] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it. They
@@ -323,7 +323,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                            feature_item_start(it + 1, a.U, tail)):
                 _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
         ftz_leave(csr)
-    _phase_t[8] = omp_get_wtime() - t0
+    ws.phase_t[8] = omp_get_wtime() - t0
 
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
@@ -337,7 +337,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     for u in range(a.U):
         d += ws.grp_sq[u]
     loss += 0.5 * a.l2 * d
-    _phase_t[9] = omp_get_wtime() - t0
+    ws.phase_t[9] = omp_get_wtime() - t0
 
     lo = 1 if a.freeze_fm else 0
     hi = D if a.attention else 1 + k
@@ -345,5 +345,5 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k, True)
     loss_out[0] = loss
-    _phase_t[10] = omp_get_wtime() - t0
+    ws.phase_t[10] = omp_get_wtime() - t0
     return 0

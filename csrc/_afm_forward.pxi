@@ -30,14 +30,14 @@ cdef void _group(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
                    <float*>NULL)
 
 
-# Wall-clock seconds from the start of the last afm_step to the end of each phase, for
-# profiling (_phase_times() names them; PHASES is their order). The first three are
+# The phases of a step, in order: AFMWorkspace.phase_t holds the wall-clock seconds from
+# the start of the workspace's last step to the end of each (_phase_times names them).
+# The first three are
 # _prepare's: gather (offsets, batch-order copy, chunks), group_vx (the grouping by
 # feature and the classes on one thread while the others compute v x) and numbering
 # (the distinct pairs, W^T).
 PHASES = ("gather", "group_vx", "numbering", "distinct_forward", "row_forward", "ds_sums",
           "backward_de", "row_sums", "feature_updates", "dW", "dense_updates")
-cdef double _phase_t[11]
 
 
 cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const floating* V,

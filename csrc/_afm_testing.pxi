@@ -50,10 +50,10 @@ def shuffled_rows(n_rows, seed, epoch, n_threads):
     return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api)
 
 
-def _phase_times():
-    """{phase: seconds} of the last afm_step in this process, phases named by PHASES (for
-    profiling; with concurrent steps, the last to finish each phase wins)."""
-    return {name: _phase_t[i] - (_phase_t[i - 1] if i else 0.0)
+def _phase_times(AFMWorkspace ws):
+    """{phase: seconds} of the last afm_step run with ``ws``, phases named by PHASES (for
+    profiling: bench/profile_phases.py)."""
+    return {name: ws.phase_t[i] - (ws.phase_t[i - 1] if i else 0.0)
             for i, name in enumerate(PHASES)}
 
 

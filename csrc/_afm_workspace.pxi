@@ -7,6 +7,9 @@ cdef class AFMWorkspace:
     cdef readonly Py_ssize_t batch_size, max_batch_nnz, max_batch_pairs, n_features
     cdef readonly Py_ssize_t n_factors, attention_size, u_cap
     cdef readonly object dtype
+    # seconds from the start of the last step to the end of each of its PHASES; per
+    # workspace, so that concurrent fits do not write each other's
+    cdef double phase_t[11]
     cdef readonly bint forward_only  # for predict: E and U hold a block per thread
     cdef Py_ssize_t itemsize
     # integers

@@ -181,6 +181,9 @@ cdef class FMWorkspace:
     """Scratch of fm_step for one fit (see the module docstring); opaque to callers."""
     cdef readonly Py_ssize_t batch_size, max_batch_nnz, n_features, n_factors, u_cap
     cdef readonly object dtype
+    # seconds from the start of the last step to the end of each of its PHASES; per
+    # workspace, so that concurrent fits do not write each other's
+    cdef double phase_t[6]
     # integer buffers
     cdef long long* cursors  # (threads, CURSOR_STRIDE) next_item_near's cursors
     cdef int cursor_threads
@@ -517,10 +520,9 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, gw)
 
 
-# Wall-clock seconds from the start of the last fm_step to the end of each phase, for
-# profiling (_phase_times() names them; PHASES is their order).
+# The phases of a step, in order: FMWorkspace.phase_t holds the wall-clock seconds from
+# the start of the workspace's last step to the end of each (_phase_times names them).
 PHASES = ("prepare", "group_forward", "output", "df", "feature_updates", "dense_updates")
-cdef double _phase_t[6]
 
 
 def shuffled_rows(n_rows, seed, epoch, n_threads):
@@ -532,10 +534,10 @@ def shuffled_rows(n_rows, seed, epoch, n_threads):
     return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api)
 
 
-def _phase_times():
-    """{phase: seconds} of the last fm_step in this process, phases named by PHASES (for
-    profiling; with concurrent steps, the last to finish each phase wins)."""
-    return {name: _phase_t[i] - (_phase_t[i - 1] if i else 0.0)
+def _phase_times(FMWorkspace ws):
+    """{phase: seconds} of the last fm_step run with ``ws``, phases named by PHASES (for
+    profiling: bench/profile_phases.py)."""
+    return {name: ws.phase_t[i] - (ws.phase_t[i - 1] if i else 0.0)
             for i, name in enumerate(PHASES)}
 
 
@@ -579,7 +581,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
             a.err.value = ws.occ[ws.off[b] + ws.row_bad[b]]
             return ERR_FEATURE
-    _phase_t[0] = omp_get_wtime() - t0
+    ws.phase_t[0] = omp_get_wtime() - t0
 
     # The grouping is serial and only the feature updates need it: one thread sorts
     # while the others start on the rows, and it joins them when done (next_item_near:
@@ -601,7 +603,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             c = next_item_near(ws.cursors, n_fwd, nt, threadid(), &rank)
         ftz_leave(csr)
     U = a.U
-    _phase_t[1] = omp_get_wtime() - t0
+    ws.phase_t[1] = omp_get_wtime() - t0
 
     if a.batch_norm:
         _bn_sums(a, BN_MEAN, F, SC, r, mu, ws.bn_part, mu, NULL)
@@ -632,14 +634,14 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         for f in range(k):
             kb[3 * k + f] = <floating>(<double>dense[1 + f] * sdz[f])
             kb[4 * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
-    _phase_t[2] = omp_get_wtime() - t0
+    ws.phase_t[2] = omp_get_wtime() - t0
 
     with parallel(num_threads=nt):
         csr = ftz_enter()
         for b in prange(B, schedule="static"):
             _df_row(a, b, r, dense, F, SC, kb)
         ftz_leave(csr)
-    _phase_t[3] = omp_get_wtime() - t0
+    ws.phase_t[3] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it.
@@ -657,7 +659,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     for u in range(U):
         d += ws.grp_sq[u]
     loss += 0.5 * a.l2 * d
-    _phase_t[4] = omp_get_wtime() - t0
+    ws.phase_t[4] = omp_get_wtime() - t0
 
     gd[0] = <floating>gw0
     for f in range(k):
@@ -668,7 +670,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             gd[1 + f] = 0
             gd[1 + k + f] = 0
     opt_vec(&a.opt, dense, sd, sd + 1 + 2 * k, gd, 1 + 2 * k, True)
-    _phase_t[5] = omp_get_wtime() - t0
+    ws.phase_t[5] = omp_get_wtime() - t0
 
     if a.batch_norm:
         for f in range(k):

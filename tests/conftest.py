@@ -207,14 +207,15 @@ def train_steps(step, X, y, params, state, ws, B, steps, cfg_of_step):
     return losses, params, state
 
 
-def check_phase_times(module, run_step):
-    """After run_step() (one step of ``module``), ``module._phase_times()`` (what
+def check_phase_times(module, ws, run_step):
+    """After run_step() (one step of ``module`` with workspace ``ws``),
+    ``module._phase_times(ws)`` (what
     bench/profile_phases.py prints) names every phase of ``module.PHASES`` with a
     non-negative time, and together they fit in the step's wall time."""
     t0 = time.perf_counter()
     run_step()
     wall = time.perf_counter() - t0
-    phases = module._phase_times()
+    phases = module._phase_times(ws)
     assert list(phases) == list(module.PHASES)
     assert all(v >= 0 for v in phases.values())
     assert 0 < sum(phases.values()) <= wall

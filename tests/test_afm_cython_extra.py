@@ -390,7 +390,7 @@ def test_phase_times_cover_the_last_step():
     X, y, params = make_problem(n_rows=80, dtype=np.float32)
     rows = np.arange(len(y), dtype=np.int64)
     ws = workspace_for(X, rows, params)
-    check_phase_times(cy, lambda: cy.afm_step(
+    check_phase_times(cy, ws, lambda: cy.afm_step(
         X, y, rows, params, api.new_opt_state(params, api.ADAGRAD),
         cfg_for(api.ADAGRAD, n_threads=2), ws))
 

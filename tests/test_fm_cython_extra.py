@@ -236,7 +236,7 @@ def test_phase_times_cover_the_last_step():
     params, state = make_params(60, 8, np.float32, api.ADAGRAD)
     X = (X[0], X[1], X[2].astype(np.float32))
     ws = cy.fm_workspace(100, 800, 60, 8, np.float32)
-    check_phase_times(cy, lambda: cy.fm_step(
+    check_phase_times(cy, ws, lambda: cy.fm_step(
         X, y.astype(np.float32), np.arange(100, dtype=np.int64), params, state,
         cfg_for(api.ADAGRAD, n_threads=2), ws))
 
