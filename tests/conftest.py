@@ -242,5 +242,6 @@ def check_rejects_invalid_batches(step, X, y, params, state, ws, cfg, M):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    """Each available kernel backend module (Cython first)."""
+    """Each available FM kernel backend module (Cython first); AFM's kernel tests have
+    their own fixture, ``afm_backend``."""
     return get_backend(request.param)

@@ -15,7 +15,9 @@ cy = compiled_module("afmfast._afm_cython")
 
 OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
 ACTIVATIONS = [api.RELU, api.SIGMOID, api.TANH, api.IDENTITY]
-STABLE_LR = {api.ADAGRAD: 0.02, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.02}
+# step sizes that keep several steps of this module's AFM problems (make_problem) stable;
+# the shared contract tests use conftest.STABLE_LR on theirs
+AFM_PROBLEM_LR = {api.ADAGRAD: 0.02, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.02}
 
 
 def make_problem(n_rows=60, n_features=50, k=12, t=10, dtype=np.float64, seed=0,
@@ -155,7 +157,7 @@ def test_factors_wider_than_the_update_span_match_reference(optimizer):
     p_ref, s_ref = copy_tuple(params), copy_tuple(state)
     ws = workspace_for(X, rows, params)
     for step in range(2):
-        cfg = cfg_for(optimizer, lr=STABLE_LR[optimizer], step=step, n_threads=2)
+        cfg = cfg_for(optimizer, lr=AFM_PROBLEM_LR[optimizer], step=step, n_threads=2)
         loss = cy.afm_step(X, y, rows, params, state, cfg, ws)
         np.testing.assert_allclose(loss, ref.afm_step(X, y, rows, p_ref, s_ref, cfg),
                                    rtol=1e-9)
@@ -228,7 +230,7 @@ def test_steps_match_reference(optimizer, dtype, rtol, l2):
     ws = workspace_for(X, perm, params)
     for step in range(4):
         rows = perm[step * 20:(step + 1) * 20]
-        cfg = cfg_for(optimizer, lr=STABLE_LR[optimizer], step=step, n_threads=2, l2=l2)
+        cfg = cfg_for(optimizer, lr=AFM_PROBLEM_LR[optimizer], step=step, n_threads=2, l2=l2)
         loss = cy.afm_step(X, y, rows, params, state, cfg, ws)
         loss_ref = ref.afm_step(X, y, rows, p_ref, s_ref, cfg)
         np.testing.assert_allclose(loss, loss_ref, rtol=rtol)
@@ -236,7 +238,7 @@ def test_steps_match_reference(optimizer, dtype, rtol, l2):
     # into a visible fraction of lr: the float32 comparison allows for that.
     atol = rtol * 1e-2
     if dtype == np.float32 and optimizer in (api.ADAM, api.ADAGRAD):
-        atol = 0.25 * STABLE_LR[optimizer]
+        atol = 0.25 * AFM_PROBLEM_LR[optimizer]
     for name in api.AFMParams._fields:
         np.testing.assert_allclose(getattr(params, name), getattr(p_ref, name), rtol=rtol,
                                    atol=atol, err_msg=name)

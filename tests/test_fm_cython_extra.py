@@ -16,7 +16,9 @@ cy = compiled_module("afmfast._fm_cython")
 
 OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
 # step sizes that keep a few steps on the test data from diverging (losses are sums)
-STABLE_LR = {api.ADAGRAD: 0.05, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.05}
+# step sizes that keep several steps of this module's FM problems stable; the shared
+# contract tests use conftest.STABLE_LR on theirs
+FM_PROBLEM_LR = {api.ADAGRAD: 0.05, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.05}
 
 
 def make_data(n_rows=300, n_features=60, dtype=np.float64, seed=0, max_len=7):
@@ -115,7 +117,7 @@ def test_steps_match_reference(optimizer, batch_norm, keep, dtype, rtol):
     X, y = make_data(dtype=dtype)
     p_ref, s_ref = make_params(60, 8, dtype, optimizer)
     p_cy, s_cy = clone(p_ref), clone(s_ref)
-    kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm, lr=STABLE_LR[optimizer])
+    kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm, lr=FM_PROBLEM_LR[optimizer])
     l_ref = run_steps(p_ref, s_ref, X, y, 4, 64, kw, backend=False)
     l_cy = run_steps(p_cy, s_cy, X, y, 4, 64, kw)
     assert np.abs(p_ref.V).max() < 10  # a diverging run would compare nothing useful
@@ -137,7 +139,7 @@ def test_feature_update_paths_match_reference(k, optimizer, batch_norm, keep, l2
     p_ref, s_ref = make_params(60, k, np.float64, optimizer)
     p_cy, s_cy = clone(p_ref), clone(s_ref)
     kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm,
-              lr=STABLE_LR[optimizer], l2=l2)
+              lr=FM_PROBLEM_LR[optimizer], l2=l2)
     l_ref = run_steps(p_ref, s_ref, X, y, 3, 64, kw, backend=False)
     l_cy = run_steps(p_cy, s_cy, X, y, 3, 64, kw)
     np.testing.assert_allclose(l_cy, l_ref, rtol=1e-9)
@@ -169,7 +171,7 @@ def test_float32_bit_identical_for_1_2_3_threads(optimizer, batch_norm, keep):
     for n_threads in (1, 2, 3):
         params, state = clone(base)
         kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm, n_threads=n_threads,
-                  lr=STABLE_LR[optimizer] / 10)  # batches 8x larger than STABLE_LR's
+                  lr=FM_PROBLEM_LR[optimizer] / 10)  # batches 8x larger than FM_PROBLEM_LR's
         losses = run_steps(params, state, X, y, 5, 500, kw)
         out = np.empty(len(y), np.float32)
         cy.fm_predict(X, params, batch_norm, n_threads, out)

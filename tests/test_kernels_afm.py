@@ -36,8 +36,9 @@ ACTIVATIONS = {"relu": api.RELU, "sigmoid": api.SIGMOID, "tanh": api.TANH,
 
 
 @pytest.fixture(params=AFM_BACKENDS or ["none"])
-def backend(request):
-    """Each available AFM kernel backend module (Cython first)."""
+def afm_backend(request):
+    """Each available AFM kernel backend module (Cython first); named apart from
+    conftest's ``backend``, which gives the FM modules."""
     return get_backend(request.param, model="afm")
 
 
@@ -50,9 +51,9 @@ def make_cfg(**kw):
     return api.AFMStepConfig(**base)
 
 
-def make_ws(backend, X, rows, params, batch=None):
+def make_ws(afm_backend, X, rows, params, batch=None):
     M, k = params.V.shape
-    return backend.afm_workspace(batch or len(rows), max(1, batch_nnz(X, rows)),
+    return afm_backend.afm_workspace(batch or len(rows), max(1, batch_nnz(X, rows)),
                                  max(1, batch_pairs(X, rows)), M, k, params.W.shape[0],
                                  params.V.dtype)
 
@@ -73,7 +74,7 @@ GRAD_CASES = (
 
 
 @pytest.mark.parametrize("attention,activation,keep,freeze_fm", GRAD_CASES)
-def test_gradient_matches_finite_differences(backend, attention, activation, keep,
+def test_gradient_matches_finite_differences(afm_backend, attention, activation, keep,
                                              freeze_fm):
     rng = np.random.default_rng(11)
     M, k, t = 24, 4, 3
@@ -87,7 +88,7 @@ def test_gradient_matches_finite_differences(backend, attention, activation, kee
     new = copy_tuple(params)
     state = api.new_opt_state(new, api.SGD)
     state_before = copy_tuple(state)
-    loss = backend.afm_step(X, y, rows, new, state, cfg, make_ws(backend, X, rows, params))
+    loss = afm_backend.afm_step(X, y, rows, new, state, cfg, make_ws(afm_backend, X, rows, params))
     assert loss == pytest.approx(ref.afm_loss(X, y, rows, params, cfg), rel=1e-12)
     assert all(np.array_equal(a, b) for a, b in zip(state, state_before))  # SGD: no state
 
@@ -123,7 +124,7 @@ def test_gradient_matches_finite_differences(backend, attention, activation, kee
             assert 0 < touched.sum() < M
 
 
-def test_step_loss_and_untouched_state(backend):
+def test_step_loss_and_untouched_state(afm_backend):
     """attention off / freeze_fm leave the unused parameters and their Adagrad state
     bit-identical; the returned loss is the reference's for every configuration."""
     rng = np.random.default_rng(12)
@@ -135,8 +136,8 @@ def test_step_loss_and_untouched_state(backend):
         new = copy_tuple(params)
         state = api.new_opt_state(new, api.ADAGRAD)
         before = copy_tuple(state)
-        loss = backend.afm_step(X, y, rows, new, state, cfg,
-                                make_ws(backend, X, rows, params))
+        loss = afm_backend.afm_step(X, y, rows, new, state, cfg,
+                                make_ws(afm_backend, X, rows, params))
         assert loss == pytest.approx(ref.afm_loss(X, y, rows, params, cfg), rel=1e-12)
         frozen = [] if attention else ["W"]
         if freeze_fm:
@@ -169,23 +170,23 @@ VARIANTS = {
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_steps_match_reference(backend, dtype, opt, variant):
+def test_steps_match_reference(afm_backend, dtype, opt, variant):
     rng = np.random.default_rng(3)
     M, k, t, B = 40, 5, 6, 24
     X, y, params = make_afm_problem(rng, 120, M, k, t, [0, 1, 2, 5, 10, 3, 7],
                                     dtype=dtype, v_scale=0.3)
     code = OPTIMIZERS[opt]
     state = api.new_opt_state(params, code)
-    ws = backend.afm_workspace(B, B * 10, B * 45, M, k, t, dtype)
+    ws = afm_backend.afm_workspace(B, B * 10, B * 45, M, k, t, dtype)
     check_steps_match_reference(
-        backend.afm_step, ref.afm_step, X, y, params, state, ws, rng.permutation(120), B,
+        afm_backend.afm_step, ref.afm_step, X, y, params, state, ws, rng.permutation(120), B,
         lambda step: make_cfg(lr=STABLE_LR[code], optimizer=code, step=step, seed=99,
                               **VARIANTS[variant]),
         tol32=(1e-4, 1e-5))
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
-def test_float32_step_matches_reference(backend, opt):
+def test_float32_step_matches_reference(afm_backend, opt):
     """One float32 step with non-trivial optimiser state, k = t = 16 (the vectorised
     paths), against the float64 reference started from the same values."""
     rng = np.random.default_rng(5)
@@ -198,13 +199,13 @@ def test_float32_step_matches_reference(backend, opt):
         s[:] = rng.uniform(0.1, 1.0, size=s.shape)
     rows = rng.permutation(60)[:32].astype(np.int64)
     cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=3)
-    check_one_step(backend.afm_step, ref.afm_step, X, y, rows, params, state, cfg,
-                   make_ws(backend, X, rows, params), rtol=1e-5, atol=1e-6)
+    check_one_step(afm_backend.afm_step, ref.afm_step, X, y, rows, params, state, cfg,
+                   make_ws(afm_backend, X, rows, params), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- determinism
 
-def _train(backend, n_threads, attention, steps=3, dtype=np.float32):
+def _train(afm_backend, n_threads, attention, steps=3, dtype=np.float32):
     rng = np.random.default_rng(21)
     M, k, t, B = 300, 8, 12, 256
     X, y, params = make_afm_problem(rng, 1024, M, k, t, [1, 3, 10, 25, 6, 0, 12],
@@ -212,21 +213,21 @@ def _train(backend, n_threads, attention, steps=3, dtype=np.float32):
     # Feature 0 in every row: one feature with many occurrences per batch.
     X[1][X[0][:-1][np.diff(X[0]) > 0]] = 0
     state = api.new_opt_state(params, api.ADAM)
-    ws = backend.afm_workspace(B, B * 25, B * 300, M, k, t, dtype)
-    return train_steps(backend.afm_step, X, y, params, state, ws, B, steps,
+    ws = afm_backend.afm_workspace(B, B * 25, B * 300, M, k, t, dtype)
+    return train_steps(afm_backend.afm_step, X, y, params, state, ws, B, steps,
                        lambda step: make_cfg(optimizer=api.ADAM, lr=0.01, step=step,
                                              n_threads=n_threads, attention=attention,
                                              activation=api.TANH))
 
 
 @pytest.mark.parametrize("attention", [1, 0])
-def test_repeated_runs_bit_identical(backend, attention):
-    assert_bit_identical(_train(backend, 2, attention), _train(backend, 2, attention))
+def test_repeated_runs_bit_identical(afm_backend, attention):
+    assert_bit_identical(_train(afm_backend, 2, attention), _train(afm_backend, 2, attention))
 
 
 @pytest.mark.parametrize("attention", [1, 0])
-def test_thread_count_does_not_change_results(backend, attention):
-    assert_bit_identical(_train(backend, 1, attention), _train(backend, 2, attention))
+def test_thread_count_does_not_change_results(afm_backend, attention):
+    assert_bit_identical(_train(afm_backend, 1, attention), _train(afm_backend, 2, attention))
 
 
 # ----------------------------------------------------------------- predict and explain
@@ -240,7 +241,7 @@ class _Cfg:
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("attention,activation", [(1, "relu"), (1, "sigmoid"),
                                                   (1, "identity"), (0, "relu")])
-def test_predict_and_explain_match_reference(backend, dtype, attention, activation):
+def test_predict_and_explain_match_reference(afm_backend, dtype, attention, activation):
     rng = np.random.default_rng(8)
     M, k, t, n = 30, 6, 5, 50
     X, _, params = make_afm_problem(rng, n, M, k, t, [0, 1, 2, 10, 4, 70, 3], dtype=dtype)
@@ -257,12 +258,12 @@ def test_predict_and_explain_match_reference(backend, dtype, attention, activati
     rtol = 1e-12 if dtype == np.float64 else 2e-5
     for n_threads in (1, 2):
         out = np.full(n, np.nan, dtype=dtype)
-        backend.afm_predict(X_unseen, params, attention, act, n_threads, out)
+        afm_backend.afm_predict(X_unseen, params, attention, act, n_threads, out)
         np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol)
 
         i_out, j_out = np.full(total, -1, np.int64), np.full(total, -1, np.int64)
         w_out, c_out = np.full(total, np.nan, dtype), np.full(total, np.nan, dtype)
-        backend.afm_explain(X_unseen, params, attention, act, n_threads, indptr,
+        afm_backend.afm_explain(X_unseen, params, attention, act, n_threads, indptr,
                             i_out, j_out, w_out, c_out)
         assert np.array_equal(i_out, e_i) and np.array_equal(j_out, e_j)
         assert (i_out < M).all() and (j_out < M).all()
@@ -286,13 +287,13 @@ def test_predict_and_explain_match_reference(backend, dtype, attention, activati
                                    atol=10 * rtol * np.abs(out).max())
 
 
-def test_explain_rejects_inconsistent_pair_indptr(backend):
+def test_explain_rejects_inconsistent_pair_indptr(afm_backend):
     rng = np.random.default_rng(9)
     X, _, params = make_afm_problem(rng, 5, 10, 3, 2, [3, 4])
     indptr = np.array([0, 3, 9, 12, 18, 22], dtype=np.int64)  # row 4 has 6 pairs, not 4
     outs = [np.zeros(30, np.int64), np.zeros(30, np.int64), np.zeros(30), np.zeros(30)]
     with pytest.raises(ValueError, match="pair_indptr"):
-        backend.afm_explain(X, params, 1, api.RELU, 2, indptr, *outs)
+        afm_backend.afm_explain(X, params, 1, api.RELU, 2, indptr, *outs)
 
 
 # ------------------------------------------------------------------- backends agree
@@ -304,16 +305,16 @@ def test_backends_agree(opt):
     code = OPTIMIZERS[opt]
     runs = []
     for name in ("cython", "numba"):
-        backend = get_backend(name, model="afm")
+        afm_backend = get_backend(name, model="afm")
         rng = np.random.default_rng(4)
         M, k, t, B = 200, 8, 8, 128
         X, y, params = make_afm_problem(rng, 512, M, k, t, [1, 2, 10, 5, 0, 20],
                                         dtype=np.float32, v_scale=0.3)
         state = api.new_opt_state(params, code)
-        ws = backend.afm_workspace(B, B * 20, B * 190, M, k, t, np.float32)
+        ws = afm_backend.afm_workspace(B, B * 20, B * 190, M, k, t, np.float32)
         runs.append(train_and_predict(
-            backend.afm_step,
-            lambda X_, p, out: backend.afm_predict(X_, p, 1, api.RELU, 2, out),
+            afm_backend.afm_step,
+            lambda X_, p, out: afm_backend.afm_predict(X_, p, 1, api.RELU, 2, out),
             X, y, params, state, ws, B,
             lambda step: make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)))
     assert_runs_agree(*runs)
@@ -321,15 +322,15 @@ def test_backends_agree(opt):
 
 # ------------------------------------------------------------------- invalid batches
 
-def test_step_rejects_invalid_batches(backend):
+def test_step_rejects_invalid_batches(afm_backend):
     """Empty batch, row id outside X, feature id outside [0, M): ValueError, parameters
-    and optimiser state untouched (every backend)."""
+    and optimiser state untouched (every afm_backend)."""
     rng = np.random.default_rng(13)
     M = 15
     X, y, params = make_afm_problem(rng, 20, M, 3, 2, [4, 6])
     state = api.new_opt_state(params, api.ADAGRAD)
-    ws = make_ws(backend, X, np.arange(8, dtype=np.int64), params)
-    check_rejects_invalid_batches(backend.afm_step, X, y, params, state, ws, make_cfg(), M)
+    ws = make_ws(afm_backend, X, np.arange(8, dtype=np.int64), params)
+    check_rejects_invalid_batches(afm_backend.afm_step, X, y, params, state, ws, make_cfg(), M)
 
 
 # ------------------------------------------------------------- Numba workspace checks
@@ -393,7 +394,7 @@ def _distinct_pairs_of(X, rows):
     return np.unique(ids[:, p] * (int(indices.max()) + 1) + ids[:, q]).size
 
 
-def test_predict_does_less_attention_work_than_a_training_epoch(backend):
+def test_predict_does_less_attention_work_than_a_training_epoch(afm_backend):
     """Predicting the training rows evaluates the attention MLP (2 k t flops forward
     per distinct pair) for no more distinct pairs than a training epoch's forward over
     batches of 4,096 shuffled rows, which also runs twice that backward: so predict
@@ -401,11 +402,11 @@ def test_predict_does_less_attention_work_than_a_training_epoch(backend):
     X, _ = frappe_like(20000, seed=3)
     params = api.new_afm_params(int(X[1].max()) + 1, 4, 4, np.random.default_rng(0))
     out = np.empty(20000, np.float32)
-    evaluated = backend.afm_predict(X, params, 1, api.RELU, 2, out)
+    evaluated = afm_backend.afm_predict(X, params, 1, api.RELU, 2, out)
     order = api.shuffled_rows_reference(20000, 2016, 1)
     epoch = sum(_distinct_pairs_of(X, order[s:s + 4096]) for s in range(0, 20000, 4096))
     assert 0 < evaluated <= epoch
-    assert backend.afm_predict(X, params, 0, api.RELU, 2, out) == 0  # no attention
+    assert afm_backend.afm_predict(X, params, 0, api.RELU, 2, out) == 0  # no attention
 
 
 @pytest.mark.parametrize("k", [16, 64, 256])
@@ -417,7 +418,7 @@ def test_predict_chunks_hold_at_least_a_training_batch(k):
     assert rows >= 4096 and nnz == 10 * rows and pairs == 45 * rows
 
 
-def test_predict_is_identical_for_any_thread_count_over_several_chunks(backend):
+def test_predict_is_identical_for_any_thread_count_over_several_chunks(afm_backend):
     """Rows of several chunks, repeated pairs, unseen ids: the scores are bit-identical
     on 1 and 2 threads."""
     X, _ = frappe_like(3 * api.PREDICT_ROWS // 2, seed=5)
@@ -428,5 +429,5 @@ def test_predict_is_identical_for_any_thread_count_over_several_chunks(backend):
     outs = []
     for n_threads in (1, 2):
         outs.append(np.empty(len(X[0]) - 1, np.float32))
-        backend.afm_predict(X, params, 1, api.SIGMOID, n_threads, outs[-1])
+        afm_backend.afm_predict(X, params, 1, api.SIGMOID, n_threads, outs[-1])
     assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
