@@ -163,10 +163,11 @@ class BuildExt(build_ext):
                      self.get_ext_fullpath(f"afmfast._isa.{level}.{name}")))
                  for name, levels in BUILT.items()}
         missing = sorted(name for name, levels in built.items() if not levels)
-        if missing or not BUILT:
-            warn_without_kernels(missing or ["the kernels"], BUILT and
-                                 "see the compiler errors above; a C compiler with OpenMP, "
-                                 "e.g. gcc, is needed" or "Cython is not installed")
+        if not BUILT:
+            warn_without_kernels(["the kernels"], "Cython is not installed")
+        elif missing:
+            warn_without_kernels(missing, "see the compiler errors above; a C compiler "
+                                 "with OpenMP, e.g. gcc, is needed")
         package = (build_py.get_package_dir("afmfast") if self.inplace
                    else os.path.join(self.build_lib, "afmfast"))
         os.makedirs(package, exist_ok=True)

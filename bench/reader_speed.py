@@ -1,7 +1,7 @@
 """Throughput of afmfast's libFM reader against a pure-Python loader in the style of the
 reference TensorFlow code, on the same file; prints MB/s (medians of several runs) of
-``load_libfm`` with 1 thread and with all CPUs (``n_threads=None``, the default), the
-reference loader's, their ratios, and whether the 1 GB/s target is met.
+``load_libfm`` with 1 thread and with all CPUs (``n_threads=None``, the default), of its
+Numba parser (what an install without a compiler reads with), the reference loader's, their ratios, and whether the 1 GB/s target is met.
 
 The reference loader (written here from its description, not copied) reads each file
 twice: once to build a dict from feature tokens ("id:value" strings) to dense ids, and
@@ -83,6 +83,17 @@ def afmfast_load(path, n_threads=None):
     return load_libfm(path, n_threads=n_threads)
 
 
+def numba_load(path):
+    """load_libfm with its Numba parser, as an install without a compiler runs it."""
+    from afmfast.data import libfm, libfm_numba
+    chosen = libfm._parser
+    libfm._parser = lambda: libfm_numba
+    try:
+        return libfm.load_libfm(path)
+    finally:
+        libfm._parser = chosen
+
+
 def median_mb_s(fn, path, runs):
     size = os.path.getsize(path)
     fn(path)  # warm-up: page cache, imports
@@ -113,18 +124,21 @@ def load_average():
 
 
 def compare(path, runs, python_runs):
-    from afmfast.data.dataset import _cpu_count
+    from afmfast.kernels.threads import default_threads
     size_mb = os.path.getsize(path) / 1e6
-    n_cpus = _cpu_count()
+    n_cpus = default_threads()
     load_before = load_average()
-    one, every = median_mb_s_alternating(
-        [lambda p: afmfast_load(p, 1), lambda p: afmfast_load(p, None)], path, runs)
+    one, every, numba = median_mb_s_alternating(
+        [lambda p: afmfast_load(p, 1), lambda p: afmfast_load(p, None), numba_load],
+        path, runs)
     slow = median_mb_s(reference_style_load, path, python_runs)
     print(f"{path} ({size_mb:.1f} MB), load average {load_before} before, "
           f"{load_average()} after")
     print(f"  afmfast load_libfm, 1 thread           {one:8.1f} MB/s  (median of {runs})")
     print(f"  afmfast load_libfm, {n_cpus} threads (default) {every:8.1f} MB/s  "
           f"(median of {runs}, alternating with the 1-thread runs)")
+    print(f"  Numba parser (no compiler), 1 thread   {numba:8.1f} MB/s  "
+          f"(median of {runs}, alternating; compiled 1 thread / Numba {one / numba:.2f}x)")
     print(f"  reference-style Python                 {slow:8.1f} MB/s  "
           f"(median of {python_runs})")
     print(f"  ratio to the reference, 1 thread       {one / slow:8.1f}x")

@@ -38,11 +38,9 @@ _reader = PARSERS.get("compiled", libfm_numba)  # set per test by the fixture be
 @pytest.fixture(autouse=True, params=sorted(PARSERS))
 def parser(request, monkeypatch):
     """The parser under test, as the module's ``_reader`` and as load_libfm's."""
-    global _reader
     monkeypatch.setattr(libfm, "_parser", lambda: PARSERS[request.param])
-    previous, _reader = _reader, PARSERS[request.param]
-    yield _reader
-    _reader = previous
+    monkeypatch.setitem(globals(), "_reader", PARSERS[request.param])
+    return PARSERS[request.param]
 
 FRAPPE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe"
           / "frappe.validation.libfm")

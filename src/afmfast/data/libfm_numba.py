@@ -28,13 +28,27 @@ from numba import njit
 
 __all__ = ["ERROR_CODES", "count", "parse", "parse_double"]
 
-E_OK = 0
+# The compiled parser's error codes (csrc/_reader.pyx); Numba reads these module
+# constants as compile-time constants.
+E_EMPTY_LINE = 1
+E_LABEL_NAN = 2
+E_LABEL_NONFINITE = 3
+E_NO_COLON = 4
+E_NEG_ID = 5
+E_BAD_ID = 6
+E_BIG_ID = 7
+E_VALUE_NAN = 8
+E_VALUE_NONFINITE = 9
+E_ID_RANGE = 10
+E_NUL = 11
+E_LONE_CR = 12
 ERROR_CODES = {
-    "EMPTY_LINE": 1, "LABEL_NAN": 2, "LABEL_NONFINITE": 3, "NO_COLON": 4, "NEG_ID": 5,
-    "BAD_ID": 6, "BIG_ID": 7, "VALUE_NAN": 8, "VALUE_NONFINITE": 9, "ID_RANGE": 10,
-    "NUL": 11, "LONE_CR": 12,
+    "EMPTY_LINE": E_EMPTY_LINE, "LABEL_NAN": E_LABEL_NAN,
+    "LABEL_NONFINITE": E_LABEL_NONFINITE, "NO_COLON": E_NO_COLON, "NEG_ID": E_NEG_ID,
+    "BAD_ID": E_BAD_ID, "BIG_ID": E_BIG_ID, "VALUE_NAN": E_VALUE_NAN,
+    "VALUE_NONFINITE": E_VALUE_NONFINITE, "ID_RANGE": E_ID_RANGE, "NUL": E_NUL,
+    "LONE_CR": E_LONE_CR,
 }
-_E = ERROR_CODES
 MAX_ID = 2147483647
 _POW10 = np.array([10.0 ** i for i in range(23)])  # exact doubles
 _RESUME = -1  # not an error: the Numba pass stopped to have its slow tokens read
@@ -141,6 +155,15 @@ def _record(slow, s, begin, end, token, is_value, slot):
 
 
 @njit(cache=True, nogil=True)
+def _malformed_id(buf, p):
+    """The error of an id:value token whose id is broken at p: BAD_ID when the token
+    has a ':' (an id that is not a plain number), else NO_COLON."""
+    while not _is_delim(_at(buf, p)) and _at(buf, p) != 58:
+        p += 1
+    return E_BAD_ID if _at(buf, p) == 58 else E_NO_COLON
+
+
+@njit(cache=True, nogil=True)
 def _parse(buf, p, row, k, mx, limit, pow10, indptr, indices, values, y, slow):
     """The rows of buf from byte p, a line start, into the arrays, ``row`` rows with
     ``k`` nonzeros and the largest id ``mx`` being read already; returns (code, error
@@ -160,18 +183,18 @@ def _parse(buf, p, row, k, mx, limit, pow10, indptr, indices, values, y, slow):
             p += 1
         c = _at(buf, p)
         if c == 10 or c == 13 or c == 0:
-            return 1, line, p, row, k, mx, ns  # EMPTY_LINE
+            return E_EMPTY_LINE, line, p, row, k, mx, ns
         tok = p
         status, p, v = _number(buf, p, pow10)
         if status == 1:
-            return 2, tok, p, row, k, mx, ns  # LABEL_NAN
+            return E_LABEL_NAN, tok, p, row, k, mx, ns
         if status == 2:
             if ns == slow.shape[0]:
                 return _RESUME, 0, line, row, k_line, mx, ns_line
             _record(slow, ns, tok, p, tok, 0, row)
             ns += 1
         elif not np.isfinite(np.float32(v)):
-            return 3, tok, p, row, k, mx, ns  # LABEL_NONFINITE
+            return E_LABEL_NONFINITE, tok, p, row, k, mx, ns
         y[row] = np.float32(v)
         while True:
             while _at(buf, p) == 32 or _at(buf, p) == 9:
@@ -188,7 +211,7 @@ def _parse(buf, p, row, k, mx, limit, pow10, indptr, indices, values, y, slow):
                 if c1 == 0:  # CR as the very last byte
                     p += 1
                     break
-                return 12, p, p, row, k, mx, ns  # LONE_CR
+                return E_LONE_CR, p, p, row, k, mx, ns
             if c == 0:
                 p = n
                 break
@@ -196,38 +219,31 @@ def _parse(buf, p, row, k, mx, limit, pow10, indptr, indices, values, y, slow):
             d = c - 48
             if not (0 <= d <= 9):
                 if c == 45 and 0 <= _at(buf, p + 1) - 48 <= 9:
-                    return 5, tok, p, row, k, mx, ns  # NEG_ID
-                q = p
-                while not _is_delim(_at(buf, q)) and _at(buf, q) != 58:
-                    q += 1
-                # BAD_ID when the token has a ':', else NO_COLON
-                return (6 if _at(buf, q) == 58 else 4), tok, p, row, k, mx, ns
+                    return E_NEG_ID, tok, p, row, k, mx, ns
+                return _malformed_id(buf, p), tok, p, row, k, mx, ns
             fid = 0
             while 0 <= d <= 9:
                 fid = fid * 10 + d
                 if fid > MAX_ID:
-                    return 7, tok, p, row, k, mx, ns  # BIG_ID
+                    return E_BIG_ID, tok, p, row, k, mx, ns
                 p += 1
                 d = _at(buf, p) - 48
             if _at(buf, p) != 58:  # ':'
-                q = p
-                while not _is_delim(_at(buf, q)) and _at(buf, q) != 58:
-                    q += 1
-                return (6 if _at(buf, q) == 58 else 4), tok, p, row, k, mx, ns
+                return _malformed_id(buf, p), tok, p, row, k, mx, ns
             p += 1
             if fid >= limit:
-                return 10, tok, p, row, k, mx, ns  # ID_RANGE
+                return E_ID_RANGE, tok, p, row, k, mx, ns
             num = p
             status, p, v = _number(buf, p, pow10)
             if status == 1:
-                return 8, tok, p, row, k, mx, ns  # VALUE_NAN
+                return E_VALUE_NAN, tok, p, row, k, mx, ns
             if status == 2:
                 if ns == slow.shape[0]:
                     return _RESUME, 0, line, row, k_line, mx, ns_line
                 _record(slow, ns, num, p, tok, 1, k)
                 ns += 1
             elif not np.isfinite(np.float32(v)):
-                return 9, tok, p, row, k, mx, ns  # VALUE_NONFINITE
+                return E_VALUE_NONFINITE, tok, p, row, k, mx, ns
             indices[k] = fid
             values[k] = np.float32(v)
             k += 1
@@ -289,7 +305,7 @@ def _read_slow(data, slow, values, y):
     bad = np.flatnonzero(~np.isfinite(numbers))
     if bad.size:
         _, _, token, is_value, _ = slow[bad[0]]
-        return _E["VALUE_NONFINITE"] if is_value else _E["LABEL_NONFINITE"], int(token)
+        return E_VALUE_NONFINITE if is_value else E_LABEL_NONFINITE, int(token)
     is_value = slow[:, 3] == 1
     values[slow[is_value, 4]] = numbers[is_value]
     y[slow[~is_value, 4]] = numbers[~is_value]
@@ -321,7 +337,7 @@ def parse(buf, start=0, n_features_limit=2147483648, n_threads=1, chunk_bytes=1 
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     newlines, colons, _, first_nul = _count(data, start, n)
     if first_nul >= 0:
-        return (_E["NUL"], first_nul, None, None, None, None, -1)
+        return (E_NUL, first_nul, None, None, None, None, -1)
     rows_cap = newlines + 1
     indptr = np.empty(rows_cap + 1, dtype=np.int64)
     indices = np.empty(max(colons, 1), dtype=np.int32)

@@ -15,7 +15,7 @@ BACKEND_NAMES = ("auto",) + tuple(BACKEND_MODULES)
 MODELS = ("fm", "afm")
 
 _loaded = {}
-_warned = []
+_fallback_warned = False
 
 
 def _import(name, model):
@@ -70,8 +70,9 @@ def get_backend(name="auto", model="fm"):
         module = _import("cython", model)
         if not isinstance(module, Exception):
             return module
-        if not _warned:  # once a process: every fit would repeat it otherwise
-            _warned.append(True)
+        global _fallback_warned
+        if not _fallback_warned:  # once a process: every fit would repeat it otherwise
+            _fallback_warned = True
             warnings.warn(
                 "afmfast: the compiled Cython kernels are missing "
                 f"({module}); training runs on the Numba backend (same results, slower). "

@@ -83,7 +83,6 @@ from afmfast.kernels.numba.common import (
     read_only_args,
     row_data_loss,
     row_key,
-    shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernels.api)
     step_key,
     steps_from,
 )
