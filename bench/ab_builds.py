@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (data sets and estimators of the comparison script)
 
-from afmfast.kernels import backends
+from afmfast.models.training import Trainer  # noqa: E402
 from afmfast.kernels import dispatch  # noqa: E402
 from afmfast.kernels import api  # noqa: E402
 
@@ -57,21 +57,12 @@ def load_build(directory, model):
     return module
 
 
-def step_config(est, model, step, threads):
-    """The configuration the estimator's own ``_train_batch`` would pass."""
-    if model == "afm":
-        return est._config(step)._replace(n_threads=threads)
-    return api.StepConfig(float(est.learning_rate), float(est.l2), float(est.keep),
-                          api.OPTIMIZER_CODES[est.optimizer], int(bool(est.batch_norm)),
-                          est._seed, step, threads, est._loss)
-
-
-def trainer(module, est, model, offset=0):
-    """(step function, params, state, workspace) of one build, from the estimator's:
+def build_run(module, trainer, model, offset=0):
+    """(step function, params, state, workspace) of one build, from the trainer's:
     copies placed ``offset`` bytes past a cache line (0, as the estimators place them)."""
-    params = type(est._params)(*[api.aligned_copy(a, offset) for a in est._params])
-    state = type(est._state)(*[api.aligned_copy(a, offset) for a in est._state])
-    ws = est._ws
+    params = type(trainer.params)(*[api.aligned_copy(a, offset) for a in trainer.params])
+    state = type(trainer.state)(*[api.aligned_copy(a, offset) for a in trainer.state])
+    ws = trainer.workspace
     if model == "afm":
         ws = module.afm_workspace(ws.batch_size, ws.max_batch_nnz, ws.max_batch_pairs,
                                   ws.n_features, ws.n_factors, ws.attention_size, ws.dtype)
@@ -104,10 +95,9 @@ def main():
             else compare.synthetic_mltag(args.rows))
     est = compare.make_estimator(args.model, args.k, "cython", 1)
     est._validate()
-    est._backend = backends.get_backend("cython", args.model)
-    est._threads, est._seed = 1, 2016
-    est._init_model(data, np.random.default_rng(2016))
-    runs = {name: trainer(m, est, args.model, args.base_offset if name == "base" else 0)
+    trainer = Trainer(est, data, threads=1, backend="cython", adaptive=False)
+    runs = {name: build_run(m, trainer, args.model,
+                            args.base_offset if name == "base" else 0)
             for name, m in builds.items()}
 
     X, y, n = data.X, data.y, data.n_rows
@@ -119,7 +109,7 @@ def main():
             order = rng.permutation(n).astype(np.int64, copy=False)
             for start in range(0, n - compare.BATCH + 1, compare.BATCH):
                 rows = order[start:start + compare.BATCH]
-                cfg = step_config(est, args.model, step, threads)
+                cfg = trainer.config(step, threads)
                 for name in (("base", "new") if step % 2 == 0 else ("new", "base")):
                     fn, params, state, ws = runs[name]
                     t0 = time.perf_counter()

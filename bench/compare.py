@@ -28,9 +28,9 @@ What is measured (batch 4096; the estimators' default hyperparameters)
 - seconds per epoch of FM k=16, k=256 and AFM k=t=16, k=t=256: afmfast (each backend
   that imports, 1 and 2 threads) and ``bench/torch_models.py`` (same threads through
   ``torch.set_num_threads``). afmfast trains as fit does without its per-epoch
-  evaluation: the backend's epoch order (``shuffled_rows``) and
-  ``FactorizationModel._train_epoch`` (runs of batches per kernel call); single batches
-  go through ``_train_batch``. PyTorch runs ``torch.randperm``, then per batch
+  evaluation: a ``afmfast.models.training.Trainer``'s ``epoch_order`` and
+  ``train_epoch`` (runs of batches per kernel call); single batches go through its
+  ``train_batch``. PyTorch runs ``torch.randperm``, then per batch
   zero_grad, loss, backward and Adagrad on pre-built (N, n) index tensors. At k <= 64
   the figure is the median of at least ``--epochs`` full epochs (a shuffled pass each);
   at k >= 128 it is the median of at least ``--steps`` single full batches times
@@ -229,29 +229,26 @@ def warmup_rows(data):
     return data[:64].with_n_features(None)
 
 
-def resident_param_bytes(est):
-    """Bytes of est's parameters and of the optimiser state that is in memory: every
+def resident_param_bytes(trainer):
+    """Bytes of the parameters and of the optimiser state that is in memory: every
     state array has two slots, the first written at creation, the second only by Adam
     (an untouched slot is zero pages that cost nothing, and counting it would hide as
     much work space)."""
-    slots = 2 if est.optimizer == "adam" else 1
-    return (sum(a.nbytes for a in est._params)
-            + sum(a[:slots].nbytes for a in est._state))
+    slots = 2 if trainer.model.optimizer == "adam" else 1
+    return (sum(a.nbytes for a in trainer.params)
+            + sum(a[:slots].nbytes for a in trainer.state))
 
 
 def worker_afmfast(job):
-    from afmfast.kernels import backends
+    from afmfast.models.training import Trainer
 
     data = load_dataset(job["data"])
     X, y, n = data.X, data.y, data.n_rows
 
-    def build(n_feat_data, threads):
+    def build(rows, threads):
         est = make_estimator(job["model"], job["k"], job["backend"], threads)
         est._validate()
-        est._backend = backends.get_backend(job["backend"], est._model)
-        est._threads, est._seed = threads, 2016
-        est._init_model(n_feat_data, np.random.default_rng(2016))
-        return est
+        return Trainer(est, rows, threads=threads, adaptive=False)
 
     # warm-up on 64 rows: JIT / thread pools, before the memory baseline; the model has
     # only those rows' features, so that the timed model cannot reuse the memory it
@@ -259,38 +256,37 @@ def worker_afmfast(job):
     small = warmup_rows(data)
     warm = build(small, 2)
     for threads in THREADS:
-        warm._threads = threads
-        warm._train_batch(small.X, small.y, np.arange(64, dtype=np.int64), 0)
+        warm.train_batch(small.X, small.y, np.arange(64, dtype=np.int64), 0, threads)
     del warm
     # the steps mode's batches are the harness's, not training's: drawn before the baseline
     rows_for, scale = _timing_plan(job, n, np.random.default_rng(1))
     rss_before = rss_bytes()
     reset_ok = reset_peak_rss()
-    est = build(data, THREADS[0])
-    param_bytes = resident_param_bytes(est)
+    trainer = build(data, THREADS[0])
+    param_bytes = resident_param_bytes(trainer)
     times = {t: [] for t in THREADS}
     probes = []
     step = 0
     for threads in THREADS:  # one warm-up batch per thread count
-        est._threads = threads
-        est._train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step)
+        trainer.train_batch(X, y, np.arange(min(WARMUP_ROWS, n), dtype=np.int64), step,
+                            threads)
         step += 1
     # fixed thread counts: this table measures the kernels' scaling (--load measures fit's
     # default, adaptive count)
     planners = {t: RunPlanner(t, adaptive=False) for t in THREADS}
     for rows in _repetitions(job, rows_for, times, probes, scale):
         for threads in THREADS:
-            est._threads, est._planner = threads, planners[threads]
+            trainer.planner = planners[threads]
             if rows is None:  # one epoch, as fit runs it (without its evaluation)
                 t0 = time.perf_counter()
-                order = est._backend.shuffled_rows(n, est._seed, step, threads)
-                step, _ = est._train_epoch(X, y, order, step)
+                order = trainer.epoch_order(n, step, threads)
+                step, _ = trainer.train_epoch(X, y, order, step)
                 del order  # as fit does
                 times[threads].append((time.perf_counter() - t0) * scale)
                 continue
             for i, batch in enumerate(rows):
                 t0 = time.perf_counter()
-                est._train_batch(X, y, batch, step)
+                trainer.train_batch(X, y, batch, step, threads)
                 step += 1
                 if i > 0:
                     times[threads].append((time.perf_counter() - t0) * scale)

@@ -1,5 +1,5 @@
 """What fit's epoch loop costs around the kernels: one kernel call per batch against
-runs of batches per call (``FactorizationModel._train_epoch``, as fit trains).
+runs of batches per call (``Trainer.train_epoch``, as fit trains).
 
     python bench/epoch_overhead.py                       # FM k=16 and AFM k=64, ml-tag
     python bench/epoch_overhead.py --configs fm:16 --rows 500000 --epochs 5
@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (data set and estimators of the comparison script)
 
 from afmfast import _afm_cython, _fm_cython
-from afmfast.kernels import backends  # noqa: E402
-from afmfast.kernels.threads import RunPlanner  # noqa: E402
+from afmfast.models.training import Trainer  # noqa: E402
 
 KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 
@@ -31,12 +30,12 @@ def kernel_seconds(model, ws):
     return sum(KERNELS[model]._phase_times(ws).values())
 
 
-def per_batch_epoch(est, model, X, y, order, step):
+def per_batch_epoch(trainer, model, X, y, order, step):
     """The loop fit ran before runs: one kernel call per batch."""
     kernel = 0.0
     for start in range(0, len(order), compare.BATCH):
-        est._train_batch(X, y, order[start:start + compare.BATCH], step)
-        kernel += kernel_seconds(model, est._ws)
+        trainer.train_batch(X, y, order[start:start + compare.BATCH], step)
+        kernel += kernel_seconds(model, trainer.workspace)
         step += 1
     return step, kernel
 
@@ -62,22 +61,19 @@ def main():
         for threads in args.threads:
             est = compare.make_estimator(model, k, "cython", threads)
             est._validate()
-            est._backend = backends.get_backend("cython", model)
-            est._threads, est._seed = threads, 2016
-            est._planner = RunPlanner(threads, adaptive=False)
-            est._init_model(data, np.random.default_rng(2016))
-            est._train_batch(X, y, np.arange(compare.BATCH, dtype=np.int64), 0)  # warm-up
+            trainer = Trainer(est, data, threads=threads, backend="cython", adaptive=False)
+            trainer.train_batch(X, y, np.arange(compare.BATCH, dtype=np.int64), 0)  # warm-up
             step = 1
             times = {"batch": [], "runs": []}
             outside = []
             for epoch in range(args.epochs):
-                order = est._backend.shuffled_rows(n, 2016, epoch, threads)
+                order = trainer.epoch_order(n, epoch)
                 t0 = time.perf_counter()
-                step, kernel = per_batch_epoch(est, model, X, y, order, step)
+                step, kernel = per_batch_epoch(trainer, model, X, y, order, step)
                 times["batch"].append(time.perf_counter() - t0)
                 outside.append((times["batch"][-1] - kernel) / n_batches)
                 t0 = time.perf_counter()
-                step, _ = est._train_epoch(X, y, order, step)
+                step, _ = trainer.train_epoch(X, y, order, step)
                 times["runs"].append(time.perf_counter() - t0)
             tb, tr = np.median(times["batch"]), np.median(times["runs"])
             print(f"{config:>8} {threads:>7} {tb:10.3f} {tr:8.3f} {tr / tb:6.3f} "

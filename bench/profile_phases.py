@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (the data sets of the comparison script)
 
 from afmfast import _afm_cython, _fm_cython
-from afmfast.kernels import backends  # noqa: E402
+from afmfast.models.training import Trainer  # noqa: E402
 
 KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 
@@ -43,9 +43,7 @@ def profile(model, data, k, threads, epochs, batch=compare.BATCH, dropout=True):
     if not dropout:
         est.keep = 1.0 if model == "fm" else (1.0, 1.0)
     est._validate()
-    est._backend = backends.get_backend("cython", model)
-    est._threads, est._seed = threads, 2016
-    est._init_model(data, np.random.default_rng(2016))
+    trainer = Trainer(est, data, threads=threads, backend="cython", adaptive=False)
     X, y, n = data.X, data.y, data.n_rows
     rng = np.random.default_rng(1)
     phases, totals, step = [], [], 0
@@ -53,9 +51,9 @@ def profile(model, data, k, threads, epochs, batch=compare.BATCH, dropout=True):
         order = rng.permutation(n).astype(np.int64, copy=False)
         for start in range(0, n - batch + 1, batch):
             t0 = time.perf_counter()
-            est._train_batch(X, y, order[start:start + batch], step)
+            trainer.train_batch(X, y, order[start:start + batch], step)
             totals.append(time.perf_counter() - t0)
-            phases.append(list(KERNELS[model]._phase_times(est._ws).values()))
+            phases.append(list(KERNELS[model]._phase_times(trainer.workspace).values()))
             step += 1
     skip = len(totals) // 3
     return np.array(totals[skip:]), np.array(phases[skip:])

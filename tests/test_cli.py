@@ -222,20 +222,20 @@ def test_missing_model_file_names_the_command_that_writes_it(data_dir, tmp_path,
 
 def test_interrupt_saves_the_best_epoch_and_exits_130(data_dir, tmp_path, monkeypatch,
                                                      capsys):
-    from afmfast.models.base import FactorizationModel
+    from afmfast.models.training import Trainer
 
     monkeypatch.chdir(tmp_path)
-    keep_epoch = FactorizationModel._keep_epoch
+    keep_epoch = Trainer._keep_epoch
 
-    def interrupt_in_epoch_4(model, epoch, improved):
-        keep_epoch(model, epoch, improved)
+    def interrupt_in_epoch_4(trainer, epoch, improved):
+        keep_epoch(trainer, epoch, improved)
         if epoch == 4:
             raise KeyboardInterrupt
 
     where = ("--path", str(data_dir), "--dataset", "toy", "--hidden_factor", "8",
              "--batch_size", "256")
     with monkeypatch.context() as patch:
-        patch.setattr(FactorizationModel, "_keep_epoch", interrupt_in_epoch_4)
+        patch.setattr(Trainer, "_keep_epoch", interrupt_in_epoch_4)
         code, out, err = _run(capsys, "fm", *where, "--epoch", "20", "--save", "m.npz")
     assert code == 130
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -9,6 +9,7 @@ import pytest
 import afmfast
 from afmfast.kernels.backends import available_backends
 from afmfast.demo import make_demo_data
+from afmfast.models.training import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,14 @@ def test_concurrent_predictions_equal_serial_ones(demo, backend):
 def test_predict_while_fit_runs_is_refused(demo, monkeypatch):
     model = afmfast.FM(n_factors=8, n_epochs=2, batch_size=512, verbose=0).fit(demo.train)
     inside_fit, release = threading.Event(), threading.Event()
-    real_steps = model._train_batches
+    real_run = Trainer.train_run
 
-    def slow_steps(*args):
+    def slow_run(*args):
         inside_fit.set()
         release.wait(timeout=30)
-        return real_steps(*args)
+        return real_run(*args)
 
-    monkeypatch.setattr(model, "_train_batches", slow_steps)
+    monkeypatch.setattr(Trainer, "train_run", slow_run)
     worker = threading.Thread(target=model.fit, args=(demo.train,))
     worker.start()
     try:

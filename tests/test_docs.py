@@ -15,7 +15,8 @@ import afmfast
 MODULES = ["afmfast", "afmfast.models.fm", "afmfast.models.afm", "afmfast.demo",
            "afmfast.data.encoding", "afmfast.plotting", "afmfast.data.dataset",
            "afmfast.data.libfm", "afmfast.models.base", "afmfast.models.persistence",
-           "afmfast.metrics", "afmfast.kernels.dispatch", "afmfast.kernels.backends"]
+           "afmfast.metrics", "afmfast.kernels.dispatch", "afmfast.kernels.backends",
+           "afmfast.models.training"]
 # Optional packages (the [test] extra) that a module's examples use.
 NEEDS = {"afmfast.data.encoding": "pandas", "afmfast.plotting": "matplotlib",
          "afmfast.data.dataset": "scipy"}

@@ -8,7 +8,7 @@ import pytest
 import afmfast
 from afmfast.kernels.backends import available_backends
 from afmfast.demo import linear_baseline_rmse, make_demo_data
-from afmfast.models.base import _worse_four_times
+from afmfast.models.training import Trainer, _worse_four_times
 
 FAST = dict(n_factors=8, n_epochs=3, batch_size=256, verbose=0)
 
@@ -228,15 +228,15 @@ def test_epoch_lines_by_default_report_the_running_loss_and_threads(demo, capsys
 
 def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
     model = afmfast.FM(**{**FAST, "n_epochs": 10})
-    real_steps = model._train_batches
+    real_run = Trainer.train_run
     steps_per_epoch = -(-demo.train.n_rows // FAST["batch_size"])
 
-    def interrupting_steps(X, y, rows, batch_size, step, losses, threads=None):
+    def interrupting_run(trainer, X, y, rows, batch_size, step, losses, threads=None):
         if step >= 2 * steps_per_epoch:  # in epoch 3
             raise KeyboardInterrupt
-        return real_steps(X, y, rows, batch_size, step, losses, threads)
+        return real_run(trainer, X, y, rows, batch_size, step, losses, threads)
 
-    monkeypatch.setattr(model, "_train_batches", interrupting_steps)
+    monkeypatch.setattr(Trainer, "train_run", interrupting_run)
     with pytest.raises(KeyboardInterrupt) as info:
         model.fit(demo.train, validation=demo.valid)
     assert len(model.history_) == 2 and model.best_epoch_ in (1, 2)
@@ -251,18 +251,18 @@ def test_keyboard_interrupt_keeps_the_best_epoch_so_far(demo, monkeypatch):
 def test_epoch_snapshots_are_reused_not_allocated_per_epoch(demo, monkeypatch):
     # fit keeps the best and the last good epoch's parameters: one copy while every
     # epoch improves, a second only once an epoch does not
-    def count_allocations(model):
-        real_snapshot, allocated = model._snapshot, []
+    def count_allocations():
+        real_snapshot, allocated = Trainer._snapshot, []
 
-        def snapshot(into=None):
+        def snapshot(trainer, into=None):
             allocated.append(into is None)
-            return real_snapshot(into)
+            return real_snapshot(trainer, into)
 
-        monkeypatch.setattr(model, "_snapshot", snapshot)
+        monkeypatch.setattr(Trainer, "_snapshot", snapshot)
         return allocated
 
     plain = afmfast.FM(**{**FAST, "n_epochs": 4})
-    allocated = count_allocations(plain)
+    allocated = count_allocations()
     plain.fit(demo.train)
     assert allocated == [True, False, False, False, False]
 
@@ -272,7 +272,7 @@ def test_epoch_snapshots_are_reused_not_allocated_per_epoch(demo, monkeypatch):
     monkeypatch.setattr(model, "_measure", lambda data: (
         real_measure(data)[0], {"rmse": next(scripted)} if data is demo.valid
         else real_measure(data)[1]))
-    allocated = count_allocations(model)
+    allocated = count_allocations()
     model.fit(demo.train, validation=demo.valid)
     assert model.best_epoch_ == 3 and allocated.count(True) == 2
     ref = afmfast.FM(**{**FAST, "n_epochs": 3}).fit(demo.train)
@@ -283,15 +283,15 @@ def test_interrupt_while_the_best_epoch_is_copied_keeps_that_epoch(demo, monkeyp
     # the copy of an improved epoch overwrites the previous best in place; Ctrl-C in the
     # middle of it must keep the (complete) live parameters, not the half-written copy
     model = afmfast.FM(**{**FAST, "n_epochs": 5})
-    real_snapshot = model._snapshot
+    real_snapshot = Trainer._snapshot
 
-    def snapshot(into=None):
-        if into is not None and len(model.history_) == 2:
+    def snapshot(trainer, into=None):
+        if trainer.model is model and into is not None and len(model.history_) == 2:
             into.V[...] = 0.0  # half-written
             raise KeyboardInterrupt
-        return real_snapshot(into)
+        return real_snapshot(trainer, into)
 
-    monkeypatch.setattr(model, "_snapshot", snapshot)
+    monkeypatch.setattr(Trainer, "_snapshot", snapshot)
     with pytest.raises(KeyboardInterrupt):
         model.fit(demo.train)
     assert model.best_epoch_ == 2
@@ -324,10 +324,10 @@ def test_callbacks_receive_records_and_can_stop(demo):
 
 
 def test_verbose_2_draws_progress_on_stderr(demo, capsys, monkeypatch):
-    import afmfast.models.base as est
+    from afmfast.models import training
 
     clock = iter(np.arange(0.0, 1e6, 0.3))  # every batch looks 0.3 s after the last
-    monkeypatch.setattr(est.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
     afmfast.FM(**{**FAST, "n_epochs": 1, "verbose": 2}).fit(demo.train)
     err = capsys.readouterr().err
     assert "Epoch 1: " in err and "rows/s" in err and "ETA" in err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast.models import base as estimator
+from afmfast.models import training
 from afmfast.demo import make_demo_data
 
 
@@ -55,12 +55,12 @@ class _Stream(io.StringIO):
 @pytest.fixture
 def clock(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(estimator.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
     return now
 
 
 def _drive(stream, clock, steps, dt):
-    progress = estimator._Progress(3, 1000, stream=stream)
+    progress = training._Progress(3, 1000, stream=stream)
     for i in range(1, steps + 1):
         clock[0] += dt
         progress.update(i * 1000 // steps)
@@ -75,7 +75,7 @@ def test_progress_redraws_in_place_on_a_terminal(clock):
 
 
 def test_progress_in_a_log_is_plain_and_rare(clock, monkeypatch):
-    monkeypatch.setattr(estimator._Progress, "PLAIN_INTERVAL", 5.0)
+    monkeypatch.setattr(training._Progress, "PLAIN_INTERVAL", 5.0)
     text = _drive(_Stream(tty=False), clock, steps=10, dt=0.3)
     assert text == ""  # 3 s: shorter than the plain interval
     text = _drive(_Stream(tty=False), clock, steps=10, dt=2.0)

@@ -10,6 +10,7 @@ import pytest
 
 import afmfast
 from afmfast.demo import make_demo_data
+from afmfast.models.training import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,11 @@ def test_parameter_tables_start_on_cache_lines(fitted, tmp_path):
     """kernels.api.aligned_empty: fitted and loaded models keep V and w (and fitting keeps
     the optimiser state) 64-byte aligned, so that no row of V shares a cache line with
     its neighbour's at k = 16."""
-    model, _ = fitted
-    arrays = [model._params.V, model._params.w, *model._state]
-    assert all(a.ctypes.data % 64 == 0 for a in arrays)
+    model, data = fitted
+    assert model._params.V.ctypes.data % 64 == 0 and model._params.w.ctypes.data % 64 == 0
+    trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256), data.train)
+    assert all(a.ctypes.data % 64 == 0
+               for a in [trainer.params.V, trainer.params.w, *trainer.state])
     path = tmp_path / "fm.npz"
     model.save(path)
     loaded = afmfast.load(path)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import afmfast
-from afmfast.kernels.backends import get_backend
 from afmfast.demo import make_demo_data
+from afmfast.models.training import Trainer
 
 from conftest import BACKENDS
 
@@ -19,32 +19,26 @@ def demo():
     return make_demo_data(n_rows=3000, seed=0)  # 2400 training rows: 9 full batches + 96
 
 
-def fresh_model(demo, backend, model, threads=2):
+def fresh_trainer(demo, backend, model, threads=2):
     est = (afmfast.FM(n_factors=8) if model == "fm" else afmfast.AFM(n_factors=8))
-    est.set_params(batch_size=BATCH, n_threads=threads, backend=backend, verbose=0)
+    est.set_params(batch_size=BATCH, n_threads=threads, backend=backend, random_state=11,
+                   verbose=0)
     est._validate()
-    est._backend = get_backend(backend, model)
-    est._threads, est._seed = threads, 11
-    est._init_model(demo.train, np.random.default_rng(3))
-    return est
-
-
-def steps_function(est, model):
-    return getattr(est._backend, f"{model}_steps")
+    return Trainer(est, demo.train, adaptive=False)
 
 
 @pytest.mark.parametrize("backend,model", CASES)
 def test_steps_are_the_single_steps(demo, backend, model):
     X, y = demo.train.X, demo.train.y
     order = np.random.default_rng(5).permutation(len(y)).astype(np.int64)
-    one = fresh_model(demo, backend, model)
-    singles = [one._train_batch(X, y, order[s:s + BATCH], 40 + i)
+    one = fresh_trainer(demo, backend, model)
+    singles = [one.train_batch(X, y, order[s:s + BATCH], 40 + i)
                for i, s in enumerate(range(0, len(y), BATCH))]
-    run = fresh_model(demo, backend, model)
+    run = fresh_trainer(demo, backend, model)
     losses = np.full(len(singles), -1.0)
-    assert run._train_batches(X, y, order, BATCH, 40, losses) == len(singles)
+    assert run.train_run(X, y, order, BATCH, 40, losses) == len(singles)
     np.testing.assert_array_equal(losses, singles)
-    for a, b in zip(run._params + run._state, one._params + one._state):
+    for a, b in zip(run.params + run.state, one.params + one.state):
         np.testing.assert_array_equal(a, b)
 
 
@@ -53,9 +47,9 @@ def test_steps_stop_after_a_non_finite_loss(demo, backend, model):
     X, y = demo.train.X, demo.train.y.copy()
     order = np.arange(len(y), dtype=np.int64)
     y[2 * BATCH + 7] = np.inf  # in the third batch
-    est = fresh_model(demo, backend, model)
+    trainer = fresh_trainer(demo, backend, model)
     losses = np.full(-(-len(y) // BATCH), -1.0)
-    assert est._train_batches(X, y, order, BATCH, 0, losses) == 3
+    assert trainer.train_run(X, y, order, BATCH, 0, losses) == 3
     assert np.all(np.isfinite(losses[:2])) and not np.isfinite(losses[2])
     assert np.all(losses[3:] == -1.0)
 
@@ -63,15 +57,15 @@ def test_steps_stop_after_a_non_finite_loss(demo, backend, model):
 @pytest.mark.parametrize("backend,model", CASES)
 def test_steps_reject_bad_arguments(demo, backend, model):
     X, y = demo.train.X, demo.train.y
-    est = fresh_model(demo, backend, model)
-    steps = steps_function(est, model)
+    trainer = fresh_trainer(demo, backend, model)
+    steps = getattr(trainer.backend, f"{model}_steps")
     order = np.arange(1000, dtype=np.int64)
 
     def call(rows, batch_size, n_losses):
-        return steps(X, y, rows, batch_size, est._params, est._state, est._config(0),
-                     est._ws, np.empty(n_losses))
+        return steps(X, y, rows, batch_size, trainer.params, trainer.state,
+                     trainer.config(0), trainer.workspace, np.empty(n_losses))
 
-    before = [a.copy() for a in est._params]
+    before = [a.copy() for a in trainer.params]
     with pytest.raises(ValueError, match="losses"):
         call(order, BATCH, 3)  # 4 batches
     with pytest.raises(ValueError, match="batch_size"):
@@ -86,8 +80,8 @@ def test_steps_reject_bad_arguments(demo, backend, model):
     with pytest.raises(ValueError, match=r"rows\[261\]" if backend == "cython" else "rows"):
         call(bad, BATCH, 4)
     # the first batch ran before the bad one was found; nothing else changed it
-    est2 = fresh_model(demo, backend, model)
-    est2._train_batch(X, y, order[:BATCH], 0)
-    for a, b in zip(est._params, est2._params):
+    first_only = fresh_trainer(demo, backend, model)
+    first_only.train_batch(X, y, order[:BATCH], 0)
+    for a, b in zip(trainer.params, first_only.params):
         np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, b) for a, b in zip(est._params, before))
+    assert any(not np.array_equal(a, b) for a, b in zip(trainer.params, before))

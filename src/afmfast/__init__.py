@@ -11,7 +11,8 @@ from afmfast.models.afm import AFM, AFMClassifier, Attention
 from afmfast.data.dataset import Dataset
 from afmfast.data.libfm import load_libfm
 from afmfast.data.encoding import FeatureMap, encode
-from afmfast.models.base import NotFittedError, TrainingDivergedError
+from afmfast.models.base import NotFittedError
+from afmfast.models.training import TrainingDivergedError
 from afmfast.models.fm import FM, FMClassifier
 from afmfast.models.persistence import load
 from afmfast.plotting import plot_field_attention

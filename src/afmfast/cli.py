@@ -464,7 +464,7 @@ def _stdout_to_devnull():
 
 
 def _run(argv):
-    from afmfast.models.base import TrainingDivergedError
+    from afmfast.models.training import TrainingDivergedError
 
     args = build_parser().parse_args(argv)
     try:

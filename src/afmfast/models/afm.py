@@ -16,15 +16,15 @@ from afmfast.models.base import (
     _check_int,
     _check_real,
 )
-from afmfast.models.fm import FM
 from afmfast.kernels.api import (
     ACTIVATION_CODES,
     OPTIMIZER_CODES,
     AFMParams,
     AFMStepConfig,
     new_afm_params,
-    new_opt_state,
 )
+from afmfast.models.fm import FM
+from afmfast.models.training import _copy_params
 
 if TYPE_CHECKING:  # annotations only
     from numpy.typing import ArrayLike
@@ -149,14 +149,21 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
             raise ValueError("batch_norm=True is not available for AFM: the reference AFM "
                              "never applies batch normalisation; use batch_norm=False")
 
-    def _init_model(self, train, rng):
-        self._params = new_afm_params(train.n_features, self.n_factors, self.attention_size,
-                                      rng)
-        self._state = new_opt_state(self._params, OPTIMIZER_CODES[self.optimizer])
-        self._ws = self._backend.afm_workspace(
+    def _new_params(self, n_features, rng):
+        return new_afm_params(n_features, self.n_factors, self.attention_size, rng)
+
+    def _new_workspace(self, backend, train):
+        return backend.afm_workspace(
             min(self.batch_size, train.n_rows), self._max_batch_nnz(train),
             self._max_batch_pairs(train), train.n_features, self.n_factors,
             self.attention_size, np.float32)
+
+    def _step_config(self, seed, step, threads):
+        return AFMStepConfig(
+            float(self.learning_rate), float(self.l2), float(self.l2_attention),
+            float(self.keep[0]), float(self.keep[1]), OPTIMIZER_CODES[self.optimizer],
+            int(bool(self.attention)), ACTIVATION_CODES[self.activation],
+            int(bool(self.freeze_fm)), seed, step, threads, self._loss)
 
     def _warm_start(self, source, n_features):
         if not isinstance(source, (FM, AFM)):
@@ -171,24 +178,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
             if source.attention_size != self.attention_size:
                 raise ValueError(f"init_from: attention_size differs (source "
                                  f"{source.attention_size}, this model {self.attention_size})")
-            self._restore(source._params)
-
-    def _config(self, step, threads=None):
-        return AFMStepConfig(
-            float(self.learning_rate), float(self.l2), float(self.l2_attention),
-            float(self.keep[0]), float(self.keep[1]), OPTIMIZER_CODES[self.optimizer],
-            int(bool(self.attention)), ACTIVATION_CODES[self.activation],
-            int(bool(self.freeze_fm)), self._seed, step,
-            self._threads if threads is None else threads, self._loss)
-
-    def _train_batch(self, X, y, rows, step):
-        return self._backend.afm_step(X, y, rows, self._params, self._state,
-                                      self._config(step), self._ws)
-
-    def _train_batches(self, X, y, rows, batch_size, step, losses, threads=None):
-        return self._backend.afm_steps(X, y, rows, batch_size, self._params,
-                                       self._state, self._config(step, threads), self._ws,
-                                      losses)
+            _copy_params(self._params, source._params)
 
     def _predict_dataset(self, data):
         out = np.empty(data.n_rows, dtype=np.float32)

@@ -1,15 +1,16 @@
-"""Estimators: argument validation, the epoch loop, early stopping, evaluation.
+"""Estimators: parameters, argument validation, input coercion, prediction, evaluation.
 
 ``FactorizationModel`` holds what every model shares (scikit-learn style parameters, input
-coercion, the training loop (runs of batches per kernel call), early stopping, best-epoch
-restore, divergence stop, save); ``FM`` adds the FM parameters and kernels.
+coercion, ``fit``'s set-up, prediction and evaluation, pickling, save); the training
+itself (epoch loop, early stopping, best-epoch restore, divergence stop) is a
+``afmfast.models.training.Trainer``. ``FM`` and ``AFM`` add their parameter tables and
+kernels; ``BinaryClassifier`` the logistic loss and labels.
 """
 from __future__ import annotations
 
 import inspect
 import math
 import sys
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,9 +19,10 @@ from afmfast.data.dataset import Dataset
 from afmfast.data.encoding import FeatureMap, is_dataframe
 from afmfast.kernels import backends
 from afmfast.kernels.api import LOGISTIC, OPTIMIZER_CODES, SQUARED, aligned_copy
-from afmfast.kernels.threads import RunPlanner, resolve_threads
-from afmfast.metrics import HIGHER_IS_BETTER, rmse
+from afmfast.kernels.threads import resolve_threads
+from afmfast.metrics import rmse
 from afmfast.models import persistence
+from afmfast.models.training import Trainer
 from afmfast.models.inputs import as_real, binary_classes, check_columns, label_vector, n_rows
 
 if TYPE_CHECKING:  # annotations only
@@ -67,25 +69,6 @@ class NotFittedError(*_NOT_FITTED_BASES):
 #: feature count was derived from the data's largest id rather than given explicitly:
 #: one stray id like 2_000_000_000 must not allocate hundreds of gigabytes.
 MAX_PARAMETER_BYTES = 4 << 30
-
-class TrainingDivergedError(FloatingPointError):
-    """The training loss became NaN or infinite; the model keeps its last finite
-    parameters (those at the end of the last finished epoch).
-
-    Examples
-    --------
-    >>> import afmfast
-    >>> from afmfast.demo import make_demo_data
-    >>> data = make_demo_data(n_rows=500, seed=0)
-    >>> model = afmfast.FM(learning_rate=1e30, optimizer="sgd", keep=1.0, batch_norm=False,
-    ...                    n_epochs=2, n_threads=1, verbose=0)
-    >>> try:
-    ...     model.fit(data.train)
-    ... except afmfast.TrainingDivergedError as exc:
-    ...     print(exc)
-    training diverged in epoch 1: ... Try a lower learning_rate (now 1e+30).
-    """
-
 
 def _largest_batch_total(train, batch_size, per_row):
     """The most that a batch of ``batch_size`` rows of ``train`` can hold of a quantity
@@ -315,8 +298,8 @@ class FactorizationModel(*_SKLEARN_BASES):
         self._validate()
         threads = resolve_threads(self.n_threads)
         _check_bool("score_train", score_train)
-        self._monitor = self._task_metrics[0] if metric is None else metric
-        if self._monitor not in self._task_metrics:
+        monitor = self._task_metrics[0] if metric is None else metric
+        if monitor not in self._task_metrics:
             raise ValueError(f"metric must be one of {self._task_metrics}, got {metric!r}")
         if is_dataframe(X):
             self.feature_map_ = FeatureMap.fit(
@@ -335,25 +318,21 @@ class FactorizationModel(*_SKLEARN_BASES):
             raise ValueError(f"X: found array with 0 feature(s) (shape=({train.n_rows}, 0)) "
                              "while a minimum of 1 is required.")
         valid = None if validation is None else self._validation_dataset(validation)
-        self._backend = backends.get_backend(self.backend, self._model)
-        self.backend_ = backends.backend_name(self._backend)
-        self.n_threads_ = self._threads = threads
-        self._planner = RunPlanner(threads, adaptive=self.adaptive_threads)
-        self._score_train = bool(score_train)
         _check_parameter_budget(train, self.n_factors)
-        self.n_features_in_ = train.n_features
-        seed = 2016 if self.random_state is None else int(self.random_state)
-        rng = np.random.default_rng(seed)
-        self._seed = seed
         self._training = True
         try:
-            self._init_model(train, rng)
+            trainer = self._trainer = Trainer(self, train, threads=threads)
+            self.n_features_in_ = train.n_features
+            self._monitor = monitor
+            self._backend = trainer.backend
+            self.backend_ = backends.backend_name(trainer.backend)
+            self.n_threads_ = self._threads = threads
             if init_from is not None:
                 self._warm_start(_as_model(init_from), train.n_features)
-            self._run_epochs(train, valid, list(callbacks or ()))
+            trainer.run_epochs(train, valid, list(callbacks or ()), monitor, bool(score_train))
         finally:
             self._training = False
-            self.__dict__.pop("_planner", None)
+            self.__dict__.pop("_trainer", None)
         return self
 
     def _validation_dataset(self, validation):
@@ -379,37 +358,6 @@ class FactorizationModel(*_SKLEARN_BASES):
         if self.verbose:
             print(text, file=sys.stdout, flush=True)
 
-    def _run_epochs(self, train, valid, callbacks):
-        """The epoch loop; leaves the model fitted however it ends (done, early stop,
-        divergence, or Ctrl-C, which restores the best epoch so far and re-raises)."""
-        self.history_ = []
-        self.best_epoch_ = 0
-        self._best = self._last_good = self._snapshot()
-        try:
-            self._epochs(train, valid, callbacks)
-            if self.early_stopping or valid is None:
-                self._restore(self._best)
-            else:
-                self.best_epoch_ = len(self.history_)
-        except KeyboardInterrupt as exc:
-            if self._best is not None:  # None: interrupted while the best was copied
-                self._restore(self._best)
-            # a note on the traceback rather than a printed line: the CLI reports the
-            # interrupt in one line of its own
-            if hasattr(exc, "add_note"):  # Python 3.11+
-                exc.add_note(f"afmfast: fit was interrupted; the model keeps epoch "
-                             f"{self.best_epoch_}.")
-            raise
-        finally:
-            del self._best, self._last_good
-            self._publish()
-
-    def _diverged(self, epoch, what):
-        self._restore(self._last_good)
-        return TrainingDivergedError(
-            f"training diverged in epoch {epoch}: {what}; the model keeps the parameters "
-            f"of epoch {epoch - 1}. Try a lower learning_rate (now {self.learning_rate}).")
-
     #: the metrics ``evaluate`` reports, the first one monitored by default
     _task_metrics = ("rmse",)
 
@@ -427,120 +375,6 @@ class FactorizationModel(*_SKLEARN_BASES):
         """(raw scores, metrics) of a data set."""
         scores = self._predict_dataset(data)
         return scores, self._evaluate_scores(data.y, scores)
-
-    def _train_epoch(self, X, y, order, step, epoch=0, progress=None):
-        """One pass over the rows ``order`` in batches of batch_size from global step
-        ``step``; returns (the step after it, the sum of the batch losses).
-
-        The batches go to the kernel in runs (``_train_batches``, one call each) that
-        ``self._planner`` (an ``afmfast.kernels.threads.RunPlanner``) sizes and gives a thread
-        count: about 0.1 s each, short enough for Ctrl-C to land soon, and long enough
-        that the call costs nothing against one call per epoch
-        (python bench/epoch_overhead.py)."""
-        planner = self._planner
-        n = len(order)
-        bs = min(self.batch_size, n)  # the workspace's batch size (a smaller data set)
-        start, batch_losses = 0, []
-        while start < n:
-            threads, span = planner.next_run(bs, n - start)
-            stop = min(n, start + span * bs)
-            losses = np.empty(-(-(stop - start) // bs))
-            t = time.perf_counter()
-            done = self._train_batches(X, y, order[start:stop], bs, step, losses, threads)
-            elapsed = time.perf_counter() - t
-            if not math.isfinite(losses[done - 1]):
-                raise self._diverged(epoch, f"the batch loss became {losses[done - 1]}")
-            planner.record(threads, stop - start, done, elapsed)
-            step += done
-            batch_losses.extend(losses[:done].tolist())
-            start = stop
-            if progress is not None:
-                progress.update(stop)
-        # fsum: the same total however the planner cut the epoch into runs
-        return step, math.fsum(batch_losses)
-
-    def _epochs(self, train, valid, callbacks):
-        n = train.n_rows
-        X, y = train.X, train.y
-        monitor = self._monitor
-        sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
-        label = "" if monitor == "rmse" else f" {monitor}"
-        best_valid = -math.inf
-        if self.verbose and (self._score_train or valid is not None):
-            t = time.perf_counter()
-            parts = []
-            if self._score_train:
-                parts.append(f"train{label}={self._measure(train)[1][monitor]:.4f}")
-            if valid is not None:
-                parts.append(f"validation{label}={self._measure(valid)[1][monitor]:.4f}")
-            self._log(f"Init: \t {', '.join(parts)} [{time.perf_counter() - t:.1f} s]")
-        step = 0
-        for epoch in range(1, self.n_epochs + 1):
-            train.validate()  # a callback may have changed the arrays (Dataset.validate)
-            if valid is not None:
-                valid.validate("validation")
-            t0 = time.perf_counter()
-            # kernels.api's epoch order, on the fit's threads: NumPy's permutation is
-            # serial and misses the cache at every swap (docs/performance.md, "Epoch
-            # order")
-            order = self._backend.shuffled_rows(n, self._seed, epoch, self._planner.current)
-            progress = _Progress(epoch, n) if self.verbose >= 2 else None
-            step, loss_sum = self._train_epoch(X, y, order, step, epoch, progress)
-            del order  # before the next epoch's is drawn: one order in memory, not two
-            if progress is not None:
-                progress.close()
-            t1 = time.perf_counter()
-            if not self._finite_parameters():
-                raise self._diverged(epoch, "the parameters or the optimiser state are no "
-                                           "longer finite")
-            if not self._score_train and not np.all(np.isfinite(
-                    self._predict_dataset(train[:self.batch_size]))):
-                raise self._diverged(epoch, "the predictions are no longer finite")
-            rows_by_threads = self._planner.take_rows_by_threads()
-            threads = max(rows_by_threads, key=rows_by_threads.get)
-            record = {"epoch": epoch, "train_loss": loss_sum / n}
-            if self._score_train:
-                scores, train_metrics = self._measure(train)
-                if not np.all(np.isfinite(scores)):
-                    raise self._diverged(epoch, "the predictions are no longer finite")
-                record.update((f"train_{k}", v) for k, v in train_metrics.items())
-            valid_metrics = (self._measure(valid)[1] if valid is not None
-                             else dict.fromkeys(self._task_metrics))
-            record.update((f"valid_{k}", v) for k, v in valid_metrics.items())
-            record.update(seconds=t1 - t0, threads=threads)
-            self.history_.append(record)
-            improved = valid is None or sign * valid_metrics[monitor] > best_valid
-            self._keep_epoch(epoch, improved)
-            line = (f"Epoch {epoch} [{t1 - t0:.1f} s, {threads} of {self.n_threads_} "
-                    f"threads]\ttrain loss={record['train_loss']:.4f}")
-            if self._score_train:
-                line += f", train{label}={record[f'train_{monitor}']:.4f}"
-            if valid is not None:
-                line += f", validation{label}={valid_metrics[monitor]:.4f}"
-            self._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
-            if improved and valid is not None:
-                best_valid = sign * valid_metrics[monitor]
-            if valid is not None and self.early_stopping and _worse_four_times(
-                    [sign * h[f"valid_{monitor}"] for h in self.history_]):
-                self._log(f"Early stop after epoch {epoch}: validation {monitor} got worse "
-                          f"4 epochs in a row; restoring epoch {self.best_epoch_}.")
-                break
-            if any([bool(callback(self, record)) for callback in callbacks]):
-                self._log(f"Stopped by a callback after epoch {epoch}.")
-                break
-
-    def _finite_parameters(self):
-        """Whether every parameter and every optimiser-state entry in use is finite: a
-        float64 sum of each array is NaN or infinite exactly when an entry is (float32
-        entries cannot overflow it), and costs no temporary array. The state counts
-        too: gradients beyond the float32 range (labels near it) turn an accumulator
-        infinite while the parameters stay finite, and nothing learns after that.
-        Finite parameters can still overflow a prediction, which is why the epoch loop
-        also scores one batch of training rows."""
-        slots = 2 if self.optimizer == "adam" else 1  # Adam alone uses slot 1
-        arrays = [*self._params, *(s[:slots] for s in self._state)]
-        with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf: NaN, no warning
-            return all(math.isfinite(float(a.sum(dtype=np.float64))) for a in arrays)
 
     # ----- prediction -----------------------------------------------------------------
     def _check_fitted(self):
@@ -659,10 +493,10 @@ class FactorizationModel(*_SKLEARN_BASES):
         return y32
 
     # ----- pickling and copies ---------------------------------------------------------
-    #: per-fit state that pickles, deep copies and joblib.dump leave out: the backend
-    #: module (no module pickles; re-resolved on first use), the thread planner, the
-    #: kernels' workspace (native memory) and the optimiser state (a fit starts its own)
-    _TRANSIENT = ("_backend", "_planner", "_ws", "_state", "_training")
+    #: state that pickles, deep copies and joblib.dump leave out: the backend module (no
+    #: module pickles; re-resolved on first use) and, during fit, the Trainer (thread
+    #: planner, native workspace, optimiser state: a fit starts its own)
+    _TRANSIENT = ("_backend", "_trainer", "_training")
 
     def __getstate__(self):
         getstate = getattr(super(), "__getstate__", None)  # scikit-learn's, or Python's
@@ -703,9 +537,9 @@ class FactorizationModel(*_SKLEARN_BASES):
     def _kernel_threads(self):
         """Threads of a kernel call outside the training runs: during fit the planner's
         current count, after it the fit's ``n_threads_``."""
-        planner = getattr(self, "_planner", None)
-        if planner is not None:
-            return planner.current
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            return trainer.planner.current
         if getattr(self, "_threads", None) is None:
             self._threads = resolve_threads(self.n_threads)
         return self._threads
@@ -718,33 +552,6 @@ class FactorizationModel(*_SKLEARN_BASES):
         if source.n_features_in_ != n_features:
             raise ValueError(f"init_from: n_features differ (source {source.n_features_in_}, "
                              f"training data {n_features})")
-
-    def _snapshot(self, into=None):
-        """A copy of the parameters, written into ``into`` (an unneeded snapshot) if given."""
-        if into is None:
-            return self._params_class(*(a.copy() for a in self._params))
-        for saved, live in zip(into, self._params):
-            saved[...] = live
-        return into
-
-    def _keep_epoch(self, epoch, improved):
-        """Snapshot the parameters of a finished, finite epoch as the last good one (and
-        as the best one, epoch ``epoch``, if improved). At most two copies live beside the
-        parameters (the best and a later last good one), one while every epoch improves
-        (always without validation); copies are reused, not allocated per epoch."""
-        if improved:
-            # the copy may overwrite the best snapshot: until it is done the live
-            # parameters are the best (Ctrl-C keeps them)
-            self._best, self.best_epoch_ = None, epoch
-            self._best = self._last_good = self._snapshot(self._last_good)
-        elif self._last_good is not self._best:
-            self._last_good = self._snapshot(self._last_good)
-        else:
-            self._last_good = self._snapshot()
-
-    def _restore(self, snapshot):
-        for live, saved in zip(self._params, snapshot):
-            live[...] = saved
 
     def _arrays(self):
         return dict(zip(self._params_class._fields, self._params))
@@ -926,49 +733,3 @@ class BinaryClassifier:
 def _sigmoid(z):
     z = np.asarray(z, dtype=np.float64)
     return np.exp(-np.logaddexp(0.0, -z))
-
-
-class _Progress:
-    """Within-epoch progress on stderr (verbose >= 2): rows done, rows/s and ETA. On a
-    terminal one line redrawn in place at most four times a second; otherwise (a log
-    file, a pipe) a plain line at most every ``PLAIN_INTERVAL`` seconds, without the
-    carriage returns and escape codes that would litter the log."""
-
-    PLAIN_INTERVAL = 5.0
-
-    def __init__(self, epoch, n_rows, stream=None):
-        self.epoch, self.n_rows = epoch, n_rows
-        self.stream = sys.stderr if stream is None else stream
-        try:
-            self.tty = bool(self.stream.isatty())
-        except (AttributeError, ValueError, OSError):  # no isatty, or closed
-            self.tty = False
-        self.interval = 0.25 if self.tty else self.PLAIN_INTERVAL
-        self.t0 = self.last = time.perf_counter()
-        self.drawn = False
-
-    def update(self, done):
-        now = time.perf_counter()
-        if now - self.last < self.interval:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.n_rows - done) / rate
-        text = (f"Epoch {self.epoch}: {done}/{self.n_rows} rows, {rate:,.0f} rows/s, "
-                f"ETA {eta:.1f} s")
-        if self.tty:
-            print(f"\r{text}", end="", file=self.stream, flush=True)
-        else:
-            print(text, file=self.stream, flush=True)
-        self.drawn = True
-
-    def close(self):
-        if self.drawn and self.tty:  # clear the line for the epoch's summary
-            print("\r\033[K", end="", file=self.stream, flush=True)
-
-
-def _worse_four_times(goodness):
-    """The reference's early stop: after more than 5 epochs, the monitored validation
-    metric got worse in each of the last 4 (``goodness``: higher is better)."""
-    v = goodness
-    return len(v) > 5 and all(v[-i] < v[-i - 1] for i in range(1, 5))

@@ -9,7 +9,8 @@ from afmfast.models.base import (
     _check_int,
     _check_real,
 )
-from afmfast.kernels.api import OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params, new_opt_state
+from afmfast.models.training import _copy_params
+from afmfast.kernels.api import OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params
 
 
 class FM(*REGRESSOR_BASES, FactorizationModel):
@@ -91,35 +92,25 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
         _check_real("keep", self.keep, 0.0, 1.0, low_open=True)
         self._validate_common()
 
-    def _init_model(self, train, rng):
-        self._params = new_fm_params(train.n_features, self.n_factors, rng)
-        self._state = new_opt_state(self._params, OPTIMIZER_CODES[self.optimizer])
-        self._ws = self._backend.fm_workspace(
-            min(self.batch_size, train.n_rows), self._max_batch_nnz(train),
-            train.n_features, self.n_factors, np.float32)
+    def _new_params(self, n_features, rng):
+        return new_fm_params(n_features, self.n_factors, rng)
 
-    def _config(self, step, threads=None):
+    def _new_workspace(self, backend, train):
+        return backend.fm_workspace(min(self.batch_size, train.n_rows),
+                                    self._max_batch_nnz(train), train.n_features,
+                                    self.n_factors, np.float32)
+
+    def _step_config(self, seed, step, threads):
         return StepConfig(float(self.learning_rate), float(self.l2), float(self.keep),
                           OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
-                          self._seed, step,
-            self._threads if threads is None else threads, self._loss)
-
-    def _train_batch(self, X, y, rows, step):
-        return self._backend.fm_step(X, y, rows, self._params, self._state,
-                                     self._config(step), self._ws)
-
-    def _train_batches(self, X, y, rows, batch_size, step, losses, threads=None):
-        return self._backend.fm_steps(X, y, rows, batch_size, self._params,
-                                      self._state, self._config(step, threads), self._ws,
-                                      losses)
+                          seed, step, threads, self._loss)
 
     def _warm_start(self, source, n_features):
         if not isinstance(source, FM):
             raise ValueError(f"init_from: an FM can start only from an FM, got "
                              f"{type(source).__name__}")
         self._check_same_shape(source, n_features)
-        for live, saved in zip(self._params, source._params):
-            live[...] = saved
+        _copy_params(self._params, source._params)
 
     def _predict_dataset(self, data):
         out = np.empty(data.n_rows, dtype=np.float32)
