@@ -109,25 +109,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
                  activation="relu", batch_norm=False, freeze_fm=False, optimizer="adagrad",
                  early_stopping=True, random_state=2016, n_threads=None, adaptive_threads=True,
                  backend="auto", verbose=1):
-        self.n_factors = n_factors
-        self.attention_size = attention_size
-        self.keep = keep
-        self.l2_attention = l2_attention
-        self.l2 = l2
-        self.learning_rate = learning_rate
-        self.batch_size = batch_size
-        self.n_epochs = n_epochs
-        self.attention = attention
-        self.activation = activation
-        self.batch_norm = batch_norm
-        self.freeze_fm = freeze_fm
-        self.optimizer = optimizer
-        self.early_stopping = early_stopping
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.adaptive_threads = adaptive_threads
-        self.backend = backend
-        self.verbose = verbose
+        self._set_constructor_args(locals())
 
     def _validate(self):
         _check_int("n_factors", self.n_factors, 1)

@@ -173,6 +173,13 @@ class FactorizationModel(*_SKLEARN_BASES):
         sig = inspect.signature(cls.__init__)
         return [p for p in sig.parameters if p != "self"]
 
+    def _set_constructor_args(self, args):
+        """Keep each constructor argument (``locals()`` of ``__init__``) unchanged under
+        its own name: scikit-learn's rule that ``__init__`` validates nothing (``fit``
+        does), which ``clone`` and ``set_params`` rely on."""
+        for name in self._get_param_names():
+            setattr(self, name, args[name])
+
     def get_params(self, deep=True):
         """Constructor arguments as a dict (scikit-learn protocol); ``deep`` is accepted
         for scikit-learn and changes nothing (the models hold no sub-estimators).
@@ -660,7 +667,7 @@ class BinaryClassifier:
         return {"logloss": logloss(y, p), "auc": auc(y, scores),
                 "accuracy": float(np.mean((scores > 0) == (np.asarray(y) > 0)))}
 
-    def decision_function(self, X):
+    def decision_function(self, X: ModelInput) -> np.ndarray:
         """Raw scores (the log-odds of the positive class), float32.
 
         Examples
@@ -668,11 +675,10 @@ class BinaryClassifier:
         >>> import numpy as np, afmfast
         >>> from afmfast.demo import make_demo_data
         >>> data = make_demo_data(n_rows=1000, seed=0)
-        >>> clicks = (data.train.y > np.median(data.train.y)).astype(int)
         >>> clf = afmfast.FMClassifier(n_factors=4, n_epochs=2, n_threads=1, verbose=0)
-        >>> clf = clf.fit(data.train, clicks)
+        >>> clf = clf.fit(data.train, data.train.y > np.median(data.train.y))
         >>> scores = clf.decision_function(data.valid)
-        >>> scores.dtype, bool(((scores > 0) == (clf.predict(data.valid) == 1)).all())
+        >>> scores.dtype, bool(((scores > 0) == clf.predict(data.valid)).all())
         (dtype('float32'), True)
         """
         return FactorizationModel.predict(self, X)
@@ -684,32 +690,27 @@ class BinaryClassifier:
         Examples
         --------
         >>> import numpy as np, afmfast
-        >>> from afmfast.demo import make_demo_data
-        >>> data = make_demo_data(n_rows=1000, seed=0)
-        >>> clicks = (data.train.y > np.median(data.train.y)).astype(int)
-        >>> clf = afmfast.FMClassifier(n_factors=4, n_epochs=2, n_threads=1, verbose=0)
-        >>> clf = clf.fit(data.train, clicks)
-        >>> proba = clf.predict_proba(data.valid)
+        >>> X = np.eye(4)  # four one-hot rows
+        >>> clf = afmfast.FMClassifier(n_factors=2, n_epochs=3, n_threads=1, verbose=0)
+        >>> proba = clf.fit(X, [1, 0, 1, 0]).predict_proba(X)
         >>> proba.shape, bool(np.allclose(proba.sum(axis=1), 1.0))
-        ((200, 2), True)
+        ((4, 2), True)
         """
         p = _sigmoid(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
-    def predict(self, X):
+    def predict(self, X: ModelInput) -> np.ndarray:
         """Predicted labels, from ``classes_`` (the positive class ``classes_[1]`` where
         the raw score is above 0), of the dtype of ``classes_``.
 
         Examples
         --------
-        >>> import numpy as np, afmfast
-        >>> from afmfast.demo import make_demo_data
-        >>> data = make_demo_data(n_rows=1000, seed=0)
-        >>> clicks = (data.train.y > np.median(data.train.y)).astype(int)
-        >>> clf = afmfast.FMClassifier(n_factors=4, n_epochs=2, n_threads=1, verbose=0)
-        >>> clf = clf.fit(data.train, clicks)
-        >>> clf.classes_.tolist(), np.unique(clf.predict(data.valid)).tolist()
-        ([0, 1], [0, 1])
+        >>> import afmfast
+        >>> X = [[1.0, 0.0], [0.0, 1.0]] * 50
+        >>> clf = afmfast.FMClassifier(n_factors=2, learning_rate=0.1, n_epochs=10,
+        ...                            n_threads=1, verbose=0)
+        >>> clf.fit(X, ["spam", "ham"] * 50).predict([[1.0, 0.0], [0.0, 1.0]]).tolist()
+        ['spam', 'ham']
         """
         positive = self.decision_function(X) > 0  # first: unfitted, no classes_ yet
         return self.classes_[positive.astype(np.int64)]

@@ -72,20 +72,7 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
                  keep=0.7, batch_norm=True, l2=0.0, optimizer="adagrad",
                  early_stopping=True, random_state=2016, n_threads=None, adaptive_threads=True,
                  backend="auto", verbose=1):
-        self.n_factors = n_factors
-        self.learning_rate = learning_rate
-        self.batch_size = batch_size
-        self.n_epochs = n_epochs
-        self.keep = keep
-        self.batch_norm = batch_norm
-        self.l2 = l2
-        self.optimizer = optimizer
-        self.early_stopping = early_stopping
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.adaptive_threads = adaptive_threads
-        self.backend = backend
-        self.verbose = verbose
+        self._set_constructor_args(locals())
 
     def _validate(self):
         _check_int("n_factors", self.n_factors, 1)

@@ -127,7 +127,10 @@ class Trainer:
 
         Examples
         --------
-        >>> trainer, train = _example_trainer()  # FM k=4, batch 256, 800 demo rows
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
         >>> config = trainer.config(7, threads=2)
         >>> config.step, config.n_threads, config.seed
         (7, 2, 2016)
@@ -142,7 +145,10 @@ class Trainer:
 
         Examples
         --------
-        >>> trainer, train = _example_trainer()  # FM k=4, batch 256, 800 demo rows
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
         >>> before = trainer.params.V.copy()
         >>> loss = trainer.train_batch(train.X, train.y, np.arange(256), step=0)
         >>> bool(loss > 0), bool((trainer.params.V != before).any())
@@ -159,7 +165,10 @@ class Trainer:
 
         Examples
         --------
-        >>> trainer, train = _example_trainer()  # FM k=4, batch 256, 800 demo rows
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
         >>> losses = np.empty(3)
         >>> trainer.train_run(train.X, train.y, np.arange(768), 256, 0, losses)
         3
@@ -176,7 +185,10 @@ class Trainer:
 
         Examples
         --------
-        >>> trainer, train = _example_trainer()  # FM k=4, batch 256, 800 demo rows
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
         >>> order = trainer.epoch_order(train.n_rows, epoch=1)
         >>> sorted(order.tolist()) == list(range(train.n_rows))
         True
@@ -198,7 +210,10 @@ class Trainer:
 
         Examples
         --------
-        >>> trainer, train = _example_trainer()  # FM k=4, batch 256, 800 demo rows
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
         >>> order = trainer.epoch_order(train.n_rows, epoch=1)
         >>> step, loss_sum = trainer.train_epoch(train.X, train.y, order, step=0)
         >>> step, bool(loss_sum > 0)  # 800 rows in batches of 256
@@ -237,7 +252,10 @@ class Trainer:
 
         Examples
         --------
-        >>> trainer, train = _example_trainer()  # FM k=4, batch 256, 800 demo rows
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
         >>> trainer.model.set_params(n_epochs=2, verbose=0)
         FM(...)
         >>> trainer.run_epochs(train, None, [], "rmse", score_train=False)
@@ -345,7 +363,10 @@ class Trainer:
 
         Examples
         --------
-        >>> trainer, train = _example_trainer()  # FM k=4, batch 256, 800 demo rows
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
         >>> trainer.finite_parameters()
         True
         >>> trainer.state.V[0, 0, 0] = np.inf
@@ -385,15 +406,6 @@ class Trainer:
             self._last_good = self._snapshot(self._last_good)
         else:
             self._last_good = self._snapshot()
-
-
-def _example_trainer():
-    """(a Trainer of a small FM, its 800 training rows): the docstring examples' set-up."""
-    import afmfast
-    from afmfast.demo import make_demo_data
-
-    train = make_demo_data(n_rows=1000, seed=0).train
-    return Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train), train
 
 
 class _Progress:
