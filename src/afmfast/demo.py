@@ -155,8 +155,7 @@ def run_demo(backend="auto", n_threads=None, seed=0, verbose=1, plot=None):
 
     Examples
     --------
-    This one trains for real (about 3 s on two cores; the other examples take well
-    under one):
+    This one trains both models for real, so it is the slowest example of the package:
 
     >>> fm_rmse, afm_rmse, linear_rmse, top = run_demo(n_threads=1, verbose=0)
     afmfast demo: 24000 training and 6000 validation rows, 8 one-hot fields, ...
