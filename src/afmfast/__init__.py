@@ -10,6 +10,7 @@ from afmfast.kernels.dispatch import build_info  # first: it decides which compi
 from afmfast.models.afm import AFM, AFMClassifier, Attention
 from afmfast.data.dataset import Dataset
 from afmfast.data.libfm import load_libfm
+from afmfast.data.store import convert, open_store, write_store
 from afmfast.data.encoding import FeatureMap, encode
 from afmfast.models.base import NotFittedError
 from afmfast.models.training import TrainingDivergedError
@@ -18,5 +19,6 @@ from afmfast.models.persistence import load
 from afmfast.plotting import plot_field_attention
 
 __all__ = ["AFM", "AFMClassifier", "Attention", "Dataset", "FM", "FMClassifier",
-           "FeatureMap", "NotFittedError", "TrainingDivergedError", "build_info", "encode",
-           "load", "load_libfm", "plot_field_attention", "__version__"]
+           "FeatureMap", "NotFittedError", "TrainingDivergedError", "build_info", "convert",
+           "encode", "load", "load_libfm", "open_store", "plot_field_attention",
+           "write_store", "__version__"]

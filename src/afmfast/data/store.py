@@ -1,0 +1,356 @@
+"""Binary data stores: a directory of ``.npy`` columns that opens as a memory-mapped
+``Dataset``, written by streaming conversion with bounded memory.
+
+A store (format version 1) is a directory holding
+
+- ``header.json``: ``{"format": "afmfast-store", "version": 1, "n_rows", "nnz",
+  "n_features", "values": "stored" | "ones", "fields": null}``;
+- little-endian ``.npy`` columns: ``indptr.npy`` int64 (n_rows + 1), ``indices.npy``
+  int32 (nnz), ``values.npy`` float32 (nnz; absent when ``values`` is "ones", every
+  value being 1 as in one-hot data), ``y.npy`` float32 (n_rows).
+
+Any NumPy reads the columns (``numpy.load``). A store is written into a temporary
+directory beside its destination and renamed into place at the end, so an interrupted
+conversion leaves no half store, and an existing store at the destination is replaced
+only by a complete new one.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from afmfast.data.dataset import _INT32_MAX, Dataset, _check_n_features
+from afmfast.data.libfm import _BOM, _describe_error, _map_file, _parser
+from afmfast.kernels.threads import resolve_threads
+
+if TYPE_CHECKING:  # annotations only
+    from collections.abc import Iterable
+
+__all__ = ["convert", "open_store", "write_store"]
+
+FORMAT_NAME = "afmfast-store"
+FORMAT_VERSION = 1
+HEADER_FILE = "header.json"
+#: (file name, little-endian dtype) of the columns, in the Dataset's order
+COLUMNS = (("indptr.npy", "<i8"), ("indices.npy", "<i4"), ("values.npy", "<f4"),
+           ("y.npy", "<f4"))
+#: bytes of libFM text parsed per chunk: the conversion's memory is a few times this
+#: (the chunk's parsed arrays), whatever the size of the input
+CONVERT_CHUNK_BYTES = 16 << 20
+#: every column file starts with a .npy header of exactly this many bytes, written as a
+#: placeholder first and rewritten with the final length when the column is complete
+_NPY_PREFIX_BYTES = 128
+
+
+def _npy_prefix(dtype, length):
+    """The .npy (version 1.0) prefix of a 1-D little-endian column of ``length``
+    entries, padded to ``_NPY_PREFIX_BYTES`` so that it can be rewritten in place."""
+    text = f"{{'descr': '{dtype}', 'fortran_order': False, 'shape': ({length},), }}"
+    room = _NPY_PREFIX_BYTES - 10  # magic (6), version (2), header length (2)
+    text = text.ljust(room - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little") + text.encode("latin1")
+
+
+class _ColumnFile:
+    """A .npy column written by appending; its header is fixed up by ``finish``."""
+
+    def __init__(self, path, dtype):
+        self.path, self.dtype, self.length = path, dtype, 0
+        self.fh = open(path, "wb")
+        self.fh.write(_npy_prefix(dtype, 0))
+
+    def append(self, array):
+        data = np.ascontiguousarray(array, dtype=self.dtype)
+        self.fh.write(memoryview(data).cast("B"))
+        self.length += data.size
+
+    def finish(self):
+        self.fh.seek(0)
+        self.fh.write(_npy_prefix(self.dtype, self.length))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+
+
+class _StoreWriter:
+    """Appends row blocks to the columns of a store in a temporary directory; ``commit``
+    completes the files and renames the directory to ``path``. Used as a context
+    manager: leaving it without ``commit`` (an error, Ctrl-C) deletes the temporary
+    directory and leaves ``path`` as it was."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"{path}: the parent directory {parent} does not exist")
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=parent)
+        self.columns = [_ColumnFile(os.path.join(self.tmp, name), dtype)
+                        for name, dtype in COLUMNS]
+        self.columns[0].append(np.zeros(1, np.int64))  # indptr starts at 0
+        self.n_rows = self.nnz = 0
+        self.max_id = -1
+        self.all_ones = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:  # not committed
+            for column in self.columns:
+                column.fh.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def append(self, indptr, indices, values, y, max_id):
+        """Append rows given as CSR arrays (``indptr`` starting at 0)."""
+        self.columns[0].append(np.asarray(indptr[1:], dtype=np.int64) + self.nnz)
+        self.columns[1].append(indices)
+        self.columns[2].append(values)
+        self.columns[3].append(y)
+        if self.all_ones and values.size:
+            self.all_ones = bool(np.all(values == 1.0))
+        self.n_rows += len(y)
+        self.nnz += len(indices)
+        self.max_id = max(self.max_id, int(max_id))
+
+    def commit(self, n_features=None):
+        n_features = self.max_id + 1 if n_features is None else n_features
+        for column in self.columns:
+            column.finish()
+        if self.all_ones:
+            os.remove(self.columns[2].path)
+        header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "n_rows": self.n_rows,
+                  "nnz": self.nnz, "n_features": int(n_features),
+                  "values": "ones" if self.all_ones else "stored", "fields": None}
+        with open(os.path.join(self.tmp, HEADER_FILE), "w") as fh:
+            json.dump(header, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _replace_directory(self.tmp, self.path)
+        self.tmp = None
+
+
+def _replace_directory(new, path):
+    """Rename the complete directory ``new`` to ``path``; an existing store at ``path``
+    is moved aside first and deleted only once ``new`` is in place."""
+    old = None
+    if os.path.lexists(path):
+        if not os.path.isfile(os.path.join(path, HEADER_FILE)):
+            raise FileExistsError(f"{path} exists and is not an afmfast store (no "
+                                  f"{HEADER_FILE}); refusing to replace it")
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.",
+                               dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "store"))
+    try:
+        os.rename(new, path)
+    except BaseException:
+        if old is not None:
+            os.rename(os.path.join(old, "store"), path)
+            os.rmdir(old)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_store(data: Dataset, path: str | os.PathLike) -> None:
+    """Write a ``Dataset`` as a store at ``path`` (a directory; an existing store there
+    is replaced once the new one is complete).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "tiny.store")
+    >>> write_store(Dataset([0, 2, 3], [0, 3, 2], [1.0, 1.0, 1.0], [1.0, -1.0]), path)
+    >>> sorted(os.listdir(path))  # every value is 1: no values column
+    ['header.json', 'indices.npy', 'indptr.npy', 'y.npy']
+    >>> open_store(path)
+    Dataset(n_rows=2, n_features=4, nnz=3, max_row_nnz=2)
+    """
+    with _StoreWriter(path) as writer:
+        writer.append(data.indptr, data.indices, data.values, data.y, data._max_id)
+        writer.commit(data.n_features)
+
+
+def _text_chunks(path, chunk_bytes):
+    """(buffer, lines before it) of libFM text cut at line ends, about ``chunk_bytes``
+    each, from a regular file (memory-mapped, nothing copied) or a ``.gz`` file or a
+    pipe (read block by block). The first buffer starts after a UTF-8 BOM."""
+    reader = _parser()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        mapped = None if opener is gzip.open else _map_file(fh)
+        if mapped is not None:
+            # the views are released before the map closes (a map with live views
+            # cannot), also when the consumer stops early on a parse error
+            with mapped, memoryview(mapped) as view:
+                start = len(_BOM) if bytes(view[:len(_BOM)]) == _BOM else 0
+                lines = 0
+                while start < len(view):
+                    end = min(len(view), start + chunk_bytes)
+                    if end < len(view):
+                        cut = mapped.rfind(b"\n", start, end)
+                        end = cut + 1 if cut >= start else _next_line_end(mapped, end)
+                    with view[start:end] as chunk:
+                        yield chunk, lines
+                        lines += reader.count(chunk)[0]
+                    start = end
+            return
+        carry, lines, first = b"", 0, True
+        while True:
+            block = fh.read(chunk_bytes)
+            data = carry + block
+            if first and data[:len(_BOM)] == _BOM:
+                data = data[len(_BOM):]
+            first = False
+            if not block:
+                if data:
+                    yield data, lines
+                return
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                continue
+            chunk, carry = data[:cut + 1], data[cut + 1:]
+            yield chunk, lines
+            lines += reader.count(chunk)[0]
+
+
+def _next_line_end(mapped, pos):
+    """The offset just past the line end at or after ``pos`` (the file's end if none)."""
+    cut = mapped.find(b"\n", pos)
+    return len(mapped) if cut < 0 else cut + 1
+
+
+def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+            output: str | os.PathLike, *, format: str = "libfm",
+            n_features: int | None = None, n_threads: int | None = None) -> Dataset:
+    """Convert text data files into one store at ``output`` and return it opened.
+
+    The inputs are read in chunks of about ``CONVERT_CHUNK_BYTES`` and parsed on
+    ``n_threads`` threads, so memory stays bounded whatever their size; ``.gz`` files are
+    decompressed as they are read. Rows are concatenated in the order of ``inputs``.
+    ``format`` is "libfm" (also "libsvm", the same ``label id:value`` layout; ids are
+    used as they are). ``n_features`` defaults to the largest id + 1; when given every
+    id must be below it. Errors name the input file and line, as ``load_libfm``'s do;
+    nothing is written at ``output`` then.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> for name, text in (("a.libfm", "1 0:1 3:1\\n"), ("b.libfm", "-1 2:1\\n")):
+    ...     _ = open(os.path.join(folder, name), "w").write(text)
+    >>> inputs = [os.path.join(folder, n) for n in ("a.libfm", "b.libfm")]
+    >>> data = convert(inputs, os.path.join(folder, "ab.store"))
+    >>> len(data), data.n_features, data.y.tolist()
+    (2, 4, [1.0, -1.0])
+    """
+    if format not in ("libfm", "libsvm"):
+        raise ValueError(f"format must be 'libfm' or 'libsvm', got {format!r}")
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not paths:
+        raise ValueError("inputs: no input files given")
+    paths = [os.fspath(p) for p in paths]
+    if n_features is not None:
+        n_features = _check_n_features(n_features, -1, "indices")
+    n_threads = resolve_threads(n_threads)
+    reader = _parser()
+    limit = n_features if n_features is not None else _INT32_MAX + 1
+    with _StoreWriter(output) as writer:
+        for path in paths:
+            for chunk, lines_before in _text_chunks(path, CONVERT_CHUNK_BYTES):
+                code, offset, indptr, indices, values, y, max_id = reader.parse(
+                    chunk, 0, limit, n_threads)
+                if code:
+                    name = {v: k for k, v in reader.ERROR_CODES.items()}[code]
+                    line = lines_before + reader.count(chunk, 0, offset)[0] + 1
+                    raise ValueError(f"{path}: line {line}: "
+                                     f"{_describe_error(name, chunk, offset, n_features)}")
+                writer.append(indptr, indices, values, y, max_id)
+        writer.commit(n_features)
+    return open_store(output)
+
+
+def _read_header(path):
+    file = os.path.join(path, HEADER_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such store directory")
+    try:
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(1 << 20).decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{file}: missing: {path} is not an afmfast store") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nesting too deep
+        raise ValueError(f"{file}: not a valid store header ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise ValueError(f"{file}: not an afmfast store header (format is not "
+                         f"{FORMAT_NAME!r})")
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: store format version {header.get('version')!r}; this "
+                         f"afmfast reads version {FORMAT_VERSION}")
+    for key in ("n_rows", "nnz", "n_features"):
+        value = header.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{file}: {key} must be a non-negative integer, got {value!r}")
+    if header["n_features"] > _INT32_MAX + 1:
+        raise ValueError(f"{file}: n_features {header['n_features']} is above 2^31")
+    if header.get("values") not in ("stored", "ones"):
+        raise ValueError(f"{file}: values must be 'stored' or 'ones', got "
+                         f"{header.get('values')!r}")
+    return header
+
+
+def _open_column(path, name, dtype, length):
+    file = os.path.join(path, name)
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"{file}: missing column of the store") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt .npy header fails in many ways
+        # (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, ...)
+        raise ValueError(f"{file}: not a readable .npy column "
+                         f"({type(exc).__name__}: {exc})") from None
+    if array.dtype != np.dtype(dtype) or array.shape != (length,):
+        raise ValueError(f"{file}: expected {length} entries of {np.dtype(dtype)} (from "
+                         f"{HEADER_FILE}), got shape {array.shape} of {array.dtype}")
+    return array
+
+
+def open_store(path: str | os.PathLike) -> Dataset:
+    """Open a store as a ``Dataset`` whose arrays are read-only memory maps of its
+    columns: the data stay on disk (in the page cache) rather than in this process's
+    own memory, and ``fit``, ``predict`` and ``evaluate`` take the Dataset like any
+    other. A corrupt store (a missing or truncated column, a header that does not match
+    the columns, a wrong dtype, rows that point outside the arrays) raises
+    ``ValueError`` naming the file.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "tiny.store")
+    >>> write_store(Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]), path)
+    >>> data = open_store(path)
+    >>> data.values.tolist(), data.n_features_explicit
+    ([1.0, 0.5, 1.0], True)
+    """
+    path = os.fspath(path)
+    header = _read_header(path)
+    n_rows, nnz = header["n_rows"], header["nnz"]
+    lengths = (n_rows + 1, nnz, nnz, n_rows)
+    arrays = []
+    for (name, dtype), length in zip(COLUMNS, lengths):
+        if name == "values.npy" and header["values"] == "ones":
+            # one-hot data: the column is not stored (kernels read a value per nonzero)
+            arrays.append(np.ones(length, np.float32))
+        else:
+            arrays.append(_open_column(path, name, dtype, length))
+    try:
+        return Dataset(*arrays, n_features=header["n_features"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: corrupt store: {exc}") from None

@@ -1,0 +1,251 @@
+"""Binary stores (``afmfast.data.store``): ``convert`` gives what ``load_libfm`` gives,
+whatever the chunking, input compression or parser; stores are written atomically;
+``open_store`` memory-maps them and refuses a corrupt one with an error naming the file;
+the estimators train from a store as from the same rows in memory."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+import afmfast
+from afmfast.data import libfm, libfm_numba, store
+from afmfast.data.store import convert, open_store, write_store
+from afmfast.demo import make_demo_data
+
+PARSERS = {"numba": libfm_numba}
+try:
+    from afmfast import _reader as _compiled_reader
+    PARSERS["compiled"] = _compiled_reader
+except ImportError:  # installed without a C compiler
+    pass
+
+TEXT = (b"\xef\xbb\xbf1 0:1 3:0.5\r\n-1 2:1\n0.5\n2.5 7:1 1:2 5:1\n"
+        + b"".join(b"%d %d:1 %d:1\n" % (i % 3, i % 11, 11 + i % 5) for i in range(300)))
+
+
+@pytest.fixture(params=sorted(PARSERS))
+def parser(request, monkeypatch):
+    """Every conversion test runs with each parser (the compiled one and its Numba twin)."""
+    chosen = PARSERS[request.param]
+    monkeypatch.setattr(store, "_parser", lambda: chosen)
+    monkeypatch.setattr(libfm, "_parser", lambda: chosen)
+    return chosen
+
+
+def same_rows(a, b):
+    for name in ("indptr", "indices", "values", "y"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.n_features == b.n_features
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 64, 1 << 20])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_convert_gives_what_load_libfm_gives(tmp_path, parser, monkeypatch, chunk_bytes,
+                                             compressed):
+    monkeypatch.setattr(store, "CONVERT_CHUNK_BYTES", chunk_bytes)
+    plain = tmp_path / "d.libfm"
+    plain.write_bytes(TEXT)
+    source = plain
+    if compressed:
+        source = tmp_path / "d.libfm.gz"
+        source.write_bytes(gzip.compress(TEXT))
+    data = convert(source, tmp_path / "d.store")
+    same_rows(data, afmfast.load_libfm(plain))
+    assert data.n_features_explicit
+    assert (tmp_path / "d.store" / "values.npy").exists()  # 0.5 and 2 are stored
+
+
+def test_one_hot_stores_no_values_and_inputs_concatenate(tmp_path, parser):
+    a, b = tmp_path / "a.libfm", tmp_path / "b.libfm"
+    a.write_bytes(b"1 0:1 4:1\n0 1:1\n")
+    b.write_bytes(b"1 2:1 3:1")  # no newline at the end
+    data = convert([a, b], tmp_path / "s")
+    assert sorted(os.listdir(tmp_path / "s")) == ["header.json", "indices.npy",
+                                                  "indptr.npy", "y.npy"]
+    assert json.loads((tmp_path / "s" / "header.json").read_text())["values"] == "ones"
+    assert data.indptr.tolist() == [0, 2, 3, 5] and data.indices.tolist() == [0, 4, 1, 2, 3]
+    assert data.values.tolist() == [1.0] * 5 and data.y.tolist() == [1, 0, 1]
+    assert data.n_features == 5
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_errors_name_the_file_and_line_across_chunks(tmp_path, parser, monkeypatch,
+                                                     compressed):
+    monkeypatch.setattr(store, "CONVERT_CHUNK_BYTES", 32)
+    good = tmp_path / "good.libfm"
+    good.write_bytes(b"1 0:1\n" * 20)
+    bad = tmp_path / "bad.libfm"
+    text = b"1 0:1\n" * 40 + b"1 3:x\n" + b"1 0:1\n"
+    if compressed:
+        bad = tmp_path / "bad.libfm.gz"
+        text = gzip.compress(text)
+    bad.write_bytes(text)
+    with pytest.raises(ValueError, match=rf"{bad.name}: line 41: value is not a number"):
+        convert([good, bad], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([good.name, bad.name])
+
+
+def test_n_features_bounds_the_ids(tmp_path, parser):
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1\n1 5:1\n")
+    with pytest.raises(ValueError, match=r"d.libfm: line 2: feature id >= n_features = 5"):
+        convert(src, tmp_path / "s", n_features=5)
+    assert convert(src, tmp_path / "s", n_features=9).n_features == 9
+
+
+def test_a_failed_conversion_leaves_the_old_store_and_no_temporary(tmp_path, parser):
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1\n")
+    convert(src, tmp_path / "s")
+    src.write_bytes(b"1 0:1\nnot a row\n")
+    with pytest.raises(ValueError, match="line 2"):
+        convert(src, tmp_path / "s")
+    assert open_store(tmp_path / "s").n_rows == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "s"]
+    src.write_bytes(b"1 0:1\n0 1:1\n")
+    assert convert(src, tmp_path / "s").n_rows == 2  # a complete one replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "s"]
+
+
+def test_an_interrupted_conversion_leaves_nothing(tmp_path, parser, monkeypatch):
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1\n" * 100)
+    monkeypatch.setattr(store, "CONVERT_CHUNK_BYTES", 60)
+    real_append = store._StoreWriter.append
+    calls = []
+
+    def interrupt_on_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_append(self, *args)
+
+    monkeypatch.setattr(store._StoreWriter, "append", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm"]
+
+
+def test_convert_refuses_bad_arguments(tmp_path):
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1\n")
+    with pytest.raises(ValueError, match="format must be"):
+        convert(src, tmp_path / "s", format="criteo")
+    with pytest.raises(ValueError, match="no input files"):
+        convert([], tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="missing.libfm"):
+        convert(tmp_path / "missing.libfm", tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="parent directory"):
+        convert(src, tmp_path / "no" / "such" / "s")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileExistsError, match="not an afmfast store"):
+        convert(src, tmp_path / "plain")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "plain"]
+
+
+# ----- open_store: memory maps, and every kind of corruption named --------------------
+@pytest.fixture
+def stored(tmp_path):
+    data = afmfast.Dataset([0, 2, 3, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0, 0.0])
+    path = tmp_path / "s"
+    write_store(data, path)
+    return data, path
+
+
+def test_open_store_maps_the_columns_read_only(stored):
+    data, path = stored
+    opened = open_store(path)
+    same_rows(opened, data)
+    for name in ("indptr", "indices", "values", "y"):
+        array = getattr(opened, name)
+        assert not array.flags.writeable
+        assert isinstance(array.base, np.memmap) or isinstance(array, np.memmap) or \
+            isinstance(getattr(array.base, "base", None), np.memmap), name
+
+
+def _edit_header(path, **changes):
+    header = json.loads((path / "header.json").read_text())
+    header.update(changes)
+    (path / "header.json").write_text(json.dumps(header))
+
+
+CORRUPTIONS = {
+    "truncated column": (lambda p: (p / "indices.npy").write_bytes(
+        (p / "indices.npy").read_bytes()[:-4]), "indices.npy"),
+    "missing column": (lambda p: (p / "y.npy").unlink(), "y.npy: missing"),
+    "not npy": (lambda p: (p / "indptr.npy").write_bytes(b"garbage" * 30), "indptr.npy"),
+    "wrong dtype": (lambda p: np.save(p / "y.npy", np.zeros(3, np.float64)), "y.npy"),
+    "header row count": (lambda p: _edit_header(p, n_rows=4), "indptr.npy"),
+    "header nnz": (lambda p: _edit_header(p, nnz=2), "indices.npy"),
+    "header version": (lambda p: _edit_header(p, version=99), "version 99"),
+    "header format": (lambda p: _edit_header(p, format="other"), "header.json"),
+    "header values": (lambda p: _edit_header(p, values="maybe"), "header.json"),
+    "header count type": (lambda p: _edit_header(p, n_features="4"), "n_features"),
+    "header json": (lambda p: (p / "header.json").write_bytes(b"{\xff"), "header.json"),
+    "missing header": (lambda p: (p / "header.json").unlink(), "header.json: missing"),
+    "ids beyond n_features": (lambda p: _edit_header(p, n_features=2), "corrupt store"),
+    "falling indptr": (lambda p: np.save(p / "indptr.npy", np.array([0, 2, 1, 3])),
+                       "corrupt store: indptr must be non-decreasing"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_a_corrupt_store_is_refused_naming_the_file(stored, kind):
+    _, path = stored
+    corrupt, message = CORRUPTIONS[kind]
+    corrupt(path)
+    with pytest.raises(ValueError, match=message) as info:
+        open_store(path)
+    assert str(path) in str(info.value)
+
+
+def test_random_bytes_in_any_file_never_crash(stored):
+    _, path = stored
+    rng = np.random.default_rng(0)
+    names = sorted(os.listdir(path))
+    originals = {n: (path / n).read_bytes() for n in names}
+    for trial in range(200):
+        name = names[trial % len(names)]
+        data = bytearray(originals[name])
+        for _ in range(1 + trial % 4):
+            data[rng.integers(len(data))] = rng.integers(256)
+        (path / name).write_bytes(bytes(data))
+        try:
+            opened = open_store(path)
+        except ValueError as exc:
+            assert str(path) in str(exc)
+        else:  # a flip that kept the store valid opens to valid rows
+            opened.validate()
+        (path / name).write_bytes(originals[name])
+
+
+def test_open_store_of_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        open_store(tmp_path / "nowhere")
+
+
+# ----- training from a store ----------------------------------------------------------
+@pytest.mark.parametrize("cls,kw", [(afmfast.FM, {}), (afmfast.AFM, {"attention_size": 4}),
+                                    (afmfast.FMClassifier, {})])
+def test_models_train_from_a_store_as_from_memory(tmp_path, cls, kw):
+    demo = make_demo_data(n_rows=1200, seed=2)
+    middle = np.median(demo.train.y)
+
+    def labelled(data):  # clicks for the classifier
+        if cls is not afmfast.FMClassifier:
+            return data
+        return data.with_labels((data.y > middle).astype(np.float32))
+
+    train, valid = labelled(demo.train), labelled(demo.valid)
+    write_store(train, tmp_path / "train")
+    write_store(valid, tmp_path / "valid")
+    params = dict(n_factors=4, n_epochs=2, batch_size=128, n_threads=1, verbose=0, **kw)
+    from_store = cls(**params).fit(open_store(tmp_path / "train"),
+                                   validation=open_store(tmp_path / "valid"))
+    in_memory = cls(**params).fit(train, validation=valid)
+    np.testing.assert_array_equal(from_store.predict(open_store(tmp_path / "valid")),
+                                  in_memory.predict(valid))
+    assert from_store.history_ == [{**h, "seconds": s["seconds"]} for h, s in
+                                   zip(in_memory.history_, from_store.history_)]
