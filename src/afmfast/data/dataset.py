@@ -76,11 +76,14 @@ def _check_arrays(arrays, where=""):
         raise ValueError(f"{where}indptr must have n_rows + 1 entries, got an empty array")
     if indptr[0] != 0:
         raise ValueError(f"{where}indptr must start at 0, got {indptr[0]}")
-    falls = indptr[1:] < indptr[:-1]
-    if falls.any():
-        r = int(falls.argmax())
-        raise ValueError(f"{where}indptr must be non-decreasing, but indptr[{r + 1}] = "
-                         f"{indptr[r + 1]} < indptr[{r}] = {indptr[r]}")
+    # in chunks: a memory-mapped Dataset larger than memory needs no O(n_rows) scratch
+    for lo in range(0, indptr.size - 1, LENGTH_CHUNK_ROWS):
+        part = indptr[lo:lo + LENGTH_CHUNK_ROWS + 1]
+        falls = part[1:] < part[:-1]
+        if falls.any():
+            r = lo + int(falls.argmax())
+            raise ValueError(f"{where}indptr must be non-decreasing, but indptr[{r + 1}] = "
+                             f"{indptr[r + 1]} < indptr[{r}] = {indptr[r]}")
     if indptr[-1] != indices.size:
         raise ValueError(f"{where}indptr must end at nnz = len(indices) = {indices.size}, "
                          f"got {indptr[-1]}")
@@ -336,6 +339,35 @@ class Dataset:
         """
         return len(self.row_length_counts()) - 1
 
+    def first_nonfinite_row(self) -> int | None:
+        """The first row holding a NaN or infinite value, or None. Checked a chunk of
+        values at a time (no O(nnz) scratch).
+
+        Examples
+        --------
+        >>> Dataset([0, 1, 2], [0, 1], [1.0, float("nan")], [1.0, 0.0]).first_nonfinite_row()
+        1
+        """
+        step = LENGTH_CHUNK_ROWS * 4
+        for lo in range(0, self.nnz, step):
+            bad = np.flatnonzero(~np.isfinite(self._values[lo:lo + step]))
+            if bad.size:
+                return int(np.searchsorted(self._indptr, lo + bad[0], side="right")) - 1
+        return None
+
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether the rows are read from memory-mapped files (``afmfast.open_store``, or
+        arrays of ``numpy.load(..., mmap_mode="r")``) rather than held in memory. ``fit``
+        then reads them in a windowed order (``afmfast.models.epoch_order``).
+
+        Examples
+        --------
+        >>> Dataset([0, 1], [0], [1.0], [1.0]).memory_mapped
+        False
+        """
+        return _is_memory_mapped(self._indices)
+
     def row_length_counts(self):
         """``counts[n]`` = the number of rows with n nonzeros: int64, ``max_row_nnz + 1``
         entries (cached, read-only). Counted LENGTH_CHUNK_ROWS rows at a time, so
@@ -460,6 +492,18 @@ class Dataset:
             raise ValueError(f"y must have n_rows = {self.n_rows} entries, got {y.size}")
         return Dataset._trusted(self.indptr, self.indices, self.values, y,
                                 self.n_features, self._max_id, self.n_features_explicit)
+
+
+def _is_memory_mapped(array):
+    """Whether ``array`` is a view of a ``numpy.memmap`` or of an ``mmap.mmap``."""
+    import mmap
+
+    base = array
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return True
+        base = getattr(base, "base", None)
+    return False
 
 
 def _is_int(value):

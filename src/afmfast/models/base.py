@@ -481,9 +481,8 @@ class FactorizationModel(*_SKLEARN_BASES):
         # used as it is: the caller's object, not a relabelled copy
         data = X if own and (y is X.y or np.array_equal(y, X.y)) else \
             as_dataset(X, y, name=name)
-        bad = np.flatnonzero(~np.isfinite(data.values))
-        if bad.size:
-            row = int(np.searchsorted(data.indptr, bad[0], side="right")) - 1
+        row = data.first_nonfinite_row()
+        if row is not None:
             raise ValueError(f"{name}: row {row} holds a NaN or infinite value")
         return data
 

@@ -25,9 +25,10 @@ from afmfast.kernels import backends
 from afmfast.kernels.api import OPTIMIZER_CODES, new_opt_state
 from afmfast.kernels.threads import RunPlanner, resolve_threads
 from afmfast.metrics import HIGHER_IS_BETTER
+from afmfast.models.epoch_order import order_segments
 
 if TYPE_CHECKING:  # annotations only
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from afmfast.data.dataset import Dataset
     from afmfast.models.base import FactorizationModel
@@ -198,10 +199,29 @@ class Trainer:
         return self.backend.shuffled_rows(n_rows, self.seed, epoch,
                                           self.planner.current if threads is None else threads)
 
-    def train_epoch(self, X, y, order: np.ndarray, step: int, epoch: int = 0,
-                    progress: _Progress | None = None) -> tuple[int, float]:
+    def epoch_segments(self, train: Dataset, epoch: int) -> Iterator[np.ndarray]:
+        """The order of ``epoch`` over ``train`` as segments for ``train_epoch``: the
+        full shuffle in one piece in memory, a windowed order for a memory-mapped
+        Dataset (``afmfast.models.epoch_order``).
+
+        Examples
+        --------
+        >>> import afmfast
+        >>> from afmfast.demo import make_demo_data
+        >>> train = make_demo_data(n_rows=1000, seed=0).train  # 800 rows
+        >>> trainer = Trainer(afmfast.FM(n_factors=4, batch_size=256, n_threads=1), train)
+        >>> [len(segment) for segment in trainer.epoch_segments(train, epoch=1)]
+        [800]
+        """
+        return order_segments(train, self.seed, epoch, lambda n, seed, key: (
+            self.backend.shuffled_rows(n, seed, key, self.planner.current)))
+
+    def train_epoch(self, X, y, order: np.ndarray | Iterable[np.ndarray], step: int,
+                    epoch: int = 0, progress: _Progress | None = None) -> tuple[int, float]:
         """One pass over the rows ``order`` in batches of the model's batch_size from
         global step ``step``; returns (the step after it, the sum of the batch losses).
+        ``order`` is an array of row numbers, or segments of one (``epoch_segments``):
+        batches then run across the segments' ends, as over one array.
 
         The batches go to the kernel in runs (``train_run``, one call each) that the
         planner (``afmfast.kernels.threads.RunPlanner``) sizes and gives a thread count:
@@ -220,24 +240,32 @@ class Trainer:
         (4, True)
         """
         planner = self.planner
-        n = len(order)
-        bs = min(self.model.batch_size, n)  # the workspace's batch size (a smaller data set)
-        start, batch_losses = 0, []
-        while start < n:
-            threads, span = planner.next_run(bs, n - start)
-            stop = min(n, start + span * bs)
-            losses = np.empty(-(-(stop - start) // bs))
-            t = time.perf_counter()
-            done = self.train_run(X, y, order[start:stop], bs, step, losses, threads)
-            elapsed = time.perf_counter() - t
-            if not math.isfinite(losses[done - 1]):
-                raise self._diverged(epoch, f"the batch loss became {losses[done - 1]}")
-            planner.record(threads, stop - start, done, elapsed)
-            step += done
-            batch_losses.extend(losses[:done].tolist())
-            start = stop
-            if progress is not None:
-                progress.update(stop)
+        if isinstance(order, np.ndarray):
+            # the workspace's batch size (a smaller data set)
+            bs = min(self.model.batch_size, len(order))
+            segments = [order]
+        else:
+            bs = min(self.model.batch_size, len(y))
+            segments = _whole_batches(order, bs)
+        batch_losses, rows_done = [], 0
+        for rows in segments:
+            n, start = len(rows), 0
+            while start < n:
+                threads, span = planner.next_run(bs, n - start)
+                stop = min(n, start + span * bs)
+                losses = np.empty(-(-(stop - start) // bs))
+                t = time.perf_counter()
+                done = self.train_run(X, y, rows[start:stop], bs, step, losses, threads)
+                elapsed = time.perf_counter() - t
+                if not math.isfinite(losses[done - 1]):
+                    raise self._diverged(epoch, f"the batch loss became {losses[done - 1]}")
+                planner.record(threads, stop - start, done, elapsed)
+                step += done
+                batch_losses.extend(losses[:done].tolist())
+                start = stop
+                if progress is not None:
+                    progress.update(rows_done + stop)
+            rows_done += n
         # fsum: the same total however the planner cut the epoch into runs
         return step, math.fsum(batch_losses)
 
@@ -306,7 +334,7 @@ class Trainer:
             if valid is not None:
                 valid.validate("validation")
             t0 = time.perf_counter()
-            order = self.epoch_order(n, epoch)
+            order = self.epoch_segments(train, epoch)
             progress = _Progress(epoch, n) if model.verbose >= 2 else None
             step, loss_sum = self.train_epoch(X, y, order, step, epoch, progress)
             del order  # before the next epoch's is drawn: one order in memory, not two
@@ -406,6 +434,21 @@ class Trainer:
             self._last_good = self._snapshot(self._last_good)
         else:
             self._last_good = self._snapshot()
+
+
+def _whole_batches(segments, batch_size):
+    """The row arrays of ``segments`` regrouped so that every piece but the last holds a
+    whole number of batches: a batch never ends early at a segment's end."""
+    carry = np.empty(0, np.int64)
+    for rows in segments:
+        if carry.size:
+            rows = np.concatenate([carry, rows])
+        cut = len(rows) - len(rows) % batch_size
+        if cut:
+            yield rows[:cut]
+        carry = rows[cut:]
+    if carry.size:
+        yield carry
 
 
 class _Progress:

@@ -1,0 +1,138 @@
+"""The order in which an epoch visits the training rows.
+
+- **In memory** (a ``Dataset`` of ordinary arrays): the backend's ``shuffled_rows``, a
+  uniform permutation of all rows from (seed, epoch), drawn on the kernels' threads
+  (``afmfast.kernels.api``). It costs 8 bytes a row for the epoch.
+- **Memory-mapped** (``Dataset.memory_mapped``: a store from ``afmfast.open_store``, or
+  arrays from ``numpy.load(..., mmap_mode="r")``): a windowed order, so that an epoch
+  reads the files nearly in sequence and allocates nothing of O(n_rows). The rows are
+  cut into blocks of ``BLOCK_ROWS`` consecutive rows; the blocks are shuffled and taken
+  ``WINDOW_BLOCKS`` at a time, and each window's rows are shuffled together, as the
+  shuffle buffers of tf.data and WebDataset do. Both shuffles are ``shuffled_rows`` of
+  (seed, a key of the epoch and the window), so the order is a function of (seed,
+  epoch) alone, the same for any thread count. While a window trains, the pages of the
+  next one are requested from the disk (``madvise(MADV_WILLNEED)``), so that reading
+  and training overlap.
+
+``fit`` chooses by ``Dataset.memory_mapped``; ``order_segments`` makes the choice.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # annotations only
+    from collections.abc import Callable, Iterator
+
+    from afmfast.data.dataset import Dataset
+
+#: consecutive rows that the windowed order keeps together (read in sequence)
+BLOCK_ROWS = 1 << 16
+#: blocks whose rows are shuffled together: the window's order takes 3 arrays of
+#: 8 bytes a row, about 12 MB
+WINDOW_BLOCKS = 8
+
+
+def window_key(epoch: int, window: int) -> int:
+    """The ``epoch`` argument of ``shuffled_rows`` for one shuffle of the windowed order:
+    window 0 is the blocks' shuffle, window w + 1 the rows of window w.
+
+    Examples
+    --------
+    >>> window_key(3, 0), window_key(3, 1) - window_key(3, 0)
+    (12884901888, 1)
+    """
+    return (int(epoch) << 32) + int(window)
+
+
+def windowed_order(data: Dataset, seed: int, epoch: int,
+                   shuffle: Callable[[int, int, int], np.ndarray], *,
+                   block_rows: int | None = None, window_blocks: int | None = None,
+                   prefetch: bool = True) -> Iterator[np.ndarray]:
+    """The windowed order of an epoch (see the module docstring), window by window: int64
+    arrays of row numbers that together hold every row once. ``shuffle(n, seed, key)``
+    is the backend's ``shuffled_rows`` on the fit's threads.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> from afmfast.kernels.numba.common import shuffled_rows
+    >>> data = afmfast.Dataset([0] * 11, [], [], [0.0] * 10)
+    >>> shuffle = lambda n, seed, key: shuffled_rows(n, seed, key, 1)
+    >>> windows = list(windowed_order(data, 2016, 1, shuffle, block_rows=2, window_blocks=2))
+    >>> [len(w) for w in windows], sorted(np.concatenate(windows).tolist()) == list(range(10))
+    ([4, 4, 2], True)
+    """
+    block_rows = BLOCK_ROWS if block_rows is None else block_rows
+    window_blocks = WINDOW_BLOCKS if window_blocks is None else window_blocks
+    n = data.n_rows
+    n_blocks = -(-n // block_rows)
+    blocks = shuffle(n_blocks, seed, window_key(epoch, 0))
+    windows = [blocks[w:w + window_blocks] for w in range(0, n_blocks, window_blocks)]
+    for w, chosen in enumerate(windows):
+        if prefetch:
+            if w == 0:
+                _prefetch(data, chosen, block_rows)
+            if w + 1 < len(windows):
+                _prefetch(data, windows[w + 1], block_rows)
+        rows = np.concatenate([np.arange(b * block_rows, min(n, (b + 1) * block_rows),
+                                         dtype=np.int64) for b in chosen])
+        yield rows[shuffle(len(rows), seed, window_key(epoch, w + 1))]
+
+
+def order_segments(data: Dataset, seed: int, epoch: int,
+                   shuffle: Callable[[int, int, int], np.ndarray]) -> Iterator[np.ndarray]:
+    """The epoch's order as segments to train in turn: the whole shuffle in one piece for
+    an in-memory Dataset, window by window for a memory-mapped one.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> from afmfast.kernels.numba.common import shuffled_rows
+    >>> shuffle = lambda n, seed, key: shuffled_rows(n, seed, key, 1)
+    >>> data = afmfast.Dataset([0] * 6, [], [], [0.0] * 5)
+    >>> [len(s) for s in order_segments(data, 2016, 1, shuffle)]
+    [5]
+    """
+    if data.memory_mapped:
+        return windowed_order(data, seed, epoch, shuffle)
+    return iter([shuffle(data.n_rows, seed, epoch)])
+
+
+_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+_madvise = None
+
+
+def _advise_willneed(array, lo, hi):
+    """Ask the kernel to read ``array[lo:hi]`` (memory-mapped) ahead of use; a no-op
+    where madvise is missing. Advice only: a failure changes nothing but speed."""
+    global _madvise
+    if hi <= lo or _MADV_WILLNEED is None:
+        return
+    if _madvise is None:
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise
+            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return
+    start = array.ctypes.data + lo * array.itemsize
+    aligned = start - start % mmap.PAGESIZE
+    _madvise(aligned, (hi - lo) * array.itemsize + start - aligned, _MADV_WILLNEED)
+
+
+def _prefetch(data, blocks, block_rows):
+    """Request the pages of the rows of ``blocks`` in every column of ``data``."""
+    n = data.n_rows
+    indptr = data.indptr
+    for b in blocks:
+        r0, r1 = int(b) * block_rows, min(n, (int(b) + 1) * block_rows)
+        _advise_willneed(indptr, r0, r1 + 1)
+        _advise_willneed(data.y, r0, r1)
+        k0, k1 = int(indptr[r0]), int(indptr[r1])
+        _advise_willneed(data.indices, k0, k1)
+        _advise_willneed(data.values, k0, k1)
