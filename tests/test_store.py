@@ -339,3 +339,29 @@ def test_the_windowed_order_reaches_the_full_shuffles_accuracy(tmp_path, monkeyp
         full.append(model.fit(train).evaluate(valid)["rmse"])
         windowed.append(model.fit(open_store(tmp_path / "train")).evaluate(valid)["rmse"])
     assert abs(np.mean(windowed) - np.mean(full)) <= 0.005, (windowed, full)
+
+
+# ----- the command line -------------------------------------------------------------------
+def test_cli_converts_and_trains_from_stores(tmp_path, monkeypatch, capsys):
+    from afmfast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    demo = make_demo_data(n_rows=1500, seed=1)
+    for name, data in (("train", demo.train), ("valid", demo.valid)):
+        lines = [" ".join([f"{y:g}"] + [f"{i}:{v:g}" for i, v in zip(
+            data.indices[a:b], data.values[a:b])]) for y, a, b in zip(
+            data.y, data.indptr[:-1], data.indptr[1:])]
+        (tmp_path / f"{name}.libfm").write_text("\n".join(lines) + "\n")
+    assert main(["convert", "train.libfm", "-o", "train.store"]) == 0
+    assert "train.store: 1200 rows" in capsys.readouterr().out
+    assert main(["convert", "valid.libfm", "-o", "valid.store", "--threads", "1"]) == 0
+    code = main(["fm", "--train", "train.store", "--validation", "valid.store",
+                 "--hidden_factor", "4", "--epoch", "2", "--pretrain", "0", "--save", "m.npz"])
+    assert code == 0 and "Best Iter(validation)" in capsys.readouterr().out
+    assert main(["fm", "--process", "evaluate", "--test", "valid.store", "--save",
+                 "m.npz"]) == 0
+    assert "Test RMSE" in capsys.readouterr().out
+    (tmp_path / "bad.libfm").write_text("1 0:1\n1 x:1\n")
+    assert main(["convert", "bad.libfm", "-o", "bad.store"]) == 1
+    assert "bad.libfm: line 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad.store").exists()

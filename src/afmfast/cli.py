@@ -67,9 +67,10 @@ def _add_reference_flags(p):
                    help="AdagradOptimizer, AdamOptimizer, GradientDescentOptimizer, "
                    "MomentumOptimizer (or adagrad, adam, sgd, momentum)")
     p.add_argument("--verbose", type=int, default=1, help="print every epoch (1) or not (0)")
-    p.add_argument("--train", help="training file (instead of --path/--dataset)")
-    p.add_argument("--validation", help="validation file")
-    p.add_argument("--test", help="test file")
+    p.add_argument("--train", help="training file or store directory (afmfast convert), "
+                   "instead of --path/--dataset")
+    p.add_argument("--validation", help="validation file or store")
+    p.add_argument("--test", help="test file or store")
     p.add_argument("--save", help="also save the trained model to this path; with "
                    "--process evaluate, the model to load")
     p.add_argument("--threads", type=int, default=None,
@@ -144,6 +145,22 @@ def build_parser():
                      help="1: print each pair's attention weight and interaction value "
                      "for the first test rows")
 
+    convert = sub.add_parser(
+        "convert", help="convert libFM text (plain or .gz) into a binary store that "
+        "--train/--validation/--test read memory-mapped")
+    convert.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="text files, concatenated in this order")
+    convert.add_argument("-o", "--output", required=True, metavar="STORE",
+                         help="the store directory to write (an existing store is replaced "
+                         "once the new one is complete)")
+    convert.add_argument("--format", default="libfm", choices=("libfm", "libsvm"),
+                         help="input layout: label id:value ... (default libfm)")
+    convert.add_argument("--n_features", type=int, default=None,
+                         help="feature count; every id must be below it (default: the "
+                         "largest id + 1)")
+    convert.add_argument("--threads", type=int, default=None,
+                         help="parser threads (default: all CPUs of this process)")
+
     demo = sub.add_parser("demo", help="train FM and AFM on built-in synthetic data")
     demo.add_argument("--threads", type=int, default=None,
                       help="kernel threads (default: all CPUs of this process)")
@@ -191,11 +208,30 @@ def _data_files(args):
     return files
 
 
-def _load_all(files):
-    """Read every file; give them one feature count (max id + 1 over all)."""
+def _read_data(path):
+    """A data file: a store directory (``afmfast convert``) memory-mapped, else libFM text."""
+    if os.path.isdir(path):
+        from afmfast.data.store import open_store
+
+        return open_store(path)
     from afmfast.data.libfm import load_libfm
 
-    data = {part: load_libfm(path) for part, path in files.items()}
+    return load_libfm(path)
+
+
+def _convert(args):
+    from afmfast.data.store import convert
+
+    data = convert(args.inputs, args.output, format=args.format,
+                   n_features=args.n_features, n_threads=args.threads)
+    print(f"{args.output}: {data.n_rows} rows, {data.n_features} features, {data.nnz} "
+          f"nonzeros")
+    return 0
+
+
+def _load_all(files):
+    """Read every file; give them one feature count (max id + 1 over all)."""
+    data = {part: _read_data(path) for part, path in files.items()}
     n_features = max(d.n_features for d in data.values())
     return {part: d.with_n_features(n_features) for part, d in data.items()}
 
@@ -428,11 +464,10 @@ def _micro_level_analysis(model, data, n_rows=5):
 
 
 def _evaluate(args):
-    from afmfast.data.libfm import load_libfm
     from afmfast.models.persistence import load
 
     model = load(_saved_model_file(args))
-    test = load_libfm(_data_files(args)["test"])
+    test = _read_data(_data_files(args)["test"])
     print(f"Test {_metrics_text(model.evaluate(test))}")
     if getattr(args, "mla", 0):
         _micro_level_analysis(model, test)
@@ -476,6 +511,8 @@ def _run(argv):
             run_demo(backend=args.backend, n_threads=args.threads, seed=args.seed,
                      plot=args.plot)
             return 0
+        if args.command == "convert":
+            return _convert(args)
         args.dataset, args.dataset_derived = _dataset_name(args)
         return _train(args) if args.process == "train" else _evaluate(args)
     except UsageError as exc:
