@@ -14,21 +14,21 @@ import mmap
 import os
 import re
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.backends import compiled_module
+from helpers.paths import FRAPPE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from afmfast.data import libfm, libfm_numba
 from afmfast.data.dataset import Dataset
 from afmfast.data.libfm import load_libfm
-from conftest import compiled_module
 
 # Every test here runs once per parser: the compiled one (when afmfast was built with
 # it) and its Numba twin, each held to the reference parser below and to the same
-# messages; tests/test_reader_parity.py holds them to each other.
+# messages; test_reader_parity.py holds them to each other.
 PARSERS = {"numba": libfm_numba}
 if compiled_module("afmfast._reader") is not None:
     PARSERS["compiled"] = compiled_module("afmfast._reader")
@@ -41,9 +41,6 @@ def parser(request, monkeypatch):
     monkeypatch.setattr(libfm, "_parser", lambda: PARSERS[request.param])
     monkeypatch.setitem(globals(), "_reader", PARSERS[request.param])
     return PARSERS[request.param]
-
-FRAPPE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe"
-          / "frappe.validation.libfm")
 
 
 def write(tmp_path, data, name="d.libfm"):
@@ -313,6 +310,16 @@ def test_line_numbers_far_into_a_file(tmp_path):
 
 # ---------------------------------------------------------------- against the reference
 
+def join_lines(rng, lines, crlf):
+    """``lines`` joined by CRLF (with probability ``crlf``) or LF, with an end of line
+    after the last one 70% of the time."""
+    eol = b"\r\n" if rng.random() < crlf else b"\n"
+    data = eol.join(lines)
+    if rng.random() < 0.7:
+        data += eol
+    return data
+
+
 def random_file(rng, n_rows):
     def num():
         kind = rng.integers(6)
@@ -340,11 +347,7 @@ def random_file(rng, n_rows):
         if rng.random() < 0.1:
             line = sep() + line + sep()
         lines.append(line)
-    eol = b"\r\n" if rng.random() < 0.5 else b"\n"
-    data = eol.join(lines)
-    if rng.random() < 0.7:
-        data += eol
-    return data
+    return join_lines(rng, lines, crlf=0.5)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -475,11 +478,7 @@ def fast_path_file(rng, n_rows):
         for _ in range(rng.integers(0, 15)):
             toks.append(b"%d:%s" % (rng.integers(0, 10**int(rng.integers(1, 9))), value()))
         lines.append(b" ".join(toks))
-    eol = b"\r\n" if rng.random() < 0.3 else b"\n"
-    data = eol.join(lines)
-    if rng.random() < 0.7:
-        data += eol
-    return data
+    return join_lines(rng, lines, crlf=0.3)
 
 
 @pytest.mark.parametrize("seed", range(8))

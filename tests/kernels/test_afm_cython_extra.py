@@ -4,11 +4,12 @@ full steps for every optimiser, predict and explain, the GEMM routine, the dropo
 thread-count determinism (bit for bit) and error paths."""
 import numpy as np
 import pytest
+from helpers.backends import compiled_module
+from helpers.contract import check_phase_times
+from helpers.problems import make_afm_problem
 
 from afmfast.kernels import api
 from afmfast.kernels import reference as ref
-from afm_problems import make_afm_problem
-from conftest import check_phase_times, compiled_module
 
 pytestmark = pytest.mark.compiled
 cy = compiled_module("afmfast._afm_cython")
@@ -16,7 +17,7 @@ cy = compiled_module("afmfast._afm_cython")
 OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
 ACTIVATIONS = [api.RELU, api.SIGMOID, api.TANH, api.IDENTITY]
 # step sizes that keep several steps of this module's AFM problems (make_problem) stable;
-# the shared contract tests use conftest.STABLE_LR on theirs
+# the shared contract tests use helpers.problems.STABLE_LR on theirs
 AFM_PROBLEM_LR = {api.ADAGRAD: 0.02, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.02}
 
 
@@ -24,7 +25,7 @@ def make_problem(n_rows=60, n_features=50, k=12, t=10, dtype=np.float64, seed=0,
                  lengths=(0, 1, 2, 10, 40, 3, 7), v_scale=0.3):
     """Ragged rows (0, 1, 2, 10, 40 ... nonzeros), real signed values, duplicate ids
     (the last id of a row repeats its first), non-trivial AFM parameters: the shared
-    ``afm_problems.make_afm_problem`` with W scaled to N(0, 0.5)."""
+    ``helpers.problems.make_afm_problem`` with W scaled to N(0, 0.5)."""
     X, y, p = make_afm_problem(np.random.default_rng(seed), n_rows, n_features, k, t,
                                lengths, dtype=dtype, v_scale=v_scale)
     p.W[:] *= 0.5

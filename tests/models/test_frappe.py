@@ -12,15 +12,11 @@ this machine kind:
   faithful implementation reaches about 0.533 (FM) and 0.471 (AFM), so AFM must be at
   least 8% below FM and below 0.50.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers.paths import FRAPPE, README
 
 import afmfast
-
-FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe" / \
-    "frappe.validation.libfm"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def test_readme_example_runs_as_written_and_afm_beats_fm_by_eight_percent(
         b"".join(line for i, line in enumerate(lines, 1) if i % 5))
     (tmp_path / "data" / "frappe" / "frappe.validation.libfm").write_bytes(
         b"".join(line for i, line in enumerate(lines, 1) if i % 5 == 0))
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = README.read_text()
     example = readme.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     namespace = {}

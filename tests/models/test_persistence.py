@@ -1,5 +1,6 @@
 """Saving and loading models: round trip, corrupt and foreign files, atomic saves, file
-modes, header parameters checked at load (tests/test_fuzz_model_files.py fuzzes load)."""
+modes, header parameters checked at load (test_fuzz_model_files.py fuzzes load)."""
+import contextlib
 import json
 import os
 import stat
@@ -27,6 +28,18 @@ def _rewrite(src, dst, change):
         arrays = {k: archive[k] for k in archive.files}
     change(arrays)
     np.savez(dst, **arrays)
+
+
+@contextlib.contextmanager
+def _save_fails_keeping_the_old_file(model, tmp_path):
+    """``model`` saved as tmp_path/fm.npz, whose path the block gets to save over and
+    fail: afterwards the file has the first save's bytes and is alone in tmp_path."""
+    path = tmp_path / "fm.npz"
+    model.save(path)
+    before = path.read_bytes()
+    yield path
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["fm.npz"]  # no temporary left behind
 
 
 def _header(arrays):
@@ -149,21 +162,17 @@ def test_not_a_zip(tmp_path):
 
 
 def test_failed_save_leaves_the_old_file_intact(fitted, tmp_path, monkeypatch):
-    model, data = fitted
-    path = tmp_path / "fm.npz"
-    model.save(path)
-    before = path.read_bytes()
+    model, _ = fitted
 
     def disk_full(fh, **arrays):
         fh.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        model.save(path)
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["fm.npz"]  # no temporary left behind
+    with _save_fails_keeping_the_old_file(model, tmp_path) as path:
+        monkeypatch.setattr(np, "savez", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            model.save(path)
+        monkeypatch.undo()
     afmfast.load(path)
 
 
@@ -252,14 +261,10 @@ def test_save_refuses_a_header_load_would_refuse(fitted, tmp_path, monkeypatch):
     from afmfast.models import persistence
 
     model, _ = fitted
-    path = tmp_path / "fm.npz"
-    model.save(path)
-    before = path.read_bytes()
-    monkeypatch.setattr(persistence, "MAX_HEADER_BYTES", 100)
-    with pytest.raises(ValueError, match="fm.npz: .*more than afmfast.load reads"):
-        model.save(path)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["fm.npz"]
+    with _save_fails_keeping_the_old_file(model, tmp_path) as path:
+        monkeypatch.setattr(persistence, "MAX_HEADER_BYTES", 100)
+        with pytest.raises(ValueError, match="fm.npz: .*more than afmfast.load reads"):
+            model.save(path)
 
 
 def test_deflated_and_big_endian_files(fitted, tmp_path):

@@ -7,26 +7,21 @@ across runs and thread counts, ``afm_predict``/``afm_explain`` against the refer
 agreement between backends."""
 import numpy as np
 import pytest
-from afm_problems import batch_pairs, frappe_like, make_afm_problem
-from conftest import (
+from helpers import contract
+from helpers.problems import (
     OPTIMIZERS,
     STABLE_LR,
-    assert_bit_identical,
-    assert_runs_agree,
-    assert_tuple_close,
     batch_nnz,
-    check_one_step,
-    check_rejects_invalid_batches,
-    check_steps_match_reference,
+    batch_pairs,
     copy_tuple,
-    train_and_predict,
-    train_steps,
+    make_afm_problem,
     with_unseen_ids,
 )
 
 from afmfast.kernels import api
 from afmfast.kernels import reference as ref
 from afmfast.kernels.backends import available_backends, get_backend
+from afmfast.demo import frappe_like
 
 AFM_BACKENDS = available_backends("afm")
 pytestmark = pytest.mark.skipif(not AFM_BACKENDS, reason="no AFM kernel backend imports")
@@ -98,20 +93,14 @@ def test_gradient_matches_finite_differences(afm_backend, attention, activation,
         trained[0] = False
     if not attention:
         trained[1 + k_:] = False
-    eps = 1e-6
     for name in ("V", "w", "W", "dense"):
         p = getattr(params, name)
         grad = p - getattr(new, name)  # SGD with lr = 1: old - new is the gradient
         if (name in ("V", "w") and freeze_fm) or (name == "W" and not attention):
             assert np.array_equal(getattr(new, name), p), name
             continue
-        fd = np.zeros(p.shape)
-        for idx in np.ndindex(p.shape):
-            plus, minus = copy_tuple(params), copy_tuple(params)
-            getattr(plus, name)[idx] += eps
-            getattr(minus, name)[idx] -= eps
-            fd[idx] = (ref.afm_loss(X, y, rows, plus, cfg)
-                       - ref.afm_loss(X, y, rows, minus, cfg)) / (2 * eps)
+        fd = contract.finite_differences(lambda q: ref.afm_loss(X, y, rows, q, cfg), params,
+                                         name)
         if name == "dense":
             assert np.array_equal(new.dense[~trained], p[~trained])
             grad, fd = grad[trained], fd[trained]
@@ -178,7 +167,7 @@ def test_steps_match_reference(afm_backend, dtype, opt, variant):
     code = OPTIMIZERS[opt]
     state = api.new_opt_state(params, code)
     ws = afm_backend.afm_workspace(B, B * 10, B * 45, M, k, t, dtype)
-    check_steps_match_reference(
+    contract.check_steps_match_reference(
         afm_backend.afm_step, ref.afm_step, X, y, params, state, ws, rng.permutation(120), B,
         lambda step: make_cfg(lr=STABLE_LR[code], optimizer=code, step=step, seed=99,
                               **VARIANTS[variant]),
@@ -199,8 +188,8 @@ def test_float32_step_matches_reference(afm_backend, opt):
         s[:] = rng.uniform(0.1, 1.0, size=s.shape)
     rows = rng.permutation(60)[:32].astype(np.int64)
     cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=3)
-    check_one_step(afm_backend.afm_step, ref.afm_step, X, y, rows, params, state, cfg,
-                   make_ws(afm_backend, X, rows, params), rtol=1e-5, atol=1e-6)
+    contract.check_one_step(afm_backend.afm_step, ref.afm_step, X, y, rows, params, state, cfg,
+                            make_ws(afm_backend, X, rows, params), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- determinism
@@ -214,20 +203,22 @@ def _train(afm_backend, n_threads, attention, steps=3, dtype=np.float32):
     X[1][X[0][:-1][np.diff(X[0]) > 0]] = 0
     state = api.new_opt_state(params, api.ADAM)
     ws = afm_backend.afm_workspace(B, B * 25, B * 300, M, k, t, dtype)
-    return train_steps(afm_backend.afm_step, X, y, params, state, ws, B, steps,
-                       lambda step: make_cfg(optimizer=api.ADAM, lr=0.01, step=step,
-                                             n_threads=n_threads, attention=attention,
-                                             activation=api.TANH))
+    return contract.train_steps(afm_backend.afm_step, X, y, params, state, ws, B, steps,
+                                lambda step: make_cfg(optimizer=api.ADAM, lr=0.01, step=step,
+                                                      n_threads=n_threads, attention=attention,
+                                                      activation=api.TANH))
 
 
 @pytest.mark.parametrize("attention", [1, 0])
 def test_repeated_runs_bit_identical(afm_backend, attention):
-    assert_bit_identical(_train(afm_backend, 2, attention), _train(afm_backend, 2, attention))
+    contract.assert_bit_identical(_train(afm_backend, 2, attention),
+                                  _train(afm_backend, 2, attention))
 
 
 @pytest.mark.parametrize("attention", [1, 0])
 def test_thread_count_does_not_change_results(afm_backend, attention):
-    assert_bit_identical(_train(afm_backend, 1, attention), _train(afm_backend, 2, attention))
+    contract.assert_bit_identical(_train(afm_backend, 1, attention),
+                                  _train(afm_backend, 2, attention))
 
 
 # ----------------------------------------------------------------- predict and explain
@@ -312,12 +303,12 @@ def test_backends_agree(opt):
                                         dtype=np.float32, v_scale=0.3)
         state = api.new_opt_state(params, code)
         ws = afm_backend.afm_workspace(B, B * 20, B * 190, M, k, t, np.float32)
-        runs.append(train_and_predict(
+        runs.append(contract.train_and_predict(
             afm_backend.afm_step,
             lambda X_, p, out: afm_backend.afm_predict(X_, p, 1, api.RELU, 2, out),
             X, y, params, state, ws, B,
             lambda step: make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)))
-    assert_runs_agree(*runs)
+    contract.assert_runs_agree(*runs)
 
 
 # ------------------------------------------------------------------- invalid batches
@@ -330,7 +321,8 @@ def test_step_rejects_invalid_batches(afm_backend):
     X, y, params = make_afm_problem(rng, 20, M, 3, 2, [4, 6])
     state = api.new_opt_state(params, api.ADAGRAD)
     ws = make_ws(afm_backend, X, np.arange(8, dtype=np.int64), params)
-    check_rejects_invalid_batches(afm_backend.afm_step, X, y, params, state, ws, make_cfg(), M)
+    contract.check_rejects_invalid_batches(afm_backend.afm_step, X, y, params, state, ws,
+                                           make_cfg(), M)
 
 
 # ------------------------------------------------------------- Numba workspace checks
@@ -350,7 +342,7 @@ def test_numba_workspace_errors_and_slot_reset():
     ws = nb.afm_workspace(8, nnz, pairs - 1, 15, 3, 2, np.float64)
     with pytest.raises(ValueError, match="max_batch_pairs"):
         nb.afm_step(X, y, rows, params, state, make_cfg(), ws)
-    assert_tuple_close(params, before, 0.0, 0.0, "params")
+    contract.assert_tuple_close(params, before, 0.0, 0.0, "params")
     ws = nb.afm_workspace(8, nnz, pairs, 15, 3, 2, np.float64)
     nb.afm_step(X, y, rows, params, state, make_cfg(), ws)
     assert (ws.slot == -1).all()
@@ -378,8 +370,8 @@ def test_numba_step_on_one_hot_rows(k, t):
                        make_ws(nb, X, rows, params))
     loss_ref = ref.afm_step(X, y.astype(np.float64), rows, p_ref, s_ref, cfg)
     assert loss == pytest.approx(loss_ref, rel=1e-9)
-    assert_tuple_close(params, p_ref, 1e-9, 1e-12, "params")
-    assert_tuple_close(state, s_ref, 1e-9, 1e-12, "state")
+    contract.assert_tuple_close(params, p_ref, 1e-9, 1e-12, "params")
+    contract.assert_tuple_close(state, s_ref, 1e-9, 1e-12, "state")
 
 
 # ------------------------------------------------------------------- predict's work

@@ -6,22 +6,15 @@ The Numba helpers shared with the AFM kernel (dropout hash, optimiser update) ar
 checked directly at the end."""
 import numpy as np
 import pytest
-from conftest import (
-    BACKENDS,
+from helpers import contract
+from helpers.backends import BACKENDS
+from helpers.problems import (
     OPTIMIZERS,
     STABLE_LR,
-    assert_bit_identical,
-    assert_runs_agree,
-    assert_tuple_close,
     batch_nnz,
-    check_one_step,
-    check_rejects_invalid_batches,
-    check_steps_match_reference,
     copy_tuple,
     make_cfg,
     make_problem,
-    train_and_predict,
-    train_steps,
     with_unseen_ids,
 )
 
@@ -55,16 +48,10 @@ def test_gradient_matches_finite_differences(backend, batch_norm, keep):
     loss = _run_step(backend, X, y, rows, new, state, cfg)
     assert loss == pytest.approx(ref_loss, rel=1e-12)
 
-    eps = 1e-6
     for name in ("V", "w", "dense"):
         p = getattr(params, name)
-        fd = np.zeros(p.shape)
-        for idx in np.ndindex(p.shape):
-            plus, minus = copy_tuple(params), copy_tuple(params)
-            getattr(plus, name)[idx] += eps
-            getattr(minus, name)[idx] -= eps
-            fd[idx] = (ref.fm_loss(X, y, rows, plus, cfg)
-                       - ref.fm_loss(X, y, rows, minus, cfg)) / (2 * eps)
+        fd = contract.finite_differences(lambda q: ref.fm_loss(X, y, rows, q, cfg), params,
+                                         name)
         grad = p - getattr(new, name)  # SGD with lr = 1: old - new is the gradient
         np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-7 * max(1.0, np.abs(fd).max()),
                                    err_msg=name)
@@ -93,7 +80,7 @@ def test_steps_match_reference(backend, dtype, opt, batch_norm, keep, l2):
     code = OPTIMIZERS[opt]
     state = api.new_opt_state(params, code)
     ws = backend.fm_workspace(B, B * 10, M, k, dtype)
-    check_steps_match_reference(
+    contract.check_steps_match_reference(
         backend.fm_step, ref.fm_step, X, y, params, state, ws, rng.permutation(120), B,
         lambda step: make_cfg(lr=STABLE_LR[code], optimizer=code, batch_norm=batch_norm,
                               keep=keep, step=step, seed=99, l2=l2),
@@ -115,8 +102,8 @@ def test_float32_step_matches_reference(backend, opt):
     rows = rng.permutation(60)[:32].astype(np.int64)
     cfg = make_cfg(lr=STABLE_LR[code], optimizer=code, step=3)
     ws = backend.fm_workspace(32, batch_nnz(X, rows), M, k, np.float32)
-    check_one_step(backend.fm_step, ref.fm_step, X, y, rows, params, state, cfg, ws,
-                   rtol=1e-5, atol=1e-6)
+    contract.check_one_step(backend.fm_step, ref.fm_step, X, y, rows, params, state, cfg, ws,
+                            rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- determinism
@@ -129,17 +116,17 @@ def _train(backend, n_threads, dtype=np.float32, steps=4):
     X[1][X[0][:-1][np.diff(X[0]) > 0]] = 0
     state = api.new_opt_state(params, api.ADAM)
     ws = backend.fm_workspace(B, B * 25, M, k, dtype)
-    return train_steps(backend.fm_step, X, y, params, state, ws, B, steps,
-                       lambda step: make_cfg(optimizer=api.ADAM, lr=0.01, step=step,
-                                             n_threads=n_threads))
+    return contract.train_steps(backend.fm_step, X, y, params, state, ws, B, steps,
+                                lambda step: make_cfg(optimizer=api.ADAM, lr=0.01, step=step,
+                                                      n_threads=n_threads))
 
 
 def test_repeated_runs_bit_identical(backend):
-    assert_bit_identical(_train(backend, 2), _train(backend, 2))
+    contract.assert_bit_identical(_train(backend, 2), _train(backend, 2))
 
 
 def test_thread_count_does_not_change_results(backend):
-    assert_bit_identical(_train(backend, 1), _train(backend, 2))
+    contract.assert_bit_identical(_train(backend, 1), _train(backend, 2))
 
 
 # ----------------------------------------------------------------------------- predict
@@ -176,22 +163,23 @@ def test_backends_agree(opt):
         X, y, params = make_problem(rng, 512, M, k, [1, 2, 10, 5, 0, 20], dtype=np.float32)
         state = api.new_opt_state(params, code)
         ws = backend.fm_workspace(B, B * 20, M, k, np.float32)
-        runs.append(train_and_predict(
+        runs.append(contract.train_and_predict(
             backend.fm_step, lambda X_, p, out: backend.fm_predict(X_, p, 1, 2, out),
             X, y, params, state, ws, B,
             lambda step: make_cfg(lr=STABLE_LR[code] / 4, optimizer=code, step=step)))
-    assert_runs_agree(*runs)
+    contract.assert_runs_agree(*runs)
 
 
 # ------------------------------------------------------------------- invalid batches
 
 def test_step_rejects_invalid_batches(backend):
-    """The FM step validates its batch as the AFM step does (``conftest``'s check): bad
+    """The FM step validates its batch as the AFM step does (``helpers.contract``'s check): bad
     row or feature ids and empty batches raise, nothing is modified."""
     X, y, params = make_problem(np.random.default_rng(13), 20, 15, 3, [4, 6])
     ws = backend.fm_workspace(8, batch_nnz(X, np.arange(8)), 15, 3, np.float64)
-    check_rejects_invalid_batches(backend.fm_step, X, y, params,
-                                  api.new_opt_state(params, api.ADAGRAD), ws, make_cfg(), 15)
+    contract.check_rejects_invalid_batches(backend.fm_step, X, y, params,
+                                           api.new_opt_state(params, api.ADAGRAD), ws,
+                                           make_cfg(), 15)
 
 
 # ------------------------------------------------------- Numba helpers (AFM reuses them)
@@ -267,7 +255,7 @@ def test_numba_workspace_errors_and_slot_reset():
     before = copy_tuple(params)
     with pytest.raises(ValueError, match="max_batch_nnz"):
         nb.fm_step(X, y, rows, params, state, make_cfg(), ws)
-    assert_tuple_close(params, before, 0.0, 0.0, "params")
+    contract.assert_tuple_close(params, before, 0.0, 0.0, "params")
     ws = nb.fm_workspace(8, batch_nnz(X, rows), 15, 3, np.float64)
     nb.fm_step(X, y, rows, params, state, make_cfg(), ws)
     assert (ws.slot == -1).all()

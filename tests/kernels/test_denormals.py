@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from afm_problems import make_afm_problem
-from conftest import BACKENDS, copy_tuple, make_cfg, make_problem
+from helpers.backends import BACKENDS
+from helpers.paths import TESTS
+from helpers.problems import copy_tuple, make_afm_problem, make_cfg, make_problem
 
 import afmfast
 from afmfast.kernels.numba import common as nbc
@@ -147,6 +148,17 @@ def _with_denormals(params, rng, dtype):
     return den, zero
 
 
+def assert_runs_equal_to_the_first(runs):
+    """Every (losses, params, predictions) run has the first one's losses and predictions
+    bit for bit, and its parameters once denormals are read as zeros."""
+    for losses, p, out in runs[1:]:
+        assert losses == runs[0][0]
+        for name in p._fields:
+            assert np.array_equal(flushed(getattr(p, name)),
+                                  flushed(getattr(runs[0][1], name))), name
+        assert np.array_equal(out, runs[0][2])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_afm_denormal_parameters_count_as_zero(name, dtype):
     backend = get_backend(name, "afm")
@@ -168,12 +180,7 @@ def test_afm_denormal_parameters_count_as_zero(name, dtype):
         out = np.empty(40, dtype=dtype)
         backend.afm_predict(X, p, 1, api.RELU, threads, out)
         runs.append((losses, p, out))
-    for losses, p, out in runs[1:]:
-        assert losses == runs[0][0]
-        for name in p._fields:
-            assert np.array_equal(flushed(getattr(p, name)),
-                                  flushed(getattr(runs[0][1], name))), name
-        assert np.array_equal(out, runs[0][2])
+    assert_runs_equal_to_the_first(runs)
     for name in ("V", "W"):  # every entry of these was updated: none is denormal
         assert n_denormal(getattr(runs[0][1], name)) == 0, name
 
@@ -199,12 +206,7 @@ def test_fm_denormal_parameters_count_as_zero(name, dtype):
         out = np.empty(40, dtype=dtype)
         backend.fm_predict(X, p, 1, threads, out)
         runs.append((losses, p, out))
-    for losses, p, out in runs[1:]:
-        assert losses == runs[0][0]
-        for name in p._fields:
-            assert np.array_equal(flushed(getattr(p, name)),
-                                  flushed(getattr(runs[0][1], name))), name
-        assert np.array_equal(out, runs[0][2])
+    assert_runs_equal_to_the_first(runs)
 
 
 # ------------------------------------------- (b) every thread's MXCSR is put back
@@ -251,7 +253,7 @@ _POOL_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     import numba
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = {path!r}
     from test_denormals import _every_kernel
     from afmfast.kernels.numba import common as nbc
 
@@ -281,7 +283,9 @@ def test_pool_threads_mxcsr_unchanged(name, tmp_path):
     """In a new process (so that the thread pools start inside a kernel call), no pool
     thread keeps FTZ or DAZ after the kernels ran on 2 threads. It runs in an empty
     folder: from the checkout, ``python -c`` would import its uncompiled afmfast."""
-    script = _POOL_SCRIPT.format(tests=str(Path(__file__).parent), name=name)
+    # its path: this folder (test_denormals) and tests/ (the helpers test_denormals imports)
+    script = _POOL_SCRIPT.format(path=[str(Path(__file__).resolve().parent), str(TESTS)],
+                                 name=name)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,10 +4,10 @@ options lists every constructor and ``fit`` argument with its real default."""
 import doctest
 import importlib
 import inspect
-import pathlib
 import re
 
 import pytest
+from helpers.paths import README
 
 import afmfast
 
@@ -23,7 +23,6 @@ NEEDS = {"afmfast.data.encoding": "pandas", "afmfast.plotting": "matplotlib",
          "afmfast.data.dataset": "scipy"}
 # Dunder methods that are public API (indexing); other dunders are not checked.
 PUBLIC_DUNDERS = {"__getitem__", "__call__", "__iter__"}
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.mark.parametrize("name", MODULES)

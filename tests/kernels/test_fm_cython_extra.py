@@ -1,15 +1,16 @@
 """Tests of the Cython FM kernels that the shared backend-contract tests
-(tests/test_kernels_fm.py) do not cover: its hard-coded constants, its dropout hash bit
-for bit, thread-count determinism, workspace reuse and error paths, plus a quick
-agreement check with ``afmfast.kernels.reference``."""
+(test_kernels_fm.py) do not cover: its hard-coded constants, its dropout hash bit for
+bit, thread-count determinism, workspace reuse and error paths, plus a quick agreement
+check with ``afmfast.kernels.reference``."""
 import copy
 
 import numpy as np
 import pytest
+from helpers.backends import compiled_module
+from helpers.contract import check_phase_times
 
 from afmfast.kernels import api
 from afmfast.kernels import reference as ref
-from conftest import check_phase_times, compiled_module
 
 pytestmark = pytest.mark.compiled
 cy = compiled_module("afmfast._fm_cython")
@@ -17,7 +18,7 @@ cy = compiled_module("afmfast._fm_cython")
 OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
 # step sizes that keep a few steps on the test data from diverging (losses are sums)
 # step sizes that keep several steps of this module's FM problems stable; the shared
-# contract tests use conftest.STABLE_LR on theirs
+# contract tests use helpers.problems.STABLE_LR on theirs
 FM_PROBLEM_LR = {api.ADAGRAD: 0.05, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.05}
 
 

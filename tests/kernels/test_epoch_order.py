@@ -3,11 +3,11 @@
 thread count, different per seed and epoch, uniform, and clear errors."""
 import numpy as np
 import pytest
+from helpers.backends import BACKENDS
 
 from afmfast.kernels import api
 from afmfast.kernels.backends import get_backend
 
-from conftest import BACKENDS
 
 MODULES = [(name, model) for name in BACKENDS for model in ("fm", "afm")]
 

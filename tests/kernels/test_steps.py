@@ -3,12 +3,12 @@ the same losses and parameters as ``*_step`` batch by batch, a stop after a non-
 loss, and clear errors, in every backend."""
 import numpy as np
 import pytest
+from helpers.backends import BACKENDS
 
 import afmfast
 from afmfast.demo import make_demo_data
 from afmfast.models.training import Trainer
 
-from conftest import BACKENDS
 
 CASES = [(name, model) for name in BACKENDS for model in ("fm", "afm")]
 BATCH = 256
