@@ -5,7 +5,6 @@ the estimators train from a store as from the same rows in memory."""
 import gzip
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,9 +258,8 @@ def test_models_train_from_a_store_as_from_memory(tmp_path, monkeypatch, cls, kw
 from afmfast.kernels.backends import available_backends, get_backend  # noqa: E402
 from afmfast.models import epoch_order  # noqa: E402
 from afmfast.models.training import Trainer  # noqa: E402
+from helpers.paths import FRAPPE  # noqa: E402
 
-FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe" / \
-    "frappe.validation.libfm"
 
 
 def test_memory_mapped_tells_stores_from_memory(stored):
