@@ -4,18 +4,19 @@
 # and _step_nogil, which runs every phase of one step.
 
 cdef void _backward_groups(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
-    """The split of the batch's rows into backward groups (bgrp, a.n_groups; training
-    only): a row joins the group before it unless that would take the group past DBLOCK
-    distinct pairs or GROUP_ROWS rows."""
+    """The split of the batch's rows into backward groups (backward_group_start,
+    a.n_backward_groups; training only): a row joins the group before it unless that
+    would take the group past DBLOCK distinct pairs or GROUP_ROWS rows."""
     cdef Py_ssize_t b, g = 0
-    ws.bgrp[0] = 0
+    ws.backward_group_start[0] = 0
     for b in range(1, a.B):
-        if (ws.rbase[b + 1] - ws.rbase[ws.bgrp[g]] > DBLOCK
-                or b - ws.bgrp[g] >= GROUP_ROWS):
+        if (ws.row_first_distinct[b + 1]
+                - ws.row_first_distinct[ws.backward_group_start[g]] > DBLOCK
+                or b - ws.backward_group_start[g] >= GROUP_ROWS):
             g += 1
-            ws.bgrp[g] = b
-    a.n_groups = g + 1 if a.B > 0 else 0
-    ws.bgrp[a.n_groups] = a.B
+            ws.backward_group_start[g] = b
+    a.n_backward_groups = g + 1 if a.B > 0 else 0
+    ws.backward_group_start[a.n_backward_groups] = a.B
 
 
 cdef void _du_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t d0, Py_ssize_t d1,
@@ -26,13 +27,13 @@ cdef void _du_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t d0, Py_ssize_t
     its sums added to bdb (gradient of b) and those of DS act to bdh (gradient of h);
     unless C is NULL, C (d1 - d0, k) = W^T du."""
     cdef Py_ssize_t k = a.k, t = a.t, d, jj, j0, nj
-    cdef floating* Uu = <floating*>ws.U
+    cdef floating* Uu = <floating*>ws.distinct_u
     cdef floating hd[HD_SPAN]
     cdef const floating* h = dense + 1 + k + t
     cdef floating* u
     cdef double ds, du
     for d in range(d0, d1):
-        ds = ws.DSD[ws.reps[_rep_position(ws, d, &b)]]
+        ds = ws.distinct_ds[ws.rep_slot[_rep_position(ws, d, &b)]]
         j0 = 0
         while j0 < t:
             u = Uu + d * t + j0
@@ -53,18 +54,20 @@ cdef void _du_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t d0, Py_ssize_t
 
 cdef void _backward_group(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t g,
                           const floating* dense, const floating* W,
-                          floating* VX) noexcept nogil:
+                          floating* occ_vx) noexcept nogil:
     """Step 2 for backward group g: du (_du_block) of the group's distinct pairs,
-    its sums into BDB/BDH row g; unless freeze_fm, per row de (_row_de) with C'_d added
+    its sums into backward_grad_b and backward_grad_h row g; unless freeze_fm, per row
+    de (_row_de) with C'_d added
     for the row's representative pairs, C' formed DBLOCK distinct pairs at a time into
-    this thread's cbuf just before the rows that read it."""
-    cdef Py_ssize_t k = a.k, t = a.t, b, b0 = ws.bgrp[g], b1 = ws.bgrp[g + 1], jj
-    cdef Py_ssize_t d1 = ws.rbase[b1], s0 = ws.rbase[b0], s1 = s0, r, r_end, n, q0
+    this thread's cprime_block just before the rows that read it."""
+    cdef Py_ssize_t k = a.k, t = a.t, b, jj, r, r_end, n, q0
+    cdef Py_ssize_t b0 = ws.backward_group_start[g], b1 = ws.backward_group_start[g + 1]
+    cdef Py_ssize_t d1 = ws.row_first_distinct[b1], s0 = ws.row_first_distinct[b0], s1 = s0
     cdef int th = omp_get_thread_num()
-    cdef floating* C = <floating*>ws.cbuf + th * DBLOCK * k
-    cdef floating* dvx = <floating*>ws.rowbuf + th * ws.row_cap * k
-    cdef double* bdb = ws.BDB + g * t
-    cdef double* bdh = ws.BDH + g * t
+    cdef floating* C = <floating*>ws.cprime_block + th * DBLOCK * k
+    cdef floating* dvx = <floating*>ws.row_dvx + th * ws.row_cap * k
+    cdef double* bdb = ws.backward_grad_b + g * t
+    cdef double* bdh = ws.backward_grad_h + g * t
     for jj in range(t):
         bdb[jj] = 0
         bdh[jj] = 0
@@ -75,30 +78,31 @@ cdef void _backward_group(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t g,
             _du_block(a, ws, s0, s1, b0, dense, W, bdb, bdh, NULL)
         return
     for b in range(b0, b1):
-        q0 = ws.off[b]
-        _row_de(a, ws, b, VX, dvx)
-        r = ws.rbase[b]
-        r_end = ws.rbase[b + 1]
+        q0 = ws.row_start[b]
+        _row_de(a, ws, b, occ_vx, dvx)
+        r = ws.row_first_distinct[b]
+        r_end = ws.row_first_distinct[b + 1]
         while r < r_end:
             if r == s1:
                 s0 = s1
                 s1 = s0 + DBLOCK if s0 + DBLOCK < d1 else d1
                 _du_block(a, ws, s0, s1, b, dense, W, bdb, bdh, C)
             n = (r_end if r_end < s1 else s1) - r
-            _rep_grad(VX + q0 * k, n, ws.dq + 2 * (ws.poff[b] + r - ws.rbase[b]), q0,
+            _rep_grad(occ_vx + q0 * k, n,
+                      ws.rep_occ + 2 * (ws.row_pair_start[b] + r - ws.row_first_distinct[b]), q0,
                       C + (r - s0) * k, k, dvx)
             r += n
-        _store_row_grad(a, ws, b, dvx, VX)
+        _store_row_grad(a, ws, b, dvx, occ_vx)
 
 
 cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
-                    floating* GW) noexcept nogil:
-    """Step 4 for W rows [j0, j1) of thread block th: GW[j] = sum_d du[d, j] e[d] over the
+                    floating* grad_W) noexcept nogil:
+    """Step 4 for W rows [j0, j1) of thread block th: grad_W[j] = sum_d du[d, j] e[d] over the
     distinct pairs in order. Blocks of pairs keep E's and DU's rows in cache across the W
     rows."""
     cdef Py_ssize_t k = a.k, t = a.t, nblk, j0, j1, P0, PB, P, n_pairs, f, j
-    cdef const floating* E = <floating*>ws.E
-    cdef const floating* DU = <floating*>ws.U
+    cdef const floating* E = <floating*>ws.distinct_e
+    cdef const floating* DU = <floating*>ws.distinct_u
     nblk = (t + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN
     j0 = (nblk * th // nth) * AFM_ROW_ALIGN
     j1 = (nblk * (th + 1) // nth) * AFM_ROW_ALIGN
@@ -107,7 +111,7 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
     if j0 >= j1:
         return
     for j in range(j0 * k, j1 * k):
-        GW[j] = 0
+        grad_W[j] = 0
     n_pairs = a.n_distinct
     PB = 131072 // ((k + t) * sizeof(floating))
     if PB < 16:
@@ -115,42 +119,43 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
     P0 = 0
     while P0 < n_pairs:
         P = n_pairs - P0 if n_pairs - P0 < PB else PB
-        _gemm(j1 - j0, k, P, DU + P0 * t + j0, 1, t, E + P0 * k, k, GW + j0 * k, k)
+        _gemm(j1 - j0, k, P, DU + P0 * t + j0, 1, t, E + P0 * k, k, grad_W + j0 * k, k)
         P0 += P
 
 
 cdef inline void _row_de(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
-                         const floating* VX, floating* dvx) noexcept nogil:
+                         const floating* occ_vx, floating* dvx) noexcept nogil:
     """Step 2 for row b, without the C' terms: dvx (n, k) = sum over the row's pairs of
     de v_other, de = a' dg."""
-    cdef Py_ssize_t k = a.k, q0 = ws.off[b]
-    _pair_grad_row(VX + q0 * k, <floating*>ws.RT + b * k, ws.pau + ws.poff[b],
-                   ws.off[b + 1] - q0, k, dvx)
+    cdef Py_ssize_t k = a.k, q0 = ws.row_start[b]
+    _pair_grad_row(occ_vx + q0 * k, <floating*>ws.row_dg + b * k,
+                   ws.pair_weight_kept + ws.row_pair_start[b],
+                   ws.row_start[b + 1] - q0, k, dvx)
 
 
 cdef inline void _store_row_grad(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
-                                 const floating* dvx, floating* VX) noexcept nogil:
+                                 const floating* dvx, floating* occ_vx) noexcept nogil:
     """Row b's d(v x) scaled by x (each occurrence's contribution to its V row's
-    gradient), over the row's v x in VX, which no later pass reads: the gradients stay in
+    gradient), over the row's v x in occ_vx, which no later pass reads: the gradients stay in
     the cache lines just read."""
-    cdef Py_ssize_t k = a.k, q0 = ws.off[b], i, f
+    cdef Py_ssize_t k = a.k, q0 = ws.row_start[b], i, f
     cdef floating x
     cdef floating* d1
-    for i in range(ws.off[b + 1] - q0):
+    for i in range(ws.row_start[b + 1] - q0):
         x = (<floating*>ws.occ_x)[q0 + i]
-        d1 = VX + (q0 + i) * k
+        d1 = occ_vx + (q0 + i) * k
         for f in range(k):
             d1[f] = dvx[i * k + f] * x
 
 
 cdef void _backward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
-                          floating* VX) noexcept nogil:
+                          floating* occ_vx) noexcept nogil:
     """Step 2 without attention (de only), for the rows of chunk c."""
-    cdef floating* dvx = <floating*>ws.rowbuf + omp_get_thread_num() * ws.row_cap * a.k
+    cdef floating* dvx = <floating*>ws.row_dvx + omp_get_thread_num() * ws.row_cap * a.k
     cdef Py_ssize_t b
-    for b in range(ws.chunk[c], ws.chunk[c + 1]):
-        _row_de(a, ws, b, VX, dvx)
-        _store_row_grad(a, ws, b, dvx, VX)
+    for b in range(ws.chunk_start[c], ws.chunk_start[c + 1]):
+        _row_de(a, ws, b, occ_vx, dvx)
+        _store_row_grad(a, ws, b, dvx, occ_vx)
 
 
 cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, floating* V,
@@ -160,37 +165,37 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
     + l2 v, then the optimiser (unless freeze_fm), GRAD_SPAN columns at a time;
     ||v||^2 before the update (0 when l2 = 0)."""
     cdef Py_ssize_t k = a.k, f, f0, nf, pos, q
-    cdef Py_ssize_t j = ws.uniq[u]
+    cdef Py_ssize_t j = ws.group_feature[u]
     cdef floating* v = V + j * k
     cdef floating g[GRAD_SPAN]
     cdef double gd[GRAD_SPAN]
-    cdef const floating* DVX = <floating*>ws.VX   # the occurrences' gradients since step 2
+    cdef const floating* DVX = <floating*>ws.occ_vx   # the occurrences' gradients since step 2
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef const floating* d
     cdef double gw = 0
     cdef double l2 = a.l2
-    cdef Py_ssize_t nnz = ws.off[a.B], j_next
-    if u + a.prefetch_features < a.U:
+    cdef Py_ssize_t nnz = ws.row_start[a.B], j_next
+    if u + a.prefetch_features < a.n_touched:
         # a later feature's rows (V and optimiser state are tables larger than cache)
-        j_next = ws.uniq[u + a.prefetch_features]
-        _prefetch_row(V + j_next * k, k * sizeof(floating))
+        j_next = ws.group_feature[u + a.prefetch_features]
+        prefetch_row(V + j_next * k, k * sizeof(floating))
         if not a.freeze_fm:
-            _prefetch_row(sV0 + j_next * k, k * sizeof(floating))
+            prefetch_row(sV0 + j_next * k, k * sizeof(floating))
             if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
-                _prefetch_row(sV1 + j_next * k, k * sizeof(floating))
+                prefetch_row(sV1 + j_next * k, k * sizeof(floating))
             if a.prefetch_v:
                 __builtin_prefetch(w + j_next)
                 __builtin_prefetch(sw0 + j_next)
     # the l2 terms only when l2 > 0: at l2 = 0 they cost a k = 256 step for nothing
-    ws.grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
+    ws.group_sqnorm[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     if a.freeze_fm:
         return
-    if l2 == 0 and ws.ustart[u + 1] - ws.ustart[u] == 1:
+    if l2 == 0 and ws.group_start[u + 1] - ws.group_start[u] == 1:
         # One occurrence (most features of a sparse batch): its gradient row is the V
         # row's as it stands (a double sum of one term rounds back to it exactly).
-        pos = ws.ustart[u]
+        pos = ws.group_start[u]
         if pos + AFM_PREFETCH < nnz:
-            _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
+            prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k, k * sizeof(floating))
         opt_vec(&a.opt, v, sV0 + j * k, sV1 + j * k, DVX + ws.grp_occ[pos] * k, k, False)
     else:
         f0 = 0
@@ -198,9 +203,9 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
             nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
             for f in range(nf):
                 gd[f] = 0
-            for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+            for pos in range(ws.group_start[u], ws.group_start[u + 1]):
                 if f0 == 0 and pos + AFM_PREFETCH < nnz:
-                    _prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k,
+                    prefetch_row(DVX + ws.grp_occ[pos + AFM_PREFETCH] * k,
                                   k * sizeof(floating))
                 d = DVX + ws.grp_occ[pos] * k + f0
                 for f in range(nf):
@@ -213,9 +218,9 @@ cdef void _feature_update(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t u, float
                     g[f] = <floating>gd[f]
             opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, nf, False)
             f0 += nf
-    for pos in range(ws.ustart[u], ws.ustart[u + 1]):
+    for pos in range(ws.group_start[u], ws.group_start[u + 1]):
         q = ws.grp_occ[pos]
-        gw = gw + ws.r[ws.grp_row[pos]] * <double>occ_x[q]
+        gw = gw + ws.residual[ws.grp_row[pos]] * <double>occ_x[q]
     opt_elem(&a.opt, w + j, sw0 + j, sw1 + j, <floating>gw)
 
 
@@ -226,12 +231,12 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
     cdef Py_ssize_t b, f, j, c, u, lo, hi, th, it, tail
     cdef int nt = a.n_threads, err, rank
-    cdef floating* GW = <floating*>ws.GW
-    cdef floating* gd = <floating*>ws.gdense
+    cdef floating* grad_W = <floating*>ws.grad_W
+    cdef floating* gd = <floating*>ws.grad_dense
     cdef const double* row
-    cdef double* dsum = ws.dsum
+    cdef double* dense_grad_sum = ws.dense_grad_sum
     cdef double loss = 0, d
-    cdef floating l2a = <floating>a.l2a
+    cdef floating l2a = <floating>a.l2_attention
     cdef unsigned int csr
 
     cdef double t0 = omp_get_wtime()
@@ -257,12 +262,12 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         # as the numbering (_distinct_pairs): popular classes first, own classes rare
         with parallel(num_threads=nt):
             csr = ftz_enter()
-            for it in prange(feature_items(a.U, CLASS_TAIL), schedule="dynamic"):
-                for c in range(feature_item_start(it, a.U, CLASS_TAIL),
-                               feature_item_start(it + 1, a.U, CLASS_TAIL)):
+            for it in prange(feature_items(a.n_touched, CLASS_TAIL), schedule="dynamic"):
+                for c in range(feature_item_start(it, a.n_touched, CLASS_TAIL),
+                               feature_item_start(it + 1, a.n_touched, CLASS_TAIL)):
                     _sum_ds(a, ws, c)
             ftz_leave(csr)
-        if a.n_own > 0:
+        if a.n_own_classes > 0:
             with parallel(num_threads=nt):
                 csr = ftz_enter()
                 for c in prange(ws.u_cap, a.n_classes, schedule="dynamic", chunksize=256):
@@ -275,39 +280,39 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
         with parallel(num_threads=nt):
             csr = ftz_enter()
             rank = 0
-            c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
-            while c < a.n_groups:
-                _backward_group(a, ws, c, dense, W, <floating*>ws.VX)
-                c = next_item_near(ws.cursors, a.n_groups, nt, threadid(), &rank)
+            c = next_item_near(ws.cursors, a.n_backward_groups, nt, threadid(), &rank)
+            while c < a.n_backward_groups:
+                _backward_group(a, ws, c, dense, W, <floating*>ws.occ_vx)
+                c = next_item_near(ws.cursors, a.n_backward_groups, nt, threadid(), &rank)
             ftz_leave(csr)
     elif not a.freeze_fm:
         with parallel(num_threads=nt):
             csr = ftz_enter()
             for c in prange(a.n_chunks, schedule="dynamic", chunksize=2):
-                _backward_chunk(a, ws, c, <floating*>ws.VX)
+                _backward_chunk(a, ws, c, <floating*>ws.occ_vx)
             ftz_leave(csr)
     ws.phase_t[6] = omp_get_wtime() - t0
 
     # step 2, serial: row-order sums
     for j in range(D):
-        dsum[j] = 0
+        dense_grad_sum[j] = 0
     for b in range(B):
         loss += ws.row_loss[b]
-        dsum[0] += ws.r[b]
+        dense_grad_sum[0] += ws.residual[b]
     for c in range(a.n_chunks):
-        row = ws.CPS + c * k
+        row = ws.chunk_grad_p + c * k
         for f in range(k):
-            dsum[1 + f] += row[f]
+            dense_grad_sum[1 + f] += row[f]
     if a.attention:
-        for c in range(a.n_groups):
-            row = ws.BDB + c * t
+        for c in range(a.n_backward_groups):
+            row = ws.backward_grad_b + c * t
             for j in range(t):
-                dsum[1 + k + j] += row[j]
-            row = ws.BDH + c * t
+                dense_grad_sum[1 + k + j] += row[j]
+            row = ws.backward_grad_h + c * t
             for j in range(t):
-                dsum[1 + k + t + j] += row[j]
+                dense_grad_sum[1 + k + t + j] += row[j]
     for j in range(D):
-        gd[j] = <floating>dsum[j]
+        gd[j] = <floating>dense_grad_sum[j]
     ws.phase_t[7] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: items handed out dynamically balance the
@@ -318,9 +323,9 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
     with parallel(num_threads=nt):
         csr = ftz_enter()
-        for it in prange(feature_items(a.U, tail), schedule="dynamic"):
-            for u in range(feature_item_start(it, a.U, tail),
-                           feature_item_start(it + 1, a.U, tail)):
+        for it in prange(feature_items(a.n_touched, tail), schedule="dynamic"):
+            for u in range(feature_item_start(it, a.n_touched, tail),
+                           feature_item_start(it + 1, a.n_touched, tail)):
                 _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
         ftz_leave(csr)
     ws.phase_t[8] = omp_get_wtime() - t0
@@ -328,14 +333,14 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
             csr = ftz_enter()
-            _dw_block(a, ws, th, nt, GW)
+            _dw_block(a, ws, th, nt, grad_W)
             ftz_leave(csr)
         for j in range(t * k):
-            GW[j] = GW[j] + l2a * W[j]
-        loss += 0.5 * a.l2a * dot_d(W, W, t * k)
+            grad_W[j] = grad_W[j] + l2a * W[j]
+        loss += 0.5 * a.l2_attention * dot_d(W, W, t * k)
     d = 0
-    for u in range(a.U):
-        d += ws.grp_sq[u]
+    for u in range(a.n_touched):
+        d += ws.group_sqnorm[u]
     loss += 0.5 * a.l2 * d
     ws.phase_t[9] = omp_get_wtime() - t0
 
@@ -343,7 +348,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     hi = D if a.attention else 1 + k
     opt_vec(&a.opt, dense + lo, sd + lo, sd + D + lo, gd + lo, hi - lo, True)
     if a.attention:
-        opt_vec(&a.opt, W, sW, sW + t * k, GW, t * k, True)
+        opt_vec(&a.opt, W, sW, sW + t * k, grad_W, t * k, True)
     loss_out[0] = loss
     ws.phase_t[10] = omp_get_wtime() - t0
     return 0

@@ -95,7 +95,7 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_thread_num, omp_get_wtime
-from libc.math cimport exp, expf, isfinite, sqrt, tanh, tanhf, INFINITY
+from libc.math cimport exp, expf, sqrt, tanh, tanhf, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 
@@ -105,7 +105,8 @@ from _batch cimport (
     check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
     prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,
-    CURSOR_STRIDE, next_item_near, reset_cursors,
+    CURSOR_STRIDE, next_item_near, reset_cursors, GRAD_SPAN, prefetch_row,
+    __builtin_prefetch, batch_recorded,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -151,9 +152,6 @@ cdef enum:
     ACT_TANH = 2
     ACT_IDENTITY = 3
 
-cdef extern from *:
-    void __builtin_prefetch(const void* addr) noexcept nogil
-
 cdef enum:
     # rows ahead whose nonzeros are prefetched while copying a batch
     ROW_PREFETCH = 4
@@ -175,9 +173,6 @@ cdef enum:
     GROUP_ROWS = 256
     # columns of h act'(u) that the distinct backward forms at a time (a stack buffer)
     HD_SPAN = 256
-    # columns of a V row's gradient that the feature update forms at a time (stack
-    # buffers: a per-feature buffer would leave u_cap x k dirty lines to write back)
-    GRAD_SPAN = 256
 
 
 cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
@@ -224,14 +219,6 @@ cdef inline void _rep_grad(const floating* vx, Py_ssize_t nrep, const int32_t* r
         afm_rep_grad_d(vx, nrep, rq, q0, C, k, dvx)
 
 
-cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
-    """Prefetch the cache lines of nbytes at p."""
-    cdef Py_ssize_t off = 0
-    while off < nbytes:
-        __builtin_prefetch(<const char*>p + off)
-        off += 64
-
-
 cdef inline void _activate(floating* u, Py_ssize_t n, int code) noexcept nogil:
     """u <- act(u) in place (the switch outside the loops, so relu/identity vectorise)."""
     cdef Py_ssize_t j
@@ -276,21 +263,11 @@ cdef inline void _softmax(const floating* U, const floating* h, Py_ssize_t n_pai
     _softmax_inplace(a, n_pairs)
 
 
-cdef inline double _du(double ds, double hj, double hv, int code) noexcept nogil:
-    """du = ds h_j act'(u), act' from the activation value hv = act(u)."""
-    if code == ACT_RELU:
-        return ds * hj if hv > 0 else 0.0
-    elif code == ACT_SIGMOID:
-        return ds * hj * (hv * (1 - hv))
-    elif code == ACT_TANH:
-        return ds * hj * (1 - hv * hv)
-    return ds * hj
-
-
 cdef inline void _act_grad_h(const floating* h, const floating* hv, floating* out,
                              Py_ssize_t n, int code) noexcept nogil:
-    """out = h act'(u) elementwise, from the activation values hv = act(u): _du(1, h_j,
-    hv_j) with the switch outside the loop, so that it vectorises."""
+    """out = h act'(u) elementwise, from the activation values hv = act(u) (ReLU:
+    hv > 0, sigmoid: hv (1 - hv), tanh: 1 - hv^2, identity: 1), the switch outside the
+    loop so that it vectorises."""
     cdef Py_ssize_t j
     if code == ACT_RELU:
         for j in range(n):

@@ -5,29 +5,31 @@
 
 cdef void _copy_row(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
                     const floating* values) noexcept nogil:
-    """Row b's nonzeros to the batch-order buffers (occ, occ_x, lp); row_bad[b] = the
-    position of its first invalid id, or -1."""
-    cdef int64_t start, q0 = ws.off[b], P0 = ws.poff[b]
-    cdef Py_ssize_t i, n = ws.off[b + 1] - q0
+    """Row b's nonzeros to the batch-order buffers (occ_feature, occ_x,
+    occ_pair_start); row_bad[b] = the position of its first invalid id, or -1."""
+    cdef int64_t start, q0 = ws.row_start[b], P0 = ws.row_pair_start[b]
+    cdef Py_ssize_t i, n = ws.row_start[b + 1] - q0
     if b + ROW_PREFETCH < a.B:
         # the rows of a shuffled batch are scattered over X: start the next misses early
         start = a.indptr[a.rows[b + ROW_PREFETCH]]
         __builtin_prefetch(a.indices + start)
         __builtin_prefetch(values + start)
     start = a.indptr[a.rows[b]]
-    ws.row_bad[b] = <int32_t>copy_row(a.indices, values, start, n, a.M, ws.occ + q0,
+    ws.row_bad[b] = <int32_t>copy_row(a.indices, values, start, n, a.M, ws.occ_feature + q0,
                                       <floating*>ws.occ_x + q0)
     for i in range(n):
-        ws.lp[q0 + i] = <int32_t>(P0 + _pair_index(i, i + 1, n))
+        ws.occ_pair_start[q0 + i] = <int32_t>(P0 + _pair_index(i, i + 1, n))
 
 
 cdef void _group(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
-    """Stable counting sort of the batch's nonzeros by feature id (slot is all -1 between
-    steps): a.U, grp, uniq, ustart, grp_row, grp_occ."""
-    a.U = group_by_feature(ws.off[a.B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor,
-                           ws.ustart)
-    scatter_groups(a.B, ws.off, ws.grp, ws.cursor, ws.grp_row, ws.grp_occ, <float*>NULL,
-                   <float*>NULL)
+    """Stable counting sort of the batch's nonzeros by feature id (feature_group is all
+    -1 between steps): a.n_touched, occ_group, group_feature, group_start, grp_row,
+    grp_occ."""
+    a.n_touched = group_by_feature(ws.row_start[a.B], ws.occ_feature, ws.occ_group,
+                                   ws.feature_group, ws.group_feature, ws.group_cursor,
+                                   ws.group_start)
+    scatter_groups(a.B, ws.row_start, ws.occ_group, ws.group_cursor, ws.grp_row,
+                   ws.grp_occ, <float*>NULL, <float*>NULL)
 
 
 # The phases of a step, in order: AFMWorkspace.phase_t holds the wall-clock seconds from
@@ -48,32 +50,32 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     times, unless NULL: omp_get_wtime() after the chunks and after v x."""
     cdef Py_ssize_t B = a.B, b, n, c, bad, j, f
     cdef int64_t start, cp
-    cdef int64_t* off = ws.off
-    cdef int64_t* poff = ws.poff
+    cdef int64_t* row_start = ws.row_start
+    cdef int64_t* row_pair_start = ws.row_pair_start
     cdef Py_ssize_t target, rows_in
     cdef int rank
     cdef unsigned int csr
-    cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, off, a.nnz_cap,
+    cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, row_start, a.nnz_cap,
                                  a.n_threads, &a.err)
     if err:
         return err
-    poff[0] = 0
+    row_pair_start[0] = 0
     for b in range(B):
-        n = off[b + 1] - off[b]
-        poff[b + 1] = poff[b] + n * (n - 1) // 2
-    if poff[B] > a.pair_cap:
-        a.err.value = poff[B]
+        n = row_start[b + 1] - row_start[b]
+        row_pair_start[b + 1] = row_pair_start[b] + n * (n - 1) // 2
+    if row_pair_start[B] > a.pair_cap:
+        a.err.value = row_pair_start[B]
         return ERR_PAIRS
     with parallel(num_threads=a.n_threads):
         csr = ftz_enter()
         for b in prange(B, schedule="static"):
             _copy_row(a, ws, b, values)
         ftz_leave(csr)
-    ws.lp[off[B]] = <int32_t>poff[B]
+    ws.occ_pair_start[row_start[B]] = <int32_t>row_pair_start[B]
     for b in range(B):
         if ws.row_bad[b] >= 0:
             a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
-            a.err.value = ws.occ[off[b] + ws.row_bad[b]]
+            a.err.value = ws.occ_feature[row_start[b] + ws.row_bad[b]]
             return ERR_FEATURE
     # chunks of consecutive rows with about `target` pairs (<= 64 rows): E and U of a
     # chunk stay in cache between the GEMM and the row loop.
@@ -81,20 +83,20 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     if target < 48:
         target = 48
     c = 0
-    ws.chunk[0] = 0
+    ws.chunk_start[0] = 0
     cp = 0
     rows_in = 0
     for b in range(B):
-        cp += poff[b + 1] - poff[b]
+        cp += row_pair_start[b + 1] - row_pair_start[b]
         rows_in += 1
         if cp >= target or rows_in >= 64:
             c += 1
-            ws.chunk[c] = b + 1
+            ws.chunk_start[c] = b + 1
             cp = 0
             rows_in = 0
     if rows_in > 0:
         c += 1
-        ws.chunk[c] = B
+        ws.chunk_start[c] = B
     a.n_chunks = c
     if times:
         times[0] = omp_get_wtime()
@@ -138,10 +140,10 @@ cdef void _distinct_logits(AFMArgs* a, AFMWorkspace ws, const floating* dense) n
             c = next_item_near(ws.cursors, nblk, nt, threadid(), &rank)
         ftz_leave(csr)
     if nblk > 0:
-        smax = ws.BMAX[0]
+        smax = ws.block_max_logit[0]
         for c in range(1, nblk):
-            if ws.BMAX[c] > smax:
-                smax = ws.BMAX[c]
+            if ws.block_max_logit[c] > smax:
+                smax = ws.block_max_logit[c]
         with parallel(num_threads=nt):
             csr = ftz_enter()
             for c in prange(nblk, schedule="dynamic"):
@@ -160,9 +162,10 @@ cdef inline Py_ssize_t _later_pairs(AFMWorkspace ws, Py_ssize_t q,
     """The pairs of occurrence q with the later occurrences of its row: the first one's
     index P (batch-wide) and, in count, how many (they are P, P + 1, ...). The pairs of
     an occurrence end where the next occurrence's begin (a row's last occurrence has
-    none, and the next row's pairs begin at poff of that row), so lp alone gives both."""
-    cdef Py_ssize_t P = ws.lp[q]
-    count[0] = ws.lp[q + 1] - P
+    none, and the next row's pairs begin at row_pair_start of that row), so
+    occ_pair_start alone gives both."""
+    cdef Py_ssize_t P = ws.occ_pair_start[q]
+    count[0] = ws.occ_pair_start[q + 1] - P
     return P
 
 
@@ -170,10 +173,10 @@ cdef inline void _class_range(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
                               Py_ssize_t* pos, Py_ssize_t* pos_end) noexcept nogil:
     """Candidate occurrences of class c: grp_occ[pos:pos_end] for a group class, the
     single occurrence c - u_cap for an own class (pos = 0, pos_end = 1), none else;
-    an occurrence belongs to c only if cls[q] == c."""
-    if c < a.U:
-        pos[0] = ws.ustart[c]
-        pos_end[0] = ws.ustart[c + 1]
+    an occurrence belongs to c only if occ_class[q] == c."""
+    if c < a.n_touched:
+        pos[0] = ws.group_start[c]
+        pos_end[0] = ws.group_start[c + 1]
     elif c >= ws.u_cap:
         pos[0] = 0
         pos_end[0] = 1
@@ -182,125 +185,130 @@ cdef inline void _class_range(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
         pos_end[0] = 0
 
 
-cdef Py_ssize_t _bucket(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, int32_t* stamp,
-                        int32_t* sid) noexcept nogil:
+cdef Py_ssize_t _bucket(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, int32_t* dedup_stamp,
+                        int32_t* dedup_number) noexcept nogil:
     """Number the distinct pairs of class c's bucket: the pairs i < i2 of a row whose
     class(i) is c, visited in a fixed order (c's occurrences in batch order, each with
-    its row's later occurrences). pd[P] = the pair's distinct id local to the bucket
-    (-1 - id for the first pair of each, its representative); stamp/sid are this
+    its row's later occurrences). pair_slot[P] = the pair's distinct id local to the bucket
+    (-1 - id for the first pair of each, its representative); dedup_stamp/dedup_number are this
     thread's tables. Returns the bucket's distinct count."""
     cdef Py_ssize_t pos, pos_end, q, P, P_end, cnt, nd = 0
     cdef int32_t c2
-    cdef const int32_t* cls = ws.cls
+    cdef const int32_t* occ_class = ws.occ_class
     _class_range(a, ws, c, &pos, &pos_end)
     while pos < pos_end:
         q = ws.grp_occ[pos] if c < ws.u_cap else c - ws.u_cap
         pos += 1
-        if cls[q] != c:
+        if occ_class[q] != c:
             continue
         P = _later_pairs(ws, q, &cnt)
         P_end = P + cnt
         while P < P_end:
-            c2 = cls[q + 1 + (P - (P_end - cnt))]
-            if stamp[c2] != c:
-                stamp[c2] = <int32_t>c
-                sid[c2] = <int32_t>nd
-                ws.pd[P] = <int32_t>(-1 - nd)
+            c2 = occ_class[q + 1 + (P - (P_end - cnt))]
+            if dedup_stamp[c2] != c:
+                dedup_stamp[c2] = <int32_t>c
+                dedup_number[c2] = <int32_t>nd
+                ws.pair_slot[P] = <int32_t>(-1 - nd)
                 nd += 1
             else:
-                ws.pd[P] = sid[c2]
+                ws.pair_slot[P] = dedup_number[c2]
             P += 1
     return nd
 
 
 cdef void _sum_ds(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c) noexcept nogil:
-    """DSD[s] = sum of ds over the pairs of the distinct pair of each slot s of class c's
-    bucket, in the bucket's visiting order (that of _bucket). The pairs of an occurrence are
-    contiguous in pd/pds; those of the occurrence AFM_PREFETCH places ahead are
-    prefetched."""
+    """distinct_ds[s] = sum of ds over the pairs of the distinct pair of each slot s of
+    class c's bucket, in the bucket's visiting order (that of _bucket). The pairs of an
+    occurrence are contiguous in pair_slot/pair_ds; those of the occurrence AFM_PREFETCH
+    places ahead are prefetched."""
     cdef Py_ssize_t pos, pos_end, q, P, P_end, cnt, d
     _class_range(a, ws, c, &pos, &pos_end)
-    for d in range(ws.dbase[c], ws.dbase[c + 1]):
-        ws.DSD[d] = 0
+    for d in range(ws.bucket_start[c], ws.bucket_start[c + 1]):
+        ws.distinct_ds[d] = 0
     while pos < pos_end:
-        if c < a.U and pos + AFM_PREFETCH < pos_end:
+        if c < a.n_touched and pos + AFM_PREFETCH < pos_end:
             P = _later_pairs(ws, ws.grp_occ[pos + AFM_PREFETCH], &cnt)
-            __builtin_prefetch(ws.pd + P)
-            __builtin_prefetch(ws.pds + P)
+            __builtin_prefetch(ws.pair_slot + P)
+            __builtin_prefetch(ws.pair_ds + P)
         q = ws.grp_occ[pos] if c < ws.u_cap else c - ws.u_cap
         pos += 1
-        if ws.cls[q] != c:
+        if ws.occ_class[q] != c:
             continue
         P = _later_pairs(ws, q, &cnt)
         for P in range(P, P + cnt):
-            d = ws.pd[P]
-            ws.DSD[d] = ws.DSD[d] + ws.pds[P]
+            d = ws.pair_slot[P]
+            ws.distinct_ds[d] = ws.distinct_ds[d] + ws.pair_ds[P]
 
 
 cdef void _globalize_row(AFMWorkspace ws, Py_ssize_t b) noexcept nogil:
-    """Row b's pairs: bucket-local distinct numbers to slots (dbase of the lower class),
+    """Row b's pairs: bucket-local distinct numbers to slots (bucket_start of the lower class),
     and the slot and occurrences of each distinct pair whose representative pair is in
     this row, in pair order."""
-    cdef Py_ssize_t q0 = ws.off[b], n = ws.off[b + 1] - ws.off[b], P = ws.poff[b]
-    cdef Py_ssize_t i, i2, d, R = ws.poff[b]
+    cdef Py_ssize_t q0 = ws.row_start[b], n = ws.row_start[b + 1] - ws.row_start[b]
+    cdef Py_ssize_t P = ws.row_pair_start[b]
+    cdef Py_ssize_t i, i2, d, R = ws.row_pair_start[b]
     cdef int32_t c1, l
     for i in range(n):
-        c1 = ws.cls[q0 + i]
+        c1 = ws.occ_class[q0 + i]
         for i2 in range(i + 1, n):
-            l = ws.pd[P]
+            l = ws.pair_slot[P]
             if l < 0:
-                d = ws.dbase[c1] + (-1 - l)
-                ws.dq[2 * R] = <int32_t>(q0 + i)
-                ws.dq[2 * R + 1] = <int32_t>(q0 + i2)
-                ws.reps[R] = <int32_t>d
+                d = ws.bucket_start[c1] + (-1 - l)
+                ws.rep_occ[2 * R] = <int32_t>(q0 + i)
+                ws.rep_occ[2 * R + 1] = <int32_t>(q0 + i2)
+                ws.rep_slot[R] = <int32_t>d
                 R += 1
             else:
-                d = ws.dbase[c1] + l
-            ws.pd[P] = <int32_t>d
+                d = ws.bucket_start[c1] + l
+            ws.pair_slot[P] = <int32_t>d
             P += 1
-    ws.rbase[b + 1] = R - ws.poff[b]   # a count, prefix-summed once all rows are done
+    # a count, prefix-summed once all rows are done
+    ws.row_first_distinct[b + 1] = R - ws.row_pair_start[b]
 
 
 cdef inline Py_ssize_t _rep_position(AFMWorkspace ws, Py_ssize_t d,
                                      Py_ssize_t* b) noexcept nogil:
-    """Position (in reps, and halved in dq) of distinct pair d, b its row or an earlier
-    one on entry (rows are advanced past those with no later id)."""
-    while ws.rbase[b[0] + 1] <= d:
+    """Rep position (in rep_slot, and halved in rep_occ) of distinct pair d, b its row
+    or an earlier one on entry (rows are advanced past those with no later id)."""
+    while ws.row_first_distinct[b[0] + 1] <= d:
         b[0] += 1
-    return ws.poff[b[0]] + (d - ws.rbase[b[0]])
+    return ws.row_pair_start[b[0]] + (d - ws.row_first_distinct[b[0]])
 
 
 cdef void _classes(AFMArgs* a, AFMWorkspace ws, const floating* occ_x) noexcept nogil:
-    """Class of each occurrence (attention): its group when its value equals the value of
-    the group's first occurrence (and is not 0, whose sign would matter), else a class of
-    its own (u_cap + q); a.n_own counts those. One pass in batch order, on the thread that
-    sorted (while the others still compute v x): the groups' occurrences scattered over
-    the batch would have the threads write cls entries that share cache lines."""
-    cdef Py_ssize_t q, u, n_own = 0, nnz = ws.off[a.B]
+    """Class of each occurrence (attention): its group when its value equals the value
+    of the group's first occurrence (and is not 0, whose sign would matter), else a
+    class of its own (u_cap + q); a.n_own_classes counts those. One pass in batch order,
+    on the thread that sorted (while the others still compute v x): the groups'
+    occurrences scattered over the batch would have the threads write occ_class entries
+    that share cache lines."""
+    cdef Py_ssize_t q, u, n_own = 0, nnz = ws.row_start[a.B]
     cdef double x
-    for u in range(a.U):
-        ws.gx0[u] = occ_x[ws.grp_occ[ws.ustart[u]]]
+    for u in range(a.n_touched):
+        ws.group_first_x[u] = occ_x[ws.grp_occ[ws.group_start[u]]]
     for q in range(nnz):
-        u = ws.grp[q]
+        u = ws.occ_group[q]
         x = occ_x[q]
-        if x == ws.gx0[u] and x != 0:
-            ws.cls[q] = <int32_t>u
+        if x == ws.group_first_x[u] and x != 0:
+            ws.occ_class[q] = <int32_t>u
         else:
-            ws.cls[q] = <int32_t>(ws.u_cap + q)
+            ws.occ_class[q] = <int32_t>(ws.u_cap + q)
             n_own += 1
-    a.n_own = n_own
+    a.n_own_classes = n_own
 
 
 cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     """Step 0 (attention, after _classes): the batch's distinct pairs of classes. A
-    pair's e, W e + b, act and logit depend only on its two (v x) (docs/design.md),
-    so they are computed once per distinct pair. A pair belongs to the bucket of its
-    lower class; buckets are numbered in parallel (one dedup table per thread), their
-    counts prefix-summed into slots, each row's representative pairs listed (a prange
-    over rows), and the ids numbered by first appearance (rbase, and brow per DBLOCK
-    block). The numbering depends on the data only, not on the thread count."""
-    cdef Py_ssize_t U = a.U, nnz = ws.off[a.B], C = ws.u_cap + nnz, c, b, th, hi, it
-    cdef Py_ssize_t n_own = a.n_own
+    pair's e, W e + b, act and logit depend only on its two (v x) (docs/design.md), so
+    they are computed once per distinct pair. A pair belongs to the bucket of its lower
+    class; buckets are numbered in parallel (one dedup table per thread), their counts
+    prefix-summed into slots, each row's representative pairs listed (a prange over
+    rows), and the ids numbered by first appearance (row_first_distinct, and
+    block_first_row per DBLOCK block). The numbering depends on the data only, not on
+    the thread count."""
+    cdef Py_ssize_t U = a.n_touched, nnz = ws.row_start[a.B], C = ws.u_cap + nnz
+    cdef Py_ssize_t c, b, th, hi, it
+    cdef Py_ssize_t n_own = a.n_own_classes
     cdef int nt = a.n_threads
     cdef unsigned int csr
     # the classes in use: groups [0, U), and own classes [u_cap, C) only when there are any
@@ -308,7 +316,7 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     for th in prange(nt, schedule="static", num_threads=nt):
         csr = ftz_enter()
         for c in range(hi):
-            ws.stamp[th * C + c] = -1
+            ws.dedup_stamp[th * C + c] = -1
         ftz_leave(csr)
     # Group classes are numbered by first occurrence, so the popular ones (the biggest
     # buckets) come first: feature_items hands them out one by one and the rest
@@ -323,64 +331,66 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
             th = omp_get_thread_num()
             for c in range(feature_item_start(it, U, CLASS_TAIL),
                            feature_item_start(it + 1, U, CLASS_TAIL)):
-                ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+                ws.bucket_start[c + 1] = _bucket(a, ws, c, ws.dedup_stamp + th * C,
+                                                 ws.dedup_number + th * C)
         ftz_leave(csr)
     if n_own > 0:
         for c in range(U, C):
-            ws.dbase[c + 1] = 0
+            ws.bucket_start[c + 1] = 0
         with parallel(num_threads=nt):
             csr = ftz_enter()
             for c in prange(ws.u_cap, C, schedule="dynamic", chunksize=256):
                 th = omp_get_thread_num()
-                ws.dbase[c + 1] = _bucket(a, ws, c, ws.stamp + th * C, ws.sid + th * C)
+                ws.bucket_start[c + 1] = _bucket(a, ws, c, ws.dedup_stamp + th * C,
+                                                 ws.dedup_number + th * C)
             ftz_leave(csr)
-    ws.dbase[0] = 0
+    ws.bucket_start[0] = 0
     for c in range(hi):
-        ws.dbase[c + 1] += ws.dbase[c]
+        ws.bucket_start[c + 1] += ws.bucket_start[c]
     with parallel(num_threads=nt):
         csr = ftz_enter()
         for b in prange(a.B, schedule="static"):
             _globalize_row(ws, b)
         ftz_leave(csr)
     # ids in order of first appearance, and the row where each block of them starts
-    ws.rbase[0] = 0
+    ws.row_first_distinct[0] = 0
     it = 0
     for b in range(a.B):
-        ws.rbase[b + 1] += ws.rbase[b]
-        while it * DBLOCK < ws.rbase[b + 1]:
-            ws.brow[it] = <int32_t>b
+        ws.row_first_distinct[b + 1] += ws.row_first_distinct[b]
+        while it * DBLOCK < ws.row_first_distinct[b + 1]:
+            ws.block_first_row[it] = <int32_t>b
             it += 1
     a.n_classes = C
-    a.n_distinct = ws.dbase[hi]
+    a.n_distinct = ws.bucket_start[hi]
 
 
 cdef void _vx_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c, const floating* V,
                     const floating* w) noexcept nogil:
     """Step 1a for the rows of chunk c: v x per occurrence, the linear term per row."""
     cdef Py_ssize_t k = a.k, b, i, f, n, q0
-    cdef const int32_t* occ = ws.occ
+    cdef const int32_t* occ_feature = ws.occ_feature
     cdef const floating* occ_x = <floating*>ws.occ_x
     cdef floating* vx
     cdef const floating* v
     cdef floating x
     cdef double lin
-    cdef Py_ssize_t q, q_end = ws.off[ws.chunk[c + 1]]
-    for b in range(ws.chunk[c], ws.chunk[c + 1]):
-        q0 = ws.off[b]
-        n = ws.off[b + 1] - q0
+    cdef Py_ssize_t q, q_end = ws.row_start[ws.chunk_start[c + 1]]
+    for b in range(ws.chunk_start[c], ws.chunk_start[c + 1]):
+        q0 = ws.row_start[b]
+        n = ws.row_start[b + 1] - q0
         lin = 0
         if a.prefetch_v:
             for q in range(q0 + n, min(q0 + n + AFM_PREFETCH, q_end)):
-                _prefetch_row(V + <Py_ssize_t>occ[q] * k, k * sizeof(floating))
-                __builtin_prefetch(w + occ[q])
+                prefetch_row(V + <Py_ssize_t>occ_feature[q] * k, k * sizeof(floating))
+                __builtin_prefetch(w + occ_feature[q])
         for i in range(n):
             x = occ_x[q0 + i]
-            v = V + <Py_ssize_t>occ[q0 + i] * k
-            vx = <floating*>ws.VX + (q0 + i) * k
+            v = V + <Py_ssize_t>occ_feature[q0 + i] * k
+            vx = <floating*>ws.occ_vx + (q0 + i) * k
             for f in range(k):
                 vx[f] = v[f] * x
-            lin += <double>w[occ[q0 + i]] * <double>x
-        ws.lin[b] = lin
+            lin += <double>w[occ_feature[q0 + i]] * <double>x
+        ws.row_linear[b] = lin
 
 
 cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
@@ -388,12 +398,12 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     """Step 1b for distinct pairs [blk DBLOCK, ...): e, u = act(W e + b) and the logit
     s = h . u (double)."""
     cdef Py_ssize_t k = a.k, t = a.t, d, d0 = blk * DBLOCK, d1, f, R
-    cdef Py_ssize_t b = ws.brow[blk]
-    cdef const floating* VX = <floating*>ws.VX
+    cdef Py_ssize_t b = ws.block_first_row[blk]
+    cdef const floating* occ_vx = <floating*>ws.occ_vx
     # a forward-only workspace keeps the logits only: the block's E and U are scratch
     cdef Py_ssize_t row0 = omp_get_thread_num() * DBLOCK if ws.forward_only else d0
-    cdef floating* E = <floating*>ws.E + row0 * k        # the block's rows
-    cdef floating* Uu = <floating*>ws.U + row0 * t
+    cdef floating* E = <floating*>ws.distinct_e + row0 * k        # the block's rows
+    cdef floating* Uu = <floating*>ws.distinct_u + row0 * t
     cdef const floating* bias = dense + 1 + k
     cdef const floating* h = dense + 1 + k + t
     cdef const floating* v1
@@ -406,9 +416,9 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
     d1 = d0 + DBLOCK if d0 + DBLOCK < a.n_distinct else a.n_distinct
     for d in range(d0, d1):
         R = _rep_position(ws, d, &b)
-        slot[d - d0] = ws.reps[R]
-        v1 = VX + <Py_ssize_t>ws.dq[2 * R] * k
-        v2 = VX + <Py_ssize_t>ws.dq[2 * R + 1] * k
+        slot[d - d0] = ws.rep_slot[R]
+        v1 = occ_vx + <Py_ssize_t>ws.rep_occ[2 * R] * k
+        v2 = occ_vx + <Py_ssize_t>ws.rep_occ[2 * R + 1] * k
         e = E + (d - d0) * k
         for f in range(k):
             e[f] = v1[f] * v2[f]
@@ -418,40 +428,41 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         u = Uu + (d - d0) * t
         _activate(u, t, code)
         s = dot_d(h, u, t)
-        ws.SD[slot[d - d0]] = s
+        ws.distinct_logit[slot[d - d0]] = s
         if s > smax:
             smax = s
-    ws.BMAX[blk] = smax
+    ws.block_max_logit[blk] = smax
 
 
 cdef void _distinct_exp(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
                         double smax) noexcept nogil:
-    """ED = exp(logit - smax) for the slots [blk DBLOCK, ...), smax the batch's largest
-    logit: the softmax numerators, once per distinct pair instead of once per pair."""
+    """distinct_exp = exp(logit - smax) for the slots [blk DBLOCK, ...), smax the
+    batch's largest logit: the softmax numerators, once per distinct pair instead of
+    once per pair."""
     cdef Py_ssize_t d, d1 = (blk + 1) * DBLOCK
     if d1 > a.n_distinct:
         d1 = a.n_distinct
     for d in range(blk * DBLOCK, d1):
-        ws.ED[d] = exp(ws.SD[d] - smax)
+        ws.distinct_exp[d] = exp(ws.distinct_logit[d] - smax)
 
 
 cdef inline void _row_softmax(AFMWorkspace ws, Py_ssize_t P0, Py_ssize_t P1) noexcept nogil:
-    """pa[P0:P1] = softmax of a row's logits, from the numerators exp(s - the batch's
+    """pair_weight[P0:P1] = softmax of a row's logits, from the numerators exp(s - the batch's
     largest logit) shared by distinct pair; a row whose sum underflows (logits far below
     the batch's largest) takes its own maximum instead."""
     cdef Py_ssize_t P
     cdef double ssum = 0
-    cdef double* pa = ws.pa
+    cdef double* pair_weight = ws.pair_weight
     for P in range(P0, P1):
-        pa[P] = ws.ED[ws.pd[P]]
-        ssum += pa[P]
+        pair_weight[P] = ws.distinct_exp[ws.pair_slot[P]]
+        ssum += pair_weight[P]
     if ssum >= SOFTMAX_MIN_SUM:
         for P in range(P0, P1):
-            pa[P] = pa[P] / ssum
+            pair_weight[P] = pair_weight[P] / ssum
     else:
         for P in range(P0, P1):
-            pa[P] = ws.SD[ws.pd[P]]
-        _softmax_inplace(pa + P0, P1 - P0)
+            pair_weight[P] = ws.distinct_logit[ws.pair_slot[P]]
+        _softmax_inplace(pair_weight + P0, P1 - P0)
 
 
 cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
@@ -462,48 +473,48 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     and da_P = (v_i dg) . v_i2, in DTYPE, so that each pair costs one vector FMA (g) and
     one dot (da) over k."""
     cdef Py_ssize_t k = a.k, b, i, i2, n, f, P, P0, P1, q0
-    cdef const floating* VX = <floating*>ws.VX
+    cdef const floating* occ_vx = <floating*>ws.occ_vx
     cdef const floating* v1
     cdef const floating* v2
     cdef floating* tv
-    cdef double* pa = ws.pa
-    cdef double* pau = ws.pau
-    cdef double* pds = ws.pds
+    cdef double* pair_weight = ws.pair_weight
+    cdef double* pair_weight_kept = ws.pair_weight_kept
+    cdef double* pair_ds = ws.pair_ds
     cdef const floating* p_vec = dense + 1
-    cdef double* gp = ws.rowscr + omp_get_thread_num() * 3 * k
+    cdef double* gp = ws.row_scratch + omp_get_thread_num() * 3 * k
     cdef double* dgd = gp + k
     cdef floating* dgo
-    cdef double* cps = ws.CPS + c * k
+    cdef double* cps = ws.chunk_grad_p + c * k
     cdef double yhat, res, ada, da
     cdef uint64_t key
     cdef double inv_pool = a.inv_keep_pool
     cdef uint32_t thr_att = a.thr_att, thr_pool = a.thr_pool  # locals: stores could alias *a
     for f in range(k):
         cps[f] = 0
-    for b in range(ws.chunk[c], ws.chunk[c + 1]):
+    for b in range(ws.chunk_start[c], ws.chunk_start[c + 1]):
         if b + ROW_PREFETCH < a.B:
             __builtin_prefetch(y + a.rows[b + ROW_PREFETCH])
-        q0 = ws.off[b]
-        n = ws.off[b + 1] - q0
-        P0 = ws.poff[b]
-        P1 = ws.poff[b + 1]
+        q0 = ws.row_start[b]
+        n = ws.row_start[b + 1] - q0
+        P0 = ws.row_pair_start[b]
+        P1 = ws.row_pair_start[b + 1]
         tv = <floating*>(gp + 2 * k)
         if a.attention and P1 > P0:
             _row_softmax(ws, P0, P1)
             if a.drop_att:
                 key = dropout_row_key(a.seed, 1, a.step, <uint64_t>a.rows[b])
                 for P in range(P0, P1):
-                    pds[P] = a.inv_keep_att if dropout_kept(key, <uint32_t>(P - P0),
+                    pair_ds[P] = a.inv_keep_att if dropout_kept(key, <uint32_t>(P - P0),
                                                             thr_att) else 0.0
-                    pau[P] = pa[P] * pds[P]
+                    pair_weight_kept[P] = pair_weight[P] * pair_ds[P]
             else:
                 for P in range(P0, P1):
-                    pds[P] = 1.0
-                    pau[P] = pa[P]
+                    pair_ds[P] = 1.0
+                    pair_weight_kept[P] = pair_weight[P]
         else:
             for P in range(P0, P1):
-                pau[P] = 1.0
-        _pool_row(VX + q0 * k, pau + P0, n, k, gp)
+                pair_weight_kept[P] = 1.0
+        _pool_row(occ_vx + q0 * k, pair_weight_kept + P0, n, k, gp)
         # pooled dropout scale (into dgd)
         if a.drop_pool:
             key = dropout_row_key(a.seed, 2, a.step, <uint64_t>a.rows[b])
@@ -514,19 +525,19 @@ cdef void _forward_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
             for f in range(k):
                 dgd[f] = 1
         yhat = dot_d(p_vec, gp, k)
-        yhat = <double>dense[0] + ws.lin[b] + yhat
+        yhat = <double>dense[0] + ws.row_linear[b] + yhat
         ws.row_loss[b] = row_data_loss(a.loss, yhat, <double>y[a.rows[b]], &res)
-        ws.r[b] = res
-        dgo = <floating*>ws.RT + b * k
+        ws.residual[b] = res
+        dgo = <floating*>ws.row_dg + b * k
         for f in range(k):
             dgd[f] = res * <double>p_vec[f] * dgd[f]
             dgo[f] = <floating>dgd[f]
             cps[f] += res * gp[f]
         if a.attention and P1 > P0:
             # da = (v_i dg) . v_i2 times the attention dropout scale, then ds
-            _da_row(VX + q0 * k, dgd, n, k, tv, pds + P0)
+            _da_row(occ_vx + q0 * k, dgd, n, k, tv, pair_ds + P0)
             ada = 0
             for P in range(P0, P1):
-                ada += pa[P] * pds[P]
+                ada += pair_weight[P] * pair_ds[P]
             for P in range(P0, P1):
-                pds[P] = pa[P] * (pds[P] - ada)
+                pair_ds[P] = pair_weight[P] * (pair_ds[P] - ada)

@@ -14,7 +14,7 @@ ctypedef struct InferArgs:
 cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* values,
                          const floating* V, const floating* w, const floating* WT,
                          const floating* dense, floating* vx_buf, int64_t* ids,
-                         floating* E, floating* Uu, double* pa, double* g,
+                         floating* E, floating* Uu, double* pair_weight, double* g,
                          int64_t* i_out, int64_t* j_out, floating* weight_out,
                          floating* contrib_out) noexcept nogil:
     """Score of row i (no dropout), and its pairs when a.pair_indptr is set."""
@@ -46,11 +46,11 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
     _pair_products(vx_buf, n, k, E)
     if a.attention and n_pairs > 0:
         _preactivation(E, n_pairs, k, t, bias, WT, Uu)
-        _softmax(Uu, h, n_pairs, t, a.activation, Uu, pa)
+        _softmax(Uu, h, n_pairs, t, a.activation, Uu, pair_weight)
     else:
         for P in range(n_pairs):
-            pa[P] = 1.0
-    _pool(pa, E, n_pairs, k, g)
+            pair_weight[P] = 1.0
+    _pool(pair_weight, E, n_pairs, k, g)
     if a.pair_indptr != NULL:
         base = a.pair_indptr[i]
         P = 0
@@ -58,8 +58,8 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
             for i2 in range(i1 + 1, n):
                 i_out[base + P] = ids[i1]
                 j_out[base + P] = ids[i2]
-                weight_out[base + P] = <floating>pa[P]
-                contrib_out[base + P] = <floating>(pa[P] * dot_d(p_vec, E + P * k, k))
+                weight_out[base + P] = <floating>pair_weight[P]
+                contrib_out[base + P] = <floating>(pair_weight[P] * dot_d(p_vec, E + P * k, k))
                 P += 1
     return <floating>(<double>dense[0] + lin + dot_d(p_vec, g, k))
 
@@ -164,19 +164,20 @@ cdef void _infer_chunk(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t c,
     """Prediction for the rows of chunk c (no dropout): softmax of the row's logits
     (looked up by distinct pair), pooled g, y_hat = w0 + w x + p . g into out[row]."""
     cdef Py_ssize_t k = a.k, b, n, P, P0, P1
-    cdef double* pa = ws.pa
-    cdef double* gp = ws.rowscr + omp_get_thread_num() * 3 * k
-    for b in range(ws.chunk[c], ws.chunk[c + 1]):
-        n = ws.off[b + 1] - ws.off[b]
-        P0 = ws.poff[b]
-        P1 = ws.poff[b + 1]
+    cdef double* pair_weight = ws.pair_weight
+    cdef double* gp = ws.row_scratch + omp_get_thread_num() * 3 * k
+    for b in range(ws.chunk_start[c], ws.chunk_start[c + 1]):
+        n = ws.row_start[b + 1] - ws.row_start[b]
+        P0 = ws.row_pair_start[b]
+        P1 = ws.row_pair_start[b + 1]
         if a.attention and P1 > P0:
             _row_softmax(ws, P0, P1)
         else:
             for P in range(P0, P1):
-                pa[P] = 1.0
-        _pool_row(<floating*>ws.VX + ws.off[b] * k, pa + P0, n, k, gp)
-        out[a.rows[b]] = <floating>(<double>dense[0] + ws.lin[b] + dot_d(dense + 1, gp, k))
+                pair_weight[P] = 1.0
+        _pool_row(<floating*>ws.occ_vx + ws.row_start[b] * k, pair_weight + P0, n, k, gp)
+        out[a.rows[b]] = <floating>(<double>dense[0] + ws.row_linear[b]
+                                    + dot_d(dense + 1, gp, k))
 
 
 cdef int _predict_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,

@@ -80,7 +80,7 @@ cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_s
     a.drop_att = 1 if (a.attention and keep0 < 1.0) else 0
     a.drop_pool = 1 if keep1 < 1.0 else 0
     a.l2 = cfg.l2
-    a.l2a = cfg.l2_attention
+    a.l2_attention = cfg.l2_attention
     a.inv_keep_att = 1.0 / keep0
     a.inv_keep_pool = 1.0 / keep1
     a.seed = as_u64(cfg.seed)
@@ -104,13 +104,7 @@ cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_s
             err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
                               &V[0, 0], &w[0], &W[0, 0], &dense[0], &sV[0, 0, 0],
                               &sw[0, 0], &sW[0, 0, 0], &sd[0, 0], &loss)
-            if err:
-                if err == ERR_ROW:
-                    a.err.pos += first
-                break
-            losses[i] = loss
-            n_done += 1
-            if not isfinite(loss):
+            if not batch_recorded(err, &a.err, first, loss, &losses[0], &n_done):
                 break
         ftz_leave(csr)
     raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, ws.max_batch_pairs)

@@ -10,84 +10,97 @@ cdef class AFMWorkspace:
     # seconds from the start of the last step to the end of each of its PHASES; per
     # workspace, so that concurrent fits do not write each other's
     cdef double phase_t[11]
-    cdef readonly bint forward_only  # for predict: E and U hold a block per thread
+    # for predict: distinct_e and distinct_u hold a block per thread
+    cdef readonly bint forward_only
     cdef Py_ssize_t itemsize
+    # An occurrence is one nonzero of the batch, numbered in batch order (row by row); a
+    # group is the occurrences of one touched feature (the stable counting sort).
     # integers
-    cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
-    cdef int64_t* poff       # (B + 1,) batch-local pair offsets
-    cdef int64_t* chunk      # (B + 1,) first row of each chunk
-    cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (so between steps)
-    cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order
-    cdef int32_t* grp        # (nnz,) group of each nonzero in batch order
-    cdef int32_t* uniq       # (u_cap,) feature id of each group
-    cdef int64_t* ustart     # (u_cap + 1,) group g's occurrences: ustart[g]:ustart[g+1]
-    cdef int64_t* cursor     # (u_cap,)
-    cdef int32_t* grp_occ    # (nnz,) batch-order index of each occurrence, grouped
-    cdef int32_t* grp_row    # (nnz,) batch row of each occurrence, grouped
+    cdef int64_t* row_start       # (B + 1,) row b's occurrences: row_start[b]:row_start[b+1]
+    cdef int64_t* row_pair_start  # (B + 1,) row b's pairs, numbered likewise
+    cdef int64_t* chunk_start     # (chunks + 1,) first row of each chunk
+    cdef int32_t* feature_group   # (M,) feature -> its group, -1 when untouched (so
+                                  # between steps)
+    cdef int32_t* occ_feature     # (nnz,) feature id of each occurrence
+    cdef int32_t* occ_group       # (nnz,) group of each occurrence
+    cdef int32_t* group_feature   # (u_cap,) feature id of each group
+    cdef int64_t* group_start     # (u_cap + 1,) group g's occurrences (in grp_occ and
+                                  # grp_row): group_start[g]:group_start[g + 1]
+    cdef int64_t* group_cursor    # (u_cap,) the counting sort's fill positions
+    cdef int32_t* grp_occ         # (nnz,) each group's occurrences, in batch order
+    cdef int32_t* grp_row         # (nnz,) the batch row of each of those
     # distinct pairs (attention): a class is a (feature, value) of the batch; pairs with
     # the same two classes share e, W e + b, act and the logit
-    cdef int32_t* cls        # (nnz,) class of each occurrence (its group, or u_cap + q
-                             # when its value differs from the group's first)
-    cdef double* gx0         # (u_cap,) value of each group's first occurrence
-    cdef int32_t* lp         # (nnz + 1,) first pair of each occurrence with the later
-                             # occurrences of its row; lp[q + 1] - lp[q] of them
-    cdef int32_t* row_bad    # (B,) position of a row's first invalid id, or -1
-    # A distinct pair has two numbers. Its slot (dbase of its bucket + its number there)
-    # is what the buckets and the ds sums work in. Its id d is the order of first
+    cdef int32_t* occ_class       # (nnz,) class of each occurrence (its group, or
+                                  # u_cap + q when its value differs from the group's first)
+    cdef double* group_first_x    # (u_cap,) value of each group's first occurrence
+    cdef int32_t* occ_pair_start  # (nnz + 1,) first pair of each occurrence with the later
+                                  # occurrences of its row; occ_pair_start[q + 1] -
+                                  # occ_pair_start[q] of them
+    cdef int32_t* row_bad         # (B,) position of a row's first invalid id, or -1
+    # A distinct pair has two numbers. Its slot (bucket_start of its bucket + its number
+    # there) is what the buckets and the ds sums work in. Its id d is the order of first
     # appearance in the batch: the distinct pairs whose representative pair (the first
-    # of its pairs in batch order) is in row b are d = rbase[b], ... in pair order, so
-    # the passes over distinct pairs read v x, and de reads C', in batch order.
-    cdef int32_t* pd         # (pairs,) slot of each pair's distinct pair
-    cdef int32_t* reps       # (pairs,) at poff[b] + r: the slot of distinct pair
-                             # rbase[b] + r
-    cdef int64_t* rbase      # (B + 1,) first distinct pair id of row b (rbase[b + 1] -
-                             # rbase[b] have their representative pair in row b)
-    cdef int32_t* brow       # (blocks,) row of the first distinct pair of each DBLOCK block
-    cdef int64_t* bgrp       # (groups + 1,) first row of each backward group
-                             # (_backward_groups)
-    cdef int32_t* dq         # (2 pairs,) at 2 (poff[b] + r): the occurrences of distinct
-                             # pair rbase[b] + r's representative pair
-    cdef int32_t* stamp      # (threads, u_cap + nnz) dedup marks, one table per thread
-    cdef int32_t* sid        # (threads, u_cap + nnz)
-    cdef Py_ssize_t stamp_threads
-    cdef void* rowbuf        # (threads, row_cap, k) a row's gradients of v x, per thread
-    cdef void* cbuf          # (threads, DBLOCK, k) per thread, C' = W^T du of the distinct
-                             # pairs its backward group is at
-    cdef Py_ssize_t row_cap  # most nonzeros a row of a valid batch can have
-    cdef int64_t* dbase      # (u_cap + nnz + 1,) first distinct pair of each class's bucket
-                             # (set up to the last class in use)
-    cdef double* DSD         # (pairs,) by slot: sum of ds over each distinct pair's pairs
-    cdef double* SD          # (pairs,) by slot: logit of each distinct pair
-    cdef double* ED          # (pairs,) by slot: exp(logit - the batch's largest logit)
-    cdef double* BMAX        # (blocks,) largest logit of each block of distinct pairs
-    cdef double* BDB         # (groups, t) per backward group: sum du over its pairs
-    cdef double* BDH         # (groups, t) per backward group: sum ds act
+    # of its pairs in batch order) is in row b are d = row_first_distinct[b], ... in pair
+    # order, so the passes over distinct pairs read v x, and de reads C', in batch order.
+    # Distinct pair d's "rep position" R = row_pair_start[b] + (d - row_first_distinct[b])
+    # (_rep_position) indexes rep_slot and rep_occ.
+    cdef int32_t* pair_slot       # (pairs,) slot of each pair's distinct pair
+    cdef int32_t* rep_slot        # (pairs,) at rep position R: the slot of its distinct pair
+    cdef int32_t* rep_occ         # (2 pairs,) at 2R, 2R + 1: the two occurrences of the
+                                  # representative pair of R's distinct pair
+    cdef int64_t* row_first_distinct  # (B + 1,) first distinct pair id of row b
+                                  # (row_first_distinct[b + 1] - row_first_distinct[b]
+                                  # have their representative pair in row b)
+    cdef int32_t* block_first_row  # (blocks,) row of the first distinct pair of each
+                                  # DBLOCK block
+    cdef int64_t* backward_group_start  # (backward groups + 1,) first row of each
+                                  # backward group (_backward_groups)
+    cdef int32_t* dedup_stamp     # (threads, u_cap + nnz) per thread: the class whose
+                                  # bucket last saw each upper class (_bucket)
+    cdef int32_t* dedup_number    # (threads, u_cap + nnz) per thread: the number it got there
+    cdef Py_ssize_t scratch_threads  # threads the per-thread buffers are sized for
+    cdef void* row_dvx            # (threads, row_cap, k) per thread, a row's gradients of v x
+    cdef void* cprime_block       # (threads, DBLOCK, k) per thread, C' = W^T du of the
+                                  # distinct pairs its backward group is at
+    cdef Py_ssize_t row_cap       # most nonzeros a row of a valid batch can have
+    cdef int64_t* bucket_start    # (u_cap + nnz + 1,) first slot of each class's bucket
+                                  # (set up to the last class in use)
+    cdef double* distinct_ds      # (pairs,) by slot: sum of ds over each distinct pair's pairs
+    cdef double* distinct_logit   # (pairs,) by slot: logit of each distinct pair
+    cdef double* distinct_exp     # (pairs,) by slot: exp(logit - the batch's largest logit)
+    cdef double* block_max_logit  # (blocks,) largest logit of each block of distinct pairs
+    cdef double* backward_grad_b  # (backward groups, t) per group: sum du over its pairs
+                                  # (its part of the gradient of b)
+    cdef double* backward_grad_h  # (backward groups, t) per group: sum ds act (gradient of h)
     # doubles
-    cdef double* r           # (B,) residual y_hat - y
-    cdef double* row_loss    # (B,)
-    cdef double* lin         # (B,) linear term
-    cdef double* grp_sq      # (u_cap,) ||V_row||^2 before the update
-    cdef double* pa          # (pairs,) softmax weight a
-    cdef double* pau         # (pairs,) a' = a * attention mask / keep (1 without attention)
-    cdef double* pds         # (pairs,) attention scale, then da, then ds
-    cdef double* dsum        # (1 + k + 2t,) dense gradient sums
+    cdef double* residual         # (B,) y_hat - y
+    cdef double* row_loss         # (B,)
+    cdef double* row_linear       # (B,) linear term
+    cdef double* group_sqnorm     # (u_cap,) ||V_row||^2 before the update
+    cdef double* pair_weight      # (pairs,) softmax weight a
+    cdef double* pair_weight_kept # (pairs,) a' = a * attention mask / keep (1 without
+                                  # attention)
+    cdef double* pair_ds          # (pairs,) attention scale, then da, then ds
+    cdef double* dense_grad_sum   # (1 + k + 2t,) dense gradient sums
     # DTYPE
-    cdef void* occ_x         # (nnz,) value of each nonzero in batch order
-    cdef void* VX            # (nnz, k) v x per occurrence, then (step 2) the gradient of
-                             # its V row from each occurrence
-    cdef void* RT            # (B, k) dg of each row (DTYPE), from the row loop to de
-    cdef void* E             # (pairs, k) by id: e of each distinct pair; forward_only:
-                             # (threads, DBLOCK, k), a block's, the logits being all it keeps
-    cdef void* U             # (pairs, t) by id: W e + b, then act, then du; forward_only:
-                             # (threads, DBLOCK, t)
-    cdef void* WT            # (k, t)
-    cdef void* GW            # (t, k) gradient of W
-    cdef double* CPS         # (B, k) at row c: sum over chunk c's rows of r g' (gradient
-                             # of p), in row order
-    cdef long long* cursors  # (threads, CURSOR_STRIDE) next_item_near's cursors
-    cdef double* rowscr      # (threads, 3k) per thread, a row's: pooled g' (k), dg in
-                             # double (k), da scratch (k DTYPE)
-    cdef void* gdense        # (1 + k + 2t,)
+    cdef void* occ_x              # (nnz,) value of each occurrence
+    cdef void* occ_vx             # (nnz, k) v x per occurrence, then (step 2) the gradient
+                                  # of its V row from each occurrence
+    cdef void* row_dg             # (B, k) dg of each row (DTYPE), from the row loop to de
+    cdef void* distinct_e         # (pairs, k) by id: e of each distinct pair; forward_only:
+                                  # (threads, DBLOCK, k), a block's, the logits being all
+                                  # it keeps
+    cdef void* distinct_u         # (pairs, t) by id: W e + b, then act, then du;
+                                  # forward_only: (threads, DBLOCK, t)
+    cdef void* WT                 # (k, t) W transposed
+    cdef void* grad_W             # (t, k) gradient of W
+    cdef double* chunk_grad_p     # (B, k) at row c: sum over chunk c's rows of r g'
+                                  # (gradient of p), in row order
+    cdef long long* cursors       # (threads, CURSOR_STRIDE) next_item_near's cursors
+    cdef double* row_scratch      # (threads, 3k) per thread, a row's: pooled g' (k), dg in
+                                  # double (k), da scratch (k DTYPE)
+    cdef void* grad_dense         # (1 + k + 2t,) gradient of dense
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
                   Py_ssize_t max_batch_pairs, Py_ssize_t n_features, Py_ssize_t n_factors,
@@ -112,55 +125,56 @@ cdef class AFMWorkspace:
         self.forward_only = forward_only
         isz = dt.itemsize
         self.itemsize = isz
-        self.off = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
-        self.poff = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
-        self.chunk = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
-        self.slot = <int32_t*>_alloc(M * sizeof(int32_t))
+        self.row_start = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.row_pair_start = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.chunk_start = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.feature_group = <int32_t*>_alloc(M * sizeof(int32_t))
         for i in range(M):
-            self.slot[i] = -1
-        self.occ = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.grp = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.uniq = <int32_t*>_alloc(U * sizeof(int32_t))
-        self.ustart = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
-        self.cursor = <int64_t*>_alloc(U * sizeof(int64_t))
+            self.feature_group[i] = -1
+        self.occ_feature = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.occ_group = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.group_feature = <int32_t*>_alloc(U * sizeof(int32_t))
+        self.group_start = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
+        self.group_cursor = <int64_t*>_alloc(U * sizeof(int64_t))
         self.grp_occ = <int32_t*>_alloc(N * sizeof(int32_t))
         self.grp_row = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.r = <double*>_alloc(B * sizeof(double))
+        self.residual = <double*>_alloc(B * sizeof(double))
         self.row_loss = <double*>_alloc(B * sizeof(double))
-        self.lin = <double*>_alloc(B * sizeof(double))
-        self.grp_sq = <double*>_alloc(U * sizeof(double))
-        self.pa = <double*>_alloc(PP * sizeof(double))
-        self.pau = <double*>_alloc(PP * sizeof(double))
-        self.pds = <double*>_alloc(PP * sizeof(double))
-        self.dsum = <double*>_alloc(D * sizeof(double))
+        self.row_linear = <double*>_alloc(B * sizeof(double))
+        self.group_sqnorm = <double*>_alloc(U * sizeof(double))
+        self.pair_weight = <double*>_alloc(PP * sizeof(double))
+        self.pair_weight_kept = <double*>_alloc(PP * sizeof(double))
+        self.pair_ds = <double*>_alloc(PP * sizeof(double))
+        self.dense_grad_sum = <double*>_alloc(D * sizeof(double))
         self.occ_x = _alloc(N * isz)
-        self.VX = _alloc(N * k * isz)
-        self.RT = _alloc(B * k * isz)
+        self.occ_vx = _alloc(N * k * isz)
+        self.row_dg = _alloc(B * k * isz)
         # the pair buffers (rows written before they are read) are left uninitialised:
         # only the rows of the distinct pairs are touched, so the RSS follows those
         if not forward_only:
-            self.E = aligned_empty(PP * k * isz)
-            self.U = aligned_empty(PP * t * isz)
+            self.distinct_e = aligned_empty(PP * k * isz)
+            self.distinct_u = aligned_empty(PP * t * isz)
         self.WT = _alloc(k * t * isz)
-        self.GW = _alloc(t * k * isz)
+        self.grad_W = _alloc(t * k * isz)
         # only the rows of the chunks in use are touched (a chunk has at least one row)
-        self.CPS = <double*>aligned_empty(B * k * sizeof(double))
+        self.chunk_grad_p = <double*>aligned_empty(B * k * sizeof(double))
         C = U + N
-        self.cls = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.gx0 = <double*>_alloc(U * sizeof(double))
-        self.lp = <int32_t*>_alloc((N + 1) * sizeof(int32_t))
+        self.occ_class = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.group_first_x = <double*>_alloc(U * sizeof(double))
+        self.occ_pair_start = <int32_t*>_alloc((N + 1) * sizeof(int32_t))
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
-        self.pd = <int32_t*>_alloc(PP * sizeof(int32_t))
-        self.reps = <int32_t*>_alloc(PP * sizeof(int32_t))
-        self.rbase = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
-        self.brow = <int32_t*>_alloc(((PP + DBLOCK - 1) // DBLOCK) * sizeof(int32_t))
-        self.bgrp = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
-        self.dq = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
-        self.stamp_threads = 0
-        self.stamp = NULL
-        self.sid = NULL
-        self.rowbuf = NULL
-        self.cbuf = NULL
+        self.pair_slot = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.rep_slot = <int32_t*>_alloc(PP * sizeof(int32_t))
+        self.row_first_distinct = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.block_first_row = <int32_t*>_alloc(((PP + DBLOCK - 1) // DBLOCK)
+                                                * sizeof(int32_t))
+        self.backward_group_start = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.rep_occ = <int32_t*>_alloc(2 * PP * sizeof(int32_t))
+        self.scratch_threads = 0
+        self.dedup_stamp = NULL
+        self.dedup_number = NULL
+        self.row_dvx = NULL
+        self.cprime_block = NULL
         # a row of n nonzeros has n(n-1)/2 pairs, at most max_batch_pairs
         n = <Py_ssize_t>((1 + sqrt(1 + 8 * <double>PP)) / 2)
         while n > 1 and n * (n - 1) // 2 > PP:
@@ -168,65 +182,70 @@ cdef class AFMWorkspace:
         while (n + 1) * n // 2 <= PP:
             n += 1
         self.row_cap = min(n, N)
-        self.dbase = <int64_t*>_alloc((C + 1) * sizeof(int64_t))
-        self.DSD = <double*>_alloc(PP * sizeof(double))
-        self.SD = <double*>_alloc(PP * sizeof(double))
-        self.ED = <double*>_alloc(PP * sizeof(double))
+        self.bucket_start = <int64_t*>_alloc((C + 1) * sizeof(int64_t))
+        self.distinct_ds = <double*>_alloc(PP * sizeof(double))
+        self.distinct_logit = <double*>_alloc(PP * sizeof(double))
+        self.distinct_exp = <double*>_alloc(PP * sizeof(double))
         nblk = (PP + DBLOCK - 1) // DBLOCK
-        self.BMAX = <double*>_alloc(nblk * sizeof(double))
+        self.block_max_logit = <double*>_alloc(nblk * sizeof(double))
         # a group has a row: at most B of them (only those in use are touched)
-        self.BDB = <double*>aligned_empty(B * t * sizeof(double))
-        self.BDH = <double*>aligned_empty(B * t * sizeof(double))
-        self.gdense = _alloc(D * isz)
+        self.backward_grad_b = <double*>aligned_empty(B * t * sizeof(double))
+        self.backward_grad_h = <double*>aligned_empty(B * t * sizeof(double))
+        self.grad_dense = _alloc(D * isz)
 
     def __dealloc__(self):
-        free(self.off); free(self.poff); free(self.chunk); free(self.slot); free(self.occ)
-        free(self.grp); free(self.uniq); free(self.ustart); free(self.cursor)
-        free(self.grp_occ); free(self.grp_row)
-        free(self.r); free(self.row_loss); free(self.lin); free(self.grp_sq); free(self.pa)
-        free(self.pau); free(self.pds); free(self.dsum)
-        free(self.occ_x); free(self.VX); free(self.RT); free(self.E); free(self.U)
-        free(self.WT); free(self.GW); free(self.CPS)
-        free(self.gdense)
-        free(self.cls); free(self.gx0); free(self.lp); free(self.row_bad); free(self.pd)
-        free(self.reps)
-        free(self.rbase); free(self.brow); free(self.bgrp); free(self.dq); free(self.stamp)
-        free(self.sid); free(self.rowbuf); free(self.cbuf)
-        free(self.rowscr); free(self.cursors)
-        free(self.dbase); free(self.DSD); free(self.SD); free(self.ED); free(self.BMAX)
-        free(self.BDB); free(self.BDH)
+        free(self.row_start); free(self.row_pair_start); free(self.chunk_start)
+        free(self.feature_group); free(self.occ_feature); free(self.occ_group)
+        free(self.group_feature); free(self.group_start); free(self.group_cursor)
+        free(self.grp_occ); free(self.grp_row); free(self.residual); free(self.row_loss)
+        free(self.row_linear); free(self.group_sqnorm); free(self.pair_weight)
+        free(self.pair_weight_kept); free(self.pair_ds); free(self.dense_grad_sum)
+        free(self.occ_x); free(self.occ_vx); free(self.row_dg); free(self.distinct_e)
+        free(self.distinct_u); free(self.WT); free(self.grad_W); free(self.chunk_grad_p)
+        free(self.grad_dense); free(self.occ_class); free(self.group_first_x)
+        free(self.occ_pair_start); free(self.row_bad); free(self.pair_slot)
+        free(self.rep_slot); free(self.row_first_distinct); free(self.block_first_row)
+        free(self.backward_group_start); free(self.rep_occ); free(self.dedup_stamp)
+        free(self.dedup_number); free(self.row_dvx); free(self.cprime_block)
+        free(self.row_scratch); free(self.cursors); free(self.bucket_start)
+        free(self.distinct_ds); free(self.distinct_logit); free(self.distinct_exp)
+        free(self.block_max_logit); free(self.backward_grad_b)
+        free(self.backward_grad_h)
 
     cdef void _ensure_threads(self, Py_ssize_t n_threads) except *:
         """Per-thread dedup tables and row scratch for n_threads (grown once, kept for
         the fit)."""
         cdef Py_ssize_t C = self.u_cap + self.max_batch_nnz
-        if n_threads <= self.stamp_threads:
+        if n_threads <= self.scratch_threads:
             return
-        free(self.stamp)
-        free(self.sid)
-        free(self.rowbuf)
-        free(self.cbuf)
-        free(self.rowscr)
+        free(self.dedup_stamp)
+        free(self.dedup_number)
+        free(self.row_dvx)
+        free(self.cprime_block)
+        free(self.row_scratch)
         free(self.cursors)
         if self.forward_only:
-            free(self.E)
-            free(self.U)
-            self.E = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
-            self.U = aligned_empty(n_threads * DBLOCK * self.attention_size * self.itemsize)
+            free(self.distinct_e)
+            free(self.distinct_u)
+            self.distinct_e = aligned_empty(n_threads * DBLOCK * self.n_factors
+                                            * self.itemsize)
+            self.distinct_u = aligned_empty(n_threads * DBLOCK * self.attention_size
+                                            * self.itemsize)
         self.cursors = NULL
-        self.stamp = NULL
-        self.sid = NULL
-        self.rowbuf = NULL
-        self.cbuf = NULL
-        self.rowscr = NULL
-        self.stamp_threads = 0
-        self.stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
-        self.sid = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
-        self.rowbuf = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
-        self.cbuf = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
-        self.rowscr = <double*>aligned_empty(n_threads * 3 * self.n_factors * sizeof(double))
+        self.dedup_stamp = NULL
+        self.dedup_number = NULL
+        self.row_dvx = NULL
+        self.cprime_block = NULL
+        self.row_scratch = NULL
+        self.scratch_threads = 0
+        self.dedup_stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
+        self.dedup_number = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
+        self.row_dvx = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
+        self.cprime_block = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
+        self.row_scratch = <double*>aligned_empty(n_threads * 3 * self.n_factors
+                                                  * sizeof(double))
         self.cursors = <long long*>_alloc(n_threads * CURSOR_STRIDE * sizeof(long long))
-        self.stamp_threads = n_threads
+        self.scratch_threads = n_threads
 
     def __repr__(self):
         return (f"AFMWorkspace(batch_size={self.batch_size}, max_batch_nnz="
@@ -251,12 +270,15 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
 
 # Scalars and raw pointers of one step.
 ctypedef struct AFMArgs:
-    Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap, n_chunks, U, n_classes, n_distinct
-    Py_ssize_t n_groups
-    Py_ssize_t n_own
+    Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap
+    Py_ssize_t n_chunks             # chunks of rows (the step's split of the batch)
+    Py_ssize_t n_touched            # touched features (groups) of the batch
+    Py_ssize_t n_classes, n_distinct
+    Py_ssize_t n_own_classes        # classes of a single occurrence (u_cap + q)
+    Py_ssize_t n_backward_groups
     int n_threads, attention, activation, freeze_fm, drop_att, drop_pool, loss, prefetch_v
     int prefetch_features
-    double l2, l2a, inv_keep_att, inv_keep_pool
+    double l2, l2_attention, inv_keep_att, inv_keep_pool
     uint64_t seed, step
     uint32_t thr_att, thr_pool
     const int64_t* indptr

@@ -8,13 +8,14 @@
   afm_step (batch size against the workspace, y against X, the CSR triple, n_threads),
   ``check_batches`` what fm_steps and afm_steps add (batch_size, len(losses)).
 - Gathering a batch without the GIL: ``batch_offsets`` (batch-local nonzero offsets,
-  rows validated; a parallel loop of its own), ``copy_row`` (a row's nonzeros into contiguous batch-order buffers,
-  ids checked), ``group_by_feature`` and ``scatter_groups`` (a stable counting sort of the
-  batch's nonzeros by feature id: the touched features and, for each, its occurrences in
-  batch order).
-- Prefetch policy: ``prefetch_table_rows`` says whether a step should prefetch the
-  rows of V (and its optimiser state) that it reaches through feature ids, and
-  ``feature_prefetch_distance`` how far ahead the feature updates do.
+  rows validated; a parallel loop of its own), ``copy_row`` (a row's nonzeros into
+  contiguous batch-order buffers, ids checked), ``group_by_feature`` and
+  ``scatter_groups`` (a stable counting sort of the batch's nonzeros by feature id: the
+  touched features and, for each, its occurrences in batch order).
+- Prefetching: ``prefetch_row`` (the cache lines of a row); ``prefetch_table_rows`` says
+  whether a step should prefetch the rows of V (and its optimiser state) that it
+  reaches through feature ids, and ``feature_prefetch_distance`` how far ahead the
+  feature updates do. GRAD_SPAN: the columns of a V row's gradient formed at a time.
 - Work items of loops over the touched features: ``feature_items`` /
   ``feature_item_start`` (the popular features one by one, the rest in runs of
   ``feature_tail``).
@@ -22,6 +23,7 @@
   of the rows from a counter-based hash, the same for any thread count) in parallel.
 - ``next_item_near`` (with ``reset_cursors``): dynamic scheduling by hand inside ``with
   parallel`` blocks, each thread starting on a home range of its own.
+- The *_steps loops: ``batch_recorded`` records a batch's loss and says whether to go on.
 - Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
   ``raise_batch_error`` turns it into a ValueError that names the offending entry.
 
@@ -32,6 +34,7 @@ outside one).
 """
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free
+from libc.math cimport isfinite
 from libc.string cimport memset
 from cython.parallel cimport prange
 from cython cimport floating
@@ -42,6 +45,9 @@ cdef extern from *:
     void __builtin_prefetch(const void* addr) noexcept nogil
 
 cdef enum:
+    # columns of a V row's gradient that the feature updates form at a time (stack
+    # buffers: a per-feature buffer would leave u_cap x k dirty lines to write back)
+    GRAD_SPAN = 256
     # rows ahead whose indptr entries batch_offsets prefetches (a shuffled batch's rows
     # are scattered over X), and the parts it splits the batch into with several threads
     OFFSET_PREFETCH = 16
@@ -104,6 +110,15 @@ cdef inline Py_ssize_t next_item_near(long long* cursors, Py_ssize_t n, int n_th
             return i
         rank[0] += 1
     return n
+
+
+cdef inline void prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
+    """Prefetch the cache lines of nbytes at p (a row of V or of its optimiser state,
+    reached through a feature id)."""
+    cdef Py_ssize_t offset = 0
+    while offset < nbytes:
+        __builtin_prefetch(<const char*>p + offset)
+        offset += 64
 
 
 cdef inline bint prefetch_table_rows(Py_ssize_t table_bytes, int n_threads) noexcept nogil:
@@ -208,6 +223,21 @@ cdef inline int check_batches(Py_ssize_t n_rows_arg, batch_size, Py_ssize_t n_ba
     return 0
 
 
+cdef inline bint batch_recorded(int err, BatchErr* e, Py_ssize_t first, double loss,
+                                double* losses, Py_ssize_t* n_done) noexcept nogil:
+    """After a batch of a *_steps loop (its rows from rows[first]) whose step returned
+    err and loss: its loss into losses[n_done[0]], counted. False when the loop stops
+    there: at an error (nothing recorded; e.pos made an index into all of rows for
+    ERR_ROW) or after a loss that is not finite."""
+    if err:
+        if err == ERR_ROW:
+            e.pos += first
+        return False
+    losses[n_done[0]] = loss
+    n_done[0] += 1
+    return isfinite(loss)
+
+
 cdef inline int raise_batch_error(int err, const BatchErr* e, Py_ssize_t n_rows,
                                   Py_ssize_t M, Py_ssize_t nnz_cap,
                                   Py_ssize_t pair_cap) except -1:
@@ -228,10 +258,10 @@ cdef inline int raise_batch_error(int err, const BatchErr* e, Py_ssize_t n_rows,
 
 
 cdef inline void _row_lengths(const int64_t* rows, Py_ssize_t b0, Py_ssize_t b1,
-                              Py_ssize_t n_rows, const int64_t* indptr, int64_t* off,
+                              Py_ssize_t n_rows, const int64_t* indptr, int64_t* row_start,
                               int64_t* total, int64_t* bad) noexcept nogil:
-    """off[b + 1] = the length of row b for b in [b0, b1), their sum in total[0]; bad[0] =
-    the first b whose row id is outside [0, n_rows) (then stops), else -1."""
+    """row_start[b + 1] = the length of row b for b in [b0, b1), their sum in total[0];
+    bad[0] = the first b whose row id is outside [0, n_rows) (then stops), else -1."""
     cdef Py_ssize_t b
     cdef int64_t row, sum_len = 0, n
     bad[0] = -1
@@ -245,18 +275,18 @@ cdef inline void _row_lengths(const int64_t* rows, Py_ssize_t b0, Py_ssize_t b1,
             bad[0] = b
             break
         n = indptr[row + 1] - indptr[row]
-        off[b + 1] = n
+        row_start[b + 1] = n
         sum_len += n
     total[0] = sum_len
 
 
 cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_rows,
-                              const int64_t* indptr, int64_t* off, int64_t nnz_cap,
+                              const int64_t* indptr, int64_t* row_start, int64_t nnz_cap,
                               int n_threads, BatchErr* e) noexcept nogil:
-    """off (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW (the first invalid
-    row in batch order) / ERR_NNZ. The rows' lengths are read in OFFSET_PARTS contiguous
-    parts in parallel: a shuffled batch's indptr entries are cache misses, and one
-    thread waiting for all of them was a serial part of every step."""
+    """row_start (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW (the first
+    invalid row in batch order) / ERR_NNZ. The rows' lengths are read in OFFSET_PARTS
+    contiguous parts in parallel: a shuffled batch's indptr entries are cache misses,
+    and one thread waiting for all of them was a serial part of every step."""
     cdef int64_t part_len[OFFSET_PARTS]
     cdef int64_t part_bad[OFFSET_PARTS]
     cdef Py_ssize_t n_parts = OFFSET_PARTS if n_threads > 1 else 1, p, b, b0, b1
@@ -264,12 +294,12 @@ cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_ro
     if n_parts > B:  # B >= 1 (check_step_arrays)
         n_parts = B
     if n_parts == 1:
-        _row_lengths(rows, 0, B, n_rows, indptr, off, &part_len[0], &part_bad[0])
+        _row_lengths(rows, 0, B, n_rows, indptr, row_start, &part_len[0], &part_bad[0])
     else:
         for p in prange(n_parts, schedule="static", num_threads=n_threads):
             _row_lengths(rows, p * B // n_parts, (p + 1) * B // n_parts, n_rows, indptr,
-                         off, &part_len[p], &part_bad[p])
-    off[0] = 0
+                         row_start, &part_len[p], &part_bad[p])
+    row_start[0] = 0
     for p in range(n_parts):
         if part_bad[p] >= 0:
             e.pos = part_bad[p]
@@ -279,65 +309,69 @@ cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_ro
         b0 = p * B // n_parts
         b1 = (p + 1) * B // n_parts
         for b in range(b0, b1):
-            n = off[b + 1]
-            off[b + 1] = base + n
+            n = row_start[b + 1]
+            row_start[b + 1] = base + n
             base += n
-    if off[B] > nnz_cap:
-        e.value = off[B]
+    if row_start[B] > nnz_cap:
+        e.value = row_start[B]
         return ERR_NNZ
     return 0
 
 
 cdef inline Py_ssize_t copy_row(const int32_t* indices, const floating* values,
-                                int64_t start, Py_ssize_t n, Py_ssize_t M, int32_t* occ,
-                                floating* occ_x) noexcept nogil:
-    """Copies the n nonzeros at X[start:start + n] to occ/occ_x; returns the position (in
-    the row) of the first feature id outside [0, M), or -1 when all are valid."""
+                                int64_t start, Py_ssize_t n, Py_ssize_t M,
+                                int32_t* occ_feature, floating* occ_x) noexcept nogil:
+    """Copies the n nonzeros at X[start:start + n] to occ_feature/occ_x; returns the
+    position (in the row) of the first feature id outside [0, M), or -1 when all are
+    valid."""
     cdef Py_ssize_t i, bad = -1
     cdef int32_t j
     for i in range(n):
         j = indices[start + i]
-        occ[i] = j
+        occ_feature[i] = j
         occ_x[i] = values[start + i]
         if (j < 0 or j >= M) and bad < 0:
             bad = i
     return bad
 
 
-cdef inline Py_ssize_t group_by_feature(Py_ssize_t nnz, const int32_t* occ, int32_t* grp,
-                                        int32_t* slot, int32_t* uniq, int64_t* cursor,
-                                        int64_t* ustart) noexcept nogil:
-    """First half of the stable counting sort of the nonzeros occ (feature ids, batch
-    order): grp[q] = group of nonzero q (grp may be occ itself), uniq[u] = feature of
-    group u in order of first occurrence, ustart (U + 1,) the groups' bounds, cursor[u] =
-    ustart[u]. slot (M,) must be all -1 on entry and is all -1 again on return. Returns U,
+cdef inline Py_ssize_t group_by_feature(Py_ssize_t nnz, const int32_t* occ_feature,
+                                        int32_t* occ_group, int32_t* feature_group,
+                                        int32_t* group_feature, int64_t* group_cursor,
+                                        int64_t* group_start) noexcept nogil:
+    """First half of the stable counting sort of the nonzeros occ_feature (feature ids,
+    batch order): occ_group[q] = group of nonzero q (occ_group may be occ_feature
+    itself), group_feature[u] = feature of group u in order of first occurrence,
+    group_start (U + 1,) the groups' bounds, group_cursor[u] = group_start[u].
+    feature_group (M,) must be all -1 on entry and is all -1 again on return. Returns U,
     the number of touched features."""
     cdef Py_ssize_t q, u, U = 0
     cdef int32_t j
     for q in range(nnz):
         if q + GROUP_PREFETCH < nnz:
-            # slot is indexed by feature id: a large M's table is not in cache
-            __builtin_prefetch(slot + occ[q + GROUP_PREFETCH])
-        j = occ[q]
-        u = slot[j]
+            # feature_group is indexed by feature id: a large M's table is not in cache
+            __builtin_prefetch(feature_group + occ_feature[q + GROUP_PREFETCH])
+        j = occ_feature[q]
+        u = feature_group[j]
         if u < 0:
             u = U
-            slot[j] = <int32_t>U
-            uniq[U] = j
-            cursor[U] = 0
+            feature_group[j] = <int32_t>U
+            group_feature[U] = j
+            group_cursor[U] = 0
             U += 1
-        cursor[u] += 1
-        grp[q] = <int32_t>u
-    ustart[0] = 0
+        group_cursor[u] += 1
+        occ_group[q] = <int32_t>u
+    group_start[0] = 0
     for u in range(U):
-        ustart[u + 1] = ustart[u] + cursor[u]
-        cursor[u] = ustart[u]
-        slot[uniq[u]] = -1
+        group_start[u + 1] = group_start[u] + group_cursor[u]
+        group_cursor[u] = group_start[u]
+        feature_group[group_feature[u]] = -1
     return U
 
 
-cdef inline void scatter_groups(Py_ssize_t B, const int64_t* off, const int32_t* grp,
-                                int64_t* cursor, int32_t* grp_row, int32_t* grp_occ,
+cdef inline void scatter_groups(Py_ssize_t B, const int64_t* row_start,
+                                const int32_t* occ_group, int64_t* group_cursor,
+                                int32_t* grp_row, int32_t* grp_occ,
                                 const floating* occ_x, floating* grp_x) noexcept nogil:
     """Second half: the occurrences of each group in batch order, as their batch row
     (grp_row), and when not NULL their batch-order index (grp_occ) and value (grp_x,
@@ -345,10 +379,10 @@ cdef inline void scatter_groups(Py_ssize_t B, const int64_t* off, const int32_t*
     cdef Py_ssize_t b, q, u
     cdef int64_t pos
     for b in range(B):
-        for q in range(off[b], off[b + 1]):
-            u = grp[q]
-            pos = cursor[u]
-            cursor[u] = pos + 1
+        for q in range(row_start[b], row_start[b + 1]):
+            u = occ_group[q]
+            pos = group_cursor[u]
+            group_cursor[u] = pos + 1
             grp_row[pos] = <int32_t>b
             if grp_occ != NULL:
                 grp_occ[pos] = <int32_t>q

@@ -28,7 +28,7 @@ is bit-identical for any n_threads):
     2. prange over rows: the row's nonzeros are copied to contiguous batch-order
        buffers (ids validated).
     3. one thread: a stable counting sort groups the batch's nonzeros by feature id
-       (``slot`` maps a feature to its group, -1 when untouched, reset after use),
+       (``feature_group`` maps a feature to its group, -1 when untouched, reset after use),
        giving the touched features and, for each, its occurrences in row order;
        meanwhile the other threads start (and the sorting thread joins when done) a
        dynamic loop over rows: s = sum v x, f = 1/2 (s^2 - sum (v x)^2), linear term.
@@ -51,7 +51,7 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_max_threads, omp_get_thread_num, omp_get_wtime
-from libc.math cimport isfinite, sqrt
+from libc.math cimport sqrt
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 
@@ -61,7 +61,7 @@ from _batch cimport (
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
     group_by_feature, raise_batch_error, scatter_groups, prefetch_table_rows,
     feature_prefetch_distance, shuffled_rows_array, CURSOR_STRIDE, next_item_near,
-    reset_cursors,
+    reset_cursors, GRAD_SPAN, prefetch_row, __builtin_prefetch, batch_recorded,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -80,9 +80,6 @@ cdef double ADAM_BETA1 = _api.ADAM_BETA1
 cdef double ADAM_BETA2 = _api.ADAM_BETA2
 cdef double ADAM_EPS = _api.ADAM_EPS
 
-cdef extern from *:
-    void __builtin_prefetch(const void* addr) noexcept nogil
-
 cdef enum:
     # rows ahead whose nonzeros the forward pass prefetches
     PREFETCH_ROWS = 4
@@ -94,10 +91,6 @@ cdef enum:
     # rows a thread takes at a time in the forward pass (dynamic: the thread that sorts
     # joins late)
     FORWARD_CHUNK = 64
-    # columns of a V row's gradient that the feature update forms at a time (a stack
-    # buffer: a per-feature buffer would leave u_cap x k dirty lines to write back)
-    GRAD_SPAN = 256
-
 
 
 cdef enum:
@@ -108,6 +101,18 @@ cdef enum:
     BN_MEAN = 0
     BN_VAR = 1
     BN_DZ = 2
+
+
+cdef enum:
+    # rows of FMWorkspace.factor_vectors, the DTYPE k-vectors the row loops read
+    FV_MEAN = 0        # batch-norm mean of f
+    FV_INV_STD = 1     # 1 / sqrt(var + BN_EPS)
+    FV_INV_STD_B = 2   # that over B
+    FV_SUM_DFH = 3     # sum_b dfh = gamma * sum_b dz
+    FV_SUM_DFH_FH = 4  # sum_b dfh fh = gamma * sum_b dz fh
+    FV_ONES = 5        # 1: the factors of z without batch norm or dropout
+    FV_ZEROS = 6       # 0
+    FV_ROWS = 7
 
 
 cdef void _bn_block(const StepArgs* a, Py_ssize_t blk, int what, const floating* F,
@@ -168,15 +173,6 @@ cdef void _bn_sums(const StepArgs* a, int what, const floating* F, const floatin
                 out1[f] += part[blk * 2 * k + k + f]
 
 
-cdef inline void _prefetch_row(const void* p, Py_ssize_t nbytes) noexcept nogil:
-    """Prefetch the cache lines of nbytes at p (V and its optimiser state are tables
-    larger than the caches, reached through ids)."""
-    cdef Py_ssize_t off = 0
-    while off < nbytes:
-        __builtin_prefetch(<const char*>p + off)
-        off += 64
-
-
 cdef class FMWorkspace:
     """Scratch of fm_step for one fit (see the module docstring); opaque to callers."""
     cdef readonly Py_ssize_t batch_size, max_batch_nnz, n_features, n_factors, u_cap
@@ -184,39 +180,42 @@ cdef class FMWorkspace:
     # seconds from the start of the last step to the end of each of its PHASES; per
     # workspace, so that concurrent fits do not write each other's
     cdef double phase_t[6]
-    # integer buffers
-    cdef long long* cursors  # (threads, CURSOR_STRIDE) next_item_near's cursors
+    # integer buffers; an occurrence is one nonzero of the batch, numbered in batch order
+    # (row by row), a group the occurrences of one touched feature
+    cdef long long* cursors       # (threads, CURSOR_STRIDE) next_item_near's cursors
     cdef int cursor_threads
-    cdef int64_t* off        # (B + 1,) batch-local nonzero offsets
-    cdef int32_t* slot       # (M,) feature -> group, -1 when untouched (kept so between steps)
-    cdef int32_t* occ        # (nnz,) feature id of each nonzero in batch order
-    cdef int32_t* grp        # (nnz,) its group
-    cdef int32_t* row_bad    # (B,) position in the row of its first feature id outside
-                             # [0, M), -1 when there is none
-    cdef int32_t* uniq       # (u_cap,) feature id of each group
-    cdef int64_t* ustart     # (u_cap + 1,) group g's occurrences are ustart[g]:ustart[g+1]
-    cdef int64_t* cursor     # (u_cap,) counting-sort counters
-    cdef int32_t* grp_row    # (nnz,) batch row of each occurrence, grouped by feature
+    cdef int64_t* row_start       # (B + 1,) row b's occurrences: row_start[b]:row_start[b+1]
+    cdef int32_t* feature_group   # (M,) feature -> its group, -1 when untouched (kept so
+                                  # between steps)
+    cdef int32_t* occ_feature     # (nnz,) feature id of each occurrence
+    cdef int32_t* occ_group       # (nnz,) its group
+    cdef int32_t* row_bad         # (B,) position in the row of its first feature id
+                                  # outside [0, M), -1 when there is none
+    cdef int32_t* group_feature   # (u_cap,) feature id of each group
+    cdef int64_t* group_start     # (u_cap + 1,) group g's occurrences (in grp_row and
+                                  # grp_x): group_start[g]:group_start[g + 1]
+    cdef int64_t* group_cursor    # (u_cap,) the counting sort's fill positions
+    cdef int32_t* grp_row         # (nnz,) batch row of each occurrence, grouped by feature
     # double buffers
-    cdef double* r           # (B,) residual y_hat - y
-    cdef double* row_loss    # (B,)
-    cdef double* grp_sq      # (u_cap,) ||V_row||^2 of each touched row, before the update
-    cdef double* mu          # (k,) batch mean of f
-    cdef double* var         # (k,) batch biased variance of f
-    cdef double* inv         # (k,) 1 / sqrt(var + BN_EPS)
-    cdef double* sum_dz      # (k,) sum_b dz (= gradient of beta)
-    cdef double* sum_dzfh    # (k,) sum_b dz fh (= gradient of gamma)
-    cdef double* bn_part     # (row blocks, 2k) per-block partial sums of the batch norm
+    cdef double* residual         # (B,) y_hat - y
+    cdef double* row_loss         # (B,)
+    cdef double* group_sqnorm     # (u_cap,) ||V_row||^2 of each touched row, before the
+                                  # update
+    cdef double* bn_mean          # (k,) batch mean of f
+    cdef double* bn_var           # (k,) batch biased variance of f
+    cdef double* bn_inv_std       # (k,) 1 / sqrt(var + BN_EPS)
+    cdef double* sum_dz           # (k,) sum_b dz (= gradient of beta)
+    cdef double* sum_dzfh         # (k,) sum_b dz fh (= gradient of gamma)
+    cdef double* bn_part          # (row blocks, 2k) per-block partial sums of the batch norm
     # DTYPE buffers (element size self.itemsize)
-    cdef void* grp_x         # (nnz,) value of each occurrence, grouped by feature
-    cdef void* occ_x         # (nnz,) value of each nonzero in batch order
-    cdef void* S             # (B, k) s = sum v x
-    cdef void* F             # (B, k) f, then f-hat, then df
-    cdef void* SC            # (B, k) dropout scale: 0 or 1/keep
-    cdef void* lin           # (B,) linear term
-    cdef void* kbuf          # (7, k) mu, inv, inv/B, gamma*sum_dz, gamma*sum_dzfh, ones,
-                             # zeros in DTYPE
-    cdef void* gdense        # (1 + 2k,) gradient of dense
+    cdef void* grp_x              # (nnz,) value of each occurrence, grouped by feature
+    cdef void* occ_x              # (nnz,) value of each occurrence
+    cdef void* row_s              # (B, k) s = sum v x
+    cdef void* row_f              # (B, k) f, then f-hat, then df
+    cdef void* dropout_scale      # (B, k) 0 or 1/keep
+    cdef void* row_linear         # (B,) linear term
+    cdef void* factor_vectors     # (FV_ROWS, k) DTYPE k-vectors of a step (rows FV_*)
+    cdef void* grad_dense         # (1 + 2k,) gradient of dense
     cdef Py_ssize_t itemsize
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t max_batch_nnz,
@@ -234,44 +233,46 @@ cdef class FMWorkspace:
         self.dtype = dt
         isz = dt.itemsize
         self.itemsize = isz
-        self.off = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
-        self.slot = <int32_t*>_alloc(M * sizeof(int32_t))
+        self.row_start = <int64_t*>_alloc((B + 1) * sizeof(int64_t))
+        self.feature_group = <int32_t*>_alloc(M * sizeof(int32_t))
         for i in range(M):
-            self.slot[i] = -1
-        self.occ = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.grp = <int32_t*>_alloc(N * sizeof(int32_t))
+            self.feature_group[i] = -1
+        self.occ_feature = <int32_t*>_alloc(N * sizeof(int32_t))
+        self.occ_group = <int32_t*>_alloc(N * sizeof(int32_t))
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
-        self.uniq = <int32_t*>_alloc(U * sizeof(int32_t))
-        self.ustart = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
-        self.cursor = <int64_t*>_alloc(U * sizeof(int64_t))
+        self.group_feature = <int32_t*>_alloc(U * sizeof(int32_t))
+        self.group_start = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
+        self.group_cursor = <int64_t*>_alloc(U * sizeof(int64_t))
         self.grp_row = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.r = <double*>_alloc(B * sizeof(double))
+        self.residual = <double*>_alloc(B * sizeof(double))
         self.row_loss = <double*>_alloc(B * sizeof(double))
-        self.grp_sq = <double*>_alloc(U * sizeof(double))
-        self.mu = <double*>_alloc(k * sizeof(double))
-        self.var = <double*>_alloc(k * sizeof(double))
-        self.inv = <double*>_alloc(k * sizeof(double))
+        self.group_sqnorm = <double*>_alloc(U * sizeof(double))
+        self.bn_mean = <double*>_alloc(k * sizeof(double))
+        self.bn_var = <double*>_alloc(k * sizeof(double))
+        self.bn_inv_std = <double*>_alloc(k * sizeof(double))
         self.sum_dz = <double*>_alloc(k * sizeof(double))
         self.sum_dzfh = <double*>_alloc(k * sizeof(double))
         self.bn_part = <double*>_alloc(((B + BN_BLOCK - 1) // BN_BLOCK) * 2 * k * sizeof(double))
         self.grp_x = _alloc(N * isz)
         self.occ_x = _alloc(N * isz)
-        self.S = _alloc(B * k * isz)
-        self.F = _alloc(B * k * isz)
-        self.SC = _alloc(B * k * isz)
-        self.lin = _alloc(B * isz)
-        self.kbuf = _alloc(7 * k * isz)
-        self.gdense = _alloc((1 + 2 * k) * isz)
+        self.row_s = _alloc(B * k * isz)
+        self.row_f = _alloc(B * k * isz)
+        self.dropout_scale = _alloc(B * k * isz)
+        self.row_linear = _alloc(B * isz)
+        self.factor_vectors = _alloc(FV_ROWS * k * isz)
+        self.grad_dense = _alloc((1 + 2 * k) * isz)
 
     def __dealloc__(self):
         # free(NULL) is a no-op, so a half-built workspace is fine too.
-        free(self.off); free(self.slot); free(self.occ); free(self.grp); free(self.row_bad)
-        free(self.uniq); free(self.cursors)
-        free(self.ustart); free(self.cursor); free(self.grp_row)
-        free(self.r); free(self.row_loss); free(self.grp_sq); free(self.mu)
-        free(self.var); free(self.inv); free(self.sum_dz); free(self.sum_dzfh); free(self.bn_part)
-        free(self.grp_x); free(self.occ_x); free(self.S); free(self.F); free(self.SC)
-        free(self.lin); free(self.kbuf); free(self.gdense)
+        free(self.row_start); free(self.feature_group); free(self.occ_feature)
+        free(self.occ_group); free(self.row_bad); free(self.group_feature)
+        free(self.cursors); free(self.group_start); free(self.group_cursor)
+        free(self.grp_row); free(self.residual); free(self.row_loss)
+        free(self.group_sqnorm); free(self.bn_mean); free(self.bn_var)
+        free(self.bn_inv_std); free(self.sum_dz); free(self.sum_dzfh)
+        free(self.bn_part); free(self.grp_x); free(self.occ_x); free(self.row_s)
+        free(self.row_f); free(self.dropout_scale); free(self.row_linear)
+        free(self.factor_vectors); free(self.grad_dense)
 
     cdef void _ensure_threads(self, int n_threads) except *:
         """next_item_near's cursors for n_threads (grown once, kept for the fit)."""
@@ -302,7 +303,8 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 
 # Scalars and raw pointers of one step; the DTYPE arrays travel as memoryviews.
 ctypedef struct StepArgs:
-    Py_ssize_t B, k, M, n_rows, nnz_cap, U
+    Py_ssize_t B, k, M, n_rows, nnz_cap
+    Py_ssize_t n_touched  # touched features (groups) of the batch
     int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
     int prefetch_features
     double l2, inv_keep
@@ -343,11 +345,11 @@ cdef inline floating _pairwise(Py_ssize_t k, Py_ssize_t M, const int32_t* ids,
     return acc
 
 
-cdef inline void _copy_batch_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
+cdef inline void _copy_batch_row(const StepArgs* a, Py_ssize_t b, const int64_t* row_start,
                                  const floating* values, const floating* y, double* r,
-                                 int32_t* occ, floating* occ_x,
+                                 int32_t* occ_feature, floating* occ_x,
                                  int32_t* row_bad) noexcept nogil:
-    """Row b's nonzeros to the batch-order buffers occ/occ_x (ids validated into
+    """Row b's nonzeros to the batch-order buffers occ_feature/occ_x (ids validated into
     row_bad[b]) and its label to r[b]: the grouping and the row arithmetic then read
     contiguous memory instead of the shuffled rows of X."""
     cdef int64_t start
@@ -359,34 +361,37 @@ cdef inline void _copy_batch_row(const StepArgs* a, Py_ssize_t b, const int64_t*
         __builtin_prefetch(y + a.rows[b + PREFETCH_ROWS])
     r[b] = <double>y[a.rows[b]]  # the label, until _output_row turns it into the residual
     row_bad[b] = <int32_t>copy_row(a.indices, values, a.indptr[a.rows[b]],
-                                   off[b + 1] - off[b], a.M, occ + off[b], occ_x + off[b])
+                                   row_start[b + 1] - row_start[b], a.M,
+                                   occ_feature + row_start[b], occ_x + row_start[b])
 
 
-cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* off,
+cdef inline void _forward_row(const StepArgs* a, Py_ssize_t b, const int64_t* row_start,
                               const floating* V, const floating* w, floating* S,
-                              floating* F, floating* lin, const int32_t* occ,
+                              floating* F, floating* row_linear, const int32_t* occ_feature,
                               const floating* occ_x) noexcept nogil:
     """s, f and the linear term of row b from its copied (valid) nonzeros."""
-    cdef int64_t q = off[b], p
-    cdef Py_ssize_t n = off[b + 1] - q
+    cdef int64_t q = row_start[b], p
+    cdef Py_ssize_t n = row_start[b + 1] - q
     cdef int32_t j
     if a.prefetch_v and b + a.prefetch_rows < a.B:
-        for p in range(off[b + a.prefetch_rows], off[b + a.prefetch_rows + 1]):
-            j = occ[p]
-            _prefetch_row(V + <Py_ssize_t>j * a.k, a.k * sizeof(floating))
+        for p in range(row_start[b + a.prefetch_rows], row_start[b + a.prefetch_rows + 1]):
+            j = occ_feature[p]
+            prefetch_row(V + <Py_ssize_t>j * a.k, a.k * sizeof(floating))
             __builtin_prefetch(w + j)
     # F[b] holds sum (v x)^2 until f replaces it
-    lin[b] = _pairwise(a.k, a.M, occ + q, occ_x + q, n, V, w, S + b * a.k, F + b * a.k)
+    row_linear[b] = _pairwise(a.k, a.M, occ_feature + q, occ_x + q, n, V, w, S + b * a.k,
+                              F + b * a.k)
 
 
 cdef void _group_batch(StepArgs* a, FMWorkspace ws, const floating* occ_x,
                        floating* grp_x) noexcept nogil:
-    """The batch's nonzeros grouped by feature (stable counting sort): a.U, uniq, ustart,
-    grp_row, grp_x. grp (the group of each nonzero) is its own buffer, as the row
-    arithmetic reads occ at the same time."""
-    a.U = group_by_feature(ws.off[a.B], ws.occ, ws.grp, ws.slot, ws.uniq, ws.cursor,
-                           ws.ustart)
-    scatter_groups(a.B, ws.off, ws.grp, ws.cursor, ws.grp_row, NULL, occ_x, grp_x)
+    """The batch's nonzeros grouped by feature (stable counting sort): a.n_touched,
+    group_feature, group_start, grp_row, grp_x. occ_group (the group of each nonzero) is
+    its own buffer, as the row arithmetic reads occ_feature at the same time."""
+    a.n_touched = group_by_feature(ws.row_start[a.B], ws.occ_feature, ws.occ_group,
+                                   ws.feature_group, ws.group_feature, ws.group_cursor,
+                                   ws.group_start)
+    scatter_groups(a.B, ws.row_start, ws.occ_group, ws.group_cursor, ws.grp_row, NULL, occ_x, grp_x)
 
 
 cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
@@ -410,16 +415,17 @@ cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
     return total
 
 
-cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* dense, floating* F, floating* SC,
-                             const floating* lin, const floating* kb, double* r,
+cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* dense,
+                             floating* F, floating* SC, const floating* row_linear,
+                             const floating* factor_vectors, double* r,
                              double* row_loss) noexcept nogil:
     cdef Py_ssize_t k = a.k, f
     cdef floating* fr = F + b * k
     cdef floating* sc = SC + b * k
-    cdef const floating* mu_t = kb
-    cdef const floating* inv_t = kb + k
-    cdef const floating* ones = kb + 5 * k
-    cdef const floating* zeros = kb + 6 * k
+    cdef const floating* mu_t = factor_vectors + FV_MEAN * k
+    cdef const floating* inv_t = factor_vectors + FV_INV_STD * k
+    cdef const floating* ones = factor_vectors + FV_ONES * k
+    cdef const floating* zeros = factor_vectors + FV_ZEROS * k
     cdef floating inv_keep = <floating>a.inv_keep
     cdef floating zsum
     cdef uint64_t key
@@ -444,21 +450,21 @@ cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* de
         zgamma = dense + 1
         zbeta = dense + 1 + k
     zsum = _zsum(k, fr, zsc, zgamma, zbeta)
-    yhat = <double>dense[0] + <double>lin[b] + <double>zsum
+    yhat = <double>dense[0] + <double>row_linear[b] + <double>zsum
     row_loss[b] = row_data_loss(a.loss, yhat, r[b], &r[b])
 
 
 cdef inline void _df_row(const StepArgs* a, Py_ssize_t b, const double* r,
                          const floating* dense, floating* F, const floating* SC,
-                         const floating* kb) noexcept nogil:
+                         const floating* factor_vectors) noexcept nogil:
     """F[b] (f-hat under batch norm) becomes df = dloss/df of row b."""
     cdef Py_ssize_t k = a.k, f
     cdef floating* fr = F + b * k
     cdef const floating* sc = SC + b * k
     cdef const floating* gamma = dense + 1
-    cdef const floating* inv_b = kb + 2 * k   # inv / B
-    cdef const floating* s1 = kb + 3 * k      # sum_b dfh = gamma * sum_b dz
-    cdef const floating* s2 = kb + 4 * k      # sum_b dfh fh = gamma * sum_b dz fh
+    cdef const floating* inv_b = factor_vectors + FV_INV_STD_B * k
+    cdef const floating* s1 = factor_vectors + FV_SUM_DFH * k
+    cdef const floating* s2 = factor_vectors + FV_SUM_DFH_FH * k
     cdef floating rb = <floating>r[b]
     cdef floating nb = <floating>a.B
     cdef floating dz
@@ -470,8 +476,8 @@ cdef inline void _df_row(const StepArgs* a, Py_ssize_t b, const double* r,
             fr[f] = dz
     
 
-cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t* uniq,
-                                 const int64_t* ustart, const int32_t* grp_row,
+cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t* group_feature,
+                                 const int64_t* group_start, const int32_t* grp_row,
                                  const floating* grp_x, const floating* S,
                                  const floating* DF, const double* r, double* grp_sq,
                                  floating* V, floating* w, floating* sV0, floating* sV1,
@@ -479,8 +485,8 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     """Touched feature u: its V row's gradient summed over its occurrences in row order,
     + l2 v, then the optimiser, GRAD_SPAN columns at a time; ||v||^2 before the update
     into grp_sq[u] (0 when l2 = 0); then its w entry."""
-    cdef Py_ssize_t k = a.k, f, f0, nf, p, j = uniq[u]
-    cdef Py_ssize_t p0 = ustart[u], p1 = ustart[u + 1]
+    cdef Py_ssize_t k = a.k, f, f0, nf, p, j = group_feature[u]
+    cdef Py_ssize_t p0 = group_start[u], p1 = group_start[u + 1]
     cdef floating* v = V + j * k
     cdef floating g[GRAD_SPAN]
     cdef const floating* s
@@ -488,12 +494,12 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     cdef floating x, gw = 0
     cdef floating l2 = <floating>a.l2
     cdef Py_ssize_t b, j_next
-    if a.prefetch_v and u + a.prefetch_features < a.U:
-        j_next = uniq[u + a.prefetch_features]
-        _prefetch_row(V + j_next * k, k * sizeof(floating))
-        _prefetch_row(sV0 + j_next * k, k * sizeof(floating))
+    if a.prefetch_v and u + a.prefetch_features < a.n_touched:
+        j_next = group_feature[u + a.prefetch_features]
+        prefetch_row(V + j_next * k, k * sizeof(floating))
+        prefetch_row(sV0 + j_next * k, k * sizeof(floating))
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
-            _prefetch_row(sV1 + j_next * k, k * sizeof(floating))
+            prefetch_row(sV1 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
     # the l2 terms only when l2 > 0: at l2 = 0 they would cost a pass over the row for
     # nothing
@@ -548,17 +554,17 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, b1, c, f, u, U = 0, q, it, tail
     cdef int nt = a.n_threads, err, rank
     cdef Py_ssize_t n_fwd = (B + FORWARD_CHUNK - 1) // FORWARD_CHUNK
-    cdef floating* S = <floating*>ws.S
-    cdef floating* F = <floating*>ws.F
-    cdef floating* SC = <floating*>ws.SC
-    cdef floating* lin = <floating*>ws.lin
+    cdef floating* S = <floating*>ws.row_s
+    cdef floating* F = <floating*>ws.row_f
+    cdef floating* SC = <floating*>ws.dropout_scale
+    cdef floating* row_linear = <floating*>ws.row_linear
     cdef floating* grp_x = <floating*>ws.grp_x
-    cdef floating* kb = <floating*>ws.kbuf
-    cdef floating* gd = <floating*>ws.gdense
-    cdef double* r = ws.r
-    cdef double* mu = ws.mu
-    cdef double* var = ws.var
-    cdef double* inv = ws.inv
+    cdef floating* factor_vectors = <floating*>ws.factor_vectors
+    cdef floating* grad_dense = <floating*>ws.grad_dense
+    cdef double* r = ws.residual
+    cdef double* mu = ws.bn_mean
+    cdef double* var = ws.bn_var
+    cdef double* inv = ws.bn_inv_std
     cdef double* sdz = ws.sum_dz
     cdef double* sdzfh = ws.sum_dzfh
     cdef double loss = 0, gw0 = 0, d, rb
@@ -566,20 +572,20 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef unsigned int csr
     cdef double t0 = omp_get_wtime()
 
-    err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.off, a.nnz_cap, nt, &a.err)
+    err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.row_start, a.nnz_cap, nt, &a.err)
     if err:
         return err
 
     with parallel(num_threads=nt):
         csr = ftz_enter()
         for b in prange(B, schedule="static"):
-            _copy_batch_row(a, b, ws.off, values, y, r, ws.occ, <floating*>ws.occ_x,
+            _copy_batch_row(a, b, ws.row_start, values, y, r, ws.occ_feature, <floating*>ws.occ_x,
                             ws.row_bad)
         ftz_leave(csr)
     for b in range(B):
         if ws.row_bad[b] >= 0:
             a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
-            a.err.value = ws.occ[ws.off[b] + ws.row_bad[b]]
+            a.err.value = ws.occ_feature[ws.row_start[b] + ws.row_bad[b]]
             return ERR_FEATURE
     ws.phase_t[0] = omp_get_wtime() - t0
 
@@ -598,11 +604,12 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             b = c * FORWARD_CHUNK
             b1 = b + FORWARD_CHUNK if b + FORWARD_CHUNK < B else B
             while b < b1:
-                _forward_row(a, b, ws.off, V, w, S, F, lin, ws.occ, <floating*>ws.occ_x)
+                _forward_row(a, b, ws.row_start, V, w, S, F, row_linear, ws.occ_feature,
+                             <floating*>ws.occ_x)
                 b = b + 1
             c = next_item_near(ws.cursors, n_fwd, nt, threadid(), &rank)
         ftz_leave(csr)
-    U = a.U
+    U = a.n_touched
     ws.phase_t[1] = omp_get_wtime() - t0
 
     if a.batch_norm:
@@ -613,17 +620,17 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         for f in range(k):
             var[f] = var[f] / B
             inv[f] = 1.0 / sqrt(var[f] + BN_EPS)
-            kb[f] = <floating>mu[f]
-            kb[k + f] = <floating>inv[f]
-            kb[2 * k + f] = <floating>(inv[f] / B)
+            factor_vectors[FV_MEAN * k + f] = <floating>mu[f]
+            factor_vectors[FV_INV_STD * k + f] = <floating>inv[f]
+            factor_vectors[FV_INV_STD_B * k + f] = <floating>(inv[f] / B)
 
     for f in range(k):
-        kb[5 * k + f] = 1
-        kb[6 * k + f] = 0
+        factor_vectors[FV_ONES * k + f] = 1
+        factor_vectors[FV_ZEROS * k + f] = 0
     with parallel(num_threads=nt):
         csr = ftz_enter()
         for b in prange(B, schedule="static"):
-            _output_row(a, b, dense, F, SC, lin, kb, r, ws.row_loss)
+            _output_row(a, b, dense, F, SC, row_linear, factor_vectors, r, ws.row_loss)
         ftz_leave(csr)
 
     for b in range(B):
@@ -632,14 +639,14 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     if a.batch_norm:
         _bn_sums(a, BN_DZ, F, SC, r, mu, ws.bn_part, sdz, sdzfh)
         for f in range(k):
-            kb[3 * k + f] = <floating>(<double>dense[1 + f] * sdz[f])
-            kb[4 * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
+            factor_vectors[FV_SUM_DFH * k + f] = <floating>(<double>dense[1 + f] * sdz[f])
+            factor_vectors[FV_SUM_DFH_FH * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
     ws.phase_t[2] = omp_get_wtime() - t0
 
     with parallel(num_threads=nt):
         csr = ftz_enter()
         for b in prange(B, schedule="static"):
-            _df_row(a, b, r, dense, F, SC, kb)
+            _df_row(a, b, r, dense, F, SC, factor_vectors)
         ftz_leave(csr)
     ws.phase_t[3] = omp_get_wtime() - t0
 
@@ -651,25 +658,25 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         for it in prange(feature_items(U, tail), schedule="dynamic"):
             for u in range(feature_item_start(it, U, tail),
                            feature_item_start(it + 1, U, tail)):
-                _feature_update(a, u, ws.uniq, ws.ustart, ws.grp_row, grp_x, S, F, r,
-                                ws.grp_sq, V, w, sV, sV + M * k, sw, sw + M)
+                _feature_update(a, u, ws.group_feature, ws.group_start, ws.grp_row, grp_x, S, F, r,
+                                ws.group_sqnorm, V, w, sV, sV + M * k, sw, sw + M)
         ftz_leave(csr)
 
     d = 0
     for u in range(U):
-        d += ws.grp_sq[u]
+        d += ws.group_sqnorm[u]
     loss += 0.5 * a.l2 * d
     ws.phase_t[4] = omp_get_wtime() - t0
 
-    gd[0] = <floating>gw0
+    grad_dense[0] = <floating>gw0
     for f in range(k):
         if a.batch_norm:
-            gd[1 + f] = <floating>sdzfh[f]
-            gd[1 + k + f] = <floating>sdz[f]
+            grad_dense[1 + f] = <floating>sdzfh[f]
+            grad_dense[1 + k + f] = <floating>sdz[f]
         else:
-            gd[1 + f] = 0
-            gd[1 + k + f] = 0
-    opt_vec(&a.opt, dense, sd, sd + 1 + 2 * k, gd, 1 + 2 * k, True)
+            grad_dense[1 + f] = 0
+            grad_dense[1 + k + f] = 0
+    opt_vec(&a.opt, dense, sd, sd + 1 + 2 * k, grad_dense, 1 + 2 * k, True)
     ws.phase_t[5] = omp_get_wtime() - t0
 
     if a.batch_norm:
@@ -758,13 +765,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
             err = _step_nogil(&a, ws, &values[0] if values.shape[0] > 0 else NULL, &y[0],
                               &V[0, 0], &w[0], &dense[0], &bn[0, 0], &sV[0, 0, 0],
                               &sw[0, 0], &sd[0, 0], &loss)
-            if err:
-                if err == ERR_ROW:
-                    a.err.pos += first
-                break
-            losses[i] = loss
-            n_done += 1
-            if not isfinite(loss):
+            if not batch_recorded(err, &a.err, first, loss, &losses[0], &n_done):
                 break
         ftz_leave(csr)
     raise_batch_error(err, &a.err, a.n_rows, M, ws.max_batch_nnz, 0)

@@ -67,24 +67,22 @@ from afmfast.kernels.numba.common import (
     batch_offsets,
     block_bounds,
     check_keep,
-    check_loss,
     check_optimizer,
     effective_lr,
     ftz_enter,
     ftz_leave,
     gather_batch,
-    start_threads,
     group_by_feature,
     keep_unit,
-    numba_threads,
     opt_row,
-    opt_update,
     raise_batch_error,
     read_only_args,
     row_data_loss,
     row_key,
+    run_step_kernel,
     step_key,
     steps_from,
+    update_feature,
 )
 from afmfast.kernels.api import (
     ACTIVATION_CODES,
@@ -121,7 +119,6 @@ dh]: chunk partials; gW (t, k), gdense (1+k+2t,): gradients; ul2: ||v||^2 per to
 row; tbuf (n_chunks, 3, kmax) float64 and hbuf (n_chunks, _PBLK, t) DTYPE: per-chunk
 scratch; tacc (threads, kmax): float64 vectors."""
 
-_MASK64 = (1 << 64) - 1
 # Fixed number of chunks a batch is cut into (independent of the thread count, so the
 # summation order is too). 64 keeps every thread busy up to ~16 threads.
 _N_CHUNKS = 64
@@ -682,17 +679,6 @@ def _train_row(b, ch, rows, y, nzoff, pairoff, occ_x, VX, DVX, LIN, pid, S, Z, d
                     di[c] = 0.0
 
 
-@njit(**_SER)
-def _afm_step_ftz(*args):
-    """``_afm_step_kernel`` with FTZ and DAZ set on the calling thread (its prange bodies
-    set them on their own threads); args[-1] is the thread count."""
-    start_threads(args[-1])
-    csr = ftz_enter()
-    out = _afm_step_kernel(*args)
-    ftz_leave(csr)
-    return out
-
-
 @njit(**_PAR)
 def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, sW, sd,
                      lr, l2, l2a, keep0, thr0, keep1, thr1, optimizer, attention,
@@ -844,11 +830,7 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
                 if l2 != 0.0:
                     for c in range(k):
                         gacc[c] += l2 * np.float64(vf[c])
-                opt_row(vf, gacc, sV[0, f], sV[1, f], optimizer, lr_eff)
-                pw, a0, a1 = opt_update(w[f], gw, sw[0, f], sw[1, f], optimizer, lr_eff)
-                w[f] = pw
-                sw[0, f] = a0
-                sw[1, f] = a1
+                update_feature(V, w, sV, sw, f, gacc, gw, optimizer, lr_eff)
         ftz_leave(csr)
 
     lo = 1 if freeze_fm else 0
@@ -897,18 +879,12 @@ def afm_step(X, y, rows, params, state, cfg, ws):
                          f"got {cfg.activation!r}")
     thr0 = np.uint64(dropout_threshold(keep0) if keep0 < 1.0 else 0)
     thr1 = np.uint64(dropout_threshold(keep1) if keep1 < 1.0 else 0)
-    with numba_threads(cfg.n_threads):
-        loss, status = _afm_step_ftz(
-            indptr, indices, values, y, rows,
-            params.V, params.w, params.W, params.dense,
-            state.V, state.w, state.W, state.dense,
-            float(cfg.lr), float(cfg.l2), float(cfg.l2_attention),
-            keep0, thr0, keep1, thr1, optimizer, bool(cfg.attention),
-            int(cfg.activation), bool(cfg.freeze_fm),
-            np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
-            int(cfg.step), check_loss("afm_step", getattr(cfg, "loss", 0)), ws,
-            numba.get_num_threads(),
-        )
+    loss, status = run_step_kernel(
+        "afm_step", _afm_step_kernel,
+        (indptr, indices, values, y, rows, params.V, params.w, params.W, params.dense,
+         state.V, state.w, state.W, state.dense, float(cfg.lr), float(cfg.l2),
+         float(cfg.l2_attention), keep0, thr0, keep1, thr1, optimizer,
+         bool(cfg.attention), int(cfg.activation), bool(cfg.freeze_fm)), cfg, ws)
     if status < 0:
         raise_batch_error("afm_step", status, indptr.shape[0] - 1, M, ws.occ_feat.shape[0],
                           ws.E.shape[0])

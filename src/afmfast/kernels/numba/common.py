@@ -312,6 +312,17 @@ def opt_row(p, g, s0, s1, optimizer, lr_eff):
             p[i] = np.float64(p[i]) - lr_eff * m / (math.sqrt(v) + ADAM_EPS)
 
 
+@njit(**_JIT)
+def update_feature(V, w, sV, sw, j, g, gw, optimizer, lr_eff):
+    """The optimiser on feature j's V row (float64 gradient g) and w entry (gradient
+    gw), with their state rows sV[:, j] and sw[:, j]."""
+    opt_row(V[j], g, sV[0, j], sV[1, j], optimizer, lr_eff)
+    p, s0, s1 = opt_update(w[j], gw, sw[0, j], sw[1, j], optimizer, lr_eff)
+    w[j] = p
+    sw[0, j] = s0
+    sw[1, j] = s1
+
+
 # --------------------------------------------------------------------- batch preparation
 
 @njit(**_JIT)
@@ -492,6 +503,32 @@ def steps_from(step):
                      f"first that is not finite; returns the number of batches run (see "
                      f"afmfast.kernels.api's {name}).")
     return steps
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def run_step_kernel(fn, kernel, args, cfg, ws):
+    """(loss, status) of a step kernel, ``kernel(*args, seed, step, step_int, loss_code,
+    ws, nb)``: seed and step as np.uint64 (mod 2^64) and the step as an int from ``cfg``,
+    its loss code checked (``fn`` names the caller in errors), nb the thread count. It
+    runs with Numba's thread count set to cfg.n_threads and FTZ and DAZ set on the
+    calling thread (``ftz_enter``; the kernel's prange bodies set them on their own
+    threads), the pool threads started first (``start_threads``).
+
+    Example: ``loss, status = run_step_kernel("fm_step", _fm_step_kernel, args, cfg, ws)``.
+    """
+    loss_code = check_loss(fn, getattr(cfg, "loss", 0))
+    seed = np.uint64(int(cfg.seed) & _MASK64)
+    step = np.uint64(int(cfg.step) & _MASK64)
+    with numba_threads(cfg.n_threads):
+        nb = numba.get_num_threads()
+        start_threads(nb)
+        csr = ftz_enter()
+        try:
+            return kernel(*args, seed, step, int(cfg.step), loss_code, ws, nb)
+        finally:
+            ftz_leave(csr)
 
 
 def read_only_args(*arrays):

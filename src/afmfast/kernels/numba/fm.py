@@ -36,7 +36,6 @@ from afmfast.kernels.numba.common import (
     batch_offsets,
     block_bounds,
     check_keep,
-    check_loss,
     check_optimizer,
     effective_lr,
     ftz_enter,
@@ -47,14 +46,15 @@ from afmfast.kernels.numba.common import (
     keep_unit,
     numba_threads,
     opt_row,
-    opt_update,
     raise_batch_error,
     read_only_args,
     row_data_loss,
     row_key,
+    run_step_kernel,
     shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernels.api)
     step_key,
     steps_from,
+    update_feature,
 )
 from afmfast.kernels.api import BN_DECAY, BN_EPS, dropout_threshold
 
@@ -72,8 +72,6 @@ batch's nonzeros ("occurrences") gathered contiguously with their batch row; slo
 occurrences (positions in the occ_* arrays) in batch order; s, f, df float64 (B, k);
 lin, r (B,); kvec (5, k) = [mu, var, inv_std, sum dz, sum dz*fh]; gdense (1 + 2k,); ul2
 per touched row ||v||^2; tacc (threads, k_padded) per-thread gradient accumulator."""
-
-_MASK64 = (1 << 64) - 1
 
 # error_model="numpy": no zero-division checks, so divisions vectorise (numba.common).
 _SER = dict(fastmath=False, cache=True, nogil=True, error_model="numpy")
@@ -141,17 +139,6 @@ def _row_sums(feat, xs, lo, hi, V, w, s, sq):
             s[c] += vx
             sq[c] += vx * vx
     return lin
-
-
-@njit(**_SER)
-def _fm_step_ftz(*args):
-    """``_fm_step_kernel`` with FTZ and DAZ set on the calling thread (its prange bodies
-    set them on their own threads); args[-1] is the thread count."""
-    start_threads(args[-1])
-    csr = ftz_enter()
-    out = _fm_step_kernel(*args)
-    ftz_leave(csr)
-    return out
 
 
 @njit(**_PAR)
@@ -319,11 +306,7 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                     nv += v * v
                     g[c] += l2 * v
             ul2[u] = nv
-            opt_row(vj, g, sV[0, j], sV[1, j], optimizer, lr_eff)
-            p, a, m = opt_update(w[j], gw, sw[0, j], sw[1, j], optimizer, lr_eff)
-            w[j] = p
-            sw[0, j] = a
-            sw[1, j] = m
+            update_feature(V, w, sV, sw, j, g, gw, optimizer, lr_eff)
         ftz_leave(csr)
 
     opt_row(dense, gdense, sd[0], sd[1], optimizer, lr_eff)
@@ -355,17 +338,11 @@ def fm_step(X, y, rows, params, state, cfg, ws):
     keep = check_keep("fm_step", "keep", cfg.keep)
     optimizer = check_optimizer("fm_step", cfg.optimizer)
     threshold = np.uint64(dropout_threshold(keep) if keep < 1.0 else 0)
-    with numba_threads(cfg.n_threads):
-        loss, status = _fm_step_ftz(
-            indptr, indices, values, y, rows,
-            params.V, params.w, params.dense, params.bn_stats,
-            state.V, state.w, state.dense,
-            float(cfg.lr), float(cfg.l2), keep, threshold, optimizer,
-            bool(cfg.batch_norm),
-            np.uint64(int(cfg.seed) & _MASK64), np.uint64(int(cfg.step) & _MASK64),
-            int(cfg.step), check_loss("fm_step", getattr(cfg, "loss", 0)), ws,
-            numba.get_num_threads(),
-        )
+    loss, status = run_step_kernel(
+        "fm_step", _fm_step_kernel,
+        (indptr, indices, values, y, rows, params.V, params.w, params.dense,
+         params.bn_stats, state.V, state.w, state.dense, float(cfg.lr), float(cfg.l2),
+         keep, threshold, optimizer, bool(cfg.batch_norm)), cfg, ws)
     if status < 0:
         raise_batch_error("fm_step", status, indptr.shape[0] - 1, params.V.shape[0],
                           ws.occ_feat.shape[0])
