@@ -321,9 +321,9 @@ cdef void _distinct_pairs(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     # Group classes are numbered by first occurrence, so the popular ones (the biggest
     # buckets) come first: feature_items hands them out one by one and the rest
     # CLASS_TAIL at a time, which keeps the threads balanced without a grab of the
-    # shared loop counter per few small buckets. With 4 classes a grab, ml-tag k=16's ds
-    # sums (the same loop shape) took 0.14 ms on 2 threads as on 1; now 0.06
-    # (bench/profile_phases.py --k 16 --data mltag --rows 2000000, ds_sums). Own classes
+    # shared loop counter per few small buckets (a grab of 4 classes at a time left
+    # ml-tag k=16's ds sums, the same loop shape, no faster on 2 threads than on 1:
+    # bench/profile_phases.py --k 16 --data mltag, phase ds_sums). Own classes
     # (values that differ within a feature) are rare; one-hot data has none.
     with parallel(num_threads=nt):
         csr = ftz_enter()

@@ -31,10 +31,9 @@ cdef extern from *:
     /* The optimisers' loops over n contiguous parameters, once each: afmfast_opt_vec_f/d
        are inlined into the per-feature updates; the _outline_ copies are called where a
        step updates its dense parameters and W. Inlined there too, GCC left those loops
-       scalar in the step function (AFM's W update ran scalar divides and square roots:
-       the dense_updates phase of bench/profile_phases.py --k 256 --data mltag --rows
-       300000 --epochs 1 took 0.21 ms a batch, 0.03 as its own function), so they are
-       compiled as their own functions. The pointers are
+       scalar in the step function (AFM's W update ran scalar divides and square roots;
+       the dense_updates phase of bench/profile_phases.py --k 256 --data mltag shows
+       it), so they are compiled as their own functions. The pointers are
        restrict (no run-time overlap check); the expressions are those of opt_elem, so
        both round alike. */
     #include <math.h>

@@ -3,9 +3,11 @@ imports run one way (cli, demo and plotting -> models -> data -> kernels), with 
 cycle among afmfast's modules (counting imports inside functions too), and no Python
 source file over 1,000 lines."""
 import ast
+import re
 from pathlib import Path
 
 import afmfast
+from helpers.paths import REPO
 
 PACKAGE = Path(afmfast.__file__).resolve().parent
 # What each layer may import besides itself; the compiled extensions (afmfast._fm_cython,
@@ -123,3 +125,18 @@ def test_no_python_source_over_1000_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 1000}
     assert not long, long
+
+
+#: a measured figure or a date in the code goes stale unseen: figures live in docs/ and
+#: the README, with the command that gives them
+FIGURE = re.compile(r"\b\d+(\.\d+)? ?(ms|µs|us|ns|GB/s|MB/s|GFLOP/s)\b|\btook \d"
+                    r"|\b20\d\d-\d\d-\d\d\b|\b\d+(\.\d+)?x (faster|slower)\b")
+
+
+def test_no_timing_figures_or_dates_in_the_sources():
+    sources = [*(REPO / "src" / "afmfast").rglob("*.py"),
+               *(p for p in (REPO / "csrc").iterdir()
+                 if p.suffix in (".pyx", ".pxd", ".pxi", ".h") or p.name == "_cpu.c")]
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in sources
+             for n, line in enumerate(p.read_text().splitlines(), 1) if FIGURE.search(line)]
+    assert len(sources) > 20 and not found, found

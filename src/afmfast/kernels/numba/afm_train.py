@@ -40,7 +40,7 @@ Step layout (deterministic for any thread count):
      counting sort): ``numba.common.batch_offsets/gather_batch/group_by_feature``;
      then v x of every occurrence (prange over rows);
   2. with attention, the distinct pairs: a pair's logit depends only on (v_p x_p,
-     v_q x_q) (docs/design.md), and a Frappe batch of 4096 rows has ~22% distinct
+     v_q x_q) (docs/design.md), and a batch of one-hot rows repeats most of its
      pairs. ``_distinct_pairs`` (serial) numbers them; prange over chunks of distinct
      pairs computes e, act(e W^T + b), the logit h . act and Z = (h act'(u)) W once each;
   3. the batch's rows are cut into at most ``n_chunks`` chunks of consecutive rows with
