@@ -131,8 +131,7 @@ def run_comparison(args, configs):
         check=None, verified=None, sets=[], reader=None)
     with tempfile.TemporaryDirectory(prefix="afmfast-compare-") as tmp:
         plan = Plan(configs, backends, has_torch, epochs, steps, min_seconds,
-                    build_core_probe(tmp))
-        plan.started = started
+                    build_core_probe(tmp), started)
         sets = load_sets(rows, args.no_frappe)
         paths = save_sets(sets, tmp)
         if has_torch:

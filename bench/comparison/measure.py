@@ -17,11 +17,11 @@ from comparison.workers import run_worker
 class Plan:
     """What a run measures: configurations, backends, repetitions and the probe."""
 
-    def __init__(self, configs, backends, has_torch, epochs, steps, min_seconds, probe):
+    def __init__(self, configs, backends, has_torch, epochs, steps, min_seconds, probe,
+                 started):
         self.configs, self.backends, self.has_torch = configs, backends, has_torch
         self.epochs, self.steps, self.min_seconds = epochs, steps, min_seconds
-        self.probe = probe
-        self.started = time.perf_counter()
+        self.probe, self.started = probe, started  # started: perf_counter of the run
 
     def impls(self, model):
         """[(worker kind, implementation name)] of a model's rows."""
