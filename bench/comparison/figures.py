@@ -83,12 +83,9 @@ def summarize_set(data_set, configs, backends, has_torch):
 
 
 # ----- verdicts ------------------------------------------------------------------------
-def _verdict(data_set, backends, ok_, value, model, k, with_torch):
-    """met / NOT met, the latter with what the probes saw during the rows it comes from
-    (the best afmfast backend's, and PyTorch's for a ratio)."""
-    state = tg.state(ok_, value)
-    if state != "NOT met":
-        return state
+def _probe_note(data_set, backends, model, k, with_torch):
+    """What the probes saw during the rows a missed target comes from (the best afmfast
+    backend's, and PyTorch's for a ratio), as " (probes during the row: ...)" or ""."""
     runs = afmfast_runs(data_set, model, k, backends)
     runs = [min(runs, key=lambda r: r["median_s"]["2"])] if runs else []
     ref = find_run(data_set, model, k, "pytorch")
@@ -96,7 +93,15 @@ def _verdict(data_set, backends, ok_, value, model, k, with_torch):
         runs.append(ref)
     readings = [x for r in runs for x in r.get("c2c", [])]
     seen = tg.probe_notes(probe_values(readings, 0), probe_values(readings, 1))
-    return state + (f" (probes during the row: {', '.join(seen)})" if seen else "")
+    return f" (probes during the row: {', '.join(seen)})" if seen else ""
+
+
+def _judged(data_set, backends, ok_, value, model, k, with_torch):
+    """(state, probe note): the note only for a missed target."""
+    state = tg.state(ok_, value)
+    note = (_probe_note(data_set, backends, model, k, with_torch) if state == "NOT met"
+            else "")
+    return state, note
 
 
 def _speed_verdicts(data_set, configs, backends):
@@ -113,9 +118,9 @@ def _speed_verdicts(data_set, configs, backends):
             out.append(dict(id=target["id"], value=r, goal=None, state="no target",
                             text=f"{label}: {fmt_x(r)} PyTorch (no target here)"))
             continue
-        state = _verdict(data_set, backends, r >= goal, r, model, k, True)
-        out.append(dict(id=target["id"], value=r, goal=goal, state=state,
-                        text=f"{label} >= {goal}x PyTorch: {fmt_x(r)} {state}"))
+        state, note = _judged(data_set, backends, r >= goal, r, model, k, True)
+        out.append(dict(id=target["id"], value=r, goal=goal, state=state, probes=note,
+                        text=f"{label} >= {goal}x PyTorch: {fmt_x(r)} {state}{note}"))
     return out
 
 
@@ -161,10 +166,11 @@ def _speedup_verdicts(data_set, configs, backends):
         if model == target["model"] and k >= target["min_k"]:
             sp = (best_time(data_set, model, k, backends, 1)
                   / best_time(data_set, model, k, backends, 2))
-            state = _verdict(data_set, backends, sp >= target["goal"], sp, model, k, False)
+            state, note = _judged(data_set, backends, sp >= target["goal"], sp, model, k,
+                                  False)
             out.append(dict(id=f"{target['id']}_k{k}", value=sp, goal=target["goal"],
-                            state=state, text=f"AFM k=t={k} 2 threads >= {target['goal']}x "
-                            f"1 thread: {fmt_x(sp)} {state}"))
+                            state=state, probes=note, text=f"AFM k=t={k} 2 threads >= "
+                            f"{target['goal']}x 1 thread: {fmt_x(sp)} {state}{note}"))
     return out
 
 
