@@ -4,11 +4,12 @@ from every comparison)."""
 import importlib.util
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
-COMPARE = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
+from helpers.paths import REPO
+
+COMPARE = REPO / "bench" / "compare.py"
 
 
 def load_compare():

@@ -3,11 +3,12 @@ and rewriting them between their markers is idempotent and leaves the rest of th
 README alone. A small document written here stands for a run; nothing is measured."""
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from helpers.paths import REPO
+
+BENCH = REPO / "bench"
 
 
 @pytest.fixture
