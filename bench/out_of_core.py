@@ -88,9 +88,9 @@ def epoch_seconds(data, threads, epoch):
     model = afmfast.FM(n_factors=16, n_threads=threads, verbose=0)
     model._validate()
     trainer = Trainer(model, data, adaptive=False)
-    order = trainer.epoch_order(data.n_rows, epoch)
     t0 = time.perf_counter()
-    trainer.train_epoch(data.X, data.y, order, 0)
+    # fit's order: windowed for a store, the full shuffle in memory (counted in the time)
+    trainer.train_epoch(data.X, data.y, trainer.epoch_segments(data, epoch), 0)
     return time.perf_counter() - t0
 
 
@@ -114,12 +114,11 @@ def main():
         size = text.stat().st_size
         with PeakAnon() as mem:
             t = time.perf_counter()
-            data = afmfast.convert(text, store, n_threads=args.threads)
+            header = afmfast.convert(text, store, n_threads=args.threads)
             seconds = time.perf_counter() - t
         print(f"convert: {size / 1e6:,.0f} MB in {seconds:.1f} s = {size / 1e6 / seconds:,.0f} "
               f"MB/s; peak RssAnon {mem.above_start / 2**20:,.0f} MiB above the start "
-              f"({data.n_rows:,} rows)")
-        del data
+              f"({header['n_rows']:,} rows)")
         threads = args.threads or default_threads()
         from_store, in_memory, peaks = [], [], []
         loaded = afmfast.load_libfm(text) if size <= args.in_memory_gb * 1e9 else None

@@ -222,10 +222,10 @@ def _read_data(path):
 def _convert(args):
     from afmfast.data.store import convert
 
-    data = convert(args.inputs, args.output, format=args.format,
-                   n_features=args.n_features, n_threads=args.threads)
-    print(f"{args.output}: {data.n_rows} rows, {data.n_features} features, {data.nnz} "
-          f"nonzeros")
+    header = convert(args.inputs, args.output, format=args.format,
+                     n_features=args.n_features, n_threads=args.threads)
+    print(f"{args.output}: {header['n_rows']} rows, {header['n_features']} features, "
+          f"{header['nnz']} nonzeros")
     return 0
 
 

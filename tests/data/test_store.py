@@ -51,17 +51,32 @@ def test_convert_gives_what_load_libfm_gives(tmp_path, parser, monkeypatch, chun
     if compressed:
         source = tmp_path / "d.libfm.gz"
         source.write_bytes(gzip.compress(TEXT))
-    data = convert(source, tmp_path / "d.store")
+    header = convert(source, tmp_path / "d.store")
+    data = open_store(tmp_path / "d.store")
+    assert (header["n_rows"], header["nnz"]) == (data.n_rows, data.nnz)
     same_rows(data, afmfast.load_libfm(plain))
     assert data.n_features_explicit
     assert (tmp_path / "d.store" / "values.npy").exists()  # 0.5 and 2 are stored
+
+
+def test_values_after_a_one_hot_start_are_stored_with_their_ones(tmp_path, parser,
+                                                                   monkeypatch):
+    # the values column is created when the first value other than 1 arrives, with the
+    # ones of every nonzero before it
+    monkeypatch.setattr(store, "CONVERT_CHUNK_BYTES", 40)
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1 4:1\n" * 30 + b"0 1:2.5\n" + b"1 2:1\n" * 5)
+    convert(src, tmp_path / "s")
+    same_rows(open_store(tmp_path / "s"), afmfast.load_libfm(src))
+    assert json.loads((tmp_path / "s" / "header.json").read_text())["values"] == "stored"
 
 
 def test_one_hot_stores_no_values_and_inputs_concatenate(tmp_path, parser):
     a, b = tmp_path / "a.libfm", tmp_path / "b.libfm"
     a.write_bytes(b"1 0:1 4:1\n0 1:1\n")
     b.write_bytes(b"1 2:1 3:1")  # no newline at the end
-    data = convert([a, b], tmp_path / "s")
+    convert([a, b], tmp_path / "s")
+    data = open_store(tmp_path / "s")
     assert sorted(os.listdir(tmp_path / "s")) == ["header.json", "indices.npy",
                                                   "indptr.npy", "y.npy"]
     assert json.loads((tmp_path / "s" / "header.json").read_text())["values"] == "ones"
@@ -92,7 +107,8 @@ def test_n_features_bounds_the_ids(tmp_path, parser):
     src.write_bytes(b"1 0:1\n1 5:1\n")
     with pytest.raises(ValueError, match=r"d.libfm: line 2: feature id >= n_features = 5"):
         convert(src, tmp_path / "s", n_features=5)
-    assert convert(src, tmp_path / "s", n_features=9).n_features == 9
+    assert convert(src, tmp_path / "s", n_features=9)["n_features"] == 9
+    assert open_store(tmp_path / "s").n_features == 9
 
 
 def test_a_failed_conversion_leaves_the_old_store_and_no_temporary(tmp_path, parser):
@@ -105,7 +121,7 @@ def test_a_failed_conversion_leaves_the_old_store_and_no_temporary(tmp_path, par
     assert open_store(tmp_path / "s").n_rows == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "s"]
     src.write_bytes(b"1 0:1\n0 1:1\n")
-    assert convert(src, tmp_path / "s").n_rows == 2  # a complete one replaces it
+    assert convert(src, tmp_path / "s")["n_rows"] == 2  # a complete one replaces it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "s"]
 
 

@@ -60,8 +60,13 @@ def _npy_prefix(dtype, length):
 class _ColumnFile:
     """A .npy column written by appending; its header is fixed up by ``finish``."""
 
+    #: bytes written between two fdatasync calls: the disk writes the column while the
+    #: parser runs, instead of all of it in the final fsync
+    SYNC_BYTES = 32 << 20
+
     def __init__(self, path, dtype):
         self.path, self.dtype, self.length = path, dtype, 0
+        self.unsynced = 0
         self.fh = open(path, "wb")
         self.fh.write(_npy_prefix(dtype, 0))
 
@@ -69,6 +74,18 @@ class _ColumnFile:
         data = np.ascontiguousarray(array, dtype=self.dtype)
         self.fh.write(memoryview(data).cast("B"))
         self.length += data.size
+        self.unsynced += data.nbytes
+        if self.unsynced >= self.SYNC_BYTES:
+            self.fh.flush()
+            os.fdatasync(self.fh.fileno())
+            self.unsynced = 0
+
+    def append_ones(self, count):
+        """Append ``count`` ones, a bounded block at a time."""
+        block = np.ones(min(count, 1 << 22), self.dtype)
+        while count > 0:
+            self.append(block[:count])
+            count -= min(count, len(block))
 
     def finish(self):
         self.fh.seek(0)
@@ -82,58 +99,89 @@ class _StoreWriter:
     """Appends row blocks to the columns of a store in a temporary directory; ``commit``
     completes the files and renames the directory to ``path``. Used as a context
     manager: leaving it without ``commit`` (an error, Ctrl-C) deletes the temporary
-    directory and leaves ``path`` as it was."""
+    directory and leaves ``path`` as it was.
+
+    The columns are written by one background thread, so that the disk works while the
+    caller parses the next chunk; at most one block waits for it (bounded memory). The
+    values column is created only when a value other than 1 arrives (then the ones
+    before it are written first): one-hot data never writes it."""
 
     def __init__(self, path):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.path = os.path.abspath(os.fspath(path))
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"{path}: the parent directory {parent} does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=parent)
-        self.columns = [_ColumnFile(os.path.join(self.tmp, name), dtype)
-                        for name, dtype in COLUMNS]
-        self.columns[0].append(np.zeros(1, np.int64))  # indptr starts at 0
+        self.columns = {name: _ColumnFile(os.path.join(self.tmp, name), dtype)
+                        for name, dtype in COLUMNS if name != "values.npy"}
+        self.columns["indptr.npy"].append(np.zeros(1, np.int64))  # indptr starts at 0
+        self.values = None  # the values column, once a value other than 1 was seen
         self.n_rows = self.nnz = 0
         self.max_id = -1
-        self.all_ones = True
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
+        self.pending = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         if self.tmp is not None:  # not committed
-            for column in self.columns:
+            try:
+                self._wait()
+            except Exception:  # noqa: BLE001 - the error that stopped us is what matters
+                pass
+            self.pool.shutdown()
+            for column in self._all_columns():
                 column.fh.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
+    def _all_columns(self):
+        return [*self.columns.values(), *([self.values] if self.values else [])]
+
+    def _wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises a write error here
+
     def append(self, indptr, indices, values, y, max_id):
         """Append rows given as CSR arrays (``indptr`` starting at 0)."""
-        self.columns[0].append(np.asarray(indptr[1:], dtype=np.int64) + self.nnz)
-        self.columns[1].append(indices)
-        self.columns[2].append(values)
-        self.columns[3].append(y)
-        if self.all_ones and values.size:
-            self.all_ones = bool(np.all(values == 1.0))
+        self._wait()
+        new_values = self.values is None and values.size and not np.all(values == 1.0)
+        self.pending = self.pool.submit(self._write, np.asarray(indptr[1:], np.int64) +
+                                        self.nnz, indices, values, y, self.nnz, new_values)
         self.n_rows += len(y)
         self.nnz += len(indices)
         self.max_id = max(self.max_id, int(max_id))
 
+    def _write(self, indptr, indices, values, y, nnz_before, new_values):
+        self.columns["indptr.npy"].append(indptr)
+        self.columns["indices.npy"].append(indices)
+        self.columns["y.npy"].append(y)
+        if new_values:
+            self.values = _ColumnFile(os.path.join(self.tmp, "values.npy"), "<f4")
+            self.values.append_ones(nnz_before)
+        if self.values is not None:
+            self.values.append(values)
+
     def commit(self, n_features=None):
+        self._wait()
+        self.pool.shutdown()
         n_features = self.max_id + 1 if n_features is None else n_features
-        for column in self.columns:
+        for column in self._all_columns():
             column.finish()
-        if self.all_ones:
-            os.remove(self.columns[2].path)
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "n_rows": self.n_rows,
                   "nnz": self.nnz, "n_features": int(n_features),
-                  "values": "ones" if self.all_ones else "stored", "fields": None}
+                  "values": "ones" if self.values is None else "stored", "fields": None}
         with open(os.path.join(self.tmp, HEADER_FILE), "w") as fh:
             json.dump(header, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
         _replace_directory(self.tmp, self.path)
         self.tmp = None
+        return header
 
 
 def _replace_directory(new, path):
@@ -229,8 +277,9 @@ def _next_line_end(mapped, pos):
 
 def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
             output: str | os.PathLike, *, format: str = "libfm",
-            n_features: int | None = None, n_threads: int | None = None) -> Dataset:
-    """Convert text data files into one store at ``output`` and return it opened.
+            n_features: int | None = None, n_threads: int | None = None) -> dict:
+    """Convert text data files into one store at ``output``; returns its header (a dict:
+    ``n_rows``, ``nnz``, ``n_features``, ...). ``open_store(output)`` opens it.
 
     The inputs are read in chunks of about ``CONVERT_CHUNK_BYTES`` and parsed on
     ``n_threads`` threads, so memory stays bounded whatever their size; ``.gz`` files are
@@ -247,9 +296,11 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     >>> for name, text in (("a.libfm", "1 0:1 3:1\\n"), ("b.libfm", "-1 2:1\\n")):
     ...     _ = open(os.path.join(folder, name), "w").write(text)
     >>> inputs = [os.path.join(folder, n) for n in ("a.libfm", "b.libfm")]
-    >>> data = convert(inputs, os.path.join(folder, "ab.store"))
-    >>> len(data), data.n_features, data.y.tolist()
-    (2, 4, [1.0, -1.0])
+    >>> convert(inputs, os.path.join(folder, "ab.store"))["n_rows"]
+    2
+    >>> data = open_store(os.path.join(folder, "ab.store"))
+    >>> data.n_features, data.y.tolist()
+    (4, [1.0, -1.0])
     """
     if format not in ("libfm", "libsvm"):
         raise ValueError(f"format must be 'libfm' or 'libsvm', got {format!r}")
@@ -273,8 +324,7 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                     raise ValueError(f"{path}: line {line}: "
                                      f"{_describe_error(name, chunk, offset, n_features)}")
                 writer.append(indptr, indices, values, y, max_id)
-        writer.commit(n_features)
-    return open_store(output)
+        return writer.commit(n_features)
 
 
 def _read_header(path):
