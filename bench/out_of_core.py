@@ -8,10 +8,11 @@ Generates ml-tag-shaped one-hot libFM text (label, user, item, tag: 3 nonzeros a
 same disk as /tmp), converts it with ``afmfast.convert`` and prints the conversion's
 MB/s and the peak anonymous memory (``RssAnon``, sampled every 5 ms: the page cache
 and the memory-mapped input and columns are file pages, not counted). Then it trains
-one FM k=16 epoch from the store (``open_store``) and, when the data fit comfortably in
-memory (``--in-memory-gb``, default 2), one epoch from the same rows loaded in memory,
-alternating twice, and prints the median seconds per row of each and their ratio, with
-the peak anonymous memory of the store epochs.
+one FM k=16 epoch (``--model afm``: AFM k=t=16) from the store (``open_store``, fit's
+windowed order) and, when the data fit comfortably in memory (``--in-memory-gb``,
+default 2), one from the same rows loaded in memory (the full shuffle), alternating
+twice, and prints the median seconds per row of each and their ratio, with the peak
+anonymous memory of the store epochs.
 """
 import argparse
 import shutil
@@ -84,8 +85,9 @@ def write_mltag_text(path, target_bytes, seed=0):
     return written
 
 
-def epoch_seconds(data, threads, epoch):
-    model = afmfast.FM(n_factors=16, n_threads=threads, verbose=0)
+def epoch_seconds(data, threads, epoch, kind="fm"):
+    model = (afmfast.FM(n_factors=16, n_threads=threads, verbose=0) if kind == "fm" else
+             afmfast.AFM(n_factors=16, attention_size=16, n_threads=threads, verbose=0))
     model._validate()
     trainer = Trainer(model, data, adaptive=False)
     t0 = time.perf_counter()
@@ -100,6 +102,8 @@ def main():
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the text and the store")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", choices=("fm", "afm"), default="fm",
+                        help="the model of the timed epochs (k = t = 16)")
     parser.add_argument("--in-memory-gb", type=float, default=2.0,
                         help="also train in memory up to this text size (GB)")
     args = parser.parse_args()
@@ -124,12 +128,13 @@ def main():
         loaded = afmfast.load_libfm(text) if size <= args.in_memory_gb * 1e9 else None
         for rep in range(2):
             with PeakAnon() as mem:
-                from_store.append(epoch_seconds(afmfast.open_store(store), threads, 1 + rep))
+                from_store.append(epoch_seconds(afmfast.open_store(store), threads, 1 + rep,
+                                                args.model))
             peaks.append(mem.above_start)
             if loaded is not None:
-                in_memory.append(epoch_seconds(loaded, threads, 1 + rep))
+                in_memory.append(epoch_seconds(loaded, threads, 1 + rep, args.model))
         n = afmfast.open_store(store).n_rows
-        line = (f"FM k=16 epoch, {threads} thread(s): store {np.median(from_store) / n * 1e9:.0f} "
+        line = (f"{args.model.upper()} k=16 epoch, {threads} thread(s): store {np.median(from_store) / n * 1e9:.0f} "
                 f"ns/row, peak RssAnon {max(peaks) / 2**20:,.0f} MiB above the start")
         if in_memory:
             ratio = np.median(from_store) / np.median(in_memory)
