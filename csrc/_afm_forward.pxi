@@ -13,7 +13,8 @@ cdef void _copy_row(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
         # the rows of a shuffled batch are scattered over X: start the next misses early
         start = a.indptr[a.rows[b + ROW_PREFETCH]]
         __builtin_prefetch(a.indices + start)
-        __builtin_prefetch(values + start)
+        if values != NULL:
+            __builtin_prefetch(values + start)
     start = a.indptr[a.rows[b]]
     ws.row_bad[b] = <int32_t>copy_row(a.indices, values, start, n, a.M, ws.occ_feature + q0,
                                       <floating*>ws.occ_x + q0)

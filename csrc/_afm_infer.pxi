@@ -34,7 +34,7 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
         j = a.indices[q]
         if j < 0 or j >= a.M:
             continue
-        x = values[q]
+        x = values[q] if values != NULL else 1  # NULL: every value is 1
         v = V + <Py_ssize_t>j * k
         vx = vx_buf + n * k
         for f in range(k):
@@ -91,7 +91,7 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     _check_activation(activation)
     if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != 1 + k + 2 * t):
         raise ValueError("params shapes are inconsistent: see afmfast.kernels.api")
-    if indptr.shape[0] < 1 or indices.shape[0] != values.shape[0] \
+    if indptr.shape[0] < 1 or (indices.shape[0] != values.shape[0] and values.shape[0]) \
             or indptr[n] > indices.shape[0]:
         raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     lengths = np.diff(np.asarray(indptr))
@@ -228,7 +228,8 @@ cdef Py_ssize_t _predict_typed(floating[:, ::1] V, X, params, attention, activat
     if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != 1 + k + 2 * t):
         raise ValueError("params shapes are inconsistent: see afmfast.kernels.api")
     n = indptr_a.shape[0] - 1
-    if (indptr_a.shape[0] < 1 or indices_a.shape[0] != values_a.shape[0]
+    if (indptr_a.shape[0] < 1
+            or (indices_a.shape[0] != values_a.shape[0] and values_a.shape[0] != 0)
             or indptr_a[n] > indices_a.shape[0]):
         raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     if out.shape[0] != n:

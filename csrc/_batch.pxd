@@ -196,7 +196,8 @@ cdef inline int check_step_arrays(Py_ssize_t B, Py_ssize_t batch_cap, Py_ssize_t
                          f"batch_size), got {B}")
     if n_indptr < 1 or n_y != n_indptr - 1:
         raise ValueError(f"y has {n_y} rows but X has {n_indptr - 1}")
-    if n_indices != n_values or last_indptr > n_indices:
+    # values of length 0 with nonzeros: every value is 1 (kernels.api)
+    if (n_values != n_indices and n_values != 0) or last_indptr > n_indices:
         raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     if n_threads < 1:
         raise ValueError(f"cfg.n_threads must be a positive integer, got {n_threads}")
@@ -321,15 +322,15 @@ cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_ro
 cdef inline Py_ssize_t copy_row(const int32_t* indices, const floating* values,
                                 int64_t start, Py_ssize_t n, Py_ssize_t M,
                                 int32_t* occ_feature, floating* occ_x) noexcept nogil:
-    """Copies the n nonzeros at X[start:start + n] to occ_feature/occ_x; returns the
-    position (in the row) of the first feature id outside [0, M), or -1 when all are
-    valid."""
+    """Copies the n nonzeros at X[start:start + n] to occ_feature/occ_x (values NULL:
+    every value is 1); returns the position (in the row) of the first feature id
+    outside [0, M), or -1 when all are valid."""
     cdef Py_ssize_t i, bad = -1
     cdef int32_t j
     for i in range(n):
         j = indices[start + i]
         occ_feature[i] = j
-        occ_x[i] = values[start + i]
+        occ_x[i] = values[start + i] if values != NULL else 1
         if (j < 0 or j >= M) and bad < 0:
             bad = i
     return bad

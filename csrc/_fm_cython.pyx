@@ -320,8 +320,9 @@ ctypedef struct StepArgs:
 cdef inline floating _pairwise(Py_ssize_t k, Py_ssize_t M, const int32_t* ids,
                                const floating* xs, Py_ssize_t n, const floating* V,
                                const floating* w, floating* s, floating* sq) noexcept nogil:
-    """s = sum v x and sq <- f = 1/2 (s^2 - sum (v x)^2) over the n nonzeros (ids, xs),
-    ids outside [0, M) skipped; returns the linear term sum w x."""
+    """s = sum v x and sq <- f = 1/2 (s^2 - sum (v x)^2) over the n nonzeros (ids, xs;
+    xs NULL: every value is 1), ids outside [0, M) skipped; returns the linear term
+    sum w x."""
     cdef Py_ssize_t f, t
     cdef const floating* v
     cdef floating x, tv, acc = 0
@@ -333,7 +334,7 @@ cdef inline floating _pairwise(Py_ssize_t k, Py_ssize_t M, const int32_t* ids,
         j = ids[t]
         if j < 0 or j >= M:
             continue
-        x = xs[t]
+        x = xs[t] if xs != NULL else 1
         v = V + <Py_ssize_t>j * k
         acc = acc + w[j] * x
         for f in range(k):
@@ -357,7 +358,8 @@ cdef inline void _copy_batch_row(const StepArgs* a, Py_ssize_t b, const int64_t*
         # the rows of a shuffled batch are scattered over X: start the next misses early
         start = a.indptr[a.rows[b + PREFETCH_ROWS]]
         __builtin_prefetch(a.indices + start)
-        __builtin_prefetch(values + start)
+        if values != NULL:
+            __builtin_prefetch(values + start)
         __builtin_prefetch(y + a.rows[b + PREFETCH_ROWS])
     r[b] = <double>y[a.rows[b]]  # the label, until _output_row turns it into the residual
     row_bad[b] = <int32_t>copy_row(a.indices, values, a.indptr[a.rows[b]],
@@ -817,8 +819,8 @@ cdef inline floating _predict_row(Py_ssize_t i, Py_ssize_t k, Py_ssize_t M,
     cdef const floating* gamma = dense + 1
     cdef const floating* beta = dense + 1 + k
     cdef floating acc, zsum
-    acc = _pairwise(k, M, indices + indptr[i], values + indptr[i], indptr[i + 1] - indptr[i],
-                    V, w, sq, s)
+    acc = _pairwise(k, M, indices + indptr[i], values + indptr[i] if values != NULL else NULL,
+                    indptr[i + 1] - indptr[i], V, w, sq, s)
     # s now holds f; sq becomes ones: z = (gamma fh + beta) * 1, or f * 1 + 0 without
     # batch norm (exact)
     for f in range(k):
@@ -850,12 +852,15 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
         raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
     if w.shape[0] != M or dense.shape[0] != 1 + 2 * k or mu.shape[0] != k:
         raise ValueError("params shapes are inconsistent: see afmfast.kernels.api")
-    if indices.shape[0] != values.shape[0] or indptr[n] > indices.shape[0]:
+    if (indices.shape[0] != values.shape[0] and values.shape[0] != 0) \
+            or indptr[n] > indices.shape[0]:
         raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     if n_threads < 1:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
     if n == 0:
         return
+    # values of length 0: every value is 1 (kernels.api)
+    cdef const floating* values_ptr = &values[0] if values.shape[0] > 0 else NULL
     # per-thread scratch for a row's two k-vectors, indexed by OpenMP thread number
     scratch_arr = np.empty((n_threads, 2 * k), dtype=params.V.dtype)
     cdef floating[:, ::1] scratch = scratch_arr
@@ -865,7 +870,7 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
         csr = ftz_enter()
         for i in prange(n, schedule="static"):
             tid = omp_get_thread_num()
-            out[i] = _predict_row(i, k, M, &indptr[0], &indices[0], &values[0], &V[0, 0],
+            out[i] = _predict_row(i, k, M, &indptr[0], &indices[0], values_ptr, &V[0, 0],
                                   &w[0], &dense[0], &mu[0], &inv[0], &zeros[0], batch_norm,
                                   &scratch[tid, 0], &scratch[tid, k])
         ftz_leave(csr)

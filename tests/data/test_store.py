@@ -379,3 +379,72 @@ def test_cli_converts_and_trains_from_stores(tmp_path, monkeypatch, capsys):
     assert main(["convert", "bad.libfm", "-o", "bad.store"]) == 1
     assert "bad.libfm: line 2" in capsys.readouterr().err
     assert not (tmp_path / "bad.store").exists()
+
+
+# ----- one-hot rows without values (values=None), the kernels' implied ones ----------------
+def test_a_one_hot_store_opens_without_values(tmp_path):
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1 4:1\n0 1:1\n")
+    convert(src, tmp_path / "s")
+    data = open_store(tmp_path / "s")
+    assert data.X[2].size == 0  # nothing of O(nnz) in memory for the values
+    assert data.values.tolist() == [1.0, 1.0, 1.0] and not data.values.flags.writeable
+    for part in (data[[1]], data[:1], data[::-1], data.with_labels([2.0, 3.0]),
+                 data.with_n_features(9)):
+        assert part.X[2].size == 0 and part.values.tolist() == [1.0] * part.nnz
+    write_store(data[[1, 0]], tmp_path / "again")
+    assert not (tmp_path / "again" / "values.npy").exists()
+    same_rows(open_store(tmp_path / "again"), afmfast.load_libfm(src)[[1, 0]])
+
+
+def test_values_none_is_validated_and_pickles():
+    import pickle
+
+    data = afmfast.Dataset([0, 2, 3], [0, 3, 2], None, [1.0, -1.0])
+    assert data.validate() is data and data.first_nonfinite_row() is None
+    again = pickle.loads(pickle.dumps(data))
+    assert again.X[2].size == 0 and again.indices.tolist() == [0, 3, 2]
+    with pytest.raises(ValueError, match="indptr must end at nnz"):
+        afmfast.Dataset([0, 2, 4], [0, 3, 2], None, [1.0, -1.0])
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("cls,kw", [(afmfast.FM, {}), (afmfast.AFM, {"attention_size": 4}),
+                                    (afmfast.AFMClassifier, {"attention_size": 4})])
+def test_implied_ones_train_and_predict_as_stored_ones(backend, cls, kw):
+    # the same model bit for bit, whether the ones are stored or implied; unseen ids
+    # (at or above n_features) are dropped alike in predict and explain
+    demo = make_demo_data(n_rows=1500, seed=3)
+
+    def as_one_hot(data, implied, y=None):
+        values = None if implied else np.ones(data.nnz, np.float32)
+        return afmfast.Dataset(data.indptr, data.indices, values,
+                               data.y if y is None else y, n_features=data.n_features)
+
+    y = (demo.train.y > np.median(demo.train.y)).astype(np.float32) \
+        if cls is afmfast.AFMClassifier else None
+    fitted = [cls(n_factors=4, n_epochs=2, verbose=0, backend=backend, **kw).fit(
+        as_one_hot(demo.train, implied, y)) for implied in (False, True)]
+    np.testing.assert_array_equal(fitted[0].V_, fitted[1].V_)
+    wide = afmfast.Dataset(demo.valid.indptr, demo.valid.indices + (
+        np.arange(demo.valid.nnz) % 7 == 0) * demo.valid.n_features, None, demo.valid.y)
+    stored = afmfast.Dataset(wide.indptr, wide.indices, np.ones(wide.nnz, np.float32),
+                             wide.y)
+    np.testing.assert_array_equal(fitted[0].decision_function(stored) if y is not None
+                                  else fitted[0].predict(stored),
+                                  fitted[0].decision_function(wide) if y is not None
+                                  else fitted[0].predict(wide))
+    if cls is not afmfast.FM:
+        for a, b in zip(fitted[0].explain(stored[:40]), fitted[0].explain(wide[:40])):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_the_reference_reads_empty_values_as_ones():
+    from afmfast.kernels import reference
+    from afmfast.kernels.api import new_fm_params
+
+    params = new_fm_params(6, 3, np.random.default_rng(0))
+    indptr, indices = np.array([0, 2, 3]), np.array([0, 5, 2], np.int32)
+    implied = reference.fm_predict((indptr, indices, np.zeros(0, np.float32)), params, 1)
+    stored = reference.fm_predict((indptr, indices, np.ones(3, np.float32)), params, 1)
+    np.testing.assert_array_equal(implied, stored)

@@ -52,6 +52,10 @@ def _as_1d(arr, dtype, name):
     return out
 
 
+#: the kernels' values array of rows whose every value is 1 (``Dataset(..., values=None)``)
+_NO_VALUES = np.empty(0, np.float32)
+_NO_VALUES.flags.writeable = False
+
 # (attribute, dtype) of the arrays a Dataset holds, in the kernels' order
 _ARRAYS = (("indptr", np.int64), ("indices", np.int32), ("values", np.float32),
            ("y", np.float32))
@@ -61,9 +65,11 @@ def _check_arrays(arrays, where=""):
     """Raise ``ValueError`` (its message starts with ``where``) unless ``arrays`` =
     (indptr, indices, values, y) are C-contiguous 1-D arrays of the Dataset dtypes that
     form CSR rows with one label each: indptr starts at 0, never decreases and ends at
-    nnz, ids are >= 0. Returns the largest id (-1 without nonzeros). Vectorised NumPy,
-    O(n_rows + nnz)."""
+    nnz, ids are >= 0. ``values`` None stands for ones. Returns the largest id (-1
+    without nonzeros). Vectorised NumPy, O(n_rows + nnz)."""
     for (name, dtype), a in zip(_ARRAYS, arrays):
+        if a is None and name == "values":
+            continue
         if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 1
                 and a.flags.c_contiguous):
             got = (f"{a.dtype} array of shape {a.shape}, C-contiguous: "
@@ -87,7 +93,7 @@ def _check_arrays(arrays, where=""):
     if indptr[-1] != indices.size:
         raise ValueError(f"{where}indptr must end at nnz = len(indices) = {indices.size}, "
                          f"got {indptr[-1]}")
-    if values.size != indices.size:
+    if values is not None and values.size != indices.size:
         raise ValueError(f"{where}values must have len(indices) = {indices.size} entries, "
                          f"got {values.size}")
     if y.size != indptr.size - 1:
@@ -108,7 +114,8 @@ class Dataset:
     ----------
     indptr : int array (n_rows + 1,), starts at 0, non-decreasing, ends at nnz.
     indices : int array (nnz,), feature ids in [0, n_features).
-    values : float array (nnz,).
+    values : float array (nnz,), or None when every value is 1 (one-hot rows): the
+        kernels then read no values at all (``afmfast.open_store`` of a one-hot store).
     y : float array (n_rows,).
     n_features : int, optional; defaults to max id + 1 (0 without nonzeros).
 
@@ -144,9 +151,9 @@ class Dataset:
     __slots__ = ("_indptr", "_indices", "_values", "_y", "_n_features",
                  "n_features_explicit", "_max_id", "_length_counts")
 
-    def __init__(self, indptr: ArrayLike, indices: ArrayLike, values: ArrayLike,
+    def __init__(self, indptr: ArrayLike, indices: ArrayLike, values: ArrayLike | None,
                  y: ArrayLike, n_features: int | None = None) -> None:
-        arrays = tuple(_as_1d(a, dtype, name)
+        arrays = tuple(None if a is None and name == "values" else _as_1d(a, dtype, name)
                        for a, (name, dtype) in zip((indptr, indices, values, y), _ARRAYS))
         max_id = _check_arrays(arrays)
         explicit = n_features is not None
@@ -169,7 +176,8 @@ class Dataset:
         # the O(nnz) checks of __init__. They are new arrays or views of a Dataset's
         # (read-only already), so they are made read-only in place.
         for a in (indptr, indices, values, y):
-            a.flags.writeable = False
+            if a is not None:
+                a.flags.writeable = False
         ds = cls.__new__(cls)
         ds._set(indptr, indices, values, y, n_features, max_id, explicit)
         return ds
@@ -198,7 +206,7 @@ class Dataset:
         ValueError: test: indptr must be non-decreasing, but indptr[2] = 3 < indptr[1] = 5
         """
         where = f"{name}: "
-        max_id = _check_arrays(self.X + (self._y,), where)
+        max_id = _check_arrays((self._indptr, self._indices, self._values, self._y), where)
         _check_n_features(self._n_features, max_id, "indices", where)
         self._max_id = max_id
         self._length_counts = None  # the row lengths may have changed
@@ -266,6 +274,10 @@ class Dataset:
         >>> Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]).values
         array([1. , 0.5, 1. ], dtype=float32)
         """
+        if self._values is None:  # one-hot rows: ones made on demand, not kept
+            ones = np.ones(self.nnz, np.float32)
+            ones.flags.writeable = False
+            return ones
         return self._values
 
     @property
@@ -317,7 +329,9 @@ class Dataset:
 
     @property
     def X(self):
-        """``(indptr, indices, values)``, the kernels' X (the arrays themselves).
+        """``(indptr, indices, values)``, the kernels' X (the arrays themselves); values
+        is empty for one-hot rows built with ``values=None`` (the kernels' contract:
+        every value is then 1).
 
         Examples
         --------
@@ -325,8 +339,11 @@ class Dataset:
         ...                                   [1.0, -1.0]).X
         >>> indptr.dtype, indices.dtype, values.dtype
         (dtype('int64'), dtype('int32'), dtype('float32'))
+        >>> Dataset([0, 2, 3], [0, 3, 2], None, [1.0, -1.0]).X[2].size
+        0
         """
-        return (self._indptr, self._indices, self._values)
+        return (self._indptr, self._indices,
+                _NO_VALUES if self._values is None else self._values)
 
     @property
     def max_row_nnz(self):
@@ -349,7 +366,7 @@ class Dataset:
         1
         """
         step = LENGTH_CHUNK_ROWS * 4
-        for lo in range(0, self.nnz, step):
+        for lo in range(0, self.nnz if self._values is not None else 0, step):
             bad = np.flatnonzero(~np.isfinite(self._values[lo:lo + step]))
             if bad.size:
                 return int(np.searchsorted(self._indptr, lo + bad[0], side="right")) - 1
@@ -418,7 +435,7 @@ class Dataset:
                 stop = max(stop, start)
                 lo, hi = self.indptr[start], self.indptr[stop]
                 return Dataset._trusted(self.indptr[start:stop + 1] - lo,
-                                        self.indices[lo:hi], self.values[lo:hi],
+                                        self.indices[lo:hi], self._some_values(lo, hi),
                                         self.y[start:stop], self.n_features, self._max_id,
                                         self.n_features_explicit)
             rows = np.arange(start, stop, step, dtype=np.int64)
@@ -446,6 +463,9 @@ class Dataset:
                 rows = np.where(rows < 0, rows + n, rows)
         return self._take(rows)
 
+    def _some_values(self, lo, hi):
+        return None if self._values is None else self._values[lo:hi]
+
     def _take(self, rows):
         starts = self.indptr[rows]
         lengths = self.indptr[rows + 1] - starts
@@ -454,7 +474,8 @@ class Dataset:
         total = int(indptr[-1])
         # source position of output nonzero j = starts[row(j)] + (j - indptr[row(j)])
         pos = np.repeat(starts - indptr[:-1], lengths) + np.arange(total, dtype=np.int64)
-        return Dataset._trusted(indptr, self.indices[pos], self.values[pos], self.y[rows],
+        values = None if self._values is None else self._values[pos]
+        return Dataset._trusted(indptr, self.indices[pos], values, self.y[rows],
                                 self.n_features, self._max_id, self.n_features_explicit)
 
     def with_n_features(self, n_features):
@@ -473,7 +494,7 @@ class Dataset:
         if n_features is None or _is_int(n_features) and n_features <= max_id:
             max_id = int(self.indices.max()) if self.nnz else -1
         n_features = _check_n_features(n_features, max_id, "indices")
-        return Dataset._trusted(self.indptr, self.indices, self.values, self.y,
+        return Dataset._trusted(self.indptr, self.indices, self._values, self.y,
                                 n_features, max_id, self.n_features_explicit)
 
     def with_labels(self, y):
@@ -490,7 +511,7 @@ class Dataset:
         y = _as_1d(y, np.float32, "y")
         if y.size != self.n_rows:
             raise ValueError(f"y must have n_rows = {self.n_rows} entries, got {y.size}")
-        return Dataset._trusted(self.indptr, self.indices, self.values, y,
+        return Dataset._trusted(self.indptr, self.indices, self._values, y,
                                 self.n_features, self._max_id, self.n_features_explicit)
 
 

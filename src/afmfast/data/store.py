@@ -164,7 +164,10 @@ class _StoreWriter:
             self.values = _ColumnFile(os.path.join(self.tmp, "values.npy"), "<f4")
             self.values.append_ones(nnz_before)
         if self.values is not None:
-            self.values.append(values)
+            if values.size or not indices.size:
+                self.values.append(values)
+            else:  # one-hot rows (a Dataset with values=None) after stored values
+                self.values.append_ones(indices.size)
 
     def commit(self, n_features=None):
         self._wait()
@@ -221,7 +224,7 @@ def write_store(data: Dataset, path: str | os.PathLike) -> None:
     Dataset(n_rows=2, n_features=4, nnz=3, max_row_nnz=2)
     """
     with _StoreWriter(path) as writer:
-        writer.append(data.indptr, data.indices, data.values, data.y, data._max_id)
+        writer.append(data.indptr, data.indices, data.X[2], data.y, data._max_id)
         writer.commit(data.n_features)
 
 
@@ -396,8 +399,7 @@ def open_store(path: str | os.PathLike) -> Dataset:
     arrays = []
     for (name, dtype), length in zip(COLUMNS, lengths):
         if name == "values.npy" and header["values"] == "ones":
-            # one-hot data: the column is not stored (kernels read a value per nonzero)
-            arrays.append(np.ones(length, np.float32))
+            arrays.append(None)  # one-hot rows: no values anywhere, the kernels imply 1
         else:
             arrays.append(_open_column(path, name, dtype, length))
     try:

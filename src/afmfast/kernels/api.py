@@ -2,7 +2,9 @@
 ``afmfast.kernels.numba.fm``), and the float64 NumPy reference in ``afmfast.kernels.reference`` follows.
 
 Data (C-contiguous, validated by the Python layer before any kernel runs)
-    X = (indptr int64 (n_rows + 1,), indices int32 (nnz,), values DTYPE (nnz,))
+    X = (indptr int64 (n_rows + 1,), indices int32 (nnz,), values DTYPE (nnz,) or (0,))
+        values of length 0 with nnz > 0 means every value is 1 (one-hot rows stored
+        without values): the kernels then read no values.
     y  DTYPE (n_rows,)
     rows int64 (batch,): the dataset rows of this batch (a slice of a shuffled permutation).
 DTYPE is float32 in production; float64 is accepted too (gradient checks). X, y and rows
@@ -404,6 +406,7 @@ def known_ids(X, n_features):
     kept = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(row_of[known], minlength=n), out=kept[1:])
     return (kept, np.ascontiguousarray(ids[known]),
+            values if not values.size else  # one-hot rows: no values to keep
             np.ascontiguousarray(values[indptr[0]:indptr[n]][known]))
 
 

@@ -36,9 +36,18 @@ def data_loss_and_residual(y_hat, y, cfg):
     return 0.5 * float(r @ r), r
 
 
+def _explicit(X):
+    """X with its values spelled out: an empty values array of nonzero rows (one-hot rows
+    stored without values, kernels.api) stands for ones."""
+    indptr, indices, values = X
+    if values.size == 0 and indices.size:
+        values = np.ones(indices.size)
+    return indptr, indices, values
+
+
 def _batch_rows(X, rows):
     """(row position in batch, feature id, value) of every nonzero of the batch rows."""
-    indptr, indices, values = X
+    indptr, indices, values = _explicit(X)
     starts, ends = indptr[rows], indptr[rows + 1]
     lengths = ends - starts
     pos = np.repeat(np.arange(len(rows)), lengths)
@@ -178,7 +187,7 @@ def fm_step(X, y, rows, params, state, cfg, mask=None):
 def fm_predict(X, params, batch_norm):
     """Raw scores of every row of X (no dropout, running BN statistics); ids outside
     [0, M) skipped."""
-    indptr, indices, values = X
+    indptr, indices, values = _explicit(X)
     M = params.V.shape[0]
     keep = (indices >= 0) & (indices < M)
     nnz_row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
@@ -227,7 +236,7 @@ def afm_forward(X, rows, params, cfg, train=True, masks=None):
 
     ``masks`` = (list of per-row attention keep masks, pooled keep mask (B, k)) overrides
     the hash masks (tests with a fixed mask)."""
-    indptr, indices, values = X
+    indptr, indices, values = _explicit(X)
     V, w, W, dense = (np.asarray(a, dtype=np.float64) for a in params)
     M, k = V.shape
     t = W.shape[0]

@@ -135,4 +135,6 @@ def _prefetch(data, blocks, block_rows):
         _advise_willneed(data.y, r0, r1)
         k0, k1 = int(indptr[r0]), int(indptr[r1])
         _advise_willneed(data.indices, k0, k1)
-        _advise_willneed(data.values, k0, k1)
+        values = data.X[2]  # empty for one-hot rows
+        if values.size:
+            _advise_willneed(values, k0, k1)

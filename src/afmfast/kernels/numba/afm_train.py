@@ -237,16 +237,17 @@ def _activate_rows(code, H, R, t):
 def _row_vx(feat, xs, lo, hi, V, w, VX, fout, base):
     """For the nonzeros lo..hi-1 of one row with ids in [0, M), in order (n of them):
     VX[base + i] = v x (storage dtype, product in float64), fout[base + i] = id.
-    Returns (sum w x in float64, n)."""
+    Returns (sum w x in float64, n). Empty ``xs``: every value is 1."""
     M = V.shape[0]
     k = V.shape[1]
+    implied = xs.shape[0] == 0
     n = 0
     lin = 0.0
     for p in range(lo, hi):
         j = feat[p]
         if j < 0 or j >= M:
             continue
-        x = np.float64(xs[p])
+        x = 1.0 if implied else np.float64(xs[p])
         lin += np.float64(w[j]) * x
         vj = V[j]
         vxn = VX[base + n]

@@ -346,7 +346,9 @@ def gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b
     """Copy the batch's nonzeros into occ_feat (id, -1 for an id outside [0, M)), occ_x
     (value, float64) and occ_b (batch row), in batch order, from ``batch_offsets``. A
     loop that only copies keeps many cache misses on the random rows of X in flight;
-    later passes read the copies. nb: blocks of rows, one per thread."""
+    later passes read the copies. nb: blocks of rows, one per thread. An empty
+    ``values`` means every value is 1 (kernels.api)."""
+    implied = values.shape[0] == 0
     for blk in prange(nb):
         csr = ftz_enter()
         b0, b1 = block_bounds(rows.shape[0], nb, blk)
@@ -357,7 +359,7 @@ def gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b
             for i in range(indptr[r + 1] - p0):
                 j = indices[p0 + i]
                 occ_feat[o + i] = j if (j >= 0 and j < M) else -1
-                occ_x[o + i] = values[p0 + i]
+                occ_x[o + i] = 1.0 if implied else values[p0 + i]
                 occ_b[o + i] = b
         ftz_leave(csr)
 

@@ -123,15 +123,17 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 @njit(**_SER)
 def _row_sums(feat, xs, lo, hi, V, w, s, sq):
     """s += sum v x, sq += sum (v x)^2 over the nonzeros lo..hi-1 of one row (ids outside
-    [0, M) skipped); returns sum w x. float64 whatever the storage dtype."""
+    [0, M) skipped); returns sum w x. float64 whatever the storage dtype. Empty ``xs``:
+    every value is 1."""
     M = V.shape[0]
     k = V.shape[1]
+    implied = xs.shape[0] == 0
     lin = 0.0
     for p in range(lo, hi):
         j = feat[p]
         if j < 0 or j >= M:
             continue
-        x = np.float64(xs[p])
+        x = 1.0 if implied else np.float64(xs[p])
         lin += np.float64(w[j]) * x
         vj = V[j]
         for c in range(k):
