@@ -2,6 +2,7 @@
 
     python bench/out_of_core.py --gb 1            # ml-tag-shaped one-hot text, 1 GB
     python bench/out_of_core.py --gb 4 --keep     # keep the text and store in --dir
+    python bench/out_of_core.py --gb 1 --repeat 30 --reps 1   # a 30 GB store
 
 Generates ml-tag-shaped one-hot libFM text (label, user, item, tag: 3 nonzeros a row,
 90,445 features) of about ``--gb`` GB in ``--dir`` (default: a temporary directory on the
@@ -102,6 +103,10 @@ def main():
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the text and the store")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="convert the text this many times into one store (a store "
+                        "larger than memory from a text that is not)")
+    parser.add_argument("--reps", type=int, default=2, help="timed epochs of each kind")
     parser.add_argument("--model", choices=("fm", "afm"), default="fm",
                         help="the model of the timed epochs (k = t = 16)")
     parser.add_argument("--in-memory-gb", type=float, default=2.0,
@@ -115,10 +120,10 @@ def main():
             t = time.perf_counter()
             size = write_mltag_text(text, int(args.gb * 1e9))
             print(f"generated {size / 1e6:,.0f} MB of text in {time.perf_counter() - t:.0f} s")
-        size = text.stat().st_size
+        size = text.stat().st_size * args.repeat
         with PeakAnon() as mem:
             t = time.perf_counter()
-            header = afmfast.convert(text, store, n_threads=args.threads)
+            header = afmfast.convert([text] * args.repeat, store, n_threads=args.threads)
             seconds = time.perf_counter() - t
         print(f"convert: {size / 1e6:,.0f} MB in {seconds:.1f} s = {size / 1e6 / seconds:,.0f} "
               f"MB/s; peak RssAnon {mem.above_start / 2**20:,.0f} MiB above the start "
@@ -126,7 +131,7 @@ def main():
         threads = args.threads or default_threads()
         from_store, in_memory, peaks = [], [], []
         loaded = afmfast.load_libfm(text) if size <= args.in_memory_gb * 1e9 else None
-        for rep in range(2):
+        for rep in range(args.reps):
             with PeakAnon() as mem:
                 from_store.append(epoch_seconds(afmfast.open_store(store), threads, 1 + rep,
                                                 args.model))
