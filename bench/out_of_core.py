@@ -28,17 +28,14 @@ import numpy as np
 import afmfast
 from afmfast.kernels.threads import default_threads
 from afmfast.models.training import Trainer
+from comparison.memory import proc_status_bytes  # bench/ is this script's folder
 
 N_USERS, N_ITEMS, N_TAGS = 17_045, 23_743, 49_657
 ROWS_PER_BLOCK = 1 << 20
 
 
 def rss_anon_bytes():
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status_bytes("RssAnon") or 0
 
 
 class PeakAnon:

@@ -7,12 +7,21 @@ from comparison.settings import BATCH
 from comparison.targets import memory_allowed
 
 
+def proc_status_bytes(field):
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM", "RssAnon", ...) in bytes;
+    None where there is no such file or field."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status_bytes("VmRSS") or 0
 
 
 def reset_peak_rss():
@@ -28,11 +37,9 @@ def reset_peak_rss():
 def peak_rss_bytes():
     """Peak RSS since the last reset: VmHWM of this process. (``getrusage``'s ru_maxrss
     is not usable here: across fork + exec it keeps the parent's peak as a floor.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_status_bytes("VmHWM")
+    return peak if peak is not None else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def resident_param_bytes(trainer):

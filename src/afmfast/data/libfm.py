@@ -58,6 +58,14 @@ def _describe_error(name, data, offset, n_features):
     return f"{what}: {token!r}"
 
 
+def _parse_error(reader, path, data, code, offset, n_features, lines_before=0):
+    """The ValueError of the parser's error ``code`` at byte ``offset`` of ``data``, a
+    piece of the file ``path`` that starts after ``lines_before`` lines."""
+    name = {v: k for k, v in reader.ERROR_CODES.items()}[code]
+    line = lines_before + reader.count(data, 0, offset)[0] + 1
+    return ValueError(f"{path}: line {line}: {_describe_error(name, data, offset, n_features)}")
+
+
 def _map_file(fh):
     """A read-only memory map of the whole open file ``fh``, or None when it cannot be
     mapped (empty file, pipe or other special file, a file system without mmap): the
@@ -129,10 +137,7 @@ def load_libfm(path: str | os.PathLike, n_features: int | None = None, *,
         code, offset, indptr, indices, values, y, max_id = reader.parse(
             data, start, limit, n_threads)
         if code:
-            name = {v: k for k, v in reader.ERROR_CODES.items()}[code]
-            line = reader.count(data, 0, offset)[0] + 1
-            raise ValueError(f"{path}: line {line}: "
-                             f"{_describe_error(name, data, offset, n_features)}")
+            raise _parse_error(reader, path, data, code, offset, n_features)
     finally:
         if not isinstance(data, bytes):
             data.close()

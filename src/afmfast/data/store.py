@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from afmfast.data.dataset import _INT32_MAX, Dataset, _check_n_features
-from afmfast.data.libfm import _BOM, _describe_error, _map_file, _parser
+from afmfast.data.libfm import _BOM, _map_file, _parse_error, _parser
 from afmfast.kernels.threads import resolve_threads
 
 if TYPE_CHECKING:  # annotations only
@@ -322,10 +322,8 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                 code, offset, indptr, indices, values, y, max_id = reader.parse(
                     chunk, 0, limit, n_threads)
                 if code:
-                    name = {v: k for k, v in reader.ERROR_CODES.items()}[code]
-                    line = lines_before + reader.count(chunk, 0, offset)[0] + 1
-                    raise ValueError(f"{path}: line {line}: "
-                                     f"{_describe_error(name, chunk, offset, n_features)}")
+                    raise _parse_error(reader, path, chunk, code, offset, n_features,
+                                       lines_before)
                 writer.append(indptr, indices, values, y, max_id)
         return writer.commit(n_features)
 
