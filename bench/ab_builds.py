@@ -13,11 +13,20 @@ two builds one after the other mostly measure that drift, while alternating batc
 exposes both builds to the same moment. Prints, per thread count, the median and the 10th
 percentile of each build's batch time, the ratio of the medians (new / base) and the
 median of the per-batch ratios. The first batches are warm-up.
+
+A difference of 1-2% is inside this timing noise. ``--callgrind`` settles it: each build
+runs alone under ``valgrind --tool=callgrind`` (1 thread, the same batches), collecting
+only inside the step function, and the script prints the instructions per batch of each
+build and their ratio. Instruction counts repeat to the instruction from run to run.
 """
 import argparse
 import glob
 import importlib.util
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,10 +96,16 @@ def main():
                         help="place the base side's parameter and state arrays this many "
                         "bytes past a cache line (with --base and --new the same build: "
                         "what alignment is worth); default 0, as the estimators do")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count instructions per batch under valgrind instead of timing")
+    parser.add_argument("--only", choices=("base", "new"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.callgrind:
+        count_instructions(args)
+        return
 
-    builds = {"base": load_build(args.base, args.model),
-              "new": load_build(args.new, args.model)}
+    builds = {name: load_build(getattr(args, name), args.model)
+              for name in ("base", "new") if args.only in (None, name)}
     data = (compare.frappe_mini_train() if args.data == "frappe"
             else compare.synthetic_mltag(args.rows))
     est = compare.make_estimator(args.model, args.k, "cython", 1)
@@ -111,12 +126,17 @@ def main():
                 rows = order[start:start + compare.BATCH]
                 cfg = trainer.config(step, threads)
                 for name in (("base", "new") if step % 2 == 0 else ("new", "base")):
+                    if name not in runs:
+                        continue
                     fn, params, state, ws = runs[name]
                     t0 = time.perf_counter()
                     fn(X, y, rows, params, state, cfg, ws)
                     times[(name, threads)].append(time.perf_counter() - t0)
                 step += 1
 
+    if args.only:
+        print(f"batches run: {step}")
+        return
     print(f"{args.model.upper()} k={args.k} on {args.data} ({n:,} rows, batch "
           f"{compare.BATCH}); base {args.base}, new {args.new}; ms per batch")
     for threads in args.threads:
@@ -126,6 +146,34 @@ def main():
               f"{np.percentile(base, 10):.3f} | new median {np.median(new):.3f} p10 "
               f"{np.percentile(new, 10):.3f} | new/base: medians "
               f"{np.median(new) / np.median(base):.3f}, per batch {np.median(new / base):.3f}")
+
+
+def count_instructions(args):
+    """Run each build alone under callgrind, collecting inside its step function only, and
+    print the instructions per batch of both and their ratio."""
+    # the batch loop of float32 parameters, called once per batch by the step entry point
+    step_symbol = "*fuse_0*steps_typed*"
+    counts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("base", "new"):
+            out = os.path.join(tmp, f"callgrind.{name}")
+            command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                       f"--toggle-collect={step_symbol}", sys.executable, __file__,
+                       "--model", args.model, "--k", str(args.k), "--data", args.data,
+                       "--rows", str(args.rows), "--threads", "1", "--epochs",
+                       str(args.epochs), "--base", args.base, "--new", args.new,
+                       "--only", name]
+            run = subprocess.run(command, capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if run.returncode != 0:
+                sys.exit(f"ab_builds --callgrind: the {name} run failed:\n{run.stderr[-2000:]}")
+            batches = int(re.search(r"batches run: (\d+)", run.stdout).group(1))
+            with open(out) as handle:
+                totals = [line for line in handle if line.startswith(("summary:", "totals:"))]
+            counts[name] = int(totals[-1].split()[1]) / batches
+    print(f"{args.model.upper()} k={args.k} on {args.data}, 1 thread, {batches} batches: "
+          f"instructions per batch base {counts['base']:,.0f}, new {counts['new']:,.0f}, "
+          f"new/base {counts['new'] / counts['base']:.4f}")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,9 @@ def _check_activation(activation):
                          f" (kernels.api codes), got {activation}")
 
 
-def _check_keep(name, keep):
-    if not (0.0 < keep <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {keep}")
-
-
-cdef Py_ssize_t _afm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
-                                 double[::1] losses, params, state, cfg, AFMWorkspace ws,
-                                 bint single) except -1:
+cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
+                              double[::1] losses, params, state, cfg, AFMWorkspace ws,
+                              bint single) except -1:
     """Batches rows[i batch_size:(i + 1) batch_size] at steps cfg.step + i, losses[i] =
     their losses; stops after the first non-finite loss. Returns the batches run.
     single: called by afm_step (see check_batches)."""
@@ -120,9 +115,7 @@ def afm_step(X, y, rows, params, state, cfg, AFMWorkspace ws):
 
     Example: loss = afm_step(X, y, perm[:4096], params, state, cfg, ws)
     """
-    loss = np.empty(1)
-    _afm_steps(X, y, rows, len(rows), params, state, cfg, ws, loss, True)
-    return float(loss[0])
+    return _one_step(X, y, rows, params, state, cfg, ws)
 
 
 def afm_steps(X, y, rows, batch_size, params, state, cfg, AFMWorkspace ws, losses):
@@ -132,16 +125,4 @@ def afm_steps(X, y, rows, batch_size, params, state, cfg, AFMWorkspace ws, losse
 
     Example: n_done = afm_steps(X, y, perm[:40960], 4096, params, state, cfg, ws, np.empty(10))
     """
-    return _afm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses, False)
-
-
-def _afm_steps(X, y, rows, batch_size, params, state, cfg, AFMWorkspace ws, losses,
-               single):
-    dt = params.V.dtype
-    if dt == np.float32:
-        return _afm_steps_typed[float](params.V, X, y, rows, batch_size, losses, params,
-                                       state, cfg, ws, single)
-    if dt == np.float64:
-        return _afm_steps_typed[double](params.V, X, y, rows, batch_size, losses, params,
-                                        state, cfg, ws, single)
-    raise ValueError(f"params.V must be float32 or float64, got {dt}")
+    return _steps(X, y, rows, batch_size, params, state, cfg, ws, losses, False)

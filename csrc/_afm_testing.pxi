@@ -1,7 +1,7 @@
 # Part of _afm_cython.pyx (textually included: one extension module, one C
 # translation unit, so inlining and vectorisation are as in one file).
-# Hooks for tests and benchmarks: the GEMM, the dropout mask, the epoch order, the
-# phase timers and the constants this module hard-codes.
+# Hooks for tests and benchmarks: the GEMM, the phase timers and the constants this
+# module hard-codes (the dropout mask and the epoch order are in _entry_common.pxi).
 
 def _gemm_for_test(A, B, C, transpose_a=False):
     """C += A @ B (or A.T @ B) through the kernels' GEMM routine, for tests and timing."""
@@ -32,29 +32,10 @@ def _gemm_for_test(A, B, C, transpose_a=False):
                 _gemm(M, N, K, &Ad[0, 0], K, 1, &Bd[0, 0], N, &Cd[0, 0], N)
 
 
-def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
-    """The kernels' dropout mask, bool (len(rows), n_units), to compare with
-    kernels.api.dropout_mask bit for bit."""
-    r = np.ascontiguousarray(rows, dtype=np.int64)
-    out = np.ones((r.shape[0], n_units), dtype=np.uint8)
-    fill_dropout_mask(r, out, seed, stream, step, keep)
-    return out.astype(bool)
-
-
-def shuffled_rows(n_rows, seed, epoch, n_threads):
-    """The epoch order of afmfast.kernels.api (a permutation of range(n_rows), int64, from
-    (seed, epoch); the same for any n_threads), computed on n_threads threads.
-
-    Example: order = shuffled_rows(len(y), 2016, epoch, 2)
-    """
-    return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api)
-
-
 def _phase_times(AFMWorkspace ws):
     """{phase: seconds} of the last afm_step run with ``ws``, phases named by PHASES (for
     profiling: bench/profile_phases.py)."""
-    return {name: ws.phase_t[i] - (ws.phase_t[i - 1] if i else 0.0)
-            for i, name in enumerate(PHASES)}
+    return _phase_seconds(ws.phase_t)
 
 
 def _constants():

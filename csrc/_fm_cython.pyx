@@ -533,20 +533,10 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
 PHASES = ("prepare", "group_forward", "output", "df", "feature_updates", "dense_updates")
 
 
-def shuffled_rows(n_rows, seed, epoch, n_threads):
-    """The epoch order of afmfast.kernels.api (a permutation of range(n_rows), int64, from
-    (seed, epoch); the same for any n_threads), computed on n_threads threads.
-
-    Example: order = shuffled_rows(len(y), 2016, epoch, 2)
-    """
-    return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api)
-
-
 def _phase_times(FMWorkspace ws):
     """{phase: seconds} of the last fm_step run with ``ws``, phases named by PHASES (for
     profiling: bench/profile_phases.py)."""
-    return {name: ws.phase_t[i] - (ws.phase_t[i - 1] if i else 0.0)
-            for i, name in enumerate(PHASES)}
+    return _phase_seconds(ws.phase_t)
 
 
 cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
@@ -689,9 +679,9 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     return 0
 
 
-cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
-                                double[::1] losses, params, state, cfg, FMWorkspace ws,
-                                bint single) except -1:
+cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
+                             double[::1] losses, params, state, cfg, FMWorkspace ws,
+                             bint single) except -1:
     """Batches rows[i batch_size:(i + 1) batch_size] at steps cfg.step + i, losses[i] =
     their losses; stops after the first non-finite loss. Returns the batches run.
     single: called by fm_step (see check_batches)."""
@@ -732,8 +722,7 @@ cdef Py_ssize_t _fm_steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_si
             or sd.shape[0] != 2 or sd.shape[1] != 1 + 2 * k):
         raise ValueError("params/state shapes are inconsistent with V of shape "
                          f"{(M, k)}: see afmfast.kernels.api")
-    if not (0.0 < keep <= 1.0):
-        raise ValueError(f"cfg.keep must be in (0, 1], got {keep}")
+    _check_keep("cfg.keep", keep)
 
     a.k = k
     a.M = M
@@ -782,9 +771,7 @@ def fm_step(X, y, rows, params, state, cfg, FMWorkspace ws):
 
     Example: loss = fm_step(X, y, perm[:4096], params, state, cfg, ws)
     """
-    loss = np.empty(1)
-    _fm_steps(X, y, rows, len(rows), params, state, cfg, ws, loss, True)
-    return float(loss[0])
+    return _one_step(X, y, rows, params, state, cfg, ws)
 
 
 def fm_steps(X, y, rows, batch_size, params, state, cfg, FMWorkspace ws, losses):
@@ -794,18 +781,10 @@ def fm_steps(X, y, rows, batch_size, params, state, cfg, FMWorkspace ws, losses)
 
     Example: n_done = fm_steps(X, y, perm[:40960], 4096, params, state, cfg, ws, np.empty(10))
     """
-    return _fm_steps(X, y, rows, batch_size, params, state, cfg, ws, losses, False)
+    return _steps(X, y, rows, batch_size, params, state, cfg, ws, losses, False)
 
 
-def _fm_steps(X, y, rows, batch_size, params, state, cfg, FMWorkspace ws, losses, single):
-    dt = params.V.dtype
-    if dt == np.float32:
-        return _fm_steps_typed[float](params.V, X, y, rows, batch_size, losses, params,
-                                      state, cfg, ws, single)
-    if dt == np.float64:
-        return _fm_steps_typed[double](params.V, X, y, rows, batch_size, losses, params,
-                                       state, cfg, ws, single)
-    raise ValueError(f"params.V must be float32 or float64, got {dt}")
+include "_entry_common.pxi"
 
 
 cdef inline floating _predict_row(Py_ssize_t i, Py_ssize_t k, Py_ssize_t M,
@@ -889,15 +868,6 @@ def fm_predict(X, params, batch_norm, n_threads, out):
         _fm_predict_typed[double](params.V, X, params, bool(batch_norm), team_size(n_threads), out)
     else:
         raise ValueError(f"params.V must be float32 or float64, got {dt}")
-
-
-def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
-    """The kernels' dropout mask, bool (len(rows), n_units), to compare with
-    kernels.api.dropout_mask bit for bit."""
-    r = np.ascontiguousarray(rows, dtype=np.int64)
-    out = np.ones((r.shape[0], n_units), dtype=np.uint8)
-    fill_dropout_mask(r, out, seed, stream, step, keep)
-    return out.astype(bool)
 
 
 def _mxcsr_for_test():
