@@ -47,10 +47,10 @@ ROWS_PER_BLOCK = 1 << 20
 CRITEO_CARDINALITIES = (1460, 583, 10_131_227, 2_202_608, 305, 24, 12_517, 633, 3,
                         93_145, 5_683, 8_351_593, 3_194, 27, 14_992, 5_461_306, 10, 5_652,
                         2_173, 4, 7_046_547, 18, 15, 286_181, 105, 142_572)
-#: fraction of missing values of I1..I13 and C1..C26
-CRITEO_MISSING = ((0.45, 0.0, 0.21, 0.22, 0.03, 0.22, 0.04, 0.0, 0.04, 0.45, 0.04, 0.77,
-                   0.22) + (0.0,) * 2 + (0.03, 0.03) + (0.0,) * 8 + (0.03, 0.0, 0.0,
-                   0.03, 0.0, 0.44, 0.44, 0.03, 0.76, 0.0, 0.03, 0.44))
+#: fraction of missing values of I1..I13 and of C1..C26
+INT_MISSING = (0.45, 0.0, 0.21, 0.22, 0.03, 0.22, 0.04, 0.0, 0.04, 0.45, 0.04, 0.77, 0.22)
+CAT_MISSING = (0.0, 0.0, 0.03, 0.03, 0.0, 0.12, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0,
+               0.0, 0.03, 0.0, 0.0, 0.44, 0.44, 0.03, 0.76, 0.0, 0.03, 0.44, 0.44)
 CRITEO_ROWS_PER_BLOCK = 1 << 17
 HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
@@ -110,10 +110,10 @@ def criteo_columns(rng, n):
     label = (rng.random(n) < 0.26).astype(np.int64)
     ints = np.floor(np.exp(rng.normal(1.5, 1.6, (n, 13)))).astype(np.int64)
     ints[:, 1] -= 3  # I2 has small negative values
-    int_missing = rng.random((n, 13)) < np.array(CRITEO_MISSING[:13])
+    int_missing = rng.random((n, 13)) < np.array(INT_MISSING)
     cards = np.array(CRITEO_CARDINALITIES, np.float64)
     ranks = (np.floor(np.exp(rng.random((n, 26)) * np.log(cards + 1))) - 1).astype(np.int64)
-    ranks[rng.random((n, 26)) < np.array(CRITEO_MISSING[13:])] = -1
+    ranks[rng.random((n, 26)) < np.array(CAT_MISSING)] = -1
     return label, ints, int_missing, ranks
 
 
@@ -150,7 +150,8 @@ def criteo_block(rng, n):
         at = at + sign
         for j in range(int(d.max(initial=0))):
             inside = j < d
-            out[(at + j)[inside]] = ord("0") + (m // 10 ** (d - 1 - j) % 10)[inside]
+            m_in, d_in = m[inside], d[inside]
+            out[at[inside] + j] = ord("0") + m_in // 10 ** (d_in - 1 - j) % 10
     for c in range(26):
         keep = ranks[:, c] >= 0
         at, v = starts[keep, c + 14], hex_values(ranks[keep, c], c)

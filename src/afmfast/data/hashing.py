@@ -68,8 +68,14 @@ DEFAULT_HASH_BITS = 22
 KINDS = ("categorical", "integer", "numeric")
 #: the criteo layout's feature columns, in the order of the file
 CRITEO_COLUMNS = tuple(f"I{i}" for i in range(1, 14)) + tuple(f"C{i}" for i in range(1, 27))
-#: the largest field count: fields are int16 while the conversion tracks them
+#: the largest field count: fields are int16 (int8 up to 127 fields, as criteo's) while
+#: the conversion tracks them
 MAX_FIELDS = 32767
+
+
+def field_dtype(n_fields):
+    """The smallest signed integer type that holds the fields and -1."""
+    return np.int8 if n_fields <= 127 else np.int16
 
 # column codes of the parser
 SKIP, LABEL, CATEGORICAL, BUCKET, INT_VALUE, NUMERIC = 0, 1, 2, 3, 4, 5
@@ -203,9 +209,12 @@ def _bucket(v):
     """The integer t hashed for the value v (module docstring)."""
     if v <= 2:
         return v
-    e = 63
-    while not (v >> e) & 1:
-        e -= 1
+    e = 0  # floor(log2 v), by halving the bit range
+    x = v
+    for step in (32, 16, 8, 4, 2, 1):
+        if x >> step:
+            x >>= step
+            e += step
     return 4 * e + (((v << 2) >> e) & 3)
 
 
@@ -288,12 +297,13 @@ def _real(buf, p, q):
 
 
 @njit(cache=True, nogil=True)
-def _parse_rows(buf, start, end, sep, csv, codes, fields, empty_ids, mask, indptr,
+def _parse_rows(buf, start, end, sep, stops, codes, fields, empty_ids, mask, indptr,
                 indices, values, nz_fields, y):
     """Rows of buf[start:end] (``start`` a line start) into the arrays; returns (error
-    code or 0, error offset, column of the error, rows, nonzeros). ``codes`` and
-    ``fields`` give each column's kind code and field, ``empty_ids`` a value column's
-    id; ``values`` is filled only when it is not empty."""
+    code or 0, error offset, column of the error, rows, nonzeros). ``stops[c]`` is 1
+    for the bytes that end a column (the separator, line ends, NUL, a CSV quote);
+    ``codes`` and ``fields`` give each column's kind code and field, ``empty_ids`` a
+    value column's id; ``values`` is filled only when it is not empty."""
     n_cols = codes.shape[0]
     keep_values = values.shape[0] > 0
     row = 0
@@ -311,7 +321,7 @@ def _parse_rows(buf, start, end, sep, csv, codes, fields, empty_ids, mask, indpt
             c = np.int64(-1)
             while q < end:
                 c = np.int64(buf[q])
-                if c == sep or c == 10 or c == 13 or c == 0 or (csv and c == 34):
+                if stops[c]:
                     break
                 q += 1
             if q == end:
@@ -326,7 +336,10 @@ def _parse_rows(buf, start, end, sep, csv, codes, fields, empty_ids, mask, indpt
             if code == LABEL:
                 if q == p:
                     return E_LABEL, p, col, row, k
-                status, v = _real(buf, p, q)
+                if q == p + 1 and 48 <= buf[p] <= 57:  # the usual 0/1 click label
+                    status, v = 0, np.float64(buf[p] - 48)
+                else:
+                    status, v = _real(buf, p, q)
                 if status:
                     return E_LABEL, p, col, row, k
                 label = np.float32(v)
@@ -384,16 +397,19 @@ def _parse_rows(buf, start, end, sep, csv, codes, fields, empty_ids, mask, indpt
 
 
 @njit(cache=True, nogil=True)
-def _track_fields(indices, nz_fields, lowest, highest):
-    """Per id the lowest and highest field that hit it (order-free, so the result does
-    not depend on how the rows were split among threads)."""
+def _track_fields(indices, nz_fields, seen, lo, hi):
+    """Per id in [lo, hi) the lowest and highest field that hit it, ``seen[id]``
+    (min and max are order-free, and each thread owns a range of ids, so the result
+    does not depend on the thread count). The pair shares a cache line."""
     for j in range(indices.shape[0]):
         i = indices[j]
+        if i < lo or i >= hi:
+            continue
         f = nz_fields[j]
-        if f < lowest[i]:
-            lowest[i] = f
-        if f > highest[i]:
-            highest[i] = f
+        if f < seen[i, 0]:
+            seen[i, 0] = f
+        if f > seen[i, 1]:
+            seen[i, 1] = f
 
 
 @njit(cache=True, nogil=True)
@@ -435,10 +451,12 @@ class HashedLayout:
 
     def __init__(self, codes, fields, names, sep, csv, hash_bits, integers, header=None):
         self.codes = np.asarray(codes, np.int8)
-        self.fields = np.asarray(fields, np.int16)
+        self.fields = np.asarray(fields, field_dtype(len(names)))
         self.names = list(names)
         self.n_fields = len(self.names)
         self.sep, self.csv, self.header = sep, csv, header
+        self.stops = np.zeros(256, np.uint8)
+        self.stops[[sep, 10, 13, 0] + ([ord('"')] if csv else [])] = 1
         self.hash_bits, self.integers = hash_bits, integers
         self.mask = (1 << hash_bits) - 1
         self.empty_ids = np.array([_murmur_bytes(np.zeros(0, np.uint8), 0, 0, max(f, 0))
@@ -480,9 +498,9 @@ class HashedLayout:
         return cls(codes, fields, columns, ord(","), True, hash_bits, integers, header)
 
     def parse(self, buf, pool, n_pieces):
-        """CSR arrays (indptr, indices, values, nz_fields, y) of the lines in ``buf``
-        (uint8), parsed in ``n_pieces`` pieces on ``pool``; or (code, offset, column)
-        of the first error."""
+        """A list of CSR blocks (indptr, indices, values, nz_fields, y) of the lines in
+        ``buf`` (uint8), in order, parsed in ``n_pieces`` pieces on ``pool``; or
+        (code, offset, column) of the first error."""
         ends = _piece_ends(buf, n_pieces) if n_pieces > 1 else np.array([buf.size])
         starts = np.concatenate([[0], ends[:-1]])
         jobs = [(int(s), int(e)) for s, e in zip(starts, ends) if e > s]
@@ -493,24 +511,21 @@ class HashedLayout:
         for result in results:
             if len(result) == 3:
                 return result
-        if not results:
-            results = [self._parse_piece(buf, 0, 0)]
-        if len(results) == 1:
-            return results[0]
-        nnz = np.cumsum([0] + [len(r[1]) for r in results])
-        indptr = np.concatenate([[0]] + [r[0][1:] + nnz[i] for i, r in enumerate(results)])
-        return (indptr, *(np.concatenate([r[j] for r in results]) for j in (1, 2, 3, 4)))
+        return results
 
     def _parse_piece(self, buf, start, end):
-        rows = _count(buf, start, end)[0] + 1
-        nnz = rows * self.n_fields
+        # every valid line holds at least a label byte and a separator per column, and
+        # every nonzero a byte and its separator: bounds that need no counting pass
+        # (the pages of the arrays that stay unused are never touched, so take no memory)
+        rows = (end - start) // len(self.codes) + 1
+        nnz = min(rows * self.n_fields, (end - start) // 2 + 1)
         indptr = np.empty(rows + 1, np.int64)
         indices = np.empty(nnz, np.int32)
         values = np.empty(nnz if self.has_values else 0, np.float32)
-        nz_fields = np.empty(nnz, np.int16)
+        nz_fields = np.empty(nnz, self.fields.dtype)
         y = np.empty(rows, np.float32)
         code, offset, col, rows, nnz = _parse_rows(
-            buf, start, end, self.sep, self.csv, self.codes, self.fields, self.empty_ids,
+            buf, start, end, self.sep, self.stops, self.codes, self.fields, self.empty_ids,
             self.mask, indptr, indices, values, nz_fields, y)
         if code:
             return code, offset, col
@@ -560,12 +575,26 @@ class FieldTracker:
 
     BLOCK = 1 << 20
 
-    def __init__(self, hash_bits):
-        self.lowest = np.full(1 << hash_bits, MAX_FIELDS, np.int16)
-        self.highest = np.full(1 << hash_bits, -1, np.int16)
+    def __init__(self, hash_bits, n_fields):
+        dtype = field_dtype(n_fields)
+        self.seen = np.empty((1 << hash_bits, 2), dtype)
+        self.seen[:, 0] = np.iinfo(dtype).max
+        self.seen[:, 1] = -1
+        self.lowest, self.highest = self.seen[:, 0], self.seen[:, 1]
 
-    def add(self, indices, nz_fields):
-        _track_fields(indices, nz_fields, self.lowest, self.highest)
+    def add(self, pieces, pool, n_threads):
+        """Record the (indices, nz_fields) of each piece, a range of ids a thread."""
+        n = self.seen.shape[0]
+        cuts = [n * t // n_threads for t in range(n_threads + 1)]
+
+        def track(t):
+            for indices, nz_fields in pieces:
+                _track_fields(indices, nz_fields, self.seen, cuts[t], cuts[t + 1])
+
+        if n_threads > 1:
+            list(pool.map(track, range(n_threads)))
+        else:
+            track(0)
 
     def blocks(self):
         """The field of every id, -1 where none hit it, in int32 blocks."""

@@ -388,7 +388,7 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
 
     layout = hashing.HashedLayout.criteo(hash_bits, integers) if format == "criteo" \
         else None
-    tracker = hashing.FieldTracker(hash_bits)
+    tracker = None
     with _StoreWriter(output) as writer, ThreadPoolExecutor(
             n_threads, thread_name_prefix="afmfast-hash") as pool:
         for path in paths:
@@ -406,18 +406,22 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
                     except ValueError:
                         del buf  # the chunk's memory map page may be released
                         raise
-                result = layout.parse(buf, pool, n_threads)
-                error = layout.error(path, buf, *result, lines_before) \
-                    if len(result) == 3 else None
+                blocks = layout.parse(buf, pool, n_threads)
+                error = layout.error(path, buf, *blocks, lines_before) \
+                    if isinstance(blocks, tuple) else None
                 del buf  # no view of the chunk may outlive it (a memory map's page)
                 if error is not None:
                     raise error
-                indptr, indices, values, nz_fields, y = result
-                tracker.add(indices, nz_fields)
-                writer.append(indptr, indices, values, y, -1)
+                if tracker is None:
+                    tracker = hashing.FieldTracker(hash_bits, layout.n_fields)
+                tracker.add([(b[1], b[3]) for b in blocks], pool, n_threads)
+                for indptr, indices, values, _, y in blocks:
+                    writer.append(indptr, indices, values, y, -1)
             if format == "csv" and header is None:
                 raise ValueError(f"{path}: empty; a CSV input starts with a header line "
                                  f"naming its columns")
+        if tracker is None:  # inputs without rows
+            tracker = hashing.FieldTracker(hash_bits, layout.n_fields)
         return writer.commit(1 << hash_bits,
                              (tracker.blocks(), layout.names, tracker.shared_ids()),
                              hashing.hashing_header(layout))
