@@ -148,7 +148,7 @@ def test_convert_refuses_bad_arguments(tmp_path):
     src = tmp_path / "d.libfm"
     src.write_bytes(b"1 0:1\n")
     with pytest.raises(ValueError, match="format must be"):
-        convert(src, tmp_path / "s", format="criteo")
+        convert(src, tmp_path / "s", format="svmlight")
     with pytest.raises(ValueError, match="no input files"):
         convert([], tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="missing.libfm"):

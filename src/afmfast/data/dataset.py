@@ -567,7 +567,7 @@ class Dataset:
         if names is None:
             names = [str(f) for f in range(int(ids.max()) + 1 if ids.size else 0)]
         names = [str(n) for n in names]
-        check_fields(ids, names, self.n_features)
+        _check_fields(ids, names, self.n_features)
         return self._with_checked_fields(ids, names)
 
     def _with_checked_fields(self, ids, names):
@@ -592,7 +592,7 @@ def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_fields(ids, names, n_features):
+def _check_fields(ids, names, n_features):
     """Raise ``ValueError`` unless ``ids`` (int32, n_features) hold fields in
     [-1, len(names)); checked a block at a time (no O(n_features) scratch)."""
     if ids.shape != (n_features,):

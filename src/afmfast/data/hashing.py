@@ -59,7 +59,7 @@ from numba import njit
 
 from afmfast.data.libfm_numba import _POW10, _count, _number
 
-__all__ = ["CRITEO_COLUMNS", "DEFAULT_HASH_BITS", "KINDS", "HashedLayout", "buckets",
+__all__ = ["CRITEO_COLUMNS", "DEFAULT_HASH_BITS", "KINDS", "buckets",
            "hash_keys", "murmur3_32"]
 
 #: hash_bits when a hashed format is converted without it: 4,194,304 ids
@@ -73,7 +73,7 @@ CRITEO_COLUMNS = tuple(f"I{i}" for i in range(1, 14)) + tuple(f"C{i}" for i in r
 MAX_FIELDS = 32767
 
 
-def field_dtype(n_fields):
+def _field_dtype(n_fields):
     """The smallest signed integer type that holds the fields and -1."""
     return np.int8 if n_fields <= 127 else np.int16
 
@@ -429,7 +429,7 @@ def _piece_ends(buf, n_pieces):
 
 
 @njit(cache=True, nogil=True)
-def first_line_end(buf):
+def _first_line_end(buf):
     """The offset just past the first line end of buf (its length if none)."""
     for i in range(buf.shape[0]):
         if buf[i] == 10:
@@ -438,20 +438,20 @@ def first_line_end(buf):
 
 
 # ----- the layouts ------------------------------------------------------------------------
-class HashedLayout:
+class _Layout:
     """How a hashed format's lines become rows: the column codes and fields, the field
     names, the separator. ``parse`` turns one chunk of lines into CSR arrays.
 
     Examples
     --------
-    >>> layout = HashedLayout.criteo(hash_bits=20)
+    >>> layout = _Layout.criteo(hash_bits=20)
     >>> layout.n_fields, layout.names[:2], layout.names[-1], layout.has_values
     (39, ['I1', 'I2'], 'C26', False)
     """
 
     def __init__(self, codes, fields, names, sep, csv, hash_bits, integers, header=None):
         self.codes = np.asarray(codes, np.int8)
-        self.fields = np.asarray(fields, field_dtype(len(names)))
+        self.fields = np.asarray(fields, _field_dtype(len(names)))
         self.names = list(names)
         self.n_fields = len(self.names)
         self.sep, self.csv, self.header = sep, csv, header
@@ -555,7 +555,7 @@ def _names(header):
     return ", ".join(header[:20]) + (", ..." if len(header) > 20 else "")
 
 
-def read_csv_header(path, line):
+def _read_csv_header(path, line):
     """The column names of the header line ``line`` (bytes) of ``path``."""
     raw = line.rstrip(b"\r\n")
     if not raw:
@@ -569,14 +569,14 @@ def read_csv_header(path, line):
         raise ValueError(f"{path}: line 1: the header is not UTF-8 ({exc})") from None
 
 
-class FieldTracker:
+class _FieldTracker:
     """The lowest and highest field that hit each id, over every chunk converted; gives
     the store's field column (an int32 block at a time) and the shared-id count."""
 
     BLOCK = 1 << 20
 
     def __init__(self, hash_bits, n_fields):
-        dtype = field_dtype(n_fields)
+        dtype = _field_dtype(n_fields)
         self.seen = np.empty((1 << hash_bits, 2), dtype)
         self.seen[:, 0] = np.iinfo(dtype).max
         self.seen[:, 1] = -1
@@ -609,7 +609,7 @@ class FieldTracker:
             for lo in range(0, self.lowest.size, self.BLOCK)))
 
 
-def check_options(format, hash_bits, n_features, label, columns, kinds, integers):
+def _check_options(format, hash_bits, n_features, label, columns, kinds, integers):
     """The hash_bits of a conversion (None for libfm/libsvm) after checking the hashing
     arguments of ``convert``; ``kinds`` is returned as a dict."""
     hashed = format in ("criteo", "csv")
@@ -653,7 +653,7 @@ def check_options(format, hash_bits, n_features, label, columns, kinds, integers
     return int(hash_bits), kinds
 
 
-def hashing_header(layout):
+def _hashing_header(layout):
     """What a store's header records about the hashing that made its ids."""
     return {"function": "murmur3_x86_32", "hash_bits": layout.hash_bits,
             "integers": layout.integers,

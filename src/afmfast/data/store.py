@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from afmfast.data import hashing
-from afmfast.data.dataset import _INT32_MAX, Dataset, _check_n_features, check_fields
+from afmfast.data.dataset import _INT32_MAX, Dataset, _check_n_features, _check_fields
 from afmfast.data.libfm import _BOM, _map_file, _parse_error, _parser
 from afmfast.kernels.threads import resolve_threads
 
@@ -355,7 +355,7 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    hash_bits, kinds = hashing.check_options(format, hash_bits, n_features, label,
+    hash_bits, kinds = hashing._check_options(format, hash_bits, n_features, label,
                                              columns, kinds, integers)
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not paths:
@@ -386,7 +386,7 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
     """``convert`` of the hashed formats (see ``afmfast.data.hashing``)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    layout = hashing.HashedLayout.criteo(hash_bits, integers) if format == "criteo" \
+    layout = hashing._Layout.criteo(hash_bits, integers) if format == "criteo" \
         else None
     tracker = None
     with _StoreWriter(output) as writer, ThreadPoolExecutor(
@@ -396,11 +396,11 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
             for chunk, lines_before in _text_chunks(path, CONVERT_CHUNK_BYTES):
                 buf = np.frombuffer(chunk, np.uint8) if len(chunk) else np.empty(0, np.uint8)
                 if format == "csv" and header is None:
-                    skip = hashing.first_line_end(buf)
+                    skip = hashing._first_line_end(buf)
                     line = buf[:skip].tobytes()
                     buf, lines_before = buf[skip:], lines_before + 1
                     try:
-                        header = hashing.read_csv_header(path, line)
+                        header = hashing._read_csv_header(path, line)
                         layout = _csv_layout(layout, header, path, label, columns, kinds,
                                              hash_bits, integers)
                     except ValueError:
@@ -413,7 +413,7 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
                 if error is not None:
                     raise error
                 if tracker is None:
-                    tracker = hashing.FieldTracker(hash_bits, layout.n_fields)
+                    tracker = hashing._FieldTracker(hash_bits, layout.n_fields)
                 tracker.add([(b[1], b[3]) for b in blocks], pool, n_threads)
                 for indptr, indices, values, _, y in blocks:
                     writer.append(indptr, indices, values, y, -1)
@@ -421,17 +421,17 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
                 raise ValueError(f"{path}: empty; a CSV input starts with a header line "
                                  f"naming its columns")
         if tracker is None:  # inputs without rows
-            tracker = hashing.FieldTracker(hash_bits, layout.n_fields)
+            tracker = hashing._FieldTracker(hash_bits, layout.n_fields)
         return writer.commit(1 << hash_bits,
                              (tracker.blocks(), layout.names, tracker.shared_ids()),
-                             hashing.hashing_header(layout))
+                             hashing._hashing_header(layout))
 
 
 def _csv_layout(layout, header, path, label, columns, kinds, hash_bits, integers):
     """The layout of the CSV input ``path`` of header ``header``; every input after the
     first must have the first one's header."""
     if layout is None:
-        return hashing.HashedLayout.csv(header, path, label, columns, kinds, hash_bits,
+        return hashing._Layout.csv(header, path, label, columns, kinds, hash_bits,
                                         integers)
     if header != layout.header:
         raise ValueError(f"{path}: line 1: the header differs from the first input's "
@@ -524,7 +524,7 @@ def open_store(path: str | os.PathLike) -> Dataset:
                          f"hold names, a list of strings; got {header['fields']!r:.200}")
     ids = _open_column(path, FIELDS_FILE, "<i4", header["n_features"])
     try:
-        check_fields(ids, names, header["n_features"])
+        _check_fields(ids, names, header["n_features"])
     except ValueError as exc:
         raise ValueError(f"{file}: corrupt store: {exc}") from None
     return data._with_checked_fields(ids, names)

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.lib import format as npy_format
 
-from afmfast.data.dataset import check_fields
+from afmfast.data.dataset import _check_fields
 from afmfast.data.encoding import FeatureMap
 
 if TYPE_CHECKING:  # annotations only (the models import this module, not the reverse)
@@ -377,7 +377,7 @@ def _fields_member(zf, members, names, n_features):
         raise _Reject("the header has field_names but the file no fields member")
     fields = _read_member(zf, info, np.dtype("<i4"), (n_features,))
     try:
-        check_fields(fields, names, n_features)
+        _check_fields(fields, names, n_features)
     except ValueError as exc:
         raise _Reject(f"member 'fields.npy': {exc}") from None
     return fields, names
