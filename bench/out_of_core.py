@@ -13,11 +13,12 @@ categorical values follow a Zipf law (P(rank r) ~ 1/r) over Criteo-like cardinal
 converts them with ``format="criteo"`` (``--hash-bits``, default 22). ``--collisions``
 draws ``--rows`` such rows (no text) and prints, for hash_bits 18, 20, 22 and 24, the
 fraction of the distinct (column, value) pairs that share their id with another pair,
-the fraction of the nonzeros whose pair does, and the ids that several fields share.
+the fraction of the nonzeros whose pair does, the fraction of the nonzeros whose pair is
+not the most frequent one of its id, and the ids that several fields share.
 
-Generates ml-tag-shaped one-hot libFM text (label, user, item, tag: 3 nonzeros a row,
-90,445 features) of about ``--gb`` GB in ``--dir`` (default: a temporary directory on the
-same disk as /tmp), converts it with ``afmfast.convert`` and prints the conversion's
+By default it generates ml-tag-shaped one-hot libFM text (label, user, item, tag: 3
+nonzeros a row, 90,445 features) of about ``--gb`` GB in ``--dir`` (default: a temporary
+directory on the same disk as /tmp), converts it with ``afmfast.convert`` and prints the conversion's
 MB/s and the peak anonymous memory (``RssAnon``, sampled every 5 ms: the page cache
 and the memory-mapped input and columns are file pages, not counted). Then it trains
 one FM k=16 epoch (``--model afm``: AFM k=t=16) from the store (``open_store``, fit's
@@ -213,7 +214,13 @@ def collision_table(n_rows, seed=0, bits_list=(18, 20, 22, 24)):
         highest = np.full(1 << bits, -1, np.int16)
         np.minimum.at(lowest, ids, fields)
         np.maximum.at(highest, ids, fields)
+        # a pair that is not the most frequent of its id: its nonzeros mostly train
+        # another value's parameters
+        order = np.lexsort((-occurrences, ids))
+        sorted_ids = ids[order]
+        minor = np.concatenate([[False], sorted_ids[1:] == sorted_ids[:-1]])
         table.append((bits, shared.mean(), occurrences[shared].sum() / occurrences.sum(),
+                      occurrences[order][minor].sum() / occurrences.sum(),
                       int(np.count_nonzero((highest >= 0) & (highest != lowest)))))
     return hashes.size, int(occurrences.sum()), table
 
@@ -256,10 +263,12 @@ def main():
         pairs, nnz, table = collision_table(args.rows)
         print(f"{args.rows:,} Criteo-shaped rows: {pairs:,} distinct (column, value) "
               f"pairs, {nnz:,} nonzeros")
-        print("| hash_bits | pairs sharing an id | nonzeros affected | ids shared by "
-              "fields |\n|---|---|---|---|")
-        for bits, pair_share, nnz_share, by_fields in table:
-            print(f"| {bits} | {pair_share:.1%} | {nnz_share:.2%} | {by_fields:,} |")
+        print("| hash_bits | pairs sharing an id | nonzeros affected | nonzeros of a "
+              "pair not the most frequent of its id | ids shared by fields |\n"
+              "|---|---|---|---|---|")
+        for bits, pair_share, nnz_share, minor_share, by_fields in table:
+            print(f"| {bits} | {pair_share:.1%} | {nnz_share:.1%} | {minor_share:.2%} | "
+                  f"{by_fields:,} |")
         return 0
     folder = Path(args.dir or tempfile.mkdtemp(prefix="afmfast-ooc-"))
     folder.mkdir(parents=True, exist_ok=True)

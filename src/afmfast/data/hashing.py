@@ -397,14 +397,12 @@ def _parse_rows(buf, start, end, sep, stops, codes, fields, empty_ids, mask, ind
 
 
 @njit(cache=True, nogil=True)
-def _track_fields(indices, nz_fields, seen, lo, hi):
-    """Per id in [lo, hi) the lowest and highest field that hit it, ``seen[id]``
-    (min and max are order-free, and each thread owns a range of ids, so the result
-    does not depend on the thread count). The pair shares a cache line."""
+def _track_fields(indices, nz_fields, seen):
+    """Per id the lowest and highest field that hit it, ``seen[id]`` (min and max are
+    order-free: the result does not depend on how the rows were cut into pieces). The
+    pair shares a cache line."""
     for j in range(indices.shape[0]):
         i = indices[j]
-        if i < lo or i >= hi:
-            continue
         f = nz_fields[j]
         if f < seen[i, 0]:
             seen[i, 0] = f
@@ -581,29 +579,33 @@ class _FieldTracker:
         self.seen[:, 0] = np.iinfo(dtype).max
         self.seen[:, 1] = -1
         self.lowest, self.highest = self.seen[:, 0], self.seen[:, 1]
+        self.pending = None
 
-    def add(self, pieces, pool, n_threads):
-        """Record the (indices, nz_fields) of each piece, a range of ids a thread."""
-        n = self.seen.shape[0]
-        cuts = [n * t // n_threads for t in range(n_threads + 1)]
+    def add(self, pieces, background):
+        """Record the (indices, nz_fields) of each piece on ``background`` (an executor
+        of one thread), while the parser threads read the next chunk; at most one chunk
+        waits. One thread does the random updates as fast as several would, whose
+        shares of the ids would cost a mispredicted branch per nonzero."""
+        self.wait()
+        self.pending = background.submit(
+            lambda: [_track_fields(i, f, self.seen) for i, f in pieces])
 
-        def track(t):
-            for indices, nz_fields in pieces:
-                _track_fields(indices, nz_fields, self.seen, cuts[t], cuts[t + 1])
-
-        if n_threads > 1:
-            list(pool.map(track, range(n_threads)))
-        else:
-            track(0)
+    def wait(self):
+        """Wait for the chunk being tracked."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
     def blocks(self):
         """The field of every id, -1 where none hit it, in int32 blocks."""
+        self.wait()
         for lo in range(0, self.lowest.size, self.BLOCK):
             hit = self.highest[lo:lo + self.BLOCK] >= 0
             yield np.where(hit, self.lowest[lo:lo + self.BLOCK], -1).astype(np.int32)
 
     def shared_ids(self):
         """Ids hit by more than one field."""
+        self.wait()
         return int(sum(np.count_nonzero((self.highest[lo:lo + self.BLOCK] >= 0) & (
             self.highest[lo:lo + self.BLOCK] != self.lowest[lo:lo + self.BLOCK]))
             for lo in range(0, self.lowest.size, self.BLOCK)))

@@ -390,7 +390,8 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
         else None
     tracker = None
     with _StoreWriter(output) as writer, ThreadPoolExecutor(
-            n_threads, thread_name_prefix="afmfast-hash") as pool:
+            n_threads, thread_name_prefix="afmfast-hash") as pool, ThreadPoolExecutor(
+            1, thread_name_prefix="afmfast-fields") as background:
         for path in paths:
             header = None
             for chunk, lines_before in _text_chunks(path, CONVERT_CHUNK_BYTES):
@@ -414,7 +415,7 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
                     raise error
                 if tracker is None:
                     tracker = hashing._FieldTracker(hash_bits, layout.n_fields)
-                tracker.add([(b[1], b[3]) for b in blocks], pool, n_threads)
+                tracker.add([(b[1], b[3]) for b in blocks], background)
                 for indptr, indices, values, _, y in blocks:
                     writer.append(indptr, indices, values, y, -1)
             if format == "csv" and header is None:
