@@ -246,6 +246,9 @@ def test_csv_errors(tmp_path):
     fails(b"y,a\n1,x\n", r"bad.csv: line 2: column a: not a number: 'x'",
           kinds={"a": "numeric"})
     fails(b"y,a,a\n1,x,z\n", r"line 1 \(the header\): columns named twice")
+    fails(b"y,a\n1,2\n0,1e39\n", r"line 3: column a: number is NaN, infinite or beyond "
+          r"the float32 range: '1e39'", kinds={"a": "numeric"})
+    fails(b"y,a\n1e39,2\n", r"line 2: column y: label is NaN, infinite or beyond")
 
 
 def test_bad_arguments(tmp_path):

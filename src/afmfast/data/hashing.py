@@ -79,7 +79,7 @@ def _field_dtype(n_fields):
 
 # column codes of the parser
 SKIP, LABEL, CATEGORICAL, BUCKET, INT_VALUE, NUMERIC = 0, 1, 2, 3, 4, 5
-# error codes of the parser
+# error codes of the parser (a number's "not finite" code follows its "not a number")
 (E_EMPTY_LINE, E_LABEL, E_LABEL_NONFINITE, E_FEW, E_MANY, E_INTEGER, E_NUMBER,
  E_NONFINITE, E_NUL, E_LONE_CR, E_QUOTE) = range(1, 12)
 _MESSAGES = {
@@ -297,6 +297,22 @@ def _real(buf, p, q):
 
 
 @njit(cache=True, nogil=True)
+def _float32(buf, p, q):
+    """(status, float32) of the number in buf[p:q]: status 0, or 1 when it is no
+    number, 2 when it is not finite in float32 (the error codes after E_LABEL and
+    E_NUMBER)."""
+    if q == p + 1 and 48 <= buf[p] <= 57:  # a one-digit number: the usual 0/1 label
+        return 0, np.float32(buf[p] - 48)
+    if q == p:
+        return 1, np.float32(0.0)
+    status, v = _real(buf, p, q)
+    value = np.float32(v)
+    if status:
+        return 1, value
+    return (0 if np.isfinite(value) else 2), value
+
+
+@njit(cache=True, nogil=True)
 def _parse_rows(buf, start, end, sep, stops, codes, fields, empty_ids, mask, indptr,
                 indices, values, nz_fields, y):
     """Rows of buf[start:end] (``start`` a line start) into the arrays; returns (error
@@ -334,17 +350,9 @@ def _parse_rows(buf, start, end, sep, stops, codes, fields, empty_ids, mask, ind
                 return E_MANY, p, -1, row, k
             code = codes[col]
             if code == LABEL:
-                if q == p:
-                    return E_LABEL, p, col, row, k
-                if q == p + 1 and 48 <= buf[p] <= 57:  # the usual 0/1 click label
-                    status, v = 0, np.float64(buf[p] - 48)
-                else:
-                    status, v = _real(buf, p, q)
+                status, label = _float32(buf, p, q)
                 if status:
-                    return E_LABEL, p, col, row, k
-                label = np.float32(v)
-                if not np.isfinite(label):
-                    return E_LABEL_NONFINITE, p, col, row, k
+                    return E_LABEL + status - 1, p, col, row, k
                 y[row] = label
             elif code != SKIP and q > p:
                 f = fields[col]
@@ -352,12 +360,9 @@ def _parse_rows(buf, start, end, sep, stops, codes, fields, empty_ids, mask, ind
                 if code == CATEGORICAL:
                     h = _murmur_bytes(buf, p, q, f)
                 elif code == NUMERIC:
-                    status, v = _real(buf, p, q)
+                    status, value = _float32(buf, p, q)
                     if status:
-                        return E_NUMBER, p, col, row, k
-                    value = np.float32(v)
-                    if not np.isfinite(value):
-                        return E_NONFINITE, p, col, row, k
+                        return E_NUMBER + status - 1, p, col, row, k
                     h = empty_ids[col]
                 else:
                     ok, iv = _integer(buf, p, q)
