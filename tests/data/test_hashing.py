@@ -243,6 +243,7 @@ def test_csv_errors(tmp_path):
     fails(b"", r"bad.csv: empty")
     fails(b"a,b\n1,2\n", r"label: column 'y' is not in the header of .*bad.csv")
     fails(b"y,a\n1,x\n", r"columns: \['b'\] are not in the header", columns=["b"])
+    fails(b"y,a\n1,x\n", r"kinds: \['A'\] are not feature columns", kinds={"A": "integer"})
     fails(b"y,a\n1,x\n", r"bad.csv: line 2: column a: not a number: 'x'",
           kinds={"a": "numeric"})
     fails(b"y,a,a\n1,x,z\n", r"line 1 \(the header\): columns named twice")

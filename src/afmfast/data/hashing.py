@@ -490,6 +490,10 @@ class _Layout:
         if missing:
             raise ValueError(f"columns: {missing} are not in the header of {path} "
                              f"({_names(header)})")
+        strays = sorted(set(kinds) - set(columns))
+        if strays:
+            raise ValueError(f"kinds: {strays} are not feature columns of {path} "
+                             f"({_names(columns)})")
         codes = [SKIP] * len(header)
         fields = [-1] * len(header)
         codes[header.index(label)] = LABEL
