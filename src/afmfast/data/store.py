@@ -254,10 +254,12 @@ def write_store(data: Dataset, path: str | os.PathLike) -> None:
         writer.commit(data.n_features, fields)
 
 
-def _text_chunks(path, chunk_bytes):
-    """(buffer, lines before it) of libFM text cut at line ends, about ``chunk_bytes``
-    each, from a regular file (memory-mapped, nothing copied) or a ``.gz`` file or a
-    pipe (read block by block). The first buffer starts after a UTF-8 BOM."""
+def _text_chunks(path, chunk_bytes, count_lines=True):
+    """(buffer, lines before it) of text cut at line ends, about ``chunk_bytes`` each,
+    from a regular file (memory-mapped, nothing copied) or a ``.gz`` file or a pipe
+    (read block by block). The first buffer starts after a UTF-8 BOM. Without
+    ``count_lines`` the lines are None: a caller that knows the lines of each buffer
+    saves a pass over it."""
     reader = _parser()
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as fh:
@@ -275,7 +277,7 @@ def _text_chunks(path, chunk_bytes):
                         end = cut + 1 if cut >= start else _next_line_end(mapped, end)
                     with view[start:end] as chunk:
                         yield chunk, lines
-                        lines += reader.count(chunk)[0]
+                        lines = reader.count(chunk)[0] + lines if count_lines else None
                     start = end
             return
         carry, lines, first = b"", 0, True
@@ -295,7 +297,7 @@ def _text_chunks(path, chunk_bytes):
                 continue
             chunk, carry = data[:cut + 1], data[cut + 1:]
             yield chunk, lines
-            lines += reader.count(chunk)[0]
+            lines = reader.count(chunk)[0] + lines if count_lines else None
 
 
 def _next_line_end(mapped, pos):
@@ -393,8 +395,9 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
             n_threads, thread_name_prefix="afmfast-hash") as pool, ThreadPoolExecutor(
             1, thread_name_prefix="afmfast-fields") as background:
         for path in paths:
-            header = None
-            for chunk, lines_before in _text_chunks(path, CONVERT_CHUNK_BYTES):
+            header, lines_before = None, 0
+            # every line is a row, so the rows parsed count the lines
+            for chunk, _ in _text_chunks(path, CONVERT_CHUNK_BYTES, count_lines=False):
                 buf = np.frombuffer(chunk, np.uint8) if len(chunk) else np.empty(0, np.uint8)
                 if format == "csv" and header is None:
                     skip = hashing._first_line_end(buf)
@@ -418,6 +421,7 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
                 tracker.add([(b[1], b[3]) for b in blocks], background)
                 for indptr, indices, values, _, y in blocks:
                     writer.append(indptr, indices, values, y, -1)
+                    lines_before += len(y)
             if format == "csv" and header is None:
                 raise ValueError(f"{path}: empty; a CSV input starts with a header line "
                                  f"naming its columns")
