@@ -245,7 +245,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=1,
                         help="convert the text this many times into one store (a store "
                         "larger than memory from a text that is not)")
-    parser.add_argument("--reps", type=int, default=2, help="timed epochs of each kind")
+    parser.add_argument("--reps", type=int, default=2,
+                        help="timed epochs of each kind (0: convert only)")
     parser.add_argument("--model", choices=("fm", "afm"), default="fm",
                         help="the model of the timed epochs (k = t = 16)")
     parser.add_argument("--in-memory-gb", type=float, default=2.0,
@@ -291,6 +292,8 @@ def main():
         print(f"convert: {size / 1e6:,.0f} MB in {seconds:.1f} s = {size / 1e6 / seconds:,.0f} "
               f"MB/s; peak RssAnon {mem.above_start / 2**20:,.0f} MiB above the start "
               f"({header['n_rows']:,} rows)")
+        if args.reps == 0:  # the conversion only
+            return 0
         threads = args.threads or default_threads()
         from_store, in_memory, peaks = [], [], []
         loaded = None
