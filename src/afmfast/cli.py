@@ -146,15 +146,33 @@ def build_parser():
                      "for the first test rows")
 
     convert = sub.add_parser(
-        "convert", help="convert libFM text (plain or .gz) into a binary store that "
-        "--train/--validation/--test read memory-mapped")
+        "convert", help="convert libFM text or raw Criteo/CSV logs (plain or .gz, "
+        "hashed) into a binary store that --train/--validation/--test read memory-mapped")
     convert.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="text files, concatenated in this order")
     convert.add_argument("-o", "--output", required=True, metavar="STORE",
                          help="the store directory to write (an existing store is replaced "
                          "once the new one is complete)")
-    convert.add_argument("--format", default="libfm", choices=("libfm", "libsvm"),
-                         help="input layout: label id:value ... (default libfm)")
+    convert.add_argument("--format", default="libfm",
+                         choices=("libfm", "libsvm", "criteo", "csv"),
+                         help="input layout: label id:value ... (libfm, libsvm; the "
+                         "default), or raw logs whose values are hashed: criteo (label, "
+                         "13 integer and 26 categorical columns, tab-separated) or csv "
+                         "(a header line; see --label, --columns, --integer, --numeric)")
+    convert.add_argument("--hash-bits", type=int, default=None, metavar="B",
+                         help="criteo/csv: hash the values into 2^B ids (default 22)")
+    convert.add_argument("--integers", default="bucket", choices=("bucket", "value"),
+                         help="criteo/csv: integer columns become log2 buckets (default) "
+                         "or one feature per column with the integer as its value")
+    convert.add_argument("--label", default=None, metavar="COL",
+                         help="csv: the label column")
+    convert.add_argument("--columns", default=None, metavar="A,B,...",
+                         help="csv: the feature columns, comma-separated (default: all "
+                         "but the label); their order numbers the fields")
+    convert.add_argument("--integer", default="", metavar="A,B,...",
+                         help="csv: feature columns of integers (default: categorical)")
+    convert.add_argument("--numeric", default="", metavar="A,B,...",
+                         help="csv: feature columns of real numbers, kept as values")
     convert.add_argument("--n_features", type=int, default=None,
                          help="feature count; every id must be below it (default: the "
                          "largest id + 1)")
@@ -222,8 +240,15 @@ def _read_data(path):
 def _convert(args):
     from afmfast.data.store import convert
 
+    kinds = {name: kind for kind, given in (("integer", args.integer),
+                                            ("numeric", args.numeric))
+             for name in given.split(",") if name}
     header = convert(args.inputs, args.output, format=args.format,
-                     n_features=args.n_features, n_threads=args.threads)
+                     hash_bits=args.hash_bits, n_features=args.n_features,
+                     n_threads=args.threads, label=args.label,
+                     columns=None if args.columns is None else args.columns.split(","),
+                     kinds=kinds or None,
+                     integers=args.integers)
     print(f"{args.output}: {header['n_rows']} rows, {header['n_features']} features, "
           f"{header['nnz']} nonzeros")
     return 0

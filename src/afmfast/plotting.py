@@ -51,6 +51,8 @@ def plot_field_attention(model: AFM, X: ModelInput, fields: ArrayLike | None = N
         names = list(field_names)
     elif fields is None and fmap is not None:  # the feature map's fields: its columns
         names = [str(c) for c in fmap.columns]
+    elif fields is None and hasattr(model, "field_names_"):  # a hashed store's fields
+        names = list(model.field_names_)
     else:
         names = [str(f) for f in range(n)]
     if len(names) != n:

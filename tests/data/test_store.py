@@ -148,7 +148,7 @@ def test_convert_refuses_bad_arguments(tmp_path):
     src = tmp_path / "d.libfm"
     src.write_bytes(b"1 0:1\n")
     with pytest.raises(ValueError, match="format must be"):
-        convert(src, tmp_path / "s", format="criteo")
+        convert(src, tmp_path / "s", format="svmlight")
     with pytest.raises(ValueError, match="no input files"):
         convert([], tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="missing.libfm"):
@@ -162,9 +162,11 @@ def test_convert_refuses_bad_arguments(tmp_path):
 
 
 # ----- open_store: memory maps, and every kind of corruption named --------------------
-@pytest.fixture
-def stored(tmp_path):
+@pytest.fixture(params=["plain", "with fields"])
+def stored(tmp_path, request):
     data = afmfast.Dataset([0, 2, 3, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0, 0.0])
+    if request.param == "with fields":  # a fields.npy column and names in the header
+        data = data.with_fields([0, 1, 1, -1], ["a", "b"])
     path = tmp_path / "s"
     write_store(data, path)
     return data, path

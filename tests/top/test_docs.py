@@ -16,7 +16,7 @@ MODULES = ["afmfast", "afmfast.models.fm", "afmfast.models.afm", "afmfast.demo",
            "afmfast.data.encoding", "afmfast.plotting", "afmfast.data.dataset",
            "afmfast.data.libfm", "afmfast.models.base", "afmfast.models.persistence",
            "afmfast.metrics", "afmfast.kernels.dispatch", "afmfast.kernels.backends",
-           "afmfast.models.training", "afmfast.data.store",
+           "afmfast.models.training", "afmfast.data.store", "afmfast.data.hashing",
            "afmfast.models.epoch_order"]
 # Optional packages (the [test] extra) that a module's examples use.
 NEEDS = {"afmfast.data.encoding": "pandas", "afmfast.plotting": "matplotlib",

@@ -149,7 +149,7 @@ class Dataset:
     """
 
     __slots__ = ("_indptr", "_indices", "_values", "_y", "_n_features",
-                 "n_features_explicit", "_max_id", "_length_counts")
+                 "n_features_explicit", "_max_id", "_length_counts", "_fields")
 
     def __init__(self, indptr: ArrayLike, indices: ArrayLike, values: ArrayLike | None,
                  y: ArrayLike, n_features: int | None = None) -> None:
@@ -160,7 +160,8 @@ class Dataset:
         n_features = _check_n_features(n_features, max_id, "indices")
         self._set(*arrays, n_features, max_id, explicit)
 
-    def _set(self, indptr, indices, values, y, n_features, max_id, explicit):
+    def _set(self, indptr, indices, values, y, n_features, max_id, explicit, fields=None):
+        self._fields = fields  # (int32 field of each id, names) or None
         self._indptr = indptr
         self._indices = indices
         self._values = values
@@ -171,7 +172,8 @@ class Dataset:
         self._length_counts = None
 
     @classmethod
-    def _trusted(cls, indptr, indices, values, y, n_features, max_id, explicit):
+    def _trusted(cls, indptr, indices, values, y, n_features, max_id, explicit,
+                 fields=None):
         # For arrays that are valid by construction (reader output, selections): skips
         # the O(nnz) checks of __init__. They are new arrays or views of a Dataset's
         # (read-only already), so they are made read-only in place.
@@ -179,12 +181,13 @@ class Dataset:
             if a is not None:
                 a.flags.writeable = False
         ds = cls.__new__(cls)
-        ds._set(indptr, indices, values, y, n_features, max_id, explicit)
+        ds._set(indptr, indices, values, y, n_features, max_id, explicit, fields)
         return ds
 
     def __reduce__(self):
         return (Dataset._trusted, (self._indptr, self._indices, self._values, self._y,
-                                   self._n_features, self._max_id, self.n_features_explicit))
+                                   self._n_features, self._max_id, self.n_features_explicit,
+                                   self._fields))
 
     def validate(self, name="X"):
         """Check the arrays again as the constructor did, and return ``self``: raises
@@ -437,7 +440,7 @@ class Dataset:
                 return Dataset._trusted(self.indptr[start:stop + 1] - lo,
                                         self.indices[lo:hi], self._some_values(lo, hi),
                                         self.y[start:stop], self.n_features, self._max_id,
-                                        self.n_features_explicit)
+                                        self.n_features_explicit, self._fields)
             rows = np.arange(start, stop, step, dtype=np.int64)
         else:
             if np.isscalar(idx) or (isinstance(idx, np.ndarray) and idx.ndim == 0):
@@ -476,7 +479,8 @@ class Dataset:
         pos = np.repeat(starts - indptr[:-1], lengths) + np.arange(total, dtype=np.int64)
         values = None if self._values is None else self._values[pos]
         return Dataset._trusted(indptr, self.indices[pos], values, self.y[rows],
-                                self.n_features, self._max_id, self.n_features_explicit)
+                                self.n_features, self._max_id, self.n_features_explicit,
+                                self._fields)
 
     def with_n_features(self, n_features):
         """The same rows (arrays shared, not copied) with feature count ``n_features``,
@@ -494,8 +498,14 @@ class Dataset:
         if n_features is None or _is_int(n_features) and n_features <= max_id:
             max_id = int(self.indices.max()) if self.nnz else -1
         n_features = _check_n_features(n_features, max_id, "indices")
+        fields = self._fields
+        if fields is not None and fields[0].size != n_features:  # ids beyond: no field
+            ids = np.full(n_features, -1, np.int32)
+            ids[:min(n_features, fields[0].size)] = fields[0][:n_features]
+            ids.flags.writeable = False
+            fields = (ids, fields[1])
         return Dataset._trusted(self.indptr, self.indices, self._values, self.y,
-                                n_features, max_id, self.n_features_explicit)
+                                n_features, max_id, self.n_features_explicit, fields)
 
     def with_labels(self, y):
         """The same rows (arrays shared, not copied) with labels ``y`` (converted to
@@ -512,7 +522,58 @@ class Dataset:
         if y.size != self.n_rows:
             raise ValueError(f"y must have n_rows = {self.n_rows} entries, got {y.size}")
         return Dataset._trusted(self.indptr, self.indices, self._values, y,
-                                self.n_features, self._max_id, self.n_features_explicit)
+                                self.n_features, self._max_id, self.n_features_explicit,
+                                self._fields)
+
+    @property
+    def fields(self):
+        """The field of each feature id, int32 (n_features,), read-only: -1 for an id
+        of no field; or None when the Dataset has none (``with_fields`` gives them;
+        stores of raw logs converted with hashing have them). ``AFM.field_attention``
+        of a model fitted on the Dataset uses them.
+
+        Examples
+        --------
+        >>> ds = Dataset([0, 2, 3], [0, 3, 2], None, [1.0, -1.0])
+        >>> ds.fields is None, ds.with_fields([0, 1, 1, -1], ["user", "item"]).fields
+        (True, array([ 0,  1,  1, -1], dtype=int32))
+        """
+        return None if self._fields is None else self._fields[0]
+
+    @property
+    def field_names(self):
+        """The names of the fields (a list), or None without fields.
+
+        Examples
+        --------
+        >>> ds = Dataset([0, 1], [1], None, [1.0]).with_fields([0, 1], ["a", "b"])
+        >>> ds.field_names
+        ['a', 'b']
+        """
+        return None if self._fields is None else list(self._fields[1])
+
+    def with_fields(self, fields: ArrayLike, names=None) -> Dataset:
+        """The same rows (arrays shared) with the field of each feature id: ``fields``
+        holds n_features ints in [-1, number of fields), -1 marking an id of no field;
+        ``names`` (default "0", "1", ...) one name per field.
+
+        Examples
+        --------
+        >>> ds = Dataset([0, 2, 3], [0, 3, 2], None, [1.0, -1.0])
+        >>> ds.with_fields([0, 0, 1, 1]).field_names
+        ['0', '1']
+        """
+        ids = _as_1d(fields, np.int32, "fields")
+        if names is None:
+            names = [str(f) for f in range(int(ids.max()) + 1 if ids.size else 0)]
+        names = [str(n) for n in names]
+        _check_fields(ids, names, self.n_features)
+        return self._with_checked_fields(ids, names)
+
+    def _with_checked_fields(self, ids, names):
+        return Dataset._trusted(self.indptr, self.indices, self._values, self.y,
+                                self.n_features, self._max_id, self.n_features_explicit,
+                                (read_only(ids), tuple(names)))
 
 
 def _is_memory_mapped(array):
@@ -529,6 +590,20 @@ def _is_memory_mapped(array):
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_fields(ids, names, n_features):
+    """Raise ``ValueError`` unless ``ids`` (int32, n_features) hold fields in
+    [-1, len(names)); checked a block at a time (no O(n_features) scratch)."""
+    if ids.shape != (n_features,):
+        raise ValueError(f"fields must hold one field per feature id (n_features = "
+                         f"{n_features}), got shape {ids.shape}")
+    for lo in range(0, ids.size, LENGTH_CHUNK_ROWS):
+        block = ids[lo:lo + LENGTH_CHUNK_ROWS]
+        if block.min() < -1 or block.max() >= len(names):
+            bad = lo + int(np.flatnonzero((block < -1) | (block >= len(names)))[0])
+            raise ValueError(f"fields[{bad}] = {ids[bad]} is not a field: fields are in "
+                             f"[-1, {len(names)}) ({len(names)} names)")
 
 
 def _check_n_features(n_features, max_id, what, where=""):

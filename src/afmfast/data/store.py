@@ -4,10 +4,15 @@
 A store (format version 1) is a directory holding
 
 - ``header.json``: ``{"format": "afmfast-store", "version": 1, "n_rows", "nnz",
-  "n_features", "values": "stored" | "ones", "fields": null}``;
+  "n_features", "values": "stored" | "ones", "fields": null | {"names": [...],
+  "shared_ids": n}, "hashing": null | {...}}``; ``fields`` names the fields of the
+  ids when the store has them (a hashed conversion, or a Dataset with fields), with
+  ``shared_ids`` the ids that values of several fields hit; ``hashing`` says how a
+  hashed store's ids were made (``afmfast.data.hashing``);
 - little-endian ``.npy`` columns: ``indptr.npy`` int64 (n_rows + 1), ``indices.npy``
   int32 (nnz), ``values.npy`` float32 (nnz; absent when ``values`` is "ones", every
-  value being 1 as in one-hot data), ``y.npy`` float32 (n_rows).
+  value being 1 as in one-hot data), ``y.npy`` float32 (n_rows), and with fields
+  ``fields.npy`` int32 (n_features): each id's field, -1 for an id of no field.
 
 Any NumPy reads the columns (``numpy.load``). A store is written into a temporary
 directory beside its destination and renamed into place at the end, so an interrupted
@@ -25,12 +30,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from afmfast.data.dataset import _INT32_MAX, Dataset, _check_n_features
+from afmfast.data import hashing
+from afmfast.data.dataset import _INT32_MAX, Dataset, _check_n_features, _check_fields
 from afmfast.data.libfm import _BOM, _map_file, _parse_error, _parser
 from afmfast.kernels.threads import resolve_threads
 
 if TYPE_CHECKING:  # annotations only
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 __all__ = ["convert", "open_store", "write_store"]
 
@@ -40,6 +46,9 @@ HEADER_FILE = "header.json"
 #: (file name, little-endian dtype) of the columns, in the Dataset's order
 COLUMNS = (("indptr.npy", "<i8"), ("indices.npy", "<i4"), ("values.npy", "<f4"),
            ("y.npy", "<f4"))
+FIELDS_FILE = "fields.npy"
+#: the text formats ``convert`` reads
+FORMATS = ("libfm", "libsvm", "criteo", "csv")
 #: bytes of libFM text parsed per chunk: the conversion's memory is a few times this
 #: (the chunk's parsed arrays), whatever the size of the input
 CONVERT_CHUNK_BYTES = 16 << 20
@@ -169,15 +178,27 @@ class _StoreWriter:
             else:  # one-hot rows (a Dataset with values=None) after stored values
                 self.values.append_ones(indices.size)
 
-    def commit(self, n_features=None):
+    def commit(self, n_features=None, fields=None, hashed=None):
+        """Complete the store; ``fields``: (int32 blocks of the ids' fields, names,
+        shared ids) to record, ``hashed``: the header's ``hashing`` entry."""
         self._wait()
         self.pool.shutdown()
         n_features = self.max_id + 1 if n_features is None else n_features
         for column in self._all_columns():
             column.finish()
+        fields_entry = None
+        if fields is not None:
+            blocks, names, shared = fields
+            column = _ColumnFile(os.path.join(self.tmp, FIELDS_FILE), "<i4")
+            for block in blocks:
+                column.append(block)
+            column.finish()
+            fields_entry = {"names": list(names),
+                            "shared_ids": None if shared is None else int(shared)}
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "n_rows": self.n_rows,
                   "nnz": self.nnz, "n_features": int(n_features),
-                  "values": "ones" if self.values is None else "stored", "fields": None}
+                  "values": "ones" if self.values is None else "stored",
+                  "fields": fields_entry, "hashing": hashed}
         with open(os.path.join(self.tmp, HEADER_FILE), "w") as fh:
             json.dump(header, fh, indent=1)
             fh.flush()
@@ -225,13 +246,20 @@ def write_store(data: Dataset, path: str | os.PathLike) -> None:
     """
     with _StoreWriter(path) as writer:
         writer.append(data.indptr, data.indices, data.X[2], data.y, data._max_id)
-        writer.commit(data.n_features)
+        fields = None
+        if data.fields is not None:
+            ids = data.fields
+            fields = ((ids[lo:lo + (1 << 20)] for lo in range(0, ids.size, 1 << 20)),
+                      data.field_names, None)  # which ids several fields share is unknown
+        writer.commit(data.n_features, fields)
 
 
-def _text_chunks(path, chunk_bytes):
-    """(buffer, lines before it) of libFM text cut at line ends, about ``chunk_bytes``
-    each, from a regular file (memory-mapped, nothing copied) or a ``.gz`` file or a
-    pipe (read block by block). The first buffer starts after a UTF-8 BOM."""
+def _text_chunks(path, chunk_bytes, count_lines=True):
+    """(buffer, lines before it) of text cut at line ends, about ``chunk_bytes`` each,
+    from a regular file (memory-mapped, nothing copied) or a ``.gz`` file or a pipe
+    (read block by block). The first buffer starts after a UTF-8 BOM. Without
+    ``count_lines`` the lines are None: a caller that knows the lines of each buffer
+    saves a pass over it."""
     reader = _parser()
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as fh:
@@ -249,7 +277,7 @@ def _text_chunks(path, chunk_bytes):
                         end = cut + 1 if cut >= start else _next_line_end(mapped, end)
                     with view[start:end] as chunk:
                         yield chunk, lines
-                        lines += reader.count(chunk)[0]
+                        lines = reader.count(chunk)[0] + lines if count_lines else None
                     start = end
             return
         carry, lines, first = b"", 0, True
@@ -269,7 +297,7 @@ def _text_chunks(path, chunk_bytes):
                 continue
             chunk, carry = data[:cut + 1], data[cut + 1:]
             yield chunk, lines
-            lines += reader.count(chunk)[0]
+            lines = reader.count(chunk)[0] + lines if count_lines else None
 
 
 def _next_line_end(mapped, pos):
@@ -280,17 +308,33 @@ def _next_line_end(mapped, pos):
 
 def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
             output: str | os.PathLike, *, format: str = "libfm",
-            n_features: int | None = None, n_threads: int | None = None) -> dict:
+            hash_bits: int | None = None, n_features: int | None = None,
+            n_threads: int | None = None, label: str | None = None,
+            columns: Sequence[str] | None = None, kinds: dict | None = None,
+            integers: str = "bucket") -> dict:
     """Convert text data files into one store at ``output``; returns its header (a dict:
     ``n_rows``, ``nnz``, ``n_features``, ...). ``open_store(output)`` opens it.
 
     The inputs are read in chunks of about ``CONVERT_CHUNK_BYTES`` and parsed on
     ``n_threads`` threads, so memory stays bounded whatever their size; ``.gz`` files are
     decompressed as they are read. Rows are concatenated in the order of ``inputs``.
-    ``format`` is "libfm" (also "libsvm", the same ``label id:value`` layout; ids are
-    used as they are). ``n_features`` defaults to the largest id + 1; when given every
-    id must be below it. Errors name the input file and line, as ``load_libfm``'s do;
-    nothing is written at ``output`` then.
+    Errors name the input file and line, as ``load_libfm``'s do; nothing is written at
+    ``output`` then. The result does not depend on ``n_threads``.
+
+    ``format``:
+
+    - "libfm" (also "libsvm", the same ``label id:value`` layout): ids are used as they
+      are. ``n_features`` defaults to the largest id + 1; when given every id must be
+      below it.
+    - "criteo" (label, 13 integer and 26 categorical columns, tab-separated) and "csv"
+      (a header line; ``label`` names the label column, ``columns`` the feature columns,
+      default all others, and ``kinds`` maps columns to "categorical" (default),
+      "integer" or "numeric"): raw logs whose values are hashed into ``2^hash_bits``
+      ids (default ``hashing.DEFAULT_HASH_BITS``), the store's ``n_features``.
+      Integer columns are bucketed by their logarithm (``integers="bucket"``) or kept
+      as values (``integers="value"``). The store records each id's field
+      (``Dataset.fields``), so ``AFM.field_attention`` needs no field array.
+      ``afmfast.data.hashing`` specifies the hash, the buckets and the layouts.
 
     Examples
     --------
@@ -304,16 +348,27 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     >>> data = open_store(os.path.join(folder, "ab.store"))
     >>> data.n_features, data.y.tolist()
     (4, [1.0, -1.0])
+    >>> csv = os.path.join(folder, "clicks.csv")
+    >>> _ = open(csv, "w").write("click,site,hour\\n1,a1b2,14\\n0,c3d4,\\n")
+    >>> header = convert(csv, os.path.join(folder, "clicks.store"), format="csv",
+    ...                  hash_bits=10, label="click", kinds={"hour": "integer"})
+    >>> header["n_features"], header["nnz"], header["fields"]["names"]
+    (1024, 3, ['site', 'hour'])
     """
-    if format not in ("libfm", "libsvm"):
-        raise ValueError(f"format must be 'libfm' or 'libsvm', got {format!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    hash_bits, kinds = hashing._check_options(format, hash_bits, n_features, label,
+                                             columns, kinds, integers)
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not paths:
         raise ValueError("inputs: no input files given")
     paths = [os.fspath(p) for p in paths]
+    n_threads = resolve_threads(n_threads)
+    if hash_bits is not None:
+        return _convert_hashed(paths, output, format, hash_bits, label, columns, kinds,
+                               integers, n_threads)
     if n_features is not None:
         n_features = _check_n_features(n_features, -1, "indices")
-    n_threads = resolve_threads(n_threads)
     reader = _parser()
     limit = n_features if n_features is not None else _INT32_MAX + 1
     with _StoreWriter(output) as writer:
@@ -326,6 +381,67 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                                        lines_before)
                 writer.append(indptr, indices, values, y, max_id)
         return writer.commit(n_features)
+
+
+def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, integers,
+                    n_threads):
+    """``convert`` of the hashed formats (see ``afmfast.data.hashing``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layout = hashing._Layout.criteo(hash_bits, integers) if format == "criteo" \
+        else None
+    tracker = None
+    with _StoreWriter(output) as writer, ThreadPoolExecutor(
+            n_threads, thread_name_prefix="afmfast-hash") as pool, ThreadPoolExecutor(
+            1, thread_name_prefix="afmfast-fields") as background:
+        for path in paths:
+            header, lines_before = None, 0
+            # every line is a row, so the rows parsed count the lines
+            for chunk, _ in _text_chunks(path, CONVERT_CHUNK_BYTES, count_lines=False):
+                buf = np.frombuffer(chunk, np.uint8) if len(chunk) else np.empty(0, np.uint8)
+                if format == "csv" and header is None:
+                    skip = hashing._first_line_end(buf)
+                    line = buf[:skip].tobytes()
+                    buf, lines_before = buf[skip:], lines_before + 1
+                    try:
+                        header = hashing._read_csv_header(path, line)
+                        layout = _csv_layout(layout, header, path, label, columns, kinds,
+                                             hash_bits, integers)
+                    except ValueError:
+                        del buf  # the chunk's memory map page may be released
+                        raise
+                blocks = layout.parse(buf, pool, n_threads)
+                error = layout.error(path, buf, *blocks, lines_before) \
+                    if isinstance(blocks, tuple) else None
+                del buf  # no view of the chunk may outlive it (a memory map's page)
+                if error is not None:
+                    raise error
+                if tracker is None:
+                    tracker = hashing._FieldTracker(hash_bits, layout.n_fields)
+                tracker.add([(b[1], b[3]) for b in blocks], background)
+                for indptr, indices, values, _, y in blocks:
+                    writer.append(indptr, indices, values, y, -1)
+                    lines_before += len(y)
+            if format == "csv" and header is None:
+                raise ValueError(f"{path}: empty; a CSV input starts with a header line "
+                                 f"naming its columns")
+        if tracker is None:  # inputs without rows
+            tracker = hashing._FieldTracker(hash_bits, layout.n_fields)
+        return writer.commit(1 << hash_bits,
+                             (tracker.blocks(), layout.names, tracker.shared_ids()),
+                             hashing._hashing_header(layout))
+
+
+def _csv_layout(layout, header, path, label, columns, kinds, hash_bits, integers):
+    """The layout of the CSV input ``path`` of header ``header``; every input after the
+    first must have the first one's header."""
+    if layout is None:
+        return hashing._Layout.csv(header, path, label, columns, kinds, hash_bits,
+                                        integers)
+    if header != layout.header:
+        raise ValueError(f"{path}: line 1: the header differs from the first input's "
+                         f"({hashing._names(layout.header)})")
+    return layout
 
 
 def _read_header(path):
@@ -387,8 +503,8 @@ def open_store(path: str | os.PathLike) -> Dataset:
     >>> path = os.path.join(tempfile.mkdtemp(), "tiny.store")
     >>> write_store(Dataset([0, 2, 3], [0, 3, 2], [1.0, 0.5, 1.0], [1.0, -1.0]), path)
     >>> data = open_store(path)
-    >>> data.values.tolist(), data.n_features_explicit
-    ([1.0, 0.5, 1.0], True)
+    >>> data.values.tolist(), data.n_features_explicit, data.fields
+    ([1.0, 0.5, 1.0], True, None)
     """
     path = os.fspath(path)
     header = _read_header(path)
@@ -401,6 +517,19 @@ def open_store(path: str | os.PathLike) -> Dataset:
         else:
             arrays.append(_open_column(path, name, dtype, length))
     try:
-        return Dataset(*arrays, n_features=header["n_features"])
+        data = Dataset(*arrays, n_features=header["n_features"])
     except ValueError as exc:
         raise ValueError(f"{path}: corrupt store: {exc}") from None
+    if header.get("fields") is None:
+        return data
+    names = header["fields"].get("names") if isinstance(header["fields"], dict) else None
+    file = os.path.join(path, FIELDS_FILE)
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{os.path.join(path, HEADER_FILE)}: fields must be null or "
+                         f"hold names, a list of strings; got {header['fields']!r:.200}")
+    ids = _open_column(path, FIELDS_FILE, "<i4", header["n_features"])
+    try:
+        _check_fields(ids, names, header["n_features"])
+    except ValueError as exc:
+        raise ValueError(f"{file}: corrupt store: {exc}") from None
+    return data._with_checked_fields(ids, names)

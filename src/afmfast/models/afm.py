@@ -227,10 +227,12 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         """Mean attention weight per pair of fields over the rows of X.
 
         ``fields`` is an int array of length ``n_features_in_`` giving each feature's field
-        (0..F-1); by default, the fields of the feature map of a model fitted on a
-        DataFrame (one per column). Returns the F x F symmetric float64 matrix of the mean
-        weight of the pairs whose features lie in fields (f, g); NaN where no such pair
-        occurs in X.
+        (0..F-1, or -1 for a feature of no field: its pairs are left out); by default,
+        the fields of the feature map of a model fitted on a DataFrame (one per column),
+        or those of a training Dataset that had them (``fields_``, from a store of raw
+        logs converted with hashing). Returns the F x F symmetric float64 matrix of the
+        mean weight of the pairs whose features lie in fields (f, g); NaN where no such
+        pair occurs in X.
 
         Examples
         --------
@@ -246,23 +248,30 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         1.0
         """
         self._check_fitted()
+        n_named = 0
         if fields is None:
-            if not hasattr(self, "feature_map_"):
+            if hasattr(self, "feature_map_"):
+                fields = self.feature_map_.fields
+            elif hasattr(self, "fields_"):
+                fields, n_named = self.fields_, len(self.field_names_)
+            else:
                 raise ValueError("fields is required unless the model was fitted on a "
-                                 "DataFrame")
-            fields = self.feature_map_.fields
+                                 "DataFrame or on a Dataset with fields (a hashed store)")
         fields = np.asarray(fields)
         if fields.ndim != 1 or fields.shape[0] != self.n_features_in_ or \
                 not np.issubdtype(fields.dtype, np.integer) or \
-                (fields.size and fields.min() < 0):
-            raise ValueError(f"fields must be a 1-D array of non-negative ints of length "
+                (fields.size and fields.min() < -1):
+            raise ValueError(f"fields must be a 1-D array of ints >= -1 of length "
                              f"n_features_in_ = {self.n_features_in_}, got shape "
                              f"{fields.shape} and dtype {fields.dtype}")
-        n_fields = int(fields.max()) + 1 if fields.size else 0
+        n_fields = max(int(fields.max()) + 1 if fields.size else 0, n_named)
         record = self.explain(X)
         fi, fj = fields[record.i], fields[record.j]
+        known = (fi >= 0) & (fj >= 0)
+        fi, fj = fi[known], fj[known]
         cell = np.minimum(fi, fj) * n_fields + np.maximum(fi, fj)
-        total = np.bincount(cell, weights=record.weight, minlength=n_fields * n_fields)
+        total = np.bincount(cell, weights=record.weight[known],
+                            minlength=n_fields * n_fields)
         count = np.bincount(cell, minlength=n_fields * n_fields)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = (total / count).reshape(n_fields, n_fields)

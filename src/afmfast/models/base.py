@@ -319,6 +319,7 @@ class FactorizationModel(*_SKLEARN_BASES):
             if hasattr(self, "feature_map_"):
                 del self.feature_map_  # fit starts from scratch
         train = self._dataset(X, y, fit=True)
+        self._keep_fields(X if isinstance(X, Dataset) else None)
         if train.n_rows == 0:
             raise ValueError("X: cannot fit on an empty data set")
         if train.n_features == 0:  # scikit-learn's wording, which its checks expect
@@ -341,6 +342,16 @@ class FactorizationModel(*_SKLEARN_BASES):
             self._training = False
             self.__dict__.pop("_trainer", None)
         return self
+
+    def _keep_fields(self, X):
+        """Keep the field of each feature id of a training Dataset that has them (a
+        hashed store's) as ``fields_`` and ``field_names_``: saved with the model, they
+        are ``AFM.field_attention``'s default."""
+        self.__dict__.pop("fields_", None)
+        self.__dict__.pop("field_names_", None)
+        if X is not None and X.fields is not None:
+            self.fields_ = np.array(X.fields, np.int32)  # a store's are a memory map
+            self.field_names_ = X.field_names
 
     def _validation_dataset(self, validation):
         """``fit``'s validation argument (a Dataset or an (X, y) tuple) as a Dataset."""

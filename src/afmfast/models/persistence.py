@@ -3,7 +3,9 @@
 The archive holds the model's float32 arrays and ``__header__``, a uint8 array of UTF-8
 JSON: ``{"format": "afmfast-model", "version": 1, "class": ..., "params": ...,
 "n_features": ..., "best_epoch": ..., "history": [...], "feature_map": JSON or null,
-"extras": {...}}``. Nothing is pickled.
+"field_names": [...] or null, "extras": {...}}``; with ``field_names`` (a model fitted on
+a Dataset with fields) the int32 member ``fields`` holds each feature's field. Nothing
+is pickled.
 
 ``load`` trusts nothing in the file. Before it reads (let alone allocates) what the file
 asks for, it checks:
@@ -20,6 +22,8 @@ asks for, it checks:
   clamped with a warning); ``n_features`` an integer >= 0; ``history`` a list of records
   with number or null values; ``best_epoch`` an integer in [0, len(history)];
   ``feature_map`` null or the JSON of a ``FeatureMap`` of ``n_features`` features;
+  ``field_names`` null or a list of strings, and then a ``fields`` member of
+  ``n_features`` int32 fields in [-1, len(field_names));
   ``extras`` an object, whose ``classes`` for a classifier are two distinct JSON scalars;
 - the other members: exactly the arrays that the class and parameters imply, each
   declaring the size of a small ``.npy`` header plus its float32 data; then each
@@ -47,6 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.lib import format as npy_format
 
+from afmfast.data.dataset import _check_fields
 from afmfast.data.encoding import FeatureMap
 
 if TYPE_CHECKING:  # annotations only (the models import this module, not the reverse)
@@ -65,7 +70,7 @@ MAX_JSON_DEPTH = 32
 
 _REQUIRED_KEYS = ("format", "version", "class", "params", "n_features", "best_epoch",
                   "history")
-_OPTIONAL_KEYS = ("feature_map", "extras")  # absent in files of earlier releases
+_OPTIONAL_KEYS = ("feature_map", "extras", "field_names")  # absent in earlier files
 # A member's .npy header (magic, length, padded dict); numpy writes 64 or 128 bytes.
 _NPY_HEADER_MAX = 4096
 # Deflate codes at most 258 output bytes in 2 bits, so no stream expands further.
@@ -148,6 +153,7 @@ def save_model(model, path):
         "feature_map": (model.feature_map_.to_json() if hasattr(model, "feature_map_")
                         else None),
         "extras": model._header_extras(),
+        "field_names": getattr(model, "field_names_", None),
     }
     text = json.dumps(header).encode("utf-8")
     if len(text) > MAX_HEADER_BYTES:
@@ -155,6 +161,8 @@ def save_model(model, path):
                          f"{len(text)} bytes of JSON, more than afmfast.load reads "
                          f"({MAX_HEADER_BYTES}); nothing was written")
     arrays = dict(model._arrays())
+    if hasattr(model, "fields_"):
+        arrays["fields"] = model.fields_
     arrays[_HEADER] = np.frombuffer(text, dtype=np.uint8)
     mode = 0o666 & ~_umask()  # mkstemp creates 0600; a saved model is an ordinary file
     directory = os.path.dirname(os.path.abspath(path))
@@ -331,6 +339,7 @@ def _load(path):
                              "the model header")
         model, fmap = _model_from_header(header)
         n_features = model.n_features_in_
+        fields = _fields_member(zf, members, header.get("field_names"), n_features)
         shapes = model._array_shapes(n_features)
         expected = {name + ".npy": (name, shape) for name, shape in shapes.items()}
         if set(members) != set(expected):
@@ -350,8 +359,28 @@ def _load(path):
             arrays[name] = a
     if fmap is not None:
         model.feature_map_ = fmap
+    if fields is not None:
+        model.fields_, model.field_names_ = fields
     model._set_arrays(arrays)
     return model
+
+
+def _fields_member(zf, members, names, n_features):
+    """(fields, names) of a model with field names (its ``fields`` member popped from
+    ``members``), or None."""
+    if names is None:
+        return None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise _bad("field_names", names, "null or a list of strings")
+    info = members.pop("fields.npy", None)
+    if info is None:
+        raise _Reject("the header has field_names but the file no fields member")
+    fields = _read_member(zf, info, np.dtype("<i4"), (n_features,))
+    try:
+        _check_fields(fields, names, n_features)
+    except ValueError as exc:
+        raise _Reject(f"member 'fields.npy': {exc}") from None
+    return fields, names
 
 
 # ----- the JSON header ---------------------------------------------------------------
