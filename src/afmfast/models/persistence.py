@@ -20,7 +20,9 @@ asks for, it checks:
   clamped with a warning); ``n_features`` an integer >= 0; ``history`` a list of records
   with number or null values; ``best_epoch`` an integer in [0, len(history)];
   ``feature_map`` null or the JSON of a ``FeatureMap`` of ``n_features`` features;
-  ``extras`` an object, whose ``classes`` for a classifier are two distinct JSON scalars;
+  ``extras`` an object, whose ``classes`` for a classifier are two distinct JSON scalars
+  and whose ``n_samples`` for an ``FM(solver="mcmc")`` is the kept sample count (its V
+  holds that many samples side by side, ``afmfast.models.mcmc``);
 - the other members: exactly the arrays that the class and parameters imply, each
   declaring the size of a small ``.npy`` header plus its float32 data; then each
   ``.npy`` header (read with ``numpy.lib.format``) must give float32 and the expected
