@@ -85,19 +85,20 @@ def test_one_sweep_of_the_kernel_equals_the_reference(values, given_groups):
     hyper = random_hyper(rng, n_groups, k)
     cols = nb_mcmc.mcmc_columns(X, M)
     plan = nb_mcmc.mcmc_plan(X, cols, groups if given_groups else None)
-    q, yhat = np.empty((k, n)), np.empty(n)
+    q, yhat = np.empty((n, k)), np.empty(n)
     nb_mcmc.mcmc_scores(X, w0, w, V, q, yhat, 1)
     np.testing.assert_allclose(yhat, ref.predict(Xd, w0, w, V), rtol=1e-12, atol=1e-12)
     e = y - yhat
     w_k, V_k = w.copy(), V.copy()
-    nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 9, 4, 2)
+    nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 9, 4, 2,
+                       nb_mcmc.mcmc_workspace(cols, k, 2))
     w_r, V_r = w.copy(), V.copy()
     ref.sweep(Xd, y, w0, w_r, V_r, hyper, groups, plan.order, 9, 4)
     np.testing.assert_allclose(w_k, w_r, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(V_k, V_r, rtol=1e-9, atol=1e-11)
     assert not np.allclose(V_k, V)
     np.testing.assert_allclose(e, y - ref.predict(Xd, w0, w_k, V_k), atol=1e-11)
-    np.testing.assert_allclose(q, (Xd @ V_k).T, atol=1e-11)
+    np.testing.assert_allclose(q, Xd @ V_k, atol=1e-11)
 
 
 def test_plan_blocks_are_disjoint_fields_and_cover_every_feature():
@@ -142,7 +143,7 @@ def test_whole_iteration_and_reference_iteration_agree():
     plan = nb_mcmc.mcmc_plan(X, cols)
     w0_r, w_r, V_r = 0.0, np.zeros(M), rng.normal(0, 0.1, (M, k))
     w0_k, w_k, V_k = w0_r, w_r.copy(), V_r.copy()
-    q, yhat = np.empty((k, n)), np.empty(n)
+    q, yhat = np.empty((n, k)), np.empty(n)
     nb_mcmc.mcmc_scores(X, w0_k, w_k, V_k, q, yhat, 1)
     e = y - yhat
     for it in range(2):
@@ -150,7 +151,8 @@ def test_whole_iteration_and_reference_iteration_agree():
         hyper, w0 = mcmc.draw_scalars(w0_k, w_k, V_k, e, groups, G, 3, it)
         e -= w0 - w0_k
         w0_k = w0
-        nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 3, it, 1)
+        nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 3, it, 1,
+                           nb_mcmc.mcmc_workspace(cols, k, 1))
     assert w0_k == pytest.approx(w0_r, rel=1e-9)
     np.testing.assert_allclose(V_k, V_r, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(w_k, w_r, rtol=1e-8, atol=1e-10)
@@ -168,12 +170,13 @@ def test_samples_are_bit_identical_for_any_thread_count():
     runs = []
     for threads in (1, 2, 3):
         w, V = np.zeros(M), np.random.default_rng(0).normal(0, 0.1, (M, k))
-        q, yhat = np.empty((k, n)), np.empty(n)
+        q, yhat = np.empty((n, k)), np.empty(n)
         nb_mcmc.mcmc_scores(X, 0.0, w, V, q, yhat, threads)
         e = y - yhat
         for it in range(3):
             hyper, _ = mcmc.draw_scalars(0.0, w, V, e, groups, 1, 5, it)
-            nb_mcmc.mcmc_sweep(cols, plan, groups, w, V, e, q, hyper, 5, it, threads)
+            nb_mcmc.mcmc_sweep(cols, plan, groups, w, V, e, q, hyper, 5, it, threads,
+                               nb_mcmc.mcmc_workspace(cols, k, threads))
         runs.append((w, V, e))
     for w, V, e in runs[1:]:
         assert np.array_equal(w, runs[0][0]) and np.array_equal(V, runs[0][1])

@@ -89,8 +89,11 @@ class McmcTrainer:
         self.w0 = 0.0
         self.w = np.zeros(M)
         self.V = rng.normal(0.0, float(model.init_stdev), size=(M, k))
-        self.q = aligned_empty((k, train.n_rows), np.float64)
+        # rows of q on their own cache lines (at k = 8, 16, ...): threads write
+        # different rows
+        self.q = aligned_empty((train.n_rows, k), np.float64)
         self.e = np.empty(train.n_rows)
+        self.workspace = self.sampler.mcmc_workspace(self.columns, k, threads)
 
     def _scores(self, data, q, out):
         self.sampler.mcmc_scores(data.X, self.w0, self.w, self.V, q, out, self.threads)
@@ -115,7 +118,7 @@ class McmcTrainer:
         V_sum = np.zeros((M, k * S), np.float32)
         w_sum, w0_sum, kept = np.zeros(M), 0.0, 0
         if valid is not None:
-            q_valid, p_valid = np.empty((k, valid.n_rows)), np.empty(valid.n_rows)
+            q_valid, p_valid = np.empty((valid.n_rows, k)), np.empty(valid.n_rows)
             valid_sum = np.zeros(valid.n_rows)
         try:
             for it in range(model.n_iter):
@@ -126,7 +129,7 @@ class McmcTrainer:
                 self.w0 = w0
                 self.sampler.mcmc_sweep(self.columns, self.plan, self.groups, self.w,
                                         self.V, self.e, self.q, hyper, self.seed, it,
-                                        self.threads)
+                                        self.threads, self.workspace)
                 seconds = time.perf_counter() - t0
                 train_rmse = math.sqrt(float(self.e @ self.e) / len(self.e))
                 if not math.isfinite(train_rmse):

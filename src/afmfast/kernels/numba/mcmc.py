@@ -4,8 +4,9 @@
 Functions
     mcmc_columns(X, n_features) -> Columns
         The column (CSC) view of X, built once per fit: colptr int64 (M + 1,), rows
-        int64 (nnz,) ascending within a column, values float64 (nnz,), or (0,) when X
-        stores no values (one-hot: every x is 1). ValueError for an id outside [0, M) or
+        int64 (nnz,) ascending within a column, values float64 (nnz,) (ones when X
+        stores none: one branch-free loop serves both). ValueError for an id outside
+        [0, M) or
         a feature twice in one row (its FM term would be quadratic in v_jf, and the
         conditional of the sweep would not be its posterior).
     mcmc_plan(X, columns, groups) -> Plan
@@ -14,14 +15,13 @@ Functions
         features share no row). ``groups`` None: greedy blocks (kernels.mcmc); else int
         (M,): one block per distinct value, in increasing value order.
     mcmc_scores(X, w0, w, V, q, out, n_threads)
-        out (n,) = yhat of every row of X with the float64 parameters, q (k, n) float64 =
-        sum_j v_jf x_ij (the sweep's cache, factor-major: a pass over a column for factor
-        f then reads one contiguous row of q, which stays in cache across the passes,
-        instead of one cache line per visited row); ids outside [0, M) contribute
-        nothing.
-    mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads)
+        out (n,) = yhat of every row of X with the float64 parameters, q (n, k) float64 =
+        sum_j v_jf x_ij (the sweep's cache); ids outside [0, M) contribute nothing.
+    mcmc_workspace(columns, n_factors, n_threads) -> Workspace
+        Per-thread scratch of the sweep (E, Q: a column's e and q, gathered).
+    mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads, ws)
         Step 3 of an iteration: samples every w_j and v_jf in plan order; mutates w (M,),
-        V (M, k), e (n,) = y - yhat and q (k, n), all float64 C-contiguous.
+        V (M, k), e (n,) = y - yhat and q (n, k), all float64 C-contiguous, and ws.
 
 A parallel block runs its features on the threads in contiguous runs of about equal
 nonzeros (a feature's cost is its column's length): disjoint rows make every split give
@@ -46,10 +46,12 @@ from afmfast.kernels.numba.common import (
     start_threads,
 )
 
-__all__ = ["Columns", "Plan", "mcmc_columns", "mcmc_plan", "mcmc_scores", "mcmc_sweep"]
+__all__ = ["Columns", "Plan", "Workspace", "mcmc_columns", "mcmc_plan", "mcmc_scores",
+           "mcmc_workspace", "mcmc_sweep"]
 
 Columns = namedtuple("Columns", "colptr rows values")
 Plan = namedtuple("Plan", "order starts parallel")
+Workspace = namedtuple("Workspace", "E Q")
 
 _SER = dict(fastmath=False, cache=True, nogil=True, error_model="numpy")
 _PAR = dict(_SER, parallel=True)
@@ -85,8 +87,7 @@ def _columns(indptr, indices, values, n_features, colptr, rows, vals, last_row):
         for p in range(indptr[i], indptr[i + 1]):
             j = indices[p]
             rows[fill[j]] = i
-            if vals.shape[0]:
-                vals[fill[j]] = values[p]
+            vals[fill[j]] = values[p] if values.shape[0] else 1.0
             fill[j] += 1
     return 0
 
@@ -97,7 +98,7 @@ def mcmc_columns(X, n_features):
     nnz = int(indptr[-1] - indptr[0])
     colptr = np.zeros(n_features + 1, np.int64)
     rows = np.empty(nnz, np.int64)
-    vals = np.empty(nnz if values.shape[0] else 0, np.float64)
+    vals = np.empty(nnz, np.float64)
     status = _columns(indptr, indices, values, n_features, colptr, rows, vals,
                       np.full(n_features, -1, np.int64))
     if status < 0:
@@ -185,7 +186,7 @@ def _scores(indptr, indices, values, w0, w, V, q, out, nb):
             lin = 0.0
             sq = 0.0
             for f in range(k):
-                q[f, i] = 0.0
+                q[i, f] = 0.0
             for p in range(indptr[i], indptr[i + 1]):
                 j = indices[p]
                 if j < 0 or j >= M:
@@ -194,11 +195,11 @@ def _scores(indptr, indices, values, w0, w, V, q, out, nb):
                 lin += w[j] * x
                 for f in range(k):
                     vx = V[j, f] * x
-                    q[f, i] += vx
+                    q[i, f] += vx
                     sq += vx * vx
             inter = 0.0
             for f in range(k):
-                inter += q[f, i] * q[f, i]
+                inter += q[i, f] * q[i, f]
             out[i] = w0 + lin + 0.5 * (inter - sq)
         ftz_leave(csr)
     ftz_leave(csr0)
@@ -235,48 +236,69 @@ def _draw(sum_he, sum_hh, theta, alpha, mu, lam, z):
 
 @njit(**_SER)
 def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu_v,
-                    lam_v, key):
-    """w_j, then v_j0 .. v_j(k-1). Each pass over column j applies the previous
-    coordinate's change to e (and q) and sums h e and h^2 for the next one: the same
-    arithmetic, row by row, as one pass per update and one per sum."""
+                    lam_v, key, E, Q):
+    """w_j, then v_j0 .. v_j(k-1). Column j's residuals and q values are first copied
+    into the contiguous scratch E (m,) and Q (k, m) (one read of each row's q, which
+    lies on one or two cache lines), every pass then runs over contiguous memory, and
+    the results go back at the end. Each pass applies the previous coordinate's change
+    to E (and Q) and sums h e and h^2 for the next one: the same arithmetic, row by row,
+    as one pass per update and one per sum."""
     k = V.shape[1]
     c0, c1 = colptr[j], colptr[j + 1]
-    ones = vals.shape[0] == 0
+    m = c1 - c0
     base = j * (k + 1)
+    X = vals[c0:c1]
     she = 0.0
     shh = 0.0
-    for p in range(c0, c1):
-        x = 1.0 if ones else vals[p]
-        she += x * e[rows[p]]
+    for r in range(m):
+        i = rows[c0 + r]
+        E[r] = e[i]
+        for f in range(k):
+            Q[f, r] = q[i, f]
+        x = X[r]
+        she += x * E[r]
         shh += x * x
     old = w[j]
     new = _draw(she, shh, old, alpha, mu_w[g], lam_w[g], _normal(key, base))
     w[j] = new
     d = new - old
-    prev = old
-    for f in range(k + 1):
-        cur = V[j, f] if f < k else 0.0
+    qc = Q[0]
+    cur = V[j, 0]
+    she = 0.0
+    shh = 0.0
+    for r in range(m):
+        x = X[r]
+        ei = E[r] - d * x
+        E[r] = ei
+        h = x * (qc[r] - cur * x)
+        she += h * ei
+        shh += h * h
+    for f in range(k):
+        new = _draw(she, shh, cur, alpha, mu_v[g, f], lam_v[g, f],
+                    _normal(key, base + 1 + f))
+        V[j, f] = new
+        d = new - cur
+        qp = Q[f]
+        prev = cur
         she = 0.0
         shh = 0.0
-        for p in range(c0, c1):
-            i = rows[p]
-            x = 1.0 if ones else vals[p]
-            if f == 0:
-                ei = e[i] - d * x
-            else:
-                ei = e[i] - d * (x * (q[f - 1, i] - prev * x))
-                q[f - 1, i] += d * x
-            e[i] = ei
-            if f < k:
-                h = x * (q[f, i] - cur * x)
+        if f + 1 < k:
+            qc = Q[f + 1]
+            cur = V[j, f + 1]
+        for r in range(m):
+            x = X[r]
+            ei = E[r] - d * (x * (qp[r] - prev * x))
+            qp[r] += d * x
+            E[r] = ei
+            if f + 1 < k:
+                h = x * (qc[r] - cur * x)
                 she += h * ei
                 shh += h * h
-        if f < k:
-            new = _draw(she, shh, cur, alpha, mu_v[g, f], lam_v[g, f],
-                        _normal(key, base + 1 + f))
-            V[j, f] = new
-            d = new - cur
-            prev = cur
+    for r in range(m):
+        i = rows[c0 + r]
+        e[i] = E[r]
+        for f in range(k):
+            q[i, f] = Q[f, r]
 
 
 @njit(**_SER)
@@ -300,20 +322,21 @@ def _split(colptr, order, lo, hi, nb, bounds):
 
 @njit(**_PAR)
 def _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha, mu_w,
-                    lam_w, mu_v, lam_v, key, nb):
-    """The features order[bounds[t]:bounds[t + 1]] on thread t (one block's)."""
+                    lam_w, mu_v, lam_v, key, E, Q, nb):
+    """The features order[bounds[t]:bounds[t + 1]] with scratch E[t], Q[t] (one
+    block's, on the threads)."""
     for t in prange(nb):
         csr = ftz_enter()
         for p in range(bounds[t], bounds[t + 1]):
             j = order[p]
             _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha, mu_w,
-                            lam_w, mu_v, lam_v, key)
+                            lam_w, mu_v, lam_v, key, E[t], Q[t])
         ftz_leave(csr)
 
 
 @njit(**_SER)
 def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alpha, mu_w,
-           lam_w, mu_v, lam_v, key, nb):
+           lam_w, mu_v, lam_v, key, E, Q, nb):
     # serial code compiled apart from the parallel loop: in a parallel=True function
     # Numba's lowering made the serial feature loop several times slower
     bounds = np.empty(nb + 1, np.int64)
@@ -322,25 +345,34 @@ def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alph
         if parallel[b] and nb > 1 and hi - lo > 1:
             _split(colptr, order, lo, hi, nb, bounds)
             _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha,
-                            mu_w, lam_w, mu_v, lam_v, key, nb)
+                            mu_w, lam_w, mu_v, lam_v, key, E, Q, nb)
         else:
             for p in range(lo, hi):
                 j = order[p]
                 _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha,
-                                mu_w, lam_w, mu_v, lam_v, key)
+                                mu_w, lam_w, mu_v, lam_v, key, E[0], Q[0])
 
 
-def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads):
+def mcmc_workspace(columns, n_factors, n_threads):
+    """Scratch of ``mcmc_sweep`` for at most ``n_threads`` threads: E (threads, m) and
+    Q (threads, k, m) float64, m the longest column (allocated once per fit)."""
+    m = max(1, int(np.diff(columns.colptr).max(initial=0)))
+    t = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
+    return Workspace(np.empty((t, m)), np.empty((t, n_factors, m)))
+
+
+def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads, ws):
     """Step 3 of Gibbs iteration ``iteration`` (module docstring); ``hyper`` a
-    ``kernels.mcmc.Hyper``, ``groups`` int64 (M,) the hyperprior group of each feature."""
+    ``kernels.mcmc.Hyper``, ``groups`` int64 (M,) the hyperprior group of each feature,
+    ``ws`` from ``mcmc_workspace`` (its thread count bounds the threads used)."""
     key = np.uint64(int(_stream_key(seed, MCMC_STREAM, iteration)[0]))
-    with numba_threads(n_threads):
+    with numba_threads(min(int(n_threads), ws.E.shape[0])):
         nb = numba.get_num_threads()
         start_threads(nb)
         csr = ftz_enter()
         try:
             _sweep(columns.colptr, columns.rows, columns.values, plan.order, plan.starts,
                    plan.parallel, groups, w, V, e, q, float(hyper.alpha), hyper.mu_w,
-                   hyper.lam_w, hyper.mu_v, hyper.lam_v, key, nb)
+                   hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q, nb)
         finally:
             ftz_leave(csr)
