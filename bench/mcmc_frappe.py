@@ -6,9 +6,11 @@ is installed, myFM's Bayesian FM at the same rank, sample count and split.
     python bench/mcmc_frappe.py --synthetic     # rating-like data from a known FM
     python bench/mcmc_frappe.py --no-myfm       # skip the comparison
 
-Seconds per iteration are the median of the fit's ``history_`` records (the sampling
-time of an iteration: scalar draws and the sweep, no validation). The frappe-mini split
-is the one of tests/models/test_frappe.py (every 5th row of the file is validation).
+Seconds per iteration: the median wall time of the fit's ``history_`` records (scalar
+draws and the sweep, no validation), and the process's CPU time over the whole fit
+divided by the iterations (steadier on a machine shared with other jobs). The
+frappe-mini split is the one of tests/models/test_frappe.py (every 5th row of the file
+is validation).
 """
 import argparse
 import statistics
@@ -51,30 +53,58 @@ def rating_like(seed=0, n_rows=60000, fields=(2000, 1500, 7, 24), k=8):
     return data[np.arange(n_train)], data[np.arange(n_train, n_rows)]
 
 
-def ours(train, valid, k, n_iter, threads):
-    t = time.perf_counter()
+def ours(train, valid, k, n_iter, threads, seed=2016):
+    """(validation RMSE, median wall seconds of an iteration, CPU seconds per
+    iteration over the whole fit)."""
+    t = time.process_time()
     model = afmfast.FM(solver="mcmc", n_factors=k, n_iter=n_iter, init_stdev=0.1,
-                       n_threads=threads, backend="numba", verbose=0).fit(train)
-    wall = time.perf_counter() - t
+                       n_threads=threads, random_state=seed, backend="numba",
+                       verbose=0).fit(train)
+    cpu = time.process_time() - t
     per_iter = statistics.median(r["seconds"] for r in model.history_)
-    return model.evaluate(valid)["rmse"], per_iter, wall
+    return model.evaluate(valid)["rmse"], per_iter, cpu / n_iter
 
 
-def myfm_rmse(train, valid, k, n_iter):
+def _import_myfm():
+    """myfm 0.4 imports pkg_resources (setuptools) only to read its own version: give
+    it a stand-in when setuptools is absent rather than install setuptools."""
+    import sys
+    import types
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("pkg_resources")
+
+        class DistributionNotFound(Exception):
+            pass
+
+        def get_distribution(name):
+            raise DistributionNotFound(name)
+
+        shim.DistributionNotFound, shim.get_distribution = DistributionNotFound, get_distribution
+        sys.modules["pkg_resources"] = shim
     import myfm
+    return myfm
+
+
+def myfm_rmse(train, valid, k, n_iter, seed=0):
+    myfm = _import_myfm()
     import scipy.sparse as sp
 
     def csr(d):
-        values = d.values if d.values.size else np.ones(d.indices.size, np.float32)
-        return sp.csr_matrix((values, d.indices, d.indptr), shape=(len(d), train.n_features))
+        # fresh writable float64/int32 arrays: myFM's binding refuses a Dataset's
+        # read-only ones
+        values = d.values if d.values is not None and d.values.size else np.ones(d.indices.size)
+        return sp.csr_matrix((np.array(values, np.float64), np.array(d.indices, np.int32),
+                              np.array(d.indptr, np.int32)), shape=(len(d), train.n_features))
 
-    t = time.perf_counter()
-    fm = myfm.MyFMRegressor(rank=k, init_stdev=0.1, random_seed=0)
-    fm.fit(csr(train), train.y, n_iter=n_iter, n_kept_samples=n_iter)
-    wall = time.perf_counter() - t
+    t = time.process_time()
+    fm = myfm.MyFMRegressor(rank=k, init_stdev=0.1, random_seed=seed)
+    fm.fit(csr(train), np.array(train.y, np.float64), n_iter=n_iter, n_kept_samples=n_iter)
+    cpu = time.process_time() - t
     pred = fm.predict(csr(valid))
     lo, hi = valid.y.min(), valid.y.max()
-    return float(np.sqrt(np.mean((np.clip(pred, lo, hi) - valid.y) ** 2))), wall
+    return float(np.sqrt(np.mean((np.clip(pred, lo, hi) - valid.y) ** 2))), cpu / n_iter
 
 
 def main():
@@ -83,6 +113,7 @@ def main():
     parser.add_argument("--no-myfm", action="store_true")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--n-iter", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each fit")
     args = parser.parse_args()
     train, valid = rating_like() if args.synthetic else frappe_mini()
     print(f"{'synthetic rating-like' if args.synthetic else 'frappe-mini'}: "
@@ -90,16 +121,21 @@ def main():
           f"k={args.k}, {args.n_iter} iterations")
     ours(train[:200], valid[:10], args.k, 2, 1)  # compile before timing
     for threads in (1, 2):
-        rmse, per_iter, wall = ours(train, valid, args.k, args.n_iter, threads)
-        print(f"afmfast mcmc, {threads} thread(s): validation RMSE {rmse:.4f}, "
-              f"{per_iter:.4f} s per iteration (median), fit {wall:.1f} s")
+        for seed in range(args.seeds):
+            rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads, seed)
+            print(f"afmfast mcmc, {threads} thread(s), seed {seed}: validation RMSE "
+                  f"{rmse:.4f}, {per_iter:.4f} s per iteration (median wall), "
+                  f"{cpu:.4f} CPU s per iteration", flush=True)
     if not args.no_myfm:
         try:
-            rmse, wall = myfm_rmse(train, valid, args.k, args.n_iter)
+            _import_myfm()
         except ImportError:
             print("myfm is not installed: pip install 'myfm>=0.4,<0.5' for the comparison")
-        else:
-            print(f"myFM MyFMRegressor: validation RMSE {rmse:.4f}, fit {wall:.1f} s")
+            return
+        for seed in range(args.seeds):
+            rmse, cpu = myfm_rmse(train, valid, args.k, args.n_iter, seed)
+            print(f"myFM MyFMRegressor, seed {seed}: validation RMSE {rmse:.4f}, "
+                  f"{cpu:.4f} CPU s per iteration", flush=True)
 
 
 if __name__ == "__main__":

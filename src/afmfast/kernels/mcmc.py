@@ -144,7 +144,7 @@ def draw_scalars(w0, w, V, e, groups, n_groups, seed, iteration):
     mu_w, lam_w = np.empty(n_groups), np.empty(n_groups)
     mu_v, lam_v = np.empty((n_groups, k)), np.empty((n_groups, k))
     for g in range(n_groups):
-        members = groups == g
+        members = slice(None) if n_groups == 1 else groups == g  # no copy for one group
         mu_w[g], lam_w[g] = normal_gamma_draw(w[members], rng)
         mu_v[g], lam_v[g] = normal_gamma_draw(V[members], rng)
     mean, precision = theta_conditional(float(e.sum()), float(n), w0, alpha, W0_MEAN,
