@@ -25,11 +25,8 @@ Functions
 
 A parallel block runs its features on the threads in contiguous runs of about equal
 nonzeros (a feature's cost is its column's length): disjoint rows make every split give
-the same result, so the split may follow the thread count. A short column's sums run
-serially in row order. A long column (LONG_ROWS rows or more: a field value that most
-rows hold would otherwise keep one thread busy while the others wait) has every pass
-split into chunks of CHUNK_ROWS rows on the threads, with the chunks' sums added in
-chunk order: fixed by the data, not by the thread count.
+the same result, so the split may follow the thread count. Each feature's sums over its
+rows run serially in row order.
 """
 from collections import namedtuple
 
@@ -54,7 +51,7 @@ __all__ = ["Columns", "Plan", "Workspace", "mcmc_columns", "mcmc_plan", "mcmc_sc
 
 Columns = namedtuple("Columns", "colptr rows values")
 Plan = namedtuple("Plan", "order starts parallel")
-Workspace = namedtuple("Workspace", "E Q part")
+Workspace = namedtuple("Workspace", "E Q")
 
 _SER = dict(fastmath=False, cache=True, nogil=True, error_model="numpy")
 _PAR = dict(_SER, parallel=True)
@@ -338,141 +335,36 @@ def _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha
 
 
 @njit(**_SER)
-def _total(part, n):
-    """The chunks' partial sums added in chunk order."""
-    a = 0.0
-    b = 0.0
-    for c in range(n):
-        a += part[c, 0]
-        b += part[c, 1]
-    return a, b
-
-
-@njit(**_PAR)
-def _long_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu_v, lam_v,
-                  key, E, Q, part, chunk):
-    """``_sample_feature`` for a long column, each pass split into chunks of ``chunk``
-    rows on the threads: each chunk's partial sums are added in chunk order, so the
-    result depends on the chunk size, not on the thread count."""
-    k = V.shape[1]
-    c0, c1 = colptr[j], colptr[j + 1]
-    m = c1 - c0
-    nc = (m + chunk - 1) // chunk
-    base = j * (k + 1)
-    X = vals[c0:c1]
-    for c in prange(nc):
-        csr = ftz_enter()
-        a = 0.0
-        b = 0.0
-        for r in range(c * chunk, min(m, (c + 1) * chunk)):
-            i = rows[c0 + r]
-            E[r] = e[i]
-            for f in range(k):
-                Q[f, r] = q[i, f]
-            x = X[r]
-            a += x * E[r]
-            b += x * x
-        part[c, 0] = a
-        part[c, 1] = b
-        ftz_leave(csr)
-    she, shh = _total(part, nc)
-    old = w[j]
-    new = _draw(she, shh, old, alpha, mu_w[g], lam_w[g], _normal(key, base))
-    w[j] = new
-    d = new - old
-    prev = 0.0
-    for f in range(k + 1):
-        cur = V[j, f] if f < k else 0.0
-        for c in prange(nc):
-            csr = ftz_enter()
-            a = 0.0
-            b = 0.0
-            for r in range(c * chunk, min(m, (c + 1) * chunk)):
-                x = X[r]
-                if f == 0:
-                    ei = E[r] - d * x
-                else:
-                    ei = E[r] - d * (x * (Q[f - 1, r] - prev * x))
-                    Q[f - 1, r] += d * x
-                E[r] = ei
-                if f < k:
-                    h = x * (Q[f, r] - cur * x)
-                    a += h * ei
-                    b += h * h
-            part[c, 0] = a
-            part[c, 1] = b
-            ftz_leave(csr)
-        if f < k:
-            she, shh = _total(part, nc)
-            new = _draw(she, shh, cur, alpha, mu_v[g, f], lam_v[g, f],
-                        _normal(key, base + 1 + f))
-            V[j, f] = new
-            d = new - cur
-            prev = cur
-    for c in prange(nc):
-        for r in range(c * chunk, min(m, (c + 1) * chunk)):
-            i = rows[c0 + r]
-            e[i] = E[r]
-            for f in range(k):
-                q[i, f] = Q[f, r]
-
-
-@njit(**_SER)
 def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alpha, mu_w,
-           lam_w, mu_v, lam_v, key, E, Q, part, long_rows, chunk, nb):
-    # serial code compiled apart from the parallel loops: in a parallel=True function
+           lam_w, mu_v, lam_v, key, E, Q, nb):
+    # serial code compiled apart from the parallel loop: in a parallel=True function
     # Numba's lowering made the serial feature loop several times slower
     bounds = np.empty(nb + 1, np.int64)
-    short = np.empty(order.shape[0], np.int64)
     for b in range(starts.shape[0] - 1):
         lo, hi = starts[b], starts[b + 1]
-        n_short = 0
-        for p in range(lo, hi):
-            j = order[p]
-            if colptr[j + 1] - colptr[j] >= long_rows:
-                # a long column's passes are split between the threads (one feature
-                # can hold most of a block's rows); in a parallel block first, as
-                # order does not matter there
-                _long_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha, mu_w,
-                              lam_w, mu_v, lam_v, key, E[0], Q[0], part, chunk)
-            elif parallel[b]:
-                short[n_short] = j
-                n_short += 1
-            else:
-                _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha,
-                                mu_w, lam_w, mu_v, lam_v, key, E[0], Q[0])
-        if n_short > 1 and nb > 1:
-            _split(colptr, short, 0, n_short, nb, bounds)
-            _parallel_block(colptr, rows, vals, short, bounds, groups, w, V, e, q, alpha,
+        if parallel[b] and nb > 1 and hi - lo > 1:
+            _split(colptr, order, lo, hi, nb, bounds)
+            _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha,
                             mu_w, lam_w, mu_v, lam_v, key, E, Q, nb)
         else:
-            for p in range(n_short):
-                j = short[p]
+            for p in range(lo, hi):
+                j = order[p]
                 _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha,
                                 mu_w, lam_w, mu_v, lam_v, key, E[0], Q[0])
-
-
-#: Columns of at least LONG_ROWS rows have each pass split into chunks of CHUNK_ROWS rows
-#: on the threads (and their sums added chunk by chunk whatever the thread count).
-LONG_ROWS = 8192
-CHUNK_ROWS = 2048
 
 
 def mcmc_workspace(columns, n_factors, n_threads):
     """Scratch of ``mcmc_sweep`` for at most ``n_threads`` threads: E (threads, m) and
-    Q (threads, k, m) float64, m the longest column, and the chunks' partial sums
-    (allocated once per fit)."""
+    Q (threads, k, m) float64, m the longest column (allocated once per fit)."""
     m = max(1, int(np.diff(columns.colptr).max(initial=0)))
     t = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
-    return Workspace(np.empty((t, m)), np.empty((t, n_factors, m)), np.empty((m, 2)))
+    return Workspace(np.empty((t, m)), np.empty((t, n_factors, m)))
 
 
-def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads, ws,
-               long_rows=LONG_ROWS, chunk_rows=CHUNK_ROWS):
+def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads, ws):
     """Step 3 of Gibbs iteration ``iteration`` (module docstring); ``hyper`` a
     ``kernels.mcmc.Hyper``, ``groups`` int64 (M,) the hyperprior group of each feature,
-    ``ws`` from ``mcmc_workspace`` (its thread count bounds the threads used);
-    ``long_rows`` and ``chunk_rows`` as LONG_ROWS and CHUNK_ROWS (tests shrink them)."""
+    ``ws`` from ``mcmc_workspace`` (its thread count bounds the threads used)."""
     key = np.uint64(int(_stream_key(seed, MCMC_STREAM, iteration)[0]))
     with numba_threads(min(int(n_threads), ws.E.shape[0])):
         nb = numba.get_num_threads()
@@ -481,7 +373,6 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
         try:
             _sweep(columns.colptr, columns.rows, columns.values, plan.order, plan.starts,
                    plan.parallel, groups, w, V, e, q, float(hyper.alpha), hyper.mu_w,
-                   hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q, ws.part,
-                   int(long_rows), max(1, int(chunk_rows)), nb)
+                   hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q, nb)
         finally:
             ftz_leave(csr)
