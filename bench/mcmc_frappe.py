@@ -58,7 +58,8 @@ def ours(train, valid, k, n_iter, threads, seed=2016):
     iteration over the whole fit)."""
     t = time.process_time()
     model = afmfast.FM(solver="mcmc", n_factors=k, n_iter=n_iter, init_stdev=0.1,
-                       n_threads=threads, random_state=seed, backend="numba",
+                       n_threads=threads, adaptive_threads=False, random_state=seed,
+                       backend="numba",
                        verbose=0).fit(train)
     cpu = time.process_time() - t
     per_iter = statistics.median(r["seconds"] for r in model.history_)

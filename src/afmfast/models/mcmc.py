@@ -78,7 +78,9 @@ class McmcTrainer:
         self.backend = backends.get_backend(model.backend, "fm")
         self.sampler = sampler_backend()
         self.threads = threads
-        self.planner = RunPlanner(threads, adaptive=False)
+        # the samples do not depend on the thread count, so the planner may move it
+        # (afmfast.kernels.threads): each iteration is one run of one "batch" of all rows
+        self.planner = RunPlanner(threads, adaptive=bool(model.adaptive_threads))
         self.seed = _model_seed(model)
         M, k = train.n_features, model.n_factors
         self.groups, self.n_groups = hyper_groups(groups, M)
@@ -105,7 +107,9 @@ class McmcTrainer:
         recording one ``history_`` record an iteration: ``train_rmse`` of that sample,
         ``valid_rmse`` of the average of the samples kept so far (None during burn-in or
         without validation), ``alpha`` (the noise precision drawn), ``seconds`` (the
-        iteration's sampling time) and ``threads``. The model is left predicting with the
+        iteration's sampling time) and ``threads`` (its thread count: with the model's
+        ``adaptive_threads`` the planner may use fewer while that is faster, as for the
+        SGD solver; the samples are the same). The model is left predicting with the
         average of the kept samples (with the last sample when none was kept yet).
         ``monitor`` and ``score_train`` are accepted for the fit protocol: every record
         has the training RMSE, and the average is never "early stopped"."""
@@ -121,7 +125,9 @@ class McmcTrainer:
             q_valid, p_valid = np.empty((valid.n_rows, k)), np.empty(valid.n_rows)
             valid_sum = np.zeros(valid.n_rows)
         try:
+            n = train.n_rows
             for it in range(model.n_iter):
+                threads, _ = self.planner.next_run(n, n * (model.n_iter - it))
                 t0 = time.perf_counter()
                 hyper, w0 = draw_scalars(self.w0, self.w, self.V, self.e, self.groups,
                                          self.n_groups, self.seed, it)
@@ -129,8 +135,9 @@ class McmcTrainer:
                 self.w0 = w0
                 self.sampler.mcmc_sweep(self.columns, self.plan, self.groups, self.w,
                                         self.V, self.e, self.q, hyper, self.seed, it,
-                                        self.threads, self.workspace)
+                                        threads, self.workspace)
                 seconds = time.perf_counter() - t0
+                self.planner.record(threads, n, 1, seconds)
                 train_rmse = math.sqrt(float(self.e @ self.e) / len(self.e))
                 if not math.isfinite(train_rmse):
                     raise TrainingDivergedError(
@@ -147,7 +154,7 @@ class McmcTrainer:
                         valid_sum += self._scores(valid, q_valid, p_valid)
                         record["valid_rmse"] = model._evaluate_scores(
                             valid.y, valid_sum / kept)["rmse"]
-                record.update(seconds=seconds, threads=self.threads)
+                record.update(seconds=seconds, threads=threads)
                 model.history_.append(record)
                 model._log(f"Iteration {it + 1} [{seconds:.3f} s]\ttrain rmse (this "
                            f"sample)={train_rmse:.4f}" + (
