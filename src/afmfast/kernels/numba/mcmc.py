@@ -6,9 +6,8 @@ Functions
         The column (CSC) view of X, built once per fit: colptr int64 (M + 1,), rows
         int64 (nnz,) ascending within a column, values float64 (nnz,) (ones when X
         stores none: one branch-free loop serves both). ValueError for an id outside
-        [0, M) or
-        a feature twice in one row (its FM term would be quadratic in v_jf, and the
-        conditional of the sweep would not be its posterior).
+        [0, M) or a feature twice in one row (its FM term would be quadratic in v_jf,
+        and the conditional of the sweep would not be its posterior).
     mcmc_plan(X, columns, groups) -> Plan
         The blocks of the sweep: order int64 (M,) (the features, block after block,
         ascending within one), starts int64 (B + 1,), parallel bool (B,) (the block's
@@ -337,8 +336,8 @@ def _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha
 @njit(**_SER)
 def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alpha, mu_w,
            lam_w, mu_v, lam_v, key, E, Q, nb):
-    # serial code compiled apart from the parallel loop: in a parallel=True function
-    # Numba's lowering made the serial feature loop several times slower
+    # serial: only a parallel block starts the threads (_parallel_block), so a serial
+    # block or a single thread costs no parallel launch
     bounds = np.empty(nb + 1, np.int64)
     for b in range(starts.shape[0] - 1):
         lo, hi = starts[b], starts[b + 1]
