@@ -189,7 +189,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> import afmfast
         >>> params = afmfast.FM(n_factors=8).get_params()
         >>> params["n_factors"], params["keep"], len(params)
-        (8, 0.7, 14)
+        (8, 0.7, 18)
         """
         return {name: getattr(self, name) for name in self._get_param_names()}
 
@@ -241,7 +241,8 @@ class FactorizationModel(*_SKLEARN_BASES):
             init_from: FactorizationModel | str | os.PathLike | None = None,
             callbacks: Sequence[Callable] | None = None, metric: str | None = None,
             score_train: bool = False,
-            categorical: Sequence[str] | None = None) -> FactorizationModel:
+            categorical: Sequence[str] | None = None,
+            groups: ArrayLike | None = None) -> FactorizationModel:
         """Train; from scratch unless ``init_from`` is given.
 
         Parameters
@@ -276,6 +277,10 @@ class FactorizationModel(*_SKLEARN_BASES):
         categorical : list of str, optional
             With a DataFrame X: columns to one-hot encode even though they hold numbers
             (integer ids, as ``pandas.read_csv`` reads them); see ``FeatureMap.fit``.
+        groups : array of int, one per feature, optional
+            ``FM(solver="mcmc")`` only: the field of each feature, which gives the
+            hyperprior groups and the blocks the sampler runs in parallel (by default
+            the DataFrame's columns for a model fitted on one, else one group).
 
         Returns
         -------
@@ -329,7 +334,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         _check_parameter_budget(train, self.n_factors)
         self._training = True
         try:
-            trainer = self._trainer = Trainer(self, train, threads=threads)
+            trainer = self._trainer = self._new_trainer(train, threads, groups)
             self.n_features_in_ = train.n_features
             self._monitor = monitor
             self._backend = trainer.backend
@@ -352,6 +357,14 @@ class FactorizationModel(*_SKLEARN_BASES):
         if X is not None and X.fields is not None:
             self.fields_ = np.array(X.fields, np.int32)  # a store's are a memory map
             self.field_names_ = X.field_names
+
+    def _new_trainer(self, train, threads, groups):
+        """The fit's trainer: a ``Trainer`` (SGD-family optimisers); models with other
+        solvers override this."""
+        if groups is not None:
+            raise ValueError(f"groups: only FM(solver='mcmc') uses feature groups; this "
+                             f"is a {type(self).__name__} with SGD-family training")
+        return Trainer(self, train, threads=threads)
 
     def _validation_dataset(self, validation):
         """``fit``'s validation argument (a Dataset or an (X, y) tuple) as a Dataset."""

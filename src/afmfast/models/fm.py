@@ -1,4 +1,6 @@
 """The Factorization Machine estimator (``afmfast.FM``)."""
+import math
+
 import numpy as np
 
 from afmfast.models.base import (
@@ -9,8 +11,12 @@ from afmfast.models.base import (
     _check_int,
     _check_real,
 )
+from afmfast.models.mcmc import McmcTrainer
 from afmfast.models.training import _copy_params
 from afmfast.kernels.api import OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params
+
+
+SOLVERS = ("sgd", "mcmc")
 
 
 class FM(*REGRESSOR_BASES, FactorizationModel):
@@ -52,6 +58,21 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
     verbose : int
         0 silent; 1 one line per epoch; 2 also a progress line within each epoch (rows/s,
         ETA) on stderr.
+    solver : {"sgd", "mcmc"}
+        "sgd": the arguments above train the model. "mcmc": the Bayesian FM (Rendle
+        2012, libFM's default) by Gibbs sampling, for regression (``FM`` only): Normal
+        priors with Normal-Gamma hyperpriors per feature group (``fit(groups=...)``;
+        by default the fields of a DataFrame's columns or of a hashed store),
+        predictions averaged over the kept samples (``afmfast.kernels.mcmc``,
+        ``afmfast.models.mcmc``). It uses n_factors, random_state, n_threads, backend,
+        verbose and the three arguments below; the optimiser arguments, dropout, batch
+        normalisation and early stopping do not apply.
+    n_iter : int >= 1
+        MCMC only: Gibbs iterations (samples drawn).
+    n_burn_in : int in [0, n_iter)
+        MCMC only: the first samples, left out of the average (0 keeps all, as libFM).
+    init_stdev : float >= 0
+        MCMC only: V starts from N(0, init_stdev^2); w and w0 from 0.
 
     Examples
     --------
@@ -71,13 +92,33 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
     def __init__(self, n_factors=16, learning_rate=0.01, batch_size=4096, n_epochs=20,
                  keep=0.7, batch_norm=True, l2=0.0, optimizer="adagrad",
                  early_stopping=True, random_state=2016, n_threads=None, adaptive_threads=True,
-                 backend="auto", verbose=1):
+                 backend="auto", verbose=1, solver="sgd", n_iter=100, n_burn_in=0,
+                 init_stdev=0.1):
         self._set_constructor_args(locals())
 
     def _validate(self):
         _check_int("n_factors", self.n_factors, 1)
         _check_real("keep", self.keep, 0.0, 1.0, low_open=True)
         self._validate_common()
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        _check_int("n_iter", self.n_iter, 1)
+        _check_int("n_burn_in", self.n_burn_in, 0)
+        if self.n_burn_in >= self.n_iter:
+            raise ValueError(f"n_burn_in must be below n_iter ({self.n_iter}) so that a "
+                             f"sample is kept, got {self.n_burn_in}")
+        _check_real("init_stdev", self.init_stdev, 0.0, math.inf)
+        if self.solver == "mcmc" and self._is_classifier:
+            raise ValueError(f"solver='mcmc' trains regression only so far; "
+                             f"{type(self).__name__} needs solver='sgd'")
+
+    def _new_trainer(self, train, threads, groups):
+        if self.solver != "mcmc":
+            return super()._new_trainer(train, threads, groups)
+        if groups is None:  # the fields of a DataFrame's columns or of a hashed store
+            fmap = getattr(self, "feature_map_", None)
+            groups = fmap.fields if fmap is not None else getattr(self, "fields_", None)
+        return McmcTrainer(self, train, threads, groups)
 
     def _new_params(self, n_features, rng):
         return new_fm_params(n_features, self.n_factors, rng)
@@ -93,6 +134,9 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
                           seed, step, threads, self._loss)
 
     def _warm_start(self, source, n_features):
+        if self.solver == "mcmc" or getattr(source, "solver", "sgd") == "mcmc":
+            raise ValueError("init_from: solver='mcmc' models neither start from nor "
+                             "seed another model")
         if not isinstance(source, FM):
             raise ValueError(f"init_from: an FM can start only from an FM, got "
                              f"{type(source).__name__}")
@@ -101,7 +145,9 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
 
     def _predict_dataset(self, data):
         out = np.empty(data.n_rows, dtype=np.float32)
-        self._kernel_backend().fm_predict(data.X, self._params, int(bool(self.batch_norm)),
+        # an MCMC model's averaged predictor has no batch normalisation
+        batch_norm = bool(self.batch_norm) and getattr(self, "solver", "sgd") == "sgd"
+        self._kernel_backend().fm_predict(data.X, self._params, int(batch_norm),
                                           self._kernel_threads(), out)
         return out
 
@@ -116,9 +162,23 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
 
     # ----- persistence hooks ------------------------------------------------------------
     def _array_shapes(self, n_features):
-        k = self.n_factors
+        # an MCMC model's V holds its kept samples side by side (models.mcmc)
+        k = self.n_factors * (self.n_samples_ if self.solver == "mcmc" else 1)
         return {"V": (n_features, k), "w": (n_features,), "dense": (1 + 2 * k,),
                 "bn_stats": (2, k)}
+
+
+    def _header_extras(self):
+        return {"n_samples": self.n_samples_} if self.solver == "mcmc" else {}
+
+    def _load_header_extras(self, extras):
+        if self.solver == "mcmc":
+            n = extras.get("n_samples")
+            if not (isinstance(n, int) and not isinstance(n, bool)
+                    and 1 <= n <= self.n_iter):
+                raise ValueError(f"extras.n_samples is {n!r}, expected an integer in "
+                                 f"[1, {self.n_iter}] (n_iter)")
+            self.n_samples_ = n
 
 
 class FMClassifier(BinaryClassifier, *CLASSIFIER_BASES, FM):

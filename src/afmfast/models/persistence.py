@@ -24,7 +24,9 @@ asks for, it checks:
   ``feature_map`` null or the JSON of a ``FeatureMap`` of ``n_features`` features;
   ``field_names`` null or a list of strings, and then a ``fields`` member of
   ``n_features`` int32 fields in [-1, len(field_names));
-  ``extras`` an object, whose ``classes`` for a classifier are two distinct JSON scalars;
+  ``extras`` an object, whose ``classes`` for a classifier are two distinct JSON scalars
+  and whose ``n_samples`` for an ``FM(solver="mcmc")`` is the kept sample count (its V
+  holds that many samples side by side, ``afmfast.models.mcmc``);
 - the other members: exactly the arrays that the class and parameters imply, each
   declaring the size of a small ``.npy`` header plus its float32 data; then each
   ``.npy`` header (read with ``numpy.lib.format``) must give float32 and the expected

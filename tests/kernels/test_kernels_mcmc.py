@@ -1,0 +1,201 @@
+"""The Bayesian FM's Gibbs sampler (``afmfast.kernels.mcmc``): its float64 reference
+against dense linear algebra, the Numba sweep against the reference given the same
+draws, the plan's blocks, the counter-based normals, and bit-identical samples for any
+thread count."""
+import numpy as np
+import pytest
+
+from afmfast.kernels import mcmc
+from afmfast.kernels import mcmc_reference as ref
+from afmfast.kernels.numba import mcmc as nb_mcmc
+
+
+def fielded_rows(rng, n_rows, field_sizes, values=False):
+    """One-hot rows, one feature per field (fields are consecutive id ranges), as a CSR
+    triple; ``values``: real values of both signs instead of ones."""
+    offsets = np.concatenate([[0], np.cumsum(field_sizes)])
+    cols = np.stack([rng.integers(offsets[f], offsets[f + 1], n_rows)
+                     for f in range(len(field_sizes))], axis=1)
+    indptr = np.arange(0, n_rows * len(field_sizes) + 1, len(field_sizes), dtype=np.int64)
+    vals = (rng.uniform(0.5, 1.5, cols.size) * rng.choice([-1, 1], cols.size)
+            if values else np.zeros(0))
+    fields = np.repeat(np.arange(len(field_sizes)), field_sizes)
+    return (indptr, cols.reshape(-1).astype(np.int32), vals), int(offsets[-1]), fields
+
+
+def random_hyper(rng, n_groups, k):
+    return mcmc.Hyper(float(rng.uniform(0.5, 3.0)), rng.normal(0, 0.2, n_groups),
+                      rng.uniform(0.5, 4.0, n_groups), rng.normal(0, 0.2, (n_groups, k)),
+                      rng.uniform(0.5, 4.0, (n_groups, k)))
+
+
+def test_conditional_equals_bayesian_linear_regression_by_least_squares():
+    """The reference's conditional of w_j and v_jf (two dense predictions) equals the
+    posterior of a one-coefficient Bayesian linear regression, solved as a least-squares
+    problem with the design written from the FM's algebra (h = x_j for w_j, x_j sum_{l !=
+    j} v_lf x_l for v_jf) and the O(n k) form of the prediction."""
+    rng = np.random.default_rng(3)
+    n, M, k = 15, 6, 3
+    Xd = rng.normal(size=(n, M)) * (rng.random((n, M)) < 0.6)
+    y = rng.normal(size=n)
+    w0, w, V = 0.3, rng.normal(size=M), rng.normal(size=(M, k))
+    alpha, mu, lam = 1.7, 0.2, 2.5
+    yhat = w0 + Xd @ w + 0.5 * (((Xd @ V) ** 2) - (Xd ** 2) @ (V ** 2)).sum(axis=1)
+    for j in range(M):
+        for f in [None, *range(k)]:
+            if f is None:
+                h, theta = Xd[:, j], w[j]
+            else:
+                others = Xd @ V[:, f] - Xd[:, j] * V[j, f]
+                h, theta = Xd[:, j] * others, V[j, f]
+            target = y - (yhat - theta * h)
+            A = np.concatenate([np.sqrt(alpha) * h, [np.sqrt(lam)]])[:, None]
+            b = np.concatenate([np.sqrt(alpha) * target, [np.sqrt(lam) * mu]])
+            want_mean = np.linalg.lstsq(A, b, rcond=None)[0][0]
+            mean, precision = ref.conditional(Xd, y, w0, w, V, alpha, mu, lam, j, f)
+            assert precision == pytest.approx(float(A[:, 0] @ A[:, 0]), rel=1e-12)
+            assert mean == pytest.approx(want_mean, rel=1e-9, abs=1e-12)
+
+
+def test_normals_of_the_kernel_are_the_definition():
+    coords = np.arange(0, 5000, 7)
+    want = mcmc.coordinate_normals(2016, 3, coords)
+    got = np.array([nb_mcmc._normal(np.uint64(int(mcmc._stream_key(2016, mcmc.MCMC_STREAM,
+                                                                    3)[0])), int(c))
+                    for c in coords])
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+    many = mcmc.coordinate_normals(1, 0, np.arange(200_000))
+    assert abs(many.mean()) < 0.01 and abs(many.std() - 1.0) < 0.01
+    assert not np.array_equal(want, mcmc.coordinate_normals(2016, 4, coords))
+
+
+@pytest.mark.parametrize("values", [False, True])
+@pytest.mark.parametrize("given_groups", [False, True])
+def test_one_sweep_of_the_kernel_equals_the_reference(values, given_groups):
+    """Given the same hyperparameters and counter-based draws, the Numba sweep (fused
+    passes, caches, parallel blocks on 2 threads) gives the reference's samples up to
+    float rounding, and leaves its caches equal to y - yhat and X V."""
+    rng = np.random.default_rng(5)
+    X, M, fields = fielded_rows(rng, 40, [4, 3, 5], values)
+    k, n = 3, 40
+    Xd = ref.dense_rows(X, M)
+    y = rng.normal(size=n)
+    groups, n_groups = mcmc.hyper_groups(fields if given_groups else None, M)
+    w0, w, V = 0.1, rng.normal(0, 0.3, M), rng.normal(0, 0.3, (M, k))
+    hyper = random_hyper(rng, n_groups, k)
+    cols = nb_mcmc.mcmc_columns(X, M)
+    plan = nb_mcmc.mcmc_plan(X, cols, groups if given_groups else None)
+    q, yhat = np.empty((n, k)), np.empty(n)
+    nb_mcmc.mcmc_scores(X, w0, w, V, q, yhat, 1)
+    np.testing.assert_allclose(yhat, ref.predict(Xd, w0, w, V), rtol=1e-12, atol=1e-12)
+    e = y - yhat
+    w_k, V_k = w.copy(), V.copy()
+    nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 9, 4, 2,
+                       nb_mcmc.mcmc_workspace(cols, k, 2))
+    w_r, V_r = w.copy(), V.copy()
+    ref.sweep(Xd, y, w0, w_r, V_r, hyper, groups, plan.order, 9, 4)
+    np.testing.assert_allclose(w_k, w_r, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(V_k, V_r, rtol=1e-9, atol=1e-11)
+    assert not np.allclose(V_k, V)
+    np.testing.assert_allclose(e, y - ref.predict(Xd, w0, w_k, V_k), atol=1e-11)
+    np.testing.assert_allclose(q, Xd @ V_k, atol=1e-11)
+
+
+def test_plan_blocks_are_disjoint_fields_and_cover_every_feature():
+    rng = np.random.default_rng(1)
+    X, M, fields = fielded_rows(rng, 300, [6, 4, 9, 3])
+    cols = nb_mcmc.mcmc_columns(X, M + 2)  # two features no row holds
+    plan = nb_mcmc.mcmc_plan(X, cols)
+    assert sorted(plan.order.tolist()) == list(range(M + 2))
+    assert plan.parallel.all()
+    Xd = ref.dense_rows(X, M + 2) != 0
+    for b in range(len(plan.starts) - 1):
+        block = plan.order[plan.starts[b]:plan.starts[b + 1]]
+        assert Xd[:, block].sum(axis=1).max() <= 1  # no row holds two of them
+        assert (np.diff(block) > 0).all()
+    # given groups: one block per group; a group sharing rows is sampled serially
+    mixed = np.append(fields, [0, 0])
+    mixed[0] = 1  # feature 0 joins field 1, whose rows it shares
+    plan = nb_mcmc.mcmc_plan(X, cols, mixed)
+    assert plan.parallel.tolist() == [True, False, True, True]
+    assert plan.order[plan.starts[1]:plan.starts[2]].tolist() == [0, 6, 7, 8, 9]
+
+
+def test_column_view_refuses_repeated_and_out_of_range_ids():
+    X = (np.array([0, 2, 4]), np.array([0, 1, 2, 2], np.int32), np.zeros(0))
+    with pytest.raises(ValueError, match="row 1 holds a feature id twice"):
+        nb_mcmc.mcmc_columns(X, 3)
+    X = (np.array([0, 2]), np.array([0, 5], np.int32), np.zeros(0))
+    with pytest.raises(ValueError, match=r"row 0 holds a feature id outside \[0, 3\)"):
+        nb_mcmc.mcmc_columns(X, 3)
+
+
+def test_whole_iteration_and_reference_iteration_agree():
+    """Scalars (alpha, hyperparameters, w0) drawn from the same generator and the sweep:
+    two whole iterations of the reference and of the kernel path agree."""
+    rng = np.random.default_rng(8)
+    X, M, fields = fielded_rows(rng, 30, [3, 4, 2])
+    n, k = 30, 2
+    Xd = ref.dense_rows(X, M)
+    y = rng.normal(size=n)
+    groups, G = mcmc.hyper_groups(fields, M)
+    cols = nb_mcmc.mcmc_columns(X, M)
+    plan = nb_mcmc.mcmc_plan(X, cols)
+    w0_r, w_r, V_r = 0.0, np.zeros(M), rng.normal(0, 0.1, (M, k))
+    w0_k, w_k, V_k = w0_r, w_r.copy(), V_r.copy()
+    q, yhat = np.empty((n, k)), np.empty(n)
+    nb_mcmc.mcmc_scores(X, w0_k, w_k, V_k, q, yhat, 1)
+    e = y - yhat
+    for it in range(2):
+        w0_r, _ = ref.iteration(Xd, y, w0_r, w_r, V_r, groups, G, plan.order, 3, it)
+        hyper, w0 = mcmc.draw_scalars(w0_k, w_k, V_k, e, groups, G, 3, it)
+        e -= w0 - w0_k
+        w0_k = w0
+        nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 3, it, 1,
+                           nb_mcmc.mcmc_workspace(cols, k, 1))
+    assert w0_k == pytest.approx(w0_r, rel=1e-9)
+    np.testing.assert_allclose(V_k, V_r, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(w_k, w_r, rtol=1e-8, atol=1e-10)
+
+
+def test_samples_are_bit_identical_for_any_thread_count():
+    rng = np.random.default_rng(2)
+    X, M, _ = fielded_rows(rng, 5000, [40, 7, 300, 2], values=True)
+    n, k = 5000, 4
+    y = rng.normal(size=n)
+    cols = nb_mcmc.mcmc_columns(X, M)
+    plan = nb_mcmc.mcmc_plan(X, cols)
+    assert plan.parallel.any()
+    groups = np.zeros(M, np.int64)
+    runs = []
+    for threads in (1, 2, 3):
+        w, V = np.zeros(M), np.random.default_rng(0).normal(0, 0.1, (M, k))
+        q, yhat = np.empty((n, k)), np.empty(n)
+        nb_mcmc.mcmc_scores(X, 0.0, w, V, q, yhat, threads)
+        e = y - yhat
+        for it in range(3):
+            hyper, _ = mcmc.draw_scalars(0.0, w, V, e, groups, 1, 5, it)
+            nb_mcmc.mcmc_sweep(cols, plan, groups, w, V, e, q, hyper, 5, it, threads,
+                               nb_mcmc.mcmc_workspace(cols, k, threads))
+        runs.append((w, V, e))
+    for w, V, e in runs[1:]:
+        assert np.array_equal(w, runs[0][0]) and np.array_equal(V, runs[0][1])
+        assert np.array_equal(e, runs[0][2])
+
+
+def test_normal_gamma_draw_matches_importance_sampling_from_the_prior():
+    """The joint (mu, lam) draw against the posterior estimated without its formulas:
+    prior draws weighted by the likelihood of the values."""
+    values = np.array([0.8, 1.3, 0.4, 1.1, 0.9, 1.6])
+    rng = np.random.default_rng(4)
+    draws = [mcmc.normal_gamma_draw(values, rng) for _ in range(20000)]
+    mu, lam = np.array(draws).T
+    prior_lam = rng.gamma(mcmc.ALPHA_0 / 2, 2 / mcmc.GAMMA_0, 1_000_000)
+    prior_mu = mcmc.MU_0 + rng.standard_normal(prior_lam.size) / np.sqrt(
+        mcmc.BETA_0 * prior_lam)
+    loglik = (0.5 * len(values) * np.log(prior_lam)
+              - 0.5 * prior_lam * ((values[None, :] - prior_mu[:, None]) ** 2).sum(axis=1))
+    weight = np.exp(loglik - loglik.max())
+    weight /= weight.sum()
+    assert mu.mean() == pytest.approx(weight @ prior_mu, abs=0.02)
+    assert lam.mean() == pytest.approx(weight @ prior_lam, rel=0.05)
