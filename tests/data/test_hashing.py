@@ -352,3 +352,38 @@ def test_cli_converts_criteo_and_csv(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "d.csv"), "-o", str(tmp_path / "u"),
                  "--format", "csv"]) == 1
     assert "label: format 'csv' needs" in capsys.readouterr().err
+
+
+def test_a_dataframe_hashes_as_its_csv_converts(tmp_path):
+    """hash_frame gives a DataFrame the ids, values, labels and fields that convert gives
+    the same table written as CSV, missing cells and non-ASCII text included."""
+    pd = pytest.importorskip("pandas")
+    from afmfast.data.hashed_frames import hash_frame
+
+    rng = np.random.default_rng(3)
+    n = 400
+    frame = pd.DataFrame({
+        "user": rng.choice(["ann", "bob", "zoë", "", "x" * 40], n),
+        "hour": pd.array(np.where(rng.random(n) < 0.1, None, rng.integers(-3, 5000, n)),
+                         dtype="Int64"),
+        "price": np.where(rng.random(n) < 0.1, np.nan, rng.integers(0, 64, n) / 4.0),
+        "item": rng.integers(0, 50, n),
+        "click": rng.integers(0, 2, n).astype(float),
+    })
+    frame.loc[frame["user"] == "", "user"] = None  # a missing string cell
+    kinds = {"hour": "integer", "price": "numeric", "item": "categorical"}
+    path = tmp_path / "table.csv"
+    frame.to_csv(path, index=False)
+    convert(path, tmp_path / "store", format="csv", hash_bits=12, label="click",
+            kinds=kinds)
+    stored = open_store(tmp_path / "store")
+    hashed = hash_frame(frame, "click", hash_bits=12, kinds=kinds)
+    for name in ("indptr", "indices", "values", "y", "fields"):
+        np.testing.assert_array_equal(getattr(hashed, name), getattr(stored, name),
+                                      err_msg=name)
+    assert hashed.field_names == stored.field_names == ["user", "hour", "price", "item"]
+    assert hashed.n_features == stored.n_features == 4096
+    with pytest.raises(ValueError, match="kinds: 'item' has kind 'date'"):
+        hash_frame(frame, "click", kinds={"item": "date"})
+    with pytest.raises(ValueError, match="label: column 'clicks'"):
+        hash_frame(frame, "clicks")

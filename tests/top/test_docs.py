@@ -17,9 +17,9 @@ MODULES = ["afmfast", "afmfast.models.fm", "afmfast.models.afm", "afmfast.demo",
            "afmfast.data.libfm", "afmfast.models.base", "afmfast.models.persistence",
            "afmfast.metrics", "afmfast.kernels.dispatch", "afmfast.kernels.backends",
            "afmfast.models.training", "afmfast.data.store", "afmfast.data.hashing",
-           "afmfast.models.epoch_order"]
+           "afmfast.models.epoch_order", "afmfast.data.hashed_frames"]
 # Optional packages (the [test] extra) that a module's examples use.
-NEEDS = {"afmfast.data.encoding": "pandas", "afmfast.plotting": "matplotlib",
+NEEDS = {"afmfast.data.encoding": "pandas", "afmfast.data.hashed_frames": "pandas", "afmfast.plotting": "matplotlib",
          "afmfast.data.dataset": "scipy"}
 # Dunder methods that are public API (indexing); other dunders are not checked.
 PUBLIC_DUNDERS = {"__getitem__", "__call__", "__iter__"}
