@@ -242,6 +242,8 @@ def main():
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the text and the store")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-sync", action="store_true",
+                        help="convert with durable=False (no fsync: the page cache's speed)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="convert the text this many times into one store (a store "
                         "larger than memory from a text that is not)")
@@ -287,7 +289,7 @@ def main():
         with PeakAnon() as mem:
             t = time.perf_counter()
             header = afmfast.convert([text] * args.repeat, store, n_threads=args.threads,
-                                     **options)
+                                     durable=not args.no_sync, **options)
             seconds = time.perf_counter() - t
         print(f"convert: {size / 1e6:,.0f} MB in {seconds:.1f} s = {size / 1e6 / seconds:,.0f} "
               f"MB/s; peak RssAnon {mem.above_start / 2**20:,.0f} MiB above the start "

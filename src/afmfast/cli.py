@@ -178,6 +178,10 @@ def build_parser():
                          "largest id + 1)")
     convert.add_argument("--threads", type=int, default=None,
                          help="parser threads (default: all CPUs of this process)")
+    convert.add_argument("--no-sync", action="store_true",
+                         help="do not wait for the disk: faster, but after a power "
+                         "failure the new store may be incomplete (an interrupted "
+                         "conversion never leaves a half store)")
 
     demo = sub.add_parser("demo", help="train FM and AFM on built-in synthetic data")
     demo.add_argument("--threads", type=int, default=None,
@@ -248,7 +252,7 @@ def _convert(args):
                      n_threads=args.threads, label=args.label,
                      columns=None if args.columns is None else args.columns.split(","),
                      kinds=kinds or None,
-                     integers=args.integers)
+                     integers=args.integers, durable=not args.no_sync)
     print(f"{args.output}: {header['n_rows']} rows, {header['n_features']} features, "
           f"{header['nnz']} nonzeros")
     return 0

@@ -161,6 +161,27 @@ def test_convert_refuses_bad_arguments(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "plain"]
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_conversion_syncs_and_the_other_does_not(tmp_path, monkeypatch, durable):
+    """durable=True syncs every file it writes (columns and header); durable=False syncs
+    none, and writes the same store."""
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1 5:2\n-1 3:1\n" * 100)
+    synced = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd),
+                                                     real_fdatasync(fd)))
+    monkeypatch.setattr(store._ColumnFile, "SYNC_BYTES", 64)  # sync as the columns grow
+    convert(src, tmp_path / "s", durable=durable)
+    n_files = len(list((tmp_path / "s").iterdir()))  # 4 columns and the header
+    assert n_files == 5
+    assert (len(synced) > n_files) if durable else not synced
+    same_rows(open_store(tmp_path / "s"), afmfast.load_libfm(str(src)))
+    with pytest.raises(ValueError, match="durable must be True or False"):
+        convert(src, tmp_path / "t", durable="no")
+
+
 # ----- open_store: memory maps, and every kind of corruption named --------------------
 @pytest.fixture(params=["plain", "with fields"])
 def stored(tmp_path, request):

@@ -67,14 +67,16 @@ def _npy_prefix(dtype, length):
 
 
 class _ColumnFile:
-    """A .npy column written by appending; its header is fixed up by ``finish``."""
+    """A .npy column written by appending; its header is fixed up by ``finish``. With
+    ``durable`` it is on the disk when ``finish`` returns (synced as it grows);
+    without, in the page cache, for the kernel to write back."""
 
     #: bytes written between two fdatasync calls: the disk writes the column while the
     #: parser runs, instead of all of it in the final fsync
     SYNC_BYTES = 32 << 20
 
-    def __init__(self, path, dtype):
-        self.path, self.dtype, self.length = path, dtype, 0
+    def __init__(self, path, dtype, durable=True):
+        self.path, self.dtype, self.length, self.durable = path, dtype, 0, durable
         self.unsynced = 0
         self.fh = open(path, "wb")
         self.fh.write(_npy_prefix(dtype, 0))
@@ -84,7 +86,7 @@ class _ColumnFile:
         self.fh.write(memoryview(data).cast("B"))
         self.length += data.size
         self.unsynced += data.nbytes
-        if self.unsynced >= self.SYNC_BYTES:
+        if self.durable and self.unsynced >= self.SYNC_BYTES:
             self.fh.flush()
             os.fdatasync(self.fh.fileno())
             self.unsynced = 0
@@ -100,7 +102,8 @@ class _ColumnFile:
         self.fh.seek(0)
         self.fh.write(_npy_prefix(self.dtype, self.length))
         self.fh.flush()
-        os.fsync(self.fh.fileno())
+        if self.durable:
+            os.fsync(self.fh.fileno())
         self.fh.close()
 
 
@@ -113,9 +116,10 @@ class _StoreWriter:
     The columns are written by one background thread, so that the disk works while the
     caller parses the next chunk; at most one block waits for it (bounded memory). The
     values column is created only when a value other than 1 arrives (then the ones
-    before it are written first): one-hot data never writes it."""
+    before it are written first): one-hot data never writes it. ``durable``: see
+    ``convert``."""
 
-    def __init__(self, path):
+    def __init__(self, path, durable=True):
         from concurrent.futures import ThreadPoolExecutor
 
         self.path = os.path.abspath(os.fspath(path))
@@ -123,7 +127,8 @@ class _StoreWriter:
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"{path}: the parent directory {parent} does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=parent)
-        self.columns = {name: _ColumnFile(os.path.join(self.tmp, name), dtype)
+        self.durable = durable
+        self.columns = {name: self._column(name, dtype)
                         for name, dtype in COLUMNS if name != "values.npy"}
         self.columns["indptr.npy"].append(np.zeros(1, np.int64))  # indptr starts at 0
         self.values = None  # the values column, once a value other than 1 was seen
@@ -134,6 +139,9 @@ class _StoreWriter:
 
     def __enter__(self):
         return self
+
+    def _column(self, name, dtype):
+        return _ColumnFile(os.path.join(self.tmp, name), dtype, self.durable)
 
     def __exit__(self, *exc):
         if self.tmp is not None:  # not committed
@@ -170,7 +178,7 @@ class _StoreWriter:
         self.columns["indices.npy"].append(indices)
         self.columns["y.npy"].append(y)
         if new_values:
-            self.values = _ColumnFile(os.path.join(self.tmp, "values.npy"), "<f4")
+            self.values = self._column("values.npy", "<f4")
             self.values.append_ones(nnz_before)
         if self.values is not None:
             if values.size or not indices.size:
@@ -189,7 +197,7 @@ class _StoreWriter:
         fields_entry = None
         if fields is not None:
             blocks, names, shared = fields
-            column = _ColumnFile(os.path.join(self.tmp, FIELDS_FILE), "<i4")
+            column = self._column(FIELDS_FILE, "<i4")
             for block in blocks:
                 column.append(block)
             column.finish()
@@ -202,7 +210,8 @@ class _StoreWriter:
         with open(os.path.join(self.tmp, HEADER_FILE), "w") as fh:
             json.dump(header, fh, indent=1)
             fh.flush()
-            os.fsync(fh.fileno())
+            if self.durable:
+                os.fsync(fh.fileno())
         _replace_directory(self.tmp, self.path)
         self.tmp = None
         return header
@@ -311,7 +320,7 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
             hash_bits: int | None = None, n_features: int | None = None,
             n_threads: int | None = None, label: str | None = None,
             columns: Sequence[str] | None = None, kinds: dict | None = None,
-            integers: str = "bucket") -> dict:
+            integers: str = "bucket", durable: bool = True) -> dict:
     """Convert text data files into one store at ``output``; returns its header (a dict:
     ``n_rows``, ``nnz``, ``n_features``, ...). ``open_store(output)`` opens it.
 
@@ -336,6 +345,13 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
       (``Dataset.fields``), so ``AFM.field_attention`` needs no field array.
       ``afmfast.data.hashing`` specifies the hash, the buckets and the layouts.
 
+    ``durable`` (default True): the store is on the disk when ``convert`` returns (its
+    columns are synced as they grow, which bounds the conversion by the disk's write
+    rate). False leaves the writing back to the operating system, so a conversion runs
+    at the parser's speed while the page cache holds it; an interrupted conversion
+    still leaves no half store (the rename is atomic either way), but after a power
+    failure the new store may be incomplete.
+
     Examples
     --------
     >>> import os, tempfile
@@ -357,6 +373,8 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if not isinstance(durable, bool):
+        raise ValueError(f"durable must be True or False, got {durable!r}")
     hash_bits, kinds = hashing._check_options(format, hash_bits, n_features, label,
                                              columns, kinds, integers)
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -366,12 +384,12 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     n_threads = resolve_threads(n_threads)
     if hash_bits is not None:
         return _convert_hashed(paths, output, format, hash_bits, label, columns, kinds,
-                               integers, n_threads)
+                               integers, n_threads, durable)
     if n_features is not None:
         n_features = _check_n_features(n_features, -1, "indices")
     reader = _parser()
     limit = n_features if n_features is not None else _INT32_MAX + 1
-    with _StoreWriter(output) as writer:
+    with _StoreWriter(output, durable) as writer:
         for path in paths:
             for chunk, lines_before in _text_chunks(path, CONVERT_CHUNK_BYTES):
                 code, offset, indptr, indices, values, y, max_id = reader.parse(
@@ -384,14 +402,14 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
 
 
 def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, integers,
-                    n_threads):
+                    n_threads, durable):
     """``convert`` of the hashed formats (see ``afmfast.data.hashing``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     layout = hashing._Layout.criteo(hash_bits, integers) if format == "criteo" \
         else None
     tracker = None
-    with _StoreWriter(output) as writer, ThreadPoolExecutor(
+    with _StoreWriter(output, durable) as writer, ThreadPoolExecutor(
             n_threads, thread_name_prefix="afmfast-hash") as pool, ThreadPoolExecutor(
             1, thread_name_prefix="afmfast-fields") as background:
         for path in paths:
