@@ -106,6 +106,14 @@ def build_parser():
     fm.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     fm.add_argument("--batch_norm", type=int, default=1, choices=(0, 1),
                     help="batch normalisation of the interactions (default 1)")
+    fm.add_argument("--method", default="sgd", choices=("sgd", "mcmc"),
+                    help="sgd: the reference's training (default); mcmc: the Bayesian FM "
+                    "by Gibbs sampling, as libFM's -method mcmc (--epoch samples, "
+                    "averaged; --lr, --lamda, --keep, --batch_norm and --optimizer do not "
+                    "apply)")
+    fm.add_argument("--init_stdev", type=float, default=0.1,
+                    help="--method mcmc: standard deviation of the initial factors, as "
+                    "libFM's -init_stdev (default 0.1)")
 
     afm = sub.add_parser("afm", help="train or evaluate an Attentional Factorization "
                          "Machine (flags and defaults of the reference AFM.py)")
@@ -358,7 +366,14 @@ def _build_model(args):
                   optimizer=_optimizer(args), random_state=args.seed,
                   n_threads=args.threads, backend=args.backend, verbose=args.verbose)
     logistic = args.loss == "logistic"
-    if args.command == "fm":
+    if args.command == "fm" and args.method == "mcmc":
+        from afmfast.models.fm import FM, FMClassifier
+
+        model = (FMClassifier if logistic else FM)(
+            n_factors=args.hidden_factor, solver="mcmc", n_iter=args.epoch,
+            init_stdev=args.init_stdev, random_state=args.seed, n_threads=args.threads,
+            backend=args.backend, verbose=args.verbose)
+    elif args.command == "fm":
         from afmfast.models.fm import FM, FMClassifier
 
         model = (FMClassifier if logistic else FM)(
@@ -381,6 +396,9 @@ def _build_model(args):
 
 def _describe(args):
     loss = "" if args.loss == "squared" else f", loss={args.loss}"
+    if args.command == "fm" and args.method == "mcmc":
+        return (f"FM: dataset={args.dataset}, factors={args.hidden_factor}, method=mcmc, "
+                f"#iter={args.epoch}, init_stdev={args.init_stdev}{loss}")
     if args.command == "fm":
         return (f"FM: dataset={args.dataset}, factors={args.hidden_factor}, "
                 f"#epoch={args.epoch}, batch={args.batch_size}, lr={args.lr:.4f}, "
@@ -508,7 +526,7 @@ _FLAGS = {"n_factors": "--hidden_factor", "attention_size": "--hidden_factor",
           "keep": "--keep", "keep[0]": "--keep", "keep[1]": "--keep", "l2": "--lamda",
           "l2_attention": "--lamda_attention", "n_threads": "--threads",
           "random_state": "--seed", "activation": "--activation",
-          "batch_norm": "--batch_norm"}
+          "batch_norm": "--batch_norm", "n_iter": "--epoch", "init_stdev": "--init_stdev"}
 
 
 def _flag_message(message):

@@ -76,6 +76,35 @@ def test_named_files_threads_backend_seed_and_save(data_dir, tmp_path, capsys):
     assert not (tmp_path / "pretrain").exists()
 
 
+def test_method_mcmc_trains_the_bayesian_fm(data_dir, tmp_path, capsys):
+    """--method mcmc (libFM's -method) samples --epoch iterations and saves the averaged
+    model, which predicts as FM(solver="mcmc") with the same settings does."""
+    import afmfast
+
+    d = data_dir / "toy"
+    saved = tmp_path / "m.npz"
+    code, out, err = _run(capsys, "fm", "--train", str(d / "toy.train.libfm"),
+                          "--validation", str(d / "toy.validation.libfm"),
+                          "--test", str(d / "toy.test.libfm"), "--method", "mcmc",
+                          "--epoch", "5", "--hidden_factor", "4", "--init_stdev", "0.2",
+                          "--pretrain", "0", "--save", str(saved), "--threads", "1")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == ("FM: dataset=toy, factors=4, method=mcmc, #iter=5, "
+                        "init_stdev=0.2")
+    assert sum(line.startswith("Iteration ") for line in lines) == 5
+    assert any(line.startswith("Test RMSE: ") for line in lines)
+    model = afmfast.load(str(saved))
+    direct = afmfast.FM(solver="mcmc", n_factors=4, n_iter=5, init_stdev=0.2,
+                        n_threads=1, verbose=0).fit(afmfast.load_libfm(
+                            str(d / "toy.train.libfm")))
+    test = afmfast.load_libfm(str(d / "toy.test.libfm"))
+    np.testing.assert_array_equal(model.predict(test), direct.predict(test))
+    code, out, err = _run(capsys, "fm", "--path", str(data_dir), "--dataset", "toy",
+                          "--method", "mcmc", "--init_stdev", "-1")
+    assert code == 2 and "--init_stdev" in err
+
+
 @pytest.mark.parametrize("flags,needle", [
     (("--hidden_factor", "0"), "--hidden_factor"),
     (("--keep", "1.5"), "--keep"),
