@@ -214,3 +214,38 @@ def test_a_killed_worker_stops_the_fit_with_the_last_synchronised_model(client, 
     assert np.all(np.isfinite(scores))
     fresh = afmfast.FM(n_epochs=0, **SMALL).fit(afmfast.open_store(stores["train"]))
     assert not same_params(local, fresh)  # trained, not the initial tables
+
+
+def test_worker_module_examples():
+    import doctest
+
+    import afmfast.dask.worker
+
+    assert doctest.testmod(afmfast.dask.worker, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_dask_dataframe_partitions_are_hash_encoded_on_the_workers(client):
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    from afmfast.dask.hashing import hash_encode
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    users, items = rng.integers(0, 50, n), rng.integers(0, 80, n)
+    effect_u, effect_i = rng.normal(size=50), rng.normal(size=80)
+    frame = pd.DataFrame({"user": [f"u{u}" for u in users], "item": items,
+                          "hour": rng.uniform(0, 1, n),
+                          "rating": (effect_u[users] + effect_i[items]).astype(np.float32)})
+    train, valid = dd.from_pandas(frame[:3200], npartitions=4), dd.from_pandas(frame[3200:],
+                                                                               npartitions=2)
+    model = DaskFM(n_epochs=8, client=client, learning_rate=0.05, **{
+        k: v for k, v in SMALL.items()})
+    model.fit(train, "rating", validation=valid, n_features=4096)
+    assert model.history_[-1]["valid_rmse"] < 0.8 * model.history_[0]["valid_rmse"]
+    predicted = model.predict(valid).compute()
+    local = model.to_local().predict(hash_encode(frame[3200:], "rating", 4096))
+    np.testing.assert_array_equal(predicted.to_numpy(), local)
+    assert model.evaluate(valid)["rmse"] == pytest.approx(model.history_[-1]["valid_rmse"]) \
+        or model.best_epoch_ != len(model.history_)
+    with pytest.raises(ValueError, match="label column's name"):
+        model.fit(train)

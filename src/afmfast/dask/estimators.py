@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from afmfast.dask.worker import Aborted, ShardWorker, score_sums
+from afmfast.dask.hashing import DEFAULT_HASH_FEATURES, hash_encode
+from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, score_sums
 from afmfast.data.store import open_store
 from afmfast.kernels import backends
 from afmfast.metrics import HIGHER_IS_BETTER
@@ -95,6 +96,12 @@ def assign_shards(paths, n_workers):
     return [[(p, i, n_workers) for p in paths] for i in range(n_workers)]
 
 
+def _is_dask_frame(X):
+    """Whether X is a dask.dataframe DataFrame (without importing dask.dataframe)."""
+    return any(c.__module__.startswith("dask.dataframe") and c.__name__ == "DataFrame"
+               for c in type(X).__mro__)
+
+
 async def _result(future):
     return await future
 
@@ -114,6 +121,7 @@ class _Fit:
         self.futures = futures
         self.actors = client.gather(futures)
         self.syncs_done = 0
+        self.held = []  # futures of hash-encoded partitions
 
     def lost(self, alive):
         return [a for a in self.addresses if a not in alive]
@@ -176,9 +184,41 @@ class _Fit:
 
         return client.sync(run)
 
+    def encode(self, frame, hashing, name):
+        """Hash-encode the partitions of the Dask DataFrame ``frame`` on the workers,
+        partition p on worker p mod n; each worker's shards: (MEMORY, key) of the
+        Datasets it holds."""
+        if not _is_dask_frame(frame):
+            raise TypeError(f"{name} must be a Dask DataFrame like X, got "
+                            f"{type(frame).__name__}")
+        if hashing["label"] not in frame.columns:
+            raise ValueError(f"{name}: no label column {hashing['label']!r}")
+        import dask
+
+        n = len(self.addresses)
+        shards = [[] for _ in range(n)]
+        for p, part in enumerate(frame.to_delayed()):
+            encoded = dask.delayed(hash_encode)(part, hashing["label"],
+                                                hashing["n_features"],
+                                                hashing["categorical"])
+            future = self.client.compute(encoded, workers=[self.addresses[p % n]],
+                                         allow_other_workers=False)
+            self.held.append(future)
+            shards[p % n].append((MEMORY, future.key))
+        self.wait_futures(self.held)
+        return shards
+
+    def wait_futures(self, futures):
+        from distributed import wait
+
+        wait(futures)
+        for future in futures:
+            if future.status == "error":
+                future.result()  # raises the task's error
+
     def close(self):
-        self.client.cancel(self.futures)
-        self.actors = self.futures = None
+        self.client.cancel(self.futures + self.held)
+        self.actors = self.futures = self.held = None
 
 
 def _signature(local_class):
@@ -286,20 +326,23 @@ class DaskModel:
 
     # ----- training ----------------------------------------------------------------------
     def fit(self, X, y=None, *, validation=None, init_from=None,
-            callbacks: Sequence[Callable] | None = None,
-            metric: str | None = None) -> DaskModel:
+            callbacks: Sequence[Callable] | None = None, metric: str | None = None,
+            categorical: Sequence[str] | None = None,
+            n_features: int | None = None) -> DaskModel:
         """Train on the cluster; from scratch unless ``init_from`` is given.
 
         Parameters
         ----------
-        X : store path or list of store paths
+        X : store path, list of store paths, or dask.dataframe.DataFrame
             Binary stores (``afmfast.write_store``, ``afmfast.convert``) that every
             worker can read at the same path. With at least as many stores as workers
             each worker trains whole stores; otherwise every store is cut into one
-            row range per worker.
-        y : None
-            The labels are the stores' own.
-        validation : store path or list of store paths, optional
+            row range per worker. A Dask DataFrame's partitions are hash-encoded on
+            the workers (``afmfast.dask.hashing``, no global vocabulary), partition p
+            on worker p mod n_workers.
+        y : None, or the label column's name for a DataFrame
+            The stores' labels are their own.
+        validation : like X, optional
             Scored on the workers after every epoch (sums added up by the driver);
             drives early stopping and the best-epoch restore as in a single process.
         init_from : fitted local model, DaskModel, or path of a saved model, optional
@@ -309,6 +352,10 @@ class DaskModel:
             stops training.
         metric : str, optional
             "rmse" for regressors; "logloss" (default) or "accuracy" for classifiers.
+        categorical : list of str, optional
+            DataFrame only: float columns to hash as categories.
+        n_features : int, optional
+            DataFrame only: the size of the hashed feature space (default 2^20).
 
         Returns
         -------
@@ -332,9 +379,14 @@ class DaskModel:
         >>> len(model.history_), type(model.to_local()).__name__
         (2, 'FM')
         """
-        if y is not None:
+        frame = _is_dask_frame(X)
+        if frame and not isinstance(y, str):
+            raise ValueError("y: with a Dask DataFrame X, pass the label column's name")
+        if not frame and y is not None:
             raise ValueError("y: a Dask fit reads the labels from the stores (their y "
                              "column); pass y=None")
+        if not frame and (categorical is not None or n_features is not None):
+            raise ValueError("categorical and n_features apply to a Dask DataFrame X only")
         _check_int("sync_every", self.sync_every, 1)
         if self.merge not in MERGE_RULES:
             raise ValueError(f"merge must be one of {MERGE_RULES}, got {self.merge!r}")
@@ -345,16 +397,31 @@ class DaskModel:
         if monitor not in allowed:
             raise ValueError(f"metric must be one of {allowed} on Dask (validation is "
                              f"summed over the workers), got {metric!r}")
-        train_paths = _paths(X, "X")
-        valid_paths = [] if validation is None else _paths(validation, "validation")
+        if not frame:
+            train_paths = _paths(X, "X")
+            valid_paths = [] if validation is None else _paths(validation, "validation")
         if init_from is not None:
             init_from = init_from.to_local() if isinstance(init_from, DaskModel) \
                 else _as_model(init_from)
         fit = _Fit(self._client())
         self.sync_log_ = []
         try:
-            self._run(fit, local, train_paths, valid_paths, init_from,
-                      list(callbacks or ()), monitor)
+            if frame:
+                hashing = {"label": y, "n_features": int(
+                    DEFAULT_HASH_FEATURES if n_features is None else n_features),
+                    "categorical": list(categorical or ()),
+                    "columns": [c for c in X.columns if c != y]}
+                shards = fit.encode(X, hashing, "X")
+                valid_shards = (fit.encode(validation, hashing, "validation")
+                                if validation is not None else [[]] * len(fit.actors))
+            else:
+                hashing = None
+                shards = assign_shards(train_paths, len(fit.actors))
+                valid_shards = (assign_shards(valid_paths, len(fit.actors)) if valid_paths
+                                else [[]] * len(fit.actors))
+            self._run(fit, local, shards, valid_shards, init_from, list(callbacks or ()),
+                      monitor)
+            self.hashing_ = hashing
         except BaseException as exc:
             # every worker stops waiting for its peers (a worker thread left waiting
             # would block the next fit's actors on that worker)
@@ -371,10 +438,8 @@ class DaskModel:
             fit.close()
         return self
 
-    def _run(self, fit, local, train_paths, valid_paths, init_from, callbacks, monitor):
+    def _run(self, fit, local, shards, valid_shards, init_from, callbacks, monitor):
         n = len(fit.actors)
-        shards = assign_shards(train_paths, n)
-        valid_shards = assign_shards(valid_paths, n) if valid_paths else [[]] * n
         cls, params = self._local_class, self._local_params()
         infos = fit.wait([a.open(cls, params, shards[i], valid_shards[i], i, n,
                                  local._is_classifier) for i, a in enumerate(fit.actors)])
@@ -398,7 +463,7 @@ class DaskModel:
         local.n_features_in_ = n_features
         self.n_workers_ = n
         self.workers_ = [info["address"] for info in infos]
-        valid = bool(valid_paths)
+        valid = any(valid_shards)
         sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
         best_valid, history, best_epoch = -math.inf, [], 0
         round_id = 0
@@ -480,6 +545,13 @@ class DaskModel:
         self.best_epoch_ = local.best_epoch_
         self.n_features_in_ = local.n_features_in_
 
+    def _hashing(self):
+        hashing = getattr(self, "hashing_", None)
+        if hashing is None:
+            raise ValueError(f"this {type(self).__name__} was fitted on stores: predict and "
+                             "evaluate take store paths (or local data), not a DataFrame")
+        return hashing
+
     # ----- results -----------------------------------------------------------------------
     def to_local(self):
         """The fitted local estimator (``afmfast.FM``, ``AFM``, ``FMClassifier`` or
@@ -504,8 +576,10 @@ class DaskModel:
 
     def predict(self, X):
         """Predictions for a store path or a list of them, as a lazy ``dask.array``
-        (one chunk per store, computed on the workers); any other X (a Dataset,
-        matrix, array) is predicted here by ``to_local()``.
+        (one chunk per store, computed on the workers); for a Dask DataFrame (of a
+        model fitted on one), a lazy Series mapped over its partitions, each
+        hash-encoded where it lives; any other X (a Dataset, matrix, array) is
+        predicted here by ``to_local()``.
 
         Examples
         --------
@@ -514,6 +588,11 @@ class DaskModel:
         'predict'
         """
         model = self.to_local()
+        if _is_dask_frame(X):
+            hashing = self._hashing()
+            dtype = model.classes_.dtype if model._is_classifier else np.float32
+            return X.map_partitions(_predict_frame, model, hashing,
+                                    meta=("prediction", dtype))
         try:
             paths = _paths(X, "X")
         except TypeError:
@@ -529,8 +608,9 @@ class DaskModel:
             for p, n in zip(paths, counts)])
 
     def evaluate(self, X) -> dict:
-        """The metrics of the fitted model on a store path or list of them, summed on
-        the workers ("rmse"; classifiers "logloss" and "accuracy"); any other X is
+        """The metrics of the fitted model on a store path or list of them, or on a Dask
+        DataFrame holding the label column (a model fitted on one), summed on the
+        workers ("rmse"; classifiers "logloss" and "accuracy"); any other X is
         evaluated here by ``to_local()``.
 
         Examples
@@ -540,11 +620,23 @@ class DaskModel:
         'evaluate'
         """
         model = self.to_local()
+        import dask
+
+        if _is_dask_frame(X):
+            hashing = self._hashing()
+            parts = [dask.delayed(_encode_frame)(p, hashing, model)
+                     for p in X.to_delayed()]
+            ranges = dask.compute(*[dask.delayed(_label_range)(p) for p in parts])
+            ranges = [r for r in ranges if r is not None]
+            bounds = ((min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges
+                      else None)
+            sums = dask.compute(*[dask.delayed(score_sums)(model, [p], bounds)
+                                  for p in parts])
+            return _metrics(model, sums)
         try:
             paths = _paths(X, "X")
         except TypeError:
             return model.evaluate(X)
-        import dask
 
         ranges = dask.compute(*[dask.delayed(_label_range)(p) for p in paths])
         ranges = [r for r in ranges if r is not None]
@@ -569,9 +661,25 @@ def _store_rows(path):
     return open_store(path).n_rows
 
 
-def _label_range(path):
-    y = open_store(path).y
+def _label_range(source):
+    y = (open_store(source) if isinstance(source, str) else source).y
     return (float(y.min()), float(y.max())) if len(y) else None
+
+
+def _encode_frame(frame, hashing, model=None):
+    """A partition hash-encoded as the fit encoded its rows (the label column, when
+    present, as labels; a classifier's as 0/1 targets)."""
+    label = hashing["label"] if hashing["label"] in frame.columns else None
+    columns = hashing["columns"] + ([label] if label is not None else [])
+    data = hash_encode(frame[columns], label, hashing["n_features"], hashing["categorical"])
+    return data if model is None or label is None else _classes_labels(model, data)
+
+
+def _predict_frame(frame, model, hashing):
+    import pandas as pd
+
+    return pd.Series(model.predict(_encode_frame(frame, hashing)), index=frame.index,
+                     name="prediction")
 
 
 def _classes_labels(model, data):
@@ -595,7 +703,7 @@ class DaskFM(DaskModel):
     --------
     >>> from afmfast.dask import DaskFM
     >>> DaskFM(n_factors=8, sync_every=4)
-    DaskFM(n_factors=8, ...sync_every=4)
+    DaskFM(n_factors=8, ...sync_every=4, merge='sum')
     """
 
     _local_class = FM

@@ -17,6 +17,7 @@ the client reading it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import os
 import time
@@ -28,6 +29,8 @@ from afmfast.data.store import open_store
 from afmfast.metrics import logloss
 from afmfast.models.training import Trainer, TrainingDivergedError, _copy_params, _whole_batches
 
+#: the first item of a shard held in a worker's memory: (MEMORY, key of a Dask future)
+MEMORY = "<memory>"
 #: seconds between two checks for an abort while a worker waits for its peers
 POLL_SECONDS = 0.25
 
@@ -57,8 +60,9 @@ def _address():
 
 
 def open_shard(shard, name="X"):
-    """The rows of ``shard`` ((path, part, parts)) as a Dataset; a store that fails to
-    open raises ``ShardError`` naming the file and this worker.
+    """The rows of ``shard`` ((path, part, parts), or (MEMORY, key) for a Dataset in
+    this worker's memory) as a Dataset; a store that fails to open raises
+    ``ShardError`` naming the file and this worker.
 
     Examples
     --------
@@ -73,6 +77,14 @@ def open_shard(shard, name="X"):
     ...     print(str(exc).split(": ", 1)[1][-40:])
     s.store.missing: no such store directory
     """
+    if shard[0] == MEMORY:  # a partition that this worker holds (hash-encoded frames)
+        from distributed import get_worker
+
+        try:
+            return get_worker().data[shard[1]]
+        except KeyError:
+            raise ShardError(f"{_address()}: {name} partition {shard[1]!r} is not in this "
+                             f"worker's memory") from None
     path, part, parts = shard
     try:
         data = open_store(path)
@@ -85,6 +97,18 @@ def open_shard(shard, name="X"):
         return data
     n = data.n_rows
     return data[n * part // parts:n * (part + 1) // parts]
+
+
+def _call(method, *args):
+    """Call an async actor method from the actor's thread; something with
+    ``result(timeout)``. Dask hands a peer in the same process (an in-process
+    LocalCluster) back as the bare coroutine, which then runs on this worker's loop."""
+    out = method(*args)
+    if inspect.iscoroutine(out):
+        from distributed import get_worker
+
+        return asyncio.run_coroutine_threadsafe(out, get_worker().loop.asyncio_loop)
+    return out
 
 
 def worker_seed(seed: int, index: int) -> int:
@@ -301,7 +325,7 @@ class ShardWorker:
         spent waiting for them and the bytes received."""
         t = time.perf_counter()
         peers = self.peers
-        futures = {i: peer.payload(round_id) for i, peer in enumerate(peers)
+        futures = {i: _call(peer.payload, round_id) for i, peer in enumerate(peers)
                    if i != self.index}
         payloads = []
         for i in range(len(peers)):
