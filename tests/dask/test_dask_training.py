@@ -24,7 +24,7 @@ from afmfast.dask import (  # noqa: E402
     ShardError,
     WorkerLostError,
 )
-from afmfast.dask.averaging import Payload, merge  # noqa: E402
+from afmfast.dask.averaging import Payload, merge_into  # noqa: E402
 from afmfast.demo import make_demo_data  # noqa: E402
 from helpers.paths import FRAPPE  # noqa: E402
 
@@ -86,11 +86,16 @@ def test_merge_averages_rows_over_the_workers_that_touched_them():
                  (np.array([3.0, 5.0], np.float32),), 2)
     idle = Payload(np.zeros(0, np.int32), (np.zeros((0, 1), np.float32),),
                    (np.array([100.0, 100.0], np.float32),), 0)
-    m = merge([p0, p1, idle])
-    assert m.ids.tolist() == [1, 3, 4]
-    assert m.sparse[0].ravel().tolist() == [2.0, 6.0, 6.0]  # row 1 alone, row 3 mean
-    assert m.dense[0].tolist() == [2.0, 3.0]  # the idle worker's copy is left out
-    assert m.batches == 5
+    for rule, row3, dense in ((None, 6.0, [2.0, 3.0]), (([True], [True]), 11.0, [3.0, 5.0])):
+        V = np.full((6, 1), 1.0, np.float32)
+        synced, d, synced_d = V.copy(), [np.ones(2, np.float32)], [np.ones(2, np.float32)]
+        count = np.zeros(6, np.int32)
+        merge_into([p0, p1, idle], [V], [synced], d, synced_d, rule, count)
+        # row 1 alone keeps worker 0's value; untouched rows keep theirs; the idle
+        # worker's dense copy is left out
+        assert V.ravel().tolist() == [1.0, 2.0, 1.0, row3, 6.0, 1.0]
+        assert d[0].tolist() == dense and np.array_equal(synced, V)
+        assert not count.any()
 
 
 def test_one_worker_trains_exactly_as_a_single_process(client1, stores):

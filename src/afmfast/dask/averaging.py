@@ -67,21 +67,20 @@ class Payload(NamedTuple):
 
 
 def row_tables(params, state, optimizer: str) -> list[np.ndarray]:
-    """Views of the sparse tables with the feature id on the first axis: ``V``, ``w``
-    and the optimiser slots in use of each (state (slots, M, ...) seen as (M, slots,
-    ...)). Writing ``view[ids] = rows`` writes the tables themselves.
+    """2-D views (M, width) of the sparse tables, the feature id first: ``V``, ``w``,
+    then each optimiser slot in use of ``V`` and ``w``. Writing a view's rows writes
+    the tables themselves.
 
     Examples
     --------
     >>> from afmfast.kernels.api import new_fm_params, new_opt_state, ADAGRAD
     >>> params = new_fm_params(10, 4, np.random.default_rng(0))
     >>> [t.shape for t in row_tables(params, new_opt_state(params, ADAGRAD), "adagrad")]
-    [(10, 4), (10,), (10, 1, 4), (10, 1)]
+    [(10, 4), (10, 1), (10, 4), (10, 1)]
     """
-    slots = SLOTS[optimizer]
-    tables = [getattr(params, name) for name in SPARSE_FIELDS]
-    if slots:
-        tables += [np.moveaxis(getattr(state, name)[:slots], 1, 0) for name in SPARSE_FIELDS]
+    tables = [params.V, params.w.reshape(-1, 1)]
+    for slot in range(SLOTS[optimizer]):
+        tables += [state.V[slot], state.w[slot].reshape(-1, 1)]
     return tables
 
 
@@ -134,7 +133,7 @@ def additive_tables(params, optimizer: str) -> tuple[list[bool], list[bool]]:
     """
     slots = SLOTS[optimizer]
     state = optimizer == "adagrad"
-    rows = [True] * len(SPARSE_FIELDS) + ([state] * len(SPARSE_FIELDS) if slots else [])
+    rows = [True] * len(SPARSE_FIELDS) + [state] * (len(SPARSE_FIELDS) * slots)
     dense_names = [n for n in params._fields if n not in SPARSE_FIELDS]
     dense = [n != "bn_stats" for n in dense_names]
     if slots:
@@ -142,77 +141,80 @@ def additive_tables(params, optimizer: str) -> tuple[list[bool], list[bool]]:
     return rows, dense
 
 
-def merge(payloads: list[Payload], base_rows=None, base_dense=None,
-          additive: tuple[list[bool], list[bool]] | None = None) -> Payload:
-    """The merged payload of the workers' ``payloads`` (in worker order); its ids are
-    the union of theirs. A table marked additive (``additive_tables``) becomes the last
-    synchronisation's value (``base_rows``, ``base_dense``: the synchronised tables,
-    as ``row_tables`` and ``dense_tables`` lay them out) plus the sum of the workers'
-    changes; any other table the mean over the workers that touched the row (sparse
+def merge_into(payloads: list[Payload], rows: list[np.ndarray], synced_rows: list[np.ndarray],
+               dense: list[np.ndarray], synced_dense: list[np.ndarray],
+               additive: tuple[list[bool], list[bool]] | None, count: np.ndarray) -> None:
+    """Merge the workers' ``payloads`` (in worker order) into the live tables (``rows``,
+    ``dense``: ``row_tables`` and ``dense_tables``) and record the result as the last
+    synchronisation's (``synced_rows``, ``synced_dense``, copies laid out alike).
+
+    A table marked additive (``additive_tables``) becomes its synchronised value plus
+    the sum of the workers' changes, as if one process had trained all their batches;
+    any other table becomes the mean over the workers that touched the row (sparse
     tables) or that trained (dense tables; all of them if none did). Without
-    ``additive`` every table is a mean.
+    ``additive`` every table is a mean. Every worker runs the same operations in the
+    same order on the same payloads, so all of them end with identical tables.
+    ``count`` is int32 scratch of one entry per feature, zero between calls.
 
     Examples
     --------
-    >>> a = Payload(np.array([0, 2], np.int32), (np.array([1.0, 3.0], np.float32),),
+    >>> V, base = np.zeros((6, 1), np.float32), np.zeros((6, 1), np.float32)
+    >>> a = Payload(np.array([0, 2], np.int32), (np.array([[1.0], [3.0]], np.float32),),
     ...             (np.array([1.0], np.float32),), 1)
-    >>> b = Payload(np.array([2, 5], np.int32), (np.array([5.0, 7.0], np.float32),),
+    >>> b = Payload(np.array([2, 5], np.int32), (np.array([[5.0], [7.0]], np.float32),),
     ...             (np.array([3.0], np.float32),), 1)
-    >>> m = merge([a, b])
-    >>> m.ids.tolist(), m.sparse[0].tolist(), m.dense[0].tolist()
-    ([0, 2, 5], [1.0, 4.0, 7.0], [2.0])
-    >>> base = [np.zeros(6, np.float32)], [np.zeros(1, np.float32)]
-    >>> m = merge([a, b], *base, additive=([True], [True]))
-    >>> m.sparse[0].tolist(), m.dense[0].tolist()  # row 2: 0 + (3 - 0) + (5 - 0)
-    ([1.0, 8.0, 7.0], [4.0])
+    >>> d, d0 = [np.zeros(1, np.float32)], [np.zeros(1, np.float32)]
+    >>> scratch = np.zeros(6, np.int32)
+    >>> merge_into([a, b], [V], [base], d, d0, None, scratch)  # means
+    >>> V.ravel().tolist(), d[0].tolist(), base.ravel().tolist() == V.ravel().tolist()
+    ([1.0, 0.0, 4.0, 0.0, 0.0, 7.0], [2.0], True)
+    >>> V[...] = base[...] = 0; d0[0][...] = 0
+    >>> merge_into([a, b], [V], [base], d, d0, ([True], [True]), scratch)  # sums
+    >>> V.ravel().tolist(), d[0].tolist()  # row 2: 0 + (3 - 0) + (5 - 0)
+    ([1.0, 0.0, 8.0, 0.0, 0.0, 7.0], [4.0])
     """
-    n_rows = len(payloads[0].sparse)
-    n_dense = len(payloads[0].dense)
-    row_add, dense_add = additive if additive is not None else ([False] * n_rows,
-                                                                 [False] * n_dense)
-    ids = np.unique(np.concatenate([p.ids for p in payloads])).astype(np.int32)
-    positions = [np.searchsorted(ids, p.ids) for p in payloads]
-    counts = np.zeros(len(ids), np.float64)
-    for pos in positions:
-        counts[pos] += 1.0
-    sparse = []
-    for t in range(n_rows):
-        first = payloads[0].sparse[t]
-        total = np.zeros((len(ids),) + first.shape[1:], np.float64)
-        for p, pos in zip(payloads, positions):
-            total[pos] += p.sparse[t]  # ids are unique within a payload
-        shape = (-1,) + (1,) * (total.ndim - 1)
-        if row_add[t]:  # base + sum of (x_i - base) over the touchers
-            total -= (counts - 1.0).reshape(shape) * base_rows[t][ids]
-        else:
-            total /= counts.reshape(shape)
-        sparse.append(total.astype(first.dtype))
+    row_add, dense_add = additive if additive is not None else (
+        [False] * len(rows), [False] * len(dense))
+    ids = np.concatenate([p.ids for p in payloads])
+    for t, (live, synced) in enumerate(zip(rows, synced_rows)):
+        values = np.concatenate([p.sparse[t] for p in payloads])
+        _merge_rows(live, synced, ids, values.reshape(len(ids), -1), count, row_add[t])
     trained = [p for p in payloads if p.batches > 0] or payloads
-    dense = []
-    for t in range(n_dense):
+    for t, (live, synced) in enumerate(zip(dense, synced_dense)):
         total = sum(p.dense[t].astype(np.float64) for p in trained)
         if dense_add[t]:
-            total -= (len(trained) - 1) * base_dense[t].astype(np.float64)
+            total -= (len(trained) - 1) * synced.astype(np.float64)
         else:
             total /= len(trained)
-        dense.append(total.astype(trained[0].dense[t].dtype))
-    return Payload(ids, tuple(sparse), tuple(dense), sum(p.batches for p in payloads))
+        live[...] = total
+        synced[...] = live
 
 
-def apply(payload: Payload, rows: list[np.ndarray], dense: list[np.ndarray]) -> None:
-    """Write ``payload`` into the tables (``row_tables`` and ``dense_tables`` views).
-
-    Examples
-    --------
-    >>> V = np.zeros((4, 2), np.float32)
-    >>> apply(Payload(np.array([3], np.int32), (np.ones((1, 2), np.float32),), (), 1), [V], [])
-    >>> V[3].tolist(), V[0].tolist()
-    ([1.0, 1.0], [0.0, 0.0])
-    """
-    for table, values in zip(rows, payload.sparse):
-        table[payload.ids] = values
-    for table, values in zip(dense, payload.dense):
-        table[...] = values
+@numba.njit(cache=True, nogil=True)
+def _merge_rows(live, synced, ids, values, count, additive):  # pragma: no cover - compiled
+    # rows in worker order: the same float32 operations in the same order on every worker
+    width = live.shape[1]
+    for j in range(len(ids)):
+        r = ids[j]
+        count[r] += 1
+        for c in range(width):
+            live[r, c] = synced[r, c] if additive else 0.0
+    for j in range(len(ids)):
+        r = ids[j]
+        for c in range(width):
+            if additive:
+                live[r, c] += values[j, c] - synced[r, c]
+            else:
+                live[r, c] += values[j, c]
+    for j in range(len(ids)):
+        r = ids[j]
+        if count[r] == 0:
+            continue  # done: a row that several workers touched
+        for c in range(width):
+            if not additive:
+                live[r, c] /= count[r]
+            synced[r, c] = live[r, c]
+        count[r] = 0
 
 
 class TouchedRows:

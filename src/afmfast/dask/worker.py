@@ -235,6 +235,7 @@ class ShardWorker:
         self.touched = averaging.TouchedRows(n_features)
         self.additive = averaging.additive_tables(trainer.params, model.optimizer)
         self.merge_rule = merge
+        self._count = np.zeros(n_features, np.int32)  # merge scratch
         # the last synchronisation's tables, updated row by row at each synchronisation
         self._synced_rows = [np.array(t) for t in self.rows]
         self._synced_dense = [t.copy() for t in self.dense]
@@ -281,13 +282,14 @@ class ShardWorker:
             self._payload, self._round = payload, round_id
             payloads, waited, received = self._fetch(round_id, payload)
             t2 = time.perf_counter()
-            merged = averaging.merge(payloads, self._synced_rows, self._synced_dense,
-                                     self.additive if self.merge_rule == "sum" else None)
-            averaging.apply(merged, self.rows, self.dense)
-            ids = merged.ids
+            averaging.merge_into(payloads, self.rows, self._synced_rows, self.dense,
+                                 self._synced_dense,
+                                 self.additive if self.merge_rule == "sum" else None,
+                                 self._count)
             record.update(wait_seconds=waited, bytes=received,
                           merge_seconds=time.perf_counter() - t2)
-        self._commit(ids)
+        else:
+            self._commit(ids)
         return record
 
     def _peek(self):
@@ -356,7 +358,8 @@ class ShardWorker:
         the snapshot tables)."""
         params = self.trainer.params
         n_sparse = len(averaging.SPARSE_FIELDS)
-        tables = dict(zip(averaging.SPARSE_FIELDS, self._synced_rows))
+        tables = {name: synced.reshape(getattr(params, name).shape) for name, synced in
+                  zip(averaging.SPARSE_FIELDS, self._synced_rows)}
         dense_names = [n for n in params._fields if n not in averaging.SPARSE_FIELDS]
         tables.update(zip(dense_names, self._synced_dense[:len(params) - n_sparse]))
         return type(params)(**tables)
