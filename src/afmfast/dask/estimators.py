@@ -32,7 +32,7 @@ from afmfast.data.store import open_store
 from afmfast.kernels import backends
 from afmfast.metrics import HIGHER_IS_BETTER
 from afmfast.models.afm import AFM, AFMClassifier
-from afmfast.models.base import _as_model, _check_int
+from afmfast.models.base import FactorizationModel, _as_model, _check_int
 from afmfast.models.fm import FM, FMClassifier
 from afmfast.models.training import TrainingDivergedError, _worse_four_times
 
@@ -276,37 +276,10 @@ class DaskModel:
         for name in names:
             setattr(self, name, params.get(name, defaults[name]))
 
-    @classmethod
-    def _get_param_names(cls):
-        return [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
-
-    def get_params(self, deep: bool = True) -> dict:
-        """Constructor arguments as a dict (scikit-learn protocol).
-
-        Examples
-        --------
-        >>> from afmfast.dask import DaskAFM
-        >>> sorted(DaskAFM().get_params())[:3]
-        ['activation', 'adaptive_threads', 'attention']
-        """
-        return {name: getattr(self, name) for name in self._get_param_names()}
-
-    def set_params(self, **params) -> DaskModel:
-        """Set constructor arguments (scikit-learn protocol); returns self.
-
-        Examples
-        --------
-        >>> from afmfast.dask import DaskFM
-        >>> DaskFM().set_params(sync_every=2).sync_every
-        2
-        """
-        valid = self._get_param_names()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(f"invalid parameter {name!r} for {type(self).__name__}; "
-                                 f"valid parameters: {', '.join(valid)}")
-            setattr(self, name, value)
-        return self
+    # the scikit-learn parameter protocol of the local estimators
+    _get_param_names = classmethod(FactorizationModel._get_param_names.__func__)
+    get_params = FactorizationModel.get_params
+    set_params = FactorizationModel.set_params
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()
