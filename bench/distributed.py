@@ -103,19 +103,26 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
                                                       model.history_])) / 2**20,
                   "syncs_per_epoch": float(np.mean([h["syncs"] for h in model.history_])),
                   "wait_per_epoch": float(np.mean([h["sync_wait_seconds"] for h in
-                                                   model.history_]))}
+                                                   model.history_])),
+                  # per synchronisation, for docs/distributed.md's projection
+                  "per_sync": {key: float(np.mean([e[key] for e in model.sync_log_]))
+                               for key in ("batches", "bytes", "train_seconds",
+                                           "merge_seconds", "wait_seconds", "seconds")},
+                  "rows": afmfast.open_store(paths["train"]).n_rows}
     return result
 
 
 def write_libsvm(data, path):
-    """Spark's libsvm text (1-based ids) of a one-hot Dataset."""
-    ids = (np.asarray(data.indices, np.int64) + 1).astype(str)
+    """Spark's libsvm text (1-based ids, values 1) of a one-hot Dataset."""
+    ids = np.asarray(data.indices, np.int64) + 1
     starts = np.asarray(data.indptr)
-    labels = np.asarray(data.y)
+    labels = [f"{v:g}" for v in np.asarray(data.y)]
+    tokens = np.char.add(ids.astype(str), ":1")
     with open(path, "w") as fh:
-        for r in range(data.n_rows):
-            feats = " ".join(f"{i}:1" for i in ids[starts[r]:starts[r + 1]])
-            fh.write(f"{labels[r]:g} {feats}\n")
+        for lo in range(0, data.n_rows, 100_000):
+            hi = min(data.n_rows, lo + 100_000)
+            fh.write("".join(f"{labels[r]} {' '.join(tokens[starts[r]:starts[r + 1]])}\n"
+                             for r in range(lo, hi)))
 
 
 def run_spark(parts, folder, iterations, step_sizes):
@@ -125,6 +132,7 @@ def run_spark(parts, folder, iterations, step_sizes):
     from pyspark.sql import SparkSession
 
     spark = (SparkSession.builder.master("local[2]").appName("afmfast-bench")
+             .config("spark.ui.showConsoleProgress", "false")
              .config("spark.driver.memory", "8g").config("spark.ui.enabled", "false")
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")

@@ -193,34 +193,6 @@ def test_bad_arguments(client, stores):
         DaskFM(client=client).fit(stores["train"], [1.0])
 
 
-def test_a_killed_worker_stops_the_fit_with_the_last_synchronised_model(client, stores):
-    """Last in the module: it kills one of the cluster's worker processes."""
-    pids = client.run(os.getpid)
-    model = DaskFM(n_epochs=200, client=client, sync_every=1, **SMALL)
-    victim = max(pids)  # the second worker in address order, or the other: either way
-    victim_pid = pids[victim]
-
-    def kill_after_some_syncs():
-        deadline = time.monotonic() + 60
-        while len(getattr(model, "sync_log_", [])) < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(victim_pid, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_after_some_syncs, daemon=True)
-    killer.start()
-    t = time.monotonic()
-    with pytest.raises(WorkerLostError, match=victim) as info:
-        model.fit(stores["train"])
-    assert time.monotonic() - t < 60
-    killer.join()
-    assert info.value.syncs_done >= 5
-    local = model.to_local()  # the last synchronised parameters
-    scores = local.predict(afmfast.open_store(stores["valid"]))
-    assert np.all(np.isfinite(scores))
-    fresh = afmfast.FM(n_epochs=0, **SMALL).fit(afmfast.open_store(stores["train"]))
-    assert not same_params(local, fresh)  # trained, not the initial tables
-
-
 def test_worker_module_examples():
     import doctest
 
@@ -254,3 +226,32 @@ def test_dask_dataframe_partitions_are_hash_encoded_on_the_workers(client):
         or model.best_epoch_ != len(model.history_)
     with pytest.raises(ValueError, match="label column's name"):
         model.fit(train)
+
+
+def test_a_killed_worker_stops_the_fit_with_the_last_synchronised_model(client, stores):
+    """Last in the module: it kills one of the cluster's worker processes."""
+    pids = client.run(os.getpid)
+    model = DaskFM(n_epochs=200, client=client, sync_every=1, **SMALL)
+    victim = max(pids)  # the second worker in address order, or the other: either way
+    victim_pid = pids[victim]
+
+    def kill_after_some_syncs():
+        deadline = time.monotonic() + 60
+        while len(getattr(model, "sync_log_", [])) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(victim_pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_some_syncs, daemon=True)
+    killer.start()
+    t = time.monotonic()
+    with pytest.raises(WorkerLostError, match=victim) as info:
+        model.fit(stores["train"])
+    assert time.monotonic() - t < 60
+    killer.join()
+    assert info.value.syncs_done >= 5
+    local = model.to_local()  # the last synchronised parameters
+    scores = local.predict(afmfast.open_store(stores["valid"]))
+    assert np.all(np.isfinite(scores))
+    fresh = afmfast.FM(n_epochs=0, **SMALL).fit(afmfast.open_store(stores["train"]))
+    assert not same_params(local, fresh)  # trained, not the initial tables
+    client.wait_for_workers(2, timeout=30)  # the nanny restarts the killed one
