@@ -51,6 +51,18 @@ def stores(tmp_path_factory):
     return {k: str(v) for k, v in paths.items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_bench_folder_on_the_path():
+    """bench/distributed.py shares the package's name, and tests/bench puts bench/ first
+    on sys.path: worker processes, which start with this process's path, would import
+    it instead of the package. Keep such folders off the path while clusters run."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if not os.path.isfile(os.path.join(p or os.curdir,
+                                                                        "distributed.py"))]
+    yield
+    sys.path[:] = saved
+
+
 @pytest.fixture(scope="module")
 def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
