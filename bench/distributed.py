@@ -1,0 +1,272 @@
+"""afmfast on Dask against single-process afmfast and Spark MLlib's FMRegressor.
+
+    python bench/distributed.py                      # frappe-mini and 4M ml-tag-shaped rows
+    python bench/distributed.py --data frappe --spark
+    python bench/distributed.py --data mltag --rows 4000000 --epochs 5 --spark
+    python bench/distributed.py --accuracy           # the frappe-mini accuracy targets
+
+Rows of the table, per data set:
+- afmfast single process, 1 thread (``afmfast.FM`` on the memory-mapped train store);
+- afmfast on Dask, 1 and 2 workers x 1 thread (``afmfast.dask.DaskFM``, a
+  ``distributed.LocalCluster`` of worker processes, the same store);
+- with ``--spark``: ``pyspark.ml.regression.FMRegressor`` in ``local[2]``, factorSize 16,
+  its stepSize tuned on the validation rows (pyspark is a bench-only extra: ``pip install
+  pyspark``; it needs Java 17).
+
+Columns: test RMSE (predictions clipped to the test labels' range, as afmfast.metrics.rmse
+does, for every row), seconds per epoch (afmfast: training and synchronisation, without
+scoring; Spark: fit seconds / iterations, each iteration being one pass over the rows
+with the default miniBatchFraction 1), and the epochs or iterations run.
+
+Data: frappe-mini (../shared/data/frappe beside the repository; the rows whose 1-based
+line number is divisible by 5 are held out, of those the odd multiples of 5 validate and
+the multiples of 10 test) and ``bench_common.synthetic_mltag`` rows (ml-tag's three
+fields and 90,000 features, labels -1/1), split 8:1:1 into train, validation, test.
+afmfast trains the reference FM settings (k 16, lr 0.01, batch 4096, keep 0.7, batch
+norm) with early stopping on the validation rows.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+# this file shares its name with the ``distributed`` package: put its folder after
+# site-packages, so that ``import distributed`` finds the package (bench_common still
+# imports from the folder)
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH] + [_BENCH]
+
+import numpy as np  # noqa: E402
+
+from bench_common import FRAPPE, log, synthetic_mltag, table  # noqa: E402
+
+import afmfast  # noqa: E402
+from afmfast.metrics import rmse  # noqa: E402
+
+FM_SETTINGS = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
+                   batch_norm=True, verbose=0)
+
+
+def splits(name, rows, seed):
+    """{"train", "valid", "test"} Datasets of a data set."""
+    if name == "frappe":
+        data = afmfast.load_libfm(FRAPPE)
+        line = np.arange(1, len(data) + 1)
+        return {"train": data[line % 5 != 0], "valid": data[line % 10 == 5],
+                "test": data[line % 10 == 0]}
+    data = synthetic_mltag(rows, seed)
+    part = np.arange(len(data)) % 10
+    return {"train": data[part < 8], "valid": data[part == 8], "test": data[part == 9]}
+
+
+def write_stores(parts, folder):
+    paths = {}
+    for key, data in parts.items():
+        paths[key] = os.path.join(folder, f"{key}.store")
+        afmfast.write_store(data, paths[key])
+    return paths
+
+
+def epoch_seconds(history):
+    """Median seconds of the epochs (the first included: nothing is compiled then)."""
+    return float(np.median([h["seconds"] for h in history]))
+
+
+def run_single(paths, epochs, threads):
+    model = afmfast.FM(n_epochs=epochs, n_threads=threads, adaptive_threads=False,
+                       **FM_SETTINGS)
+    model.fit(afmfast.open_store(paths["train"]), validation=afmfast.open_store(paths["valid"]))
+    test = afmfast.open_store(paths["test"])
+    return {"rmse": model.evaluate(test)["rmse"], "sec": epoch_seconds(model.history_),
+            "passes": len(model.history_), "model": model}
+
+
+def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge="sum",
+             **extra):
+    from distributed import Client, LocalCluster
+
+    from afmfast.dask import DaskFM
+
+    cls = DaskFM if cls is None else cls
+    settings = dict(FM_SETTINGS, **extra)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        model = cls(n_epochs=epochs, n_threads=1, adaptive_threads=False, client=client,
+                    sync_every=sync_every, merge=merge, **settings)
+        model.fit(paths["train"], validation=paths["valid"], init_from=init_from)
+        result = {"rmse": model.evaluate(paths["test"])["rmse"],
+                  "sec": epoch_seconds(model.history_), "passes": len(model.history_),
+                  "model": model.to_local(),
+                  "sync_mb_per_epoch": float(np.mean([h["sync_bytes"] for h in
+                                                      model.history_])) / 2**20,
+                  "syncs_per_epoch": float(np.mean([h["syncs"] for h in model.history_])),
+                  "wait_per_epoch": float(np.mean([h["sync_wait_seconds"] for h in
+                                                   model.history_])),
+                  # per synchronisation, for docs/distributed.md's projection
+                  "per_sync": {key: float(np.mean([e[key] for e in model.sync_log_]))
+                               for key in ("batches", "bytes", "train_seconds",
+                                           "merge_seconds", "wait_seconds", "seconds")},
+                  "rows": afmfast.open_store(paths["train"]).n_rows}
+    return result
+
+
+def write_libsvm(data, path):
+    """Spark's libsvm text (1-based ids, values 1) of a one-hot Dataset."""
+    ids = np.asarray(data.indices, np.int64) + 1
+    starts = np.asarray(data.indptr)
+    labels = [f"{v:g}" for v in np.asarray(data.y)]
+    tokens = np.char.add(ids.astype(str), ":1")
+    with open(path, "w") as fh:
+        for lo in range(0, data.n_rows, 100_000):
+            hi = min(data.n_rows, lo + 100_000)
+            fh.write("".join(f"{labels[r]} {' '.join(tokens[starts[r]:starts[r + 1]])}\n"
+                             for r in range(lo, hi)))
+
+
+def run_spark(parts, folder, iterations, step_sizes):
+    """FMRegressor in local[2]: stepSize tuned on the validation rows; returns the best
+    configuration's test RMSE and seconds per iteration."""
+    from pyspark.ml.regression import FMRegressor
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master("local[2]").appName("afmfast-bench")
+             .config("spark.ui.showConsoleProgress", "false")
+             .config("spark.driver.memory", "8g").config("spark.ui.enabled", "false")
+             .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    n_features = parts["train"].n_features
+    frames = {}
+    for key, data in parts.items():
+        path = os.path.join(folder, f"{key}.libsvm")
+        write_libsvm(data, path)
+        frames[key] = (spark.read.format("libsvm").option("numFeatures", n_features)
+                       .load(path).repartition(2).cache())
+        frames[key].count()
+    best = None
+    for step in step_sizes:
+        fm = FMRegressor(factorSize=16, maxIter=iterations, stepSize=step, seed=0)
+        t = time.perf_counter()
+        model = fm.fit(frames["train"])
+        seconds = time.perf_counter() - t
+        scores = {}
+        for key in ("valid", "test"):
+            pred = model.transform(frames[key]).select("label", "prediction").toPandas()
+            scores[key] = rmse(pred["label"].to_numpy(), pred["prediction"].to_numpy())
+        log(f"  spark stepSize={step}: valid {scores['valid']:.4f}, test "
+            f"{scores['test']:.4f}, {seconds / iterations:.2f} s/iteration")
+        if best is None or scores["valid"] < best["valid"]:
+            best = {"valid": scores["valid"], "rmse": scores["test"],
+                    "sec": seconds / iterations, "passes": iterations, "step": step}
+    spark.stop()
+    return best
+
+
+def bench(name, args):
+    sync_every = args.sync_every or (4 if name == "frappe" else 64)
+    log(f"{name}: preparing data")
+    parts = splits(name, args.rows, args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
+        paths = write_stores(parts, folder)
+        results = {}
+        log(f"{name}: single process")
+        results["afmfast, 1 process x 1 thread"] = run_single(paths, args.epochs, 1)
+        for workers in (1, 2):
+            log(f"{name}: Dask, {workers} worker(s)")
+            results[f"afmfast on Dask, {workers} worker(s) x 1 thread, sync_every "
+                    f"{sync_every}"] = run_dask(
+                paths, args.epochs, workers, sync_every, merge=args.merge)
+        if args.spark:
+            log(f"{name}: Spark FMRegressor local[2]")
+            results["Spark FMRegressor, local[2]"] = run_spark(
+                parts, folder, args.spark_iterations, args.spark_steps)
+    for label, r in results.items():
+        extra = ""
+        if "syncs_per_epoch" in r:
+            extra = (f"{r['syncs_per_epoch']:.0f} syncs/epoch, {r['sync_mb_per_epoch']:.1f} "
+                     f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch")
+        elif "step" in r:
+            extra = f"stepSize {r['step']} (tuned on validation)"
+        rows.append([name, label, f"{r['rmse']:.4f}", f"{r['sec']:.3g}", r["passes"], extra])
+    return rows, {k: {kk: vv for kk, vv in v.items() if kk != "model"}
+                  for k, v in results.items()}
+
+
+def accuracy(args):
+    """The accuracy targets on frappe-mini (the rows whose 1-based line number is
+    divisible by 5 are the test rows, as in tests/models/test_frappe.py): FM with the
+    reference settings for 20 epochs, single process against 2 Dask workers; then AFM
+    (reference settings) warm-started from each FM, 20 epochs."""
+    from afmfast.dask import DaskAFM
+
+    data = afmfast.load_libfm(FRAPPE)
+    line = np.arange(1, len(data) + 1)
+    parts = {"train": data[line % 5 != 0], "valid": data[line % 5 == 0]}
+    parts["test"] = parts["valid"]
+    afm_settings = dict(n_factors=16, attention_size=16, keep=(1.0, 0.5),
+                        l2_attention=100.0, learning_rate=0.1, batch_size=4096, verbose=0)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
+        paths = write_stores(parts, folder)
+        single = run_single(paths, 20, 1)
+        dask2 = run_dask(paths, 20, 2, args.sync_every, merge=args.merge)
+        rows.append(["FM", f"{single['rmse']:.4f}", f"{dask2['rmse']:.4f}",
+                     f"{dask2['rmse'] - single['rmse']:+.4f}"])
+        afm = afmfast.AFM(n_epochs=20, n_threads=1, **afm_settings)
+        afm.fit(afmfast.open_store(paths["train"]), validation=afmfast.open_store(paths["valid"]),
+                init_from=single["model"])
+        afm_rmse = afm.evaluate(afmfast.open_store(paths["test"]))["rmse"]
+        dafm = run_dask(paths, 20, 2, args.sync_every, init_from=dask2["model"],
+                        cls=DaskAFM, merge=args.merge, attention_size=16, keep=(1.0, 0.5),
+                        l2_attention=100.0, learning_rate=0.1, batch_norm=False)
+        rows.append(["AFM (warm-started from its FM)", f"{afm_rmse:.4f}",
+                     f"{dafm['rmse']:.4f}", f"{dafm['rmse'] - afm_rmse:+.4f}"])
+    print(table(["model, 20 epochs", "test RMSE 1 process", f"2 Dask workers "
+                 f"(sync_every {args.sync_every}, merge {args.merge})", "difference"], rows))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=("frappe", "mltag", "both"), default="both")
+    parser.add_argument("--rows", type=int, default=4_000_000, help="ml-tag-shaped rows")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="afmfast epochs (default: 20 on frappe, 5 on ml-tag)")
+    parser.add_argument("--sync-every", type=int, default=None,
+                        help="batches between synchronisations (default: 4 on frappe, 64 "
+                             "on ml-tag, where a batch trains in a fraction of the time)")
+    parser.add_argument("--merge", choices=("sum", "mean"), default="sum")
+    parser.add_argument("--spark", action="store_true", help="also run Spark's FMRegressor")
+    parser.add_argument("--spark-iterations", type=int, default=20)
+    parser.add_argument("--spark-steps", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="only the frappe-mini accuracy targets")
+    args = parser.parse_args(argv)
+    if args.accuracy:
+        args.sync_every = args.sync_every or 4
+        accuracy(args)
+        return
+    names = ["frappe", "mltag"] if args.data == "both" else [args.data]
+    print(f"bench/distributed.py {' '.join(sys.argv[1:])}: {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    all_rows, out = [], {}
+    for name in names:
+        epochs = args.epochs
+        args.epochs = (20 if name == "frappe" else 5) if epochs is None else epochs
+        rows, results = bench(name, args)
+        args.epochs = epochs
+        all_rows += rows
+        out[name] = results
+    print(table(["data", "run", "test RMSE", "s/epoch (Spark: s/iteration)", "passes",
+                 "notes"], all_rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

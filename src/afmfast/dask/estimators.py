@@ -1,0 +1,723 @@
+"""Estimators that train FM and AFM on a Dask cluster: ``DaskFM``, ``DaskAFM``,
+``DaskFMClassifier`` and ``DaskAFMClassifier``.
+
+The driver (this module, in the client's process) places one ``ShardWorker`` actor on
+every worker, hands each its shards (paths; the workers open the stores themselves),
+and runs the epochs as rounds: every worker trains ``sync_every`` batches, then the
+workers average their parameters among themselves (``afmfast.dask.averaging``). After
+each epoch the workers score their validation shards and the driver adds the sums up,
+so early stopping and the best-epoch restore work as in a single process. The fitted
+local estimator (``to_local()``) is an ordinary ``afmfast.FM`` / ``AFM`` / classifier.
+
+The driver never blocks on a lost worker: it waits in short slices and asks the
+scheduler, between them, whether every worker of the fit is still there. A lost worker
+stops the fit with ``WorkerLostError``, and the model keeps the parameters of the last
+synchronisation (taken from a surviving worker).
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import os
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from afmfast.dask.hashing import DEFAULT_HASH_FEATURES, hash_encode
+from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, score_sums
+from afmfast.data.store import open_store
+from afmfast.kernels import backends
+from afmfast.metrics import HIGHER_IS_BETTER
+from afmfast.models.afm import AFM, AFMClassifier
+from afmfast.models.base import FactorizationModel, _as_model, _check_int
+from afmfast.models.fm import FM, FMClassifier
+from afmfast.models.training import TrainingDivergedError, _worse_four_times
+
+if TYPE_CHECKING:  # annotations only
+    from collections.abc import Callable, Sequence
+
+LOG = logging.getLogger("afmfast.dask")
+
+#: batches each worker trains between two synchronisations, unless told
+DEFAULT_SYNC_EVERY = 4
+#: how the workers' tables combine at a synchronisation (``afmfast.dask.averaging.merge``)
+MERGE_RULES = ("sum", "mean")
+#: seconds between the driver's checks that every worker of the fit is alive
+POLL_SECONDS = 0.5
+#: seconds the driver waits for a surviving worker's parameters after a loss
+RECOVER_SECONDS = 60.0
+
+
+class WorkerLostError(RuntimeError):
+    """A worker of a Dask fit died; the model keeps the parameters of the last
+    synchronisation (``syncs_done`` of them in all), so ``to_local()`` works and a new
+    fit can start from it (``init_from=model.to_local()``).
+
+    Examples
+    --------
+    >>> err = WorkerLostError("worker tcp://127.0.0.1:1 was lost", syncs_done=3)
+    >>> err.syncs_done
+    3
+    """
+
+    def __init__(self, message, syncs_done=0):
+        super().__init__(message)
+        self.syncs_done = syncs_done
+
+
+def _paths(X, name):
+    """``X`` as a list of store paths (a single path is a list of one)."""
+    if isinstance(X, (str, os.PathLike)):
+        return [os.fspath(X)]
+    if isinstance(X, (list, tuple)) and X and all(isinstance(p, (str, os.PathLike))
+                                                  for p in X):
+        return [os.fspath(p) for p in X]
+    raise TypeError(f"{name} must be a store path or a non-empty list of store paths "
+                    f"(afmfast.write_store / afmfast.convert write them), got "
+                    f"{type(X).__name__}")
+
+
+def assign_shards(paths, n_workers):
+    """Each worker's shards: whole stores in turn when there are at least as many
+    stores as workers, else every store cut into ``n_workers`` row ranges.
+
+    Examples
+    --------
+    >>> assign_shards(["a", "b", "c"], 2)
+    [[('a', 0, 1), ('c', 0, 1)], [('b', 0, 1)]]
+    >>> assign_shards(["a"], 2)
+    [[('a', 0, 2)], [('a', 1, 2)]]
+    """
+    if len(paths) >= n_workers:
+        return [[(p, 0, 1) for p in paths[i::n_workers]] for i in range(n_workers)]
+    return [[(p, i, n_workers) for p in paths] for i in range(n_workers)]
+
+
+def _is_dask_frame(X):
+    """Whether X is a dask.dataframe DataFrame (without importing dask.dataframe)."""
+    return any(c.__module__.startswith("dask.dataframe") and c.__name__ == "DataFrame"
+               for c in type(X).__mro__)
+
+
+async def _result(future):
+    return await future
+
+
+class _Fit:
+    """One fit's actors and the driver's waits on them."""
+
+    def __init__(self, client):
+        self.client = client
+        nthreads = client.nthreads()  # every worker (scheduler_info may list a few)
+        if not nthreads:
+            raise RuntimeError("the Dask cluster has no workers")
+        self.addresses = sorted(nthreads)
+        self.nthreads = [int(nthreads[a]) for a in self.addresses]
+        futures = [client.submit(ShardWorker, actor=True, workers=[a], pure=False,
+                                 allow_other_workers=False) for a in self.addresses]
+        self.futures = futures
+        self.actors = client.gather(futures)
+        self.syncs_done = 0
+        self.held = []  # futures of hash-encoded partitions
+
+    def lost(self, alive):
+        return [a for a in self.addresses if a not in alive]
+
+    def wait(self, calls):
+        """The results of actor method calls (ActorFutures), in order; raises
+        ``WorkerLostError`` as soon as a worker of the fit is gone."""
+        client = self.client
+
+        async def run():
+            tasks = [asyncio.ensure_future(_result(f)) for f in calls]
+            try:
+                while True:
+                    done, pending = await asyncio.wait(
+                        tasks, timeout=POLL_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
+                    for task in done:
+                        exc = task.exception()
+                        if isinstance(exc, OSError):
+                            identity = await client.scheduler.identity()
+                            raise self._lost_error(exc, identity["workers"])
+                        if exc is not None:
+                            raise exc
+                    if not pending:
+                        return [t.result() for t in tasks]
+                    identity = await client.scheduler.identity()
+                    if self.lost(identity["workers"]):
+                        raise self._lost_error(None, identity["workers"])
+            finally:
+                for task in tasks:
+                    if not task.done():
+                        task.cancel()
+
+        return client.sync(run)
+
+    def _lost_error(self, exc, alive):
+        lost = self.lost(alive) or ["(unknown)"]
+        why = f" ({exc})" if exc is not None else ""
+        return WorkerLostError(
+            f"worker {', '.join(lost)} was lost during the fit{why}; the model keeps the "
+            f"parameters of the last synchronisation (the {self.syncs_done}th). Fit again "
+            f"with init_from=model.to_local() to go on.", self.syncs_done)
+
+    def survivor_params(self):
+        """The last synchronised parameters from the first surviving worker (None if
+        none answers), after telling every worker to stop waiting."""
+        client = self.client
+
+        async def run():
+            identity = await client.scheduler.identity()
+            alive = [i for i, a in enumerate(self.addresses) if a in identity["workers"]]
+            for i in alive:
+                self.actors[i].abort()
+            for i in alive:
+                try:
+                    return await asyncio.wait_for(_result(self.actors[i].synced_params()),
+                                                  RECOVER_SECONDS)
+                except Exception:  # noqa: BLE001 - try the next survivor
+                    continue
+            return None
+
+        return client.sync(run)
+
+    def encode(self, frame, hashing, name):
+        """Hash-encode the partitions of the Dask DataFrame ``frame`` on the workers,
+        partition p on worker p mod n; each worker's shards: (MEMORY, key) of the
+        Datasets it holds."""
+        if not _is_dask_frame(frame):
+            raise TypeError(f"{name} must be a Dask DataFrame like X, got "
+                            f"{type(frame).__name__}")
+        if hashing["label"] not in frame.columns:
+            raise ValueError(f"{name}: no label column {hashing['label']!r}")
+        import dask
+
+        n = len(self.addresses)
+        shards = [[] for _ in range(n)]
+        for p, part in enumerate(frame.to_delayed()):
+            encoded = dask.delayed(hash_encode)(part, hashing["label"],
+                                                hashing["n_features"],
+                                                hashing["categorical"])
+            future = self.client.compute(encoded, workers=[self.addresses[p % n]],
+                                         allow_other_workers=False)
+            self.held.append(future)
+            shards[p % n].append((MEMORY, future.key))
+        self.wait_futures(self.held)
+        return shards
+
+    def wait_futures(self, futures):
+        from distributed import wait
+
+        wait(futures)
+        for future in futures:
+            if future.status == "error":
+                future.result()  # raises the task's error
+
+    def close(self):
+        self.client.cancel(self.futures + self.held)
+        self.actors = self.futures = self.held = None
+
+
+def _signature(local_class):
+    """The Dask estimator's constructor signature: the local estimator's parameters
+    (keyword-only) plus ``client`` and ``sync_every``."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for p in list(inspect.signature(local_class.__init__).parameters.values())[1:]:
+        params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    params += [inspect.Parameter("client", inspect.Parameter.KEYWORD_ONLY, default=None),
+               inspect.Parameter("sync_every", inspect.Parameter.KEYWORD_ONLY,
+                                 default=DEFAULT_SYNC_EVERY),
+               inspect.Parameter("merge", inspect.Parameter.KEYWORD_ONLY, default="sum")]
+    return inspect.Signature(params)
+
+
+class DaskModel:
+    """What the four Dask estimators share; not used directly. Subclasses set
+    ``_local_class``; their constructors take that class's parameters plus ``client``
+    (a ``distributed.Client``; None: the current one), ``sync_every`` (batches each
+    worker trains between two synchronisations) and ``merge``: "sum" (the trained
+    parameters and Adagrad's accumulators become the synchronised value plus the sum of
+    the workers' changes, as if one process had trained all their batches; running
+    statistics and moments are averaged) or "mean" (every table is the workers' mean).
+
+    Examples
+    --------
+    >>> from afmfast.dask import DaskFM
+    >>> model = DaskFM(n_factors=8, sync_every=4)
+    >>> model.get_params()["n_factors"], model.get_params()["sync_every"]
+    (8, 4)
+    """
+
+    _local_class = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls._local_class is not None:
+            init = cls.__init__
+
+            def __init__(self, **params):
+                init(self, **params)
+
+            __init__.__signature__ = _signature(cls._local_class)
+            __init__.__doc__ = init.__doc__
+            cls.__init__ = __init__
+
+    def __init__(self, **params):
+        names = self._get_param_names()
+        defaults = {n: p.default for n, p in
+                    inspect.signature(type(self).__init__).parameters.items() if n != "self"}
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments "
+                            f"{unknown}; valid: {', '.join(names)}")
+        for name in names:
+            setattr(self, name, params.get(name, defaults[name]))
+
+    # the scikit-learn parameter protocol of the local estimators
+    _get_param_names = classmethod(FactorizationModel._get_param_names.__func__)
+    get_params = FactorizationModel.get_params
+    set_params = FactorizationModel.set_params
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()
+                         if k != "client")
+        return f"{type(self).__name__}({args})"
+
+    def _local_params(self):
+        return {k: v for k, v in self.get_params().items()
+                if k not in ("client", "sync_every", "merge")}
+
+    def _client(self):
+        if self.client is not None:
+            return self.client
+        from distributed import default_client
+
+        return default_client()
+
+    # ----- training ----------------------------------------------------------------------
+    def fit(self, X, y=None, *, validation=None, init_from=None,
+            callbacks: Sequence[Callable] | None = None, metric: str | None = None,
+            categorical: Sequence[str] | None = None,
+            n_features: int | None = None) -> DaskModel:
+        """Train on the cluster; from scratch unless ``init_from`` is given.
+
+        Parameters
+        ----------
+        X : store path, list of store paths, or dask.dataframe.DataFrame
+            Binary stores (``afmfast.write_store``, ``afmfast.convert``) that every
+            worker can read at the same path. With at least as many stores as workers
+            each worker trains whole stores; otherwise every store is cut into one
+            row range per worker. A Dask DataFrame's partitions are hash-encoded on
+            the workers (``afmfast.dask.hashing``, no global vocabulary), partition p
+            on worker p mod n_workers.
+        y : None, or the label column's name for a DataFrame
+            The stores' labels are their own.
+        validation : like X, optional
+            Scored on the workers after every epoch (sums added up by the driver);
+            drives early stopping and the best-epoch restore as in a single process.
+        init_from : fitted local model, DaskModel, or path of a saved model, optional
+            Warm start, as the local estimator's ``init_from``.
+        callbacks : list of callables, optional
+            Called as ``callback(model, record)`` after every epoch; a truthy return
+            stops training.
+        metric : str, optional
+            "rmse" for regressors; "logloss" (default) or "accuracy" for classifiers.
+        categorical : list of str, optional
+            DataFrame only: float columns to hash as categories.
+        n_features : int, optional
+            DataFrame only: the size of the hashed feature space (default 2^20).
+
+        Returns
+        -------
+        self
+
+        Examples
+        --------
+        >>> import os, tempfile, afmfast
+        >>> from distributed import Client, LocalCluster
+        >>> from afmfast.dask import DaskFM
+        >>> from afmfast.demo import make_demo_data
+        >>> data = make_demo_data(n_rows=2000, seed=0)
+        >>> folder = tempfile.mkdtemp()
+        >>> afmfast.write_store(data.train, os.path.join(folder, "train.store"))
+        >>> afmfast.write_store(data.valid, os.path.join(folder, "valid.store"))
+        >>> with LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cluster, \\
+        ...         Client(cluster) as client:
+        ...     model = DaskFM(n_factors=4, n_epochs=2, verbose=0, sync_every=2)
+        ...     model = model.fit(os.path.join(folder, "train.store"),
+        ...                       validation=os.path.join(folder, "valid.store"))
+        >>> len(model.history_), type(model.to_local()).__name__
+        (2, 'FM')
+        """
+        frame = _is_dask_frame(X)
+        if frame and not isinstance(y, str):
+            raise ValueError("y: with a Dask DataFrame X, pass the label column's name")
+        if not frame and y is not None:
+            raise ValueError("y: a Dask fit reads the labels from the stores (their y "
+                             "column); pass y=None")
+        if not frame and (categorical is not None or n_features is not None):
+            raise ValueError("categorical and n_features apply to a Dask DataFrame X only")
+        _check_int("sync_every", self.sync_every, 1)
+        if self.merge not in MERGE_RULES:
+            raise ValueError(f"merge must be one of {MERGE_RULES}, got {self.merge!r}")
+        local = self._local_class(**self._local_params())
+        local._validate()
+        monitor = local._task_metrics[0] if metric is None else metric
+        allowed = ("rmse",) if not local._is_classifier else ("logloss", "accuracy")
+        if monitor not in allowed:
+            raise ValueError(f"metric must be one of {allowed} on Dask (validation is "
+                             f"summed over the workers), got {metric!r}")
+        if not frame:
+            train_paths = _paths(X, "X")
+            valid_paths = [] if validation is None else _paths(validation, "validation")
+        if init_from is not None:
+            init_from = init_from.to_local() if isinstance(init_from, DaskModel) \
+                else _as_model(init_from)
+        fit = _Fit(self._client())
+        self.sync_log_ = []
+        try:
+            if frame:
+                hashing = {"label": y, "n_features": int(
+                    DEFAULT_HASH_FEATURES if n_features is None else n_features),
+                    "categorical": list(categorical or ()),
+                    "columns": [c for c in X.columns if c != y]}
+                shards = fit.encode(X, hashing, "X")
+                valid_shards = (fit.encode(validation, hashing, "validation")
+                                if validation is not None else [[]] * len(fit.actors))
+            else:
+                hashing = None
+                shards = assign_shards(train_paths, len(fit.actors))
+                valid_shards = (assign_shards(valid_paths, len(fit.actors)) if valid_paths
+                                else [[]] * len(fit.actors))
+            self._run(fit, local, shards, valid_shards, init_from, list(callbacks or ()),
+                      monitor)
+            self.hashing_ = hashing
+        except BaseException as exc:
+            # every worker stops waiting for its peers (a worker thread left waiting
+            # would block the next fit's actors on that worker)
+            params = fit.survivor_params()
+            keep = isinstance(exc, (WorkerLostError, TrainingDivergedError, Aborted,
+                                    KeyboardInterrupt))
+            if keep and params is not None:
+                self._finish(local, params)
+                if not isinstance(exc, WorkerLostError) and hasattr(exc, "add_note"):
+                    exc.add_note(f"afmfast.dask: the model keeps the parameters of the "
+                                 f"last synchronisation ({fit.syncs_done} done).")
+            raise
+        finally:
+            fit.close()
+        return self
+
+    def _run(self, fit, local, shards, valid_shards, init_from, callbacks, monitor):
+        n = len(fit.actors)
+        cls, params = self._local_class, self._local_params()
+        infos = fit.wait([a.open(cls, params, shards[i], valid_shards[i], i, n,
+                                 local._is_classifier) for i, a in enumerate(fit.actors)])
+        n_features = max(info["n_features"] for info in infos)
+        if sum(info["n_rows"] for info in infos) == 0:
+            raise ValueError("X: cannot fit on an empty data set")
+        classes = None
+        if local._is_classifier:
+            labels = sorted(set().union(*(info["labels"] for info in infos)))
+            if len(labels) != 2:
+                raise ValueError(f"X: a classifier needs exactly two distinct labels in the "
+                                 f"stores, found {labels[:5]}")
+            classes = labels
+            local.classes_ = np.array(labels)
+        ranges = [info["valid_range"] for info in infos if info["valid_range"]]
+        bounds = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+        threads = ([int(local.n_threads)] * n if local.n_threads is not None
+                   else fit.nthreads)
+        fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes, self.merge)
+                  for i, a in enumerate(fit.actors)])
+        local.n_features_in_ = n_features
+        self.n_workers_ = n
+        self.workers_ = [info["address"] for info in infos]
+        valid = any(valid_shards)
+        sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
+        best_valid, history, best_epoch = -math.inf, [], 0
+        round_id = 0
+        for epoch in range(1, local.n_epochs + 1):
+            t0 = time.perf_counter()
+            rows = sum(fit.wait([a.begin_epoch(epoch) for a in fit.actors]))
+            loss_sum, syncs, sent, waited = 0.0, 0, 0, 0.0
+            while True:
+                round_id += 1
+                t = time.perf_counter()
+                records = fit.wait([a.round(self.sync_every, round_id)
+                                    for a in fit.actors])
+                fit.syncs_done += 1
+                syncs += 1
+                entry = {"epoch": epoch, "round": round_id,
+                         "batches": sum(r["batches"] for r in records),
+                         "bytes": sum(r["bytes"] for r in records),
+                         "wait_seconds": sum(r["wait_seconds"] for r in records),
+                         "train_seconds": max(r["train_seconds"] for r in records),
+                         "merge_seconds": max(r["merge_seconds"] for r in records),
+                         "seconds": time.perf_counter() - t}
+                self.sync_log_.append(entry)
+                LOG.debug("sync %d (epoch %d): %d bytes sent, %.4f s waiting", round_id,
+                          epoch, entry["bytes"], entry["wait_seconds"])
+                loss_sum += sum(r["loss_sum"] for r in records)
+                sent += entry["bytes"]
+                waited += entry["wait_seconds"]
+                if all(r["done"] for r in records):
+                    break
+            t1 = time.perf_counter()
+            sums = fit.wait([a.score(bounds) for a in fit.actors])
+            if not all(s["finite"] for s in sums):
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch}: the parameters or the validation "
+                    f"scores are no longer finite. Try a lower learning_rate (now "
+                    f"{local.learning_rate}).")
+            metrics = _metrics(local, sums) if valid else dict.fromkeys(local._task_metrics)
+            record = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1)}
+            record.update((f"valid_{k}", v) for k, v in metrics.items())
+            record.update(seconds=t1 - t0, syncs=syncs, sync_bytes=sent,
+                          sync_wait_seconds=waited)
+            history.append(record)
+            improved = not valid or sign * metrics[monitor] > best_valid
+            if improved:
+                best_epoch = epoch
+                if valid:
+                    best_valid = sign * metrics[monitor]
+            fit.wait([a.keep_epoch(improved) for a in fit.actors])
+            line = f"Epoch {epoch} [{t1 - t0:.1f} s, {syncs} syncs]\ttrain loss=" \
+                   f"{record['train_loss']:.4f}"
+            if valid:
+                line += f", validation {monitor}={metrics[monitor]:.4f}"
+            local._log(line)
+            self.history_ = history
+            if valid and local.early_stopping and _worse_four_times(
+                    [sign * h[f"valid_{monitor}"] for h in history]):
+                local._log(f"Early stop after epoch {epoch}: validation {monitor} got worse "
+                           f"4 epochs in a row; restoring epoch {best_epoch}.")
+                break
+            if any([bool(callback(self, record)) for callback in callbacks]):
+                break
+        restore = local.early_stopping or not valid
+        which = "best" if restore and best_epoch else "live"
+        final = fit.wait([fit.actors[0].params(which)])[0]
+        local.history_ = history
+        local.best_epoch_ = best_epoch if restore else len(history)
+        self._finish(local, final)
+
+    def _finish(self, local, arrays):
+        """Make ``local`` the fitted model with the parameter arrays ``arrays``."""
+        local._set_arrays(arrays)
+        local.n_features_in_ = local._params.V.shape[0]
+        local.history_ = getattr(local, "history_", getattr(self, "history_", []))
+        local.best_epoch_ = getattr(local, "best_epoch_", 0)
+        local.backend_ = backends.backend_name(local._kernel_backend())
+        local.n_threads_ = local._threads = local._kernel_threads()
+        self.model_ = local
+        self.history_ = local.history_
+        self.best_epoch_ = local.best_epoch_
+        self.n_features_in_ = local.n_features_in_
+
+    def _hashing(self):
+        hashing = getattr(self, "hashing_", None)
+        if hashing is None:
+            raise ValueError(f"this {type(self).__name__} was fitted on stores: predict and "
+                             "evaluate take store paths (or local data), not a DataFrame")
+        return hashing
+
+    # ----- results -----------------------------------------------------------------------
+    def to_local(self):
+        """The fitted local estimator (``afmfast.FM``, ``AFM``, ``FMClassifier`` or
+        ``AFMClassifier``): save, load, predict, explain and field_attention work on it.
+
+        Examples
+        --------
+        >>> from afmfast.dask import DaskFM
+        >>> try:
+        ...     DaskFM().to_local()
+        ... except Exception as exc:
+        ...     print(type(exc).__name__)
+        NotFittedError
+        """
+        model = getattr(self, "model_", None)
+        if model is None:
+            from afmfast.models.base import NotFittedError
+
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() "
+                                 "first")
+        return model
+
+    def predict(self, X):
+        """Predictions for a store path or a list of them, as a lazy ``dask.array``
+        (one chunk per store, computed on the workers); for a Dask DataFrame (of a
+        model fitted on one), a lazy Series mapped over its partitions, each
+        hash-encoded where it lives; any other X (a Dataset, matrix, array) is
+        predicted here by ``to_local()``.
+
+        Examples
+        --------
+        >>> from afmfast.dask import DaskFM
+        >>> DaskFM.predict.__name__
+        'predict'
+        """
+        model = self.to_local()
+        if _is_dask_frame(X):
+            hashing = self._hashing()
+            dtype = model.classes_.dtype if model._is_classifier else np.float32
+            return X.map_partitions(_predict_frame, model, hashing,
+                                    meta=("prediction", dtype))
+        try:
+            paths = _paths(X, "X")
+        except TypeError:
+            return model.predict(X)
+        import dask
+        import dask.array as da
+
+        counts = dask.compute(*[dask.delayed(_store_rows)(p) for p in paths])
+        shared = dask.delayed(model, pure=True)
+        dtype = model.classes_.dtype if model._is_classifier else np.float32
+        return da.concatenate([
+            da.from_delayed(dask.delayed(_predict_store)(shared, p), shape=(n,), dtype=dtype)
+            for p, n in zip(paths, counts)])
+
+    def evaluate(self, X) -> dict:
+        """The metrics of the fitted model on a store path or list of them, or on a Dask
+        DataFrame holding the label column (a model fitted on one), summed on the
+        workers ("rmse"; classifiers "logloss" and "accuracy"); any other X is
+        evaluated here by ``to_local()``.
+
+        Examples
+        --------
+        >>> from afmfast.dask import DaskFM
+        >>> DaskFM.evaluate.__name__
+        'evaluate'
+        """
+        model = self.to_local()
+        import dask
+
+        if _is_dask_frame(X):
+            hashing = self._hashing()
+            parts = [dask.delayed(_encode_frame)(p, hashing, model)
+                     for p in X.to_delayed()]
+            ranges = dask.compute(*[dask.delayed(_label_range)(p) for p in parts])
+            ranges = [r for r in ranges if r is not None]
+            bounds = ((min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges
+                      else None)
+            sums = dask.compute(*[dask.delayed(score_sums)(model, [p], bounds)
+                                  for p in parts])
+            return _metrics(model, sums)
+        try:
+            paths = _paths(X, "X")
+        except TypeError:
+            return model.evaluate(X)
+
+        ranges = dask.compute(*[dask.delayed(_label_range)(p) for p in paths])
+        ranges = [r for r in ranges if r is not None]
+        bounds = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+        shared = dask.delayed(model, pure=True)
+        sums = dask.compute(*[dask.delayed(_score_store)(shared, p, bounds) for p in paths])
+        return _metrics(model, sums)
+
+
+def _metrics(model, sums):
+    rows = sum(s["rows"] for s in sums)
+    if rows == 0:
+        return dict.fromkeys(model._task_metrics[:1] if not model._is_classifier
+                             else ("logloss", "accuracy"), float("nan"))
+    if model._is_classifier:
+        return {"logloss": sum(s["logloss_sum"] for s in sums) / rows,
+                "accuracy": sum(s["correct"] for s in sums) / rows}
+    return {"rmse": math.sqrt(math.fsum(s["sse"] for s in sums) / rows)}
+
+
+def _store_rows(path):
+    return open_store(path).n_rows
+
+
+def _label_range(source):
+    y = (open_store(source) if isinstance(source, str) else source).y
+    return (float(y.min()), float(y.max())) if len(y) else None
+
+
+def _encode_frame(frame, hashing, model=None):
+    """A partition hash-encoded as the fit encoded its rows (the label column, when
+    present, as labels; a classifier's as 0/1 targets)."""
+    label = hashing["label"] if hashing["label"] in frame.columns else None
+    columns = hashing["columns"] + ([label] if label is not None else [])
+    data = hash_encode(frame[columns], label, hashing["n_features"], hashing["categorical"])
+    return data if model is None or label is None else _classes_labels(model, data)
+
+
+def _predict_frame(frame, model, hashing):
+    import pandas as pd
+
+    return pd.Series(model.predict(_encode_frame(frame, hashing)), index=frame.index,
+                     name="prediction")
+
+
+def _classes_labels(model, data):
+    if model._is_classifier:
+        return data.with_labels(data.y == model.classes_[1])
+    return data
+
+
+def _score_store(model, path, bounds):
+    return score_sums(model, [_classes_labels(model, open_store(path))], bounds)
+
+
+def _predict_store(model, path):
+    return model.predict(open_store(path))
+
+
+class DaskFM(DaskModel):
+    """``afmfast.FM`` trained data-parallel on a Dask cluster (see ``DaskModel.fit``).
+
+    Examples
+    --------
+    >>> from afmfast.dask import DaskFM
+    >>> DaskFM(n_factors=8, sync_every=4)
+    DaskFM(n_factors=8, ...sync_every=4, merge='sum')
+    """
+
+    _local_class = FM
+
+
+class DaskAFM(DaskModel):
+    """``afmfast.AFM`` trained data-parallel on a Dask cluster (see ``DaskModel.fit``).
+
+    Examples
+    --------
+    >>> from afmfast.dask import DaskAFM
+    >>> DaskAFM(attention_size=8).attention_size
+    8
+    """
+
+    _local_class = AFM
+
+
+class DaskFMClassifier(DaskModel):
+    """``afmfast.FMClassifier`` trained data-parallel on a Dask cluster; the stores'
+    labels must take exactly two values.
+
+    Examples
+    --------
+    >>> from afmfast.dask import DaskFMClassifier
+    >>> DaskFMClassifier().n_factors
+    16
+    """
+
+    _local_class = FMClassifier
+
+
+class DaskAFMClassifier(DaskModel):
+    """``afmfast.AFMClassifier`` trained data-parallel on a Dask cluster; the stores'
+    labels must take exactly two values.
+
+    Examples
+    --------
+    >>> from afmfast.dask import DaskAFMClassifier
+    >>> DaskAFMClassifier().n_factors
+    16
+    """
+
+    _local_class = AFMClassifier

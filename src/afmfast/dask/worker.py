@@ -1,0 +1,416 @@
+"""The per-worker side of data-parallel training: a Dask actor that holds one
+``Trainer`` on the worker's shards.
+
+A ``ShardWorker`` lives on one Dask worker for the length of a fit. It opens its shards
+itself (binary stores, memory-mapped: the rows never pass through the client), trains
+``sync_every`` batches at a time through the native kernels, and at every
+synchronisation fetches the other workers' payloads straight from them (an actor calling
+actors: Dask's worker-to-worker communication, no sockets of afmfast's own) and merges
+them (``afmfast.dask.averaging``), so that every worker leaves the synchronisation with
+the same parameters. It also scores its validation shards and keeps the snapshots that
+the driver asks for (the last synchronised parameters, the best epoch's).
+
+A shard is ``(path, part, parts)``: rows ``[n * part // parts, n * (part + 1) // parts)``
+of the store at ``path`` (of n rows), so that one store can feed several workers without
+the client reading it.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import os
+import time
+
+import numpy as np
+
+from afmfast.dask import averaging
+from afmfast.data.store import open_store
+from afmfast.metrics import logloss
+from afmfast.models.training import Trainer, TrainingDivergedError, _copy_params, _whole_batches
+
+#: the first item of a shard held in a worker's memory: (MEMORY, key of a Dask future)
+MEMORY = "<memory>"
+#: seconds between two checks for an abort while a worker waits for its peers
+POLL_SECONDS = 0.25
+
+
+class ShardError(ValueError):
+    """A worker could not open one of its shards; the message names the file and the
+    worker.
+
+    Examples
+    --------
+    >>> str(ShardError("tcp://127.0.0.1:1234: /data/a.store: no such store directory"))
+    'tcp://127.0.0.1:1234: /data/a.store: no such store directory'
+    """
+
+
+class Aborted(RuntimeError):
+    """The driver stopped the fit while this worker waited for its peers."""
+
+
+def _address():
+    from distributed import get_worker
+
+    try:
+        return get_worker().address
+    except ValueError:  # not on a worker (called directly, as the doctests do)
+        return f"pid {os.getpid()}"
+
+
+def open_shard(shard, name="X"):
+    """The rows of ``shard`` ((path, part, parts), or (MEMORY, key) for a Dataset in
+    this worker's memory) as a Dataset; a store that fails to open raises
+    ``ShardError`` naming the file and this worker.
+
+    Examples
+    --------
+    >>> import os, tempfile, afmfast
+    >>> path = os.path.join(tempfile.mkdtemp(), "s.store")
+    >>> afmfast.write_store(afmfast.Dataset([0, 1, 2, 3], [0, 1, 2], None, [1, 2, 3]), path)
+    >>> open_shard((path, 1, 2)).y.tolist()
+    [2.0, 3.0]
+    >>> try:
+    ...     open_shard((path + ".missing", 0, 1))
+    ... except ShardError as exc:
+    ...     print(str(exc).split(": ", 1)[1][-40:])
+    s.store.missing: no such store directory
+    """
+    if shard[0] == MEMORY:  # a partition that this worker holds (hash-encoded frames)
+        from distributed import get_worker
+
+        try:
+            return get_worker().data[shard[1]]
+        except KeyError:
+            raise ShardError(f"{_address()}: {name} partition {shard[1]!r} is not in this "
+                             f"worker's memory") from None
+    path, part, parts = shard
+    try:
+        data = open_store(path)
+    except (OSError, ValueError) as exc:
+        message = str(exc)
+        if os.fspath(path) not in message:
+            message = f"{path}: {message}"
+        raise ShardError(f"{_address()}: {name} shard {message}") from None
+    if parts == 1:
+        return data
+    n = data.n_rows
+    return data[n * part // parts:n * (part + 1) // parts]
+
+
+def _call(method, *args):
+    """Call an async actor method from the actor's thread; something with
+    ``result(timeout)``. Dask hands a peer in the same process (an in-process
+    LocalCluster) back as the bare coroutine, which then runs on this worker's loop."""
+    out = method(*args)
+    if inspect.iscoroutine(out):
+        from distributed import get_worker
+
+        return asyncio.run_coroutine_threadsafe(out, get_worker().loop.asyncio_loop)
+    return out
+
+
+def worker_seed(seed: int, index: int) -> int:
+    """The seed of worker ``index``'s epoch order and dropout: the model's own for
+    worker 0 (one worker trains exactly as a single process does), a derived one
+    for the others.
+
+    Examples
+    --------
+    >>> worker_seed(2016, 0), worker_seed(2016, 1) != worker_seed(2016, 2)
+    (2016, True)
+    """
+    if index == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def score_sums(model, datasets, bounds):
+    """Sums over ``datasets`` from which the driver computes its metrics: regression,
+    the squared error with predictions clipped to ``bounds`` (the labels' range over
+    every worker, as ``afmfast.metrics.rmse`` clips); classification, the logloss sum
+    and the correct predictions; both, the rows and whether every score is finite.
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> from afmfast.demo import make_demo_data
+    >>> data = make_demo_data(n_rows=500, seed=0)
+    >>> model = afmfast.FM(n_factors=4, n_epochs=1, n_threads=1, verbose=0).fit(data.train)
+    >>> sums = score_sums(model, [data.valid[:50], data.valid[50:]],
+    ...                   (float(data.valid.y.min()), float(data.valid.y.max())))
+    >>> sums["rows"], bool(np.isclose(np.sqrt(sums["sse"] / sums["rows"]),
+    ...                               model.evaluate(data.valid)["rmse"]))
+    (100, True)
+    """
+    out = {"finite": True, "rows": 0, "sse": 0.0, "logloss_sum": 0.0, "correct": 0}
+    for data in datasets:
+        if data.n_rows == 0:
+            continue
+        scores = model._predict_dataset(data).astype(np.float64)
+        y = np.asarray(data.y, np.float64)
+        out["rows"] += data.n_rows
+        if model._is_classifier:
+            p = np.exp(-np.logaddexp(0.0, -scores))
+            out["logloss_sum"] += logloss(y, p) * data.n_rows
+            out["correct"] += int(np.sum((scores > 0) == (y > 0)))
+        else:
+            out["sse"] += math.fsum((y - np.clip(scores, bounds[0], bounds[1])) ** 2)
+        out["finite"] = out["finite"] and bool(np.all(np.isfinite(scores)))
+    return out
+
+
+class ShardWorker:
+    """A Dask actor training one model on this worker's shards (see the module
+    docstring). The driver (``afmfast.dask.estimators``) calls, in order: ``open``,
+    ``start``, then per epoch ``begin_epoch``, ``round`` until the epoch is done,
+    ``score`` and ``keep_epoch``; ``params`` at the end. Construction does nothing, so
+    that Dask recomputing a lost actor elsewhere costs nothing.
+
+    Examples
+    --------
+    >>> ShardWorker().model is None
+    True
+    """
+
+    def __init__(self):
+        self.model = None
+        self._payload, self._round, self._abort = None, 0, False
+        self._synced = self._best = None
+
+    # ----- set-up ------------------------------------------------------------------------
+    def open(self, local_class, params, shards, valid_shards, index, n_workers,
+             classifier_labels=False):
+        """Open the shards; return what the driver needs to agree on the data: the
+        feature count, row counts, the validation labels' range (or, for a classifier,
+        the distinct labels) and this worker's address and process id."""
+        self.index, self.n_workers = index, n_workers
+        self.model = local_class(**params)
+        self.model._validate()
+        self.train = [open_shard(s) for s in shards]
+        self.valid = [open_shard(s, "validation") for s in valid_shards]
+        labels = None
+        if classifier_labels:
+            labels = sorted(set().union(*(np.unique(d.y).tolist()
+                                          for d in self.train + self.valid)))
+        ys = [d.y for d in self.valid if d.n_rows]
+        return {
+            "n_features": max([d.n_features for d in self.train + self.valid], default=0),
+            "n_rows": sum(d.n_rows for d in self.train),
+            "valid_rows": sum(d.n_rows for d in self.valid),
+            "valid_range": ((min(float(y.min()) for y in ys), max(float(y.max()) for y in ys))
+                            if ys else None),
+            "labels": labels, "address": _address(), "pid": os.getpid(),
+        }
+
+    def start(self, n_features, threads, peers, init_from=None, classes=None, merge="sum"):
+        """Build the Trainer on ``n_features`` features (the largest id of any shard),
+        warm-started from ``init_from`` if given; ``peers`` are the actors of every
+        worker of the fit, in worker order; ``classes`` (a classifier's two labels)
+        relabels the rows as the kernels' 0/1 targets; ``merge`` is the estimator's
+        merge rule ("sum" or "mean", ``afmfast.dask.averaging.merge``)."""
+        model = self.model
+        self.peers = peers
+        data = [d.with_n_features(n_features) for d in self.train]
+        valid = [d.with_n_features(max(n_features, d.n_features)) for d in self.valid]
+        if classes is not None:
+            positive = classes[1]
+            data = [d.with_labels(d.y == positive) for d in data]
+            valid = [d.with_labels(d.y == positive) for d in valid]
+        self.train, self.valid = data, valid
+        sizing = max(data, key=lambda d: (d.n_rows, d.max_row_nnz))
+        self.trainer = trainer = Trainer(model, sizing, threads=threads)
+        trainer.seed = worker_seed(trainer.seed, self.index)
+        model.n_features_in_ = n_features
+        model._threads = threads
+        model._backend = trainer.backend
+        if init_from is not None:
+            model._warm_start(init_from, n_features)
+        # one workspace per shard: each is sized by its own longest rows
+        self.workspaces = [trainer.workspace if d is sizing else
+                           model._new_workspace(trainer.backend, d) for d in data]
+        self.rows = averaging.row_tables(trainer.params, trainer.state, model.optimizer)
+        self.dense = averaging.dense_tables(trainer.params, trainer.state, model.optimizer)
+        self.touched = averaging.TouchedRows(n_features)
+        self.additive = averaging.additive_tables(trainer.params, model.optimizer)
+        self.merge_rule = merge
+        self._count = np.zeros(n_features, np.int32)  # merge scratch
+        # the last synchronisation's tables, updated row by row at each synchronisation
+        self._synced_rows = [np.array(t) for t in self.rows]
+        self._synced_dense = [t.copy() for t in self.dense]
+        self._synced = self._synced_params()
+        trainer._last_good = self._synced  # a divergence restores the last synchronisation
+        self.step = 0
+        self._pieces = iter(())
+
+    # ----- training ----------------------------------------------------------------------
+    def begin_epoch(self, epoch):
+        """Start ``epoch``: the shards in a seeded order, each in its own epoch order
+        (windowed for memory-mapped stores); returns this worker's rows."""
+        self.epoch = epoch
+        order = np.random.default_rng([self.trainer.seed, epoch]).permutation(len(self.train))
+        self._pieces = self._epoch_pieces([int(s) for s in order])
+        self._pending = None
+        return sum(d.n_rows for d in self.train)
+
+    def _epoch_pieces(self, order):
+        bs_model = self.model.batch_size
+        for s in order:
+            data = self.train[s]
+            if data.n_rows == 0:
+                continue
+            bs = min(bs_model, data.n_rows)
+            for rows in _whole_batches(self.trainer.epoch_segments(data, self.epoch), bs):
+                yield s, rows
+
+    def round(self, n_batches, round_id):
+        """Train up to ``n_batches`` batches of the epoch, then synchronise with the
+        other workers. Returns the round's
+        record: loss sum, batches, rows, whether the epoch is done, seconds training,
+        seconds waiting for peers, bytes received, seconds merging."""
+        t0 = time.perf_counter()
+        loss_sum, batches, rows_done = self._train(n_batches)
+        t1 = time.perf_counter()
+        ids = self.touched.take()
+        record = {"loss_sum": loss_sum, "batches": batches, "rows": rows_done,
+                  "done": self._pending is None and self._peek() is None,
+                  "train_seconds": t1 - t0, "wait_seconds": 0.0, "bytes": 0,
+                  "merge_seconds": 0.0}
+        if self.n_workers > 1:
+            payload = averaging.export(self.rows, self.dense, ids, batches)
+            self._payload, self._round = payload, round_id
+            payloads, waited, received = self._fetch(round_id, payload)
+            t2 = time.perf_counter()
+            averaging.merge_into(payloads, self.rows, self._synced_rows, self.dense,
+                                 self._synced_dense,
+                                 self.additive if self.merge_rule == "sum" else None,
+                                 self._count)
+            record.update(wait_seconds=waited, bytes=received,
+                          merge_seconds=time.perf_counter() - t2)
+        else:
+            self._commit(ids)
+        return record
+
+    def _peek(self):
+        if self._pending is None:
+            self._pending = next(self._pieces, None)
+        return self._pending
+
+    def _train(self, n_batches):
+        trainer, model = self.trainer, self.model
+        loss_sum, batches, rows_done = 0.0, 0, 0
+        while batches < n_batches and self._peek() is not None:
+            s, rows = self._pending
+            data = self.train[s]
+            bs = min(model.batch_size, data.n_rows)
+            take = min(len(rows), (n_batches - batches) * bs)
+            piece, rest = rows[:take], rows[take:]
+            self._pending = (s, rest) if len(rest) else None
+            trainer.workspace = self.workspaces[s]
+            try:
+                self.step, loss = trainer.train_epoch(data.X, data.y, piece, self.step,
+                                                      self.epoch)
+            except TrainingDivergedError as exc:
+                raise TrainingDivergedError(
+                    f"{_address()}: training diverged in epoch {self.epoch} ({exc}); the "
+                    f"workers keep the last synchronised parameters. Try a lower "
+                    f"learning_rate (now {model.learning_rate}).") from None
+            self.touched.add(data.indptr, data.indices, piece)
+            loss_sum += loss
+            batches += -(-len(piece) // bs)
+            rows_done += len(piece)
+        return loss_sum, batches, rows_done
+
+    def _fetch(self, round_id, own):
+        """Every worker's payload of round ``round_id``, in worker order; the seconds
+        spent waiting for them and the bytes received."""
+        t = time.perf_counter()
+        peers = self.peers
+        futures = {i: _call(peer.payload, round_id) for i, peer in enumerate(peers)
+                   if i != self.index}
+        payloads = []
+        for i in range(len(peers)):
+            if i == self.index:
+                payloads.append(own)
+                continue
+            while True:
+                if self._abort:
+                    raise Aborted(f"{_address()}: the fit was stopped by the driver")
+                try:
+                    payloads.append(futures[i].result(timeout=POLL_SECONDS))
+                    break
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+        received = sum(p.nbytes for i, p in enumerate(payloads) if i != self.index)
+        return payloads, time.perf_counter() - t, received
+
+    def _commit(self, ids):
+        """Copy the synchronised rows ``ids`` and the dense tables into the snapshot of
+        the last synchronisation."""
+        for live, saved in zip(self.rows, self._synced_rows):
+            saved[ids] = live[ids]
+        for live, saved in zip(self.dense, self._synced_dense):
+            saved[...] = live
+
+    def _synced_params(self):
+        """The last synchronisation's parameters as the model's namedtuple (views of
+        the snapshot tables)."""
+        params = self.trainer.params
+        n_sparse = len(averaging.SPARSE_FIELDS)
+        tables = {name: synced.reshape(getattr(params, name).shape) for name, synced in
+                  zip(averaging.SPARSE_FIELDS, self._synced_rows)}
+        dense_names = [n for n in params._fields if n not in averaging.SPARSE_FIELDS]
+        tables.update(zip(dense_names, self._synced_dense[:len(params) - n_sparse]))
+        return type(params)(**tables)
+
+    async def payload(self, round_id):
+        """This worker's payload of round ``round_id``, once it is ready (an async
+        method: it runs on the worker's event loop, so peers get it while this
+        worker's actor thread waits for theirs)."""
+        while self._round < round_id or self._payload is None:
+            if self._abort:
+                raise Aborted(f"{_address()}: the fit was stopped by the driver")
+            await asyncio.sleep(0.001)
+        return self._payload
+
+    async def abort(self):
+        """Make a worker waiting for its peers give up (the driver lost a worker)."""
+        self._abort = True
+
+    # ----- validation and results --------------------------------------------------------
+    def score(self, bounds):
+        """``score_sums`` of the validation shards, and whether the parameters are
+        still finite."""
+        out = score_sums(self.model, self.valid, bounds)
+        out["finite"] = out["finite"] and self.trainer.finite_parameters()
+        return out
+
+    def keep_epoch(self, improved):
+        """Snapshot the parameters as the best epoch's when ``improved``."""
+        if improved:
+            self._best = self.trainer._snapshot(self._best)
+
+    def params(self, which="live"):
+        """The parameter arrays by name: "live", "best" (the best epoch's) or
+        "synced" (the last synchronisation's)."""
+        source = {"live": self.trainer.params, "best": self._best,
+                  "synced": self._synced}[which]
+        return dict(zip(source._fields, source))
+
+    async def synced_params(self):
+        """The last synchronised parameters, answered on the event loop even while the
+        actor thread is stuck waiting for a lost peer."""
+        return None if self._synced is None else dict(zip(self._synced._fields,
+                                                          self._synced))
+
+    def restore(self, which):
+        """Copy the "best" or "synced" snapshot into the live parameters (and, for
+        "synced", the optimiser state)."""
+        if which == "best":
+            _copy_params(self.trainer.params, self._best)
+            return
+        for live, saved in zip(self.rows, self._synced_rows):
+            live[...] = saved
+        for live, saved in zip(self.dense, self._synced_dense):
+            live[...] = saved
