@@ -216,7 +216,7 @@ def test_worker_module_examples():
 def test_dask_dataframe_partitions_are_hash_encoded_on_the_workers(client):
     pd = pytest.importorskip("pandas")
     dd = pytest.importorskip("dask.dataframe")
-    from afmfast.dask.hashing import hash_encode
+    from afmfast.data.hashed_frames import hash_frame
 
     rng = np.random.default_rng(0)
     n = 4000
@@ -229,10 +229,10 @@ def test_dask_dataframe_partitions_are_hash_encoded_on_the_workers(client):
                                                                                npartitions=2)
     model = DaskFM(n_epochs=8, client=client, learning_rate=0.05, **{
         k: v for k, v in SMALL.items()})
-    model.fit(train, "rating", validation=valid, n_features=4096)
+    model.fit(train, "rating", validation=valid, hash_bits=12)
     assert model.history_[-1]["valid_rmse"] < 0.8 * model.history_[0]["valid_rmse"]
     predicted = model.predict(valid).compute()
-    local = model.to_local().predict(hash_encode(frame[3200:], "rating", 4096))
+    local = model.to_local().predict(hash_frame(frame[3200:], "rating", hash_bits=12))
     np.testing.assert_array_equal(predicted.to_numpy(), local)
     assert model.evaluate(valid)["rmse"] == pytest.approx(model.history_[-1]["valid_rmse"]) \
         or model.best_epoch_ != len(model.history_)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from afmfast.dask.hashing import DEFAULT_HASH_FEATURES, hash_encode
+from afmfast.data.hashed_frames import hash_frame
+from afmfast.data.hashing import DEFAULT_HASH_BITS
 from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, score_sums
 from afmfast.data.store import open_store
 from afmfast.kernels import backends
@@ -198,9 +199,7 @@ class _Fit:
         n = len(self.addresses)
         shards = [[] for _ in range(n)]
         for p, part in enumerate(frame.to_delayed()):
-            encoded = dask.delayed(hash_encode)(part, hashing["label"],
-                                                hashing["n_features"],
-                                                hashing["categorical"])
+            encoded = dask.delayed(_encode_frame)(part, hashing)
             future = self.client.compute(encoded, workers=[self.addresses[p % n]],
                                          allow_other_workers=False)
             self.held.append(future)
@@ -301,7 +300,7 @@ class DaskModel:
     def fit(self, X, y=None, *, validation=None, init_from=None,
             callbacks: Sequence[Callable] | None = None, metric: str | None = None,
             categorical: Sequence[str] | None = None,
-            n_features: int | None = None) -> DaskModel:
+            hash_bits: int | None = None) -> DaskModel:
         """Train on the cluster; from scratch unless ``init_from`` is given.
 
         Parameters
@@ -311,8 +310,9 @@ class DaskModel:
             worker can read at the same path. With at least as many stores as workers
             each worker trains whole stores; otherwise every store is cut into one
             row range per worker. A Dask DataFrame's partitions are hash-encoded on
-            the workers (``afmfast.dask.hashing``, no global vocabulary), partition p
-            on worker p mod n_workers.
+            the workers (``afmfast.data.hashed_frames.hash_frame``: the ids that
+            ``afmfast.convert(..., format="csv")`` gives the same table, with no
+            global vocabulary), partition p on worker p mod n_workers.
         y : None, or the label column's name for a DataFrame
             The stores' labels are their own.
         validation : like X, optional
@@ -326,9 +326,11 @@ class DaskModel:
         metric : str, optional
             "rmse" for regressors; "logloss" (default) or "accuracy" for classifiers.
         categorical : list of str, optional
-            DataFrame only: float columns to hash as categories.
-        n_features : int, optional
-            DataFrame only: the size of the hashed feature space (default 2^20).
+            DataFrame only: float columns to hash as categories (other float columns
+            are numeric features: one id a column, the number as its value).
+        hash_bits : int, optional
+            DataFrame only: hash into 2^hash_bits ids (default
+            ``afmfast.data.hashing.DEFAULT_HASH_BITS``).
 
         Returns
         -------
@@ -358,8 +360,8 @@ class DaskModel:
         if not frame and y is not None:
             raise ValueError("y: a Dask fit reads the labels from the stores (their y "
                              "column); pass y=None")
-        if not frame and (categorical is not None or n_features is not None):
-            raise ValueError("categorical and n_features apply to a Dask DataFrame X only")
+        if not frame and (categorical is not None or hash_bits is not None):
+            raise ValueError("categorical and hash_bits apply to a Dask DataFrame X only")
         _check_int("sync_every", self.sync_every, 1)
         if self.merge not in MERGE_RULES:
             raise ValueError(f"merge must be one of {MERGE_RULES}, got {self.merge!r}")
@@ -380,10 +382,10 @@ class DaskModel:
         self.sync_log_ = []
         try:
             if frame:
-                hashing = {"label": y, "n_features": int(
-                    DEFAULT_HASH_FEATURES if n_features is None else n_features),
-                    "categorical": list(categorical or ()),
-                    "columns": [c for c in X.columns if c != y]}
+                hashing = {"label": y,
+                           "hash_bits": DEFAULT_HASH_BITS if hash_bits is None else hash_bits,
+                           "kinds": {c: "categorical" for c in categorical or ()},
+                           "columns": [c for c in X.columns if c != y]}
                 shards = fit.encode(X, hashing, "X")
                 valid_shards = (fit.encode(validation, hashing, "validation")
                                 if validation is not None else [[]] * len(fit.actors))
@@ -643,8 +645,8 @@ def _encode_frame(frame, hashing, model=None):
     """A partition hash-encoded as the fit encoded its rows (the label column, when
     present, as labels; a classifier's as 0/1 targets)."""
     label = hashing["label"] if hashing["label"] in frame.columns else None
-    columns = hashing["columns"] + ([label] if label is not None else [])
-    data = hash_encode(frame[columns], label, hashing["n_features"], hashing["categorical"])
+    data = hash_frame(frame, label, hash_bits=hashing["hash_bits"],
+                      columns=hashing["columns"], kinds=hashing["kinds"])
     return data if model is None or label is None else _classes_labels(model, data)
 
 
