@@ -158,8 +158,9 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t) noexcept nogil:
 cdef void split(const Sweep* s, int64_t lo, int64_t hi, int nb,
                 int64_t* bounds) noexcept nogil:
     """bounds (nb + 1,): runs of order[lo:hi] of about equal nonzeros (+1 a feature),
-    the Numba sweep's split."""
-    cdef int64_t total = 0, acc = 0, p, j
+    the Numba sweep's split (boundary t before or after the feature in which t/nb of
+    the total falls, whichever is nearer)."""
+    cdef int64_t total = 0, acc = 0, p, j, c
     cdef int t = 1
     for p in range(lo, hi):
         j = s.order[p]
@@ -167,10 +168,14 @@ cdef void split(const Sweep* s, int64_t lo, int64_t hi, int nb,
     bounds[0] = lo
     for p in range(lo, hi):
         j = s.order[p]
-        acc += s.colptr[j + 1] - s.colptr[j] + 1
-        while t < nb and acc * nb >= total * t:
-            bounds[t] = p + 1
+        c = s.colptr[j + 1] - s.colptr[j] + 1
+        while t < nb and (acc + c) * nb >= total * t:
+            if total * t - acc * nb <= (acc + c) * nb - total * t:
+                bounds[t] = p
+            else:
+                bounds[t] = p + 1
             t += 1
+        acc += c
     while t <= nb:
         bounds[t] = hi
         t += 1

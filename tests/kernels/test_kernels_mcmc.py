@@ -247,7 +247,8 @@ def test_cython_sweep_refuses_what_would_leave_its_arrays():
         (_bad(args, "columns", colptr=short), "columns.colptr must rise"),
         (_bad(args, "plan", order=order), "plan.order holds an index outside"),
         (_bad(args, "plan", starts=args["plan"].starts + 5), "plan.starts must rise"),
-        (dict(args, groups=np.ones(M, np.int64)), r"groups holds an index outside \[0, 1\)"),
+        (dict(args, groups=np.ones(M, np.int64)),
+         r"groups holds an index outside \[0, 1\)"),
         (_bad(args, "hyper", lam_v=np.ones((1, 3))), r"hyper.lam_v must have shape"),
         (dict(args, ws=_sweep_args(3)["ws"]), "ws.Q must have shape"),
         (dict(args, ws=cy_mcmc.Workspace(np.empty((2, 1)), np.empty((2, 2, 1)))),
@@ -275,3 +276,17 @@ def test_normal_gamma_draw_matches_importance_sampling_from_the_prior():
     weight /= weight.sum()
     assert mu.mean() == pytest.approx(weight @ prior_mu, abs=0.02)
     assert lam.mean() == pytest.approx(weight @ prior_lam, rel=0.05)
+
+
+@pytest.mark.parametrize("lengths,want", [([15842, 30336], [0, 1, 2]),
+                                          ([30336, 15842], [0, 1, 2]),
+                                          ([5, 5, 5, 5], [0, 2, 4]),
+                                          ([100], [0, 0, 1])])
+def test_split_of_a_parallel_block_gives_each_thread_its_share(lengths, want):
+    """Runs of about equal nonzeros; a block of two very unequal columns (a binary
+    field) still gives each of 2 threads one."""
+    colptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    bounds = np.empty(3, np.int64)
+    nb_mcmc._split(colptr, np.arange(len(lengths), dtype=np.int64), 0, len(lengths), 2,
+                   bounds)
+    assert bounds.tolist() == want
