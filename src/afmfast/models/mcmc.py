@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from afmfast.kernels.api import FMParams, aligned_empty
-from afmfast.kernels.mcmc import draw_scalars, hyper_groups
+from afmfast.kernels.mcmc import draw_scalars, hyper_groups, sum_of_squares
 from afmfast.kernels import backends
 from afmfast.kernels.threads import RunPlanner
 from afmfast.models.training import TrainingDivergedError, _model_seed
@@ -147,7 +147,7 @@ class McmcTrainer:
                                         threads, self.workspace)
                 seconds = time.perf_counter() - t0
                 self.planner.record(threads, n, 1, seconds)
-                train_rmse = math.sqrt(float(self.e @ self.e) / len(self.e))
+                train_rmse = math.sqrt(sum_of_squares(self.e) / len(self.e))
                 if not math.isfinite(train_rmse):
                     raise TrainingDivergedError(
                         f"the Gibbs sampler's residuals stopped being finite in iteration "
