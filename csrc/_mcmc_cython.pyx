@@ -14,16 +14,22 @@ Functions
         V (M, k), e (n,) and q (n, k), all float64 C-contiguous, and ws.
 
 The arithmetic is the Numba sweep's, operation for operation (the same fused passes over
-a column's gathered residuals and q values, the same split of a parallel block into
-runs of about equal nonzeros), and this module is built at the baseline instruction set
-only, where the compiler has no fused multiply-add to contract into: the samples are the
-Numba backend's bit for bit, for any thread count. Every shape, dtype and index is
+a column's gathered residuals and q values), and this module is built at the baseline
+instruction set only, where the compiler has no fused multiply-add to contract into: the
+samples are the Numba backend's bit for bit, for any thread count.
+
+A parallel block's features go to the threads dynamically, longest column first (the
+next free thread takes the next feature): a thread that the OS deschedules on a busy
+machine holds the others back by one feature at most, and a block of a few features of
+very unequal lengths balances as well as it can. Which thread samples a feature changes
+nothing: the features of a parallel block share no row, and each one's scratch is
+written before it is read. Every shape, dtype and index is
 checked in Python before the sweep releases the GIL, so no input can make it read or
 write outside its arrays.
 """
 import numpy as np
 
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport cos, log, sqrt, M_PI
 from libc.stdint cimport int64_t, uint64_t
 
@@ -155,32 +161,6 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t) noexcept nogil:
             s.q[i * k + f] = Q[f * ms + r]
 
 
-cdef void split(const Sweep* s, int64_t lo, int64_t hi, int nb,
-                int64_t* bounds) noexcept nogil:
-    """bounds (nb + 1,): runs of order[lo:hi] of about equal nonzeros (+1 a feature),
-    the Numba sweep's split (boundary t before or after the feature in which t/nb of
-    the total falls, whichever is nearer)."""
-    cdef int64_t total = 0, acc = 0, p, j, c
-    cdef int t = 1
-    for p in range(lo, hi):
-        j = s.order[p]
-        total += s.colptr[j + 1] - s.colptr[j] + 1
-    bounds[0] = lo
-    for p in range(lo, hi):
-        j = s.order[p]
-        c = s.colptr[j + 1] - s.colptr[j] + 1
-        while t < nb and (acc + c) * nb >= total * t:
-            if total * t - acc * nb <= (acc + c) * nb - total * t:
-                bounds[t] = p
-            else:
-                bounds[t] = p + 1
-            t += 1
-        acc += c
-    while t <= nb:
-        bounds[t] = hi
-        t += 1
-
-
 cdef void run(const Sweep* s, int64_t lo, int64_t hi, int t) noexcept nogil:
     """The features order[lo:hi] on thread t (its own MXCSR set for the run)."""
     cdef unsigned int csr = ftz_enter()
@@ -196,6 +176,19 @@ def mcmc_workspace(columns, n_factors, n_threads):
     m = max(1, int(np.diff(np.asarray(columns.colptr)).max(initial=0)))
     t = team_size(n_threads)
     return Workspace(np.empty((t, m)), np.empty((t, int(n_factors), m)))
+
+
+def longest_first(order, starts, is_parallel, colptr):
+    """``order`` with each parallel block's features by decreasing column length (ties
+    in plan order); serial blocks keep their order."""
+    B = starts.shape[0] - 1
+    lo, hi = int(starts[0]), int(starts[B])
+    block = np.repeat(np.arange(B), np.diff(starts))
+    seg = order[lo:hi]
+    length = np.where(is_parallel[block], colptr[seg + 1] - colptr[seg], 0)
+    out = order.copy()
+    out[lo:hi] = seg[np.lexsort((-length, block))]
+    return out
 
 
 def _array(name, a, dtype, shape):
@@ -237,7 +230,7 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     if B < 0 or (B > 0 and (starts[0] < 0 or starts[B] > order.shape[0]
                             or (np.diff(starts) < 0).any())):
         raise ValueError("plan.starts must rise within [0, len(plan.order)]")
-    parallel = _array("plan.parallel", plan.parallel, np.bool_, (B,))
+    is_parallel = _array("plan.parallel", plan.parallel, np.bool_, (B,))
     groups = _array("groups", groups, np.int64, (M,))
     mu_w = _array("hyper.mu_w", hyper.mu_w, np.float64, (None,))
     G = mu_w.shape[0]
@@ -260,7 +253,7 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const double[::1] vals_v = vals if vals.shape[0] else d_dummy
     cdef const int64_t[::1] order_v = order if order.shape[0] else i_dummy
     cdef const int64_t[::1] starts_v = starts
-    cdef const unsigned char[::1] par_v = parallel.view(np.uint8) if B else np.zeros(1, np.uint8)
+    cdef const unsigned char[::1] par_v = is_parallel.view(np.uint8) if B else np.zeros(1, np.uint8)
     cdef const int64_t[::1] groups_v = groups if M else i_dummy
     cdef double[::1] w_v = w if M else d_dummy
     cdef double[::1] V_v = V.reshape(-1) if V.size else d_dummy
@@ -272,7 +265,8 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const double[::1] lam_v_v = lam_v.reshape(-1) if lam_v.size else d_dummy
     cdef double[::1] E_v = E.reshape(-1)
     cdef double[::1] Q_v = Q.reshape(-1) if Q.size else d_dummy
-    cdef int64_t[::1] bounds_v = np.empty(nt + 1, np.int64)
+    cdef const int64_t[::1] longest_v = longest_first(order, starts, is_parallel, colptr) \
+        if order.shape[0] else i_dummy
     s.colptr, s.rows, s.vals = &colptr_v[0], &rows_v[0], &vals_v[0]
     s.order, s.groups = &order_v[0], &groups_v[0]
     s.w, s.V, s.e, s.q = &w_v[0], &V_v[0], &e_v[0], &q_v[0]
@@ -281,19 +275,20 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     s.key = <uint64_t>int(_stream_key(seed, MCMC_STREAM, iteration)[0])
     s.k, s.E, s.Q, s.m = k, &E_v[0], &Q_v[0], m
     cdef Py_ssize_t b, n_blocks = B
-    cdef int64_t lo, hi
-    cdef int t
-    cdef unsigned int csr
+    cdef int64_t lo, hi, p
+    cdef unsigned int csr, csr_t
     with nogil:
         csr = ftz_enter_caller(nt)
         for b in range(n_blocks):
             lo = starts_v[b]
             hi = starts_v[b + 1]
             if par_v[b] and nt > 1 and hi - lo > 1:
-                # disjoint rows: every thread's run reads and writes only its own rows
-                split(&s, lo, hi, nt, &bounds_v[0])
-                for t in prange(nt, num_threads=nt, schedule="static"):
-                    run(&s, bounds_v[t], bounds_v[t + 1], t)
+                # disjoint rows: each feature reads and writes only its own rows
+                with parallel(num_threads=nt):
+                    csr_t = ftz_enter()
+                    for p in prange(lo, hi, schedule="dynamic"):
+                        sample_feature(&s, longest_v[p], threadid())
+                    ftz_leave(csr_t)
             else:
                 run(&s, lo, hi, 0)
         ftz_leave(csr)
