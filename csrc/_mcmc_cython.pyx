@@ -253,7 +253,8 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const double[::1] vals_v = vals if vals.shape[0] else d_dummy
     cdef const int64_t[::1] order_v = order if order.shape[0] else i_dummy
     cdef const int64_t[::1] starts_v = starts
-    cdef const unsigned char[::1] par_v = is_parallel.view(np.uint8) if B else np.zeros(1, np.uint8)
+    cdef const unsigned char[::1] par_v = (is_parallel.view(np.uint8) if B
+                                           else np.zeros(1, np.uint8))
     cdef const int64_t[::1] groups_v = groups if M else i_dummy
     cdef double[::1] w_v = w if M else d_dummy
     cdef double[::1] V_v = V.reshape(-1) if V.size else d_dummy

@@ -290,3 +290,13 @@ def test_split_of_a_parallel_block_gives_each_thread_its_share(lengths, want):
     nb_mcmc._split(colptr, np.arange(len(lengths), dtype=np.int64), 0, len(lengths), 2,
                    bounds)
     assert bounds.tolist() == want
+
+
+@pytest.mark.parametrize("sweeper", SWEEPS)
+def test_sweep_leaves_the_callers_mxcsr_as_it_was(sweeper):
+    """The sweep sets FTZ/DAZ for itself (kernels.api's "Denormals") and puts the calling
+    thread's MXCSR back."""
+    from afmfast.kernels.numba.common import current_mxcsr
+    before = int(current_mxcsr())
+    three_iterations(sweeper, 2, k=2)
+    assert int(current_mxcsr()) == before
