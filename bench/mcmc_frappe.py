@@ -5,6 +5,10 @@ is installed, myFM's Bayesian FM at the same rank, sample count and split.
     python bench/mcmc_frappe.py                 # frappe-mini, k=16, 100 iterations
     python bench/mcmc_frappe.py --synthetic     # rating-like data from a known FM
     python bench/mcmc_frappe.py --no-myfm       # skip the comparison
+    python bench/mcmc_frappe.py --backends numba  # one sampler backend only
+
+Each seed's fits alternate the sampler backends (Cython and Numba by default; the
+samples are the same, so are the RMSEs) so that a load on the machine falls on both.
 
 Seconds per iteration: the median wall time of the fit's ``history_`` records (scalar
 draws and the sweep, no validation), and the process's CPU time over the whole fit
@@ -53,14 +57,13 @@ def rating_like(seed=0, n_rows=60000, fields=(2000, 1500, 7, 24), k=8):
     return data[np.arange(n_train)], data[np.arange(n_train, n_rows)]
 
 
-def ours(train, valid, k, n_iter, threads, seed=2016):
+def ours(train, valid, k, n_iter, threads, seed=2016, backend="numba"):
     """(validation RMSE, median wall seconds of an iteration, CPU seconds per
     iteration over the whole fit)."""
     t = time.process_time()
     model = afmfast.FM(solver="mcmc", n_factors=k, n_iter=n_iter, init_stdev=0.1,
                        n_threads=threads, adaptive_threads=False, random_state=seed,
-                       backend="numba",
-                       verbose=0).fit(train)
+                       backend=backend, verbose=0).fit(train)
     cpu = time.process_time() - t
     per_iter = statistics.median(r["seconds"] for r in model.history_)
     return model.evaluate(valid)["rmse"], per_iter, cpu / n_iter
@@ -115,18 +118,24 @@ def main():
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--n-iter", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each fit")
+    parser.add_argument("--backends", default="cython,numba",
+                        help="comma-separated sampler backends, alternated")
     args = parser.parse_args()
     train, valid = rating_like() if args.synthetic else frappe_mini()
     print(f"{'synthetic rating-like' if args.synthetic else 'frappe-mini'}: "
           f"{len(train)} train rows, {len(valid)} validation rows, "
           f"k={args.k}, {args.n_iter} iterations")
-    ours(train[:200], valid[:10], args.k, 2, 1)  # compile before timing
+    names = [name for name in args.backends.split(",") if name]
+    for backend in names:
+        ours(train[:200], valid[:10], args.k, 2, 1, backend=backend)  # compile first
     for threads in (1, 2):
         for seed in range(args.seeds):
-            rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads, seed)
-            print(f"afmfast mcmc, {threads} thread(s), seed {seed}: validation RMSE "
-                  f"{rmse:.4f}, {per_iter:.4f} s per iteration (median wall), "
-                  f"{cpu:.4f} CPU s per iteration", flush=True)
+            for backend in names:
+                rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads, seed,
+                                           backend)
+                print(f"afmfast mcmc ({backend}), {threads} thread(s), seed {seed}: "
+                      f"validation RMSE {rmse:.4f}, {per_iter:.4f} s per iteration "
+                      f"(median wall), {cpu:.4f} CPU s per iteration", flush=True)
     if not args.no_myfm:
         try:
             _import_myfm()

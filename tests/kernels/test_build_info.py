@@ -62,7 +62,7 @@ def test_build_info_has_the_documented_keys_and_types():
     info = afmfast.build_info()
     assert info["version"] == afmfast.__version__
     assert info["kernel_isa"] in dispatch.LEVELS + (None,)
-    assert set(info["backends"]) == {"fm", "afm"}
+    assert set(info["backends"]) == {"fm", "afm", "mcmc"}
     for names in info["backends"].values():
         assert isinstance(names, list) and set(names) <= {"cython", "numba"}
     assert set(info["openmp"]) == {"enabled", "max_threads"}

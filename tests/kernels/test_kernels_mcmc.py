@@ -1,13 +1,20 @@
 """The Bayesian FM's Gibbs sampler (``afmfast.kernels.mcmc``): its float64 reference
-against dense linear algebra, the Numba sweep against the reference given the same
-draws, the plan's blocks, the counter-based normals, and bit-identical samples for any
-thread count."""
+against dense linear algebra, each backend's sweep against the reference given the same
+draws, the plan's blocks, the counter-based normals, bit-identical samples for any
+thread count and across the backends, and the Cython sweep's refusal of bad input."""
 import numpy as np
 import pytest
+
+from helpers.backends import compiled_module
 
 from afmfast.kernels import mcmc
 from afmfast.kernels import mcmc_reference as ref
 from afmfast.kernels.numba import mcmc as nb_mcmc
+
+cy_mcmc = compiled_module("afmfast._mcmc_cython")
+SWEEPS = [pytest.param(nb_mcmc, id="numba"),
+          pytest.param(cy_mcmc, id="cython", marks=[pytest.mark.compiled, pytest.mark.skipif(
+              cy_mcmc is None, reason="afmfast._mcmc_cython is not built")])]
 
 
 def fielded_rows(rng, n_rows, field_sizes, values=False):
@@ -69,10 +76,11 @@ def test_normals_of_the_kernel_are_the_definition():
     assert not np.array_equal(want, mcmc.coordinate_normals(2016, 4, coords))
 
 
+@pytest.mark.parametrize("sweeper", SWEEPS)
 @pytest.mark.parametrize("values", [False, True])
 @pytest.mark.parametrize("given_groups", [False, True])
-def test_one_sweep_of_the_kernel_equals_the_reference(values, given_groups):
-    """Given the same hyperparameters and counter-based draws, the Numba sweep (fused
+def test_one_sweep_of_the_kernel_equals_the_reference(sweeper, values, given_groups):
+    """Given the same hyperparameters and counter-based draws, a backend's sweep (fused
     passes, caches, parallel blocks on 2 threads) gives the reference's samples up to
     float rounding, and leaves its caches equal to y - yhat and X V."""
     rng = np.random.default_rng(5)
@@ -90,8 +98,8 @@ def test_one_sweep_of_the_kernel_equals_the_reference(values, given_groups):
     np.testing.assert_allclose(yhat, ref.predict(Xd, w0, w, V), rtol=1e-12, atol=1e-12)
     e = y - yhat
     w_k, V_k = w.copy(), V.copy()
-    nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 9, 4, 2,
-                       nb_mcmc.mcmc_workspace(cols, k, 2))
+    sweeper.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 9, 4, 2,
+                       sweeper.mcmc_workspace(cols, k, 2))
     w_r, V_r = w.copy(), V.copy()
     ref.sweep(Xd, y, w0, w_r, V_r, hyper, groups, plan.order, 9, 4)
     np.testing.assert_allclose(w_k, w_r, rtol=1e-9, atol=1e-11)
@@ -130,7 +138,8 @@ def test_column_view_refuses_repeated_and_out_of_range_ids():
         nb_mcmc.mcmc_columns(X, 3)
 
 
-def test_whole_iteration_and_reference_iteration_agree():
+@pytest.mark.parametrize("sweeper", SWEEPS)
+def test_whole_iteration_and_reference_iteration_agree(sweeper):
     """Scalars (alpha, hyperparameters, w0) drawn from the same generator and the sweep:
     two whole iterations of the reference and of the kernel path agree."""
     rng = np.random.default_rng(8)
@@ -151,36 +160,104 @@ def test_whole_iteration_and_reference_iteration_agree():
         hyper, w0 = mcmc.draw_scalars(w0_k, w_k, V_k, e, groups, G, 3, it)
         e -= w0 - w0_k
         w0_k = w0
-        nb_mcmc.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 3, it, 1,
-                           nb_mcmc.mcmc_workspace(cols, k, 1))
+        sweeper.mcmc_sweep(cols, plan, groups, w_k, V_k, e, q, hyper, 3, it, 1,
+                           sweeper.mcmc_workspace(cols, k, 1))
     assert w0_k == pytest.approx(w0_r, rel=1e-9)
     np.testing.assert_allclose(V_k, V_r, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(w_k, w_r, rtol=1e-8, atol=1e-10)
 
 
-def test_samples_are_bit_identical_for_any_thread_count():
+def three_iterations(sweeper, threads, values=True, k=4):
+    """(w, V, e) after three iterations of ``sweeper`` on one-hot rows whose plan has
+    parallel blocks, with the scalars drawn as a fit draws them."""
     rng = np.random.default_rng(2)
-    X, M, _ = fielded_rows(rng, 5000, [40, 7, 300, 2], values=True)
-    n, k = 5000, 4
+    X, M, _ = fielded_rows(rng, 5000, [40, 7, 300, 2], values=values)
+    n = 5000
     y = rng.normal(size=n)
     cols = nb_mcmc.mcmc_columns(X, M)
     plan = nb_mcmc.mcmc_plan(X, cols)
     assert plan.parallel.any()
     groups = np.zeros(M, np.int64)
-    runs = []
-    for threads in (1, 2, 3):
-        w, V = np.zeros(M), np.random.default_rng(0).normal(0, 0.1, (M, k))
-        q, yhat = np.empty((n, k)), np.empty(n)
-        nb_mcmc.mcmc_scores(X, 0.0, w, V, q, yhat, threads)
-        e = y - yhat
-        for it in range(3):
-            hyper, _ = mcmc.draw_scalars(0.0, w, V, e, groups, 1, 5, it)
-            nb_mcmc.mcmc_sweep(cols, plan, groups, w, V, e, q, hyper, 5, it, threads,
-                               nb_mcmc.mcmc_workspace(cols, k, threads))
-        runs.append((w, V, e))
+    w, V = np.zeros(M), np.random.default_rng(0).normal(0, 0.1, (M, k))
+    q, yhat = np.empty((n, k)), np.empty(n)
+    nb_mcmc.mcmc_scores(X, 0.0, w, V, q, yhat, threads)
+    e = y - yhat
+    ws = sweeper.mcmc_workspace(cols, k, threads)
+    for it in range(3):
+        hyper, _ = mcmc.draw_scalars(0.0, w, V, e, groups, 1, 5, it)
+        sweeper.mcmc_sweep(cols, plan, groups, w, V, e, q, hyper, 5, it, threads, ws)
+    return w, V, e
+
+
+@pytest.mark.parametrize("sweeper", SWEEPS)
+def test_samples_are_bit_identical_for_any_thread_count(sweeper):
+    runs = [three_iterations(sweeper, threads) for threads in (1, 2, 3)]
     for w, V, e in runs[1:]:
         assert np.array_equal(w, runs[0][0]) and np.array_equal(V, runs[0][1])
         assert np.array_equal(e, runs[0][2])
+
+
+@pytest.mark.compiled
+@pytest.mark.skipif(cy_mcmc is None, reason="afmfast._mcmc_cython is not built")
+@pytest.mark.parametrize("values,k", [(True, 4), (False, 3), (True, 0)])
+def test_cython_and_numba_samples_are_bit_identical(values, k):
+    """The Cython sweep does the Numba sweep's operations in the same order, without
+    fused multiply-adds (its module is built at the baseline level only)."""
+    want = three_iterations(nb_mcmc, 2, values, k)
+    got = three_iterations(cy_mcmc, 2, values, k)
+    assert not np.array_equal(want[0], np.zeros_like(want[0]))
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b)
+
+
+def _sweep_args(k=2):
+    rng = np.random.default_rng(0)
+    X, M, _ = fielded_rows(rng, 30, [3, 4])
+    cols = nb_mcmc.mcmc_columns(X, M)
+    plan = nb_mcmc.mcmc_plan(X, cols)
+    hyper = random_hyper(rng, 1, k)
+    return dict(columns=cols, plan=plan, groups=np.zeros(M, np.int64), w=np.zeros(M),
+                V=rng.normal(size=(M, k)), e=rng.normal(size=30), q=np.zeros((30, k)),
+                hyper=hyper, seed=1, iteration=0, n_threads=2,
+                ws=cy_mcmc.mcmc_workspace(cols, k, 2) if cy_mcmc else None)
+
+
+def _bad(args, name, **fields):
+    return {**args, name: args[name]._replace(**fields)}
+
+
+@pytest.mark.compiled
+@pytest.mark.skipif(cy_mcmc is None, reason="afmfast._mcmc_cython is not built")
+def test_cython_sweep_refuses_what_would_leave_its_arrays():
+    args = _sweep_args()
+    cy_mcmc.mcmc_sweep(**args)  # the good arguments pass
+    M = args["w"].shape[0]
+    bad_rows = args["columns"].rows.copy()
+    bad_rows[3] = 30
+    short = args["columns"].colptr.copy()
+    short[-1] += 1
+    order = args["plan"].order.copy()
+    order[0] = -1
+    cases = [
+        (dict(args, w=np.zeros(M + 1)), r"w must have shape \(%d,\)" % M),
+        (dict(args, V=np.asfortranarray(args["V"])), "V must be a C-contiguous float64"),
+        (dict(args, q=np.zeros((29, 2))), r"q must have shape \(30, 2\)"),
+        (dict(args, e=args["e"].astype(np.float32)), "e must be a C-contiguous float64"),
+        (_bad(args, "columns", rows=bad_rows), r"columns.rows holds an index outside"),
+        (_bad(args, "columns", colptr=short), "columns.colptr must rise"),
+        (_bad(args, "plan", order=order), "plan.order holds an index outside"),
+        (_bad(args, "plan", starts=args["plan"].starts + 5), "plan.starts must rise"),
+        (dict(args, groups=np.ones(M, np.int64)),
+         r"groups holds an index outside \[0, 1\)"),
+        (_bad(args, "hyper", lam_v=np.ones((1, 3))), r"hyper.lam_v must have shape"),
+        (dict(args, ws=_sweep_args(3)["ws"]), "ws.Q must have shape"),
+        (dict(args, ws=cy_mcmc.Workspace(np.empty((2, 1)), np.empty((2, 2, 1)))),
+         "ws was made for other columns"),
+        (dict(args, n_threads=0), "n_threads must be a positive integer"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cy_mcmc.mcmc_sweep(**bad)
 
 
 def test_normal_gamma_draw_matches_importance_sampling_from_the_prior():
@@ -199,3 +276,27 @@ def test_normal_gamma_draw_matches_importance_sampling_from_the_prior():
     weight /= weight.sum()
     assert mu.mean() == pytest.approx(weight @ prior_mu, abs=0.02)
     assert lam.mean() == pytest.approx(weight @ prior_lam, rel=0.05)
+
+
+@pytest.mark.parametrize("lengths,want", [([15842, 30336], [0, 1, 2]),
+                                          ([30336, 15842], [0, 1, 2]),
+                                          ([5, 5, 5, 5], [0, 2, 4]),
+                                          ([100], [0, 0, 1])])
+def test_split_of_a_parallel_block_gives_each_thread_its_share(lengths, want):
+    """Runs of about equal nonzeros; a block of two very unequal columns (a binary
+    field) still gives each of 2 threads one."""
+    colptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    bounds = np.empty(3, np.int64)
+    nb_mcmc._split(colptr, np.arange(len(lengths), dtype=np.int64), 0, len(lengths), 2,
+                   bounds)
+    assert bounds.tolist() == want
+
+
+@pytest.mark.parametrize("sweeper", SWEEPS)
+def test_sweep_leaves_the_callers_mxcsr_as_it_was(sweeper):
+    """The sweep sets FTZ/DAZ for itself (kernels.api's "Denormals") and puts the calling
+    thread's MXCSR back."""
+    from afmfast.kernels.numba.common import current_mxcsr
+    before = int(current_mxcsr())
+    three_iterations(sweeper, 2, k=2)
+    assert int(current_mxcsr()) == before

@@ -8,6 +8,9 @@ import afmfast
 from afmfast.data.dataset import Dataset
 from afmfast.demo import make_demo_data
 from afmfast.kernels import mcmc_reference as ref
+from afmfast.models.mcmc import sampler_backend
+
+from helpers.backends import compiled_module
 
 MCMC = dict(solver="mcmc", n_factors=4, n_iter=20, backend="numba", verbose=0)
 
@@ -92,6 +95,31 @@ def test_same_model_for_any_thread_count_and_backend_for_predictions(demo):
     assert np.array_equal(fits[0].V_, fits[1].V_) and np.array_equal(fits[0].w_, fits[1].w_)
     other = afmfast.FM(**dict(MCMC, random_state=3)).fit(demo.train)
     assert not np.array_equal(other.V_, fits[0].V_)
+
+
+@pytest.mark.compiled
+@pytest.mark.skipif(compiled_module("afmfast._mcmc_cython") is None,
+                    reason="afmfast._mcmc_cython is not built")
+def test_cython_sampler_gives_the_numba_samplers_model(demo):
+    """The backends' sweeps do the same operations in the same order: the fitted
+    parameters are bit-identical, on 2 threads and with given groups too (the
+    predictions then differ only by the two backends' float32 prediction kernels);
+    "auto" samples on Cython."""
+    assert sampler_backend("auto").__name__ == "afmfast._mcmc_cython"
+    samplers = []
+
+    def record_sampler(model, record):
+        samplers.append(model._trainer.sampler.__name__)
+
+    fits = {name: afmfast.FM(**dict(MCMC, n_iter=6, n_burn_in=2, n_threads=2,
+                                    backend=name)).fit(demo.train, groups=demo.fields,
+                                                       callbacks=[record_sampler])
+            for name in ("numba", "cython")}
+    assert samplers == ["afmfast.kernels.numba.mcmc"] * 6 + ["afmfast._mcmc_cython"] * 6
+    for got, want in zip(fits["cython"]._params, fits["numba"]._params):
+        assert np.array_equal(got, want)
+    np.testing.assert_allclose(fits["cython"].predict(demo.valid),
+                               fits["numba"].predict(demo.valid), rtol=1e-5, atol=1e-5)
 
 
 def test_groups_from_fit_and_from_a_dataframe(demo):

@@ -1,10 +1,10 @@
 """Choosing a kernel backend (the thread count: ``afmfast.kernels.threads``).
 
 A backend is a module implementing the contract of ``afmfast.kernels.api`` for one model
-("fm" or "afm"): the Cython extensions ``afmfast._<model>_cython`` (compiled by ``pip
-install`` for several instruction-set levels; ``afmfast.kernels.dispatch`` decides which level
-that name loads) or the Numba modules ``afmfast.kernels.numba.<model>`` (compiled at first use,
-cached on disk). ``"auto"`` takes Cython when its extension imports and warns loudly when
+("fm" or "afm"; "mcmc": the Gibbs sweep of ``afmfast.kernels.mcmc``): the Cython extensions
+``afmfast._<model>_cython`` (compiled by ``pip install``, the SGD kernels for several
+instruction-set levels; ``afmfast.kernels.dispatch`` decides which level that name loads) or
+the Numba modules ``afmfast.kernels.numba.<model>`` (compiled at first use, cached on disk). ``"auto"`` takes Cython when its extension imports and warns loudly when
 it falls back to Numba.
 """
 import importlib
@@ -12,7 +12,7 @@ import warnings
 
 BACKEND_MODULES = {"cython": "afmfast._{model}_cython", "numba": "afmfast.kernels.numba.{model}"}
 BACKEND_NAMES = ("auto",) + tuple(BACKEND_MODULES)
-MODELS = ("fm", "afm")
+MODELS = ("fm", "afm", "mcmc")
 
 _loaded = {}
 _fallback_warned = False

@@ -123,6 +123,17 @@ def normal_gamma_draw(values, rng):
     return mu, lam
 
 
+def sum_of_squares(e):
+    """e @ e (float) without BLAS. A multithreaded BLAS (OpenBLAS) computes a long dot
+    product on its own threads, which then spin waiting for more work while the sweep's
+    threads need the same CPUs; NumPy's einsum sums on the calling thread.
+
+    >>> sum_of_squares(np.array([3.0, 4.0]))
+    25.0
+    """
+    return float(np.einsum("i,i->", e, e))
+
+
 def draw_scalars(w0, w, V, e, groups, n_groups, seed, iteration):
     """Steps 1 and 2 of an iteration: returns (Hyper, the new w0). ``groups`` int
     (n_features,) holds each feature's hyperprior group in [0, n_groups); ``e`` (the
@@ -139,7 +150,7 @@ def draw_scalars(w0, w, V, e, groups, n_groups, seed, iteration):
     rng = scalar_rng(seed, iteration)
     e = np.asarray(e, dtype=np.float64)
     n = e.shape[0]
-    alpha = float(rng.gamma(0.5 * (ALPHA_0 + n), 2.0 / (GAMMA_0 + float(e @ e))))
+    alpha = float(rng.gamma(0.5 * (ALPHA_0 + n), 2.0 / (GAMMA_0 + sum_of_squares(e))))
     k = V.shape[1]
     mu_w, lam_w = np.empty(n_groups), np.empty(n_groups)
     mu_v, lam_v = np.empty((n_groups, k)), np.empty((n_groups, k))

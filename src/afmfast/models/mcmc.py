@@ -12,9 +12,11 @@ samples themselves would cost the same memory and need a prediction kernel of it
 keeping only mean parameters would predict with the FM of the mean, which is not the
 mean prediction (the interaction is not linear in V).
 
-The chain's state is float64 (``kernels.mcmc``); the sweep runs on the Numba backend,
-the only one with the sampler so far, whatever ``backend`` names (it picks the
-prediction kernels).
+The chain's state is float64 (``kernels.mcmc``). ``backend`` picks the sweep's backend
+(``kernels.backends``, model "mcmc": "auto" takes Cython when it is built) and the
+prediction kernels; the column view, the plan and the scores, computed once per fit or
+once per iteration in O(nnz), come from the Numba module whichever backend sweeps. The
+two backends' samples are bit-identical.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from afmfast.kernels.api import FMParams, aligned_empty
-from afmfast.kernels.mcmc import draw_scalars, hyper_groups
+from afmfast.kernels.mcmc import draw_scalars, hyper_groups, sum_of_squares
 from afmfast.kernels import backends
 from afmfast.kernels.threads import RunPlanner
 from afmfast.models.training import TrainingDivergedError, _model_seed
@@ -38,9 +40,15 @@ if TYPE_CHECKING:  # annotations only
     from afmfast.models.fm import FM
 
 
-def sampler_backend():
-    """The module that implements the Gibbs sweep (``afmfast.kernels.numba.mcmc``),
-    imported on first use as the other backends are."""
+def sampler_backend(name: str = "auto"):
+    """The module that implements the Gibbs sweep (``mcmc_workspace``, ``mcmc_sweep``)
+    for ``backend`` ``name``: ``afmfast._mcmc_cython`` or ``afmfast.kernels.numba.mcmc``."""
+    return backends.get_backend(name, "mcmc")
+
+
+def sampler_preparation():
+    """The module that builds the sweep's column view and plan and computes the scores
+    and the q cache (``afmfast.kernels.numba.mcmc``), imported on first use."""
     return importlib.import_module("afmfast.kernels.numba.mcmc")
 
 
@@ -76,7 +84,8 @@ class McmcTrainer:
     def __init__(self, model: FM, train: Dataset, threads: int, groups=None):
         self.model = model
         self.backend = backends.get_backend(model.backend, "fm")
-        self.sampler = sampler_backend()
+        self.sampler = sampler_backend(model.backend)
+        self.prep = sampler_preparation()
         self.threads = threads
         # the samples do not depend on the thread count, so the planner may move it
         # (afmfast.kernels.threads): each iteration is one run of one "batch" of all rows
@@ -84,8 +93,8 @@ class McmcTrainer:
         self.seed = _model_seed(model)
         M, k = train.n_features, model.n_factors
         self.groups, self.n_groups = hyper_groups(groups, M)
-        self.columns = self.sampler.mcmc_columns(train.X, M)
-        self.plan = self.sampler.mcmc_plan(train.X, self.columns,
+        self.columns = self.prep.mcmc_columns(train.X, M)
+        self.plan = self.prep.mcmc_plan(train.X, self.columns,
                                            None if groups is None else self.groups)
         rng = np.random.default_rng(self.seed)
         self.w0 = 0.0
@@ -98,7 +107,7 @@ class McmcTrainer:
         self.workspace = self.sampler.mcmc_workspace(self.columns, k, threads)
 
     def _scores(self, data, q, out):
-        self.sampler.mcmc_scores(data.X, self.w0, self.w, self.V, q, out, self.threads)
+        self.prep.mcmc_scores(data.X, self.w0, self.w, self.V, q, out, self.threads)
         return out
 
     def run_epochs(self, train: Dataset, valid: Dataset | None,
@@ -138,7 +147,7 @@ class McmcTrainer:
                                         threads, self.workspace)
                 seconds = time.perf_counter() - t0
                 self.planner.record(threads, n, 1, seconds)
-                train_rmse = math.sqrt(float(self.e @ self.e) / len(self.e))
+                train_rmse = math.sqrt(sum_of_squares(self.e) / len(self.e))
                 if not math.isfinite(train_rmse):
                     raise TrainingDivergedError(
                         f"the Gibbs sampler's residuals stopped being finite in iteration "

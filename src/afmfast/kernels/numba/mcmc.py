@@ -302,7 +302,10 @@ def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu
 
 @njit(**_SER)
 def _split(colptr, order, lo, hi, nb, bounds):
-    """bounds (nb + 1,): runs of order[lo:hi] of about equal nonzeros (+1 a feature)."""
+    """bounds (nb + 1,): runs of order[lo:hi] of about equal nonzeros (+1 a feature).
+    Boundary t goes before or after the feature in which t/nb of the total falls,
+    whichever is nearer: a block of a few features of very different lengths (a binary
+    field) then still gives each thread one."""
     total = 0
     for p in range(lo, hi):
         total += colptr[order[p] + 1] - colptr[order[p]] + 1
@@ -310,10 +313,11 @@ def _split(colptr, order, lo, hi, nb, bounds):
     t = 1
     acc = 0
     for p in range(lo, hi):
-        acc += colptr[order[p] + 1] - colptr[order[p]] + 1
-        while t < nb and acc * nb >= total * t:
-            bounds[t] = p + 1
+        c = colptr[order[p] + 1] - colptr[order[p]] + 1
+        while t < nb and (acc + c) * nb >= total * t:
+            bounds[t] = p if total * t - acc * nb <= (acc + c) * nb - total * t else p + 1
             t += 1
+        acc += c
     while t <= nb:
         bounds[t] = hi
         t += 1

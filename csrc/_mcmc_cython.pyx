@@ -1,0 +1,295 @@
+# cython: language_level=3
+"""Cython (OpenMP) backend of the Bayesian FM's Gibbs sweep: the sampler is described in
+``afmfast.kernels.mcmc``, the float64 NumPy truth is ``afmfast.kernels.mcmc_reference``,
+and this module implements the same contract as ``afmfast.kernels.numba.mcmc``'s
+``mcmc_workspace`` and ``mcmc_sweep`` (the column view, the plan and the scores, built
+once per fit, come from that module: they are the same for both backends).
+
+Functions
+    mcmc_workspace(columns, n_factors, n_threads) -> Workspace
+        Per-thread scratch of the sweep: E (threads, m) and Q (threads, k, m) float64, m
+        the longest column.
+    mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads, ws)
+        Step 3 of an iteration: samples every w_j and v_jf in plan order; mutates w (M,),
+        V (M, k), e (n,) and q (n, k), all float64 C-contiguous, and ws.
+
+The arithmetic is the Numba sweep's, operation for operation (the same fused passes over
+a column's gathered residuals and q values), and this module is built at the baseline
+instruction set only, where the compiler has no fused multiply-add to contract into: the
+samples are the Numba backend's bit for bit, for any thread count.
+
+A parallel block's features go to the threads dynamically, longest column first (the
+next free thread takes the next feature): a thread that the OS deschedules on a busy
+machine holds the others back by one feature at most, and a block of a few features of
+very unequal lengths balances as well as it can. Which thread samples a feature changes
+nothing: the features of a parallel block share no row, and each one's scratch is
+written before it is read. Every shape, dtype and index is
+checked in Python before the sweep releases the GIL, so no input can make it read or
+write outside its arrays.
+"""
+import numpy as np
+
+from cython.parallel cimport parallel, prange, threadid
+from libc.math cimport cos, log, sqrt, M_PI
+from libc.stdint cimport int64_t, uint64_t
+
+from _common cimport ftz_enter, ftz_enter_caller, ftz_leave, golden64, mix64, team_size
+
+from afmfast.kernels.api import _stream_key
+from afmfast.kernels.mcmc import MCMC_STREAM
+from afmfast.kernels.numba.mcmc import Workspace
+
+__all__ = ["mcmc_workspace", "mcmc_sweep"]
+
+cdef double ULP53 = 2.0 ** -53
+cdef double TWO_PI = 2.0 * M_PI
+
+
+ctypedef struct Sweep:
+    const int64_t* colptr
+    const int64_t* rows
+    const double* vals
+    const int64_t* order
+    const int64_t* groups
+    double* w
+    double* V
+    double* e
+    double* q
+    const double* mu_w
+    const double* lam_w
+    const double* mu_v
+    const double* lam_v
+    double alpha
+    uint64_t key
+    Py_ssize_t k
+    double* E       # (threads, m)
+    double* Q       # (threads, k, m)
+    Py_ssize_t m    # the scratch's column length
+
+
+cdef inline double normal(uint64_t key, uint64_t c) noexcept nogil:
+    """kernels.mcmc.coordinate_normals of coordinate c (Box-Muller)."""
+    cdef uint64_t h1 = mix64(key + (2 * c + 1) * golden64())
+    cdef uint64_t h2 = mix64(key + (2 * c + 2) * golden64())
+    cdef double u1 = <double>((h1 >> 11) + 1) * ULP53
+    cdef double u2 = <double>(h2 >> 11) * ULP53
+    return sqrt(-2.0 * log(u1)) * cos(TWO_PI * u2)
+
+
+cdef inline double draw(double sum_he, double sum_hh, double theta, double alpha,
+                        double mu, double lam, double z) noexcept nogil:
+    """theta' from its conditional (kernels.mcmc.theta_conditional) and the normal z."""
+    cdef double precision = lam + alpha * sum_hh
+    cdef double mean = (alpha * (sum_he + theta * sum_hh) + lam * mu) / precision
+    return mean + z / sqrt(precision)
+
+
+cdef void sample_feature(const Sweep* s, int64_t j, int t) noexcept nogil:
+    """w_j, then v_j0 .. v_j(k-1), with thread t's scratch: column j's residuals and q
+    values gathered into E (m,) and Q (k, m), one fused pass per coordinate (apply the
+    previous change, sum h e and h^2 for the next), scattered back at the end."""
+    cdef Py_ssize_t k = s.k, ms = s.m, r, f
+    cdef int64_t c0 = s.colptr[j], c1 = s.colptr[j + 1], i
+    cdef Py_ssize_t m = c1 - c0
+    cdef int64_t g = s.groups[j]
+    cdef uint64_t base = <uint64_t>j * <uint64_t>(k + 1)
+    cdef const double* X = s.vals + c0
+    cdef const int64_t* rows = s.rows + c0
+    cdef double* E = s.E + t * ms
+    cdef double* Q = s.Q + t * k * ms
+    cdef double* Vj = s.V + j * k
+    cdef double* qc
+    cdef double* qp
+    cdef double she = 0.0, shh = 0.0, x, ei, h, old, new, d, cur = 0.0, prev
+    for r in range(m):
+        i = rows[r]
+        E[r] = s.e[i]
+        for f in range(k):
+            Q[f * ms + r] = s.q[i * k + f]
+        x = X[r]
+        she += x * E[r]
+        shh += x * x
+    old = s.w[j]
+    new = draw(she, shh, old, s.alpha, s.mu_w[g], s.lam_w[g], normal(s.key, base))
+    s.w[j] = new
+    d = new - old
+    she = 0.0
+    shh = 0.0
+    if k == 0:
+        for r in range(m):
+            E[r] = E[r] - d * X[r]
+    else:
+        qc = Q
+        cur = Vj[0]
+        for r in range(m):
+            x = X[r]
+            ei = E[r] - d * x
+            E[r] = ei
+            h = x * (qc[r] - cur * x)
+            she += h * ei
+            shh += h * h
+    for f in range(k):
+        new = draw(she, shh, cur, s.alpha, s.mu_v[g * k + f], s.lam_v[g * k + f],
+                   normal(s.key, base + 1 + <uint64_t>f))
+        Vj[f] = new
+        d = new - cur
+        qp = Q + f * ms
+        prev = cur
+        she = 0.0
+        shh = 0.0
+        if f + 1 < k:
+            qc = Q + (f + 1) * ms
+            cur = Vj[f + 1]
+            for r in range(m):
+                x = X[r]
+                ei = E[r] - d * (x * (qp[r] - prev * x))
+                qp[r] += d * x
+                E[r] = ei
+                h = x * (qc[r] - cur * x)
+                she += h * ei
+                shh += h * h
+        else:
+            for r in range(m):
+                x = X[r]
+                ei = E[r] - d * (x * (qp[r] - prev * x))
+                qp[r] += d * x
+                E[r] = ei
+    for r in range(m):
+        i = rows[r]
+        s.e[i] = E[r]
+        for f in range(k):
+            s.q[i * k + f] = Q[f * ms + r]
+
+
+cdef void run(const Sweep* s, int64_t lo, int64_t hi, int t) noexcept nogil:
+    """The features order[lo:hi] on thread t (its own MXCSR set for the run)."""
+    cdef unsigned int csr = ftz_enter()
+    cdef int64_t p
+    for p in range(lo, hi):
+        sample_feature(s, s.order[p], t)
+    ftz_leave(csr)
+
+
+def mcmc_workspace(columns, n_factors, n_threads):
+    """Scratch of ``mcmc_sweep`` for at most ``n_threads`` threads (module docstring;
+    allocated once per fit)."""
+    m = max(1, int(np.diff(np.asarray(columns.colptr)).max(initial=0)))
+    t = team_size(n_threads)
+    return Workspace(np.empty((t, m)), np.empty((t, int(n_factors), m)))
+
+
+def longest_first(order, starts, is_parallel, colptr):
+    """``order`` with each parallel block's features by decreasing column length (ties
+    in plan order); serial blocks keep their order."""
+    B = starts.shape[0] - 1
+    lo, hi = int(starts[0]), int(starts[B])
+    block = np.repeat(np.arange(B), np.diff(starts))
+    seg = order[lo:hi]
+    length = np.where(is_parallel[block], colptr[seg + 1] - colptr[seg], 0)
+    out = order.copy()
+    out[lo:hi] = seg[np.lexsort((-length, block))]
+    return out
+
+
+def _array(name, a, dtype, shape):
+    """``a`` checked to be a C-contiguous ``dtype`` array of ``shape`` (None: any)."""
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array, got "
+                         f"{type(a).__name__} {getattr(a, 'dtype', '')}")
+    if a.ndim != len(shape) or any(want is not None and got != want
+                                   for got, want in zip(a.shape, shape)):
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return a
+
+
+def _in_range(name, a, stop):
+    if a.size and (a.min() < 0 or a.max() >= stop):
+        raise ValueError(f"{name} holds an index outside [0, {stop})")
+
+
+def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_threads, ws):
+    """Step 3 of Gibbs iteration ``iteration`` (module docstring); the arguments are
+    those of ``afmfast.kernels.numba.mcmc.mcmc_sweep``. ValueError for any argument of
+    the wrong dtype, shape or layout, and for ids and offsets outside their arrays."""
+    V = _array("V", V, np.float64, (None, None))
+    M, k = V.shape
+    w = _array("w", w, np.float64, (M,))
+    e = _array("e", e, np.float64, (None,))
+    n = e.shape[0]
+    q = _array("q", q, np.float64, (n, k))
+    colptr = _array("columns.colptr", columns.colptr, np.int64, (M + 1,))
+    rows = _array("columns.rows", columns.rows, np.int64, (None,))
+    vals = _array("columns.values", columns.values, np.float64, rows.shape)
+    if colptr[0] != 0 or colptr[M] != rows.shape[0] or (np.diff(colptr) < 0).any():
+        raise ValueError("columns.colptr must rise from 0 to len(columns.rows)")
+    _in_range("columns.rows", rows, n)
+    order = _array("plan.order", plan.order, np.int64, (None,))
+    _in_range("plan.order", order, M)
+    starts = _array("plan.starts", plan.starts, np.int64, (None,))
+    B = starts.shape[0] - 1
+    if B < 0 or (B > 0 and (starts[0] < 0 or starts[B] > order.shape[0]
+                            or (np.diff(starts) < 0).any())):
+        raise ValueError("plan.starts must rise within [0, len(plan.order)]")
+    is_parallel = _array("plan.parallel", plan.parallel, np.bool_, (B,))
+    groups = _array("groups", groups, np.int64, (M,))
+    mu_w = _array("hyper.mu_w", hyper.mu_w, np.float64, (None,))
+    G = mu_w.shape[0]
+    _in_range("groups", groups, G)
+    lam_w = _array("hyper.lam_w", hyper.lam_w, np.float64, (G,))
+    mu_v = _array("hyper.mu_v", hyper.mu_v, np.float64, (G, k))
+    lam_v = _array("hyper.lam_v", hyper.lam_v, np.float64, (G, k))
+    E = _array("ws.E", ws.E, np.float64, (None, None))
+    T, m = E.shape
+    Q = _array("ws.Q", ws.Q, np.float64, (T, k, m))
+    if T < 1 or (M and int(np.diff(colptr).max()) > m):
+        raise ValueError(f"ws was made for other columns (scratch of {T} threads x {m} "
+                         "rows); make it with mcmc_workspace(columns, ...)")
+    cdef int nt = min(team_size(n_threads), T)
+    cdef Sweep s
+    cdef double[::1] d_dummy = np.zeros(1)
+    cdef int64_t[::1] i_dummy = np.zeros(1, np.int64)
+    cdef const int64_t[::1] colptr_v = colptr
+    cdef const int64_t[::1] rows_v = rows if rows.shape[0] else i_dummy
+    cdef const double[::1] vals_v = vals if vals.shape[0] else d_dummy
+    cdef const int64_t[::1] order_v = order if order.shape[0] else i_dummy
+    cdef const int64_t[::1] starts_v = starts
+    cdef const unsigned char[::1] par_v = (is_parallel.view(np.uint8) if B
+                                           else np.zeros(1, np.uint8))
+    cdef const int64_t[::1] groups_v = groups if M else i_dummy
+    cdef double[::1] w_v = w if M else d_dummy
+    cdef double[::1] V_v = V.reshape(-1) if V.size else d_dummy
+    cdef double[::1] e_v = e if n else d_dummy
+    cdef double[::1] q_v = q.reshape(-1) if q.size else d_dummy
+    cdef const double[::1] mu_w_v = mu_w if G else d_dummy
+    cdef const double[::1] lam_w_v = lam_w if G else d_dummy
+    cdef const double[::1] mu_v_v = mu_v.reshape(-1) if mu_v.size else d_dummy
+    cdef const double[::1] lam_v_v = lam_v.reshape(-1) if lam_v.size else d_dummy
+    cdef double[::1] E_v = E.reshape(-1)
+    cdef double[::1] Q_v = Q.reshape(-1) if Q.size else d_dummy
+    cdef const int64_t[::1] longest_v = longest_first(order, starts, is_parallel, colptr) \
+        if order.shape[0] else i_dummy
+    s.colptr, s.rows, s.vals = &colptr_v[0], &rows_v[0], &vals_v[0]
+    s.order, s.groups = &order_v[0], &groups_v[0]
+    s.w, s.V, s.e, s.q = &w_v[0], &V_v[0], &e_v[0], &q_v[0]
+    s.mu_w, s.lam_w, s.mu_v, s.lam_v = &mu_w_v[0], &lam_w_v[0], &mu_v_v[0], &lam_v_v[0]
+    s.alpha = float(hyper.alpha)
+    s.key = <uint64_t>int(_stream_key(seed, MCMC_STREAM, iteration)[0])
+    s.k, s.E, s.Q, s.m = k, &E_v[0], &Q_v[0], m
+    cdef Py_ssize_t b, n_blocks = B
+    cdef int64_t lo, hi, p
+    cdef unsigned int csr, csr_t
+    with nogil:
+        csr = ftz_enter_caller(nt)
+        for b in range(n_blocks):
+            lo = starts_v[b]
+            hi = starts_v[b + 1]
+            if par_v[b] and nt > 1 and hi - lo > 1:
+                # disjoint rows: each feature reads and writes only its own rows
+                with parallel(num_threads=nt):
+                    csr_t = ftz_enter()
+                    for p in prange(lo, hi, schedule="dynamic"):
+                        sample_feature(&s, longest_v[p], threadid())
+                    ftz_leave(csr_t)
+            else:
+                run(&s, lo, hi, 0)
+        ftz_leave(csr)
