@@ -111,12 +111,13 @@ def hash_frame(frame, label: str | None = None, *, hash_bits: int = DEFAULT_HASH
     if strays:
         raise ValueError(f"kinds: {strays} are not feature columns of the DataFrame")
     n, mask = len(frame), np.uint64((1 << int(hash_bits)) - 1)
+    column_kinds = [_column_kind(frame[name], kinds, name) for name in columns]
+    stored = "numeric" in column_kinds  # else one-hot rows: no values
     ids = np.zeros((n, len(columns)), np.int64)
-    values = np.ones((n, len(columns)), np.float32)
+    values = np.ones((n, len(columns)), np.float32) if stored else None
     present = np.zeros((n, len(columns)), bool)
-    for field, name in enumerate(columns):
+    for field, (name, kind) in enumerate(zip(columns, column_kinds)):
         series = frame[name]
-        kind = _column_kind(series, kinds, name)
         here = ~series.isna().to_numpy()
         present[:, field] = here
         cells = series[here]
@@ -133,7 +134,6 @@ def hash_frame(frame, label: str | None = None, *, hash_bits: int = DEFAULT_HASH
             ids[here, field] = _text_ids(cells.astype(str).to_numpy(dtype=str), field)
     ids = (ids.astype(np.uint64) & mask).astype(np.int32)
     indptr = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int64)
-    stored = any(_column_kind(frame[c], kinds, c) == "numeric" for c in columns)
     y = np.zeros(n, np.float32) if label is None else frame[label].to_numpy(np.float32)
     field_of = np.broadcast_to(np.arange(len(columns), dtype=np.int32), ids.shape)[present]
     lowest = np.full(1 << int(hash_bits), len(columns), np.int32)  # as convert's rule
