@@ -96,13 +96,13 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_thread_num, omp_get_wtime
 from libc.math cimport exp, expf, sqrt, tanh, tanhf, INFINITY
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
     ERR_FEATURE, ERR_PAIRS, ERR_ROW, BatchErr, check_batches, aligned_empty,
     aligned_zeros as _alloc, batch_offsets,
-    check_step_arrays, check_workspace_sizes, copy_row, group_by_feature,
+    check_step_arrays, check_workspace_sizes, copy_row, group_by_feature, marks_pointer,
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
     prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,
     CURSOR_STRIDE, next_item_near, reset_cursors, GRAD_SPAN, prefetch_row,

@@ -28,7 +28,7 @@ cdef void _group(AFMArgs* a, AFMWorkspace ws) noexcept nogil:
     grp_occ."""
     a.n_touched = group_by_feature(ws.row_start[a.B], ws.occ_feature, ws.occ_group,
                                    ws.feature_group, ws.group_feature, ws.group_cursor,
-                                   ws.group_start)
+                                   ws.group_start, ws.touched)
     scatter_groups(a.B, ws.row_start, ws.occ_group, ws.group_cursor, ws.grp_row,
                    ws.grp_occ, <float*>NULL, <float*>NULL)
 

@@ -29,6 +29,8 @@ cdef class AFMWorkspace:
     cdef int64_t* group_cursor    # (u_cap,) the counting sort's fill positions
     cdef int32_t* grp_occ         # (nnz,) each group's occurrences, in batch order
     cdef int32_t* grp_row         # (nnz,) the batch row of each of those
+    cdef uint8_t* touched         # (M,) marks of the touched features, or NULL
+    cdef object touched_owner     # the array behind touched
     # distinct pairs (attention): a class is a (feature, value) of the batch; pairs with
     # the same two classes share e, W e + b, act and the logit
     cdef int32_t* occ_class       # (nnz,) class of each occurrence (its group, or
@@ -192,6 +194,11 @@ cdef class AFMWorkspace:
         self.backward_grad_b = <double*>aligned_empty(B * t * sizeof(double))
         self.backward_grad_h = <double*>aligned_empty(B * t * sizeof(double))
         self.grad_dense = _alloc(D * isz)
+
+    def track_touched(self, marks):
+        """See the module's ``track_touched``."""
+        self.touched = marks_pointer(marks, self.n_features)
+        self.touched_owner = marks
 
     def __dealloc__(self):
         free(self.row_start); free(self.row_pair_start); free(self.chunk_start)

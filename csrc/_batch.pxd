@@ -32,7 +32,7 @@ Everything except the ``check_*`` functions, ``raise_batch_error`` and
 inside ``prange`` bodies; except ``batch_offsets``, which runs its own ``prange`` (call it
 outside one).
 """
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free
 from libc.math cimport isfinite
 from libc.string cimport memset
@@ -339,13 +339,15 @@ cdef inline Py_ssize_t copy_row(const int32_t* indices, const floating* values,
 cdef inline Py_ssize_t group_by_feature(Py_ssize_t nnz, const int32_t* occ_feature,
                                         int32_t* occ_group, int32_t* feature_group,
                                         int32_t* group_feature, int64_t* group_cursor,
-                                        int64_t* group_start) noexcept nogil:
+                                        int64_t* group_start,
+                                        uint8_t* touched) noexcept nogil:
     """First half of the stable counting sort of the nonzeros occ_feature (feature ids,
     batch order): occ_group[q] = group of nonzero q (occ_group may be occ_feature
     itself), group_feature[u] = feature of group u in order of first occurrence,
     group_start (U + 1,) the groups' bounds, group_cursor[u] = group_start[u].
-    feature_group (M,) must be all -1 on entry and is all -1 again on return. Returns U,
-    the number of touched features."""
+    feature_group (M,) must be all -1 on entry and is all -1 again on return; touched
+    (M,), when not NULL, gets a 1 at each touched feature (``marks_pointer``). Returns
+    U, the number of touched features."""
     cdef Py_ssize_t q, u, U = 0
     cdef int32_t j
     for q in range(nnz):
@@ -367,7 +369,28 @@ cdef inline Py_ssize_t group_by_feature(Py_ssize_t nnz, const int32_t* occ_featu
         group_start[u + 1] = group_start[u] + group_cursor[u]
         group_cursor[u] = group_start[u]
         feature_group[group_feature[u]] = -1
+    if touched != NULL:
+        for u in range(U):
+            touched[group_feature[u]] = 1
     return U
+
+
+cdef inline uint8_t* marks_pointer(object marks, Py_ssize_t n_features) except? NULL:
+    """The buffer of ``marks``, a writable C-contiguous uint8 array of ``n_features``
+    entries in which the training batches mark the features they touch (kernels.api's
+    ``track_touched``); NULL for None."""
+    cdef uint8_t[::1] view
+    if marks is None:
+        return NULL
+    try:
+        view = marks
+    except (ValueError, TypeError, BufferError) as exc:
+        raise ValueError(f"track_touched: marks must be a writable C-contiguous uint8 "
+                         f"array ({exc})") from None
+    if view.shape[0] != n_features:
+        raise ValueError(f"track_touched: marks has {view.shape[0]} entries, the "
+                         f"workspace {n_features} features")
+    return &view[0]
 
 
 cdef inline void scatter_groups(Py_ssize_t B, const int64_t* row_start,

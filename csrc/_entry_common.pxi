@@ -36,6 +36,14 @@ cdef dict _phase_seconds(const double* phase_end):
             for i, name in enumerate(PHASES)}
 
 
+def track_touched(ws, marks):
+    """kernels.api's ``track_touched``: from now on every batch that ``ws`` trains sets
+    ``marks[j] = 1`` for each feature j it touches (None stops); returns the workspace
+    to train with (``ws`` itself)."""
+    ws.track_touched(marks)
+    return ws
+
+
 def shuffled_rows(n_rows, seed, epoch, n_threads):
     """The epoch order of afmfast.kernels.api (a permutation of range(n_rows), int64, from
     (seed, epoch); the same for any n_threads), computed on n_threads threads.

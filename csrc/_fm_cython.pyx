@@ -52,14 +52,14 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_max_threads, omp_get_thread_num, omp_get_wtime
 from libc.math cimport sqrt
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free
 
 from _batch cimport (
     ERR_FEATURE, ERR_ROW, BatchErr, aligned_zeros as _alloc, batch_offsets, check_batches,
     check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
-    group_by_feature, raise_batch_error, scatter_groups, prefetch_table_rows,
+    group_by_feature, marks_pointer, raise_batch_error, scatter_groups, prefetch_table_rows,
     feature_prefetch_distance, shuffled_rows_array, CURSOR_STRIDE, next_item_near,
     reset_cursors, GRAD_SPAN, prefetch_row, __builtin_prefetch, batch_recorded,
 )
@@ -196,6 +196,8 @@ cdef class FMWorkspace:
                                   # grp_x): group_start[g]:group_start[g + 1]
     cdef int64_t* group_cursor    # (u_cap,) the counting sort's fill positions
     cdef int32_t* grp_row         # (nnz,) batch row of each occurrence, grouped by feature
+    cdef uint8_t* touched         # (M,) marks of the touched features, or NULL
+    cdef object touched_owner     # the array behind touched
     # double buffers
     cdef double* residual         # (B,) y_hat - y
     cdef double* row_loss         # (B,)
@@ -261,6 +263,11 @@ cdef class FMWorkspace:
         self.row_linear = _alloc(B * isz)
         self.factor_vectors = _alloc(FV_ROWS * k * isz)
         self.grad_dense = _alloc((1 + 2 * k) * isz)
+
+    def track_touched(self, marks):
+        """See the module's ``track_touched``."""
+        self.touched = marks_pointer(marks, self.n_features)
+        self.touched_owner = marks
 
     def __dealloc__(self):
         # free(NULL) is a no-op, so a half-built workspace is fine too.
@@ -392,7 +399,7 @@ cdef void _group_batch(StepArgs* a, FMWorkspace ws, const floating* occ_x,
     its own buffer, as the row arithmetic reads occ_feature at the same time."""
     a.n_touched = group_by_feature(ws.row_start[a.B], ws.occ_feature, ws.occ_group,
                                    ws.feature_group, ws.group_feature, ws.group_cursor,
-                                   ws.group_start)
+                                   ws.group_start, ws.touched)
     scatter_groups(a.B, ws.row_start, ws.occ_group, ws.group_cursor, ws.grp_row, NULL, occ_x, grp_x)
 
 

@@ -85,3 +85,42 @@ def test_steps_reject_bad_arguments(demo, backend, model):
     for a, b in zip(trainer.params, first_only.params):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(trainer.params, before))
+
+
+@pytest.mark.parametrize("backend,model", CASES)
+def test_steps_mark_the_touched_features(demo, backend, model):
+    """track_touched: the marks are exactly the ids of the trained rows, the training is
+    unchanged, and None stops the marking."""
+    X, y = demo.train.X, demo.train.y
+    order = np.random.default_rng(3).permutation(len(y))[:130].astype(np.int64)
+    plain = fresh_trainer(demo, backend, model)
+    marked = fresh_trainer(demo, backend, model)
+    marks = np.zeros(marked.params.V.shape[0], np.uint8)
+    marked.workspace = marked.backend.track_touched(marked.workspace, marks)
+    for trainer in (plain, marked):  # batches of 40 rows: few enough to miss features
+        assert trainer.train_run(X, y, order, 40, 0, np.empty(4)) == 4
+    for a, b in zip(marked.params + marked.state, plain.params + plain.state):
+        np.testing.assert_array_equal(a, b)
+    indptr, indices = demo.train.indptr, demo.train.indices
+    expected = np.unique(np.concatenate([indices[indptr[r]:indptr[r + 1]] for r in order]))
+    assert 0 < len(expected) < len(marks)
+    np.testing.assert_array_equal(np.flatnonzero(marks), expected)
+    assert set(np.unique(marks)) == {0, 1}
+    marks[...] = 0
+    marked.workspace = marked.backend.track_touched(marked.workspace, None)
+    marked.train_run(X, y, order, 40, 4, np.empty(4))
+    assert not marks.any()
+
+
+@pytest.mark.parametrize("backend,model", CASES)
+def test_track_touched_rejects_bad_marks(demo, backend, model):
+    trainer = fresh_trainer(demo, backend, model)
+    M = trainer.params.V.shape[0]
+    for bad in (np.zeros(M, np.int32), np.zeros(M + 1, np.uint8), np.zeros((M, 2), np.uint8),
+                np.zeros(2 * M, np.uint8)[::2], [0] * M):
+        with pytest.raises(ValueError, match="track_touched"):
+            trainer.backend.track_touched(trainer.workspace, bad)
+    read_only = np.zeros(M, np.uint8)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="track_touched"):
+        trainer.backend.track_touched(trainer.workspace, read_only)

@@ -218,59 +218,31 @@ def _merge_rows(live, synced, ids, values, count, additive):  # pragma: no cover
 
 
 class TouchedRows:
-    """The feature ids that a worker's batches touch between two synchronisations,
-    collected in O(nonzeros) without scanning all ``n_features`` ids.
+    """The feature ids that a worker's batches touch between two synchronisations: the
+    kernels mark them in ``marks`` as they train (kernels.api's ``track_touched``), and
+    ``take`` collects them with one O(n_features) scan a synchronisation.
 
     Examples
     --------
     >>> touched = TouchedRows(10)
-    >>> indptr, indices = np.array([0, 2, 3, 5]), np.array([7, 1, 7, 2, 1], np.int32)
-    >>> touched.add(indptr, indices, np.array([0, 2]))
+    >>> touched.marks[[7, 1, 2]] = 1  # what the kernels do for the features they touch
     >>> touched.take().tolist(), touched.take().tolist()
     ([1, 2, 7], [])
     """
 
     def __init__(self, n_features: int):
-        self.seen = np.zeros(n_features, np.bool_)
-        self.ids = np.empty(n_features, np.int32)
-        self.n = 0
-
-    def add(self, indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> None:
-        """Mark the ids of the rows ``rows`` of a CSR (indptr, indices).
-
-        Examples
-        --------
-        >>> touched = TouchedRows(5)
-        >>> touched.add(np.array([0, 2]), np.array([4, 0], np.int32), np.array([0]))
-        >>> touched.n
-        2
-        """
-        self.n = _collect(indptr, indices, np.ascontiguousarray(rows, np.int64),
-                          self.seen, self.ids, self.n)
+        self.marks = np.zeros(n_features, np.uint8)
 
     def take(self) -> np.ndarray:
-        """The ids marked since the last ``take``, sorted; clears the marks.
+        """The ids marked since the last ``take`` (int32, sorted); clears the marks.
 
         Examples
         --------
         >>> touched = TouchedRows(5)
-        >>> touched.add(np.array([0, 2]), np.array([4, 0], np.int32), np.array([0]))
-        >>> touched.take().tolist(), bool(touched.seen.any())
-        ([0, 4], False)
+        >>> touched.marks[4] = 1
+        >>> touched.take().tolist(), bool(touched.marks.any())
+        ([4], False)
         """
-        ids = np.sort(self.ids[:self.n])
-        self.seen[ids] = False
-        self.n = 0
+        ids = np.flatnonzero(self.marks).astype(np.int32)
+        self.marks[ids] = 0
         return ids
-
-
-@numba.njit(cache=True, nogil=True)
-def _collect(indptr, indices, rows, seen, out, n):  # pragma: no cover - compiled
-    for r in rows:
-        for p in range(indptr[r], indptr[r + 1]):
-            f = indices[p]
-            if not seen[f]:
-                seen[f] = True
-                out[n] = f
-                n += 1
-    return n

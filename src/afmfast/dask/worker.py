@@ -227,12 +227,14 @@ class ShardWorker:
         model._backend = trainer.backend
         if init_from is not None:
             model._warm_start(init_from, n_features)
-        # one workspace per shard: each is sized by its own longest rows
-        self.workspaces = [trainer.workspace if d is sizing else
-                           model._new_workspace(trainer.backend, d) for d in data]
+        # one workspace per shard: each is sized by its own longest rows, and marks the
+        # features that its batches touch
+        self.touched = averaging.TouchedRows(n_features)
+        self.workspaces = [trainer.backend.track_touched(
+            trainer.workspace if d is sizing else model._new_workspace(trainer.backend, d),
+            self.touched.marks) for d in data]
         self.rows = averaging.row_tables(trainer.params, trainer.state, model.optimizer)
         self.dense = averaging.dense_tables(trainer.params, trainer.state, model.optimizer)
-        self.touched = averaging.TouchedRows(n_features)
         self.additive = averaging.additive_tables(trainer.params, model.optimizer)
         self.merge_rule = merge
         self._count = np.zeros(n_features, np.int32)  # merge scratch
@@ -272,12 +274,12 @@ class ShardWorker:
         t0 = time.perf_counter()
         loss_sum, batches, rows_done = self._train(n_batches)
         t1 = time.perf_counter()
-        ids = self.touched.take()
+        done = self._pending is None and self._peek() is None
         record = {"loss_sum": loss_sum, "batches": batches, "rows": rows_done,
-                  "done": self._pending is None and self._peek() is None,
-                  "train_seconds": t1 - t0, "wait_seconds": 0.0, "bytes": 0,
+                  "done": done, "train_seconds": t1 - t0, "wait_seconds": 0.0, "bytes": 0,
                   "merge_seconds": 0.0}
         if self.n_workers > 1:
+            ids = self.touched.take()
             payload = averaging.export(self.rows, self.dense, ids, batches)
             self._payload, self._round = payload, round_id
             payloads, waited, received = self._fetch(round_id, payload)
@@ -288,8 +290,11 @@ class ShardWorker:
                                  self._count)
             record.update(wait_seconds=waited, bytes=received,
                           merge_seconds=time.perf_counter() - t2)
-        else:
-            self._commit(ids)
+        elif done:
+            # alone, a worker has nothing to exchange: its snapshot (what a divergence
+            # or a lost worker falls back to) is taken once an epoch, as a single
+            # process keeps its last good epoch, instead of copying rows every round
+            self._commit(self.touched.take())
         return record
 
     def _peek(self):
@@ -316,7 +321,6 @@ class ShardWorker:
                     f"{_address()}: training diverged in epoch {self.epoch} ({exc}); the "
                     f"workers keep the last synchronised parameters. Try a lower "
                     f"learning_rate (now {model.learning_rate}).") from None
-            self.touched.add(data.indptr, data.indices, piece)
             loss_sum += loss
             batches += -(-len(piece) // bs)
             rows_done += len(piece)

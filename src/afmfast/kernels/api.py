@@ -37,6 +37,12 @@ Backend functions
         scores (no dropout, batch norm with running statistics). Ids >= M are skipped.
     shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,): the epoch order
         (below).
+    track_touched(ws, marks) -> workspace: from then on, every batch that the returned
+        workspace trains (fm_step/fm_steps, afm_step/afm_steps) sets marks[j] = 1 for
+        each feature j it touches; marks is a writable C-contiguous uint8 (M,) array,
+        None stops. Data-parallel training (afmfast.dask) sends only those rows; the
+        kernels mark them in the grouping by feature that they do anyway, where a pass
+        of its own over the rows' ids costs a random access per row.
 
 Semantics of one step (B = len(rows)):
     f_b = 1/2((sum_i v_i x_i)^2 - sum_i (v_i x_i)^2)                      (k,)

@@ -5,6 +5,7 @@ neither half imports the other's importer."""
 from afmfast.kernels.numba.afm_infer import afm_explain, afm_predict
 from afmfast.kernels.numba.afm_train import AFMWorkspace, afm_step, afm_steps, afm_workspace
 from afmfast.kernels.numba.common import shuffled_rows  # the backend's epoch order
+from afmfast.kernels.numba.common import track_touched
 
 __all__ = ["AFMWorkspace", "afm_workspace", "afm_step", "afm_steps", "afm_predict",
-           "afm_explain", "shuffled_rows"]
+           "afm_explain", "shuffled_rows", "track_touched"]

@@ -70,7 +70,8 @@ def _predict_kernel(indptr, indices, values, V, w, W, dense, attention, activati
     csr0 = ftz_enter()
     (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
      LIN, atom, arep, amark, acnt, plo, phi, po, qo, plist, pid, drep, E, U, Z, S, DS,
-     A, SC0, D, R, WT, ch_lo, dch_lo, cW, cvec, gW, gdense, ul2, tbuf, hbuf, tacc) = ws
+     A, SC0, D, R, WT, ch_lo, dch_lo, cW, cvec, gW, gdense, ul2, tbuf, hbuf, tacc,
+     touched) = ws
     n_rows = indptr.shape[0] - 1
     M = V.shape[0]
     k = V.shape[1]
@@ -96,7 +97,7 @@ def _predict_kernel(indptr, indices, values, V, w, W, dense, attention, activati
                                 occ_feat, nzoff[b])
             ftz_leave(csr)
         if attention and npairs > 0:
-            nU = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
+            nU = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list, touched)
             nD = _distinct_pairs(nzoff, occ_x, nU, ustart, occ_list, atom, arep, amark,
                                  acnt, plo, phi, po, qo, plist, pid, drep, B)
             n_eval += nD

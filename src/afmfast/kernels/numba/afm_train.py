@@ -74,6 +74,7 @@ from afmfast.kernels.numba.common import (
     gather_batch,
     group_by_feature,
     keep_unit,
+    NO_MARKS,
     opt_row,
     raise_batch_error,
     read_only_args,
@@ -99,7 +100,7 @@ AFMWorkspace = namedtuple(
     "AFMWorkspace",
     "slot uniq ustart ucur occ_list nzoff pairoff occ_feat occ_x occ_b VX DVX LIN atom arep "
     "amark acnt plo phi po qo plist pid drep E U Z S DS A SC0 D R WT ch_lo dch_lo cW cvec gW "
-    "gdense ul2 tbuf hbuf tacc",
+    "gdense ul2 tbuf hbuf tacc touched",
 )
 AFMWorkspace.__doc__ = """Scratch of ``afm_step`` (see the module docstring).
 slot int32 (M,) stays -1 between steps; uniq/ustart/ucur/occ_list: unique touched
@@ -117,7 +118,8 @@ ch_lo/dch_lo (n_chunks+1,): bounds of the row chunks and distinct-pair chunks;
 cW (n_chunks, t, k) DTYPE and cvec (n_chunks, 2+k+2t) float64 = [sum r^2, dw0, dp, db,
 dh]: chunk partials; gW (t, k), gdense (1+k+2t,): gradients; ul2: ||v||^2 per touched
 row; tbuf (n_chunks, 3, kmax) float64 and hbuf (n_chunks, _PBLK, t) DTYPE: per-chunk
-scratch; tacc (threads, kmax): float64 vectors."""
+scratch; tacc (threads, kmax): float64 vectors; touched uint8 (M,) or (0,): marks of the
+touched features (``track_touched``)."""
 
 # Fixed number of chunks a batch is cut into (independent of the thread count, so the
 # summation order is too). 64 keeps every thread busy up to ~16 threads.
@@ -206,6 +208,7 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
         tbuf=np.zeros((nch, 3, kmax), dtype=f8),
         hbuf=np.zeros((nch, _PBLK, t), dtype=dtype),
         tacc=np.zeros((numba.config.NUMBA_NUM_THREADS, kmax), dtype=f8),
+        touched=NO_MARKS,
     )
 
 
@@ -691,7 +694,8 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     features (nb blocks: the thread count)."""
     (slot, uniq, ustart, ucur, occ_list, nzoff, pairoff, occ_feat, occ_x, occ_b, VX, DVX,
      LIN, atom, arep, amark, acnt, plo, phi, po, qo, plist, pid, drep, E, U, Z, S, DS,
-     A, SC0, D, R, WT, ch_lo, dch_lo, cW, cvec, gW, gdense, ul2, tbuf, hbuf, tacc) = ws
+     A, SC0, D, R, WT, ch_lo, dch_lo, cW, cvec, gW, gdense, ul2, tbuf, hbuf, tacc,
+     touched) = ws
     B = rows.shape[0]
     M = V.shape[0]
     k = V.shape[1]
@@ -706,7 +710,7 @@ def _afm_step_kernel(indptr, indices, values, y, rows, V, w, W, dense, sV, sw, s
     if attention and npairs > E.shape[0]:
         return np.nan, BAD_PAIRS
     gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b, nb)
-    nU = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
+    nU = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list, touched)
     if nU < 0:
         return np.nan, nU
 

@@ -365,13 +365,14 @@ def gather_batch(indptr, indices, values, rows, nzoff, M, occ_feat, occ_x, occ_b
 
 
 @njit(**_JIT)
-def group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list):
+def group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list, touched):
     """Stable counting sort of the occurrences 0..nnz-1 by feature. Returns the number
     U of unique features: uniq[:U] in order of first appearance, the occurrences of
     uniq[u] are occ_list[ustart[u]:ustart[u + 1]] (positions in the occurrence arrays,
     increasing); or BAD_FEATURE when an id is -1 (outside [0, M), from
     ``gather_batch``). ``slot`` (M,) must be all -1 and is left so; only the touched
-    entries are reset, so this never pays O(M)."""
+    entries are reset, so this never pays O(M). ``touched`` (M,) uint8, unless empty,
+    gets a 1 at each touched feature (``track_touched``)."""
     U = 0
     for o in range(nnz):
         j = occ_feat[o]
@@ -400,7 +401,28 @@ def group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list):
         ucur[u] = q + 1
     for u in range(U):
         slot[uniq[u]] = -1
+    if touched.shape[0] > 0:
+        for u in range(U):
+            touched[uniq[u]] = 1
     return U
+
+
+NO_MARKS = np.zeros(0, np.uint8)
+
+
+def track_touched(ws, marks):
+    """kernels.api's ``track_touched`` for the Numba workspaces, which are immutable
+    namedtuples: returns a copy of ``ws`` (sharing every buffer) whose training batches
+    set ``marks[j] = 1`` for each feature j they touch; None stops."""
+    if marks is None:
+        return ws._replace(touched=NO_MARKS)
+    if not (isinstance(marks, np.ndarray) and marks.dtype == np.uint8 and marks.ndim == 1
+            and marks.flags.c_contiguous and marks.flags.writeable):
+        raise ValueError("track_touched: marks must be a writable C-contiguous uint8 array")
+    if marks.shape[0] != ws.slot.shape[0]:
+        raise ValueError(f"track_touched: marks has {marks.shape[0]} entries, the "
+                         f"workspace {ws.slot.shape[0]} features")
+    return ws._replace(touched=marks)
 
 
 # ------------------------------------------------------------------------ epoch order

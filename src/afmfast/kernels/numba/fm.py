@@ -44,6 +44,7 @@ from afmfast.kernels.numba.common import (
     start_threads,
     group_by_feature,
     keep_unit,
+    NO_MARKS,
     numba_threads,
     opt_row,
     raise_batch_error,
@@ -54,16 +55,17 @@ from afmfast.kernels.numba.common import (
     shuffled_rows,  # noqa: F401  (the backend's epoch order, see kernels.api)
     step_key,
     steps_from,
+    track_touched,  # noqa: F401  (kernels.api)
     update_feature,
 )
 from afmfast.kernels.api import BN_DECAY, BN_EPS, dropout_threshold
 
-__all__ = ["FMWorkspace", "fm_workspace", "fm_step", "fm_predict"]
+__all__ = ["FMWorkspace", "fm_workspace", "fm_step", "fm_predict", "track_touched"]
 
 FMWorkspace = namedtuple(
     "FMWorkspace",
     "nzoff occ_feat occ_x occ_b slot uniq ustart ucur occ_list s f df lin r kvec gdense ul2 "
-    "tacc",
+    "tacc touched",
 )
 FMWorkspace.__doc__ = """Scratch of ``fm_step``. nzoff int64 (B + 1,): batch-local offsets
 of the rows' nonzeros; occ_feat int32 / occ_x float64 / occ_b int32 (max_batch_nnz,): the
@@ -71,7 +73,8 @@ batch's nonzeros ("occurrences") gathered contiguously with their batch row; slo
 (M,) stays -1 between steps; uniq/ustart/ucur/occ_list: unique touched features and their
 occurrences (positions in the occ_* arrays) in batch order; s, f, df float64 (B, k);
 lin, r (B,); kvec (5, k) = [mu, var, inv_std, sum dz, sum dz*fh]; gdense (1 + 2k,); ul2
-per touched row ||v||^2; tacc (threads, k_padded) per-thread gradient accumulator."""
+per touched row ||v||^2; tacc (threads, k_padded) per-thread gradient accumulator; touched
+uint8 (M,) or (0,): marks of the touched features (``track_touched``)."""
 
 # error_model="numpy": no zero-division checks, so divisions vectorise (numba.common).
 _SER = dict(fastmath=False, cache=True, nogil=True, error_model="numpy")
@@ -117,6 +120,7 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
         gdense=np.zeros(1 + 2 * k, dtype=f8),
         ul2=np.zeros(cap_u, dtype=f8),
         tacc=np.zeros((numba.config.NUMBA_NUM_THREADS, kpad), dtype=f8),
+        touched=NO_MARKS,
     )
 
 
@@ -153,7 +157,7 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
     which sets FTZ and DAZ first (``numba.common.ftz_enter``); nb is the thread count
     (``numba.get_num_threads()`` in a kernel would keep it from being cached)."""
     (nzoff, occ_feat, occ_x, occ_b, slot, uniq, ustart, ucur, occ_list, S, F, DF, LIN, R,
-     kvec, gdense, ul2, tacc) = ws
+     kvec, gdense, ul2, tacc, touched) = ws
     B = rows.shape[0]
     M = V.shape[0]
     k = V.shape[1]
@@ -181,7 +185,7 @@ def _fm_step_kernel(indptr, indices, values, y, rows, V, w, dense, bn_stats,
                 fb[c] = 0.5 * (sb[c] * sb[c] - fb[c])
         ftz_leave(csr)
 
-    U = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list)
+    U = group_by_feature(occ_feat, nnz, slot, uniq, ustart, ucur, occ_list, touched)
     if U < 0:
         return np.nan, U
 
