@@ -7,6 +7,8 @@
 
 Rows of the table, per data set:
 - afmfast single process, 1 thread (``afmfast.FM`` on the memory-mapped train store);
+- the ceiling of data-parallel training here: two processes side by side, each training
+  on half of the rows and never synchronising (no test RMSE: there is no one model);
 - afmfast on Dask, 1 and 2 workers x 1 thread (``afmfast.dask.DaskFM``, a
   ``distributed.LocalCluster`` of worker processes, the same store);
 - with ``--spark``: ``pyspark.ml.regression.FMRegressor`` in ``local[2]``, factorSize 16,
@@ -81,6 +83,26 @@ def run_single(paths, epochs, threads):
     test = afmfast.open_store(paths["test"])
     return {"rmse": model.evaluate(test)["rmse"], "sec": epoch_seconds(model.history_),
             "passes": len(model.history_), "model": model}
+
+
+def _train_half(path, part, epochs):
+    from afmfast.dask.worker import open_shard
+
+    model = afmfast.FM(n_epochs=epochs, n_threads=1, adaptive_threads=False, **FM_SETTINGS)
+    model.fit(open_shard((path, part, 2)))
+    return epoch_seconds(model.history_)
+
+
+def run_ceiling(paths, epochs):
+    """Two processes side by side, each training FM on its half of the rows with no
+    synchronisation at all: the most that two workers can gain over one on this
+    machine, whatever the exchange costs (seconds per epoch: the slower of the two)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        seconds = pool.starmap(_train_half, [(paths["train"], part, epochs)
+                                             for part in (0, 1)])
+    return {"rmse": float("nan"), "sec": max(seconds), "passes": epochs}
 
 
 def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge="sum",
@@ -173,6 +195,9 @@ def bench(name, args):
         results = {}
         log(f"{name}: single process")
         results["afmfast, 1 process x 1 thread"] = run_single(paths, args.epochs, 1)
+        log(f"{name}: two processes on halves, no synchronisation")
+        results["(ceiling) 2 processes x 1 thread, each on half the rows, never "
+                "synchronised"] = run_ceiling(paths, args.epochs)
         for workers in (1, 2):
             log(f"{name}: Dask, {workers} worker(s)")
             results[f"afmfast on Dask, {workers} worker(s) x 1 thread, sync_every "
@@ -189,7 +214,15 @@ def bench(name, args):
                      f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch")
         elif "step" in r:
             extra = f"stepSize {r['step']} (tuned on validation)"
-        rows.append([name, label, f"{r['rmse']:.4f}", f"{r['sec']:.3g}", r["passes"], extra])
+        rmse_text = f"{r['rmse']:.4f}" if np.isfinite(r["rmse"]) else "-"
+        rows.append([name, label, rmse_text, f"{r['sec']:.3g}", r["passes"], extra])
+    single = results["afmfast, 1 process x 1 thread"]["sec"]
+    dask = [r["sec"] for label, r in results.items() if label.startswith("afmfast on Dask")]
+    ceiling = [r["sec"] for label, r in results.items() if label.startswith("(ceiling)")]
+    rows.append([name, "speed-ups per epoch: 2 Dask workers / 1 (target 1.6x); the "
+                 "ceiling / 1 process; 1 process / 1 Dask worker", "-",
+                 f"{dask[0] / dask[1]:.2f}x; {single / ceiling[0]:.2f}x; "
+                 f"{single / dask[0]:.2f}x", "-", ""])
     return rows, {k: {kk: vv for kk, vv in v.items() if kk != "model"}
                   for k, v in results.items()}
 

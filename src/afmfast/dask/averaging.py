@@ -175,10 +175,12 @@ def merge_into(payloads: list[Payload], rows: list[np.ndarray], synced_rows: lis
     """
     row_add, dense_add = additive if additive is not None else (
         [False] * len(rows), [False] * len(dense))
-    ids = np.concatenate([p.ids for p in payloads])
     for t, (live, synced) in enumerate(zip(rows, synced_rows)):
-        values = np.concatenate([p.sparse[t] for p in payloads])
-        _merge_rows(live, synced, ids, values.reshape(len(ids), -1), count, row_add[t])
+        for p in payloads:
+            _add_rows(live, synced, p.ids, p.sparse[t].reshape(len(p.ids), -1), count,
+                      row_add[t])
+        for p in payloads:
+            _finish_rows(live, synced, p.ids, count, row_add[t])
     trained = [p for p in payloads if p.batches > 0] or payloads
     for t, (live, synced) in enumerate(zip(dense, synced_dense)):
         total = sum(p.dense[t].astype(np.float64) for p in trained)
@@ -191,21 +193,27 @@ def merge_into(payloads: list[Payload], rows: list[np.ndarray], synced_rows: lis
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge_rows(live, synced, ids, values, count, additive):  # pragma: no cover - compiled
-    # rows in worker order: the same float32 operations in the same order on every worker
+def _add_rows(live, synced, ids, values, count, additive):  # pragma: no cover - compiled
+    # one payload's rows, the payloads in worker order: the same float32 operations in
+    # the same order on every worker; a row's first payload starts it from its
+    # synchronised value (sums) or zero (means)
     width = live.shape[1]
     for j in range(len(ids)):
         r = ids[j]
+        if count[r] == 0:
+            for c in range(width):
+                live[r, c] = synced[r, c] if additive else 0.0
         count[r] += 1
-        for c in range(width):
-            live[r, c] = synced[r, c] if additive else 0.0
-    for j in range(len(ids)):
-        r = ids[j]
         for c in range(width):
             if additive:
                 live[r, c] += values[j, c] - synced[r, c]
             else:
                 live[r, c] += values[j, c]
+
+
+@numba.njit(cache=True, nogil=True)
+def _finish_rows(live, synced, ids, count, additive):  # pragma: no cover - compiled
+    width = live.shape[1]
     for j in range(len(ids)):
         r = ids[j]
         if count[r] == 0:

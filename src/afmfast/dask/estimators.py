@@ -458,6 +458,7 @@ class DaskModel:
                          "bytes": sum(r["bytes"] for r in records),
                          "wait_seconds": sum(r["wait_seconds"] for r in records),
                          "train_seconds": max(r["train_seconds"] for r in records),
+                         "train_cpu_seconds": max(r["train_cpu_seconds"] for r in records),
                          "merge_seconds": max(r["merge_seconds"] for r in records),
                          "seconds": time.perf_counter() - t}
                 self.sync_log_.append(entry)
