@@ -177,8 +177,8 @@ def merge_into(payloads: list[Payload], rows: list[np.ndarray], synced_rows: lis
         [False] * len(rows), [False] * len(dense))
     for t, (live, synced) in enumerate(zip(rows, synced_rows)):
         for p in payloads:
-            _add_rows(live, synced, p.ids, p.sparse[t].reshape(len(p.ids), -1), count,
-                      row_add[t])
+            values = p.sparse[t].reshape(len(p.ids), live.shape[1])
+            _add_rows(live, synced, p.ids, values, count, row_add[t])
         for p in payloads:
             _finish_rows(live, synced, p.ids, count, row_add[t])
     trained = [p for p in payloads if p.batches > 0] or payloads
