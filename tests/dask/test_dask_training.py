@@ -136,6 +136,22 @@ def test_two_workers_are_reproducible_and_learn_as_a_single_process_does(client,
     assert not same_params(mean.fit(stores["train"]).to_local(), runs[0].to_local())
 
 
+def test_a_store_with_fewer_rows_than_workers(client, tmp_path):
+    """One row for two workers: one worker trains it, the other trains nothing and
+    still merges; the model is the single process's, and each round's record says
+    what trained."""
+    path = str(tmp_path / "one.store")
+    afmfast.write_store(afmfast.Dataset([0, 2], [0, 1], None, [1.0], n_features=3), path)
+    settings = dict(SMALL, keep=1.0)  # no dropout: the training worker's seed is its own
+    model = DaskFM(n_epochs=2, client=client, **settings).fit([path])
+    assert [h["syncs"] for h in model.history_] == [1, 1]
+    assert all(entry["batches"] == 1 and entry["train_cpu_seconds"] >= 0
+               for entry in model.sync_log_)
+    local = afmfast.FM(n_epochs=2, **settings).fit(afmfast.open_store(path))
+    np.testing.assert_allclose(model.predict(afmfast.open_store(path)),
+                               local.predict(afmfast.open_store(path)), rtol=1e-5)
+
+
 def test_frappe_mini_two_workers_within_0_01_of_a_single_process(client, tmp_path):
     """The accuracy target: reference FM settings, 20 epochs, 2 workers."""
     if not FRAPPE.exists():

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from afmfast.dask import averaging
+from afmfast.data.dataset import Dataset
 from afmfast.data.store import open_store
 from afmfast.metrics import logloss
 from afmfast.models.training import Trainer, TrainingDivergedError, _copy_params, _whole_batches
@@ -220,6 +221,12 @@ class ShardWorker:
             valid = [d.with_labels(d.y == positive) for d in valid]
         self.train, self.valid = data, valid
         sizing = max(data, key=lambda d: (d.n_rows, d.max_row_nnz))
+        if sizing.n_rows == 0:
+            # a store with fewer rows than workers leaves this one none: it trains
+            # nothing and still merges its peers' payloads, with a workspace of one
+            # empty row
+            sizing = Dataset(np.zeros(2, np.int64), np.zeros(0, np.int32), None,
+                             np.zeros(1, np.float32), n_features=n_features)
         self.trainer = trainer = Trainer(model, sizing, threads=threads)
         trainer.seed = worker_seed(trainer.seed, self.index)
         model.n_features_in_ = n_features
@@ -231,8 +238,8 @@ class ShardWorker:
         # features that its batches touch
         self.touched = averaging.TouchedRows(n_features)
         self.workspaces = [trainer.backend.track_touched(
-            trainer.workspace if d is sizing else model._new_workspace(trainer.backend, d),
-            self.touched.marks) for d in data]
+            trainer.workspace if d is sizing or d.n_rows == 0 else
+            model._new_workspace(trainer.backend, d), self.touched.marks) for d in data]
         self.rows = averaging.row_tables(trainer.params, trainer.state, model.optimizer)
         self.dense = averaging.dense_tables(trainer.params, trainer.state, model.optimizer)
         self.additive = averaging.additive_tables(trainer.params, model.optimizer)
