@@ -18,7 +18,8 @@ Rows of the table, per data set:
 Columns: test RMSE (predictions clipped to the test labels' range, as afmfast.metrics.rmse
 does, for every row), seconds per epoch (afmfast: training and synchronisation, without
 scoring; Spark: fit seconds / iterations, each iteration being one pass over the rows
-with the default miniBatchFraction 1), and the epochs or iterations run.
+with the default miniBatchFraction 1), the epochs or iterations run, and the seconds of
+the whole training (afmfast: its epochs, early stopping included; Spark: the fit).
 
 Data: frappe-mini (../shared/data/frappe beside the repository; the rows whose 1-based
 line number is divisible by 5 are held out, of those the odd multiples of 5 validate and
@@ -82,6 +83,7 @@ def run_single(paths, epochs, threads):
     model.fit(afmfast.open_store(paths["train"]), validation=afmfast.open_store(paths["valid"]))
     test = afmfast.open_store(paths["test"])
     return {"rmse": model.evaluate(test)["rmse"], "sec": epoch_seconds(model.history_),
+            "total": sum(h["seconds"] for h in model.history_),
             "passes": len(model.history_), "model": model}
 
 
@@ -102,7 +104,8 @@ def run_ceiling(paths, epochs):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         seconds = pool.starmap(_train_half, [(paths["train"], part, epochs)
                                              for part in (0, 1)])
-    return {"rmse": float("nan"), "sec": max(seconds), "passes": epochs}
+    return {"rmse": float("nan"), "sec": max(seconds), "total": max(seconds) * epochs,
+            "passes": epochs}
 
 
 def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge="sum",
@@ -120,6 +123,7 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
         model.fit(paths["train"], validation=paths["valid"], init_from=init_from)
         result = {"rmse": model.evaluate(paths["test"])["rmse"],
                   "sec": epoch_seconds(model.history_), "passes": len(model.history_),
+                  "total": sum(h["seconds"] for h in model.history_),
                   "model": model.to_local(),
                   "sync_mb_per_epoch": float(np.mean([h["sync_bytes"] for h in
                                                       model.history_])) / 2**20,
@@ -180,7 +184,8 @@ def run_spark(parts, folder, iterations, step_sizes):
             f"{scores['test']:.4f}, {seconds / iterations:.2f} s/iteration")
         if best is None or scores["valid"] < best["valid"]:
             best = {"valid": scores["valid"], "rmse": scores["test"],
-                    "sec": seconds / iterations, "passes": iterations, "step": step}
+                    "sec": seconds / iterations, "total": seconds, "passes": iterations,
+                    "step": step}
     spark.stop()
     return best
 
@@ -198,11 +203,12 @@ def bench(name, args):
         log(f"{name}: two processes on halves, no synchronisation")
         results["(ceiling) 2 processes x 1 thread, each on half the rows, never "
                 "synchronised"] = run_ceiling(paths, args.epochs)
-        for workers in (1, 2):
-            log(f"{name}: Dask, {workers} worker(s)")
+        runs = [(1, sync_every)] + [(2, every) for every in [sync_every] + args.also_every]
+        for workers, every in runs:
+            log(f"{name}: Dask, {workers} worker(s), sync_every {every}")
             results[f"afmfast on Dask, {workers} worker(s) x 1 thread, sync_every "
-                    f"{sync_every}"] = run_dask(
-                paths, args.epochs, workers, sync_every, merge=args.merge)
+                    f"{every}"] = run_dask(paths, args.epochs, workers, every,
+                                           merge=args.merge)
         if args.spark:
             log(f"{name}: Spark FMRegressor local[2]")
             results["Spark FMRegressor, local[2]"] = run_spark(
@@ -215,14 +221,21 @@ def bench(name, args):
         elif "step" in r:
             extra = f"stepSize {r['step']} (tuned on validation)"
         rmse_text = f"{r['rmse']:.4f}" if np.isfinite(r["rmse"]) else "-"
-        rows.append([name, label, rmse_text, f"{r['sec']:.3g}", r["passes"], extra])
+        rows.append([name, label, rmse_text, f"{r['sec']:.3g}", r["passes"],
+                     f"{r['total']:.3g}", extra])
     single = results["afmfast, 1 process x 1 thread"]["sec"]
     dask = [r["sec"] for label, r in results.items() if label.startswith("afmfast on Dask")]
     ceiling = [r["sec"] for label, r in results.items() if label.startswith("(ceiling)")]
     rows.append([name, "speed-ups per epoch: 2 Dask workers / 1 (target 1.6x); the "
                  "ceiling / 1 process; 1 process / 1 Dask worker", "-",
                  f"{dask[0] / dask[1]:.2f}x; {single / ceiling[0]:.2f}x; "
-                 f"{single / dask[0]:.2f}x", "-", ""])
+                 f"{single / dask[0]:.2f}x", "-", "-", ""])
+    spark = results.get("Spark FMRegressor, local[2]")
+    if spark is not None:
+        two = [r for label, r in results.items() if label.startswith("afmfast on Dask, 2")][0]
+        rows.append([name, "Spark / 2 Dask workers: per pass (target 20x); whole training",
+                     "-", f"{spark['sec'] / two['sec']:.1f}x", "-",
+                     f"{spark['total'] / two['total']:.1f}x", ""])
     return rows, {k: {kk: vv for kk, vv in v.items() if kk != "model"}
                   for k, v in results.items()}
 
@@ -269,6 +282,9 @@ def main(argv=None):
     parser.add_argument("--sync-every", type=int, default=None,
                         help="batches between synchronisations (default: 4 on frappe, 64 "
                              "on ml-tag, where a batch trains in a fraction of the time)")
+    parser.add_argument("--also-every", type=int, nargs="+", default=[],
+                        help="also run 2 workers at these sync_every values (the speed-up "
+                             "line uses the first)")
     parser.add_argument("--merge", choices=("sum", "mean"), default="sum")
     parser.add_argument("--spark", action="store_true", help="also run Spark's FMRegressor")
     parser.add_argument("--spark-iterations", type=int, default=20)
@@ -295,7 +311,7 @@ def main(argv=None):
         all_rows += rows
         out[name] = results
     print(table(["data", "run", "test RMSE", "s/epoch (Spark: s/iteration)", "passes",
-                 "notes"], all_rows))
+                 "training s", "notes"], all_rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

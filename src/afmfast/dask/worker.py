@@ -252,6 +252,11 @@ class ShardWorker:
         trainer._last_good = self._synced  # a divergence restores the last synchronisation
         self.step = 0
         self._pieces = iter(())
+        if self.n_workers > 1:
+            # compile the merge (or load it from Numba's cache) now rather than inside
+            # the first round, whose timing the sync log reports: merging this
+            # worker's own untrained payload changes nothing
+            self._merge([averaging.export(self.rows, self.dense, np.zeros(0, np.int32), 0)])
 
     # ----- training ----------------------------------------------------------------------
     def begin_epoch(self, epoch):
@@ -294,10 +299,7 @@ class ShardWorker:
             self._payload, self._round = payload, round_id
             payloads, waited, received = self._fetch(round_id, payload)
             t2 = time.perf_counter()
-            averaging.merge_into(payloads, self.rows, self._synced_rows, self.dense,
-                                 self._synced_dense,
-                                 self.additive if self.merge_rule == "sum" else None,
-                                 self._count)
+            self._merge(payloads)
             record.update(wait_seconds=waited, bytes=received,
                           merge_seconds=time.perf_counter() - t2)
         elif done:
@@ -306,6 +308,12 @@ class ShardWorker:
             # process keeps its last good epoch, instead of copying rows every round
             self._commit(self.touched.take())
         return record
+
+    def _merge(self, payloads):
+        averaging.merge_into(payloads, self.rows, self._synced_rows, self.dense,
+                             self._synced_dense,
+                             self.additive if self.merge_rule == "sum" else None,
+                             self._count)
 
     def _peek(self):
         if self._pending is None:
