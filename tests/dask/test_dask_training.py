@@ -201,7 +201,15 @@ def test_classifier(client, stores):
     local = clf.to_local()
     assert local.classes_.tolist() == [0.0, 1.0]
     metrics = clf.evaluate(stores["valid01"])
-    assert metrics["accuracy"] > 0.6 and set(metrics) == {"logloss", "accuracy"}
+    assert metrics["accuracy"] > 0.6 and set(metrics) == {"logloss", "auc", "accuracy"}
+    # the AUC from the workers' summed histograms is the exact AUC but for pairs that
+    # share a bin of width 2^-14
+    exact = local.evaluate(afmfast.open_store(stores["valid01"]))
+    assert 0.6 < metrics["auc"] and abs(metrics["auc"] - exact["auc"]) < 1e-3
+    assert metrics["logloss"] == pytest.approx(exact["logloss"], rel=1e-6)
+    by_auc = DaskFMClassifier(n_epochs=3, client=client, **SMALL)
+    by_auc.fit(stores["train01"], validation=stores["valid01"], metric="auc")
+    assert all(0.5 < h["valid_auc"] <= 1 for h in by_auc.history_)
 
 
 def test_a_shard_that_fails_to_open_names_the_file_and_the_worker(client, stores, tmp_path):

@@ -31,7 +31,7 @@ from afmfast.data.hashing import DEFAULT_HASH_BITS
 from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, score_sums
 from afmfast.data.store import open_store
 from afmfast.kernels import backends
-from afmfast.metrics import HIGHER_IS_BETTER
+from afmfast.metrics import HIGHER_IS_BETTER, auc_from_histograms
 from afmfast.models.afm import AFM, AFMClassifier
 from afmfast.models.base import FactorizationModel, _as_model, _check_int
 from afmfast.models.fm import FM, FMClassifier
@@ -368,7 +368,7 @@ class DaskModel:
         local = self._local_class(**self._local_params())
         local._validate()
         monitor = local._task_metrics[0] if metric is None else metric
-        allowed = ("rmse",) if not local._is_classifier else ("logloss", "accuracy")
+        allowed = ("rmse",) if not local._is_classifier else ("logloss", "auc", "accuracy")
         if monitor not in allowed:
             raise ValueError(f"metric must be one of {allowed} on Dask (validation is "
                              f"summed over the workers), got {metric!r}")
@@ -626,9 +626,12 @@ def _metrics(model, sums):
     rows = sum(s["rows"] for s in sums)
     if rows == 0:
         return dict.fromkeys(model._task_metrics[:1] if not model._is_classifier
-                             else ("logloss", "accuracy"), float("nan"))
+                             else ("logloss", "auc", "accuracy"), float("nan"))
     if model._is_classifier:
+        histograms = [s["auc_histograms"] for s in sums if s["auc_histograms"] is not None]
         return {"logloss": sum(s["logloss_sum"] for s in sums) / rows,
+                "auc": auc_from_histograms(sum(h[0] for h in histograms),
+                                           sum(h[1] for h in histograms)),
                 "accuracy": sum(s["correct"] for s in sums) / rows}
     return {"rmse": math.sqrt(math.fsum(s["sse"] for s in sums) / rows)}
 

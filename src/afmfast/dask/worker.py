@@ -27,7 +27,7 @@ import numpy as np
 from afmfast.dask import averaging
 from afmfast.data.dataset import Dataset
 from afmfast.data.store import open_store
-from afmfast.metrics import logloss
+from afmfast.metrics import logloss, score_histograms
 from afmfast.models.training import Trainer, TrainingDivergedError, _copy_params, _whole_batches
 
 #: the first item of a shard held in a worker's memory: (MEMORY, key of a Dask future)
@@ -130,8 +130,10 @@ def worker_seed(seed: int, index: int) -> int:
 def score_sums(model, datasets, bounds):
     """Sums over ``datasets`` from which the driver computes its metrics: regression,
     the squared error with predictions clipped to ``bounds`` (the labels' range over
-    every worker, as ``afmfast.metrics.rmse`` clips); classification, the logloss sum
-    and the correct predictions; both, the rows and whether every score is finite.
+    every worker, as ``afmfast.metrics.rmse`` clips); classification, the logloss sum,
+    the correct predictions and the positives' and negatives' histograms of the
+    probabilities (``afmfast.metrics.score_histograms``, for the AUC); both, the rows
+    and whether every score is finite.
 
     Examples
     --------
@@ -145,7 +147,8 @@ def score_sums(model, datasets, bounds):
     ...                               model.evaluate(data.valid)["rmse"]))
     (100, True)
     """
-    out = {"finite": True, "rows": 0, "sse": 0.0, "logloss_sum": 0.0, "correct": 0}
+    out = {"finite": True, "rows": 0, "sse": 0.0, "logloss_sum": 0.0, "correct": 0,
+           "auc_histograms": None}
     for data in datasets:
         if data.n_rows == 0:
             continue
@@ -156,6 +159,10 @@ def score_sums(model, datasets, bounds):
             p = np.exp(-np.logaddexp(0.0, -scores))
             out["logloss_sum"] += logloss(y, p) * data.n_rows
             out["correct"] += int(np.sum((scores > 0) == (y > 0)))
+            histograms = score_histograms(y, p)
+            if out["auc_histograms"] is not None:
+                histograms = tuple(a + b for a, b in zip(out["auc_histograms"], histograms))
+            out["auc_histograms"] = histograms
         else:
             out["sse"] += math.fsum((y - np.clip(scores, bounds[0], bounds[1])) ** 2)
         out["finite"] = out["finite"] and bool(np.all(np.isfinite(scores)))
