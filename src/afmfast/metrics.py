@@ -2,9 +2,10 @@
 import numpy as np
 
 
-def rmse(y_true, y_pred):
-    """Root mean squared error after clipping predictions to [min(y_true), max(y_true)],
-    as the reference does (an empty set has RMSE NaN).
+def rmse(y_true, y_pred, clip: tuple[float, float] | bool | None = None) -> float:
+    """Root mean squared error after clipping predictions: to [min(y_true),
+    max(y_true)] by default, as the reference does; to ``clip`` = (low, high) when
+    given; not at all with ``clip=False``. An empty set has RMSE NaN.
 
     Examples
     --------
@@ -12,12 +13,18 @@ def rmse(y_true, y_pred):
     0.0
     >>> round(rmse([1.0, 2.0, 3.0], [1.0, 2.0, 2.0]), 4)
     0.5774
+    >>> rmse([3.0], [4.0]), rmse([3.0], [6.0], clip=(1, 5)), rmse([3.0], [4.0], clip=False)
+    (0.0, 2.0, 1.0)
     """
     y_true = np.asarray(y_true, dtype=np.float64)
     if y_true.size == 0:
         return float("nan")
-    clipped = np.clip(np.asarray(y_pred, dtype=np.float64), y_true.min(), y_true.max())
-    return float(np.sqrt(np.mean((y_true - clipped) ** 2)))
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    if clip is None:
+        y_pred = np.clip(y_pred, y_true.min(), y_true.max())
+    elif clip is not False:
+        y_pred = np.clip(y_pred, clip[0], clip[1])
+    return float(np.sqrt(np.mean((y_true - y_pred) ** 2)))
 
 
 #: metrics where a larger value is better (the others: smaller is better)

@@ -116,6 +116,7 @@ def test_one_worker_trains_exactly_as_a_single_process(client1, stores):
     dask_model = DaskFM(n_epochs=3, client=client1, sync_every=3, **SMALL)
     dask_model.fit(stores["train"], validation=stores["valid"])
     assert same_params(dask_model.to_local(), local)
+    assert dask_model.to_local().y_range_ == local.y_range_  # evaluate's default clip
     np.testing.assert_allclose([h["valid_rmse"] for h in dask_model.history_],
                                [h["valid_rmse"] for h in local.history_], rtol=1e-6)
 

@@ -8,7 +8,7 @@ import pytest
 import afmfast
 from afmfast.kernels.backends import available_backends
 from afmfast.demo import linear_baseline_rmse, make_demo_data
-from afmfast.models.training import Trainer, _worse_four_times
+from afmfast.models.training import Trainer, early_stop_reason
 
 FAST = dict(n_factors=8, n_epochs=3, batch_size=256, verbose=0)
 
@@ -20,7 +20,7 @@ def demo():
 
 def test_constructor_stores_arguments_unchanged():
     kwargs = dict(n_factors=7, learning_rate=0.5, batch_size=3, n_epochs=2, keep=0.9,
-                  batch_norm=False, l2=0.1, optimizer="adam", early_stopping=False,
+                  batch_norm=False, l2=0.1, optimizer="adam", early_stopping=False, patience=3,
                   random_state=5, n_threads=1, adaptive_threads=False, backend="numba",
                   verbose=0, solver="mcmc", n_iter=7, n_burn_in=2, init_stdev=0.5)
     model = afmfast.FM(**kwargs)
@@ -126,10 +126,52 @@ def test_early_stopping_restores_the_best_epoch(demo, monkeypatch):
 
 def test_worse_four_times_rule():
     rmse = lambda v: [-x for x in v]  # noqa: E731  (goodness: higher is better)
-    assert not _worse_four_times(rmse([1, 2, 3, 4, 5]))  # needs more than 5 epochs
-    assert _worse_four_times(rmse([1, 1, 2, 3, 4, 5]))
-    assert not _worse_four_times(rmse([1, 2, 3, 3, 4, 5]))
-    assert _worse_four_times([0.9, 0.9, 0.8, 0.7, 0.6, 0.5])  # e.g. AUC falling
+
+    def worse_four_times(goodness):
+        return early_stop_reason(goodness, int(np.argmax(goodness)) + 1, None) is not None
+
+    assert not worse_four_times(rmse([1, 2, 3, 4, 5]))  # needs more than 5 epochs
+    assert worse_four_times(rmse([1, 1, 2, 3, 4, 5]))
+    assert not worse_four_times(rmse([1, 2, 3, 3, 4, 5]))
+    assert worse_four_times([0.9, 0.9, 0.8, 0.7, 0.6, 0.5])  # e.g. AUC falling
+
+
+def test_patience_stops_after_that_many_epochs_without_improvement(demo):
+    """A validation set the model cannot learn: labels that are noise. With patience=2
+    the fit stops 2 epochs after its best one and restores it; the default rule would
+    go on."""
+    noise = afmfast.Dataset(demo.valid.indptr, demo.valid.indices, demo.valid.values,
+                            np.random.default_rng(0).normal(size=demo.valid.n_rows))
+    model = afmfast.FM(**{**FAST, "n_epochs": 30, "patience": 2}).fit(
+        demo.train, validation=noise)
+    history = [h["valid_rmse"] for h in model.history_]
+    assert len(history) == model.best_epoch_ + 2 < 30
+    assert min(history) == history[model.best_epoch_ - 1]
+    assert all(h >= min(history) for h in history[model.best_epoch_:])
+    np.testing.assert_array_equal(model.evaluate(noise)["rmse"], min(history))
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="patience"):
+            afmfast.FM(patience=bad).fit(demo.train)
+
+
+def test_evaluate_clips_to_the_training_labels_range(demo, tmp_path):
+    model = afmfast.FM(**FAST).fit(demo.train)
+    low, high = float(demo.train.y.min()), float(demo.train.y.max())
+    assert model.y_range_ == (low, high)
+    one = demo.valid[:1]
+    score = float(model.predict(one)[0])
+    y = float(one.y[0])
+    expected = abs(y - min(max(score, low), high))
+    assert model.evaluate(one)["rmse"] == pytest.approx(expected)
+    assert model.evaluate(one, clip=None)["rmse"] == pytest.approx(abs(y - score))
+    assert model.evaluate(one, clip=(score + 1, score + 2))["rmse"] == pytest.approx(
+        abs(y - score - 1))
+    for bad in ((2, 1), (0, np.inf), "test", 3, (1, 2, 3)):
+        with pytest.raises(ValueError, match="clip"):
+            model.evaluate(one, clip=bad)
+    path = tmp_path / "m.afm"
+    model.save(path)
+    assert afmfast.load(path).y_range_ == (low, high)
 
 
 def test_divergence_stops_with_a_message_and_keeps_finite_parameters(demo):

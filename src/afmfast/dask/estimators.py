@@ -35,7 +35,7 @@ from afmfast.metrics import HIGHER_IS_BETTER, auc_from_histograms
 from afmfast.models.afm import AFM, AFMClassifier
 from afmfast.models.base import FactorizationModel, _as_model, _check_int
 from afmfast.models.fm import FM, FMClassifier
-from afmfast.models.training import TrainingDivergedError, _worse_four_times
+from afmfast.models.training import TrainingDivergedError, early_stop_reason
 
 if TYPE_CHECKING:  # annotations only
     from collections.abc import Callable, Sequence
@@ -429,8 +429,9 @@ class DaskModel:
                                  f"stores, found {labels[:5]}")
             classes = labels
             local.classes_ = np.array(labels)
-        ranges = [info["valid_range"] for info in infos if info["valid_range"]]
-        bounds = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+        bounds = None
+        if not local._is_classifier:  # evaluate's default clip, as a local fit records
+            local.y_range_ = bounds = _union([info["train_range"] for info in infos])
         threads = ([int(local.n_threads)] * n if local.n_threads is not None
                    else fit.nthreads)
         fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes, self.merge)
@@ -494,10 +495,11 @@ class DaskModel:
                 line += f", validation {monitor}={metrics[monitor]:.4f}"
             local._log(line)
             self.history_ = history
-            if valid and local.early_stopping and _worse_four_times(
-                    [sign * h[f"valid_{monitor}"] for h in history]):
-                local._log(f"Early stop after epoch {epoch}: validation {monitor} got worse "
-                           f"4 epochs in a row; restoring epoch {best_epoch}.")
+            why = valid and local.early_stopping and early_stop_reason(
+                [sign * h[f"valid_{monitor}"] for h in history], best_epoch, local.patience)
+            if why:
+                local._log(f"Early stop after epoch {epoch}: validation {monitor} {why}; "
+                           f"restoring epoch {best_epoch}.")
                 break
             if any([bool(callback(self, record)) for callback in callbacks]):
                 break
@@ -583,11 +585,12 @@ class DaskModel:
             da.from_delayed(dask.delayed(_predict_store)(shared, p), shape=(n,), dtype=dtype)
             for p, n in zip(paths, counts)])
 
-    def evaluate(self, X) -> dict:
+    def evaluate(self, X, *, clip="train") -> dict:
         """The metrics of the fitted model on a store path or list of them, or on a Dask
         DataFrame holding the label column (a model fitted on one), summed on the
-        workers ("rmse"; classifiers "logloss" and "accuracy"); any other X is
-        evaluated here by ``to_local()``.
+        workers ("rmse"; classifiers "logloss", "auc" and "accuracy"); any other X is
+        evaluated here by ``to_local()``. ``clip`` as for the local ``evaluate``: the
+        training labels' range by default.
 
         Examples
         --------
@@ -596,27 +599,28 @@ class DaskModel:
         'evaluate'
         """
         model = self.to_local()
+        bounds = model._clip_bounds(clip)
+        if bounds is False:
+            bounds = (-math.inf, math.inf)
         import dask
 
         if _is_dask_frame(X):
             hashing = self._hashing()
             parts = [dask.delayed(_encode_frame)(p, hashing, model)
                      for p in X.to_delayed()]
-            ranges = dask.compute(*[dask.delayed(_label_range)(p) for p in parts])
-            ranges = [r for r in ranges if r is not None]
-            bounds = ((min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges
-                      else None)
+            if bounds is None:  # the labels' own range (a model saved without y_range)
+                bounds = _union(dask.compute(*[dask.delayed(_label_range)(p)
+                                               for p in parts]))
             sums = dask.compute(*[dask.delayed(score_sums)(model, [p], bounds)
                                   for p in parts])
             return _metrics(model, sums)
         try:
             paths = _paths(X, "X")
         except TypeError:
-            return model.evaluate(X)
+            return model.evaluate(X, clip=clip)
 
-        ranges = dask.compute(*[dask.delayed(_label_range)(p) for p in paths])
-        ranges = [r for r in ranges if r is not None]
-        bounds = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+        if bounds is None:
+            bounds = _union(dask.compute(*[dask.delayed(_label_range)(p) for p in paths]))
         shared = dask.delayed(model, pure=True)
         sums = dask.compute(*[dask.delayed(_score_store)(shared, p, bounds) for p in paths])
         return _metrics(model, sums)
@@ -638,6 +642,13 @@ def _metrics(model, sums):
 
 def _store_rows(path):
     return open_store(path).n_rows
+
+
+def _union(ranges):
+    """The smallest (low, high) holding every range of ``ranges`` (None entries skipped),
+    or None."""
+    ranges = [r for r in ranges if r is not None]
+    return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
 
 
 def _label_range(source):

@@ -191,8 +191,8 @@ class ShardWorker:
     def open(self, local_class, params, shards, valid_shards, index, n_workers,
              classifier_labels=False):
         """Open the shards; return what the driver needs to agree on the data: the
-        feature count, row counts, the validation labels' range (or, for a classifier,
-        the distinct labels) and this worker's address and process id."""
+        feature count, row counts, the training labels' range (or, for a classifier, the
+        distinct labels) and this worker's address and process id."""
         self.index, self.n_workers = index, n_workers
         self.model = local_class(**params)
         self.model._validate()
@@ -202,13 +202,13 @@ class ShardWorker:
         if classifier_labels:
             labels = sorted(set().union(*(np.unique(d.y).tolist()
                                           for d in self.train + self.valid)))
-        ys = [d.y for d in self.valid if d.n_rows]
+        train_ys = [d.y for d in self.train if d.n_rows]
         return {
+            "train_range": ((min(float(y.min()) for y in train_ys),
+                             max(float(y.max()) for y in train_ys)) if train_ys else None),
             "n_features": max([d.n_features for d in self.train + self.valid], default=0),
             "n_rows": sum(d.n_rows for d in self.train),
             "valid_rows": sum(d.n_rows for d in self.valid),
-            "valid_range": ((min(float(y.min()) for y in ys), max(float(y.max()) for y in ys))
-                            if ys else None),
             "labels": labels, "address": _address(), "pid": os.getpid(),
         }
 

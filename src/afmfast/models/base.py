@@ -189,7 +189,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> import afmfast
         >>> params = afmfast.FM(n_factors=8).get_params()
         >>> params["n_factors"], params["keep"], len(params)
-        (8, 0.7, 18)
+        (8, 0.7, 19)
         """
         return {name: getattr(self, name) for name in self._get_param_names()}
 
@@ -226,6 +226,8 @@ class FactorizationModel(*_SKLEARN_BASES):
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_CODES)}, "
                              f"got {self.optimizer!r}")
         _check_bool("early_stopping", self.early_stopping)
+        if self.patience is not None:
+            _check_int("patience", self.patience, 1)
         _check_bool("batch_norm", self.batch_norm)
         if self.random_state is not None:
             _check_int("random_state", self.random_state, 0)
@@ -293,8 +295,9 @@ class FactorizationModel(*_SKLEARN_BASES):
         count up to it trains fastest while the run lasts (``afmfast.kernels.threads``); each
         ``history_`` record names the count that trained most of its epoch's rows.
         With a validation set and ``early_stopping``, training stops once the validation
-        metric got worse in each of the last 4 epochs (after more than 5) and the
-        parameters of the best validation epoch are restored (``best_epoch_``).
+        metric has not improved for ``patience`` epochs (None: once it got worse in each
+        of the last 4 epochs, after more than 5) and the parameters of the best
+        validation epoch are restored (``best_epoch_``).
 
         Examples
         --------
@@ -336,6 +339,8 @@ class FactorizationModel(*_SKLEARN_BASES):
         try:
             trainer = self._trainer = self._new_trainer(train, threads, groups)
             self.n_features_in_ = train.n_features
+            if not self._is_classifier:
+                self._record_label_range(train.y)
             self._monitor = monitor
             self._backend = trainer.backend
             self.backend_ = backends.backend_name(trainer.backend)
@@ -394,18 +399,33 @@ class FactorizationModel(*_SKLEARN_BASES):
 
     def _header_extras(self):
         """JSON-able fitted state beyond the arrays (saved in model files)."""
-        return {}
+        return {"y_range": list(self.y_range_)} if hasattr(self, "y_range_") else {}
 
     def _load_header_extras(self, extras):
-        pass
+        y_range = extras.get("y_range")
+        if y_range is None:  # saved before fit recorded it
+            self.__dict__.pop("y_range_", None)
+            return
+        ok = (isinstance(y_range, list) and len(y_range) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and math.isfinite(v) for v in y_range) and y_range[0] <= y_range[1])
+        if not ok:
+            raise ValueError(f"y_range {y_range!r} is not a [low, high] pair of finite "
+                             f"numbers")
+        self.y_range_ = (float(y_range[0]), float(y_range[1]))
 
-    def _evaluate_scores(self, y, scores):
-        return {"rmse": rmse(y, scores)}
+    def _record_label_range(self, y):
+        """Keep the training labels' [min, max] as ``y_range_`` (``evaluate``'s clip)."""
+        self.y_range_ = (float(np.min(y)), float(np.max(y)))
+
+    def _evaluate_scores(self, y, scores, bounds=None):
+        return {"rmse": rmse(y, scores, clip=bounds)}
 
     def _measure(self, data):
-        """(raw scores, metrics) of a data set."""
+        """(raw scores, metrics) of a data set, a regressor's clipped as ``evaluate``
+        clips by default."""
         scores = self._predict_dataset(data)
-        return scores, self._evaluate_scores(data.y, scores)
+        return scores, self._evaluate_scores(data.y, scores, self._clip_bounds("train"))
 
     # ----- prediction -----------------------------------------------------------------
     def _check_fitted(self):
@@ -452,10 +472,16 @@ class FactorizationModel(*_SKLEARN_BASES):
         """
         return self._predict_dataset(self._rows(X))
 
-    def evaluate(self, X: ModelInput, y: ArrayLike | str | None = None) -> dict[str, float]:
-        """``{"rmse": ...}`` on X with predictions clipped to the labels' [min, max], as
-        the reference computes it (classifiers: logloss, AUC and accuracy). ``y`` is
+    def evaluate(self, X: ModelInput, y: ArrayLike | str | None = None, *,
+                 clip: str | tuple[float, float] | None = "train") -> dict[str, float]:
+        """``{"rmse": ...}`` on X (classifiers: logloss, AUC and accuracy). ``y`` is
         needed unless X is a Dataset (or, for a DataFrame, the label column's name).
+
+        A regressor's predictions are clipped before the RMSE: by default ("train") to
+        the range of the training labels, ``y_range_``, which fit records (a model
+        saved without one: to the evaluated labels' own [min, max], the reference's
+        rule, which is wrong for a single row); to ``clip`` = (low, high) when given;
+        not at all with ``clip=None``. ``predict`` never clips.
 
         Examples
         --------
@@ -466,8 +492,28 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> {name: round(value, 2) for name, value in model.evaluate(data.valid).items()}
         {'rmse': 2.17}
         """
+        bounds = self._clip_bounds(clip)
         data = self._rows(X, y, need_labels=True)
-        return self._evaluate_scores(data.y, self._predict_dataset(data))
+        return self._evaluate_scores(data.y, self._predict_dataset(data), bounds)
+
+    def _clip_bounds(self, clip):
+        """``evaluate``'s clip argument as ``afmfast.metrics.rmse``'s: None for the
+        labels' own range, False for none, or a (low, high) pair."""
+        if isinstance(clip, str) and clip == "train":
+            return getattr(self, "y_range_", None)
+        if self._is_classifier:
+            raise ValueError(f"clip: a classifier's metrics do not clip; leave clip at "
+                             f"'train', got {clip!r}")
+        if clip is None:
+            return False
+        try:
+            low, high = (float(v) for v in clip)
+        except (TypeError, ValueError):
+            low = high = math.nan
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise ValueError(f"clip must be 'train', None or a (low, high) pair of finite "
+                             f"numbers with low <= high, got {clip!r}")
+        return low, high
 
     def _dataset(self, X, y=None, *, name="X", need_labels=True, fit=False,
                  n_features=None):
@@ -683,7 +729,7 @@ class BinaryClassifier:
     def _more_tags(self):
         return {"binary_only": True}
 
-    def _evaluate_scores(self, y, scores):
+    def _evaluate_scores(self, y, scores, bounds=None):
         from afmfast.metrics import auc, logloss
 
         p = _sigmoid(scores)

@@ -41,7 +41,11 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
     optimizer : {"adagrad", "sgd", "momentum", "adam"}
         Hand-written optimisers; sparse rows are updated only when touched (lazy Adam).
     early_stopping : bool
-        Stop when validation RMSE rose 4 epochs in a row and restore the best epoch.
+        With a validation set, stop early (see ``patience``) and restore the best epoch.
+    patience : int >= 1 or None
+        Stop once the validation metric has not improved on its best for this many
+        epochs. None: the reference's rule, which stops once it got worse in each of the
+        last 4 epochs (after more than 5), and which the CLI keeps.
     random_state : int >= 0 or None
         Seed of initialisation, shuffling and dropout (None means 2016).
     n_threads : int >= 1 or None
@@ -91,8 +95,9 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
 
     def __init__(self, n_factors=16, learning_rate=0.01, batch_size=4096, n_epochs=20,
                  keep=0.7, batch_norm=True, l2=0.0, optimizer="adagrad",
-                 early_stopping=True, random_state=2016, n_threads=None, adaptive_threads=True,
-                 backend="auto", verbose=1, solver="sgd", n_iter=100, n_burn_in=0,
+                 early_stopping=True, patience=None, random_state=2016, n_threads=None,
+                 adaptive_threads=True, backend="auto", verbose=1, solver="sgd", n_iter=100,
+                 n_burn_in=0,
                  init_stdev=0.1):
         self._set_constructor_args(locals())
 
@@ -169,9 +174,13 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
 
 
     def _header_extras(self):
-        return {"n_samples": self.n_samples_} if self.solver == "mcmc" else {}
+        extras = super()._header_extras()
+        if self.solver == "mcmc":
+            extras["n_samples"] = self.n_samples_
+        return extras
 
     def _load_header_extras(self, extras):
+        super()._load_header_extras(extras)
         if self.solver == "mcmc":
             n = extras.get("n_samples")
             if not (isinstance(n, int) and not isinstance(n, bool)

@@ -162,7 +162,7 @@ class McmcTrainer:
                     if valid is not None:
                         valid_sum += self._scores(valid, q_valid, p_valid)
                         record["valid_rmse"] = model._evaluate_scores(
-                            valid.y, valid_sum / kept)["rmse"]
+                            valid.y, valid_sum / kept, model._clip_bounds("train"))["rmse"]
                 record.update(seconds=seconds, threads=threads)
                 model.history_.append(record)
                 model._log(f"Iteration {it + 1} [{seconds:.3f} s]\ttrain rmse (this "

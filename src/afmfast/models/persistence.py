@@ -26,7 +26,9 @@ asks for, it checks:
   ``n_features`` int32 fields in [-1, len(field_names));
   ``extras`` an object, whose ``classes`` for a classifier are two distinct JSON scalars
   and whose ``n_samples`` for an ``FM(solver="mcmc")`` is the kept sample count (its V
-  holds that many samples side by side, ``afmfast.models.mcmc``);
+  holds that many samples side by side, ``afmfast.models.mcmc``); a regressor's
+  ``y_range``, when present, is the [low, high] of its training labels (``evaluate``'s
+  default clip);
 - the other members: exactly the arrays that the class and parameters imply, each
   declaring the size of a small ``.npy`` header plus its float32 data; then each
   ``.npy`` header (read with ``numpy.lib.format``) must give float32 and the expected

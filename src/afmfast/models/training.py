@@ -371,10 +371,12 @@ class Trainer:
             model._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
             if improved and valid is not None:
                 best_valid = sign * valid_metrics[monitor]
-            if valid is not None and model.early_stopping and _worse_four_times(
-                    [sign * h[f"valid_{monitor}"] for h in model.history_]):
-                model._log(f"Early stop after epoch {epoch}: validation {monitor} got worse "
-                           f"4 epochs in a row; restoring epoch {model.best_epoch_}.")
+            why = valid is not None and model.early_stopping and early_stop_reason(
+                [sign * h[f"valid_{monitor}"] for h in model.history_], model.best_epoch_,
+                model.patience)
+            if why:
+                model._log(f"Early stop after epoch {epoch}: validation {monitor} {why}; "
+                           f"restoring epoch {model.best_epoch_}.")
                 break
             if any([bool(callback(model, record)) for callback in callbacks]):
                 model._log(f"Stopped by a callback after epoch {epoch}.")
@@ -490,8 +492,26 @@ class _Progress:
             print("\r\033[K", end="", file=self.stream, flush=True)
 
 
-def _worse_four_times(goodness):
-    """The reference's early stop: after more than 5 epochs, the monitored validation
-    metric got worse in each of the last 4 (``goodness``: higher is better)."""
+def early_stop_reason(goodness: list[float], best_epoch: int,
+                      patience: int | None) -> str | None:
+    """Why training stops after the last of the epochs whose validation metric is
+    ``goodness`` (higher is better; ``best_epoch``, 1-based, the best so far), or None
+    to go on: with ``patience``, no improvement for that many epochs; without, the
+    reference's rule: after more than 5 epochs, worse in each of the last 4.
+
+    Examples
+    --------
+    >>> early_stop_reason([1, 2, 1.5, 1.4], 2, patience=2)
+    'did not improve for 2 epochs'
+    >>> early_stop_reason([1, 2, 1.5, 1.4], 2, None) is None  # 4 epochs only
+    True
+    >>> early_stop_reason([1, 5, 4, 3, 2, 1], 2, None)
+    'got worse 4 epochs in a row'
+    """
     v = goodness
-    return len(v) > 5 and all(v[-i] < v[-i - 1] for i in range(1, 5))
+    if patience is not None:
+        return (f"did not improve for {patience} epochs"
+                if len(v) - best_epoch >= patience else None)
+    if len(v) > 5 and all(v[-i] < v[-i - 1] for i in range(1, 5)):
+        return "got worse 4 epochs in a row"
+    return None
