@@ -434,8 +434,14 @@ class DaskModel:
             local.y_range_ = bounds = _union([info["train_range"] for info in infos])
         threads = ([int(local.n_threads)] * n if local.n_threads is not None
                    else fit.nthreads)
-        fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes, self.merge)
-                  for i, a in enumerate(fit.actors)])
+        rows = sum(info["n_rows"] for info in infos)
+        if classes is not None:
+            bias = local._initial_bias(
+                float(sum(info["label_counts"].get(classes[1], 0) for info in infos)), rows)
+        else:
+            bias = local._initial_bias(sum(info["label_sum"] for info in infos), rows)
+        fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes, self.merge,
+                          bias) for i, a in enumerate(fit.actors)])
         local.n_features_in_ = n_features
         self.n_workers_ = n
         self.workers_ = [info["address"] for info in infos]

@@ -28,7 +28,8 @@ from afmfast.dask import averaging
 from afmfast.data.dataset import Dataset
 from afmfast.data.store import open_store
 from afmfast.metrics import logloss, score_histograms
-from afmfast.models.training import Trainer, TrainingDivergedError, _copy_params, _whole_batches
+from afmfast.models.training import (Trainer, TrainingDivergedError, _copy_params,
+                                     _whole_batches, label_sum)
 
 #: the first item of a shard held in a worker's memory: (MEMORY, key of a Dask future)
 MEMORY = "<memory>"
@@ -191,19 +192,26 @@ class ShardWorker:
     def open(self, local_class, params, shards, valid_shards, index, n_workers,
              classifier_labels=False):
         """Open the shards; return what the driver needs to agree on the data: the
-        feature count, row counts, the training labels' range (or, for a classifier, the
-        distinct labels) and this worker's address and process id."""
+        feature count, row counts, the training labels' sum and range (or, for a
+        classifier, the distinct labels and the training rows of each) and this
+        worker's address and process id."""
         self.index, self.n_workers = index, n_workers
         self.model = local_class(**params)
         self.model._validate()
         self.train = [open_shard(s) for s in shards]
         self.valid = [open_shard(s, "validation") for s in valid_shards]
         labels = None
+        label_counts = {}
         if classifier_labels:
             labels = sorted(set().union(*(np.unique(d.y).tolist()
                                           for d in self.train + self.valid)))
+            for d in self.train:
+                for label, count in zip(*np.unique(d.y, return_counts=True)):
+                    label_counts[label.item()] = label_counts.get(label.item(), 0) + int(count)
         train_ys = [d.y for d in self.train if d.n_rows]
         return {
+            "label_sum": sum(label_sum(d) for d in self.train),
+            "label_counts": label_counts,
             "train_range": ((min(float(y.min()) for y in train_ys),
                              max(float(y.max()) for y in train_ys)) if train_ys else None),
             "n_features": max([d.n_features for d in self.train + self.valid], default=0),
@@ -212,8 +220,10 @@ class ShardWorker:
             "labels": labels, "address": _address(), "pid": os.getpid(),
         }
 
-    def start(self, n_features, threads, peers, init_from=None, classes=None, merge="sum"):
+    def start(self, n_features, threads, peers, init_from=None, classes=None, merge="sum",
+              bias=0.0):
         """Build the Trainer on ``n_features`` features (the largest id of any shard),
+        w0 starting at ``bias`` (the model's ``_initial_bias`` over every worker's rows),
         warm-started from ``init_from`` if given; ``peers`` are the actors of every
         worker of the fit, in worker order; ``classes`` (a classifier's two labels)
         relabels the rows as the kernels' 0/1 targets; ``merge`` is the estimator's
@@ -236,6 +246,7 @@ class ShardWorker:
                              np.zeros(1, np.float32), n_features=n_features)
         self.trainer = trainer = Trainer(model, sizing, threads=threads)
         trainer.seed = worker_seed(trainer.seed, self.index)
+        trainer.params.dense[0] = bias
         model.n_features_in_ = n_features
         model._threads = threads
         model._backend = trainer.backend

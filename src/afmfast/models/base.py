@@ -414,6 +414,12 @@ class FactorizationModel(*_SKLEARN_BASES):
                              f"numbers")
         self.y_range_ = (float(y_range[0]), float(y_range[1]))
 
+    def _initial_bias(self, label_sum: float, n_rows: int) -> float:
+        """w0 at the start of SGD training: the mean training label, from which the
+        model's zero-mean interaction terms start (w0 = 0 on raw 1-5 ratings leaves
+        the first epochs to learn the offset)."""
+        return label_sum / max(n_rows, 1)
+
     def _record_label_range(self, y):
         """Keep the training labels' [min, max] as ``y_range_`` (``evaluate``'s clip)."""
         self.y_range_ = (float(np.min(y)), float(np.max(y)))
@@ -698,6 +704,12 @@ class BinaryClassifier:
     _loss = LOGISTIC
     _task_metrics = ("logloss", "auc", "accuracy")
     _is_classifier = True
+
+    def _initial_bias(self, label_sum: float, n_rows: int) -> float:
+        """w0 at the start of training: the log-odds of the positive rate (the 0/1
+        targets' mean), clipped away from 0 and 1."""
+        rate = min(max(label_sum / max(n_rows, 1), 1e-6), 1.0 - 1e-6)
+        return math.log(rate / (1.0 - rate))
 
     def _encode_labels(self, y, name, fit, own):
         """Labels as float32 targets for the kernels: 1.0 for ``classes_[1]``, 0.0 for

@@ -112,6 +112,7 @@ class Trainer:
         self.planner = RunPlanner(self.threads, adaptive=bool(
             model.adaptive_threads if adaptive is None else adaptive))
         self.params = model._new_params(train.n_features, np.random.default_rng(self.seed))
+        self.params.dense[0] = model._initial_bias(label_sum(train), train.n_rows)
         self.state = new_opt_state(self.params, OPTIMIZER_CODES[model.optimizer])
         self.workspace = model._new_workspace(self.backend, train)
         # last: a set-up that fails (memory) leaves a fitted model's parameters alone
@@ -490,6 +491,19 @@ class _Progress:
     def close(self):
         if self.drawn and self.tty:  # clear the line for the epoch's summary
             print("\r\033[K", end="", file=self.stream, flush=True)
+
+
+def label_sum(data: Dataset) -> float:
+    """The sum of a data set's labels in float64 (``_initial_bias``'s input; a sum so
+    that the parts of a data set add up, as Dask workers' shards do).
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> label_sum(afmfast.Dataset([0, 1, 2], [0, 1], None, [1.5, 2.0]))
+    3.5
+    """
+    return float(np.sum(data.y, dtype=np.float64))
 
 
 def early_stop_reason(goodness: list[float], best_epoch: int,
