@@ -121,6 +121,8 @@ def myfm_rmse(train, valid, k, n_iter, seed=0):
 
     t = time.process_time()
     fm = myfm.MyFMRegressor(rank=k, init_stdev=0.1, random_seed=seed)
+    # myFM reports progress through tqdm, one carriage-return line per iteration
+    os.environ.setdefault("TQDM_DISABLE", "1")
     fm.fit(csr(train), np.array(train.y, np.float64), n_iter=n_iter, n_kept_samples=n_iter)
     cpu = time.process_time() - t
     pred = fm.predict(csr(valid))
