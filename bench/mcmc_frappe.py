@@ -104,6 +104,9 @@ def _import_myfm():
 
         shim.DistributionNotFound, shim.get_distribution = DistributionNotFound, get_distribution
         sys.modules["pkg_resources"] = shim
+    # myFM reports progress through tqdm, one carriage-return line per iteration; tqdm
+    # reads its TQDM_ defaults when it is first imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import myfm
     return myfm
 
@@ -121,8 +124,6 @@ def myfm_rmse(train, valid, k, n_iter, seed=0):
 
     t = time.process_time()
     fm = myfm.MyFMRegressor(rank=k, init_stdev=0.1, random_seed=seed)
-    # myFM reports progress through tqdm, one carriage-return line per iteration
-    os.environ.setdefault("TQDM_DISABLE", "1")
     fm.fit(csr(train), np.array(train.y, np.float64), n_iter=n_iter, n_kept_samples=n_iter)
     cpu = time.process_time() - t
     pred = fm.predict(csr(valid))
