@@ -1,23 +1,40 @@
 """The Bayesian FM (``FM(solver="mcmc")``) on frappe-mini and on synthetic rating-like
-data: validation RMSE and seconds per Gibbs iteration at 1 and 2 threads, and, when myFM
-is installed, myFM's Bayesian FM at the same rank, sample count and split.
+data: validation RMSE and seconds per Gibbs iteration at 1 and 2 threads, side by side
+with libFM's MCMC when a libFM binary is given, and with myFM's Bayesian FM when myFM is
+installed, at the same rank, sample count, init_stdev and split.
 
     python bench/mcmc_frappe.py                 # frappe-mini, k=16, 100 iterations
     python bench/mcmc_frappe.py --synthetic     # rating-like data from a known FM
-    python bench/mcmc_frappe.py --no-myfm       # skip the comparison
+    python bench/mcmc_frappe.py --no-myfm       # skip the myFM comparison
     python bench/mcmc_frappe.py --backends numba  # one sampler backend only
+    python bench/mcmc_frappe.py --libfm /path/to/libFM --seeds 5   # or LIBFM=/path/to/libFM
 
 Each seed's fits alternate the sampler backends (Cython and Numba by default; the
-samples are the same, so are the RMSEs) so that a load on the machine falls on both.
+samples are the same, so are the RMSEs) and libFM, so that a load on the machine falls
+on all of them.
 
 Seconds per iteration: the median wall time of the fit's ``history_`` records (scalar
 draws and the sweep, no validation), and the process's CPU time over the whole fit
 divided by the iterations (steadier on a machine shared with other jobs). The
 frappe-mini split is the one of tests/models/test_frappe.py (every 5th row of the file
 is validation).
+
+libFM (``--libfm`` or the environment variable LIBFM): the split is written to a
+temporary directory as libFM text (LF line ends: libFM refuses CRLF) and libFM runs
+``-task r -dim 1,1,K -iter N -method mcmc -init_stdev 0.1 -seed S -rlog FILE``. Its RMSE
+is the last iteration's "Test=" figure: the average of every sample's prediction, each
+clipped to the training labels' range first. Its seconds per iteration are the median of
+the ``time_learn`` column of its ``-rlog`` file: the user CPU time of one iteration (the
+draws, then libFM's prediction of every training and test row, which it does each
+iteration), without reading the data; one thread, as libFM has no other. Ours on one
+thread are compared with that figure (our median wall seconds of an iteration; on one
+thread wall and CPU time agree unless the machine is loaded).
 """
 import argparse
+import os
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,6 +104,9 @@ def _import_myfm():
 
         shim.DistributionNotFound, shim.get_distribution = DistributionNotFound, get_distribution
         sys.modules["pkg_resources"] = shim
+    # myFM reports progress through tqdm, one carriage-return line per iteration; tqdm
+    # reads its TQDM_ defaults when it is first imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import myfm
     return myfm
 
@@ -111,6 +131,45 @@ def myfm_rmse(train, valid, k, n_iter, seed=0):
     return float(np.sqrt(np.mean((np.clip(pred, lo, hi) - valid.y) ** 2))), cpu / n_iter
 
 
+def write_libfm(data, path):
+    """Write a Dataset as libFM text ("label id:value ..." a row, LF line ends)."""
+    values = (np.ones(data.indices.size, np.float32) if data.values is None
+              or data.values.size == 0 else data.values)
+    with open(path, "w", newline="\n") as out:
+        for i in range(len(data)):
+            lo, hi = data.indptr[i], data.indptr[i + 1]
+            pairs = " ".join(f"{j}:{v:g}" for j, v in zip(data.indices[lo:hi],
+                                                          values[lo:hi]))
+            out.write(f"{float(data.y[i]):g} {pairs}\n")
+
+
+def libfm_run(binary, train_path, valid_path, k, n_iter, seed, workdir):
+    """(validation RMSE, median user CPU seconds of an iteration, wall seconds of the
+    whole run) of libFM's MCMC (module docstring)."""
+    rlog = os.path.join(workdir, f"rlog_{seed}.tsv")
+    cmd = [binary, "-task", "r", "-train", train_path, "-test", valid_path,
+           "-dim", f"1,1,{k}", "-iter", str(n_iter), "-method", "mcmc",
+           "-init_stdev", "0.1", "-seed", str(seed), "-rlog", rlog]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    wall = time.perf_counter() - t
+    tests = [line for line in done.stdout.splitlines() if line.startswith("#Iter=")]
+    if done.returncode != 0 or len(tests) != n_iter:
+        raise RuntimeError(f"libFM ({' '.join(cmd)}) exited with {done.returncode} after "
+                           f"{len(tests)} of {n_iter} iterations:\n{done.stdout[-2000:]}"
+                           f"\n{done.stderr[-2000:]}")
+    rmse = float(tests[-1].rsplit("Test=", 1)[1].split()[0])
+    with open(rlog) as log:
+        header = log.readline().rstrip("\n").split("\t")
+        column = header.index("time_learn")
+        per_iter = statistics.median(float(line.split("\t")[column]) for line in log)
+    return rmse, per_iter, wall
+
+
+def _mean(values):
+    return statistics.fmean(values) if values else float("nan")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synthetic", action="store_true")
@@ -120,6 +179,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each fit")
     parser.add_argument("--backends", default="cython,numba",
                         help="comma-separated sampler backends, alternated")
+    parser.add_argument("--libfm", default=os.environ.get("LIBFM"),
+                        help="libFM binary for the side-by-side run (default: $LIBFM)")
     args = parser.parse_args()
     train, valid = rating_like() if args.synthetic else frappe_mini()
     print(f"{'synthetic rating-like' if args.synthetic else 'frappe-mini'}: "
@@ -128,24 +189,56 @@ def main():
     names = [name for name in args.backends.split(",") if name]
     for backend in names:
         ours(train[:200], valid[:10], args.k, 2, 1, backend=backend)  # compile first
-    for threads in (1, 2):
-        for seed in range(args.seeds):
-            for backend in names:
-                rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads, seed,
-                                           backend)
-                print(f"afmfast mcmc ({backend}), {threads} thread(s), seed {seed}: "
-                      f"validation RMSE {rmse:.4f}, {per_iter:.4f} s per iteration "
-                      f"(median wall), {cpu:.4f} CPU s per iteration", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.libfm:
+            paths = [os.path.join(workdir, name) for name in ("train.libfm", "valid.libfm")]
+            write_libfm(train, paths[0])
+            write_libfm(valid, paths[1])
+        rmses, per_iters, libfm_rmses, libfm_per_iters = [], {}, [], []
+        for threads in (1, 2):
+            for seed in range(args.seeds):
+                for backend in names:
+                    rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads,
+                                               seed, backend)
+                    per_iters.setdefault((backend, threads), []).append(per_iter)
+                    if threads == 1 and backend == names[0]:
+                        rmses.append(rmse)
+                    print(f"afmfast mcmc ({backend}), {threads} thread(s), seed {seed}: "
+                          f"validation RMSE {rmse:.4f}, {per_iter:.4f} s per iteration "
+                          f"(median wall), {cpu:.4f} CPU s per iteration", flush=True)
+                if args.libfm and threads == 1:
+                    rmse, per_iter, wall = libfm_run(args.libfm, *paths, args.k,
+                                                     args.n_iter, seed, workdir)
+                    libfm_rmses.append(rmse)
+                    libfm_per_iters.append(per_iter)
+                    print(f"libFM mcmc, seed {seed}: validation RMSE {rmse:.4f}, "
+                          f"{per_iter:.4f} s per iteration (median user CPU), {wall:.2f} s "
+                          f"wall for the whole run", flush=True)
+    rmse_default, _, _ = ours(train, valid, args.k, args.n_iter, 1, None, names[0])
+    myfm_rmses = []
     if not args.no_myfm:
         try:
             _import_myfm()
         except ImportError:
             print("myfm is not installed: pip install 'myfm>=0.4,<0.5' for the comparison")
-            return
-        for seed in range(args.seeds):
-            rmse, cpu = myfm_rmse(train, valid, args.k, args.n_iter, seed)
-            print(f"myFM MyFMRegressor, seed {seed}: validation RMSE {rmse:.4f}, "
-                  f"{cpu:.4f} CPU s per iteration", flush=True)
+        else:
+            for seed in range(args.seeds):
+                rmse, cpu = myfm_rmse(train, valid, args.k, args.n_iter, seed)
+                myfm_rmses.append(rmse)
+                print(f"myFM MyFMRegressor, seed {seed}: validation RMSE {rmse:.4f}, "
+                      f"{cpu:.4f} CPU s per iteration", flush=True)
+    print(f"\nvalidation RMSE, mean over seeds 0-{args.seeds - 1}: afmfast "
+          f"{_mean(rmses):.4f} (default seed: {rmse_default:.4f})"
+          + (f", libFM {_mean(libfm_rmses):.4f}" if libfm_rmses else "")
+          + (f", myFM {_mean(myfm_rmses):.4f}" if myfm_rmses else ""))
+    libfm_s = statistics.median(libfm_per_iters) if libfm_per_iters else None
+    for backend in names:
+        one = statistics.median(per_iters[backend, 1])
+        two = statistics.median(per_iters[backend, 2])
+        print(f"{backend}: {one:.4f} s per iteration on 1 thread, {two:.4f} on 2 "
+              f"({one / two:.2f}x)" + ("" if libfm_s is None else
+                                       f"; 1 thread / libFM = {one / libfm_s:.2f} "
+                                       f"(libFM {libfm_s:.4f})"))
 
 
 if __name__ == "__main__":

@@ -87,8 +87,8 @@ cdef inline double draw(double sum_he, double sum_hh, double theta, double alpha
 cdef void sample_feature(const Sweep* s, int64_t j, int t) noexcept nogil:
     """w_j, then v_j0 .. v_j(k-1), with thread t's scratch: column j's residuals and q
     values gathered into E (m,) and Q (k, m), one fused pass per coordinate (apply the
-    previous change, sum h e and h^2 for the next), scattered back at the end."""
-    cdef Py_ssize_t k = s.k, ms = s.m, r, f
+    previous change, sum h e and h^2 for the next), the last one scattering back."""
+    cdef Py_ssize_t k = s.k, ms = s.m, r, f, u
     cdef int64_t c0 = s.colptr[j], c1 = s.colptr[j + 1], i
     cdef Py_ssize_t m = c1 - c0
     cdef int64_t g = s.groups[j]
@@ -148,17 +148,17 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t) noexcept nogil:
                 h = x * (qc[r] - cur * x)
                 she += h * ei
                 shh += h * h
-        else:
+        else:  # the last factor: its change is applied while scattering back
             for r in range(m):
                 x = X[r]
-                ei = E[r] - d * (x * (qp[r] - prev * x))
+                i = rows[r]
+                s.e[i] = E[r] - d * (x * (qp[r] - prev * x))
                 qp[r] += d * x
-                E[r] = ei
-    for r in range(m):
-        i = rows[r]
-        s.e[i] = E[r]
-        for f in range(k):
-            s.q[i * k + f] = Q[f * ms + r]
+                for u in range(k):
+                    s.q[i * k + u] = Q[u * ms + r]
+    if k == 0:
+        for r in range(m):
+            s.e[rows[r]] = E[r]
 
 
 cdef void run(const Sweep* s, int64_t lo, int64_t hi, int t) noexcept nogil:

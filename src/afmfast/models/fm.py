@@ -76,7 +76,7 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
     n_burn_in : int in [0, n_iter)
         MCMC only: the first samples, left out of the average (0 keeps all, as libFM).
     init_stdev : float >= 0
-        MCMC only: V starts from N(0, init_stdev^2); w and w0 from 0.
+        MCMC only: V and w start from N(0, init_stdev^2) (as in libFM); w0 from 0.
 
     Examples
     --------

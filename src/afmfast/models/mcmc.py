@@ -98,8 +98,12 @@ class McmcTrainer:
                                            None if groups is None else self.groups)
         rng = np.random.default_rng(self.seed)
         self.w0 = 0.0
-        self.w = np.zeros(M)
+        # w starts from N(0, init_stdev^2) as V does (libFM's MCMC does too): from w = 0
+        # the first draw of lam_w sees no spread at all and is about M, which holds every
+        # w_j near mu_w for many iterations (the chain then needs far more than 100
+        # iterations to let the linear terms grow)
         self.V = rng.normal(0.0, float(model.init_stdev), size=(M, k))
+        self.w = rng.normal(0.0, float(model.init_stdev), size=M)
         # rows of q on their own cache lines (at k = 8, 16, ...): threads write
         # different rows
         self.q = aligned_empty((train.n_rows, k), np.float64)

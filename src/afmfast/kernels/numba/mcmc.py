@@ -241,7 +241,7 @@ def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu
     lies on one or two cache lines), every pass then runs over contiguous memory, and
     the results go back at the end. Each pass applies the previous coordinate's change
     to E (and Q) and sums h e and h^2 for the next one: the same arithmetic, row by row,
-    as one pass per update and one per sum."""
+    as one pass per update and one per sum; the last factor's pass scatters."""
     k = V.shape[1]
     c0, c1 = colptr[j], colptr[j + 1]
     m = c1 - c0
@@ -284,20 +284,25 @@ def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu
         if f + 1 < k:
             qc = Q[f + 1]
             cur = V[j, f + 1]
-        for r in range(m):
-            x = X[r]
-            ei = E[r] - d * (x * (qp[r] - prev * x))
-            qp[r] += d * x
-            E[r] = ei
-            if f + 1 < k:
+            for r in range(m):
+                x = X[r]
+                ei = E[r] - d * (x * (qp[r] - prev * x))
+                qp[r] += d * x
+                E[r] = ei
                 h = x * (qc[r] - cur * x)
                 she += h * ei
                 shh += h * h
-    for r in range(m):
-        i = rows[c0 + r]
-        e[i] = E[r]
-        for f in range(k):
-            q[i, f] = Q[f, r]
+        else:  # the last factor: its change is applied while scattering back
+            for r in range(m):
+                x = X[r]
+                i = rows[c0 + r]
+                e[i] = E[r] - d * (x * (qp[r] - prev * x))
+                qp[r] += d * x
+                for t in range(k):
+                    q[i, t] = Q[t, r]
+    if k == 0:
+        for r in range(m):
+            e[rows[c0 + r]] = E[r]
 
 
 @njit(**_SER)
