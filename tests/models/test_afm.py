@@ -65,11 +65,29 @@ def test_backends_train_the_same_model(demo):
     np.testing.assert_allclose(a.predict(demo.valid), b.predict(demo.valid), atol=2e-3)
 
 
-def test_warm_start_from_fm_copies_v_w_w0(demo, fm, tmp_path):
-    afm = afmfast.AFM(**{**FAST, "n_epochs": 0}).fit(demo.train, init_from=fm)
-    np.testing.assert_array_equal(afm.V_, fm.V_)
-    np.testing.assert_array_equal(afm.w_, fm.w_)
-    assert afm.w0_ == fm.w0_
+def test_warm_start_from_fm_starts_where_the_fm_ends(demo, fm, tmp_path):
+    """V and w are the FM's; its batch norm folds into p and w0 with h = 0 (uniform
+    attention), so on rows of the median pair count the AFM predicts as the FM."""
+    lengths = np.diff(demo.valid.indptr)
+    median = int(np.median(np.diff(demo.train.indptr)))
+    typical = demo.valid[lengths == median]
+    assert fm.batch_norm and typical.n_rows > 100
+    for attention in (True, False):
+        afm = afmfast.AFM(**{**FAST, "n_epochs": 0, "attention": attention,
+                             "fold_fm": True}).fit(demo.train, init_from=fm)
+        np.testing.assert_array_equal(afm.V_, fm.V_)
+        np.testing.assert_array_equal(afm.w_, fm.w_)
+        np.testing.assert_allclose(afm.predict(typical), fm.predict(typical), rtol=1e-4,
+                                   atol=1e-4)
+        assert not np.allclose(afm.p_, 1.0)  # the reference's p = 1 would not
+        assert np.all(afm.attention_h_ == 0) == attention
+    # the reference's warm start: V, w and w0, the rest as initialised
+    plain = afmfast.AFM(**{**FAST, "n_epochs": 0}).fit(demo.train, init_from=fm)
+    fresh = afmfast.AFM(**{**FAST, "n_epochs": 0}).fit(demo.train)
+    assert plain.w0_ == fm.w0_
+    np.testing.assert_array_equal(plain.V_, fm.V_)
+    np.testing.assert_array_equal(plain.p_, fresh.p_)
+    np.testing.assert_array_equal(plain.attention_h_, fresh.attention_h_)
     path = tmp_path / "fm.npz"
     fm.save(path)
     from_file = afmfast.AFM(**{**FAST, "n_epochs": 0}).fit(demo.train, init_from=path)
@@ -85,8 +103,8 @@ def test_freeze_fm_keeps_the_pretrained_parameters(demo, fm):
     afm = afmfast.AFM(**FAST, freeze_fm=True).fit(demo.train, init_from=fm)
     np.testing.assert_array_equal(afm.V_, fm.V_)
     np.testing.assert_array_equal(afm.w_, fm.w_)
-    assert afm.w0_ == fm.w0_
     fresh = afmfast.AFM(**{**FAST, "n_epochs": 0}).fit(demo.train, init_from=fm)
+    assert afm.w0_ == fresh.w0_ == fm.w0_
     assert not np.array_equal(afm.attention_W_, fresh.attention_W_)
     assert not np.array_equal(afm.p_, fresh.p_)
 

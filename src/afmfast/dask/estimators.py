@@ -28,7 +28,7 @@ import numpy as np
 
 from afmfast.data.hashed_frames import hash_frame
 from afmfast.data.hashing import DEFAULT_HASH_BITS
-from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, score_sums
+from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, score_sums, summed_counts
 from afmfast.data.store import open_store
 from afmfast.kernels import backends
 from afmfast.metrics import HIGHER_IS_BETTER, auc_from_histograms
@@ -440,8 +440,9 @@ class DaskModel:
                 float(sum(info["label_counts"].get(classes[1], 0) for info in infos)), rows)
         else:
             bias = local._initial_bias(sum(info["label_sum"] for info in infos), rows)
+        row_lengths = summed_counts([info["row_lengths"] for info in infos])
         fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes, self.merge,
-                          bias) for i, a in enumerate(fit.actors)])
+                          bias, row_lengths) for i, a in enumerate(fit.actors)])
         local.n_features_in_ = n_features
         self.n_workers_ = n
         self.workers_ = [info["address"] for info in infos]

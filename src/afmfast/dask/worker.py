@@ -128,6 +128,20 @@ def worker_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
+def summed_counts(histograms: list[np.ndarray]) -> np.ndarray:
+    """The entrywise sum of count arrays of different lengths (``row_length_counts``).
+
+    Examples
+    --------
+    >>> summed_counts([np.array([0, 2]), np.array([1, 0, 3])]).tolist()
+    [1, 2, 3]
+    """
+    out = np.zeros(max([len(h) for h in histograms], default=1), np.int64)
+    for counts in histograms:
+        out[:len(counts)] += counts
+    return out
+
+
 def score_sums(model, datasets, bounds):
     """Sums over ``datasets`` from which the driver computes its metrics: regression,
     the squared error with predictions clipped to ``bounds`` (the labels' range over
@@ -192,9 +206,9 @@ class ShardWorker:
     def open(self, local_class, params, shards, valid_shards, index, n_workers,
              classifier_labels=False):
         """Open the shards; return what the driver needs to agree on the data: the
-        feature count, row counts, the training labels' sum and range (or, for a
-        classifier, the distinct labels and the training rows of each) and this
-        worker's address and process id."""
+        feature count, row counts (all, and by nonzeros), the training labels' sum and
+        range (or, for a classifier, the distinct labels and the training rows of each)
+        and this worker's address and process id."""
         self.index, self.n_workers = index, n_workers
         self.model = local_class(**params)
         self.model._validate()
@@ -210,6 +224,7 @@ class ShardWorker:
                     label_counts[label.item()] = label_counts.get(label.item(), 0) + int(count)
         train_ys = [d.y for d in self.train if d.n_rows]
         return {
+            "row_lengths": summed_counts([d.row_length_counts() for d in self.train]),
             "label_sum": sum(label_sum(d) for d in self.train),
             "label_counts": label_counts,
             "train_range": ((min(float(y.min()) for y in train_ys),
@@ -221,10 +236,12 @@ class ShardWorker:
         }
 
     def start(self, n_features, threads, peers, init_from=None, classes=None, merge="sum",
-              bias=0.0):
+              bias=0.0, row_lengths=None):
         """Build the Trainer on ``n_features`` features (the largest id of any shard),
         w0 starting at ``bias`` (the model's ``_initial_bias`` over every worker's rows),
-        warm-started from ``init_from`` if given; ``peers`` are the actors of every
+        warm-started from ``init_from`` if given (``row_lengths``: every worker's
+        training rows counted by nonzeros, for an AFM's start from an FM); ``peers``
+        are the actors of every
         worker of the fit, in worker order; ``classes`` (a classifier's two labels)
         relabels the rows as the kernels' 0/1 targets; ``merge`` is the estimator's
         merge rule ("sum" or "mean", ``afmfast.dask.averaging.merge``)."""
@@ -251,7 +268,7 @@ class ShardWorker:
         model._threads = threads
         model._backend = trainer.backend
         if init_from is not None:
-            model._warm_start(init_from, n_features)
+            model._warm_start(init_from, n_features, row_lengths)
         # one workspace per shard: each is sized by its own longest rows, and marks the
         # features that its batches touch
         self.touched = averaging.TouchedRows(n_features)

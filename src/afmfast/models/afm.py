@@ -87,6 +87,12 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
     optimizer, early_stopping, patience, random_state, n_threads, adaptive_threads, backend,
     verbose
         As for ``afmfast.FM``.
+    fold_fm : bool
+        With ``init_from`` an FM: fold the FM's interaction term (its batch norm) into
+        p and w0 and start with uniform attention (h = 0), so that the AFM starts
+        where the FM ends; False: the reference's warm start (V, w and w0 only). Pair
+        it with a smaller ``learning_rate``: Adagrad's first steps move every touched
+        coordinate by about the learning rate, which throws a fitted model far off.
 
     Examples
     --------
@@ -109,7 +115,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
                  l2=0.0, learning_rate=0.1, batch_size=4096, n_epochs=20, attention=True,
                  activation="relu", batch_norm=False, freeze_fm=False, optimizer="adagrad",
                  early_stopping=True, patience=None, random_state=2016, n_threads=None,
-                 adaptive_threads=True, backend="auto", verbose=1):
+                 adaptive_threads=True, backend="auto", verbose=1, fold_fm=False):
         self._set_constructor_args(locals())
 
     def _validate(self):
@@ -124,6 +130,7 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         _check_real("l2_attention", self.l2_attention, 0.0, float("inf"))
         _check_bool("attention", self.attention)
         _check_bool("freeze_fm", self.freeze_fm)
+        _check_bool("fold_fm", self.fold_fm)
         if self.activation not in ACTIVATION_CODES:
             raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, "
                              f"got {self.activation!r}")
@@ -148,15 +155,35 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
             int(bool(self.attention)), ACTIVATION_CODES[self.activation],
             int(bool(self.freeze_fm)), seed, step, threads, self._loss)
 
-    def _warm_start(self, source, n_features):
+    def _warm_start(self, source, n_features, row_lengths=None):
+        """Start from ``source``: an AFM's parameters, or an FM's V, w and w0 (the
+        reference's --pretrain 1), with ``fold_fm`` the FM's interaction term folded
+        in, so that the AFM starts where the FM ends. With attention, h = 0 makes every
+        pair of a row weigh 1/P (P its pairs) and p = P' scale
+        (``FM._interaction_affine``), P' the median pair count of the training rows
+        (``row_lengths``, counts of rows by nonzeros); without attention p = scale. w0
+        takes the batch norm's shift. Rows of P' pairs (every row of one-hot data with
+        a fixed field count) then predict as the FM did; a row of P pairs has its
+        interaction term scaled by P'/P. The attention network's W and b keep their
+        initial values."""
         if not isinstance(source, (FM, AFM)):
             raise ValueError(f"init_from: an AFM starts from an FM or an AFM, got "
                              f"{type(source).__name__}")
         self._check_same_shape(source, n_features)
-        if isinstance(source, FM):  # the reference's --pretrain 1: V, w and w0
+        if isinstance(source, FM):
+            k, t = self.n_factors, self.attention_size
+            dense = self._params.dense
             self._params.V[...] = source._params.V
             self._params.w[...] = source._params.w
-            self._params.dense[0] = source._params.dense[0]
+            if not self.fold_fm:
+                dense[0] = source._params.dense[0]
+                return
+            scale, shift = source._interaction_affine()
+            pairs = typical_pairs(row_lengths) if self.attention else 1.0
+            dense[1:1 + k] = scale * pairs
+            dense[0] = float(source._params.dense[0]) + shift
+            if self.attention:
+                dense[1 + k + t:] = 0.0
         else:
             if source.attention_size != self.attention_size:
                 raise ValueError(f"init_from: attention_size differs (source "
@@ -279,6 +306,22 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
         lower = np.tril_indices(n_fields, -1)
         mean[lower] = mean.T[lower]
         return mean
+
+
+def typical_pairs(row_lengths: np.ndarray | None) -> float:
+    """The median number of pairs n (n - 1) / 2 of rows with ``row_lengths[n]`` rows of
+    n nonzeros (at least 1; 1 when unknown).
+
+    Examples
+    --------
+    >>> typical_pairs(np.array([0, 0, 1, 5, 2]))  # rows of 2, 3 (five) and 4 nonzeros
+    3.0
+    """
+    if row_lengths is None or np.sum(row_lengths) == 0:
+        return 1.0
+    cumulative = np.cumsum(row_lengths)
+    length = int(np.searchsorted(cumulative, (cumulative[-1] + 1) // 2))
+    return float(max(1, length * (length - 1) // 2))
 
 
 class AFMClassifier(BinaryClassifier, *CLASSIFIER_BASES, AFM):

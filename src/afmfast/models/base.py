@@ -151,7 +151,7 @@ class FactorizationModel(*_SKLEARN_BASES):
     >>> isinstance(afmfast.AFM(), FactorizationModel)
     True
     >>> sorted(set(afmfast.AFM().get_params()) - set(afmfast.FM().get_params()))
-    ['activation', 'attention', 'attention_size', 'freeze_fm', 'l2_attention']
+    ['activation', 'attention', 'attention_size', 'fold_fm', 'freeze_fm', 'l2_attention']
     """
 
     #: set by subclasses: the class name saved in model files, the kernel family
@@ -346,7 +346,8 @@ class FactorizationModel(*_SKLEARN_BASES):
             self.backend_ = backends.backend_name(trainer.backend)
             self.n_threads_ = self._threads = threads
             if init_from is not None:
-                self._warm_start(_as_model(init_from), train.n_features)
+                self._warm_start(_as_model(init_from), train.n_features,
+                                 train.row_length_counts())
             trainer.run_epochs(train, valid, list(callbacks or ()), monitor, bool(score_train))
         finally:
             self._training = False

@@ -13,7 +13,7 @@ from afmfast.models.base import (
 )
 from afmfast.models.mcmc import McmcTrainer
 from afmfast.models.training import _copy_params
-from afmfast.kernels.api import OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params
+from afmfast.kernels.api import BN_EPS, OPTIMIZER_CODES, FMParams, StepConfig, new_fm_params
 
 
 SOLVERS = ("sgd", "mcmc")
@@ -138,7 +138,21 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
                           OPTIMIZER_CODES[self.optimizer], int(bool(self.batch_norm)),
                           seed, step, threads, self._loss)
 
-    def _warm_start(self, source, n_features):
+    def _interaction_affine(self) -> tuple[np.ndarray, float]:
+        """(scale (k,), shift) with which the prediction's interaction term is
+        sum_f scale_f f_f + shift for the raw pairwise interactions f (the batch norm
+        with its running statistics written out; scale 1, shift 0 without it): what an
+        AFM warm-started from this FM folds into its p and w0."""
+        k = self.n_factors
+        if not self.batch_norm:
+            return np.ones(k), 0.0
+        dense = self._params.dense.astype(np.float64)
+        gamma, beta = dense[1:1 + k], dense[1 + k:1 + 2 * k]
+        mean, var = self._params.bn_stats.astype(np.float64)
+        scale = gamma / np.sqrt(var + BN_EPS)
+        return scale, float(np.sum(beta - scale * mean))
+
+    def _warm_start(self, source, n_features, row_lengths=None):
         if self.solver == "mcmc" or getattr(source, "solver", "sgd") == "mcmc":
             raise ValueError("init_from: solver='mcmc' models neither start from nor "
                              "seed another model")
