@@ -7,6 +7,7 @@ installed, at the same rank, sample count, init_stdev and split.
     python bench/mcmc_frappe.py --synthetic     # rating-like data from a known FM
     python bench/mcmc_frappe.py --no-myfm       # skip the myFM comparison
     python bench/mcmc_frappe.py --backends numba  # one sampler backend only
+    python bench/mcmc_frappe.py --probit        # the probit classifier (labels y > 0)
     python bench/mcmc_frappe.py --libfm /path/to/libFM --seeds 5   # or LIBFM=/path/to/libFM
 
 Each seed's fits alternate the sampler backends (Cython and Numba by default; the
@@ -170,6 +171,27 @@ def _mean(values):
     return statistics.fmean(values) if values else float("nan")
 
 
+def probit(train, valid, k, n_iter):
+    """The probit classifier (FMClassifier(solver="mcmc")) against the logistic SGD
+    classifier with its defaults and 20 epochs, on the labels y > 0: validation
+    logloss, AUC and accuracy, and the fit's seconds."""
+    from bench_common import table  # this folder's (bench/), when run as a script
+
+    rows = []
+    for name, model in (
+            (f"FMClassifier(solver='mcmc'), k={k}, {n_iter} iterations",
+             afmfast.FMClassifier(solver="mcmc", n_factors=k, n_iter=n_iter,
+                                  init_stdev=0.1, verbose=0)),
+            ("FMClassifier() defaults, 20 epochs", afmfast.FMClassifier(verbose=0))):
+        t = time.perf_counter()
+        model.fit(train, train.y > 0)
+        seconds = time.perf_counter() - t
+        metrics = model.evaluate(valid, valid.y > 0)
+        rows.append([name] + [f"{metrics[m]:.4f}" for m in ("logloss", "auc", "accuracy")]
+                    + [f"{seconds:.1f}"])
+    print(table(["classifier (labels y > 0)", "logloss", "AUC", "accuracy", "fit s"], rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synthetic", action="store_true")
@@ -181,8 +203,13 @@ def main():
                         help="comma-separated sampler backends, alternated")
     parser.add_argument("--libfm", default=os.environ.get("LIBFM"),
                         help="libFM binary for the side-by-side run (default: $LIBFM)")
+    parser.add_argument("--probit", action="store_true",
+                        help="only the probit classifier against the logistic one")
     args = parser.parse_args()
     train, valid = rating_like() if args.synthetic else frappe_mini()
+    if args.probit:
+        probit(train, valid, args.k, args.n_iter)
+        return
     print(f"{'synthetic rating-like' if args.synthetic else 'frappe-mini'}: "
           f"{len(train)} train rows, {len(valid)} validation rows, "
           f"k={args.k}, {args.n_iter} iterations")

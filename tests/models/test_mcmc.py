@@ -152,9 +152,38 @@ def test_bad_arguments(demo, kwargs, match):
         afmfast.FM(**dict(kwargs, verbose=0)).fit(demo.train)
 
 
+def test_probit_classifier(demo, tmp_path):
+    """FMClassifier(solver="mcmc"): the probit model by data augmentation. Its noise
+    precision stays 1, it separates a known FM's classes as well as the logistic SGD
+    classifier does, its probabilities are Phi of its scores, it gives the same model
+    at any thread count, and it saves and loads."""
+    from math import erf, sqrt
+
+    train, (grid, truth), _ = known_fm(1, n_rows=6000)
+    threshold = float(np.median(train.y))
+    labels = train.y > threshold
+    model = afmfast.FMClassifier(**{**MCMC, "n_factors": 2, "n_iter": 60,
+                                    "n_threads": 1}).fit(train, labels)
+    assert all(r["alpha"] == 1.0 for r in model.history_)
+    truth_labels = truth > threshold
+    accuracy = float(np.mean(model.predict(grid) == truth_labels))
+    sgd = afmfast.FMClassifier(n_factors=2, n_epochs=20, learning_rate=0.05,
+                               verbose=0).fit(train, labels)
+    assert accuracy > 0.85 and accuracy >= float(np.mean(sgd.predict(grid) == truth_labels)) - 0.02
+    scores = model.decision_function(grid[:5]).astype(np.float64)
+    np.testing.assert_allclose(model.predict_proba(grid[:5])[:, 1],
+                               [0.5 * (1 + erf(v / sqrt(2))) for v in scores], rtol=1e-12)
+    two = afmfast.FMClassifier(**{**MCMC, "n_factors": 2, "n_iter": 60,
+                                  "n_threads": 2}).fit(train, labels)
+    np.testing.assert_array_equal(two.V_, model.V_)
+    path = tmp_path / "probit.npz"
+    model.save(path)
+    loaded = afmfast.load(path)
+    np.testing.assert_array_equal(loaded.predict_proba(grid), model.predict_proba(grid))
+    assert loaded.evaluate(grid, truth_labels) == model.evaluate(grid, truth_labels)
+
+
 def test_refusals(demo):
-    with pytest.raises(ValueError, match="regression only"):
-        afmfast.FMClassifier(solver="mcmc", verbose=0).fit(demo.train, demo.train.y > 0)
     with pytest.raises(ValueError, match="groups: only FM"):
         afmfast.FM(n_epochs=1, verbose=0).fit(demo.train, groups=demo.fields)
     with pytest.raises(ValueError, match="one integer per feature"):

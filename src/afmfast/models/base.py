@@ -745,12 +745,22 @@ class BinaryClassifier:
     def _evaluate_scores(self, y, scores, bounds=None):
         from afmfast.metrics import auc, logloss
 
-        p = _sigmoid(scores)
+        p = self._probability(scores)
         return {"logloss": logloss(y, p), "auc": auc(y, scores),
                 "accuracy": float(np.mean((scores > 0) == (np.asarray(y) > 0)))}
 
+    def _probability(self, scores):
+        """The positive class's probability of raw scores: the sigmoid (logistic loss),
+        or Phi for ``FM(solver="mcmc")``'s probit model (of its averaged score)."""
+        if getattr(self, "solver", "sgd") == "mcmc":
+            from afmfast.models.mcmc import sampler_preparation
+
+            return sampler_preparation().normal_cdf(np.asarray(scores, np.float64))
+        return _sigmoid(scores)
+
     def decision_function(self, X: ModelInput) -> np.ndarray:
-        """Raw scores (the log-odds of the positive class), float32.
+        """Raw scores (the log-odds of the positive class; the probit model's latent
+        mean with ``solver="mcmc"``), float32.
 
         Examples
         --------
@@ -767,7 +777,7 @@ class BinaryClassifier:
 
     def predict_proba(self, X: ModelInput) -> np.ndarray:
         """Probabilities of (negative, positive) class per row, float64 (n_rows, 2): the
-        sigmoid of ``decision_function``.
+        sigmoid of ``decision_function`` (with ``solver="mcmc"``, Phi of it).
 
         Examples
         --------
@@ -778,7 +788,7 @@ class BinaryClassifier:
         >>> proba.shape, bool(np.allclose(proba.sum(axis=1), 1.0))
         ((4, 2), True)
         """
-        p = _sigmoid(self.decision_function(X))
+        p = self._probability(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X: ModelInput) -> np.ndarray:
@@ -798,9 +808,10 @@ class BinaryClassifier:
         return self.classes_[positive.astype(np.int64)]
 
     def _header_extras(self):
-        return {"classes": self.classes_.tolist()}
+        return {**super()._header_extras(), "classes": self.classes_.tolist()}
 
     def _load_header_extras(self, extras):
+        super()._load_header_extras(extras)
         classes = extras.get("classes")
         numbers = (int, float)
         ok = isinstance(classes, list) and len(classes) == 2 and (

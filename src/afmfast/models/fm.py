@@ -64,7 +64,8 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
         ETA) on stderr.
     solver : {"sgd", "mcmc"}
         "sgd": the arguments above train the model. "mcmc": the Bayesian FM (Rendle
-        2012, libFM's default) by Gibbs sampling, for regression (``FM`` only): Normal
+        2012, libFM's default) by Gibbs sampling (``FMClassifier``: the probit model by
+        data augmentation, probabilities Phi of the averaged score): Normal
         priors with Normal-Gamma hyperpriors per feature group (``fit(groups=...)``;
         by default the fields of a DataFrame's columns or of a hashed store),
         predictions averaged over the kept samples (``afmfast.kernels.mcmc``,
@@ -113,9 +114,6 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
             raise ValueError(f"n_burn_in must be below n_iter ({self.n_iter}) so that a "
                              f"sample is kept, got {self.n_burn_in}")
         _check_real("init_stdev", self.init_stdev, 0.0, math.inf)
-        if self.solver == "mcmc" and self._is_classifier:
-            raise ValueError(f"solver='mcmc' trains regression only so far; "
-                             f"{type(self).__name__} needs solver='sgd'")
 
     def _new_trainer(self, train, threads, groups):
         if self.solver != "mcmc":

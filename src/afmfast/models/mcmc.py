@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from afmfast.kernels.api import FMParams, aligned_empty
-from afmfast.kernels.mcmc import draw_scalars, hyper_groups, sum_of_squares
+from afmfast.kernels.mcmc import (draw_scalars, hyper_groups, latent_rng, sum_of_squares,
+                                   truncated_normals)
 from afmfast.kernels import backends
 from afmfast.kernels.threads import RunPlanner
 from afmfast.models.training import TrainingDivergedError, _model_seed
@@ -129,7 +130,12 @@ class McmcTrainer:
         model = self.model
         model.history_ = []
         y = np.asarray(train.y, np.float64)
-        self.e[:] = y - self._scores(train, self.q, np.empty(train.n_rows))
+        probit = model._is_classifier
+        positive = y > 0
+        # the probit model regresses latent targets z (drawn each iteration, y the
+        # labels only decide their sign) with the noise precision fixed at 1
+        target = np.zeros_like(y) if probit else y
+        self.e[:] = target - self._scores(train, self.q, np.empty(train.n_rows))
         M, k = self.V.shape
         S = model.n_iter - model.n_burn_in
         V_sum = np.zeros((M, k * S), np.float32)
@@ -142,8 +148,14 @@ class McmcTrainer:
             for it in range(model.n_iter):
                 threads, _ = self.planner.next_run(n, n * (model.n_iter - it))
                 t0 = time.perf_counter()
+                if probit:
+                    z = truncated_normals(target - self.e, positive,
+                                          latent_rng(self.seed, it))
+                    self.e += z - target
+                    target = z
                 hyper, w0 = draw_scalars(self.w0, self.w, self.V, self.e, self.groups,
-                                         self.n_groups, self.seed, it)
+                                         self.n_groups, self.seed, it,
+                                         alpha=1.0 if probit else None)
                 self.e -= w0 - self.w0
                 self.w0 = w0
                 self.sampler.mcmc_sweep(self.columns, self.plan, self.groups, self.w,
@@ -157,7 +169,11 @@ class McmcTrainer:
                         f"the Gibbs sampler's residuals stopped being finite in iteration "
                         f"{it + 1}; check the labels' scale")
                 record = {"epoch": it + 1, "train_rmse": train_rmse,
-                          "alpha": float(hyper.alpha), "valid_rmse": None}
+                          "alpha": float(hyper.alpha)}
+                if probit:  # of this sample's scores (target - e)
+                    record["train_accuracy"] = float(np.mean(
+                        ((target - self.e) > 0) == positive))
+                record.update((f"valid_{name}", None) for name in model._task_metrics)
                 if it >= model.n_burn_in:
                     V_sum[:, kept * k:(kept + 1) * k] = self.V
                     w_sum += self.w
@@ -165,14 +181,16 @@ class McmcTrainer:
                     kept += 1
                     if valid is not None:
                         valid_sum += self._scores(valid, q_valid, p_valid)
-                        record["valid_rmse"] = model._evaluate_scores(
-                            valid.y, valid_sum / kept, model._clip_bounds("train"))["rmse"]
+                        metrics = model._evaluate_scores(valid.y, valid_sum / kept,
+                                                         model._clip_bounds("train"))
+                        record.update((f"valid_{k}", v) for k, v in metrics.items())
                 record.update(seconds=seconds, threads=threads)
                 model.history_.append(record)
+                shown = record[f"valid_{monitor}"]
                 model._log(f"Iteration {it + 1} [{seconds:.3f} s]\ttrain rmse (this "
                            f"sample)={train_rmse:.4f}" + (
-                               "" if record["valid_rmse"] is None else
-                               f", validation rmse (average)={record['valid_rmse']:.4f}"))
+                               "" if shown is None else
+                               f", validation {monitor} (average)={shown:.4f}"))
                 if any([bool(callback(model, record)) for callback in callbacks]):
                     model._log(f"Stopped by a callback after iteration {it + 1}.")
                     break

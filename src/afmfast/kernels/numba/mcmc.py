@@ -27,6 +27,7 @@ nonzeros (a feature's cost is its column's length): disjoint rows make every spl
 the same result, so the split may follow the thread count. Each feature's sums over its
 rows run serially in row order.
 """
+import math
 from collections import namedtuple
 
 import numba
@@ -45,7 +46,7 @@ from afmfast.kernels.numba.common import (
     start_threads,
 )
 
-__all__ = ["Columns", "Plan", "Workspace", "mcmc_columns", "mcmc_plan", "mcmc_scores",
+__all__ = ["Columns", "Plan", "Workspace", "mcmc_columns", "mcmc_plan", "mcmc_scores", "normal_cdf",
            "mcmc_workspace", "mcmc_sweep"]
 
 Columns = namedtuple("Columns", "colptr rows values")
@@ -384,3 +385,13 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
                    hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q, nb)
         finally:
             ftz_leave(csr)
+
+
+@njit(cache=True, nogil=True)
+def normal_cdf(x):  # pragma: no cover - compiled
+    """Phi(x) of float64 ``x`` (n,): the probit model's probabilities (through erfc,
+    accurate in both tails; NumPy has no erf)."""
+    out = np.empty(x.shape[0])
+    for i in range(x.shape[0]):
+        out[i] = 0.5 * math.erfc(-x[i] / math.sqrt(2.0))
+    return out
