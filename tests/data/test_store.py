@@ -129,17 +129,33 @@ def test_an_interrupted_conversion_leaves_nothing(tmp_path, parser, monkeypatch)
     src = tmp_path / "d.libfm"
     src.write_bytes(b"1 0:1\n" * 100)
     monkeypatch.setattr(store, "CONVERT_CHUNK_BYTES", 60)
-    real_append = store._StoreWriter.append
+    real_parse = store._StoreWriter.parse
     calls = []
 
     def interrupt_on_third(self, *args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_append(self, *args)
+        return real_parse(self, *args)
 
-    monkeypatch.setattr(store._StoreWriter, "append", interrupt_on_third)
+    monkeypatch.setattr(store._StoreWriter, "parse", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm"]
+
+
+def test_a_full_disk_is_an_error_not_a_crash(tmp_path, parser, monkeypatch):
+    # the columns are written through memory maps: their blocks are allocated first,
+    # so a full disk raises there (a write through a map would be killed by SIGBUS)
+    import errno
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1\n" * 100)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match="No space left"):
         convert(src, tmp_path / "s")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm"]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -67,7 +68,8 @@ def _npy_prefix(dtype, length):
 
 
 class _ColumnFile:
-    """A .npy column written by appending; its header is fixed up by ``finish``. With
+    """A .npy column written by appending (``append``, or ``reserve`` and then filling
+    the memory-mapped entries it returns); its header is fixed up by ``finish``. With
     ``durable`` it is on the disk when ``finish`` returns (synced as it grows);
     without, in the page cache, for the kernel to write back."""
 
@@ -78,7 +80,7 @@ class _ColumnFile:
     def __init__(self, path, dtype, durable=True):
         self.path, self.dtype, self.length, self.durable = path, dtype, 0, durable
         self.unsynced = 0
-        self.fh = open(path, "wb")
+        self.fh = open(path, "w+b")  # readable too: reserve maps it
         self.fh.write(_npy_prefix(dtype, 0))
 
     def append(self, array):
@@ -87,9 +89,38 @@ class _ColumnFile:
         self.length += data.size
         self.unsynced += data.nbytes
         if self.durable and self.unsynced >= self.SYNC_BYTES:
+            self.sync()
+
+    def sync(self):
+        """Write the column so far to the disk (a no-op unless ``durable``)."""
+        if self.durable:
             self.fh.flush()
             os.fdatasync(self.fh.fileno())
             self.unsynced = 0
+
+    def reserve(self, count, maps, back=0):
+        """The next ``count`` entries of the column as a writable array mapped onto the
+        file, preceded by the ``back`` last entries already written; the column's length
+        counts them at once. The mapping is appended to ``maps``, for the caller to
+        close once no array refers to it. The disk blocks are allocated first, so a full
+        disk raises ``OSError`` here (a write through a mapping could only fail with
+        SIGBUS)."""
+        itemsize = np.dtype(self.dtype).itemsize
+        self.fh.flush()
+        fd = self.fh.fileno()
+        start = _NPY_PREFIX_BYTES + (self.length - back) * itemsize
+        end = _NPY_PREFIX_BYTES + (self.length + count) * itemsize
+        if count:
+            _allocate(fd, end)
+        self.length += count
+        self.unsynced += count * itemsize
+        self.fh.seek(0, os.SEEK_END)
+        if end == start:
+            return np.empty(0, self.dtype)
+        offset = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, end - offset, offset=offset)
+        maps.append(mapped)
+        return np.frombuffer(mapped, self.dtype, count + back, start - offset)
 
     def append_ones(self, count):
         """Append ``count`` ones, a bounded block at a time."""
@@ -107,17 +138,36 @@ class _ColumnFile:
         self.fh.close()
 
 
+def _allocate(fd, size):
+    """Make the file ``fd`` ``size`` bytes long, its new blocks allocated on the disk
+    where the file system can (elsewhere only its length changes)."""
+    current = os.fstat(fd).st_size
+    if size <= current:
+        return
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, current, size - current)
+            return
+        except OSError as exc:
+            import errno
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise  # a full disk, a quota
+    os.ftruncate(fd, size)
+
+
 class _StoreWriter:
     """Appends row blocks to the columns of a store in a temporary directory; ``commit``
     completes the files and renames the directory to ``path``. Used as a context
     manager: leaving it without ``commit`` (an error, Ctrl-C) deletes the temporary
     directory and leaves ``path`` as it was.
 
-    The columns are written by one background thread, so that the disk works while the
-    caller parses the next chunk; at most one block waits for it (bounded memory). The
-    values column is created only when a value other than 1 arrives (then the ones
-    before it are written first): one-hot data never writes it. ``durable``: see
-    ``convert``."""
+    ``append`` hands the columns to one background thread, so that the disk works while
+    the caller parses the next chunk; at most one block waits for it (bounded memory).
+    ``parse`` has the parser write a chunk's rows straight into the column files through
+    memory maps (no copy, and no thread besides the parser's), the background thread only
+    syncing them when ``durable``. The values column is created only when a value other
+    than 1 arrives (then the ones before it are written first): one-hot data never
+    writes it. ``durable``: see ``convert``."""
 
     def __init__(self, path, durable=True):
         from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +186,7 @@ class _StoreWriter:
         self.max_id = -1
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
         self.pending = None
+        self.scratch = np.empty(0, np.float32)  # the values of one-hot chunks, reused
 
     def __enter__(self):
         return self
@@ -173,6 +224,50 @@ class _StoreWriter:
         self.nnz += len(indices)
         self.max_id = max(self.max_id, int(max_id))
 
+    def parse(self, reader, chunk, limit, n_threads):
+        """Parse the libFM text ``chunk`` with ``reader`` (``afmfast._reader`` or its
+        Numba twin) into the ends of the columns; returns the parser's ``(code,
+        offset)``. After an error (code not 0) the store cannot be committed."""
+        maps, sizes = [], []
+        columns = self.columns
+
+        def out(n_rows, nnz):
+            sizes.append((n_rows, nnz))
+            if self.values is None:  # one-hot so far: the values are checked, not kept
+                if self.scratch.size < nnz:
+                    self.scratch = np.empty(nnz, np.float32)
+                values = self.scratch[:nnz]
+            else:  # handed to the background thread, so an array of its own
+                values = np.empty(nnz, np.float32)
+            return (columns["indptr.npy"].reserve(n_rows, maps, back=1),
+                    columns["indices.npy"].reserve(nnz, maps), values,
+                    columns["y.npy"].reserve(n_rows, maps))
+
+        try:
+            result = reader.parse(chunk, 0, limit, n_threads, out=out)
+        except BaseException:
+            maps.clear()  # the arrays may outlive this call (a traceback): no close
+            raise
+        (code, offset, _, _, values, _, max_id), result = result, None
+        del _  # the last array mapped: a map with live arrays cannot close
+        for mapped in maps:
+            mapped.close()
+        if code or not sizes:
+            return code, offset
+        n_rows, nnz = sizes[0]
+        self._wait()  # the previous sync or values block
+        if self.values is None and nnz and not (values.min() == values.max() == 1.0):
+            self.values = self._column("values.npy", "<f4")
+            self.values.append_ones(self.nnz)
+        values = values if self.values is not None else None
+        due = [c for c in columns.values() if c.durable and c.unsynced >= c.SYNC_BYTES]
+        if values is not None or due:
+            self.pending = self.pool.submit(self._write_parsed, values, due)
+        self.n_rows += n_rows
+        self.nnz += nnz
+        self.max_id = max(self.max_id, int(max_id))
+        return 0, 0
+
     def _write(self, indptr, indices, values, y, nnz_before, new_values):
         self.columns["indptr.npy"].append(indptr)
         self.columns["indices.npy"].append(indices)
@@ -185,6 +280,13 @@ class _StoreWriter:
                 self.values.append(values)
             else:  # one-hot rows (a Dataset with values=None) after stored values
                 self.values.append_ones(indices.size)
+
+    def _write_parsed(self, values, due):
+        """The background part of ``parse``: the values (when stored) and the syncs."""
+        if values is not None:
+            self.values.append(values)
+        for column in due:
+            column.sync()
 
     def commit(self, n_features=None, fields=None, hashed=None):
         """Complete the store; ``fields``: (int32 blocks of the ids' fields, names,
@@ -263,13 +365,11 @@ def write_store(data: Dataset, path: str | os.PathLike) -> None:
         writer.commit(data.n_features, fields)
 
 
-def _text_chunks(path, chunk_bytes, count_lines=True):
-    """(buffer, lines before it) of text cut at line ends, about ``chunk_bytes`` each,
-    from a regular file (memory-mapped, nothing copied) or a ``.gz`` file or a pipe
-    (read block by block). The first buffer starts after a UTF-8 BOM. Without
-    ``count_lines`` the lines are None: a caller that knows the lines of each buffer
-    saves a pass over it."""
-    reader = _parser()
+def _text_chunks(path, chunk_bytes):
+    """Buffers of text cut at line ends, about ``chunk_bytes`` each, from a regular file
+    (memory-mapped, nothing copied) or a ``.gz`` file or a pipe (read block by block).
+    The first buffer starts after a UTF-8 BOM. The callers count the lines of a buffer
+    by the rows they parse from it (no extra pass over the text)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as fh:
         mapped = None if opener is gzip.open else _map_file(fh)
@@ -278,18 +378,16 @@ def _text_chunks(path, chunk_bytes, count_lines=True):
             # cannot), also when the consumer stops early on a parse error
             with mapped, memoryview(mapped) as view:
                 start = len(_BOM) if bytes(view[:len(_BOM)]) == _BOM else 0
-                lines = 0
                 while start < len(view):
                     end = min(len(view), start + chunk_bytes)
                     if end < len(view):
                         cut = mapped.rfind(b"\n", start, end)
                         end = cut + 1 if cut >= start else _next_line_end(mapped, end)
                     with view[start:end] as chunk:
-                        yield chunk, lines
-                        lines = reader.count(chunk)[0] + lines if count_lines else None
+                        yield chunk
                     start = end
             return
-        carry, lines, first = b"", 0, True
+        carry, first = b"", True
         while True:
             block = fh.read(chunk_bytes)
             data = carry + block
@@ -298,15 +396,14 @@ def _text_chunks(path, chunk_bytes, count_lines=True):
             first = False
             if not block:
                 if data:
-                    yield data, lines
+                    yield data
                 return
             cut = data.rfind(b"\n")
             if cut < 0:
                 carry = data
                 continue
             chunk, carry = data[:cut + 1], data[cut + 1:]
-            yield chunk, lines
-            lines = reader.count(chunk)[0] + lines if count_lines else None
+            yield chunk
 
 
 def _next_line_end(mapped, pos):
@@ -391,13 +488,15 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     limit = n_features if n_features is not None else _INT32_MAX + 1
     with _StoreWriter(output, durable) as writer:
         for path in paths:
-            for chunk, lines_before in _text_chunks(path, CONVERT_CHUNK_BYTES):
-                code, offset, indptr, indices, values, y, max_id = reader.parse(
-                    chunk, 0, limit, n_threads)
+            lines_before = 0
+            # every line is a row (a blank line is an error), so the rows count the lines
+            for chunk in _text_chunks(path, CONVERT_CHUNK_BYTES):
+                rows_before = writer.n_rows
+                code, offset = writer.parse(reader, chunk, limit, n_threads)
                 if code:
                     raise _parse_error(reader, path, chunk, code, offset, n_features,
                                        lines_before)
-                writer.append(indptr, indices, values, y, max_id)
+                lines_before += writer.n_rows - rows_before
         return writer.commit(n_features)
 
 
@@ -415,7 +514,7 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
         for path in paths:
             header, lines_before = None, 0
             # every line is a row, so the rows parsed count the lines
-            for chunk, _ in _text_chunks(path, CONVERT_CHUNK_BYTES, count_lines=False):
+            for chunk in _text_chunks(path, CONVERT_CHUNK_BYTES):
                 buf = np.frombuffer(chunk, np.uint8) if len(chunk) else np.empty(0, np.uint8)
                 if format == "csv" and header is None:
                     skip = hashing._first_line_end(buf)
