@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import mmap
 import os
 import shutil
 import tempfile
@@ -68,8 +67,7 @@ def _npy_prefix(dtype, length):
 
 
 class _ColumnFile:
-    """A .npy column written by appending (``append``, or ``reserve`` and then filling
-    the memory-mapped entries it returns); its header is fixed up by ``finish``. With
+    """A .npy column written by appending; its header is fixed up by ``finish``. With
     ``durable`` it is on the disk when ``finish`` returns (synced as it grows);
     without, in the page cache, for the kernel to write back."""
 
@@ -80,7 +78,7 @@ class _ColumnFile:
     def __init__(self, path, dtype, durable=True):
         self.path, self.dtype, self.length, self.durable = path, dtype, 0, durable
         self.unsynced = 0
-        self.fh = open(path, "w+b")  # readable too: reserve maps it
+        self.fh = open(path, "wb")
         self.fh.write(_npy_prefix(dtype, 0))
 
     def append(self, array):
@@ -89,38 +87,9 @@ class _ColumnFile:
         self.length += data.size
         self.unsynced += data.nbytes
         if self.durable and self.unsynced >= self.SYNC_BYTES:
-            self.sync()
-
-    def sync(self):
-        """Write the column so far to the disk (a no-op unless ``durable``)."""
-        if self.durable:
             self.fh.flush()
             os.fdatasync(self.fh.fileno())
             self.unsynced = 0
-
-    def reserve(self, count, maps, back=0):
-        """The next ``count`` entries of the column as a writable array mapped onto the
-        file, preceded by the ``back`` last entries already written; the column's length
-        counts them at once. The mapping is appended to ``maps``, for the caller to
-        close once no array refers to it. The disk blocks are allocated first, so a full
-        disk raises ``OSError`` here (a write through a mapping could only fail with
-        SIGBUS)."""
-        itemsize = np.dtype(self.dtype).itemsize
-        self.fh.flush()
-        fd = self.fh.fileno()
-        start = _NPY_PREFIX_BYTES + (self.length - back) * itemsize
-        end = _NPY_PREFIX_BYTES + (self.length + count) * itemsize
-        if count:
-            _allocate(fd, end)
-        self.length += count
-        self.unsynced += count * itemsize
-        self.fh.seek(0, os.SEEK_END)
-        if end == start:
-            return np.empty(0, self.dtype)
-        offset = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(fd, end - offset, offset=offset)
-        maps.append(mapped)
-        return np.frombuffer(mapped, self.dtype, count + back, start - offset)
 
     def append_ones(self, count):
         """Append ``count`` ones, a bounded block at a time."""
@@ -138,36 +107,19 @@ class _ColumnFile:
         self.fh.close()
 
 
-def _allocate(fd, size):
-    """Make the file ``fd`` ``size`` bytes long, its new blocks allocated on the disk
-    where the file system can (elsewhere only its length changes)."""
-    current = os.fstat(fd).st_size
-    if size <= current:
-        return
-    if hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fd, current, size - current)
-            return
-        except OSError as exc:
-            import errno
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise  # a full disk, a quota
-    os.ftruncate(fd, size)
-
-
 class _StoreWriter:
     """Appends row blocks to the columns of a store in a temporary directory; ``commit``
     completes the files and renames the directory to ``path``. Used as a context
     manager: leaving it without ``commit`` (an error, Ctrl-C) deletes the temporary
     directory and leaves ``path`` as it was.
 
-    ``append`` hands the columns to one background thread, so that the disk works while
-    the caller parses the next chunk; at most one block waits for it (bounded memory).
-    ``parse`` has the parser write a chunk's rows straight into the column files through
-    memory maps (no copy, and no thread besides the parser's), the background thread only
-    syncing them when ``durable``. The values column is created only when a value other
-    than 1 arrives (then the ones before it are written first): one-hot data never
-    writes it. ``durable``: see ``convert``."""
+    The columns are written by one background thread, so that the disk works while the
+    caller parses the next chunk. ``append`` lets at most one block wait for it;
+    ``parse`` has the parser fill one of two sets of buffers, reused from chunk to
+    chunk, while the thread writes the other (bounded memory, and no fresh memory to
+    fault in per chunk). The values column is created only when a value other than 1
+    arrives (then the ones before it are written first): one-hot data never writes it.
+    ``durable``: see ``convert``."""
 
     def __init__(self, path, durable=True):
         from concurrent.futures import ThreadPoolExecutor
@@ -185,8 +137,10 @@ class _StoreWriter:
         self.n_rows = self.nnz = 0
         self.max_id = -1
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
-        self.pending = None
-        self.scratch = np.empty(0, np.float32)  # the values of one-hot chunks, reused
+        self.pending = None  # append's block in flight
+        self.parsed = []  # parse's (block, buffer set) in flight, oldest first: at most 2
+        self.buffers = [None, None]  # parse's two sets of arrays, used in turn
+        self.stored = False  # parse saw a value other than 1 (the values column's due)
 
     def __enter__(self):
         return self
@@ -209,10 +163,14 @@ class _StoreWriter:
     def _all_columns(self):
         return [*self.columns.values(), *([self.values] if self.values else [])]
 
-    def _wait(self):
+    def _wait(self, keep=0):
+        """Wait for the blocks in flight, but for ``keep`` of parse's; re-raises a
+        write error here."""
+        while len(self.parsed) > keep:
+            self.parsed.pop(0)[0].result()
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.result()  # re-raises a write error here
+            pending.result()
 
     def append(self, indptr, indices, values, y, max_id):
         """Append rows given as CSR arrays (``indptr`` starting at 0)."""
@@ -226,45 +184,33 @@ class _StoreWriter:
 
     def parse(self, reader, chunk, limit, n_threads):
         """Parse the libFM text ``chunk`` with ``reader`` (``afmfast._reader`` or its
-        Numba twin) into the ends of the columns; returns the parser's ``(code,
-        offset)``. After an error (code not 0) the store cannot be committed."""
-        maps, sizes = [], []
-        columns = self.columns
+        Numba twin; ids below ``limit``) and append its rows; returns the parser's
+        ``(code, offset)``, and appends nothing when code is not 0 (an error)."""
+        self._wait(keep=1)  # the block that used this chunk's buffers is written
+        turn = 1 - self.parsed[0][1] if self.parsed else 0  # the set not in flight
 
         def out(n_rows, nnz):
-            sizes.append((n_rows, nnz))
-            if self.values is None:  # one-hot so far: the values are checked, not kept
-                if self.scratch.size < nnz:
-                    self.scratch = np.empty(nnz, np.float32)
-                values = self.scratch[:nnz]
-            else:  # handed to the background thread, so an array of its own
-                values = np.empty(nnz, np.float32)
-            return (columns["indptr.npy"].reserve(n_rows, maps, back=1),
-                    columns["indices.npy"].reserve(nnz, maps), values,
-                    columns["y.npy"].reserve(n_rows, maps))
+            arrays = self.buffers[turn]
+            if arrays is None or arrays[0].size <= n_rows or arrays[1].size < nnz:
+                rows, slots = n_rows + 1 + n_rows // 8, nnz + nnz // 8  # room to vary
+                arrays = self.buffers[turn] = (
+                    np.empty(rows, np.int64), np.empty(slots, np.int32),
+                    np.empty(slots, np.float32), np.empty(rows, np.float32))
+            indptr = arrays[0][:n_rows + 1]
+            indptr[0] = self.nnz  # the parser offsets the row ends by it
+            return indptr, arrays[1][:nnz], arrays[2][:nnz], arrays[3][:n_rows]
 
-        try:
-            result = reader.parse(chunk, 0, limit, n_threads, out=out)
-        except BaseException:
-            maps.clear()  # the arrays may outlive this call (a traceback): no close
-            raise
-        (code, offset, _, _, values, _, max_id), result = result, None
-        del _  # the last array mapped: a map with live arrays cannot close
-        for mapped in maps:
-            mapped.close()
-        if code or not sizes:
+        code, offset, indptr, indices, values, y, max_id = reader.parse(
+            chunk, 0, limit, n_threads, out=out)
+        if code:
             return code, offset
-        n_rows, nnz = sizes[0]
-        self._wait()  # the previous sync or values block
-        if self.values is None and nnz and not (values.min() == values.max() == 1.0):
-            self.values = self._column("values.npy", "<f4")
-            self.values.append_ones(self.nnz)
-        values = values if self.values is not None else None
-        due = [c for c in columns.values() if c.durable and c.unsynced >= c.SYNC_BYTES]
-        if values is not None or due:
-            self.pending = self.pool.submit(self._write_parsed, values, due)
-        self.n_rows += n_rows
-        self.nnz += nnz
+        new_values = (not self.stored and values.size > 0
+                      and not (values.min() == values.max() == 1.0))
+        self.stored = self.stored or new_values
+        self.parsed.append((self.pool.submit(self._write, indptr[1:], indices, values, y,
+                                             self.nnz, new_values), turn))
+        self.n_rows += len(y)
+        self.nnz += len(indices)
         self.max_id = max(self.max_id, int(max_id))
         return 0, 0
 
@@ -280,13 +226,6 @@ class _StoreWriter:
                 self.values.append(values)
             else:  # one-hot rows (a Dataset with values=None) after stored values
                 self.values.append_ones(indices.size)
-
-    def _write_parsed(self, values, due):
-        """The background part of ``parse``: the values (when stored) and the syncs."""
-        if values is not None:
-            self.values.append(values)
-        for column in due:
-            column.sync()
 
     def commit(self, n_features=None, fields=None, hashed=None):
         """Complete the store; ``fields``: (int32 blocks of the ids' fields, names,
