@@ -29,8 +29,8 @@ out=None)``:
 - ``out``, when given, is called once the rows and nonzeros are known, as
   ``out(n_rows, nnz)``, and returns the arrays to fill, ``(indptr, indices, values, y)``
   of exactly n_rows + 1, nnz, nnz and n_rows entries (writable, C-contiguous, of the
-  dtypes above): a caller can parse straight into its own memory (the store's
-  memory-mapped columns). ``indptr[0]`` is read, not written: the row ends are offset
+  dtypes above): a caller can parse straight into memory it reuses (the store's
+  conversion buffers). ``indptr[0]`` is read, not written: the row ends are offset
   by it. The result then holds those arrays; after an error their content is
   undefined. ``out`` is not called when the counting pass finds an error (a NUL byte).
 
@@ -738,11 +738,12 @@ cdef void parse_job(void* ctx, ptrdiff_t c) noexcept nogil:
     if j.has_tail and c == j.nc - 1:
         # the padded copy: scans stop at its NULs, the fast paths may run to its end
         parse_chunk(j.tail, j.tail + length, j.tail + length + 1, j.bounds[c], j.row0[c],
-                    j.nnz0[c], j.indptr_base, j.limit, j.indptr, j.indices, j.values, j.y, &j.res[5 * c])
+                    j.nnz0[c], j.indptr_base, j.limit, j.indptr, j.indices, j.values, j.y,
+                    &j.res[5 * c])
     else:
         parse_chunk(j.base + j.bounds[c], j.base + j.bounds[c + 1], j.fast_end, j.bounds[c],
-                    j.row0[c], j.nnz0[c], j.indptr_base, j.limit, j.indptr, j.indices, j.values, j.y,
-                    &j.res[5 * c])
+                    j.row0[c], j.nnz0[c], j.indptr_base, j.limit, j.indptr, j.indices,
+                    j.values, j.y, &j.res[5 * c])
 
 
 def _out_arrays(out, Py_ssize_t n_rows, Py_ssize_t nnz):

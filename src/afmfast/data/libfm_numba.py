@@ -2,10 +2,10 @@
 ``afmfast._reader`` is missing (afmfast installed without a C compiler).
 
 It implements the contract of ``csrc/_reader.pyx`` (its module docstring has the grammar):
-``parse(buf, start, n_features_limit, n_threads, chunk_bytes, out)`` returns the same arrays,
-and for bad input the same ``(code, offset)`` of the first error, so ``load_libfm`` gives
-the same ``Dataset`` and the same message whichever parser runs (the tests hold the two
-to each other). ``count`` and ``ERROR_CODES`` are the same too.
+``parse(buf, start, n_features_limit, n_threads, chunk_bytes, out)`` returns the same
+arrays, and for bad input the same ``(code, offset)`` of the first error, so
+``load_libfm`` gives the same ``Dataset`` and the same message whichever parser runs
+(the tests hold the two to each other). ``count`` and ``ERROR_CODES`` are the same too.
 
 How it reads numbers exactly: a number of the grammar is ``m * 10^e`` for an integer
 mantissa ``m``. When ``m <= 2^53`` and ``|e| <= 22`` both are exact doubles, and one IEEE
@@ -367,7 +367,8 @@ def parse(buf, start=0, n_features_limit=2147483648, n_threads=1, chunk_bytes=1 
     given = out(rows, nnz)
     for name, array, source in zip(("indptr", "indices", "values", "y"), given, parsed):
         if len(array) != len(source):
-            raise ValueError(f"out: {name} has {len(array)} entries, {len(source)} expected")
+            raise ValueError(f"out: {name} has {len(array)} entries, {len(source)} "
+                             f"expected")
     given[1][:], given[2][:], given[3][:] = parsed[1:]
     given[0][1:] = parsed[0][1:] + given[0][0]
     return (0, 0, *given, int(max_id))
