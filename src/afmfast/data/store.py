@@ -49,9 +49,11 @@ COLUMNS = (("indptr.npy", "<i8"), ("indices.npy", "<i4"), ("values.npy", "<f4"),
 FIELDS_FILE = "fields.npy"
 #: the text formats ``convert`` reads
 FORMATS = ("libfm", "libsvm", "criteo", "csv")
-#: bytes of libFM text parsed per chunk: the conversion's memory is a few times this
-#: (the chunk's parsed arrays), whatever the size of the input
-CONVERT_CHUNK_BYTES = 16 << 20
+#: bytes of text parsed per chunk: the conversion's memory is a few times this (the
+#: chunks' parsed arrays), whatever the size of the input. Small enough that a libFM
+#: chunk's arrays are still in the CPU's last-level cache when the writer thread copies
+#: them to the files (a chunk of many MB goes to memory and back: more CPU per byte)
+CONVERT_CHUNK_BYTES = 4 << 20
 #: every column file starts with a .npy header of exactly this many bytes, written as a
 #: placeholder first and rewritten with the final length when the column is complete
 _NPY_PREFIX_BYTES = 128
