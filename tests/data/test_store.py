@@ -200,6 +200,23 @@ def test_durable_conversion_syncs_and_the_other_does_not(tmp_path, monkeypatch, 
         convert(src, tmp_path / "t", durable="no")
 
 
+def test_a_failed_background_sync_fails_the_conversion(tmp_path, monkeypatch):
+    # durable conversions sync the columns on a thread of their own as they grow: an
+    # error there (a disk failing) must reach the caller, and leave no store behind
+    import errno
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1 5:1\n-1 3:1\n" * 100)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(store._ColumnFile, "SYNC_BYTES", 64)
+    with pytest.raises(OSError, match="Input/output error"):
+        convert(src, tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm"]
+
+
 # ----- open_store: memory maps, and every kind of corruption named --------------------
 @pytest.fixture(params=["plain", "with fields"])
 def stored(tmp_path, request):

@@ -70,16 +70,18 @@ def _npy_prefix(dtype, length):
 
 class _ColumnFile:
     """A .npy column written by appending; its header is fixed up by ``finish``. With
-    ``durable`` it is on the disk when ``finish`` returns (synced as it grows);
+    ``durable`` it is on the disk when ``finish`` returns (synced as it grows, on the
+    thread pool ``syncer``, so that the appending thread never waits for the disk);
     without, in the page cache, for the kernel to write back."""
 
     #: bytes written between two fdatasync calls: the disk writes the column while the
     #: parser runs, instead of all of it in the final fsync
     SYNC_BYTES = 32 << 20
 
-    def __init__(self, path, dtype, durable=True):
+    def __init__(self, path, dtype, durable, syncer):
         self.path, self.dtype, self.length, self.durable = path, dtype, 0, durable
         self.unsynced = 0
+        self.syncer, self.syncing = syncer, None
         self.fh = open(path, "wb")
         self.fh.write(_npy_prefix(dtype, 0))
 
@@ -90,8 +92,18 @@ class _ColumnFile:
         self.unsynced += data.nbytes
         if self.durable and self.unsynced >= self.SYNC_BYTES:
             self.fh.flush()
-            os.fdatasync(self.fh.fileno())
+            if self.syncing is None or self.syncing.done():
+                self._synced()  # a sync error shows here, or at finish
+                self.syncing = self.syncer.submit(os.fdatasync, self.fh.fileno())
+            else:  # the sync in flight still runs: the next one covers these bytes
+                return
             self.unsynced = 0
+
+    def _synced(self):
+        """Wait for the background sync in flight, if any (re-raises its error)."""
+        if self.syncing is not None:
+            syncing, self.syncing = self.syncing, None
+            syncing.result()
 
     def append_ones(self, count):
         """Append ``count`` ones, a bounded block at a time."""
@@ -101,6 +113,7 @@ class _ColumnFile:
             count -= min(count, len(block))
 
     def finish(self):
+        self._synced()
         self.fh.seek(0)
         self.fh.write(_npy_prefix(self.dtype, self.length))
         self.fh.flush()
@@ -132,13 +145,15 @@ class _StoreWriter:
             raise FileNotFoundError(f"{path}: the parent directory {parent} does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=parent)
         self.durable = durable
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
+        # the columns' syncs (durable): the writing thread goes on while the disk works
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-sync")
         self.columns = {name: self._column(name, dtype)
                         for name, dtype in COLUMNS if name != "values.npy"}
         self.columns["indptr.npy"].append(np.zeros(1, np.int64))  # indptr starts at 0
         self.values = None  # the values column, once a value other than 1 was seen
         self.n_rows = self.nnz = 0
         self.max_id = -1
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
         self.pending = None  # append's block in flight
         self.parsed = []  # parse's (block, buffer set) in flight, oldest first: at most 2
         self.buffers = [None, None]  # parse's two sets of arrays, used in turn
@@ -148,7 +163,7 @@ class _StoreWriter:
         return self
 
     def _column(self, name, dtype):
-        return _ColumnFile(os.path.join(self.tmp, name), dtype, self.durable)
+        return _ColumnFile(os.path.join(self.tmp, name), dtype, self.durable, self.syncer)
 
     def __exit__(self, *exc):
         if self.tmp is not None:  # not committed
@@ -157,6 +172,7 @@ class _StoreWriter:
             except Exception:  # noqa: BLE001 - the error that stopped us is what matters
                 pass
             self.pool.shutdown()
+            self.syncer.shutdown()  # no sync may outlive its file's descriptor
             for column in self._all_columns():
                 column.fh.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -246,6 +262,7 @@ class _StoreWriter:
             column.finish()
             fields_entry = {"names": list(names),
                             "shared_ids": None if shared is None else int(shared)}
+        self.syncer.shutdown()  # idle: every column waited for its syncs as it finished
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "n_rows": self.n_rows,
                   "nnz": self.nnz, "n_features": int(n_features),
                   "values": "ones" if self.values is None else "stored",
