@@ -2,7 +2,8 @@
 """Native parser of libFM text (compiled to ``afmfast._reader``); ``afmfast.data.libfm.load_libfm``
 is its only caller and turns its error codes into messages.
 
-Contract of ``parse(buf, start=0, n_features_limit=2^31, n_threads=1, chunk_bytes=256 KiB)``:
+Contract of ``parse(buf, start=0, n_features_limit=2^31, n_threads=1, chunk_bytes=256 KiB,
+out=None)``:
 
 - ``buf`` is any C-contiguous byte buffer holding a whole file: ``bytes``, or the read-only
   ``mmap`` of the file that ``load_libfm`` passes. Parsing starts at byte ``start`` (past a
@@ -25,6 +26,13 @@ Contract of ``parse(buf, start=0, n_features_limit=2^31, n_threads=1, chunk_byte
   error: ``offset`` is the byte where the faulty token (or line, for an empty line)
   starts. Line numbers are counted by the caller from the offset, only on error, so the
   hot loop keeps no line counter.
+- ``out``, when given, is called once the rows and nonzeros are known, as
+  ``out(n_rows, nnz)``, and returns the arrays to fill, ``(indptr, indices, values, y)``
+  of exactly n_rows + 1, nnz, nnz and n_rows entries (writable, C-contiguous, of the
+  dtypes above): a caller can parse straight into memory it reuses (the store's
+  conversion buffers). ``indptr[0]`` is read, not written: the row ends are offset
+  by it. The result then holds those arrays; after an error their content is
+  undefined. ``out`` is not called when the counting pass finds an error (a NUL byte).
 
 Structure: ``[start, last LF]`` is cut at line starts into chunks of about
 ``chunk_bytes``; the unterminated last line, if any, is one more chunk. A counting pass
@@ -675,11 +683,13 @@ def count(const unsigned char[::1] buf, Py_ssize_t start=0, Py_ssize_t end=-1):
 
 
 cdef void parse_chunk(const char* p, const char* e, const char* fast_end, Py_ssize_t file_off,
-                      Py_ssize_t row0, Py_ssize_t nnz0, int64_t limit, int64_t* indptr,
-                      int32_t* indices, float* values, float* y, int64_t* res) noexcept nogil:
+                      Py_ssize_t row0, Py_ssize_t nnz0, int64_t indptr_base, int64_t limit,
+                      int64_t* indptr, int32_t* indices, float* values, float* y,
+                      int64_t* res) noexcept nogil:
     """parse_range of one chunk [p, e), which starts at byte file_off of the file, into
-    its slots (rows from row0, nonzeros from nnz0); res receives code, error offset in
-    the file, rows, nonzeros, max id. Only locals, so it can run as a prange body."""
+    its slots (rows from row0, nonzeros from nnz0; row ends offset by indptr_base); res
+    receives code, error offset in the file, rows, nonzeros, max id. Only locals, so it
+    can run as a prange body."""
     cdef Out o
     cdef Py_ssize_t rows = 0, nnz = 0
     cdef int64_t mx = -1
@@ -688,7 +698,8 @@ cdef void parse_chunk(const char* p, const char* e, const char* fast_end, Py_ssi
     o.indices = indices + nnz0
     o.values = values + nnz0
     o.y = y + row0
-    res[0] = parse_range(p, e, fast_end, nnz0, limit, &o, &rows, &nnz, &mx, &tok)
+    res[0] = parse_range(p, e, fast_end, indptr_base + nnz0, limit, &o, &rows, &nnz, &mx,
+                         &tok)
     res[1] = file_off + (tok - p)
     res[2] = rows
     res[3] = nnz
@@ -706,6 +717,7 @@ cdef struct Job:
     Py_ssize_t* stats      # nc x 3: newlines, colons, NULs
     const Py_ssize_t* row0
     const Py_ssize_t* nnz0
+    int64_t indptr_base    # added to every row end (out's indptr[0]; 0 otherwise)
     int64_t limit
     int64_t* indptr
     int32_t* indices
@@ -726,11 +738,22 @@ cdef void parse_job(void* ctx, ptrdiff_t c) noexcept nogil:
     if j.has_tail and c == j.nc - 1:
         # the padded copy: scans stop at its NULs, the fast paths may run to its end
         parse_chunk(j.tail, j.tail + length, j.tail + length + 1, j.bounds[c], j.row0[c],
-                    j.nnz0[c], j.limit, j.indptr, j.indices, j.values, j.y, &j.res[5 * c])
+                    j.nnz0[c], j.indptr_base, j.limit, j.indptr, j.indices, j.values, j.y,
+                    &j.res[5 * c])
     else:
         parse_chunk(j.base + j.bounds[c], j.base + j.bounds[c + 1], j.fast_end, j.bounds[c],
-                    j.row0[c], j.nnz0[c], j.limit, j.indptr, j.indices, j.values, j.y,
-                    &j.res[5 * c])
+                    j.row0[c], j.nnz0[c], j.indptr_base, j.limit, j.indptr, j.indices,
+                    j.values, j.y, &j.res[5 * c])
+
+
+def _out_arrays(out, Py_ssize_t n_rows, Py_ssize_t nnz):
+    """The arrays ``out(n_rows, nnz)`` gives to parse into, their lengths checked."""
+    arrays = tuple(out(n_rows, nnz))
+    for name, array, size in zip(("indptr", "indices", "values", "y"), arrays,
+                                 (n_rows + 1, nnz, nnz, n_rows)):
+        if len(array) != size:
+            raise ValueError(f"out: {name} has {len(array)} entries, {size} expected")
+    return arrays
 
 
 # Chunk size of both passes: small enough that 2-4 threads share even a few-MB file
@@ -740,8 +763,9 @@ CHUNK_BYTES = 1 << 18
 
 def parse(const unsigned char[::1] buf, Py_ssize_t start=0,
           int64_t n_features_limit=2147483648, int n_threads=1,
-          Py_ssize_t chunk_bytes=CHUNK_BYTES):
-    """Parse libFM text in buf[start:]; see the module docstring for the result.
+          Py_ssize_t chunk_bytes=CHUNK_BYTES, out=None):
+    """Parse libFM text in buf[start:]; see the module docstring for the result and
+    ``out`` (the arrays to fill, from a callable).
 
     ``n_threads`` threads share chunks of about ``chunk_bytes`` bytes cut at line
     starts (tests make them tiny). The result, and the first error reported, do not
@@ -760,6 +784,8 @@ def parse(const unsigned char[::1] buf, Py_ssize_t start=0,
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if start == n:
+        if out is not None:
+            return (0, 0, *_out_arrays(out, 0, 0), -1)
         return (0, 0, np.zeros(1, dtype=np.int64), np.empty(0, dtype=np.int32),
                 np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32), -1)
     base = <const char*>&buf[0]
@@ -820,15 +846,26 @@ def parse(const unsigned char[::1] buf, Py_ssize_t start=0,
     cdef Py_ssize_t[::1] nnz0 = nnz0_a
     cdef Py_ssize_t n_rows = row0[nc]
     cdef Py_ssize_t colons = nnz0[nc]
-    indptr = np.empty(n_rows + 1, dtype=np.int64)
-    indices = np.empty(max(colons, 1), dtype=np.int32)
-    values = np.empty(max(colons, 1), dtype=np.float32)
-    y = np.empty(max(n_rows, 1), dtype=np.float32)
-    cdef int64_t[::1] indptr_v = indptr
-    cdef int32_t[::1] indices_v = indices
-    cdef float[::1] values_v = values
-    cdef float[::1] y_v = y
-    indptr_v[0] = 0
+    cdef int64_t[::1] indptr_v
+    cdef int32_t[::1] indices_v
+    cdef float[::1] values_v
+    cdef float[::1] y_v
+    cdef int64_t indptr_base = 0
+    if out is None:
+        indptr = np.empty(n_rows + 1, dtype=np.int64)
+        indptr[0] = 0
+        indices = np.empty(colons, dtype=np.int32)
+        values = np.empty(colons, dtype=np.float32)
+        y = np.empty(n_rows, dtype=np.float32)
+    else:
+        indptr, indices, values, y = _out_arrays(out, n_rows, colons)
+    indptr_v = indptr
+    indptr_base = indptr_v[0]
+    # an empty array has no first element to point at: a dummy stands in (never written)
+    dummy_a = np.empty(1, dtype=np.float64)
+    indices_v = indices if colons else dummy_a.view(np.int32)
+    values_v = values if colons else dummy_a.view(np.float32)
+    y_v = y if n_rows else dummy_a.view(np.float32)
     res_a = np.zeros((nc, 5), dtype=np.int64)  # code, err_off, rows, nnz, max_id
     cdef int64_t[:, ::1] res = res_a
     tail_len = n - body_end
@@ -842,6 +879,7 @@ def parse(const unsigned char[::1] buf, Py_ssize_t start=0,
     job.tail = tail
     job.row0 = &row0[0]
     job.nnz0 = &nnz0[0]
+    job.indptr_base = indptr_base
     job.limit = n_features_limit
     job.indptr = &indptr_v[0]
     job.indices = &indices_v[0]
@@ -864,7 +902,7 @@ def parse(const unsigned char[::1] buf, Py_ssize_t start=0,
             raise AssertionError(f"libFM reader: chunk {c} filled {res[c, 2]} rows and "
                                  f"{res[c, 3]} nonzeros, counted otherwise")
     max_id = int(res_a[:, 4].max())
-    return (0, 0, indptr, indices[:colons], values[:colons], y[:n_rows], max_id)
+    return (0, 0, indptr, indices, values, y, max_id)
 
 
 def parse_double(bytes token, bint fast=True):

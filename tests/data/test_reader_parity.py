@@ -58,11 +58,33 @@ OVERFLOW = [b"3.4028235677973366e38 1:1\n", b"1 1:-3.4028235677973366e38\n",
 CORPUS = GOOD + OVERFLOW + [data for data, _, _ in BAD]
 
 
+def parse_into(parser, data, *args):
+    """``parser.parse`` into arrays given by ``out`` whose indptr starts at 1000, with
+    that offset taken off again: the result of a parse without ``out``."""
+    def out(n_rows, nnz):
+        return (np.full(n_rows + 1, 1000, np.int64), np.empty(nnz, np.int32),
+                np.empty(nnz, np.float32), np.empty(n_rows, np.float32))
+    code, offset, indptr, *rest = parser.parse(data, *args, out=out)
+    return (code, offset, None if indptr is None else indptr - 1000, *rest)
+
+
 def assert_parsers_agree(data, limit, start=0):
     # the compiled parser on 2 threads in 7-byte chunks: its chunking must not matter
     got = libfm_numba.parse(data, start, limit)
     want = COMPILED.parse(data, start, limit, 2, 7)
     assert same_result(got, want), (data, limit, got[:2], want[:2])
+    # parsing into the caller's arrays changes nothing but where the rows go
+    assert same_result(parse_into(libfm_numba, data, start, limit), got)
+    assert same_result(parse_into(COMPILED, data, start, limit, 2, 7), want)
+
+
+@pytest.mark.parametrize("parser", [libfm_numba, COMPILED], ids=["numba", "compiled"])
+def test_out_arrays_of_the_wrong_size_are_refused(parser):
+    def out(n_rows, nnz):
+        return (np.zeros(n_rows + 1, np.int64), np.empty(nnz + 1, np.int32),
+                np.empty(nnz, np.float32), np.empty(n_rows, np.float32))
+    with pytest.raises(ValueError, match="out: indices has 3 entries, 2 expected"):
+        parser.parse(b"1 0:1 5:1\n", out=out)
 
 
 def test_error_codes_are_the_same():

@@ -59,6 +59,24 @@ def test_convert_gives_what_load_libfm_gives(tmp_path, parser, monkeypatch, chun
     assert (tmp_path / "d.store" / "values.npy").exists()  # 0.5 and 2 are stored
 
 
+def test_a_slow_writer_never_sees_its_buffers_refilled(tmp_path, parser, monkeypatch):
+    # parse fills one set of buffers while the writer thread writes the other: a writer
+    # that lags behind must still write each block as it was parsed
+    import time
+    monkeypatch.setattr(store, "CONVERT_CHUNK_BYTES", 64)
+    real_write = store._StoreWriter._write
+
+    def slow_write(self, *args):
+        time.sleep(0.005)
+        return real_write(self, *args)
+
+    monkeypatch.setattr(store._StoreWriter, "_write", slow_write)
+    src = tmp_path / "d.libfm"
+    src.write_bytes(TEXT)
+    convert(src, tmp_path / "s")
+    same_rows(open_store(tmp_path / "s"), afmfast.load_libfm(src))
+
+
 def test_values_after_a_one_hot_start_are_stored_with_their_ones(tmp_path, parser,
                                                                    monkeypatch):
     # the values column is created when the first value other than 1 arrives, with the
@@ -129,16 +147,16 @@ def test_an_interrupted_conversion_leaves_nothing(tmp_path, parser, monkeypatch)
     src = tmp_path / "d.libfm"
     src.write_bytes(b"1 0:1\n" * 100)
     monkeypatch.setattr(store, "CONVERT_CHUNK_BYTES", 60)
-    real_append = store._StoreWriter.append
+    real_parse = store._StoreWriter.parse
     calls = []
 
     def interrupt_on_third(self, *args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_append(self, *args)
+        return real_parse(self, *args)
 
-    monkeypatch.setattr(store._StoreWriter, "append", interrupt_on_third)
+    monkeypatch.setattr(store._StoreWriter, "parse", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "s")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm"]
@@ -180,6 +198,23 @@ def test_durable_conversion_syncs_and_the_other_does_not(tmp_path, monkeypatch, 
     same_rows(open_store(tmp_path / "s"), afmfast.load_libfm(str(src)))
     with pytest.raises(ValueError, match="durable must be True or False"):
         convert(src, tmp_path / "t", durable="no")
+
+
+def test_a_failed_background_sync_fails_the_conversion(tmp_path, monkeypatch):
+    # durable conversions sync the columns on a thread of their own as they grow: an
+    # error there (a disk failing) must reach the caller, and leave no store behind
+    import errno
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1 5:1\n-1 3:1\n" * 100)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(store._ColumnFile, "SYNC_BYTES", 64)
+    with pytest.raises(OSError, match="Input/output error"):
+        convert(src, tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm"]
 
 
 # ----- open_store: memory maps, and every kind of corruption named --------------------

@@ -2,10 +2,10 @@
 ``afmfast._reader`` is missing (afmfast installed without a C compiler).
 
 It implements the contract of ``csrc/_reader.pyx`` (its module docstring has the grammar):
-``parse(buf, start, n_features_limit, n_threads, chunk_bytes)`` returns the same arrays,
-and for bad input the same ``(code, offset)`` of the first error, so ``load_libfm`` gives
-the same ``Dataset`` and the same message whichever parser runs (the tests hold the two
-to each other). ``count`` and ``ERROR_CODES`` are the same too.
+``parse(buf, start, n_features_limit, n_threads, chunk_bytes, out)`` returns the same
+arrays, and for bad input the same ``(code, offset)`` of the first error, so
+``load_libfm`` gives the same ``Dataset`` and the same message whichever parser runs
+(the tests hold the two to each other). ``count`` and ``ERROR_CODES`` are the same too.
 
 How it reads numbers exactly: a number of the grammar is ``m * 10^e`` for an integer
 mantissa ``m``. When ``m <= 2^53`` and ``|e| <= 22`` both are exact doubles, and one IEEE
@@ -325,8 +325,10 @@ def count(buf, start=0, end=-1):
     return _count(data, max(start, 0), end)[:3]
 
 
-def parse(buf, start=0, n_features_limit=2147483648, n_threads=1, chunk_bytes=1 << 18):
-    """Parse libFM text in buf[start:]; the contract of ``afmfast._reader.parse``."""
+def parse(buf, start=0, n_features_limit=2147483648, n_threads=1, chunk_bytes=1 << 18,
+          out=None):
+    """Parse libFM text in buf[start:]; the contract of ``afmfast._reader.parse`` (with
+    ``out``, the rows are parsed into arrays of their own and copied into out's)."""
     data = _bytes(buf)
     n = data.shape[0]
     if start < 0 or start > n:
@@ -359,7 +361,17 @@ def parse(buf, start=0, n_features_limit=2147483648, n_threads=1, chunk_bytes=1 
             slow = np.empty((2 * slow.shape[0], 5), dtype=np.int64)
     if code:
         return (int(code), int(offset), None, None, None, None, -1)
-    return (0, 0, indptr[:rows + 1], indices[:nnz], values[:nnz], y[:rows], int(max_id))
+    parsed = (indptr[:rows + 1], indices[:nnz], values[:nnz], y[:rows])
+    if out is None:
+        return (0, 0, *parsed, int(max_id))
+    given = out(rows, nnz)
+    for name, array, source in zip(("indptr", "indices", "values", "y"), given, parsed):
+        if len(array) != len(source):
+            raise ValueError(f"out: {name} has {len(array)} entries, {len(source)} "
+                             f"expected")
+    given[1][:], given[2][:], given[3][:] = parsed[1:]
+    given[0][1:] = parsed[0][1:] + given[0][0]
+    return (0, 0, *given, int(max_id))
 
 
 def parse_double(token, fast=True):

@@ -49,9 +49,11 @@ COLUMNS = (("indptr.npy", "<i8"), ("indices.npy", "<i4"), ("values.npy", "<f4"),
 FIELDS_FILE = "fields.npy"
 #: the text formats ``convert`` reads
 FORMATS = ("libfm", "libsvm", "criteo", "csv")
-#: bytes of libFM text parsed per chunk: the conversion's memory is a few times this
-#: (the chunk's parsed arrays), whatever the size of the input
-CONVERT_CHUNK_BYTES = 16 << 20
+#: bytes of text parsed per chunk: the conversion's memory is a few times this (the
+#: chunks' parsed arrays), whatever the size of the input. Small enough that a libFM
+#: chunk's arrays are still in the CPU's last-level cache when the writer thread copies
+#: them to the files (a chunk of many MB goes to memory and back: more CPU per byte)
+CONVERT_CHUNK_BYTES = 4 << 20
 #: every column file starts with a .npy header of exactly this many bytes, written as a
 #: placeholder first and rewritten with the final length when the column is complete
 _NPY_PREFIX_BYTES = 128
@@ -68,16 +70,18 @@ def _npy_prefix(dtype, length):
 
 class _ColumnFile:
     """A .npy column written by appending; its header is fixed up by ``finish``. With
-    ``durable`` it is on the disk when ``finish`` returns (synced as it grows);
+    ``durable`` it is on the disk when ``finish`` returns (synced as it grows, on the
+    thread pool ``syncer``, so that the appending thread never waits for the disk);
     without, in the page cache, for the kernel to write back."""
 
     #: bytes written between two fdatasync calls: the disk writes the column while the
     #: parser runs, instead of all of it in the final fsync
     SYNC_BYTES = 32 << 20
 
-    def __init__(self, path, dtype, durable=True):
+    def __init__(self, path, dtype, durable, syncer):
         self.path, self.dtype, self.length, self.durable = path, dtype, 0, durable
         self.unsynced = 0
+        self.syncer, self.syncing = syncer, None
         self.fh = open(path, "wb")
         self.fh.write(_npy_prefix(dtype, 0))
 
@@ -88,8 +92,18 @@ class _ColumnFile:
         self.unsynced += data.nbytes
         if self.durable and self.unsynced >= self.SYNC_BYTES:
             self.fh.flush()
-            os.fdatasync(self.fh.fileno())
+            if self.syncing is None or self.syncing.done():
+                self._synced()  # a sync error shows here, or at finish
+                self.syncing = self.syncer.submit(os.fdatasync, self.fh.fileno())
+            else:  # the sync in flight still runs: the next one covers these bytes
+                return
             self.unsynced = 0
+
+    def _synced(self):
+        """Wait for the background sync in flight, if any (re-raises its error)."""
+        if self.syncing is not None:
+            syncing, self.syncing = self.syncing, None
+            syncing.result()
 
     def append_ones(self, count):
         """Append ``count`` ones, a bounded block at a time."""
@@ -99,6 +113,7 @@ class _ColumnFile:
             count -= min(count, len(block))
 
     def finish(self):
+        self._synced()
         self.fh.seek(0)
         self.fh.write(_npy_prefix(self.dtype, self.length))
         self.fh.flush()
@@ -114,10 +129,12 @@ class _StoreWriter:
     directory and leaves ``path`` as it was.
 
     The columns are written by one background thread, so that the disk works while the
-    caller parses the next chunk; at most one block waits for it (bounded memory). The
-    values column is created only when a value other than 1 arrives (then the ones
-    before it are written first): one-hot data never writes it. ``durable``: see
-    ``convert``."""
+    caller parses the next chunk. ``append`` lets at most one block wait for it;
+    ``parse`` has the parser fill one of two sets of buffers, reused from chunk to
+    chunk, while the thread writes the other (bounded memory, and no fresh memory to
+    fault in per chunk). The values column is created only when a value other than 1
+    arrives (then the ones before it are written first): one-hot data never writes it.
+    ``durable``: see ``convert``."""
 
     def __init__(self, path, durable=True):
         from concurrent.futures import ThreadPoolExecutor
@@ -128,20 +145,25 @@ class _StoreWriter:
             raise FileNotFoundError(f"{path}: the parent directory {parent} does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=parent)
         self.durable = durable
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
+        # the columns' syncs (durable): the writing thread goes on while the disk works
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-sync")
         self.columns = {name: self._column(name, dtype)
                         for name, dtype in COLUMNS if name != "values.npy"}
         self.columns["indptr.npy"].append(np.zeros(1, np.int64))  # indptr starts at 0
         self.values = None  # the values column, once a value other than 1 was seen
         self.n_rows = self.nnz = 0
         self.max_id = -1
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
-        self.pending = None
+        self.pending = None  # append's block in flight
+        self.parsed = []  # parse's (block, buffer set) in flight, oldest first: at most 2
+        self.buffers = [None, None]  # parse's two sets of arrays, used in turn
+        self.stored = False  # parse saw a value other than 1 (the values column's due)
 
     def __enter__(self):
         return self
 
     def _column(self, name, dtype):
-        return _ColumnFile(os.path.join(self.tmp, name), dtype, self.durable)
+        return _ColumnFile(os.path.join(self.tmp, name), dtype, self.durable, self.syncer)
 
     def __exit__(self, *exc):
         if self.tmp is not None:  # not committed
@@ -150,6 +172,7 @@ class _StoreWriter:
             except Exception:  # noqa: BLE001 - the error that stopped us is what matters
                 pass
             self.pool.shutdown()
+            self.syncer.shutdown()  # no sync may outlive its file's descriptor
             for column in self._all_columns():
                 column.fh.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -158,10 +181,14 @@ class _StoreWriter:
     def _all_columns(self):
         return [*self.columns.values(), *([self.values] if self.values else [])]
 
-    def _wait(self):
+    def _wait(self, keep=0):
+        """Wait for the blocks in flight, but for ``keep`` of parse's; re-raises a
+        write error here."""
+        while len(self.parsed) > keep:
+            self.parsed.pop(0)[0].result()
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.result()  # re-raises a write error here
+            pending.result()
 
     def append(self, indptr, indices, values, y, max_id):
         """Append rows given as CSR arrays (``indptr`` starting at 0)."""
@@ -172,6 +199,38 @@ class _StoreWriter:
         self.n_rows += len(y)
         self.nnz += len(indices)
         self.max_id = max(self.max_id, int(max_id))
+
+    def parse(self, reader, chunk, limit, n_threads):
+        """Parse the libFM text ``chunk`` with ``reader`` (``afmfast._reader`` or its
+        Numba twin; ids below ``limit``) and append its rows; returns the parser's
+        ``(code, offset)``, and appends nothing when code is not 0 (an error)."""
+        self._wait(keep=1)  # the block that used this chunk's buffers is written
+        turn = 1 - self.parsed[0][1] if self.parsed else 0  # the set not in flight
+
+        def out(n_rows, nnz):
+            arrays = self.buffers[turn]
+            if arrays is None or arrays[0].size <= n_rows or arrays[1].size < nnz:
+                rows, slots = n_rows + 1 + n_rows // 8, nnz + nnz // 8  # room to vary
+                arrays = self.buffers[turn] = (
+                    np.empty(rows, np.int64), np.empty(slots, np.int32),
+                    np.empty(slots, np.float32), np.empty(rows, np.float32))
+            indptr = arrays[0][:n_rows + 1]
+            indptr[0] = self.nnz  # the parser offsets the row ends by it
+            return indptr, arrays[1][:nnz], arrays[2][:nnz], arrays[3][:n_rows]
+
+        code, offset, indptr, indices, values, y, max_id = reader.parse(
+            chunk, 0, limit, n_threads, out=out)
+        if code:
+            return code, offset
+        new_values = (not self.stored and values.size > 0
+                      and not (values.min() == values.max() == 1.0))
+        self.stored = self.stored or new_values
+        self.parsed.append((self.pool.submit(self._write, indptr[1:], indices, values, y,
+                                             self.nnz, new_values), turn))
+        self.n_rows += len(y)
+        self.nnz += len(indices)
+        self.max_id = max(self.max_id, int(max_id))
+        return 0, 0
 
     def _write(self, indptr, indices, values, y, nnz_before, new_values):
         self.columns["indptr.npy"].append(indptr)
@@ -203,6 +262,7 @@ class _StoreWriter:
             column.finish()
             fields_entry = {"names": list(names),
                             "shared_ids": None if shared is None else int(shared)}
+        self.syncer.shutdown()  # idle: every column waited for its syncs as it finished
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "n_rows": self.n_rows,
                   "nnz": self.nnz, "n_features": int(n_features),
                   "values": "ones" if self.values is None else "stored",
@@ -263,13 +323,11 @@ def write_store(data: Dataset, path: str | os.PathLike) -> None:
         writer.commit(data.n_features, fields)
 
 
-def _text_chunks(path, chunk_bytes, count_lines=True):
-    """(buffer, lines before it) of text cut at line ends, about ``chunk_bytes`` each,
-    from a regular file (memory-mapped, nothing copied) or a ``.gz`` file or a pipe
-    (read block by block). The first buffer starts after a UTF-8 BOM. Without
-    ``count_lines`` the lines are None: a caller that knows the lines of each buffer
-    saves a pass over it."""
-    reader = _parser()
+def _text_chunks(path, chunk_bytes):
+    """Buffers of text cut at line ends, about ``chunk_bytes`` each, from a regular file
+    (memory-mapped, nothing copied) or a ``.gz`` file or a pipe (read block by block).
+    The first buffer starts after a UTF-8 BOM. The callers count the lines of a buffer
+    by the rows they parse from it (no extra pass over the text)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as fh:
         mapped = None if opener is gzip.open else _map_file(fh)
@@ -278,18 +336,16 @@ def _text_chunks(path, chunk_bytes, count_lines=True):
             # cannot), also when the consumer stops early on a parse error
             with mapped, memoryview(mapped) as view:
                 start = len(_BOM) if bytes(view[:len(_BOM)]) == _BOM else 0
-                lines = 0
                 while start < len(view):
                     end = min(len(view), start + chunk_bytes)
                     if end < len(view):
                         cut = mapped.rfind(b"\n", start, end)
                         end = cut + 1 if cut >= start else _next_line_end(mapped, end)
                     with view[start:end] as chunk:
-                        yield chunk, lines
-                        lines = reader.count(chunk)[0] + lines if count_lines else None
+                        yield chunk
                     start = end
             return
-        carry, lines, first = b"", 0, True
+        carry, first = b"", True
         while True:
             block = fh.read(chunk_bytes)
             data = carry + block
@@ -298,15 +354,14 @@ def _text_chunks(path, chunk_bytes, count_lines=True):
             first = False
             if not block:
                 if data:
-                    yield data, lines
+                    yield data
                 return
             cut = data.rfind(b"\n")
             if cut < 0:
                 carry = data
                 continue
             chunk, carry = data[:cut + 1], data[cut + 1:]
-            yield chunk, lines
-            lines = reader.count(chunk)[0] + lines if count_lines else None
+            yield chunk
 
 
 def _next_line_end(mapped, pos):
@@ -391,13 +446,15 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     limit = n_features if n_features is not None else _INT32_MAX + 1
     with _StoreWriter(output, durable) as writer:
         for path in paths:
-            for chunk, lines_before in _text_chunks(path, CONVERT_CHUNK_BYTES):
-                code, offset, indptr, indices, values, y, max_id = reader.parse(
-                    chunk, 0, limit, n_threads)
+            lines_before = 0
+            # every line is a row (a blank line is an error), so the rows count the lines
+            for chunk in _text_chunks(path, CONVERT_CHUNK_BYTES):
+                rows_before = writer.n_rows
+                code, offset = writer.parse(reader, chunk, limit, n_threads)
                 if code:
                     raise _parse_error(reader, path, chunk, code, offset, n_features,
                                        lines_before)
-                writer.append(indptr, indices, values, y, max_id)
+                lines_before += writer.n_rows - rows_before
         return writer.commit(n_features)
 
 
@@ -415,7 +472,7 @@ def _convert_hashed(paths, output, format, hash_bits, label, columns, kinds, int
         for path in paths:
             header, lines_before = None, 0
             # every line is a row, so the rows parsed count the lines
-            for chunk, _ in _text_chunks(path, CONVERT_CHUNK_BYTES, count_lines=False):
+            for chunk in _text_chunks(path, CONVERT_CHUNK_BYTES):
                 buf = np.frombuffer(chunk, np.uint8) if len(chunk) else np.empty(0, np.uint8)
                 if format == "csv" and header is None:
                     skip = hashing._first_line_end(buf)
