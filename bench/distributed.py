@@ -12,7 +12,8 @@ Rows of the table, per data set:
 - afmfast on Dask, 1 and 2 workers x 1 thread (``afmfast.dask.DaskFM``, a
   ``distributed.LocalCluster`` of worker processes, the same store);
 - with ``--spark``: ``pyspark.ml.regression.FMRegressor`` in ``local[2]``, factorSize 16,
-  its stepSize tuned on the validation rows (pyspark is a bench-only extra: ``pip install
+  its stepSize tuned on the validation rows, after a 2-iteration fit that warms up the
+  JVM (pyspark is a bench-only extra: ``pip install
   pyspark``; it needs Java 17).
 
 Columns: test RMSE (predictions clipped to the test labels' range, as afmfast.metrics.rmse
@@ -170,6 +171,10 @@ def run_spark(parts, folder, iterations, step_sizes):
         frames[key] = (spark.read.format("libsvm").option("numFeatures", n_features)
                        .load(path).repartition(2).cache())
         frames[key].count()
+    # a throwaway fit first: the JVM compiles Spark's code paths during the first one,
+    # which would otherwise count against the first step size
+    FMRegressor(factorSize=16, maxIter=2, stepSize=step_sizes[0], seed=0).fit(
+        frames["train"])
     best = None
     for step in step_sizes:
         fm = FMRegressor(factorSize=16, maxIter=iterations, stepSize=step, seed=0)
