@@ -8,6 +8,7 @@ installed, at the same rank, sample count, init_stdev and split.
     python bench/mcmc_frappe.py --no-myfm       # skip the myFM comparison
     python bench/mcmc_frappe.py --backends numba  # one sampler backend only
     python bench/mcmc_frappe.py --probit        # the probit classifier (labels y > 0)
+    python bench/mcmc_frappe.py --libfm PATH --als 0.5 1 2 5  # libFM's ALS beside its MCMC
     python bench/mcmc_frappe.py --libfm /path/to/libFM --seeds 5   # or LIBFM=/path/to/libFM
 
 Each seed's fits alternate the sampler backends (Cython and Numba by default; the
@@ -144,12 +145,15 @@ def write_libfm(data, path):
             out.write(f"{float(data.y[i]):g} {pairs}\n")
 
 
-def libfm_run(binary, train_path, valid_path, k, n_iter, seed, workdir):
+def libfm_run(binary, train_path, valid_path, k, n_iter, seed, workdir, regular=None):
     """(validation RMSE, median user CPU seconds of an iteration, wall seconds of the
-    whole run) of libFM's MCMC (module docstring)."""
+    whole run) of libFM's MCMC (module docstring), or with ``regular`` (one L2 for
+    w0, w and V) of its ALS."""
     rlog = os.path.join(workdir, f"rlog_{seed}.tsv")
+    method = ["-method", "mcmc"] if regular is None else [
+        "-method", "als", "-regular", f"{regular:g},{regular:g},{regular:g}"]
     cmd = [binary, "-task", "r", "-train", train_path, "-test", valid_path,
-           "-dim", f"1,1,{k}", "-iter", str(n_iter), "-method", "mcmc",
+           "-dim", f"1,1,{k}", "-iter", str(n_iter), *method,
            "-init_stdev", "0.1", "-seed", str(seed), "-rlog", rlog]
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
@@ -203,6 +207,9 @@ def main():
                         help="comma-separated sampler backends, alternated")
     parser.add_argument("--libfm", default=os.environ.get("LIBFM"),
                         help="libFM binary for the side-by-side run (default: $LIBFM)")
+    parser.add_argument("--als", type=float, nargs="+", default=None, metavar="REG",
+                        help="with --libfm: also libFM's ALS (coordinate descent) at these "
+                             "L2 values, the same seeds, for item 3 of issue #24")
     parser.add_argument("--probit", action="store_true",
                         help="only the probit classifier against the logistic one")
     args = parser.parse_args()
@@ -241,6 +248,11 @@ def main():
                     print(f"libFM mcmc, seed {seed}: validation RMSE {rmse:.4f}, "
                           f"{per_iter:.4f} s per iteration (median user CPU), {wall:.2f} s "
                           f"wall for the whole run", flush=True)
+        for regular in (args.als or []) if args.libfm else []:
+            als = [libfm_run(args.libfm, *paths, args.k, args.n_iter, seed, workdir,
+                             regular)[0] for seed in range(args.seeds)]
+            print(f"libFM als, L2 {regular:g}: validation RMSE {_mean(als):.4f} (seeds "
+                  f"0-{args.seeds - 1}: {', '.join(f'{r:.4f}' for r in als)})", flush=True)
     rmse_default, _, _ = ours(train, valid, args.k, args.n_iter, 1, None, names[0])
     myfm_rmses = []
     if not args.no_myfm:
