@@ -11,6 +11,12 @@ installed, at the same rank, sample count, init_stdev and split.
     python bench/mcmc_frappe.py --libfm PATH --als 0.5 1 2 5  # libFM's ALS beside its MCMC
     python bench/mcmc_frappe.py --libfm /path/to/libFM --seeds 5   # or LIBFM=/path/to/libFM
 
+Before each 2-thread fit the bench runs compare.py's CPU 0/1 probe (bench/core_to_core.c,
+when a C compiler is there) and prints the cache-line latency between the two CPUs
+(about 40 ns on one chiplet, 200 on two) and their floating-point throughput together
+against one alone (2.00 when each has a core to itself): a 2-thread figure means little
+without them on a VM whose vCPUs move.
+
 Each seed's fits alternate the sampler backends (Cython and Numba by default; the
 samples are the same, so are the RMSEs) and libFM, so that a load on the machine falls
 on all of them.
@@ -224,6 +230,10 @@ def main():
     for backend in names:
         ours(train[:200], valid[:10], args.k, 2, 1, backend=backend)  # compile first
     with tempfile.TemporaryDirectory() as workdir:
+        # this folder's (bench/) probe of where the two vCPUs sit, as compare.py prints it
+        from comparison.probes import build_core_probe, core_probe
+
+        probe = build_core_probe(workdir)
         if args.libfm:
             paths = [os.path.join(workdir, name) for name in ("train.libfm", "valid.libfm")]
             write_libfm(train, paths[0])
@@ -232,6 +242,7 @@ def main():
         for threads in (1, 2):
             for seed in range(args.seeds):
                 for backend in names:
+                    latency, flops = core_probe(probe) if threads == 2 else (None, None)
                     rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads,
                                                seed, backend)
                     per_iters.setdefault((backend, threads), []).append(per_iter)
@@ -239,7 +250,10 @@ def main():
                         rmses.append(rmse)
                     print(f"afmfast mcmc ({backend}), {threads} thread(s), seed {seed}: "
                           f"validation RMSE {rmse:.4f}, {per_iter:.4f} s per iteration "
-                          f"(median wall), {cpu:.4f} CPU s per iteration", flush=True)
+                          f"(median wall), {cpu:.4f} CPU s per iteration" + (
+                              "" if latency is None else
+                              f"; CPU 0/1 probe just before: {latency:.0f} ns a cache "
+                              f"line, {flops:.2f}x one CPU's flops"), flush=True)
                 if args.libfm and threads == 1:
                     rmse, per_iter, wall = libfm_run(args.libfm, *paths, args.k,
                                                      args.n_iter, seed, workdir)
