@@ -171,7 +171,7 @@ def score_sums(model, datasets, bounds):
         y = np.asarray(data.y, np.float64)
         out["rows"] += data.n_rows
         if model._is_classifier:
-            p = np.exp(-np.logaddexp(0.0, -scores))
+            p = model._probability(scores)
             out["logloss_sum"] += logloss(y, p) * data.n_rows
             out["correct"] += int(np.sum((scores > 0) == (y > 0)))
             histograms = score_histograms(y, p)
@@ -217,11 +217,11 @@ class ShardWorker:
         labels = None
         label_counts = {}
         if classifier_labels:
-            labels = sorted(set().union(*(np.unique(d.y).tolist()
-                                          for d in self.train + self.valid)))
             for d in self.train:
                 for label, count in zip(*np.unique(d.y, return_counts=True)):
                     label_counts[label.item()] = label_counts.get(label.item(), 0) + int(count)
+            labels = sorted(set(label_counts).union(*(np.unique(d.y).tolist()
+                                                      for d in self.valid)))
         train_ys = [d.y for d in self.train if d.n_rows]
         return {
             "row_lengths": summed_counts([d.row_length_counts() for d in self.train]),
@@ -261,9 +261,8 @@ class ShardWorker:
             # empty row
             sizing = Dataset(np.zeros(2, np.int64), np.zeros(0, np.int32), None,
                              np.zeros(1, np.float32), n_features=n_features)
-        self.trainer = trainer = Trainer(model, sizing, threads=threads)
+        self.trainer = trainer = Trainer(model, sizing, threads=threads, bias=bias)
         trainer.seed = worker_seed(trainer.seed, self.index)
-        trainer.params.dense[0] = bias
         model.n_features_in_ = n_features
         model._threads = threads
         model._backend = trainer.backend

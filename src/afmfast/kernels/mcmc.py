@@ -158,8 +158,8 @@ def draw_scalars(w0, w, V, e, groups, n_groups, seed, iteration, alpha=None):
     rng = scalar_rng(seed, iteration)
     e = np.asarray(e, dtype=np.float64)
     n = e.shape[0]
-    drawn = float(rng.gamma(0.5 * (ALPHA_0 + n), 2.0 / (GAMMA_0 + sum_of_squares(e))))
-    alpha = drawn if alpha is None else float(alpha)
+    if alpha is None:
+        alpha = float(rng.gamma(0.5 * (ALPHA_0 + n), 2.0 / (GAMMA_0 + sum_of_squares(e))))
     k = V.shape[1]
     mu_w, lam_w = np.empty(n_groups), np.empty(n_groups)
     mu_v, lam_v = np.empty((n_groups, k)), np.empty((n_groups, k))

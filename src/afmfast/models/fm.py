@@ -98,8 +98,7 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
                  keep=0.7, batch_norm=True, l2=0.0, optimizer="adagrad",
                  early_stopping=True, patience=None, random_state=2016, n_threads=None,
                  adaptive_threads=True, backend="auto", verbose=1, solver="sgd", n_iter=100,
-                 n_burn_in=0,
-                 init_stdev=0.1):
+                 n_burn_in=0, init_stdev=0.1):
         self._set_constructor_args(locals())
 
     def _validate(self):
@@ -184,7 +183,6 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
         return {"V": (n_features, k), "w": (n_features,), "dense": (1 + 2 * k,),
                 "bn_stats": (2, k)}
 
-
     def _header_extras(self):
         extras = super()._header_extras()
         if self.solver == "mcmc":
@@ -204,7 +202,7 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
 
 class FMClassifier(BinaryClassifier, *CLASSIFIER_BASES, FM):
     """Factorization Machine for binary targets: the same model and arguments as ``FM``
-    (see there), trained with the logistic loss.
+    (see there), trained with the logistic loss (``solver="mcmc"``: the probit model).
 
     Labels are any two values (numbers, strings or booleans), kept sorted in
     ``classes_``; the second class is the positive one. ``predict`` returns labels,

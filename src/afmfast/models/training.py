@@ -83,6 +83,8 @@ class Trainer:
     adaptive : bool, optional
         Let runs use fewer threads while that is faster (default: the model's
         ``adaptive_threads``).
+    bias : float, optional
+        w0's start (default: the model's ``_initial_bias`` of ``train``'s labels).
 
     New parameter tables are drawn from the model's seed and become ``model._params``:
     the trainer updates the model's own arrays, so the model predicts with the live
@@ -103,7 +105,7 @@ class Trainer:
 
     def __init__(self, model: FactorizationModel, train: Dataset, *,
                  threads: int | None = None, backend: str | None = None,
-                 adaptive: bool | None = None):
+                 adaptive: bool | None = None, bias: float | None = None):
         self.model = model
         self.backend = backends.get_backend(model.backend if backend is None else backend,
                                             model._model)
@@ -112,7 +114,10 @@ class Trainer:
         self.planner = RunPlanner(self.threads, adaptive=bool(
             model.adaptive_threads if adaptive is None else adaptive))
         self.params = model._new_params(train.n_features, np.random.default_rng(self.seed))
-        self.params.dense[0] = model._initial_bias(label_sum(train), train.n_rows)
+        # w0's start: the model's _initial_bias of train's labels unless given (a Dask
+        # worker's, over every worker's rows)
+        self.params.dense[0] = (model._initial_bias(label_sum(train), train.n_rows)
+                                if bias is None else bias)
         self.state = new_opt_state(self.params, OPTIMIZER_CODES[model.optimizer])
         self.workspace = model._new_workspace(self.backend, train)
         # last: a set-up that fails (memory) leaves a fitted model's parameters alone
