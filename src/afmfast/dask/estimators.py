@@ -3,8 +3,11 @@
 
 The driver (this module, in the client's process) places one ``ShardWorker`` actor on
 every worker, hands each its shards (paths; the workers open the stores themselves),
-and runs the epochs as rounds: every worker trains ``sync_every`` batches, then the
-workers average their parameters among themselves (``afmfast.dask.averaging``). After
+and runs the epochs as rounds: every worker trains ``sync_every`` batches (the last
+round of an epoch what is left), then the workers average their parameters among themselves (``afmfast.dask.averaging``). The driver
+starts an epoch's rounds with one call per worker and takes their records at the end
+of the epoch: the workers synchronise among themselves, with no driver round trip
+between two rounds. After
 each epoch the workers score their validation shards and the driver adds the sums up,
 so early stopping and the best-epoch restore work as in a single process. The fitted
 local estimator (``to_local()``) is an ordinary ``afmfast.FM`` / ``AFM`` / classifier.
@@ -67,6 +70,18 @@ class WorkerLostError(RuntimeError):
     def __init__(self, message, syncs_done=0):
         super().__init__(message)
         self.syncs_done = syncs_done
+
+
+def rounds_per_epoch(batches: int, sync_every: int) -> int:
+    """Synchronisations in an epoch whose busiest worker has ``batches`` batches: one
+    after every ``sync_every`` batches and one at the end of the epoch, at least one.
+
+    Examples
+    --------
+    >>> rounds_per_epoch(391, 64), rounds_per_epoch(384, 64), rounds_per_epoch(0, 64)
+    (7, 6, 1)
+    """
+    return max(1, -(-batches // sync_every))
 
 
 def _paths(X, name):
@@ -162,12 +177,13 @@ class _Fit:
         why = f" ({exc})" if exc is not None else ""
         return WorkerLostError(
             f"worker {', '.join(lost)} was lost during the fit{why}; the model keeps the "
-            f"parameters of the last synchronisation (the {self.syncs_done}th). Fit again "
-            f"with init_from=model.to_local() to go on.", self.syncs_done)
+            f"parameters of the last synchronisation. Fit again with "
+            f"init_from=model.to_local() to go on.", self.syncs_done)
 
     def survivor_params(self):
-        """The last synchronised parameters from the first surviving worker (None if
-        none answers), after telling every worker to stop waiting."""
+        """The last synchronised parameters from the first surviving worker and the
+        rounds they include (None if none answers), after telling every worker to stop
+        waiting."""
         client = self.client
 
         async def run():
@@ -400,14 +416,17 @@ class DaskModel:
         except BaseException as exc:
             # every worker stops waiting for its peers (a worker thread left waiting
             # would block the next fit's actors on that worker)
-            params = fit.survivor_params()
+            synced = fit.survivor_params()
             keep = isinstance(exc, (WorkerLostError, TrainingDivergedError, Aborted,
                                     KeyboardInterrupt))
-            if keep and params is not None:
+            if keep and synced is not None:
+                params, rounds = synced
                 self._finish(local, params)
-                if not isinstance(exc, WorkerLostError) and hasattr(exc, "add_note"):
+                if isinstance(exc, WorkerLostError):
+                    exc.syncs_done = rounds
+                if hasattr(exc, "add_note"):
                     exc.add_note(f"afmfast.dask: the model keeps the parameters of the "
-                                 f"last synchronisation ({fit.syncs_done} done).")
+                                 f"last synchronisation ({rounds} done).")
             raise
         finally:
             fit.close()
@@ -452,15 +471,14 @@ class DaskModel:
         round_id = 0
         for epoch in range(1, local.n_epochs + 1):
             t0 = time.perf_counter()
-            rows = sum(fit.wait([a.begin_epoch(epoch) for a in fit.actors]))
-            loss_sum, syncs, sent, waited = 0.0, 0, 0, 0.0
-            while True:
-                round_id += 1
-                t = time.perf_counter()
-                records = fit.wait([a.round(self.sync_every, round_id)
+            sizes = fit.wait([a.begin_epoch(epoch) for a in fit.actors])
+            rows = sum(size["rows"] for size in sizes)
+            syncs = rounds_per_epoch(max(size["batches"] for size in sizes), self.sync_every)
+            per_worker = fit.wait([a.run_epoch(syncs, self.sync_every, round_id + 1)
                                     for a in fit.actors])
-                fit.syncs_done += 1
-                syncs += 1
+            loss_sum, sent, waited = 0.0, 0, 0.0
+            for records in zip(*per_worker):
+                round_id += 1
                 entry = {"epoch": epoch, "round": round_id,
                          "batches": sum(r["batches"] for r in records),
                          "bytes": sum(r["bytes"] for r in records),
@@ -468,15 +486,14 @@ class DaskModel:
                          "train_seconds": max(r["train_seconds"] for r in records),
                          "train_cpu_seconds": max(r["train_cpu_seconds"] for r in records),
                          "merge_seconds": max(r["merge_seconds"] for r in records),
-                         "seconds": time.perf_counter() - t}
+                         "seconds": max(r["seconds"] for r in records)}
                 self.sync_log_.append(entry)
                 LOG.debug("sync %d (epoch %d): %d bytes sent, %.4f s waiting", round_id,
                           epoch, entry["bytes"], entry["wait_seconds"])
                 loss_sum += sum(r["loss_sum"] for r in records)
                 sent += entry["bytes"]
                 waited += entry["wait_seconds"]
-                if all(r["done"] for r in records):
-                    break
+            fit.syncs_done = round_id
             t1 = time.perf_counter()
             sums = fit.wait([a.score(bounds) for a in fit.actors])
             if not all(s["finite"] for s in sums):

@@ -187,8 +187,9 @@ def score_sums(model, datasets, bounds):
 class ShardWorker:
     """A Dask actor training one model on this worker's shards (see the module
     docstring). The driver (``afmfast.dask.estimators``) calls, in order: ``open``,
-    ``start``, then per epoch ``begin_epoch``, ``round`` until the epoch is done,
-    ``score`` and ``keep_epoch``; ``params`` at the end. Construction does nothing, so
+    ``start``, then per epoch ``begin_epoch``, ``run_epoch`` (all of the epoch's
+    rounds: one call, so that the driver is no party to a synchronisation), ``score``
+    and ``keep_epoch``; ``params`` at the end. Construction does nothing, so
     that Dask recomputing a lost actor elsewhere costs nothing.
 
     Examples
@@ -199,7 +200,10 @@ class ShardWorker:
 
     def __init__(self):
         self.model = None
-        self._payload, self._round, self._abort = None, 0, False
+        # this worker's payloads by round, the last two: a peer may still ask for the
+        # previous round's while this worker has exported the next one's
+        self._payloads, self._abort = {}, False
+        self._synced_rounds = 0  # rounds whose result the snapshot holds
         self._synced = self._best = None
 
     # ----- set-up ------------------------------------------------------------------------
@@ -280,12 +284,13 @@ class ShardWorker:
         self.merge_rule = merge
         self._count = np.zeros(n_features, np.int32)  # merge scratch
         # the last synchronisation's tables, updated row by row at each synchronisation
-        self._synced_rows = [np.array(t) for t in self.rows]
+        self._synced_rows = tuple(np.array(t) for t in self.rows)
         self._synced_dense = [t.copy() for t in self.dense]
         self._synced = self._synced_params()
         trainer._last_good = self._synced  # a divergence restores the last synchronisation
         self.step = 0
         self._pieces = iter(())
+        self._epoch_batches = 0
         if self.n_workers > 1:
             # compile the merge (or load it from Numba's cache) now rather than inside
             # the first round, whose timing the sync log reports: merging this
@@ -295,12 +300,29 @@ class ShardWorker:
     # ----- training ----------------------------------------------------------------------
     def begin_epoch(self, epoch):
         """Start ``epoch``: the shards in a seeded order, each in its own epoch order
-        (windowed for memory-mapped stores); returns this worker's rows."""
+        (windowed for memory-mapped stores); returns this worker's rows and batches."""
         self.epoch = epoch
         order = np.random.default_rng([self.trainer.seed, epoch]).permutation(len(self.train))
         self._pieces = self._epoch_pieces([int(s) for s in order])
         self._pending = None
-        return sum(d.n_rows for d in self.train)
+        bs = self.model.batch_size
+        # a shard's last batch may be short: batch_size counts whole batches per shard
+        self._epoch_batches = sum(-(-d.n_rows // min(bs, d.n_rows))
+                                  for d in self.train if d.n_rows)
+        return {"rows": sum(d.n_rows for d in self.train), "batches": self._epoch_batches}
+
+    def run_epoch(self, n_rounds, sync_every, first_round):
+        """Train the epoch begun by ``begin_epoch`` in ``n_rounds`` rounds (every worker
+        of the fit runs the same number) of ``sync_every`` batches each (fewer, or
+        none, once this worker's batches run out), each round ending with a
+        synchronisation; the rounds are numbered from ``first_round``. Returns the
+        rounds' records (``round``'s)."""
+        # fixed-size rounds, the last one short: the epoch ends, where the model is
+        # scored and kept, with the least staleness (an even spread of the batches
+        # over the rounds was less accurate: docs/distributed.md)
+        total = self._epoch_batches
+        return [self.round(max(0, min(sync_every, total - r * sync_every)),
+                           first_round + r) for r in range(n_rounds)]
 
     def _epoch_pieces(self, order):
         bs_model = self.model.batch_size
@@ -316,8 +338,12 @@ class ShardWorker:
         """Train up to ``n_batches`` batches of the epoch, then synchronise with the
         other workers. Returns the round's record: loss sum, batches, rows, whether the
         epoch is done, seconds training (wall, and this thread's CPU), seconds waiting
-        for peers, bytes received, seconds merging."""
+        for peers, bytes received, seconds merging, and the round's seconds in all."""
         t0, cpu0 = time.perf_counter(), time.thread_time()
+        # ask the peers for their payloads now: each request waits on its peer until
+        # the payload is ready, so it is sent as soon as it is, not one request's
+        # latency after this worker's training ends
+        requests = self._request_payloads(round_id) if self.n_workers > 1 else None
         loss_sum, batches, rows_done = self._train(n_batches)
         t1 = time.perf_counter()
         done = self._pending is None and self._peek() is None
@@ -330,10 +356,12 @@ class ShardWorker:
         if self.n_workers > 1:
             ids = self.touched.take()
             payload = averaging.export(self.rows, self.dense, ids, batches)
-            self._payload, self._round = payload, round_id
-            payloads, waited, received = self._fetch(round_id, payload)
+            self._payloads[round_id] = payload
+            self._payloads.pop(round_id - 2, None)
+            payloads, waited, received = self._fetch(requests, payload)
             t2 = time.perf_counter()
             self._merge(payloads)
+            self._synced_rounds = round_id
             record.update(wait_seconds=waited, bytes=received,
                           merge_seconds=time.perf_counter() - t2)
         elif done:
@@ -341,6 +369,8 @@ class ShardWorker:
             # or a lost worker falls back to) is taken once an epoch, as a single
             # process keeps its last good epoch, instead of copying rows every round
             self._commit(self.touched.take())
+            self._synced_rounds = round_id
+        record["seconds"] = time.perf_counter() - t0
         return record
 
     def _merge(self, payloads):
@@ -378,13 +408,18 @@ class ShardWorker:
             rows_done += len(piece)
         return loss_sum, batches, rows_done
 
-    def _fetch(self, round_id, own):
-        """Every worker's payload of round ``round_id``, in worker order; the seconds
-        spent waiting for them and the bytes received."""
+    def _request_payloads(self, round_id):
+        """The peers' payloads of round ``round_id``, asked for: {worker index: a
+        future}."""
+        return {i: _call(peer.payload, round_id) for i, peer in enumerate(self.peers)
+                if i != self.index}
+
+    def _fetch(self, futures, own):
+        """Every worker's payload, in worker order (``futures``: the peers' requests;
+        ``own``: this worker's); the seconds spent waiting for them and the bytes
+        received."""
         t = time.perf_counter()
         peers = self.peers
-        futures = {i: _call(peer.payload, round_id) for i, peer in enumerate(peers)
-                   if i != self.index}
         payloads = []
         for i in range(len(peers)):
             if i == self.index:
@@ -423,12 +458,12 @@ class ShardWorker:
     async def payload(self, round_id):
         """This worker's payload of round ``round_id``, once it is ready (an async
         method: it runs on the worker's event loop, so peers get it while this
-        worker's actor thread waits for theirs)."""
-        while self._round < round_id or self._payload is None:
+        worker's actor thread trains or waits for theirs)."""
+        while round_id not in self._payloads:
             if self._abort:
                 raise Aborted(f"{_address()}: the fit was stopped by the driver")
             await asyncio.sleep(0.001)
-        return self._payload
+        return self._payloads[round_id]
 
     async def abort(self):
         """Make a worker waiting for its peers give up (the driver lost a worker)."""
@@ -455,10 +490,12 @@ class ShardWorker:
         return dict(zip(source._fields, source))
 
     async def synced_params(self):
-        """The last synchronised parameters, answered on the event loop even while the
-        actor thread is stuck waiting for a lost peer."""
-        return None if self._synced is None else dict(zip(self._synced._fields,
-                                                          self._synced))
+        """The last synchronised parameters and the number of rounds they include
+        (``(arrays by name, rounds)``; None before ``start``), answered on the event
+        loop even while the actor thread is stuck waiting for a lost peer."""
+        if self._synced is None:
+            return None
+        return dict(zip(self._synced._fields, self._synced)), self._synced_rounds
 
     def restore(self, which):
         """Copy the "best" or "synced" snapshot into the live parameters (and, for
