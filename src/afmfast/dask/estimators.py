@@ -460,8 +460,10 @@ class DaskModel:
         else:
             bias = local._initial_bias(sum(info["label_sum"] for info in infos), rows)
         row_lengths = summed_counts([info["row_lengths"] for info in infos])
-        fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes, self.merge,
-                          bias, row_lengths) for i, a in enumerate(fit.actors)])
+        batches = fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes,
+                                    self.merge, bias, row_lengths)
+                            for i, a in enumerate(fit.actors)])
+        syncs = rounds_per_epoch(max(batches), self.sync_every)
         local.n_features_in_ = n_features
         self.n_workers_ = n
         self.workers_ = [info["address"] for info in infos]
@@ -469,15 +471,17 @@ class DaskModel:
         sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
         best_valid, history, best_epoch = -math.inf, [], 0
         round_id = 0
+        # a best epoch's snapshot is taken at the start of the next epoch's call (or by
+        # keep_epoch after the last): one driver round trip an epoch
+        keep = False
         for epoch in range(1, local.n_epochs + 1):
             t0 = time.perf_counter()
-            sizes = fit.wait([a.begin_epoch(epoch) for a in fit.actors])
-            rows = sum(size["rows"] for size in sizes)
-            syncs = rounds_per_epoch(max(size["batches"] for size in sizes), self.sync_every)
-            per_worker = fit.wait([a.run_epoch(syncs, self.sync_every, round_id + 1)
-                                    for a in fit.actors])
+            results = fit.wait([a.run_epoch(epoch, syncs, self.sync_every, round_id + 1,
+                                            bounds, keep) for a in fit.actors])
+            # the epoch's seconds without the scoring, which each worker timed
+            seconds = time.perf_counter() - t0 - max(r["score_seconds"] for r in results)
             loss_sum, sent, waited = 0.0, 0, 0.0
-            for records in zip(*per_worker):
+            for records in zip(*(r["records"] for r in results)):
                 round_id += 1
                 entry = {"epoch": epoch, "round": round_id,
                          "batches": sum(r["batches"] for r in records),
@@ -494,8 +498,7 @@ class DaskModel:
                 sent += entry["bytes"]
                 waited += entry["wait_seconds"]
             fit.syncs_done = round_id
-            t1 = time.perf_counter()
-            sums = fit.wait([a.score(bounds) for a in fit.actors])
+            sums = [r["score"] for r in results]
             if not all(s["finite"] for s in sums):
                 raise TrainingDivergedError(
                     f"training diverged in epoch {epoch}: the parameters or the validation "
@@ -504,7 +507,7 @@ class DaskModel:
             metrics = _metrics(local, sums) if valid else dict.fromkeys(local._task_metrics)
             record = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1)}
             record.update((f"valid_{k}", v) for k, v in metrics.items())
-            record.update(seconds=t1 - t0, syncs=syncs, sync_bytes=sent,
+            record.update(seconds=seconds, syncs=syncs, sync_bytes=sent,
                           sync_wait_seconds=waited)
             history.append(record)
             improved = not valid or sign * metrics[monitor] > best_valid
@@ -512,8 +515,9 @@ class DaskModel:
                 best_epoch = epoch
                 if valid:
                     best_valid = sign * metrics[monitor]
-            fit.wait([a.keep_epoch(improved) for a in fit.actors])
-            line = f"Epoch {epoch} [{t1 - t0:.1f} s, {syncs} syncs]\ttrain loss=" \
+            # without validation the best epoch is the last one, the live parameters
+            keep = improved and valid
+            line = f"Epoch {epoch} [{seconds:.1f} s, {syncs} syncs]\ttrain loss=" \
                    f"{record['train_loss']:.4f}"
             if valid:
                 line += f", validation {monitor}={metrics[monitor]:.4f}"
@@ -527,7 +531,9 @@ class DaskModel:
                 break
             if any([bool(callback(self, record)) for callback in callbacks]):
                 break
-        restore = local.early_stopping or not valid
+        if keep:
+            fit.wait([a.keep_epoch(True) for a in fit.actors])
+        restore = local.early_stopping and valid
         which = "best" if restore and best_epoch else "live"
         final = fit.wait([fit.actors[0].params(which)])[0]
         local.history_ = history

@@ -187,9 +187,10 @@ def score_sums(model, datasets, bounds):
 class ShardWorker:
     """A Dask actor training one model on this worker's shards (see the module
     docstring). The driver (``afmfast.dask.estimators``) calls, in order: ``open``,
-    ``start``, then per epoch ``begin_epoch``, ``run_epoch`` (all of the epoch's
-    rounds: one call, so that the driver is no party to a synchronisation), ``score``
-    and ``keep_epoch``; ``params`` at the end. Construction does nothing, so
+    ``start``, then ``run_epoch`` once per epoch (all of the epoch's rounds and its
+    scoring in one call: the workers synchronise among themselves, and the driver's
+    round trip is paid once an epoch, not once a round), ``keep_epoch``
+    after the last epoch; ``params`` at the end. Construction does nothing, so
     that Dask recomputing a lost actor elsewhere costs nothing.
 
     Examples
@@ -248,7 +249,8 @@ class ShardWorker:
         are the actors of every
         worker of the fit, in worker order; ``classes`` (a classifier's two labels)
         relabels the rows as the kernels' 0/1 targets; ``merge`` is the estimator's
-        merge rule ("sum" or "mean", ``afmfast.dask.averaging.merge``)."""
+        merge rule ("sum" or "mean", ``afmfast.dask.averaging.merge``). Returns this
+        worker's batches per epoch."""
         model = self.model
         self.peers = peers
         data = [d.with_n_features(n_features) for d in self.train]
@@ -290,28 +292,42 @@ class ShardWorker:
         trainer._last_good = self._synced  # a divergence restores the last synchronisation
         self.step = 0
         self._pieces = iter(())
-        self._epoch_batches = 0
+        bs = model.batch_size
+        # a shard's last batch may be short: batch_size counts whole batches per shard
+        self._epoch_batches = sum(-(-d.n_rows // min(bs, d.n_rows)) for d in data if d.n_rows)
         if self.n_workers > 1:
             # compile the merge (or load it from Numba's cache) now rather than inside
             # the first round, whose timing the sync log reports: merging this
             # worker's own untrained payload changes nothing
             self._merge([averaging.export(self.rows, self.dense, np.zeros(0, np.int32), 0)])
+        return self._epoch_batches
 
     # ----- training ----------------------------------------------------------------------
+    def run_epoch(self, epoch, n_rounds, sync_every, first_round, bounds, keep_previous):
+        """One epoch: snapshot the parameters as the best epoch's first if
+        ``keep_previous`` (the driver found the previous epoch improved), train the
+        epoch's ``n_rounds`` rounds (``train_rounds``), numbered from ``first_round``,
+        then score the validation shards (``score``, with ``bounds``). Returns
+        {"records": the rounds' records, "score": the sums, "seconds": the seconds
+        training, "score_seconds": the seconds scoring}."""
+        self.keep_epoch(keep_previous)
+        t0 = time.perf_counter()
+        self.begin_epoch(epoch)
+        records = self.train_rounds(n_rounds, sync_every, first_round)
+        t1 = time.perf_counter()
+        score = self.score(bounds)
+        return {"records": records, "score": score, "seconds": t1 - t0,
+                "score_seconds": time.perf_counter() - t1}
+
     def begin_epoch(self, epoch):
         """Start ``epoch``: the shards in a seeded order, each in its own epoch order
-        (windowed for memory-mapped stores); returns this worker's rows and batches."""
+        (windowed for memory-mapped stores)."""
         self.epoch = epoch
         order = np.random.default_rng([self.trainer.seed, epoch]).permutation(len(self.train))
         self._pieces = self._epoch_pieces([int(s) for s in order])
         self._pending = None
-        bs = self.model.batch_size
-        # a shard's last batch may be short: batch_size counts whole batches per shard
-        self._epoch_batches = sum(-(-d.n_rows // min(bs, d.n_rows))
-                                  for d in self.train if d.n_rows)
-        return {"rows": sum(d.n_rows for d in self.train), "batches": self._epoch_batches}
 
-    def run_epoch(self, n_rounds, sync_every, first_round):
+    def train_rounds(self, n_rounds, sync_every, first_round):
         """Train the epoch begun by ``begin_epoch`` in ``n_rounds`` rounds (every worker
         of the fit runs the same number) of ``sync_every`` batches each (fewer, or
         none, once this worker's batches run out), each round ending with a
