@@ -24,7 +24,7 @@ from afmfast.dask import (  # noqa: E402
     ShardError,
     WorkerLostError,
 )
-from afmfast.dask.averaging import Payload, merge_into  # noqa: E402
+from afmfast.dask.averaging import Payload, merge_into, to_bfloat16  # noqa: E402
 from afmfast.demo import make_demo_data  # noqa: E402
 from helpers.paths import FRAPPE  # noqa: E402
 
@@ -92,11 +92,12 @@ def test_import_afmfast_does_not_import_dask(tmp_path):
 
 def test_merge_averages_rows_over_the_workers_that_touched_them():
     # worker 0 touched rows 1 and 3, worker 1 rows 3 and 4; worker 2 trained nothing
-    p0 = Payload(np.array([1, 3], np.int32), (np.array([[2.0], [4.0]], np.float32),),
+    # (the rows start at 1: the payloads carry the changes 2 - 1, 4 - 1, ...)
+    p0 = Payload(np.array([1, 3], np.int32), (to_bfloat16([[1.0], [3.0]]),),
                  (np.array([1.0, 1.0], np.float32),), 3)
-    p1 = Payload(np.array([3, 4], np.int32), (np.array([[8.0], [6.0]], np.float32),),
+    p1 = Payload(np.array([3, 4], np.int32), (to_bfloat16([[7.0], [5.0]]),),
                  (np.array([3.0, 5.0], np.float32),), 2)
-    idle = Payload(np.zeros(0, np.int32), (np.zeros((0, 1), np.float32),),
+    idle = Payload(np.zeros(0, np.int32), (np.zeros((0, 1), np.uint16),),
                    (np.array([100.0, 100.0], np.float32),), 0)
     for rule, row3, dense in ((None, 6.0, [2.0, 3.0]), (([True], [True]), 11.0, [3.0, 5.0])):
         V = np.full((6, 1), 1.0, np.float32)

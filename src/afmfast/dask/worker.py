@@ -299,7 +299,8 @@ class ShardWorker:
             # compile the merge (or load it from Numba's cache) now rather than inside
             # the first round, whose timing the sync log reports: merging this
             # worker's own untrained payload changes nothing
-            self._merge([averaging.export(self.rows, self.dense, np.zeros(0, np.int32), 0)])
+            self._merge([averaging.export(self.rows, self._synced_rows, self.dense,
+                                          np.zeros(0, np.int32), 0)])
         return self._epoch_batches
 
     # ----- training ----------------------------------------------------------------------
@@ -371,7 +372,7 @@ class ShardWorker:
                   "bytes": 0, "merge_seconds": 0.0}
         if self.n_workers > 1:
             ids = self.touched.take()
-            payload = averaging.export(self.rows, self.dense, ids, batches)
+            payload = averaging.export(self.rows, self._synced_rows, self.dense, ids, batches)
             self._payloads[round_id] = payload
             self._payloads.pop(round_id - 2, None)
             payloads, waited, received = self._fetch(requests, payload)
