@@ -10,8 +10,8 @@ same payloads in the same order (worker index), so all of them end with bit-iden
 tables (``merge_into`` says how).
 
 The row changes travel as bfloat16 (the top half of a float32: its exponent range and 8
-bits of mantissa, rounded to nearest even): half the bytes to gather, send and merge,
-and a relative error of at most 2^-9 on each change, far below the noise of the
+significant bits, rounded to nearest even): half the bytes to gather, send and merge,
+and a relative error of at most 2^-8 on each change, far below the noise of the
 stochastic gradients that made it. A worker applies its own change in that rounded
 form too, so the tables stay identical on every worker. Dense tables are small and
 travel as float32.
@@ -79,7 +79,7 @@ def from_bfloat16(bits) -> np.ndarray:
 
     Examples
     --------
-    >>> from_bfloat16(to_bfloat16([0.5, 3.0, -1e30])).tolist()  # -1e30: 8 bits of mantissa
+    >>> from_bfloat16(to_bfloat16([0.5, 3.0, -1e30])).tolist()  # 8 significant bits
     [0.5, 3.0, -1.0002555517425873e+30]
     """
     bits = np.asarray(bits, np.uint16)
