@@ -8,6 +8,7 @@ installed, at the same rank, sample count, init_stdev and split.
     python bench/mcmc_frappe.py --no-myfm       # skip the myFM comparison
     python bench/mcmc_frappe.py --backends numba  # one sampler backend only
     python bench/mcmc_frappe.py --probit        # the probit classifier (labels y > 0)
+    python bench/mcmc_frappe.py --ceiling       # + two 1-thread fits at once (2-CPU bound)
     python bench/mcmc_frappe.py --libfm PATH --als 0.5 1 2 5  # libFM's ALS beside its MCMC
     python bench/mcmc_frappe.py --libfm /path/to/libFM --seeds 5   # or LIBFM=/path/to/libFM
 
@@ -92,6 +93,21 @@ def ours(train, valid, k, n_iter, threads, seed=2016, backend="numba"):
     cpu = time.process_time() - t
     per_iter = statistics.median(r["seconds"] for r in model.history_)
     return model.evaluate(valid)["rmse"], per_iter, cpu / n_iter
+
+
+def _timed_fit(args):
+    return ours(*args)[1]
+
+
+def ceiling(train, valid, k, n_iter, backend):
+    """Median wall seconds per iteration of two 1-thread fits run at the same time in
+    two processes (spawned, each with its own copy of the data)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_timed_fit, [(train[:200], valid[:10], k, 2, 1, 0, backend)] * 2)  # compile
+        return pool.map(_timed_fit, [(train, valid, k, n_iter, 1, seed, backend)
+                                     for seed in (0, 1)])
 
 
 def _import_myfm():
@@ -216,6 +232,9 @@ def main():
     parser.add_argument("--als", type=float, nargs="+", default=None, metavar="REG",
                         help="with --libfm: also libFM's ALS (coordinate descent) at these "
                              "L2 values, the same seeds, for item 3 of issue #24")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also two 1-thread fits at once in two processes: what the "
+                             "two vCPUs give together, the bound on the 2-thread speed-up")
     parser.add_argument("--probit", action="store_true",
                         help="only the probit classifier against the logistic one")
     args = parser.parse_args()
@@ -239,8 +258,9 @@ def main():
             write_libfm(train, paths[0])
             write_libfm(valid, paths[1])
         rmses, per_iters, libfm_rmses, libfm_per_iters = [], {}, [], []
-        for threads in (1, 2):
-            for seed in range(args.seeds):
+        # 1 and 2 threads alternate fit by fit, so that a change of load falls on both
+        for seed in range(args.seeds):
+            for threads in (1, 2):
                 for backend in names:
                     latency, flops = core_probe(probe) if threads == 2 else (None, None)
                     rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads,
@@ -262,6 +282,13 @@ def main():
                     print(f"libFM mcmc, seed {seed}: validation RMSE {rmse:.4f}, "
                           f"{per_iter:.4f} s per iteration (median user CPU), {wall:.2f} s "
                           f"wall for the whole run", flush=True)
+        if args.ceiling:
+            pair = ceiling(train, valid, args.k, args.n_iter, names[0])
+            one = statistics.median(per_iters[names[0], 1])
+            print(f"two 1-thread fits ({names[0]}) at once, in two processes: "
+                  f"{pair[0]:.4f} and {pair[1]:.4f} s per iteration (median wall), "
+                  f"against {one:.4f} alone: the most that 2 threads can give here now "
+                  f"is {2 * one / max(pair):.2f}x", flush=True)
         for regular in (args.als or []) if args.libfm else []:
             als = [libfm_run(args.libfm, *paths, args.k, args.n_iter, seed, workdir,
                              regular)[0] for seed in range(args.seeds)]
