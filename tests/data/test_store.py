@@ -331,7 +331,7 @@ def test_models_train_from_a_store_as_from_memory(tmp_path, monkeypatch, cls, kw
 # ----- the windowed epoch order of memory-mapped data -----------------------------------
 from afmfast.kernels.backends import available_backends, get_backend  # noqa: E402
 from afmfast.models import epoch_order  # noqa: E402
-from afmfast.models.training import Trainer  # noqa: E402
+from afmfast.models.training import Trainer, _whole_batches  # noqa: E402
 from helpers.paths import FRAPPE  # noqa: E402
 
 
@@ -363,6 +363,32 @@ def test_windowed_order_is_a_permutation_for_any_threads_and_backend(n_rows):
         again = np.concatenate(list(epoch_order.windowed_order(
             data, 7, 4, shuffle, block_rows=16, window_blocks=3)))
         assert not np.array_equal(again, orders[0])
+
+
+@pytest.mark.parametrize("n_rows", [1, 47, 1000])
+def test_windows_in_reused_buffers_are_the_same_order(n_rows):
+    """reuse=True writes the windows into three buffers: each window, taken when the
+    generator yields it, is the one reuse=False gives; and the batches regrouped
+    across the windows' ends (_whole_batches) survive the buffers' reuse."""
+    data = afmfast.Dataset(np.zeros(n_rows + 1, np.int64), [], [], np.zeros(n_rows))
+    module = get_backend(available_backends()[0], "fm")
+
+    def shuffle(n, seed, key, out=None):
+        return module.shuffled_rows(n, seed, key, 1, out=out)
+
+    def windows(reuse):
+        return epoch_order.windowed_order(data, 7, 3, shuffle, block_rows=10,
+                                          window_blocks=3, reuse=reuse)
+
+    fresh = list(windows(False))
+    reused = [w.copy() for w in windows(True)]
+    assert len(fresh) == len(reused)
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, reused))
+    whole = np.concatenate(fresh)
+    for batch in (1, 7, 16, 64):
+        pieces = [p.copy() for p in _whole_batches(windows(True), batch)]
+        assert all(len(p) % batch == 0 for p in pieces[:-1])
+        np.testing.assert_array_equal(np.concatenate(pieces), whole)
 
 
 @pytest.mark.parametrize("backend", available_backends())

@@ -73,3 +73,18 @@ def test_bad_arguments_name_themselves(module):
         module.shuffled_rows(-1, 1, 1, 1)
     with pytest.raises(ValueError, match="n_threads"):
         module.shuffled_rows(10, 1, 1, 0)
+
+
+@pytest.mark.parametrize("n_rows", (0, 10, 50_003))
+def test_the_order_goes_into_a_callers_buffer(module, n_rows):
+    out = np.full(n_rows + 3, -1, np.int64)[:n_rows]  # a view: the buffer's start
+    order = module.shuffled_rows(n_rows, 2016, 3, 2, out=out)
+    assert order is out
+    assert np.array_equal(out, api.shuffled_rows_reference(n_rows, 2016, 3))
+    bad = [np.empty(n_rows, np.int32), np.empty(n_rows + 1, np.int64),
+           np.empty(2 * n_rows + 2, np.int64)[::2][:n_rows + 1], [0] * n_rows]
+    readonly = np.empty(n_rows, np.int64)
+    readonly.flags.writeable = False
+    for buffer in bad + [readonly] * (n_rows > 0):
+        with pytest.raises(ValueError, match="out must be a writable C-contiguous int64"):
+            module.shuffled_rows(n_rows, 2016, 3, 1, out=buffer)

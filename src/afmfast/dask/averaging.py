@@ -54,7 +54,13 @@ class Payload(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays (what goes over the network to each peer)."""
+        """Bytes of the arrays (what goes over the network to each peer).
+
+        Examples
+        --------
+        >>> Payload(np.zeros(2, np.int32), (np.zeros((2, 4), np.uint16),), (), 1).nbytes
+        24
+        """
         return int(self.ids.nbytes + sum(a.nbytes for a in self.deltas)
                    + sum(a.nbytes for a in self.dense))
 

@@ -348,7 +348,8 @@ class ShardWorker:
             if data.n_rows == 0:
                 continue
             bs = min(bs_model, data.n_rows)
-            for rows in _whole_batches(self.trainer.epoch_segments(data, self.epoch), bs):
+            for rows in _whole_batches(self.trainer.epoch_segments(data, self.epoch,
+                                                                   reuse=True), bs):
                 yield s, rows
 
     def round(self, n_batches, round_id):

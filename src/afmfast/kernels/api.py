@@ -35,8 +35,9 @@ Backend functions
         of batches run. fit runs its epochs this way.
     fm_predict(X, params, batch_norm, n_threads, out): out (n_rows,) DTYPE receives the raw
         scores (no dropout, batch norm with running statistics). Ids >= M are skipped.
-    shuffled_rows(n_rows, seed, epoch, n_threads) -> int64 (n_rows,): the epoch order
-        (below).
+    shuffled_rows(n_rows, seed, epoch, n_threads, out=None) -> int64 (n_rows,): the epoch
+        order (below), written into out when given (``order_buffer``'s checks), so that
+        an epoch's windows reuse one buffer.
     track_touched(ws, marks) -> workspace: from then on, every batch that the returned
         workspace trains (fm_step/fm_steps, afm_step/afm_steps) sets marks[j] = 1 for
         each feature j it touches; marks is a writable C-contiguous uint8 (M,) array,
@@ -161,6 +162,32 @@ def aligned_empty(shape, dtype, offset=0):
     Example: ``V = aligned_empty((5382, 16), np.float32)``.
     """
     return _aligned(np.empty, shape, dtype, offset)
+
+
+def order_buffer(out, n_rows: int) -> np.ndarray:
+    """Where ``shuffled_rows`` writes the order of ``n_rows`` rows: a new cache-aligned
+    int64 array when ``out`` is None, else ``out`` itself once checked (a writable
+    C-contiguous int64 NumPy array of ``n_rows`` entries; anything else is a
+    ValueError, so that no backend writes past a caller's buffer).
+
+    Examples
+    --------
+    >>> order_buffer(None, 3).shape, order_buffer(np.empty(2, np.int64), 2).shape
+    ((3,), (2,))
+    >>> order_buffer(np.empty(2, np.int32), 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: out must be a writable C-contiguous int64 array of 2 entries, got int32 (2,)
+    """
+    if out is None:
+        return aligned_empty((n_rows,), np.int64)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.ndim == 1
+            and out.shape[0] == n_rows and out.flags.c_contiguous and out.flags.writeable):
+        got = (f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray)
+               else type(out).__name__)
+        raise ValueError(f"out must be a writable C-contiguous int64 array of {n_rows} "
+                         f"entries, got {got}")
+    return out
 
 
 def aligned_zeros(shape, dtype):

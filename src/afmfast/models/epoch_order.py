@@ -15,6 +15,14 @@
   and training overlap.
 
 ``fit`` chooses by ``Dataset.memory_mapped``; ``order_segments`` makes the choice.
+
+With ``reuse=True`` (training does this) the windows of an epoch are written into
+three buffers allocated once an epoch, not into new arrays: a window of a few hundred
+thousand rows is large enough for the C library to map fresh pages for every new array
+(always so in a Dask worker, whose nanny sets ``MALLOC_TRIM_THRESHOLD_``), and the page
+faults then cost a measurable part of an epoch. A window is then valid until the
+generator has been advanced twice, which is how ``Trainer.train_epoch`` and
+``_whole_batches`` consume it.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import ctypes
 import mmap
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 if TYPE_CHECKING:  # annotations only
@@ -49,22 +58,28 @@ def window_key(epoch: int, window: int) -> int:
 
 
 def windowed_order(data: Dataset, seed: int, epoch: int,
-                   shuffle: Callable[[int, int, int], np.ndarray], *,
+                   shuffle: Callable[..., np.ndarray], *,
                    block_rows: int | None = None, window_blocks: int | None = None,
-                   prefetch: bool = True) -> Iterator[np.ndarray]:
+                   prefetch: bool = True, reuse: bool = False) -> Iterator[np.ndarray]:
     """The windowed order of an epoch (see the module docstring), window by window: int64
-    arrays of row numbers that together hold every row once. ``shuffle(n, seed, key)``
-    is the backend's ``shuffled_rows`` on the fit's threads.
+    arrays of row numbers that together hold every row once. ``shuffle(n, seed, key,
+    out=None)`` is the backend's ``shuffled_rows`` on the fit's threads. ``reuse``: the
+    windows are written into buffers that the next window but one overwrites (module
+    docstring); the order is the same.
 
     Examples
     --------
     >>> import afmfast
     >>> from afmfast.kernels.numba.common import shuffled_rows
     >>> data = afmfast.Dataset([0] * 11, [], [], [0.0] * 10)
-    >>> shuffle = lambda n, seed, key: shuffled_rows(n, seed, key, 1)
+    >>> shuffle = lambda n, seed, key, out=None: shuffled_rows(n, seed, key, 1, out=out)
     >>> windows = list(windowed_order(data, 2016, 1, shuffle, block_rows=2, window_blocks=2))
     >>> [len(w) for w in windows], sorted(np.concatenate(windows).tolist()) == list(range(10))
     ([4, 4, 2], True)
+    >>> again = [w.copy() for w in windowed_order(data, 2016, 1, shuffle, block_rows=2,
+    ...                                            window_blocks=2, reuse=True)]
+    >>> all(np.array_equal(a, b) for a, b in zip(windows, again))
+    True
     """
     block_rows = BLOCK_ROWS if block_rows is None else block_rows
     window_blocks = WINDOW_BLOCKS if window_blocks is None else window_blocks
@@ -72,21 +87,45 @@ def windowed_order(data: Dataset, seed: int, epoch: int,
     n_blocks = -(-n // block_rows)
     blocks = shuffle(n_blocks, seed, window_key(epoch, 0))
     windows = [blocks[w:w + window_blocks] for w in range(0, n_blocks, window_blocks)]
+    largest = min(n, window_blocks * block_rows)
+    if reuse:
+        positions = np.empty(largest, np.int64)
+        out = (np.empty(largest, np.int64), np.empty(largest, np.int64))
     for w, chosen in enumerate(windows):
         if prefetch:
             if w == 0:
                 _prefetch(data, chosen, block_rows)
             if w + 1 < len(windows):
                 _prefetch(data, windows[w + 1], block_rows)
-        rows = np.concatenate([np.arange(b * block_rows, min(n, (b + 1) * block_rows),
-                                         dtype=np.int64) for b in chosen])
-        yield rows[shuffle(len(rows), seed, window_key(epoch, w + 1))]
+        starts = chosen.astype(np.int64) * block_rows
+        lengths = np.minimum(n, starts + block_rows) - starts
+        size = int(lengths.sum())
+        key = window_key(epoch, w + 1)
+        if reuse:
+            order = shuffle(size, seed, key, out=positions[:size])
+            rows = out[w % 2][:size]
+        else:
+            order = shuffle(size, seed, key)
+            rows = np.empty(size, np.int64)
+        # position p of the window's blocks laid end to end is row starts[b] + p - (the
+        # lengths of the blocks before b)
+        _window_rows(starts, np.cumsum(lengths) - lengths, order, rows)
+        yield rows
 
 
-def order_segments(data: Dataset, seed: int, epoch: int,
-                   shuffle: Callable[[int, int, int], np.ndarray]) -> Iterator[np.ndarray]:
+@numba.njit(cache=True, nogil=True)
+def _window_rows(starts, offsets, positions, out):  # pragma: no cover - compiled
+    for i in range(len(positions)):
+        p = positions[i]
+        b = np.searchsorted(offsets, p, side="right") - 1
+        out[i] = starts[b] + p - offsets[b]
+
+
+def order_segments(data: Dataset, seed: int, epoch: int, shuffle: Callable[..., np.ndarray],
+                   *, reuse: bool = False) -> Iterator[np.ndarray]:
     """The epoch's order as segments to train in turn: the whole shuffle in one piece for
-    an in-memory Dataset, window by window for a memory-mapped one.
+    an in-memory Dataset, window by window for a memory-mapped one (``reuse``: see
+    ``windowed_order``).
 
     Examples
     --------
@@ -98,7 +137,7 @@ def order_segments(data: Dataset, seed: int, epoch: int,
     [5]
     """
     if data.memory_mapped:
-        return windowed_order(data, seed, epoch, shuffle)
+        return windowed_order(data, seed, epoch, shuffle, reuse=reuse)
     return iter([shuffle(data.n_rows, seed, epoch)])
 
 

@@ -205,10 +205,12 @@ class Trainer:
         return self.backend.shuffled_rows(n_rows, self.seed, epoch,
                                           self.planner.current if threads is None else threads)
 
-    def epoch_segments(self, train: Dataset, epoch: int) -> Iterator[np.ndarray]:
+    def epoch_segments(self, train: Dataset, epoch: int, *,
+                       reuse: bool = False) -> Iterator[np.ndarray]:
         """The order of ``epoch`` over ``train`` as segments for ``train_epoch``: the
         full shuffle in one piece in memory, a windowed order for a memory-mapped
-        Dataset (``afmfast.models.epoch_order``).
+        Dataset (``afmfast.models.epoch_order``; ``reuse``: its windows go into
+        buffers that the next window but one overwrites, as training consumes them).
 
         Examples
         --------
@@ -219,8 +221,9 @@ class Trainer:
         >>> [len(segment) for segment in trainer.epoch_segments(train, epoch=1)]
         [800]
         """
-        return order_segments(train, self.seed, epoch, lambda n, seed, key: (
-            self.backend.shuffled_rows(n, seed, key, self.planner.current)))
+        return order_segments(train, self.seed, epoch, lambda n, seed, key, out=None: (
+            self.backend.shuffled_rows(n, seed, key, self.planner.current, out=out)),
+            reuse=reuse)
 
     def train_epoch(self, X, y, order: np.ndarray | Iterable[np.ndarray], step: int,
                     epoch: int = 0, progress: _Progress | None = None) -> tuple[int, float]:
@@ -340,7 +343,7 @@ class Trainer:
             if valid is not None:
                 valid.validate("validation")
             t0 = time.perf_counter()
-            order = self.epoch_segments(train, epoch)
+            order = self.epoch_segments(train, epoch, reuse=True)
             progress = _Progress(epoch, n) if model.verbose >= 2 else None
             step, loss_sum = self.train_epoch(X, y, order, step, epoch, progress)
             del order  # before the next epoch's is drawn: one order in memory, not two
@@ -446,15 +449,30 @@ class Trainer:
 
 def _whole_batches(segments, batch_size):
     """The row arrays of ``segments`` regrouped so that every piece but the last holds a
-    whole number of batches: a batch never ends early at a segment's end."""
+    whole number of batches: a batch never ends early at a segment's end. A batch that
+    spans two segments is a piece of its own (a segment's rows are not copied), and no
+    piece outlives the consumer's request for the next one but one (``windowed_order``'s
+    reuse).
+
+    Examples
+    --------
+    >>> [p.tolist() for p in _whole_batches([np.arange(5), np.arange(5, 9)], 3)]
+    [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    """
     carry = np.empty(0, np.int64)
     for rows in segments:
         if carry.size:
-            rows = np.concatenate([carry, rows])
+            head = batch_size - len(carry)
+            if len(rows) < head:  # still short of a batch
+                carry = np.concatenate([carry, rows])
+                continue
+            yield np.concatenate([carry, rows[:head]])
+            rows = rows[head:]
         cut = len(rows) - len(rows) % batch_size
         if cut:
             yield rows[:cut]
-        carry = rows[cut:]
+        # a copy: the segment's buffer may be reused before the carry is spent
+        carry = rows[cut:].copy()
     if carry.size:
         yield carry
 

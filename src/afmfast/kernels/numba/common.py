@@ -59,6 +59,7 @@ from afmfast.kernels.api import (
     OPTIMIZER_CODES,
     SGD,
     aligned_empty,
+    order_buffer,
     read_only,
     shuffle_buckets,
     shuffle_keys,
@@ -470,10 +471,10 @@ def _shuffle_kernel(n, kb, ks, R, counts, bounds, out):
             out[o + j] = tmp
 
 
-def shuffled_rows(n_rows, seed, epoch, n_threads):
+def shuffled_rows(n_rows, seed, epoch, n_threads, out=None):
     """The epoch order of afmfast.kernels.api (a permutation of range(n_rows), int64, from
     (seed, epoch); the same for any n_threads and in every backend), computed on
-    n_threads threads.
+    n_threads threads, into ``out`` when given (kernels.api.order_buffer).
 
     Example: order = shuffled_rows(len(y), 2016, epoch, 2)
     """
@@ -482,7 +483,7 @@ def shuffled_rows(n_rows, seed, epoch, n_threads):
         raise ValueError(f"n_rows must be >= 0, got {n_rows}")
     if isinstance(n_threads, bool) or int(n_threads) < 1:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
-    out = aligned_empty((n,), np.int64)
+    out = order_buffer(out, n)
     if n == 0:
         return out
     R = shuffle_buckets(n)
