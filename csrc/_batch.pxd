@@ -476,9 +476,11 @@ cdef inline void _shuffle_bucket_rows(int64_t o, int64_t m, uint64_t ks,
         out[o + j] = tmp
 
 
-cdef inline object shuffled_rows_array(n_rows, seed, epoch, int n_threads, api):
+cdef inline object shuffled_rows_array(n_rows, seed, epoch, int n_threads, api,
+                                       out_given=None):
     """kernels.api's epoch order of (seed, epoch): int64 (n_rows,) (api is the module
-    afmfast.kernels.api, which defines the keys and the bucket count, and allocates).
+    afmfast.kernels.api, which defines the keys and the bucket count, and allocates or
+    checks ``out_given``, the caller's buffer).
     Parallel over SHUFFLE_PARTS parts of the rows (count, then scatter into buckets),
     then over the buckets (Fisher-Yates in cache): any n_threads gives the same order."""
     cdef int64_t n = n_rows, R, p, r, pos, c
@@ -490,7 +492,7 @@ cdef inline object shuffled_rows_array(n_rows, seed, epoch, int n_threads, api):
         raise ValueError(f"n_rows must be >= 0, got {n_rows}")
     if n_threads < 1:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
-    out_array = api.aligned_empty((n,), "int64")
+    out_array = api.order_buffer(out_given, n)
     if n == 0:
         return out_array
     out = out_array

@@ -44,13 +44,14 @@ def track_touched(ws, marks):
     return ws
 
 
-def shuffled_rows(n_rows, seed, epoch, n_threads):
+def shuffled_rows(n_rows, seed, epoch, n_threads, out=None):
     """The epoch order of afmfast.kernels.api (a permutation of range(n_rows), int64, from
-    (seed, epoch); the same for any n_threads), computed on n_threads threads.
+    (seed, epoch); the same for any n_threads), computed on n_threads threads, into
+    ``out`` when given (kernels.api.order_buffer checks it).
 
     Example: order = shuffled_rows(len(y), 2016, epoch, 2)
     """
-    return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api)
+    return shuffled_rows_array(n_rows, seed, epoch, team_size(n_threads), _api, out)
 
 
 def _dropout_mask_for_test(seed, stream, step, rows, n_units, keep):
