@@ -37,6 +37,11 @@ MEMORY = "<memory>"
 POLL_SECONDS = 0.25
 
 
+def _resolve(future):
+    if not future.done():
+        future.set_result(None)
+
+
 class ShardError(ValueError):
     """A worker could not open one of its shards; the message names the file and the
     worker.
@@ -204,6 +209,9 @@ class ShardWorker:
         # this worker's payloads by round, the last two: a peer may still ask for the
         # previous round's while this worker has exported the next one's
         self._payloads, self._abort = {}, False
+        # (event loop, future) of each peer's request waiting for a payload: woken when
+        # one is exported, instead of polling the loop through the training
+        self._waiters = []
         self._synced_rounds = 0  # rounds whose result the snapshot holds
         self._synced = self._best = None
 
@@ -376,6 +384,7 @@ class ShardWorker:
             payload = averaging.export(self.rows, self._synced_rows, self.dense, ids, batches)
             self._payloads[round_id] = payload
             self._payloads.pop(round_id - 2, None)
+            self._wake_waiters()
             payloads, waited, received = self._fetch(requests, payload)
             t2 = time.perf_counter()
             self._merge(payloads)
@@ -473,19 +482,34 @@ class ShardWorker:
         tables.update(zip(dense_names, self._synced_dense[:len(params) - n_sparse]))
         return type(params)(**tables)
 
+    def _wake_waiters(self):
+        """Wake the requests waiting in ``payload`` (from the actor thread)."""
+        waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future)
+
     async def payload(self, round_id):
         """This worker's payload of round ``round_id``, once it is ready (an async
         method: it runs on the worker's event loop, so peers get it while this
         worker's actor thread trains or waits for theirs)."""
+        loop = asyncio.get_running_loop()
         while round_id not in self._payloads:
             if self._abort:
                 raise Aborted(f"{_address()}: the fit was stopped by the driver")
-            await asyncio.sleep(0.001)
+            future = loop.create_future()
+            self._waiters.append((loop, future))
+            if round_id in self._payloads:  # exported while the waiter was added
+                break
+            try:  # woken by the export, or after a while to look at the abort flag
+                await asyncio.wait_for(future, POLL_SECONDS)
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
         return self._payloads[round_id]
 
     async def abort(self):
         """Make a worker waiting for its peers give up (the driver lost a worker)."""
         self._abort = True
+        self._wake_waiters()
 
     # ----- validation and results --------------------------------------------------------
     def score(self, bounds):
