@@ -92,11 +92,16 @@ def from_bfloat16(bits) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bfloat16_of(b):  # pragma: no cover - compiled
+    # float32 bits b to bfloat16 bits: add half a unit of the kept part, ties to even
+    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
 @numba.njit(cache=True, nogil=True)
 def _round_bfloat16(bits, out):  # pragma: no cover - compiled
     for i in range(len(bits)):
-        b = bits[i]
-        out[i] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        out[i] = _bfloat16_of(bits[i])
 
 
 def row_tables(params, state, optimizer: str) -> list[np.ndarray]:
@@ -168,9 +173,7 @@ def _gather_deltas(live, synced, ids, out):  # pragma: no cover - compiled
         for c in range(width):
             change[c] = live[r, c] - synced[r, c]
         for c in range(width):
-            b = bits[c]
-            out[j, c] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) \
-                >> np.uint32(16)
+            out[j, c] = _bfloat16_of(bits[c])
 
 
 def additive_tables(params, optimizer: str) -> tuple[list[bool], list[bool]]:
