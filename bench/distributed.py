@@ -4,6 +4,7 @@
     python bench/distributed.py --data frappe --spark
     python bench/distributed.py --data mltag --rows 4000000 --epochs 5 --spark
     python bench/distributed.py --accuracy           # the frappe-mini accuracy targets
+    python bench/distributed.py --data mltag --also-every 256 --scaling 3  # 2/1 medians
 
 Rows of the table, per data set:
 - afmfast single process, 1 thread (``afmfast.FM`` on the memory-mapped train store);
@@ -214,6 +215,15 @@ def bench(name, args):
             results[f"afmfast on Dask, {workers} worker(s) x 1 thread, sync_every "
                     f"{every}"] = run_dask(paths, args.epochs, workers, every,
                                            merge=args.merge)
+        repeats = {every: [] for every in [sync_every] + args.also_every}
+        for r in range(args.scaling):
+            # 1 and 2 workers again, alternating: the ratio of each pair, measured a few
+            # seconds apart, is what a VM whose vCPUs move can be asked for
+            log(f"{name}: scaling repetition {r + 1} of {args.scaling}")
+            one = run_dask(paths, args.epochs, 1, sync_every, merge=args.merge)["sec"]
+            for every in repeats:
+                two = run_dask(paths, args.epochs, 2, every, merge=args.merge)["sec"]
+                repeats[every].append(one / two)
         if args.spark:
             log(f"{name}: Spark FMRegressor local[2]")
             results["Spark FMRegressor, local[2]"] = run_spark(
@@ -231,10 +241,17 @@ def bench(name, args):
     single = results["afmfast, 1 process x 1 thread"]["sec"]
     dask = [r["sec"] for label, r in results.items() if label.startswith("afmfast on Dask")]
     ceiling = [r["sec"] for label, r in results.items() if label.startswith("(ceiling)")]
-    rows.append([name, "speed-ups per epoch: 2 Dask workers / 1 (target 1.6x); the "
-                 "ceiling / 1 process; 1 process / 1 Dask worker", "-",
-                 f"{dask[0] / dask[1]:.2f}x; {single / ceiling[0]:.2f}x; "
-                 f"{single / dask[0]:.2f}x", "-", "-", ""])
+    rows.append([name, "speed-ups per epoch: 2 Dask workers / 1 (target 1.6x; each "
+                 "sync_every); the ceiling / 1 process; 1 process / 1 Dask worker", "-",
+                 "; ".join(f"{dask[0] / two:.2f}x" for two in dask[1:])
+                 + f"; {single / ceiling[0]:.2f}x; {single / dask[0]:.2f}x", "-", "-", ""])
+    for every, ratios in repeats.items():
+        if ratios:
+            rows.append([name, f"2 Dask workers / 1, sync_every {every}: median of "
+                         f"{len(ratios)} alternating pairs (each pair)", "-",
+                         f"{np.median(ratios):.2f}x", "-", "-",
+                         ", ".join(f"{r:.2f}" for r in ratios)])
+            results[f"scaling pairs, sync_every {every}"] = {"ratios": ratios}
     spark = results.get("Spark FMRegressor, local[2]")
     if spark is not None:
         two = [r for label, r in results.items() if label.startswith("afmfast on Dask, 2")][0]
@@ -292,6 +309,9 @@ def main(argv=None):
                              "line uses the first)")
     parser.add_argument("--merge", choices=("sum", "mean"), default="sum")
     parser.add_argument("--spark", action="store_true", help="also run Spark's FMRegressor")
+    parser.add_argument("--scaling", type=int, default=0, metavar="N",
+                        help="then N more alternating runs of 1 and 2 Dask workers, for the "
+                             "median of the 2-worker speed-up")
     parser.add_argument("--spark-iterations", type=int, default=20)
     parser.add_argument("--spark-steps", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--seed", type=int, default=0)

@@ -87,3 +87,24 @@ def test_three_workers_merge_to_the_reference_on_every_table(additive):
         assert all(np.array_equal(r[t], results[0][t]) for r in results[1:])
     # dense: synced + the sum of the changes, or the mean of the copies
     assert dense[0].tolist() == ([3.0, 3.0] if additive else [1.0, 1.0])
+
+
+def test_the_training_allocator_settings_are_held_until_the_last_fit_releases_them(
+        monkeypatch):
+    from afmfast.dask import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_libc", (lambda option, value: calls.append(
+        (option, value)) or 1, lambda pad: calls.append(("trim", pad)) or 1))
+    monkeypatch.setattr(memory, "_users", 0)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert memory.acquire() and memory.acquire()  # two fits' actors in one process
+    assert calls == list(memory.TRAINING.items())  # set once
+    memory.release()
+    assert len(calls) == 2  # one fit still trains
+    memory.release()
+    assert calls[2:] == [(memory.M_TRIM_THRESHOLD, 65536),
+                         (memory.M_MMAP_THRESHOLD, memory.DEFAULT_THRESHOLD), ("trim", 0)]
+    memory.release()  # an extra release changes nothing
+    assert len(calls) == 5

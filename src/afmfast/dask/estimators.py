@@ -232,8 +232,26 @@ class _Fit:
                 future.result()  # raises the task's error
 
     def close(self):
-        self.client.cancel(self.futures + self.held)
-        self.actors = self.futures = self.held = None
+        """Release every surviving actor's hold on the allocator settings (best effort:
+        a lost worker's process is gone, with its settings), then the actors."""
+        client = self.client
+
+        async def release():
+            identity = await client.scheduler.identity()
+            for address, actor in zip(self.addresses, self.actors or ()):
+                if address in identity["workers"]:
+                    try:
+                        await asyncio.wait_for(_result(actor.release()), RECOVER_SECONDS)
+                    except Exception:  # noqa: BLE001 - the fit's outcome stands
+                        continue
+
+        try:
+            client.sync(release)
+        except Exception:  # noqa: BLE001 - a closing cluster: the fit's outcome stands
+            pass
+        finally:
+            client.cancel(self.futures + self.held)
+            self.actors = self.futures = self.held = None
 
 
 def _signature(local_class):

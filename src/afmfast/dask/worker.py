@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from afmfast.dask import averaging
+from afmfast.dask import averaging, memory
 from afmfast.data.dataset import Dataset
 from afmfast.data.store import open_store
 from afmfast.metrics import logloss, score_histograms
@@ -213,6 +213,7 @@ class ShardWorker:
         # one is exported, instead of polling the loop through the training
         self._waiters = []
         self._synced_rounds = 0  # rounds whose result the snapshot holds
+        self._allocator = False  # whether this actor holds memory.acquire()
         self._synced = self._best = None
 
     # ----- set-up ------------------------------------------------------------------------
@@ -261,6 +262,9 @@ class ShardWorker:
         worker's batches per epoch."""
         model = self.model
         self.peers = peers
+        if not self._allocator:
+            memory.acquire()
+            self._allocator = True
         data = [d.with_n_features(n_features) for d in self.train]
         valid = [d.with_n_features(max(n_features, d.n_features)) for d in self.valid]
         if classes is not None:
@@ -505,6 +509,14 @@ class ShardWorker:
             except (TimeoutError, asyncio.TimeoutError):
                 pass
         return self._payloads[round_id]
+
+    async def release(self):
+        """The fit is over: give back this actor's hold on the training allocator
+        settings (``afmfast.dask.memory``). On the event loop, so that it is answered
+        even while the actor thread is stuck waiting for a lost peer."""
+        if self._allocator:
+            self._allocator = False
+            memory.release()
 
     async def abort(self):
         """Make a worker waiting for its peers give up (the driver lost a worker)."""
