@@ -574,7 +574,8 @@ cdef inline Py_ssize_t fast_line(const char* p, int64_t limit, int32_t* indices,
     so a partial row left here is overwritten). LINE_PAD bytes at p must be readable."""
     cdef uint64_t tok, bad, st, en, u
     cdef int length = afm_line(p, &tok, &bad)
-    cdef int s, end, vs, nd
+    cdef int s, end, vs, nd, neg
+    cdef unsigned d
     cdef Py_ssize_t n = 0
     cdef int64_t mx = max_id[0]
     cdef const char* q
@@ -588,10 +589,12 @@ cdef inline Py_ssize_t fast_line(const char* p, int64_t limit, int32_t* indices,
     end = afm_ctz64(en) + 1
     st &= st - 1
     en &= en - 1
-    if end == s + 1 and digit(p[s]) <= 9:  # a one-digit label ("1", "0")
-        label[0] = <float>digit(p[s])
-    elif end == s + 2 and p[s] == b'-' and digit(p[s + 1]) <= 9:  # "-1"
-        label[0] = -<float>digit(p[s + 1])
+    # a label of one digit, maybe negative ("1", "-1", "0"): no branch on its sign,
+    # which is random in a shuffled file; -0 * 1 is -0.0, as float("-0")
+    neg = p[s] == b'-'
+    d = digit(p[s + neg])
+    if end == s + 1 + neg and d <= 9:
+        label[0] = <float>d * (<float>1.0 - <float>2.0 * neg)
     else:
         q = p + s
         if fast_number(&q, &v) or q != p + end:
