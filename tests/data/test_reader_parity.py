@@ -148,6 +148,8 @@ def test_parsers_agree_on_short_lines_with_hostile_bytes(seed):
         if trial:
             data[int(rng.integers(len(data)))] = hostile[rng.integers(len(hostile))]
         data += b"1 2:1 3:1\n" * 12
+        if trial % 2:  # an unterminated last line (parsed from a padded copy)
+            data = data[:-1]
         for limit in (2**31, 1000):
             assert_parsers_agree(bytes(data), limit)
         # the default chunking too: one chunk, whose rows run through the fast path
