@@ -147,8 +147,12 @@ class _StoreWriter:
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=parent)
         self.durable = durable
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
-        # the columns' syncs (durable): the writing thread goes on while the disk works
-        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-sync")
+        # the columns' syncs (durable): the writing thread goes on while the disk works.
+        # A worker per column, so that each column may have its sync in flight at once:
+        # the disk's queue then holds several columns' writes instead of running dry
+        # between one column's sync and the next one's
+        self.syncer = ThreadPoolExecutor(max_workers=len(COLUMNS),
+                                         thread_name_prefix="afmfast-sync")
         self.columns = {name: self._column(name, dtype)
                         for name, dtype in COLUMNS if name != "values.npy"}
         self.columns["indptr.npy"].append(np.zeros(1, np.int64))  # indptr starts at 0
