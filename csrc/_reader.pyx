@@ -50,6 +50,11 @@ same token, so they change speed only: an id of 1-7 digits followed by ``:``, th
 followed by a delimiter are read with 8-byte SWAR arithmetic (no branch per digit). Such
 a number is m / 10^k with m < 10^14 < 2^53 and k <= 7, so one IEEE division of exact
 operands gives the correctly rounded double (Clinger's fast path), i.e. float(token).
+A whole line of under 64 bytes (ended by a LF, with no control byte but blanks) whose
+tokens all take those paths is read from its byte masks (``fast_line``: one 32-byte
+AVX2 compare in the avx2 build, 16-byte SSE2 blocks otherwise): token boundaries come
+from bit operations instead of a scan from one token to the next; any other line goes
+to the token-by-token code from its first byte.
 """
 import numpy as np
 
@@ -114,6 +119,9 @@ cdef extern from *:
        without walking the bytes of this one. -1 without SSE2 (the callers fall back). */
     #if defined(__SSE2__)
     #include <emmintrin.h>
+    #if defined(__AVX2__)
+    #include <immintrin.h>
+    #endif
     static inline int afm_token(const char *p, int *colon) {
         __m128i w = _mm_loadu_si128((const __m128i *)p);
         unsigned low = (unsigned)_mm_movemask_epi8(
@@ -123,9 +131,62 @@ cdef extern from *:
         *colon = __builtin_ctz(col);
         return __builtin_ctz(low);
     }
+    /* The line at p, when its LF is among the 64 bytes at p: returns its length (the
+       LF's index) and, for its bytes, the masks *tok (bit i: byte i is a token byte,
+       above ' ') and *bad (bit i: byte i is a control byte other than a space, tab or
+       LF: CR, NUL, ...). -1 when no LF is among those bytes. Reads at most the 64
+       bytes at p, 16 at a time, and stops at the block holding the LF. */
+    static inline int afm_line(const char *p, uint64_t *tok, uint64_t *bad) {
+        const __m128i sp = _mm_set1_epi8(' '), tab = _mm_set1_epi8(9);
+        const __m128i lf = _mm_set1_epi8(10);
+        uint64_t ctl = 0, sep = 0, in;
+        unsigned c, s, n;
+        int b = 0, len;
+    #if defined(__AVX2__) && defined(__x86_64__)
+        {   /* most lines of one-hot data fit in one 32-byte block */
+            const __m256i sp2 = _mm256_set1_epi8(' '), tab2 = _mm256_set1_epi8(9);
+            __m256i w = _mm256_loadu_si256((const __m256i *)p);
+            c = (unsigned)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_min_epu8(w, sp2), w));
+            s = (unsigned)_mm256_movemask_epi8(_mm256_or_si256(
+                _mm256_cmpeq_epi8(w, sp2), _mm256_cmpeq_epi8(w, tab2)));
+            n = (unsigned)_mm256_movemask_epi8(_mm256_cmpeq_epi8(w, _mm256_set1_epi8(10)));
+            if (n) {
+                len = __builtin_ctz(n);
+                in = ((uint64_t)1 << len) - 1;
+                *tok = ~(uint64_t)c & in;
+                *bad = (uint64_t)(c & ~s) & in;
+                return len;
+            }
+            ctl = c;
+            sep = s;
+            b = 32;
+        }
+    #endif
+        for (; b < 64; b += 16) {
+            __m128i w = _mm_loadu_si128((const __m128i *)(p + b));
+            c = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(w, sp), w));
+            s = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(w, sp),
+                                                         _mm_cmpeq_epi8(w, tab)));
+            n = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(w, lf));
+            ctl |= (uint64_t)c << b;
+            sep |= (uint64_t)s << b;
+            if (n) {
+                len = b + __builtin_ctz(n);
+                in = ((uint64_t)1 << len) - 1;  /* len <= 63 */
+                *tok = ~ctl & in;
+                *bad = ctl & ~sep & in;
+                return len;
+            }
+        }
+        return -1;
+    }
     #else
     static inline int afm_token(const char *p, int *colon) {
         (void)p; *colon = 16;
+        return -1;
+    }
+    static inline int afm_line(const char *p, uint64_t *tok, uint64_t *bad) {
+        (void)p; *tok = 0; *bad = 0;
         return -1;
     }
     #endif
@@ -314,6 +375,8 @@ cdef extern from *:
     double afm_strtod(const char* s, char** end) nogil
     int afm_digits8(const char* p, uint64_t* val) nogil
     int afm_token(const char* p, int* colon) nogil
+    int afm_line(const char* p, uint64_t* tok, uint64_t* bad) nogil
+    int afm_ctz64 "__builtin_ctzll"(uint64_t x) nogil
     int afm_count_avx2(const unsigned char* p, Py_ssize_t n, Py_ssize_t* nl, Py_ssize_t* co,
                        Py_ssize_t* nu) nogil
     ctypedef void (*afm_chunk_fn)(void* ctx, ptrdiff_t chunk) noexcept nogil
@@ -491,6 +554,78 @@ cdef inline int read_number(const char** pp, const char* fast_end, double* out) 
     return parse_number(pp, out)
 
 
+cdef enum:
+    # bytes readable after a line start for fast_line: its 64-byte window, then a
+    # number read by fast_number (FAST_PAD bytes) at a token start inside that window
+    LINE_PAD = 64 + FAST_PAD
+
+
+cdef inline Py_ssize_t fast_line(const char* p, int64_t limit, int32_t* indices,
+                                 float* values, float* label, Py_ssize_t* count,
+                                 int64_t* max_id) noexcept nogil:
+    """The row at line start p when the whole line is simple: shorter than 64 bytes,
+    separated by spaces and tabs, ended by a LF, and every token one that a fast path
+    reads (a label for fast_number, then ids of 1-7 digits below ``limit`` with a
+    value ``1`` or one for fast_number). Its token boundaries then come from the
+    line's byte masks, with no scan from one token to the next. Returns the bytes
+    consumed (the line and its LF) after writing the label, ``*count`` nonzeros (each
+    token written had its colon: the slots counted for it) and ``*max_id``; 0 for any
+    other line, which the general path then reads from p (it writes the same slots,
+    so a partial row left here is overwritten). LINE_PAD bytes at p must be readable."""
+    cdef uint64_t tok, bad, st, en, u
+    cdef int length = afm_line(p, &tok, &bad)
+    cdef int s, end, vs, nd, neg
+    cdef unsigned d
+    cdef Py_ssize_t n = 0
+    cdef int64_t mx = max_id[0]
+    cdef const char* q
+    cdef double v
+    cdef float f
+    if length < 0 or bad or tok == 0:
+        return 0
+    st = tok & ~(tok << 1)   # first byte of each token
+    en = tok & ~(tok >> 1)   # last byte of each token
+    s = afm_ctz64(st)
+    end = afm_ctz64(en) + 1
+    st &= st - 1
+    en &= en - 1
+    # a label of one digit, maybe negative ("1", "-1", "0"): no branch on its sign,
+    # which is random in a shuffled file; -0 * 1 is -0.0, as float("-0")
+    neg = p[s] == b'-'
+    d = digit(p[s + neg])
+    if end == s + 1 + neg and d <= 9:
+        label[0] = <float>d * (<float>1.0 - <float>2.0 * neg)
+    else:
+        q = p + s
+        if fast_number(&q, &v) or q != p + end:
+            return 0
+        label[0] = <float>v
+    while st:
+        s = afm_ctz64(st)
+        end = afm_ctz64(en) + 1
+        st &= st - 1
+        en &= en - 1
+        nd = afm_digits8(p + s, &u)
+        if nd == 0 or nd == 8 or p[s + nd] != b':' or <int64_t>u >= limit:
+            return 0
+        vs = s + nd + 1
+        if end == vs + 1 and p[vs] == b'1':  # one-hot data: "id:1"
+            f = 1.0
+        else:
+            q = p + vs
+            if fast_number(&q, &v) or q != p + end:
+                return 0
+            f = <float>v
+        indices[n] = <int32_t>u
+        values[n] = f
+        n += 1
+        if <int64_t>u > mx:
+            mx = <int64_t>u
+    count[0] = n
+    max_id[0] = mx
+    return length + 1
+
+
 cdef struct Out:
     int64_t* indptr   # indptr[0] of the range already written by the caller
     int32_t* indices
@@ -519,7 +654,17 @@ cdef int parse_range(const char* p, const char* e, const char* fast_end, int64_t
     cdef unsigned d
     cdef char c
     cdef int code = E_OK
+    cdef Py_ssize_t adv, cnt
     while p < e:
+        if fast_end - p >= LINE_PAD - FAST_PAD:
+            adv = fast_line(p, limit, o.indices + k, o.values + k, &f, &cnt, &mx)
+            if adv:
+                o.y[row] = f
+                k += cnt
+                p += adv
+                row += 1
+                o.indptr[row] = nnz_base + k
+                continue
         line = p
         while p[0] == b' ' or p[0] == b'\t':
             p += 1

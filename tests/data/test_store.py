@@ -5,6 +5,8 @@ the estimators train from a store as from the same rows in memory."""
 import gzip
 import json
 import os
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -140,6 +142,28 @@ def test_a_failed_conversion_leaves_the_old_store_and_no_temporary(tmp_path, par
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "s"]
     src.write_bytes(b"1 0:1\n0 1:1\n")
     assert convert(src, tmp_path / "s")["n_rows"] == 2  # a complete one replaces it
+    store._wait_for_deletions()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "s"]
+
+
+def test_the_replaced_store_is_deleted_in_the_background(tmp_path, monkeypatch):
+    src = tmp_path / "d.libfm"
+    src.write_bytes(b"1 0:1\n")
+    convert(src, tmp_path / "s")
+    release, real_rmtree = threading.Event(), shutil.rmtree
+
+    def slow_rmtree(path, **kwargs):
+        release.wait(10)
+        real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    src.write_bytes(b"1 0:1\n0 1:1\n")
+    assert convert(src, tmp_path / "s")["n_rows"] == 2  # returns before the deletion
+    assert open_store(tmp_path / "s").n_rows == 2
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith(".s.old.")]
+    assert len(aside) == 1 and (tmp_path / aside[0] / "store" / "header.json").exists()
+    release.set()
+    store._wait_for_deletions()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.libfm", "s"]
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -146,8 +147,12 @@ class _StoreWriter:
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=parent)
         self.durable = durable
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-store")
-        # the columns' syncs (durable): the writing thread goes on while the disk works
-        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afmfast-sync")
+        # the columns' syncs (durable): the writing thread goes on while the disk works.
+        # A worker per column, so that each column may have its sync in flight at once:
+        # the disk's queue then holds several columns' writes instead of running dry
+        # between one column's sync and the next one's
+        self.syncer = ThreadPoolExecutor(max_workers=len(COLUMNS),
+                                         thread_name_prefix="afmfast-sync")
         self.columns = {name: self._column(name, dtype)
                         for name, dtype in COLUMNS if name != "values.npy"}
         self.columns["indptr.npy"].append(np.zeros(1, np.int64))  # indptr starts at 0
@@ -277,9 +282,38 @@ class _StoreWriter:
         return header
 
 
+#: the threads deleting replaced stores (see ``_replace_directory``), not yet joined
+_deleting: list[threading.Thread] = []
+_deleting_lock = threading.Lock()
+
+
+def _delete_in_background(folder):
+    """Delete ``folder`` on a thread of its own. Freeing a big store's pages takes the
+    kernel a noticeable time per GB, which is no part of a conversion: the caller goes
+    on while it runs. The thread is not a daemon, so the interpreter waits for it at
+    exit and no replaced store is left behind."""
+    thread = threading.Thread(target=shutil.rmtree, args=(folder,),
+                              kwargs={"ignore_errors": True},
+                              name="afmfast-store-delete")
+    with _deleting_lock:
+        _deleting[:] = [t for t in _deleting if t.is_alive()]
+        _deleting.append(thread)
+    thread.start()
+
+
+def _wait_for_deletions():
+    """Wait until every replaced store has been deleted (tests, and callers that need
+    the disk space back)."""
+    with _deleting_lock:
+        threads, _deleting[:] = list(_deleting), []
+    for thread in threads:
+        thread.join()
+
+
 def _replace_directory(new, path):
     """Rename the complete directory ``new`` to ``path``; an existing store at ``path``
-    is moved aside first and deleted only once ``new`` is in place."""
+    is moved aside first and deleted, in the background, only once ``new`` is in
+    place."""
     old = None
     if os.path.lexists(path):
         if not os.path.isfile(os.path.join(path, HEADER_FILE)):
@@ -296,7 +330,7 @@ def _replace_directory(new, path):
             os.rmdir(old)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete_in_background(old)
 
 
 def write_store(data: Dataset, path: str | os.PathLike) -> None:
@@ -406,6 +440,10 @@ def convert(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     at the parser's speed while the page cache holds it; an interrupted conversion
     still leaves no half store (the rename is atomic either way), but after a power
     failure the new store may be incomplete.
+
+    A store that ``output`` held before is replaced once the new one is complete and
+    deleted on a background thread (the interpreter waits for it at exit), so that
+    freeing its disk space does not hold up the caller.
 
     Examples
     --------
