@@ -30,7 +30,6 @@ import ctypes
 import mmap
 from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 
 if TYPE_CHECKING:  # annotations only
@@ -88,8 +87,10 @@ def windowed_order(data: Dataset, seed: int, epoch: int,
     blocks = shuffle(n_blocks, seed, window_key(epoch, 0))
     windows = [blocks[w:w + window_blocks] for w in range(0, n_blocks, window_blocks)]
     largest = min(n, window_blocks * block_rows)
+    iota = np.arange(min(n, block_rows), dtype=np.int64)
     if reuse:
         positions = np.empty(largest, np.int64)
+        laid_out = np.empty(largest, np.int64)
         out = (np.empty(largest, np.int64), np.empty(largest, np.int64))
     for w, chosen in enumerate(windows):
         if prefetch:
@@ -97,28 +98,24 @@ def windowed_order(data: Dataset, seed: int, epoch: int,
                 _prefetch(data, chosen, block_rows)
             if w + 1 < len(windows):
                 _prefetch(data, windows[w + 1], block_rows)
-        starts = chosen.astype(np.int64) * block_rows
-        lengths = np.minimum(n, starts + block_rows) - starts
-        size = int(lengths.sum())
+        starts = [int(b) * block_rows for b in chosen]
+        lengths = [min(n, start + block_rows) - start for start in starts]
+        size = sum(lengths)
         key = window_key(epoch, w + 1)
         if reuse:
             order = shuffle(size, seed, key, out=positions[:size])
-            rows = out[w % 2][:size]
+            blocks, rows = laid_out[:size], out[w % 2][:size]
         else:
             order = shuffle(size, seed, key)
-            rows = np.empty(size, np.int64)
-        # position p of the window's blocks laid end to end is row starts[b] + p - (the
-        # lengths of the blocks before b)
-        _window_rows(starts, np.cumsum(lengths) - lengths, order, rows)
+            blocks, rows = np.empty(size, np.int64), np.empty(size, np.int64)
+        # the window's blocks' rows laid end to end, then taken in the shuffled order
+        # (mode="clip": unbuffered; every index is in range)
+        offset = 0
+        for start, length in zip(starts, lengths):
+            np.add(iota[:length], start, out=blocks[offset:offset + length])
+            offset += length
+        np.take(blocks, order, out=rows, mode="clip")
         yield rows
-
-
-@numba.njit(cache=True, nogil=True)
-def _window_rows(starts, offsets, positions, out):  # pragma: no cover - compiled
-    for i in range(len(positions)):
-        p = positions[i]
-        b = np.searchsorted(offsets, p, side="right") - 1
-        out[i] = starts[b] + p - offsets[b]
 
 
 def order_segments(data: Dataset, seed: int, epoch: int, shuffle: Callable[..., np.ndarray],
