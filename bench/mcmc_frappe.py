@@ -315,10 +315,14 @@ def main():
     for backend in names:
         one = statistics.median(per_iters[backend, 1])
         two = statistics.median(per_iters[backend, 2])
+        # each seed's 1- and 2-thread fits ran one after the other: the median of their
+        # ratios is steadier than the ratio of medians when the machine's speed drifts
+        pairs = [a / b for a, b in zip(per_iters[backend, 1], per_iters[backend, 2])]
         print(f"{backend}: {one:.4f} s per iteration on 1 thread, {two:.4f} on 2 "
-              f"({one / two:.2f}x)" + ("" if libfm_s is None else
-                                       f"; 1 thread / libFM = {one / libfm_s:.2f} "
-                                       f"(libFM {libfm_s:.4f})"))
+              f"({one / two:.2f}x; median of the seeds' pairs {statistics.median(pairs):.2f}x"
+              f": {', '.join(f'{r:.2f}' for r in pairs)})" + (
+                  "" if libfm_s is None else f"; 1 thread / libFM = {one / libfm_s:.2f} "
+                                             f"(libFM {libfm_s:.4f})"))
 
 
 if __name__ == "__main__":
