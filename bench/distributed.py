@@ -5,6 +5,7 @@
     python bench/distributed.py --data mltag --rows 4000000 --epochs 5 --spark
     python bench/distributed.py --accuracy           # the frappe-mini accuracy targets
     python bench/distributed.py --data mltag --also-every 256 --scaling 3  # 2/1 medians
+    python bench/distributed.py --data mltag --also-every 256 --allocator 3
 
 Rows of the table, per data set:
 - afmfast single process, 1 thread (``afmfast.FM`` on the memory-mapped train store);
@@ -110,8 +111,17 @@ def run_ceiling(paths, epochs):
             "passes": epochs}
 
 
+def _nanny_allocator():
+    """Make this worker process leave its allocator as Dask's nanny set it (the
+    ``--allocator`` comparison's "without" runs): ``afmfast.dask.memory.acquire`` a
+    no-op."""
+    from afmfast.dask import memory
+
+    memory.acquire = lambda: False
+
+
 def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge="sum",
-             **extra):
+             nanny_allocator=False, **extra):
     from distributed import Client, LocalCluster
 
     from afmfast.dask import DaskFM
@@ -120,6 +130,8 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
     settings = dict(FM_SETTINGS, **extra)
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
+        if nanny_allocator:
+            client.run(_nanny_allocator)
         model = cls(n_epochs=epochs, n_threads=1, adaptive_threads=False, client=client,
                     sync_every=sync_every, merge=merge, **settings)
         model.fit(paths["train"], validation=paths["valid"], init_from=init_from)
@@ -215,6 +227,16 @@ def bench(name, args):
             results[f"afmfast on Dask, {workers} worker(s) x 1 thread, sync_every "
                     f"{every}"] = run_dask(paths, args.epochs, workers, every,
                                            merge=args.merge)
+        allocator = {every: [] for every in [sync_every] + args.also_every}
+        for r in range(args.allocator):
+            # 2 workers with afmfast.dask.memory's allocator settings and without them
+            # (the nanny's MALLOC_TRIM_THRESHOLD_ left in force), one after the other
+            log(f"{name}: allocator comparison {r + 1} of {args.allocator}")
+            for every in allocator:
+                with_settings = run_dask(paths, args.epochs, 2, every, merge=args.merge)
+                without = run_dask(paths, args.epochs, 2, every, merge=args.merge,
+                                   nanny_allocator=True)
+                allocator[every].append(without["sec"] / with_settings["sec"])
         repeats = {every: [] for every in [sync_every] + args.also_every}
         for r in range(args.scaling):
             # 1 and 2 workers again, alternating: the ratio of each pair, measured a few
@@ -245,6 +267,13 @@ def bench(name, args):
                  "sync_every); the ceiling / 1 process; 1 process / 1 Dask worker", "-",
                  "; ".join(f"{dask[0] / two:.2f}x" for two in dask[1:])
                  + f"; {single / ceiling[0]:.2f}x; {single / dask[0]:.2f}x", "-", "-", ""])
+    for every, ratios in allocator.items():
+        if ratios:
+            rows.append([name, f"2 Dask workers, sync_every {every}: epoch without "
+                         f"afmfast.dask.memory's settings / with them, median of "
+                         f"{len(ratios)} pairs (each pair)", "-", f"{np.median(ratios):.2f}x",
+                         "-", "-", ", ".join(f"{r:.2f}" for r in ratios)])
+            results[f"allocator pairs, sync_every {every}"] = {"ratios": ratios}
     for every, ratios in repeats.items():
         if ratios:
             rows.append([name, f"2 Dask workers / 1, sync_every {every}: median of "
@@ -309,6 +338,9 @@ def main(argv=None):
                              "line uses the first)")
     parser.add_argument("--merge", choices=("sum", "mean"), default="sum")
     parser.add_argument("--spark", action="store_true", help="also run Spark's FMRegressor")
+    parser.add_argument("--allocator", type=int, default=0, metavar="N",
+                        help="then N pairs of 2-worker fits with and without "
+                             "afmfast.dask.memory's allocator settings")
     parser.add_argument("--scaling", type=int, default=0, metavar="N",
                         help="then N more alternating runs of 1 and 2 Dask workers, for the "
                              "median of the 2-worker speed-up")

@@ -4,12 +4,12 @@
 The driver (this module, in the client's process) places one ``ShardWorker`` actor on
 every worker, hands each its shards (paths; the workers open the stores themselves),
 and runs the epochs as rounds: every worker trains ``sync_every`` batches (the last
-round of an epoch what is left), then the workers average their parameters among themselves (``afmfast.dask.averaging``). The driver
-starts an epoch's rounds with one call per worker and takes their records at the end
-of the epoch: the workers synchronise among themselves, with no driver round trip
-between two rounds. After
-each epoch the workers score their validation shards and the driver adds the sums up,
-so early stopping and the best-epoch restore work as in a single process. The fitted
+round of an epoch what is left), then the workers average their parameters among
+themselves (``afmfast.dask.averaging``). The driver starts an epoch's rounds with one
+call per worker and takes their records at the end of the epoch: the workers
+synchronise among themselves, with no driver round trip between two rounds. After each
+epoch the workers score their validation shards and the driver adds the sums up, so
+early stopping and the best-epoch restore work as in a single process. The fitted
 local estimator (``to_local()``) is an ordinary ``afmfast.FM`` / ``AFM`` / classifier.
 
 The driver never blocks on a lost worker: it waits in short slices and asks the

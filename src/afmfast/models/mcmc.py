@@ -183,7 +183,8 @@ class McmcTrainer:
                         valid_sum += self._scores(valid, q_valid, p_valid)
                         metrics = model._evaluate_scores(valid.y, valid_sum / kept,
                                                          model._clip_bounds("train"))
-                        record.update((f"valid_{k}", v) for k, v in metrics.items())
+                        record.update((f"valid_{name}", value)
+                                      for name, value in metrics.items())
                 record.update(seconds=seconds, threads=threads)
                 model.history_.append(record)
                 shown = record[f"valid_{monitor}"]
