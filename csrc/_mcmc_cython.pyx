@@ -18,30 +18,36 @@ a column's gathered residuals and q values), and this module is built at the bas
 instruction set only, where the compiler has no fused multiply-add to contract into: the
 samples are the Numba backend's bit for bit, for any thread count.
 
-A parallel block's features go to the threads dynamically, longest column first (the
-next free thread takes the next feature): a thread that the OS deschedules on a busy
-machine holds the others back by one feature at most, and a block of a few features of
-very unequal lengths balances as well as it can. Which thread samples a feature changes
-nothing: the features of a parallel block share no row, and each one's scratch is
-written before it is read. Every shape, dtype and index is
-checked in Python before the sweep releases the GIL, so no input can make it read or
-write outside its arrays.
+A parallel block's longest columns (``sweep_schedule``) are sampled first, one after
+another, each by the whole team: a pass over the column's rows is split between the
+threads by chunks of SUM_CHUNK rows, and the threads meet at a barrier before each draw.
+The other features go to the threads dynamically, longest column first (the next free
+thread takes the next feature): a thread that the OS deschedules holds the others back
+by one feature at most. A binary field, whose two columns hold all the rows between
+them, then keeps both threads busy. None of this changes a bit: the features of a
+parallel block share no row, each one's scratch is written before it is read, and a
+pass's sums are its chunks' sums added in chunk order whoever computed them. Every
+shape, dtype and index is checked in Python before the sweep releases the GIL, so no
+input can make it read or write outside its arrays.
 """
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport cos, log, sqrt, M_PI
 from libc.stdint cimport int64_t, uint64_t
+from openmp cimport omp_get_num_threads
 
 from _common cimport ftz_enter, ftz_enter_caller, ftz_leave, golden64, mix64, team_size
 
 from afmfast.kernels.api import _stream_key
-from afmfast.kernels.mcmc import MCMC_STREAM
+from afmfast.kernels.mcmc import (MCMC_STREAM, SUM_CHUNK as _SUM_CHUNK, sum_buffers,
+                                  sweep_schedule)
 from afmfast.kernels.numba.mcmc import Workspace
 
 __all__ = ["mcmc_workspace", "mcmc_sweep"]
 
 cdef double ULP53 = 2.0 ** -53
+cdef Py_ssize_t SUM_CHUNK = _SUM_CHUNK
 cdef double TWO_PI = 2.0 * M_PI
 
 
@@ -65,6 +71,8 @@ ctypedef struct Sweep:
     double* E       # (threads, m)
     double* Q       # (threads, k, m)
     Py_ssize_t m    # the scratch's column length
+    double* P       # (threads + 1, p_stride) partial sums: each thread's, then the team's
+    Py_ssize_t p_stride
 
 
 cdef inline double normal(uint64_t key, uint64_t c) noexcept nogil:
@@ -84,89 +92,195 @@ cdef inline double draw(double sum_he, double sum_hh, double theta, double alpha
     return mean + z / sqrt(precision)
 
 
-cdef void sample_feature(const Sweep* s, int64_t j, int t) noexcept nogil:
-    """w_j, then v_j0 .. v_j(k-1), with thread t's scratch: column j's residuals and q
-    values gathered into E (m,) and Q (k, m), one fused pass per coordinate (apply the
-    previous change, sum h e and h^2 for the next), the last one scattering back."""
-    cdef Py_ssize_t k = s.k, ms = s.m, r, f, u
-    cdef int64_t c0 = s.colptr[j], c1 = s.colptr[j + 1], i
-    cdef Py_ssize_t m = c1 - c0
-    cdef int64_t g = s.groups[j]
-    cdef uint64_t base = <uint64_t>j * <uint64_t>(k + 1)
-    cdef const double* X = s.vals + c0
+cdef extern from *:
+    """
+    /* A barrier of the innermost enclosing parallel region (an orphaned directive: the
+       caller is inside one; without OpenMP, one thread needs none). */
+    static inline void afmfast_team_barrier(void) {
+    #ifdef _OPENMP
+        #pragma omp barrier
+    #endif
+    }
+    """
+    void team_barrier "afmfast_team_barrier"() noexcept nogil
+
+
+cdef inline void sums_out(double* out, double she, double shh) noexcept nogil:
+    out[0] = she
+    out[1] = shh
+
+
+cdef inline void gather_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize_t hi,
+                             double* E, double* Q, Py_ssize_t ms, double* out) noexcept nogil:
+    """Pass 0 over rows lo:hi of the column whose nonzeros start at c0: gather e and q,
+    sum x e and x^2 (for w)."""
+    cdef Py_ssize_t k = s.k, r, f
     cdef const int64_t* rows = s.rows + c0
-    cdef double* E = s.E + t * ms
-    cdef double* Q = s.Q + t * k * ms
-    cdef double* Vj = s.V + j * k
-    cdef double* qc
-    cdef double* qp
-    cdef double she = 0.0, shh = 0.0, x, ei, h, old, new, d, cur = 0.0, prev
-    for r in range(m):
+    cdef const double* X = s.vals + c0
+    cdef const double* e = s.e
+    cdef const double* q = s.q
+    cdef int64_t i
+    cdef double she = 0.0, shh = 0.0, x
+    for r in range(lo, hi):
         i = rows[r]
-        E[r] = s.e[i]
+        E[r] = e[i]
         for f in range(k):
-            Q[f * ms + r] = s.q[i * k + f]
+            Q[f * ms + r] = q[i * k + f]
         x = X[r]
         she += x * E[r]
         shh += x * x
-    old = s.w[j]
-    new = draw(she, shh, old, s.alpha, s.mu_w[g], s.lam_w[g], normal(s.key, base))
-    s.w[j] = new
-    d = new - old
-    she = 0.0
-    shh = 0.0
+    sums_out(out, she, shh)
+
+
+cdef inline void first_rows(const double* X, Py_ssize_t lo, Py_ssize_t hi, double* E,
+                            const double* qc, double d, double cur,
+                            double* out) noexcept nogil:
+    """Pass 1: apply w's change d, sum h e and h^2 for v_0 (its q values qc, value cur)."""
+    cdef Py_ssize_t r
+    cdef double she = 0.0, shh = 0.0, x, ei, h
+    for r in range(lo, hi):
+        x = X[r]
+        ei = E[r] - d * x
+        E[r] = ei
+        h = x * (qc[r] - cur * x)
+        she += h * ei
+        shh += h * h
+    sums_out(out, she, shh)
+
+
+cdef inline void next_rows(const double* X, Py_ssize_t lo, Py_ssize_t hi, double* E,
+                           double* qp, const double* qc, double d, double prev, double cur,
+                           double* out) noexcept nogil:
+    """Pass f + 2: apply v_f's change d (its q values qp, old value prev), sum h e and h^2
+    for v_(f+1) (qc, cur)."""
+    cdef Py_ssize_t r
+    cdef double she = 0.0, shh = 0.0, x, ei, h
+    for r in range(lo, hi):
+        x = X[r]
+        ei = E[r] - d * (x * (qp[r] - prev * x))
+        qp[r] += d * x
+        E[r] = ei
+        h = x * (qc[r] - cur * x)
+        she += h * ei
+        shh += h * h
+    sums_out(out, she, shh)
+
+
+cdef inline void last_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize_t hi,
+                           const double* E, const double* Q, Py_ssize_t ms, double* qp,
+                           double d, double prev) noexcept nogil:
+    """The last pass: apply the last factor's change (w's when k = 0) and scatter e and
+    q back to the rows."""
+    cdef Py_ssize_t k = s.k, r, u
+    cdef const int64_t* rows = s.rows + c0
+    cdef const double* X = s.vals + c0
+    cdef double* e = s.e
+    cdef double* q = s.q
+    cdef int64_t i
+    cdef double x
     if k == 0:
-        for r in range(m):
-            E[r] = E[r] - d * X[r]
-    else:
-        qc = Q
+        for r in range(lo, hi):
+            e[rows[r]] = E[r] - d * X[r]
+        return
+    for r in range(lo, hi):
+        x = X[r]
+        i = rows[r]
+        e[i] = E[r] - d * (x * (qp[r] - prev * x))
+        qp[r] += d * x
+        for u in range(k):
+            q[i * k + u] = Q[u * ms + r]
+
+
+cdef inline void chunk_totals(const double* part, Py_ssize_t nc, double* she,
+                              double* shh) noexcept nogil:
+    """A pass's sums: its chunks' partial sums added in chunk order."""
+    cdef Py_ssize_t c
+    she[0] = part[0]
+    shh[0] = part[1]
+    for c in range(1, nc):
+        she[0] += part[2 * c]
+        shh[0] += part[2 * c + 1]
+
+
+cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, double* Q,
+                         double* part) noexcept nogil:
+    """w_j, then v_j0 .. v_j(k-1), by thread t of a team of ``team`` threads sampling
+    feature j together (team 1: one thread alone). Column j's residuals and q values are
+    gathered into E (m,) and Q (k, m), one fused pass per coordinate (apply the previous
+    change, sum h e and h^2 for the next), the last one scattering back. Each pass sums
+    over chunks of SUM_CHUNK rows (part: (2, chunks, 2), one half per pass parity);
+    thread t runs the chunks t * chunks / team up to the next thread's, every thread
+    adds the partial sums in chunk order after a barrier and draws the same value (only
+    thread 0 stores it). The parities keep a pass's sums until every thread has read
+    them; a value is read before the barrier after which thread 0 overwrites it."""
+    cdef Py_ssize_t k = s.k, ms = s.m, f, c
+    cdef int64_t c0 = s.colptr[j], c1 = s.colptr[j + 1]
+    cdef Py_ssize_t m = c1 - c0
+    cdef Py_ssize_t nc = max(1, (m + SUM_CHUNK - 1) // SUM_CHUNK)   # 1: an empty column
+    cdef Py_ssize_t c_lo = t * nc // team, c_hi = (t + 1) * nc // team
+    cdef Py_ssize_t lo, hi
+    cdef int64_t g = s.groups[j]
+    cdef uint64_t base = <uint64_t>j * <uint64_t>(k + 1)
+    cdef const double* X = s.vals + c0
+    cdef double* Vj = s.V + j * k
+    cdef double* half
+    cdef double she, shh, old, new, d, cur = 0.0, prev = 0.0
+    for c in range(c_lo, c_hi):
+        lo = c * SUM_CHUNK
+        hi = min(m, lo + SUM_CHUNK)
+        gather_rows(s, c0, lo, hi, E, Q, ms, part + 2 * c)
+    old = s.w[j]
+    if k > 0:
         cur = Vj[0]
-        for r in range(m):
-            x = X[r]
-            ei = E[r] - d * x
-            E[r] = ei
-            h = x * (qc[r] - cur * x)
-            she += h * ei
-            shh += h * h
+    if team > 1:
+        team_barrier()
+    chunk_totals(part, nc, &she, &shh)
+    new = draw(she, shh, old, s.alpha, s.mu_w[g], s.lam_w[g], normal(s.key, base))
+    if t == 0:
+        s.w[j] = new
+    d = new - old
+    if k > 0:
+        half = part + 2 * nc
+        for c in range(c_lo, c_hi):
+            lo = c * SUM_CHUNK
+            hi = min(m, lo + SUM_CHUNK)
+            first_rows(X, lo, hi, E, Q, d, cur, half + 2 * c)
+        if team > 1:
+            team_barrier()
     for f in range(k):
+        chunk_totals(part + 2 * nc * ((f + 1) & 1), nc, &she, &shh)
         new = draw(she, shh, cur, s.alpha, s.mu_v[g * k + f], s.lam_v[g * k + f],
                    normal(s.key, base + 1 + <uint64_t>f))
-        Vj[f] = new
+        if t == 0:
+            Vj[f] = new
         d = new - cur
-        qp = Q + f * ms
         prev = cur
-        she = 0.0
-        shh = 0.0
         if f + 1 < k:
-            qc = Q + (f + 1) * ms
             cur = Vj[f + 1]
-            for r in range(m):
-                x = X[r]
-                ei = E[r] - d * (x * (qp[r] - prev * x))
-                qp[r] += d * x
-                E[r] = ei
-                h = x * (qc[r] - cur * x)
-                she += h * ei
-                shh += h * h
-        else:  # the last factor: its change is applied while scattering back
-            for r in range(m):
-                x = X[r]
-                i = rows[r]
-                s.e[i] = E[r] - d * (x * (qp[r] - prev * x))
-                qp[r] += d * x
-                for u in range(k):
-                    s.q[i * k + u] = Q[u * ms + r]
-    if k == 0:
-        for r in range(m):
-            s.e[rows[r]] = E[r]
+            half = part + 2 * nc * (f & 1)
+            for c in range(c_lo, c_hi):
+                lo = c * SUM_CHUNK
+                hi = min(m, lo + SUM_CHUNK)
+                next_rows(X, lo, hi, E, Q + f * ms, Q + (f + 1) * ms, d, prev, cur,
+                          half + 2 * c)
+            if team > 1:
+                team_barrier()
+    for c in range(c_lo, c_hi):
+        lo = c * SUM_CHUNK
+        hi = min(m, lo + SUM_CHUNK)
+        last_rows(s, c0, lo, hi, E, Q, ms, Q + (k - 1) * ms if k > 0 else Q, d, prev)
+    if team > 1:
+        team_barrier()   # the shared scratch is free for the next feature
 
 
 cdef void run(const Sweep* s, int64_t lo, int64_t hi, int t) noexcept nogil:
-    """The features order[lo:hi] on thread t (its own MXCSR set for the run)."""
+    """The features order[lo:hi] on thread t alone, with its scratch (its own MXCSR set
+    for the run)."""
     cdef unsigned int csr = ftz_enter()
     cdef int64_t p
     for p in range(lo, hi):
-        sample_feature(s, s.order[p], t)
+        sample_feature(s, s.order[p], 0, 1, s.E + t * s.m, s.Q + t * s.k * s.m,
+                       s.P + t * s.p_stride)
     ftz_leave(csr)
 
 
@@ -176,19 +290,6 @@ def mcmc_workspace(columns, n_factors, n_threads):
     m = max(1, int(np.diff(np.asarray(columns.colptr)).max(initial=0)))
     t = team_size(n_threads)
     return Workspace(np.empty((t, m)), np.empty((t, int(n_factors), m)))
-
-
-def longest_first(order, starts, is_parallel, colptr):
-    """``order`` with each parallel block's features by decreasing column length (ties
-    in plan order); serial blocks keep their order."""
-    B = starts.shape[0] - 1
-    lo, hi = int(starts[0]), int(starts[B])
-    block = np.repeat(np.arange(B), np.diff(starts))
-    seg = order[lo:hi]
-    length = np.where(is_parallel[block], colptr[seg + 1] - colptr[seg], 0)
-    out = order.copy()
-    out[lo:hi] = seg[np.lexsort((-length, block))]
-    return out
 
 
 def _array(name, a, dtype, shape):
@@ -251,7 +352,6 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const int64_t[::1] colptr_v = colptr
     cdef const int64_t[::1] rows_v = rows if rows.shape[0] else i_dummy
     cdef const double[::1] vals_v = vals if vals.shape[0] else d_dummy
-    cdef const int64_t[::1] order_v = order if order.shape[0] else i_dummy
     cdef const int64_t[::1] starts_v = starts
     cdef const unsigned char[::1] par_v = (is_parallel.view(np.uint8) if B
                                            else np.zeros(1, np.uint8))
@@ -266,29 +366,45 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const double[::1] lam_v_v = lam_v.reshape(-1) if lam_v.size else d_dummy
     cdef double[::1] E_v = E.reshape(-1)
     cdef double[::1] Q_v = Q.reshape(-1) if Q.size else d_dummy
-    cdef const int64_t[::1] longest_v = longest_first(order, starts, is_parallel, colptr) \
-        if order.shape[0] else i_dummy
+    order_s, cooperative = sweep_schedule(columns, plan, nt)
+    P = sum_buffers(m, T)
+    cdef const int64_t[::1] sched_v = order_s if order_s.shape[0] else i_dummy
+    cdef const int64_t[::1] coop_v = cooperative if B else i_dummy
+    cdef double[::1] P_v = P.reshape(-1)
     s.colptr, s.rows, s.vals = &colptr_v[0], &rows_v[0], &vals_v[0]
-    s.order, s.groups = &order_v[0], &groups_v[0]
+    s.order, s.groups = &sched_v[0], &groups_v[0]
     s.w, s.V, s.e, s.q = &w_v[0], &V_v[0], &e_v[0], &q_v[0]
     s.mu_w, s.lam_w, s.mu_v, s.lam_v = &mu_w_v[0], &lam_w_v[0], &mu_v_v[0], &lam_v_v[0]
     s.alpha = float(hyper.alpha)
     s.key = <uint64_t>int(_stream_key(seed, MCMC_STREAM, iteration)[0])
     s.k, s.E, s.Q, s.m = k, &E_v[0], &Q_v[0], m
+    s.P, s.p_stride = &P_v[0], P.shape[1] * P.shape[2] * P.shape[3]
     cdef Py_ssize_t b, n_blocks = B
-    cdef int64_t lo, hi, p
-    cdef unsigned int csr, csr_t
+    cdef int64_t lo, hi, mid, p, pc = 0
+    cdef int t = 0, team = 1
+    cdef double* team_sums = s.P + <Py_ssize_t>T * s.p_stride
+    cdef unsigned int csr, csr_t = 0
     with nogil:
         csr = ftz_enter_caller(nt)
         for b in range(n_blocks):
             lo = starts_v[b]
             hi = starts_v[b + 1]
-            if par_v[b] and nt > 1 and hi - lo > 1:
+            if par_v[b] and nt > 1 and (hi - lo > 1 or coop_v[b] > 0):
                 # disjoint rows: each feature reads and writes only its own rows
+                mid = lo + coop_v[b]
                 with parallel(num_threads=nt):
                     csr_t = ftz_enter()
-                    for p in prange(lo, hi, schedule="dynamic"):
-                        sample_feature(&s, longest_v[p], threadid())
+                    t = threadid()
+                    team = omp_get_num_threads()
+                    # the longest columns first, each by the whole team (its chunks
+                    # split between the threads, the team's scratch and sums) ...
+                    for pc in range(lo, mid):
+                        sample_feature(&s, s.order[pc], t, team, s.E, s.Q, team_sums)
+                    # ... then the rest, each by the next free thread
+                    for p in prange(mid, hi, schedule="dynamic"):
+                        sample_feature(&s, s.order[p], 0, 1, s.E + threadid() * s.m,
+                                       s.Q + threadid() * s.k * s.m,
+                                       s.P + threadid() * s.p_stride)
                     ftz_leave(csr_t)
             else:
                 run(&s, lo, hi, 0)

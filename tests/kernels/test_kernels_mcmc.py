@@ -167,16 +167,19 @@ def test_whole_iteration_and_reference_iteration_agree(sweeper):
     np.testing.assert_allclose(w_k, w_r, rtol=1e-8, atol=1e-10)
 
 
-def three_iterations(sweeper, threads, values=True, k=4):
+def three_iterations(sweeper, threads, values=True, k=4, n=5000):
     """(w, V, e) after three iterations of ``sweeper`` on one-hot rows whose plan has
-    parallel blocks, with the scalars drawn as a fit draws them."""
+    parallel blocks, with the scalars drawn as a fit draws them. From 9000 rows on, the
+    binary field's columns are long enough for the whole team to sample each."""
     rng = np.random.default_rng(2)
-    X, M, _ = fielded_rows(rng, 5000, [40, 7, 300, 2], values=values)
-    n = 5000
+    X, M, _ = fielded_rows(rng, n, [40, 7, 300, 2], values=values)
     y = rng.normal(size=n)
     cols = nb_mcmc.mcmc_columns(X, M)
     plan = nb_mcmc.mcmc_plan(X, cols)
     assert plan.parallel.any()
+    if n >= 9000:
+        _, cooperative = mcmc.sweep_schedule(cols, plan, 2)
+        assert cooperative.tolist() == [0, 0, 0, 2]
     groups = np.zeros(M, np.int64)
     w, V = np.zeros(M), np.random.default_rng(0).normal(0, 0.1, (M, k))
     q, yhat = np.empty((n, k)), np.empty(n)
@@ -189,9 +192,12 @@ def three_iterations(sweeper, threads, values=True, k=4):
     return w, V, e
 
 
+@pytest.mark.parametrize("n", [5000, 12000])
 @pytest.mark.parametrize("sweeper", SWEEPS)
-def test_samples_are_bit_identical_for_any_thread_count(sweeper):
-    runs = [three_iterations(sweeper, threads) for threads in (1, 2, 3)]
+def test_samples_are_bit_identical_for_any_thread_count(sweeper, n):
+    """12,000 rows: the binary field's two columns span several chunks each (the Cython
+    sweep's whole team samples each of them, its chunks split between the threads)."""
+    runs = [three_iterations(sweeper, threads, n=n) for threads in (1, 2, 3)]
     for w, V, e in runs[1:]:
         assert np.array_equal(w, runs[0][0]) and np.array_equal(V, runs[0][1])
         assert np.array_equal(e, runs[0][2])
@@ -199,12 +205,14 @@ def test_samples_are_bit_identical_for_any_thread_count(sweeper):
 
 @pytest.mark.compiled
 @pytest.mark.skipif(cy_mcmc is None, reason="afmfast._mcmc_cython is not built")
-@pytest.mark.parametrize("values,k", [(True, 4), (False, 3), (True, 0)])
-def test_cython_and_numba_samples_are_bit_identical(values, k):
+@pytest.mark.parametrize("values,k,n", [(True, 4, 5000), (False, 3, 5000), (True, 0, 5000),
+                                        (True, 4, 12000), (True, 0, 12000)])
+def test_cython_and_numba_samples_are_bit_identical(values, k, n):
     """The Cython sweep does the Numba sweep's operations in the same order, without
-    fused multiply-adds (its module is built at the baseline level only)."""
-    want = three_iterations(nb_mcmc, 2, values, k)
-    got = three_iterations(cy_mcmc, 2, values, k)
+    fused multiply-adds (its module is built at the baseline level only); 12,000 rows
+    with columns that the whole team samples."""
+    want = three_iterations(nb_mcmc, 2, values, k, n)
+    got = three_iterations(cy_mcmc, 2, values, k, n)
     assert not np.array_equal(want[0], np.zeros_like(want[0]))
     for a, b in zip(got, want):
         assert np.array_equal(a, b)
@@ -290,6 +298,26 @@ def test_split_of_a_parallel_block_gives_each_thread_its_share(lengths, want):
     nb_mcmc._split(colptr, np.arange(len(lengths), dtype=np.int64), 0, len(lengths), 2,
                    bounds)
     assert bounds.tolist() == want
+
+
+def test_schedule_puts_long_columns_first_and_gives_the_team_those_that_would_idle_it():
+    """Longest first within a parallel block (ties in plan order), serial blocks as
+    planned; team-sampled: at least COOPERATIVE_MIN_CHUNKS chunks and more than
+    1 / (2 n_threads) of the block's nonzeros."""
+    long_ = mcmc.COOPERATIVE_MIN_CHUNKS * mcmc.SUM_CHUNK
+    lengths = [10, long_, 3 * long_, 30, long_ - 1, 20, 20, 5]
+    colptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cols = nb_mcmc.Columns(colptr, np.zeros(colptr[-1], np.int64), np.ones(colptr[-1]))
+    plan = nb_mcmc.Plan(np.arange(8, dtype=np.int64), np.array([0, 4, 5, 8]),
+                        np.array([True, True, False]))
+    order, team = mcmc.sweep_schedule(cols, plan, 2)
+    assert order.tolist() == [2, 1, 3, 0, 4, 5, 6, 7]
+    # block 0 holds 4 long_ + 40 nonzeros: on 2 threads only 3 long_ is over a quarter,
+    # on 4 and 8 long_ is over an eighth too; block 1's column is one chunk too short
+    assert team.tolist() == [1, 0, 0]
+    assert mcmc.sweep_schedule(cols, plan, 4)[1].tolist() == [2, 0, 0]
+    assert mcmc.sweep_schedule(cols, plan, 8)[1].tolist() == [2, 0, 0]
+    assert mcmc.sweep_schedule(cols, plan, 1)[1].tolist() == [0, 0, 0]
 
 
 @pytest.mark.parametrize("sweeper", SWEEPS)

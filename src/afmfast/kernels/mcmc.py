@@ -37,6 +37,15 @@ block whose features do share rows (a given group that is no one-hot field) is s
 serially. With the normal draws keyed by (seed, iteration, coordinate) rather than taken
 from a shared stream, samples do not depend on the thread count.
 
+Sums. A pass's sums over a column's rows (sum h e and sum h^2) are added by chunks of
+SUM_CHUNK rows: each chunk's sum in row order from its first row, then the chunks' sums
+in chunk order (a column of at most SUM_CHUNK rows is one plain sum). The backends may
+then split a long column's chunks between threads, pass by pass, without changing a
+bit: the Cython sweep does so (``sweep_schedule``) for a parallel block's columns of at
+least COOPERATIVE_MIN_CHUNKS chunks that hold more than 1 / (2 n_threads) of their
+block's nonzeros, which on one thread would leave the others idle (a binary field, or a
+popular item).
+
 Normal draws (counter based, the same in every backend): key = mix64(mix64(seed +
 MCMC_STREAM * GOLDEN) + iteration); for coordinate c (w_j: c = j (k + 1); v_jf: c = j (k
 + 1) + 1 + f), h1 = mix64(key + (2c + 1) GOLDEN), h2 = mix64(key + (2c + 2) GOLDEN),
@@ -62,6 +71,10 @@ W0_MEAN = 0.0   # w0 ~ N(W0_MEAN, 1 / W0_PRECISION); 0 precision is libFM's flat
 W0_PRECISION = 0.0
 
 MCMC_STREAM = 4  # kernels.api's RNG streams: dropout 0-2, epoch order 3
+SUM_CHUNK = 1024  # rows per partial sum of a pass (module docstring, "Sums")
+# a column is split between threads from this many chunks on: fewer, and the barrier
+# before every draw costs more than the idle thread would
+COOPERATIVE_MIN_CHUNKS = 4
 _TWO_PI = 2.0 * np.pi
 _MASK64 = (1 << 64) - 1
 
@@ -171,6 +184,45 @@ def draw_scalars(w0, w, V, e, groups, n_groups, seed, iteration, alpha=None):
                                         W0_PRECISION)
     new_w0 = mean + float(rng.standard_normal()) / np.sqrt(precision)
     return Hyper(alpha, mu_w, lam_w, mu_v, lam_v), new_w0
+
+
+def sweep_schedule(columns, plan, n_threads):
+    """(order, cooperative) of a sweep on ``n_threads`` threads: ``plan.order`` with each
+    parallel block's features by decreasing column length (ties in plan order; serial
+    blocks keep their order), and int64 (B,) the number of each block's first features
+    that the whole team samples together, chunk by chunk (the Cython sweep; none on one
+    thread). A column is sampled so when it is at least COOPERATIVE_MIN_CHUNKS chunks
+    long and holds more than 1 / (2 n_threads) of its block's nonzeros: on its own
+    thread it would leave the others idle (a binary field's larger value, or one
+    popular item, against the rest of the block)."""
+    colptr, order = columns.colptr, plan.order
+    starts, is_parallel = plan.starts, plan.parallel
+    B = starts.shape[0] - 1
+    cooperative = np.zeros(B, np.int64)
+    lo, hi = int(starts[0]), int(starts[B])
+    if hi <= lo:
+        return order, cooperative
+    block = np.repeat(np.arange(B), np.diff(starts))
+    seg = order[lo:hi]
+    length = np.where(is_parallel[block], colptr[seg + 1] - colptr[seg], 0)
+    out = order.copy()
+    ranked = np.lexsort((-length, block))
+    out[lo:hi] = seg[ranked]
+    if n_threads > 1:
+        total = np.bincount(block, weights=length, minlength=B)
+        long_ = length[ranked]
+        team = ((long_ >= COOPERATIVE_MIN_CHUNKS * SUM_CHUNK)
+                & (long_ * 2 * n_threads > total[block]))
+        cooperative[:] = np.bincount(block[team], minlength=B)
+    return out, cooperative
+
+
+def sum_buffers(longest, n_threads):
+    """Partial sums of a sweep on ``n_threads`` threads whose longest column has
+    ``longest`` rows: float64 (n_threads + 1, 2, chunks, 2) (each thread's set, then the
+    whole team's; two halves, by pass parity, of chunk sums of h e and h^2)."""
+    chunks = max(1, -(-int(longest) // SUM_CHUNK))
+    return np.zeros((int(n_threads) + 1, 2, chunks, 2))
 
 
 def truncated_normals(mean: np.ndarray, positive: np.ndarray,

@@ -24,8 +24,11 @@ Functions
 
 A parallel block runs its features on the threads in contiguous runs of about equal
 nonzeros (a feature's cost is its column's length): disjoint rows make every split give
-the same result, so the split may follow the thread count. Each feature's sums over its
-rows run serially in row order.
+the same result, so the split may follow the thread count. Each pass's sums are added by
+chunks of SUM_CHUNK rows, each in row order, then the chunks in order (kernels.mcmc,
+"Sums"), as the Cython sweep adds them. This backend does not split a column's chunks
+between threads as the Cython one does: a parallel launch per pass (k + 2 per column)
+cost more than the idle thread (frappe-mini, k=16, 2 threads: 1.39x against 1.61x).
 """
 import math
 from collections import namedtuple
@@ -35,7 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from afmfast.kernels.api import GOLDEN, _stream_key
-from afmfast.kernels.mcmc import MCMC_STREAM
+from afmfast.kernels.mcmc import MCMC_STREAM, SUM_CHUNK, sum_buffers
 from afmfast.kernels.numba.common import (
     block_bounds,
     ftz_enter,
@@ -235,57 +238,39 @@ def _draw(sum_he, sum_hh, theta, alpha, mu, lam, z):
 
 
 @njit(**_SER)
-def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu_v,
-                    lam_v, key, E, Q):
-    """w_j, then v_j0 .. v_j(k-1). Column j's residuals and q values are first copied
-    into the contiguous scratch E (m,) and Q (k, m) (one read of each row's q, which
-    lies on one or two cache lines), every pass then runs over contiguous memory, and
-    the results go back at the end. Each pass applies the previous coordinate's change
-    to E (and Q) and sums h e and h^2 for the next one: the same arithmetic, row by row,
-    as one pass per update and one per sum; the last factor's pass scatters."""
-    k = V.shape[1]
-    c0, c1 = colptr[j], colptr[j + 1]
-    m = c1 - c0
-    base = j * (k + 1)
-    X = vals[c0:c1]
-    she = 0.0
-    shh = 0.0
-    for r in range(m):
-        i = rows[c0 + r]
-        E[r] = e[i]
-        for f in range(k):
-            Q[f, r] = q[i, f]
-        x = X[r]
-        she += x * E[r]
-        shh += x * x
-    old = w[j]
-    new = _draw(she, shh, old, alpha, mu_w[g], lam_w[g], _normal(key, base))
-    w[j] = new
-    d = new - old
-    qc = Q[0]
-    cur = V[j, 0]
-    she = 0.0
-    shh = 0.0
-    for r in range(m):
-        x = X[r]
-        ei = E[r] - d * x
-        E[r] = ei
-        h = x * (qc[r] - cur * x)
-        she += h * ei
-        shh += h * h
-    for f in range(k):
-        new = _draw(she, shh, cur, alpha, mu_v[g, f], lam_v[g, f],
-                    _normal(key, base + 1 + f))
-        V[j, f] = new
-        d = new - cur
-        qp = Q[f]
-        prev = cur
+def _pass_chunks(kind, c_lo, c_hi, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
+    """One pass over chunks c_lo:c_hi of a column's rows (its nonzeros from c0 on),
+    each chunk's sums into half[c] (kind 0: gather e and q, sums for w; 1: apply w's
+    change d, sums for v_0; 2: apply v_f's change (old value prev), sums for v_(f+1)
+    (value cur); 3: apply the last change, scatter e and q back)."""
+    k = Q.shape[0]
+    for c in range(c_lo, c_hi):
+        lo = c * SUM_CHUNK
+        hi = min(m, lo + SUM_CHUNK)
         she = 0.0
         shh = 0.0
-        if f + 1 < k:
+        if kind == 0:
+            for r in range(lo, hi):
+                i = rows[c0 + r]
+                E[r] = e[i]
+                for t in range(k):
+                    Q[t, r] = q[i, t]
+                x = X[r]
+                she += x * E[r]
+                shh += x * x
+        elif kind == 1:
+            qc = Q[0]
+            for r in range(lo, hi):
+                x = X[r]
+                ei = E[r] - d * x
+                E[r] = ei
+                h = x * (qc[r] - cur * x)
+                she += h * ei
+                shh += h * h
+        elif kind == 2:
+            qp = Q[f]
             qc = Q[f + 1]
-            cur = V[j, f + 1]
-            for r in range(m):
+            for r in range(lo, hi):
                 x = X[r]
                 ei = E[r] - d * (x * (qp[r] - prev * x))
                 qp[r] += d * x
@@ -293,17 +278,73 @@ def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu
                 h = x * (qc[r] - cur * x)
                 she += h * ei
                 shh += h * h
-        else:  # the last factor: its change is applied while scattering back
-            for r in range(m):
+        elif k == 0:
+            for r in range(lo, hi):
+                e[rows[c0 + r]] = E[r] - d * X[r]
+        else:
+            qp = Q[k - 1]
+            for r in range(lo, hi):
                 x = X[r]
                 i = rows[c0 + r]
                 e[i] = E[r] - d * (x * (qp[r] - prev * x))
                 qp[r] += d * x
                 for t in range(k):
                     q[i, t] = Q[t, r]
-    if k == 0:
-        for r in range(m):
-            e[rows[c0 + r]] = E[r]
+        half[c, 0] = she
+        half[c, 1] = shh
+
+
+@njit(**_SER)
+def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
+    """A pass over all nc chunks; returns its sums, the chunks' partial sums added in
+    chunk order."""
+    _pass_chunks(kind, 0, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half)
+    she = half[0, 0]
+    shh = half[0, 1]
+    for c in range(1, nc):
+        she += half[c, 0]
+        shh += half[c, 1]
+    return she, shh
+
+
+@njit(**_SER)
+def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu_v,
+                    lam_v, key, E, Q, part):
+    """w_j, then v_j0 .. v_j(k-1). Column j's residuals and q values are first copied
+    into the contiguous scratch E (m,) and Q (k, m) (one read of each row's q, which
+    lies on one or two cache lines), every pass then runs over contiguous memory, and
+    the results go back at the end. Each pass applies the previous coordinate's change
+    to E (and Q) and sums h e and h^2 for the next one: the same arithmetic, row by row,
+    as one pass per update and one per sum; the last pass scatters. Sums are over
+    chunks of SUM_CHUNK rows (part (2, chunks, 2) holds them, by pass parity), as the
+    Cython sweep adds them."""
+    k = V.shape[1]
+    c0 = colptr[j]
+    m = colptr[j + 1] - c0
+    nc = max(1, (m + SUM_CHUNK - 1) // SUM_CHUNK)
+    base = j * (k + 1)
+    X = vals[c0:c0 + m]
+    she, shh = _pass(0, nc, m, c0, rows, X, e, q, E, Q, 0, 0.0, 0.0, 0.0, part[0])
+    old = w[j]
+    new = _draw(she, shh, old, alpha, mu_w[g], lam_w[g], _normal(key, base))
+    w[j] = new
+    d = new - old
+    prev = 0.0
+    cur = 0.0
+    if k > 0:
+        cur = V[j, 0]
+        she, shh = _pass(1, nc, m, c0, rows, X, e, q, E, Q, 0, d, 0.0, cur, part[1])
+    for f in range(k):
+        new = _draw(she, shh, cur, alpha, mu_v[g, f], lam_v[g, f],
+                    _normal(key, base + 1 + f))
+        V[j, f] = new
+        d = new - cur
+        prev = cur
+        if f + 1 < k:
+            cur = V[j, f + 1]
+            she, shh = _pass(2, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur,
+                             part[f & 1])
+    _pass(3, nc, m, c0, rows, X, e, q, E, Q, 0, d, prev, 0.0, part[0])
 
 
 @njit(**_SER)
@@ -331,21 +372,21 @@ def _split(colptr, order, lo, hi, nb, bounds):
 
 @njit(**_PAR)
 def _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha, mu_w,
-                    lam_w, mu_v, lam_v, key, E, Q, nb):
-    """The features order[bounds[t]:bounds[t + 1]] with scratch E[t], Q[t] (one
+                    lam_w, mu_v, lam_v, key, E, Q, P, nb):
+    """The features order[bounds[t]:bounds[t + 1]] with scratch E[t], Q[t], P[t] (one
     block's, on the threads)."""
     for t in prange(nb):
         csr = ftz_enter()
         for p in range(bounds[t], bounds[t + 1]):
             j = order[p]
             _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha, mu_w,
-                            lam_w, mu_v, lam_v, key, E[t], Q[t])
+                            lam_w, mu_v, lam_v, key, E[t], Q[t], P[t])
         ftz_leave(csr)
 
 
 @njit(**_SER)
 def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alpha, mu_w,
-           lam_w, mu_v, lam_v, key, E, Q, nb):
+           lam_w, mu_v, lam_v, key, E, Q, P, nb):
     # serial: only a parallel block starts the threads (_parallel_block), so a serial
     # block or a single thread costs no parallel launch
     bounds = np.empty(nb + 1, np.int64)
@@ -354,12 +395,12 @@ def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alph
         if parallel[b] and nb > 1 and hi - lo > 1:
             _split(colptr, order, lo, hi, nb, bounds)
             _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha,
-                            mu_w, lam_w, mu_v, lam_v, key, E, Q, nb)
+                            mu_w, lam_w, mu_v, lam_v, key, E, Q, P, nb)
         else:
             for p in range(lo, hi):
                 j = order[p]
                 _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha,
-                                mu_w, lam_w, mu_v, lam_v, key, E[0], Q[0])
+                                mu_w, lam_w, mu_v, lam_v, key, E[0], Q[0], P[0])
 
 
 def mcmc_workspace(columns, n_factors, n_threads):
@@ -382,7 +423,8 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
         try:
             _sweep(columns.colptr, columns.rows, columns.values, plan.order, plan.starts,
                    plan.parallel, groups, w, V, e, q, float(hyper.alpha), hyper.mu_w,
-                   hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q, nb)
+                   hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q,
+                   sum_buffers(ws.E.shape[1], nb), nb)
         finally:
             ftz_leave(csr)
 
