@@ -4,6 +4,7 @@
     (cd /tmp/base && python setup.py build_ext --inplace)
     python bench/ab_builds.py --model afm --k 64 --base /tmp/base
     python bench/ab_builds.py --model fm --k 16 --data mltag --base /tmp/base
+    python bench/ab_builds.py --model mcmc --k 16 --base /tmp/base   # Gibbs sweeps
 
 Both builds of ``afmfast._<model>_cython`` are loaded into this process (from
 ``<dir>/afmfast``), each with its own copy of the same initial parameters, optimiser
@@ -12,7 +13,11 @@ to batch. The shared machines here change speed by 20-30% from minute to minute;
 two builds one after the other mostly measure that drift, while alternating batch by batch
 exposes both builds to the same moment. Prints, per thread count, the median and the 10th
 percentile of each build's batch time, the ratio of the medians (new / base) and the
-median of the per-batch ratios. The first batches are warm-up.
+median of the per-batch ratios. The first batches are warm-up. ``--model mcmc`` does the
+same with whole Gibbs sweeps of ``afmfast._mcmc_cython`` on frappe-mini (``--epochs``
+rounds, each a sweep of both builds at every thread count, alternating which goes
+first), and also prints each build's speed-up from 1 to 2 threads as the median of the
+rounds' ratios.
 
 A difference of 1-2% is inside this timing noise. ``--callgrind`` settles it: each build
 runs alone under ``valgrind --tool=callgrind`` (1 thread, the same batches), collecting
@@ -83,7 +88,7 @@ def build_run(module, trainer, model, offset=0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("fm", "afm"), default="afm")
+    parser.add_argument("--model", choices=("fm", "afm", "mcmc"), default="afm")
     parser.add_argument("--k", type=int, default=16, help="k (= t for AFM); default 16")
     parser.add_argument("--data", choices=("frappe", "mltag"), default="frappe")
     parser.add_argument("--rows", type=int, default=2_000_000, help="ml-tag rows")
@@ -101,11 +106,16 @@ def main():
     parser.add_argument("--only", choices=("base", "new"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.callgrind:
+        if args.model == "mcmc":
+            sys.exit("ab_builds: --callgrind counts the SGD steps only (--model fm or afm)")
         count_instructions(args)
         return
 
     builds = {name: load_build(getattr(args, name), args.model)
               for name in ("base", "new") if args.only in (None, name)}
+    if args.model == "mcmc":
+        compare_sweeps(builds, args)
+        return
     data = (compare.frappe_mini_train() if args.data == "frappe"
             else compare.synthetic_mltag(args.rows))
     est = compare.make_estimator(args.model, args.k, "cython", 1)
@@ -146,6 +156,50 @@ def main():
               f"{np.percentile(base, 10):.3f} | new median {np.median(new):.3f} p10 "
               f"{np.percentile(new, 10):.3f} | new/base: medians "
               f"{np.median(new) / np.median(base):.3f}, per batch {np.median(new / base):.3f}")
+
+
+def compare_sweeps(builds, args):
+    """--model mcmc: whole sweeps of both builds, alternating, on frappe-mini."""
+    from afmfast.kernels import mcmc
+    from afmfast.kernels.numba import mcmc as nb_mcmc
+
+    data = compare.frappe_mini_train()
+    n, M, k = data.n_rows, data.n_features, args.k
+    columns = nb_mcmc.mcmc_columns(data.X, M)
+    plan = nb_mcmc.mcmc_plan(data.X, columns)
+    groups = np.zeros(M, np.int64)
+    rng = np.random.default_rng(0)
+    w, V = np.zeros(M), rng.normal(0, 0.1, (M, k))
+    q, yhat = np.empty((n, k)), np.empty(n)
+    nb_mcmc.mcmc_scores(data.X, 0.0, w, V, q, yhat, 1)
+    e = np.asarray(data.y, np.float64) - yhat
+    hyper, _ = mcmc.draw_scalars(0.0, w, V, e, groups, 1, 0, 0)
+    states = {name: (w.copy(), V.copy(), e.copy(), q.copy(),
+                     module.mcmc_workspace(columns, k, max(args.threads)))
+              for name, module in builds.items()}
+    times = {(name, t): [] for name in builds for t in args.threads}
+    for r in range(args.epochs + WARMUP):
+        for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
+            w_, V_, e_, q_, ws = states[name]
+            for threads in args.threads:
+                t0 = time.perf_counter()
+                builds[name].mcmc_sweep(columns, plan, groups, w_, V_, e_, q_, hyper, 0, r,
+                                        threads, ws)
+                if r >= WARMUP:
+                    times[(name, threads)].append(time.perf_counter() - t0)
+    print(f"Gibbs sweeps, k={k}, frappe-mini ({n:,} rows), {args.epochs} rounds; base "
+          f"{args.base}, new {args.new}; ms per sweep")
+    for threads in args.threads:
+        base = np.array(times[("base", threads)]) * 1e3
+        new = np.array(times[("new", threads)]) * 1e3
+        print(f"  {threads} thread(s): base median {np.median(base):.2f} | new median "
+              f"{np.median(new):.2f} | new/base: medians {np.median(new) / np.median(base):.3f}, "
+              f"per round {np.median(new / base):.3f}")
+    if 1 in args.threads and 2 in args.threads:
+        for name in builds:
+            ratio = np.array(times[(name, 1)]) / np.array(times[(name, 2)])
+            print(f"  {name}: 1 thread / 2 threads, median of the rounds' ratios "
+                  f"{np.median(ratio):.2f}x")
 
 
 def count_instructions(args):
