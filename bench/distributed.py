@@ -85,7 +85,9 @@ def run_single(paths, epochs, threads):
                        **FM_SETTINGS)
     model.fit(afmfast.open_store(paths["train"]), validation=afmfast.open_store(paths["valid"]))
     test = afmfast.open_store(paths["test"])
+    batches = -(-afmfast.open_store(paths["train"]).n_rows // FM_SETTINGS["batch_size"])
     return {"rmse": model.evaluate(test)["rmse"], "sec": epoch_seconds(model.history_),
+            "batch_ms": 1e3 * epoch_seconds(model.history_) / batches,
             "total": sum(h["seconds"] for h in model.history_),
             "passes": len(model.history_), "model": model}
 
@@ -107,8 +109,10 @@ def run_ceiling(paths, epochs):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         seconds = pool.starmap(_train_half, [(paths["train"], part, epochs)
                                              for part in (0, 1)])
+    half = -(-afmfast.open_store(paths["train"]).n_rows // 2)
     return {"rmse": float("nan"), "sec": max(seconds), "total": max(seconds) * epochs,
-            "passes": epochs}
+            "passes": epochs,
+            "batch_ms": 1e3 * max(seconds) / -(-half // FM_SETTINGS["batch_size"])}
 
 
 def _nanny_allocator():
@@ -147,8 +151,9 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
                   # per synchronisation, for docs/distributed.md's projection
                   "per_sync": {key: float(np.mean([e[key] for e in model.sync_log_]))
                                for key in ("batches", "bytes", "train_seconds",
-                                           "merge_seconds", "wait_seconds", "seconds")},
-                  "rows": afmfast.open_store(paths["train"]).n_rows}
+                                           "train_cpu_seconds", "merge_seconds",
+                                           "wait_seconds", "seconds")},
+                  "rows": afmfast.open_store(paths["train"]).n_rows, "workers": workers}
     return result
 
 
@@ -253,10 +258,18 @@ def bench(name, args):
     for label, r in results.items():
         extra = ""
         if "syncs_per_epoch" in r:
+            # a round's batches are summed over the workers, its training time is the
+            # slowest worker's: per worker, a batch took train / (batches / workers)
+            per = r["per_sync"]
+            batch_ms = 1e3 * per["train_seconds"] * r["workers"] / per["batches"]
+            cpu_ms = 1e3 * per["train_cpu_seconds"] * r["workers"] / per["batches"]
             extra = (f"{r['syncs_per_epoch']:.0f} syncs/epoch, {r['sync_mb_per_epoch']:.1f} "
-                     f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch")
+                     f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch; a batch "
+                     f"{batch_ms:.2f} ms on each worker ({cpu_ms:.2f} ms of it on a CPU)")
         elif "step" in r:
             extra = f"stepSize {r['step']} (tuned on validation)"
+        elif "batch_ms" in r:
+            extra = f"a batch {r['batch_ms']:.2f} ms"
         rmse_text = f"{r['rmse']:.4f}" if np.isfinite(r["rmse"]) else "-"
         rows.append([name, label, rmse_text, f"{r['sec']:.3g}", r["passes"],
                      f"{r['total']:.3g}", extra])
