@@ -12,11 +12,14 @@ installed, at the same rank, sample count, init_stdev and split.
     python bench/mcmc_frappe.py --libfm PATH --als 0.5 1 2 5  # libFM's ALS beside its MCMC
     python bench/mcmc_frappe.py --libfm /path/to/libFM --seeds 5   # or LIBFM=/path/to/libFM
 
-Before each 2-thread fit the bench runs compare.py's CPU 0/1 probe (bench/core_to_core.c,
-when a C compiler is there) and prints the cache-line latency between the two CPUs
-(about 40 ns on one chiplet, 200 on two) and their floating-point throughput together
-against one alone (2.00 when each has a core to itself): a 2-thread figure means little
-without them on a VM whose vCPUs move.
+Before and after each 2-thread fit the bench runs compare.py's CPU 0/1 probe
+(bench/core_to_core.c, when a C compiler is there) and prints the cache-line latency
+between the two CPUs (about 40 ns on one chiplet, 200 on two) and, before, their
+floating-point throughput together against one alone (2.00 when each has a core to
+itself): a 2-thread figure means little without them on a VM whose vCPUs move. The
+summary gives the 2-thread speed-up of the pairs whose probes both saw one chiplet apart
+from the others: while the two vCPUs sit on two chiplets a 2-thread sweep runs about as
+fast as one thread (its threads read rows that the other thread wrote, a block before).
 
 Each seed's fits alternate the sampler backends (Cython and Numba by default; the
 samples are the same, so are the RMSEs) and libFM, so that a load on the machine falls
@@ -251,6 +254,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         # this folder's (bench/) probe of where the two vCPUs sit, as compare.py prints it
         from comparison.probes import build_core_probe, core_probe
+        from comparison.targets import SPLIT_LATENCY_NS
 
         probe = build_core_probe(workdir)
         if args.libfm:
@@ -258,6 +262,7 @@ def main():
             write_libfm(train, paths[0])
             write_libfm(valid, paths[1])
         rmses, per_iters, libfm_rmses, libfm_per_iters = [], {}, [], []
+        one_chiplet = {}  # backend: per seed, both probes of its 2-thread fit on one chiplet
         # 1 and 2 threads alternate fit by fit, so that a change of load falls on both
         for seed in range(args.seeds):
             for threads in (1, 2):
@@ -265,15 +270,23 @@ def main():
                     latency, flops = core_probe(probe) if threads == 2 else (None, None)
                     rmse, per_iter, cpu = ours(train, valid, args.k, args.n_iter, threads,
                                                seed, backend)
+                    after = core_probe(probe)[0] if threads == 2 else None
                     per_iters.setdefault((backend, threads), []).append(per_iter)
+                    if threads == 2:
+                        one_chiplet.setdefault(backend, []).append(
+                            None if latency is None or after is None
+                            else max(latency, after) < SPLIT_LATENCY_NS)
                     if threads == 1 and backend == names[0]:
                         rmses.append(rmse)
+                    probes = ""
+                    if latency is not None:
+                        probes = (f"; CPU 0/1 probe just before: {latency:.0f} ns a cache "
+                                  f"line, {flops:.2f}x one CPU's flops")
+                    if after is not None:
+                        probes += f"; just after: {after:.0f} ns"
                     print(f"afmfast mcmc ({backend}), {threads} thread(s), seed {seed}: "
                           f"validation RMSE {rmse:.4f}, {per_iter:.4f} s per iteration "
-                          f"(median wall), {cpu:.4f} CPU s per iteration" + (
-                              "" if latency is None else
-                              f"; CPU 0/1 probe just before: {latency:.0f} ns a cache "
-                              f"line, {flops:.2f}x one CPU's flops"), flush=True)
+                          f"(median wall), {cpu:.4f} CPU s per iteration{probes}", flush=True)
                 if args.libfm and threads == 1:
                     rmse, per_iter, wall = libfm_run(args.libfm, *paths, args.k,
                                                      args.n_iter, seed, workdir)
@@ -323,6 +336,15 @@ def main():
               f": {', '.join(f'{r:.2f}' for r in pairs)})" + (
                   "" if libfm_s is None else f"; 1 thread / libFM = {one / libfm_s:.2f} "
                                              f"(libFM {libfm_s:.4f})"))
+        placed = one_chiplet.get(backend, [])
+        same = [r for r, ok in zip(pairs, placed) if ok is True]
+        split = [r for r, ok in zip(pairs, placed) if ok is False]
+        if placed and split:
+            print(f"  {backend}: of those pairs, the {len(same)} whose 2-thread fit had both "
+                  f"vCPUs on one chiplet before and after (probes under {SPLIT_LATENCY_NS} "
+                  f"ns): median "
+                  f"{statistics.median(same) if same else float('nan'):.2f}x; the other "
+                  f"{len(split)}: median {statistics.median(split):.2f}x")
 
 
 if __name__ == "__main__":
