@@ -238,13 +238,13 @@ def _draw(sum_he, sum_hh, theta, alpha, mu, lam, z):
 
 
 @njit(**_SER)
-def _pass_chunks(kind, c_lo, c_hi, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
-    """One pass over chunks c_lo:c_hi of a column's rows (its nonzeros from c0 on),
-    each chunk's sums into half[c] (kind 0: gather e and q, sums for w; 1: apply w's
+def _pass_chunks(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
+    """One pass over the nc chunks of a column's rows (its nonzeros from c0 on), each
+    chunk's sums into half[c] (kind 0: gather e and q, sums for w; 1: apply w's
     change d, sums for v_0; 2: apply v_f's change (old value prev), sums for v_(f+1)
     (value cur); 3: apply the last change, scatter e and q back)."""
     k = Q.shape[0]
-    for c in range(c_lo, c_hi):
+    for c in range(nc):
         lo = c * SUM_CHUNK
         hi = min(m, lo + SUM_CHUNK)
         she = 0.0
@@ -298,7 +298,7 @@ def _pass_chunks(kind, c_lo, c_hi, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, 
 def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
     """A pass over all nc chunks; returns its sums, the chunks' partial sums added in
     chunk order."""
-    _pass_chunks(kind, 0, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half)
+    _pass_chunks(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half)
     she = half[0, 0]
     shh = half[0, 1]
     for c in range(1, nc):
