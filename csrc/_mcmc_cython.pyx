@@ -18,11 +18,11 @@ a column's gathered residuals and q values), and this module is built at the bas
 instruction set only, where the compiler has no fused multiply-add to contract into: the
 samples are the Numba backend's bit for bit, for any thread count.
 
-A parallel block's longest columns (``sweep_schedule``) are sampled first, one after
-another, each by the whole team: a pass over the column's rows is split between the
-threads by chunks of SUM_CHUNK rows, and the threads meet at a barrier before each draw.
-The other features go to the threads dynamically, longest column first (the next free
-thread takes the next feature): a thread that the OS deschedules holds the others back
+A parallel block's longest columns (the plan puts them first; ``team_counts`` says how
+many) are sampled one after another, each by the whole team: a pass over the column's
+rows is split between the threads by chunks of SUM_CHUNK rows, and the threads meet at
+a barrier before each draw. The other features go to the threads dynamically, in plan
+order, longest column first (the next free thread takes the next feature): a thread that the OS deschedules holds the others back
 by one feature at most. A binary field, whose two columns hold all the rows between
 them, then keeps both threads busy. None of this changes a bit: the features of a
 parallel block share no row, each one's scratch is written before it is read, and a
@@ -41,7 +41,7 @@ from _common cimport ftz_enter, ftz_enter_caller, ftz_leave, golden64, mix64, te
 
 from afmfast.kernels.api import _stream_key
 from afmfast.kernels.mcmc import (MCMC_STREAM, SUM_CHUNK as _SUM_CHUNK, sum_buffers,
-                                  sweep_schedule)
+                                  team_counts)
 from afmfast.kernels.numba.mcmc import Workspace
 
 __all__ = ["mcmc_workspace", "mcmc_sweep"]
@@ -273,14 +273,13 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
         team_barrier()   # the shared scratch is free for the next feature
 
 
-cdef void run(const Sweep* s, int64_t lo, int64_t hi, int t) noexcept nogil:
-    """The features order[lo:hi] on thread t alone, with its scratch (its own MXCSR set
-    for the run)."""
+cdef void run(const Sweep* s, int64_t lo, int64_t hi) noexcept nogil:
+    """The features order[lo:hi] on the calling thread alone, with the first thread's
+    scratch (its own MXCSR set for the run)."""
     cdef unsigned int csr = ftz_enter()
     cdef int64_t p
     for p in range(lo, hi):
-        sample_feature(s, s.order[p], 0, 1, s.E + t * s.m, s.Q + t * s.k * s.m,
-                       s.P + t * s.p_stride)
+        sample_feature(s, s.order[p], 0, 1, s.E, s.Q, s.P)
     ftz_leave(csr)
 
 
@@ -366,13 +365,13 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const double[::1] lam_v_v = lam_v.reshape(-1) if lam_v.size else d_dummy
     cdef double[::1] E_v = E.reshape(-1)
     cdef double[::1] Q_v = Q.reshape(-1) if Q.size else d_dummy
-    order_s, cooperative = sweep_schedule(columns, plan, nt)
+    cooperative = team_counts(columns, plan, nt)
     P = sum_buffers(m, T)
-    cdef const int64_t[::1] sched_v = order_s if order_s.shape[0] else i_dummy
+    cdef const int64_t[::1] order_v = order if order.shape[0] else i_dummy
     cdef const int64_t[::1] coop_v = cooperative if B else i_dummy
     cdef double[::1] P_v = P.reshape(-1)
     s.colptr, s.rows, s.vals = &colptr_v[0], &rows_v[0], &vals_v[0]
-    s.order, s.groups = &sched_v[0], &groups_v[0]
+    s.order, s.groups = &order_v[0], &groups_v[0]
     s.w, s.V, s.e, s.q = &w_v[0], &V_v[0], &e_v[0], &q_v[0]
     s.mu_w, s.lam_w, s.mu_v, s.lam_v = &mu_w_v[0], &lam_w_v[0], &mu_v_v[0], &lam_v_v[0]
     s.alpha = float(hyper.alpha)
@@ -407,5 +406,5 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
                                        s.P + threadid() * s.p_stride)
                     ftz_leave(csr_t)
             else:
-                run(&s, lo, hi, 0)
+                run(&s, lo, hi)
         ftz_leave(csr)

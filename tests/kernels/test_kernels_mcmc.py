@@ -117,16 +117,18 @@ def test_plan_blocks_are_disjoint_fields_and_cover_every_feature():
     assert sorted(plan.order.tolist()) == list(range(M + 2))
     assert plan.parallel.all()
     Xd = ref.dense_rows(X, M + 2) != 0
+    lengths = np.diff(cols.colptr)
     for b in range(len(plan.starts) - 1):
         block = plan.order[plan.starts[b]:plan.starts[b + 1]]
         assert Xd[:, block].sum(axis=1).max() <= 1  # no row holds two of them
-        assert (np.diff(block) > 0).all()
+        # a parallel block: longest column first, ties in ascending id
+        assert block.tolist() == sorted(block.tolist(), key=lambda j: (-lengths[j], j))
     # given groups: one block per group; a group sharing rows is sampled serially
     mixed = np.append(fields, [0, 0])
     mixed[0] = 1  # feature 0 joins field 1, whose rows it shares
     plan = nb_mcmc.mcmc_plan(X, cols, mixed)
     assert plan.parallel.tolist() == [True, False, True, True]
-    assert plan.order[plan.starts[1]:plan.starts[2]].tolist() == [0, 6, 7, 8, 9]
+    assert plan.order[plan.starts[1]:plan.starts[2]].tolist() == [0, 6, 7, 8, 9]  # serial
 
 
 def test_column_view_refuses_repeated_and_out_of_range_ids():
@@ -178,8 +180,7 @@ def three_iterations(sweeper, threads, values=True, k=4, n=5000):
     plan = nb_mcmc.mcmc_plan(X, cols)
     assert plan.parallel.any()
     if n >= 9000:
-        _, cooperative = mcmc.sweep_schedule(cols, plan, 2)
-        assert cooperative.tolist() == [0, 0, 0, 2]
+        assert mcmc.team_counts(cols, plan, 2).tolist() == [0, 0, 0, 2]
     groups = np.zeros(M, np.int64)
     w, V = np.zeros(M), np.random.default_rng(0).normal(0, 0.1, (M, k))
     q, yhat = np.empty((n, k)), np.empty(n)
@@ -300,24 +301,22 @@ def test_split_of_a_parallel_block_gives_each_thread_its_share(lengths, want):
     assert bounds.tolist() == want
 
 
-def test_schedule_puts_long_columns_first_and_gives_the_team_those_that_would_idle_it():
-    """Longest first within a parallel block (ties in plan order), serial blocks as
-    planned; team-sampled: at least COOPERATIVE_MIN_CHUNKS chunks and more than
-    1 / (2 n_threads) of the block's nonzeros."""
+def test_team_counts_give_the_team_the_columns_that_would_idle_it():
+    """At the start of each parallel block (the plan's order: longest first), the columns
+    of at least COOPERATIVE_MIN_CHUNKS chunks holding more than 1 / (2 n_threads) of the
+    block's nonzeros; none on one thread or in a serial block."""
     long_ = mcmc.COOPERATIVE_MIN_CHUNKS * mcmc.SUM_CHUNK
     lengths = [10, long_, 3 * long_, 30, long_ - 1, 20, 20, 5]
     colptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     cols = nb_mcmc.Columns(colptr, np.zeros(colptr[-1], np.int64), np.ones(colptr[-1]))
-    plan = nb_mcmc.Plan(np.arange(8, dtype=np.int64), np.array([0, 4, 5, 8]),
+    plan = nb_mcmc.Plan(np.array([2, 1, 3, 0, 4, 5, 6, 7]), np.array([0, 4, 5, 8]),
                         np.array([True, True, False]))
-    order, team = mcmc.sweep_schedule(cols, plan, 2)
-    assert order.tolist() == [2, 1, 3, 0, 4, 5, 6, 7]
     # block 0 holds 4 long_ + 40 nonzeros: on 2 threads only 3 long_ is over a quarter,
     # on 4 and 8 long_ is over an eighth too; block 1's column is one chunk too short
-    assert team.tolist() == [1, 0, 0]
-    assert mcmc.sweep_schedule(cols, plan, 4)[1].tolist() == [2, 0, 0]
-    assert mcmc.sweep_schedule(cols, plan, 8)[1].tolist() == [2, 0, 0]
-    assert mcmc.sweep_schedule(cols, plan, 1)[1].tolist() == [0, 0, 0]
+    assert mcmc.team_counts(cols, plan, 2).tolist() == [1, 0, 0]
+    assert mcmc.team_counts(cols, plan, 4).tolist() == [2, 0, 0]
+    assert mcmc.team_counts(cols, plan, 8).tolist() == [2, 0, 0]
+    assert mcmc.team_counts(cols, plan, 1).tolist() == [0, 0, 0]
 
 
 @pytest.mark.parametrize("sweeper", SWEEPS)

@@ -41,7 +41,7 @@ Sums. A pass's sums over a column's rows (sum h e and sum h^2) are added by chun
 SUM_CHUNK rows: each chunk's sum in row order from its first row, then the chunks' sums
 in chunk order (a column of at most SUM_CHUNK rows is one plain sum). The backends may
 then split a long column's chunks between threads, pass by pass, without changing a
-bit: the Cython sweep does so (``sweep_schedule``) for a parallel block's columns of at
+bit: the Cython sweep does so (``team_counts``) for a parallel block's columns of at
 least COOPERATIVE_MIN_CHUNKS chunks that hold more than 1 / (2 n_threads) of their
 block's nonzeros, which on one thread would leave the others idle (a binary field, or a
 popular item).
@@ -186,35 +186,25 @@ def draw_scalars(w0, w, V, e, groups, n_groups, seed, iteration, alpha=None):
     return Hyper(alpha, mu_w, lam_w, mu_v, lam_v), new_w0
 
 
-def sweep_schedule(columns, plan, n_threads):
-    """(order, cooperative) of a sweep on ``n_threads`` threads: ``plan.order`` with each
-    parallel block's features by decreasing column length (ties in plan order; serial
-    blocks keep their order), and int64 (B,) the number of each block's first features
-    that the whole team samples together, chunk by chunk (the Cython sweep; none on one
-    thread). A column is sampled so when it is at least COOPERATIVE_MIN_CHUNKS chunks
-    long and holds more than 1 / (2 n_threads) of its block's nonzeros: on its own
-    thread it would leave the others idle (a binary field's larger value, or one
+def team_counts(columns, plan, n_threads):
+    """int64 (B,): how many of each block's first features the whole team of
+    ``n_threads`` threads samples together, chunk by chunk (the Cython sweep; none on
+    one thread). ``plan`` orders a parallel block's features longest column first
+    (``mcmc_plan``); a column is sampled so when it is at least COOPERATIVE_MIN_CHUNKS
+    chunks long and holds more than 1 / (2 n_threads) of its block's nonzeros: on its
+    own thread it would leave the others idle (a binary field's larger value, or one
     popular item, against the rest of the block)."""
-    colptr, order = columns.colptr, plan.order
     starts, is_parallel = plan.starts, plan.parallel
     B = starts.shape[0] - 1
-    cooperative = np.zeros(B, np.int64)
-    lo, hi = int(starts[0]), int(starts[B])
-    if hi <= lo:
-        return order, cooperative
+    if n_threads <= 1 or starts[B] <= starts[0]:
+        return np.zeros(B, np.int64)
     block = np.repeat(np.arange(B), np.diff(starts))
-    seg = order[lo:hi]
-    length = np.where(is_parallel[block], colptr[seg + 1] - colptr[seg], 0)
-    out = order.copy()
-    ranked = np.lexsort((-length, block))
-    out[lo:hi] = seg[ranked]
-    if n_threads > 1:
-        total = np.bincount(block, weights=length, minlength=B)
-        long_ = length[ranked]
-        team = ((long_ >= COOPERATIVE_MIN_CHUNKS * SUM_CHUNK)
-                & (long_ * 2 * n_threads > total[block]))
-        cooperative[:] = np.bincount(block[team], minlength=B)
-    return out, cooperative
+    seg = plan.order[starts[0]:starts[B]]
+    length = np.where(is_parallel[block], columns.colptr[seg + 1] - columns.colptr[seg], 0)
+    total = np.bincount(block, weights=length, minlength=B)
+    team = ((length >= COOPERATIVE_MIN_CHUNKS * SUM_CHUNK)
+            & (length * 2 * n_threads > total[block]))
+    return np.bincount(block[team], minlength=B).astype(np.int64)
 
 
 def sum_buffers(longest, n_threads):

@@ -9,8 +9,9 @@ Functions
         [0, M) or a feature twice in one row (its FM term would be quadratic in v_jf,
         and the conditional of the sweep would not be its posterior).
     mcmc_plan(X, columns, groups) -> Plan
-        The blocks of the sweep: order int64 (M,) (the features, block after block,
-        ascending within one), starts int64 (B + 1,), parallel bool (B,) (the block's
+        The blocks of the sweep: order int64 (M,) (the features, block after block; a
+        parallel block's by decreasing column length, ties ascending, a serial block's
+        ascending), starts int64 (B + 1,), parallel bool (B,) (the block's
         features share no row). ``groups`` None: greedy blocks (kernels.mcmc); else int
         (M,): one block per distinct value, in increasing value order.
     mcmc_scores(X, w0, w, V, q, out, n_threads)
@@ -28,7 +29,7 @@ the same result, so the split may follow the thread count. Each pass's sums are 
 chunks of SUM_CHUNK rows, each in row order, then the chunks in order (kernels.mcmc,
 "Sums"), as the Cython sweep adds them. This backend does not split a column's chunks
 between threads as the Cython one does: a parallel launch per pass (k + 2 per column)
-cost more than the idle thread (frappe-mini, k=16, 2 threads: 1.39x against 1.61x).
+cost more than the idle thread (docs/design.md).
 """
 import math
 from collections import namedtuple
@@ -171,6 +172,12 @@ def mcmc_plan(X, columns, groups=None):
     parallel = np.empty(n_blocks, np.bool_)
     _disjoint_blocks(columns.colptr, columns.rows, order, starts, indptr.shape[0] - 1,
                      parallel)
+    # a parallel block's features longest column first (any order samples the same
+    # bits there): threads that take them in turn finish together, and the Cython sweep
+    # finds its team-sampled columns at the block's start
+    in_block = np.repeat(np.arange(n_blocks), np.diff(starts))
+    length = np.diff(columns.colptr)[order]
+    order = order[np.lexsort((np.where(parallel[in_block], -length, 0), in_block))]
     return Plan(order, starts, parallel)
 
 
@@ -238,9 +245,10 @@ def _draw(sum_he, sum_hh, theta, alpha, mu, lam, z):
 
 
 @njit(**_SER)
-def _pass_chunks(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
+def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
     """One pass over the nc chunks of a column's rows (its nonzeros from c0 on), each
-    chunk's sums into half[c] (kind 0: gather e and q, sums for w; 1: apply w's
+    chunk's sums into half[c], returning the pass's sums: the chunks' added in chunk
+    order (kind 0: gather e and q, sums for w; 1: apply w's
     change d, sums for v_0; 2: apply v_f's change (old value prev), sums for v_(f+1)
     (value cur); 3: apply the last change, scatter e and q back)."""
     k = Q.shape[0]
@@ -292,13 +300,6 @@ def _pass_chunks(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
                     q[i, t] = Q[t, r]
         half[c, 0] = she
         half[c, 1] = shh
-
-
-@njit(**_SER)
-def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
-    """A pass over all nc chunks; returns its sums, the chunks' partial sums added in
-    chunk order."""
-    _pass_chunks(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half)
     she = half[0, 0]
     shh = half[0, 1]
     for c in range(1, nc):
