@@ -170,7 +170,8 @@ def compare_sweeps(builds, args):
     groups = np.zeros(M, np.int64)
     rng = np.random.default_rng(0)
     w, V = np.zeros(M), rng.normal(0, 0.1, (M, k))
-    q, yhat = np.empty((n, k)), np.empty(n)
+    # q placed as the estimator places it (rows on their own cache lines)
+    q, yhat = api.aligned_empty((n, k), np.float64), np.empty(n)
     nb_mcmc.mcmc_scores(data.X, 0.0, w, V, q, yhat, 1)
     e = np.asarray(data.y, np.float64) - yhat
     hyper, _ = mcmc.draw_scalars(0.0, w, V, e, groups, 1, 0, 0)

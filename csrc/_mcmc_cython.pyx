@@ -37,6 +37,7 @@ from libc.math cimport cos, log, sqrt, M_PI
 from libc.stdint cimport int64_t, uint64_t
 from openmp cimport omp_get_num_threads
 
+from _batch cimport prefetch_row
 from _common cimport ftz_enter, ftz_enter_caller, ftz_leave, golden64, mix64, team_size
 
 from afmfast.kernels.api import _stream_key
@@ -49,6 +50,12 @@ __all__ = ["mcmc_workspace", "mcmc_sweep"]
 cdef double ULP53 = 2.0 ** -53
 cdef Py_ssize_t SUM_CHUNK = _SUM_CHUNK
 cdef double TWO_PI = 2.0 * M_PI
+
+cdef enum:
+    # rows ahead whose residual and q row the gather prefetches: a column's rows are
+    # scattered, and the other thread may have written them last (a miss to another
+    # core's cache, slow when that core sits on another chiplet)
+    GATHER_PREFETCH = 16
 
 
 ctypedef struct Sweep:
@@ -73,6 +80,8 @@ ctypedef struct Sweep:
     Py_ssize_t m    # the scratch's column length
     double* P       # (threads + 1, p_stride) partial sums: each thread's, then the team's
     Py_ssize_t p_stride
+    double* D       # (threads, d_stride) each thread's record of a feature's factor changes
+    Py_ssize_t d_stride
 
 
 cdef inline double normal(uint64_t key, uint64_t c) noexcept nogil:
@@ -110,10 +119,11 @@ cdef inline void sums_out(double* out, double she, double shh) noexcept nogil:
     out[1] = shh
 
 
-cdef inline void gather_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize_t hi,
+cdef inline bint gather_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize_t hi,
                              double* E, double* Q, Py_ssize_t ms, double* out) noexcept nogil:
     """Pass 0 over rows lo:hi of the column whose nonzeros start at c0: gather e and q,
-    sum x e and x^2 (for w)."""
+    sum x e and x^2 (for w). Returns whether every x there is 1: the later passes then
+    run without reading x (``ones``), which gives the same bits, as 1 x = x exactly."""
     cdef Py_ssize_t k = s.k, r, f
     cdef const int64_t* rows = s.rows + c0
     cdef const double* X = s.vals + c0
@@ -121,25 +131,33 @@ cdef inline void gather_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize
     cdef const double* q = s.q
     cdef int64_t i
     cdef double she = 0.0, shh = 0.0, x
+    cdef bint ones = True
     for r in range(lo, hi):
+        if r + GATHER_PREFETCH < hi:
+            i = rows[r + GATHER_PREFETCH]
+            prefetch_row(e + i, sizeof(double))
+            prefetch_row(q + i * k, k * sizeof(double))
         i = rows[r]
         E[r] = e[i]
         for f in range(k):
             Q[f * ms + r] = q[i * k + f]
         x = X[r]
+        ones = ones & (x == 1.0)
         she += x * E[r]
         shh += x * x
     sums_out(out, she, shh)
+    return ones
 
 
-cdef inline void first_rows(const double* X, Py_ssize_t lo, Py_ssize_t hi, double* E,
-                            const double* qc, double d, double cur,
+cdef inline void first_rows(const double* X, bint ones, Py_ssize_t lo, Py_ssize_t hi,
+                            double* E, const double* qc, double d, double cur,
                             double* out) noexcept nogil:
-    """Pass 1: apply w's change d, sum h e and h^2 for v_0 (its q values qc, value cur)."""
+    """Pass 1: apply w's change d, sum h e and h^2 for v_0 (its q values qc, value cur).
+    ones: every x is 1 (the compiler makes the loop twice, once with x = 1 folded)."""
     cdef Py_ssize_t r
     cdef double she = 0.0, shh = 0.0, x, ei, h
     for r in range(lo, hi):
-        x = X[r]
+        x = 1.0 if ones else X[r]
         ei = E[r] - d * x
         E[r] = ei
         h = x * (qc[r] - cur * x)
@@ -148,17 +166,17 @@ cdef inline void first_rows(const double* X, Py_ssize_t lo, Py_ssize_t hi, doubl
     sums_out(out, she, shh)
 
 
-cdef inline void next_rows(const double* X, Py_ssize_t lo, Py_ssize_t hi, double* E,
-                           double* qp, const double* qc, double d, double prev, double cur,
-                           double* out) noexcept nogil:
-    """Pass f + 2: apply v_f's change d (its q values qp, old value prev), sum h e and h^2
-    for v_(f+1) (qc, cur)."""
+cdef inline void next_rows(const double* X, bint ones, Py_ssize_t lo, Py_ssize_t hi,
+                           double* E, const double* qp, const double* qc, double d, double prev,
+                           double cur, double* out) noexcept nogil:
+    """Pass f + 2: apply v_f's change d to the residuals (its q values qp, old value
+    prev), sum h e and h^2 for v_(f+1) (qc, cur). q_f itself changes only in the last
+    pass: no later pass reads it, and a pass that stores less streams less."""
     cdef Py_ssize_t r
     cdef double she = 0.0, shh = 0.0, x, ei, h
     for r in range(lo, hi):
-        x = X[r]
+        x = 1.0 if ones else X[r]
         ei = E[r] - d * (x * (qp[r] - prev * x))
-        qp[r] += d * x
         E[r] = ei
         h = x * (qc[r] - cur * x)
         she += h * ei
@@ -167,10 +185,12 @@ cdef inline void next_rows(const double* X, Py_ssize_t lo, Py_ssize_t hi, double
 
 
 cdef inline void last_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize_t hi,
-                           const double* E, const double* Q, Py_ssize_t ms, double* qp,
-                           double d, double prev) noexcept nogil:
-    """The last pass: apply the last factor's change (w's when k = 0) and scatter e and
-    q back to the rows."""
+                           const double* E, const double* Q, Py_ssize_t ms, const double* qp,
+                           double d, double prev, const double* changes,
+                           bint ones) noexcept nogil:
+    """The last pass: apply the last factor's change (w's when k = 0) to the residuals
+    and scatter e and q back to the rows, each q_u with its factor's change
+    (changes[u]) applied."""
     cdef Py_ssize_t k = s.k, r, u
     cdef const int64_t* rows = s.rows + c0
     cdef const double* X = s.vals + c0
@@ -183,12 +203,11 @@ cdef inline void last_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize_t
             e[rows[r]] = E[r] - d * X[r]
         return
     for r in range(lo, hi):
-        x = X[r]
+        x = 1.0 if ones else X[r]
         i = rows[r]
         e[i] = E[r] - d * (x * (qp[r] - prev * x))
-        qp[r] += d * x
         for u in range(k):
-            q[i * k + u] = Q[u * ms + r]
+            q[i * k + u] = Q[u * ms + r] + changes[u] * x
 
 
 cdef inline void chunk_totals(const double* part, Py_ssize_t nc, double* she,
@@ -203,7 +222,7 @@ cdef inline void chunk_totals(const double* part, Py_ssize_t nc, double* she,
 
 
 cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, double* Q,
-                         double* part) noexcept nogil:
+                         double* part, double* changes) noexcept nogil:
     """w_j, then v_j0 .. v_j(k-1), by thread t of a team of ``team`` threads sampling
     feature j together (team 1: one thread alone). Column j's residuals and q values are
     gathered into E (m,) and Q (k, m), one fused pass per coordinate (apply the previous
@@ -212,7 +231,8 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
     thread t runs the chunks t * chunks / team up to the next thread's, every thread
     adds the partial sums in chunk order after a barrier and draws the same value (only
     thread 0 stores it). The parities keep a pass's sums until every thread has read
-    them; a value is read before the barrier after which thread 0 overwrites it."""
+    them; a value is read before the barrier after which thread 0 overwrites it.
+    changes (k,): the calling thread's record of the factors' changes."""
     cdef Py_ssize_t k = s.k, ms = s.m, f, c
     cdef int64_t c0 = s.colptr[j], c1 = s.colptr[j + 1]
     cdef Py_ssize_t m = c1 - c0
@@ -225,10 +245,11 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
     cdef double* Vj = s.V + j * k
     cdef double* half
     cdef double she, shh, old, new, d, cur = 0.0, prev = 0.0
+    cdef bint ones = True
     for c in range(c_lo, c_hi):
         lo = c * SUM_CHUNK
         hi = min(m, lo + SUM_CHUNK)
-        gather_rows(s, c0, lo, hi, E, Q, ms, part + 2 * c)
+        ones = ones & gather_rows(s, c0, lo, hi, E, Q, ms, part + 2 * c)
     old = s.w[j]
     if k > 0:
         cur = Vj[0]
@@ -244,7 +265,7 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
         for c in range(c_lo, c_hi):
             lo = c * SUM_CHUNK
             hi = min(m, lo + SUM_CHUNK)
-            first_rows(X, lo, hi, E, Q, d, cur, half + 2 * c)
+            first_rows(X, ones, lo, hi, E, Q, d, cur, half + 2 * c)
         if team > 1:
             team_barrier()
     for f in range(k):
@@ -254,6 +275,7 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
         if t == 0:
             Vj[f] = new
         d = new - cur
+        changes[f] = d
         prev = cur
         if f + 1 < k:
             cur = Vj[f + 1]
@@ -261,14 +283,15 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
             for c in range(c_lo, c_hi):
                 lo = c * SUM_CHUNK
                 hi = min(m, lo + SUM_CHUNK)
-                next_rows(X, lo, hi, E, Q + f * ms, Q + (f + 1) * ms, d, prev, cur,
+                next_rows(X, ones, lo, hi, E, Q + f * ms, Q + (f + 1) * ms, d, prev, cur,
                           half + 2 * c)
             if team > 1:
                 team_barrier()
     for c in range(c_lo, c_hi):
         lo = c * SUM_CHUNK
         hi = min(m, lo + SUM_CHUNK)
-        last_rows(s, c0, lo, hi, E, Q, ms, Q + (k - 1) * ms if k > 0 else Q, d, prev)
+        last_rows(s, c0, lo, hi, E, Q, ms, Q + (k - 1) * ms if k > 0 else Q, d, prev,
+                  changes, ones)
     if team > 1:
         team_barrier()   # the shared scratch is free for the next feature
 
@@ -279,7 +302,7 @@ cdef void run(const Sweep* s, int64_t lo, int64_t hi) noexcept nogil:
     cdef unsigned int csr = ftz_enter()
     cdef int64_t p
     for p in range(lo, hi):
-        sample_feature(s, s.order[p], 0, 1, s.E, s.Q, s.P)
+        sample_feature(s, s.order[p], 0, 1, s.E, s.Q, s.P, s.D)
     ftz_leave(csr)
 
 
@@ -370,6 +393,8 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const int64_t[::1] order_v = order if order.shape[0] else i_dummy
     cdef const int64_t[::1] coop_v = cooperative if B else i_dummy
     cdef double[::1] P_v = P.reshape(-1)
+    # spaced a cache line apart at least: each thread writes its own
+    cdef double[::1] D_v = np.zeros(T * max(k, 8))
     s.colptr, s.rows, s.vals = &colptr_v[0], &rows_v[0], &vals_v[0]
     s.order, s.groups = &order_v[0], &groups_v[0]
     s.w, s.V, s.e, s.q = &w_v[0], &V_v[0], &e_v[0], &q_v[0]
@@ -378,6 +403,7 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     s.key = <uint64_t>int(_stream_key(seed, MCMC_STREAM, iteration)[0])
     s.k, s.E, s.Q, s.m = k, &E_v[0], &Q_v[0], m
     s.P, s.p_stride = &P_v[0], P.shape[1] * P.shape[2] * P.shape[3]
+    s.D, s.d_stride = &D_v[0], max(k, 8)
     cdef Py_ssize_t b, n_blocks = B
     cdef int64_t lo, hi, mid, p, pc = 0
     cdef int t = 0, team = 1
@@ -398,12 +424,14 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
                     # the longest columns first, each by the whole team (its chunks
                     # split between the threads, the team's scratch and sums) ...
                     for pc in range(lo, mid):
-                        sample_feature(&s, s.order[pc], t, team, s.E, s.Q, team_sums)
+                        sample_feature(&s, s.order[pc], t, team, s.E, s.Q, team_sums,
+                                       s.D + t * s.d_stride)
                     # ... then the rest, each by the next free thread
                     for p in prange(mid, hi, schedule="dynamic"):
                         sample_feature(&s, s.order[p], 0, 1, s.E + threadid() * s.m,
                                        s.Q + threadid() * s.k * s.m,
-                                       s.P + threadid() * s.p_stride)
+                                       s.P + threadid() * s.p_stride,
+                                       s.D + threadid() * s.d_stride)
                     ftz_leave(csr_t)
             else:
                 run(&s, lo, hi)

@@ -19,13 +19,17 @@ SWEEPS = [pytest.param(nb_mcmc, id="numba"),
 
 def fielded_rows(rng, n_rows, field_sizes, values=False):
     """One-hot rows, one feature per field (fields are consecutive id ranges), as a CSR
-    triple; ``values``: real values of both signs instead of ones."""
+    triple; ``values``: real values of both signs instead of ones; "mixed": ones in the
+    first half of the rows, real values in the rest (a column, or the chunks of one that
+    a team shares, then holds both: the sweeps skip x only where every x is 1)."""
     offsets = np.concatenate([[0], np.cumsum(field_sizes)])
     cols = np.stack([rng.integers(offsets[f], offsets[f + 1], n_rows)
                      for f in range(len(field_sizes))], axis=1)
     indptr = np.arange(0, n_rows * len(field_sizes) + 1, len(field_sizes), dtype=np.int64)
     vals = (rng.uniform(0.5, 1.5, cols.size) * rng.choice([-1, 1], cols.size)
             if values else np.zeros(0))
+    if values == "mixed":
+        vals[:(n_rows // 2) * len(field_sizes)] = 1.0
     fields = np.repeat(np.arange(len(field_sizes)), field_sizes)
     return (indptr, cols.reshape(-1).astype(np.int32), vals), int(offsets[-1]), fields
 
@@ -77,7 +81,7 @@ def test_normals_of_the_kernel_are_the_definition():
 
 
 @pytest.mark.parametrize("sweeper", SWEEPS)
-@pytest.mark.parametrize("values", [False, True])
+@pytest.mark.parametrize("values", [False, True, "mixed"])
 @pytest.mark.parametrize("given_groups", [False, True])
 def test_one_sweep_of_the_kernel_equals_the_reference(sweeper, values, given_groups):
     """Given the same hyperparameters and counter-based draws, a backend's sweep (fused
@@ -193,12 +197,14 @@ def three_iterations(sweeper, threads, values=True, k=4, n=5000):
     return w, V, e
 
 
-@pytest.mark.parametrize("n", [5000, 12000])
+@pytest.mark.parametrize("n,values", [(5000, True), (12000, True), (12000, "mixed")])
 @pytest.mark.parametrize("sweeper", SWEEPS)
-def test_samples_are_bit_identical_for_any_thread_count(sweeper, n):
+def test_samples_are_bit_identical_for_any_thread_count(sweeper, n, values):
     """12,000 rows: the binary field's two columns span several chunks each (the Cython
-    sweep's whole team samples each of them, its chunks split between the threads)."""
-    runs = [three_iterations(sweeper, threads, n=n) for threads in (1, 2, 3)]
+    sweep's whole team samples each of them, its chunks split between the threads);
+    "mixed": some of those chunks hold only ones, others not."""
+    runs = [three_iterations(sweeper, threads, values=values, n=n)
+            for threads in (1, 2, 3)]
     for w, V, e in runs[1:]:
         assert np.array_equal(w, runs[0][0]) and np.array_equal(V, runs[0][1])
         assert np.array_equal(e, runs[0][2])
@@ -207,7 +213,8 @@ def test_samples_are_bit_identical_for_any_thread_count(sweeper, n):
 @pytest.mark.compiled
 @pytest.mark.skipif(cy_mcmc is None, reason="afmfast._mcmc_cython is not built")
 @pytest.mark.parametrize("values,k,n", [(True, 4, 5000), (False, 3, 5000), (True, 0, 5000),
-                                        (True, 4, 12000), (True, 0, 12000)])
+                                        (True, 4, 12000), (True, 0, 12000),
+                                        ("mixed", 4, 12000)])
 def test_cython_and_numba_samples_are_bit_identical(values, k, n):
     """The Cython sweep does the Numba sweep's operations in the same order, without
     fused multiply-adds (its module is built at the baseline level only); 12,000 rows
@@ -327,3 +334,21 @@ def test_sweep_leaves_the_callers_mxcsr_as_it_was(sweeper):
     before = int(current_mxcsr())
     three_iterations(sweeper, 2, k=2)
     assert int(current_mxcsr()) == before
+
+
+def test_prefetch_is_only_a_hint():
+    """The Numba sweeps' prefetch compiles to a hint that changes nothing and never
+    faults, even for an index far outside the array."""
+    from numba import njit
+
+    from afmfast.kernels.numba.common import prefetch
+
+    @njit
+    def touch(a):
+        for i in (0, a.shape[0] - 1, a.shape[0] + 10**9, -10**9):
+            prefetch(a, i)
+        return a.sum()
+
+    a = np.arange(100.0)
+    assert touch(a) == a.sum()
+    assert np.array_equal(a, np.arange(100.0))

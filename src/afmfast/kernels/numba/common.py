@@ -130,6 +130,28 @@ def mxcsr_write(typingctx, value):
     return types.void(value), codegen
 
 
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to bring ``array[index]`` (a 1-D array) into its caches: a hint, which
+    never faults, even for an index outside the array (llvm.prefetch: read, keep in all
+    levels, data cache)."""
+    if not (isinstance(array, types.Array) and array.ndim == 1
+            and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]],
+                                       wraparound=False)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, ir.IntType(8).as_pointer()),
+                          ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
 _FTZ = np.uint32(FTZ_DAZ_BITS)
 
 

@@ -46,6 +46,7 @@ from afmfast.kernels.numba.common import (
     ftz_leave,
     mix64,
     numba_threads,
+    prefetch,
     read_only_args,
     start_threads,
 )
@@ -56,6 +57,9 @@ __all__ = ["Columns", "Plan", "Workspace", "mcmc_columns", "mcmc_plan", "mcmc_sc
 Columns = namedtuple("Columns", "colptr rows values")
 Plan = namedtuple("Plan", "order starts parallel")
 Workspace = namedtuple("Workspace", "E Q")
+
+# rows ahead whose residual and q row the gather prefetches (as the Cython sweep does)
+GATHER_PREFETCH = 16
 
 _SER = dict(fastmath=False, cache=True, nogil=True, error_model="numpy")
 _PAR = dict(_SER, parallel=True)
@@ -245,12 +249,14 @@ def _draw(sum_he, sum_hh, theta, alpha, mu, lam, z):
 
 
 @njit(**_SER)
-def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
+def _pass(kind, nc, m, c0, rows, X, ones, e, q, E, Q, f, d, prev, cur, changes, half):
     """One pass over the nc chunks of a column's rows (its nonzeros from c0 on), each
     chunk's sums into half[c], returning the pass's sums: the chunks' added in chunk
-    order (kind 0: gather e and q, sums for w; 1: apply w's
-    change d, sums for v_0; 2: apply v_f's change (old value prev), sums for v_(f+1)
-    (value cur); 3: apply the last change, scatter e and q back)."""
+    order (kind 0: gather e and q, sums for w; 1: apply w's change d, sums for v_0; 2:
+    apply v_f's change (old value prev) to E, sums for v_(f+1) (value cur); 3: apply
+    the last change, scatter e and q back, q_t with its factor's change changes[t]).
+    Q_f changes only in the last pass, as no later pass reads it. ``ones``: every x is
+    1, and the loops read none (the compiler unswitches them; 1 x = x exactly)."""
     k = Q.shape[0]
     for c in range(nc):
         lo = c * SUM_CHUNK
@@ -258,7 +264,14 @@ def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
         she = 0.0
         shh = 0.0
         if kind == 0:
+            q1 = q.reshape(q.size)
             for r in range(lo, hi):
+                if r + GATHER_PREFETCH < hi:
+                    # a column's rows are scattered (Cython sweep: GATHER_PREFETCH)
+                    i = rows[c0 + r + GATHER_PREFETCH]
+                    prefetch(e, i)
+                    prefetch(q1, i * k)
+                    prefetch(q1, i * k + k - 1)
                 i = rows[c0 + r]
                 E[r] = e[i]
                 for t in range(k):
@@ -269,7 +282,7 @@ def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
         elif kind == 1:
             qc = Q[0]
             for r in range(lo, hi):
-                x = X[r]
+                x = 1.0 if ones else X[r]
                 ei = E[r] - d * x
                 E[r] = ei
                 h = x * (qc[r] - cur * x)
@@ -279,9 +292,8 @@ def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
             qp = Q[f]
             qc = Q[f + 1]
             for r in range(lo, hi):
-                x = X[r]
+                x = 1.0 if ones else X[r]
                 ei = E[r] - d * (x * (qp[r] - prev * x))
-                qp[r] += d * x
                 E[r] = ei
                 h = x * (qc[r] - cur * x)
                 she += h * ei
@@ -292,12 +304,11 @@ def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
         else:
             qp = Q[k - 1]
             for r in range(lo, hi):
-                x = X[r]
+                x = 1.0 if ones else X[r]
                 i = rows[c0 + r]
                 e[i] = E[r] - d * (x * (qp[r] - prev * x))
-                qp[r] += d * x
                 for t in range(k):
-                    q[i, t] = Q[t, r]
+                    q[i, t] = Q[t, r] + changes[t] * x
         half[c, 0] = she
         half[c, 1] = shh
     she = half[0, 0]
@@ -310,22 +321,28 @@ def _pass(kind, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur, half):
 
 @njit(**_SER)
 def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu_v,
-                    lam_v, key, E, Q, part):
+                    lam_v, key, E, Q, part, changes):
     """w_j, then v_j0 .. v_j(k-1). Column j's residuals and q values are first copied
     into the contiguous scratch E (m,) and Q (k, m) (one read of each row's q, which
     lies on one or two cache lines), every pass then runs over contiguous memory, and
     the results go back at the end. Each pass applies the previous coordinate's change
-    to E (and Q) and sums h e and h^2 for the next one: the same arithmetic, row by row,
+    to E and sums h e and h^2 for the next one: the same arithmetic, row by row,
     as one pass per update and one per sum; the last pass scatters. Sums are over
     chunks of SUM_CHUNK rows (part (2, chunks, 2) holds them, by pass parity), as the
-    Cython sweep adds them."""
+    Cython sweep adds them. changes (k,): scratch, the factors' changes."""
     k = V.shape[1]
     c0 = colptr[j]
     m = colptr[j + 1] - c0
     nc = max(1, (m + SUM_CHUNK - 1) // SUM_CHUNK)
     base = j * (k + 1)
     X = vals[c0:c0 + m]
-    she, shh = _pass(0, nc, m, c0, rows, X, e, q, E, Q, 0, 0.0, 0.0, 0.0, part[0])
+    ones = True
+    for r in range(m):
+        if X[r] != 1.0:
+            ones = False
+            break
+    she, shh = _pass(0, nc, m, c0, rows, X, ones, e, q, E, Q, 0, 0.0, 0.0, 0.0, changes,
+                     part[0])
     old = w[j]
     new = _draw(she, shh, old, alpha, mu_w[g], lam_w[g], _normal(key, base))
     w[j] = new
@@ -334,18 +351,20 @@ def _sample_feature(j, colptr, rows, vals, g, w, V, e, q, alpha, mu_w, lam_w, mu
     cur = 0.0
     if k > 0:
         cur = V[j, 0]
-        she, shh = _pass(1, nc, m, c0, rows, X, e, q, E, Q, 0, d, 0.0, cur, part[1])
+        she, shh = _pass(1, nc, m, c0, rows, X, ones, e, q, E, Q, 0, d, 0.0, cur, changes,
+                         part[1])
     for f in range(k):
         new = _draw(she, shh, cur, alpha, mu_v[g, f], lam_v[g, f],
                     _normal(key, base + 1 + f))
         V[j, f] = new
         d = new - cur
+        changes[f] = d
         prev = cur
         if f + 1 < k:
             cur = V[j, f + 1]
-            she, shh = _pass(2, nc, m, c0, rows, X, e, q, E, Q, f, d, prev, cur,
-                             part[f & 1])
-    _pass(3, nc, m, c0, rows, X, e, q, E, Q, 0, d, prev, 0.0, part[0])
+            she, shh = _pass(2, nc, m, c0, rows, X, ones, e, q, E, Q, f, d, prev, cur,
+                             changes, part[f & 1])
+    _pass(3, nc, m, c0, rows, X, ones, e, q, E, Q, 0, d, prev, 0.0, changes, part[0])
 
 
 @njit(**_SER)
@@ -373,21 +392,21 @@ def _split(colptr, order, lo, hi, nb, bounds):
 
 @njit(**_PAR)
 def _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha, mu_w,
-                    lam_w, mu_v, lam_v, key, E, Q, P, nb):
-    """The features order[bounds[t]:bounds[t + 1]] with scratch E[t], Q[t], P[t] (one
-    block's, on the threads)."""
+                    lam_w, mu_v, lam_v, key, E, Q, P, D, nb):
+    """The features order[bounds[t]:bounds[t + 1]] with scratch E[t], Q[t], P[t], D[t]
+    (one block's, on the threads)."""
     for t in prange(nb):
         csr = ftz_enter()
         for p in range(bounds[t], bounds[t + 1]):
             j = order[p]
             _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha, mu_w,
-                            lam_w, mu_v, lam_v, key, E[t], Q[t], P[t])
+                            lam_w, mu_v, lam_v, key, E[t], Q[t], P[t], D[t])
         ftz_leave(csr)
 
 
 @njit(**_SER)
 def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alpha, mu_w,
-           lam_w, mu_v, lam_v, key, E, Q, P, nb):
+           lam_w, mu_v, lam_v, key, E, Q, P, D, nb):
     # serial: only a parallel block starts the threads (_parallel_block), so a serial
     # block or a single thread costs no parallel launch
     bounds = np.empty(nb + 1, np.int64)
@@ -396,12 +415,12 @@ def _sweep(colptr, rows, vals, order, starts, parallel, groups, w, V, e, q, alph
         if parallel[b] and nb > 1 and hi - lo > 1:
             _split(colptr, order, lo, hi, nb, bounds)
             _parallel_block(colptr, rows, vals, order, bounds, groups, w, V, e, q, alpha,
-                            mu_w, lam_w, mu_v, lam_v, key, E, Q, P, nb)
+                            mu_w, lam_w, mu_v, lam_v, key, E, Q, P, D, nb)
         else:
             for p in range(lo, hi):
                 j = order[p]
                 _sample_feature(j, colptr, rows, vals, groups[j], w, V, e, q, alpha,
-                                mu_w, lam_w, mu_v, lam_v, key, E[0], Q[0], P[0])
+                                mu_w, lam_w, mu_v, lam_v, key, E[0], Q[0], P[0], D[0])
 
 
 def mcmc_workspace(columns, n_factors, n_threads):
@@ -425,7 +444,9 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
             _sweep(columns.colptr, columns.rows, columns.values, plan.order, plan.starts,
                    plan.parallel, groups, w, V, e, q, float(hyper.alpha), hyper.mu_w,
                    hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q,
-                   sum_buffers(ws.E.shape[1], nb), nb)
+                   sum_buffers(ws.E.shape[1], nb),
+                   # a cache line a thread at least: each writes its own row
+                   np.zeros((nb, max(V.shape[1], 8))), nb)
         finally:
             ftz_leave(csr)
 
