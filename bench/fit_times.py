@@ -193,10 +193,14 @@ def phases_for(n, kind):
     return out
 
 
-def measure(data_path, configs, impls, phases, reps):
+def measure(data_path, configs, impls, phases, reps, probe=None):
     """{phase: {(model, k, label): [seconds of each repetition]}} and {phase: Usage
     figures}; the load of each phase is started before its repetitions and killed after
-    them (also on an error or Ctrl-C), the workers likewise at the end."""
+    them (also on an error or Ctrl-C), the workers likewise at the end. ``probe``: the
+    CPU 0/1 probe (comparison.probes), run just before each phase's load starts and
+    just after it ends (usage's "probe_ns": the two cache-line latencies; two trainings
+    share one L3 only where the two CPUs do)."""
+    from comparison.probes import core_probe
     workers = {}
     times, usage = {}, {}
     try:
@@ -211,6 +215,7 @@ def measure(data_path, configs, impls, phases, reps):
         for name, kind, n in phases:
             log(f"phase {name}: {reps} repetitions ...")
             times[name] = {(m, k, label): [] for m, k in configs for _, _, label in impls}
+            before = core_probe(probe)[0]
             with (load_mod.Load(n, kind, data=data_path) if kind else nullcontext()) as load:
                 meter = Usage(load, pids)
                 for rep in range(reps):
@@ -220,6 +225,7 @@ def measure(data_path, configs, impls, phases, reps):
                             times[name][(model, k, label)].append(
                                 workers[worker].fit(model, k, threads))
                 usage[name] = meter.stop()
+            usage[name]["probe_ns"] = [before, core_probe(probe)[0]]
     finally:
         for w in workers.values():
             w.close()
@@ -242,7 +248,10 @@ def report(times, usage, configs, impls, phases, reps, n, default_threads):
         u = usage[name]
         print(f"  {name:<10} {u['seconds']:6.1f} s: machine {u['machine']:.2f}, load "
               f"{u['load']:.2f}, workers {u['workers']:.2f}, others {u['others']:.2f}"
-              + (f", stolen by the host {u['stolen']:.2f}" if u["stolen"] >= 0.05 else ""))
+              + (f", stolen by the host {u['stolen']:.2f}" if u["stolen"] >= 0.05 else "")
+              + "".join(f"; CPU 0/1 probe before/after: {a:.0f}/{b:.0f} ns a cache line"
+                        for a, b in [u.get("probe_ns", [None, None])]
+                        if a is not None and b is not None))
     header = ["config", "impl"]
     for name in names:
         header += [f"{name} mean s", f"{name} median s"]
@@ -343,7 +352,9 @@ def run(args, configs, has_torch, tmpdir):
           "busy loops, 'afmfast' AFM k=t=16 fits at default threads in a loop); "
           f"{args.load_reps} repetitions a phase, each a fit of every configuration and "
           "implementation in turn ===")
-    times, usage = measure(path, configs, impls, phases, args.load_reps)
+    from comparison.probes import build_core_probe
+    times, usage = measure(path, configs, impls, phases, args.load_reps,
+                           probe=build_core_probe(tmpdir))
     report(times, usage, configs, impls, phases, args.load_reps, args.load,
            default_threads())
     print(f"total run time: {time.perf_counter() - started:.0f} s")
