@@ -24,6 +24,10 @@ and every prange body sets them itself, once per block of iterations (a load of 
 costs as much as a short row's arithmetic). Numba has no MXCSR API: the intrinsics emit
 LLVM's ``llvm.x86.sse.stmxcsr`` / ``ldmxcsr``. Not x86 (``HAVE_MXCSR`` False): no-ops.
 
+Prefetch: ``prefetch(array, index)`` emits ``llvm.prefetch`` for an element (a hint that
+never faults), for gathers through an index whose misses the hardware cannot foresee
+(the Gibbs sweep's column rows).
+
 Batch preparation: ``batch_offsets`` (row ids checked, prefix sums of the rows' nonzeros),
 ``gather_batch`` (the batch's nonzeros copied into contiguous "occurrence" arrays in batch
 order, parallel over rows) and ``group_by_feature`` (stable counting sort of the
