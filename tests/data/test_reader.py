@@ -192,6 +192,30 @@ def test_real_values_and_scientific_notation(tmp_path):
     np.testing.assert_array_equal(ds.y, want)
 
 
+def test_one_hot_file_keeps_no_values_and_trains_the_same(tmp_path):
+    """A file whose every value is 1 keeps no values array (the kernels read none), its
+    ``values`` are still the ones, and FM and AFM train on it exactly as on the same
+    rows with the ones given; one other value keeps the array."""
+    import afmfast
+
+    rng = np.random.default_rng(0)
+    lines = [b"%d %d:1 %d:1 %d:1" % (rng.choice([-1, 1]), a, 10 + b, 20 + c)
+             for a, b, c in rng.integers(0, 10, (300, 3))]
+    ds = load_bytes(tmp_path, b"\n".join(lines) + b"\n")
+    assert ds.X[2].size == 0 and ds.values.dtype == np.float32
+    np.testing.assert_array_equal(ds.values, np.ones(ds.nnz, np.float32))
+    with_ones = afmfast.Dataset(ds.indptr, ds.indices, np.ones(ds.nnz, np.float32), ds.y,
+                                n_features=ds.n_features)
+    for make in (lambda: afmfast.FM(n_factors=4, n_epochs=2, batch_size=64, verbose=0),
+                 lambda: afmfast.AFM(n_factors=4, attention_size=4, n_epochs=2,
+                                     batch_size=64, verbose=0)):
+        fits = [make().fit(d) for d in (ds, with_ones)]
+        np.testing.assert_array_equal(fits[0].predict(ds), fits[1].predict(with_ones))
+    mixed = load_libfm(write(tmp_path, b"\n".join(lines[:-1] + [b"1 0:1 11:0.5"]) + b"\n",
+                             name="mixed.libfm"))
+    assert mixed.X[2].size == mixed.nnz and mixed.values[-1] == 0.5
+
+
 def test_ids_used_as_they_are(tmp_path):
     ds = load_bytes(tmp_path, b"1 1000:1 0:1 5:1 5:2\n")
     np.testing.assert_array_equal(ds.indices, [1000, 0, 5, 5])

@@ -103,6 +103,9 @@ def load_libfm(path: str | os.PathLike, n_features: int | None = None, *,
     largest id + 1, and when given every id must be below it. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the
     line and the problem for any malformed content (nothing is skipped silently).
+    A file whose every value is 1 (one-hot rows) keeps no values array: ``values`` makes
+    the ones when asked, and the kernels read none (4 bytes a nonzero less to hold and
+    to read, with the same results).
 
     ``n_threads`` (default None: ``afmfast.threads.default_threads()``, the CPUs this
     process may use within its cgroup quota and thread-count variables) threads parse chunks of about 256 KiB, handed out one at
@@ -141,6 +144,10 @@ def load_libfm(path: str | os.PathLike, n_features: int | None = None, *,
     finally:
         if not isinstance(data, bytes):
             data.close()
+    if values.size and not (values != 1.0).any():
+        # one-hot rows (every value 1): keep no values; the kernels then read none, 4
+        # bytes a nonzero less, with the same results (Dataset.values makes the ones)
+        values = None
     return Dataset._trusted(indptr, indices, values, y,
                             max_id + 1 if n_features is None else n_features, max_id,
                             n_features is not None)
