@@ -40,7 +40,7 @@ from openmp cimport omp_get_num_threads
 from _batch cimport prefetch_row
 from _common cimport ftz_enter, ftz_enter_caller, ftz_leave, golden64, mix64, team_size
 
-from afmfast.kernels.api import _stream_key
+from afmfast.kernels.api import _stream_key, aligned_zeros
 from afmfast.kernels.mcmc import (MCMC_STREAM, SUM_CHUNK as _SUM_CHUNK, sum_buffers,
                                   team_counts)
 from afmfast.kernels.numba.mcmc import Workspace
@@ -393,8 +393,9 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     cdef const int64_t[::1] order_v = order if order.shape[0] else i_dummy
     cdef const int64_t[::1] coop_v = cooperative if B else i_dummy
     cdef double[::1] P_v = P.reshape(-1)
-    # spaced a cache line apart at least: each thread writes its own
-    cdef double[::1] D_v = np.zeros(T * max(k, 8))
+    # each thread's row on whole cache lines of its own: each thread writes its own
+    cdef Py_ssize_t d_stride = max(8, (k + 7) // 8 * 8)
+    cdef double[::1] D_v = aligned_zeros((T * d_stride,), np.float64)
     s.colptr, s.rows, s.vals = &colptr_v[0], &rows_v[0], &vals_v[0]
     s.order, s.groups = &order_v[0], &groups_v[0]
     s.w, s.V, s.e, s.q = &w_v[0], &V_v[0], &e_v[0], &q_v[0]
@@ -403,7 +404,7 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
     s.key = <uint64_t>int(_stream_key(seed, MCMC_STREAM, iteration)[0])
     s.k, s.E, s.Q, s.m = k, &E_v[0], &Q_v[0], m
     s.P, s.p_stride = &P_v[0], P.shape[1] * P.shape[2] * P.shape[3]
-    s.D, s.d_stride = &D_v[0], max(k, 8)
+    s.D, s.d_stride = &D_v[0], d_stride
     cdef Py_ssize_t b, n_blocks = B
     cdef int64_t lo, hi, mid, p, pc = 0
     cdef int t = 0, team = 1

@@ -38,7 +38,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from afmfast.kernels.api import GOLDEN, _stream_key
+from afmfast.kernels.api import GOLDEN, _stream_key, aligned_zeros
 from afmfast.kernels.mcmc import MCMC_STREAM, SUM_CHUNK, sum_buffers
 from afmfast.kernels.numba.common import (
     block_bounds,
@@ -445,8 +445,9 @@ def mcmc_sweep(columns, plan, groups, w, V, e, q, hyper, seed, iteration, n_thre
                    plan.parallel, groups, w, V, e, q, float(hyper.alpha), hyper.mu_w,
                    hyper.lam_w, hyper.mu_v, hyper.lam_v, key, ws.E, ws.Q,
                    sum_buffers(ws.E.shape[1], nb),
-                   # a cache line a thread at least: each writes its own row
-                   np.zeros((nb, max(V.shape[1], 8))), nb)
+                   # each thread's row on whole cache lines of its own: each writes its own
+                   aligned_zeros((nb, max(8, -(-V.shape[1] // 8) * 8)), np.float64),
+                   nb)
         finally:
             ftz_leave(csr)
 
