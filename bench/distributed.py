@@ -83,9 +83,10 @@ def epoch_seconds(history):
 def run_single(paths, epochs, threads):
     model = afmfast.FM(n_epochs=epochs, n_threads=threads, adaptive_threads=False,
                        **FM_SETTINGS)
-    model.fit(afmfast.open_store(paths["train"]), validation=afmfast.open_store(paths["valid"]))
+    train = afmfast.open_store(paths["train"])
+    model.fit(train, validation=afmfast.open_store(paths["valid"]))
     test = afmfast.open_store(paths["test"])
-    batches = -(-afmfast.open_store(paths["train"]).n_rows // FM_SETTINGS["batch_size"])
+    batches = -(-train.n_rows // FM_SETTINGS["batch_size"])
     return {"rmse": model.evaluate(test)["rmse"], "sec": epoch_seconds(model.history_),
             "batch_ms": 1e3 * epoch_seconds(model.history_) / batches,
             "total": sum(h["seconds"] for h in model.history_),

@@ -149,39 +149,41 @@ cdef inline bint gather_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize
     return ones
 
 
-cdef inline void first_rows(const double* X, bint ones, Py_ssize_t lo, Py_ssize_t hi,
-                            double* E, const double* qc, double d, double cur,
-                            double* out) noexcept nogil:
-    """Pass 1: apply w's change d, sum h e and h^2 for v_0 (its q values qc, value cur).
-    ones: every x is 1 (the compiler makes the loop twice, once with x = 1 folded)."""
-    cdef Py_ssize_t r
-    cdef double she = 0.0, shh = 0.0, x, ei, h
-    for r in range(lo, hi):
-        x = 1.0 if ones else X[r]
-        ei = E[r] - d * x
-        E[r] = ei
-        h = x * (qc[r] - cur * x)
-        she += h * ei
-        shh += h * h
-    sums_out(out, she, shh)
-
-
 cdef inline void next_rows(const double* X, bint ones, Py_ssize_t lo, Py_ssize_t hi,
-                           double* E, const double* qp, const double* qc, double d, double prev,
-                           double cur, double* out) noexcept nogil:
-    """Pass f + 2: apply v_f's change d to the residuals (its q values qp, old value
-    prev), sum h e and h^2 for v_(f+1) (qc, cur). q_f itself changes only in the last
-    pass: no later pass reads it, and a pass that stores less streams less."""
+                           double* E, const double* qp, const double* qc, double d,
+                           double prev, double cur, double* out) noexcept nogil:
+    """A pass over rows lo:hi after a draw: apply the coordinate's change d to the
+    residuals (w's when qp is NULL: h = x; else v_f's, with its q values qp and old
+    value prev: h = x (qp - prev x)), and sum h e and h^2 for the next coordinate v_g
+    (its q values qc, value cur). q_f itself changes only in the last pass: no later
+    pass reads it, and a pass that stores less streams less. ones: every x is 1. The
+    compiler makes the loop once per case of qp and ones (1 x = x exactly)."""
     cdef Py_ssize_t r
     cdef double she = 0.0, shh = 0.0, x, ei, h
     for r in range(lo, hi):
         x = 1.0 if ones else X[r]
-        ei = E[r] - d * (x * (qp[r] - prev * x))
+        if qp == NULL:
+            ei = E[r] - d * x
+        else:
+            ei = E[r] - d * (x * (qp[r] - prev * x))
         E[r] = ei
         h = x * (qc[r] - cur * x)
         she += h * ei
         shh += h * h
     sums_out(out, she, shh)
+
+
+cdef inline void pass_chunks(const double* X, bint ones, Py_ssize_t c_lo, Py_ssize_t c_hi,
+                             Py_ssize_t m, double* E, const double* qp, const double* qc,
+                             double d, double prev, double cur,
+                             double* half) noexcept nogil:
+    """next_rows over chunks c_lo:c_hi of a column of m rows, chunk c's sums into
+    half[2 c]."""
+    cdef Py_ssize_t c, lo
+    for c in range(c_lo, c_hi):
+        lo = c * SUM_CHUNK
+        next_rows(X, ones, lo, min(m, lo + SUM_CHUNK), E, qp, qc, d, prev, cur,
+                  half + 2 * c)
 
 
 cdef inline void last_rows(const Sweep* s, int64_t c0, Py_ssize_t lo, Py_ssize_t hi,
@@ -243,7 +245,6 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
     cdef uint64_t base = <uint64_t>j * <uint64_t>(k + 1)
     cdef const double* X = s.vals + c0
     cdef double* Vj = s.V + j * k
-    cdef double* half
     cdef double she, shh, old, new, d, cur = 0.0, prev = 0.0
     cdef bint ones = True
     for c in range(c_lo, c_hi):
@@ -261,11 +262,7 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
         s.w[j] = new
     d = new - old
     if k > 0:
-        half = part + 2 * nc
-        for c in range(c_lo, c_hi):
-            lo = c * SUM_CHUNK
-            hi = min(m, lo + SUM_CHUNK)
-            first_rows(X, ones, lo, hi, E, Q, d, cur, half + 2 * c)
+        pass_chunks(X, ones, c_lo, c_hi, m, E, NULL, Q, d, 0.0, cur, part + 2 * nc)
         if team > 1:
             team_barrier()
     for f in range(k):
@@ -279,12 +276,8 @@ cdef void sample_feature(const Sweep* s, int64_t j, int t, int team, double* E, 
         prev = cur
         if f + 1 < k:
             cur = Vj[f + 1]
-            half = part + 2 * nc * (f & 1)
-            for c in range(c_lo, c_hi):
-                lo = c * SUM_CHUNK
-                hi = min(m, lo + SUM_CHUNK)
-                next_rows(X, ones, lo, hi, E, Q + f * ms, Q + (f + 1) * ms, d, prev, cur,
-                          half + 2 * c)
+            pass_chunks(X, ones, c_lo, c_hi, m, E, Q + f * ms, Q + (f + 1) * ms, d, prev,
+                        cur, part + 2 * nc * (f & 1))
             if team > 1:
                 team_barrier()
     for c in range(c_lo, c_hi):

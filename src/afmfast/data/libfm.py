@@ -144,9 +144,10 @@ def load_libfm(path: str | os.PathLike, n_features: int | None = None, *,
     finally:
         if not isinstance(data, bytes):
             data.close()
-    if values.size and not (values != 1.0).any():
-        # one-hot rows (every value 1): keep no values; the kernels then read none, 4
-        # bytes a nonzero less, with the same results (Dataset.values makes the ones)
+    if values.size and values.min() == 1.0 == values.max():
+        # one-hot rows (every value 1; a NaN fails both tests): keep no values, so the
+        # kernels read none, with the same results (Dataset.values makes the ones). Two
+        # reductions rather than a comparison: no temporary array the size of the data
         values = None
     return Dataset._trusted(indptr, indices, values, y,
                             max_id + 1 if n_features is None else n_features, max_id,

@@ -256,7 +256,8 @@ def _pass(kind, nc, m, c0, rows, X, ones, e, q, E, Q, f, d, prev, cur, changes, 
     apply v_f's change (old value prev) to E, sums for v_(f+1) (value cur); 3: apply
     the last change, scatter e and q back, q_t with its factor's change changes[t]).
     Q_f changes only in the last pass, as no later pass reads it. ``ones``: every x is
-    1, and the loops read none (the compiler unswitches them; 1 x = x exactly)."""
+    1, and the loops read none (the compiler unswitches them on kind and ones; 1 x = x
+    exactly)."""
     k = Q.shape[0]
     for c in range(nc):
         lo = c * SUM_CHUNK
@@ -279,21 +280,15 @@ def _pass(kind, nc, m, c0, rows, X, ones, e, q, E, Q, f, d, prev, cur, changes, 
                 x = X[r]
                 she += x * E[r]
                 shh += x * x
-        elif kind == 1:
-            qc = Q[0]
-            for r in range(lo, hi):
-                x = 1.0 if ones else X[r]
-                ei = E[r] - d * x
-                E[r] = ei
-                h = x * (qc[r] - cur * x)
-                she += h * ei
-                shh += h * h
-        elif kind == 2:
+        elif kind <= 2:
             qp = Q[f]
-            qc = Q[f + 1]
+            qc = Q[f + 1 if kind == 2 else 0]
             for r in range(lo, hi):
                 x = 1.0 if ones else X[r]
-                ei = E[r] - d * (x * (qp[r] - prev * x))
+                if kind == 1:
+                    ei = E[r] - d * x
+                else:
+                    ei = E[r] - d * (x * (qp[r] - prev * x))
                 E[r] = ei
                 h = x * (qc[r] - cur * x)
                 she += h * ei
