@@ -49,7 +49,7 @@ cdef void _du_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t d0, Py_ssize_t
         return
     for jj in range((d1 - d0) * k):
         C[jj] = 0
-    _gemm(d1 - d0, k, t, Uu + d0 * t, t, 1, W, k, C, k)
+    _gemm(d1 - d0, k, t, Uu + d0 * t, t, 1, W, k, <floating*>ws.W_packed, C, k)
 
 
 cdef void _backward_group(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t g,
@@ -103,6 +103,8 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
     cdef Py_ssize_t k = a.k, t = a.t, nblk, j0, j1, P0, PB, P, n_pairs, f, j
     cdef const floating* E = <floating*>ws.distinct_e
     cdef const floating* DU = <floating*>ws.distinct_u
+    cdef floating* Ep
+    cdef floating* Ap
     nblk = (t + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN
     j0 = (nblk * th // nth) * AFM_ROW_ALIGN
     j1 = (nblk * (th + 1) // nth) * AFM_ROW_ALIGN
@@ -113,13 +115,16 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
     for j in range(j0 * k, j1 * k):
         grad_W[j] = 0
     n_pairs = a.n_distinct
-    PB = 131072 // ((k + t) * sizeof(floating))
-    if PB < 16:
-        PB = 16
+    PB = _dw_pairs(k, t, sizeof(floating))
+    Ep = <floating*>ws.dw_pack + th * PB * (k + _pack_a_size(t))
+    Ap = Ep + PB * k
     P0 = 0
     while P0 < n_pairs:
         P = n_pairs - P0 if n_pairs - P0 < PB else PB
-        _gemm(j1 - j0, k, P, DU + P0 * t + j0, 1, t, E + P0 * k, k, grad_W + j0 * k, k)
+        _pack_b(k, P, E + P0 * k, k, Ep)
+        _pack_a(j1 - j0, P, DU + P0 * t + j0, 1, t, Ap)
+        _gemm(j1 - j0, k, P, DU + P0 * t + j0, 1, t, E + P0 * k, k, Ep, grad_W + j0 * k, k,
+              Ap)
         P0 += P
 
 

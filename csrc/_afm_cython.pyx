@@ -119,11 +119,19 @@ from afmfast.kernels import api as _api
 
 cdef extern from "afm_gemm.h":
     void afm_gemm_f(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A,
-                    Py_ssize_t lda, Py_ssize_t sa, const float* B, Py_ssize_t ldb,
-                    float* C, Py_ssize_t ldc) noexcept nogil
+                    Py_ssize_t lda, Py_ssize_t sa, const float* Ap, const float* B,
+                    Py_ssize_t ldb, const float* Bp, float* C, Py_ssize_t ldc) noexcept nogil
     void afm_gemm_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double* A,
-                    Py_ssize_t lda, Py_ssize_t sa, const double* B, Py_ssize_t ldb,
-                    double* C, Py_ssize_t ldc) noexcept nogil
+                    Py_ssize_t lda, Py_ssize_t sa, const double* Ap, const double* B,
+                    Py_ssize_t ldb, const double* Bp, double* C, Py_ssize_t ldc) noexcept nogil
+    void afm_pack_b_f(Py_ssize_t N, Py_ssize_t K, const float* B, Py_ssize_t ldb,
+                      float* Bp) noexcept nogil
+    void afm_pack_a_f(Py_ssize_t M, Py_ssize_t K, const float* A, Py_ssize_t lda,
+                      Py_ssize_t sa, float* Ap) noexcept nogil
+    void afm_pack_b_d(Py_ssize_t N, Py_ssize_t K, const double* B, Py_ssize_t ldb,
+                      double* Bp) noexcept nogil
+    void afm_pack_a_d(Py_ssize_t M, Py_ssize_t K, const double* A, Py_ssize_t lda,
+                      Py_ssize_t sa, double* Ap) noexcept nogil
     int AFM_ROW_ALIGN
     int AFM_VBYTES
     int AFM_PREFETCH
@@ -177,13 +185,46 @@ cdef enum:
 
 cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
                        Py_ssize_t lda, Py_ssize_t sa, const floating* B, Py_ssize_t ldb,
-                       floating* C, Py_ssize_t ldc) noexcept nogil:
+                       const floating* Bp, floating* C, Py_ssize_t ldc,
+                       const floating* Ap=NULL) noexcept nogil:
+    """C (M, N) += A B, A[i, kk] = A[i lda + kk sa]; Bp NULL or B packed by _pack_b, Ap
+    NULL or A packed by _pack_a (the same arithmetic either way)."""
     if M <= 0 or N <= 0 or K <= 0:
         return
     if floating is float:
-        afm_gemm_f(M, N, K, A, lda, sa, B, ldb, C, ldc)
+        afm_gemm_f(M, N, K, A, lda, sa, Ap, B, ldb, Bp, C, ldc)
     else:
-        afm_gemm_d(M, N, K, A, lda, sa, B, ldb, C, ldc)
+        afm_gemm_d(M, N, K, A, lda, sa, Ap, B, ldb, Bp, C, ldc)
+
+
+cdef inline void _pack_b(Py_ssize_t N, Py_ssize_t K, const floating* B, Py_ssize_t ldb,
+                         floating* Bp) noexcept nogil:
+    """Bp = B (K, N) in the GEMM's panel layout (at most K N elements)."""
+    if floating is float:
+        afm_pack_b_f(N, K, B, ldb, Bp)
+    else:
+        afm_pack_b_d(N, K, B, ldb, Bp)
+
+
+cdef inline void _pack_a(Py_ssize_t M, Py_ssize_t K, const floating* A, Py_ssize_t lda,
+                         Py_ssize_t sa, floating* Ap) noexcept nogil:
+    """Ap = A (M, K) in the GEMM's row-tile layout (_pack_a_size(M) K elements)."""
+    if floating is float:
+        afm_pack_a_f(M, K, A, lda, sa, Ap)
+    else:
+        afm_pack_a_d(M, K, A, lda, sa, Ap)
+
+
+cdef inline Py_ssize_t _pack_a_size(Py_ssize_t M) noexcept nogil:
+    """Rows of A's row-tile layout: M rounded up to whole tiles."""
+    return (M + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN * AFM_ROW_ALIGN
+
+
+cdef inline Py_ssize_t _dw_pairs(Py_ssize_t k, Py_ssize_t t, Py_ssize_t itemsize) noexcept nogil:
+    """Distinct pairs per block of the W gradient: a block's rows of E and DU together
+    take about 128 KiB, so that they stay in L2 across the thread's rows of W."""
+    cdef Py_ssize_t PB = 131072 // ((k + t) * itemsize)
+    return PB if PB > 16 else 16
 
 
 cdef inline void _pool_row(const floating* vx, const double* au, Py_ssize_t n,
@@ -300,13 +341,13 @@ cdef inline void _pair_products(const floating* vx, Py_ssize_t n, Py_ssize_t k,
 
 cdef inline void _preactivation(const floating* E, Py_ssize_t n_pairs, Py_ssize_t k,
                                 Py_ssize_t t, const floating* bias, const floating* WT,
-                                floating* U) noexcept nogil:
-    """U rows (n_pairs, t) = E W^T + b."""
+                                const floating* WTp, floating* U) noexcept nogil:
+    """U rows (n_pairs, t) = E W^T + b (WTp: NULL or WT packed by _pack_b)."""
     cdef Py_ssize_t P, jj
     for P in range(n_pairs):
         for jj in range(t):
             U[P * t + jj] = bias[jj]
-    _gemm(n_pairs, t, k, E, k, 1, WT, t, U, t)
+    _gemm(n_pairs, t, k, E, k, 1, WT, t, WTp, U, t)
 
 
 cdef inline void _pool(const double* au, const floating* E, Py_ssize_t n_pairs,

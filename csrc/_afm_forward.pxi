@@ -121,6 +121,8 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
         for j in range(a.t):
             for f in range(a.k):
                 (<floating*>ws.WT)[f * a.t + j] = W[j * a.k + f]
+        _pack_b(a.t, a.k, <floating*>ws.WT, a.t, <floating*>ws.WT_packed)
+        _pack_b(a.k, a.t, W, a.k, <floating*>ws.W_packed)
     return 0
 
 
@@ -423,7 +425,7 @@ cdef void _distinct_forward(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t blk,
         e = E + (d - d0) * k
         for f in range(k):
             e[f] = v1[f] * v2[f]
-    _preactivation(E, d1 - d0, k, t, bias, <floating*>ws.WT, Uu)
+    _preactivation(E, d1 - d0, k, t, bias, <floating*>ws.WT, <floating*>ws.WT_packed, Uu)
     smax = -INFINITY
     for d in range(d0, d1):
         u = Uu + (d - d0) * t

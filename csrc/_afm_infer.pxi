@@ -45,7 +45,7 @@ cdef floating _infer_row(const InferArgs* a, Py_ssize_t i, const floating* value
     n_pairs = n * (n - 1) // 2
     _pair_products(vx_buf, n, k, E)
     if a.attention and n_pairs > 0:
-        _preactivation(E, n_pairs, k, t, bias, WT, Uu)
+        _preactivation(E, n_pairs, k, t, bias, WT, NULL, Uu)
         _softmax(Uu, h, n_pairs, t, a.activation, Uu, pair_weight)
     else:
         for P in range(n_pairs):

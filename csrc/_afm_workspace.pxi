@@ -96,6 +96,10 @@ cdef class AFMWorkspace:
     cdef void* distinct_u         # (pairs, t) by id: W e + b, then act, then du;
                                   # forward_only: (threads, DBLOCK, t)
     cdef void* WT                 # (k, t) W transposed
+    cdef void* WT_packed          # WT and W in the GEMM's panel layout (_pack_b), formed
+    cdef void* W_packed           # once a step
+    cdef void* dw_pack            # (threads, pairs (k + t')) per thread, a block of E
+                                  # and of DU packed (_dw_block)
     cdef void* grad_W             # (t, k) gradient of W
     cdef double* chunk_grad_p     # (B, k) at row c: sum over chunk c's rows of r g'
                                   # (gradient of p), in row order
@@ -157,6 +161,8 @@ cdef class AFMWorkspace:
             self.distinct_e = aligned_empty(PP * k * isz)
             self.distinct_u = aligned_empty(PP * t * isz)
         self.WT = _alloc(k * t * isz)
+        self.WT_packed = aligned_empty(k * t * isz)
+        self.W_packed = aligned_empty(k * t * isz)
         self.grad_W = _alloc(t * k * isz)
         # only the rows of the chunks in use are touched (a chunk has at least one row)
         self.chunk_grad_p = <double*>aligned_empty(B * k * sizeof(double))
@@ -177,6 +183,7 @@ cdef class AFMWorkspace:
         self.dedup_number = NULL
         self.row_dvx = NULL
         self.cprime_block = NULL
+        self.dw_pack = NULL
         # a row of n nonzeros has n(n-1)/2 pairs, at most max_batch_pairs
         n = <Py_ssize_t>((1 + sqrt(1 + 8 * <double>PP)) / 2)
         while n > 1 and n * (n - 1) // 2 > PP:
@@ -208,7 +215,8 @@ cdef class AFMWorkspace:
         free(self.row_linear); free(self.group_sqnorm); free(self.pair_weight)
         free(self.pair_weight_kept); free(self.pair_ds); free(self.dense_grad_sum)
         free(self.occ_x); free(self.occ_vx); free(self.row_dg); free(self.distinct_e)
-        free(self.distinct_u); free(self.WT); free(self.grad_W); free(self.chunk_grad_p)
+        free(self.distinct_u); free(self.WT); free(self.WT_packed); free(self.W_packed); free(self.dw_pack)
+        free(self.grad_W); free(self.chunk_grad_p)
         free(self.grad_dense); free(self.occ_class); free(self.group_first_x)
         free(self.occ_pair_start); free(self.row_bad); free(self.pair_slot)
         free(self.rep_slot); free(self.row_first_distinct); free(self.block_first_row)
@@ -229,6 +237,7 @@ cdef class AFMWorkspace:
         free(self.dedup_number)
         free(self.row_dvx)
         free(self.cprime_block)
+        free(self.dw_pack)
         free(self.row_scratch)
         free(self.cursors)
         if self.forward_only:
@@ -243,12 +252,18 @@ cdef class AFMWorkspace:
         self.dedup_number = NULL
         self.row_dvx = NULL
         self.cprime_block = NULL
+        self.dw_pack = NULL
         self.row_scratch = NULL
         self.scratch_threads = 0
         self.dedup_stamp = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.dedup_number = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.row_dvx = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
         self.cprime_block = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
+        if not self.forward_only:
+            self.dw_pack = aligned_empty(n_threads * _dw_pairs(self.n_factors,
+                                         self.attention_size, self.itemsize)
+                                         * (self.n_factors + _pack_a_size(self.attention_size))
+                                         * self.itemsize)
         self.row_scratch = <double*>aligned_empty(n_threads * 3 * self.n_factors
                                                   * sizeof(double))
         self.cursors = <long long*>_alloc(n_threads * CURSOR_STRIDE * sizeof(long long))

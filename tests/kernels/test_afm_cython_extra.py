@@ -336,7 +336,7 @@ def test_predict_and_explain_match_reference(activation, attention, dtype, rtol)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 16, 5), (13, 64, 33), (50, 100, 70),
-                                   (25, 256, 256), (6, 7, 3)])
+                                   (25, 256, 256), (6, 7, 3), (30, 24, 9), (12, 40, 2)])
 def test_gemm(dtype, M, N, K):
     rng = np.random.default_rng(0)
     A, B, C = (rng.normal(size=s).astype(dtype) for s in ((M, K), (K, N), (M, N)))
@@ -348,6 +348,13 @@ def test_gemm(dtype, M, N, K):
     out = C.copy()
     cy._gemm_for_test(np.ascontiguousarray(A.T), B, out, transpose_a=True)
     np.testing.assert_allclose(out, expect, rtol=tol, atol=tol * K)
+    # the packed layouts change where the operands are read from, never the arithmetic
+    for transpose_a in (False, True):
+        a = np.ascontiguousarray(A.T) if transpose_a else A
+        plain, packed = C.copy(), C.copy()
+        cy._gemm_for_test(a, B, plain, transpose_a=transpose_a)
+        cy._gemm_for_test(a, B, packed, transpose_a=transpose_a, packed=True)
+        assert np.array_equal(plain, packed)
 
 
 def test_dropout_hash_and_constants():
