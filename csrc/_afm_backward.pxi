@@ -97,34 +97,44 @@ cdef void _backward_group(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t g,
 
 cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
                     floating* grad_W) noexcept nogil:
-    """Step 4 for W rows [j0, j1) of thread block th: grad_W[j] = sum_d du[d, j] e[d] over the
-    distinct pairs in order. Blocks of pairs keep E's and DU's rows in cache across the W
-    rows."""
-    cdef Py_ssize_t k = a.k, t = a.t, nblk, j0, j1, P0, PB, P, n_pairs, f, j
+    """Step 4, thread th of nth: grad_W[j, f] = sum_d du[d, j] e[d, f] over the distinct
+    pairs in order, for the thread's columns f (whole panels of the GEMM, so that every
+    column is computed as on one thread) or, when k has fewer panels than there are
+    threads, its rows j. Blocks of pairs keep E's and DU's rows in cache across the
+    thread's share of W."""
+    cdef Py_ssize_t k = a.k, t = a.t, nblk, j0 = 0, j1 = t, n0 = 0, n1 = k, P0, PB, P
+    cdef Py_ssize_t n_pairs = a.n_distinct, j, f
+    cdef Py_ssize_t width = _gemm_panel(sizeof(floating)), npan = k // width
     cdef const floating* E = <floating*>ws.distinct_e
     cdef const floating* DU = <floating*>ws.distinct_u
-    cdef floating* Ep
-    cdef floating* Ap
-    nblk = (t + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN
-    j0 = (nblk * th // nth) * AFM_ROW_ALIGN
-    j1 = (nblk * (th + 1) // nth) * AFM_ROW_ALIGN
-    if j1 > t:
-        j1 = t
-    if j0 >= j1:
+    cdef floating* Ep = NULL
+    if npan >= nth:
+        # by columns, each thread reading only its columns of E
+        n0 = (npan * th // nth) * width
+        n1 = (npan * (th + 1) // nth) * width if th + 1 < nth else k
+    else:
+        nblk = (t + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN
+        j0 = (nblk * th // nth) * AFM_ROW_ALIGN
+        j1 = (nblk * (th + 1) // nth) * AFM_ROW_ALIGN
+        if j1 > t:
+            j1 = t
+    if j0 >= j1 or n0 >= n1:
         return
-    for j in range(j0 * k, j1 * k):
-        grad_W[j] = 0
-    n_pairs = a.n_distinct
+    for j in range(j0, j1):
+        for f in range(n0, n1):
+            grad_W[j * k + f] = 0
     PB = _dw_pairs(k, t, sizeof(floating))
-    Ep = <floating*>ws.dw_pack + th * PB * (k + _pack_a_size(t))
-    Ap = Ep + PB * k
+    # E's rows DW_PACK_MIN_BYTES or more apart crowd a few sets of L1 when a panel
+    # walks down them; closer rows cost only the copy
+    if k * <Py_ssize_t>sizeof(floating) >= DW_PACK_MIN_BYTES:
+        Ep = <floating*>ws.dw_pack + th * PB * k
     P0 = 0
     while P0 < n_pairs:
         P = n_pairs - P0 if n_pairs - P0 < PB else PB
-        _pack_b(k, P, E + P0 * k, k, Ep)
-        _pack_a(j1 - j0, P, DU + P0 * t + j0, 1, t, Ap)
-        _gemm(j1 - j0, k, P, DU + P0 * t + j0, 1, t, E + P0 * k, k, Ep, grad_W + j0 * k, k,
-              Ap)
+        if Ep != NULL:
+            _pack_b(n1 - n0, P, E + P0 * k + n0, k, Ep)
+        _gemm(j1 - j0, n1 - n0, P, DU + P0 * t + j0, 1, t, E + P0 * k + n0, k, Ep,
+              grad_W + j0 * k + n0, k)
         P0 += P
 
 

@@ -119,20 +119,17 @@ from afmfast.kernels import api as _api
 
 cdef extern from "afm_gemm.h":
     void afm_gemm_f(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A,
-                    Py_ssize_t lda, Py_ssize_t sa, const float* Ap, const float* B,
-                    Py_ssize_t ldb, const float* Bp, float* C, Py_ssize_t ldc) noexcept nogil
+                    Py_ssize_t lda, Py_ssize_t sa, const float* B, Py_ssize_t ldb,
+                    const float* Bp, float* C, Py_ssize_t ldc) noexcept nogil
     void afm_gemm_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double* A,
-                    Py_ssize_t lda, Py_ssize_t sa, const double* Ap, const double* B,
-                    Py_ssize_t ldb, const double* Bp, double* C, Py_ssize_t ldc) noexcept nogil
+                    Py_ssize_t lda, Py_ssize_t sa, const double* B, Py_ssize_t ldb,
+                    const double* Bp, double* C, Py_ssize_t ldc) noexcept nogil
     void afm_pack_b_f(Py_ssize_t N, Py_ssize_t K, const float* B, Py_ssize_t ldb,
                       float* Bp) noexcept nogil
-    void afm_pack_a_f(Py_ssize_t M, Py_ssize_t K, const float* A, Py_ssize_t lda,
-                      Py_ssize_t sa, float* Ap) noexcept nogil
     void afm_pack_b_d(Py_ssize_t N, Py_ssize_t K, const double* B, Py_ssize_t ldb,
                       double* Bp) noexcept nogil
-    void afm_pack_a_d(Py_ssize_t M, Py_ssize_t K, const double* A, Py_ssize_t lda,
-                      Py_ssize_t sa, double* Ap) noexcept nogil
     int AFM_ROW_ALIGN
+    int AFM_NVMAX
     int AFM_VBYTES
     int AFM_PREFETCH
     void afm_pool_row_f(const float* vx, const double* au, Py_ssize_t n, Py_ssize_t k,
@@ -181,20 +178,21 @@ cdef enum:
     GROUP_ROWS = 256
     # columns of h act'(u) that the distinct backward forms at a time (a stack buffer)
     HD_SPAN = 256
+    # row stride of E (bytes) from which the W gradient packs E's blocks (_dw_block)
+    DW_PACK_MIN_BYTES = 512
 
 
 cdef inline void _gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
                        Py_ssize_t lda, Py_ssize_t sa, const floating* B, Py_ssize_t ldb,
-                       const floating* Bp, floating* C, Py_ssize_t ldc,
-                       const floating* Ap=NULL) noexcept nogil:
-    """C (M, N) += A B, A[i, kk] = A[i lda + kk sa]; Bp NULL or B packed by _pack_b, Ap
-    NULL or A packed by _pack_a (the same arithmetic either way)."""
+                       const floating* Bp, floating* C, Py_ssize_t ldc) noexcept nogil:
+    """C (M, N) += A B, A[i, kk] = A[i lda + kk sa]; Bp NULL or B packed by _pack_b (the
+    same arithmetic either way)."""
     if M <= 0 or N <= 0 or K <= 0:
         return
     if floating is float:
-        afm_gemm_f(M, N, K, A, lda, sa, Ap, B, ldb, Bp, C, ldc)
+        afm_gemm_f(M, N, K, A, lda, sa, B, ldb, Bp, C, ldc)
     else:
-        afm_gemm_d(M, N, K, A, lda, sa, Ap, B, ldb, Bp, C, ldc)
+        afm_gemm_d(M, N, K, A, lda, sa, B, ldb, Bp, C, ldc)
 
 
 cdef inline void _pack_b(Py_ssize_t N, Py_ssize_t K, const floating* B, Py_ssize_t ldb,
@@ -206,18 +204,9 @@ cdef inline void _pack_b(Py_ssize_t N, Py_ssize_t K, const floating* B, Py_ssize
         afm_pack_b_d(N, K, B, ldb, Bp)
 
 
-cdef inline void _pack_a(Py_ssize_t M, Py_ssize_t K, const floating* A, Py_ssize_t lda,
-                         Py_ssize_t sa, floating* Ap) noexcept nogil:
-    """Ap = A (M, K) in the GEMM's row-tile layout (_pack_a_size(M) K elements)."""
-    if floating is float:
-        afm_pack_a_f(M, K, A, lda, sa, Ap)
-    else:
-        afm_pack_a_d(M, K, A, lda, sa, Ap)
-
-
-cdef inline Py_ssize_t _pack_a_size(Py_ssize_t M) noexcept nogil:
-    """Rows of A's row-tile layout: M rounded up to whole tiles."""
-    return (M + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN * AFM_ROW_ALIGN
+cdef inline Py_ssize_t _gemm_panel(Py_ssize_t itemsize) noexcept nogil:
+    """Columns of the GEMM's widest panel (the driver's panels of B, afm_gemm.h)."""
+    return AFM_NVMAX * (AFM_VBYTES // itemsize)
 
 
 cdef inline Py_ssize_t _dw_pairs(Py_ssize_t k, Py_ssize_t t, Py_ssize_t itemsize) noexcept nogil:

@@ -5,8 +5,8 @@
 
 def _gemm_for_test(A, B, C, transpose_a=False, packed=False):
     """C += A @ B (or A.T @ B) through the kernels' GEMM routine, for tests and timing;
-    packed: B goes through the panel layout first (_pack_b), and a transposed A through
-    the row-tile layout (_pack_a), as the training step's GEMMs read them."""
+    packed: B goes through the panel layout first (_pack_b), as the training step's
+    GEMMs read it."""
     cdef Py_ssize_t M, N, K
     if transpose_a:
         K, M = A.shape
@@ -23,7 +23,7 @@ def _gemm_for_test(A, B, C, transpose_a=False, packed=False):
     cdef double[::1] Pd
     cdef float* pf = NULL
     cdef double* pd = NULL
-    Bp = np.empty(max(B.size, 1) + _pack_a_size(M) * K, dtype=C.dtype)
+    Bp = np.empty(max(B.size, 1), dtype=C.dtype)
     if C.dtype == np.float32:
         Af, Bf, Cf, Pf = A, B, C, Bp
         with nogil:
@@ -31,11 +31,7 @@ def _gemm_for_test(A, B, C, transpose_a=False, packed=False):
                 pf = &Pf[0]
                 _pack_b(N, K, &Bf[0, 0], N, pf)
             if tr:
-                if pk:
-                    _pack_a(M, K, &Af[0, 0], 1, M, pf + N * K)
-                    _gemm(M, N, K, &Af[0, 0], 1, M, &Bf[0, 0], N, pf, &Cf[0, 0], N, pf + N * K)
-                else:
-                    _gemm(M, N, K, &Af[0, 0], 1, M, &Bf[0, 0], N, pf, &Cf[0, 0], N)
+                _gemm(M, N, K, &Af[0, 0], 1, M, &Bf[0, 0], N, pf, &Cf[0, 0], N)
             else:
                 _gemm(M, N, K, &Af[0, 0], K, 1, &Bf[0, 0], N, pf, &Cf[0, 0], N)
     else:
@@ -45,11 +41,7 @@ def _gemm_for_test(A, B, C, transpose_a=False, packed=False):
                 pd = &Pd[0]
                 _pack_b(N, K, &Bd[0, 0], N, pd)
             if tr:
-                if pk:
-                    _pack_a(M, K, &Ad[0, 0], 1, M, pd + N * K)
-                    _gemm(M, N, K, &Ad[0, 0], 1, M, &Bd[0, 0], N, pd, &Cd[0, 0], N, pd + N * K)
-                else:
-                    _gemm(M, N, K, &Ad[0, 0], 1, M, &Bd[0, 0], N, pd, &Cd[0, 0], N)
+                _gemm(M, N, K, &Ad[0, 0], 1, M, &Bd[0, 0], N, pd, &Cd[0, 0], N)
             else:
                 _gemm(M, N, K, &Ad[0, 0], K, 1, &Bd[0, 0], N, pd, &Cd[0, 0], N)
 

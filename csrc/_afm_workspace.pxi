@@ -98,8 +98,8 @@ cdef class AFMWorkspace:
     cdef void* WT                 # (k, t) W transposed
     cdef void* WT_packed          # WT and W in the GEMM's panel layout (_pack_b), formed
     cdef void* W_packed           # once a step
-    cdef void* dw_pack            # (threads, pairs (k + t')) per thread, a block of E
-                                  # and of DU packed (_dw_block)
+    cdef void* dw_pack            # (threads, pairs k) per thread, a block of E packed
+                                  # (_dw_block)
     cdef void* grad_W             # (t, k) gradient of W
     cdef double* chunk_grad_p     # (B, k) at row c: sum over chunk c's rows of r g'
                                   # (gradient of p), in row order
@@ -262,8 +262,7 @@ cdef class AFMWorkspace:
         if not self.forward_only:
             self.dw_pack = aligned_empty(n_threads * _dw_pairs(self.n_factors,
                                          self.attention_size, self.itemsize)
-                                         * (self.n_factors + _pack_a_size(self.attention_size))
-                                         * self.itemsize)
+                                         * self.n_factors * self.itemsize)
         self.row_scratch = <double*>aligned_empty(n_threads * 3 * self.n_factors
                                                   * sizeof(double))
         self.cursors = <long long*>_alloc(n_threads * CURSOR_STRIDE * sizeof(long long))

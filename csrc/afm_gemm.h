@@ -82,30 +82,11 @@ static void afm_pack_b_##SUF(ptrdiff_t N, ptrdiff_t K, const T* restrict B,     
         n0 += w;                                                                      \
     }                                                                                 \
 }                                                                                     \
-/* A's rows in tiles of AFM_ROW_ALIGN (a multiple of every micro-kernel's height):    \
-   A[i, kk] at Ap[(i - i % RA) K + kk RA + i % RA], rows past M zero, so a tile's        \
-   rows of one kk are adjacent (for an A read transposed they would be a row of A      \
-   apart). Ap holds RA ceil(M / RA) K elements. */                                    \
-static void afm_pack_a_##SUF(ptrdiff_t M, ptrdiff_t K, const T* restrict A,           \
-    ptrdiff_t lda, ptrdiff_t sa, T* restrict Ap)                                      \
-{                                                                                     \
-    enum { RA = AFM_ROW_ALIGN };                                                      \
-    for (ptrdiff_t i0 = 0; i0 < M; i0 += RA) {                                        \
-        T* p = Ap + i0 * K;                                                           \
-        const ptrdiff_t R = M - i0 < RA ? M - i0 : RA;                                \
-        for (ptrdiff_t kk = 0; kk < K; kk++) {                                        \
-            ptrdiff_t r = 0;                                                          \
-            for (; r < R; r++) p[kk * RA + r] = A[(i0 + r) * lda + kk * sa];          \
-            for (; r < RA; r++) p[kk * RA + r] = 0;                                   \
-        }                                                                             \
-    }                                                                                 \
-}                                                                                     \
 /* C += A @ B; Bp NULL or B packed by afm_pack_b (then B is read for the columns past \
-   the last full vector only), Ap NULL or A packed by afm_pack_a. Same arithmetic    \
-   either way. */                                                                     \
+   the last full vector only). Same arithmetic either way. */                         \
 static void afm_gemm_##SUF(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T* A,         \
-    ptrdiff_t lda, ptrdiff_t sa, const T* Ap, const T* B, ptrdiff_t ldb,              \
-    const T* Bp, T* C, ptrdiff_t ldc)                                                 \
+    ptrdiff_t lda, ptrdiff_t sa, const T* B, ptrdiff_t ldb, const T* Bp, T* C,        \
+    ptrdiff_t ldc)                                                                    \
 {                                                                                     \
     enum { VL = AFM_VBYTES / sizeof(T) };                                             \
     ptrdiff_t n0 = 0, i0;                                                             \
@@ -115,26 +96,22 @@ static void afm_gemm_##SUF(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T* A,   
         int R = (nv >= 3 || (nv == 2 && AFM_NVMAX == 2)) ? AFM_R_WIDE : AFM_R_NARROW; \
         const T* b = Bp ? Bp + n0 * K : B + n0;                                       \
         const ptrdiff_t lb = Bp ? (ptrdiff_t)nv * VL : ldb;                           \
-        const ptrdiff_t la = Ap ? 1 : lda, ka = Ap ? AFM_ROW_ALIGN : sa;              \
         for (i0 = 0; i0 + R <= M; i0 += R) {                                          \
-            const T* a = Ap ? Ap + (i0 - i0 % AFM_ROW_ALIGN) * K + i0 % AFM_ROW_ALIGN   \
-                            : A + i0 * lda;                                           \
-            T* c = C + i0 * ldc + n0;                                                 \
+            const T* a = A + i0 * lda; T* c = C + i0 * ldc + n0;                      \
             if (nv == 4)                                                              \
-                afm_mk_##SUF(AFM_R_WIDE, 4, K, a, la, ka, b, lb, c, ldc);             \
+                afm_mk_##SUF(AFM_R_WIDE, 4, K, a, lda, sa, b, lb, c, ldc);             \
             else if (nv == 3)                                                         \
-                afm_mk_##SUF(AFM_R_WIDE, 3, K, a, la, ka, b, lb, c, ldc);             \
+                afm_mk_##SUF(AFM_R_WIDE, 3, K, a, lda, sa, b, lb, c, ldc);             \
             else if (nv == 2 && AFM_NVMAX == 2)                                       \
-                afm_mk_##SUF(AFM_R_WIDE, 2, K, a, la, ka, b, lb, c, ldc);             \
+                afm_mk_##SUF(AFM_R_WIDE, 2, K, a, lda, sa, b, lb, c, ldc);             \
             else if (nv == 2)                                                         \
-                afm_mk_##SUF(AFM_R_NARROW, 2, K, a, la, ka, b, lb, c, ldc);           \
+                afm_mk_##SUF(AFM_R_NARROW, 2, K, a, lda, sa, b, lb, c, ldc);           \
             else                                                                      \
-                afm_mk_##SUF(AFM_R_NARROW, 1, K, a, la, ka, b, lb, c, ldc);           \
+                afm_mk_##SUF(AFM_R_NARROW, 1, K, a, lda, sa, b, lb, c, ldc);           \
         }                                                                             \
         if (i0 < M)                                                                   \
-            afm_mk_gen_##SUF((int)(M - i0), nv, K,                                    \
-                Ap ? Ap + (i0 - i0 % AFM_ROW_ALIGN) * K + i0 % AFM_ROW_ALIGN           \
-                   : A + i0 * lda, la, ka, b, lb, C + i0 * ldc + n0, ldc);            \
+            afm_mk_gen_##SUF((int)(M - i0), nv, K, A + i0 * lda, lda, sa, b, lb,      \
+                             C + i0 * ldc + n0, ldc);                                 \
         n0 += nv * VL;                                                                \
     }                                                                                 \
     for (i0 = 0; i0 < M; i0++)                                                        \

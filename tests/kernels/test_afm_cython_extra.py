@@ -247,7 +247,7 @@ def test_steps_match_reference(optimizer, dtype, rtol, l2):
                                    atol=rtol * 1e-2, err_msg=name)
 
 
-@pytest.mark.parametrize("k,t", [(16, 16), (64, 64), (40, 24), (5, 3)])
+@pytest.mark.parametrize("k,t", [(16, 16), (64, 64), (40, 24), (5, 3), (136, 20)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("attention", [1, 0])
 def test_thread_count_is_bit_identical(dtype, attention, k, t):
