@@ -33,6 +33,10 @@ typedef float afm_vfu __attribute__((vector_size(AFM_VBYTES), aligned(4), may_al
 typedef double afm_vd __attribute__((vector_size(AFM_VBYTES)));
 typedef double afm_vdu __attribute__((vector_size(AFM_VBYTES), aligned(8), may_alias));
 
+/* a micro-kernel call of r rows (4, 2 or 1), each height its own unrolled code */
+#define AFM_MK_ROWS(SUF, NV, r, ...)                                                  \
+    ((r) == 4 ? afm_mk_##SUF(4, NV, __VA_ARGS__)                                      \
+     : (r) == 2 ? afm_mk_##SUF(2, NV, __VA_ARGS__) : afm_mk_##SUF(1, NV, __VA_ARGS__))
 #define AFM_DEFINE_GEMM(T, SUF, VT, VTU)                                              \
 static inline __attribute__((always_inline)) void afm_mk_##SUF(                      \
     const int R, const int NV, ptrdiff_t K, const T* restrict A, ptrdiff_t lda,       \
@@ -59,9 +63,25 @@ static inline __attribute__((always_inline)) void afm_mk_##SUF(                 
     _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                              \
         *(VTU*)(C + r * ldc + v * VL) = acc[r][v];                                    \
 }                                                                                     \
-static void afm_mk_gen_##SUF(int R, int NV, ptrdiff_t K, const T* restrict A,         \
+/* the rows past the last full tile, in pieces of 4, 2 and 1 rows: a tile height     \
+   known at compile time keeps the accumulators in registers */                       \
+static void afm_mk_tail_##SUF(int R, int NV, ptrdiff_t K, const T* restrict A,        \
     ptrdiff_t lda, ptrdiff_t sa, const T* restrict B, ptrdiff_t ldb, T* restrict C,   \
-    ptrdiff_t ldc) { afm_mk_##SUF(R, NV, K, A, lda, sa, B, ldb, C, ldc); }            \
+    ptrdiff_t ldc)                                                                    \
+{                                                                                     \
+    while (R > 0) {                                                                   \
+        const int r = R >= 4 ? 4 : R >= 2 ? 2 : 1;                                    \
+        if (NV == 4 && AFM_NVMAX >= 4)                                                \
+            AFM_MK_ROWS(SUF, AFM_NVMAX >= 4 ? 4 : 1, r, K, A, lda, sa, B, ldb, C, ldc); \
+        else if (NV == 3 && AFM_NVMAX >= 3)                                           \
+            AFM_MK_ROWS(SUF, AFM_NVMAX >= 3 ? 3 : 1, r, K, A, lda, sa, B, ldb, C, ldc); \
+        else if (NV == 2)                                                             \
+            AFM_MK_ROWS(SUF, 2, r, K, A, lda, sa, B, ldb, C, ldc);                    \
+        else                                                                          \
+            AFM_MK_ROWS(SUF, 1, r, K, A, lda, sa, B, ldb, C, ldc);                    \
+        A += r * lda; C += r * ldc; R -= r;                                           \
+    }                                                                                 \
+}                                                                                     \
 /* B's columns [0, N - N % VL) in the driver's panel order (afm_gemm): the panel of   \
    width w = nv VL at column n0 holds B[kk, n0 + c] at Bp[n0 K + kk w + c], so a       \
    micro-kernel reads its panel as one contiguous stream (with B's rows a power of two \
@@ -110,7 +130,7 @@ static void afm_gemm_##SUF(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T* A,   
                 afm_mk_##SUF(AFM_R_NARROW, 1, K, a, lda, sa, b, lb, c, ldc);           \
         }                                                                             \
         if (i0 < M)                                                                   \
-            afm_mk_gen_##SUF((int)(M - i0), nv, K, A + i0 * lda, lda, sa, b, lb,      \
+            afm_mk_tail_##SUF((int)(M - i0), nv, K, A + i0 * lda, lda, sa, b, lb,     \
                              C + i0 * ldc + n0, ldc);                                 \
         n0 += nv * VL;                                                                \
     }                                                                                 \
