@@ -56,4 +56,10 @@ def _constants():
     """The constants this module hard-codes (to test them against kernels.api)."""
     return dict(ADAGRAD=OPT_ADAGRAD, SGD=OPT_SGD, MOMENTUM=OPT_MOMENTUM, ADAM=OPT_ADAM,
                 RELU=ACT_RELU, SIGMOID=ACT_SIGMOID, TANH=ACT_TANH, IDENTITY=ACT_IDENTITY,
-                VECTOR_BYTES=AFM_VBYTES, DBLOCK=DBLOCK)
+                VECTOR_BYTES=AFM_VBYTES, DBLOCK=DBLOCK, DW_PACK_MIN_BYTES=DW_PACK_MIN_BYTES)
+
+
+def _dw_block_pairs(Py_ssize_t k, Py_ssize_t t, Py_ssize_t itemsize):
+    """Distinct pairs per block of the W gradient at this k, t and item size (for
+    bench/gemm_rate.py, which times the kernels' GEMM on the step's own shapes)."""
+    return _dw_pairs(k, t, itemsize)
