@@ -211,7 +211,7 @@ cdef inline Py_ssize_t _gemm_panel(Py_ssize_t itemsize) noexcept nogil:
 
 cdef inline Py_ssize_t _dw_pairs(Py_ssize_t k, Py_ssize_t t, Py_ssize_t itemsize) noexcept nogil:
     """Distinct pairs per block of the W gradient: a block's rows of E and DU together
-    take about 128 KiB, so that they stay in L2 across the thread's rows of W."""
+    take about 128 KiB, so that they stay in L2 across the thread's share of W."""
     cdef Py_ssize_t PB = 131072 // ((k + t) * itemsize)
     return PB if PB > 16 else 16
 

@@ -99,7 +99,7 @@ cdef class AFMWorkspace:
     cdef void* WT_packed          # WT and W in the GEMM's panel layout (_pack_b), formed
     cdef void* W_packed           # once a step
     cdef void* dw_pack            # (threads, pairs k) per thread, a block of E packed
-                                  # (_dw_block)
+                                  # (_dw_block; NULL when E's rows are not packed)
     cdef void* grad_W             # (t, k) gradient of W
     cdef double* chunk_grad_p     # (B, k) at row c: sum over chunk c's rows of r g'
                                   # (gradient of p), in row order
@@ -215,8 +215,8 @@ cdef class AFMWorkspace:
         free(self.row_linear); free(self.group_sqnorm); free(self.pair_weight)
         free(self.pair_weight_kept); free(self.pair_ds); free(self.dense_grad_sum)
         free(self.occ_x); free(self.occ_vx); free(self.row_dg); free(self.distinct_e)
-        free(self.distinct_u); free(self.WT); free(self.WT_packed); free(self.W_packed); free(self.dw_pack)
-        free(self.grad_W); free(self.chunk_grad_p)
+        free(self.distinct_u); free(self.WT); free(self.WT_packed); free(self.W_packed)
+        free(self.dw_pack); free(self.grad_W); free(self.chunk_grad_p)
         free(self.grad_dense); free(self.occ_class); free(self.group_first_x)
         free(self.occ_pair_start); free(self.row_bad); free(self.pair_slot)
         free(self.rep_slot); free(self.row_first_distinct); free(self.block_first_row)
@@ -259,7 +259,7 @@ cdef class AFMWorkspace:
         self.dedup_number = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.row_dvx = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
         self.cprime_block = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
-        if not self.forward_only:
+        if not self.forward_only and self.n_factors * self.itemsize >= DW_PACK_MIN_BYTES:
             self.dw_pack = aligned_empty(n_threads * _dw_pairs(self.n_factors,
                                          self.attention_size, self.itemsize)
                                          * self.n_factors * self.itemsize)
