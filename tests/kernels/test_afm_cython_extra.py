@@ -84,7 +84,11 @@ def check_sgd_step(X, y, rows, params, cfg):
     d_dense = old.dense - params.dense
     lo = 1 if freeze_fm else 0
     hi = 1 + k + 2 * t if attention else 1 + k
-    np.testing.assert_allclose(d_dense[lo:hi], g_dense[lo:hi], rtol=1e-9, atol=1e-12)
+    # a bias gradient that cancels to about 0 keeps the rounding of its largest terms:
+    # the absolute tolerance follows the gradient's scale (without FMA, as in the
+    # baseline build, scaled logits leave 1e-12 in such an entry)
+    scale = max(1.0, float(np.abs(g_dense[lo:hi]).max(initial=0.0)))
+    np.testing.assert_allclose(d_dense[lo:hi], g_dense[lo:hi], rtol=1e-9, atol=1e-12 * scale)
     assert not d_dense[:lo].any() and not d_dense[hi:].any()
     if attention:
         np.testing.assert_allclose(old.W - params.W, gW, rtol=1e-9, atol=1e-12)
