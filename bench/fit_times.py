@@ -237,6 +237,13 @@ def config_name(model, k):
     return f"FM k={k}" if model == "fm" else f"AFM k=t={k}"
 
 
+def _probe_text(probe_ns):
+    """The phase's CPU 0/1 probe readings (before, after) for its usage line, or ""."""
+    if not probe_ns or None in probe_ns:
+        return ""
+    return f"; CPU 0/1 probe before/after: {probe_ns[0]:.0f}/{probe_ns[1]:.0f} ns a cache line"
+
+
 def report(times, usage, configs, impls, phases, reps, n, default_threads):
     """Print the side-by-side table, the default / one-thread ratios and the verdicts
     of targets (a) and (b)."""
@@ -249,9 +256,7 @@ def report(times, usage, configs, impls, phases, reps, n, default_threads):
         print(f"  {name:<10} {u['seconds']:6.1f} s: machine {u['machine']:.2f}, load "
               f"{u['load']:.2f}, workers {u['workers']:.2f}, others {u['others']:.2f}"
               + (f", stolen by the host {u['stolen']:.2f}" if u["stolen"] >= 0.05 else "")
-              + "".join(f"; CPU 0/1 probe before/after: {a:.0f}/{b:.0f} ns a cache line"
-                        for a, b in [u.get("probe_ns", [None, None])]
-                        if a is not None and b is not None))
+              + _probe_text(u.get("probe_ns")))
     header = ["config", "impl"]
     for name in names:
         header += [f"{name} mean s", f"{name} median s"]

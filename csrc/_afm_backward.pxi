@@ -124,9 +124,7 @@ cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t
         for f in range(n0, n1):
             grad_W[j * k + f] = 0
     PB = _dw_pairs(k, t, sizeof(floating))
-    # E's rows DW_PACK_MIN_BYTES or more apart crowd a few sets of L1 when a panel
-    # walks down them; closer rows cost only the copy
-    if k * <Py_ssize_t>sizeof(floating) >= DW_PACK_MIN_BYTES:
+    if ws.dw_pack != NULL:     # E's rows are packed (AFMWorkspace._ensure_threads)
         Ep = <floating*>ws.dw_pack + th * PB * k
     P0 = 0
     while P0 < n_pairs:

@@ -23,7 +23,7 @@ def _gemm_for_test(A, B, C, transpose_a=False, packed=False):
     cdef double[::1] Pd
     cdef float* pf = NULL
     cdef double* pd = NULL
-    Bp = np.empty(max(B.size, 1), dtype=C.dtype)
+    Bp = np.empty(max(B.size, 1) if pk else 1, dtype=C.dtype)
     if C.dtype == np.float32:
         Af, Bf, Cf, Pf = A, B, C, Bp
         with nogil:

@@ -259,6 +259,9 @@ cdef class AFMWorkspace:
         self.dedup_number = <int32_t*>_alloc(n_threads * C * sizeof(int32_t))
         self.row_dvx = aligned_empty(n_threads * self.row_cap * self.n_factors * self.itemsize)
         self.cprime_block = aligned_empty(n_threads * DBLOCK * self.n_factors * self.itemsize)
+        # E's rows DW_PACK_MIN_BYTES or more apart crowd a few sets of L1 when a GEMM
+        # panel walks down them; closer rows cost only the copy (_dw_block packs E's
+        # blocks exactly when this scratch exists)
         if not self.forward_only and self.n_factors * self.itemsize >= DW_PACK_MIN_BYTES:
             self.dw_pack = aligned_empty(n_threads * _dw_pairs(self.n_factors,
                                          self.attention_size, self.itemsize)
