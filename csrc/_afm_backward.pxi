@@ -95,45 +95,88 @@ cdef void _backward_group(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t g,
         _store_row_grad(a, ws, b, dvx, occ_vx)
 
 
+cdef inline Py_ssize_t _dw_chunk_count(Py_ssize_t n_pairs) noexcept nogil:
+    """Chunks of the W gradient for n_pairs distinct pairs: DW_CHUNKS, or one a block of
+    DBLOCK pairs when there are fewer blocks."""
+    cdef Py_ssize_t nblk = (n_pairs + DBLOCK - 1) // DBLOCK
+    return nblk if nblk < DW_CHUNKS else DW_CHUNKS
+
+
 cdef void _dw_block(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
-                    floating* grad_W) noexcept nogil:
-    """Step 4, thread th of nth: grad_W[j, f] = sum_d du[d, j] e[d, f] over the distinct
-    pairs in order, for the thread's columns f (whole panels of the GEMM, so that every
-    column is computed as on one thread) or, when k has fewer panels than there are
-    threads, its rows j. Blocks of pairs keep E's and DU's rows in cache across the
-    thread's share of W."""
-    cdef Py_ssize_t k = a.k, t = a.t, nblk, j0 = 0, j1 = t, n0 = 0, n1 = k, P0, PB, P
-    cdef Py_ssize_t n_pairs = a.n_distinct, j, f
-    cdef Py_ssize_t width = _gemm_panel(sizeof(floating)), npan = k // width
+                    floating* partial) noexcept nogil:
+    """Step 4, thread th of nth: the W gradient of each of its chunks of distinct pairs,
+    partial[c, j, f] = sum_d du[d, j] e[d, f] over the chunk's pairs in order
+    (ws.dw_partial).
+
+    Chunk c is the blocks of DBLOCK pairs [c nblk / nch, (c + 1) nblk / nch) (nch from
+    _dw_chunk_count), which depends on the batch only; _dw_sum adds the chunks up.
+    Thread th takes the chunks [nch th / nth, nch (th + 1) / nth): the pairs of its home
+    range in the passes that wrote E and DU (next_item_near), so that it reads them
+    from its own caches. With more threads than chunks, each chunk's columns are split
+    too, by whole vectors; every output is the same FMA chain whichever thread or tile
+    computes it. Blocks of _dw_pairs pairs keep E's and DU's rows in cache across a
+    chunk's share of W."""
+    cdef Py_ssize_t k = a.k, t = a.t, n_pairs = a.n_distinct
+    cdef Py_ssize_t nch = _dw_chunk_count(n_pairs), nblk = (n_pairs + DBLOCK - 1) // DBLOCK
+    cdef Py_ssize_t width = _gemm_vector(sizeof(floating)), nvec = k // width
+    cdef Py_ssize_t ncol = 1, items, item, c, g, n0, n1, d0, d1, P0, PB, P, j, f
     cdef const floating* E = <floating*>ws.distinct_e
     cdef const floating* DU = <floating*>ws.distinct_u
+    cdef floating* part
     cdef floating* Ep = NULL
-    if npan >= nth:
-        # by columns, each thread reading only its columns of E
-        n0 = (npan * th // nth) * width
-        n1 = (npan * (th + 1) // nth) * width if th + 1 < nth else k
-    else:
-        nblk = (t + AFM_ROW_ALIGN - 1) // AFM_ROW_ALIGN
-        j0 = (nblk * th // nth) * AFM_ROW_ALIGN
-        j1 = (nblk * (th + 1) // nth) * AFM_ROW_ALIGN
-        if j1 > t:
-            j1 = t
-    if j0 >= j1 or n0 >= n1:
+    if nch == 0:
         return
-    for j in range(j0, j1):
-        for f in range(n0, n1):
-            grad_W[j * k + f] = 0
+    if nth > nch and nvec > 1:
+        ncol = (nth + nch - 1) // nch
+        if ncol > nvec:
+            ncol = nvec
+    items = nch * ncol
     PB = _dw_pairs(k, t, sizeof(floating))
     if ws.dw_pack != NULL:     # E's rows are packed (AFMWorkspace._ensure_threads)
         Ep = <floating*>ws.dw_pack + th * PB * k
-    P0 = 0
-    while P0 < n_pairs:
-        P = n_pairs - P0 if n_pairs - P0 < PB else PB
-        if Ep != NULL:
-            _pack_b(n1 - n0, P, E + P0 * k + n0, k, Ep)
-        _gemm(j1 - j0, n1 - n0, P, DU + P0 * t + j0, 1, t, E + P0 * k + n0, k, Ep,
-              grad_W + j0 * k + n0, k)
-        P0 += P
+    for item in range(items * th // nth, items * (th + 1) // nth):
+        c = item // ncol
+        g = item % ncol
+        n0 = (nvec * g // ncol) * width if ncol > 1 else 0
+        n1 = (nvec * (g + 1) // ncol) * width if g + 1 < ncol else k
+        d0 = (nblk * c // nch) * DBLOCK
+        d1 = (nblk * (c + 1) // nch) * DBLOCK
+        if d1 > n_pairs:
+            d1 = n_pairs
+        part = partial + c * t * k
+        for j in range(t):
+            for f in range(n0, n1):
+                part[j * k + f] = 0
+        P0 = d0
+        while P0 < d1:
+            P = d1 - P0 if d1 - P0 < PB else PB
+            if Ep != NULL:
+                _pack_b(n1 - n0, P, E + P0 * k + n0, k, Ep)
+            _gemm(t, n1 - n0, P, DU + P0 * t, 1, t, E + P0 * k + n0, k, Ep,
+                  part + n0, k)
+            P0 += P
+
+
+cdef void _dw_sum(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t th, Py_ssize_t nth,
+                  floating* grad_W) noexcept nogil:
+    """Thread th of nth: its share of grad_W = the chunks' W gradients (_dw_block) added
+    up in double, in chunk order (0 without distinct pairs)."""
+    cdef Py_ssize_t n = a.t * a.k, nch = _dw_chunk_count(a.n_distinct)
+    cdef Py_ssize_t e0 = n * th // nth, e1 = n * (th + 1) // nth, s0, ns, c, i
+    cdef double acc[DW_SUM_SPAN]
+    cdef const floating* part
+    s0 = e0
+    while s0 < e1:
+        ns = e1 - s0 if e1 - s0 < DW_SUM_SPAN else DW_SUM_SPAN
+        for i in range(ns):
+            acc[i] = 0
+        for c in range(nch):
+            part = <floating*>ws.dw_partial + c * n + s0
+            for i in range(ns):
+                acc[i] = acc[i] + <double>part[i]
+        for i in range(ns):
+            grad_W[s0 + i] = <floating>acc[i]
+        s0 += ns
 
 
 cdef inline void _row_de(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
@@ -346,7 +389,11 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     if a.attention:
         for th in prange(nt, schedule="static", num_threads=nt):
             csr = ftz_enter()
-            _dw_block(a, ws, th, nt, grad_W)
+            _dw_block(a, ws, th, nt, <floating*>ws.dw_partial)
+            ftz_leave(csr)
+        for th in prange(nt, schedule="static", num_threads=nt):
+            csr = ftz_enter()
+            _dw_sum(a, ws, th, nt, grad_W)
             ftz_leave(csr)
         for j in range(t * k):
             grad_W[j] = grad_W[j] + l2a * W[j]

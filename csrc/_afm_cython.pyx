@@ -80,9 +80,11 @@ range per thread, then help); the others are pranges.
        group order.
     3. prange over touched features: the feature's occurrences summed in batch order,
        + l2 v, optimiser on the V row and w entry (||V_row||^2 for the loss before).
-    4. prange over thread blocks of W's rows (attention): dW = DU^T E over the distinct
-       pairs in order, blocked so that the blocks of E and DU stay in cache. (After the
-       feature updates, which read de's gradient rows while they are still cached.)
+    4. (attention) over DW_CHUNKS fixed chunks of the distinct pairs, each thread
+       taking the chunks of its home range: each chunk's dW = DU^T E over its pairs in
+       order, blocked so that the blocks of E and DU stay in cache; then prange over
+       W's entries: dW = the chunks' sum in double, in chunk order. (After the feature
+       updates, which read de's gradient rows while they are still cached.)
     5. serial: optimiser on dense and W.
 The attention products (steps 1, 2 and 4: 6 D k t flops for D distinct pairs) run in one GEMM
 routine written in C below with GCC vector extensions: a register tile of 6 x 64 (float32,
@@ -178,6 +180,12 @@ cdef enum:
     GROUP_ROWS = 256
     # columns of h act'(u) that the distinct backward forms at a time (a stack buffer)
     HD_SPAN = 256
+    # chunks of the distinct pairs whose W gradients are summed (in double, in chunk
+    # order) into the batch's: a fixed number, so that the sum does not depend on the
+    # thread count, and one that 2, 3, 4, 6, 8, 12 and 24 threads share evenly
+    DW_CHUNKS = 24
+    # elements of the W gradient that the chunk sum adds up at a time (a stack buffer)
+    DW_SUM_SPAN = 256
     # row stride of E (bytes) from which the W gradient packs E's blocks (_dw_block)
     DW_PACK_MIN_BYTES = 512
 
@@ -204,9 +212,9 @@ cdef inline void _pack_b(Py_ssize_t N, Py_ssize_t K, const floating* B, Py_ssize
         afm_pack_b_d(N, K, B, ldb, Bp)
 
 
-cdef inline Py_ssize_t _gemm_panel(Py_ssize_t itemsize) noexcept nogil:
-    """Columns of the GEMM's widest panel (the driver's panels of B, afm_gemm.h)."""
-    return AFM_NVMAX * (AFM_VBYTES // itemsize)
+cdef inline Py_ssize_t _gemm_vector(Py_ssize_t itemsize) noexcept nogil:
+    """Columns of one vector of the GEMM (afm_gemm.h)."""
+    return AFM_VBYTES // itemsize
 
 
 cdef inline Py_ssize_t _dw_pairs(Py_ssize_t k, Py_ssize_t t, Py_ssize_t itemsize) noexcept nogil:

@@ -101,6 +101,7 @@ cdef class AFMWorkspace:
     cdef void* dw_pack            # (threads, pairs k) per thread, a block of E packed
                                   # (_dw_block; NULL when E's rows are not packed)
     cdef void* grad_W             # (t, k) gradient of W
+    cdef void* dw_partial         # (DW_CHUNKS, t, k) the W gradient of each chunk of pairs
     cdef double* chunk_grad_p     # (B, k) at row c: sum over chunk c's rows of r g'
                                   # (gradient of p), in row order
     cdef long long* cursors       # (threads, CURSOR_STRIDE) next_item_near's cursors
@@ -164,6 +165,11 @@ cdef class AFMWorkspace:
         self.WT_packed = aligned_empty(k * t * isz)
         self.W_packed = aligned_empty(k * t * isz)
         self.grad_W = _alloc(t * k * isz)
+        # only the chunks in use are touched (a batch of fewer than DW_CHUNKS blocks of
+        # distinct pairs has fewer)
+        self.dw_partial = NULL
+        if not forward_only:
+            self.dw_partial = aligned_empty(DW_CHUNKS * t * k * isz)
         # only the rows of the chunks in use are touched (a chunk has at least one row)
         self.chunk_grad_p = <double*>aligned_empty(B * k * sizeof(double))
         C = U + N
@@ -216,7 +222,7 @@ cdef class AFMWorkspace:
         free(self.pair_weight_kept); free(self.pair_ds); free(self.dense_grad_sum)
         free(self.occ_x); free(self.occ_vx); free(self.row_dg); free(self.distinct_e)
         free(self.distinct_u); free(self.WT); free(self.WT_packed); free(self.W_packed)
-        free(self.dw_pack); free(self.grad_W); free(self.chunk_grad_p)
+        free(self.dw_pack); free(self.grad_W); free(self.dw_partial); free(self.chunk_grad_p)
         free(self.grad_dense); free(self.occ_class); free(self.group_first_x)
         free(self.occ_pair_start); free(self.row_bad); free(self.pair_slot)
         free(self.rep_slot); free(self.row_first_distinct); free(self.block_first_row)

@@ -271,6 +271,31 @@ def test_thread_count_is_bit_identical(dtype, attention, k, t):
             assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("n_rows", [3, 10, 60])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_w_gradient_chunks_are_the_reference_and_thread_count_independent(dtype, n_rows):
+    """Rows of 40 nonzeros over many features: 3 rows give about 9 blocks of distinct
+    pairs (9 chunks, fewer than 16 threads: columns split too), 10 rows about 29 (chunks
+    of one or two blocks), 60 rows about 173 (chunks of several): the W gradient, summed
+    over the chunks, is the reference's, and bit for bit the same for any thread
+    count."""
+    X, y, params = make_problem(n_rows=n_rows, n_features=4000, k=40, t=24, dtype=dtype,
+                                lengths=(40,), v_scale=0.2)
+    rows = np.arange(n_rows, dtype=np.int64)
+    if dtype == np.float64:
+        check_sgd_step(X, y, rows, copy_tuple(params), cfg_for(keep=(1.0, 1.0), n_threads=3))
+    results = []
+    for n_threads in (1, 2, 3, 16):
+        p, s = copy_tuple(params), api.new_opt_state(params, api.ADAGRAD)
+        loss = cy.afm_step(X, y, rows, p, s, cfg_for(api.ADAGRAD, lr=0.02, n_threads=n_threads),
+                           workspace_for(X, rows, p))
+        results.append((loss, p, s))
+    for loss, p, s in results[1:]:
+        assert loss == results[0][0]
+        for a, b in zip(p + s, results[0][1] + results[0][2]):
+            assert np.array_equal(a, b)
+
+
 def test_workspace_reuse_and_large_batch():
     """A workspace bigger than the batch, reused across batches, gives the same result as
     a fresh exact-size one (slot array reset, no stale scratch)."""
