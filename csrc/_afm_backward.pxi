@@ -285,7 +285,7 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
                      floating* dense, floating* sV, floating* sw, floating* sW,
                      floating* sd, double* loss_out) noexcept nogil:
     cdef Py_ssize_t B = a.B, k = a.k, t = a.t, M = a.M, D = 1 + a.k + 2 * a.t
-    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, it, tail
+    cdef Py_ssize_t b, f, j, c, u, lo, hi, th, it, tail, n_items
     cdef int nt = a.n_threads, err, rank
     cdef floating* grad_W = <floating*>ws.grad_W
     cdef floating* gd = <floating*>ws.grad_dense
@@ -377,12 +377,17 @@ cdef int _step_nogil(AFMArgs* a, AFMWorkspace ws, const floating* values,
     # need them), whose stream of E and DU would evict those rows (docs/performance.md,
     # "AFM phase order").
     tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
+    n_items = feature_items(a.n_touched, tail)
+    reset_cursors(ws.cursors, nt)
     with parallel(num_threads=nt):
         csr = ftz_enter()
-        for it in prange(feature_items(a.n_touched, tail), schedule="dynamic"):
+        rank = 0
+        it = next_item_near(ws.cursors, n_items, nt, threadid(), &rank)
+        while it < n_items:
             for u in range(feature_item_start(it, a.n_touched, tail),
                            feature_item_start(it + 1, a.n_touched, tail)):
                 _feature_update(a, ws, u, V, w, sV, sV + M * k, sw, sw + M)
+            it = next_item_near(ws.cursors, n_items, nt, threadid(), &rank)
         ftz_leave(csr)
     ws.phase_t[8] = omp_get_wtime() - t0
 

@@ -550,7 +550,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
                      const floating* y, floating* V, floating* w, floating* dense,
                      floating* bn, floating* sV, floating* sw, floating* sd,
                      double* loss_out) noexcept nogil:
-    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, b1, c, f, u, U = 0, q, it, tail
+    cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, b1, c, f, u, U = 0, q, it, tail, n_items
     cdef int nt = a.n_threads, err, rank
     cdef Py_ssize_t n_fwd = (B + FORWARD_CHUNK - 1) // FORWARD_CHUNK
     cdef floating* S = <floating*>ws.row_s
@@ -652,13 +652,18 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     # Popular features have many occurrences: items handed out dynamically balance the
     # threads, and each feature's arithmetic is the same whichever thread runs it.
     tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
+    n_items = feature_items(U, tail)
+    reset_cursors(ws.cursors, nt)
     with parallel(num_threads=nt):
         csr = ftz_enter()
-        for it in prange(feature_items(U, tail), schedule="dynamic"):
+        rank = 0
+        it = next_item_near(ws.cursors, n_items, nt, threadid(), &rank)
+        while it < n_items:
             for u in range(feature_item_start(it, U, tail),
                            feature_item_start(it + 1, U, tail)):
                 _feature_update(a, u, ws.group_feature, ws.group_start, ws.grp_row, grp_x, S, F, r,
                                 ws.group_sqnorm, V, w, sV, sV + M * k, sw, sw + M)
+            it = next_item_near(ws.cursors, n_items, nt, threadid(), &rank)
         ftz_leave(csr)
 
     d = 0
