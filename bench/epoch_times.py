@@ -8,8 +8,9 @@ only, never copied into it), splits it by the frappe-mini protocol and trains on
 46,178 training rows with the reference settings. Prints the median seconds per epoch
 (the kernel steps only, not the per-epoch evaluation) of each configuration, measured
 side by side in one run, and how long fit took per epoch against that (``fit/epoch``:
-what the epoch loop adds, with fit's default reporting and no validation set); quote
-ratios, not absolute times, on a shared machine.
+what the epoch loop adds, with fit's default reporting and no validation set; after a
+one-epoch warm-up fit per backend, so that loading compiled code once per process does
+not count); quote ratios, not absolute times, on a shared machine.
 """
 import time
 import argparse
@@ -55,6 +56,11 @@ def main():
         for k in sizes:
             epochs = args.epochs or (3 if k >= 128 else 8)
             for backend in available_backends(model_name):
+                # a process's first fit on a backend also loads its compiled code once
+                # (Numba: its cache, 0.1-0.2 s), which is not a cost of every epoch
+                warm = dict(n_factors=k, n_epochs=1, backend=backend, verbose=0)
+                (afmfast.FM(**warm) if model_name == "fm"
+                 else afmfast.AFM(attention_size=k, **warm)).fit(train[:4096])
                 cells = []
                 for threads in args.threads:
                     common = dict(n_factors=k, n_epochs=epochs, backend=backend,
