@@ -130,8 +130,6 @@ cdef extern from "afm_gemm.h":
                       float* Bp) noexcept nogil
     void afm_pack_b_d(Py_ssize_t N, Py_ssize_t K, const double* B, Py_ssize_t ldb,
                       double* Bp) noexcept nogil
-    int AFM_ROW_ALIGN
-    int AFM_NVMAX
     int AFM_VBYTES
     int AFM_PREFETCH
     void afm_pool_row_f(const float* vx, const double* au, Py_ssize_t n, Py_ssize_t k,

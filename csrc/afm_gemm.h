@@ -26,8 +26,6 @@
 #define AFM_R_NARROW 6
 #endif
 #define AFM_RMAX 12
-/* row blocks of a split of M that keeps every tile where the serial loop has it */
-#define AFM_ROW_ALIGN 12
 typedef float afm_vf __attribute__((vector_size(AFM_VBYTES)));
 typedef float afm_vfu __attribute__((vector_size(AFM_VBYTES), aligned(4), may_alias));
 typedef double afm_vd __attribute__((vector_size(AFM_VBYTES)));
