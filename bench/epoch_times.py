@@ -14,20 +14,12 @@ not count); quote ratios, not absolute times, on a shared machine.
 """
 import time
 import argparse
-from pathlib import Path
 
 import numpy as np
 
-import afmfast
+# FRAPPE and frappe_mini_train are also what denormals.py and predict_ratio.py read here
+from bench_common import FRAPPE, frappe_mini_train, make_estimator  # noqa: F401
 from afmfast.kernels.backends import available_backends
-
-FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe" / \
-    "frappe.validation.libfm"
-
-
-def frappe_mini_train():
-    data = afmfast.load_libfm(FRAPPE)
-    return data[(np.arange(1, len(data) + 1) % 5) != 0]
 
 
 def median_epoch_seconds(model, train):
@@ -51,23 +43,21 @@ def main():
     print(f"frappe-mini train: {len(train)} rows, batch 4096; median seconds per epoch")
     print(f"{'model':<12}{'backend':<9}"
           + "".join(f"{t:>2} thread(s) fit/epoch " for t in args.threads))
+    warmed = set()
     for model_name in args.models:
         sizes = args.sizes or ([16] if model_name == "fm" else [16, 256])
         for k in sizes:
             epochs = args.epochs or (3 if k >= 128 else 8)
             for backend in available_backends(model_name):
-                # a process's first fit on a backend also loads its compiled code once
-                # (Numba: its cache, 0.1-0.2 s), which is not a cost of every epoch
-                warm = dict(n_factors=k, n_epochs=1, backend=backend, verbose=0)
-                (afmfast.FM(**warm) if model_name == "fm"
-                 else afmfast.AFM(attention_size=k, **warm)).fit(train[:4096])
-                cells = []
-                for threads in args.threads:
-                    common = dict(n_factors=k, n_epochs=epochs, backend=backend,
-                                  n_threads=threads, adaptive_threads=False, verbose=0)
-                    model = (afmfast.FM(**common) if model_name == "fm"
-                             else afmfast.AFM(attention_size=k, **common))
-                    cells.append(median_epoch_seconds(model, train))
+                if (model_name, backend) not in warmed:
+                    # a process's first fit on a backend also loads its compiled code
+                    # once (Numba's cache), which is not a cost of every epoch
+                    make_estimator(model_name, k, backend, n_epochs=1).fit(train[:4096])
+                    warmed.add((model_name, backend))
+                cells = [median_epoch_seconds(
+                             make_estimator(model_name, k, backend, threads, n_epochs=epochs,
+                                            adaptive_threads=False), train)
+                         for threads in args.threads]
                 label = f"{model_name.upper()} k={k}"
                 print(f"{label:<12}{backend:<9}"
                       + "".join(f"{epoch:>12.4f} {wall / epoch:>9.2f} " for epoch, wall in cells)

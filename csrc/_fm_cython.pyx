@@ -650,7 +650,8 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     ws.phase_t[3] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: items handed out dynamically balance the
-    # threads, and each feature's arithmetic is the same whichever thread runs it.
+    # threads, and each feature's arithmetic is the same whichever thread runs it. Each
+    # thread starts on its home range (next_item_near): features first seen in its rows.
     tail = feature_tail(k * <Py_ssize_t>sizeof(floating))
     n_items = feature_items(U, tail)
     reset_cursors(ws.cursors, nt)

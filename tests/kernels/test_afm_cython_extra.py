@@ -52,6 +52,16 @@ def workspace_for(X, rows, params, batch=None):
                             params.V.shape[1], params.W.shape[0], params.V.dtype)
 
 
+def assert_thread_counts_agree(run, thread_counts=(1, 2, 3)):
+    """run(n_threads) returns a sequence of results (arrays, losses); every thread count
+    gives the first one's, bit for bit."""
+    results = [run(n_threads) for n_threads in thread_counts]
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        for a, b in zip(other, results[0]):
+            assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("freeze_fm", [0, 1])
 @pytest.mark.parametrize("keep", [(1.0, 1.0), (0.7, 0.6)])
 @pytest.mark.parametrize("attention", [1, 0])
@@ -194,21 +204,20 @@ def test_rows_wider_than_a_backward_group_are_reference_gradient(freeze_fm):
     rows = np.random.default_rng(2).permutation(len(y)).astype(np.int64)
     check_sgd_step(X, y, rows, params, cfg_for(keep=(1.0, 1.0), freeze_fm=freeze_fm,
                                                n_threads=2))
-    results = []
-    for n_threads in (1, 2, 3):
+
+    def run(n_threads):
         p, s = copy_tuple(params), api.new_opt_state(params, api.ADAGRAD)
         cy.afm_step(X, y, rows, p, s, cfg_for(api.ADAGRAD, lr=0.05, n_threads=n_threads,
                                              freeze_fm=freeze_fm),
                     workspace_for(X, rows, p))
-        results.append(p + s)
-    for arrays in results[1:]:
-        assert all(np.array_equal(a, b) for a, b in zip(arrays, results[0]))
+        return p + s
+
+    assert_thread_counts_agree(run)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_repeated_pairs_thread_count_is_bit_identical(dtype):
-    results = []
-    for n_threads in (1, 2, 3):
+    def run(n_threads):
         X, y, params = repeated_pairs_problem(dtype)
         state = api.new_opt_state(params, api.ADAGRAD)
         perm = np.random.default_rng(6).permutation(len(y)).astype(np.int64)
@@ -217,10 +226,9 @@ def test_repeated_pairs_thread_count_is_bit_identical(dtype):
             rows = perm[step * 150:(step + 1) * 150]
             cfg = cfg_for(api.ADAGRAD, lr=0.05, step=step, n_threads=n_threads)
             cy.afm_step(X, y, rows, params, state, cfg, ws)
-        results.append((params, state))
-    for params, state in results[1:]:
-        for a, b in zip(params + state, results[0][0] + results[0][1]):
-            assert np.array_equal(a, b)
+        return params + state
+
+    assert_thread_counts_agree(run)
 
 
 @pytest.mark.parametrize("dtype,rtol,l2", [(np.float64, 1e-9, 0.03), (np.float32, 2e-3, 0.03),
@@ -256,19 +264,17 @@ def test_steps_match_reference(optimizer, dtype, rtol, l2):
 @pytest.mark.parametrize("attention", [1, 0])
 def test_thread_count_is_bit_identical(dtype, attention, k, t):
     X, y, params = make_problem(n_rows=120, k=k, t=t, dtype=dtype, v_scale=0.2)
-    results = []
-    for n_threads in (1, 2, 3):
+
+    def run(n_threads):
         p, s = copy_tuple(params), api.new_opt_state(params, api.ADAGRAD)
         perm = np.random.default_rng(5).permutation(len(y)).astype(np.int64)
         ws = workspace_for(X, perm, p)
         losses = [cy.afm_step(X, y, perm[i * 40:(i + 1) * 40], p, s,
                               cfg_for(api.ADAGRAD, lr=0.02, step=i, n_threads=n_threads,
                                       attention=attention), ws) for i in range(3)]
-        results.append((losses, p, s))
-    for losses, p, s in results[1:]:
-        assert losses == results[0][0]
-        for a, b in zip(p + s, results[0][1] + results[0][2]):
-            assert np.array_equal(a, b)
+        return (losses, *p, *s)
+
+    assert_thread_counts_agree(run)
 
 
 @pytest.mark.parametrize("n_rows", [3, 10, 60])
@@ -284,16 +290,14 @@ def test_w_gradient_chunks_are_the_reference_and_thread_count_independent(dtype,
     rows = np.arange(n_rows, dtype=np.int64)
     if dtype == np.float64:
         check_sgd_step(X, y, rows, copy_tuple(params), cfg_for(keep=(1.0, 1.0), n_threads=3))
-    results = []
-    for n_threads in (1, 2, 3, 16):
+
+    def run(n_threads):
         p, s = copy_tuple(params), api.new_opt_state(params, api.ADAGRAD)
         loss = cy.afm_step(X, y, rows, p, s, cfg_for(api.ADAGRAD, lr=0.02, n_threads=n_threads),
                            workspace_for(X, rows, p))
-        results.append((loss, p, s))
-    for loss, p, s in results[1:]:
-        assert loss == results[0][0]
-        for a, b in zip(p + s, results[0][1] + results[0][2]):
-            assert np.array_equal(a, b)
+        return (loss, *p, *s)
+
+    assert_thread_counts_agree(run, (1, 2, 3, 16))
 
 
 def test_workspace_reuse_and_large_batch():
