@@ -140,9 +140,9 @@ cdef class AFMWorkspace:
             self.feature_group[i] = -1
         self.occ_feature = <int32_t*>_alloc(N * sizeof(int32_t))
         self.occ_group = <int32_t*>_alloc(N * sizeof(int32_t))
-        self.group_feature = <int32_t*>_alloc(U * sizeof(int32_t))
+        self.group_feature = <int32_t*>_alloc((U + 1) * sizeof(int32_t))
         self.group_start = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
-        self.group_cursor = <int64_t*>_alloc(U * sizeof(int64_t))
+        self.group_cursor = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
         self.grp_occ = <int32_t*>_alloc(N * sizeof(int32_t))
         self.grp_row = <int32_t*>_alloc(N * sizeof(int32_t))
         self.residual = <double*>_alloc(B * sizeof(double))

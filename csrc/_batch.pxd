@@ -350,18 +350,24 @@ cdef inline Py_ssize_t group_by_feature(Py_ssize_t nnz, const int32_t* occ_featu
     U, the number of touched features."""
     cdef Py_ssize_t q, u, U = 0
     cdef int32_t j
+    cdef bint new
     for q in range(nnz):
         if q + GROUP_PREFETCH < nnz:
             # feature_group is indexed by feature id: a large M's table is not in cache
             __builtin_prefetch(feature_group + occ_feature[q + GROUP_PREFETCH])
         j = occ_feature[q]
         u = feature_group[j]
-        if u < 0:
+        # Without a branch: whether a nonzero opens a group is as good as random (most
+        # features of a batch occur once), and a mispredicted branch cost more than the
+        # stores below, which a nonzero of an open group makes into slot U, still free
+        # (group_feature and group_cursor have u_cap + 1 entries for that).
+        new = u < 0
+        if new:
             u = U
-            feature_group[j] = <int32_t>U
-            group_feature[U] = j
-            group_cursor[U] = 0
-            U += 1
+        group_feature[U] = j
+        group_cursor[U] = 0
+        feature_group[j] = <int32_t>u
+        U += new
         group_cursor[u] += 1
         occ_group[q] = <int32_t>u
     group_start[0] = 0

@@ -81,12 +81,15 @@ cdef double ADAM_BETA2 = _api.ADAM_BETA2
 cdef double ADAM_EPS = _api.ADAM_EPS
 
 cdef enum:
-    # rows ahead whose nonzeros the forward pass prefetches
-    PREFETCH_ROWS = 4
-    # rows ahead whose V rows it prefetches (their ids were prefetched earlier): short
-    # rows (V rows of at most SHORT_V_ROW_BYTES) twice as far, so that about as many
-    # bytes are in flight (docs/performance.md, "Prefetching")
+    # rows ahead whose nonzeros (and label) the batch-order copy prefetches: a shuffled
+    # batch's rows are cache misses of their own, most of them in DRAM
+    PREFETCH_ROWS = 16
+    # rows ahead whose V rows the forward pass prefetches (their ids were copied
+    # earlier): short rows (V rows of at most SHORT_V_ROW_BYTES) four times as far, as
+    # a row's arithmetic then takes too little time to cover a miss two rows ahead
+    # (docs/performance.md, "Prefetching")
     PREFETCH_V_ROWS = 2
+    PREFETCH_SHORT_V_ROWS = 8
     SHORT_V_ROW_BYTES = 256
     # rows a thread takes at a time in the forward pass (dynamic: the thread that sorts
     # joins late)
@@ -242,9 +245,9 @@ cdef class FMWorkspace:
         self.occ_feature = <int32_t*>_alloc(N * sizeof(int32_t))
         self.occ_group = <int32_t*>_alloc(N * sizeof(int32_t))
         self.row_bad = <int32_t*>_alloc(B * sizeof(int32_t))
-        self.group_feature = <int32_t*>_alloc(U * sizeof(int32_t))
+        self.group_feature = <int32_t*>_alloc((U + 1) * sizeof(int32_t))
         self.group_start = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
-        self.group_cursor = <int64_t*>_alloc(U * sizeof(int64_t))
+        self.group_cursor = <int64_t*>_alloc((U + 1) * sizeof(int64_t))
         self.grp_row = <int32_t*>_alloc(N * sizeof(int32_t))
         self.residual = <double*>_alloc(B * sizeof(double))
         self.row_loss = <double*>_alloc(B * sizeof(double))
@@ -324,17 +327,95 @@ ctypedef struct StepArgs:
     BatchErr err
 
 
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    #include <stddef.h>
+    /* The gradient of 16 columns of a V row summed over the feature's occurrences, in a
+       vector register: as a stack array the running sum went through memory at every
+       occurrence (a store-to-load forward each time). Same arithmetic, column by column,
+       as the generic loop of _feature_update. */
+    typedef float afmfast_vf16 __attribute__((vector_size(64)));
+    typedef double afmfast_vd16 __attribute__((vector_size(128)));
+    #define AFMFAST_GRAD16(T, VT, SUF)                                                      \\
+    static inline __attribute__((always_inline)) void afmfast_grad16_##SUF(                \\
+        const int32_t* restrict rows, const T* restrict xs, ptrdiff_t p0, ptrdiff_t p1,    \\
+        const T* restrict S, const T* restrict DF, ptrdiff_t k, const T* restrict v,       \\
+        T* restrict g) {                                                                   \\
+        VT acc = {0}, vv, s, d;                                                            \\
+        ptrdiff_t p, b;                                                                    \\
+        T x;                                                                               \\
+        memcpy(&vv, v, sizeof(VT));                                                        \\
+        for (p = p0; p < p1; p++) {                                                        \\
+            b = rows[p];                                                                   \\
+            x = xs[p];                                                                     \\
+            memcpy(&s, S + b * k, sizeof(VT));                                             \\
+            memcpy(&d, DF + b * k, sizeof(VT));                                            \\
+            acc = acc + d * x * (s - vv * x);                                              \\
+        }                                                                                  \\
+        memcpy(g, &acc, sizeof(VT));                                                       \\
+    }
+    AFMFAST_GRAD16(float, afmfast_vf16, f)
+    AFMFAST_GRAD16(double, afmfast_vd16, d)
+    /* s = sum v x and f = 1/2 (s^2 - sum (v x)^2) of 16 columns over a row's nonzeros
+       (ids outside [0, M) skipped), the sums in registers rather than in the row's S
+       and F entries; same arithmetic, column by column, as the generic loop of
+       _pairwise. */
+    #define AFMFAST_PAIRWISE16(T, VT, SUF)                                                  \\
+    static inline __attribute__((always_inline)) void afmfast_pairwise16_##SUF(            \\
+        const int32_t* restrict ids, const T* restrict xs, ptrdiff_t n, ptrdiff_t M,       \\
+        const T* restrict V, ptrdiff_t k, T* restrict s_out, T* restrict f_out) {          \\
+        VT s = {0}, sq = {0}, v, tv;                                                       \\
+        ptrdiff_t t, j;                                                                    \\
+        T x;                                                                               \\
+        for (t = 0; t < n; t++) {                                                          \\
+            j = ids[t];                                                                    \\
+            if (j < 0 || j >= M) continue;                                                 \\
+            x = xs != NULL ? xs[t] : (T)1;                                                 \\
+            memcpy(&v, V + j * k, sizeof(VT));                                             \\
+            tv = v * x;                                                                    \\
+            s = s + tv;                                                                    \\
+            sq = sq + tv * tv;                                                             \\
+        }                                                                                  \\
+        sq = (T)0.5 * (s * s - sq);                                                        \\
+        memcpy(s_out, &s, sizeof(VT));                                                     \\
+        memcpy(f_out, &sq, sizeof(VT));                                                    \\
+    }
+    AFMFAST_PAIRWISE16(float, afmfast_vf16, f)
+    AFMFAST_PAIRWISE16(double, afmfast_vd16, d)
+    """
+    void afmfast_grad16_f(const int32_t* rows, const float* xs, Py_ssize_t p0,
+                          Py_ssize_t p1, const float* S, const float* DF, Py_ssize_t k,
+                          const float* v, float* g) noexcept nogil
+    void afmfast_grad16_d(const int32_t* rows, const double* xs, Py_ssize_t p0,
+                          Py_ssize_t p1, const double* S, const double* DF, Py_ssize_t k,
+                          const double* v, double* g) noexcept nogil
+    void afmfast_pairwise16_f(const int32_t* ids, const float* xs, Py_ssize_t n,
+                              Py_ssize_t M, const float* V, Py_ssize_t k, float* s,
+                              float* f) noexcept nogil
+    void afmfast_pairwise16_d(const int32_t* ids, const double* xs, Py_ssize_t n,
+                              Py_ssize_t M, const double* V, Py_ssize_t k, double* s,
+                              double* f) noexcept nogil
+
+
 cdef inline floating _pairwise(Py_ssize_t k, Py_ssize_t M, const int32_t* ids,
                                const floating* xs, Py_ssize_t n, const floating* V,
                                const floating* w, floating* s, floating* sq) noexcept nogil:
     """s = sum v x and sq <- f = 1/2 (s^2 - sum (v x)^2) over the n nonzeros (ids, xs;
     xs NULL: every value is 1), ids outside [0, M) skipped; returns the linear term
     sum w x."""
-    cdef Py_ssize_t f, t
+    cdef Py_ssize_t f, t, f0 = 0
     cdef const floating* v
     cdef floating x, tv, acc = 0
     cdef int32_t j
-    for f in range(k):
+    while f0 + 16 <= k:
+        if floating is float:
+            afmfast_pairwise16_f(ids, xs, n, M, V + f0, k, s + f0, sq + f0)
+        else:
+            afmfast_pairwise16_d(ids, xs, n, M, V + f0, k, s + f0, sq + f0)
+        f0 += 16
+    for f in range(f0, k):
         s[f] = 0
         sq[f] = 0
     for t in range(n):
@@ -344,11 +425,11 @@ cdef inline floating _pairwise(Py_ssize_t k, Py_ssize_t M, const int32_t* ids,
         x = xs[t] if xs != NULL else 1
         v = V + <Py_ssize_t>j * k
         acc = acc + w[j] * x
-        for f in range(k):
+        for f in range(f0, k):
             tv = v[f] * x
             s[f] = s[f] + tv
             sq[f] = sq[f] + tv * tv
-    for f in range(k):
+    for f in range(f0, k):
         sq[f] = <floating>0.5 * (s[f] * s[f] - sq[f])
     return acc
 
@@ -492,8 +573,9 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
                                  floating* V, floating* w, floating* sV0, floating* sV1,
                                  floating* sw0, floating* sw1) noexcept nogil:
     """Touched feature u: its V row's gradient summed over its occurrences in row order,
-    + l2 v, then the optimiser, GRAD_SPAN columns at a time; ||v||^2 before the update
-    into grp_sq[u] (0 when l2 = 0); then its w entry."""
+    + l2 v, then the optimiser, 16 columns at a time (the sum in registers), the last
+    k mod 16 GRAD_SPAN at a time; ||v||^2 before the update into grp_sq[u] (0 when
+    l2 = 0); then its w entry."""
     cdef Py_ssize_t k = a.k, f, f0, nf, p, j = group_feature[u]
     cdef Py_ssize_t p0 = group_start[u], p1 = group_start[u + 1]
     cdef floating* v = V + j * k
@@ -510,10 +592,21 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
             prefetch_row(sV1 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
+        __builtin_prefetch(w + j_next)
     # the l2 terms only when l2 > 0: at l2 = 0 they would cost a pass over the row for
     # nothing
     grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     f0 = 0
+    while f0 + 16 <= k:
+        if floating is float:
+            afmfast_grad16_f(grp_row, grp_x, p0, p1, S + f0, DF + f0, k, v + f0, g)
+        else:
+            afmfast_grad16_d(grp_row, grp_x, p0, p1, S + f0, DF + f0, k, v + f0, g)
+        if l2 != 0:
+            for f in range(16):
+                g[f] = g[f] + l2 * v[f0 + f]
+        opt_vec(&a.opt, v + f0, sV0 + j * k + f0, sV1 + j * k + f0, g, 16, False)
+        f0 += 16
     while f0 < k:
         nf = k - f0 if k - f0 < GRAD_SPAN else GRAD_SPAN
         for f in range(nf):
@@ -740,7 +833,7 @@ cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
     a.k = k
     a.M = M
     a.prefetch_v = prefetch_table_rows(M * k * <Py_ssize_t>sizeof(floating), n_threads)
-    a.prefetch_rows = (2 * PREFETCH_V_ROWS if k * <Py_ssize_t>sizeof(floating)
+    a.prefetch_rows = (PREFETCH_SHORT_V_ROWS if k * <Py_ssize_t>sizeof(floating)
                        <= SHORT_V_ROW_BYTES else PREFETCH_V_ROWS)
     a.prefetch_features = feature_prefetch_distance(k * <Py_ssize_t>sizeof(floating))
     a.n_rows = indptr.shape[0] - 1
