@@ -11,11 +11,11 @@ cdef void _copy_row(const AFMArgs* a, AFMWorkspace ws, Py_ssize_t b,
     cdef Py_ssize_t i, n = ws.row_start[b + 1] - q0
     if b + ROW_PREFETCH < a.B:
         # the rows of a shuffled batch are scattered over X: start the next misses early
-        start = a.indptr[a.rows[b + ROW_PREFETCH]]
+        start = row_first(a.indptr, a.row_width, a.rows[b + ROW_PREFETCH])
         __builtin_prefetch(a.indices + start)
         if values != NULL:
             __builtin_prefetch(values + start)
-    start = a.indptr[a.rows[b]]
+    start = row_first(a.indptr, a.row_width, a.rows[b])
     ws.row_bad[b] = <int32_t>copy_row(a.indices, values, start, n, a.M, ws.occ_feature + q0,
                                       <floating*>ws.occ_x + q0)
     for i in range(n):
@@ -56,8 +56,8 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     cdef Py_ssize_t target, rows_in
     cdef int rank
     cdef unsigned int csr
-    cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, row_start, a.nnz_cap,
-                                 a.n_threads, &a.err)
+    cdef int err = batch_offsets(a.rows, B, a.n_rows, a.indptr, a.row_width, row_start,
+                                 a.nnz_cap, a.n_threads, &a.err)
     if err:
         return err
     row_pair_start[0] = 0
@@ -75,7 +75,7 @@ cdef int _prepare(AFMArgs* a, AFMWorkspace ws, const floating* values, const flo
     ws.occ_pair_start[row_start[B]] = <int32_t>row_pair_start[B]
     for b in range(B):
         if ws.row_bad[b] >= 0:
-            a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
+            a.err.pos = row_first(a.indptr, a.row_width, a.rows[b]) + ws.row_bad[b]
             a.err.value = ws.occ_feature[row_start[b] + ws.row_bad[b]]
             return ERR_FEATURE
     # chunks of consecutive rows with about `target` pairs (<= 64 rows): E and U of a

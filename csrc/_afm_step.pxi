@@ -83,6 +83,7 @@ cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
     a.thr_att = dropout_threshold(keep0)
     a.thr_pool = dropout_threshold(keep1)
     a.indptr = &indptr[0]
+    a.row_width = checked_row_width(X, indptr)
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
     a.opt = opt_cfg_from(cfg, _api)
     a.err.pos = 0

@@ -301,6 +301,7 @@ def afm_workspace(batch_size, max_batch_nnz, max_batch_pairs, n_features, n_fact
 # Scalars and raw pointers of one step.
 ctypedef struct AFMArgs:
     Py_ssize_t B, k, t, M, n_rows, nnz_cap, pair_cap
+    int64_t row_width               # X's (checked_row_width); 0: rows found by indptr
     Py_ssize_t n_chunks             # chunks of rows (the step's split of the batch)
     Py_ssize_t n_touched            # touched features (groups) of the batch
     Py_ssize_t n_classes, n_distinct

@@ -281,17 +281,59 @@ cdef inline void _row_lengths(const int64_t* rows, Py_ssize_t b0, Py_ssize_t b1,
     total[0] = sum_len
 
 
+cdef inline int64_t checked_row_width(X, const int64_t[::1] indptr) except -1:
+    """X's row_width (kernels.api.KernelX; 0 for a plain tuple), checked against
+    indptr's first and last entries (ValueError when they disagree)."""
+    cdef object width = getattr(X, "row_width", 0)
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef int64_t w
+    try:
+        w = width
+    except (TypeError, OverflowError):
+        raise ValueError(f"X.row_width must be an integer >= 0, got {width!r}") from None
+    if w < 0:
+        raise ValueError(f"X.row_width must be an integer >= 0, got {width!r}")
+    # by division: n * w could overflow for an absurd w
+    if w > 0 and n >= 0 and ((indptr[n] - indptr[0]) % w != 0
+                             or (indptr[n] - indptr[0]) // w != n):
+        raise ValueError(f"X.row_width = {w} does not fit indptr: {n} rows of {w} "
+                         f"nonzeros would end at indptr[0] + {n * w} = "
+                         f"{indptr[0] + n * w}, indptr[-1] is {indptr[n]}")
+    return w
+
+
+cdef inline int64_t row_first(const int64_t* indptr, int64_t row_width,
+                              int64_t row) noexcept nogil:
+    """Where row ``row`` starts in X's indices: from its indptr entry, or for rows of
+    row_width nonzeros each (row_width > 0) from indptr[0] alone, which spares the
+    cache miss of a shuffled row's entry."""
+    return indptr[0] + row * row_width if row_width > 0 else indptr[row]
+
+
 cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_rows,
-                              const int64_t* indptr, int64_t* row_start, int64_t nnz_cap,
-                              int n_threads, BatchErr* e) noexcept nogil:
+                              const int64_t* indptr, int64_t row_width, int64_t* row_start,
+                              int64_t nnz_cap, int n_threads, BatchErr* e) noexcept nogil:
     """row_start (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW (the first
-    invalid row in batch order) / ERR_NNZ. The rows' lengths are read in OFFSET_PARTS
-    contiguous parts in parallel: a shuffled batch's indptr entries are cache misses,
-    and one thread waiting for all of them was a serial part of every step."""
+    invalid row in batch order) / ERR_NNZ. Rows of row_width nonzeros each (> 0) need
+    no lengths read. Else the rows' lengths are read in OFFSET_PARTS contiguous parts
+    in parallel: a shuffled batch's indptr entries are cache misses, and one thread
+    waiting for all of them was a serial part of every step."""
     cdef int64_t part_len[OFFSET_PARTS]
     cdef int64_t part_bad[OFFSET_PARTS]
     cdef Py_ssize_t n_parts = OFFSET_PARTS if n_threads > 1 else 1, p, b, b0, b1
     cdef int64_t base = 0, n
+    if row_width > 0:
+        for b in range(B):
+            if rows[b] < 0 or rows[b] >= n_rows:
+                e.pos = b
+                e.value = rows[b]
+                return ERR_ROW
+            row_start[b] = b * row_width
+        row_start[B] = B * row_width
+        if row_start[B] > nnz_cap:
+            e.value = row_start[B]
+            return ERR_NNZ
+        return 0
     if n_parts > B:  # B >= 1 (check_step_arrays)
         n_parts = B
     if n_parts == 1:

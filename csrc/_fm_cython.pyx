@@ -62,6 +62,7 @@ from _batch cimport (
     group_by_feature, marks_pointer, raise_batch_error, scatter_groups, prefetch_table_rows,
     feature_prefetch_distance, shuffled_rows_array, CURSOR_STRIDE, next_item_near,
     reset_cursors, GRAD_SPAN, prefetch_row, __builtin_prefetch, batch_recorded,
+    checked_row_width, row_first,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -314,6 +315,7 @@ def fm_workspace(batch_size, max_batch_nnz, n_features, n_factors, dtype):
 # Scalars and raw pointers of one step; the DTYPE arrays travel as memoryviews.
 ctypedef struct StepArgs:
     Py_ssize_t B, k, M, n_rows, nnz_cap
+    int64_t row_width  # X's (checked_row_width), 0: rows located through indptr
     Py_ssize_t n_touched  # touched features (groups) of the batch
     int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
     int prefetch_features
@@ -444,13 +446,14 @@ cdef inline void _copy_batch_row(const StepArgs* a, Py_ssize_t b, const int64_t*
     cdef int64_t start
     if b + PREFETCH_ROWS < a.B:
         # the rows of a shuffled batch are scattered over X: start the next misses early
-        start = a.indptr[a.rows[b + PREFETCH_ROWS]]
+        start = row_first(a.indptr, a.row_width, a.rows[b + PREFETCH_ROWS])
         __builtin_prefetch(a.indices + start)
         if values != NULL:
             __builtin_prefetch(values + start)
         __builtin_prefetch(y + a.rows[b + PREFETCH_ROWS])
     r[b] = <double>y[a.rows[b]]  # the label, until _output_row turns it into the residual
-    row_bad[b] = <int32_t>copy_row(a.indices, values, a.indptr[a.rows[b]],
+    row_bad[b] = <int32_t>copy_row(a.indices, values,
+                                   row_first(a.indptr, a.row_width, a.rows[b]),
                                    row_start[b + 1] - row_start[b], a.M,
                                    occ_feature + row_start[b], occ_x + row_start[b])
 
@@ -664,7 +667,8 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef unsigned int csr
     cdef double t0 = omp_get_wtime()
 
-    err = batch_offsets(a.rows, B, a.n_rows, a.indptr, ws.row_start, a.nnz_cap, nt, &a.err)
+    err = batch_offsets(a.rows, B, a.n_rows, a.indptr, a.row_width, ws.row_start, a.nnz_cap,
+                        nt, &a.err)
     if err:
         return err
 
@@ -676,7 +680,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         ftz_leave(csr)
     for b in range(B):
         if ws.row_bad[b] >= 0:
-            a.err.pos = a.indptr[a.rows[b]] + ws.row_bad[b]
+            a.err.pos = row_first(a.indptr, a.row_width, a.rows[b]) + ws.row_bad[b]
             a.err.value = ws.occ_feature[ws.row_start[b] + ws.row_bad[b]]
             return ERR_FEATURE
     ws.phase_t[0] = omp_get_wtime() - t0
@@ -848,6 +852,7 @@ cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
     step0 = as_u64(cfg.step)
     a.threshold = dropout_threshold(keep)
     a.indptr = &indptr[0]
+    a.row_width = checked_row_width(X, indptr)
     a.indices = &indices[0] if indices.shape[0] > 0 else NULL
     a.opt = opt_cfg_from(cfg, _api)
     ws._ensure_threads(n_threads)

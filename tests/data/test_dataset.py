@@ -309,3 +309,24 @@ def test_row_length_counts_and_largest_batch_totals(monkeypatch, chunk):
     empty = Dataset([0], [], [], [])
     assert empty.row_length_counts().tolist() == [0] and empty.max_row_nnz == 0
     assert _largest_batch_total(empty, 8, lambda n: n) == 0
+
+
+def test_row_width_and_kernel_x():
+    """Rows of one width give it (and the kernels' X carries it); ragged or empty data
+    give 0; a selection has its own; KernelX unpacks and pickles as the triple."""
+    import pickle
+
+    from afmfast.kernels.api import KernelX
+    fixed = Dataset([0, 3, 6, 9], [0, 1, 2, 3, 4, 5, 0, 2, 4], None, [1.0, 0.0, 1.0])
+    assert fixed.row_width == 3
+    assert isinstance(fixed.X, KernelX) and fixed.X.row_width == 3
+    indptr, indices, values = fixed.X
+    assert indptr is fixed.indptr and values.size == 0
+    assert small().row_width == 0 and small().X.row_width == 0
+    assert small()[[1]].row_width == 0  # one empty row: no width to skip a read with
+    assert small()[[0, 3]].row_width == 0 and small()[[2]].row_width == 1
+    assert Dataset([0], [], None, []).row_width == 0
+    back = pickle.loads(pickle.dumps(fixed.X))
+    assert isinstance(back, KernelX) and back.row_width == 3
+    assert all(np.array_equal(a, b) for a, b in zip(back, fixed.X))
+

@@ -5,7 +5,7 @@ thread-count determinism (bit for bit) and error paths."""
 import numpy as np
 import pytest
 from helpers.backends import compiled_module
-from helpers.contract import check_phase_times
+from helpers.contract import assert_bit_identical, check_phase_times, train_steps
 from helpers.problems import make_afm_problem
 
 from afmfast.kernels import api
@@ -448,3 +448,29 @@ def test_batch_errors_name_the_first_offender_for_any_thread_count(n_threads):
     rows[[33, 34, 140]] = [200, -1, 7 * 10**9]
     with pytest.raises(ValueError, match=r"rows\[33\] = 200 is not a row of X"):
         cy.afm_step(X, y, rows, params, state, cfg_for(api.ADAGRAD, n_threads=n_threads), ws)
+
+
+def train_rows_of(X, y, params, n_threads, batch=40, steps=3):
+    params = copy_tuple(params)
+    ws = workspace_for(X, np.arange(len(y)), params, batch=batch)  # room for any batch
+    return train_steps(cy.afm_step, X, y, params, api.new_opt_state(params, api.ADAGRAD), ws,
+                       batch, steps,
+                       lambda step: cfg_for(api.ADAGRAD, step=step, n_threads=n_threads))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_row_width_gives_the_bits_of_indptr(n_threads):
+    """As for FM: rows located by a KernelX's row_width train bit for bit as through
+    indptr; a false width that fits indptr's ends is trusted (the ids cut into rows of
+    that width), never read outside X."""
+    X, y, params = make_problem(n_rows=150, lengths=(5,), dtype=np.float32)
+    assert set(np.diff(X[0])) == {5}
+    plain = train_rows_of(X, y, params, n_threads)
+    assert_bit_identical(plain, train_rows_of(api.KernelX(*X, row_width=5), y, params,
+                                              n_threads))
+    ragged = (np.concatenate([[0], np.cumsum(np.tile([4, 6], 75))]).astype(np.int64),
+              X[1], X[2])
+    assert_bit_identical(plain, train_rows_of(api.KernelX(*ragged, row_width=5), y, params,
+                                              n_threads))
+    with pytest.raises(ValueError, match="X.row_width = 4 does not fit indptr"):
+        train_rows_of(api.KernelX(*X, row_width=4), y, params, n_threads)

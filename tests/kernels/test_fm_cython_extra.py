@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 from helpers.backends import compiled_module
-from helpers.contract import check_phase_times
+from helpers.contract import assert_bit_identical, check_phase_times, train_steps
 
 from afmfast.kernels import api
 from afmfast.kernels import reference as ref
@@ -262,3 +262,73 @@ def test_batch_errors_name_the_first_offender_for_any_thread_count(n_threads):
                    cfg_for(api.ADAGRAD, n_threads=n_threads), small)
     for a, b in zip(params + state, before):
         np.testing.assert_array_equal(a, b)
+
+
+def fixed_width_data(n_rows=300, width=4, n_features=60, seed=3):
+    """One-hot rows of ``width`` ids each (values empty), float32 labels."""
+    rng = np.random.default_rng(seed)
+    indptr = np.arange(n_rows + 1, dtype=np.int64) * width
+    indices = (rng.pareto(1.2, size=n_rows * width) * 5).astype(np.int64) % n_features
+    X = (indptr, indices.astype(np.int32), np.empty(0, np.float32))
+    return X, rng.normal(size=n_rows).astype(np.float32)
+
+
+def train_fixed_width(X, y, n_threads, batch=64, steps=4):
+    params, state = make_params(60, 16, np.float32, api.ADAGRAD)
+    ws = cy.fm_workspace(batch, batch * 8, 60, 16, np.float32)
+    return train_steps(cy.fm_step, X, y, params, state, ws, batch, steps,
+                       lambda step: cfg_for(api.ADAGRAD, step=step, n_threads=n_threads))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_row_width_gives_the_bits_of_indptr(n_threads):
+    """A KernelX's row_width locates the rows without their indptr entries: the same
+    bits as the plain triple, and the same errors, naming the same entries."""
+    X, y = fixed_width_data()
+    assert_bit_identical(train_fixed_width(X, y, n_threads),
+                         train_fixed_width(api.KernelX(*X, row_width=4), y, n_threads))
+    bad = (X[0], X[1].copy(), X[2])
+    bad[1][4 * 17 + 2] = 60
+    params, state = make_params(60, 16, np.float32, api.ADAGRAD)
+    ws = cy.fm_workspace(64, 512, 60, 16, np.float32)
+    rows = np.arange(10, 74, dtype=np.int64)
+    for data in (bad, api.KernelX(*bad, row_width=4)):
+        with pytest.raises(ValueError, match=r"X.indices\[70\] = 60 is not a feature id"):
+            cy.fm_step(data, y, rows, params, state, cfg_for(api.ADAGRAD), ws)
+        with pytest.raises(ValueError, match=r"rows\[3\] = 300 is not a row of X"):
+            cy.fm_step(data, y, np.array([1, 2, 3, 300, 4], np.int64), params, state,
+                       cfg_for(api.ADAGRAD), ws)
+
+
+def test_row_width_that_does_not_fit_indptr_is_refused():
+    X, y = make_data(n_rows=50)
+    params, state = make_params(60, 8, np.float64, api.ADAGRAD)
+    ws = cy.fm_workspace(16, 200, 60, 8, np.float64)
+    rows = np.arange(16, dtype=np.int64)
+    n, nnz = 50, int(X[0][-1])
+    width = nnz // n + 1  # the rows of make_data are ragged: no width fits
+    with pytest.raises(ValueError, match=rf"X.row_width = {width} does not fit indptr"):
+        cy.fm_step(api.KernelX(*X, row_width=width), y, rows, params, state,
+                   cfg_for(api.ADAGRAD), ws)
+    for width in (-1, "3", 2**70):
+        with pytest.raises(ValueError, match="X.row_width must be an integer >= 0"):
+            cy.fm_step(_with_width(X, width), y, rows, params, state,
+                       cfg_for(api.ADAGRAD), ws)
+
+
+def _with_width(X, width):
+    """A KernelX whose row_width is set as is (the constructor would convert it)."""
+    kx = api.KernelX(*X)
+    kx.row_width = width
+    return kx
+
+
+def test_false_row_width_that_fits_is_trusted_inside_X():
+    """Rows of 2 and 4 nonzeros promised as rows of 3 (the same total): the kernel
+    trains on the ids cut into rows of 3, as the contract says, and reads nothing
+    outside X."""
+    X, y = fixed_width_data(n_rows=300, width=3)
+    lengths = np.tile([2, 4], 150)
+    ragged = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), X[1], X[2])
+    assert_bit_identical(train_fixed_width(api.KernelX(*ragged, row_width=3), y, 1),
+                         train_fixed_width(X, y, 1))

@@ -129,6 +129,21 @@ def test_thread_count_does_not_change_results(backend):
     contract.assert_bit_identical(_train(backend, 1), _train(backend, 2))
 
 
+def test_row_width_of_kernel_x_keeps_the_bits(backend):
+    """Every backend takes a KernelX (Dataset.X); a kernel that finds rows by their
+    row_width trains as one that reads indptr."""
+    def run(as_kernel_x):
+        X, y, params = make_problem(np.random.default_rng(4), 512, 200, 8, [5],
+                                    dtype=np.float32)
+        if as_kernel_x:
+            X = api.KernelX(*X, row_width=5)
+        state = api.new_opt_state(params, api.ADAGRAD)
+        ws = backend.fm_workspace(128, 128 * 5, 200, 8, np.float32)
+        return contract.train_steps(backend.fm_step, X, y, params, state, ws, 128, 3,
+                                    lambda step: make_cfg(step=step, n_threads=2))
+    contract.assert_bit_identical(run(False), run(True))
+
+
 # ----------------------------------------------------------------------------- predict
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from afmfast.kernels.api import read_only
+from afmfast.kernels.api import KernelX, read_only
 
 __all__ = ["Dataset"]
 
@@ -334,7 +334,7 @@ class Dataset:
     def X(self):
         """``(indptr, indices, values)``, the kernels' X (the arrays themselves); values
         is empty for one-hot rows built with ``values=None`` (the kernels' contract:
-        every value is then 1).
+        every value is then 1). A ``kernels.api.KernelX`` carrying ``row_width``.
 
         Examples
         --------
@@ -345,8 +345,25 @@ class Dataset:
         >>> Dataset([0, 2, 3], [0, 3, 2], None, [1.0, -1.0]).X[2].size
         0
         """
-        return (self._indptr, self._indices,
-                _NO_VALUES if self._values is None else self._values)
+        return KernelX(self._indptr, self._indices,
+                       _NO_VALUES if self._values is None else self._values, self.row_width)
+
+    @property
+    def row_width(self) -> int:
+        """The number of nonzeros of every row when all rows have the same (one-hot
+        data with one id per field), else 0; from ``row_length_counts`` (cached). The
+        kernels then find a row of a shuffled batch without reading its indptr entry.
+
+        Examples
+        --------
+        >>> Dataset([0, 2, 4], [0, 3, 2, 1], None, [1.0, -1.0]).row_width
+        2
+        >>> Dataset([0, 2, 3], [0, 3, 2], None, [1.0, -1.0]).row_width
+        0
+        """
+        counts = self.row_length_counts()
+        width = len(counts) - 1
+        return width if width > 0 and counts[width] == self.n_rows else 0
 
     @property
     def max_row_nnz(self):

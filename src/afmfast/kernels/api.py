@@ -7,6 +7,12 @@ Data (C-contiguous, validated by the Python layer before any kernel runs)
         without values): the kernels then read no values.
     y  DTYPE (n_rows,)
     rows int64 (batch,): the dataset rows of this batch (a slice of a shuffled permutation).
+    X may be a ``KernelX``, whose ``row_width`` w > 0 says that every row has w nonzeros
+    (indptr[r] = indptr[0] + r w: one-hot data with one id per field). A kernel may then
+    find a row without reading its indptr entry, one cache miss per row of a shuffled
+    batch fewer; it checks indptr[-1] - indptr[0] == n_rows w (ValueError otherwise) and
+    beyond that trusts the promise (a false one reads other rows' ids, never outside X).
+    A plain tuple, or row_width 0, makes no promise. ``Dataset.X`` is a KernelX.
 DTYPE is float32 in production; float64 is accepted too (gradient checks). X, y and rows
 may be read-only arrays (a Dataset's are): the kernels never write them.
 
@@ -128,6 +134,23 @@ MIX32_C1 = 0x7FEB352D
 MIX32_C2 = 0x846CA68B
 MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
+
+class KernelX(tuple):
+    """The kernels' X, ``(indptr, indices, values)``, with ``row_width``: the number of
+    nonzeros of every row when all rows have the same, else 0 (see the module docstring).
+    Unpacks as the plain triple.
+
+    Example: ``indptr, indices, values = KernelX(indptr, indices, values, row_width=3)``.
+    """
+
+    def __new__(cls, indptr, indices, values, row_width: int = 0):
+        self = super().__new__(cls, (indptr, indices, values))
+        self.row_width = int(row_width)
+        return self
+
+    def __reduce__(self):
+        return (KernelX, (*self, self.row_width))
+
 
 FMParams = namedtuple("FMParams", "V w dense bn_stats")
 FMOptState = namedtuple("FMOptState", "V w dense")
