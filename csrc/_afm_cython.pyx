@@ -108,7 +108,7 @@ from _batch cimport (
     raise_batch_error, scatter_groups, feature_items, feature_item_start, feature_tail,
     prefetch_table_rows, feature_prefetch_distance, shuffled_rows_array,
     CURSOR_STRIDE, next_item_near, reset_cursors, GRAD_SPAN, prefetch_row,
-    __builtin_prefetch, batch_recorded, checked_row_width, row_first,
+    __builtin_prefetch, batch_recorded, checked_row_width, row_first, check_indptr,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,

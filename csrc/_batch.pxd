@@ -144,6 +144,7 @@ cdef enum:
     ERR_FEATURE = 2   # a feature id outside [0, M)
     ERR_NNZ = 3       # more nonzeros than the workspace's max_batch_nnz
     ERR_PAIRS = 4     # more pairs than the workspace's max_batch_pairs (AFM)
+    ERR_INDPTR = 5    # a batch row whose indptr entries are not a range of X.indices
 
 
 ctypedef struct BatchErr:
@@ -231,7 +232,7 @@ cdef inline bint batch_recorded(int err, BatchErr* e, Py_ssize_t first, double l
     there: at an error (nothing recorded; e.pos made an index into all of rows for
     ERR_ROW) or after a loss that is not finite."""
     if err:
-        if err == ERR_ROW:
+        if err == ERR_ROW or err == ERR_INDPTR:
             e.pos += first
         return False
     losses[n_done[0]] = loss
@@ -255,16 +256,24 @@ cdef inline int raise_batch_error(int err, const BatchErr* e, Py_ssize_t n_rows,
     if err == ERR_PAIRS:
         raise ValueError(f"the batch has {e.value} pairs of nonzeros, more than the "
                          f"workspace's max_batch_pairs = {pair_cap}")
+    if err == ERR_INDPTR:
+        raise ValueError(f"X is not a valid CSR triple: indptr[{e.value}]:indptr"
+                         f"[{e.value + 1}], the nonzeros of rows[{e.pos}], is not a range "
+                         f"of X.indices (indptr must rise from 0 to at most len(indices))")
     return 0
 
 
 cdef inline void _row_lengths(const int64_t* rows, Py_ssize_t b0, Py_ssize_t b1,
-                              Py_ssize_t n_rows, const int64_t* indptr, int64_t* row_start,
-                              int64_t* total, int64_t* bad) noexcept nogil:
+                              Py_ssize_t n_rows, const int64_t* indptr, int64_t nnz,
+                              int64_t* row_start, int64_t* total, int64_t* bad,
+                              int* bad_code) noexcept nogil:
     """row_start[b + 1] = the length of row b for b in [b0, b1), their sum in total[0];
-    bad[0] = the first b whose row id is outside [0, n_rows) (then stops), else -1."""
+    bad[0] = the first b whose row id is outside [0, n_rows) (bad_code ERR_ROW) or
+    whose indptr entries are not a range of [0, nnz) (ERR_INDPTR), then stops;
+    else -1. Checking each row's span here, where its entries are read anyway, is what
+    keeps a malformed indptr from sending the copy outside X or past the workspace."""
     cdef Py_ssize_t b
-    cdef int64_t row, sum_len = 0, n
+    cdef int64_t row, sum_len = 0, start, end
     bad[0] = -1
     for b in range(b0, b1):
         if b + OFFSET_PREFETCH < b1:
@@ -274,11 +283,43 @@ cdef inline void _row_lengths(const int64_t* rows, Py_ssize_t b0, Py_ssize_t b1,
         row = rows[b]
         if row < 0 or row >= n_rows:
             bad[0] = b
+            bad_code[0] = ERR_ROW
             break
-        n = indptr[row + 1] - indptr[row]
-        row_start[b + 1] = n
-        sum_len += n
+        start = indptr[row]
+        end = indptr[row + 1]
+        if start < 0 or end < start or end > nnz:
+            bad[0] = b
+            bad_code[0] = ERR_INDPTR
+            break
+        row_start[b + 1] = end - start
+        sum_len += end - start
     total[0] = sum_len
+
+
+cdef inline int check_indptr(const int64_t[::1] indptr, Py_ssize_t n_indices) except -1:
+    """ValueError unless indptr starts at 0 or more, never falls, and ends at most at
+    n_indices (len(X.indices)): every row is then a range of X.indices. For the kernels
+    that read whole rows of X (scoring, explanations); one pass, no scratch."""
+    cdef Py_ssize_t i, n = indptr.shape[0], bad = -1
+    if n < 1:
+        raise ValueError("X is not a valid CSR triple: indptr is empty")
+    with nogil:
+        if indptr[0] < 0:
+            bad = 0
+        else:
+            for i in range(1, n):
+                if indptr[i] < indptr[i - 1]:
+                    bad = i
+                    break
+    if bad == 0:
+        raise ValueError(f"X is not a valid CSR triple: indptr[0] = {indptr[0]} < 0")
+    if bad > 0:
+        raise ValueError(f"X is not a valid CSR triple: indptr[{bad}] = {indptr[bad]} < "
+                         f"indptr[{bad - 1}] = {indptr[bad - 1]}")
+    if indptr[n - 1] > n_indices:
+        raise ValueError(f"X is not a valid CSR triple: indptr[-1] = {indptr[n - 1]} > "
+                         f"len(indices) = {n_indices}")
+    return 0
 
 
 cdef inline int64_t checked_row_width(X, const int64_t[::1] indptr) except -1:
@@ -293,6 +334,8 @@ cdef inline int64_t checked_row_width(X, const int64_t[::1] indptr) except -1:
         raise ValueError(f"X.row_width must be an integer >= 0, got {width!r}") from None
     if w < 0:
         raise ValueError(f"X.row_width must be an integer >= 0, got {width!r}")
+    if w > 0 and n >= 0 and indptr[0] < 0:
+        raise ValueError(f"X is not a valid CSR triple: indptr[0] = {indptr[0]} < 0")
     # by division: n * w could overflow for an absurd w
     if w > 0 and n >= 0 and ((indptr[n] - indptr[0]) % w != 0
                              or (indptr[n] - indptr[0]) // w != n):
@@ -313,15 +356,18 @@ cdef inline int64_t row_first(const int64_t* indptr, int64_t row_width,
 cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_rows,
                               const int64_t* indptr, int64_t row_width, int64_t* row_start,
                               int64_t nnz_cap, int n_threads, BatchErr* e) noexcept nogil:
-    """row_start (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW (the first
-    invalid row in batch order) / ERR_NNZ. Rows of row_width nonzeros each (> 0) need
+    """row_start (B + 1,): batch-local nonzero offsets of the rows; ERR_ROW or
+    ERR_INDPTR (the first invalid row in batch order) / ERR_NNZ. Rows of row_width
+    nonzeros each (> 0; checked_row_width made their spans lie in X) need
     no lengths read. Else the rows' lengths are read in OFFSET_PARTS contiguous parts
     in parallel: a shuffled batch's indptr entries are cache misses, and one thread
     waiting for all of them was a serial part of every step."""
     cdef int64_t part_len[OFFSET_PARTS]
     cdef int64_t part_bad[OFFSET_PARTS]
+    cdef int part_code[OFFSET_PARTS]
     cdef Py_ssize_t n_parts = OFFSET_PARTS if n_threads > 1 else 1, p, b, b0, b1
-    cdef int64_t base = 0, n
+    # check_step_arrays made indptr[n_rows] at most len(X.indices)
+    cdef int64_t base = 0, n, nnz = indptr[n_rows]
     if row_width > 0:
         for b in range(B):
             if rows[b] < 0 or rows[b] >= n_rows:
@@ -337,17 +383,18 @@ cdef inline int batch_offsets(const int64_t* rows, Py_ssize_t B, Py_ssize_t n_ro
     if n_parts > B:  # B >= 1 (check_step_arrays)
         n_parts = B
     if n_parts == 1:
-        _row_lengths(rows, 0, B, n_rows, indptr, row_start, &part_len[0], &part_bad[0])
+        _row_lengths(rows, 0, B, n_rows, indptr, nnz, row_start, &part_len[0],
+                     &part_bad[0], &part_code[0])
     else:
         for p in prange(n_parts, schedule="static", num_threads=n_threads):
             _row_lengths(rows, p * B // n_parts, (p + 1) * B // n_parts, n_rows, indptr,
-                         row_start, &part_len[p], &part_bad[p])
+                         nnz, row_start, &part_len[p], &part_bad[p], &part_code[p])
     row_start[0] = 0
     for p in range(n_parts):
         if part_bad[p] >= 0:
             e.pos = part_bad[p]
             e.value = rows[part_bad[p]]
-            return ERR_ROW
+            return part_code[p]
     for p in range(n_parts):
         b0 = p * B // n_parts
         b1 = (p + 1) * B // n_parts

@@ -62,7 +62,7 @@ from _batch cimport (
     group_by_feature, marks_pointer, raise_batch_error, scatter_groups, prefetch_table_rows,
     feature_prefetch_distance, shuffled_rows_array, CURSOR_STRIDE, next_item_near,
     reset_cursors, GRAD_SPAN, prefetch_row, __builtin_prefetch, batch_recorded,
-    checked_row_width, row_first,
+    checked_row_width, row_first, check_indptr,
 )
 from _common cimport (
     OPT_ADAGRAD, OPT_ADAM, OPT_MOMENTUM, OPT_SGD, OptCfg, as_u64, dropout_kept,
@@ -945,6 +945,7 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
     if (indices.shape[0] != values.shape[0] and values.shape[0] != 0) \
             or indptr[n] > indices.shape[0]:
         raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
+    check_indptr(indptr, indices.shape[0])
     if n_threads < 1:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
     if n == 0:

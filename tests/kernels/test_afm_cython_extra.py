@@ -474,3 +474,30 @@ def test_row_width_gives_the_bits_of_indptr(n_threads):
                                               n_threads))
     with pytest.raises(ValueError, match="X.row_width = 4 does not fit indptr"):
         train_rows_of(api.KernelX(*X, row_width=4), y, params, n_threads)
+
+
+def test_malformed_indptr_is_an_error_not_a_wild_read():
+    """As for FM: a row whose span ends past indptr[-1] is named, not copied."""
+    X = (np.array([0, 5, 3], np.int64), np.zeros(5, np.int32), np.empty(0, np.float32))
+    y = np.zeros(2, np.float32)
+    _, _, params = make_problem(n_rows=4, n_features=60, k=4, t=3, dtype=np.float32)
+    ws = cy.afm_workspace(2, 3, 3, 60, 4, 3, np.float32)
+    with pytest.raises(ValueError, match=r"indptr\[0\]:indptr\[1\], the nonzeros of "
+                                         r"rows\[0\], is not a range"):
+        cy.afm_step(X, y, np.arange(2, dtype=np.int64), params,
+                    api.new_opt_state(params, api.ADAGRAD), cfg_for(api.ADAGRAD), ws)
+
+
+def test_scoring_refuses_a_malformed_indptr():
+    """afm_predict and afm_explain read whole rows: an indptr that falls is refused."""
+    _, _, params = make_problem(n_rows=4, n_features=60, k=4, t=3, dtype=np.float32)
+    X = (np.array([0, 3, 2, 4], np.int64), np.zeros(4, np.int32), np.empty(0, np.float32))
+    with pytest.raises(ValueError, match=r"indptr\[2\] = 2 < indptr\[1\] = 3"):
+        cy.afm_predict(X, params, 1, api.RELU, 2, np.empty(3, np.float32))
+    with pytest.raises(ValueError, match=r"indptr\[0\] = -1 < 0"):
+        cy.afm_predict((np.array([-1, 2, 4], np.int64),) + X[1:], params, 1, api.RELU, 2,
+                       np.empty(2, np.float32))
+    with pytest.raises(ValueError, match=r"indptr\[2\] = 2 < indptr\[1\] = 3"):
+        cy.afm_explain(X, params, 1, api.RELU, 2, np.zeros(4, np.int64),
+                       np.empty(8, np.int64), np.empty(8, np.int64),
+                       np.empty(8, np.float32), np.empty(8, np.float32))

@@ -332,3 +332,32 @@ def test_false_row_width_that_fits_is_trusted_inside_X():
     ragged = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), X[1], X[2])
     assert_bit_identical(train_fixed_width(api.KernelX(*ragged, row_width=3), y, 1),
                          train_fixed_width(X, y, 1))
+
+
+@pytest.mark.parametrize("indptr,bad_row", [
+    ([0, 3, 2, 4], 1),    # row 1 runs backwards
+    ([0, 5, 3], 0),       # row 0 ends past indptr[-1] (as many ids as the workspace's
+                          # room: the copy would have overrun it)
+    ([0, 2, 7, 4], 1),    # row 1 too
+    ([-2, 1, 4], 0),      # row 0 starts before X.indices
+])
+def test_malformed_indptr_is_an_error_not_a_wild_read(indptr, bad_row):
+    """The kernel API trusts no caller: a row whose indptr entries are not a range of
+    X.indices is named, before anything is copied into the workspace."""
+    n_rows = len(indptr) - 1
+    X = (np.array(indptr, np.int64), np.zeros(5, np.int32), np.empty(0, np.float32))
+    y = np.zeros(n_rows, np.float32)
+    params, state = make_params(60, 4, np.float32, api.ADAGRAD)
+    ws = cy.fm_workspace(n_rows, 3, 60, 4, np.float32)
+    rows = np.arange(n_rows, dtype=np.int64)
+    with pytest.raises(ValueError, match=rf"indptr\[{bad_row}\]:indptr\[{bad_row + 1}\], "
+                                         rf"the nonzeros of rows\[{bad_row}\], is not a range"):
+        cy.fm_step(X, y, rows, params, state, cfg_for(api.ADAGRAD, n_threads=2), ws)
+
+
+def test_predict_refuses_a_malformed_indptr():
+    """Scoring reads whole rows of X: an indptr that falls anywhere is refused first."""
+    params, _ = make_params(60, 4, np.float32, api.ADAGRAD)
+    X = (np.array([0, 3, 2, 4], np.int64), np.zeros(4, np.int32), np.empty(0, np.float32))
+    with pytest.raises(ValueError, match=r"indptr\[2\] = 2 < indptr\[1\] = 3"):
+        cy.fm_predict(X, params, 1, 2, np.empty(3, np.float32))
