@@ -95,6 +95,11 @@ cdef enum:
     # rows a thread takes at a time in the forward pass (dynamic: the thread that sorts
     # joins late)
     FORWARD_CHUNK = 64
+    # the widest k whose V-row gradients the feature updates sum 16 columns at a time in
+    # registers (afmfast_grad16): each block is a pass over the feature's occurrences,
+    # and at larger k those passes (Frappe's popular features occur hundreds of times
+    # a batch) cost more than the register sums save (docs/performance.md)
+    GRAD16_MAX_K = 32
 
 
 cdef enum:
@@ -576,9 +581,9 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
                                  floating* V, floating* w, floating* sV0, floating* sV1,
                                  floating* sw0, floating* sw1) noexcept nogil:
     """Touched feature u: its V row's gradient summed over its occurrences in row order,
-    + l2 v, then the optimiser, 16 columns at a time (the sum in registers), the last
-    k mod 16 GRAD_SPAN at a time; ||v||^2 before the update into grp_sq[u] (0 when
-    l2 = 0); then its w entry."""
+    + l2 v, then the optimiser: at k <= GRAD16_MAX_K 16 columns at a time (the sum in
+    registers), else and for the last k mod 16 GRAD_SPAN at a time; ||v||^2 before the
+    update into grp_sq[u] (0 when l2 = 0); then its w entry."""
     cdef Py_ssize_t k = a.k, f, f0, nf, p, j = group_feature[u]
     cdef Py_ssize_t p0 = group_start[u], p1 = group_start[u + 1]
     cdef floating* v = V + j * k
@@ -600,7 +605,7 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     # nothing
     grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     f0 = 0
-    while f0 + 16 <= k:
+    while k <= GRAD16_MAX_K and f0 + 16 <= k:
         if floating is float:
             afmfast_grad16_f(grp_row, grp_x, p0, p1, S + f0, DF + f0, k, v + f0, g)
         else:
