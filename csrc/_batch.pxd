@@ -6,10 +6,13 @@
   validates).
 - Arguments of a step: ``check_step_arrays`` validates what is common to fm_step and
   afm_step (batch size against the workspace, y against X, the CSR triple, n_threads),
-  ``check_batches`` what fm_steps and afm_steps add (batch_size, len(losses)).
+  ``check_batches`` what fm_steps and afm_steps add (batch_size, len(losses)),
+  ``checked_row_width`` X's row width (kernels.api.KernelX); ``check_indptr`` the whole
+  indptr, for the kernels that read whole rows of X (scoring).
 - Gathering a batch without the GIL: ``batch_offsets`` (batch-local nonzero offsets,
-  rows validated; a parallel loop of its own), ``copy_row`` (a row's nonzeros into
-  contiguous batch-order buffers, ids checked), ``group_by_feature`` and
+  rows and their indptr spans validated; a parallel loop of its own), ``row_first``
+  (where a row starts: its indptr entry, or from the row width), ``copy_row`` (a row's
+  nonzeros into contiguous batch-order buffers, ids checked), ``group_by_feature`` and
   ``scatter_groups`` (a stable counting sort of the batch's nonzeros by feature id: the
   touched features and, for each, its occurrences in batch order).
 - Prefetching: ``prefetch_row`` (the cache lines of a row); ``prefetch_table_rows`` says
@@ -27,10 +30,10 @@
 - Errors: the nogil code returns an ERR_* code with the details in a ``BatchErr``;
   ``raise_batch_error`` turns it into a ValueError that names the offending entry.
 
-Everything except the ``check_*`` functions, ``raise_batch_error`` and
-``shuffled_rows_array`` is ``nogil``, allocates nothing and holds no state, so it may run
-inside ``prange`` bodies; except ``batch_offsets``, which runs its own ``prange`` (call it
-outside one).
+Everything except the ``check_*`` functions, ``checked_row_width``,
+``raise_batch_error`` and ``shuffled_rows_array`` is ``nogil``, allocates nothing and
+holds no state, so it may run inside ``prange`` bodies; except ``batch_offsets``, which
+runs its own ``prange`` (call it outside one).
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free

@@ -24,7 +24,8 @@ DTYPE is the dtype of params.V (float32 or float64); every other float array mus
 
 How a step runs (every sum over the rows of the batch has one fixed order, so the result
 is bit-identical for any n_threads):
-    1. serial: batch-local nonzero offsets (rows validated).
+    1. serial: batch-local nonzero offsets (rows and their indptr spans validated; for
+       rows of one width, X.row_width, no indptr entry is read).
     2. prange over rows: the row's nonzeros are copied to contiguous batch-order
        buffers (ids validated).
     3. one thread: a stable counting sort groups the batch's nonzeros by feature id

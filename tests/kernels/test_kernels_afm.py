@@ -325,6 +325,27 @@ def test_step_rejects_invalid_batches(afm_backend):
                                            make_cfg(), M)
 
 
+@pytest.mark.parametrize("indptr", [[0, 3, 2, 4], [0, 5, 3], [-2, 1, 4]])
+def test_malformed_indptr_is_refused(afm_backend, indptr):
+    """As for FM: a row of indptr that is not a range of X.indices is refused by the step,
+    predict and explain of every afm_backend, never read."""
+    n = len(indptr) - 1
+    X = (np.array(indptr, np.int64), np.zeros(5, np.int32), np.empty(0, np.float32))
+    y = np.zeros(n, np.float32)
+    params = api.new_afm_params(60, 4, 3, np.random.default_rng(0))
+    state = api.new_opt_state(params, api.ADAGRAD)
+    ws = afm_backend.afm_workspace(n, 3, 3, 60, 4, 3, np.float32)
+    with pytest.raises(ValueError, match="not a valid CSR triple"):
+        afm_backend.afm_step(X, y, np.arange(n, dtype=np.int64), params, state, make_cfg(),
+                             ws)
+    with pytest.raises(ValueError, match="not a valid CSR triple"):
+        afm_backend.afm_predict(X, params, 1, api.RELU, 1, np.empty(n, np.float32))
+    with pytest.raises(ValueError, match="not a valid CSR triple"):
+        afm_backend.afm_explain(X, params, 1, api.RELU, 1, np.zeros(n + 1, np.int64),
+                                *(np.empty(8, dt) for dt in (np.int64, np.int64,
+                                                             np.float32, np.float32)))
+
+
 # ------------------------------------------------------------- Numba workspace checks
 
 @pytest.mark.skipif("numba" not in AFM_BACKENDS, reason="numba AFM backend unavailable")

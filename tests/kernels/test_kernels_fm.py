@@ -197,6 +197,23 @@ def test_step_rejects_invalid_batches(backend):
                                            make_cfg(), 15)
 
 
+@pytest.mark.parametrize("indptr", [[0, 3, 2, 4], [0, 5, 3], [-2, 1, 4]])
+def test_malformed_indptr_is_refused(backend, indptr):
+    """Every backend refuses an indptr whose rows are not ranges of X.indices (a row
+    running backwards, past indptr[-1], or before 0), in a step and in predict, instead
+    of reading outside X or copying past its workspace."""
+    n = len(indptr) - 1
+    X = (np.array(indptr, np.int64), np.zeros(5, np.int32), np.empty(0, np.float32))
+    y = np.zeros(n, np.float32)
+    params = api.new_fm_params(60, 4, np.random.default_rng(0))
+    state = api.new_opt_state(params, api.ADAGRAD)
+    ws = backend.fm_workspace(n, 3, 60, 4, np.float32)
+    with pytest.raises(ValueError, match="not a valid CSR triple"):
+        backend.fm_step(X, y, np.arange(n, dtype=np.int64), params, state, make_cfg(), ws)
+    with pytest.raises(ValueError, match="not a valid CSR triple"):
+        backend.fm_predict(X, params, 1, 1, np.empty(n, np.float32))
+
+
 # ------------------------------------------------------- Numba helpers (AFM reuses them)
 
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba backend unavailable")

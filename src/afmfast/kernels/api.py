@@ -10,9 +10,13 @@ Data (C-contiguous, validated by the Python layer before any kernel runs)
     X may be a ``KernelX``, whose ``row_width`` w > 0 says that every row has w nonzeros
     (indptr[r] = indptr[0] + r w: one-hot data with one id per field). A kernel may then
     find a row without reading its indptr entry, one cache miss per row of a shuffled
-    batch fewer; it checks indptr[-1] - indptr[0] == n_rows w (ValueError otherwise) and
-    beyond that trusts the promise (a false one reads other rows' ids, never outside X).
-    A plain tuple, or row_width 0, makes no promise. ``Dataset.X`` is a KernelX.
+    batch fewer; it checks indptr[0] >= 0 and indptr[-1] - indptr[0] == n_rows w
+    (ValueError otherwise) and beyond that trusts the promise (a false one reads other
+    rows' ids, never outside X). A plain tuple, or row_width 0, makes no promise.
+    ``Dataset.X`` is a KernelX.
+The Cython FM and AFM kernels check what they read all the same: row ids, feature ids
+and each row's indptr span (a malformed indptr is a ValueError naming the row, never a
+read outside X or past the workspace); the Numba kernels rely on the Python layer.
 DTYPE is float32 in production; float64 is accepted too (gradient checks). X, y and rows
 may be read-only arrays (a Dataset's are): the kernels never write them.
 
@@ -134,6 +138,7 @@ MIX32_C1 = 0x7FEB352D
 MIX32_C2 = 0x846CA68B
 MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
+
 
 class KernelX(tuple):
     """The kernels' X, ``(indptr, indices, values)``, with ``row_width``: the number of

@@ -30,8 +30,9 @@ from afmfast.kernels.numba.afm_train import (
     _row_vx,
     afm_workspace,
 )
-from afmfast.kernels.numba.common import (batch_offsets, ftz_enter, ftz_leave, gather_batch,
-                            group_by_feature, numba_threads, read_only_args, start_threads)
+from afmfast.kernels.numba.common import (batch_offsets, check_indptr, ftz_enter, ftz_leave,
+                            gather_batch, group_by_feature, numba_threads,
+                            read_only_args, start_threads)
 from afmfast.kernels.api import WorkspaceCache, known_ids, predict_chunks
 
 
@@ -139,6 +140,7 @@ def afm_predict(X, params, attention, activation, n_threads, out):
         return 0
     M, k = params.V.shape
     t = params.W.shape[0]
+    check_indptr("afm_predict", X[0], X[1].shape[0])
     indptr, indices, values = read_only_args(*known_ids(X, M))
     rows, nnz, pairs = predict_chunks(indptr, k)
     kept = _predict_cache.take((rows, nnz, pairs, M, k, t, params.V.dtype))
@@ -257,6 +259,7 @@ def afm_explain(X, params, attention, activation, n_threads, pair_indptr, i_out,
     Example: ``afm_explain(X, params, 1, RELU, 2, indptr, i, j, weight, contribution)``.
     """
     indptr, indices, values = read_only_args(*X)
+    check_indptr("afm_explain", indptr, indices.shape[0])
     n_rows = indptr.shape[0] - 1
     total = int(pair_indptr[-1]) if pair_indptr.shape[0] else 0
     cap = min(a.shape[0] for a in (i_out, j_out, weight_out, contribution_out))

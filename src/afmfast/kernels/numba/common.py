@@ -202,7 +202,7 @@ def block_bounds(n, n_blocks, blk):
 
 
 # Status codes of the step kernels (negative; 0 is success).
-BAD_NNZ, BAD_PAIRS, BAD_ROW, BAD_FEATURE = -1, -2, -3, -4
+BAD_NNZ, BAD_PAIRS, BAD_ROW, BAD_FEATURE, BAD_INDPTR = -1, -2, -3, -4, -5
 
 
 @njit(**_JIT)
@@ -355,13 +355,18 @@ def update_feature(V, w, sV, sw, j, g, gw, optimizer, lr_eff):
 @njit(**_JIT)
 def batch_offsets(indptr, rows, nzoff):
     """nzoff[b] = start of batch row b's nonzeros in the occurrence arrays (B + 1 entries);
-    returns the batch's nnz, or BAD_ROW when a row id is outside [0, n_rows)."""
+    returns the batch's nnz, or BAD_ROW when a row id is outside [0, n_rows), or
+    BAD_INDPTR when a row's indptr entries are not a range of [0, indptr[-1]] (the
+    caller checked indptr[-1] <= len(indices)): the copy never leaves X."""
     n_rows = indptr.shape[0] - 1
+    end = indptr[n_rows]
     nnz = 0
     for b in range(rows.shape[0]):
         r = rows[b]
         if r < 0 or r >= n_rows:
             return BAD_ROW
+        if indptr[r] < 0 or indptr[r + 1] < indptr[r] or indptr[r + 1] > end:
+            return BAD_INDPTR
         nzoff[b] = nnz
         nnz += indptr[r + 1] - indptr[r]
     nzoff[rows.shape[0]] = nnz
@@ -561,7 +566,8 @@ _MASK64 = (1 << 64) - 1
 
 def run_step_kernel(fn, kernel, args, cfg, ws):
     """(loss, status) of a step kernel, ``kernel(*args, seed, step, step_int, loss_code,
-    ws, nb)``: seed and step as np.uint64 (mod 2^64) and the step as an int from ``cfg``,
+    ws, nb)`` (args starting with X's indptr and indices, whose last entry it checks):
+    seed and step as np.uint64 (mod 2^64) and the step as an int from ``cfg``,
     its loss code checked (``fn`` names the caller in errors), nb the thread count. It
     runs with Numba's thread count set to cfg.n_threads and FTZ and DAZ set on the
     calling thread (``ftz_enter``; the kernel's prange bodies set them on their own
@@ -570,6 +576,10 @@ def run_step_kernel(fn, kernel, args, cfg, ws):
     Example: ``loss, status = run_step_kernel("fm_step", _fm_step_kernel, args, cfg, ws)``.
     """
     loss_code = check_loss(fn, getattr(cfg, "loss", 0))
+    indptr, indices = args[0], args[1]
+    # batch_offsets checks each batch row's span against indptr[-1]
+    if indptr.shape[0] < 1 or indptr[-1] > indices.shape[0]:
+        raise ValueError(f"{fn}: X is not a valid CSR triple (indptr, indices, values)")
     seed = np.uint64(int(cfg.seed) & _MASK64)
     step = np.uint64(int(cfg.step) & _MASK64)
     with numba_threads(cfg.n_threads):
@@ -580,6 +590,36 @@ def run_step_kernel(fn, kernel, args, cfg, ws):
             return kernel(*args, seed, step, int(cfg.step), loss_code, ws, nb)
         finally:
             ftz_leave(csr)
+
+
+@njit(**_JIT)
+def _first_bad_indptr(indptr):
+    """The first i at which indptr falls (or 0 when indptr[0] < 0), else -1."""
+    if indptr[0] < 0:
+        return 0
+    for i in range(1, indptr.shape[0]):
+        if indptr[i] < indptr[i - 1]:
+            return i
+    return -1
+
+
+def check_indptr(fn, indptr, n_indices):
+    """ValueError unless indptr starts at 0 or more, never falls and ends at most at
+    n_indices: the scoring kernels, which read every row of X, then stay inside X.
+
+    Example: ``check_indptr("fm_predict", indptr, indices.shape[0])``.
+    """
+    if indptr.shape[0] < 1:
+        raise ValueError(f"{fn}: X is not a valid CSR triple: indptr is empty")
+    bad = int(_first_bad_indptr(indptr))
+    if bad == 0:
+        raise ValueError(f"{fn}: X is not a valid CSR triple: indptr[0] = {indptr[0]} < 0")
+    if bad > 0:
+        raise ValueError(f"{fn}: X is not a valid CSR triple: indptr[{bad}] = "
+                         f"{indptr[bad]} < indptr[{bad - 1}] = {indptr[bad - 1]}")
+    if indptr[-1] > n_indices:
+        raise ValueError(f"{fn}: X is not a valid CSR triple: indptr[-1] = {indptr[-1]} > "
+                         f"len(indices) = {n_indices}")
 
 
 def read_only_args(*arrays):
@@ -645,6 +685,10 @@ def raise_batch_error(fn, status, n_rows, n_features, max_nnz, max_pairs=None):
     if status == BAD_FEATURE:
         raise ValueError(f"{fn}: the batch holds a feature id outside [0, {n_features}) "
                          "(n_features); raise n_features or fix the data")
+    if status == BAD_INDPTR:
+        raise ValueError(f"{fn}: X is not a valid CSR triple: a batch row's "
+                         "indptr[r]:indptr[r + 1] is not a range of X.indices (indptr must "
+                         "rise from 0 to at most len(indices))")
     if status == BAD_NNZ:
         raise ValueError(
             f"{fn}: the batch has more nonzeros than the workspace holds "

@@ -35,6 +35,7 @@ from afmfast.kernels.numba.common import (
     BAD_NNZ,
     batch_offsets,
     block_bounds,
+    check_indptr,
     check_keep,
     check_optimizer,
     effective_lr,
@@ -399,6 +400,7 @@ def _fm_predict_kernel(indptr, indices, values, V, w, dense, bn_stats, batch_nor
 def fm_predict(X, params, batch_norm, n_threads, out):
     """Raw scores of every row of X into ``out`` (no dropout, running BN statistics)."""
     indptr, indices, values = read_only_args(*X)
+    check_indptr("fm_predict", indptr, indices.shape[0])
     with numba_threads(n_threads):
         _fm_predict_kernel(indptr, indices, values, params.V, params.w, params.dense,
                            params.bn_stats, bool(batch_norm), out,
