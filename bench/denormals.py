@@ -4,13 +4,14 @@
     python bench/denormals.py --base /tmp/base         # and a base build, alternately
 
 ``afmfast.AFM(n_factors=16, attention_size=16)`` (l2_attention=100, learning_rate=0.1)
-on frappe-mini (see epoch_times.py), 1 thread, 20 epochs, no early stopping. Prints per
-build the seconds of epoch 2 and epoch 20, their ratio (target: at most 1.15) and the
-share of attention_W_ that is denormal at the end. Without flush-to-zero that share
-grows over the epochs; whether it costs time depends on the CPU (CPUs that handle a
-denormal operation in microcode slow down, others do not), so the ratio is the figure to
-quote for a given machine. Each build runs in its own process (``PYTHONPATH=<dir>``); with
---base the builds alternate for --repeats rounds, so both see the same load.
+on frappe-mini (bench_common.frappe_mini_train), 1 thread, 20 epochs, no early
+stopping. Prints per build the seconds of epoch 2 and epoch 20, their ratio (target: at
+most 1.15) and the share of attention_W_ that is denormal at the end. Without
+flush-to-zero that share grows over the epochs; whether it costs time depends on the
+CPU (CPUs that handle a denormal operation in microcode slow down, others do not), so
+the ratio is the figure to quote for a given machine. Each build runs in its own process
+(``PYTHONPATH=<dir>``); with --base the builds alternate for --repeats rounds, so both
+see the same load.
 """
 import argparse
 import json
@@ -27,7 +28,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {bench!r})
 import afmfast
-from epoch_times import frappe_mini_train
+from bench_common import frappe_mini_train
 model = afmfast.AFM(n_factors=16, attention_size=16, n_epochs={epochs}, n_threads=1,
                     backend={backend!r}, early_stopping=False, verbose=0)
 model.fit(frappe_mini_train())

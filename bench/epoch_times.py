@@ -17,8 +17,7 @@ import argparse
 
 import numpy as np
 
-# FRAPPE and frappe_mini_train are also what denormals.py and predict_ratio.py read here
-from bench_common import FRAPPE, frappe_mini_train, make_estimator  # noqa: F401
+from bench_common import frappe_mini_train, make_estimator
 from afmfast.kernels.backends import available_backends
 
 

@@ -6,7 +6,7 @@ at most TARGET.
     python bench/predict_ratio.py                          # frappe-mini and ml-tag, k 16 64 256
     python bench/predict_ratio.py --data frappe --sizes 64 --threads 2 --repeats 5
 
-Data: frappe-mini's 46,178 training rows (bench/epoch_times.py; skipped when the file is
+Data: frappe-mini's 46,178 training rows (bench/bench_common.py; skipped when the file is
 absent) and ``--rows`` rows of the synthetic ml-tag of bench/compare.py (3 one-hot
 fields: few pairs per row, few repeated within a chunk). Each configuration fits one
 epoch (Numba compiles, workspaces fill) and predicts once, then alternates ``--repeats``
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (the synthetic ml-tag set)
-import epoch_times  # noqa: E402  (the frappe-mini split)
+import bench_common  # noqa: E402  (the frappe-mini split)
 
 import afmfast  # noqa: E402
 from afmfast.kernels.backends import available_backends  # noqa: E402
@@ -68,10 +68,10 @@ def main():
     args = parser.parse_args()
     sets = []
     if "frappe" in args.data:
-        if epoch_times.FRAPPE.exists():
-            sets.append(("frappe-mini", epoch_times.frappe_mini_train()))
+        if bench_common.FRAPPE.exists():
+            sets.append(("frappe-mini", bench_common.frappe_mini_train()))
         else:
-            print(f"skipping frappe-mini: {epoch_times.FRAPPE} not found")
+            print(f"skipping frappe-mini: {bench_common.FRAPPE} not found")
     if "mltag" in args.data:
         sets.append(("ml-tag", compare.synthetic_mltag(args.rows)))
     print(f"{'data':<12}{'k':>5} {'backend':<8}{'threads':>8}{'epoch s':>10}"

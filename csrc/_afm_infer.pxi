@@ -91,10 +91,9 @@ cdef void _infer_typed(floating[:, ::1] V, X, params, attention, activation, n_t
     _check_activation(activation)
     if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != 1 + k + 2 * t):
         raise ValueError("params shapes are inconsistent: see afmfast.kernels.api")
-    if indptr.shape[0] < 1 or (indices.shape[0] != values.shape[0] and values.shape[0]) \
-            or indptr[n] > indices.shape[0]:
-        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     check_indptr(indptr, indices.shape[0])
+    if indices.shape[0] != values.shape[0] and values.shape[0]:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     lengths = np.diff(np.asarray(indptr))
     max_n = int(lengths.max()) if n > 0 else 0
     max_pairs = max_n * (max_n - 1) // 2
@@ -229,11 +228,9 @@ cdef Py_ssize_t _predict_typed(floating[:, ::1] V, X, params, attention, activat
     if (w.shape[0] != M or W.shape[1] != k or dense.shape[0] != 1 + k + 2 * t):
         raise ValueError("params shapes are inconsistent: see afmfast.kernels.api")
     n = indptr_a.shape[0] - 1
-    if (indptr_a.shape[0] < 1
-            or (indices_a.shape[0] != values_a.shape[0] and values_a.shape[0] != 0)
-            or indptr_a[n] > indices_a.shape[0]):
-        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     check_indptr(indptr_a, indices_a.shape[0])
+    if indices_a.shape[0] != values_a.shape[0] and values_a.shape[0] != 0:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     if out.shape[0] != n:
         raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
     if n == 0:

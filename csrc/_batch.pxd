@@ -337,11 +337,12 @@ cdef inline int64_t checked_row_width(X, const int64_t[::1] indptr) except -1:
         raise ValueError(f"X.row_width must be an integer >= 0, got {width!r}") from None
     if w < 0:
         raise ValueError(f"X.row_width must be an integer >= 0, got {width!r}")
-    if w > 0 and n >= 0 and indptr[0] < 0:
+    if w == 0 or n < 0:
+        return w
+    if indptr[0] < 0:
         raise ValueError(f"X is not a valid CSR triple: indptr[0] = {indptr[0]} < 0")
     # by division: n * w could overflow for an absurd w
-    if w > 0 and n >= 0 and ((indptr[n] - indptr[0]) % w != 0
-                             or (indptr[n] - indptr[0]) // w != n):
+    if (indptr[n] - indptr[0]) % w != 0 or (indptr[n] - indptr[0]) // w != n:
         raise ValueError(f"X.row_width = {w} does not fit indptr: {n} rows of {w} "
                          f"nonzeros would end at indptr[0] + {n * w} = "
                          f"{indptr[0] + n * w}, indptr[-1] is {indptr[n]}")

@@ -335,64 +335,7 @@ ctypedef struct StepArgs:
     BatchErr err
 
 
-cdef extern from *:
-    """
-    #include <string.h>
-    #include <stdint.h>
-    #include <stddef.h>
-    /* The gradient of 16 columns of a V row summed over the feature's occurrences, in a
-       vector register: as a stack array the running sum went through memory at every
-       occurrence (a store-to-load forward each time). Same arithmetic, column by column,
-       as the generic loop of _feature_update. */
-    typedef float afmfast_vf16 __attribute__((vector_size(64)));
-    typedef double afmfast_vd16 __attribute__((vector_size(128)));
-    #define AFMFAST_GRAD16(T, VT, SUF)                                                      \\
-    static inline __attribute__((always_inline)) void afmfast_grad16_##SUF(                \\
-        const int32_t* restrict rows, const T* restrict xs, ptrdiff_t p0, ptrdiff_t p1,    \\
-        const T* restrict S, const T* restrict DF, ptrdiff_t k, const T* restrict v,       \\
-        T* restrict g) {                                                                   \\
-        VT acc = {0}, vv, s, d;                                                            \\
-        ptrdiff_t p, b;                                                                    \\
-        T x;                                                                               \\
-        memcpy(&vv, v, sizeof(VT));                                                        \\
-        for (p = p0; p < p1; p++) {                                                        \\
-            b = rows[p];                                                                   \\
-            x = xs[p];                                                                     \\
-            memcpy(&s, S + b * k, sizeof(VT));                                             \\
-            memcpy(&d, DF + b * k, sizeof(VT));                                            \\
-            acc = acc + d * x * (s - vv * x);                                              \\
-        }                                                                                  \\
-        memcpy(g, &acc, sizeof(VT));                                                       \\
-    }
-    AFMFAST_GRAD16(float, afmfast_vf16, f)
-    AFMFAST_GRAD16(double, afmfast_vd16, d)
-    /* s = sum v x and f = 1/2 (s^2 - sum (v x)^2) of 16 columns over a row's nonzeros
-       (ids outside [0, M) skipped), the sums in registers rather than in the row's S
-       and F entries; same arithmetic, column by column, as the generic loop of
-       _pairwise. */
-    #define AFMFAST_PAIRWISE16(T, VT, SUF)                                                  \\
-    static inline __attribute__((always_inline)) void afmfast_pairwise16_##SUF(            \\
-        const int32_t* restrict ids, const T* restrict xs, ptrdiff_t n, ptrdiff_t M,       \\
-        const T* restrict V, ptrdiff_t k, T* restrict s_out, T* restrict f_out) {          \\
-        VT s = {0}, sq = {0}, v, tv;                                                       \\
-        ptrdiff_t t, j;                                                                    \\
-        T x;                                                                               \\
-        for (t = 0; t < n; t++) {                                                          \\
-            j = ids[t];                                                                    \\
-            if (j < 0 || j >= M) continue;                                                 \\
-            x = xs != NULL ? xs[t] : (T)1;                                                 \\
-            memcpy(&v, V + j * k, sizeof(VT));                                             \\
-            tv = v * x;                                                                    \\
-            s = s + tv;                                                                    \\
-            sq = sq + tv * tv;                                                             \\
-        }                                                                                  \\
-        sq = (T)0.5 * (s * s - sq);                                                        \\
-        memcpy(s_out, &s, sizeof(VT));                                                     \\
-        memcpy(f_out, &sq, sizeof(VT));                                                    \\
-    }
-    AFMFAST_PAIRWISE16(float, afmfast_vf16, f)
-    AFMFAST_PAIRWISE16(double, afmfast_vd16, d)
-    """
+cdef extern from "fm_vec16.h":
     void afmfast_grad16_f(const int32_t* rows, const float* xs, Py_ssize_t p0,
                           Py_ssize_t p1, const float* S, const float* DF, Py_ssize_t k,
                           const float* v, float* g) noexcept nogil
@@ -948,10 +891,9 @@ cdef void _fm_predict_typed(floating[:, ::1] V, X, params, bint batch_norm, int 
         raise ValueError(f"out has {out.shape[0]} entries, X has {n} rows")
     if w.shape[0] != M or dense.shape[0] != 1 + 2 * k or mu.shape[0] != k:
         raise ValueError("params shapes are inconsistent: see afmfast.kernels.api")
-    if (indices.shape[0] != values.shape[0] and values.shape[0] != 0) \
-            or indptr[n] > indices.shape[0]:
-        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     check_indptr(indptr, indices.shape[0])
+    if indices.shape[0] != values.shape[0] and values.shape[0] != 0:
+        raise ValueError("X is not a valid CSR triple (indptr, indices, values)")
     if n_threads < 1:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads}")
     if n == 0:

@@ -14,9 +14,9 @@ Data (C-contiguous, validated by the Python layer before any kernel runs)
     (ValueError otherwise) and beyond that trusts the promise (a false one reads other
     rows' ids, never outside X). A plain tuple, or row_width 0, makes no promise.
     ``Dataset.X`` is a KernelX.
-The Cython FM and AFM kernels check what they read all the same: row ids, feature ids
-and each row's indptr span (a malformed indptr is a ValueError naming the row, never a
-read outside X or past the workspace); the Numba kernels rely on the Python layer.
+The FM and AFM kernels of both backends check what they read all the same: row ids,
+feature ids and each batch row's indptr span (scoring: the whole indptr), so a malformed
+indptr is a ValueError, never a read outside X or past the workspace.
 DTYPE is float32 in production; float64 is accepted too (gradient checks). X, y and rows
 may be read-only arrays (a Dataset's are): the kernels never write them.
 
