@@ -101,6 +101,8 @@ cdef enum:
     # and at larger k those passes (Frappe's popular features occur hundreds of times
     # a batch) cost more than the register sums save (docs/performance.md)
     GRAD16_MAX_K = 32
+    # rows a thread takes at a time in the output pass (_output_rows)
+    OUTPUT_CHUNK = 32
 
 
 cdef enum:
@@ -400,7 +402,7 @@ cdef inline void _copy_batch_row(const StepArgs* a, Py_ssize_t b, const int64_t*
         if values != NULL:
             __builtin_prefetch(values + start)
         __builtin_prefetch(y + a.rows[b + PREFETCH_ROWS])
-    r[b] = <double>y[a.rows[b]]  # the label, until _output_row turns it into the residual
+    r[b] = <double>y[a.rows[b]]  # the label, until _output_rows turns it into the residual
     row_bad[b] = <int32_t>copy_row(a.indices, values,
                                    row_first(a.indptr, a.row_width, a.rows[b]),
                                    row_start[b + 1] - row_start[b], a.M,
@@ -436,13 +438,13 @@ cdef void _group_batch(StepArgs* a, FMWorkspace ws, const floating* occ_x,
     scatter_groups(a.B, ws.row_start, ws.occ_group, ws.group_cursor, ws.grp_row, NULL, occ_x, grp_x)
 
 
-cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
-                           const floating* gamma, const floating* beta) noexcept nogil:
-    """sum_f (gamma_f fr_f + beta_f) sc_f in 16 interleaved partial sums, added up in lane
-    order at the end: a fixed order (so still thread-count independent) that vectorises,
-    where one running sum would be a chain of k dependent scalar adds."""
-    cdef floating part[16]
-    cdef floating total = 0
+cdef inline void _zparts(Py_ssize_t k, const floating* fr, const floating* sc,
+                         const floating* gamma, const floating* beta,
+                         floating* part) noexcept nogil:
+    """The 16 interleaved partial sums of sum_f (gamma_f fr_f + beta_f) sc_f (lane l sums
+    the columns f = l mod 16), which _output_rows adds up in lane order: a fixed order (so
+    still thread-count independent) that vectorises, where one running sum would be a
+    chain of k dependent scalar adds."""
     cdef Py_ssize_t f0 = 0, l
     for l in range(16):
         part[l] = 0
@@ -452,15 +454,30 @@ cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
         f0 += 16
     for l in range(k - f0):
         part[l] = part[l] + (gamma[f0 + l] * fr[f0 + l] + beta[f0 + l]) * sc[f0 + l]
+
+
+cdef inline floating _lane_total(const floating* part) noexcept nogil:
+    """The 16 partial sums of _zparts added up in lane order."""
+    cdef floating total = 0
+    cdef Py_ssize_t l
     for l in range(16):
         total = total + part[l]
     return total
 
 
-cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* dense,
-                             floating* F, floating* SC, const floating* row_linear,
-                             const floating* factor_vectors, double* r,
-                             double* row_loss) noexcept nogil:
+cdef inline floating _zsum(Py_ssize_t k, const floating* fr, const floating* sc,
+                           const floating* gamma, const floating* beta) noexcept nogil:
+    """sum_f (gamma_f fr_f + beta_f) sc_f: _zparts, then _lane_total."""
+    cdef floating part[16]
+    _zparts(k, fr, sc, gamma, beta, part)
+    return _lane_total(part)
+
+
+cdef inline void _output_parts(const StepArgs* a, Py_ssize_t b, const floating* dense,
+                               floating* F, floating* SC, const floating* factor_vectors,
+                               floating* part) noexcept nogil:
+    """Row b's dropout scales (SC[b]), f-hat under batch norm (F[b]) and the partial sums
+    of its z (_zparts)."""
     cdef Py_ssize_t k = a.k, f
     cdef floating* fr = F + b * k
     cdef floating* sc = SC + b * k
@@ -469,10 +486,8 @@ cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* de
     cdef const floating* ones = factor_vectors + FV_ONES * k
     cdef const floating* zeros = factor_vectors + FV_ZEROS * k
     cdef floating inv_keep = <floating>a.inv_keep
-    cdef floating zsum
     cdef uint64_t key
     cdef uint32_t thr
-    cdef double yhat, res
     if a.use_dropout:
         key = dropout_row_key(a.seed, 0, a.step, <uint64_t>a.rows[b])
         thr = a.threshold  # a local: the stores into sc could alias a field of *a
@@ -491,9 +506,26 @@ cdef inline void _output_row(const StepArgs* a, Py_ssize_t b, const floating* de
     if a.batch_norm:
         zgamma = dense + 1
         zbeta = dense + 1 + k
-    zsum = _zsum(k, fr, zsc, zgamma, zbeta)
-    yhat = <double>dense[0] + <double>row_linear[b] + <double>zsum
-    row_loss[b] = row_data_loss(a.loss, yhat, r[b], &r[b])
+    _zparts(k, fr, zsc, zgamma, zbeta, part)
+
+
+cdef inline void _output_rows(const StepArgs* a, Py_ssize_t b0, Py_ssize_t b1,
+                              const floating* dense, floating* F, floating* SC,
+                              const floating* row_linear, const floating* factor_vectors,
+                              double* r, double* row_loss) noexcept nogil:
+    """Rows b0 <= b < b1 (at most OUTPUT_CHUNK): prediction, loss and residual r[b]. The
+    partial sums of all the rows first, then their lane-order totals: the totals are
+    chains of 16 dependent adds, and a loop of nothing else keeps several rows' chains in
+    flight, where one loop doing everything held one or two."""
+    cdef floating part[OUTPUT_CHUNK * 16]
+    cdef Py_ssize_t b
+    cdef double yhat
+    for b in range(b0, b1):
+        _output_parts(a, b, dense, F, SC, factor_vectors, part + (b - b0) * 16)
+    for b in range(b0, b1):
+        yhat = (<double>dense[0] + <double>row_linear[b]
+                + <double>_lane_total(part + (b - b0) * 16))
+        row_loss[b] = row_data_loss(a.loss, yhat, r[b], &r[b])
 
 
 cdef inline void _df_row(const StepArgs* a, Py_ssize_t b, const double* r,
@@ -598,6 +630,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
     cdef Py_ssize_t B = a.B, k = a.k, M = a.M, b, b1, c, f, u, U = 0, q, it, tail, n_items
     cdef int nt = a.n_threads, err, rank
     cdef Py_ssize_t n_fwd = (B + FORWARD_CHUNK - 1) // FORWARD_CHUNK
+    cdef Py_ssize_t n_out = (B + OUTPUT_CHUNK - 1) // OUTPUT_CHUNK
     cdef floating* S = <floating*>ws.row_s
     cdef floating* F = <floating*>ws.row_f
     cdef floating* SC = <floating*>ws.dropout_scale
@@ -674,8 +707,10 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         factor_vectors[FV_ZEROS * k + f] = 0
     with parallel(num_threads=nt):
         csr = ftz_enter()
-        for b in prange(B, schedule="static"):
-            _output_row(a, b, dense, F, SC, row_linear, factor_vectors, r, ws.row_loss)
+        for c in prange(n_out, schedule="static"):
+            b = c * OUTPUT_CHUNK
+            _output_rows(a, b, b + OUTPUT_CHUNK if b + OUTPUT_CHUNK < B else B, dense, F,
+                         SC, row_linear, factor_vectors, r, ws.row_loss)
         ftz_leave(csr)
 
     for b in range(B):
