@@ -87,6 +87,24 @@ def test_steps_match_reference(backend, dtype, opt, batch_norm, keep, l2):
         tol32=(1e-5, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0)])
+def test_batch_over_output_chunks_matches_reference(backend, dtype, batch_norm, keep):
+    """A batch of several of the Cython output pass's chunks (32 rows) and a short last
+    one, k with a partial 16-column block: each row's prediction and residual as the
+    reference's."""
+    rng = np.random.default_rng(8)
+    M, k, B = 50, 20, 77
+    X, y, params = make_problem(rng, 400, M, k, [0, 1, 2, 5, 9, 3], dtype=dtype)
+    state = api.new_opt_state(params, api.ADAGRAD)
+    ws = backend.fm_workspace(B, B * 9, M, k, dtype)
+    contract.check_steps_match_reference(
+        backend.fm_step, ref.fm_step, X, y, params, state, ws, rng.permutation(400), B,
+        lambda step: make_cfg(lr=STABLE_LR[api.ADAGRAD], optimizer=api.ADAGRAD,
+                              batch_norm=batch_norm, keep=keep, step=step, seed=5),
+        tol32=(1e-5, 1e-6))
+
+
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_float32_step_matches_reference(backend, opt):
     """One float32 step against the float64 reference started from the same values."""
