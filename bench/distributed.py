@@ -15,8 +15,12 @@ Rows of the table, per data set:
   ``distributed.LocalCluster`` of worker processes, the same store);
 - with ``--spark``: ``pyspark.ml.regression.FMRegressor`` in ``local[2]``, factorSize 16,
   its stepSize tuned on the validation rows, after a 2-iteration fit that warms up the
-  JVM (pyspark is a bench-only extra: ``pip install
-  pyspark``; it needs Java 17).
+  JVM, then the chosen stepSize fitted again (``--spark-repeats``: the median time;
+  pyspark is a bench-only extra: ``pip install pyspark``; it needs Java 17);
+- with ``--tuned``: afmfast tuned as Spark is, on Spark's model: a plain FM (keep 1, no
+  batch norm), its learning rate chosen over ``--tuned-rates`` on the validation rows in
+  one process, then that rate on 2 Dask workers at each sync_every; with ``--spark`` a
+  Spark ratio line for each, saying whether its test RMSE is at or below Spark's.
 
 Columns: test RMSE (predictions clipped to the test labels' range, as afmfast.metrics.rmse
 does, for every row), seconds per epoch (afmfast: training and synchronisation, without
@@ -53,6 +57,9 @@ from afmfast.metrics import rmse  # noqa: E402
 
 FM_SETTINGS = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
                    batch_norm=True, verbose=0)
+# --tuned: the model Spark's FMRegressor trains, FM without dropout or batch norm
+PLAIN_FM = dict(keep=1.0, batch_norm=False)
+TUNED = "afmfast plain FM (keep 1, no batch norm)"
 
 
 def splits(name, rows, seed):
@@ -80,14 +87,16 @@ def epoch_seconds(history):
     return float(np.median([h["seconds"] for h in history]))
 
 
-def run_single(paths, epochs, threads):
+def run_single(paths, epochs, threads, **extra):
     model = afmfast.FM(n_epochs=epochs, n_threads=threads, adaptive_threads=False,
-                       **FM_SETTINGS)
+                       **dict(FM_SETTINGS, **extra))
     train = afmfast.open_store(paths["train"])
-    model.fit(train, validation=afmfast.open_store(paths["valid"]))
+    valid = afmfast.open_store(paths["valid"])
+    model.fit(train, validation=valid)
     test = afmfast.open_store(paths["test"])
     batches = -(-train.n_rows // FM_SETTINGS["batch_size"])
-    return {"rmse": model.evaluate(test)["rmse"], "sec": epoch_seconds(model.history_),
+    return {"rmse": model.evaluate(test)["rmse"], "valid": model.evaluate(valid)["rmse"],
+            "sec": epoch_seconds(model.history_),
             "batch_ms": 1e3 * epoch_seconds(model.history_) / batches,
             "total": sum(h["seconds"] for h in model.history_),
             "passes": len(model.history_), "model": model}
@@ -171,9 +180,10 @@ def write_libsvm(data, path):
                              for r in range(lo, hi)))
 
 
-def run_spark(parts, folder, iterations, step_sizes):
+def run_spark(parts, folder, iterations, step_sizes, repeats):
     """FMRegressor in local[2]: stepSize tuned on the validation rows; returns the best
-    configuration's test RMSE and seconds per iteration."""
+    configuration's test RMSE and seconds per iteration, the median of its fit and
+    ``repeats - 1`` more (the same seed: the same model, timed again)."""
     from pyspark.ml.regression import FMRegressor
     from pyspark.sql import SparkSession
 
@@ -210,7 +220,17 @@ def run_spark(parts, folder, iterations, step_sizes):
             best = {"valid": scores["valid"], "rmse": scores["test"],
                     "sec": seconds / iterations, "total": seconds, "passes": iterations,
                     "step": step}
+    seconds = [best["total"]]
+    for _ in range(repeats - 1):
+        fm = FMRegressor(factorSize=16, maxIter=iterations, stepSize=best["step"], seed=0)
+        t = time.perf_counter()
+        fm.fit(frames["train"])
+        seconds.append(time.perf_counter() - t)
+        log(f"  spark stepSize={best['step']} again: {seconds[-1] / iterations:.2f} "
+            f"s/iteration")
     spark.stop()
+    best.update(total=float(np.median(seconds)), sec=float(np.median(seconds)) / iterations,
+                fits_seconds=seconds)
     return best
 
 
@@ -252,10 +272,29 @@ def bench(name, args):
             for every in repeats:
                 two = run_dask(paths, args.epochs, 2, every, merge=args.merge)["sec"]
                 repeats[every].append(one / two)
+        tuned_rate = None
+        if args.tuned:
+            # Spark's model, tuned as Spark is: a plain FM (no dropout, no batch norm),
+            # its learning rate chosen on the validation rows (one process), then the
+            # chosen one on 2 Dask workers
+            tries = {}
+            for rate in args.tuned_rates:
+                log(f"{name}: plain FM, learning rate {rate}, single process")
+                tries[rate] = run_single(paths, args.epochs, 1, learning_rate=rate,
+                                         **PLAIN_FM)
+                log(f"  valid {tries[rate]['valid']:.4f}, test {tries[rate]['rmse']:.4f}")
+            tuned_rate = min(tries, key=lambda rate: tries[rate]["valid"])
+            results[f"{TUNED}, learning rate {tuned_rate} (tuned), 1 process x 1 "
+                    f"thread"] = tries[tuned_rate]
+            for every in [sync_every] + args.also_every:
+                log(f"{name}: plain FM on Dask, 2 workers, sync_every {every}")
+                results[f"{TUNED} on Dask, 2 workers x 1 thread, sync_every {every}"] = \
+                    run_dask(paths, args.epochs, 2, every, merge=args.merge,
+                             learning_rate=tuned_rate, **PLAIN_FM)
         if args.spark:
             log(f"{name}: Spark FMRegressor local[2]")
             results["Spark FMRegressor, local[2]"] = run_spark(
-                parts, folder, args.spark_iterations, args.spark_steps)
+                parts, folder, args.spark_iterations, args.spark_steps, args.spark_repeats)
     for label, r in results.items():
         extra = ""
         if "syncs_per_epoch" in r:
@@ -268,7 +307,10 @@ def bench(name, args):
                      f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch; a batch "
                      f"{batch_ms:.2f} ms on each worker ({cpu_ms:.2f} ms of it on a CPU)")
         elif "step" in r:
-            extra = f"stepSize {r['step']} (tuned on validation)"
+            extra = (f"stepSize {r['step']} (tuned on validation); median of "
+                     f"{len(r['fits_seconds'])} fits ("
+                     + ", ".join(f"{t / r['passes']:.2f}" for t in r["fits_seconds"])
+                     + " s/iteration)")
         elif "batch_ms" in r:
             extra = f"a batch {r['batch_ms']:.2f} ms"
         rmse_text = f"{r['rmse']:.4f}" if np.isfinite(r["rmse"]) else "-"
@@ -276,6 +318,8 @@ def bench(name, args):
                      f"{r['total']:.3g}", extra])
     single = results["afmfast, 1 process x 1 thread"]["sec"]
     dask = [r["sec"] for label, r in results.items() if label.startswith("afmfast on Dask")]
+    tuned_dask = [r for label, r in results.items()
+                  if label.startswith(f"{TUNED} on Dask")]
     ceiling = [r["sec"] for label, r in results.items() if label.startswith("(ceiling)")]
     rows.append([name, "speed-ups per epoch: 2 Dask workers / 1 (target 1.6x; each "
                  "sync_every); the ceiling / 1 process; 1 process / 1 Dask worker", "-",
@@ -301,6 +345,13 @@ def bench(name, args):
         rows.append([name, "Spark / 2 Dask workers: per pass (target 20x); whole training",
                      "-", f"{spark['sec'] / two['sec']:.1f}x", "-",
                      f"{spark['total'] / two['total']:.1f}x", ""])
+        for two in tuned_dask:
+            label = [lb for lb, r in results.items() if r is two][0]
+            rows.append([name, f"Spark / {label}: per pass; whole training", "-",
+                         f"{spark['sec'] / two['sec']:.1f}x", "-",
+                         f"{spark['total'] / two['total']:.1f}x",
+                         "test RMSE " + ("at or below" if two["rmse"] <= spark["rmse"]
+                                         else "above") + " Spark's"])
     return rows, {k: {kk: vv for kk, vv in v.items() if kk != "model"}
                   for k, v in results.items()}
 
@@ -358,8 +409,18 @@ def main(argv=None):
     parser.add_argument("--scaling", type=int, default=0, metavar="N",
                         help="then N more alternating runs of 1 and 2 Dask workers, for the "
                              "median of the 2-worker speed-up")
+    parser.add_argument("--tuned", action="store_true",
+                        help="also a plain FM (keep 1, no batch norm: the model Spark "
+                             "trains), its learning rate tuned on the validation rows "
+                             "over --tuned-rates, then on 2 Dask workers at each "
+                             "sync_every")
+    parser.add_argument("--tuned-rates", type=float, nargs="+", default=[0.01, 0.05, 0.1])
     parser.add_argument("--spark-iterations", type=int, default=20)
     parser.add_argument("--spark-steps", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--spark-repeats", type=int, default=3,
+                        help="fits of the chosen stepSize whose median time is reported "
+                             "(its tuning fit included): Spark's time varies from fit to "
+                             "fit more than afmfast's epochs do")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
     parser.add_argument("--json", default=None, help="also write the results here")
