@@ -327,6 +327,11 @@ ctypedef struct StepArgs:
     Py_ssize_t n_touched  # touched features (groups) of the batch
     int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
     int prefetch_features
+    # touched features ahead whose optimiser state (Adagrad's accumulators) the feature
+    # updates prefetch: on one thread twice prefetch_features, as the forward pass left
+    # most V rows in cache but not their state rows; on more threads prefetch_features,
+    # where the longer distance measured slower (docs/performance.md)
+    int prefetch_state
     double l2, inv_keep
     uint64_t seed, step
     uint32_t threshold
@@ -572,11 +577,13 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     if a.prefetch_v and u + a.prefetch_features < a.n_touched:
         j_next = group_feature[u + a.prefetch_features]
         prefetch_row(V + j_next * k, k * sizeof(floating))
-        prefetch_row(sV0 + j_next * k, k * sizeof(floating))
         if a.opt.code == OPT_ADAM or a.opt.code == OPT_MOMENTUM:
             prefetch_row(sV1 + j_next * k, k * sizeof(floating))
-        __builtin_prefetch(sw0 + j_next)
         __builtin_prefetch(w + j_next)
+    if a.prefetch_v and u + a.prefetch_state < a.n_touched:
+        j_next = group_feature[u + a.prefetch_state]
+        prefetch_row(sV0 + j_next * k, k * sizeof(floating))
+        __builtin_prefetch(sw0 + j_next)
     # the l2 terms only when l2 > 0: at l2 = 0 they would cost a pass over the row for
     # nothing
     grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
@@ -824,6 +831,7 @@ cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
     a.prefetch_rows = (PREFETCH_SHORT_V_ROWS if k * <Py_ssize_t>sizeof(floating)
                        <= SHORT_V_ROW_BYTES else PREFETCH_V_ROWS)
     a.prefetch_features = feature_prefetch_distance(k * <Py_ssize_t>sizeof(floating))
+    a.prefetch_state = a.prefetch_features * (2 if n_threads == 1 else 1)
     a.n_rows = indptr.shape[0] - 1
     a.nnz_cap = ws.max_batch_nnz
     a.n_threads = n_threads
