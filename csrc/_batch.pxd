@@ -17,8 +17,8 @@
   touched features and, for each, its occurrences in batch order).
 - Prefetching: ``prefetch_row`` (the cache lines of a row); ``prefetch_table_rows`` says
   whether a step should prefetch the rows of V (and its optimiser state) that it
-  reaches through feature ids, and ``feature_prefetch_distance`` how far ahead the
-  feature updates do. GRAD_SPAN: the columns of a V row's gradient formed at a time.
+  reaches through feature ids, ``feature_prefetch_distance`` how far ahead the
+  feature updates do, ``state_prefetch_distance`` how far for the state's rows in FM's. GRAD_SPAN: the columns of a V row's gradient formed at a time.
 - Work items of loops over the touched features: ``feature_items`` /
   ``feature_item_start`` (the popular features one by one, the rest in runs of
   ``feature_tail``).
@@ -139,6 +139,16 @@ cdef inline int feature_prefetch_distance(Py_ssize_t row_bytes) noexcept nogil:
     too short to cover a miss two features ahead, else 2: longer rows gain nothing from
     more (docs/performance.md, "Prefetching")."""
     return 6 if row_bytes <= 128 else 2
+
+
+cdef inline int state_prefetch_distance(Py_ssize_t row_bytes, int n_threads) noexcept nogil:
+    """How many touched features ahead the FM feature updates prefetch the optimiser
+    state's rows: on one thread twice feature_prefetch_distance, as the forward pass has
+    left most of a batch's V rows in cache but not their state rows; on more threads the
+    same distance as the V rows, where the longer one measured slower
+    (docs/performance.md, "Accumulator rows prefetched further ahead")."""
+    cdef int d = feature_prefetch_distance(row_bytes)
+    return 2 * d if n_threads == 1 else d
 
 
 # Error codes of the nogil step functions (0 = success).

@@ -61,8 +61,8 @@ from _batch cimport (
     check_step_arrays,
     check_workspace_sizes, copy_row, feature_item_start, feature_items, feature_tail,
     group_by_feature, marks_pointer, raise_batch_error, scatter_groups, prefetch_table_rows,
-    feature_prefetch_distance, shuffled_rows_array, CURSOR_STRIDE, next_item_near,
-    reset_cursors, GRAD_SPAN, prefetch_row, __builtin_prefetch, batch_recorded,
+    feature_prefetch_distance, state_prefetch_distance, shuffled_rows_array, CURSOR_STRIDE,
+    next_item_near, reset_cursors, GRAD_SPAN, prefetch_row, __builtin_prefetch, batch_recorded,
     checked_row_width, row_first, check_indptr,
 )
 from _common cimport (
@@ -262,11 +262,7 @@ ctypedef struct StepArgs:
     Py_ssize_t n_touched  # touched features (groups) of the batch
     int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
     int prefetch_features
-    # touched features ahead whose optimiser state (Adagrad's accumulators) the feature
-    # updates prefetch: on one thread twice prefetch_features, as the forward pass left
-    # most V rows in cache but not their state rows; on more threads prefetch_features,
-    # where the longer distance measured slower (docs/performance.md)
-    int prefetch_state
+    int prefetch_state  # the optimiser state's rows: state_prefetch_distance
     double l2, inv_keep
     uint64_t seed, step
     uint32_t threshold
@@ -766,7 +762,7 @@ cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
     a.prefetch_rows = (PREFETCH_SHORT_V_ROWS if k * <Py_ssize_t>sizeof(floating)
                        <= SHORT_V_ROW_BYTES else PREFETCH_V_ROWS)
     a.prefetch_features = feature_prefetch_distance(k * <Py_ssize_t>sizeof(floating))
-    a.prefetch_state = a.prefetch_features * (2 if n_threads == 1 else 1)
+    a.prefetch_state = state_prefetch_distance(k * <Py_ssize_t>sizeof(floating), n_threads)
     a.n_rows = indptr.shape[0] - 1
     a.nnz_cap = ws.max_batch_nnz
     a.n_threads = n_threads
