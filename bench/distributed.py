@@ -37,6 +37,7 @@ norm) with early stopping on the validation rows.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -168,6 +169,66 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
     return result
 
 
+def _thread_cpu(pids):
+    """{(pid, tid): CPU seconds so far} of every thread of the processes ``pids``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            out[(pid, int(tid))] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def run_cpu_shares(paths, every, seconds, sec_per_epoch, **extra):
+    """Where the CPUs go during a 2-worker fit (Linux): each thread's CPU time over
+    ``seconds`` of the fit's middle, as shares of one CPU: per worker its training (the
+    threads other than the main one, where the actor trains) and its event loop (the
+    main thread: comms, actor calls, payloads), and this driver process (its client's
+    event loop). The fit runs long enough (``sec_per_epoch`` a 2-worker epoch) with
+    early stopping off."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from afmfast.dask import DaskFM
+
+    warm = 1.0
+    epochs = int(math.ceil(1.5 * (warm + seconds) / max(sec_per_epoch, 1e-3))) + 2
+    shares = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = sorted(client.run(os.getpid).values())
+
+        def sample():
+            time.sleep(warm)
+            before, t0 = _thread_cpu(pids + [os.getpid()]), time.perf_counter()
+            time.sleep(seconds)
+            after, t1 = _thread_cpu(pids + [os.getpid()]), time.perf_counter()
+            used = {key: (after[key] - before.get(key, 0.0)) / (t1 - t0) for key in after}
+            for i, pid in enumerate(pids):
+                shares[f"worker {i} training"] = sum(
+                    v for (p, tid), v in used.items() if p == pid and tid != pid)
+                shares[f"worker {i} event loop"] = used.get((pid, pid), 0.0)
+            shares["driver"] = sum(v for (p, _), v in used.items() if p == os.getpid())
+            shares["idle or elsewhere"] = (os.cpu_count() or 1) - sum(used.values())
+
+        sampler = threading.Thread(target=sample)
+        model = DaskFM(n_epochs=epochs, n_threads=1, adaptive_threads=False, client=client,
+                       sync_every=every, **dict(FM_SETTINGS, early_stopping=False, **extra))
+        sampler.start()
+        model.fit(paths["train"], validation=paths["valid"])
+        sampler.join()
+    if not shares:
+        raise RuntimeError("--cpu-shares: the fit ended before the sample; raise the "
+                           "epochs' estimate")
+    return shares
+
+
 def write_libsvm(data, path):
     """Spark's libsvm text (1-based ids, values 1) of a one-hot Dataset."""
     ids = np.asarray(data.indices, np.int64) + 1
@@ -273,6 +334,11 @@ def bench(name, args):
             for every in repeats:
                 two = run_dask(paths, args.epochs, 2, every, merge=args.merge)["sec"]
                 repeats[every].append(one / two)
+        if args.cpu_shares:
+            label = f"afmfast on Dask, 2 worker(s) x 1 thread, sync_every {sync_every}"
+            log(f"{name}: CPU shares of a 2-worker fit, sync_every {sync_every}")
+            results[f"CPU shares, sync_every {sync_every}"] = {"shares": run_cpu_shares(
+                paths, sync_every, args.cpu_shares, results[label]["sec"])}
         if args.tuned:
             # Spark's model, tuned as Spark is: a plain FM (no dropout, no batch norm),
             # its learning rate chosen on the validation rows (one process), then the
@@ -296,6 +362,11 @@ def bench(name, args):
             results["Spark FMRegressor, local[2]"] = run_spark(
                 parts, folder, args.spark_iterations, args.spark_steps, args.spark_repeats)
     for label, r in results.items():
+        if "shares" in r:
+            rows.append([name, f"{label}: each thread's CPU, as a share of one CPU, over "
+                         f"the middle of a long 2-worker fit", "-", "-", "-", "-",
+                         ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["shares"].items())])
+            continue
         extra = ""
         if "syncs_per_epoch" in r:
             # a round's batches are summed over the workers, its training time is the
@@ -407,6 +478,9 @@ def main(argv=None):
     parser.add_argument("--scaling", type=int, default=0, metavar="N",
                         help="then N more alternating runs of 1 and 2 Dask workers, for the "
                              "median of the 2-worker speed-up")
+    parser.add_argument("--cpu-shares", type=float, default=0, metavar="SECONDS",
+                        help="then a long 2-worker fit at the first sync_every, each "
+                             "thread's CPU measured over SECONDS of it (Linux /proc)")
     parser.add_argument("--tuned", action="store_true",
                         help="also a plain FM (keep 1, no batch norm: the model Spark "
                              "trains), its learning rate tuned on the validation rows "

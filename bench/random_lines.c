@@ -1,0 +1,143 @@
+/* What this machine's memory gives to random reads: the floor under the kernels'
+ * gathers (docs/distributed.md, "The Spark target on ml-tag").
+ *
+ * For each working set (MiB, default 1 6 12 48 512) prints:
+ *   chase_ns        latency: a pointer chase through the set's cache lines in a random
+ *                   cycle (each load waits for the one before);
+ *   independent_ns  throughput: loads of random lines whose addresses are known ahead
+ *                   (a precomputed index array), as many in flight as the core allows;
+ * then, for a window of 524,288 rows of 3 int32 ids and a float label (bench/
+ * distributed.py's ml-tag store window), the ns per row of copying the rows in a
+ * shuffled order into a batch buffer, 4,096 rows a batch with the ids and label
+ * prefetched 16 rows ahead (the FM kernel's batch-order copy): alone, and with 25,000
+ * random updates of a 12 MiB table between batches (the rest of a step, which takes the
+ * caches and TLB entries the copy would find warm otherwise).
+ *
+ * Build: cc -O2 bench/random_lines.c -o random_lines && ./random_lines [MiB ...]
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define LINE 64
+#define CHASE_STEPS 2000000L
+#define RANDOM_LOADS 4000000L
+#define WINDOW_ROWS 524288L
+#define BATCH 4096
+#define PREFETCH_ROWS 16
+#define TABLE_BYTES (12L << 20)
+#define TABLE_UPDATES 25000
+#define REPEATS 5
+
+static uint64_t state = 88172645463325252ull;
+static volatile long sink;  /* keeps the copies' results live */
+
+static uint64_t next(void) {  /* xorshift64 */
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static void *zeroed(size_t bytes) {
+    void *p = aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+    if (p == NULL) {
+        fprintf(stderr, "random_lines: cannot allocate %zu bytes\n", bytes);
+        exit(1);
+    }
+    memset(p, 0, bytes);
+    return p;
+}
+
+static void shuffle(int64_t *a, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] = (int64_t)i;
+    for (size_t i = n - 1; i > 0; i--) {
+        size_t j = next() % (i + 1);
+        int64_t t = a[i]; a[i] = a[j]; a[j] = t;
+    }
+}
+
+static void working_set(size_t mib) {
+    size_t lines = (mib << 20) / LINE;
+    char *buf = zeroed(lines * LINE);
+    int64_t *cycle = zeroed(lines * sizeof(int64_t));
+    shuffle(cycle, lines);
+    for (size_t i = 0; i < lines; i++)
+        *(int64_t *)(buf + cycle[i] * LINE) = cycle[(i + 1) % lines] * LINE;
+    int64_t at = cycle[0] * LINE;
+    double t = now();
+    for (long s = 0; s < CHASE_STEPS; s++) at = *(int64_t *)(buf + at);
+    double chase = (now() - t) / CHASE_STEPS * 1e9;
+    uint32_t *where = zeroed(RANDOM_LOADS * sizeof(uint32_t));
+    for (long i = 0; i < RANDOM_LOADS; i++) where[i] = (uint32_t)(next() % lines);
+    int64_t sum = 0;
+    t = now();
+    for (long i = 0; i < RANDOM_LOADS; i++) sum += *(int64_t *)(buf + (size_t)where[i] * LINE);
+    double independent = (now() - t) / RANDOM_LOADS * 1e9;
+    printf("%6zu MiB: chase_ns %6.1f  independent_ns %5.1f  (%lld)\n", mib, chase, independent,
+           (long long)((sum + at) & 1));
+    free(where); free(cycle); free(buf);
+}
+
+static double copy_rows(const int32_t *ids, const float *y, const int64_t *rows,
+                        float *table, int pollute) {
+    static int32_t occ[3 * BATCH];
+    static double label[BATCH];
+    double best = 1e30, spent_elsewhere;
+    long bad = 0;
+    for (int r = 0; r < REPEATS; r++) {
+        spent_elsewhere = 0;
+        double t = now();
+        for (long b0 = 0; b0 + BATCH <= WINDOW_ROWS; b0 += BATCH) {
+            const int64_t *batch = rows + b0;
+            if (pollute) {
+                double p = now();
+                for (int u = 0; u < TABLE_UPDATES; u++)
+                    table[(next() % (TABLE_BYTES / LINE)) * (LINE / sizeof(float))] += 1;
+                spent_elsewhere += now() - p;
+            }
+            for (int b = 0; b < BATCH; b++) {
+                if (b + PREFETCH_ROWS < BATCH) {
+                    __builtin_prefetch(ids + 3 * batch[b + PREFETCH_ROWS]);
+                    __builtin_prefetch(y + batch[b + PREFETCH_ROWS]);
+                }
+                label[b] = y[batch[b]];
+                for (int i = 0; i < 3; i++) {
+                    int32_t j = ids[3 * batch[b] + i];
+                    occ[3 * b + i] = j;
+                    bad += j < 0;
+                }
+            }
+        }
+        double ns = (now() - t - spent_elsewhere) / WINDOW_ROWS * 1e9;
+        if (ns < best) best = ns;
+    }
+    sink = bad + occ[0] + (long)label[0];
+    return best;
+}
+
+int main(int argc, char **argv) {
+    size_t defaults[] = {1, 6, 12, 48, 512};
+    if (argc > 1)
+        for (int i = 1; i < argc; i++) working_set((size_t)atol(argv[i]));
+    else
+        for (size_t i = 0; i < sizeof defaults / sizeof *defaults; i++) working_set(defaults[i]);
+    int32_t *ids = zeroed(3 * WINDOW_ROWS * sizeof(int32_t));
+    float *y = zeroed(WINDOW_ROWS * sizeof(float));
+    int64_t *rows = zeroed(WINDOW_ROWS * sizeof(int64_t));
+    float *table = zeroed(TABLE_BYTES);
+    for (long i = 0; i < 3 * WINDOW_ROWS; i++) ids[i] = (int32_t)(i % 90000);
+    shuffle(rows, WINDOW_ROWS);
+    printf("shuffled window of %ld rows, batch-order copy: %.1f ns/row alone, %.1f ns/row "
+           "between updates of a 12 MiB table\n", WINDOW_ROWS,
+           copy_rows(ids, y, rows, table, 0), copy_rows(ids, y, rows, table, 1));
+    return 0;
+}

@@ -1,0 +1,42 @@
+"""The profiling tools that docs/distributed.md's ml-tag analysis quotes: the memory
+probe bench/random_lines.c builds and reads sensible figures, and bench/profile_phases.py
+profiles a training read from a store (``--store``) of the plain FM (``--plain``)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers.paths import REPO
+
+BENCH = REPO / "bench"
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+def test_random_lines_builds_and_reads_latency_above_throughput(tmp_path):
+    binary = tmp_path / "random_lines"
+    subprocess.run([os.environ.get("CC", "cc"), "-O2", "-Wall", "-Werror",
+                    str(BENCH / "random_lines.c"), "-o", str(binary)], check=True)
+    out = subprocess.run([str(binary), "8"], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    chase, independent = map(float, re.search(
+        r"8 MiB: chase_ns +([\d.]+) +independent_ns +([\d.]+)", out).groups())
+    # a dependent load waits for the one before; independent ones overlap
+    assert 0.5 < independent < chase < 10_000
+    alone, polluted = map(float, re.search(
+        r"copy: ([\d.]+) ns/row alone, ([\d.]+) ns/row between", out).groups())
+    assert 0 < alone and 0 < polluted < 10_000
+
+
+def test_profile_phases_from_a_store_of_the_plain_fm():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "profile_phases.py"), "--model", "fm", "--data",
+         "mltag", "--rows", "30000", "--epochs", "2", "--threads", "1", "--store",
+         "--plain"], capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "no batch norm or dropout; from a store" in out
+    row = out.strip().splitlines()[-1].split()
+    # threads, p10, median and the six phases, each a positive number of milliseconds
+    assert row[0] == "1" and len(row) == 9
+    assert all(float(v) >= 0 for v in row[1:]) and float(row[2]) > 0
