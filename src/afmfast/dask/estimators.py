@@ -7,8 +7,10 @@ and runs the epochs as rounds: every worker trains ``sync_every`` batches (the l
 round of an epoch what is left), then the workers average their parameters among
 themselves (``afmfast.dask.averaging``). The driver starts an epoch's rounds with one
 call per worker and takes their records at the end of the epoch: the workers
-synchronise among themselves, with no driver round trip between two rounds. After each
-epoch the workers score their validation shards and the driver adds the sums up, so
+synchronise among themselves, with no driver round trip between two rounds. While
+epochs are short, each epoch's call goes out before the previous epoch's result is back
+(``RUN_AHEAD_SECONDS``), so that the workers do not wait for the round trip either. After
+each epoch the workers score their validation shards and the driver adds the sums up, so
 early stopping and the best-epoch restore work as in a single process. The fitted
 local estimator (``to_local()``) is an ordinary ``afmfast.FM`` / ``AFM`` / classifier.
 
