@@ -12,9 +12,17 @@
  * prefetched 16 rows ahead (the FM kernel's batch-order copy): alone, and with 25,000
  * random updates of a 12 MiB table between batches (the rest of a step, which takes the
  * caches and TLB entries the copy would find warm otherwise).
+ * Last, the table traffic of an FM k=16 batch of that set, without its arithmetic:
+ * 4,096 rows of 3 ids drawn as bench_common.synthetic_mltag draws them (Zipf-like over
+ * fields of 17,000, 23,500 and 49,500 ids), V and its accumulator 90,000 x 16 floats
+ * each; ms a batch of loading the rows' V rows (the forward pass's loads) and of
+ * updating the V and accumulator rows of the batch's distinct ids once each (the
+ * feature updates' traffic), each with its own 16 rows or 6 ids of prefetch, and the
+ * distinct ids per batch.
  *
- * Build: cc -O2 bench/random_lines.c -o random_lines && ./random_lines [MiB ...]
+ * Build: cc -O2 bench/random_lines.c -o random_lines -lm && ./random_lines [MiB ...]
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +38,9 @@
 #define TABLE_BYTES (12L << 20)
 #define TABLE_UPDATES 25000
 #define REPEATS 5
+#define FEATURES 90000
+#define K 16
+#define FM_BATCHES 200
 
 static uint64_t state = 88172645463325252ull;
 static volatile long sink;  /* keeps the copies' results live */
@@ -124,6 +135,84 @@ static double copy_rows(const int32_t *ids, const float *y, const int64_t *rows,
     return best;
 }
 
+/* One id of a field of `size` ids, drawn with probability proportional to
+ * 1 / (i + 10)^0.9 (cdf: the field's cumulative weights). */
+static int draw(const double *cdf, int size) {
+    double u = (next() >> 11) * (1.0 / 9007199254740992.0) * cdf[size - 1];
+    int lo = 0, hi = size - 1;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (cdf[mid] < u) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+static void fm_batches(void) {
+    static const int fields[3] = {17000, 23500, 49500};
+    double *cdf[3];
+    for (int f = 0; f < 3; f++) {
+        cdf[f] = malloc(fields[f] * sizeof(double));
+        double acc = 0;
+        for (int i = 0; i < fields[f]; i++) cdf[f][i] = acc += 1.0 / pow(i + 10.0, 0.9);
+    }
+    float *V = zeroed((size_t)FEATURES * K * sizeof(float));
+    float *G = zeroed((size_t)FEATURES * K * sizeof(float));
+    int32_t *ids = zeroed((size_t)FM_BATCHES * BATCH * 3 * sizeof(int32_t));
+    for (long q = 0; q < (long)FM_BATCHES * BATCH; q++)
+        for (int f = 0, offset = 0; f < 3; offset += fields[f], f++)
+            ids[3 * q + f] = offset + draw(cdf[f], fields[f]);
+    int32_t *distinct = zeroed(3 * BATCH * sizeof(int32_t));
+    uint8_t *seen = zeroed(FEATURES);
+    float *S = zeroed((size_t)BATCH * K * sizeof(float));
+    double load_s = 0, update_s = 0;
+    long n_distinct = 0;
+    for (int pass = 0; pass < 2; pass++) {  /* the first pass warms up */
+        load_s = update_s = 0;
+        n_distinct = 0;
+        for (int batch = 0; batch < FM_BATCHES; batch++) {
+            const int32_t *b_ids = ids + (size_t)batch * BATCH * 3;
+            /* between batches the other phases and the data's rows take the caches */
+            for (int u = 0; u < TABLE_UPDATES; u++)
+                V[(next() % FEATURES) * K] += 0;
+            double t = now();
+            for (int b = 0; b < BATCH; b++) {
+                if (b + PREFETCH_ROWS < BATCH)
+                    for (int i = 0; i < 3; i++)
+                        __builtin_prefetch(V + (size_t)b_ids[3 * (b + PREFETCH_ROWS) + i] * K);
+                for (int c = 0; c < K; c++) S[b * K + c] = 0;
+                for (int i = 0; i < 3; i++)
+                    for (int c = 0; c < K; c++)
+                        S[b * K + c] += V[(size_t)b_ids[3 * b + i] * K + c];
+            }
+            load_s += now() - t;
+            int U = 0;
+            for (int q = 0; q < 3 * BATCH; q++)
+                if (!seen[b_ids[q]]) { seen[b_ids[q]] = 1; distinct[U++] = b_ids[q]; }
+            t = now();
+            for (int u = 0; u < U; u++) {
+                if (u + 6 < U) {
+                    __builtin_prefetch(V + (size_t)distinct[u + 6] * K);
+                    __builtin_prefetch(G + (size_t)distinct[u + 6] * K);
+                }
+                float *v = V + (size_t)distinct[u] * K, *g = G + (size_t)distinct[u] * K;
+                for (int c = 0; c < K; c++) {
+                    float grad = S[(u % BATCH) * K + c] * 1e-3f;
+                    g[c] += grad * grad;
+                    v[c] -= grad;
+                }
+            }
+            update_s += now() - t;
+            for (int u = 0; u < U; u++) seen[distinct[u]] = 0;
+            n_distinct += U;
+        }
+    }
+    printf("FM k=%d batches of %d ml-tag rows: V rows loaded %.3f ms a batch, V and "
+           "accumulator rows of %ld distinct ids updated %.3f ms a batch\n", K, BATCH,
+           1e3 * load_s / FM_BATCHES, n_distinct / FM_BATCHES, 1e3 * update_s / FM_BATCHES);
+    sink = (long)(S[0] + V[0] + G[0]);
+    for (int f = 0; f < 3; f++) free(cdf[f]);
+}
+
 int main(int argc, char **argv) {
     size_t defaults[] = {1, 6, 12, 48, 512};
     if (argc > 1)
@@ -139,5 +228,6 @@ int main(int argc, char **argv) {
     printf("shuffled window of %ld rows, batch-order copy: %.1f ns/row alone, %.1f ns/row "
            "between updates of a 12 MiB table\n", WINDOW_ROWS,
            copy_rows(ids, y, rows, table, 0), copy_rows(ids, y, rows, table, 1));
+    fm_batches();
     return 0;
 }
