@@ -138,42 +138,6 @@ def test_two_workers_are_reproducible_and_learn_as_a_single_process_does(client,
     assert not same_params(mean.fit(stores["train"]).to_local(), runs[0].to_local())
 
 
-@pytest.mark.parametrize("case", ["early stop", "callback stop", "no validation"])
-def test_epochs_run_ahead_of_the_driver_give_the_same_model(client, stores, monkeypatch,
-                                                            case):
-    # short epochs run ahead of the driver's call (one epoch trained beyond the one the
-    # driver judges); the model, its history and its best epoch are those of a fit that
-    # waits for the driver each epoch, whichever epoch the fit stops at
-    from afmfast.dask import estimators
-
-    settings = dict(SMALL, n_epochs=12)
-    fit_args = {"validation": stores["valid"]}
-    if case == "early stop":
-        settings.update(learning_rate=0.3, patience=1)
-    elif case == "callback stop":
-        settings.update(early_stopping=False)
-        fit_args["callbacks"] = [lambda model, record: record["epoch"] == 4]
-    else:
-        fit_args = {}
-    runs = {}
-    for ahead, threshold in (("never", 0.0), ("always", float("inf"))):
-        monkeypatch.setattr(estimators, "RUN_AHEAD_SECONDS", threshold)
-        monkeypatch.setattr(estimators, "RUN_AHEAD_MAX_BYTES", float("inf"))
-        runs[ahead] = DaskFM(client=client, sync_every=2, **settings).fit(
-            stores["train"], **fit_args)
-    never, always = runs["never"], runs["always"]
-    assert same_params(never.to_local(), always.to_local())
-    assert never.best_epoch_ == always.best_epoch_
-    assert [h["valid_rmse"] for h in never.history_] == \
-        [h["valid_rmse"] for h in always.history_]
-    if case == "early stop":  # the fit stopped early and restored an earlier epoch
-        assert never.best_epoch_ < len(never.history_) < 12
-    elif case == "callback stop":  # the live parameters of epoch 4, not of epoch 5
-        assert len(never.history_) == 4 and never.best_epoch_ == 4
-    else:
-        assert len(never.history_) == 12 == never.best_epoch_
-
-
 def test_a_store_with_fewer_rows_than_workers(client, tmp_path):
     """One row for two workers: one worker trains it, the other trains nothing and
     still merges; the model is the single process's, and each round's record says

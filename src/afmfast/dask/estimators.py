@@ -7,10 +7,8 @@ and runs the epochs as rounds: every worker trains ``sync_every`` batches (the l
 round of an epoch what is left), then the workers average their parameters among
 themselves (``afmfast.dask.averaging``). The driver starts an epoch's rounds with one
 call per worker and takes their records at the end of the epoch: the workers
-synchronise among themselves, with no driver round trip between two rounds. While
-epochs are short, each epoch's call goes out before the previous epoch's result is back
-(``RUN_AHEAD_SECONDS``), so that the workers do not wait for the round trip either. After
-each epoch the workers score their validation shards and the driver adds the sums up, so
+synchronise among themselves, with no driver round trip between two rounds. After each
+epoch the workers score their validation shards and the driver adds the sums up, so
 early stopping and the best-epoch restore work as in a single process. The fitted
 local estimator (``to_local()``) is an ordinary ``afmfast.FM`` / ``AFM`` / classifier.
 
@@ -55,12 +53,6 @@ MERGE_RULES = ("sum", "mean")
 POLL_SECONDS = 0.5
 #: seconds the driver waits for a surviving worker's parameters after a loss
 RECOVER_SECONDS = 60.0
-#: epochs shorter than this run ahead of the driver (``DaskModel._run``): the driver's
-#: round trip an epoch is then saved, and a stop discards at most this much training
-RUN_AHEAD_SECONDS = 0.25
-#: ... if the parameters take at most this many bytes: running ahead costs a copy of
-#: them an epoch, which must stay well below the round trip it saves
-RUN_AHEAD_MAX_BYTES = 4 << 20
 
 
 class WorkerLostError(RuntimeError):
@@ -497,35 +489,20 @@ class DaskModel:
         sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
         best_valid, history, best_epoch = -math.inf, [], 0
         round_id = 0
-        # The driver's call for epoch e + 1 goes out before epoch e's result comes back
-        # while epochs are short (run_ahead): the workers then go on without waiting for
-        # the round trip. What the driver decides from epoch e's result (keep it as the
-        # best, stop) reaches the workers one epoch late: they keep a copy of the
-        # parameters at the end of the epoch before ("ahead"), and a stop at e
-        # discards the epoch trained beyond it.
-        calls = {}
-        keep = None  # the epoch whose end the workers are to keep as the best
-
-        def submit(epoch, ahead):
-            nonlocal keep
-            calls[epoch] = ([a.run_epoch(epoch, syncs, self.sync_every,
-                                         (epoch - 1) * syncs + 1, bounds, keep, ahead)
-                             for a in fit.actors], time.perf_counter())
-            keep = None
-
-        submit(1, False)
+        # a best epoch's snapshot is taken at the start of the next epoch's call (or by
+        # keep_epoch after the last): one driver round trip an epoch
+        keep = False
         last_result = None
         for epoch in range(1, local.n_epochs + 1):
-            if epoch not in calls:
-                submit(epoch, False)
-            futures, sent_at = calls.pop(epoch)
-            results = fit.wait(futures)
+            t0 = time.perf_counter()
+            results = fit.wait([a.run_epoch(epoch, syncs, self.sync_every, round_id + 1,
+                                            bounds, keep) for a in fit.actors])
             now = time.perf_counter()
             # the epoch's seconds from the previous epoch's result (the first's from its
             # call): the driver's part counts, as it does in a pass over the data; the
             # scoring, which each worker timed, does not
-            started = sent_at if last_result is None else last_result
-            seconds = now - started - max(r["score_seconds"] for r in results)
+            seconds = (now - (t0 if last_result is None else last_result)
+                       - max(r["score_seconds"] for r in results))
             last_result = now
             loss_sum, sent, waited = 0.0, 0, 0.0
             for records in zip(*(r["records"] for r in results)):
@@ -563,8 +540,7 @@ class DaskModel:
                 if valid:
                     best_valid = sign * metrics[monitor]
             # without validation the best epoch is the last one, the live parameters
-            if improved and valid:
-                keep = epoch
+            keep = improved and valid
             line = f"Epoch {epoch} [{seconds:.1f} s, {syncs} syncs]\ttrain loss=" \
                    f"{record['train_loss']:.4f}"
             if valid:
@@ -579,16 +555,10 @@ class DaskModel:
                 break
             if any([bool(callback(self, record)) for callback in callbacks]):
                 break
-            if epoch + 1 <= local.n_epochs and epoch + 1 not in calls:
-                submit(epoch + 1, False)
-            if (epoch + 2 <= local.n_epochs and seconds < RUN_AHEAD_SECONDS
-                    and max(r["params_bytes"] for r in results) <= RUN_AHEAD_MAX_BYTES):
-                submit(epoch + 2, True)
-        if keep is not None:
-            fit.wait([a.keep_epoch(keep) for a in fit.actors])
+        if keep:
+            fit.wait([a.keep_epoch(True) for a in fit.actors])
         restore = local.early_stopping and valid
-        # the live parameters may be an epoch past the last one the driver took
-        which = "best" if restore and best_epoch else len(history)
+        which = "best" if restore and best_epoch else "live"
         final = fit.wait([fit.actors[0].params(which)])[0]
         local.history_ = history
         local.best_epoch_ = best_epoch if restore else len(history)

@@ -118,15 +118,6 @@ def _call(method, *args):
     return out
 
 
-def _copy_of(source, into=None):
-    """A copy of the parameter tuple ``source``, written into ``into`` (a copy no
-    longer needed) if given."""
-    if into is None:
-        return type(source)(*(a.copy() for a in source))
-    _copy_params(into, source)
-    return into
-
-
 def worker_seed(seed: int, index: int) -> int:
     """The seed of worker ``index``'s epoch order and dropout: the model's own for
     worker 0 (one worker trains exactly as a single process does), a derived one
@@ -203,9 +194,8 @@ class ShardWorker:
     docstring). The driver (``afmfast.dask.estimators``) calls, in order: ``open``,
     ``start``, then ``run_epoch`` once per epoch (all of the epoch's rounds and its
     scoring in one call: the workers synchronise among themselves, and the driver's
-    round trip is paid once an epoch, not once a round; short epochs' calls are sent an
-    epoch ahead, ``DaskModel._run``), ``keep_epoch`` after the last epoch; ``params``
-    at the end. Construction does nothing, so
+    round trip is paid once an epoch, not once a round), ``keep_epoch``
+    after the last epoch; ``params`` at the end. Construction does nothing, so
     that Dask recomputing a lost actor elsewhere costs nothing.
 
     Examples
@@ -225,9 +215,6 @@ class ShardWorker:
         self._synced_rounds = 0  # rounds whose result the snapshot holds
         self._allocator = False  # whether this actor holds memory.acquire()
         self._synced = self._best = None
-        # (epoch, a copy of the parameters at its end) kept by run_epoch(ahead=True)
-        self._ended = None
-        self.epoch = 0
 
     # ----- set-up ------------------------------------------------------------------------
     def open(self, local_class, params, shards, valid_shards, index, n_workers,
@@ -329,30 +316,21 @@ class ShardWorker:
         return self._epoch_batches
 
     # ----- training ----------------------------------------------------------------------
-    def run_epoch(self, epoch, n_rounds, sync_every, first_round, bounds, keep=None,
-                  ahead=False):
-        """One epoch. First make the end of epoch ``keep`` the best epoch's parameters
-        if given (``keep_epoch``); then, if ``ahead`` (the driver sent this call before
-        it had the previous epoch's result), keep a copy of the parameters as they are,
-        the end of epoch ``epoch - 1``, which the driver may still ask for
-        (``keep_epoch``, ``params``). Then train the epoch's ``n_rounds`` rounds
-        (``train_rounds``), numbered from ``first_round``, and score the validation
-        shards (``score``, with ``bounds``). Returns {"records": the rounds' records,
-        "score": the sums, "seconds": the seconds training, "score_seconds": the seconds
-        scoring, "params_bytes": the size of the parameters, which a copy kept ahead
-        takes}."""
-        self.keep_epoch(keep)
-        if ahead:
-            self._ended = (epoch - 1, _copy_of(self.trainer.params,
-                                               self._ended[1] if self._ended else None))
+    def run_epoch(self, epoch, n_rounds, sync_every, first_round, bounds, keep_previous):
+        """One epoch: snapshot the parameters as the best epoch's first if
+        ``keep_previous`` (the driver found the previous epoch improved), train the
+        epoch's ``n_rounds`` rounds (``train_rounds``), numbered from ``first_round``,
+        then score the validation shards (``score``, with ``bounds``). Returns
+        {"records": the rounds' records, "score": the sums, "seconds": the seconds
+        training, "score_seconds": the seconds scoring}."""
+        self.keep_epoch(keep_previous)
         t0 = time.perf_counter()
         self.begin_epoch(epoch)
         records = self.train_rounds(n_rounds, sync_every, first_round)
         t1 = time.perf_counter()
         score = self.score(bounds)
         return {"records": records, "score": score, "seconds": t1 - t0,
-                "score_seconds": time.perf_counter() - t1,
-                "params_bytes": sum(a.nbytes for a in self.trainer.params)}
+                "score_seconds": time.perf_counter() - t1}
 
     def begin_epoch(self, epoch):
         """Start ``epoch``: the shards in a seeded order, each in its own epoch order
@@ -553,31 +531,16 @@ class ShardWorker:
         out["finite"] = out["finite"] and self.trainer.finite_parameters()
         return out
 
-    def keep_epoch(self, epoch):
-        """Make the parameters at the end of epoch ``epoch`` the best epoch's (None:
-        nothing to keep)."""
-        if epoch is not None:
-            self._best = _copy_of(self._epoch_end(epoch), self._best)
-
-    def _epoch_end(self, epoch):
-        """The parameters at the end of epoch ``epoch``: the live ones if it is the last
-        epoch trained, else the copy that ``run_epoch`` kept when the driver ran ahead."""
-        if epoch == self.epoch:
-            return self.trainer.params
-        if self._ended is not None and self._ended[0] == epoch:
-            return self._ended[1]
-        raise RuntimeError(f"the end of epoch {epoch} was not kept (epoch {self.epoch} is "
-                           f"the last trained)")
+    def keep_epoch(self, improved):
+        """Snapshot the parameters as the best epoch's when ``improved``."""
+        if improved:
+            self._best = self.trainer._snapshot(self._best)
 
     def params(self, which="live"):
-        """The parameter arrays by name: "live", "best" (the best epoch's), "synced"
-        (the last synchronisation's) or, given an epoch number, those at the end of that
-        epoch (the last trained, or the one before it when the driver ran ahead)."""
-        if isinstance(which, int):
-            source = self._epoch_end(which)
-        else:
-            source = {"live": self.trainer.params, "best": self._best,
-                      "synced": self._synced}[which]
+        """The parameter arrays by name: "live", "best" (the best epoch's) or
+        "synced" (the last synchronisation's)."""
+        source = {"live": self.trainer.params, "best": self._best,
+                  "synced": self._synced}[which]
         return dict(zip(source._fields, source))
 
     async def synced_params(self):
