@@ -136,8 +136,15 @@ def _nanny_allocator():
     memory.acquire = lambda: False
 
 
+def dask_label(workers, sync_every):
+    """The results' label of afmfast on Dask with the reference settings."""
+    return f"afmfast on Dask, {workers} worker(s) x 1 thread, sync_every {sync_every}"
+
+
 def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge="sum",
-             nanny_allocator=False, **extra):
+             nanny_allocator=False, watch=None, **extra):
+    """A Dask fit on a LocalCluster of ``workers``; ``watch(client)``, if given, returns
+    a started thread that watches the fit and is joined after it."""
     from distributed import Client, LocalCluster
 
     from afmfast.dask import DaskFM
@@ -150,7 +157,10 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
             client.run(_nanny_allocator)
         model = cls(n_epochs=epochs, n_threads=1, adaptive_threads=False, client=client,
                     sync_every=sync_every, merge=merge, **settings)
+        watcher = watch(client) if watch is not None else None
         model.fit(paths["train"], validation=paths["valid"], init_from=init_from)
+        if watcher is not None:
+            watcher.join()
         result = {"rmse": model.evaluate(paths["test"])["rmse"],
                   "sec": epoch_seconds(model.history_), "passes": len(model.history_),
                   "total": sum(h["seconds"] for h in model.history_),
@@ -184,7 +194,7 @@ def _thread_cpu(pids):
     return out
 
 
-def run_cpu_shares(paths, every, seconds, sec_per_epoch, **extra):
+def run_cpu_shares(paths, every, seconds, sec_per_epoch):
     """Where the CPUs go during a 2-worker fit (Linux): each thread's CPU time over
     ``seconds`` of the fit's middle, as shares of one CPU: per worker its training (the
     threads other than the main one, where the actor trains) and its event loop (the
@@ -193,36 +203,30 @@ def run_cpu_shares(paths, every, seconds, sec_per_epoch, **extra):
     early stopping off."""
     import threading
 
-    from distributed import Client, LocalCluster
-
-    from afmfast.dask import DaskFM
-
     warm = 1.0
     epochs = int(math.ceil(1.5 * (warm + seconds) / max(sec_per_epoch, 1e-3))) + 2
     shares = {}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        pids = sorted(client.run(os.getpid).values())
 
-        def sample():
-            time.sleep(warm)
-            before, t0 = _thread_cpu(pids + [os.getpid()]), time.perf_counter()
-            time.sleep(seconds)
-            after, t1 = _thread_cpu(pids + [os.getpid()]), time.perf_counter()
-            used = {key: (after[key] - before.get(key, 0.0)) / (t1 - t0) for key in after}
-            for i, pid in enumerate(pids):
-                shares[f"worker {i} training"] = sum(
-                    v for (p, tid), v in used.items() if p == pid and tid != pid)
-                shares[f"worker {i} event loop"] = used.get((pid, pid), 0.0)
-            shares["driver"] = sum(v for (p, _), v in used.items() if p == os.getpid())
-            shares["idle or elsewhere"] = (os.cpu_count() or 1) - sum(used.values())
+    def sample(pids):
+        time.sleep(warm)
+        before, t0 = _thread_cpu(pids + [os.getpid()]), time.perf_counter()
+        time.sleep(seconds)
+        after, t1 = _thread_cpu(pids + [os.getpid()]), time.perf_counter()
+        used = {key: (after[key] - before.get(key, 0.0)) / (t1 - t0) for key in after}
+        for i, pid in enumerate(pids):
+            shares[f"worker {i} training"] = sum(
+                v for (p, tid), v in used.items() if p == pid and tid != pid)
+            shares[f"worker {i} event loop"] = used.get((pid, pid), 0.0)
+        shares["driver"] = sum(v for (p, _), v in used.items() if p == os.getpid())
+        shares["idle or elsewhere"] = (os.cpu_count() or 1) - sum(used.values())
 
-        sampler = threading.Thread(target=sample)
-        model = DaskFM(n_epochs=epochs, n_threads=1, adaptive_threads=False, client=client,
-                       sync_every=every, **dict(FM_SETTINGS, early_stopping=False, **extra))
+    def watch(client):
+        sampler = threading.Thread(target=sample,
+                                   args=(sorted(client.run(os.getpid).values()),))
         sampler.start()
-        model.fit(paths["train"], validation=paths["valid"])
-        sampler.join()
+        return sampler
+
+    run_dask(paths, epochs, 2, every, watch=watch, early_stopping=False)
     if not shares:
         raise RuntimeError("--cpu-shares: the fit ended before the sample; raise the "
                            "epochs' estimate")
@@ -266,12 +270,15 @@ def run_spark(parts, folder, iterations, step_sizes, repeats):
     # which would otherwise count against the first step size
     FMRegressor(factorSize=16, maxIter=2, stepSize=step_sizes[0], seed=0).fit(
         frames["train"])
+    def timed_fit(step):
+        t = time.perf_counter()
+        model = FMRegressor(factorSize=16, maxIter=iterations, stepSize=step,
+                            seed=0).fit(frames["train"])
+        return model, time.perf_counter() - t
+
     best = None
     for step in step_sizes:
-        fm = FMRegressor(factorSize=16, maxIter=iterations, stepSize=step, seed=0)
-        t = time.perf_counter()
-        model = fm.fit(frames["train"])
-        seconds = time.perf_counter() - t
+        model, seconds = timed_fit(step)
         scores = {}
         for key in ("valid", "test"):
             pred = model.transform(frames[key]).select("label", "prediction").toPandas()
@@ -284,10 +291,7 @@ def run_spark(parts, folder, iterations, step_sizes, repeats):
                     "step": step}
     seconds = [best["total"]]
     for _ in range(repeats - 1):
-        fm = FMRegressor(factorSize=16, maxIter=iterations, stepSize=best["step"], seed=0)
-        t = time.perf_counter()
-        fm.fit(frames["train"])
-        seconds.append(time.perf_counter() - t)
+        seconds.append(timed_fit(best["step"])[1])
         log(f"  spark stepSize={best['step']} again: {seconds[-1] / iterations:.2f} "
             f"s/iteration")
     spark.stop()
@@ -312,9 +316,8 @@ def bench(name, args):
         runs = [(1, sync_every)] + [(2, every) for every in [sync_every] + args.also_every]
         for workers, every in runs:
             log(f"{name}: Dask, {workers} worker(s), sync_every {every}")
-            results[f"afmfast on Dask, {workers} worker(s) x 1 thread, sync_every "
-                    f"{every}"] = run_dask(paths, args.epochs, workers, every,
-                                           merge=args.merge)
+            results[dask_label(workers, every)] = run_dask(paths, args.epochs, workers,
+                                                           every, merge=args.merge)
         allocator = {every: [] for every in [sync_every] + args.also_every}
         for r in range(args.allocator):
             # 2 workers with afmfast.dask.memory's allocator settings and without them
@@ -335,10 +338,10 @@ def bench(name, args):
                 two = run_dask(paths, args.epochs, 2, every, merge=args.merge)["sec"]
                 repeats[every].append(one / two)
         if args.cpu_shares:
-            label = f"afmfast on Dask, 2 worker(s) x 1 thread, sync_every {sync_every}"
             log(f"{name}: CPU shares of a 2-worker fit, sync_every {sync_every}")
             results[f"CPU shares, sync_every {sync_every}"] = {"shares": run_cpu_shares(
-                paths, sync_every, args.cpu_shares, results[label]["sec"])}
+                paths, sync_every, args.cpu_shares,
+                results[dask_label(2, sync_every)]["sec"])}
         if args.tuned:
             # Spark's model, tuned as Spark is: a plain FM (no dropout, no batch norm),
             # its learning rate chosen on the validation rows (one process), then the

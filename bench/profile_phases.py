@@ -6,7 +6,6 @@
     python bench/profile_phases.py --model fm --k 256 --data mltag --no-dropout
     python bench/profile_phases.py --model fm --data mltag --rows 4000000 --store --plain
 
-
 Trains on frappe-mini (../shared/data beside the repository) or on the synthetic ml-tag
 set of ``bench/compare.py`` and prints, per thread count, the 10th percentile and the
 median of the batch time and the 10th percentile of each phase that the kernel module's
@@ -25,8 +24,8 @@ median of the batch time and the 10th percentile of each phase that the kernel m
 the windowed epoch order that ``fit`` uses for stores (``afmfast.models.epoch_order``),
 as a Dask worker does, instead of an in-memory set in one permutation of all rows;
 ``--plain`` trains FM without batch norm and dropout (Spark's FMRegressor's model, the
-``--tuned`` runs of ``bench/distributed.py``). The first third of the batches is warm-up. On a shared machine quote the percentiles
-side by side, not one absolute time.
+``--tuned`` runs of ``bench/distributed.py``). The first third of the batches is
+warm-up. On a shared machine quote the percentiles side by side, not one absolute time.
 """
 import argparse
 import os

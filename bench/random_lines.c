@@ -1,5 +1,5 @@
 /* What this machine's memory gives to random reads: the floor under the kernels'
- * gathers (docs/distributed.md, "The Spark target on ml-tag").
+ * gathers (docs/distributed.md, "How far 20x on ml-tag is").
  *
  * For each working set (MiB, default 1 6 12 48 512) prints:
  *   chase_ns        latency: a pointer chase through the set's cache lines in a random
@@ -17,8 +17,8 @@
  * fields of 17,000, 23,500 and 49,500 ids), V and its accumulator 90,000 x 16 floats
  * each; ms a batch of loading the rows' V rows (the forward pass's loads) and of
  * updating the V and accumulator rows of the batch's distinct ids once each (the
- * feature updates' traffic), each with its own 16 rows or 6 ids of prefetch, and the
- * distinct ids per batch.
+ * feature updates' traffic), each with its own 16 rows or 6 ids of prefetch, the same
+ * 25,000 table updates between batches, and the distinct ids per batch.
  *
  * Build: cc -O2 bench/random_lines.c -o random_lines -lm && ./random_lines [MiB ...]
  */
@@ -147,7 +147,7 @@ static int draw(const double *cdf, int size) {
     return lo;
 }
 
-static void fm_batches(void) {
+static void fm_batches(float *table) {
     static const int fields[3] = {17000, 23500, 49500};
     double *cdf[3];
     for (int f = 0; f < 3; f++) {
@@ -171,9 +171,9 @@ static void fm_batches(void) {
         n_distinct = 0;
         for (int batch = 0; batch < FM_BATCHES; batch++) {
             const int32_t *b_ids = ids + (size_t)batch * BATCH * 3;
-            /* between batches the other phases and the data's rows take the caches */
+            /* between batches the data's rows and the other phases take the caches */
             for (int u = 0; u < TABLE_UPDATES; u++)
-                V[(next() % FEATURES) * K] += 0;
+                table[(next() % (TABLE_BYTES / LINE)) * (LINE / sizeof(float))] += 1;
             double t = now();
             for (int b = 0; b < BATCH; b++) {
                 if (b + PREFETCH_ROWS < BATCH)
@@ -228,6 +228,6 @@ int main(int argc, char **argv) {
     printf("shuffled window of %ld rows, batch-order copy: %.1f ns/row alone, %.1f ns/row "
            "between updates of a 12 MiB table\n", WINDOW_ROWS,
            copy_rows(ids, y, rows, table, 0), copy_rows(ids, y, rows, table, 1));
-    fm_batches();
+    fm_batches(table);
     return 0;
 }

@@ -18,7 +18,8 @@
 - Prefetching: ``prefetch_row`` (the cache lines of a row); ``prefetch_table_rows`` says
   whether a step should prefetch the rows of V (and its optimiser state) that it
   reaches through feature ids, ``feature_prefetch_distance`` how far ahead the
-  feature updates do, ``state_prefetch_distance`` how far for the state's rows in FM's. GRAD_SPAN: the columns of a V row's gradient formed at a time.
+  feature updates do, ``state_prefetch_distance`` how far for the state's rows in FM's.
+  GRAD_SPAN: the columns of a V row's gradient formed at a time.
 - Work items of loops over the touched features: ``feature_items`` /
   ``feature_item_start`` (the popular features one by one, the rest in runs of
   ``feature_tail``).
