@@ -138,6 +138,43 @@ def test_two_workers_are_reproducible_and_learn_as_a_single_process_does(client,
     assert not same_params(mean.fit(stores["train"]).to_local(), runs[0].to_local())
 
 
+def test_early_stopping_as_a_single_process_and_the_best_epoch_restored(client1, client,
+                                                                        stores):
+    """The workers judge the epochs themselves, the verdict on an epoch coming with the
+    next epoch's first payload: one worker stops and restores exactly as a single
+    process does; two restore the epoch whose validation score was the best."""
+    settings = dict(SMALL, learning_rate=0.3, patience=2)
+    train, valid = stores["train"], stores["valid"]
+    local = afmfast.FM(n_epochs=60, **settings).fit(afmfast.open_store(train),
+                                                    validation=afmfast.open_store(valid))
+    assert 3 < len(local.history_) < 60  # it stops early, after calls of several epochs
+    one = DaskFM(n_epochs=60, client=client1, sync_every=3, **settings).fit(
+        train, validation=valid)
+    assert same_params(one.to_local(), local)
+    assert one.to_local().best_epoch_ == local.best_epoch_
+    np.testing.assert_allclose([h["valid_rmse"] for h in one.history_],
+                               [h["valid_rmse"] for h in local.history_], rtol=1e-6)
+    two = DaskFM(n_epochs=60, client=client, sync_every=3, **settings).fit(
+        train, validation=valid)
+    scores = [h["valid_rmse"] for h in two.history_]
+    best = two.to_local().best_epoch_
+    assert len(scores) < 60 and len(scores) - best == 2 and scores[best - 1] == min(scores)
+    assert two.evaluate(valid)["rmse"] == pytest.approx(scores[best - 1], rel=1e-9)
+
+
+def test_a_callback_sees_every_epoch_before_the_next_and_can_stop_the_fit(client, stores):
+    seen = []
+
+    def stop_after_3(model, record):
+        seen.append((record["epoch"], len(model.history_)))
+        return record["epoch"] == 3
+
+    model = DaskFM(n_epochs=10, client=client, **SMALL).fit(stores["train"],
+                                                           callbacks=[stop_after_3])
+    assert seen == [(1, 1), (2, 2), (3, 3)] and len(model.history_) == 3
+    assert max(entry["epoch"] for entry in model.sync_log_) == 3
+
+
 def test_a_store_with_fewer_rows_than_workers(client, tmp_path):
     """One row for two workers: one worker trains it, the other trains nothing and
     still merges; the model is the single process's, and each round's record says
@@ -234,9 +271,11 @@ def test_bad_arguments(client, stores):
 def test_worker_module_examples():
     import doctest
 
+    import afmfast.dask.scoring
     import afmfast.dask.worker
 
-    assert doctest.testmod(afmfast.dask.worker, optionflags=doctest.ELLIPSIS).failed == 0
+    for module in (afmfast.dask.worker, afmfast.dask.scoring):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_dask_dataframe_partitions_are_hash_encoded_on_the_workers(client):

@@ -39,6 +39,8 @@ class Payload(NamedTuple):
     dense : copies of the dense tables (``dense_tables`` order).
     batches : batches trained since the last synchronisation (0: the dense tables are
         left out of the mean).
+    notes : what else the worker tells its peers at this synchronisation, or None (a
+        Dask worker: its validation sums of the epoch before, ``afmfast.dask.worker``).
 
     Examples
     --------
@@ -51,6 +53,7 @@ class Payload(NamedTuple):
     deltas: tuple
     dense: tuple
     batches: int
+    notes: object = None
 
     @property
     def nbytes(self) -> int:

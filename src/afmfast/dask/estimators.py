@@ -5,12 +5,14 @@ The driver (this module, in the client's process) places one ``ShardWorker`` act
 every worker, hands each its shards (paths; the workers open the stores themselves),
 and runs the epochs as rounds: every worker trains ``sync_every`` batches (the last
 round of an epoch what is left), then the workers average their parameters among
-themselves (``afmfast.dask.averaging``). The driver starts an epoch's rounds with one
-call per worker and takes their records at the end of the epoch: the workers
-synchronise among themselves, with no driver round trip between two rounds. After each
-epoch the workers score their validation shards and the driver adds the sums up, so
-early stopping and the best-epoch restore work as in a single process. The fitted
-local estimator (``to_local()``) is an ordinary ``afmfast.FM`` / ``AFM`` / classifier.
+themselves (``afmfast.dask.averaging``). After each epoch the workers score their
+validation shards and judge the epoch among themselves (``afmfast.dask.scoring``: the
+sums travel with the next epoch's first payload), so early stopping and the best-epoch
+restore work as in a single process with no driver round trip between two epochs. The
+driver asks for about ``CALL_SECONDS`` of epochs in one call per worker (one epoch at a
+time when there are callbacks, which see each epoch before the next starts) and logs
+the epochs from their records. The fitted local estimator (``to_local()``) is an
+ordinary ``afmfast.FM`` / ``AFM`` / classifier.
 
 The driver never blocks on a lost worker: it waits in short slices and asks the
 scheduler, between them, whether every worker of the fit is still there. A lost worker
@@ -31,14 +33,14 @@ import numpy as np
 
 from afmfast.data.hashed_frames import hash_frame
 from afmfast.data.hashing import DEFAULT_HASH_BITS
-from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, score_sums, summed_counts
+from afmfast.dask.scoring import score_sums, summed_metrics
+from afmfast.dask.worker import MEMORY, Aborted, ShardWorker, summed_counts
 from afmfast.data.store import open_store
 from afmfast.kernels import backends
-from afmfast.metrics import HIGHER_IS_BETTER, auc_from_histograms
 from afmfast.models.afm import AFM, AFMClassifier
 from afmfast.models.base import FactorizationModel, _as_model, _check_int
 from afmfast.models.fm import FM, FMClassifier
-from afmfast.models.training import TrainingDivergedError, early_stop_reason
+from afmfast.models.training import TrainingDivergedError
 
 if TYPE_CHECKING:  # annotations only
     from collections.abc import Callable, Sequence
@@ -53,6 +55,9 @@ MERGE_RULES = ("sum", "mean")
 POLL_SECONDS = 0.5
 #: seconds the driver waits for a surviving worker's parameters after a loss
 RECOVER_SECONDS = 60.0
+#: seconds of epochs the driver asks for in one call (the log's cadence, and how often
+#: the driver's round trip is paid)
+CALL_SECONDS = 1.0
 
 
 class WorkerLostError(RuntimeError):
@@ -478,36 +483,83 @@ class DaskModel:
         else:
             bias = local._initial_bias(sum(info["label_sum"] for info in infos), rows)
         row_lengths = summed_counts([info["row_lengths"] for info in infos])
+        valid = any(valid_shards)
         batches = fit.wait([a.start(n_features, threads[i], fit.actors, init_from, classes,
-                                    self.merge, bias, row_lengths)
+                                    self.merge, bias, row_lengths, monitor, valid)
                             for i, a in enumerate(fit.actors)])
         syncs = rounds_per_epoch(max(batches), self.sync_every)
         local.n_features_in_ = n_features
         self.n_workers_ = n
         self.workers_ = [info["address"] for info in infos]
-        valid = any(valid_shards)
-        sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
-        best_valid, history, best_epoch = -math.inf, [], 0
-        round_id = 0
-        # a best epoch's snapshot is taken at the start of the next epoch's call (or by
-        # keep_epoch after the last): one driver round trip an epoch
-        keep = False
+        history, best_epoch, stopped = [], 0, False
+        next_round, epoch, per_call = 1, 1, 1
         last_result = None
-        for epoch in range(1, local.n_epochs + 1):
+        while epoch <= local.n_epochs and not stopped:
+            # callbacks see every epoch before the next one starts; otherwise a call
+            # runs about CALL_SECONDS of epochs (the first call one, to time it)
+            count = 1 if callbacks else min(per_call, local.n_epochs - epoch + 1)
             t0 = time.perf_counter()
-            results = fit.wait([a.run_epoch(epoch, syncs, self.sync_every, round_id + 1,
-                                            bounds, keep) for a in fit.actors])
+            results = fit.wait([a.run_epochs(epoch, count, syncs, self.sync_every,
+                                             next_round, bounds) for a in fit.actors])
             now = time.perf_counter()
-            # the epoch's seconds from the previous epoch's result (the first's from its
-            # call): the driver's part counts, as it does in a pass over the data; the
-            # scoring, which each worker timed, does not
-            seconds = (now - (t0 if last_result is None else last_result)
-                       - max(r["score_seconds"] for r in results))
+            # an epoch's seconds run from the previous epoch's end, scoring excluded
+            # (each worker timed both); the driver's part of a call (from the previous
+            # call's result: the driver's own work counts, as it does in a pass over the
+            # data) goes to the call's first epoch
+            call = now - (t0 if last_result is None else last_result)
             last_result = now
-            loss_sum, sent, waited = 0.0, 0, 0.0
-            for records in zip(*(r["records"] for r in results)):
-                round_id += 1
-                entry = {"epoch": epoch, "round": round_id,
+            worked = max(sum(e.get("seconds", 0.0) + e.get("score_seconds", 0.0)
+                             for e in r["epochs"]) for r in results)
+            next_round = results[0]["next_round"]
+            fit.syncs_done = next_round - 1
+            for i, entries in enumerate(zip(*(r["epochs"] for r in results))):
+                self._log_rounds(entries)
+                if entries[0].get("unfinished"):
+                    break
+                verdict = entries[0]["verdict"]
+                epoch = entries[0]["epoch"]
+                if verdict["diverged"]:
+                    raise TrainingDivergedError(
+                        f"training diverged in epoch {epoch}: the parameters or the "
+                        f"validation scores are no longer finite. Try a lower "
+                        f"learning_rate (now {local.learning_rate}).")
+                seconds = max(e["seconds"] for e in entries)
+                if i == 0:
+                    seconds += max(0.0, call - worked)
+                record = self._epoch_record(epoch, entries, verdict, seconds, rows)
+                history.append(record)
+                self.history_ = history
+                best_epoch = verdict["best_epoch"]
+                line = f"Epoch {epoch} [{seconds:.1f} s, {record['syncs']} syncs]\ttrain " \
+                       f"loss={record['train_loss']:.4f}"
+                if valid:
+                    line += f", validation {monitor}={verdict['metrics'][monitor]:.4f}"
+                local._log(line)
+                if verdict["stop"]:
+                    # the workers stopped in the next epoch's first round: that
+                    # unfinished epoch's rounds are logged, and no callback runs
+                    local._log(f"Early stop after epoch {epoch}: validation {monitor} "
+                               f"{verdict['stop']}; restoring epoch {best_epoch}.")
+                    stopped = True
+                    continue
+                if any([bool(callback(self, record)) for callback in callbacks]):
+                    stopped = True
+                    break
+            epoch = history[-1]["epoch"] + 1 if history else epoch
+            per_call = max(1, int(CALL_SECONDS * len(history)
+                                  / max(sum(h["seconds"] for h in history), 1e-9)))
+        restore = local.early_stopping and valid
+        which = "best" if restore and best_epoch else "live"
+        final = fit.wait([fit.actors[0].params(which)])[0]
+        local.history_ = history
+        local.best_epoch_ = best_epoch if restore else len(history)
+        self._finish(local, final)
+
+    def _log_rounds(self, entries):
+        """Add an epoch's rounds (``entries``: the epoch's entry from each worker) to
+        ``sync_log_``."""
+        for records in zip(*(e["records"] for e in entries)):
+            round_log = {"epoch": entries[0]["epoch"], "round": len(self.sync_log_) + 1,
                          "batches": sum(r["batches"] for r in records),
                          "bytes": sum(r["bytes"] for r in records),
                          "wait_seconds": sum(r["wait_seconds"] for r in records),
@@ -515,54 +567,22 @@ class DaskModel:
                          "train_cpu_seconds": max(r["train_cpu_seconds"] for r in records),
                          "merge_seconds": max(r["merge_seconds"] for r in records),
                          "seconds": max(r["seconds"] for r in records)}
-                self.sync_log_.append(entry)
-                LOG.debug("sync %d (epoch %d): %d bytes sent, %.4f s waiting", round_id,
-                          epoch, entry["bytes"], entry["wait_seconds"])
-                loss_sum += sum(r["loss_sum"] for r in records)
-                sent += entry["bytes"]
-                waited += entry["wait_seconds"]
-            fit.syncs_done = round_id
-            sums = [r["score"] for r in results]
-            if not all(s["finite"] for s in sums):
-                raise TrainingDivergedError(
-                    f"training diverged in epoch {epoch}: the parameters or the validation "
-                    f"scores are no longer finite. Try a lower learning_rate (now "
-                    f"{local.learning_rate}).")
-            metrics = _metrics(local, sums) if valid else dict.fromkeys(local._task_metrics)
-            record = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1)}
-            record.update((f"valid_{k}", v) for k, v in metrics.items())
-            record.update(seconds=seconds, syncs=syncs, sync_bytes=sent,
-                          sync_wait_seconds=waited)
-            history.append(record)
-            improved = not valid or sign * metrics[monitor] > best_valid
-            if improved:
-                best_epoch = epoch
-                if valid:
-                    best_valid = sign * metrics[monitor]
-            # without validation the best epoch is the last one, the live parameters
-            keep = improved and valid
-            line = f"Epoch {epoch} [{seconds:.1f} s, {syncs} syncs]\ttrain loss=" \
-                   f"{record['train_loss']:.4f}"
-            if valid:
-                line += f", validation {monitor}={metrics[monitor]:.4f}"
-            local._log(line)
-            self.history_ = history
-            why = valid and local.early_stopping and early_stop_reason(
-                [sign * h[f"valid_{monitor}"] for h in history], best_epoch, local.patience)
-            if why:
-                local._log(f"Early stop after epoch {epoch}: validation {monitor} {why}; "
-                           f"restoring epoch {best_epoch}.")
-                break
-            if any([bool(callback(self, record)) for callback in callbacks]):
-                break
-        if keep:
-            fit.wait([a.keep_epoch(True) for a in fit.actors])
-        restore = local.early_stopping and valid
-        which = "best" if restore and best_epoch else "live"
-        final = fit.wait([fit.actors[0].params(which)])[0]
-        local.history_ = history
-        local.best_epoch_ = best_epoch if restore else len(history)
-        self._finish(local, final)
+            self.sync_log_.append(round_log)
+            LOG.debug("sync %d (epoch %d): %d bytes sent, %.4f s waiting",
+                      round_log["round"], round_log["epoch"], round_log["bytes"],
+                      round_log["wait_seconds"])
+
+    @staticmethod
+    def _epoch_record(epoch, entries, verdict, seconds, rows):
+        """The history record of a finished epoch from each worker's entry."""
+        rounds = list(zip(*(e["records"] for e in entries)))
+        record = {"epoch": epoch,
+                  "train_loss": sum(r["loss_sum"] for rs in rounds for r in rs) / max(rows, 1)}
+        record.update((f"valid_{k}", v) for k, v in verdict["metrics"].items())
+        record.update(seconds=seconds, syncs=len(rounds),
+                      sync_bytes=sum(r["bytes"] for rs in rounds for r in rs),
+                      sync_wait_seconds=sum(r["wait_seconds"] for rs in rounds for r in rs))
+        return record
 
     def _finish(self, local, arrays):
         """Make ``local`` the fitted model with the parameter arrays ``arrays``."""
@@ -667,7 +687,7 @@ class DaskModel:
                                                for p in parts]))
             sums = dask.compute(*[dask.delayed(score_sums)(model, [p], bounds)
                                   for p in parts])
-            return _metrics(model, sums)
+            return summed_metrics(model, sums)
         try:
             paths = _paths(X, "X")
         except TypeError:
@@ -677,21 +697,7 @@ class DaskModel:
             bounds = _union(dask.compute(*[dask.delayed(_label_range)(p) for p in paths]))
         shared = dask.delayed(model, pure=True)
         sums = dask.compute(*[dask.delayed(_score_store)(shared, p, bounds) for p in paths])
-        return _metrics(model, sums)
-
-
-def _metrics(model, sums):
-    rows = sum(s["rows"] for s in sums)
-    if rows == 0:
-        return dict.fromkeys(model._task_metrics[:1] if not model._is_classifier
-                             else ("logloss", "auc", "accuracy"), float("nan"))
-    if model._is_classifier:
-        histograms = [s["auc_histograms"] for s in sums if s["auc_histograms"] is not None]
-        return {"logloss": sum(s["logloss_sum"] for s in sums) / rows,
-                "auc": auc_from_histograms(sum(h[0] for h in histograms),
-                                           sum(h[1] for h in histograms)),
-                "accuracy": sum(s["correct"] for s in sums) / rows}
-    return {"rmse": math.sqrt(math.fsum(s["sse"] for s in sums) / rows)}
+        return summed_metrics(model, sums)
 
 
 def _store_rows(path):

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import os
 import time
 
 import numpy as np
 
 from afmfast.dask import averaging, memory
+from afmfast.dask.scoring import EpochJudge, score_sums
 from afmfast.data.dataset import Dataset
 from afmfast.data.store import open_store
-from afmfast.metrics import logloss, score_histograms
 from afmfast.models.training import (Trainer, TrainingDivergedError, _copy_params,
                                      _whole_batches, label_sum)
 
@@ -147,56 +146,14 @@ def summed_counts(histograms: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def score_sums(model, datasets, bounds):
-    """Sums over ``datasets`` from which the driver computes its metrics: regression,
-    the squared error with predictions clipped to ``bounds`` (the labels' range over
-    every worker, as ``afmfast.metrics.rmse`` clips); classification, the logloss sum,
-    the correct predictions and the positives' and negatives' histograms of the
-    probabilities (``afmfast.metrics.score_histograms``, for the AUC); both, the rows
-    and whether every score is finite.
-
-    Examples
-    --------
-    >>> import afmfast
-    >>> from afmfast.demo import make_demo_data
-    >>> data = make_demo_data(n_rows=500, seed=0)
-    >>> model = afmfast.FM(n_factors=4, n_epochs=1, n_threads=1, verbose=0).fit(data.train)
-    >>> sums = score_sums(model, [data.valid[:50], data.valid[50:]],
-    ...                   (float(data.valid.y.min()), float(data.valid.y.max())))
-    >>> sums["rows"], bool(np.isclose(np.sqrt(sums["sse"] / sums["rows"]),
-    ...                               model.evaluate(data.valid)["rmse"]))
-    (100, True)
-    """
-    out = {"finite": True, "rows": 0, "sse": 0.0, "logloss_sum": 0.0, "correct": 0,
-           "auc_histograms": None}
-    for data in datasets:
-        if data.n_rows == 0:
-            continue
-        scores = model._predict_dataset(data).astype(np.float64)
-        y = np.asarray(data.y, np.float64)
-        out["rows"] += data.n_rows
-        if model._is_classifier:
-            p = model._probability(scores)
-            out["logloss_sum"] += logloss(y, p) * data.n_rows
-            out["correct"] += int(np.sum((scores > 0) == (y > 0)))
-            histograms = score_histograms(y, p)
-            if out["auc_histograms"] is not None:
-                histograms = tuple(a + b for a, b in zip(out["auc_histograms"], histograms))
-            out["auc_histograms"] = histograms
-        else:
-            out["sse"] += math.fsum((y - np.clip(scores, bounds[0], bounds[1])) ** 2)
-        out["finite"] = out["finite"] and bool(np.all(np.isfinite(scores)))
-    return out
-
-
 class ShardWorker:
     """A Dask actor training one model on this worker's shards (see the module
     docstring). The driver (``afmfast.dask.estimators``) calls, in order: ``open``,
-    ``start``, then ``run_epoch`` once per epoch (all of the epoch's rounds and its
-    scoring in one call: the workers synchronise among themselves, and the driver's
-    round trip is paid once an epoch, not once a round), ``keep_epoch``
-    after the last epoch; ``params`` at the end. Construction does nothing, so
-    that Dask recomputing a lost actor elsewhere costs nothing.
+    ``start``, then ``run_epochs`` for a run of epochs at a time (each epoch's rounds,
+    its scoring and the decisions on it: the workers synchronise and judge the epochs
+    among themselves, and the driver's round trip is paid once a call, not once an
+    epoch or a round); ``params`` at the end. Construction does nothing, so that Dask
+    recomputing a lost actor elsewhere costs nothing.
 
     Examples
     --------
@@ -214,7 +171,9 @@ class ShardWorker:
         self._waiters = []
         self._synced_rounds = 0  # rounds whose result the snapshot holds
         self._allocator = False  # whether this actor holds memory.acquire()
-        self._synced = self._best = None
+        # the best epoch's parameters, and the last scored epoch's while it waits for
+        # its verdict (two buffers that trade places when that epoch improved)
+        self._synced = self._best = self._candidate = None
 
     # ----- set-up ------------------------------------------------------------------------
     def open(self, local_class, params, shards, valid_shards, index, n_workers,
@@ -250,7 +209,7 @@ class ShardWorker:
         }
 
     def start(self, n_features, threads, peers, init_from=None, classes=None, merge="sum",
-              bias=0.0, row_lengths=None):
+              bias=0.0, row_lengths=None, monitor="rmse", validated=False):
         """Build the Trainer on ``n_features`` features (the largest id of any shard),
         w0 starting at ``bias`` (the model's ``_initial_bias`` over every worker's rows),
         warm-started from ``init_from`` if given (``row_lengths``: every worker's
@@ -258,8 +217,10 @@ class ShardWorker:
         are the actors of every
         worker of the fit, in worker order; ``classes`` (a classifier's two labels)
         relabels the rows as the kernels' 0/1 targets; ``merge`` is the estimator's
-        merge rule ("sum" or "mean", ``afmfast.dask.averaging.merge``). Returns this
-        worker's batches per epoch."""
+        merge rule ("sum" or "mean", ``afmfast.dask.averaging.merge``); ``monitor``
+        the validation metric that judges the epochs and ``validated`` whether any
+        worker has validation shards (``afmfast.dask.scoring.EpochJudge``). Returns
+        this worker's batches per epoch."""
         model = self.model
         self.peers = peers
         if not self._allocator:
@@ -296,6 +257,9 @@ class ShardWorker:
         self.dense = averaging.dense_tables(trainer.params, trainer.state, model.optimizer)
         self.additive = averaging.additive_tables(trainer.params, model.optimizer)
         self.merge_rule = merge
+        self.judge = EpochJudge(model, monitor, validated)
+        # the best epoch's snapshot is only ever restored by an early-stopping fit
+        self._keeps_best = self.judge.early_stopping
         self._count = np.zeros(n_features, np.int32)  # merge scratch
         # the last synchronisation's tables, updated row by row at each synchronisation
         self._synced_rows = tuple(np.array(t) for t in self.rows)
@@ -316,21 +280,71 @@ class ShardWorker:
         return self._epoch_batches
 
     # ----- training ----------------------------------------------------------------------
-    def run_epoch(self, epoch, n_rounds, sync_every, first_round, bounds, keep_previous):
-        """One epoch: snapshot the parameters as the best epoch's first if
-        ``keep_previous`` (the driver found the previous epoch improved), train the
-        epoch's ``n_rounds`` rounds (``train_rounds``), numbered from ``first_round``,
-        then score the validation shards (``score``, with ``bounds``). Returns
-        {"records": the rounds' records, "score": the sums, "seconds": the seconds
-        training, "score_seconds": the seconds scoring}."""
-        self.keep_epoch(keep_previous)
-        t0 = time.perf_counter()
-        self.begin_epoch(epoch)
-        records = self.train_rounds(n_rounds, sync_every, first_round)
-        t1 = time.perf_counter()
-        score = self.score(bounds)
-        return {"records": records, "score": score, "seconds": t1 - t0,
-                "score_seconds": time.perf_counter() - t1}
+    def run_epochs(self, first_epoch, n_epochs, n_rounds, sync_every, first_round, bounds):
+        """Epochs ``first_epoch`` to ``first_epoch + n_epochs - 1``, each in ``n_rounds``
+        rounds (every worker of the fit runs the same number) of ``sync_every``
+        batches (fewer, or none, once this worker's batches run out), the rounds
+        numbered from ``first_round``; after each epoch its validation sums
+        (``score``, with ``bounds``).
+
+        An epoch's sums travel to the peers with the next epoch's first payload, and
+        every worker judges the epoch (``EpochJudge``) once it has all of them; the last
+        epoch of the call is judged after a round that carries the sums alone (no
+        batches, not in the sync log). The parameters of an epoch that waits for its
+        verdict are kept aside when the fit may restore its best epoch. A verdict to
+        stop or of divergence ends the call at once, in the middle of the epoch that
+        carried it (its rounds are reported, the epoch is marked unfinished).
+
+        Returns {"epochs": a dict per epoch begun ({"epoch", "records": its rounds'
+        records (``round``'s), "seconds": from the end of the epoch before (the
+        call's start for the first) to its end, scoring excluded, "score_seconds",
+        "verdict"; or "unfinished": True with its rounds' records}), "next_round": the
+        first round number that is still unused}."""
+        clock = time.perf_counter()
+        epochs, round_id = [], first_round
+        pending = None  # this worker's sums of the last epoch, while it waits for a verdict
+        last = first_epoch + n_epochs - 1
+        for epoch in range(first_epoch, last + 1):
+            self.begin_epoch(epoch)
+            records, halt = [], False
+            for r in range(n_rounds):
+                n_batches = max(0, min(sync_every, self._epoch_batches - r * sync_every))
+                record, notes = self.round(n_batches, round_id, pending)
+                round_id += 1
+                records.append(record)
+                if pending is not None:
+                    verdict = self._take_verdict(epochs[-1], notes)
+                    pending = None
+                    if verdict["stop"] or verdict["diverged"]:
+                        halt = True
+                        break
+            if halt:
+                epochs.append({"epoch": epoch, "records": records, "unfinished": True})
+                break
+            scored = time.perf_counter()
+            pending = self.score(bounds)
+            now = time.perf_counter()
+            entry = {"epoch": epoch, "records": records, "score_seconds": now - scored}
+            epochs.append(entry)
+            if self._keeps_best:
+                self._candidate = self.trainer._snapshot(self._candidate)
+            if epoch == last:
+                _, notes = self.round(0, round_id, pending)
+                round_id += 1
+                self._take_verdict(entry, notes)
+                now = time.perf_counter()
+            entry["seconds"] = now - clock - entry["score_seconds"]
+            clock = now
+        return {"epochs": epochs, "next_round": round_id}
+
+    def _take_verdict(self, entry, sums):
+        """Judge the epoch of ``entry`` from every worker's sums; its kept parameters
+        become the best epoch's when it improved."""
+        verdict = self.judge.judge(entry["epoch"], sums)
+        if verdict["improved"] and self._keeps_best:
+            self._best, self._candidate = self._candidate, self._best
+        entry["verdict"] = verdict
+        return verdict
 
     def begin_epoch(self, epoch):
         """Start ``epoch``: the shards in a seeded order, each in its own epoch order
@@ -339,19 +353,6 @@ class ShardWorker:
         order = np.random.default_rng([self.trainer.seed, epoch]).permutation(len(self.train))
         self._pieces = self._epoch_pieces([int(s) for s in order])
         self._pending = None
-
-    def train_rounds(self, n_rounds, sync_every, first_round):
-        """Train the epoch begun by ``begin_epoch`` in ``n_rounds`` rounds (every worker
-        of the fit runs the same number) of ``sync_every`` batches each (fewer, or
-        none, once this worker's batches run out), each round ending with a
-        synchronisation; the rounds are numbered from ``first_round``. Returns the
-        rounds' records (``round``'s)."""
-        # fixed-size rounds, the last one short: the epoch ends, where the model is
-        # scored and kept, with the least staleness (an even spread of the batches
-        # over the rounds was less accurate: docs/distributed.md)
-        total = self._epoch_batches
-        return [self.round(max(0, min(sync_every, total - r * sync_every)),
-                           first_round + r) for r in range(n_rounds)]
 
     def _epoch_pieces(self, order):
         bs_model = self.model.batch_size
@@ -364,11 +365,13 @@ class ShardWorker:
                                                                    reuse=True), bs):
                 yield s, rows
 
-    def round(self, n_batches, round_id):
+    def round(self, n_batches, round_id, notes=None):
         """Train up to ``n_batches`` batches of the epoch, then synchronise with the
-        other workers. Returns the round's record: loss sum, batches, rows, whether the
-        epoch is done, seconds training (wall, and this thread's CPU), seconds waiting
-        for peers, bytes received, seconds merging, and the round's seconds in all."""
+        other workers, telling them ``notes`` (the payload's). Returns the round's
+        record (loss sum, batches, rows, whether the epoch is done, seconds training
+        (wall, and this thread's CPU), seconds waiting for peers, bytes received,
+        seconds merging, and the round's seconds in all) and every worker's notes in
+        worker order."""
         t0, cpu0 = time.perf_counter(), time.thread_time()
         # ask the peers for their payloads now: each request waits on its peer until
         # the payload is ready, so it is sent as soon as it is, not one request's
@@ -385,7 +388,8 @@ class ShardWorker:
                   "bytes": 0, "merge_seconds": 0.0}
         if self.n_workers > 1:
             ids = self.touched.take()
-            payload = averaging.export(self.rows, self._synced_rows, self.dense, ids, batches)
+            payload = averaging.export(self.rows, self._synced_rows, self.dense, ids,
+                                       batches)._replace(notes=notes)
             self._payloads[round_id] = payload
             self._payloads.pop(round_id - 2, None)
             self._wake_waiters()
@@ -395,14 +399,17 @@ class ShardWorker:
             self._synced_rounds = round_id
             record.update(wait_seconds=waited, bytes=received,
                           merge_seconds=time.perf_counter() - t2)
+            notes = [p.notes for p in payloads]
         elif done:
             # alone, a worker has nothing to exchange: its snapshot (what a divergence
             # or a lost worker falls back to) is taken once an epoch, as a single
             # process keeps its last good epoch, instead of copying rows every round
             self._commit(self.touched.take())
             self._synced_rounds = round_id
+        if self.n_workers == 1:
+            notes = [notes]
         record["seconds"] = time.perf_counter() - t0
-        return record
+        return record, notes
 
     def _merge(self, payloads):
         averaging.merge_into(payloads, self.rows, self._synced_rows, self.dense,
@@ -530,11 +537,6 @@ class ShardWorker:
         out = score_sums(self.model, self.valid, bounds)
         out["finite"] = out["finite"] and self.trainer.finite_parameters()
         return out
-
-    def keep_epoch(self, improved):
-        """Snapshot the parameters as the best epoch's when ``improved``."""
-        if improved:
-            self._best = self.trainer._snapshot(self._best)
 
     def params(self, which="live"):
         """The parameter arrays by name: "live", "best" (the best epoch's) or
