@@ -141,8 +141,9 @@ def test_two_workers_are_reproducible_and_learn_as_a_single_process_does(client,
 def test_early_stopping_as_a_single_process_and_the_best_epoch_restored(client1, client,
                                                                         stores):
     """The workers judge the epochs themselves, the verdict on an epoch coming with the
-    next epoch's first payload: one worker stops and restores exactly as a single
-    process does; two restore the epoch whose validation score was the best."""
+    next epoch's first payload (or, for a call's last epoch, a round of its own): one
+    worker stops and restores exactly as a single process does, in calls of many epochs
+    or of one; two restore the epoch whose validation score was the best."""
     settings = dict(SMALL, learning_rate=0.3, patience=2)
     train, valid = stores["train"], stores["valid"]
     local = afmfast.FM(n_epochs=60, **settings).fit(afmfast.open_store(train),
@@ -152,6 +153,10 @@ def test_early_stopping_as_a_single_process_and_the_best_epoch_restored(client1,
         train, validation=valid)
     assert same_params(one.to_local(), local)
     assert one.to_local().best_epoch_ == local.best_epoch_
+    # with a callback every call is one epoch, judged before the call returns
+    stepwise = DaskFM(n_epochs=60, client=client1, sync_every=3, **settings).fit(
+        train, validation=valid, callbacks=[lambda model, record: False])
+    assert same_params(stepwise.to_local(), local)
     np.testing.assert_allclose([h["valid_rmse"] for h in one.history_],
                                [h["valid_rmse"] for h in local.history_], rtol=1e-6)
     two = DaskFM(n_epochs=60, client=client, sync_every=3, **settings).fit(

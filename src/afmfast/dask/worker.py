@@ -171,8 +171,8 @@ class ShardWorker:
         self._waiters = []
         self._synced_rounds = 0  # rounds whose result the snapshot holds
         self._allocator = False  # whether this actor holds memory.acquire()
-        # the best epoch's parameters, and the last scored epoch's while it waits for
-        # its verdict (two buffers that trade places when that epoch improved)
+        # the best epoch's parameters, and the last scored epoch's while its verdict
+        # waits for the next epoch (two buffers that trade places when it improved)
         self._synced = self._best = self._candidate = None
 
     # ----- set-up ------------------------------------------------------------------------
@@ -290,10 +290,12 @@ class ShardWorker:
         An epoch's sums travel to the peers with the next epoch's first payload, and
         every worker judges the epoch (``EpochJudge``) once it has all of them; the last
         epoch of the call is judged after a round that carries the sums alone (no
-        batches, not in the sync log). The parameters of an epoch that waits for its
-        verdict are kept aside when the fit may restore its best epoch. A verdict to
-        stop or of divergence ends the call at once, in the middle of the epoch that
-        carried it (its rounds are reported, the epoch is marked unfinished).
+        batches, not in the sync log). The parameters of an epoch whose verdict waits
+        for the next epoch are kept aside when the fit may restore its best epoch (a
+        second copy beside the best epoch's, in calls of more than one epoch). A
+        verdict to stop or of divergence ends the call at once, in the middle of the
+        epoch that carried it (its rounds are reported, the epoch is marked
+        unfinished).
 
         Returns {"epochs": a dict per epoch begun ({"epoch", "records": its rounds'
         records (``round``'s), "seconds": from the end of the epoch before (the
@@ -313,7 +315,7 @@ class ShardWorker:
                 round_id += 1
                 records.append(record)
                 if pending is not None:
-                    verdict = self._take_verdict(epochs[-1], notes)
+                    verdict = self._take_verdict(epochs[-1], notes, waited=True)
                     pending = None
                     if verdict["stop"] or verdict["diverged"]:
                         halt = True
@@ -326,23 +328,27 @@ class ShardWorker:
             now = time.perf_counter()
             entry = {"epoch": epoch, "records": records, "score_seconds": now - scored}
             epochs.append(entry)
-            if self._keeps_best:
-                self._candidate = self.trainer._snapshot(self._candidate)
             if epoch == last:
                 _, notes = self.round(0, round_id, pending)
                 round_id += 1
                 self._take_verdict(entry, notes)
                 now = time.perf_counter()
+            elif self._keeps_best:
+                self._candidate = self.trainer._snapshot(self._candidate)
             entry["seconds"] = now - clock - entry["score_seconds"]
             clock = now
         return {"epochs": epochs, "next_round": round_id}
 
-    def _take_verdict(self, entry, sums):
-        """Judge the epoch of ``entry`` from every worker's sums; its kept parameters
-        become the best epoch's when it improved."""
+    def _take_verdict(self, entry, sums, waited=False):
+        """Judge the epoch of ``entry`` from every worker's sums; when it improved, its
+        parameters become the best epoch's: those kept aside if its verdict ``waited``
+        for the next epoch, else the live ones (nothing trained since it was scored)."""
         verdict = self.judge.judge(entry["epoch"], sums)
         if verdict["improved"] and self._keeps_best:
-            self._best, self._candidate = self._candidate, self._best
+            if waited:
+                self._best, self._candidate = self._candidate, self._best
+            else:
+                self._best = self.trainer._snapshot(self._best)
         entry["verdict"] = verdict
         return verdict
 
