@@ -310,6 +310,9 @@ class ShardWorker:
             self.begin_epoch(epoch)
             records, halt = [], False
             for r in range(n_rounds):
+                # fixed-size rounds, the last one short: the epoch ends, where the model
+                # is scored and kept, with the least staleness (an even spread of the
+                # batches over the rounds was less accurate: docs/distributed.md)
                 n_batches = max(0, min(sync_every, self._epoch_batches - r * sync_every))
                 record, notes = self.round(n_batches, round_id, pending)
                 round_id += 1
@@ -386,6 +389,7 @@ class ShardWorker:
         loss_sum, batches, rows_done = self._train(n_batches)
         t1 = time.perf_counter()
         done = self._pending is None and self._peek() is None
+        told = [notes]  # every worker's notes: a worker alone has its own only
         # CPU seconds against wall seconds: a worker whose CPU other processes take
         # shows a train_cpu_seconds well below its train_seconds
         record = {"loss_sum": loss_sum, "batches": batches, "rows": rows_done,
@@ -405,17 +409,15 @@ class ShardWorker:
             self._synced_rounds = round_id
             record.update(wait_seconds=waited, bytes=received,
                           merge_seconds=time.perf_counter() - t2)
-            notes = [p.notes for p in payloads]
+            told = [p.notes for p in payloads]
         elif done:
             # alone, a worker has nothing to exchange: its snapshot (what a divergence
             # or a lost worker falls back to) is taken once an epoch, as a single
             # process keeps its last good epoch, instead of copying rows every round
             self._commit(self.touched.take())
             self._synced_rounds = round_id
-        if self.n_workers == 1:
-            notes = [notes]
         record["seconds"] = time.perf_counter() - t0
-        return record, notes
+        return record, told
 
     def _merge(self, payloads):
         averaging.merge_into(payloads, self.rows, self._synced_rows, self.dense,
