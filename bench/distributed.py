@@ -6,6 +6,7 @@
     python bench/distributed.py --accuracy           # the frappe-mini accuracy targets
     python bench/distributed.py --data mltag --also-every 256 --scaling 3  # 2/1 medians
     python bench/distributed.py --data mltag --also-every 256 --allocator 3
+    python bench/distributed.py --data frappe --spark --load 1   # beside a busy process
 
 Rows of the table, per data set:
 - afmfast single process, 1 thread (``afmfast.FM`` on the memory-mapped train store);
@@ -52,6 +53,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH]
 import numpy as np  # noqa: E402
 
 from bench_common import FRAPPE, log, synthetic_mltag, table  # noqa: E402
+from load import Load  # noqa: E402
 
 import afmfast  # noqa: E402
 from afmfast.metrics import rmse  # noqa: E402
@@ -496,6 +498,9 @@ def main(argv=None):
                         help="fits of the chosen stepSize whose median time is reported "
                              "(its tuning fit included): Spark's time varies from fit to "
                              "fit more than afmfast's epochs do")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="N busy processes (bench/load.py) beside every run, Spark's "
+                             "included, from the first data set's preparation to the end")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -508,15 +513,17 @@ def main(argv=None):
         return
     names = ["frappe", "mltag"] if args.data == "both" else [args.data]
     print(f"bench/distributed.py {' '.join(sys.argv[1:])}: {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
+          + (f"; {args.load} busy process(es) beside every run" if args.load else ""))
     all_rows, out = [], {}
-    for name in names:
-        epochs = args.epochs
-        args.epochs = (20 if name == "frappe" else 5) if epochs is None else epochs
-        rows, results = bench(name, args)
-        args.epochs = epochs
-        all_rows += rows
-        out[name] = results
+    with Load(args.load, "busy"):
+        for name in names:
+            epochs = args.epochs
+            args.epochs = (20 if name == "frappe" else 5) if epochs is None else epochs
+            rows, results = bench(name, args)
+            args.epochs = epochs
+            all_rows += rows
+            out[name] = results
     print(table(["data", "run", "test RMSE", "s/epoch (Spark: s/iteration)", "passes",
                  "training s", "notes"], all_rows))
     if args.json:
