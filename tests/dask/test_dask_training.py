@@ -180,6 +180,28 @@ def test_a_callback_sees_every_epoch_before_the_next_and_can_stop_the_fit(client
     assert max(entry["epoch"] for entry in model.sync_log_) == 3
 
 
+def test_an_interrupted_fit_keeps_its_best_epoch(client, stores):
+    """Ctrl-C (a KeyboardInterrupt in the driver, here from a callback) keeps the best
+    epoch's parameters, as a single process does."""
+    settings = dict(SMALL, learning_rate=0.3, patience=50)
+    model = DaskFM(n_epochs=60, client=client, sync_every=3, **settings)
+
+    def interrupt_after_a_worse_epoch(fitted, record):
+        scores = [h["valid_rmse"] for h in fitted.history_]
+        if len(scores) > 3 and scores[-1] > min(scores):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        model.fit(stores["train"], validation=stores["valid"],
+                  callbacks=[interrupt_after_a_worse_epoch])
+    scores = [h["valid_rmse"] for h in model.history_]
+    best = model.to_local().best_epoch_
+    assert scores[best - 1] == min(scores) and best < len(scores)
+    assert model.evaluate(stores["valid"])["rmse"] == pytest.approx(scores[best - 1],
+                                                                     rel=1e-9)
+    assert f"its best epoch ({best})" in "".join(getattr(info.value, "__notes__", []))
+
+
 def test_a_store_with_fewer_rows_than_workers(client, tmp_path):
     """One row for two workers: one worker trains it, the other trains nothing and
     still merges; the model is the single process's, and each round's record says

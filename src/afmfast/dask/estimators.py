@@ -186,9 +186,10 @@ class _Fit:
             f"init_from=model.to_local() to go on.", self.syncs_done)
 
     def survivor_params(self):
-        """The last synchronised parameters from the first surviving worker and the
-        rounds they include (None if none answers), after telling every worker to stop
-        waiting."""
+        """What the first surviving worker keeps (``ShardWorker.synced_params``: the
+        last synchronised parameters, the rounds they include, the best epoch's
+        parameters or None, its number), None if none answers, after telling every
+        worker to stop."""
         client = self.client
 
         async def run():
@@ -439,17 +440,26 @@ class DaskModel:
         except BaseException as exc:
             # every worker stops waiting for its peers (a worker thread left waiting
             # would block the next fit's actors on that worker)
-            synced = fit.survivor_params()
+            kept = fit.survivor_params()
             keep = isinstance(exc, (WorkerLostError, TrainingDivergedError, Aborted,
                                     KeyboardInterrupt))
-            if keep and synced is not None:
-                params, rounds = synced
-                self._finish(local, params)
+            if keep and kept is not None:
+                params, rounds, best, best_epoch = kept
+                # an interrupted or diverging fit keeps its best epoch, as a single
+                # process does; a lost worker's, the last synchronisation (the issue's
+                # rule: what the survivors can go on from)
+                if best is not None and isinstance(exc, (KeyboardInterrupt,
+                                                         TrainingDivergedError)):
+                    local.best_epoch_ = best_epoch
+                    self._finish(local, best)
+                    what = f"its best epoch ({best_epoch})"
+                else:
+                    self._finish(local, params)
+                    what = f"the last synchronisation ({rounds} done)"
                 if isinstance(exc, WorkerLostError):
                     exc.syncs_done = rounds
                 if hasattr(exc, "add_note"):
-                    exc.add_note(f"afmfast.dask: the model keeps the parameters of the "
-                                 f"last synchronisation ({rounds} done).")
+                    exc.add_note(f"afmfast.dask: the model keeps the parameters of {what}.")
             raise
         finally:
             fit.close()

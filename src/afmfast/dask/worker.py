@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import threading
 import time
 
 import numpy as np
@@ -27,13 +28,15 @@ from afmfast.dask import averaging, memory
 from afmfast.dask.scoring import EpochJudge, score_sums
 from afmfast.data.dataset import Dataset
 from afmfast.data.store import open_store
-from afmfast.models.training import (Trainer, TrainingDivergedError, _copy_params,
-                                     _whole_batches, label_sum)
+from afmfast.models.training import (Trainer, TrainingDivergedError, _whole_batches,
+                                     label_sum)
 
 #: the first item of a shard held in a worker's memory: (MEMORY, key of a Dask future)
 MEMORY = "<memory>"
 #: seconds between two checks for an abort while a worker waits for its peers
 POLL_SECONDS = 0.25
+#: seconds ``synced_params`` waits for an aborted call to end before it answers anyway
+IDLE_SECONDS = 30.0
 
 
 def _resolve(future):
@@ -171,9 +174,14 @@ class ShardWorker:
         self._waiters = []
         self._synced_rounds = 0  # rounds whose result the snapshot holds
         self._allocator = False  # whether this actor holds memory.acquire()
-        # the best epoch's parameters, and the last scored epoch's while its verdict
-        # waits for the next epoch (two buffers that trade places when it improved)
-        self._synced = self._best = self._candidate = None
+        # (epoch, parameters) of the best epoch, replaced whole (one reference that
+        # ``synced_params`` reads on the event loop), and a spare copy: the last scored
+        # epoch's while its verdict waits; the two trade places when it improved
+        self._synced = self._kept = self._spare = None
+        # set while no call of the actor thread is training or merging (what
+        # ``synced_params`` waits for before it reads the copies)
+        self._idle = threading.Event()
+        self._idle.set()
 
     # ----- set-up ------------------------------------------------------------------------
     def open(self, local_class, params, shards, valid_shards, index, n_workers,
@@ -302,6 +310,15 @@ class ShardWorker:
         call's start for the first) to its end, scoring excluded, "score_seconds",
         "verdict"; or "unfinished": True with its rounds' records}), "next_round": the
         first round number that is still unused}."""
+        self._idle.clear()
+        try:
+            return self._run_epochs(first_epoch, n_epochs, n_rounds, sync_every,
+                                    first_round, bounds)
+        finally:
+            self._idle.set()
+
+    def _run_epochs(self, first_epoch, n_epochs, n_rounds, sync_every, first_round,
+                    bounds):
         clock = time.perf_counter()
         epochs, round_id = [], first_round
         pending = None  # this worker's sums of the last epoch, while it waits for a verdict
@@ -337,7 +354,8 @@ class ShardWorker:
                 self._take_verdict(entry, notes)
                 now = time.perf_counter()
             elif self._keeps_best:
-                self._candidate = self.trainer._snapshot(self._candidate)
+                self._check_abort()  # once the driver said stop, no copy changes
+                self._spare = self.trainer._snapshot(self._spare)
             entry["seconds"] = now - clock - entry["score_seconds"]
             clock = now
         return {"epochs": epochs, "next_round": round_id}
@@ -348,12 +366,18 @@ class ShardWorker:
         for the next epoch, else the live ones (nothing trained since it was scored)."""
         verdict = self.judge.judge(entry["epoch"], sums)
         if verdict["improved"] and self._keeps_best:
-            if waited:
-                self._best, self._candidate = self._candidate, self._best
-            else:
-                self._best = self.trainer._snapshot(self._best)
+            if not waited:
+                self._check_abort()
+                self._spare = self.trainer._snapshot(self._spare)
+            kept = self._kept
+            self._kept = (entry["epoch"], self._spare)
+            self._spare = kept[1] if kept is not None else None
         entry["verdict"] = verdict
         return verdict
+
+    def _check_abort(self):
+        if self._abort:
+            raise Aborted(f"{_address()}: the fit was stopped by the driver")
 
     def begin_epoch(self, epoch):
         """Start ``epoch``: the shards in a seeded order, each in its own epoch order
@@ -381,6 +405,7 @@ class ShardWorker:
         (wall, and this thread's CPU), seconds waiting for peers, bytes received,
         seconds merging, and the round's seconds in all) and every worker's notes in
         worker order."""
+        self._check_abort()
         t0, cpu0 = time.perf_counter(), time.thread_time()
         # ask the peers for their payloads now: each request waits on its peer until
         # the payload is ready, so it is sent as soon as it is, not one request's
@@ -472,8 +497,7 @@ class ShardWorker:
                 payloads.append(own)
                 continue
             while True:
-                if self._abort:
-                    raise Aborted(f"{_address()}: the fit was stopped by the driver")
+                self._check_abort()
                 try:
                     payloads.append(futures[i].result(timeout=POLL_SECONDS))
                     break
@@ -513,8 +537,7 @@ class ShardWorker:
         worker's actor thread trains or waits for theirs)."""
         loop = asyncio.get_running_loop()
         while round_id not in self._payloads:
-            if self._abort:
-                raise Aborted(f"{_address()}: the fit was stopped by the driver")
+            self._check_abort()
             future = loop.create_future()
             self._waiters.append((loop, future))
             if round_id in self._payloads:  # exported while the waiter was added
@@ -549,25 +572,25 @@ class ShardWorker:
     def params(self, which="live"):
         """The parameter arrays by name: "live", "best" (the best epoch's) or
         "synced" (the last synchronisation's)."""
-        source = {"live": self.trainer.params, "best": self._best,
+        source = {"live": self.trainer.params, "best": self._kept and self._kept[1],
                   "synced": self._synced}[which]
         return dict(zip(source._fields, source))
 
     async def synced_params(self):
-        """The last synchronised parameters and the number of rounds they include
-        (``(arrays by name, rounds)``; None before ``start``), answered on the event
-        loop even while the actor thread is stuck waiting for a lost peer."""
+        """What the fit keeps when it fails: the last synchronised parameters, the
+        number of rounds they include, and the best epoch's parameters with its number
+        when there is such a copy (``(arrays by name, rounds, best arrays by name or
+        None, best epoch or 0)``; None before ``start``). Answered on the event loop,
+        even while the actor thread is stuck waiting for a lost peer; after ``abort``
+        the actor thread writes neither copy again: this waits (up to IDLE_SECONDS)
+        for the thread to leave its call, which it does at its next round at the
+        latest."""
         if self._synced is None:
             return None
-        return dict(zip(self._synced._fields, self._synced)), self._synced_rounds
-
-    def restore(self, which):
-        """Copy the "best" or "synced" snapshot into the live parameters (and, for
-        "synced", the optimiser state)."""
-        if which == "best":
-            _copy_params(self.trainer.params, self._best)
-            return
-        for live, saved in zip(self.rows, self._synced_rows):
-            live[...] = saved
-        for live, saved in zip(self.dense, self._synced_dense):
-            live[...] = saved
+        deadline = time.monotonic() + IDLE_SECONDS
+        while not self._idle.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        kept = self._kept
+        best, epoch = (None, 0) if kept is None else (dict(zip(kept[1]._fields, kept[1])),
+                                                      kept[0])
+        return dict(zip(self._synced._fields, self._synced)), self._synced_rounds, best, epoch
