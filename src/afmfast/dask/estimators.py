@@ -356,7 +356,7 @@ class DaskModel:
         y : None, or the label column's name for a DataFrame
             The stores' labels are their own.
         validation : like X, optional
-            Scored on the workers after every epoch (sums added up by the driver);
+            Scored on the workers after every epoch (sums added up by every worker);
             drives early stopping and the best-epoch restore as in a single process.
         init_from : fitted local model, DaskModel, or path of a saved model, optional
             Warm start, as the local estimator's ``init_from``.
