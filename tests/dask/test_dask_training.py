@@ -202,6 +202,32 @@ def test_an_interrupted_fit_keeps_its_best_epoch(client, stores):
     assert f"its best epoch ({best})" in "".join(getattr(info.value, "__notes__", []))
 
 
+def test_ctrl_c_stops_a_lone_worker_within_a_round(client1, stores, monkeypatch):
+    """A worker alone never waits for peers: it still stops at its next round once the
+    driver says stop, instead of running its call (here 30 s of epochs) to the end."""
+    import afmfast.dask.estimators as estimators
+
+    monkeypatch.setattr(estimators, "CALL_SECONDS", 30.0)
+    model = DaskFM(n_epochs=100_000, client=client1, sync_every=3, **SMALL)
+    fired = []
+
+    def interrupt():  # Ctrl-C: SIGINT to this process, which the main thread takes
+        fired.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(2.0, interrupt)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(stores["train"])
+        stopped = time.monotonic()
+    finally:
+        timer.cancel()
+    assert fired and stopped - fired[0] < 5
+    # the model keeps the last synchronisation (no validation: no best epoch)
+    assert np.all(np.isfinite(model.to_local().predict(afmfast.open_store(stores["valid"]))))
+
+
 def test_a_store_with_fewer_rows_than_workers(client, tmp_path):
     """One row for two workers: one worker trains it, the other trains nothing and
     still merges; the model is the single process's, and each round's record says
