@@ -145,16 +145,32 @@ def kill_processes(procs, timeout=10.0):
     return killed
 
 
-def process_cpu_seconds(pid):
-    """CPU seconds (user + system, all threads) that process pid has used so far; None
-    when it is gone or /proc is not there."""
+def _stat_cpu_seconds(path):
+    """User + system CPU seconds of a /proc ``stat`` file; None when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
     # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid):
+    """CPU seconds (user + system, all threads) that process pid has used so far; None
+    when it is gone or /proc is not there."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def thread_cpu_seconds(pid):
+    """{thread id: CPU seconds so far} of every thread of process pid (Linux /proc);
+    empty when it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    seconds = {int(tid): _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat") for tid in tids}
+    return {tid: s for tid, s in seconds.items() if s is not None}  # ended meanwhile
 
 
 def machine_cpu_seconds():
