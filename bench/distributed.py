@@ -108,11 +108,10 @@ def run_single(paths, epochs, threads, **extra):
             "passes": len(model.history_), "model": model}
 
 
-def _train_half(path, part, epochs, extra):
+def _train_half(path, part, epochs, settings):
     from afmfast.dask.worker import open_shard
 
-    model = afmfast.FM(n_epochs=epochs, n_threads=1, adaptive_threads=False,
-                       **dict(FM_SETTINGS, **extra))
+    model = afmfast.FM(n_epochs=epochs, n_threads=1, adaptive_threads=False, **settings)
     model.fit(open_shard((path, part, 2)))
     return epoch_seconds(model.history_)
 
@@ -125,7 +124,10 @@ def run_ceiling(paths, epochs, **extra):
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        seconds = pool.starmap(_train_half, [(paths["train"], part, epochs, extra)
+        # the whole settings: FM_SETTINGS as main set them, which a spawned process
+        # would import afresh
+        seconds = pool.starmap(_train_half, [(paths["train"], part, epochs,
+                                              dict(FM_SETTINGS, **extra))
                                              for part in (0, 1)])
     half = -(-afmfast.open_store(paths["train"]).n_rows // 2)
     return {"rmse": float("nan"), "sec": max(seconds), "total": max(seconds) * epochs,
@@ -504,12 +506,17 @@ def main(argv=None):
     parser.add_argument("--load", type=int, default=0, metavar="N",
                         help="N busy processes (bench/load.py) beside every run, Spark's "
                              "included, from the first data set's preparation to the end")
+    parser.add_argument("--shuffle-unit", type=int, default=1, metavar="ROWS",
+                        help="every afmfast run's shuffle_unit: its epochs shuffle runs of "
+                             "this many consecutive rows (README, 'Reading rows in runs'); "
+                             "the rows of both data sets are stored in random order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--accuracy", action="store_true",
                         help="only the frappe-mini accuracy targets")
     args = parser.parse_args(argv)
+    FM_SETTINGS["shuffle_unit"] = args.shuffle_unit
     if args.accuracy:
         args.sync_every = args.sync_every or 4
         accuracy(args)
@@ -517,7 +524,9 @@ def main(argv=None):
     names = ["frappe", "mltag"] if args.data == "both" else [args.data]
     print(f"bench/distributed.py {' '.join(sys.argv[1:])}: {time.strftime('%Y-%m-%d %H:%M')}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
-          + (f"; {args.load} busy process(es) beside every run" if args.load else ""))
+          + (f"; {args.load} busy process(es) beside every run" if args.load else "")
+          + (f"; afmfast's epochs shuffle runs of {args.shuffle_unit} rows"
+             if args.shuffle_unit > 1 else ""))
     all_rows, out = [], {}
     with Load(args.load, "busy"):
         for name in names:

@@ -47,8 +47,9 @@ KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 
 
 def profile(model, data, k, threads, epochs, batch=compare.BATCH, dropout=True,
-            plain=False):
+            plain=False, shuffle_unit=1):
     est = compare.make_estimator(model, k, "cython", threads)
+    est.shuffle_unit = shuffle_unit
     if not dropout or plain:
         est.keep = 1.0 if model == "fm" else (1.0, 1.0)
     if plain:
@@ -89,13 +90,19 @@ def main():
                         help="FM without batch norm or dropout (Spark's model)")
     parser.add_argument("--store", action="store_true",
                         help="train from a binary store in fit's windowed order")
+    parser.add_argument("--shuffle-unit", type=int, default=1, metavar="ROWS",
+                        help="with --store: the windowed order shuffles runs of this many "
+                             "rows (the estimators' shuffle_unit)")
     args = parser.parse_args()
+    if args.shuffle_unit != 1 and not args.store:
+        parser.error("--shuffle-unit applies to --store's windowed order")
     if args.plain and args.model != "fm":
         parser.error("--plain is FM's (batch norm off, keep 1)")
     data = (compare.frappe_mini_train() if args.data == "frappe"
             else compare.synthetic_mltag(args.rows))
     notes = (["no dropout"] * (args.no_dropout and not args.plain)
-             + ["no batch norm or dropout"] * args.plain + ["from a store"] * args.store)
+             + ["no batch norm or dropout"] * args.plain + ["from a store"] * args.store
+             + [f"runs of {args.shuffle_unit} rows"] * (args.shuffle_unit > 1))
     print(f"{args.model.upper()} k={args.k} on {args.data} ({data.n_rows:,} rows, batch "
           f"{compare.BATCH}{''.join('; ' + n for n in notes)}); milliseconds per batch")
     names = KERNELS[args.model].PHASES
@@ -107,7 +114,8 @@ def main():
             data = afmfast.open_store(path)
         for threads in args.threads:
             totals, phases = profile(args.model, data, args.k, threads, args.epochs,
-                                     dropout=not args.no_dropout, plain=args.plain)
+                                     dropout=not args.no_dropout, plain=args.plain,
+                                     shuffle_unit=args.shuffle_unit)
             p10 = np.percentile(phases, 10, axis=0) * 1e3
             print(f"{threads:>7} {np.percentile(totals, 10) * 1e3:7.2f} "
                   f"{np.median(totals) * 1e3:7.2f}  " + " ".join(f"{v:10.2f}" for v in p10))

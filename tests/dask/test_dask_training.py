@@ -111,10 +111,12 @@ def test_merge_averages_rows_over_the_workers_that_touched_them():
         assert not count.any()
 
 
-def test_one_worker_trains_exactly_as_a_single_process(client1, stores):
-    local = afmfast.FM(n_epochs=3, **SMALL).fit(afmfast.open_store(stores["train"]),
-                                                validation=afmfast.open_store(stores["valid"]))
-    dask_model = DaskFM(n_epochs=3, client=client1, sync_every=3, **SMALL)
+@pytest.mark.parametrize("shuffle_unit", [1, 16])
+def test_one_worker_trains_exactly_as_a_single_process(client1, stores, shuffle_unit):
+    local = afmfast.FM(n_epochs=3, shuffle_unit=shuffle_unit, **SMALL).fit(
+        afmfast.open_store(stores["train"]), validation=afmfast.open_store(stores["valid"]))
+    dask_model = DaskFM(n_epochs=3, client=client1, sync_every=3, shuffle_unit=shuffle_unit,
+                        **SMALL)
     dask_model.fit(stores["train"], validation=stores["valid"])
     assert same_params(dask_model.to_local(), local)
     assert dask_model.to_local().y_range_ == local.y_range_  # evaluate's default clip

@@ -389,6 +389,112 @@ def test_windowed_order_is_a_permutation_for_any_threads_and_backend(n_rows):
         assert not np.array_equal(again, orders[0])
 
 
+def _runs(order):
+    """The runs of consecutive numbers, in order, that ``order`` is made of (their
+    lengths): a run ends where the next number is not one more."""
+    if len(order) == 0:
+        return np.zeros(0, np.int64)
+    breaks = np.flatnonzero(np.diff(order) != 1) + 1
+    return np.diff(np.concatenate([[0], breaks, [len(order)]]))
+
+
+@pytest.mark.parametrize("n,unit", [(0, 4), (1, 4), (3, 4), (64, 4), (1000, 16), (1001, 16),
+                                    (999, 7), (50, 1)])
+def test_shuffled_units_keep_runs_of_consecutive_rows(n, unit):
+    orders = []
+    for name in available_backends():
+        module = get_backend(name, "fm")
+        for threads in (1, 2):
+            def shuffle(m, seed, key, out=None, t=threads):
+                return module.shuffled_rows(m, seed, key, t, out=out)
+
+            order = epoch_order.shuffled_units(n, unit, 7, 3, shuffle)
+            # into buffers, as the windowed order's reuse does: the same order
+            out = np.full(-(-n // unit) * unit + 5, -1, np.int64)
+            scratch = np.full(-(-n // unit) + 3, -1, np.int64)
+            np.testing.assert_array_equal(epoch_order.shuffled_units(
+                n, unit, 7, 3, shuffle, out=out, scratch=scratch), order)
+            orders.append(order)
+    order = orders[0]
+    for other in orders[1:]:  # any backend, any thread count
+        np.testing.assert_array_equal(other, order)
+    assert order.dtype == np.int64 and sorted(order.tolist()) == list(range(n))
+    if unit == 1:
+        np.testing.assert_array_equal(order, shuffle(n, 7, 3))
+        return
+    # each run starts at a multiple of the unit and holds the unit's rows in order
+    # (runs that happen to follow each other count as one longer run)
+    lengths = _runs(order)
+    starts = np.cumsum(lengths) - lengths
+    assert all(order[s] % unit == 0 for s in starts)
+    assert all(length % unit == 0 or order[s] + length == n
+               for s, length in zip(starts, lengths))
+    if n >= 64:  # shuffled: not in file order, and another key, another order
+        assert len(lengths) > 1
+        assert not np.array_equal(epoch_order.shuffled_units(n, unit, 7, 4, shuffle), order)
+
+
+@pytest.mark.parametrize("n_rows", [7, 100, 1000])
+def test_the_windowed_order_in_units(n_rows):
+    """Every row once; each window's rows in runs of the unit (blocks of 16 rows, units
+    of 4); unit 1 is the plain windowed order; reused buffers give the same order."""
+    data = afmfast.Dataset(np.zeros(n_rows + 1, np.int64), [], [], np.zeros(n_rows))
+    module = get_backend(available_backends()[0], "fm")
+
+    def shuffle(n, seed, key, out=None):
+        return module.shuffled_rows(n, seed, key, 1, out=out)
+
+    def order(unit, reuse=False):
+        return [w.copy() for w in epoch_order.windowed_order(
+            data, 7, 3, shuffle, block_rows=16, window_blocks=3, unit=unit, reuse=reuse)]
+
+    plain = np.concatenate(order(1))
+    np.testing.assert_array_equal(plain, np.concatenate(list(epoch_order.windowed_order(
+        data, 7, 3, shuffle, block_rows=16, window_blocks=3))))
+    windows = order(4)
+    whole = np.concatenate(windows)
+    assert sorted(whole.tolist()) == list(range(n_rows))
+    assert [len(w) for w in windows] == [len(w) for w in order(1)]
+    for window in windows:
+        lengths = _runs(window)
+        assert all(length % 4 == 0 or window[s] + length == n_rows
+                   for s, length in zip(np.cumsum(lengths) - lengths, lengths))
+    assert all(np.array_equal(a, b) for a, b in zip(windows, order(4, reuse=True)))
+    if n_rows >= 100:
+        assert not np.array_equal(whole, plain)
+
+
+def test_shuffle_unit_trains_along_its_order_and_is_the_same_for_any_threads(tmp_path):
+    """A fit with shuffle_unit trains along the order epoch_segments gives (bit for bit,
+    on 1 and 2 threads), from a store and from memory; shuffle_unit 1 is the default."""
+    demo = make_demo_data(n_rows=3000, seed=5)
+    write_store(demo.train, tmp_path / "s")
+    params = dict(n_factors=4, batch_size=128, verbose=0, n_epochs=2, adaptive_threads=False)
+    for train in (open_store(tmp_path / "s"), demo.train):
+        fits = [afmfast.FM(shuffle_unit=8, n_threads=t, **params).fit(train) for t in (1, 2)]
+        np.testing.assert_array_equal(fits[0].V_, fits[1].V_)
+        model = afmfast.FM(shuffle_unit=8, n_threads=1, **params)
+        model._validate()
+        trainer = Trainer(model, demo.train)
+        step = 0
+        for epoch in (1, 2):
+            whole = np.concatenate(list(trainer.epoch_segments(train, epoch)))
+            assert sorted(whole.tolist()) == list(range(train.n_rows))
+            assert np.median(_runs(whole)) >= 8
+            step, _ = trainer.train_epoch(demo.train.X, demo.train.y, whole, step)
+        np.testing.assert_array_equal(fits[0].V_, trainer.params.V)
+        default = afmfast.FM(n_threads=1, **params).fit(train)
+        np.testing.assert_array_equal(
+            default.V_, afmfast.FM(shuffle_unit=1, n_threads=1, **params).fit(train).V_)
+        assert not np.array_equal(default.V_, fits[0].V_)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, None, "8"])
+def test_a_bad_shuffle_unit_is_named(bad):
+    with pytest.raises(ValueError, match="shuffle_unit must be an integer >= 1"):
+        afmfast.FM(shuffle_unit=bad, verbose=0).fit(make_demo_data(n_rows=200, seed=0).train)
+
+
 @pytest.mark.parametrize("n_rows", [1, 47, 1000])
 def test_windows_in_reused_buffers_are_the_same_order(n_rows):
     """reuse=True writes the windows into three buffers: each window, taken when the
@@ -442,9 +548,10 @@ def test_a_store_trains_its_windows_as_one_order_would(tmp_path, monkeypatch, ba
 
 def test_the_windowed_order_reaches_the_full_shuffles_accuracy(tmp_path, monkeypatch):
     """frappe-mini, FM with the reference settings, 20 epochs: the windowed order (blocks
-    of 512 rows, windows of 8 blocks, so a batch of 4096 rows is one window) reaches
-    the test RMSE of the full shuffle within 0.005, as a mean over three seeds (one
-    seed's RMSE moves by about 0.01 from seed to seed with either order)."""
+    of 512 rows, windows of 8 blocks, so a batch of 4096 rows is one window), also with
+    shuffle_unit 64, reaches the test RMSE of the full shuffle within 0.005, as a mean
+    over three seeds (one seed's RMSE moves by about 0.01 from seed to seed with either
+    order)."""
     if not FRAPPE.exists():
         pytest.skip(f"{FRAPPE} is not present")
     data = afmfast.load_libfm(FRAPPE)
@@ -455,12 +562,16 @@ def test_the_windowed_order_reaches_the_full_shuffles_accuracy(tmp_path, monkeyp
     monkeypatch.setattr(epoch_order, "WINDOW_BLOCKS", 8)
     params = dict(n_factors=16, learning_rate=0.01, batch_size=4096, n_epochs=20, keep=0.7,
                   batch_norm=True, early_stopping=False, verbose=0)
-    full, windowed = [], []
+    full, windowed, in_runs = [], [], []
     for seed in (2016, 1, 2):
         model = afmfast.FM(**params, random_state=seed)
         full.append(model.fit(train).evaluate(valid)["rmse"])
         windowed.append(model.fit(open_store(tmp_path / "train")).evaluate(valid)["rmse"])
+        model = afmfast.FM(**params, random_state=seed, shuffle_unit=64)
+        in_runs.append(model.fit(open_store(tmp_path / "train")).evaluate(valid)["rmse"])
     assert abs(np.mean(windowed) - np.mean(full)) <= 0.005, (windowed, full)
+    # the file's rows are in random order: runs of 64 of them (a batch, 64 runs) too
+    assert abs(np.mean(in_runs) - np.mean(full)) <= 0.005, (in_runs, full)
 
 
 # ----- the command line -------------------------------------------------------------------

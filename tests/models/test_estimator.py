@@ -21,8 +21,9 @@ def demo():
 def test_constructor_stores_arguments_unchanged():
     kwargs = dict(n_factors=7, learning_rate=0.5, batch_size=3, n_epochs=2, keep=0.9,
                   batch_norm=False, l2=0.1, optimizer="adam", early_stopping=False, patience=3,
-                  random_state=5, n_threads=1, adaptive_threads=False, backend="numba",
-                  verbose=0, solver="mcmc", n_iter=7, n_burn_in=2, init_stdev=0.5)
+                  random_state=5, shuffle_unit=4, n_threads=1, adaptive_threads=False,
+                  backend="numba", verbose=0, solver="mcmc", n_iter=7, n_burn_in=2,
+                  init_stdev=0.5)
     model = afmfast.FM(**kwargs)
     assert model.get_params() == kwargs
 

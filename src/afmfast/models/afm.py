@@ -84,8 +84,8 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
     freeze_fm : bool
         Keep V, w and w0 fixed (with ``init_from``: the pretrained FM's), training only
         the attention network and p (the reference's ``--freeze_fm``).
-    optimizer, early_stopping, patience, random_state, n_threads, adaptive_threads, backend,
-    verbose
+    optimizer, early_stopping, patience, random_state, shuffle_unit, n_threads,
+    adaptive_threads, backend, verbose
         As for ``afmfast.FM``.
     fold_fm : bool
         With ``init_from`` an FM: fold the FM's interaction term (its batch norm) into
@@ -114,8 +114,9 @@ class AFM(*REGRESSOR_BASES, FactorizationModel):
     def __init__(self, n_factors=16, attention_size=16, keep=(1.0, 0.5), l2_attention=100.0,
                  l2=0.0, learning_rate=0.1, batch_size=4096, n_epochs=20, attention=True,
                  activation="relu", batch_norm=False, freeze_fm=False, optimizer="adagrad",
-                 early_stopping=True, patience=None, random_state=2016, n_threads=None,
-                 adaptive_threads=True, backend="auto", verbose=1, fold_fm=False):
+                 early_stopping=True, patience=None, random_state=2016, shuffle_unit=1,
+                 n_threads=None, adaptive_threads=True, backend="auto", verbose=1,
+                 fold_fm=False):
         self._set_constructor_args(locals())
 
     def _validate(self):

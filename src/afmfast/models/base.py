@@ -189,7 +189,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         >>> import afmfast
         >>> params = afmfast.FM(n_factors=8).get_params()
         >>> params["n_factors"], params["keep"], len(params)
-        (8, 0.7, 19)
+        (8, 0.7, 20)
         """
         return {name: getattr(self, name) for name in self._get_param_names()}
 
@@ -231,6 +231,7 @@ class FactorizationModel(*_SKLEARN_BASES):
         _check_bool("batch_norm", self.batch_norm)
         if self.random_state is not None:
             _check_int("random_state", self.random_state, 0)
+        _check_int("shuffle_unit", self.shuffle_unit, 1)
         _check_int("verbose", self.verbose, 0)
         _check_bool("adaptive_threads", self.adaptive_threads)
         if self.backend not in backends.BACKEND_NAMES:

@@ -16,6 +16,13 @@
 
 ``fit`` chooses by ``Dataset.memory_mapped``; ``order_segments`` makes the choice.
 
+**Units** (the estimators' ``shuffle_unit``): either order may shuffle runs of ``unit``
+consecutive rows as wholes instead of single rows, the rows of a run kept in their
+order. A batch's rows then lie in runs that the processor's prefetchers read in
+sequence, instead of each row costing its own cache misses. That is only as random as
+the rows' stored order allows: meant for rows stored in random order already (logs
+shuffled on writing, synthetic rows), not for rows sorted by user, item or time.
+
 With ``reuse=True`` (training does this) the windows of an epoch are written into
 three buffers allocated once an epoch, not into new arrays: a window of a few hundred
 thousand rows is large enough for the C library to map fresh pages for every new array
@@ -56,15 +63,53 @@ def window_key(epoch: int, window: int) -> int:
     return (int(epoch) << 32) + int(window)
 
 
+def shuffled_units(n: int, unit: int, seed: int, key: int, shuffle: Callable[..., np.ndarray],
+                   out: np.ndarray | None = None,
+                   scratch: np.ndarray | None = None) -> np.ndarray:
+    """A seeded order of ``range(n)`` that keeps runs of ``unit`` consecutive numbers
+    (the last run shorter when ``unit`` does not divide ``n``) and shuffles the runs:
+    ``shuffle(n, seed, key)`` itself for ``unit`` 1. ``out`` (at least ``n`` long,
+    ``unit`` 1: ``n``) and ``scratch`` (at least ``ceil(n / unit)``) are optional
+    buffers; the order is in ``out[:n]``.
+
+    Examples
+    --------
+    >>> from afmfast.kernels.numba.common import shuffled_rows
+    >>> shuffle = lambda n, seed, key, out=None: shuffled_rows(n, seed, key, 1, out=out)
+    >>> shuffled_units(10, 4, 2016, 2, shuffle).tolist()  # the last run is shorter
+    [8, 9, 4, 5, 6, 7, 0, 1, 2, 3]
+    """
+    if unit == 1:
+        return shuffle(n, seed, key) if out is None else shuffle(n, seed, key, out=out[:n])
+    n_units = -(-n // unit)
+    units = (shuffle(n_units, seed, key) if scratch is None
+             else shuffle(n_units, seed, key, out=scratch[:n_units]))
+    if out is None:
+        out = np.empty(n_units * unit, np.int64)
+    runs = out[:n_units * unit].reshape(n_units, unit)
+    np.multiply(units[:, None], unit, out=runs)
+    runs += np.arange(unit, dtype=np.int64)
+    short = n_units * unit - n  # the last run's missing numbers
+    if short:
+        # drop them: the rows after the last run's place move up over its gap
+        at = int(np.flatnonzero(units == n_units - 1)[0])
+        flat = out[:n_units * unit]
+        end = (at + 1) * unit
+        flat[end - short:n_units * unit - short] = flat[end:].copy()
+    return out[:n]
+
+
 def windowed_order(data: Dataset, seed: int, epoch: int,
                    shuffle: Callable[..., np.ndarray], *,
                    block_rows: int | None = None, window_blocks: int | None = None,
-                   prefetch: bool = True, reuse: bool = False) -> Iterator[np.ndarray]:
+                   prefetch: bool = True, reuse: bool = False,
+                   unit: int = 1) -> Iterator[np.ndarray]:
     """The windowed order of an epoch (see the module docstring), window by window: int64
     arrays of row numbers that together hold every row once. ``shuffle(n, seed, key,
     out=None)`` is the backend's ``shuffled_rows`` on the fit's threads. ``reuse``: the
     windows are written into buffers that the next window but one overwrites (module
-    docstring); the order is the same.
+    docstring); the order is the same. ``unit``: a window's rows are shuffled in runs
+    of that many (``shuffled_units``).
 
     Examples
     --------
@@ -89,7 +134,8 @@ def windowed_order(data: Dataset, seed: int, epoch: int,
     largest = min(n, window_blocks * block_rows)
     iota = np.arange(min(n, block_rows), dtype=np.int64)
     if reuse:
-        positions = np.empty(largest, np.int64)
+        positions = np.empty(-(-largest // unit) * unit, np.int64)
+        scratch = np.empty(-(-largest // unit), np.int64) if unit > 1 else None
         laid_out = np.empty(largest, np.int64)
         out = (np.empty(largest, np.int64), np.empty(largest, np.int64))
     for w, chosen in enumerate(windows):
@@ -103,10 +149,11 @@ def windowed_order(data: Dataset, seed: int, epoch: int,
         size = sum(lengths)
         key = window_key(epoch, w + 1)
         if reuse:
-            order = shuffle(size, seed, key, out=positions[:size])
+            order = shuffled_units(size, unit, seed, key, shuffle, out=positions,
+                                   scratch=scratch)
             blocks, rows = laid_out[:size], out[w % 2][:size]
         else:
-            order = shuffle(size, seed, key)
+            order = shuffled_units(size, unit, seed, key, shuffle)
             blocks, rows = np.empty(size, np.int64), np.empty(size, np.int64)
         # the window's blocks' rows laid end to end, then taken in the shuffled order
         # (mode="clip": unbuffered; every index is in range)
@@ -119,10 +166,10 @@ def windowed_order(data: Dataset, seed: int, epoch: int,
 
 
 def order_segments(data: Dataset, seed: int, epoch: int, shuffle: Callable[..., np.ndarray],
-                   *, reuse: bool = False) -> Iterator[np.ndarray]:
+                   *, reuse: bool = False, unit: int = 1) -> Iterator[np.ndarray]:
     """The epoch's order as segments to train in turn: the whole shuffle in one piece for
     an in-memory Dataset, window by window for a memory-mapped one (``reuse``: see
-    ``windowed_order``).
+    ``windowed_order``), in runs of ``unit`` rows (``shuffled_units``).
 
     Examples
     --------
@@ -134,8 +181,8 @@ def order_segments(data: Dataset, seed: int, epoch: int, shuffle: Callable[..., 
     [5]
     """
     if data.memory_mapped:
-        return windowed_order(data, seed, epoch, shuffle, reuse=reuse)
-    return iter([shuffle(data.n_rows, seed, epoch)])
+        return windowed_order(data, seed, epoch, shuffle, reuse=reuse, unit=unit)
+    return iter([shuffled_units(data.n_rows, unit, seed, epoch, shuffle)])
 
 
 _MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)

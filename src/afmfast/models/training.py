@@ -223,7 +223,7 @@ class Trainer:
         """
         return order_segments(train, self.seed, epoch, lambda n, seed, key, out=None: (
             self.backend.shuffled_rows(n, seed, key, self.planner.current, out=out)),
-            reuse=reuse)
+            reuse=reuse, unit=int(self.model.shuffle_unit))
 
     def train_epoch(self, X, y, order: np.ndarray | Iterable[np.ndarray], step: int,
                     epoch: int = 0, progress: _Progress | None = None) -> tuple[int, float]:
