@@ -78,6 +78,9 @@ def _add_reference_flags(p):
     p.add_argument("--backend", default="auto", choices=backends.BACKEND_NAMES,
                    help="kernel backend (default: auto = cython, else numba)")
     p.add_argument("--seed", type=int, default=2016, help="random seed (default 2016)")
+    p.add_argument("--shuffle_unit", type=int, default=1, metavar="N",
+                   help="shuffle runs of N consecutive rows as wholes: faster epochs for "
+                   "rows stored in random order (default 1: single rows)")
     p.add_argument("--loss", default="squared", choices=("squared", "logistic"),
                    help="squared: regression, reports RMSE (the reference); logistic: a "
                    "binary classifier for labels {0,1} or {-1,1}, reports logloss, AUC and "
@@ -364,7 +367,7 @@ def _build_model(args):
     """The estimator the flags describe, validated (a bad flag is a UsageError)."""
     common = dict(learning_rate=args.lr, batch_size=args.batch_size, n_epochs=args.epoch,
                   optimizer=_optimizer(args), random_state=args.seed,
-                  n_threads=args.threads, backend=args.backend, verbose=args.verbose)
+                  shuffle_unit=args.shuffle_unit, n_threads=args.threads, backend=args.backend, verbose=args.verbose)
     logistic = args.loss == "logistic"
     if args.command == "fm" and args.method == "mcmc":
         from afmfast.models.fm import FM, FMClassifier
@@ -526,7 +529,8 @@ _FLAGS = {"n_factors": "--hidden_factor", "attention_size": "--hidden_factor",
           "keep": "--keep", "keep[0]": "--keep", "keep[1]": "--keep", "l2": "--lamda",
           "l2_attention": "--lamda_attention", "n_threads": "--threads",
           "random_state": "--seed", "activation": "--activation",
-          "batch_norm": "--batch_norm", "n_iter": "--epoch", "init_stdev": "--init_stdev"}
+          "batch_norm": "--batch_norm", "n_iter": "--epoch", "init_stdev": "--init_stdev",
+          "shuffle_unit": "--shuffle_unit"}
 
 
 def _flag_message(message):

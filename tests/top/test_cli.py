@@ -112,11 +112,29 @@ def test_method_mcmc_trains_the_bayesian_fm(data_dir, tmp_path, capsys):
     (("--lr", "-1"), "--lr"),
     (("--optimizer", "Foo"), "--optimizer"),
     (("--threads", "0"), "--threads"),
+    (("--shuffle_unit", "0"), "--shuffle_unit"),
 ])
 def test_usage_errors_exit_2_with_one_line(data_dir, flags, needle, capsys):
     code, out, err = _run(capsys, "fm", "--path", str(data_dir), "--dataset", "toy", *flags)
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_shuffle_unit_flag_trains_as_the_estimator_does(data_dir, tmp_path, capsys):
+    import afmfast
+
+    d = data_dir / "toy"
+    saved = tmp_path / "m.npz"
+    code, out, err = _run(capsys, "fm", "--train", str(d / "toy.train.libfm"),
+                          "--pretrain", "0", "--save", str(saved), "--threads", "1",
+                          "--shuffle_unit", "8", "--verbose", "0", *COMMON)
+    assert code == 0, err
+    model = afmfast.load(str(saved))
+    assert model.shuffle_unit == 8
+    direct = afmfast.FM(n_factors=8, n_epochs=3, batch_size=256, shuffle_unit=8,
+                        n_threads=1, verbose=0).fit(afmfast.load_libfm(
+                            str(d / "toy.train.libfm")))
+    np.testing.assert_array_equal(model.V_, direct.V_)
 
 
 def test_argparse_errors_exit_2(capsys):
