@@ -7,6 +7,8 @@
     python bench/distributed.py --data mltag --also-every 256 --scaling 3  # 2/1 medians
     python bench/distributed.py --data mltag --also-every 256 --allocator 3
     python bench/distributed.py --data frappe --spark --load 1   # beside a busy process
+    python bench/distributed.py --data mltag --spark --tuned --sync-every 512 \
+        --shuffle-unit 64 --no-profiler          # rows read in runs, workers unprofiled
 
 Rows of the table, per data set:
 - afmfast single process, 1 thread (``afmfast.FM`` on the memory-mapped train store);
@@ -65,6 +67,8 @@ FM_SETTINGS = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
 # --tuned: the model Spark's FMRegressor trains, FM without dropout or batch norm
 PLAIN_FM = dict(keep=1.0, batch_norm=False)
 TUNED = "afmfast plain FM (keep 1, no batch norm)"
+# the Dask configuration of the bench's clusters (--no-profiler adds to it)
+WORKER_CONFIG = {}
 
 
 def splits(name, rows, seed):
@@ -153,13 +157,14 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
              nanny_allocator=False, watch=None, **extra):
     """A Dask fit on a LocalCluster of ``workers``; ``watch(client)``, if given, returns
     a started thread that watches the fit and is joined after it."""
+    import dask
     from distributed import Client, LocalCluster
 
     from afmfast.dask import DaskFM
 
     cls = DaskFM if cls is None else cls
     settings = dict(FM_SETTINGS, **extra)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+    with dask.config.set(WORKER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         if nanny_allocator:
             client.run(_nanny_allocator)
@@ -510,6 +515,10 @@ def main(argv=None):
                         help="every afmfast run's shuffle_unit: its epochs shuffle runs of "
                              "this many consecutive rows (README, 'Reading rows in runs'); "
                              "the rows of both data sets are stored in random order")
+    parser.add_argument("--no-profiler", action="store_true",
+                        help="start the Dask workers without their statistical profiler "
+                             "(distributed.worker.profile.enabled: False), which samples "
+                             "the training thread's stack 100 times a second")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -517,6 +526,8 @@ def main(argv=None):
                         help="only the frappe-mini accuracy targets")
     args = parser.parse_args(argv)
     FM_SETTINGS["shuffle_unit"] = args.shuffle_unit
+    if args.no_profiler:
+        WORKER_CONFIG["distributed.worker.profile.enabled"] = False
     if args.accuracy:
         args.sync_every = args.sync_every or 4
         accuracy(args)
@@ -526,7 +537,8 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
           + (f"; {args.load} busy process(es) beside every run" if args.load else "")
           + (f"; afmfast's epochs shuffle runs of {args.shuffle_unit} rows"
-             if args.shuffle_unit > 1 else ""))
+             if args.shuffle_unit > 1 else "")
+          + ("; Dask workers without their profiler" if args.no_profiler else ""))
     all_rows, out = [], {}
     with Load(args.load, "busy"):
         for name in names:
