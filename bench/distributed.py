@@ -164,8 +164,9 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
 
     cls = DaskFM if cls is None else cls
     settings = dict(FM_SETTINGS, **extra)
-    with dask.config.set(WORKER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with dask.config.set(WORKER_CONFIG), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                         dashboard_address=None) as cluster, Client(cluster) as client:
         if nanny_allocator:
             client.run(_nanny_allocator)
         model = cls(n_epochs=epochs, n_threads=1, adaptive_threads=False, client=client,

@@ -125,8 +125,9 @@ def main(argv=None):
         if args.data in ("frappe", "both"):
             rows += frappe(args, folder)
     print(table(["data", "shuffle_unit", "s/epoch (median)",
-                 f"epoch / unit {args.units[0]}'s (median)", "each round (frappe: each seed's test RMSE)",
-                 "valid RMSE", "test RMSE"], rows))
+                 f"epoch / unit {args.units[0]}'s (median)",
+                 "each round (frappe: each seed's test RMSE)", "valid RMSE", "test RMSE"],
+                rows))
 
 
 if __name__ == "__main__":

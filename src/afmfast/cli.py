@@ -367,7 +367,8 @@ def _build_model(args):
     """The estimator the flags describe, validated (a bad flag is a UsageError)."""
     common = dict(learning_rate=args.lr, batch_size=args.batch_size, n_epochs=args.epoch,
                   optimizer=_optimizer(args), random_state=args.seed,
-                  shuffle_unit=args.shuffle_unit, n_threads=args.threads, backend=args.backend, verbose=args.verbose)
+                  shuffle_unit=args.shuffle_unit, n_threads=args.threads,
+                  backend=args.backend, verbose=args.verbose)
     logistic = args.loss == "logistic"
     if args.command == "fm" and args.method == "mcmc":
         from afmfast.models.fm import FM, FMClassifier

@@ -46,3 +46,28 @@ def test_profile_phases_from_a_store_of_the_plain_fm():
     # threads, p10, median and the six phases, each a positive number of milliseconds
     assert row[0] == "1" and len(row) == 9
     assert all(float(v) >= 0 for v in row[1:]) and float(row[2]) > 0
+
+
+def test_profile_phases_with_rows_in_runs():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "profile_phases.py"), "--model", "fm", "--data",
+         "mltag", "--rows", "30000", "--epochs", "2", "--threads", "1", "--store",
+         "--plain", "--shuffle-unit", "64"], capture_output=True, text=True, check=True,
+        timeout=300).stdout
+    assert "from a store; runs of 64 rows" in out
+    assert float(out.strip().splitlines()[-1].split()[2]) > 0
+
+
+def test_shuffle_unit_bench_compares_units_side_by_side():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "shuffle_unit.py"), "--data", "mltag", "--rows",
+         "40000", "--units", "1", "8", "--reps", "2", "--epochs", "2"],
+        capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = [line for line in out.splitlines() if line.startswith("ml-tag 40,000 rows")]
+    # two settings x two units; unit 1 is the base of the ratios
+    assert len(rows) == 4
+    for line in rows:
+        unit, seconds, ratio = re.split(r"\s{2,}", line.strip())[1:4]
+        assert float(seconds) > 0 and ratio.endswith("x")
+        if unit == "1":
+            assert ratio == "1.000x"

@@ -68,9 +68,9 @@ def shuffled_units(n: int, unit: int, seed: int, key: int, shuffle: Callable[...
                    scratch: np.ndarray | None = None) -> np.ndarray:
     """A seeded order of ``range(n)`` that keeps runs of ``unit`` consecutive numbers
     (the last run shorter when ``unit`` does not divide ``n``) and shuffles the runs:
-    ``shuffle(n, seed, key)`` itself for ``unit`` 1. ``out`` (at least ``n`` long,
-    ``unit`` 1: ``n``) and ``scratch`` (at least ``ceil(n / unit)``) are optional
-    buffers; the order is in ``out[:n]``.
+    ``shuffle(n, seed, key)`` itself for ``unit`` 1. ``out`` (at least ``ceil(n / unit)
+    * unit`` long) and ``scratch`` (at least ``ceil(n / unit)``) are optional buffers;
+    the order is in ``out[:n]``.
 
     Examples
     --------
@@ -91,7 +91,9 @@ def shuffled_units(n: int, unit: int, seed: int, key: int, shuffle: Callable[...
     runs += np.arange(unit, dtype=np.int64)
     short = n_units * unit - n  # the last run's missing numbers
     if short:
-        # drop them: the rows after the last run's place move up over its gap
+        # drop them: the rows after the last run's place move up over its gap (a copy
+        # of that tail: once an epoch at most, as only the data's last window can
+        # hold a short run when the unit divides BLOCK_ROWS)
         at = int(np.flatnonzero(units == n_units - 1)[0])
         flat = out[:n_units * unit]
         end = (at + 1) * unit
