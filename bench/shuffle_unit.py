@@ -3,10 +3,12 @@
     python bench/shuffle_unit.py                           # both data sets, units 1 16 64 256
     python bench/shuffle_unit.py --data mltag --units 1 64 --reps 5
     python bench/shuffle_unit.py --data frappe --seeds 2016 1 2 3 4
+    python bench/shuffle_unit.py --data mltag --in-memory   # the rows in memory
 
 - ml-tag: ``bench_common.synthetic_mltag`` rows (``--rows``, split 8:1:1 into train,
   validation and test; its rows are drawn independently, so stored in random order),
-  trained from a store as ``fit`` trains large data (the windowed order), FM k=16 on one
+  trained from a store as ``fit`` trains large data (the windowed order; with
+  ``--in-memory`` from arrays in memory, in one shuffle of all rows), FM k=16 on one
   thread, 5 epochs with early stopping, in two settings: the reference settings and the
   plain FM of ``bench/distributed.py --tuned`` (keep 1, no batch norm, learning rate
   0.05). The units' fits alternate, ``--reps`` rounds; per unit: the median of the
@@ -59,6 +61,8 @@ def mltag(args, folder):
     part = np.arange(len(data)) % 10
     opened = stores({"train": data[part < 8], "valid": data[part == 8],
                      "test": data[part == 9]}, folder)
+    if args.in_memory:
+        opened["train"] = data[part < 8]
     rows = []
     for label, settings in (("reference settings", REFERENCE), ("plain FM", PLAIN)):
         seconds = {unit: [] for unit in args.units}
@@ -74,7 +78,8 @@ def mltag(args, folder):
         base = seconds[args.units[0]]
         for unit in args.units:
             ratios = [s / b for s, b in zip(seconds[unit], base)]
-            rows.append([f"ml-tag {args.rows:,} rows, {label}", unit,
+            rows.append([f"ml-tag {args.rows:,} rows, {label}"
+                         + (", in memory" if args.in_memory else ""), unit,
                          f"{np.median(seconds[unit]):.3f}", f"{np.median(ratios):.3f}x",
                          ", ".join(f"{r:.3f}" for r in ratios),
                          f"{scores[unit][0]:.4f}", f"{scores[unit][1]:.4f}"])
@@ -114,6 +119,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[2016, 1, 2],
                         help="frappe-mini seeds")
     parser.add_argument("--seed", type=int, default=0, help="ml-tag data seed")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="ml-tag: train from the rows in memory, not from a store")
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
     args = parser.parse_args(argv)
     print(f"bench/shuffle_unit.py: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} "
