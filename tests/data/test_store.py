@@ -489,6 +489,28 @@ def test_shuffle_unit_trains_along_its_order_and_is_the_same_for_any_threads(tmp
         assert not np.array_equal(default.V_, fits[0].V_)
 
 
+def test_a_shuffle_unit_beyond_the_rows_is_one_run(tmp_path):
+    """A unit larger than the data (or a window) keeps the rows of a window in their
+    stored order and sizes no buffer by the unit."""
+    module = get_backend(available_backends()[0], "fm")
+
+    def shuffle(n, seed, key, out=None):
+        return module.shuffled_rows(n, seed, key, 1, out=out)
+
+    huge = 10**15
+    assert epoch_order.shuffled_units(7, huge, 1, 1, shuffle).tolist() == list(range(7))
+    data = afmfast.Dataset(np.zeros(41, np.int64), [], [], np.zeros(40))
+    windows = list(epoch_order.windowed_order(data, 7, 3, shuffle, block_rows=16,
+                                              window_blocks=2, unit=huge, reuse=True))
+    assert sorted(np.concatenate(windows).tolist()) == list(range(40))
+    # each window: its blocks (two at most) each in stored order
+    assert all(len(_runs(w)) <= 2 for w in windows)
+    demo = make_demo_data(n_rows=500, seed=0).train
+    write_store(demo, tmp_path / "s")
+    for train in (demo, open_store(tmp_path / "s")):
+        afmfast.FM(shuffle_unit=huge, n_epochs=1, verbose=0).fit(train)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True, None, "8"])
 def test_a_bad_shuffle_unit_is_named(bad):
     with pytest.raises(ValueError, match="shuffle_unit must be an integer >= 1"):

@@ -79,6 +79,8 @@ def shuffled_units(n: int, unit: int, seed: int, key: int, shuffle: Callable[...
     >>> shuffled_units(10, 4, 2016, 2, shuffle).tolist()  # the last run is shorter
     [8, 9, 4, 5, 6, 7, 0, 1, 2, 3]
     """
+    # a unit beyond n is one run of all n numbers (and must not size a buffer)
+    unit = max(1, min(int(unit), n))
     if unit == 1:
         return shuffle(n, seed, key) if out is None else shuffle(n, seed, key, out=out[:n])
     n_units = -(-n // unit)
@@ -135,6 +137,7 @@ def windowed_order(data: Dataset, seed: int, epoch: int,
     windows = [blocks[w:w + window_blocks] for w in range(0, n_blocks, window_blocks)]
     largest = min(n, window_blocks * block_rows)
     iota = np.arange(min(n, block_rows), dtype=np.int64)
+    unit = max(1, min(int(unit), largest))  # as shuffled_units takes it
     if reuse:
         positions = np.empty(-(-largest // unit) * unit, np.int64)
         scratch = np.empty(-(-largest // unit), np.int64) if unit > 1 else None
