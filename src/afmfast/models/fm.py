@@ -52,7 +52,8 @@ class FM(*REGRESSOR_BASES, FactorizationModel):
         Rows that an epoch's shuffle keeps together: 1 shuffles single rows; n > 1
         shuffles runs of n consecutive rows, each run's rows in their stored order,
         which reads the rows nearly in sequence, faster for large data (README,
-        "Reading rows in runs"). Only for rows stored in random order: runs of rows
+        "Reading rows in runs"); n at or beyond the rows (of a store's window) keeps
+        them in stored order. Only for rows stored in random order: runs of rows
         sorted by user, item or time make each batch less random.
     n_threads : int >= 1 or None
         Most kernel threads (None: ``afmfast.kernels.threads.default_threads()``, the CPUs of
