@@ -4,6 +4,7 @@
     python bench/shuffle_unit.py --data mltag --units 1 64 --reps 5
     python bench/shuffle_unit.py --data frappe --seeds 2016 1 2 3 4
     python bench/shuffle_unit.py --data mltag --in-memory   # the rows in memory
+    python bench/shuffle_unit.py --data mltag --units 1 64 --dask 512   # 2 Dask workers
 
 - ml-tag: ``bench_common.synthetic_mltag`` rows (``--rows``, split 8:1:1 into train,
   validation and test; its rows are drawn independently, so stored in random order),
@@ -14,7 +15,9 @@
   0.05). The units' fits alternate, ``--reps`` rounds; per unit: the median of the
   epochs' median seconds, the median of each round's ratio to unit 1's epoch (measured a
   few seconds apart), and the validation and test RMSE of the kept epoch (the same in
-  every round: a fit is a function of its seed).
+  every round: a fit is a function of its seed). ``--dask S``: the fits run on a
+  ``distributed.LocalCluster`` of 2 worker processes x 1 thread (``DaskFM``,
+  ``sync_every`` S, each worker on half of the store) instead of one process.
 - frappe-mini (../shared/data/frappe beside the repository; the rows whose 1-based line
   number is divisible by 5 are held out and evaluated; the file's rows are in random
   order): FM with the reference settings for 20 epochs, no early stopping, from a store,
@@ -25,14 +28,20 @@ On a shared machine quote the ratios, which come from fits run side by side.
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 
-import numpy as np
+# bench/distributed.py shares its name with the ``distributed`` package: put this folder
+# after site-packages, so that ``import distributed`` finds the package
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH] + [_BENCH]
 
-from bench_common import FRAPPE, log, synthetic_mltag, table
+import numpy as np  # noqa: E402
 
-import afmfast
+from bench_common import FRAPPE, log, synthetic_mltag, table  # noqa: E402
+
+import afmfast  # noqa: E402
 
 REFERENCE = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
                  batch_norm=True)
@@ -40,13 +49,29 @@ PLAIN = dict(REFERENCE, keep=1.0, batch_norm=False, learning_rate=0.05)
 
 
 def stores(parts, folder):
-    """{name: an opened store} of a dict of Datasets, written into ``folder``."""
+    """{name: an opened store} of a dict of Datasets, written into ``folder`` (each
+    store's path in ``opened[name + "_path"]``)."""
     opened = {}
     for name, data in parts.items():
         path = os.path.join(folder, f"{name}.store")
         afmfast.write_store(data, path)
         opened[name] = afmfast.open_store(path)
+        opened[name + "_path"] = path
     return opened
+
+
+def dask_fit(data, unit, epochs, settings, sync_every):
+    """``fit``'s model trained on 2 Dask worker processes from the stores' paths; returns
+    it as a local ``FM`` (``DaskFM.to_local``: its history and best epoch too)."""
+    from distributed import Client, LocalCluster
+
+    from afmfast.dask import DaskFM
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        model = DaskFM(n_epochs=epochs, n_threads=1, adaptive_threads=False, verbose=0,
+                       shuffle_unit=unit, client=client, sync_every=sync_every, **settings)
+        return model.fit(data["train_path"], validation=data["valid_path"]).to_local()
 
 
 def fit(data, unit, epochs, settings, seed=2016, early_stopping=True):
@@ -63,6 +88,8 @@ def mltag(args, folder):
                      "test": data[part == 9]}, folder)
     if args.in_memory:
         opened["train"] = data[part < 8]
+    where = (f", 2 Dask workers, sync_every {args.dask}" if args.dask
+             else ", in memory" if args.in_memory else "")
     rows = []
     for label, settings in (("reference settings", REFERENCE), ("plain FM", PLAIN)):
         seconds = {unit: [] for unit in args.units}
@@ -70,7 +97,8 @@ def mltag(args, folder):
         for rep in range(args.reps):
             log(f"ml-tag, {label}: round {rep + 1} of {args.reps}")
             for unit in args.units:
-                model = fit(opened, unit, args.epochs, settings)
+                model = (dask_fit(opened, unit, args.epochs, settings, args.dask)
+                         if args.dask else fit(opened, unit, args.epochs, settings))
                 seconds[unit].append(float(np.median([h["seconds"]
                                                       for h in model.history_])))
                 scores[unit] = (model.history_[model.best_epoch_ - 1]["valid_rmse"],
@@ -78,8 +106,7 @@ def mltag(args, folder):
         base = seconds[args.units[0]]
         for unit in args.units:
             ratios = [s / b for s, b in zip(seconds[unit], base)]
-            rows.append([f"ml-tag {args.rows:,} rows, {label}"
-                         + (", in memory" if args.in_memory else ""), unit,
+            rows.append([f"ml-tag {args.rows:,} rows, {label}{where}", unit,
                          f"{np.median(seconds[unit]):.3f}", f"{np.median(ratios):.3f}x",
                          ", ".join(f"{r:.3f}" for r in ratios),
                          f"{scores[unit][0]:.4f}", f"{scores[unit][1]:.4f}"])
@@ -121,8 +148,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="ml-tag data seed")
     parser.add_argument("--in-memory", action="store_true",
                         help="ml-tag: train from the rows in memory, not from a store")
+    parser.add_argument("--dask", type=int, default=0, metavar="SYNC_EVERY",
+                        help="ml-tag: train on 2 Dask workers with this sync_every")
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores")
     args = parser.parse_args(argv)
+    if args.dask and args.in_memory:
+        parser.error("--dask trains from the store: drop --in-memory")
     print(f"bench/shuffle_unit.py: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} "
           f"CPUs, load {os.getloadavg()[0]:.2f}")
     rows = []

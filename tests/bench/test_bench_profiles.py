@@ -71,3 +71,14 @@ def test_shuffle_unit_bench_compares_units_side_by_side():
         assert float(seconds) > 0 and ratio.endswith("x")
         if unit == "1":
             assert ratio == "1.000x"
+
+
+def test_shuffle_unit_bench_on_two_dask_workers():
+    pytest.importorskip("distributed")
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "shuffle_unit.py"), "--data", "mltag", "--rows",
+         "40000", "--units", "1", "8", "--reps", "1", "--epochs", "1", "--dask", "64"],
+        capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [line for line in out.splitlines() if "2 Dask workers, sync_every 64" in line]
+    assert len(rows) == 4
+    assert all(float(re.split(r"\s{2,}", line.strip())[2]) > 0 for line in rows)
