@@ -1,8 +1,9 @@
 """Validation on the workers of a Dask fit: what each worker sums over its validation
 shards (``score_sums``), the metrics those sums give (``summed_metrics``), and the
 per-epoch decisions that a single process takes from its validation metric (best
-epoch, early stop, divergence), taken here by every worker alike (``EpochJudge``), so
-that the workers run epoch after epoch without a call from the driver between them.
+epoch, early stop, divergence), taken here by every worker alike
+(``SummedEpochJudge``), so that the workers run epoch after epoch without a call from
+the driver between them.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import math
 
 import numpy as np
 
-from afmfast.metrics import HIGHER_IS_BETTER, auc_from_histograms, logloss, score_histograms
-from afmfast.models.training import early_stop_reason
+from afmfast.metrics import auc_from_histograms, logloss, score_histograms
+from afmfast.models.training import EpochJudge
 
 
 def score_sums(model, datasets, bounds):
@@ -68,8 +69,7 @@ def summed_metrics(model, sums: list[dict]) -> dict:
     """
     rows = sum(s["rows"] for s in sums)
     if rows == 0:
-        return dict.fromkeys(model._task_metrics[:1] if not model._is_classifier
-                             else ("logloss", "auc", "accuracy"), float("nan"))
+        return dict.fromkeys(model._task_metrics, float("nan"))
     if model._is_classifier:
         histograms = [s["auc_histograms"] for s in sums if s["auc_histograms"] is not None]
         return {"logloss": sum(s["logloss_sum"] for s in sums) / rows,
@@ -79,54 +79,33 @@ def summed_metrics(model, sums: list[dict]) -> dict:
     return {"rmse": math.sqrt(math.fsum(s["sse"] for s in sums) / rows)}
 
 
-class EpochJudge:
-    """A fit's validation history and the decisions taken from it after each epoch,
-    as ``afmfast.models.training.Trainer`` takes them in a single process: the epoch
-    improved (and becomes the best one) when its ``monitor`` metric beats the best so
-    far (always, without validation); with ``early_stopping``, training stops by
-    ``early_stop_reason``; scores that are not finite mean the training diverged.
-    Every worker holds one and feeds it the same sums in the same order, so all of
-    them decide alike.
+class SummedEpochJudge(EpochJudge):
+    """``afmfast.models.training.EpochJudge`` fed with the workers' ``score_sums``:
+    every worker of a Dask fit holds one and feeds it the same sums in the same order,
+    so all of them decide alike, as a single process does; scores that are not finite
+    mean the training diverged.
 
     Examples
     --------
     >>> import afmfast
-    >>> judge = EpochJudge(afmfast.FM(patience=1), "rmse", validated=True)
-    >>> [judge.judge(e, [{"rows": 1, "sse": s, "finite": True}])["improved"]
+    >>> judge = SummedEpochJudge(afmfast.FM(patience=1), "rmse", validated=True)
+    >>> [judge.judge_sums(e, [{"rows": 1, "sse": s, "finite": True}])["improved"]
     ...  for e, s in ((1, 4.0), (2, 1.0))]
     [True, True]
-    >>> verdict = judge.judge(3, [{"rows": 1, "sse": 9.0, "finite": True}])
+    >>> verdict = judge.judge_sums(3, [{"rows": 1, "sse": 9.0, "finite": True}])
     >>> verdict["improved"], verdict["best_epoch"], verdict["stop"]
     (False, 2, 'did not improve for 1 epochs')
     """
 
-    def __init__(self, model, monitor: str, validated: bool):
-        self.model, self.monitor, self.validated = model, monitor, validated
-        self.early_stopping = bool(model.early_stopping) and validated
-        self.sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
-        self.goodness: list[float] = []  # sign * metric of each epoch judged
-        self.best, self.best_epoch = -math.inf, 0
-
-    def judge(self, epoch: int, sums: list[dict]) -> dict:
+    def judge_sums(self, epoch: int, sums: list[dict]) -> dict:
         """The verdict on ``epoch`` from every worker's ``score_sums`` (worker order):
-        {"metrics": the validation metrics (None without validation), "improved",
+        {"metrics": the validation metrics (None when diverged), "improved",
         "best_epoch", "stop": why training stops after it (or None), "diverged"}."""
         if not all(s["finite"] for s in sums):
             return {"metrics": None, "improved": False, "best_epoch": self.best_epoch,
                     "stop": None, "diverged": True}
-        model = self.model
-        metrics = (summed_metrics(model, sums) if self.validated
-                   else dict.fromkeys(model._task_metrics))
-        improved = True
-        if self.validated:
-            goodness = self.sign * metrics[self.monitor]
-            improved = goodness > self.best
-            self.goodness.append(goodness)
-            if improved:
-                self.best = goodness
-        if improved:
-            self.best_epoch = epoch
-        stop = (early_stop_reason(self.goodness, self.best_epoch, model.patience)
-                if self.early_stopping else None)
+        metrics = (summed_metrics(self.model, sums) if self.validated
+                   else dict.fromkeys(self.model._task_metrics))
+        improved, stop = self.judge(epoch, metrics)
         return {"metrics": metrics, "improved": improved, "best_epoch": self.best_epoch,
                 "stop": stop, "diverged": False}

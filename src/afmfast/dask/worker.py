@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from afmfast.dask import averaging, memory
-from afmfast.dask.scoring import EpochJudge, score_sums
+from afmfast.dask.scoring import SummedEpochJudge, score_sums
 from afmfast.data.dataset import Dataset
 from afmfast.data.store import open_store
 from afmfast.models.training import (Trainer, TrainingDivergedError, _whole_batches,
@@ -227,7 +227,7 @@ class ShardWorker:
         relabels the rows as the kernels' 0/1 targets; ``merge`` is the estimator's
         merge rule ("sum" or "mean", ``afmfast.dask.averaging.merge``); ``monitor``
         the validation metric that judges the epochs and ``validated`` whether any
-        worker has validation shards (``afmfast.dask.scoring.EpochJudge``). Returns
+        worker has validation shards (``afmfast.dask.scoring.SummedEpochJudge``). Returns
         this worker's batches per epoch."""
         model = self.model
         self.peers = peers
@@ -265,7 +265,7 @@ class ShardWorker:
         self.dense = averaging.dense_tables(trainer.params, trainer.state, model.optimizer)
         self.additive = averaging.additive_tables(trainer.params, model.optimizer)
         self.merge_rule = merge
-        self.judge = EpochJudge(model, monitor, validated)
+        self.judge = SummedEpochJudge(model, monitor, validated)
         # the best epoch's snapshot is only ever restored by an early-stopping fit
         self._keeps_best = self.judge.early_stopping
         self._count = np.zeros(n_features, np.int32)  # merge scratch
@@ -296,7 +296,7 @@ class ShardWorker:
         (``score``, with ``bounds``).
 
         An epoch's sums travel to the peers with the next epoch's first payload, and
-        every worker judges the epoch (``EpochJudge``) once it has all of them; the last
+        every worker judges the epoch (``SummedEpochJudge``) once it has all of them; the last
         epoch of the call is judged after a round that carries the sums alone (no
         batches, not in the sync log). The parameters of an epoch whose verdict waits
         for the next epoch are kept aside when the fit may restore its best epoch (a
@@ -364,7 +364,7 @@ class ShardWorker:
         """Judge the epoch of ``entry`` from every worker's sums; when it improved, its
         parameters become the best epoch's: those kept aside if its verdict ``waited``
         for the next epoch, else the live ones (nothing trained since it was scored)."""
-        verdict = self.judge.judge(entry["epoch"], sums)
+        verdict = self.judge.judge_sums(entry["epoch"], sums)
         if verdict["improved"] and self._keeps_best:
             if not waited:
                 self._check_abort()

@@ -326,9 +326,8 @@ class Trainer:
         model = self.model
         n = train.n_rows
         X, y = train.X, train.y
-        sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
+        judge = EpochJudge(model, monitor, valid is not None)
         label = "" if monitor == "rmse" else f" {monitor}"
-        best_valid = -math.inf
         if model.verbose and (score_train or valid is not None):
             t = time.perf_counter()
             parts = []
@@ -369,7 +368,7 @@ class Trainer:
             record.update((f"valid_{k}", v) for k, v in valid_metrics.items())
             record.update(seconds=t1 - t0, threads=threads)
             model.history_.append(record)
-            improved = valid is None or sign * valid_metrics[monitor] > best_valid
+            improved, why = judge.judge(epoch, valid_metrics)
             self._keep_epoch(epoch, improved)
             line = (f"Epoch {epoch} [{t1 - t0:.1f} s, {threads} of {self.threads} "
                     f"threads]\ttrain loss={record['train_loss']:.4f}")
@@ -378,11 +377,6 @@ class Trainer:
             if valid is not None:
                 line += f", validation{label}={valid_metrics[monitor]:.4f}"
             model._log(f"{line} [{time.perf_counter() - t1:.1f} s]")
-            if improved and valid is not None:
-                best_valid = sign * valid_metrics[monitor]
-            why = valid is not None and model.early_stopping and early_stop_reason(
-                [sign * h[f"valid_{monitor}"] for h in model.history_], model.best_epoch_,
-                model.patience)
             if why:
                 model._log(f"Early stop after epoch {epoch}: validation {monitor} {why}; "
                            f"restoring epoch {model.best_epoch_}.")
@@ -527,6 +521,47 @@ def label_sum(data: Dataset) -> float:
     3.5
     """
     return float(np.sum(data.y, dtype=np.float64))
+
+
+class EpochJudge:
+    """The decisions taken after each epoch from its validation metrics: the epoch
+    improved (and becomes the best one) when its ``monitor`` metric beats the best so
+    far (always, without validation; never, for a NaN metric), and with the model's
+    ``early_stopping`` training stops by ``early_stop_reason``. ``Trainer`` keeps one a
+    fit; every worker of a Dask fit too (``afmfast.dask.scoring.SummedEpochJudge``).
+
+    Examples
+    --------
+    >>> import afmfast
+    >>> judge = EpochJudge(afmfast.FM(patience=1), "rmse", validated=True)
+    >>> judge.judge(1, {"rmse": 2.0}), judge.judge(2, {"rmse": 1.0})
+    ((True, None), (True, None))
+    >>> judge.judge(3, {"rmse": 3.0}), judge.best_epoch
+    ((False, 'did not improve for 1 epochs'), 2)
+    """
+
+    def __init__(self, model, monitor: str, validated: bool):
+        self.model, self.monitor, self.validated = model, monitor, validated
+        self.early_stopping = bool(model.early_stopping) and validated
+        self.sign = 1.0 if monitor in HIGHER_IS_BETTER else -1.0
+        self.goodness: list[float] = []  # sign * metric of each epoch judged
+        self.best, self.best_epoch = -math.inf, 0
+
+    def judge(self, epoch: int, metrics: dict) -> tuple[bool, str | None]:
+        """(whether ``epoch`` improved, why training stops after it or None) from its
+        validation ``metrics`` (ignored without validation)."""
+        improved = True
+        if self.validated:
+            goodness = self.sign * metrics[self.monitor]
+            improved = goodness > self.best
+            self.goodness.append(goodness)
+            if improved:
+                self.best = goodness
+        if improved:
+            self.best_epoch = epoch
+        stop = (early_stop_reason(self.goodness, self.best_epoch, self.model.patience)
+                if self.early_stopping else None)
+        return improved, stop
 
 
 def early_stop_reason(goodness: list[float], best_epoch: int,
