@@ -27,6 +27,15 @@ except ImportError:  # run from a checkout: use it
     sys.path.insert(0, str(REPO))
     import afmfast  # noqa: F401
 
+def packages_before_bench():
+    """Put this folder after site-packages on ``sys.path``: ``bench/distributed.py``
+    shares its name with the ``distributed`` package, which a bench run from here would
+    otherwise import in its place (the bench modules still import from the folder)."""
+    here = str(BENCH)
+    sys.path[:] = ([p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+                   + [here])
+
+
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 FRAPPE_MINI_ROWS = 46_178  # rows of the frappe-mini train split
 

@@ -38,9 +38,15 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # its helper modules, also when loaded by path (tests)
-from bench_common import frappe_mini_train, make_estimator, synthetic_mltag  # noqa: E402
+from bench_common import (frappe_mini_train, make_estimator,  # noqa: E402
+                          packages_before_bench, synthetic_mltag)
 from comparison.probes import build_core_probe, core_probe  # noqa: E402
 from comparison.settings import BATCH  # noqa: E402
+
+# the helpers are imported: the folder goes after site-packages again, so that a test
+# process that loaded this file by path still imports the ``distributed`` package, not
+# bench/distributed.py
+packages_before_bench()
 
 __all__ = ["BATCH", "make_estimator", "synthetic_mltag", "frappe_mini_train",
            "build_core_probe", "core_probe", "main"]

@@ -6,6 +6,7 @@
     python bench/distributed.py --accuracy           # the frappe-mini accuracy targets
     python bench/distributed.py --data mltag --also-every 256 --scaling 3  # 2/1 medians
     python bench/distributed.py --data mltag --also-every 256 --allocator 3
+    python bench/distributed.py --data mltag --sync-every 512 --profiler 5
     python bench/distributed.py --data frappe --spark --load 1   # beside a busy process
     python bench/distributed.py --data mltag --spark --tuned --sync-every 512 \
         --shuffle-unit 64 --no-profiler          # rows read in runs, workers unprofiled
@@ -48,18 +49,15 @@ import sys
 import tempfile
 import time
 
-# this file shares its name with the ``distributed`` package: put its folder after
-# site-packages, so that ``import distributed`` finds the package (bench_common still
-# imports from the folder)
-_BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH] + [_BENCH]
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bench_common import FRAPPE, log, packages_before_bench, synthetic_mltag, table
+from load import Load, thread_cpu_seconds
 
-from bench_common import FRAPPE, log, synthetic_mltag, table  # noqa: E402
-from load import Load, thread_cpu_seconds  # noqa: E402
+import afmfast
 
-import afmfast  # noqa: E402
+# this file shares its name with the ``distributed`` package
+packages_before_bench()
 from afmfast.metrics import rmse  # noqa: E402
 
 FM_SETTINGS = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
@@ -69,6 +67,16 @@ PLAIN_FM = dict(keep=1.0, batch_norm=False)
 TUNED = "afmfast plain FM (keep 1, no batch norm)"
 # the Dask configuration of the bench's clusters (--no-profiler adds to it)
 WORKER_CONFIG = {}
+_PROFILER = "distributed.worker.profile.enabled"
+# settings compared in pairs of 2-worker fits (--allocator N, --profiler N): run_dask's
+# arguments with the setting, without it, and what the ratio (without / with) is
+PAIRED = {
+    "allocator": ({}, {"nanny_allocator": True},
+                  "without afmfast.dask.memory's settings / with them"),
+    "profiler": ({"worker_config": {_PROFILER: True}},
+                 {"worker_config": {_PROFILER: False}},
+                 "without the workers' profiler / with it"),
+}
 
 
 def splits(name, rows, seed):
@@ -154,9 +162,10 @@ def dask_label(workers, sync_every):
 
 
 def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge="sum",
-             nanny_allocator=False, watch=None, **extra):
-    """A Dask fit on a LocalCluster of ``workers``; ``watch(client)``, if given, returns
-    a started thread that watches the fit and is joined after it."""
+             nanny_allocator=False, watch=None, worker_config=None, **extra):
+    """A Dask fit on a LocalCluster of ``workers`` (``worker_config``: Dask settings
+    over ``WORKER_CONFIG``); ``watch(client)``, if given, returns a started thread that
+    watches the fit and is joined after it."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -164,7 +173,7 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
 
     cls = DaskFM if cls is None else cls
     settings = dict(FM_SETTINGS, **extra)
-    with dask.config.set(WORKER_CONFIG), \
+    with dask.config.set(dict(WORKER_CONFIG, **(worker_config or {}))), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                          dashboard_address=None) as cluster, Client(cluster) as client:
         if nanny_allocator:
@@ -322,16 +331,18 @@ def bench(name, args):
             log(f"{name}: Dask, {workers} worker(s), sync_every {every}")
             results[dask_label(workers, every)] = run_dask(paths, args.epochs, workers,
                                                            every, merge=args.merge)
-        allocator = {every: [] for every in [sync_every] + args.also_every}
-        for r in range(args.allocator):
-            # 2 workers with afmfast.dask.memory's allocator settings and without them
-            # (the nanny's MALLOC_TRIM_THRESHOLD_ left in force), one after the other
-            log(f"{name}: allocator comparison {r + 1} of {args.allocator}")
-            for every in allocator:
-                with_settings = run_dask(paths, args.epochs, 2, every, merge=args.merge)
-                without = run_dask(paths, args.epochs, 2, every, merge=args.merge,
-                                   nanny_allocator=True)
-                allocator[every].append(without["sec"] / with_settings["sec"])
+        pairs = {}
+        for key, (with_it, without_it, _) in PAIRED.items():
+            pairs[key] = {every: [] for every in [sync_every] + args.also_every}
+            for r in range(getattr(args, key)):
+                # 2 workers with the setting and without it, one after the other
+                log(f"{name}: {key} comparison {r + 1} of {getattr(args, key)}")
+                for every, ratios in pairs[key].items():
+                    with_setting = run_dask(paths, args.epochs, 2, every, merge=args.merge,
+                                            **with_it)
+                    without = run_dask(paths, args.epochs, 2, every, merge=args.merge,
+                                       **without_it)
+                    ratios.append(without["sec"] / with_setting["sec"])
         repeats = {every: [] for every in [sync_every] + args.also_every}
         for r in range(args.scaling):
             # 1 and 2 workers again, alternating: the ratio of each pair, measured a few
@@ -405,13 +416,14 @@ def bench(name, args):
                  "sync_every); the ceiling / 1 process; 1 process / 1 Dask worker", "-",
                  "; ".join(f"{dask[0] / two:.2f}x" for two in dask[1:])
                  + f"; {single / ceiling[0]:.2f}x; {single / dask[0]:.2f}x", "-", "-", ""])
-    for every, ratios in allocator.items():
-        if ratios:
-            rows.append([name, f"2 Dask workers, sync_every {every}: epoch without "
-                         f"afmfast.dask.memory's settings / with them, median of "
-                         f"{len(ratios)} pairs (each pair)", "-", f"{np.median(ratios):.2f}x",
-                         "-", "-", ", ".join(f"{r:.2f}" for r in ratios)])
-            results[f"allocator pairs, sync_every {every}"] = {"ratios": ratios}
+    for key, by_every in pairs.items():
+        for every, ratios in by_every.items():
+            if ratios:
+                rows.append([name, f"2 Dask workers, sync_every {every}: epoch "
+                             f"{PAIRED[key][2]}, median of {len(ratios)} pairs (each "
+                             f"pair)", "-", f"{np.median(ratios):.3f}x", "-", "-",
+                             ", ".join(f"{r:.3f}" for r in ratios)])
+                results[f"{key} pairs, sync_every {every}"] = {"ratios": ratios}
     for every, ratios in repeats.items():
         if ratios:
             rows.append([name, f"2 Dask workers / 1, sync_every {every}: median of "
@@ -491,6 +503,9 @@ def main(argv=None):
     parser.add_argument("--allocator", type=int, default=0, metavar="N",
                         help="then N pairs of 2-worker fits with and without "
                              "afmfast.dask.memory's allocator settings")
+    parser.add_argument("--profiler", type=int, default=0, metavar="N",
+                        help="then N pairs of 2-worker fits with and without the Dask "
+                             "workers' statistical profiler")
     parser.add_argument("--scaling", type=int, default=0, metavar="N",
                         help="then N more alternating runs of 1 and 2 Dask workers, for the "
                              "median of the 2-worker speed-up")
@@ -528,7 +543,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     FM_SETTINGS["shuffle_unit"] = args.shuffle_unit
     if args.no_profiler:
-        WORKER_CONFIG["distributed.worker.profile.enabled"] = False
+        WORKER_CONFIG[_PROFILER] = False
     if args.accuracy:
         args.sync_every = args.sync_every or 4
         accuracy(args)

@@ -28,20 +28,16 @@ On a shared machine quote the ratios, which come from fits run side by side.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-# bench/distributed.py shares its name with the ``distributed`` package: put this folder
-# after site-packages, so that ``import distributed`` finds the package
-_BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH] + [_BENCH]
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bench_common import FRAPPE, log, packages_before_bench, synthetic_mltag, table
 
-from bench_common import FRAPPE, log, synthetic_mltag, table  # noqa: E402
+import afmfast
 
-import afmfast  # noqa: E402
+packages_before_bench()  # --dask imports the distributed package, not bench/distributed.py
 
 REFERENCE = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
                  batch_norm=True)

@@ -549,7 +549,15 @@ class EpochJudge:
 
     def judge(self, epoch: int, metrics: dict) -> tuple[bool, str | None]:
         """(whether ``epoch`` improved, why training stops after it or None) from its
-        validation ``metrics`` (ignored without validation)."""
+        validation ``metrics`` (ignored without validation).
+
+        Examples
+        --------
+        >>> import afmfast
+        >>> judge = EpochJudge(afmfast.FMClassifier(), "auc", validated=True)
+        >>> judge.judge(1, {"auc": 0.7}), judge.judge(2, {"auc": float("nan")})
+        ((True, None), (False, None))
+        """
         improved = True
         if self.validated:
             goodness = self.sign * metrics[self.monitor]
