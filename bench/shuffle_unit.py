@@ -44,21 +44,19 @@ REFERENCE = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
 PLAIN = dict(REFERENCE, keep=1.0, batch_norm=False, learning_rate=0.05)
 
 
-def stores(parts, folder):
-    """{name: an opened store} of a dict of Datasets, written into ``folder`` (each
-    store's path in ``opened[name + "_path"]``)."""
-    opened = {}
+def write_stores(parts, folder):
+    """{name: the path of its store} of a dict of Datasets, written into ``folder``."""
+    paths = {}
     for name, data in parts.items():
-        path = os.path.join(folder, f"{name}.store")
-        afmfast.write_store(data, path)
-        opened[name] = afmfast.open_store(path)
-        opened[name + "_path"] = path
-    return opened
+        paths[name] = os.path.join(folder, f"{name}.store")
+        afmfast.write_store(data, paths[name])
+    return paths
 
 
-def dask_fit(data, unit, epochs, settings, sync_every):
-    """``fit``'s model trained on 2 Dask worker processes from the stores' paths; returns
-    it as a local ``FM`` (``DaskFM.to_local``: its history and best epoch too)."""
+def dask_fit(paths, unit, epochs, settings, sync_every):
+    """``fit``'s model trained on 2 Dask worker processes from the stores at ``paths``;
+    returns it as a local ``FM`` (``DaskFM.to_local``: its history and best epoch
+    too)."""
     from distributed import Client, LocalCluster
 
     from afmfast.dask import DaskFM
@@ -67,10 +65,12 @@ def dask_fit(data, unit, epochs, settings, sync_every):
                       dashboard_address=None) as cluster, Client(cluster) as client:
         model = DaskFM(n_epochs=epochs, n_threads=1, adaptive_threads=False, verbose=0,
                        shuffle_unit=unit, client=client, sync_every=sync_every, **settings)
-        return model.fit(data["train_path"], validation=data["valid_path"]).to_local()
+        return model.fit(paths["train"], validation=paths["valid"]).to_local()
 
 
 def fit(data, unit, epochs, settings, seed=2016, early_stopping=True):
+    """FM with ``settings`` fitted in one process, one thread, on ``data["train"]``
+    (validated on ``data["valid"]`` when given)."""
     model = afmfast.FM(n_epochs=epochs, n_threads=1, adaptive_threads=False, verbose=0,
                        shuffle_unit=unit, random_state=seed, early_stopping=early_stopping,
                        **settings)
@@ -80,8 +80,9 @@ def fit(data, unit, epochs, settings, seed=2016, early_stopping=True):
 def mltag(args, folder):
     data = synthetic_mltag(args.rows, args.seed)
     part = np.arange(len(data)) % 10
-    opened = stores({"train": data[part < 8], "valid": data[part == 8],
-                     "test": data[part == 9]}, folder)
+    paths = write_stores({"train": data[part < 8], "valid": data[part == 8],
+                          "test": data[part == 9]}, folder)
+    opened = {name: afmfast.open_store(path) for name, path in paths.items()}
     if args.in_memory:
         opened["train"] = data[part < 8]
     where = (f", 2 Dask workers, sync_every {args.dask}" if args.dask
@@ -93,12 +94,13 @@ def mltag(args, folder):
         for rep in range(args.reps):
             log(f"ml-tag, {label}: round {rep + 1} of {args.reps}")
             for unit in args.units:
-                model = (dask_fit(opened, unit, args.epochs, settings, args.dask)
+                model = (dask_fit(paths, unit, args.epochs, settings, args.dask)
                          if args.dask else fit(opened, unit, args.epochs, settings))
                 seconds[unit].append(float(np.median([h["seconds"]
                                                       for h in model.history_])))
-                scores[unit] = (model.history_[model.best_epoch_ - 1]["valid_rmse"],
-                                model.evaluate(opened["test"])["rmse"])
+                if rep == 0:  # a fit is a function of its seed: every round's scores alike
+                    scores[unit] = (model.history_[model.best_epoch_ - 1]["valid_rmse"],
+                                    model.evaluate(opened["test"])["rmse"])
         base = seconds[args.units[0]]
         for unit in args.units:
             ratios = [s / b for s, b in zip(seconds[unit], base)]
@@ -115,7 +117,8 @@ def frappe(args, folder):
         return []
     data = afmfast.load_libfm(FRAPPE)
     held_out = np.arange(1, len(data) + 1) % 5 == 0
-    opened = stores({"train": data[~held_out], "test": data[held_out]}, folder)
+    paths = write_stores({"train": data[~held_out], "test": data[held_out]}, folder)
+    opened = {name: afmfast.open_store(path) for name, path in paths.items()}
     train = {"train": opened["train"]}
     rmses = {unit: [] for unit in args.units}
     for seed in args.seeds:
