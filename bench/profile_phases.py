@@ -5,6 +5,8 @@
     python bench/profile_phases.py --model fm --data mltag
     python bench/profile_phases.py --model fm --k 256 --data mltag --no-dropout
     python bench/profile_phases.py --model fm --data mltag --rows 4000000 --store --plain
+    python bench/profile_phases.py --model fm --data mltag --rows 4000000 --store --plain \
+        --shuffle-unit 64 --optimizer sgd     # what the Adagrad accumulator costs
 
 Trains on frappe-mini (../shared/data beside the repository) or on the synthetic ml-tag
 set of ``bench/compare.py`` and prints, per thread count, the 10th percentile and the
@@ -47,9 +49,14 @@ KERNELS = {"afm": _afm_cython, "fm": _fm_cython}
 
 
 def profile(model, data, k, threads, epochs, batch=compare.BATCH, dropout=True,
-            plain=False, shuffle_unit=1):
+            plain=False, shuffle_unit=1, optimizer="adagrad"):
     est = compare.make_estimator(model, k, "cython", threads)
     est.shuffle_unit = shuffle_unit
+    est.optimizer = optimizer
+    if optimizer == "sgd":
+        # the gradient is the batch's sum (the reference's loss), so plain SGD needs a
+        # far smaller step than Adagrad to stay finite
+        est.learning_rate = 1e-4
     if not dropout or plain:
         est.keep = 1.0 if model == "fm" else (1.0, 1.0)
     if plain:
@@ -93,6 +100,9 @@ def main():
     parser.add_argument("--shuffle-unit", type=int, default=1, metavar="ROWS",
                         help="with --store: the windowed order shuffles runs of this many "
                              "rows (the estimators' shuffle_unit)")
+    parser.add_argument("--optimizer", choices=("adagrad", "sgd", "momentum", "adam"),
+                        default="adagrad", help="the sparse optimiser (sgd: learning rate "
+                                                "1e-4; default adagrad)")
     args = parser.parse_args()
     if args.shuffle_unit != 1 and not args.store:
         parser.error("--shuffle-unit applies to --store's windowed order")
@@ -102,7 +112,8 @@ def main():
             else compare.synthetic_mltag(args.rows))
     notes = (["no dropout"] * (args.no_dropout and not args.plain)
              + ["no batch norm or dropout"] * args.plain + ["from a store"] * args.store
-             + [f"runs of {args.shuffle_unit} rows"] * (args.shuffle_unit > 1))
+             + [f"runs of {args.shuffle_unit} rows"] * (args.shuffle_unit > 1)
+             + [f"optimizer {args.optimizer}"] * (args.optimizer != "adagrad"))
     print(f"{args.model.upper()} k={args.k} on {args.data} ({data.n_rows:,} rows, batch "
           f"{compare.BATCH}{''.join('; ' + n for n in notes)}); milliseconds per batch")
     names = KERNELS[args.model].PHASES
@@ -115,7 +126,8 @@ def main():
         for threads in args.threads:
             totals, phases = profile(args.model, data, args.k, threads, args.epochs,
                                      dropout=not args.no_dropout, plain=args.plain,
-                                     shuffle_unit=args.shuffle_unit)
+                                     shuffle_unit=args.shuffle_unit,
+                                     optimizer=args.optimizer)
             p10 = np.percentile(phases, 10, axis=0) * 1e3
             print(f"{threads:>7} {np.percentile(totals, 10) * 1e3:7.2f} "
                   f"{np.median(totals) * 1e3:7.2f}  " + " ".join(f"{v:10.2f}" for v in p10))

@@ -18,7 +18,10 @@
  * each; ms a batch of loading the rows' V rows (the forward pass's loads) and of
  * updating the V and accumulator rows of the batch's distinct ids once each (the
  * feature updates' traffic), each with its own 16 rows or 6 ids of prefetch, the same
- * 25,000 table updates between batches, and the distinct ids per batch.
+ * 25,000 table updates between batches, and the distinct ids per batch. Then the same
+ * two figures for two variants that docs/distributed.md weighs: the distinct ids
+ * updated in ascending order (sorted first, the sort not timed), and V and its
+ * accumulator interleaved in one table (a feature's two rows side by side).
  *
  * Build: cc -O2 bench/random_lines.c -o random_lines -lm && ./random_lines [MiB ...]
  */
@@ -147,7 +150,14 @@ static int draw(const double *cdf, int size) {
     return lo;
 }
 
-static void fm_batches(float *table) {
+enum { SEPARATE, SORTED, INTERLEAVED };
+
+static int compare_ids(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void fm_batches(float *table, int variant) {
     static const int fields[3] = {17000, 23500, 49500};
     double *cdf[3];
     for (int f = 0; f < 3; f++) {
@@ -155,8 +165,11 @@ static void fm_batches(float *table) {
         double acc = 0;
         for (int i = 0; i < fields[f]; i++) cdf[f][i] = acc += 1.0 / pow(i + 10.0, 0.9);
     }
-    float *V = zeroed((size_t)FEATURES * K * sizeof(float));
-    float *G = zeroed((size_t)FEATURES * K * sizeof(float));
+    /* a row of V and of G is RS floats from the next: K in separate tables, 2K when
+       interleaved (G's row right after V's) */
+    size_t RS = variant == INTERLEAVED ? 2 * K : K;
+    float *V = zeroed((size_t)FEATURES * RS * sizeof(float));
+    float *G = variant == INTERLEAVED ? V + K : zeroed((size_t)FEATURES * K * sizeof(float));
     int32_t *ids = zeroed((size_t)FM_BATCHES * BATCH * 3 * sizeof(int32_t));
     for (long q = 0; q < (long)FM_BATCHES * BATCH; q++)
         for (int f = 0, offset = 0; f < 3; offset += fields[f], f++)
@@ -178,23 +191,24 @@ static void fm_batches(float *table) {
             for (int b = 0; b < BATCH; b++) {
                 if (b + PREFETCH_ROWS < BATCH)
                     for (int i = 0; i < 3; i++)
-                        __builtin_prefetch(V + (size_t)b_ids[3 * (b + PREFETCH_ROWS) + i] * K);
+                        __builtin_prefetch(V + (size_t)b_ids[3 * (b + PREFETCH_ROWS) + i] * RS);
                 for (int c = 0; c < K; c++) S[b * K + c] = 0;
                 for (int i = 0; i < 3; i++)
                     for (int c = 0; c < K; c++)
-                        S[b * K + c] += V[(size_t)b_ids[3 * b + i] * K + c];
+                        S[b * K + c] += V[(size_t)b_ids[3 * b + i] * RS + c];
             }
             load_s += now() - t;
             int U = 0;
             for (int q = 0; q < 3 * BATCH; q++)
                 if (!seen[b_ids[q]]) { seen[b_ids[q]] = 1; distinct[U++] = b_ids[q]; }
+            if (variant == SORTED) qsort(distinct, U, sizeof(int32_t), compare_ids);
             t = now();
             for (int u = 0; u < U; u++) {
                 if (u + 6 < U) {
-                    __builtin_prefetch(V + (size_t)distinct[u + 6] * K);
-                    __builtin_prefetch(G + (size_t)distinct[u + 6] * K);
+                    __builtin_prefetch(V + (size_t)distinct[u + 6] * RS);
+                    __builtin_prefetch(G + (size_t)distinct[u + 6] * RS);
                 }
-                float *v = V + (size_t)distinct[u] * K, *g = G + (size_t)distinct[u] * K;
+                float *v = V + (size_t)distinct[u] * RS, *g = G + (size_t)distinct[u] * RS;
                 for (int c = 0; c < K; c++) {
                     float grad = S[(u % BATCH) * K + c] * 1e-3f;
                     g[c] += grad * grad;
@@ -206,11 +220,20 @@ static void fm_batches(float *table) {
             n_distinct += U;
         }
     }
-    printf("FM k=%d batches of %d ml-tag rows: V rows loaded %.3f ms a batch, V and "
+    static const char *names[] = {"", " (distinct ids sorted first)",
+                                  " (V and accumulator interleaved)"};
+    printf("FM k=%d batches of %d ml-tag rows%s: V rows loaded %.3f ms a batch, V and "
            "accumulator rows of %ld distinct ids updated %.3f ms a batch\n", K, BATCH,
-           1e3 * load_s / FM_BATCHES, n_distinct / FM_BATCHES, 1e3 * update_s / FM_BATCHES);
+           names[variant], 1e3 * load_s / FM_BATCHES, n_distinct / FM_BATCHES,
+           1e3 * update_s / FM_BATCHES);
     sink = (long)(S[0] + V[0] + G[0]);
     for (int f = 0; f < 3; f++) free(cdf[f]);
+    if (variant != INTERLEAVED) free(G);
+    free(V);
+    free(ids);
+    free(distinct);
+    free(seen);
+    free(S);
 }
 
 int main(int argc, char **argv) {
@@ -228,6 +251,6 @@ int main(int argc, char **argv) {
     printf("shuffled window of %ld rows, batch-order copy: %.1f ns/row alone, %.1f ns/row "
            "between updates of a 12 MiB table\n", WINDOW_ROWS,
            copy_rows(ids, y, rows, table, 0), copy_rows(ids, y, rows, table, 1));
-    fm_batches(table);
+    for (int variant = SEPARATE; variant <= INTERLEAVED; variant++) fm_batches(table, variant);
     return 0;
 }

@@ -34,6 +34,12 @@ def test_random_lines_builds_and_reads_latency_above_throughput(tmp_path):
         r"updated ([\d.]+) ms", out).groups()
     # 12,288 draws over ml-tag's skewed fields repeat about a third of the ids
     assert 6000 < int(distinct) < 10000 and float(loads) > 0 and float(updates) > 0
+    # and the two layouts weighed against it, each its own figures
+    for variant in ("distinct ids sorted first", "V and accumulator interleaved"):
+        loads, distinct, updates = re.search(
+            rf"rows \({variant}\): V rows loaded ([\d.]+) ms a batch, V and accumulator "
+            rf"rows of (\d+) distinct ids updated ([\d.]+) ms", out).groups()
+        assert 6000 < int(distinct) < 10000 and float(loads) > 0 and float(updates) > 0
 
 
 def test_profile_phases_from_a_store_of_the_plain_fm():
