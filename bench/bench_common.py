@@ -89,6 +89,23 @@ def synthetic_mltag(n_rows, seed=0):
                            n_features=offset)
 
 
+def mltag_splits(n_rows, seed=0):
+    """``synthetic_mltag`` rows split 8:1:1 by row number: {"train", "valid", "test"}."""
+    data = synthetic_mltag(n_rows, seed)
+    part = np.arange(len(data)) % 10
+    return {"train": data[part < 8], "valid": data[part == 8], "test": data[part == 9]}
+
+
+def write_stores(parts, folder):
+    """{name: the path of its binary store} of a dict of Datasets, each written into
+    ``folder`` as ``<name>.store``."""
+    paths = {}
+    for name, data in parts.items():
+        paths[name] = os.path.join(folder, f"{name}.store")
+        afmfast.write_store(data, paths[name])
+    return paths
+
+
 def save_dataset(data, path):
     """Write a Dataset to an .npz file for the worker processes (``load_dataset``)."""
     np.savez(path, indptr=data.indptr, indices=data.indices, values=data.values, y=data.y,

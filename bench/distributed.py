@@ -51,7 +51,8 @@ import time
 
 import numpy as np
 
-from bench_common import FRAPPE, log, packages_before_bench, synthetic_mltag, table
+from bench_common import (FRAPPE, log, mltag_splits, packages_before_bench, table,
+                          write_stores)
 from load import Load, thread_cpu_seconds
 
 import afmfast
@@ -86,17 +87,7 @@ def splits(name, rows, seed):
         line = np.arange(1, len(data) + 1)
         return {"train": data[line % 5 != 0], "valid": data[line % 10 == 5],
                 "test": data[line % 10 == 0]}
-    data = synthetic_mltag(rows, seed)
-    part = np.arange(len(data)) % 10
-    return {"train": data[part < 8], "valid": data[part == 8], "test": data[part == 9]}
-
-
-def write_stores(parts, folder):
-    paths = {}
-    for key, data in parts.items():
-        paths[key] = os.path.join(folder, f"{key}.store")
-        afmfast.write_store(data, paths[key])
-    return paths
+    return mltag_splits(rows, seed)
 
 
 def epoch_seconds(history):

@@ -33,7 +33,8 @@ import time
 
 import numpy as np
 
-from bench_common import FRAPPE, log, packages_before_bench, synthetic_mltag, table
+from bench_common import (FRAPPE, log, mltag_splits, packages_before_bench, table,
+                          write_stores)
 
 import afmfast
 
@@ -42,15 +43,6 @@ packages_before_bench()  # --dask imports the distributed package, not bench/dis
 REFERENCE = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
                  batch_norm=True)
 PLAIN = dict(REFERENCE, keep=1.0, batch_norm=False, learning_rate=0.05)
-
-
-def write_stores(parts, folder):
-    """{name: the path of its store} of a dict of Datasets, written into ``folder``."""
-    paths = {}
-    for name, data in parts.items():
-        paths[name] = os.path.join(folder, f"{name}.store")
-        afmfast.write_store(data, paths[name])
-    return paths
 
 
 def dask_fit(paths, unit, epochs, settings, sync_every):
@@ -78,13 +70,11 @@ def fit(data, unit, epochs, settings, seed=2016, early_stopping=True):
 
 
 def mltag(args, folder):
-    data = synthetic_mltag(args.rows, args.seed)
-    part = np.arange(len(data)) % 10
-    paths = write_stores({"train": data[part < 8], "valid": data[part == 8],
-                          "test": data[part == 9]}, folder)
+    parts = mltag_splits(args.rows, args.seed)
+    paths = write_stores(parts, folder)
     opened = {name: afmfast.open_store(path) for name, path in paths.items()}
     if args.in_memory:
-        opened["train"] = data[part < 8]
+        opened["train"] = parts["train"]
     where = (f", 2 Dask workers, sync_every {args.dask}" if args.dask
              else ", in memory" if args.in_memory else "")
     rows = []
