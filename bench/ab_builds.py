@@ -4,6 +4,7 @@
     (cd /tmp/base && python setup.py build_ext --inplace)
     python bench/ab_builds.py --model afm --k 64 --base /tmp/base
     python bench/ab_builds.py --model fm --k 16 --data mltag --base /tmp/base
+    python bench/ab_builds.py --model fm --data mltag --plain --base /tmp/base  # Spark's FM
     python bench/ab_builds.py --model mcmc --k 16 --base /tmp/base   # Gibbs sweeps
 
 Both builds of ``afmfast._<model>_cython`` are loaded into this process (from
@@ -101,6 +102,9 @@ def main():
                         help="place the base side's parameter and state arrays this many "
                         "bytes past a cache line (with --base and --new the same build: "
                         "what alignment is worth); default 0, as the estimators do")
+    parser.add_argument("--plain", action="store_true",
+                        help="FM without batch norm or dropout (Spark's model; the "
+                        "defaults otherwise)")
     parser.add_argument("--callgrind", action="store_true",
                         help="count instructions per batch under valgrind instead of timing")
     parser.add_argument("--only", choices=("base", "new"), help=argparse.SUPPRESS)
@@ -118,7 +122,8 @@ def main():
         return
     data = (compare.frappe_mini_train() if args.data == "frappe"
             else compare.synthetic_mltag(args.rows))
-    est = compare.make_estimator(args.model, args.k, "cython", 1)
+    est = compare.make_estimator(args.model, args.k, "cython", 1,
+                                 **(dict(keep=1.0, batch_norm=False) if args.plain else {}))
     est._validate()
     trainer = Trainer(est, data, threads=1, backend="cython", adaptive=False)
     runs = {name: build_run(m, trainer, args.model,
@@ -217,7 +222,7 @@ def count_instructions(args):
                        "--model", args.model, "--k", str(args.k), "--data", args.data,
                        "--rows", str(args.rows), "--threads", "1", "--epochs",
                        str(args.epochs), "--base", args.base, "--new", args.new,
-                       "--only", name]
+                       "--only", name] + (["--plain"] if args.plain else [])
             run = subprocess.run(command, capture_output=True, text=True,
                                  env=dict(os.environ, OMP_NUM_THREADS="1"))
             if run.returncode != 0:

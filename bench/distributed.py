@@ -10,6 +10,7 @@
     python bench/distributed.py --data frappe --spark --load 1   # beside a busy process
     python bench/distributed.py --data mltag --spark --tuned --sync-every 512 \
         --shuffle-unit 64 --no-profiler          # rows read in runs, workers unprofiled
+    python bench/distributed.py --data mltag --spark --tuned --worker-threads  # 1 x 2
 
 Rows of the table, per data set:
 - afmfast single process, 1 thread (``afmfast.FM`` on the memory-mapped train store);
@@ -26,7 +27,9 @@ Rows of the table, per data set:
   one process, then that rate in two processes on halves (its ceiling) and on 2 Dask
   workers at each sync_every; with ``--spark`` a Spark ratio line for each 2-worker run
   and each ceiling (a bound: what two workers would reach if the exchange cost
-  nothing), saying whether its test RMSE is at or below Spark's.
+  nothing), saying whether its test RMSE is at or below Spark's;
+- with ``--tuned --worker-threads``: the same plain FM on one Dask worker whose kernels
+  run on 2 threads (the other way to give a fit two cores), with its Spark ratio.
 
 Columns: test RMSE (predictions clipped to the test labels' range, as afmfast.metrics.rmse
 does, for every row), seconds per epoch (afmfast: training and synchronisation, without
@@ -153,10 +156,10 @@ def dask_label(workers, sync_every):
 
 
 def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge="sum",
-             nanny_allocator=False, watch=None, worker_config=None, **extra):
-    """A Dask fit on a LocalCluster of ``workers`` (``worker_config``: Dask settings
-    over ``WORKER_CONFIG``); ``watch(client)``, if given, returns a started thread that
-    watches the fit and is joined after it."""
+             nanny_allocator=False, watch=None, worker_config=None, threads=1, **extra):
+    """A Dask fit on a LocalCluster of ``workers``, each training on ``threads`` kernel
+    threads (``worker_config``: Dask settings over ``WORKER_CONFIG``); ``watch(client)``,
+    if given, returns a started thread that watches the fit and is joined after it."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -169,7 +172,7 @@ def run_dask(paths, epochs, workers, sync_every, init_from=None, cls=None, merge
                          dashboard_address=None) as cluster, Client(cluster) as client:
         if nanny_allocator:
             client.run(_nanny_allocator)
-        model = cls(n_epochs=epochs, n_threads=1, adaptive_threads=False, client=client,
+        model = cls(n_epochs=epochs, n_threads=threads, adaptive_threads=False, client=client,
                     sync_every=sync_every, merge=merge, **settings)
         watcher = watch(client) if watch is not None else None
         model.fit(paths["train"], validation=paths["valid"], init_from=init_from)
@@ -370,6 +373,13 @@ def bench(name, args):
                 results[f"{TUNED} on Dask, 2 workers x 1 thread, sync_every {every}"] = \
                     run_dask(paths, args.epochs, 2, every, merge=args.merge,
                              learning_rate=tuned_rate, **PLAIN_FM)
+            if args.worker_threads:
+                # the other layout of two cores: one worker whose kernels run on both
+                # (nothing to exchange; the fit is the single process's, bit for bit)
+                log(f"{name}: plain FM on Dask, 1 worker x 2 threads")
+                results[f"{TUNED} on Dask, 1 worker x 2 threads"] = run_dask(
+                    paths, args.epochs, 1, sync_every, merge=args.merge, threads=2,
+                    learning_rate=tuned_rate, **PLAIN_FM)
         if args.spark:
             log(f"{name}: Spark FMRegressor local[2]")
             results["Spark FMRegressor, local[2]"] = run_spark(
@@ -508,6 +518,9 @@ def main(argv=None):
                              "trains), its learning rate tuned on the validation rows "
                              "over --tuned-rates, then on 2 Dask workers at each "
                              "sync_every")
+    parser.add_argument("--worker-threads", action="store_true",
+                        help="with --tuned: also the plain FM on 1 Dask worker whose "
+                             "kernels run on 2 threads")
     parser.add_argument("--tuned-rates", type=float, nargs="+", default=[0.01, 0.05, 0.1])
     parser.add_argument("--spark-iterations", type=int, default=20)
     parser.add_argument("--spark-steps", type=float, nargs="+", default=[0.01, 0.1, 1.0])

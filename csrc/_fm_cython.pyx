@@ -38,7 +38,8 @@ is bit-identical for any n_threads):
     4. prange over rows: normalisation, dropout mask, prediction, residual r, row loss.
     5. serial in row order: loss, gradient of w0; the batch-norm sums (gradients of gamma
        and beta) by blocks as in 3.
-    6. prange over rows: df (dloss/df) per row.
+    6. prange over rows: df (dloss/df) per row. Skipped without batch norm and dropout,
+       where df is the residual r in every column and step 7 reads r instead.
     7. prange over touched features: gradient of V row and w entry summed over the
        feature's occurrences in row order, + l2 v, then the optimiser. Features are
        independent, so this loop may be load-balanced dynamically without changing bits.
@@ -103,6 +104,17 @@ cdef enum:
     GRAD16_MAX_K = 32
     # rows a thread takes at a time in the output pass (_output_rows)
     OUTPUT_CHUNK = 32
+    # With several threads, the feature updates read the S (and df) rows of a feature's
+    # occurrences, which the other threads wrote in the row passes: each such read is a
+    # line fetched from another core. The rows of the occurrences this many ahead in the
+    # grouped order are prefetched (at most this many a feature, so that a popular
+    # feature does not flood the fill buffers), when the batch's features have at most
+    # OCC_PREFETCH_MAX_MEAN occurrences on average: ml-tag-like batches, whose updates
+    # are one or two occurrences each and cannot hide such a miss; Frappe-like batches,
+    # whose features recur tens of times, gained nothing (docs/performance.md,
+    # "Occurrence rows prefetched across threads").
+    OCC_PREFETCH = 16
+    OCC_PREFETCH_MAX_MEAN = 4
 
 
 cdef enum:
@@ -262,6 +274,9 @@ ctypedef struct StepArgs:
     Py_ssize_t n_touched  # touched features (groups) of the batch
     int n_threads, batch_norm, use_dropout, loss, prefetch_v, prefetch_rows
     int prefetch_features
+    int prefetch_occurrences  # this step's feature updates prefetch (OCC_PREFETCH)
+    int df_is_r  # df = r in every column (no batch norm or dropout): _df_row is skipped
+    Py_ssize_t n_occ  # the batch's nonzeros
     int prefetch_state  # the optimiser state's rows: state_prefetch_distance
     double l2, inv_keep
     uint64_t seed, step
@@ -280,6 +295,12 @@ cdef extern from "fm_vec16.h":
     void afmfast_grad16_d(const int32_t* rows, const double* xs, Py_ssize_t p0,
                           Py_ssize_t p1, const double* S, const double* DF, Py_ssize_t k,
                           const double* v, double* g) noexcept nogil
+    void afmfast_grad16_r_f(const int32_t* rows, const float* xs, Py_ssize_t p0,
+                            Py_ssize_t p1, const float* S, const double* r, Py_ssize_t k,
+                            const float* v, float* g) noexcept nogil
+    void afmfast_grad16_r_d(const int32_t* rows, const double* xs, Py_ssize_t p0,
+                            Py_ssize_t p1, const double* S, const double* r, Py_ssize_t k,
+                            const double* v, double* g) noexcept nogil
     void afmfast_pairwise16_f(const int32_t* ids, const float* xs, Py_ssize_t n,
                               Py_ssize_t M, const float* V, Py_ssize_t k, float* s,
                               float* f) noexcept nogil
@@ -372,6 +393,7 @@ cdef void _group_batch(StepArgs* a, FMWorkspace ws, const floating* occ_x,
                                    ws.feature_group, ws.group_feature, ws.group_cursor,
                                    ws.group_start, ws.touched)
     scatter_groups(a.B, ws.row_start, ws.occ_group, ws.group_cursor, ws.grp_row, NULL, occ_x, grp_x)
+    a.n_occ = ws.row_start[a.B]
 
 
 cdef inline void _zparts(Py_ssize_t k, const floating* fr, const floating* sc,
@@ -491,7 +513,7 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
                                  const floating* grp_x, const floating* S,
                                  const floating* DF, const double* r, double* grp_sq,
                                  floating* V, floating* w, floating* sV0, floating* sV1,
-                                 floating* sw0, floating* sw1) noexcept nogil:
+                                 floating* sw0, floating* sw1, bint df_is_r) noexcept nogil:
     """Touched feature u: its V row's gradient summed over its occurrences in row order,
     + l2 v, then the optimiser: at k <= GRAD16_MAX_K 16 columns at a time (the sum in
     registers), else and for the last k mod 16 GRAD_SPAN at a time; ||v||^2 before the
@@ -502,7 +524,7 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     cdef floating g[GRAD_SPAN]
     cdef const floating* s
     cdef const floating* d
-    cdef floating x, gw = 0
+    cdef floating x, dx, gw = 0
     cdef floating l2 = <floating>a.l2
     cdef Py_ssize_t b, j_next
     if a.prefetch_v and u + a.prefetch_features < a.n_touched:
@@ -515,12 +537,26 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         j_next = group_feature[u + a.prefetch_state]
         prefetch_row(sV0 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
+    if a.prefetch_occurrences:  # see OCC_PREFETCH
+        for p in range(p0 + OCC_PREFETCH,
+                       p0 + OCC_PREFETCH + (p1 - p0 if p1 - p0 < OCC_PREFETCH else OCC_PREFETCH)):
+            if p >= a.n_occ:
+                break
+            b = grp_row[p]
+            prefetch_row(S + b * k, k * sizeof(floating))
+            if not df_is_r:
+                prefetch_row(DF + b * k, k * sizeof(floating))
     # the l2 terms only when l2 > 0: at l2 = 0 they would cost a pass over the row for
     # nothing
     grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     f0 = 0
     while k <= GRAD16_MAX_K and f0 + 16 <= k:
-        if floating is float:
+        if df_is_r:
+            if floating is float:
+                afmfast_grad16_r_f(grp_row, grp_x, p0, p1, S + f0, r, k, v + f0, g)
+            else:
+                afmfast_grad16_r_d(grp_row, grp_x, p0, p1, S + f0, r, k, v + f0, g)
+        elif floating is float:
             afmfast_grad16_f(grp_row, grp_x, p0, p1, S + f0, DF + f0, k, v + f0, g)
         else:
             afmfast_grad16_d(grp_row, grp_x, p0, p1, S + f0, DF + f0, k, v + f0, g)
@@ -537,9 +573,14 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
             b = grp_row[p]
             x = grp_x[p]
             s = S + b * k + f0
-            d = DF + b * k + f0
-            for f in range(nf):
-                g[f] = g[f] + d[f] * x * (s[f] - v[f0 + f] * x)
+            if df_is_r:
+                dx = <floating>r[b] * x
+                for f in range(nf):
+                    g[f] = g[f] + dx * (s[f] - v[f0 + f] * x)
+            else:
+                d = DF + b * k + f0
+                for f in range(nf):
+                    g[f] = g[f] + d[f] * x * (s[f] - v[f0 + f] * x)
         if l2 != 0:
             for f in range(nf):
                 g[f] = g[f] + l2 * v[f0 + f]
@@ -626,6 +667,8 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             c = next_item_near(ws.cursors, n_fwd, nt, threadid(), &rank)
         ftz_leave(csr)
     U = a.n_touched
+    a.prefetch_occurrences = (nt > 1 and a.prefetch_v
+                              and a.n_occ <= OCC_PREFETCH_MAX_MEAN * U)
     ws.phase_t[1] = omp_get_wtime() - t0
 
     if a.batch_norm:
@@ -661,11 +704,12 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             factor_vectors[FV_SUM_DFH_FH * k + f] = <floating>(<double>dense[1 + f] * sdzfh[f])
     ws.phase_t[2] = omp_get_wtime() - t0
 
-    with parallel(num_threads=nt):
-        csr = ftz_enter()
-        for b in prange(B, schedule="static"):
-            _df_row(a, b, r, dense, F, SC, factor_vectors)
-        ftz_leave(csr)
+    if not a.df_is_r:
+        with parallel(num_threads=nt):
+            csr = ftz_enter()
+            for b in prange(B, schedule="static"):
+                _df_row(a, b, r, dense, F, SC, factor_vectors)
+            ftz_leave(csr)
     ws.phase_t[3] = omp_get_wtime() - t0
 
     # Popular features have many occurrences: items handed out dynamically balance the
@@ -681,8 +725,17 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
         while it < n_items:
             for u in range(feature_item_start(it, U, tail),
                            feature_item_start(it + 1, U, tail)):
-                _feature_update(a, u, ws.group_feature, ws.group_start, ws.grp_row, grp_x, S, F, r,
-                                ws.group_sqnorm, V, w, sV, sV + M * k, sw, sw + M)
+                # df_is_r a constant at each call, so that the compiler specialises the
+                # function: as a field read in it, the reference settings ran more
+                # instructions than before the plain path existed
+                if a.df_is_r:
+                    _feature_update(a, u, ws.group_feature, ws.group_start, ws.grp_row, grp_x,
+                                    S, F, r, ws.group_sqnorm, V, w, sV, sV + M * k, sw, sw + M,
+                                    True)
+                else:
+                    _feature_update(a, u, ws.group_feature, ws.group_start, ws.grp_row, grp_x,
+                                    S, F, r, ws.group_sqnorm, V, w, sV, sV + M * k, sw, sw + M,
+                                    False)
             it = next_item_near(ws.cursors, n_items, nt, threadid(), &rank)
         ftz_leave(csr)
 
@@ -769,6 +822,7 @@ cdef Py_ssize_t _steps_typed(floating[:, ::1] V, X, y_arr, rows_arr, batch_size,
     a.batch_norm = 1 if cfg.batch_norm else 0
     a.loss = loss_code_from(cfg)
     a.use_dropout = 1 if keep < 1.0 else 0
+    a.df_is_r = 1 if not a.use_dropout and not a.batch_norm else 0
     a.l2 = cfg.l2
     a.inv_keep = 1.0 / keep
     a.seed = as_u64(cfg.seed)

@@ -22,13 +22,18 @@ OPTIMIZERS = [api.ADAGRAD, api.SGD, api.MOMENTUM, api.ADAM]
 FM_PROBLEM_LR = {api.ADAGRAD: 0.05, api.SGD: 1e-3, api.MOMENTUM: 5e-4, api.ADAM: 0.05}
 
 
-def make_data(n_rows=300, n_features=60, dtype=np.float64, seed=0, max_len=7):
-    """Random CSR with ragged rows (some empty), repeated ids inside a row, real values."""
+def make_data(n_rows=300, n_features=60, dtype=np.float64, seed=0, max_len=7,
+              spread=False):
+    """Random CSR with ragged rows (some empty), repeated ids inside a row, real values.
+    Ids skewed so that some features occur many times a batch, or with ``spread`` drawn
+    evenly over the features (an ml-tag-like batch: most features once or twice)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, max_len + 1, size=n_rows)
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    # skewed ids so that some features occur many times per batch
-    indices = (rng.pareto(1.2, size=indptr[-1]) * 5).astype(np.int64) % n_features
+    if spread:
+        indices = rng.integers(0, n_features, size=indptr[-1])
+    else:
+        indices = (rng.pareto(1.2, size=indptr[-1]) * 5).astype(np.int64) % n_features
     indices = indices.astype(np.int32)
     values = rng.uniform(0.5, 1.5, size=indptr[-1]).astype(dtype)
     y = rng.normal(size=n_rows).astype(dtype)
@@ -134,15 +139,40 @@ def test_steps_match_reference(optimizer, batch_norm, keep, dtype, rtol):
     (8, api.ADAGRAD, 0, 1.0, 0.0),
     (300, api.ADAGRAD, 0, 1.0, 0.01),  # k > GRAD_SPAN (256): gradient and optimiser step
     (300, api.ADAM, 0, 1.0, 0.01),     # in two spans
+    # without batch norm or dropout the gradient reads the residual, not df: 16 columns
+    # in registers, and 16 + the generic loop's 8
+    (16, api.ADAGRAD, 0, 1.0, 0.0),
+    (24, api.ADAM, 0, 1.0, 0.01),
+    (24, api.ADAGRAD, 0, 0.7, 0.01),   # dropout alone, and batch norm alone: df is read
+    (16, api.ADAGRAD, 1, 1.0, 0.0),
 ])
-def test_feature_update_paths_match_reference(k, optimizer, batch_norm, keep, l2):
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_feature_update_paths_match_reference(k, optimizer, batch_norm, keep, l2, n_threads):
     X, y = make_data()
     p_ref, s_ref = make_params(60, k, np.float64, optimizer)
     p_cy, s_cy = clone(p_ref), clone(s_ref)
     kw = dict(optimizer=optimizer, keep=keep, batch_norm=batch_norm,
               lr=FM_PROBLEM_LR[optimizer], l2=l2)
     l_ref = run_steps(p_ref, s_ref, X, y, 3, 64, kw, backend=False)
-    l_cy = run_steps(p_cy, s_cy, X, y, 3, 64, kw)
+    l_cy = run_steps(p_cy, s_cy, X, y, 3, 64, dict(kw, n_threads=n_threads))
+    np.testing.assert_allclose(l_cy, l_ref, rtol=1e-9)
+    for a, b in zip(p_cy + s_cy, p_ref + s_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,batch_norm,keep", [(16, 0, 1.0), (24, 0, 1.0), (16, 1, 0.7)])
+def test_spread_batches_match_reference(k, batch_norm, keep):
+    """Batches whose features occur about once each (ml-tag-like), on two threads: the
+    feature updates then prefetch the rows of the occurrences ahead
+    (OCC_PREFETCH_MAX_MEAN), which must leave the arithmetic as it is."""
+    X, y = make_data(n_rows=600, n_features=5000, max_len=3, spread=True)
+    assert X[0][-1] / len(np.unique(X[1])) < 2  # occurrences per feature, all rows
+    rows_per_batch = 200
+    p_ref, s_ref = make_params(5000, k, np.float64, api.ADAGRAD)
+    p_cy, s_cy = clone(p_ref), clone(s_ref)
+    kw = dict(optimizer=api.ADAGRAD, keep=keep, batch_norm=batch_norm, lr=0.05, l2=0.01)
+    l_ref = run_steps(p_ref, s_ref, X, y, 3, rows_per_batch, kw, backend=False)
+    l_cy = run_steps(p_cy, s_cy, X, y, 3, rows_per_batch, dict(kw, n_threads=2))
     np.testing.assert_allclose(l_cy, l_ref, rtol=1e-9)
     for a, b in zip(p_cy + s_cy, p_ref + s_ref):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
@@ -165,9 +195,14 @@ def test_predict_matches_reference_and_skips_unknown_ids(dtype, batch_norm):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0)])
-def test_float32_bit_identical_for_1_2_3_threads(optimizer, batch_norm, keep):
-    X, y = make_data(n_rows=2000, n_features=300, dtype=np.float32, max_len=12)
-    base = make_params(300, 16, np.float32, optimizer)
+@pytest.mark.parametrize("spread", [False, True])
+def test_float32_bit_identical_for_1_2_3_threads(optimizer, batch_norm, keep, spread):
+    # spread: features about once each a batch, where several threads prefetch the rows
+    # of the occurrences ahead (OCC_PREFETCH_MAX_MEAN)
+    n_features = 20000 if spread else 300
+    X, y = make_data(n_rows=2000, n_features=n_features, dtype=np.float32,
+                     max_len=3 if spread else 12, spread=spread)
+    base = make_params(n_features, 16, np.float32, optimizer)
     results = []
     for n_threads in (1, 2, 3):
         params, state = clone(base)
