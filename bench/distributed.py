@@ -20,7 +20,8 @@ Rows of the table, per data set:
   ``distributed.LocalCluster`` of worker processes, the same store);
 - with ``--spark``: ``pyspark.ml.regression.FMRegressor`` in ``local[2]``, factorSize 16,
   its stepSize tuned on the validation rows, after a 2-iteration fit that warms up the
-  JVM, then the chosen stepSize fitted again (``--spark-repeats``: the median time;
+  JVM, then the chosen stepSize fitted again, alternating with 2-iteration fits that
+  measure the fit's fixed cost (``--spark-repeats`` of each: medians;
   pyspark is a bench-only extra: ``pip install pyspark``; it needs Java 17);
 - with ``--tuned``: afmfast tuned as Spark is, on Spark's model: a plain FM (keep 1, no
   batch norm), its learning rate chosen over ``--tuned-rates`` on the validation rows in
@@ -33,9 +34,10 @@ Rows of the table, per data set:
 
 Columns: test RMSE (predictions clipped to the test labels' range, as afmfast.metrics.rmse
 does, for every row), seconds per epoch (afmfast: training and synchronisation, without
-scoring; Spark: fit seconds / iterations, each iteration being one pass over the rows
-with the default miniBatchFraction 1), the epochs or iterations run, and the seconds of
-the whole training (afmfast: its epochs, early stopping included; Spark: the fit).
+scoring or the fit's set-up; Spark: an iteration, one pass over the rows with the
+default miniBatchFraction 1, without the fit's fixed cost: ``run_spark``), the epochs or
+iterations run, and the seconds of the whole training (afmfast: its epochs, early
+stopping included; Spark: its iterations).
 
 Data: frappe-mini (../shared/data/frappe beside the repository; the rows whose 1-based
 line number is divisible by 5 are held out, of those the odd multiples of 5 validate and
@@ -81,6 +83,10 @@ PAIRED = {
                  {"worker_config": {_PROFILER: False}},
                  "without the workers' profiler / with it"),
 }
+
+
+# Spark's short fits, whose time is its fit's fixed cost plus this many iterations
+SHORT_FIT = 2
 
 
 def splits(name, rows, seed):
@@ -255,8 +261,16 @@ def write_libsvm(data, path):
 
 def run_spark(parts, folder, iterations, step_sizes, repeats):
     """FMRegressor in local[2]: stepSize tuned on the validation rows; returns the best
-    configuration's test RMSE and seconds per iteration, the median of its fit and
-    ``repeats - 1`` more (the same seed: the same model, timed again)."""
+    configuration's test RMSE and seconds per iteration.
+
+    A fit has a fixed cost besides its iterations (its jobs' set-up and the model's
+    making: about 0.4 s on frappe-mini, where an iteration takes 0.2 s), as afmfast's
+    fit has its own, which an afmfast epoch's seconds leave out. So the per-pass figure
+    is the marginal iteration: (the median of the best configuration's fit and
+    ``repeats - 1`` more, the same seed and so the same model) less (the median of
+    ``repeats`` fits of SHORT_FIT iterations, alternating with them), over the
+    difference in iterations. Also returned: the fit's seconds over its iterations
+    (``sec_fit``, what earlier versions of this bench reported) and the fixed cost."""
     from pyspark.ml.regression import FMRegressor
     from pyspark.sql import SparkSession
 
@@ -277,9 +291,9 @@ def run_spark(parts, folder, iterations, step_sizes, repeats):
     # which would otherwise count against the first step size
     FMRegressor(factorSize=16, maxIter=2, stepSize=step_sizes[0], seed=0).fit(
         frames["train"])
-    def timed_fit(step):
+    def timed_fit(step, n_iterations=iterations):
         t = time.perf_counter()
-        model = FMRegressor(factorSize=16, maxIter=iterations, stepSize=step,
+        model = FMRegressor(factorSize=16, maxIter=n_iterations, stepSize=step,
                             seed=0).fit(frames["train"])
         return model, time.perf_counter() - t
 
@@ -296,14 +310,20 @@ def run_spark(parts, folder, iterations, step_sizes, repeats):
             best = {"valid": scores["valid"], "rmse": scores["test"],
                     "sec": seconds / iterations, "total": seconds, "passes": iterations,
                     "step": step}
-    seconds = [best["total"]]
-    for _ in range(repeats - 1):
-        seconds.append(timed_fit(best["step"])[1])
-        log(f"  spark stepSize={best['step']} again: {seconds[-1] / iterations:.2f} "
-            f"s/iteration")
+    seconds, short = [best["total"]], []
+    for r in range(repeats):
+        short.append(timed_fit(best["step"], SHORT_FIT)[1])
+        log(f"  spark stepSize={best['step']}, {SHORT_FIT} iterations: {short[-1]:.2f} s")
+        if r < repeats - 1:
+            seconds.append(timed_fit(best["step"])[1])
+            log(f"  spark stepSize={best['step']} again: {seconds[-1] / iterations:.2f} "
+                f"s/iteration")
     spark.stop()
-    best.update(total=float(np.median(seconds)), sec=float(np.median(seconds)) / iterations,
-                fits_seconds=seconds)
+    total, fixed_fit = float(np.median(seconds)), float(np.median(short))
+    marginal = (total - fixed_fit) / (iterations - SHORT_FIT)
+    best.update(total=marginal * iterations, sec=marginal, sec_fit=total / iterations,
+                fixed=fixed_fit - SHORT_FIT * marginal, fits_seconds=seconds,
+                short_seconds=short)
     return best
 
 
@@ -401,10 +421,13 @@ def bench(name, args):
                      f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch; a batch "
                      f"{batch_ms:.2f} ms on each worker ({cpu_ms:.2f} ms of it on a CPU)")
         elif "step" in r:
-            extra = (f"stepSize {r['step']} (tuned on validation); median of "
-                     f"{len(r['fits_seconds'])} fits ("
-                     + ", ".join(f"{t / r['passes']:.2f}" for t in r["fits_seconds"])
-                     + " s/iteration)")
+            extra = (f"stepSize {r['step']} (tuned on validation); s/iteration: the "
+                     f"median of {len(r['fits_seconds'])} fits' ("
+                     + ", ".join(f"{t:.2f}" for t in r["fits_seconds"])
+                     + f" s) less that of {len(r['short_seconds'])} {SHORT_FIT}-iteration "
+                     f"fits' (" + ", ".join(f"{t:.2f}" for t in r["short_seconds"])
+                     + f" s), over {r['passes'] - SHORT_FIT} iterations; a fit's fixed "
+                     f"cost {r['fixed']:.2f} s; fit / iterations {r['sec_fit']:.3g} s")
         elif "batch_ms" in r:
             extra = f"a batch {r['batch_ms']:.2f} ms"
         rmse_text = f"{r['rmse']:.4f}" if np.isfinite(r["rmse"]) else "-"
