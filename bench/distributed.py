@@ -264,8 +264,8 @@ def run_spark(parts, folder, iterations, step_sizes, repeats):
     configuration's test RMSE and seconds per iteration.
 
     A fit has a fixed cost besides its iterations (its jobs' set-up and the model's
-    making: about 0.4 s on frappe-mini, where an iteration takes 0.2 s), as afmfast's
-    fit has its own, which an afmfast epoch's seconds leave out. So the per-pass figure
+    making; docs/distributed.md has it measured), as afmfast's fit has its own, which an
+    afmfast epoch's seconds leave out. So the per-pass figure
     is the marginal iteration: (the median of the best configuration's fit and
     ``repeats - 1`` more, the same seed and so the same model) less (the median of
     ``repeats`` fits of SHORT_FIT iterations, alternating with them), over the
@@ -568,6 +568,11 @@ def main(argv=None):
     parser.add_argument("--accuracy", action="store_true",
                         help="only the frappe-mini accuracy targets")
     args = parser.parse_args(argv)
+    if args.worker_threads and not args.tuned:
+        parser.error("--worker-threads runs the plain FM that --tuned tunes: add --tuned")
+    if args.spark and args.spark_iterations <= SHORT_FIT:
+        parser.error(f"--spark-iterations must be more than the {SHORT_FIT} of the short "
+                     f"fits that measure a Spark fit's fixed cost")
     FM_SETTINGS["shuffle_unit"] = args.shuffle_unit
     if args.no_profiler:
         WORKER_CONFIG[_PROFILER] = False
