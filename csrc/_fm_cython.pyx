@@ -289,18 +289,13 @@ ctypedef struct StepArgs:
 
 
 cdef extern from "fm_vec16.h":
+    # r not NULL: df is r[b] in every column and DF is not read (fm_vec16.h)
     void afmfast_grad16_f(const int32_t* rows, const float* xs, Py_ssize_t p0,
-                          Py_ssize_t p1, const float* S, const float* DF, Py_ssize_t k,
-                          const float* v, float* g) noexcept nogil
+                          Py_ssize_t p1, const float* S, const float* DF, const double* r,
+                          Py_ssize_t k, const float* v, float* g) noexcept nogil
     void afmfast_grad16_d(const int32_t* rows, const double* xs, Py_ssize_t p0,
-                          Py_ssize_t p1, const double* S, const double* DF, Py_ssize_t k,
-                          const double* v, double* g) noexcept nogil
-    void afmfast_grad16_r_f(const int32_t* rows, const float* xs, Py_ssize_t p0,
-                            Py_ssize_t p1, const float* S, const double* r, Py_ssize_t k,
-                            const float* v, float* g) noexcept nogil
-    void afmfast_grad16_r_d(const int32_t* rows, const double* xs, Py_ssize_t p0,
-                            Py_ssize_t p1, const double* S, const double* r, Py_ssize_t k,
-                            const double* v, double* g) noexcept nogil
+                          Py_ssize_t p1, const double* S, const double* DF, const double* r,
+                          Py_ssize_t k, const double* v, double* g) noexcept nogil
     void afmfast_pairwise16_f(const int32_t* ids, const float* xs, Py_ssize_t n,
                               Py_ssize_t M, const float* V, Py_ssize_t k, float* s,
                               float* f) noexcept nogil
@@ -551,15 +546,12 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
     grp_sq[u] = dot_d(v, v, k) if l2 != 0 else 0.0
     f0 = 0
     while k <= GRAD16_MAX_K and f0 + 16 <= k:
-        if df_is_r:
-            if floating is float:
-                afmfast_grad16_r_f(grp_row, grp_x, p0, p1, S + f0, r, k, v + f0, g)
-            else:
-                afmfast_grad16_r_d(grp_row, grp_x, p0, p1, S + f0, r, k, v + f0, g)
-        elif floating is float:
-            afmfast_grad16_f(grp_row, grp_x, p0, p1, S + f0, DF + f0, k, v + f0, g)
+        if floating is float:
+            afmfast_grad16_f(grp_row, grp_x, p0, p1, S + f0, DF + f0,
+                             r if df_is_r else NULL, k, v + f0, g)
         else:
-            afmfast_grad16_d(grp_row, grp_x, p0, p1, S + f0, DF + f0, k, v + f0, g)
+            afmfast_grad16_d(grp_row, grp_x, p0, p1, S + f0, DF + f0,
+                             r if df_is_r else NULL, k, v + f0, g)
         if l2 != 0:
             for f in range(16):
                 g[f] = g[f] + l2 * v[f0 + f]
