@@ -418,7 +418,8 @@ def bench(name, args):
             batch_ms = 1e3 * per["train_seconds"] * r["workers"] / per["batches"]
             cpu_ms = 1e3 * per["train_cpu_seconds"] * r["workers"] / per["batches"]
             extra = (f"{r['syncs_per_epoch']:.0f} syncs/epoch, {r['sync_mb_per_epoch']:.1f} "
-                     f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch; a batch "
+                     f"MiB/epoch, {r['wait_per_epoch']:.2f} s waiting/epoch, a merge "
+                     f"{per['merge_seconds']:.3f} s; a batch "
                      f"{batch_ms:.2f} ms on each worker ({cpu_ms:.2f} ms of it on a CPU)")
         elif "step" in r:
             extra = (f"stepSize {r['step']} (tuned on validation); s/iteration: the "

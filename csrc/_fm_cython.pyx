@@ -533,10 +533,8 @@ cdef inline void _feature_update(const StepArgs* a, Py_ssize_t u, const int32_t*
         prefetch_row(sV0 + j_next * k, k * sizeof(floating))
         __builtin_prefetch(sw0 + j_next)
     if a.prefetch_occurrences:  # see OCC_PREFETCH
-        for p in range(p0 + OCC_PREFETCH,
-                       p0 + OCC_PREFETCH + (p1 - p0 if p1 - p0 < OCC_PREFETCH else OCC_PREFETCH)):
-            if p >= a.n_occ:
-                break
+        for p in range(p0 + OCC_PREFETCH, min(min(p1, p0 + OCC_PREFETCH) + OCC_PREFETCH,
+                                              a.n_occ)):
             b = grp_row[p]
             prefetch_row(S + b * k, k * sizeof(floating))
             if not df_is_r:
