@@ -72,11 +72,27 @@ def load_build(directory, model):
     return module
 
 
-def build_run(module, trainer, model, offset=0):
+def interleaved(params, state):
+    """Copies of FM ``params`` and ``state`` whose V and optimiser rows share one table
+    of shape (2, M, 2k): a feature's V row and its slot-0 row (Adagrad's accumulator)
+    side by side, 128 bytes at k = 16 float32, which the adjacent-line prefetcher
+    fetches together. V and state.V are strided views; only a kernel that takes rows
+    with a stride accepts them (bench/probes/interleaved_v.patch)."""
+    M, k = params.V.shape
+    table = api.aligned_zeros((2, M, 2 * k), params.V.dtype)
+    table[0, :, :k] = params.V
+    table[:, :, k:] = state.V
+    return params._replace(V=table[0, :, :k]), state._replace(V=table[:, :, k:])
+
+
+def build_run(module, trainer, model, offset=0, interleave=False):
     """(step function, params, state, workspace) of one build, from the trainer's:
-    copies placed ``offset`` bytes past a cache line (0, as the estimators place them)."""
+    copies placed ``offset`` bytes past a cache line (0, as the estimators place them),
+    V beside its optimiser rows if ``interleave`` (``interleaved``)."""
     params = type(trainer.params)(*[api.aligned_copy(a, offset) for a in trainer.params])
     state = type(trainer.state)(*[api.aligned_copy(a, offset) for a in trainer.state])
+    if interleave:
+        params, state = interleaved(params, state)
     ws = trainer.workspace
     if model == "afm":
         ws = module.afm_workspace(ws.batch_size, ws.max_batch_nnz, ws.max_batch_pairs,
@@ -105,10 +121,16 @@ def main():
     parser.add_argument("--plain", action="store_true",
                         help="FM without batch norm or dropout (Spark's model; the "
                         "defaults otherwise)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="the new side's V beside its optimiser rows in one table "
+                        "(--model fm; a probe's layout: bench/probes/README.md)")
     parser.add_argument("--callgrind", action="store_true",
                         help="count instructions per batch under valgrind instead of timing")
     parser.add_argument("--only", choices=("base", "new"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.interleave and (args.model != "fm" or args.callgrind):
+        sys.exit("ab_builds: --interleave lays out FM tables, timed (--model fm, "
+                 "no --callgrind)")
     if args.callgrind:
         if args.model == "mcmc":
             sys.exit("ab_builds: --callgrind counts the SGD steps only (--model fm or afm)")
@@ -127,7 +149,8 @@ def main():
     est._validate()
     trainer = Trainer(est, data, threads=1, backend="cython", adaptive=False)
     runs = {name: build_run(m, trainer, args.model,
-                            args.base_offset if name == "base" else 0)
+                            args.base_offset if name == "base" else 0,
+                            interleave=args.interleave and name == "new")
             for name, m in builds.items()}
 
     X, y, n = data.X, data.y, data.n_rows
@@ -152,6 +175,11 @@ def main():
     if args.only:
         print(f"batches run: {step}")
         return
+    if len(runs) == 2:
+        # the same batches from the same start: equal parameters unless the builds (or
+        # the layouts) compute differently
+        same = all(np.array_equal(a, b) for a, b in zip(runs["base"][1], runs["new"][1]))
+        print(f"parameters after the run: {'bit-identical' if same else 'DIFFERENT'}")
     print(f"{args.model.upper()} k={args.k} on {args.data} ({n:,} rows, batch "
           f"{compare.BATCH}); base {args.base}, new {args.new}; ms per batch")
     for threads in args.threads:
