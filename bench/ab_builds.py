@@ -6,13 +6,16 @@
     python bench/ab_builds.py --model fm --k 16 --data mltag --base /tmp/base
     python bench/ab_builds.py --model fm --data mltag --plain --base /tmp/base  # Spark's FM
     python bench/ab_builds.py --model mcmc --k 16 --base /tmp/base   # Gibbs sweeps
+    python bench/ab_builds.py --model fm --data mltag --base /tmp/probe --new /tmp/probe \
+        --interleave                     # one build, two table layouts (bench/probes)
 
 Both builds of ``afmfast._<model>_cython`` are loaded into this process (from
 ``<dir>/afmfast``), each with its own copy of the same initial parameters, optimiser
 state and workspace, and every batch runs through both, the order alternating from batch
 to batch. The shared machines here change speed by 20-30% from minute to minute; runs of
 two builds one after the other mostly measure that drift, while alternating batch by batch
-exposes both builds to the same moment. Prints, per thread count, the median and the 10th
+exposes both builds to the same moment. Prints whether both sides end with bit-identical
+parameters and, per thread count, the median and the 10th
 percentile of each build's batch time, the ratio of the medians (new / base) and the
 median of the per-batch ratios. The first batches are warm-up. ``--model mcmc`` does the
 same with whole Gibbs sweeps of ``afmfast._mcmc_cython`` on frappe-mini (``--epochs``
@@ -73,11 +76,12 @@ def load_build(directory, model):
 
 
 def interleaved(params, state):
-    """Copies of FM ``params`` and ``state`` whose V and optimiser rows share one table
-    of shape (2, M, 2k): a feature's V row and its slot-0 row (Adagrad's accumulator)
-    side by side, 128 bytes at k = 16 float32, which the adjacent-line prefetcher
-    fetches together. V and state.V are strided views; only a kernel that takes rows
-    with a stride accepts them (bench/probes/interleaved_v.patch)."""
+    """FM ``params`` and ``state`` with V and state.V copied into one table of shape
+    (2, M, 2k) (its slot 1's first k columns unused): a feature's V row and its slot-0
+    row (Adagrad's accumulator) side by side, 128 bytes at k = 16 float32, which the
+    adjacent-line prefetcher fetches together; the other tables are the same objects.
+    V and state.V are strided views; only a kernel that takes rows with a stride
+    accepts them (bench/probes/interleaved_v.patch)."""
     M, k = params.V.shape
     table = api.aligned_zeros((2, M, 2 * k), params.V.dtype)
     table[0, :, :k] = params.V
