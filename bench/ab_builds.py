@@ -44,6 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (data sets and estimators of the comparison script)
+from bench_common import PLAIN_FM  # noqa: E402
 
 from afmfast.models.training import Trainer  # noqa: E402
 from afmfast.kernels import dispatch  # noqa: E402
@@ -149,7 +150,7 @@ def main():
     data = (compare.frappe_mini_train() if args.data == "frappe"
             else compare.synthetic_mltag(args.rows))
     est = compare.make_estimator(args.model, args.k, "cython", 1,
-                                 **(dict(keep=1.0, batch_norm=False) if args.plain else {}))
+                                 **(PLAIN_FM if args.plain else {}))
     est._validate()
     trainer = Trainer(est, data, threads=1, backend="cython", adaptive=False)
     runs = {name: build_run(m, trainer, args.model,

@@ -38,6 +38,8 @@ def packages_before_bench():
 
 MLTAG_FIELDS = (17_000, 23_500, 49_500)  # user, item, tag ids: 90,000 features
 FRAPPE_MINI_ROWS = 46_178  # rows of the frappe-mini train split
+# FM without dropout or batch norm: the model Spark's FMRegressor trains
+PLAIN_FM = {"keep": 1.0, "batch_norm": False}
 
 
 def log(text):

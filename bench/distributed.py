@@ -56,8 +56,8 @@ import time
 
 import numpy as np
 
-from bench_common import (FRAPPE, log, mltag_splits, packages_before_bench, table,
-                          write_stores)
+from bench_common import (FRAPPE, PLAIN_FM, log, mltag_splits, packages_before_bench,
+                          table, write_stores)
 from load import Load, thread_cpu_seconds
 
 import afmfast
@@ -68,8 +68,7 @@ from afmfast.metrics import rmse  # noqa: E402
 
 FM_SETTINGS = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
                    batch_norm=True, verbose=0)
-# --tuned: the model Spark's FMRegressor trains, FM without dropout or batch norm
-PLAIN_FM = dict(keep=1.0, batch_norm=False)
+# --tuned's label for the plain FM (bench_common.PLAIN_FM)
 TUNED = "afmfast plain FM (keep 1, no batch norm)"
 # the Dask configuration of the bench's clusters (--no-profiler adds to it)
 WORKER_CONFIG = {}

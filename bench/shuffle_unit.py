@@ -33,8 +33,8 @@ import time
 
 import numpy as np
 
-from bench_common import (FRAPPE, log, mltag_splits, packages_before_bench, table,
-                          write_stores)
+from bench_common import (FRAPPE, PLAIN_FM, log, mltag_splits, packages_before_bench,
+                          table, write_stores)
 
 import afmfast
 
@@ -42,7 +42,7 @@ packages_before_bench()  # --dask imports the distributed package, not bench/dis
 
 REFERENCE = dict(n_factors=16, learning_rate=0.01, batch_size=4096, keep=0.7,
                  batch_norm=True)
-PLAIN = dict(REFERENCE, keep=1.0, batch_norm=False, learning_rate=0.05)
+PLAIN = dict(REFERENCE, **PLAIN_FM, learning_rate=0.05)
 
 
 def dask_fit(paths, unit, epochs, settings, sync_every):

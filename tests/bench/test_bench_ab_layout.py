@@ -5,7 +5,6 @@ the probes' README names is there and is a patch git can read."""
 import importlib.util
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,13 +17,11 @@ BENCH = REPO / "bench"
 
 
 def load_ab_builds():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_ab_builds", BENCH / "ab_builds.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
+    # the script puts its folder on sys.path for its helpers, and bench/compare.py moves
+    # it behind site-packages (bench_common.packages_before_bench)
+    spec = importlib.util.spec_from_file_location("bench_ab_builds", BENCH / "ab_builds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
