@@ -106,15 +106,12 @@ cdef enum:
     OUTPUT_CHUNK = 32
     # With several threads, the feature updates read the S (and df) rows of a feature's
     # occurrences, which the other threads wrote in the row passes: each such read is a
-    # line fetched from another core. The rows of the occurrences this many ahead in the
-    # grouped order are prefetched (at most this many a feature, so that a popular
-    # feature does not flood the fill buffers), when the batch's features have at most
-    # OCC_PREFETCH_MAX_MEAN occurrences on average: ml-tag-like batches, whose updates
-    # are one or two occurrences each and cannot hide such a miss; Frappe-like batches,
-    # whose features recur tens of times, gained nothing (docs/performance.md,
+    # line fetched from another core, which an update of one or two occurrences
+    # (ml-tag-like batches) cannot hide. The rows of the occurrences this many ahead in
+    # the grouped order are prefetched, at most this many a feature, so that a popular
+    # feature (Frappe-like batches) does not flood the fill buffers (docs/performance.md,
     # "Occurrence rows prefetched across threads").
     OCC_PREFETCH = 16
-    OCC_PREFETCH_MAX_MEAN = 4
 
 
 cdef enum:
@@ -657,8 +654,7 @@ cdef int _step_nogil(StepArgs* a, FMWorkspace ws, const floating* values,
             c = next_item_near(ws.cursors, n_fwd, nt, threadid(), &rank)
         ftz_leave(csr)
     U = a.n_touched
-    a.prefetch_occurrences = (nt > 1 and a.prefetch_v
-                              and a.n_occ <= OCC_PREFETCH_MAX_MEAN * U)
+    a.prefetch_occurrences = nt > 1 and a.prefetch_v
     ws.phase_t[1] = omp_get_wtime() - t0
 
     if a.batch_norm:

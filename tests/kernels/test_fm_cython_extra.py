@@ -163,8 +163,8 @@ def test_feature_update_paths_match_reference(k, optimizer, batch_norm, keep, l2
 @pytest.mark.parametrize("k,batch_norm,keep", [(16, 0, 1.0), (24, 0, 1.0), (16, 1, 0.7)])
 def test_spread_batches_match_reference(k, batch_norm, keep):
     """Batches whose features occur about once each (ml-tag-like), on two threads: the
-    feature updates then prefetch the rows of the occurrences ahead
-    (OCC_PREFETCH_MAX_MEAN), which must leave the arithmetic as it is."""
+    feature updates' prefetch of the rows of the occurrences ahead (OCC_PREFETCH) then
+    reaches across many features, and must leave the arithmetic as it is."""
     X, y = make_data(n_rows=600, n_features=5000, max_len=3, spread=True)
     assert X[0][-1] / len(np.unique(X[1])) < 2  # occurrences per feature, all rows
     rows_per_batch = 200
@@ -197,8 +197,8 @@ def test_predict_matches_reference_and_skips_unknown_ids(dtype, batch_norm):
 @pytest.mark.parametrize("batch_norm,keep", [(1, 0.7), (0, 1.0)])
 @pytest.mark.parametrize("spread", [False, True])
 def test_float32_bit_identical_for_1_2_3_threads(optimizer, batch_norm, keep, spread):
-    # spread: features about once each a batch, where several threads prefetch the rows
-    # of the occurrences ahead (OCC_PREFETCH_MAX_MEAN)
+    # spread: features about once each a batch, where the prefetch of the rows of the
+    # occurrences ahead (OCC_PREFETCH, several threads) reaches across many features
     n_features = 20000 if spread else 300
     X, y = make_data(n_rows=2000, n_features=n_features, dtype=np.float32,
                      max_len=3 if spread else 12, spread=spread)
